@@ -1,0 +1,3 @@
+"""quinkgl: a peer daemon for decentralized (gossip) federated learning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from quinkgl_cli.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Command-line layer: parses flags, calls the core, prints. One module per command."""

@@ -1,0 +1,7 @@
+"""`quinkgl demo` (being built)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

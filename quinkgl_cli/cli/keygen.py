@@ -1,0 +1,7 @@
+"""`quinkgl keygen` (being built)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

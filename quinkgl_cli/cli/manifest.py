@@ -1,0 +1,7 @@
+"""`quinkgl manifest` (being built)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

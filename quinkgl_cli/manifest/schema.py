@@ -1,0 +1,127 @@
+"""The swarm manifest (`.qgl`): a strict pydantic model, the contract every peer of a swarm shares.
+
+Everything here is pure data: no torch, no ipv8, so `manifest create/verify/show` start fast.
+Field meanings are documented in README ("Manifest format").
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
+PUBKEY_PATTERN = r"^ed25519:[0-9a-f]{64}$"
+
+TaskType = Literal["classification", "regression", "segmentation", "detection"]
+LabelType = Literal["integer", "float", "one_hot"]
+Framework = Literal["pytorch", "tensorflow", "custom"]
+ParamValue = bool | int | float | str
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(Strict):
+    type: TaskType
+    input_shape: tuple[int, ...] = Field(min_length=1, max_length=8)
+    output_shape: tuple[int, ...] = Field(min_length=1, max_length=8)
+    label_type: LabelType
+
+    @field_validator("input_shape", "output_shape")
+    @classmethod
+    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d <= 0 for d in value):
+            raise ValueError("every dimension must be a positive integer")
+        return value
+
+
+class ModelSpec(Strict):
+    framework: Framework
+    arch_hash: str = Field(pattern=HASH_PATTERN)
+
+
+class StrategySpec(Strict):
+    """An aggregation or topology strategy: canonical registry name plus typed parameters."""
+
+    name: str = Field(min_length=1, max_length=64)
+    params: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class TrainingSpec(Strict):
+    """How much local work a round does and how rounds mix. Daemon flags may override some of these."""
+
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    local_steps: int | None = Field(default=None, ge=1)  # when set, caps optimizer steps per round
+    gossip_steps: int = Field(default=1, ge=1, le=20)  # exchanges (send + aggregate) per training round
+    final_consensus_steps: int = Field(default=0, ge=0, le=100)  # averaging-only exchanges after the last round
+    max_staleness: int = Field(default=2, ge=0, le=1000)  # updates older than this many rounds are dropped
+
+
+class CompressionSpec(Strict):
+    """delta -> sparsify -> quantize -> serialize -> lossless, with error feedback. Off by default."""
+
+    delta: bool = True
+    top_k_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
+    quantize_bits: Literal[8, 16] | None = None
+    qsgd_levels: int | None = Field(default=None, ge=1, le=65535)
+    lossless: Literal["none", "zlib", "zstd"] = "none"
+    error_feedback: bool = True
+    ef21_momentum: float | None = Field(default=None, gt=0.0, le=1.0)
+    residual_norm_cap: float | None = Field(default=None, gt=0.0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.top_k_ratio is not None or self.quantize_bits is not None or self.qsgd_levels is not None or self.lossless != "none"
+
+
+class PrivacySpec(Strict):
+    """Local differential privacy of shared updates and fingerprint privacy. DP is off when epsilon is unset."""
+
+    dp_epsilon: float | None = Field(default=None, gt=0.0)
+    dp_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    dp_clip_norm: float = Field(default=1.0, gt=0.0)
+    dp_total_epsilon: float | None = Field(default=None, gt=0.0)  # stop sharing once spent
+    fingerprint: bool = True
+    fingerprint_noise: float = Field(default=0.1, ge=0.0)
+    gradient_moments: bool = False
+
+
+class Manifest(Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str = Field(default="", max_length=4096)
+    created_at: datetime
+    expires_at: datetime | None = None
+    task: TaskSpec
+    data_schema_hash: str = Field(pattern=HASH_PATTERN)
+    model: ModelSpec
+    aggregation: StrategySpec
+    topology: StrategySpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    round_limit: int | None = Field(default=None, ge=1)
+    byzantine_f: int = Field(default=0, ge=0, le=1000)
+    bootstrap_peers: tuple[str, ...] = Field(default=(), max_length=64)
+    creator_pubkey: str | None = Field(default=None, pattern=PUBKEY_PATTERN)
+    signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
+
+    @field_validator("created_at", "expires_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("timestamps must carry a timezone (e.g. 2026-12-31T00:00:00Z)")
+        return value
+
+    @field_validator("bootstrap_peers")
+    @classmethod
+    def _host_port(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            host, sep, port = item.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"bootstrap peer {item!r} is not host:port")
+        return value

@@ -1,0 +1,1 @@
+"""Learning strategies: aggregation, topology, compression, privacy. `registry` is import-light (no torch)."""

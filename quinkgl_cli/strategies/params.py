@@ -1,0 +1,77 @@
+"""Typed parameter schemas of every strategy. Pure pydantic: the manifest layer validates params without torch."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(Params):
+    pass
+
+
+class FedAvgParams(Params):
+    # A peer's self-reported sample count may give it at most this multiple of the mean weight.
+    max_weight_ratio: float = Field(default=2.0, ge=1.0)
+    self_weight: float | None = Field(default=None, gt=0.0, lt=1.0)
+
+
+class FedProxParams(FedAvgParams):
+    mu: float = Field(default=0.01, ge=0.0)
+
+
+class FedAvgMParams(FedAvgParams):
+    server_momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    server_lr: float = Field(default=1.0, gt=0.0)
+
+
+class KrumParams(Params):
+    f: int | None = Field(default=None, ge=0)  # defaults to the manifest's byzantine_f
+
+
+class MultiKrumParams(KrumParams):
+    m: int | None = Field(default=None, ge=1)  # how many best-scored updates to average (default n - f)
+
+
+class TrimmedMeanParams(Params):
+    f: int | None = Field(default=None, ge=0)
+    trim_ratio: float | None = Field(default=None, ge=0.0, lt=0.5)
+
+
+class EntropyWeightedAvgParams(FedAvgParams):
+    entropy_floor: float = Field(default=0.1, ge=0.0)
+    fallback_weight: float = Field(default=1.0, gt=0.0)
+
+
+class StalenessWeightedParams(FedAvgParams):
+    decay: float = Field(default=0.5, gt=0.0)  # weight *= exp(-decay * age_in_rounds)
+
+
+class ScaffoldParams(FedAvgParams):
+    variate_momentum: float = Field(default=0.5, ge=0.0, lt=1.0)
+
+
+class TopologyParams(Params):
+    fanout: int = Field(default=3, ge=1, le=1000)
+
+
+class CyclonParams(TopologyParams):
+    view_size: int = Field(default=8, ge=1, le=1000)
+    shuffle_length: int = Field(default=4, ge=1, le=1000)
+
+
+class AffinityParams(TopologyParams):
+    label_weight: float = Field(default=0.4, ge=0.0)
+    moment_weight: float = Field(default=0.2, ge=0.0)
+    gradient_weight: float = Field(default=0.0, ge=0.0)
+    history_weight: float = Field(default=0.4, ge=0.0)
+    blind_rounds: int = Field(default=2, ge=0)
+    learning_rounds: int = Field(default=5, ge=0)
+    exploration: float = Field(default=0.3, ge=0.0, le=1.0)
+    exploration_decay: float = Field(default=0.9, gt=0.0, le=1.0)
+    ema: float = Field(default=0.3, gt=0.0, le=1.0)
+    edge_ttl: int = Field(default=20, ge=1)
+    prefer_similar: bool = True

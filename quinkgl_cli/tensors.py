@@ -1,0 +1,56 @@
+"""Flat views of a model's floating-point state: the unit that strategies, compression and the wire work on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def shared_specs(model: nn.Module) -> list[TensorSpec]:
+    """The state entries peers exchange: every floating-point parameter and buffer, in state_dict order.
+
+    Integer buffers (e.g. BatchNorm's num_batches_tracked) stay local: averaging them means nothing.
+    """
+    return [
+        TensorSpec(name, tuple(t.shape), t.dtype)
+        for name, t in model.state_dict().items()
+        if t.is_floating_point()
+    ]
+
+
+def flatten(model: nn.Module) -> torch.Tensor:
+    """One float32 vector of the shared state (a copy)."""
+    state = model.state_dict()
+    parts = [t.detach().reshape(-1).to(torch.float32) for t in state.values() if t.is_floating_point()]
+    return torch.cat(parts) if parts else torch.empty(0)
+
+
+def load_flat(model: nn.Module, flat: torch.Tensor) -> None:
+    """Write ``flat`` back into the model's shared state in place."""
+    state = model.state_dict()
+    offset = 0
+    with torch.no_grad():
+        for t in state.values():
+            if not t.is_floating_point():
+                continue
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t).to(t.dtype))
+            offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} values, model needs {offset}")
