@@ -1,0 +1,1 @@
+"""The node: round logic (core), its asyncio driver (daemon), peer scripts, checkpoints and logs."""

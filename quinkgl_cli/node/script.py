@@ -1,0 +1,177 @@
+"""Loading a user's peer script (`peer_script.py`) and calling its hooks.
+
+A peer script is a plain Python file with two required hooks and four optional ones (the guide's contract):
+
+    build_model(manifest, **script_args) -> nn.Module
+    build_loaders(manifest, **script_args) -> (train_loader, val_loader)
+    build_optimizer(manifest, model) -> torch.optim.Optimizer              (optional)
+    on_round_end(round_idx, metrics)                                       (optional)
+    on_peer_discovered(peer_id)                                            (optional)
+    on_aggregation_done(peer_ids, sample_count)                            (optional)
+
+The script is the user's own code on the user's own machine: importing it runs it, by design. Nothing that
+arrives from the network or from a checkpoint ever reaches this loader.
+
+When ``build_optimizer`` is absent the node uses SGD with lr 0.05 and momentum 0.9 (the guide's scripts use
+exactly that; it is a sound default for the small classifiers federated peers usually train).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from quinkgl_cli.errors import IOFailure, NodeConfigError
+
+REQUIRED_HOOKS = ("build_model", "build_loaders")
+OPTIONAL_HOOKS = ("build_optimizer", "on_round_end", "on_peer_discovered", "on_aggregation_done")
+DEFAULT_LR = 0.05
+DEFAULT_MOMENTUM = 0.9
+
+
+@dataclass
+class PeerScript:
+    """The hooks of one loaded peer script. Optional hooks are ``None`` when the script does not define them."""
+
+    path: Path
+    module: ModuleType
+    build_model_fn: Callable[..., Any]
+    build_loaders_fn: Callable[..., Any]
+    build_optimizer_fn: Callable[..., Any] | None = None
+    on_round_end: Callable[[int, dict[str, Any]], Any] | None = None
+    on_peer_discovered: Callable[[str], Any] | None = None
+    on_aggregation_done: Callable[[list[str], int], Any] | None = None
+
+    def build_model(self, manifest: Any, **script_args: str) -> Any:
+        """Call ``build_model``; it must return a ``torch.nn.Module``."""
+        from torch import nn
+
+        try:
+            model = self.build_model_fn(manifest, **script_args)
+        except Exception as exc:
+            raise NodeConfigError(
+                f"build_model in {self.path.name} failed: {_cause(exc)}", "fix the peer script or its --script-arg values"
+            ) from exc
+        if not isinstance(model, nn.Module):
+            raise NodeConfigError(
+                f"build_model in {self.path.name} returned {type(model).__name__}, not a torch.nn.Module",
+                "return the model instance from build_model",
+            )
+        return model
+
+    def build_loaders(self, manifest: Any, **script_args: str) -> tuple[Any, Any]:
+        """Call ``build_loaders``; it must return ``(train_loader, val_loader)``, each iterable of (x, y)."""
+        try:
+            result = self.build_loaders_fn(manifest, **script_args)
+        except Exception as exc:
+            raise NodeConfigError(
+                f"build_loaders in {self.path.name} failed: {_cause(exc)}", "fix the peer script or its --script-arg values"
+            ) from exc
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise NodeConfigError(
+                f"build_loaders in {self.path.name} must return (train_loader, val_loader), got {type(result).__name__}",
+                "return a 2-tuple of loaders",
+            )
+        train, val = result
+        for label, loader in (("train_loader", train), ("val_loader", val)):
+            if loader is None or not hasattr(loader, "__iter__"):
+                raise NodeConfigError(
+                    f"build_loaders in {self.path.name}: {label} is not iterable ({type(loader).__name__})",
+                    "return torch DataLoaders or any iterables of (inputs, targets) batches",
+                )
+        return train, val
+
+    def build_optimizer(self, manifest: Any, model: Any) -> Any:
+        """The script's optimizer for ``model``, or SGD(lr=0.05, momentum=0.9) when the hook is absent."""
+        import torch
+
+        if self.build_optimizer_fn is None:
+            return torch.optim.SGD(model.parameters(), lr=DEFAULT_LR, momentum=DEFAULT_MOMENTUM)
+        try:
+            optimizer = self.build_optimizer_fn(manifest, model)
+        except Exception as exc:
+            raise NodeConfigError(f"build_optimizer in {self.path.name} failed: {_cause(exc)}", "fix the peer script") from exc
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise NodeConfigError(
+                f"build_optimizer in {self.path.name} returned {type(optimizer).__name__}, not a torch.optim.Optimizer",
+                "return an optimizer built on model.parameters()",
+            )
+        return optimizer
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _module_name(path: Path) -> str:
+    digest = hashlib.sha256(str(path).encode("utf-8")).hexdigest()[:12]
+    stem = "".join(ch if ch.isalnum() else "_" for ch in path.stem)
+    return f"quinkgl_peer_script_{stem}_{digest}"
+
+
+def load_script(path: Path) -> PeerScript:
+    """Import the peer script at ``path`` under a module name unique to that path and collect its hooks.
+
+    Missing file: IOFailure (2). Syntax or import error inside the script: NodeConfigError (7) with the cause
+    on one line. A required hook missing or not callable, or an optional hook that is not callable: NodeConfigError (7)
+    naming it.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise IOFailure(f"peer script {path} not found", "pass --script with the path of your peer_script.py")
+    path = path.resolve()
+    name = _module_name(path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise NodeConfigError(f"cannot import peer script {path}", "it must be a .py file")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before exec: dataclasses and typing inside the script look their module up in sys.modules.
+    sys.modules[name] = module
+    # The script's own directory goes on the path (and stays: hooks may import helpers lazily), so a script
+    # can import modules that sit beside it.
+    script_dir = str(path.parent)
+    if script_dir not in sys.path:
+        sys.path.insert(0, script_dir)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        sys.modules.pop(name, None)
+        raise NodeConfigError(
+            f"peer script {path.name} has a syntax error at line {exc.lineno}: {exc.msg}", "fix the script"
+        ) from exc
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise NodeConfigError(
+            f"peer script {path.name} failed to import: {_cause(exc)}", "fix the script or install what it imports"
+        ) from exc
+
+    hooks: dict[str, Callable[..., Any] | None] = {}
+    missing = [h for h in REQUIRED_HOOKS if not callable(getattr(module, h, None))]
+    if missing:
+        raise NodeConfigError(
+            f"peer script {path.name} lacks required hook{'s' if len(missing) > 1 else ''} {', '.join(missing)} (or it is not callable)",
+            "define build_model(manifest, **kwargs) and build_loaders(manifest, **kwargs)",
+        )
+    for hook in OPTIONAL_HOOKS:
+        value = getattr(module, hook, None)
+        if value is not None and not callable(value):
+            raise NodeConfigError(f"peer script {path.name}: {hook} is not callable", f"make {hook} a function or remove it")
+        hooks[hook] = value
+    return PeerScript(
+        path=path,
+        module=module,
+        build_model_fn=module.build_model,
+        build_loaders_fn=module.build_loaders,
+        build_optimizer_fn=hooks["build_optimizer"],
+        on_round_end=hooks["on_round_end"],
+        on_peer_discovered=hooks["on_peer_discovered"],
+        on_aggregation_done=hooks["on_aggregation_done"],
+    )

@@ -1,0 +1,88 @@
+"""Peer script loading: hooks found, failures named with the right exit code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from quinkgl_cli.errors import ExitCode, IOFailure, NodeConfigError
+from quinkgl_cli.node.script import DEFAULT_LR, load_script
+
+GOOD = """
+import torch
+def build_model(manifest, **kw):
+    return torch.nn.Linear(int(kw.get("d", 3)), 2)
+def build_loaders(manifest, **kw):
+    return [(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))], []
+def on_round_end(round_idx, metrics):
+    pass
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "peer_script.py") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_good_script_hooks_and_default_optimizer(tmp_path: Path) -> None:
+    script = load_script(write(tmp_path, GOOD))
+    model = script.build_model(None, d="3")
+    assert isinstance(model, torch.nn.Linear) and model.in_features == 3
+    train, val = script.build_loaders(None)
+    assert len(train) == 1 and val == []
+    opt = script.build_optimizer(None, model)
+    assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == DEFAULT_LR
+    assert script.on_round_end is not None and script.on_peer_discovered is None
+
+
+def test_two_scripts_with_same_stem_do_not_collide(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    one = load_script(write(tmp_path / "a", GOOD))
+    two = load_script(write(tmp_path / "b", GOOD.replace('"d", 3', '"d", 5')))
+    assert one.module is not two.module
+    assert two.build_model(None).in_features == 5 and one.build_model(None).in_features == 3
+
+
+def test_missing_file_is_io_error(tmp_path: Path) -> None:
+    with pytest.raises(IOFailure) as info:
+        load_script(tmp_path / "nope.py")
+    assert info.value.code == ExitCode.IO
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("def build_loaders(m, **k):\n    return [], []\n", "build_model"),
+        ("build_model = 3\ndef build_loaders(m, **k):\n    return [], []\n", "build_model"),
+        ("def build_model(:\n", "syntax error at line 1"),
+        ("import no_such_module_qgl\n", "ModuleNotFoundError"),
+        (GOOD + "on_peer_discovered = 'x'\n", "on_peer_discovered is not callable"),
+    ],
+)
+def test_bad_scripts_are_node_config_errors(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(NodeConfigError) as info:
+        load_script(write(tmp_path, text))
+    assert info.value.code == ExitCode.NODE
+    assert needle in info.value.one_line()
+    assert "\n" not in info.value.one_line()
+
+
+def test_hook_results_are_checked(tmp_path: Path) -> None:
+    script = load_script(write(tmp_path, GOOD + "def build_optimizer(m, model):\n    return 'sgd'\n"))
+    with pytest.raises(NodeConfigError, match="not a torch.optim.Optimizer"):
+        script.build_optimizer(None, script.build_model(None))
+    bad = load_script(write(tmp_path, "def build_model(m, **k):\n    return 1\ndef build_loaders(m, **k):\n    return 1\n", "x.py"))
+    with pytest.raises(NodeConfigError, match="not a torch.nn.Module"):
+        bad.build_model(None)
+    with pytest.raises(NodeConfigError, match=r"must return \(train_loader, val_loader\)"):
+        bad.build_loaders(None)
+
+
+def test_hook_exception_becomes_one_line_error(tmp_path: Path) -> None:
+    script = load_script(write(tmp_path, "def build_model(m, **k):\n    raise KeyError('data_root')\ndef build_loaders(m, **k):\n    return [], []\n"))
+    with pytest.raises(NodeConfigError, match="build_model in peer_script.py failed: KeyError"):
+        script.build_model(None)
