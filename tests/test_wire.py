@@ -1,0 +1,184 @@
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+from quinkgl_cli.errors import NetworkError
+from quinkgl_cli.tensors import shared_specs
+from quinkgl_cli.transport import wire
+from quinkgl_cli.transport.wire import WireError, check_against, decode, decode_full, encode
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+
+
+def _shared(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def test_round_trip_every_dtype_and_meta():
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "f16": torch.randn(7).half(),
+        "bf16": torch.randn(2, 2).bfloat16(),
+        "i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "i16": torch.tensor([-(2**15), 2**15 - 1], dtype=torch.int16),
+        "i32": torch.tensor([[-(2**31)], [2**31 - 1]], dtype=torch.int32),
+        "i64": torch.tensor([-(2**63), 2**63 - 1], dtype=torch.int64),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+    }
+    meta = {"round": 3, "scheme": "topk", "ratio": 0.1, "blocks": [1, 2], "nested": {"a": None, "b": True}}
+    blob = encode(tensors, meta, encoding="qgl-sparse/1")
+    out, meta_out, encoding = decode_full(blob)
+    assert encoding == "qgl-sparse/1"
+    assert meta_out == meta
+    assert list(out) == list(tensors)
+    for name, t in tensors.items():
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape
+        assert torch.equal(out[name], t), name
+
+
+def test_layout_is_little_endian_and_aligned():
+    blob = encode({"x": torch.tensor([1.0], dtype=torch.float32), "y": torch.tensor([258], dtype=torch.int16)}, {})
+    header, start = wire.read_header(blob)
+    assert start % wire.ALIGN == 0
+    x, y = header.entries
+    assert blob[start + x.offset : start + x.offset + 4] == struct.pack("<f", 1.0)
+    assert y.offset % wire.ALIGN == 0
+    assert blob[start + y.offset : start + y.offset + 2] == struct.pack("<h", 258)
+
+
+def test_writable_buffer_is_not_copied_readonly_is():
+    blob = bytearray(encode({"w": torch.arange(16, dtype=torch.float32)}, {}))
+    out, _ = decode(blob)
+    out["w"][0] = 42.0  # a view into the bytearray
+    again, _ = decode(blob)
+    assert again["w"][0].item() == 42.0
+    frozen = bytes(blob)
+    out2, _ = decode(frozen)
+    out2["w"][1] = -1.0  # must not write into an immutable bytes object
+    assert decode(frozen)[0]["w"][1].item() == 1.0
+
+
+def _mutate_header(blob: bytes, fn) -> bytes:
+    header, start = wire.read_header(blob)
+    raw = json.loads(header.model_dump_json())
+    fn(raw)
+    new_header = json.dumps(raw).encode()
+    prefix = wire.PREFIX.pack(wire.MAGIC, wire.VERSION, len(new_header))
+    head = prefix + new_header
+    pad = bytes(wire._align(len(head)) - len(head))
+    return head + pad + blob[start:]
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda h: h["entries"][0].update(shape=[4, 4]), "do not match shape"),
+        (lambda h: h["entries"][0].update(dtype="float64"), "unsupported dtype"),
+        (lambda h: h["entries"][0].update(dtype="object"), "unsupported dtype"),
+        (lambda h: h["entries"][1].update(offset=0), "expected"),
+        (lambda h: h["entries"][0].update(nbytes=10**12, shape=[25 * 10**10]), "exceeds limit"),
+        (lambda h: h["entries"][0].update(shape=[-2, -8]), "negative dimension"),
+        (lambda h: h["entries"].append(dict(h["entries"][0])), "duplicate"),
+        (lambda h: h.update(extra=1), "malformed header"),
+        (lambda h: h["entries"][0].update(name=""), "malformed header"),
+    ],
+)
+def test_header_tampering_is_refused(mutate, reason):
+    blob = encode({"a": torch.ones(4), "b": torch.ones(2, 2)}, {})
+    with pytest.raises(WireError, match=reason):
+        decode(_mutate_header(blob, mutate))
+
+
+def test_truncated_extended_and_garbage_blobs_are_refused():
+    blob = encode({"a": torch.ones(100)}, {"k": 1})
+    for cut in (0, 3, 9, 20, len(blob) - 1):
+        with pytest.raises(WireError):
+            decode(blob[:cut])
+    with pytest.raises(WireError, match="header describes"):
+        decode(blob + b"\0")
+    with pytest.raises(WireError, match="bad magic"):
+        decode(b"XXXX" + blob[4:])
+    with pytest.raises(WireError, match="version"):
+        decode(blob[:4] + struct.pack("<H", 9) + blob[6:])
+    with pytest.raises(WireError, match="header length"):
+        decode(wire.PREFIX.pack(wire.MAGIC, wire.VERSION, 2**31) + b"{}")
+    with pytest.raises(WireError):
+        decode(wire.PREFIX.pack(wire.MAGIC, wire.VERSION, 2) + b"\xff\xfe")
+
+
+def test_pickle_is_never_accepted():
+    evil = pickle.dumps({"a": torch.ones(2)})
+    with pytest.raises(WireError):
+        decode(evil)
+
+
+def test_limits_on_entries_and_bytes():
+    blob = encode({f"t{i}": torch.ones(1) for i in range(10)}, {})
+    with pytest.raises(WireError, match="entries, limit"):
+        decode(blob, max_entries=5)
+    big = encode({"a": torch.ones(1000)}, {})
+    with pytest.raises(WireError, match="limit"):
+        decode(big, max_bytes=100)
+
+
+def test_encode_refuses_unsupported_input():
+    with pytest.raises(WireError, match="unsupported dtype"):
+        encode({"d": torch.ones(2, dtype=torch.float64)}, {})
+    with pytest.raises(WireError, match="cannot encode header"):
+        encode({"a": torch.ones(1)}, {"bad": float("nan")})
+    with pytest.raises(WireError, match="cannot encode header"):
+        encode({"a": torch.ones(1)}, {"bad": object()})
+
+
+def test_check_against_local_model():
+    model = _model()
+    specs = shared_specs(model)
+    tensors, _ = decode(encode(_shared(model), {}))
+    check_against(tensors, specs)
+
+    missing = dict(tensors)
+    missing.pop("0.weight")
+    with pytest.raises(WireError, match="lacks"):
+        check_against(missing, specs)
+    extra = dict(tensors, bogus=torch.ones(1))
+    with pytest.raises(WireError, match="lacks|model lacks"):
+        check_against(extra, specs)
+    wrong_shape = dict(tensors, **{"0.weight": torch.ones(4, 9)})
+    with pytest.raises(WireError, match="shape"):
+        check_against(wrong_shape, specs)
+    wrong_dtype = dict(tensors, **{"0.weight": tensors["0.weight"].half()})
+    with pytest.raises(WireError, match="dtype"):
+        check_against(wrong_dtype, specs)
+    check_against(wrong_dtype, specs, check_dtype=False)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        poisoned = {k: v.clone() for k, v in tensors.items()}
+        poisoned["2.bias"][1] = bad
+        with pytest.raises(WireError, match="NaN or Inf"):
+            check_against(poisoned, specs)
+
+
+def test_wire_error_is_a_network_error():
+    assert issubclass(WireError, NetworkError)
+
+
+def test_max_blob_bytes_covers_dense_and_sparse_encodings():
+    model = _model()
+    specs = shared_specs(model)
+    limit = wire.max_blob_bytes(specs)
+    dense = encode(_shared(model), {"round": 1, "note": "x" * 1000})
+    assert len(dense) <= limit
+    sparse = {}
+    for name, t in _shared(model).items():
+        sparse[name + ".idx"] = torch.arange(t.numel(), dtype=torch.int64)
+        sparse[name + ".val"] = t.reshape(-1)
+    assert len(encode(sparse, {})) <= limit
+    assert limit < 20 * len(dense) + 10 * 64 * 1024
