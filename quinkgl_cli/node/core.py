@@ -1,0 +1,699 @@
+"""The node: one peer's round logic, independent of any network or clock.
+
+Drivers (the asyncio daemon with real time, the simulator in lockstep virtual time) own the schedule and call
+the synchronous steps of a round in order::
+
+    node.begin_round()
+    node.train_round()              # CPU-heavy: the daemon runs it in a worker thread
+    node.evaluate()
+    for step in range(node.gossip_steps):
+        node.share(step)            # topology picks peers, encode once, transport.send_model (never blocks)
+        ... let updates arrive ...  # until a deadline, or node.has_fresh_update_from_all()
+        node.aggregate()            # decode + validate the inbox, aggregate, load the result
+    metrics = node.end_round()      # RoundMetrics; calls on_round_end
+    ... after the last round, node.final_consensus_steps averaging-only exchanges (share + aggregate) ...
+
+The node is also the transport's event sink (`TransportEvents`): received updates land in an inbox that keeps the
+newest update per sender; updates older than ``manifest.training.max_staleness`` rounds are dropped on arrival and
+again when aggregating. Event callbacks may come from the event loop while `train_round` runs in a worker thread,
+so the inbox is guarded by a lock; everything else happens on the driver's thread.
+
+Everything is logged through ``logging.getLogger("quinkgl.node")`` as ``event key=value ...`` with the round in
+``extra``; the daemon formats it (`quinkgl_cli.node.logs`). User hooks never break the node: an exception in one is
+logged with its traceback and the round goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from quinkgl_cli.errors import NodeConfigError
+from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.strategies import registry
+from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
+from quinkgl_cli.tensors import TensorSpec, flatten, load_flat, shared_specs
+from quinkgl_cli.transport import wire
+from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, PeerInfo, Transport
+
+log = logging.getLogger("quinkgl.node")
+
+# Cap on a self-reported sample count before the aggregator's own bound (max_weight_ratio) applies: keeps
+# arithmetic sane whatever a peer claims (the published package let one peer claim 2**32 samples).
+MAX_REPORTED_SAMPLES = 1 << 31
+EXTRA_PREFIX = "extra."
+
+
+class Hooks(Protocol):
+    """The optional user hooks the node calls (a `PeerScript` satisfies this; attributes may be None)."""
+
+    on_round_end: Callable[[int, dict[str, Any]], Any] | None
+    on_peer_discovered: Callable[[str], Any] | None
+    on_aggregation_done: Callable[[list[str], int], Any] | None
+
+
+@dataclass
+class NoHooks:
+    on_round_end: Callable[[int, dict[str, Any]], Any] | None = None
+    on_peer_discovered: Callable[[str], Any] | None = None
+    on_aggregation_done: Callable[[list[str], int], Any] | None = None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Per-node settings that are not part of the swarm's manifest (flags of `quinkgl run`, simulator knobs)."""
+
+    node_id: str
+    rounds: int | None = None  # None: the manifest's round_limit, else run until stopped
+    local_epochs: int | None = None  # overrides manifest.training.local_epochs
+    local_steps: int | None = None  # overrides manifest.training.local_steps
+    seed: int = 0
+    max_update_bytes: int | None = None  # receive limit; default: the wire bound for this model
+
+
+@dataclass
+class TrainStats:
+    loss: float | None
+    accuracy: float | None
+    samples: int  # training samples in one pass over the local data (the weight this peer reports)
+    steps: int
+    duration: float
+
+
+@dataclass
+class AggregationOutcome:
+    peers: list[str]  # remote peers whose updates shaped the result
+    rejected: list[str]
+    samples: int  # local + used remote sample counts (as reported, before bounding)
+    note: str = ""
+
+
+@dataclass
+class RoundMetrics:
+    round: int
+    loss: float | None = None
+    accuracy: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    peers: int = 0  # distinct remote peers aggregated this round
+    peer_ids: list[str] = field(default_factory=list)
+    samples: int = 0  # local training samples
+    aggregated_samples: int = 0
+    known_peers: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    updates_sent: int = 0
+    updates_received: int = 0
+    updates_dropped: int = 0
+    train_time: float = 0.0
+    duration: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class NodeState:
+    """What a checkpoint holds: named tensors (safetensors) plus JSON-safe metadata. Never pickled."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def build_aggregator(manifest: Manifest) -> Aggregator:
+    entry = registry.resolve("aggregation", manifest.aggregation.name)
+    params = registry.build_params(entry, dict(manifest.aggregation.params))
+    return entry.load()(params, byzantine_f=manifest.byzantine_f)
+
+
+def build_topology(manifest: Manifest, node_id: str, rng: random.Random) -> Topology:
+    entry = registry.resolve("topology", manifest.topology.name)
+    params = registry.build_params(entry, dict(manifest.topology.params))
+    return entry.load()(params, node_id, rng)
+
+
+def default_loss(manifest: Manifest) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy for classification and segmentation, mean squared error for regression."""
+    if manifest.task.type == "regression" or manifest.task.label_type == "float":
+        return nn.MSELoss()
+    return nn.CrossEntropyLoss()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "-"
+    if value is None:
+        return "-"
+    text = str(value)
+    return text if text and " " not in text else repr(text)
+
+
+def kv(**fields: Any) -> str:
+    return " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+
+
+class Node:
+    """One peer. See the module docstring for the order in which drivers call the steps."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        manifest: Manifest,
+        swarm_id: str,
+        model: nn.Module,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any] | None,
+        optimizer: torch.optim.Optimizer,
+        transport: Transport,
+        hooks: Hooks | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        aggregator: Aggregator | None = None,
+        topology: Topology | None = None,
+    ) -> None:
+        self.config = config
+        self.node_id = config.node_id
+        self.manifest = manifest
+        self.swarm_id = swarm_id
+        self.model = model
+        self.train_loader = train_loader
+        self.val_loader = val_loader
+        self.optimizer = optimizer
+        self.transport = transport
+        self.hooks: Hooks = hooks if hooks is not None else NoHooks()
+        self.clock = clock
+        self.loss_fn = loss_fn or default_loss(manifest)
+        self.rng = random.Random(config.seed)
+        self.aggregator = aggregator or build_aggregator(manifest)
+        self.topology = topology or build_topology(manifest, self.node_id, self.rng)
+
+        training = manifest.training
+        self.local_epochs = config.local_epochs or training.local_epochs
+        self.local_steps = config.local_steps if config.local_steps is not None else training.local_steps
+        self.gossip_steps = training.gossip_steps
+        self.final_consensus_steps = training.final_consensus_steps
+        self.max_staleness = training.max_staleness
+        self.rounds = config.rounds if config.rounds is not None else manifest.round_limit
+
+        self.specs: list[TensorSpec] = shared_specs(model)
+        self.max_update_bytes = config.max_update_bytes or wire.max_blob_bytes(self.specs) * 2
+
+        self.round = 0  # the round in progress (1-based); after end_round, the last completed one
+        self.completed_round = 0
+        self.history: list[dict[str, Any]] = []
+        self.known_peers: dict[str, PeerInfo] = {}
+        self.discovered: set[str] = set()
+        self.sample_count = self._dataset_size(train_loader)
+
+        self._inbox: dict[str, ModelReceived] = {}
+        self._inbox_lock = threading.Lock()
+        self._dropped_in_round = 0
+        self._round_started = 0.0
+        self._stats_at_start = (0, 0, 0, 0)
+        self._train: TrainStats | None = None
+        self._eval: tuple[float | None, float | None] = (None, None)
+        self._round_peers: list[str] = []
+        self._round_agg_samples = 0
+        self._ahead_warned = False
+
+    # ----------------------------------------------------------------- logging and hooks
+    def _log(self, level: int, event: str, **fields: Any) -> None:
+        message = f"{event} {kv(**fields)}" if fields else event
+        log.log(level, message, extra={"node": self.node_id, "round": self.round})
+
+    def _call_hook(self, name: str, *args: Any) -> None:
+        fn = getattr(self.hooks, name, None)
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception as exc:  # a user hook must never take the node down
+            tb = "".join(traceback.format_exception(exc)).rstrip().replace("\n", " | ")
+            self._log(logging.ERROR, "hook-failed", hook=name, error=f"{type(exc).__name__}: {exc}", traceback=tb)
+
+    # ----------------------------------------------------------------- transport events
+    def on_peer_discovered(self, peer: PeerInfo) -> None:
+        self.known_peers[peer.node_id] = peer
+        if peer.node_id in self.discovered:
+            return
+        self.discovered.add(peer.node_id)
+        address = f"{peer.address[0]}:{peer.address[1]}" if peer.address else None
+        self._log(logging.INFO, "peer-discovered", peer=peer.node_id, address=address, known=len(self.known_peers))
+        self._call_hook("on_peer_discovered", peer.node_id)
+
+    def on_peer_lost(self, peer: PeerInfo) -> None:
+        if self.known_peers.pop(peer.node_id, None) is not None:
+            self._log(logging.INFO, "peer-lost", peer=peer.node_id, known=len(self.known_peers))
+
+    def on_model(self, update: ModelReceived) -> None:
+        """Keep the newest update per sender; drop ones too old for the strategy or too large."""
+        if update.sender == self.node_id:
+            return
+        if update.round < self.round - self.max_staleness:
+            self._drop(update.sender, update.round, f"stale (older than {self.max_staleness} rounds)")
+            return
+        if len(update.payload) > self.max_update_bytes:
+            self._drop(update.sender, update.round, f"{len(update.payload)} bytes exceeds limit {self.max_update_bytes}")
+            return
+        if update.round > self.round + self.max_staleness and not self._ahead_warned:
+            self._ahead_warned = True
+            self._log(logging.WARNING, "behind-swarm", peer=update.sender, peer_round=update.round,
+                      hint="this peer is more than max_staleness rounds behind; its updates may be dropped by others")
+        with self._inbox_lock:
+            old = self._inbox.get(update.sender)
+            if old is not None and _order(old) > _order(update):
+                return
+            self._inbox[update.sender] = update
+
+    def on_message(self, sender: str, kind: str, body: dict[str, Any]) -> None:
+        try:
+            if kind == "fingerprint":
+                self.topology.observe_fingerprint(sender, dict(body))
+                return
+            for peer_id, reply_kind, reply in self.topology.on_control(sender, kind, dict(body)):
+                self.transport.send_message(peer_id, reply_kind, reply)
+        except Exception as exc:
+            self._log(logging.WARNING, "message-dropped", peer=sender, kind=kind, reason=f"{type(exc).__name__}: {exc}")
+
+    def _drop(self, sender: str, round_: int, reason: str) -> None:
+        self._dropped_in_round += 1
+        self._log(logging.WARNING, "update-dropped", peer=sender, update_round=round_, reason=reason)
+
+    # ----------------------------------------------------------------- round steps
+    def begin_round(self) -> int:
+        self.round = self.completed_round + 1
+        self._round_started = self.clock()
+        st = self.transport.stats
+        self._stats_at_start = (st.bytes_sent, st.bytes_received, st.models_sent, st.models_received)
+        self._dropped_in_round = 0
+        self._train = None
+        self._eval = (None, None)
+        self._round_peers = []
+        self._round_agg_samples = 0
+        self._log(logging.DEBUG, "round-start", known_peers=len(self.known_peers))
+        return self.round
+
+    def _lr(self) -> float:
+        groups = self.optimizer.param_groups
+        lr = groups[0].get("lr", 0.0) if groups else 0.0
+        return float(lr)
+
+    def train_round(self) -> TrainStats:
+        """Local training: ``local_epochs`` passes over the training data, at most ``local_steps`` optimizer steps."""
+        started = time.perf_counter()
+        model = self.model
+        model.train()
+        lr = self._lr()
+        self.aggregator.begin_training(model, lr)
+        total_loss = 0.0
+        correct = 0
+        seen = 0
+        steps = 0
+        samples_first_epoch = 0
+        done = False
+        for epoch in range(self.local_epochs):
+            for batch in self.train_loader:
+                x, y = _split_batch(batch)
+                self.optimizer.zero_grad(set_to_none=True)
+                out = model(x)
+                loss = self.loss_fn(out, y)
+                extra = self.aggregator.loss_term(model)
+                if extra is not None:
+                    loss = loss + extra
+                if not torch.isfinite(loss):
+                    raise NodeConfigError(f"training loss became {loss.item()} in round {self.round}",
+                                          "lower the learning rate in build_optimizer")
+                loss.backward()
+                self.aggregator.after_backward(model)
+                self.optimizer.step()
+                n = _batch_len(y)
+                total_loss += float(loss.detach()) * n
+                seen += n
+                if epoch == 0:
+                    samples_first_epoch += n
+                hits = _correct(out.detach(), y)
+                if hits is not None:
+                    correct += hits
+                steps += 1
+                if self.local_steps is not None and steps >= self.local_steps:
+                    done = True
+                    break
+            if done:
+                break
+        self.aggregator.end_training(model, steps, lr)
+        if self.sample_count <= 0:
+            self.sample_count = samples_first_epoch
+        stats = TrainStats(
+            loss=total_loss / seen if seen else None,
+            accuracy=correct / seen if seen and self._is_classification() else None,
+            samples=self.sample_count or samples_first_epoch,
+            steps=steps,
+            duration=time.perf_counter() - started,
+        )
+        self._train = stats
+        self._log(logging.DEBUG, "trained", loss=stats.loss, accuracy=stats.accuracy, steps=steps, seconds=stats.duration)
+        return stats
+
+    def evaluate(self) -> tuple[float | None, float | None]:
+        """(val_loss, val_accuracy) on the validation loader; (None, None) when there is none or it is empty."""
+        if self.val_loader is None:
+            return (None, None)
+        model = self.model
+        model.eval()
+        total = 0.0
+        correct = 0
+        seen = 0
+        with torch.no_grad():
+            for batch in self.val_loader:
+                x, y = _split_batch(batch)
+                out = model(x)
+                n = _batch_len(y)
+                total += float(self.loss_fn(out, y)) * n
+                hits = _correct(out, y)
+                if hits is not None:
+                    correct += hits
+                seen += n
+        result = (total / seen if seen else None, correct / seen if seen and self._is_classification() else None)
+        self._eval = result
+        return result
+
+    def _is_classification(self) -> bool:
+        return self.manifest.task.type in ("classification", "segmentation")
+
+    # --------------------------------------------------------------- send path
+    def encode_update(self, step: int = 0) -> OutgoingUpdate:
+        """The one place the outgoing update is built: compression and privacy transform it here."""
+        state = self.model.state_dict()
+        tensors: dict[str, torch.Tensor] = {s.name: state[s.name] for s in self.specs}
+        for name, t in self.aggregator.extras_to_send().items():
+            tensors[EXTRA_PREFIX + name] = t
+        meta = {"step": step}
+        payload = wire.encode(tensors, meta=meta)
+        return OutgoingUpdate(round=self.round, payload=payload, sample_count=int(self.sample_count), meta=meta)
+
+    def share(self, step: int = 0) -> list[str]:
+        """Send the current model to the peers the topology picks; returns them. Never blocks."""
+        peers = sorted(self.known_peers)
+        if not peers:
+            return []
+        try:
+            targets = [p for p in self.topology.select(peers, self.round) if p != self.node_id]
+        except Exception as exc:
+            self._log(logging.ERROR, "topology-failed", error=f"{type(exc).__name__}: {exc}")
+            return []
+        for peer_id, kind, body in self.topology.control_messages(self.round):
+            self.transport.send_message(peer_id, kind, body)
+        if not targets:
+            return []
+        update = self.encode_update(step)
+        for peer_id in targets:
+            self.transport.send_model(peer_id, update)
+        self._log(logging.DEBUG, "shared", to=targets, bytes=len(update.payload), step=step)
+        return targets
+
+    # --------------------------------------------------------------- receive path
+    def decode_update(self, msg: ModelReceived) -> PeerUpdate:
+        """The one place an incoming update becomes a flat vector: decompression hooks in here. Raises on bad input."""
+        tensors, meta = wire.decode(msg.payload, max_entries=len(self.specs) + 64, max_bytes=self.max_update_bytes)
+        model_tensors = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+        extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+        wire.check_against(model_tensors, self.specs)
+        for name, t in extras.items():
+            wire.check_finite(name, t)
+        flat = torch.cat([model_tensors[s.name].reshape(-1).to(torch.float32) for s in self.specs]) if self.specs else torch.empty(0)
+        samples = int(msg.sample_count)
+        if samples <= 0:
+            raise ValueError(f"sample count {samples} is not positive")
+        return PeerUpdate(
+            peer_id=msg.sender,
+            round=msg.round,
+            flat=flat,
+            sample_count=min(samples, MAX_REPORTED_SAMPLES),
+            meta={**msg.meta, **meta},
+            extras=extras,
+        )
+
+    def pending_senders(self) -> set[str]:
+        with self._inbox_lock:
+            return set(self._inbox)
+
+    def has_fresh_update_from_all(self) -> bool:
+        """True when every known peer has an update of this round (or newer) waiting: no reason to wait longer."""
+        if not self.known_peers:
+            return False
+        with self._inbox_lock:
+            return all(p in self._inbox and self._inbox[p].round >= self.round for p in self.known_peers)
+
+    def aggregate(self) -> AggregationOutcome | None:
+        """Aggregate what the inbox holds with the local model and load the result; None when nothing usable arrived."""
+        with self._inbox_lock:
+            inbox = list(self._inbox.values())
+            self._inbox.clear()
+        others: list[PeerUpdate] = []
+        for msg in sorted(inbox, key=lambda m: m.sender):
+            if msg.round < self.round - self.max_staleness:
+                self._drop(msg.sender, msg.round, f"stale (older than {self.max_staleness} rounds)")
+                continue
+            try:
+                others.append(self.decode_update(msg))
+            except Exception as exc:
+                self._drop(msg.sender, msg.round, f"invalid: {_one_line(exc)}")
+        if not others:
+            return None
+        local = PeerUpdate(self.node_id, self.round, flatten(self.model), max(int(self.sample_count), 1), is_local=True)
+        try:
+            result = self.aggregator.aggregate(local, others, self.round)
+            if result.flat.shape != local.flat.shape or not bool(torch.isfinite(result.flat).all()):
+                raise ValueError("aggregate is not a finite vector of the model's size")
+            load_flat(self.model, result.flat)
+        except Exception as exc:
+            for u in others:
+                self._drop(u.peer_id, u.round, f"aggregation failed: {_one_line(exc)}")
+            self._log(logging.ERROR, "aggregation-failed", strategy=self.aggregator.name, error=_one_line(exc))
+            return None
+        used = [p for p in result.used if p != self.node_id]
+        samples = int(local.sample_count) + sum(u.sample_count for u in others if u.peer_id in used)
+        for pid in result.rejected:
+            self._log(logging.WARNING, "update-rejected", peer=pid, strategy=self.aggregator.name, note=result.note or None)
+        for u in others:
+            self.topology.record_outcome(u.peer_id, 1.0 if u.peer_id in used else 0.0)
+        outcome = AggregationOutcome(peers=used, rejected=list(result.rejected), samples=samples, note=result.note)
+        for p in used:
+            if p not in self._round_peers:
+                self._round_peers.append(p)
+        self._round_agg_samples = samples
+        fields: dict[str, Any] = {"peers": len(used), "samples": samples, "from": used, "strategy": self.aggregator.name}
+        if result.note:
+            fields["note"] = result.note
+        self._log(logging.INFO, "aggregated models", **fields)
+        self._call_hook("on_aggregation_done", list(used), samples)
+        return outcome
+
+    def end_round(self) -> RoundMetrics:
+        """Close the round: metrics, history, ``on_round_end``."""
+        st = self.transport.stats
+        s0 = self._stats_at_start
+        train = self._train
+        val_loss, val_acc = self._eval
+        metrics = RoundMetrics(
+            round=self.round,
+            loss=train.loss if train else None,
+            accuracy=train.accuracy if train else None,
+            val_loss=val_loss,
+            val_accuracy=val_acc,
+            peers=len(self._round_peers),
+            peer_ids=list(self._round_peers),
+            samples=train.samples if train else int(self.sample_count),
+            aggregated_samples=self._round_agg_samples,
+            known_peers=len(self.known_peers),
+            bytes_sent=st.bytes_sent - s0[0],
+            bytes_received=st.bytes_received - s0[1],
+            updates_sent=st.models_sent - s0[2],
+            updates_received=st.models_received - s0[3],
+            updates_dropped=self._dropped_in_round,
+            train_time=train.duration if train else 0.0,
+            duration=self.clock() - self._round_started,
+        )
+        self.completed_round = self.round
+        d = metrics.as_dict()
+        self.history.append(d)
+        self._log(
+            logging.INFO, "round-end",
+            loss=metrics.loss, accuracy=metrics.accuracy, val_loss=metrics.val_loss, val_accuracy=metrics.val_accuracy,
+            peers=metrics.peers, samples=metrics.samples, bytes_sent=metrics.bytes_sent,
+            bytes_received=metrics.bytes_received, seconds=metrics.duration,
+        )
+        self._call_hook("on_round_end", self.round, dict(d))
+        return metrics
+
+    def finished(self) -> bool:
+        return self.rounds is not None and self.completed_round >= self.rounds
+
+    # --------------------------------------------------------------- checkpoint state
+    def state_dict(self) -> NodeState:
+        """Everything a restarted node needs, as tensors + JSON (see `quinkgl_cli.node.checkpoint`)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, t in self.model.state_dict().items():
+            tensors[f"model.{name}"] = t.detach().cpu().contiguous()
+        opt = self.optimizer.state_dict()
+        opt_scalars: dict[str, dict[str, Any]] = {}
+        for idx, pstate in opt["state"].items():
+            for key, value in pstate.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    opt_scalars.setdefault(str(idx), {})[key] = _json_scalar(value)
+        for key, value in self.aggregator.state_dict().items():
+            tensors[f"aggregator.{key}"] = value.detach().cpu().contiguous()
+        tensors["rng.torch"] = torch.get_rng_state()
+        np_state = np.random.get_state()
+        tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+        topo_tensors, topo_json = _split_tensors(self.topology.state_dict())
+        for key, value in topo_tensors.items():
+            tensors[f"topology.{key}"] = value
+        meta = {
+            "node_id": self.node_id,
+            "swarm_id": self.swarm_id,
+            "round": self.completed_round,
+            "sample_count": int(self.sample_count),
+            "history": self.history,
+            "optimizer": {
+                "param_groups": [_json_group(g) for g in opt["param_groups"]],
+                "scalars": opt_scalars,
+            },
+            "topology": topo_json,
+            "rng": {
+                "python": _py_rng_to_json(random.getstate()),
+                "node": _py_rng_to_json(self.rng.getstate()),
+                "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            },
+            "known_peers": sorted(self.discovered),
+        }
+        return NodeState(tensors=tensors, meta=meta)
+
+    def load_state_dict(self, state: NodeState) -> None:
+        """Restore a node saved by `state_dict`; the model and optimizer must be the same shapes."""
+        t = state.tensors
+        meta = state.meta
+        model_state = {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")}
+        missing, unexpected = self.model.load_state_dict(model_state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit the model (missing {len(missing)}, unexpected {len(unexpected)} entries)")
+        opt_state: dict[int, dict[str, Any]] = {}
+        for key, value in t.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = value
+        for idx, scalars in meta["optimizer"]["scalars"].items():
+            opt_state.setdefault(int(idx), {}).update(scalars)
+        groups = meta["optimizer"]["param_groups"]
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        self.aggregator.load_state_dict({k[len("aggregator."):]: v for k, v in t.items() if k.startswith("aggregator.")})
+        topo = dict(meta.get("topology") or {})
+        topo.update({k[len("topology."):]: v for k, v in t.items() if k.startswith("topology.")})
+        self.topology.load_state_dict(topo)
+        if "rng.torch" in t:
+            torch.set_rng_state(t["rng.torch"].to(torch.uint8))
+        rng = meta.get("rng", {})
+        if "python" in rng:
+            random.setstate(_py_rng_from_json(rng["python"]))
+        if "node" in rng:
+            self.rng.setstate(_py_rng_from_json(rng["node"]))
+        if "numpy" in rng and "rng.numpy" in t:
+            name, pos, has_gauss, cached = rng["numpy"]
+            np.random.set_state((name, t["rng.numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+        self.completed_round = int(meta["round"])
+        self.round = self.completed_round
+        self.history = list(meta.get("history", []))
+        if int(meta.get("sample_count", 0)) > 0 and self.sample_count <= 0:
+            self.sample_count = int(meta["sample_count"])
+
+    # --------------------------------------------------------------- helpers
+    @staticmethod
+    def _dataset_size(loader: Any) -> int:
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None:
+            try:
+                return int(len(dataset))
+            except TypeError:
+                return 0
+        return 0
+
+
+def _order(update: ModelReceived) -> tuple[int, int, float]:
+    step = update.meta.get("step", 0) if isinstance(update.meta, dict) else 0
+    return (update.round, int(step) if isinstance(step, (int, float)) else 0, update.received_at)
+
+
+def _one_line(exc: BaseException) -> str:
+    if hasattr(exc, "one_line"):
+        return exc.one_line()  # type: ignore[no-any-return]
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    if isinstance(batch, dict):
+        return batch.get("x", batch.get("input")), batch.get("y", batch.get("target"))
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise NodeConfigError(f"a batch must be (inputs, targets), got {type(batch).__name__}",
+                          "make build_loaders return loaders that yield (x, y) pairs")
+
+
+def _batch_len(y: Any) -> int:
+    return int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() > 0 else 1
+
+
+def _correct(out: torch.Tensor, y: torch.Tensor) -> int | None:
+    if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.dim() < 2:
+        return None
+    pred = out.argmax(dim=1)
+    target = y.argmax(dim=1) if y.is_floating_point() and y.dim() == out.dim() else y
+    if target.shape != pred.shape:
+        return None
+    return int((pred == target).sum())
+
+
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json_scalar(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise ValueError(f"optimizer state value of type {type(value).__name__} cannot be checkpointed")
+
+
+def _json_group(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: _json_scalar(v) for k, v in group.items()}
+
+
+def _split_tensors(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    return tensors, rest
+
+
+def _py_rng_to_json(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _py_rng_from_json(data: Sequence[Any]) -> tuple[Any, ...]:
+    version, internal, gauss = data
+    return (int(version), tuple(int(v) for v in internal), gauss)
+

@@ -1,0 +1,228 @@
+"""Node round logic over the in-memory transport, driven in lockstep (no event loop, no sockets)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.core import Node, NodeConfig, NodeState
+from quinkgl_cli.tensors import flatten, load_flat
+from quinkgl_cli.transport import wire
+from quinkgl_cli.transport.base import ModelReceived
+from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
+
+H = "sha256:" + "0" * 64
+
+
+def manifest(**training: Any) -> Manifest:
+    return Manifest(
+        name="core-test",
+        created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        task={"type": "classification", "input_shape": (4,), "output_shape": (3,), "label_type": "integer"},
+        data_schema_hash=H,
+        model={"framework": "pytorch", "arch_hash": H},
+        aggregation={"name": "FedAvg"},
+        topology={"name": "FullTopology"},
+        training=training,
+    )
+
+
+class Recorder:
+    def __init__(self, fail: str | None = None) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.fail = fail
+
+    def _rec(self, name: str, *args: Any) -> None:
+        self.calls.append((name, args))
+        if name == self.fail:
+            raise RuntimeError(f"boom in {name}")
+
+    def on_round_end(self, round_idx: int, metrics: dict[str, Any]) -> None:
+        self._rec("on_round_end", round_idx, metrics)
+
+    def on_peer_discovered(self, peer_id: str) -> None:
+        self._rec("on_peer_discovered", peer_id)
+
+    def on_aggregation_done(self, peer_ids: list[str], sample_count: int) -> None:
+        self._rec("on_aggregation_done", peer_ids, sample_count)
+
+    def named(self, name: str) -> list[tuple[Any, ...]]:
+        return [args for n, args in self.calls if n == name]
+
+
+def data(label: int, n: int = 30, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g) + label * 2.0
+    y = torch.full((n,), label, dtype=torch.long)
+    return DataLoader(TensorDataset(x, y), batch_size=10), DataLoader(TensorDataset(x, y), batch_size=30)
+
+
+def make_node(net: MemoryNetwork, node_id: str, m: Manifest, label: int, hooks: Any = None, seed: int = 0,
+              rounds: int = 3) -> Node:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    train, val = data(label, seed=seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    transport = MemoryTransport(net, node_id, swarm_id="s", arch_hash=H)
+    node = Node(NodeConfig(node_id, rounds=rounds, seed=seed), m, "sha256:swarm", model, train, val, opt, transport,
+                hooks=hooks, clock=lambda: 0.0)
+    transport.start_sync(node)
+    return node
+
+
+def run_round(net: MemoryNetwork, nodes: list[Node]) -> None:
+    for n in nodes:
+        n.begin_round()
+        n.train_round()
+        n.evaluate()
+    for step in range(nodes[0].gossip_steps):
+        for n in nodes:
+            n.share(step)
+        net.deliver_all()
+        for n in nodes:
+            n.aggregate()
+    for n in nodes:
+        n.end_round()
+
+
+def test_three_nodes_discover_exchange_and_converge_to_consensus() -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    hooks = [Recorder() for _ in range(3)]
+    nodes = [make_node(net, f"p{i}", manifest(), i, hooks[i], seed=i) for i in range(3)]
+    net.deliver_all()
+    for i, n in enumerate(nodes):
+        assert sorted(n.known_peers) == sorted(f"p{j}" for j in range(3) if j != i)
+        assert sorted(a[0] for a in hooks[i].named("on_peer_discovered")) == sorted(n.known_peers)
+    for _ in range(3):
+        run_round(net, nodes)
+    # FullTopology + FedAvg with equal sample counts: after each exchange every node holds the same average.
+    flats = [flatten(n.model) for n in nodes]
+    assert torch.allclose(flats[0], flats[1], atol=1e-6) and torch.allclose(flats[0], flats[2], atol=1e-6)
+    for i, n in enumerate(nodes):
+        agg = hooks[i].named("on_aggregation_done")
+        assert len(agg) == 3 and sorted(agg[0][0]) == sorted(n.known_peers) and agg[0][1] == 90
+        ends = hooks[i].named("on_round_end")
+        assert [e[0] for e in ends] == [1, 2, 3]
+        m = ends[-1][1]
+        assert m["peers"] == 2 and m["samples"] == 30 and m["bytes_received"] > 0 and m["bytes_sent"] > 0
+        assert m["loss"] is not None and m["val_accuracy"] is not None
+        assert n.finished()
+
+
+def test_hook_exception_is_logged_and_node_carries_on(caplog: pytest.LogCaptureFixture) -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    bad = Recorder(fail="on_aggregation_done")
+    nodes = [make_node(net, "a", manifest(), 0, bad), make_node(net, "b", manifest(), 1, seed=1)]
+    net.deliver_all()
+    with caplog.at_level(logging.ERROR, logger="quinkgl.node"):
+        run_round(net, nodes)
+        run_round(net, nodes)
+    failures = [r for r in caplog.records if r.getMessage().startswith("hook-failed")]
+    assert len(failures) == 2 and "RuntimeError: boom in on_aggregation_done" in failures[0].getMessage()
+    assert "Traceback" in failures[0].getMessage()
+    assert [a[0] for a in bad.named("on_round_end")] == [1, 2]
+
+
+def forged(node: Node, sender: str, round_: int, flat: torch.Tensor, samples: int, payload: bytes | None = None) -> ModelReceived:
+    ref = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    load_flat(ref, flat)
+    if payload is None:
+        payload = wire.encode({s.name: ref.state_dict()[s.name] for s in node.specs}, meta={"step": 0})
+    return ModelReceived(sender, round_, payload, samples, "qgl-tensors/1", {"step": 0}, 0.0)
+
+
+def test_bad_stale_and_greedy_updates(caplog: pytest.LogCaptureFixture) -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    node = make_node(net, "me", manifest(max_staleness=1), 0, rounds=10)
+    node.completed_round = 4
+    node.begin_round()  # round 5
+    zero = torch.zeros_like(flatten(node.model))
+    nan = zero.clone()
+    nan[0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="quinkgl.node"):
+        node.on_model(forged(node, "old", 3, zero, 10))  # 5 - 3 > max_staleness 1
+        node.on_model(forged(node, "nan", 5, nan, 10))
+        node.on_model(forged(node, "junk", 5, zero, 10, payload=b"QGLT garbage"))
+        node.on_model(forged(node, "greedy", 5, zero, 2**40))
+        outcome = node.aggregate()
+    assert outcome is not None and outcome.peers == ["greedy"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("update-dropped peer=old" in m and "stale" in m for m in messages)
+    assert any("update-dropped peer=nan" in m and "NaN" in m for m in messages)
+    assert any("update-dropped peer=junk" in m for m in messages)
+    # Dropped updates are gone: nothing is retried at the next aggregation.
+    caplog.clear()
+    assert node.aggregate() is None
+    assert not [r for r in caplog.records if "update-dropped" in r.getMessage()]
+
+
+def test_greedy_sample_count_is_bounded_among_three() -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    node = make_node(net, "me", manifest(), 0)
+    node.begin_round()
+    d = flatten(node.model).numel()
+    load_flat(node.model, torch.zeros(d))
+    node.on_model(forged(node, "honest", 1, torch.zeros(d), 30))
+    node.on_model(forged(node, "greedy", 1, torch.ones(d), 2**40))
+    node.aggregate()
+    # max_weight_ratio 2 with 3 updates caps "greedy" at 2/3 of the average, whatever it claims.
+    assert float(flatten(node.model).max()) == pytest.approx(2 / 3, abs=1e-5)
+
+
+def test_newest_update_per_sender_wins() -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    node = make_node(net, "me", manifest(), 0)
+    node.begin_round()
+    d = flatten(node.model).numel()
+    node.on_model(forged(node, "x", 1, torch.ones(d), 30))
+    node.on_model(forged(node, "x", 0, torch.full((d,), 5.0), 30))  # older: ignored
+    assert node.pending_senders() == {"x"}
+    load_flat(node.model, torch.zeros(d))
+    node.aggregate()
+    assert float(flatten(node.model).max()) == pytest.approx(0.5, abs=1e-5)
+
+
+def test_gossip_steps_exchange_several_times_per_round() -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    m = manifest(gossip_steps=2)
+    rec = Recorder()
+    nodes = [make_node(net, "a", m, 0, rec), make_node(net, "b", m, 1, seed=1)]
+    net.deliver_all()
+    run_round(net, nodes)
+    assert len(rec.named("on_aggregation_done")) == 2
+
+
+def test_lone_node_trains_without_peers() -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    node = make_node(net, "alone", manifest(), 0)
+    run_round(net, [node])
+    assert node.completed_round == 1 and node.history[0]["peers"] == 0 and node.history[0]["loss"] is not None
+
+
+def test_state_roundtrip_restores_model_optimizer_rng_and_round() -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    node = make_node(net, "a", manifest(), 0)
+    run_round(net, [node])
+    state = node.state_dict()
+    assert all(isinstance(t, torch.Tensor) for t in state.tensors.values())
+    torch.manual_seed(123)
+    expected_rand = torch.rand(3)
+    torch.manual_seed(123)
+    state = node.state_dict()
+    other = make_node(MemoryNetwork(auto_deliver=False), "a", manifest(), 0, seed=9)
+    other.load_state_dict(NodeState(dict(state.tensors), dict(state.meta)))
+    assert torch.equal(flatten(other.model), flatten(node.model))
+    assert other.completed_round == 1 and other.history == node.history
+    mom_a = node.optimizer.state_dict()["state"][0]["momentum_buffer"]
+    mom_b = other.optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(mom_a, mom_b)
+    assert torch.equal(torch.rand(3), expected_rand)
+    other.begin_round()
+    assert other.round == 2
