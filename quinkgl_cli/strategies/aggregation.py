@@ -19,6 +19,7 @@ from torch import nn
 
 from quinkgl_cli.strategies import params as p
 from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate
+from quinkgl_cli.tensors import flatten
 
 log = logging.getLogger("quinkgl.strategies")
 
@@ -168,3 +169,412 @@ class FedAvg(Aggregator):
             return _nothing_usable(local, s)
         w = self.weights(s.updates, current_round)
         return AggregationResult(weighted_mean(s.updates, w), used=s.ids, rejected=s.rejected, note=s.note())
+
+
+def _trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [param for param in model.parameters() if param.requires_grad]
+
+
+def _flat_params(params: Sequence[torch.Tensor]) -> torch.Tensor:
+    if not params:
+        return torch.empty(0)
+    return torch.cat([t.detach().reshape(-1).to(torch.float32) for t in params])
+
+
+class FedProx(FedAvg):
+    """FedAvg plus the proximal term mu/2 ||w - w_global||^2 in the local loss (Li et al.).
+
+    The anchor is the model as aggregated when local training begins, so the term pulls local steps back toward
+    it and changes every gradient the optimizer sees.
+    """
+
+    name = "FedProx"
+    params: p.FedProxParams
+
+    def __init__(self, params: p.Params, byzantine_f: int = 0) -> None:
+        super().__init__(params, byzantine_f)
+        self._anchor: list[torch.Tensor] = []
+
+    def begin_training(self, model: nn.Module, lr: float) -> None:
+        self._anchor = [param.detach().clone() for param in _trainable(model)]
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        params = _trainable(model)
+        if self.params.mu == 0.0 or not self._anchor or len(params) != len(self._anchor):
+            return None
+        total = sum((param - anchor).pow(2).sum() for param, anchor in zip(params, self._anchor, strict=True))
+        return 0.5 * self.params.mu * total
+
+    def end_training(self, model: nn.Module, steps: int, lr: float) -> None:
+        self._anchor = []
+
+
+class FedAvgM(FedAvg):
+    """FedAvg with momentum on the aggregated delta (Hsu et al.), gossip form.
+
+    delta = FedAvg(updates) - reference, where the reference is the model this node held before the round's local
+    training (or, between gossip steps, the previous aggregation's result); v = beta v + delta; the new model is
+    reference + server_lr * v. With beta = 0 and server_lr = 1 this is exactly FedAvg.
+    """
+
+    name = "FedAvgM"
+    params: p.FedAvgMParams
+
+    def __init__(self, params: p.Params, byzantine_f: int = 0) -> None:
+        super().__init__(params, byzantine_f)
+        self._momentum: torch.Tensor | None = None
+        self._reference: torch.Tensor | None = None
+
+    def begin_training(self, model: nn.Module, lr: float) -> None:
+        self._reference = flatten(model)
+
+    def aggregate(self, local: PeerUpdate, others: Sequence[PeerUpdate], current_round: int) -> AggregationResult:
+        result = super().aggregate(local, others, current_round)
+        if not result.used:
+            return result
+        ref = self._reference
+        if ref is None or ref.numel() != result.flat.numel():
+            ref = local.flat.to(torch.float32)
+        delta = result.flat - ref
+        if self._momentum is None or self._momentum.numel() != delta.numel():
+            self._momentum = torch.zeros_like(delta)
+        self._momentum.mul_(self.params.server_momentum).add_(delta)
+        new = ref + self.params.server_lr * self._momentum
+        self._reference = new.clone()
+        return AggregationResult(new, used=result.used, rejected=result.rejected, note=result.note)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {} if self._momentum is None else {"momentum": self._momentum.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = set(state) - {"momentum"}
+        if unknown:
+            raise ValueError(f"FedAvgM state has unknown entries {sorted(unknown)}")
+        momentum = state.get("momentum")
+        if momentum is not None and not _finite(momentum):
+            raise ValueError("FedAvgM momentum in the checkpoint is not finite")
+        self._momentum = None if momentum is None else momentum.to(torch.float32).clone()
+
+
+class StalenessWeightedFedAvg(FedAvg):
+    """FedAvg whose weights are multiplied by exp(-decay * age), age = current_round - update.round (>= 0)."""
+
+    name = "StalenessWeightedFedAvg"
+    params: p.StalenessWeightedParams
+
+    def weights(self, updates: Sequence[PeerUpdate], current_round: int) -> torch.Tensor:
+        counts = torch.tensor([max(u.sample_count, 1) for u in updates], dtype=torch.float64)
+        base = bounded_weights(counts, self.params.max_weight_ratio)
+        ages = torch.tensor([max(current_round - u.round, 0) for u in updates], dtype=torch.float64)
+        w = base * torch.exp(-self.params.decay * ages)
+        return _apply_self_weight(w / w.sum(), updates, self.params.self_weight)
+
+
+def _entropy_claim(update: PeerUpdate) -> float | None:
+    value = update.meta.get(LABEL_ENTROPY_KEY)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0 or value > _MAX_ENTROPY_BITS:
+        return None
+    return value
+
+
+class EntropyWeightedAvg(FedAvg):
+    """Weights by the Shannon entropy (bits) of each peer's label distribution (RNEP, Kang & Lee).
+
+    Peers attach ``meta["label_entropy"]`` (see ``fingerprint.label_entropy``: computed from the quantized label
+    buckets, so it reveals nothing the fingerprint does not). Weight = max(entropy, entropy_floor); an update
+    without a valid claim gets ``fallback_weight``, and the note names those peers so a swarm silently running on
+    fallback weights is visible. Weights are bounded by ``max_weight_ratio`` like FedAvg's.
+    """
+
+    name = "EntropyWeightedAvg"
+    params: p.EntropyWeightedAvgParams
+
+    def _raw(self, updates: Sequence[PeerUpdate]) -> tuple[torch.Tensor, list[str]]:
+        raw: list[float] = []
+        missing: list[str] = []
+        for u in updates:
+            h = _entropy_claim(u)
+            if h is None:
+                missing.append(u.peer_id)
+                raw.append(self.params.fallback_weight)
+            else:
+                raw.append(max(h, self.params.entropy_floor))
+        return torch.tensor(raw, dtype=torch.float64), missing
+
+    def weights(self, updates: Sequence[PeerUpdate], current_round: int) -> torch.Tensor:
+        raw, _ = self._raw(updates)
+        return _apply_self_weight(bounded_weights(raw, self.params.max_weight_ratio), updates, self.params.self_weight)
+
+    def aggregate(self, local: PeerUpdate, others: Sequence[PeerUpdate], current_round: int) -> AggregationResult:
+        s = screen(local, others)
+        if not s.updates:
+            return _nothing_usable(local, s)
+        raw, missing = self._raw(s.updates)
+        w = _apply_self_weight(bounded_weights(raw, self.params.max_weight_ratio), s.updates, self.params.self_weight)
+        extra = f"no label_entropy from {','.join(missing)}: fallback_weight" if missing else ""
+        return AggregationResult(weighted_mean(s.updates, w), used=s.ids, rejected=s.rejected, note=s.note(extra))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Byzantine-robust rules
+
+
+def coordinate_median(x: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median of the rows of ``x``; the mean of the two middle values for an even count."""
+    n = x.shape[0]
+    if n == 1:
+        return x[0].clone()
+    if n % 2 == 1:
+        return x.median(dim=0).values
+    # The two middle order statistics are the smallest two of the upper half.
+    lower = torch.kthvalue(x, n // 2, dim=0).values
+    upper = torch.kthvalue(x, n // 2 + 1, dim=0).values
+    return lower.add_(upper).mul_(0.5)
+
+
+def trimmed_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Coordinate-wise mean after dropping the k largest and k smallest values of every coordinate."""
+    n = x.shape[0]
+    if k == 0:
+        return x.mean(dim=0)
+    if 2 * k >= n:
+        raise ValueError(f"cannot trim {k} per side from {n} updates")
+    total = x.sum(dim=0)
+    if k == 1:
+        total.sub_(x.amax(dim=0)).sub_(x.amin(dim=0))
+    else:
+        total.sub_(torch.topk(x, k, dim=0, largest=True).values.sum(dim=0))
+        total.sub_(torch.topk(x, k, dim=0, largest=False).values.sum(dim=0))
+    return total.div_(n - 2 * k)
+
+
+def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
+    """(n, n) squared Euclidean distances between rows, from one Gram matrix product.
+
+    Rows are centred on the first row first, so the Gram entries are on the scale of the spread between models
+    rather than of their norms (no catastrophic cancellation when models are close). ``x`` is modified in place.
+    """
+    x.sub_(x[0].clone())
+    gram = (x @ x.T).to(torch.float64)
+    sq = gram.diagonal()
+    return (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_(min=0.0)
+
+
+def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
+    """Blanchard et al.'s score: sum of squared distances to the n - f - 2 nearest other updates."""
+    n = dist.shape[0]
+    nearest = n - f - 2
+    d = dist.clone()
+    d.fill_diagonal_(math.inf)
+    return torch.topk(d, nearest, dim=1, largest=False).values.sum(dim=1)
+
+
+class _Robust(Aggregator):
+    """Shared screening and fallbacks of the Byzantine-robust rules."""
+
+    def tolerated_f(self) -> int:
+        f = getattr(self.params, "f", None)
+        return self.byzantine_f if f is None else f
+
+    def fallback(self, s: _Screened, f: int, why: str) -> AggregationResult:
+        """The most robust rule ``len(s.updates)`` updates allow, with the reason in the note.
+
+        Median tolerates floor((n-1)/2) attackers, the most any rule can; with two updates and f >= 1 no rule can
+        tell which one lies, so the node keeps its own model (it knows that one is honest).
+        """
+        n = len(s.updates)
+        ids = s.ids
+        if n >= 3:
+            tolerated = (n - 1) // 2
+            extra = f"fell back to Median: {why}"
+            if tolerated < f:
+                extra += f"; Median tolerates only {tolerated} of f={f}"
+            flat = coordinate_median(stack(s.updates))
+            return AggregationResult(flat, used=ids, rejected=s.rejected, note=s.note(extra))
+        if f == 0 or not s.updates[0].is_local:
+            flat = stack(s.updates).mean(dim=0)
+            return AggregationResult(flat, used=ids, rejected=s.rejected, note=s.note(f"fell back to mean: {why}"))
+        local = s.updates[0]
+        note = s.note(f"kept local model: {why}; {n} updates cannot outvote f={f}")
+        return AggregationResult(local.flat.to(torch.float32).clone(), used=[local.peer_id], rejected=s.rejected, note=note)
+
+
+class Krum(_Robust):
+    """Krum (Blanchard et al., 2017): adopt the update with the smallest sum of squared distances to its n-f-2
+    nearest neighbours. Needs n > 2f + 2 updates (the local model counts); below that, falls back."""
+
+    name = "Krum"
+    params: p.KrumParams
+
+    def aggregate(self, local: PeerUpdate, others: Sequence[PeerUpdate], current_round: int) -> AggregationResult:
+        s = screen(local, others)
+        if not s.updates:
+            return _nothing_usable(local, s)
+        f = self.tolerated_f()
+        n = len(s.updates)
+        if n < 2 * f + 3:
+            return self.fallback(s, f, f"{n} updates < 2f+3={2 * f + 3}")
+        scores = krum_scores(pairwise_sq_distances(stack(s.updates)), f)
+        best = int(torch.argmin(scores))
+        chosen = s.updates[best]
+        return AggregationResult(chosen.flat.to(torch.float32).clone(), used=[chosen.peer_id], rejected=s.rejected, note=s.note())
+
+
+class MultiKrum(_Robust):
+    """Multi-Krum: average of the m updates with the best Krum scores (m defaults to n - f)."""
+
+    name = "MultiKrum"
+    params: p.MultiKrumParams
+
+    def aggregate(self, local: PeerUpdate, others: Sequence[PeerUpdate], current_round: int) -> AggregationResult:
+        s = screen(local, others)
+        if not s.updates:
+            return _nothing_usable(local, s)
+        f = self.tolerated_f()
+        n = len(s.updates)
+        if n < 2 * f + 3:
+            return self.fallback(s, f, f"{n} updates < 2f+3={2 * f + 3}")
+        x = stack(s.updates)
+        ref = s.updates[0].flat.to(torch.float32)
+        scores = krum_scores(pairwise_sq_distances(x), f)  # x is now centred on ref
+        m = min(self.params.m or n - f, n - f)
+        best = torch.topk(scores, m, largest=False).indices.sort().values
+        flat = x.index_select(0, best).mean(dim=0).add_(ref)
+        return AggregationResult(flat, used=[s.updates[i].peer_id for i in best.tolist()], rejected=s.rejected, note=s.note())
+
+
+class TrimmedMean(_Robust):
+    """Coordinate-wise trimmed mean (Yin et al., 2018): drop k values per side, k = f or ceil(trim_ratio * n)."""
+
+    name = "TrimmedMean"
+    params: p.TrimmedMeanParams
+
+    def aggregate(self, local: PeerUpdate, others: Sequence[PeerUpdate], current_round: int) -> AggregationResult:
+        s = screen(local, others)
+        if not s.updates:
+            return _nothing_usable(local, s)
+        n = len(s.updates)
+        if self.params.trim_ratio is not None:
+            k = min(math.ceil(self.params.trim_ratio * n), (n - 1) // 2)
+        else:
+            k = self.tolerated_f()
+            if n < 2 * k + 1:
+                return self.fallback(s, k, f"{n} updates < 2f+1={2 * k + 1}")
+        return AggregationResult(trimmed_mean(stack(s.updates), k), used=s.ids, rejected=s.rejected, note=s.note())
+
+
+class Median(_Robust):
+    """Coordinate-wise median; tolerates f attackers with n >= 2f + 1 updates."""
+
+    name = "Median"
+    params: p.NoParams
+
+    def aggregate(self, local: PeerUpdate, others: Sequence[PeerUpdate], current_round: int) -> AggregationResult:
+        s = screen(local, others)
+        if not s.updates:
+            return _nothing_usable(local, s)
+        f = self.byzantine_f
+        n = len(s.updates)
+        if n < 2 * f + 1:
+            return self.fallback(s, f, f"{n} updates < 2f+1={2 * f + 1}")
+        return AggregationResult(coordinate_median(stack(s.updates)), used=s.ids, rejected=s.rejected, note=s.note())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SCAFFOLD
+
+
+class Scaffold(FedAvg):
+    """SCAFFOLD (Karimireddy et al., 2020) without a server.
+
+    Each peer keeps its control variate c_i and, in place of the server's c, a running average of the variates
+    its peers send (``extras[CONTROL_VARIATE_KEY]``): c <- m c + (1 - m) mean(c_j). Every local gradient is
+    corrected by (c - c_i) after backward; after K local steps of rate lr, c_i <- c_i - c + (x - y) / (K lr)
+    (option II), where x is the model before and y after local training. Models are averaged as in FedAvg.
+    Variates cover the trainable parameters in ``model.parameters()`` order.
+    """
+
+    name = "Scaffold"
+    params: p.ScaffoldParams
+
+    def __init__(self, params: p.Params, byzantine_f: int = 0) -> None:
+        super().__init__(params, byzantine_f)
+        self.c_local: torch.Tensor | None = None
+        self.c_global: torch.Tensor | None = None
+        self._start: torch.Tensor | None = None
+        self._params: list[nn.Parameter] = []
+        self._correction: list[torch.Tensor] = []
+
+    def begin_training(self, model: nn.Module, lr: float) -> None:
+        self._params = _trainable(model)
+        self._start = _flat_params(self._params)
+        d = self._start.numel()
+        if self.c_local is None or self.c_local.numel() != d:
+            self.c_local = torch.zeros(d)
+        if self.c_global is None or self.c_global.numel() != d:
+            self.c_global = torch.zeros(d)
+        correction = self.c_global - self.c_local
+        self._correction = [
+            chunk.view_as(param).to(param.dtype)
+            for chunk, param in zip(torch.split(correction, [q.numel() for q in self._params]), self._params, strict=True)
+        ]
+
+    def after_backward(self, model: nn.Module) -> None:
+        pairs = [(q.grad, c) for q, c in zip(self._params, self._correction, strict=True) if q.grad is not None]
+        if pairs:
+            torch._foreach_add_([g for g, _ in pairs], [c for _, c in pairs])
+
+    def end_training(self, model: nn.Module, steps: int, lr: float) -> None:
+        if self._start is None or self.c_local is None or self.c_global is None or steps <= 0 or lr <= 0.0:
+            return
+        end = _flat_params(self._params)
+        self.c_local = self.c_local - self.c_global + (self._start - end) / (steps * lr)
+        self._start = None
+        self._correction = []
+
+    def extras_to_send(self) -> dict[str, torch.Tensor]:
+        return {} if self.c_local is None else {CONTROL_VARIATE_KEY: self.c_local.clone()}
+
+    def aggregate(self, local: PeerUpdate, others: Sequence[PeerUpdate], current_round: int) -> AggregationResult:
+        result = super().aggregate(local, others, current_round)
+        if self.c_local is None:
+            return result
+        used = set(result.used)
+        variates = [self.c_local]
+        bad: list[str] = []
+        for u in others:
+            if u.peer_id not in used:
+                continue
+            c = u.extras.get(CONTROL_VARIATE_KEY)
+            if c is None or c.dim() != 1 or c.numel() != self.c_local.numel() or not _finite(c):
+                bad.append(u.peer_id)
+            else:
+                variates.append(c.to(torch.float32))
+        mean_c = torch.stack(variates).mean(dim=0)
+        m = self.params.variate_momentum
+        self.c_global = mean_c if self.c_global is None else self.c_global.mul(m).add_(mean_c, alpha=1.0 - m)
+        if bad:
+            extra = f"no usable control variate from {','.join(bad)}"
+            result.note = f"{result.note}; {extra}" if result.note else extra
+        return result
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        if self.c_local is not None:
+            state["c_local"] = self.c_local.clone()
+        if self.c_global is not None:
+            state["c_global"] = self.c_global.clone()
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = set(state) - {"c_local", "c_global"}
+        if unknown:
+            raise ValueError(f"Scaffold state has unknown entries {sorted(unknown)}")
+        for key, value in state.items():
+            if value.dim() != 1 or not _finite(value):
+                raise ValueError(f"Scaffold {key} in the checkpoint is not a finite vector")
+        self.c_local = state["c_local"].to(torch.float32).clone() if "c_local" in state else None
+        self.c_global = state["c_global"].to(torch.float32).clone() if "c_global" in state else None
