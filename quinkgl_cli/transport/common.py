@@ -1,0 +1,135 @@
+"""Rules both transports apply the same way: offer bookkeeping, control-message limits, log-once reporting."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from quinkgl_cli.errors import NetworkError
+
+log = logging.getLogger("quinkgl.transport")
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 32 * 1024  # a control message must fit one UDP datagram with IPv8's headers and signature
+MAX_META_BYTES = 4 * 1024
+KIND_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def digest(payload: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha256(payload).digest()
+
+
+def encode_body(body: dict[str, Any], limit: int = MAX_MESSAGE_BYTES, what: str = "message body") -> bytes:
+    """Canonical JSON of a small control body; raises NetworkError when it is not JSON-safe or too large."""
+    if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
+        raise NetworkError(f"{what} must be a dict with string keys")
+    try:
+        data = json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise NetworkError(f"{what} is not JSON-safe: {exc}") from exc
+    if len(data) > limit:
+        raise NetworkError(f"{what} is {len(data)} bytes, limit {limit}", "send large data as a model update")
+    return data
+
+
+def decode_body(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    if len(data) > limit:
+        raise ValueError(f"body is {len(data)} bytes, limit {limit}")
+    value = json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+    if not isinstance(value, dict):
+        raise ValueError("body is not a JSON object")
+    return value
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def check_kind(kind: str) -> None:
+    if not isinstance(kind, str) or not KIND_PATTERN.match(kind):
+        raise NetworkError(f"message kind {kind!r} is invalid", "use 1-64 characters of A-Z a-z 0-9 _ . : -")
+
+
+class OnceLog:
+    """Logs each (peer, reason) once at WARNING; repeats are counted and logged at DEBUG only.
+
+    A misbehaving or misconfigured peer must not flood the log, yet the first occurrence is always visible.
+    """
+
+    def __init__(self, logger: logging.Logger = log, capacity: int = 4096) -> None:
+        self._logger = logger
+        self._seen: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+        self._capacity = capacity
+
+    def __call__(self, event: str, peer: str, reason: str, **fields: Any) -> bool:
+        key = (event, peer, reason)
+        extra = "".join(f" {k}={_fmt(v)}" for k, v in fields.items())
+        if key in self._seen:
+            self._seen[key] += 1
+            self._seen.move_to_end(key)
+            self._logger.debug("%s peer=%s reason=%s repeat=%d%s", event, peer, reason, self._seen[key], extra)
+            return False
+        self._seen[key] = 1
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+        self._logger.warning("%s peer=%s reason=%s%s", event, peer, reason, extra)
+        return True
+
+    def count(self, event: str, peer: str, reason: str) -> int:
+        return self._seen.get((event, peer, reason), 0)
+
+    def forget(self, peer: str) -> None:
+        for key in [k for k in self._seen if k[1] == peer]:
+            del self._seen[key]
+
+
+def _fmt(value: Any) -> str:
+    text = str(value)
+    return text if text and " " not in text and "=" not in text else json.dumps(text)
+
+
+@dataclass
+class _SenderState:
+    latest_round: int = -1
+    recent: OrderedDict[bytes, None] | None = None
+
+
+class OfferBook:
+    """Which offers a receiver has already taken: duplicates and rounds older than the sender's latest are ignored.
+
+    The key of an offer is (round, digest, nonce): a sender may legitimately send several different updates in one
+    round (several gossip steps), but a replayed offer, or one from before a newer round, is never fetched twice.
+    """
+
+    def __init__(self, remember: int = 256) -> None:
+        self._senders: dict[str, _SenderState] = {}
+        self._remember = remember
+
+    def verdict(self, sender: str, round_: int, key: bytes) -> str | None:
+        """None when the offer is new, else the reason to ignore it (``duplicate`` or ``out_of_date``)."""
+        state = self._senders.get(sender)
+        if state is None:
+            return None
+        if round_ < state.latest_round:
+            return "out_of_date"
+        if state.recent is not None and key in state.recent:
+            return "duplicate"
+        return None
+
+    def take(self, sender: str, round_: int, key: bytes) -> None:
+        state = self._senders.setdefault(sender, _SenderState())
+        if state.recent is None:
+            state.recent = OrderedDict()
+        state.latest_round = max(state.latest_round, round_)
+        state.recent[key] = None
+        while len(state.recent) > self._remember:
+            state.recent.popitem(last=False)
+
+    def forget(self, sender: str) -> None:
+        """A peer that was lost and comes back (restarted from a checkpoint) starts afresh."""
+        self._senders.pop(sender, None)

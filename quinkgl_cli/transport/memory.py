@@ -1,0 +1,396 @@
+"""The in-memory transport: the IPv8 transport's behaviour without sockets, for tests and the simulator.
+
+Everything goes through a `MemoryNetwork` hub that queues deliveries. Two ways to drive it:
+
+* lockstep (a simulator, no asyncio loop needed): call ``network.deliver_all()`` whenever queued deliveries
+  should happen; it runs every event handler in FIFO order, deterministically;
+* asyncio (the daemon loop, contract tests): with ``auto_deliver=True`` (the default) a send made while a loop is
+  running schedules a drain with ``loop.call_soon``, so events arrive on the loop as they would from IPv8.
+
+Fault injection (``loss``, ``block``, ``partition``, ``corrupt``, ``kill``) mirrors what the IPv8 transport meets
+on a real network, and the receiver-side checks (size limit, digest, duplicate and out-of-date offers, swarm and
+architecture mismatch) are the same ones, logged once per peer and reason on ``quinkgl.transport``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from quinkgl_cli.errors import NetworkError
+from quinkgl_cli.transport.base import (
+    ControlValue,
+    ModelReceived,
+    OutgoingUpdate,
+    PeerInfo,
+    Transport,
+    TransportEvents,
+    TransportStats,
+)
+from quinkgl_cli.transport.common import (
+    MAX_META_BYTES,
+    PROTOCOL_VERSION,
+    OfferBook,
+    OnceLog,
+    check_kind,
+    decode_body,
+    digest,
+    encode_body,
+)
+
+log = logging.getLogger("quinkgl.transport")
+
+DEFAULT_MAX_MODEL_BYTES = 1024**3
+
+
+@dataclass
+class _Offer:
+    sender: str
+    recipient: str
+    round: int
+    size: int
+    digest: bytes
+    nonce: int
+    encoding: str
+    sample_count: int
+    meta: dict[str, Any]
+    payload: bytes
+
+
+@dataclass
+class _Faults:
+    blocked: set[tuple[str, str]] = field(default_factory=set)
+    corrupt: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+class MemoryNetwork:
+    """The hub: who is up, which deliveries are pending, and which faults apply."""
+
+    def __init__(
+        self,
+        clock: Callable[[], float] | None = None,
+        auto_deliver: bool = True,
+        loss: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.clock = clock or time.monotonic
+        self.auto_deliver = auto_deliver
+        self.loss = loss
+        self._rng = random.Random(seed)
+        self._transports: dict[str, MemoryTransport] = {}
+        self._queue: deque[Callable[[], None]] = deque()
+        self._faults = _Faults()
+        self._drain_loop: asyncio.AbstractEventLoop | None = None
+        self._nonce = 0
+
+    # -- driving -------------------------------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def deliver_all(self, limit: int | None = None) -> int:
+        """Run queued deliveries, including those they cause, until none is left (or ``limit`` ran)."""
+        done = 0
+        while self._queue and (limit is None or done < limit):
+            self._queue.popleft()()
+            done += 1
+        return done
+
+    def deliver_pending(self) -> int:
+        """Run only the deliveries queued before this call (one hop of every message in flight)."""
+        return self.deliver_all(limit=len(self._queue))
+
+    def _enqueue(self, action: Callable[[], None]) -> None:
+        self._queue.append(action)
+        if not self.auto_deliver:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if self._drain_loop is not loop:
+            self._drain_loop = loop
+            loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_loop = None
+        while self._queue:
+            action = self._queue.popleft()
+            try:
+                action()
+            except Exception:  # one handler's bug must not stop every later delivery; lockstep callers see it raised
+                log.exception("memory_delivery_failed")
+
+    # -- fault injection -----------------------------------------------------------------------------------
+    def block(self, src: str, dst: str, both_ways: bool = False) -> None:
+        """Silently drop everything ``src`` sends to ``dst`` (a one-way link failure)."""
+        self._faults.blocked.add((src, dst))
+        if both_ways:
+            self._faults.blocked.add((dst, src))
+
+    def unblock(self, src: str, dst: str, both_ways: bool = False) -> None:
+        self._faults.blocked.discard((src, dst))
+        if both_ways:
+            self._faults.blocked.discard((dst, src))
+
+    def partition(self, group_a: Iterable[str], group_b: Iterable[str]) -> None:
+        """Cut every link between the groups; peers across the cut are reported lost, as IPv8's silence timeout would."""
+        a, b = list(group_a), list(group_b)
+        for x in a:
+            for y in b:
+                self.block(x, y, both_ways=True)
+                tx, ty = self._transports.get(x), self._transports.get(y)
+                if tx and ty:
+                    self._enqueue(lambda tx=tx, y=y: tx._lose(y))
+                    self._enqueue(lambda ty=ty, x=x: ty._lose(x))
+
+    def heal(self) -> None:
+        """Remove every block; peers that can see each other again are rediscovered."""
+        self._faults.blocked.clear()
+        live = [t for t in self._transports.values() if t._started]
+        for t in live:
+            self._introduce(t, live)
+
+    def corrupt(self, src: str, dst: str, count: int = 1) -> None:
+        """Flip one byte in the next ``count`` model transfers from ``src`` to ``dst`` (the digest check catches it)."""
+        self._faults.corrupt[(src, dst)] = self._faults.corrupt.get((src, dst), 0) + count
+
+    def kill(self, node_id: str) -> None:
+        """Stop ``node_id`` abruptly: no goodbye; its queued offers fail as 'sender vanished' at their recipients."""
+        t = self._transports.get(node_id)
+        if t is not None:
+            t._halt()
+
+    # -- internals used by transports ----------------------------------------------------------------------
+    def _link_ok(self, src: str, dst: str) -> bool:
+        if (src, dst) in self._faults.blocked:
+            return False
+        return not (self.loss > 0 and self._rng.random() < self.loss)
+
+    def _join(self, t: MemoryTransport) -> None:
+        current = self._transports.get(t.node_id)
+        if current is not None and current is not t and current._started:
+            raise NetworkError(f"node id {t.node_id!r} is already running on this memory network")
+        self._transports[t.node_id] = t
+        self._introduce(t, [o for o in self._transports.values() if o._started])
+
+    def _introduce(self, t: MemoryTransport, others: list[MemoryTransport]) -> None:
+        for other in others:
+            if other is t or not (self._link_ok(t.node_id, other.node_id) and self._link_ok(other.node_id, t.node_id)):
+                continue
+            self._enqueue(lambda a=t, b=other: a._hello_from(b))
+            self._enqueue(lambda a=t, b=other: b._hello_from(a))
+
+    def _leave(self, t: MemoryTransport) -> None:
+        for other in self._transports.values():
+            if other is not t and other._started:
+                self._enqueue(lambda o=other, gone=t.node_id: o._lose(gone))
+
+    def _next_nonce(self) -> int:
+        self._nonce += 1
+        return self._nonce
+
+    def _take_corruption(self, src: str, dst: str) -> bool:
+        left = self._faults.corrupt.get((src, dst), 0)
+        if left <= 0:
+            return False
+        self._faults.corrupt[(src, dst)] = left - 1
+        return True
+
+
+class MemoryTransport(Transport):
+    """One peer on a `MemoryNetwork`, with the same checks and events as the IPv8 transport."""
+
+    def __init__(
+        self,
+        network: MemoryNetwork,
+        node_id: str,
+        swarm_id: str = "memory-swarm",
+        arch_hash: str = "",
+        max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+        protocol_version: int = PROTOCOL_VERSION,
+    ) -> None:
+        if not node_id:
+            raise NetworkError("node id must not be empty")
+        self.network = network
+        self.node_id = node_id
+        self.swarm_id = swarm_id
+        self.arch_hash = arch_hash
+        self.max_model_bytes = max_model_bytes
+        self.protocol_version = protocol_version
+        self.public_key = hashlib.sha256(f"memory-key:{node_id}".encode()).hexdigest()
+        self.stats = TransportStats()
+        self._events: TransportEvents | None = None
+        self._started = False
+        self._peers: dict[str, PeerInfo] = {}
+        self._book = OfferBook()
+        self._once = OnceLog()
+
+    # -- Transport -----------------------------------------------------------------------------------------
+    async def start(self, events: TransportEvents) -> None:
+        self.start_sync(events)
+
+    async def stop(self) -> None:
+        self.stop_sync()
+
+    def start_sync(self, events: TransportEvents) -> None:
+        """`start` for a lockstep simulator that runs no event loop."""
+        if self._started:
+            raise NetworkError(f"transport {self.node_id} is already started")
+        self._events = events
+        self._started = True
+        self.network._join(self)
+        log.debug("transport_started node=%s kind=memory swarm=%s", self.node_id, self.swarm_id)
+
+    def stop_sync(self) -> None:
+        if not self._started:
+            return
+        self._halt()
+        log.debug("transport_stopped node=%s kind=memory", self.node_id)
+
+    def peers(self) -> list[PeerInfo]:
+        return list(self._peers.values())
+
+    def send_model(self, peer_id: str, update: OutgoingUpdate) -> None:
+        if not self._started:
+            self._drop("send_failed", peer_id, "not_started")
+            return
+        if peer_id not in self._peers:
+            self._drop("send_failed", peer_id, "unknown_peer")
+            return
+        try:
+            encode_body(dict(update.meta), limit=MAX_META_BYTES, what="update meta")
+        except NetworkError as exc:
+            self._drop("send_failed", peer_id, "bad_meta", detail=exc.message)
+            return
+        payload = bytes(update.payload)
+        offer = _Offer(
+            sender=self.node_id,
+            recipient=peer_id,
+            round=update.round,
+            size=len(payload),
+            digest=digest(payload),
+            nonce=self.network._next_nonce(),
+            encoding=update.encoding,
+            sample_count=update.sample_count,
+            meta=dict(update.meta),
+            payload=payload,
+        )
+        if not self.network._link_ok(self.node_id, peer_id):
+            return
+        target = self.network._transports.get(peer_id)
+        if target is not None:
+            self.network._enqueue(lambda: target._offer_from(self, offer))
+
+    def send_message(self, peer_id: str, kind: str, body: dict[str, ControlValue]) -> None:
+        check_kind(kind)
+        data = encode_body(dict(body))
+        if not self._started:
+            self._drop("message_failed", peer_id, "not_started")
+            return
+        if peer_id not in self._peers:
+            self._drop("message_failed", peer_id, "unknown_peer")
+            return
+        if not self.network._link_ok(self.node_id, peer_id):
+            return
+        target = self.network._transports.get(peer_id)
+        if target is not None:
+            self.network._enqueue(lambda: target._message_from(self.node_id, kind, data))
+
+    # -- receiving -----------------------------------------------------------------------------------------
+    def _hello_from(self, other: MemoryTransport) -> None:
+        if not self._started or not other._started:
+            return
+        if other.swarm_id != self.swarm_id:
+            return  # another swarm's community: the two never see each other at all
+        if other.protocol_version != self.protocol_version:
+            self._once("peer_refused", other.node_id, "protocol_mismatch", node=self.node_id, theirs=other.protocol_version)
+            return
+        if other.arch_hash != self.arch_hash:
+            self._once("peer_refused", other.node_id, "arch_mismatch", node=self.node_id, theirs=other.arch_hash)
+            return
+        now = self.network.clock()
+        known = other.node_id in self._peers
+        info = PeerInfo(other.node_id, other.public_key, None, now)
+        self._peers[other.node_id] = info
+        if not known and self._events is not None:
+            log.debug("peer_discovered node=%s peer=%s", self.node_id, other.node_id)
+            self._events.on_peer_discovered(info)
+
+    def _lose(self, peer_id: str) -> None:
+        info = self._peers.pop(peer_id, None)
+        self._book.forget(peer_id)
+        if info is not None and self._started and self._events is not None:
+            log.debug("peer_lost node=%s peer=%s", self.node_id, peer_id)
+            self._events.on_peer_lost(info)
+
+    def _touch(self, peer_id: str) -> None:
+        info = self._peers.get(peer_id)
+        if info is not None:
+            self._peers[peer_id] = PeerInfo(info.node_id, info.public_key, info.address, self.network.clock())
+
+    def _offer_from(self, sender: MemoryTransport, offer: _Offer) -> None:
+        if not self._started or offer.sender not in self._peers:
+            return
+        self._touch(offer.sender)
+        if offer.size > self.max_model_bytes:
+            self._drop("offer_refused", offer.sender, "oversized", size=offer.size, limit=self.max_model_bytes)
+            return
+        key = offer.round.to_bytes(8, "big", signed=True) + offer.digest + offer.nonce.to_bytes(8, "big")
+        verdict = self._book.verdict(offer.sender, offer.round, key)
+        if verdict is not None:
+            log.debug("offer_ignored node=%s peer=%s reason=%s round=%d", self.node_id, offer.sender, verdict, offer.round)
+            return
+        self._book.take(offer.sender, offer.round, key)
+        if not sender._started:
+            self._drop("fetch_failed", offer.sender, "sender_vanished")
+            return
+        payload = offer.payload
+        if self.network._take_corruption(offer.sender, self.node_id):
+            flipped = bytearray(payload)
+            if flipped:
+                flipped[len(flipped) // 2] ^= 0xFF
+            payload = bytes(flipped) + (b"" if flipped else b"\0")
+        if len(payload) != offer.size or digest(payload) != offer.digest:
+            self._drop("fetch_failed", offer.sender, "digest_mismatch", round=offer.round)
+            return
+        sender.stats.bytes_sent += len(payload)
+        sender.stats.models_sent += 1
+        self.stats.bytes_received += len(payload)
+        self.stats.models_received += 1
+        update = ModelReceived(
+            sender=offer.sender,
+            round=offer.round,
+            payload=payload,
+            sample_count=offer.sample_count,
+            encoding=offer.encoding,
+            meta=offer.meta,
+            received_at=self.network.clock(),
+        )
+        if self._events is not None:
+            self._events.on_model(update)
+
+    def _message_from(self, sender: str, kind: str, data: bytes) -> None:
+        if not self._started or sender not in self._peers:
+            return
+        self._touch(sender)
+        if self._events is not None:
+            self._events.on_message(sender, kind, decode_body(data))
+
+    def _drop(self, event: str, peer: str, reason: str, **fields: Any) -> None:
+        self.stats.dropped += 1
+        self._once(event, peer, reason, node=self.node_id, **fields)
+
+    def _halt(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self.network._leave(self)
+        self._peers.clear()

@@ -1,0 +1,219 @@
+"""Behaviour specific to the in-memory transport: lockstep delivery without a loop, determinism, fault injection.
+
+What both transports share is tested in test_transport_contract.py.
+"""
+
+import asyncio
+import logging
+
+import pytest
+
+from quinkgl_cli.errors import NetworkError
+from quinkgl_cli.transport.base import OutgoingUpdate
+from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.discovered: list[str] = []
+        self.lost: list[str] = []
+        self.models = []
+        self.messages = []
+
+    def on_peer_discovered(self, peer):
+        self.discovered.append(peer.node_id)
+
+    def on_peer_lost(self, peer):
+        self.lost.append(peer.node_id)
+
+    def on_model(self, update):
+        self.models.append(update)
+
+    def on_message(self, sender, kind, body):
+        self.messages.append((sender, kind, body))
+
+
+def _swarm(n, **kw):
+    clock = {"t": 0.0}
+    net = MemoryNetwork(clock=lambda: clock["t"], **kw)
+    nodes = {}
+    for i in range(n):
+        t = MemoryTransport(net, f"p{i}", swarm_id="s", arch_hash="a")
+        rec = Recorder()
+        t.start_sync(rec)
+        nodes[t.node_id] = (t, rec)
+    return net, nodes, clock
+
+
+def _upd(round_=1, payload=b"x" * 100, **kw):
+    return OutgoingUpdate(round=round_, payload=payload, sample_count=10, **kw)
+
+
+def test_lockstep_without_event_loop():
+    net, nodes, clock = _swarm(4)
+    assert all(not t.peers() for t, _ in nodes.values())  # nothing happens until the simulator delivers
+    net.deliver_all()
+    for name, (t, rec) in nodes.items():
+        assert sorted(p.node_id for p in t.peers()) == sorted(n for n in nodes if n != name)
+        assert sorted(rec.discovered) == sorted(n for n in nodes if n != name)
+    clock["t"] = 5.0
+    nodes["p0"][0].send_model("p1", _upd())
+    assert nodes["p1"][1].models == []
+    assert net.pending == 1
+    net.deliver_all()
+    (got,) = nodes["p1"][1].models
+    assert got.sender == "p0" and got.received_at == 5.0 and got.payload == b"x" * 100
+    assert {p.node_id: p.last_seen for p in nodes["p1"][0].peers()}["p0"] == 5.0
+
+
+def test_deliver_pending_moves_one_hop_only():
+    net, nodes, _ = _swarm(2)
+    net.deliver_all()
+
+    class Echo(Recorder):
+        def on_message(self, sender, kind, body):
+            super().on_message(sender, kind, body)
+            nodes["p1"][0].send_message(sender, "echo", body)
+
+    echo = Echo()
+    nodes["p1"][0]._events = echo
+    nodes["p0"][0].send_message("p1", "ping", {"n": 1})
+    assert net.deliver_pending() == 1
+    assert echo.messages == [("p0", "ping", {"n": 1})]
+    assert nodes["p0"][1].messages == []
+    net.deliver_pending()
+    assert nodes["p0"][1].messages == [("p1", "echo", {"n": 1})]
+
+
+def test_runs_are_deterministic_under_loss():
+    def run():
+        net, nodes, _ = _swarm(5, loss=0.3, seed=7)
+        net.deliver_all()
+        for r in range(5):
+            for a, (t, _) in nodes.items():
+                for p in t.peers():
+                    t.send_model(p.node_id, _upd(r, bytes([r]) * 10))
+            net.deliver_all()
+        return {n: [(m.sender, m.round) for m in rec.models] for n, (_, rec) in nodes.items()}
+
+    first = run()
+    assert first == run()
+    total = sum(len(v) for v in first.values())
+    assert 0 < total < 5 * 20  # loss dropped some, not all
+
+
+def test_partition_reports_peers_lost_and_heal_rediscovers():
+    net, nodes, _ = _swarm(4)
+    net.deliver_all()
+    net.partition(["p0", "p1"], ["p2", "p3"])
+    net.deliver_all()
+    assert sorted(p.node_id for p in nodes["p0"][0].peers()) == ["p1"]
+    assert sorted(nodes["p0"][1].lost) == ["p2", "p3"]
+    nodes["p0"][0].send_model("p2", _upd())
+    net.deliver_all()
+    assert nodes["p2"][1].models == []
+    net.heal()
+    net.deliver_all()
+    assert sorted(p.node_id for p in nodes["p0"][0].peers()) == ["p1", "p2", "p3"]
+    nodes["p0"][0].send_model("p2", _upd())
+    net.deliver_all()
+    assert len(nodes["p2"][1].models) == 1
+
+
+def test_block_is_one_way():
+    net, nodes, _ = _swarm(2)
+    net.deliver_all()
+    net.block("p0", "p1")
+    nodes["p0"][0].send_message("p1", "k", {})
+    nodes["p1"][0].send_message("p0", "k", {})
+    net.deliver_all()
+    assert nodes["p1"][1].messages == []
+    assert nodes["p0"][1].messages == [("p1", "k", {})]
+    net.unblock("p0", "p1")
+    nodes["p0"][0].send_message("p1", "k", {})
+    net.deliver_all()
+    assert nodes["p1"][1].messages == [("p0", "k", {})]
+
+
+def test_corruption_is_caught_by_digest_and_logged_once(caplog):
+    net, nodes, _ = _swarm(2)
+    net.deliver_all()
+    net.corrupt("p0", "p1", count=3)
+    with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+        for r in range(4):
+            nodes["p0"][0].send_model("p1", _upd(r))
+        net.deliver_all()
+    assert [m.round for m in nodes["p1"][1].models] == [3]
+    assert nodes["p1"][0].stats.dropped == 3
+    lines = [r.getMessage() for r in caplog.records if "digest_mismatch" in r.getMessage()]
+    assert len(lines) == 1 and "peer=p0" in lines[0]
+
+
+def test_kill_mid_transfer_reports_vanished_sender_and_loss(caplog):
+    net, nodes, _ = _swarm(3)
+    net.deliver_all()
+    nodes["p0"][0].send_model("p1", _upd())
+    net.kill("p0")
+    with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+        net.deliver_all()
+    assert nodes["p1"][1].models == []
+    assert "sender_vanished" in caplog.text
+    assert nodes["p1"][1].lost == ["p0"] and nodes["p2"][1].lost == ["p0"]
+    assert [p.node_id for p in nodes["p1"][0].peers()] == ["p2"]
+
+
+def test_restarted_peer_is_rediscovered_and_starts_afresh():
+    net, nodes, _ = _swarm(2)
+    net.deliver_all()
+    nodes["p0"][0].send_model("p1", _upd(round_=9))
+    net.deliver_all()
+    nodes["p0"][0].stop_sync()
+    net.deliver_all()
+    again = MemoryTransport(net, "p0", swarm_id="s", arch_hash="a")
+    again.start_sync(Recorder())
+    net.deliver_all()
+    again.send_model("p1", _upd(round_=4))  # a restart from an older checkpoint is not 'out of date'
+    net.deliver_all()
+    assert [m.round for m in nodes["p1"][1].models] == [9, 4]
+    assert nodes["p1"][1].discovered == ["p0", "p0"]
+
+
+def test_same_node_id_twice_is_refused():
+    net, nodes, _ = _swarm(1)
+    with pytest.raises(NetworkError, match="already running"):
+        MemoryTransport(net, "p0").start_sync(Recorder())
+
+
+def test_auto_delivery_inside_event_loop():
+    async def main():
+        net = MemoryNetwork()
+        a, b = MemoryTransport(net, "a"), MemoryTransport(net, "b")
+        ra, rb = Recorder(), Recorder()
+        await a.start(ra)
+        await b.start(rb)
+        await asyncio.sleep(0)
+        assert rb.discovered == ["a"]
+        a.send_model("b", _upd())
+        assert rb.models == []
+        await asyncio.sleep(0)
+        assert len(rb.models) == 1
+        await a.stop()
+        await asyncio.sleep(0)
+        assert rb.lost == ["a"]
+
+    asyncio.run(main())
+
+
+def test_auto_delivery_can_be_turned_off_inside_a_loop():
+    async def main():
+        net = MemoryNetwork(auto_deliver=False)
+        a, b = MemoryTransport(net, "a"), MemoryTransport(net, "b")
+        rb = Recorder()
+        await a.start(Recorder())
+        await b.start(rb)
+        await asyncio.sleep(0.01)
+        assert rb.discovered == []
+        net.deliver_all()
+        assert rb.discovered == ["a"]
+
+    asyncio.run(main())
