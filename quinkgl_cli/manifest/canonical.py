@@ -1,0 +1,58 @@
+"""Canonical bytes of a manifest (RFC 8785 JSON canonicalization) and the hashes derived from them.
+
+The signature and the swarm id cover the manifest's JSON object exactly as written, minus ``signature``,
+canonicalized by RFC 8785: member order, whitespace and number spelling (``1`` vs ``1.0``) do not matter,
+every value does. ``manifest create`` writes every field explicitly, so the object in a file it wrote and
+the dump of the in-memory :class:`Manifest` are the same object and give the same swarm id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import rfc8785
+
+from quinkgl_cli.errors import UsageError
+from quinkgl_cli.manifest.schema import Manifest, TaskSpec
+
+SIGNATURE_FIELD = "signature"
+# Bumped if what the data schema hash covers ever changes, so old and new hashes never collide.
+_DATA_SCHEMA_VERSION = 1
+
+
+def manifest_object(manifest: Manifest) -> dict[str, Any]:
+    """The JSON object of ``manifest`` as a `.qgl` file holds it (every field, signature included)."""
+    return manifest.model_dump(mode="json")
+
+
+def canonical_bytes(manifest: Manifest | Mapping[str, Any]) -> bytes:
+    """RFC 8785 bytes of everything but ``signature``: what is signed and what the swarm id hashes."""
+    obj = manifest_object(manifest) if isinstance(manifest, Manifest) else dict(manifest)
+    obj.pop(SIGNATURE_FIELD, None)
+    try:
+        return rfc8785.dumps(obj)
+    except rfc8785.CanonicalizationError as exc:
+        raise UsageError(f"manifest cannot be canonicalized: {exc}", "use integers below 2^53 and finite numbers") from exc
+
+
+def sha256_text(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def swarm_id(manifest: Manifest | Mapping[str, Any]) -> str:
+    """``sha256:<hex>`` of the canonical bytes: the identity every peer of the swarm shares."""
+    return sha256_text(canonical_bytes(manifest))
+
+
+def data_schema_hash(task: TaskSpec) -> str:
+    """Hash of what a peer's data must look like: task type, input and output shapes, label type."""
+    obj = {
+        "version": _DATA_SCHEMA_VERSION,
+        "task_type": task.type,
+        "input_shape": list(task.input_shape),
+        "output_shape": list(task.output_shape),
+        "label_type": task.label_type,
+    }
+    return sha256_text(rfc8785.dumps(obj))

@@ -1,0 +1,290 @@
+"""Trust policies: whether this peer may use a manifest. `manifest verify` and the daemon share this code.
+
+- ``open``: unsigned manifests are accepted; a signature that is present must still be valid.
+- ``tofu``: the creator key first seen for a manifest *name* is remembered; the same name with another key is
+  refused. Unsigned manifests are refused.
+- ``pinned``: only manifests signed by one of the trusted keys are accepted.
+
+Under every policy a bad, stripped or half-present signature is a CryptoError (3) and an expired manifest a
+TrustError (4). The TOFU store is a JSON file in the state directory, written atomically with mode 0600 under
+a file lock, so daemons started together on one machine never lose each other's entries. A store that cannot
+be parsed is an error and is never reset: resetting it would silently forget every key it pins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from quinkgl_cli import keys
+from quinkgl_cli.atomic import atomic_write_bytes
+from quinkgl_cli.errors import IOFailure, TrustError, UsageError
+from quinkgl_cli.manifest.io import LoadedManifest, load_manifest, parse_manifest
+from quinkgl_cli.manifest.schema import PUBKEY_PATTERN, Manifest
+from quinkgl_cli.paths import ensure_private_dir, state_home
+
+log = logging.getLogger("quinkgl.trust")
+
+Policy = Literal["open", "tofu", "pinned"]
+POLICIES: tuple[Policy, ...] = ("open", "tofu", "pinned")
+TOFU_FILE = "tofu.json"
+LOCK_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class TrustedManifest:
+    """A manifest this peer may use, with what was checked."""
+
+    manifest: Manifest
+    swarm_id: str  # sha256:<hex> of the canonical bytes
+    signed: bool  # True: a valid creator signature; False: unsigned (only possible under ``open``)
+    policy: Policy
+    canonical: bytes  # the signed bytes (RFC 8785, without ``signature``)
+    tofu: Literal["first-use", "known"] | None = None  # under ``tofu``: whether this run learned the key
+
+
+def resolve_policy(policy: str | None, trusted_keys: tuple[str, ...] | list[str] = ()) -> Policy:
+    """The policy to apply: the one asked for, else ``pinned`` when trusted keys are given, else ``open``."""
+    if policy is None:
+        return "pinned" if trusted_keys else "open"
+    value = policy.strip().lower()
+    if value not in POLICIES:
+        raise UsageError(f"unknown trust policy {policy!r}", f"valid: {', '.join(POLICIES)}")
+    return value  # type: ignore[return-value]
+
+
+def parse_trusted_keys(values: list[str] | tuple[str, ...]) -> frozenset[str]:
+    """Each value is ``ed25519:<hex>`` or the path of a file whose first line is one (e.g. ``creator.pub``)."""
+    out: set[str] = set()
+    for value in values:
+        text = value.strip()
+        if not text.lower().startswith(keys.PUBKEY_PREFIX):
+            path = Path(text)
+            if not path.is_file():
+                raise UsageError(
+                    f"--trusted-pubkey {value!r} is neither ed25519:<hex> nor a public key file",
+                    "pass the line printed by `quinkgl keygen`",
+                )
+            try:
+                with open(path, "rb") as fh:
+                    lines = fh.read(4096).decode("utf-8", "replace").split()
+            except OSError as exc:
+                raise IOFailure(f"cannot read public key file {path}: {exc.strerror}") from exc
+            text = lines[0] if lines else ""
+        out.add(keys.normalize_public_key(text))
+    return frozenset(out)
+
+
+def check_expiry(manifest: Manifest, now: datetime) -> None:
+    if manifest.expires_at is not None and now > manifest.expires_at:
+        raise TrustError(
+            f"manifest {manifest.name!r} expired at {_iso(manifest.expires_at)}",
+            "ask its creator for a renewed manifest",
+        )
+
+
+def trust_loaded(
+    loaded: LoadedManifest,
+    policy: str | None = None,
+    trusted_keys: list[str] | tuple[str, ...] | frozenset[str] = (),
+    state_dir: Path | None = None,
+    now: datetime | None = None,
+    source: str = "manifest",
+) -> TrustedManifest:
+    """Apply signature, expiry and policy checks to an already parsed manifest (see :func:`load_trusted`)."""
+    from quinkgl_cli.manifest.signing import verify_signature
+
+    now = now or datetime.now(UTC)
+    pinned = parse_trusted_keys(tuple(trusted_keys))
+    chosen = resolve_policy(policy, tuple(pinned))
+    if chosen == "pinned" and not pinned:
+        raise UsageError("--trust-policy pinned needs at least one --trusted-pubkey", "pass the creator's ed25519:<hex> key")
+    if chosen != "pinned" and pinned:
+        raise UsageError(
+            f"--trusted-pubkey only applies to --trust-policy pinned (got {chosen})",
+            "drop --trust-policy to pin the given keys, or drop --trusted-pubkey",
+        )
+    manifest = loaded.manifest
+    signed = verify_signature(loaded.canonical, manifest.creator_pubkey, manifest.signature, source)
+    check_expiry(manifest, now)
+    tofu_state: Literal["first-use", "known"] | None = None
+    if chosen != "open" and not signed:
+        raise TrustError(
+            f"{source} is unsigned and --trust-policy {chosen} accepts only signed manifests",
+            "ask the creator for a signed manifest, or use --trust-policy open for local tests",
+        )
+    creator = manifest.creator_pubkey
+    if chosen == "pinned":
+        if creator not in pinned:
+            raise TrustError(
+                f"{source} is signed by {creator}, which is not a trusted key",
+                "check --trusted-pubkey against the creator's published key",
+            )
+    elif chosen == "tofu":
+        assert creator is not None
+        tofu_state = TofuStore(state_dir).check_and_remember(manifest.name, creator, loaded.swarm_id, now)
+    log.info(
+        "manifest_trusted name=%s swarm_id=%s policy=%s signed=%s%s",
+        manifest.name,
+        loaded.swarm_id,
+        chosen,
+        str(signed).lower(),
+        f" tofu={tofu_state}" if tofu_state else "",
+    )
+    return TrustedManifest(
+        manifest=manifest,
+        swarm_id=loaded.swarm_id,
+        signed=signed,
+        policy=chosen,
+        canonical=loaded.canonical,
+        tofu=tofu_state,
+    )
+
+
+def load_trusted(
+    path: Path,
+    policy: str | None = None,
+    trusted_keys: list[str] | tuple[str, ...] | frozenset[str] = (),
+    state_dir: Path | None = None,
+    now: datetime | None = None,
+) -> TrustedManifest:
+    """Load the `.qgl` at ``path`` and return it only if this peer may use it.
+
+    ``policy``: "open" | "tofu" | "pinned" | None (None: pinned when ``trusted_keys`` are given, else open).
+    ``trusted_keys``: ``ed25519:<hex>`` strings (or paths of files holding one). ``state_dir``: where the TOFU
+    store lives (None: ``$QUINKGL_HOME`` or the per-user default). ``now``: aware datetime (None: the clock).
+
+    Raises IOFailure (2) missing/unreadable file or TOFU store; UsageError (1) malformed/oversized manifest or
+    contradictory options; CryptoError (3) invalid, stripped or half-present signature; TrustError (4) refused by
+    the policy, unsigned under tofu/pinned, creator key changed under tofu, or expired.
+    """
+    loaded = load_manifest(Path(path))
+    return trust_loaded(loaded, policy, trusted_keys, state_dir, now, source=f"manifest {path}")
+
+
+def trust_bytes(
+    data: bytes,
+    policy: str | None = None,
+    trusted_keys: list[str] | tuple[str, ...] | frozenset[str] = (),
+    state_dir: Path | None = None,
+    now: datetime | None = None,
+    source: str = "manifest",
+) -> TrustedManifest:
+    """:func:`load_trusted` for manifest bytes that did not come from a file (size limit still applies)."""
+    from quinkgl_cli.manifest.io import MAX_MANIFEST_BYTES
+
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise UsageError(f"{source} is larger than 1 MiB", "a .qgl file is a few KiB; this is not a manifest")
+    return trust_loaded(parse_manifest(data, source), policy, trusted_keys, state_dir, now, source=source)
+
+
+class _TofuEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    creator_pubkey: str = Field(pattern=PUBKEY_PATTERN)
+    first_seen: str
+    first_swarm_id: str
+
+
+class _TofuFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    version: Literal[1]
+    creators: dict[str, _TofuEntry]
+
+
+class TofuStore:
+    """Creator keys first seen per manifest name, in ``<state_dir>/tofu.json``."""
+
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.directory = state_home(Path(state_dir) if state_dir is not None else None)
+        self.path = self.directory / TOFU_FILE
+        self.lock_path = self.directory / (TOFU_FILE + ".lock")
+
+    def lookup(self, name: str) -> str | None:
+        """The creator key remembered for ``name``, or None."""
+        with self._locked():
+            entry = self._read().get(name)
+        return entry.creator_pubkey if entry else None
+
+    def check_and_remember(self, name: str, creator: str, swarm_id: str, now: datetime) -> Literal["first-use", "known"]:
+        """Remember ``creator`` for ``name`` on first sight; refuse (TrustError) another key later."""
+        with self._locked():
+            creators = self._read()
+            entry = creators.get(name)
+            if entry is not None:
+                if entry.creator_pubkey != creator:
+                    raise TrustError(
+                        f"manifest name {name!r} was first seen signed by {entry.creator_pubkey} "
+                        f"(on {entry.first_seen}); this one is signed by {creator}",
+                        f"if the creator really changed keys, remove {name!r} from {self.path} deliberately",
+                    )
+                return "known"
+            creators[name] = _TofuEntry(creator_pubkey=creator, first_seen=_iso(now), first_swarm_id=swarm_id)
+            self._write(creators)
+        log.info("tofu_learned name=%s creator=%s store=%s", name, creator, self.path)
+        return "first-use"
+
+    def _locked(self):  # noqa: ANN202 - a filelock context manager
+        from filelock import FileLock
+
+        try:
+            ensure_private_dir(self.directory)
+        except OSError as exc:
+            raise IOFailure(f"cannot create state directory {self.directory}: {exc.strerror}", "pass --state-dir or set QUINKGL_HOME") from exc
+        return _LockGuard(FileLock(str(self.lock_path), timeout=LOCK_TIMEOUT_S, mode=0o600), self.lock_path)
+
+    def _read(self) -> dict[str, _TofuEntry]:
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise IOFailure(f"cannot read TOFU store {self.path}: {exc.strerror}", "check its permissions") from exc
+        try:
+            parsed = _TofuFile.model_validate_json(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(x) for x in err["loc"]) or "content"
+            raise IOFailure(
+                f"TOFU store {self.path} is corrupt ({where}: {err['msg']}); it is never reset automatically",
+                "restore it from a backup, or delete it only if every creator key may be learned again",
+            ) from exc
+        return dict(parsed.creators)
+
+    def _write(self, creators: dict[str, _TofuEntry]) -> None:
+        body = _TofuFile(version=1, creators=dict(sorted(creators.items())))
+        data = json.dumps(body.model_dump(mode="json"), indent=2).encode("utf-8") + b"\n"
+        atomic_write_bytes(self.path, data, mode=0o600, overwrite=True)
+
+
+class _LockGuard:
+    def __init__(self, lock, path: Path) -> None:  # noqa: ANN001 - filelock.FileLock, imported lazily
+        self._lock = lock
+        self._path = path
+
+    def __enter__(self) -> None:
+        from filelock import Timeout
+
+        try:
+            self._lock.acquire()
+        except Timeout as exc:
+            raise IOFailure(
+                f"TOFU store lock {self._path} still held after {LOCK_TIMEOUT_S:.0f} s", "is another quinkgl process stuck?"
+            ) from exc
+        except OSError as exc:
+            raise IOFailure(f"cannot lock {self._path}: {exc.strerror}", "check the state directory's permissions") from exc
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
