@@ -104,3 +104,46 @@ def _function_name(value: Any) -> str:
     # A peer script's module name embeds its path, which differs between machines: torch's names are kept.
     prefix = module + "." if module.startswith("torch") else ""
     return prefix + qualname
+
+
+def probe_shapes(model: Any, input_shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """The per-sample input shape and the output shape ``model`` produces for it (None: not a single tensor).
+
+    Without ``input_shape`` it is read from a leading ``nn.Linear`` (its ``in_features``); other first layers
+    cannot tell their input size, so a UsageError asks for ``--input-shape``. The output shape comes from one
+    forward pass on zeros in eval mode, without gradients; the model's mode is restored afterwards.
+    """
+    import torch
+    from torch import nn
+
+    given = input_shape is not None
+    if input_shape is None:
+        first = next((m for _, m in model.named_modules() if not list(m.children()) and list(m.parameters(recurse=False))), None)
+        if not isinstance(first, nn.Linear):
+            raise _shape_error("the model's first layer does not tell its input size")
+        input_shape = (first.in_features,)
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        with torch.no_grad():
+            out = model(torch.zeros((2, *input_shape), dtype=dtype))
+    except Exception as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        if given:
+            raise NodeConfigError(
+                f"the model rejects inputs of shape {','.join(map(str, input_shape))}: {type(exc).__name__}: {first_line}",
+                "check --input-shape (per sample, without the batch dimension)",
+            ) from exc
+        raise _shape_error("a forward pass on the guessed input size failed") from exc
+    finally:
+        model.train(was_training)
+    output_shape = tuple(int(d) for d in out.shape[1:]) if isinstance(out, torch.Tensor) else None
+    return tuple(input_shape), output_shape or None
+
+
+def _shape_error(why: str) -> Exception:
+    from quinkgl_cli.errors import UsageError
+
+    return UsageError(f"cannot infer the input shape: {why}", "pass --input-shape, e.g. --input-shape 1,28,28")
