@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
@@ -72,6 +72,15 @@ class CompressionSpec(Strict):
     error_feedback: bool = True
     ef21_momentum: float | None = Field(default=None, gt=0.0, le=1.0)
     residual_norm_cap: float | None = Field(default=None, gt=0.0)
+    block_size: int = Field(default=256, ge=8, le=1 << 20)  # values per quantization scale / QSGD bucket
+
+    @model_validator(mode="after")
+    def _coherent(self) -> CompressionSpec:
+        if self.top_k_ratio is not None and not self.delta:
+            raise ValueError("top_k_ratio needs delta=true (sparsified full weights would zero the rest of the model)")
+        if self.quantize_bits is not None and self.qsgd_levels is not None:
+            raise ValueError("choose one of quantize_bits and qsgd_levels")
+        return self
 
     @property
     def enabled(self) -> bool:
