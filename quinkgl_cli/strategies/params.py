@@ -64,14 +64,18 @@ class CyclonParams(TopologyParams):
 
 
 class AffinityParams(TopologyParams):
+    # Signal weights (the description's 40/30/15/15), normalized over the signals available for a peer:
+    # gradient similarity only counts when both sides send gradient moments.
     label_weight: float = Field(default=0.4, ge=0.0)
-    moment_weight: float = Field(default=0.2, ge=0.0)
-    gradient_weight: float = Field(default=0.0, ge=0.0)
-    history_weight: float = Field(default=0.4, ge=0.0)
+    moment_weight: float = Field(default=0.3, ge=0.0)
+    gradient_weight: float = Field(default=0.15, ge=0.0)
+    history_weight: float = Field(default=0.15, ge=0.0)
     blind_rounds: int = Field(default=2, ge=0)
     learning_rounds: int = Field(default=5, ge=0)
     exploration: float = Field(default=0.3, ge=0.0, le=1.0)
     exploration_decay: float = Field(default=0.9, gt=0.0, le=1.0)
+    min_exploration: float = Field(default=0.05, ge=0.0, le=1.0)
     ema: float = Field(default=0.3, gt=0.0, le=1.0)
-    edge_ttl: int = Field(default=20, ge=1)
+    edge_decay: float = Field(default=0.95, gt=0.0, le=1.0)  # edge weight factor per round without an outcome
+    edge_ttl: int = Field(default=20, ge=1)  # rounds without an outcome before an edge is evicted
     prefer_similar: bool = True

@@ -7,10 +7,16 @@ lists peers does not matter: they are sorted first), and never select the node i
 from __future__ import annotations
 
 import logging
+import math
+import random
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from quinkgl_cli.strategies import params as p
 from quinkgl_cli.strategies.base import Topology
+from quinkgl_cli.strategies.fingerprint import Fingerprint, component_similarities, parse_fingerprint
 
 log = logging.getLogger("quinkgl.strategies")
 
@@ -65,3 +71,250 @@ class RingTopology(Topology):
                     chosen.append(peer)
             step += 1
         return chosen
+
+
+# A peer id as it may travel inside a shuffle: printable, no separators of the entry list.
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:@+/=-]{1,200}$")
+
+
+def _encode_entries(entries: Sequence[tuple[str, int]]) -> str:
+    return ",".join(f"{pid}|{age}" for pid, age in entries)
+
+
+def _decode_entries(text: object, limit: int) -> list[tuple[str, int]]:
+    """Parse a shuffle's ``id|age,...`` list; raises ValueError on anything malformed."""
+    if not isinstance(text, str):
+        raise ValueError("cyclon entries must be a string")
+    if not text:
+        return []
+    items = text.split(",")
+    if len(items) > limit:
+        raise ValueError(f"cyclon shuffle carries {len(items)} entries (max {limit})")
+    out: list[tuple[str, int]] = []
+    for item in items:
+        pid, sep, age = item.rpartition("|")
+        if not sep or not _ID_RE.match(pid) or not age.isdigit() or len(age) > 9:
+            raise ValueError(f"cyclon entry {item[:48]!r} is not id|age")
+        out.append((pid, int(age)))
+    return out
+
+
+class CyclonTopology(Topology):
+    """Cyclon membership (Voulgaris et al., 2005): a partial view of at most ``view_size`` peers with ages.
+
+    Every round the node ages its view, picks the oldest entry Q, removes it, and sends Q a shuffle of
+    ``shuffle_length - 1`` random view entries plus itself (age 0). Q answers with up to ``shuffle_length`` random
+    entries of its own view and merges what it got; both sides fill empty slots first, then replace the entries
+    they sent, and never keep themselves or duplicates. Recipients are chosen uniformly from the view (restricted
+    to peers the transport currently knows); peers the transport knows fill free view slots.
+    """
+
+    name = "CyclonTopology"
+    params: p.CyclonParams
+    SHUFFLE = "cyclon-shuffle"
+    REPLY = "cyclon-reply"
+
+    def __init__(self, params: p.Params, self_id: str, rng: random.Random) -> None:
+        super().__init__(params, self_id, rng)
+        self.view: dict[str, int] = {}
+        self._known: set[str] = set()
+        self._pending: dict[str, list[str]] = {}
+
+    def _admit_known(self, peers: Sequence[str]) -> None:
+        self._known = set(peers) - {self.self_id}
+        # Entries the transport cannot reach are useless as recipients or shuffle partners.
+        for pid in [pid for pid in self.view if pid not in self._known]:
+            del self.view[pid]
+        free = self.params.view_size - len(self.view)
+        if free > 0:
+            fresh = sorted(self._known - set(self.view))
+            for pid in self.rng.sample(fresh, min(free, len(fresh))):
+                self.view[pid] = 0
+
+    def select(self, peers: Sequence[str], round_idx: int) -> list[str]:
+        self._admit_known(peers)
+        pool = sorted(self.view)
+        return self.rng.sample(pool, min(self.params.fanout, len(pool)))
+
+    def control_messages(self, round_idx: int) -> list[tuple[str, str, dict[str, Any]]]:
+        if not self.view:
+            return []
+        for pid in self.view:
+            self.view[pid] += 1
+        oldest = max(self.view.values())
+        target = sorted(pid for pid, age in self.view.items() if age == oldest)[0]
+        del self.view[target]
+        others = sorted(self.view)
+        subset = self.rng.sample(others, min(self.params.shuffle_length - 1, len(others)))
+        entries = [(pid, self.view[pid]) for pid in subset] + [(self.self_id, 0)]
+        self._pending[target] = subset
+        return [(target, self.SHUFFLE, {"round": round_idx, "entries": _encode_entries(entries)})]
+
+    def on_control(self, sender: str, kind: str, body: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+        if kind not in (self.SHUFFLE, self.REPLY):
+            return []
+        limit = max(self.params.shuffle_length, 1) + 1
+        received = _decode_entries(body.get("entries", ""), limit)
+        if kind == self.SHUFFLE:
+            others = sorted(pid for pid in self.view if pid != sender)
+            reply_ids = self.rng.sample(others, min(self.params.shuffle_length, len(others)))
+            reply = {"round": body.get("round"), "entries": _encode_entries([(pid, self.view[pid]) for pid in reply_ids])}
+            self._merge(received, reply_ids)
+            return [(sender, self.REPLY, reply)]
+        sent = self._pending.pop(sender, None)
+        if sent is None:
+            log.debug("cyclon-reply-unexpected peer=%s", sender)
+            return []
+        self._merge(received, sent)
+        return []
+
+    def _merge(self, received: Sequence[tuple[str, int]], replaceable: Sequence[str]) -> None:
+        spare = [pid for pid in replaceable if pid in self.view]
+        for pid, age in received:
+            if pid == self.self_id or pid in self.view:
+                continue
+            if len(self.view) < self.params.view_size:
+                self.view[pid] = age
+            elif spare:
+                del self.view[spare.pop(0)]
+                self.view[pid] = age
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cyclon_view": _encode_entries(sorted(self.view.items()))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        text = state.get("cyclon_view")
+        if text is None:
+            return
+        entries = _decode_entries(text, self.params.view_size)
+        self.view = {pid: age for pid, age in entries if pid != self.self_id}
+
+
+@dataclass
+class _Edge:
+    weight: float
+    last_round: int
+
+
+class AffinityTopology(Topology):
+    """Data-aware peer selection: prefer peers whose fingerprints resemble ours and whose updates helped.
+
+    affinity = weighted mean over the available signals of label-bucket similarity (``label_weight``), feature
+    moment similarity (``moment_weight``), gradient similarity (``gradient_weight``, only when both sides send
+    gradient moments) and collaboration history (``history_weight``: an EMA of ``record_outcome`` qualities that
+    decays by ``edge_decay`` per round without news and is evicted after ``edge_ttl`` such rounds).
+
+    Cold start: rounds < ``blind_rounds`` choose uniformly (blind); the next ``learning_rounds`` explore a fraction
+    ``exploration`` of the fanout at random (learning); after that the exploration fraction decays by
+    ``exploration_decay`` per round down to ``min_exploration`` (exploiting). Exploited slots go to the highest
+    affinities. The node's own fingerprint arrives through ``observe_fingerprint(self_id, body)``.
+    With ``prefer_similar=false`` the fingerprint signals are inverted (seek complementary data).
+    """
+
+    name = "AffinityTopology"
+    params: p.AffinityParams
+
+    def __init__(self, params: p.Params, self_id: str, rng: random.Random) -> None:
+        super().__init__(params, self_id, rng)
+        self.own: Fingerprint | None = None
+        self.fingerprints: dict[str, Fingerprint] = {}
+        self.edges: dict[str, _Edge] = {}
+        self._round = 0
+        self._phase = ""
+
+    # -- inputs
+    def observe_fingerprint(self, peer_id: str, fingerprint: dict[str, Any]) -> None:
+        try:
+            fp = parse_fingerprint(fingerprint)
+        except ValueError as exc:
+            log.warning("fingerprint-rejected peer=%s reason=%s", peer_id, str(exc).replace(" ", "_"))
+            return
+        if peer_id == self.self_id:
+            self.own = fp
+        else:
+            self.fingerprints[peer_id] = fp
+
+    def record_outcome(self, peer_id: str, quality: float) -> None:
+        if not math.isfinite(quality):
+            return
+        q = min(max(quality, 0.0), 1.0)
+        edge = self.edges.get(peer_id)
+        if edge is None:
+            self.edges[peer_id] = _Edge(q, self._round)
+            return
+        current = self._edge_weight(edge)
+        a = self.params.ema
+        edge.weight = (1.0 - a) * current + a * q
+        edge.last_round = self._round
+
+    # -- scoring
+    def _edge_weight(self, edge: _Edge) -> float:
+        idle = max(self._round - edge.last_round, 0)
+        return edge.weight * self.params.edge_decay**idle
+
+    def _evict_stale(self) -> None:
+        for pid in [pid for pid, e in self.edges.items() if self._round - e.last_round > self.params.edge_ttl]:
+            del self.edges[pid]
+
+    def affinity(self, peer_id: str) -> float:
+        """The peer's current score in [0, 1]; 0.5 when nothing is known about it."""
+        prm = self.params
+        num = den = 0.0
+        fp = self.fingerprints.get(peer_id)
+        if fp is not None and self.own is not None:
+            sims = component_similarities(self.own, fp)
+            for key, weight in (("label", prm.label_weight), ("moments", prm.moment_weight), ("gradient", prm.gradient_weight)):
+                value = sims[key]
+                if value is not None and weight > 0:
+                    num += weight * (value if prm.prefer_similar else 1.0 - value)
+                    den += weight
+        edge = self.edges.get(peer_id)
+        if edge is not None and prm.history_weight > 0:
+            num += prm.history_weight * self._edge_weight(edge)
+            den += prm.history_weight
+        return num / den if den > 0 else 0.5
+
+    def phase(self, round_idx: int) -> tuple[str, float]:
+        """(phase name, exploration fraction) at ``round_idx``."""
+        prm = self.params
+        if round_idx < prm.blind_rounds:
+            return "blind", 1.0
+        if round_idx < prm.blind_rounds + prm.learning_rounds:
+            return "learning", prm.exploration
+        since = round_idx - prm.blind_rounds - prm.learning_rounds
+        return "exploiting", max(prm.min_exploration, prm.exploration * prm.exploration_decay**since)
+
+    def select(self, peers: Sequence[str], round_idx: int) -> list[str]:
+        self._round = round_idx
+        self._evict_stale()
+        pool = _candidates(peers, self.self_id)
+        k = min(self.params.fanout, len(pool))
+        phase, explore = self.phase(round_idx)
+        if phase != self._phase:
+            self._phase = phase
+            log.info("affinity-phase phase=%s round=%d exploration=%.3f", phase, round_idx, explore)
+        slots = explore * k
+        n_explore = int(slots) + (1 if self.rng.random() < slots - int(slots) else 0)
+        ranked = sorted(pool, key=lambda pid: (-self.affinity(pid), pid))
+        chosen = ranked[: k - n_explore]
+        rest = [pid for pid in pool if pid not in chosen]
+        chosen += self.rng.sample(rest, min(n_explore, len(rest)))
+        return chosen
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"affinity_edges": ",".join(f"{pid}|{e.weight:.6g}|{e.last_round}" for pid, e in sorted(self.edges.items()))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        text = state.get("affinity_edges")
+        if not text:
+            return
+        edges: dict[str, _Edge] = {}
+        for item in str(text).split(","):
+            parts = item.rsplit("|", 2)
+            if len(parts) != 3:
+                raise ValueError(f"affinity edge {item[:48]!r} is not id|weight|round")
+            pid, weight, last = parts[0], float(parts[1]), int(parts[2])
+            if not math.isfinite(weight) or not 0.0 <= weight <= 1.0:
+                raise ValueError(f"affinity edge weight {weight} out of [0, 1]")
+            edges[pid] = _Edge(weight, last)
+        self.edges = edges
