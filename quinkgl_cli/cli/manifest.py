@@ -226,6 +226,8 @@ def show(
 def _render(swarm_id: str, status: str, m: Any) -> None:
     from rich.console import Console
 
+    from quinkgl_cli.manifest.canonical import data_schema_hash
+
     def params(p: dict[str, Any]) -> str:
         return ", ".join(f"{k}={v}" for k, v in p.items()) or "defaults"
 
@@ -242,7 +244,7 @@ def _render(swarm_id: str, status: str, m: Any) -> None:
         ("Created", _iso(m.created_at)),
         ("Expires", _iso(m.expires_at) if m.expires_at else "never"),
         ("Task", f"{m.task.type}, input {_shape(m.task.input_shape)}, output {_shape(m.task.output_shape)}, labels {m.task.label_type}"),
-        ("Data schema", m.data_schema_hash),
+        ("Data schema", m.data_schema_hash + ("" if m.data_schema_hash == data_schema_hash(m.task) else " (DOES NOT MATCH the task)")),
         ("Model", f"{m.model.framework} {m.model.arch_hash}"),
         ("Aggregation", f"{m.aggregation.name} ({params(m.aggregation.params)})"),
         ("Topology", f"{m.topology.name} ({params(m.topology.params)})"),

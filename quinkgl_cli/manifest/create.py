@@ -201,6 +201,11 @@ def build_manifest(
         err = exc.errors()[0]
         where = ".".join(str(x) for x in err["loc"] if not isinstance(x, int))
         flag = _FLAG_OF.get(where, where or "manifest")
+        if where == "name" and err["type"] == "string_pattern_mismatch":
+            raise UsageError(
+                f"--name {name!r} has characters a swarm name cannot have",
+                "use letters, digits, '.', '_' and '-', starting with a letter or digit",
+            ) from exc
         raise UsageError(f"{flag}: {err['msg']}", "see `quinkgl manifest create --help`") from exc
 
 

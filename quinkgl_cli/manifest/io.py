@@ -33,6 +33,25 @@ class LoadedManifest:
     canonical: bytes  # RFC 8785 bytes of ``raw`` without ``signature``: what the signature covers
     swarm_id: str
 
+    def check_consistency(self, source: str = "manifest") -> None:
+        """Derived fields must match what they derive from (checked after the signature, which names tampering)."""
+        expected = data_schema_hash(self.manifest.task)
+        if self.manifest.data_schema_hash != expected:
+            raise UsageError(
+                f"{source}: field data_schema_hash does not match the task (expected {expected})",
+                "recreate the manifest with `quinkgl manifest create`",
+            )
+        from quinkgl_cli.strategies import registry
+
+        for kind, spec in (("aggregation", self.manifest.aggregation), ("topology", self.manifest.topology)):
+            try:
+                entry = registry.resolve(kind, spec.name)  # type: ignore[arg-type]
+                registry.validate_params(entry, dict(spec.params))
+            except UsageError as exc:
+                raise UsageError(f"{source}: field {kind}: {exc.message}", exc.hint) from exc
+            if entry.name != spec.name:
+                raise UsageError(f"{source}: field {kind}.name: {spec.name!r} is not the canonical spelling {entry.name!r}")
+
 
 def read_manifest_bytes(path: Path) -> bytes:
     """The bytes of the manifest at ``path``; over 1 MiB is refused before it is read in full."""
@@ -94,12 +113,6 @@ def parse_manifest(data: bytes, source: str = "manifest") -> LoadedManifest:
         manifest = Manifest.model_validate_json(text, strict=True)
     except ValidationError as exc:
         raise validation_error(exc, source) from exc
-    expected = data_schema_hash(manifest.task)
-    if manifest.data_schema_hash != expected:
-        raise UsageError(
-            f"{source}: field data_schema_hash does not match the task (expected {expected})",
-            "recreate the manifest with `quinkgl manifest create`",
-        )
     canonical = canonical_bytes(raw)
     return LoadedManifest(manifest=manifest, raw=raw, canonical=canonical, swarm_id=sha256_text(canonical))
 

@@ -112,6 +112,7 @@ def trust_loaded(
         )
     manifest = loaded.manifest
     signed = verify_signature(loaded.canonical, manifest.creator_pubkey, manifest.signature, source)
+    loaded.check_consistency(source)
     check_expiry(manifest, now)
     tofu_state: Literal["first-use", "known"] | None = None
     if chosen != "open" and not signed:
