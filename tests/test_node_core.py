@@ -81,7 +81,6 @@ def run_round(net: MemoryNetwork, nodes: list[Node]) -> None:
     for n in nodes:
         n.begin_round()
         n.train_round()
-        n.evaluate()
     for step in range(nodes[0].gossip_steps):
         for n in nodes:
             n.share(step)
@@ -89,6 +88,7 @@ def run_round(net: MemoryNetwork, nodes: list[Node]) -> None:
         for n in nodes:
             n.aggregate()
     for n in nodes:
+        n.evaluate()
         n.end_round()
 
 

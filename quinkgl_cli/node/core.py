@@ -5,11 +5,11 @@ the synchronous steps of a round in order::
 
     node.begin_round()
     node.train_round()              # CPU-heavy: the daemon runs it in a worker thread
-    node.evaluate()
     for step in range(node.gossip_steps):
         node.share(step)            # topology picks peers, encode once, transport.send_model (never blocks)
         ... let updates arrive ...  # until a deadline, or node.has_fresh_update_from_all()
         node.aggregate()            # decode + validate the inbox, aggregate, load the result
+    node.evaluate()                 # the model this peer holds at the end of the round (after aggregation)
     metrics = node.end_round()      # RoundMetrics; calls on_round_end
     ... after the last round, node.final_consensus_steps averaging-only exchanges (share + aggregate) ...
 
@@ -228,6 +228,10 @@ class Node:
         self._round_peers: list[str] = []
         self._round_agg_samples = 0
         self._ahead_warned = False
+        # Set by a driver: stop_flag ends local training at the next batch (a daemon asked to stop);
+        # inbox_listener is called whenever an update lands in the inbox (a driver waiting for updates wakes up).
+        self.stop_flag: threading.Event | None = None
+        self.inbox_listener: Callable[[], None] | None = None
 
     # ----------------------------------------------------------------- logging and hooks
     def _log(self, level: int, event: str, **fields: Any) -> None:
@@ -277,6 +281,8 @@ class Node:
             if old is not None and _order(old) > _order(update):
                 return
             self._inbox[update.sender] = update
+        if self.inbox_listener is not None:
+            self.inbox_listener()
 
     def on_message(self, sender: str, kind: str, body: dict[str, Any]) -> None:
         try:
@@ -348,7 +354,9 @@ class Node:
                 if hits is not None:
                     correct += hits
                 steps += 1
-                if self.local_steps is not None and steps >= self.local_steps:
+                if (self.local_steps is not None and steps >= self.local_steps) or (
+                    self.stop_flag is not None and self.stop_flag.is_set()
+                ):
                     done = True
                     break
             if done:

@@ -1,0 +1,429 @@
+"""`quinkgl run`: the peer daemon, driving a `Node` in real time on an asyncio loop.
+
+Start-up, in order, each failure a one-line error with its exit code (`prepare`):
+  1. manifest loaded and trusted under the policy (2 / 1 / 3 / 4),
+  2. peer script loaded, required hooks present (2 / 7),
+  3. model built, its arch hash compared with the manifest's (5 under --strict-manifest, else a warning),
+  4. loaders built, 5. optimizer from ``build_optimizer(manifest, model)`` (SGD default),
+  6. checkpoint directory: resume from the newest checkpoint of this swarm; another swarm's is refused (7) unless
+     ``--no-resume``.
+Then the transport starts inside the running loop and rounds begin.
+
+Round cadence (`--gossip-interval T`): a round starts every T seconds, or at once when the previous one ran over.
+In a round: train in a worker thread (the loop keeps serving the network), then for each gossip step share the
+model and wait for updates until that step's deadline or until every known peer has sent one for this round,
+whichever comes first, then aggregate; then evaluate the aggregated model (worker thread). After the round: checkpoint (every ``--checkpoint-every`` rounds,
+written off the loop), metrics, ``on_round_end``. After the last round: ``final_consensus_steps`` averaging-only
+exchanges, the final model, one summary line, exit 0.
+
+SIGTERM / SIGINT: training stops at the next batch, a checkpoint of the last completed round's state is written,
+the transport stops, exit 130. Any other failure of the loop is logged with its traceback and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from quinkgl_cli.errors import ExitCode, NodeConfigError, QuinkglError, UsageError
+from quinkgl_cli.node.logs import LogContext, setup_logging
+
+log = logging.getLogger("quinkgl.daemon")
+
+DEFAULT_GOSSIP_INTERVAL = 10.0
+LONE_REMINDER_S = 30.0  # how often a peer with no peers says so
+STOP_GRACE_S = 5.0
+
+
+@dataclass
+class DaemonOptions:
+    manifest: Path
+    script: Path
+    node_id: str
+    port: int = 0
+    listen: str = "127.0.0.1"
+    rounds: int | None = None
+    gossip_interval: float = DEFAULT_GOSSIP_INTERVAL
+    trust_policy: str | None = None
+    trusted_pubkeys: list[str] = field(default_factory=list)
+    script_args: dict[str, str] = field(default_factory=dict)
+    checkpoint_dir: Path | None = None
+    bootstrap_peers: list[str] = field(default_factory=list)
+    strict_manifest: bool = True
+    resume: bool = True
+    log_format: str = "text"
+    log_level: str = "info"
+    dry_run: bool = False
+    state_dir: Path | None = None
+    local_epochs: int | None = None
+    local_steps: int | None = None
+    checkpoint_every: int = 1
+    keep_checkpoints: int = 3
+    seed: int | None = None
+    final_model: Path | None = None
+    torch_threads: int | None = None
+    transport_options: dict[str, Any] = field(default_factory=dict)  # discovery switches of the IPv8 transport
+
+
+@dataclass
+class Prepared:
+    options: DaemonOptions
+    trusted: Any  # quinkgl_cli.manifest.trust.TrustedManifest
+    script: Any  # PeerScript
+    model: Any
+    arch_hash: str
+    train_loader: Any
+    val_loader: Any
+    optimizer: Any
+    checkpoint_dir: Path
+    resume_state: Any | None  # NodeState
+    resume_file: Path | None
+    seed: int
+
+
+def default_checkpoint_dir(options: DaemonOptions) -> Path:
+    from quinkgl_cli.paths import state_home
+
+    return state_home(options.state_dir) / "checkpoints" / options.node_id
+
+
+def _swarm_seed(swarm_id: str) -> int:
+    # Every peer of a swarm starts from the same initial weights unless --seed says otherwise: averaging models
+    # that began from one point works far better than averaging unrelated random initialisations.
+    return int.from_bytes(hashlib.sha256(swarm_id.encode()).digest()[:4], "big")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def prepare(options: DaemonOptions) -> Prepared:
+    """The start-up checks, in the documented order. Raises QuinkglError subclasses."""
+    from quinkgl_cli.manifest.trust import load_trusted
+
+    trusted = load_trusted(options.manifest, options.trust_policy, tuple(options.trusted_pubkeys), options.state_dir)
+    manifest = trusted.manifest
+
+    from quinkgl_cli.node.script import load_script
+
+    script = load_script(options.script)
+
+    import torch
+
+    if options.torch_threads:
+        torch.set_num_threads(options.torch_threads)
+    seed = options.seed if options.seed is not None else _swarm_seed(trusted.swarm_id)
+    seed_everything(seed)
+    model = script.build_model(manifest, **options.script_args)
+
+    from quinkgl_cli.manifest.arch_hash import compute_arch_hash
+
+    arch_hash = compute_arch_hash(model)
+    if arch_hash != manifest.model.arch_hash:
+        if options.strict_manifest:
+            from quinkgl_cli.errors import ArchMismatch
+
+            raise ArchMismatch(
+                f"model from {Path(options.script).name} has arch hash {arch_hash}, the manifest requires {manifest.model.arch_hash}",
+                "use the script the manifest was made for, or create a new manifest (--strict-manifest false only warns)",
+            )
+        log.warning("arch-mismatch model=%s manifest=%s strict=false", arch_hash, manifest.model.arch_hash)
+
+    train_loader, val_loader = script.build_loaders(manifest, **options.script_args)
+    optimizer = script.build_optimizer(manifest, model)
+
+    checkpoint_dir = Path(options.checkpoint_dir) if options.checkpoint_dir else default_checkpoint_dir(options)
+    resume_state = None
+    resume_file = None
+    if options.resume and not options.dry_run:
+        from quinkgl_cli.node.checkpoint import CheckpointStore
+
+        found = CheckpointStore(checkpoint_dir, keep=options.keep_checkpoints).latest()
+        if found is not None:
+            ckpt, state = found
+            if state.meta.get("swarm_id") != trusted.swarm_id:
+                raise NodeConfigError(
+                    f"checkpoint {ckpt.path} belongs to swarm {state.meta.get('swarm_id')}, not {trusted.swarm_id}",
+                    "pass --no-resume to start this swarm afresh, or another --checkpoint-dir",
+                )
+            resume_state, resume_file = state, ckpt.path
+    return Prepared(options, trusted, script, model, arch_hash, train_loader, val_loader, optimizer, checkpoint_dir,
+                    resume_state, resume_file, seed)
+
+
+def make_ipv8_transport(prepared: Prepared) -> Any:
+    from quinkgl_cli.transport.ipv8 import IPv8Transport
+
+    o = prepared.options
+    bootstrap = list(dict.fromkeys([*o.bootstrap_peers, *prepared.trusted.manifest.bootstrap_peers]))
+    return IPv8Transport(
+        node_id=o.node_id,
+        swarm_id=prepared.trusted.swarm_id,
+        arch_hash=prepared.trusted.manifest.model.arch_hash,
+        listen=o.listen,
+        port=o.port,
+        bootstrap=bootstrap,
+        state_dir=o.state_dir,
+        **o.transport_options,
+    )
+
+
+class Daemon:
+    """One running peer: the node, its transport, the round clock and the checkpoint store."""
+
+    def __init__(self, prepared: Prepared, context: LogContext, transport_factory: Callable[[Prepared], Any]) -> None:
+        from quinkgl_cli.node.checkpoint import CheckpointStore
+        from quinkgl_cli.node.core import Node, NodeConfig
+
+        self.prepared = prepared
+        o = prepared.options
+        self.options = o
+        self.context = context
+        self.transport = transport_factory(prepared)
+        self.train_stop = threading.Event()
+        manifest = prepared.trusted.manifest
+        node_seed = prepared.seed ^ int.from_bytes(hashlib.sha256(o.node_id.encode()).digest()[:4], "big")
+        self.node = Node(
+            NodeConfig(o.node_id, rounds=o.rounds, local_epochs=o.local_epochs, local_steps=o.local_steps, seed=node_seed),
+            manifest,
+            prepared.trusted.swarm_id,
+            prepared.model,
+            prepared.train_loader,
+            prepared.val_loader,
+            prepared.optimizer,
+            self.transport,
+            hooks=prepared.script,
+            clock=time.monotonic,
+            loss_fn=getattr(prepared.script.module, "loss_fn", None) if callable(getattr(prepared.script.module, "loss_fn", None)) else None,
+        )
+        self.store = CheckpointStore(prepared.checkpoint_dir, keep=o.keep_checkpoints)
+        self.stop_event = asyncio.Event()
+        self.inbox_event = asyncio.Event()
+        self.node.stop_flag = self.train_stop
+        self.stop_signal: str | None = None
+        self._last_alone_note = -1e9
+        self.started_at = time.monotonic()
+        self.first_round_at: float | None = None
+
+    # ------------------------------------------------------------------ signals
+    def _request_stop(self, signame: str) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signame
+            log.info("stopping signal=%s", signame)
+        self.stop_event.set()
+        self.train_stop.set()
+
+    async def _sleep_until(self, deadline: float, until: Callable[[], bool] | None = None) -> None:
+        """Sleep until ``deadline`` (loop time), a stop request, or ``until()`` turning true (checked on arrivals)."""
+        loop = asyncio.get_running_loop()
+        while not self.stop_event.is_set():
+            if until is not None and until():
+                return
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self.inbox_event.clear()
+            waiters = [asyncio.ensure_future(self.stop_event.wait())]
+            if until is not None:
+                waiters.append(asyncio.ensure_future(self.inbox_event.wait()))
+            try:
+                await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+
+    # ------------------------------------------------------------------ main
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        # Transports may deliver from their own threads: wake the waiting round through the loop, safely.
+        self.node.inbox_listener = lambda: loop.call_soon_threadsafe(self.inbox_event.set)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig.name)
+        node = self.node
+        o = self.options
+        if self.prepared.resume_state is not None:
+            node.load_state_dict(self.prepared.resume_state)
+            self.context.round = node.completed_round
+            log.info("resumed from round %d checkpoint=%s", node.completed_round, self.prepared.resume_file)
+        await self.transport.start(node)
+        address = getattr(self.transport, "address", None)
+        log.info(
+            "started node=%s swarm=%s listen=%s rounds=%s interval=%s strategy=%s topology=%s",
+            o.node_id, self.prepared.trusted.swarm_id,
+            f"{address[0]}:{address[1]}" if address else f"{o.listen}:{o.port}",
+            node.rounds if node.rounds is not None else "unlimited", o.gossip_interval,
+            self.prepared.trusted.manifest.aggregation.name, self.prepared.trusted.manifest.topology.name,
+        )
+        try:
+            await self._rounds()
+            if not self.stop_event.is_set() and node.final_consensus_steps:
+                await self._final_consensus()
+        finally:
+            # Save what was reached, whatever happened, before the transport goes away.
+            if node.completed_round > 0 and (self.stop_event.is_set() or not node.finished()):
+                await self._checkpoint(reason="stop")
+            await self._stop_transport()
+        if self.stop_event.is_set() and not node.finished():
+            log.info("stopped round=%d signal=%s", node.completed_round, self.stop_signal)
+            return int(ExitCode.INTERRUPTED)
+        await self._finish()
+        return int(ExitCode.OK)
+
+    async def _stop_transport(self) -> None:
+        try:
+            await asyncio.wait_for(self.transport.stop(), timeout=STOP_GRACE_S)
+        except Exception as exc:  # stopping must not hide the run's outcome
+            log.warning("transport-stop-failed error=%s", f"{type(exc).__name__}:{exc}".replace(" ", "_"))
+
+    def _note_alone(self) -> None:
+        now = time.monotonic()
+        if now - self._last_alone_note >= LONE_REMINDER_S:
+            self._last_alone_note = now
+            bootstrap = self.options.bootstrap_peers or list(self.prepared.trusted.manifest.bootstrap_peers)
+            log.info(
+                "alone no peers found yet, training locally; bootstrap=%s",
+                ",".join(bootstrap) if bootstrap else "none (pass --bootstrap-peer HOST:PORT)",
+            )
+
+    async def _rounds(self) -> None:
+        loop = asyncio.get_running_loop()
+        node = self.node
+        interval = self.options.gossip_interval
+        next_start = loop.time()
+        while not node.finished() and not self.stop_event.is_set():
+            await self._sleep_until(next_start)
+            if self.stop_event.is_set():
+                return
+            round_start = loop.time()
+            next_start = round_start + interval
+            node.begin_round()
+            self.context.round = node.round
+            if self.first_round_at is None:
+                self.first_round_at = time.monotonic()
+                log.info("first-round seconds_since_start=%.3f", self.first_round_at - self.started_at)
+            await asyncio.to_thread(node.train_round)
+            if self.stop_event.is_set():
+                return
+            if not node.known_peers:
+                self._note_alone()
+            steps = node.gossip_steps
+            train_end = loop.time()
+            for step in range(steps):
+                step_deadline = train_end + (next_start - train_end) * (step + 1) / steps
+                if node.known_peers:
+                    node.share(step)
+                    await self._sleep_until(step_deadline, until=node.has_fresh_update_from_all)
+                if self.stop_event.is_set():
+                    return
+                outcome = node.aggregate()
+                if outcome is None and node.known_peers:
+                    log.debug("no-updates known=%d", len(node.known_peers))
+            await asyncio.to_thread(node.evaluate)
+            node.end_round()
+            if node.completed_round % self.options.checkpoint_every == 0 or node.finished():
+                await self._checkpoint(reason="round")
+
+    async def _final_consensus(self) -> None:
+        loop = asyncio.get_running_loop()
+        node = self.node
+        for step in range(node.final_consensus_steps):
+            if not node.known_peers or self.stop_event.is_set():
+                return
+            node.share(node.gossip_steps + step)
+            await self._sleep_until(loop.time() + self.options.gossip_interval, until=node.has_fresh_update_from_all)
+            node.aggregate()
+        val_loss, val_acc = await asyncio.to_thread(node.evaluate)
+        log.info("final-consensus steps=%d val_loss=%s val_accuracy=%s", node.final_consensus_steps,
+                 _f(val_loss), _f(val_acc))
+
+    async def _checkpoint(self, reason: str) -> None:
+        state = self.node.state_dict()
+        # Tensors are snapshot now: the next round would otherwise train the very tensors being written.
+        state.tensors = {k: v.clone() for k, v in state.tensors.items()}
+        try:
+            path = await asyncio.to_thread(self.store.save, state)
+        except QuinkglError as exc:
+            log.error("checkpoint-failed error=%s", exc.one_line().replace(" ", "_"))
+            raise
+        log.info("checkpoint-saved round=%d path=%s reason=%s", self.node.completed_round, path, reason)
+
+    async def _finish(self) -> None:
+        from quinkgl_cli.node.checkpoint import FINAL_MODEL_NAME, save_final_model
+
+        node = self.node
+        path = self.options.final_model or (self.prepared.checkpoint_dir / FINAL_MODEL_NAME)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "node_id": node.node_id,
+            "swarm_id": node.swarm_id,
+            "round": node.completed_round,
+            "arch_hash": self.prepared.arch_hash,
+            "metrics": node.history[-1] if node.history else {},
+        }
+        await asyncio.to_thread(save_final_model, path, node.model, meta)
+        last = node.history[-1] if node.history else {}
+        st = self.transport.stats
+        log.info(
+            "finished rounds=%d loss=%s val_loss=%s val_accuracy=%s peers_met=%d bytes_sent=%d bytes_received=%d "
+            "seconds=%.1f final_model=%s",
+            node.completed_round, _f(last.get("loss")), _f(last.get("val_loss")), _f(last.get("val_accuracy")),
+            len(node.discovered), st.bytes_sent, st.bytes_received, time.monotonic() - self.started_at, path,
+        )
+
+
+def _f(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "-"
+
+
+def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], Any] | None = None) -> int:
+    """Everything `quinkgl run` does; returns the exit code. QuinkglError from start-up propagates to the CLI."""
+    level = getattr(logging, options.log_level.upper(), None)
+    if not isinstance(level, int):
+        raise UsageError(f"--log-level {options.log_level!r} is not one of debug, info, warning, error")
+    context = setup_logging(options.node_id, options.log_format, level)
+    prepared = prepare(options)
+    if options.dry_run:
+        m = prepared.trusted.manifest
+        log.info(
+            "dry-run ok manifest=%s swarm=%s policy=%s arch_hash=%s arch_match=%s params=%d train_batches=%s "
+            "optimizer=%s strategy=%s topology=%s",
+            m.name, prepared.trusted.swarm_id, prepared.trusted.policy, prepared.arch_hash,
+            str(prepared.arch_hash == m.model.arch_hash).lower(),
+            sum(p.numel() for p in prepared.model.parameters()), _len_or_dash(prepared.train_loader),
+            type(prepared.optimizer).__name__, m.aggregation.name, m.topology.name,
+        )
+        return int(ExitCode.OK)
+    daemon = Daemon(prepared, context, transport_factory or make_ipv8_transport)
+    try:
+        return asyncio.run(daemon.run())
+    except QuinkglError:
+        raise
+    except Exception:
+        log.critical("loop-died", exc_info=True)
+        return int(ExitCode.NODE)
+
+
+def _len_or_dash(loader: Any) -> str:
+    try:
+        return str(len(loader))
+    except TypeError:
+        return "-"
+
+
+def default_node_id() -> str:
+    return socket.gethostname().split(".")[0] or "peer"
