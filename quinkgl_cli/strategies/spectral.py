@@ -11,7 +11,7 @@ For an undirected graph with adjacency A (symmetrized, unweighted, no self-loops
 
 Closed forms the tests check: ring C_n: lambda_2 = 2 - 2 cos(2 pi / n), gap = lambda_2 / 3 (W = I - L/3);
 complete K_n: lambda_2 = n, gap = 1; path P_n: lambda_2 = 2 - 2 cos(pi / n), gap = lambda_2 / 3.
-A ring of 10 gives lambda_2 = 0.3820, gap = 0.1273, mixing bound 18.09.
+A ring of 10 gives lambda_2 = 0.3820, gap = 0.1273, mixing bound 18.08.
 """
 
 from __future__ import annotations

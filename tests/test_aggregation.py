@@ -1,0 +1,368 @@
+"""Aggregation strategies: hand-computed examples, attacks, fallbacks, and the training-side hooks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from quinkgl_cli.strategies import registry
+from quinkgl_cli.strategies.aggregation import (
+    CONTROL_VARIATE_KEY,
+    LABEL_ENTROPY_KEY,
+    bounded_weights,
+    coordinate_median,
+    krum_scores,
+    pairwise_sq_distances,
+    trimmed_mean,
+)
+from quinkgl_cli.strategies.base import Aggregator, PeerUpdate
+
+
+def make(name: str, f: int = 0, **params: object) -> Aggregator:
+    entry = registry.resolve("aggregation", name)
+    return entry.load()(registry.build_params(entry, dict(params)), byzantine_f=f)
+
+
+def upd(pid: str, values: list[float], samples: int = 10, round_: int = 1, local: bool = False, **meta: object) -> PeerUpdate:
+    return PeerUpdate(pid, round_, torch.tensor(values, dtype=torch.float32), samples, meta=dict(meta), is_local=local)
+
+
+LOCAL = upd("a", [0.0, 0.0], local=True)
+LINE = [upd(pid, [float(i), -float(i)]) for i, pid in enumerate("bcd", start=1)]  # (1,-1) (2,-2) (3,-3)
+FAR = upd("x", [1000.0, 1000.0])
+ALL = [e.name for e in registry._ENTRIES if e.kind == "aggregation"]
+
+
+# ------------------------------------------------------------------ FedAvg family, hand-computed
+def test_fedavg_weights_by_samples() -> None:
+    out = make("FedAvg").aggregate(upd("a", [0, 0], 10, local=True), [upd("b", [4, 8], 30)], 1)
+    assert torch.allclose(out.flat, torch.tensor([3.0, 6.0]))
+    assert out.used == ["a", "b"] and out.rejected == [] and out.note == ""
+
+
+def test_fedavg_bounds_a_huge_sample_claim() -> None:
+    # Counts 10, 30, 2^32 with max_weight_ratio 2 (n = 3): the liar is capped at 2/3, the rest split 1:3.
+    out = make("FedAvg").aggregate(LOCAL, [upd("b", [1, 1], 30), upd("c", [9, 9], 2**32)], 1)
+    assert torch.allclose(out.flat, torch.tensor([0.25 * 1 + 2 / 3 * 9] * 2))
+
+
+def test_bounded_weights_properties() -> None:
+    w = bounded_weights(torch.tensor([1.0, 1.0, 1.0, 1e9]), 1.5)
+    assert math.isclose(float(w.sum()), 1.0)
+    assert float(w.max()) <= 1.5 / 4 + 1e-12
+    assert torch.allclose(w[:3], torch.full((3,), (1 - 1.5 / 4) / 3, dtype=torch.float64))
+    untouched = bounded_weights(torch.tensor([1.0, 2.0, 3.0]), 2.0)
+    assert torch.allclose(untouched, torch.tensor([1 / 6, 2 / 6, 3 / 6], dtype=torch.float64))
+
+
+def test_fedavg_self_weight() -> None:
+    out = make("FedAvg", self_weight=0.75).aggregate(LOCAL, [upd("b", [4, 4], 10), upd("c", [8, 8], 10)], 1)
+    assert torch.allclose(out.flat, torch.tensor([0.125 * 4 + 0.125 * 8] * 2))
+
+
+def test_staleness_weighting() -> None:
+    # Local round 5, peer round 3: age 2, decay 0.5 -> weight e^-1 relative to the local's 1.
+    agg = make("StalenessWeightedFedAvg", decay=0.5)
+    out = agg.aggregate(upd("a", [0, 0], round_=5, local=True), [upd("b", [1, 2], round_=3)], 5)
+    w = math.exp(-1.0) / (1.0 + math.exp(-1.0))
+    assert torch.allclose(out.flat, torch.tensor([w, 2 * w]))
+
+
+def test_entropy_weighted_average() -> None:
+    agg = make("EntropyWeightedAvg", entropy_floor=0.5, fallback_weight=2.0)
+    local = upd("a", [0, 0], local=True, label_entropy=1.0)
+    out = agg.aggregate(local, [upd("b", [4, 4], label_entropy=3.0)], 1)
+    assert torch.allclose(out.flat, torch.tensor([3.0, 3.0]))  # weights 1 : 3
+    out = agg.aggregate(local, [upd("b", [4, 4], label_entropy=0.0)], 1)
+    assert torch.allclose(out.flat, torch.tensor([4 * 0.5 / 1.5] * 2))  # floor 0.5
+    out = agg.aggregate(local, [upd("b", [3, 3])], 1)
+    assert torch.allclose(out.flat, torch.tensor([2.0, 2.0]))  # fallback weight 2
+    assert "no label_entropy from b" in out.note
+    for bogus in ("3.0", float("nan"), 99.0, True, -1.0):
+        out = agg.aggregate(local, [upd("b", [3, 3], **{LABEL_ENTROPY_KEY: bogus})], 1)
+        assert torch.allclose(out.flat, torch.tensor([2.0, 2.0])), bogus
+
+
+def test_entropy_weights_are_bounded() -> None:
+    # Three peers, one claiming the maximum entropy of 16 bits: capped at max_weight_ratio / n.
+    agg = make("EntropyWeightedAvg", max_weight_ratio=1.5)
+    others = [upd("b", [0, 0], label_entropy=1.0), upd("c", [3, 3], label_entropy=16.0)]
+    out = agg.aggregate(upd("a", [0, 0], local=True, label_entropy=1.0), others, 1)
+    assert torch.allclose(out.flat, torch.tensor([1.5, 1.5]))
+
+
+def test_fedavgm_without_momentum_is_fedavg_and_keeps_state() -> None:
+    plain = make("FedAvgM", server_momentum=0.0)
+    assert torch.allclose(plain.aggregate(LOCAL, [upd("b", [2, 4])], 1).flat, torch.tensor([1.0, 2.0]))
+    agg = make("FedAvgM", server_momentum=0.5, server_lr=1.0)
+    first = agg.aggregate(LOCAL, [upd("b", [2, 2])], 1).flat  # delta (1,1), v = (1,1)
+    assert torch.allclose(first, torch.tensor([1.0, 1.0]))
+    second = agg.aggregate(upd("a", [1, 1], local=True), [upd("b", [3, 3])], 2).flat  # delta (1,1), v = (1.5,1.5)
+    assert torch.allclose(second, torch.tensor([2.5, 2.5]))
+    saved = agg.state_dict()
+    restored = make("FedAvgM", server_momentum=0.5)
+    restored.load_state_dict(saved)
+    assert torch.allclose(restored.state_dict()["momentum"], torch.tensor([1.5, 1.5]))
+    with pytest.raises(ValueError):
+        restored.load_state_dict({"momentum": torch.tensor([float("nan")])})
+
+
+# ------------------------------------------------------------------ robust rules, hand-computed
+def test_krum_scores_and_choice() -> None:
+    x = torch.stack([u.flat for u in [LOCAL, *LINE, FAR]])
+    dist = pairwise_sq_distances(x.clone())
+    assert torch.allclose(dist, torch.cdist(x.double(), x.double()) ** 2, rtol=1e-6)
+    # n = 5, f = 1: sum of squared distances to the 2 nearest.
+    scores = krum_scores(dist, 1)
+    assert torch.allclose(scores[:4], torch.tensor([10.0, 4.0, 4.0, 10.0], dtype=torch.float64))
+    out = make("Krum", f=1).aggregate(LOCAL, [*LINE, FAR], 1)
+    assert out.flat.tolist() == [1.0, -1.0] and out.used == ["b"]
+
+
+def test_krum_distances_survive_large_norms() -> None:
+    # Models far from the origin but close together: centring keeps the Gram trick exact enough to rank.
+    base = torch.full((1000,), 1e4)
+    x = torch.stack([base, base + 0.01, base + 0.02, base - 5.0])
+    exact = torch.cdist(x.double(), x.double()) ** 2  # of the float32 values actually stored
+    dist = pairwise_sq_distances(x.clone())
+    assert torch.allclose(dist, exact, rtol=1e-4, atol=1e-9)
+    naive = (x * x).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2 * (x @ x.T)  # uncentred float32 Gram
+    assert not torch.allclose(naive.double(), exact, rtol=1e-1)
+
+
+def test_multikrum_averages_the_m_best() -> None:
+    out = make("MultiKrum", f=1, m=2).aggregate(LOCAL, [*LINE, FAR], 1)
+    assert torch.allclose(out.flat, torch.tensor([1.5, -1.5])) and out.used == ["b", "c"]
+    out = make("MultiKrum", f=1).aggregate(LOCAL, [*LINE, FAR], 1)  # m = n - f = 4: everyone but x
+    assert torch.allclose(out.flat, torch.tensor([1.5, -1.5])) and "x" not in out.used
+
+
+def test_trimmed_mean_and_median_by_hand() -> None:
+    out = make("TrimmedMean", f=1).aggregate(LOCAL, [*LINE, FAR], 1)
+    assert out.flat.tolist() == [2.0, -1.0]
+    out = make("TrimmedMean", trim_ratio=0.2).aggregate(LOCAL, [*LINE, FAR], 1)  # ceil(0.2 * 5) = 1 per side
+    assert out.flat.tolist() == [2.0, -1.0]
+    assert make("Median").aggregate(LOCAL, [*LINE, FAR], 1).flat.tolist() == [2.0, -1.0]
+    even = make("Median").aggregate(LOCAL, [*LINE], 1).flat  # 0,1,2,3 -> 1.5
+    assert even.tolist() == [1.5, -1.5]
+    x = torch.tensor([[5.0], [1.0], [4.0], [2.0], [3.0], [100.0]])
+    assert trimmed_mean(x, 2).tolist() == [3.5]
+    assert coordinate_median(x).tolist() == [3.5]
+
+
+# ------------------------------------------------------------------ fallbacks below the count
+def test_krum_falls_back_to_median_with_too_few_updates() -> None:
+    out = make("Krum", f=1).aggregate(LOCAL, [LINE[0], FAR], 1)
+    assert out.flat.tolist() == [1.0, 0.0]
+    assert "fell back to Median" in out.note and "2f+3=5" in out.note
+
+
+def test_fallback_says_when_median_cannot_tolerate_f() -> None:
+    out = make("MultiKrum", f=2).aggregate(LOCAL, [LINE[0], FAR], 1)
+    assert "Median tolerates only 1 of f=2" in out.note
+
+
+def test_two_updates_with_an_attacker_keep_the_local_model() -> None:
+    for name in ("Krum", "MultiKrum", "TrimmedMean", "Median"):
+        out = make(name, f=1).aggregate(LOCAL, [FAR], 1)
+        assert out.flat.tolist() == [0.0, 0.0], name
+        assert "kept local model" in out.note and out.used == ["a"], name
+
+
+def test_without_attackers_two_updates_average() -> None:
+    out = make("Krum", f=0).aggregate(LOCAL, [upd("b", [2, 2])], 1)
+    assert out.flat.tolist() == [1.0, 1.0] and "fell back to mean" in out.note
+
+
+def test_trimmed_mean_falls_back_to_median() -> None:
+    out = make("TrimmedMean", f=2).aggregate(LOCAL, [*LINE], 1)  # 4 < 2f+1
+    assert "fell back to Median" in out.note and out.flat.tolist() == [1.5, -1.5]
+
+
+def test_median_says_it_cannot_tolerate_f() -> None:
+    out = make("Median", f=2).aggregate(LOCAL, [LINE[0], LINE[1]], 1)
+    assert "Median tolerates only 1 of f=2" in out.note and out.flat.tolist() == [1.0, -1.0]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_aggregator_survives_only_the_local_model(name: str) -> None:
+    out = make(name, f=1).aggregate(LOCAL, [], 1)
+    assert out.flat.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_aggregator_rejects_malformed_updates(name: str) -> None:
+    bad = [
+        upd("nan", [float("nan"), 0.0]),
+        upd("inf", [float("inf"), 0.0]),
+        upd("short", [1.0]),
+        upd("neg", [1.0, 1.0], samples=-5),
+        upd("b", [9.0, 9.0]),  # duplicate of LINE's b
+        upd("a", [9.0, 9.0]),  # echo of the local id
+    ]
+    out = make(name).aggregate(LOCAL, [*LINE, *bad], 1)
+    assert set(out.rejected) == {"nan", "inf", "short", "neg", "b", "a"}
+    assert torch.isfinite(out.flat).all()
+    assert not set(out.used) & {"nan", "inf", "short", "neg"}
+    assert 0.0 <= float(out.flat[0]) <= 3.0
+
+
+# ------------------------------------------------------------------ attacks
+HONEST_N, D = 7, 64
+
+
+def _honest() -> list[PeerUpdate]:
+    g = torch.Generator().manual_seed(3)
+    center = torch.linspace(-2, 2, D)
+    return [
+        PeerUpdate(f"h{i}", 1, center + 0.1 * torch.randn(D, generator=g), 100, is_local=(i == 0))
+        for i in range(HONEST_N)
+    ]
+
+
+def _attackers(kind: str, honest: list[PeerUpdate]) -> list[PeerUpdate]:
+    g = torch.Generator().manual_seed(9)
+    mean = torch.stack([u.flat for u in honest]).mean(0)
+    make_flat = {
+        "sign_flip": lambda: -10.0 * mean,
+        "scaled": lambda: 100.0 * mean,
+        "nan": lambda: torch.full((D,), float("nan")),
+        "random": lambda: 50.0 * torch.randn(D, generator=g),
+    }[kind]
+    return [PeerUpdate(f"z{i}", 1, make_flat(), 10**6) for i in range(2)]
+
+
+@pytest.mark.parametrize("kind", ["sign_flip", "scaled", "nan", "random"])
+@pytest.mark.parametrize("name", ["Krum", "MultiKrum", "TrimmedMean", "Median"])
+def test_robust_rules_stay_in_the_honest_range(name: str, kind: str) -> None:
+    honest = _honest()
+    bad = _attackers(kind, honest)
+    h = torch.stack([u.flat for u in honest])
+    lo, hi = h.min(0).values, h.max(0).values
+    out = make(name, f=2).aggregate(honest[0], [*honest[1:], *bad], 1)
+    assert out.note == "" or out.note.startswith("rejected"), out.note
+    assert bool(((out.flat >= lo - 1e-6) & (out.flat <= hi + 1e-6)).all()), (name, kind)
+    if kind == "nan":
+        assert set(out.rejected) == {"z0", "z1"}
+
+
+@pytest.mark.parametrize("kind", ["sign_flip", "scaled", "random"])
+def test_fedavg_is_pulled_out_of_the_honest_range(kind: str) -> None:
+    honest = _honest()
+    h = torch.stack([u.flat for u in honest])
+    lo, hi = h.min(0).values, h.max(0).values
+    out = make("FedAvg").aggregate(honest[0], [*honest[1:], *_attackers(kind, honest)], 1)
+    outside = (out.flat < lo) | (out.flat > hi)
+    assert float(outside.float().mean()) > 0.5
+
+
+# ------------------------------------------------------------------ training-side hooks
+class Point(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.x = nn.Parameter(torch.zeros(d))
+
+
+def test_fedprox_term_changes_the_local_gradient() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    agg = make("FedProx", mu=0.5)
+    agg.begin_training(model, 0.1)
+    anchor = [q.detach().clone() for q in model.parameters()]
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(1.0)
+    x = torch.randn(4, 3)
+    model.zero_grad()
+    model(x).pow(2).sum().backward()
+    plain = [q.grad.clone() for q in model.parameters()]
+    model.zero_grad()
+    term = agg.loss_term(model)
+    assert term is not None
+    (model(x).pow(2).sum() + term).backward()
+    for q, a, g in zip(model.parameters(), anchor, plain, strict=True):
+        assert torch.allclose(q.grad - g, 0.5 * (q.detach() - a))  # d/dw mu/2 ||w - w0||^2
+    assert math.isclose(float(term.detach()), 0.25 * sum(q.numel() for q in model.parameters()), rel_tol=1e-6)
+    assert make("FedProx", mu=0.0).loss_term(model) is None
+
+
+def _quadratic_swarm(name: str, rounds: int, steps: int = 10, lr: float = 0.1) -> float:
+    """Four peers with f_i(x) = a_i/2 ||x - b_i||^2 (non-IID: different curvatures and optima), complete gossip.
+
+    Returns the distance of the peers' mean model to the global optimum sum(a_i b_i) / sum(a_i).
+    """
+    g = torch.Generator().manual_seed(1)
+    d = 5
+    curv = [0.2, 1.0, 3.0, 5.0]
+    targets = [5.0 * torch.randn(d, generator=g) for _ in curv]
+    optimum = sum(a * b for a, b in zip(curv, targets, strict=True)) / sum(curv)
+    models = [Point(d) for _ in curv]
+    aggs = [make(name) for _ in curv]
+    for r in range(1, rounds + 1):
+        for model, agg, a, b in zip(models, aggs, curv, targets, strict=True):
+            opt = torch.optim.SGD(model.parameters(), lr=lr)
+            agg.begin_training(model, lr)
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = 0.5 * a * (model.x - b).pow(2).sum()
+                extra = agg.loss_term(model)
+                (loss if extra is None else loss + extra).backward()
+                agg.after_backward(model)
+                opt.step()
+            agg.end_training(model, steps, lr)
+        sent = [
+            PeerUpdate(f"p{i}", r, model.x.detach().clone(), 10, extras=agg.extras_to_send())
+            for i, (model, agg) in enumerate(zip(models, aggs, strict=True))
+        ]
+        results = []
+        for i, agg in enumerate(aggs):
+            local = PeerUpdate(f"p{i}", r, sent[i].flat, 10, is_local=True)
+            results.append(agg.aggregate(local, [u for j, u in enumerate(sent) if j != i], r).flat)
+        for model, flat in zip(models, results, strict=True):
+            with torch.no_grad():
+                model.x.copy_(flat)
+    mean = torch.stack([m.x.detach() for m in models]).mean(0)
+    return float((mean - optimum).norm())
+
+
+def test_scaffold_beats_plain_local_sgd_on_non_iid_quadratics() -> None:
+    plain = _quadratic_swarm("FedAvg", rounds=40)
+    scaffold = _quadratic_swarm("Scaffold", rounds=40)
+    assert plain > 0.5  # client drift: local steps pull toward each peer's own optimum
+    assert scaffold < 0.05 * plain
+
+
+def test_scaffold_corrects_gradients_and_checkpoints() -> None:
+    agg = make("Scaffold")
+    model = Point(3)
+    agg.load_state_dict({"c_local": torch.tensor([1.0, 0.0, 0.0]), "c_global": torch.tensor([0.0, 2.0, 0.0])})
+    agg.begin_training(model, 0.1)
+    model.x.grad = torch.ones(3)
+    agg.after_backward(model)
+    assert model.x.grad.tolist() == [0.0, 3.0, 1.0]  # g + c - c_i
+    with torch.no_grad():
+        model.x.sub_(torch.tensor([0.5, 0.5, 0.5]))
+    agg.end_training(model, steps=5, lr=0.1)  # c_i <- c_i - c + (x - y)/(K lr) = (1,0,0) - (0,2,0) + (1,1,1)
+    assert torch.allclose(agg.extras_to_send()[CONTROL_VARIATE_KEY], torch.tensor([2.0, -1.0, 1.0]))
+    peer = PeerUpdate("b", 1, torch.zeros(3), 10, extras={CONTROL_VARIATE_KEY: torch.tensor([0.0, 1.0, 1.0])})
+    broken = PeerUpdate("c", 1, torch.zeros(3), 10, extras={CONTROL_VARIATE_KEY: torch.zeros(7)})
+    out = agg.aggregate(PeerUpdate("a", 1, model.x.detach().clone(), 10, is_local=True), [peer, broken], 1)
+    assert "no usable control variate from c" in out.note
+    # c <- 0.5 c + 0.5 mean((2,-1,1), (0,1,1)) = 0.5 (0,2,0) + 0.5 (1,0,1)
+    state = agg.state_dict()
+    assert torch.allclose(state["c_global"], torch.tensor([0.5, 1.0, 0.5]))
+    other = make("Scaffold")
+    other.load_state_dict(state)
+    assert torch.equal(other.state_dict()["c_local"], state["c_local"])
+    with pytest.raises(ValueError):
+        other.load_state_dict({"bogus": torch.zeros(1)})
+
+
+def test_registry_builds_every_aggregator_with_defaults() -> None:
+    for name in ALL:
+        agg = make(name, f=1)
+        assert agg.name == name
+        assert isinstance(agg.state_dict(), dict)
