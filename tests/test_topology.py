@@ -1,0 +1,195 @@
+"""Topologies: determinism, Cyclon's view and shuffle invariants, Affinity's preference after cold start."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from quinkgl_cli.strategies import registry
+from quinkgl_cli.strategies.base import Topology
+from quinkgl_cli.strategies.fingerprint import Fingerprint
+from quinkgl_cli.strategies.spectral import analyze_edges, analyze_adjacency, ring_adjacency
+from quinkgl_cli.strategies.topology import AffinityTopology, CyclonTopology
+
+PEERS = [f"n{i:02d}" for i in range(12)]
+
+
+def make(name: str, self_id: str = "n00", seed: int = 0, **params: object) -> Topology:
+    entry = registry.resolve("topology", name)
+    return entry.load()(registry.build_params(entry, dict(params)), self_id, random.Random(seed))
+
+
+@pytest.mark.parametrize("name", ["RandomTopology", "CyclonTopology", "AffinityTopology", "RingTopology"])
+def test_selection_is_deterministic_bounded_and_excludes_self(name: str) -> None:
+    a = make(name, fanout=3, seed=7)
+    b = make(name, fanout=3, seed=7)
+    shuffled = list(reversed(PEERS))
+    for r in range(10):
+        sa, sb = a.select(PEERS, r), b.select(shuffled, r)
+        assert sa == sb
+        assert len(sa) == 3 and len(set(sa)) == 3 and "n00" not in sa and set(sa) <= set(PEERS)
+    assert make(name, fanout=5).select(["n00", "n01", "n02"], 0) in (["n01", "n02"], ["n02", "n01"])
+    assert make(name).select([], 0) == []
+
+
+def test_random_topology_is_uniform() -> None:
+    topo = make("RandomTopology", fanout=2)
+    counts = Counter(p for r in range(1100) for p in topo.select(PEERS, r))
+    assert set(counts) == set(PEERS) - {"n00"}
+    assert max(counts.values()) < 1.3 * min(counts.values())
+
+
+def test_full_topology_selects_everyone() -> None:
+    assert make("FullTopology", fanout=1).select(PEERS, 0) == PEERS[1:]
+
+
+def test_ring_topology_builds_a_ring() -> None:
+    edges = [(me, peer) for me in PEERS for peer in make("RingTopology", self_id=me, fanout=2).select(PEERS, 0)]
+    report = analyze_edges(edges)
+    expected = analyze_adjacency(ring_adjacency(len(PEERS)))
+    assert report.edges == len(PEERS)
+    assert report.algebraic_connectivity == pytest.approx(expected.algebraic_connectivity)
+
+
+# ------------------------------------------------------------------ Cyclon
+def _cyclon_swarm(n: int, rounds: int, view_size: int, shuffle_length: int) -> tuple[dict[str, CyclonTopology], list[dict[str, int]]]:
+    ids = [f"p{i:02d}" for i in range(n)]
+    nodes: dict[str, CyclonTopology] = {
+        pid: make("CyclonTopology", self_id=pid, seed=i, fanout=2, view_size=view_size, shuffle_length=shuffle_length)  # type: ignore[misc]
+        for i, pid in enumerate(ids)
+    }
+    snapshots = []
+    for r in range(rounds):
+        queue: list[tuple[str, str, str, dict[str, Any]]] = []
+        for pid, node in nodes.items():
+            node.select(ids, r)
+            for target, kind, body in node.control_messages(r):
+                assert kind == CyclonTopology.SHUFFLE
+                entries = body["entries"].split(",")
+                assert len(entries) <= shuffle_length and f"{pid}|0" in entries
+                assert target not in node.view  # the shuffle partner leaves the initiator's view
+                queue.append((pid, target, kind, body))
+        while queue:
+            sender, target, kind, body = queue.pop(0)
+            for back, reply_kind, reply in nodes[target].on_control(sender, kind, body):
+                queue.append((target, back, reply_kind, reply))
+        for pid, node in nodes.items():
+            assert len(node.view) <= view_size and pid not in node.view and set(node.view) <= set(ids)
+        snapshots.append({pid: len(node.view) for pid, node in nodes.items()})
+    return nodes, snapshots
+
+
+def test_cyclon_views_stay_bounded_and_keep_changing() -> None:
+    nodes, _ = _cyclon_swarm(n=16, rounds=12, view_size=4, shuffle_length=3)
+    before = {pid: set(node.view) for pid, node in nodes.items()}
+    nodes2, _ = _cyclon_swarm(n=16, rounds=13, view_size=4, shuffle_length=3)
+    after = {pid: set(node.view) for pid, node in nodes2.items()}
+    assert sum(before[p] != after[p] for p in before) >= 8  # shuffles keep refreshing views
+    indegree = Counter(p for node in nodes.values() for p in node.view)
+    assert len(indegree) >= 12  # membership spreads: most nodes sit in someone's view
+
+
+def test_cyclon_shuffle_exchanges_entries() -> None:
+    a = make("CyclonTopology", self_id="a", view_size=3, shuffle_length=2)
+    b = make("CyclonTopology", self_id="b", view_size=3, shuffle_length=2)
+    assert isinstance(a, CyclonTopology) and isinstance(b, CyclonTopology)
+    a.select(["b", "c", "d"], 0)
+    b.select(["a", "e", "f"], 0)
+    a.view["b"] = 5  # the oldest: a shuffles with b
+    [(target, kind, body)] = a.control_messages(1)
+    assert target == "b" and "b" not in a.view
+    sent = [e.split("|")[0] for e in body["entries"].split(",")]
+    assert len(sent) == 2 and "a" in sent
+    [(back, reply_kind, reply)] = b.on_control("a", kind, body)
+    assert back == "a" and reply_kind == CyclonTopology.REPLY
+    got = [e.split("|")[0] for e in reply["entries"].split(",")]
+    assert "a" not in got and len(got) == 2
+    assert "a" in b.view  # b learned the initiator
+    assert a.on_control("b", reply_kind, reply) == []
+    assert set(got) <= set(a.view) and len(a.view) == 3
+    # An unsolicited reply changes nothing; malformed entries are refused.
+    view = dict(a.view)
+    a.on_control("zz", CyclonTopology.REPLY, {"entries": "q|1"})
+    assert a.view == view
+    for bad in ("x", "x|-1", "a b|1", ",".join(f"p{i}|1" for i in range(10))):
+        with pytest.raises(ValueError):
+            b.on_control("a", CyclonTopology.SHUFFLE, {"entries": bad})
+
+
+def test_cyclon_state_round_trips() -> None:
+    a = make("CyclonTopology", self_id="a")
+    a.select(PEERS, 0)
+    a.control_messages(0)
+    b = make("CyclonTopology", self_id="a")
+    b.load_state_dict(a.state_dict())
+    assert isinstance(a, CyclonTopology) and isinstance(b, CyclonTopology) and b.view == a.view
+
+
+# ------------------------------------------------------------------ Affinity
+def _fp(labels: str) -> dict[str, Any]:
+    return Fingerprint(tuple(int(c) for c in labels), 1.0, "100-1k", ((0.5, 1.0),) * 4).to_body()
+
+
+def _affinity(**params: object) -> AffinityTopology:
+    topo = make("AffinityTopology", fanout=2, **params)
+    assert isinstance(topo, AffinityTopology)
+    topo.observe_fingerprint("n00", _fp("3300000000"))
+    for i, pid in enumerate(PEERS[1:], start=1):
+        topo.observe_fingerprint(pid, _fp("3300000000" if i <= 2 else "0000003300"))
+    return topo
+
+
+def test_affinity_prefers_similar_fingerprints_after_cold_start() -> None:
+    topo = _affinity(blind_rounds=3, learning_rounds=3)
+    blind = Counter(p for r in range(3) for p in topo.select(PEERS, r))
+    later = Counter(p for r in range(10, 60) for p in topo.select(PEERS, r))
+    similar = later["n01"] + later["n02"]
+    assert similar >= 0.85 * 100  # 2 slots x 50 rounds, exploration decays to 5 %
+    assert topo.phase(0)[0] == "blind" and topo.phase(4)[0] == "learning" and topo.phase(6)[0] == "exploiting"
+    assert topo.phase(50)[1] == pytest.approx(0.05)
+    assert sum(blind.values()) == 6
+    assert topo.affinity("n01") > topo.affinity("n05")
+
+
+def test_affinity_blind_phase_is_random() -> None:
+    topo = _affinity(blind_rounds=400)
+    counts = Counter(p for r in range(400) for p in topo.select(PEERS, r))
+    assert counts["n01"] + counts["n02"] < 0.4 * 800
+
+
+def test_affinity_prefer_dissimilar() -> None:
+    topo = _affinity(blind_rounds=0, learning_rounds=0, exploration=0.0, min_exploration=0.0, prefer_similar=False)
+    assert not {"n01", "n02"} & set(topo.select(PEERS, 5))
+
+
+def test_affinity_history_ema_decay_and_eviction() -> None:
+    topo = make("AffinityTopology", fanout=1, blind_rounds=0, learning_rounds=0, exploration=0.0, min_exploration=0.0,
+                ema=0.5, edge_decay=0.5, edge_ttl=3)
+    assert isinstance(topo, AffinityTopology)
+    topo.select(PEERS, 1)
+    topo.record_outcome("n05", 1.0)
+    topo.record_outcome("n07", 0.0)
+    assert topo.select(PEERS, 1) == ["n05"]  # only history: the helpful peer wins
+    topo.record_outcome("n07", 1.0)  # EMA: 0.5 * 0 + 0.5 * 1
+    assert topo.edges["n07"].weight == pytest.approx(0.5)
+    topo.select(PEERS, 3)  # two rounds without news: weight decays by 0.5^2
+    assert topo.affinity("n05") == pytest.approx(0.25)
+    topo.select(PEERS, 4)  # edge_ttl = 3 rounds without news: kept
+    assert "n05" in topo.edges
+    topo.select(PEERS, 5)  # more than edge_ttl rounds without news: evicted
+    assert topo.edges == {}
+    assert topo.affinity("n05") == 0.5
+
+
+def test_affinity_rejects_bad_fingerprints_and_round_trips() -> None:
+    topo = _affinity()
+    topo.observe_fingerprint("n03", {"fp": 1, "labels": "9x", "samples": "?", "entropy": 1.0})
+    assert topo.fingerprints["n03"].labels[0] == 0  # the earlier valid one stays
+    topo.select(PEERS, 1)
+    topo.record_outcome("n04", 0.8)
+    other = make("AffinityTopology")
+    other.load_state_dict(topo.state_dict())
+    assert isinstance(other, AffinityTopology) and other.edges["n04"].weight == pytest.approx(0.8)
