@@ -175,7 +175,7 @@ def compress_vector(
         else:
             k = n
     if quant == "f32":
-        tensors["v"] = values.to(torch.float32).contiguous()
+        tensors["v"] = values.clone() if values is v else values  # the caller goes on to modify v in place
     elif quant == "qsgd":
         assert spec.qsgd_levels is not None
         tensors["q"], tensors["s"] = qsgd_quantize(values, spec.qsgd_levels, spec.block_size, generator)
