@@ -1,7 +1,169 @@
-"""`quinkgl run` (being built)."""
+"""`quinkgl run`: start a peer daemon (flags parsed here; the work is in `quinkgl_cli.node.daemon`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from quinkgl_cli.cli.output import parse_kv
+from quinkgl_cli.errors import UsageError
+
+_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_KV = "K=V"
+
+
+def _bool_flag(value: str, flag: str) -> bool:
+    text = value.strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise UsageError(f"{flag} {value!r} is not true or false", f"write {flag} true or {flag} false")
+
+
+def _host_port(item: str, flag: str) -> str:
+    host, sep, port = item.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{flag} {item!r} is not HOST:PORT", f"e.g. {flag} 127.0.0.1:7001")
+    return f"{host}:{int(port)}"
+
+
+def run(
+    manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Swarm manifest (.qgl) to join.", metavar="FILE")],
+    script: Annotated[Path, typer.Option("--script", "-s", help="Peer script with build_model and build_loaders.", metavar="FILE")],
+    node_id: Annotated[
+        str | None, typer.Option("--node-id", help="This peer's name in logs and to other peers (default: host name).")
+    ] = None,
+    port: Annotated[int, typer.Option("--port", help="UDP port for IPv8 (0: any free port).")] = 0,
+    listen: Annotated[str, typer.Option("--listen", help="Address to bind (default loopback only).", metavar="ADDR")] = "127.0.0.1",
+    rounds: Annotated[
+        int | None, typer.Option("--rounds", help="Rounds to run (default: the manifest's round limit, else until stopped).")
+    ] = None,
+    gossip_interval: Annotated[
+        float, typer.Option("--gossip-interval", help="Seconds between round starts (a late round starts at once).")
+    ] = 10.0,
+    trust_policy: Annotated[
+        str | None,
+        typer.Option("--trust-policy", help="open | tofu | pinned (default: pinned with --trusted-pubkey, else tofu)."),
+    ] = None,
+    trusted_pubkey: Annotated[
+        list[str] | None, typer.Option("--trusted-pubkey", help="Creator key ed25519:<hex> or key file (repeatable).")
+    ] = None,
+    script_arg: Annotated[
+        list[str] | None, typer.Option("--script-arg", help="k=v handed to build_model/build_loaders (repeatable).", metavar=_KV)
+    ] = None,
+    checkpoint_dir: Annotated[
+        Path | None,
+        typer.Option("--checkpoint-dir", help="Where checkpoints go (default: $QUINKGL_HOME/checkpoints/<node-id>).", metavar="DIR"),
+    ] = None,
+    bootstrap_peer: Annotated[
+        list[str] | None, typer.Option("--bootstrap-peer", help="HOST:PORT of a peer to contact first (repeatable).")
+    ] = None,
+    strict_manifest: Annotated[
+        str, typer.Option("--strict-manifest", help="true: refuse a model whose arch hash differs from the manifest's; false: warn.")
+    ] = "true",
+    resume: Annotated[
+        bool, typer.Option("--resume/--no-resume", help="Continue from the newest checkpoint of this swarm (default) or start afresh.")
+    ] = True,
+    log_format: Annotated[str, typer.Option("--log-format", help="text | json (one event per line on stdout).")] = "text",
+    log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning | error.")] = "info",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Verify the manifest, load the script, build the model, check the hash, exit.")
+    ] = False,
+    state_dir: Annotated[
+        Path | None, typer.Option("--state-dir", help="TOFU store and node keys (default: $QUINKGL_HOME).", metavar="DIR")
+    ] = None,
+    local_epochs: Annotated[int | None, typer.Option("--local-epochs", help="Override the manifest's local epochs per round.")] = None,
+    local_steps: Annotated[int | None, typer.Option("--local-steps", help="Override the manifest's cap on optimizer steps per round.")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save a checkpoint every N rounds.")] = 1,
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="How many checkpoints to keep.")] = 3,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of model init and RNGs (default: derived from the swarm id, same on every peer).")
+    ] = None,
+    final_model: Annotated[
+        Path | None,
+        typer.Option("--final-model", help="Where to write the final model (default: <checkpoint-dir>/final_model.safetensors).", metavar="FILE"),
+    ] = None,
+    torch_threads: Annotated[int | None, typer.Option("--torch-threads", help="Threads torch may use for training.")] = None,
+    min_peers: Annotated[
+        int, typer.Option("--min-peers", help="Before round 1, wait until this many peers are known (0: start at once).")
+    ] = 0,
+    min_peers_timeout: Annotated[
+        float, typer.Option("--min-peers-timeout", help="Seconds to wait for --min-peers before starting anyway.")
+    ] = 60.0,
+    public_bootstrap: Annotated[
+        bool, typer.Option("--public-bootstrap/--no-public-bootstrap", help="Also ask IPv8's public bootstrap servers (off by default).")
+    ] = False,
+    lan_discovery: Annotated[
+        bool, typer.Option("--lan-discovery/--no-lan-discovery", help="Discover peers on the local network (off by default).")
+    ] = False,
+) -> None:
+    """Join the swarm of a trusted manifest and train with your peer script, gossiping with peers."""
+    from quinkgl_cli.node.daemon import DaemonOptions, default_node_id, run_daemon
+
+    args = parse_kv(script_arg, "--script-arg")
+    strict = _bool_flag(strict_manifest, "--strict-manifest")
+    nid = node_id if node_id is not None else default_node_id()
+    if not _NODE_ID.match(nid):
+        raise UsageError(f"--node-id {nid!r} is invalid", "use 1-64 letters, digits, '.', '_' or '-'")
+    if not 0 <= port < 65536:
+        raise UsageError(f"--port {port} is outside 0-65535")
+    try:
+        ipaddress.ip_address(listen)
+    except ValueError as exc:
+        raise UsageError(f"--listen {listen!r} is not an IP address", "e.g. --listen 127.0.0.1 or --listen 0.0.0.0") from exc
+    if rounds is not None and rounds < 1:
+        raise UsageError(f"--rounds {rounds} must be at least 1")
+    if not gossip_interval > 0:
+        raise UsageError(f"--gossip-interval {gossip_interval} must be positive")
+    for flag, value in (("--local-epochs", local_epochs), ("--local-steps", local_steps), ("--checkpoint-every", checkpoint_every),
+                        ("--keep-checkpoints", keep_checkpoints), ("--torch-threads", torch_threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value} must be at least 1")
+    if min_peers < 0 or min_peers_timeout < 0:
+        raise UsageError("--min-peers and --min-peers-timeout must not be negative")
+    if log_format not in ("text", "json"):
+        raise UsageError(f"--log-format {log_format!r} is not text or json")
+    keys = list(trusted_pubkey or [])
+    policy = trust_policy if trust_policy is not None else ("pinned" if keys else "tofu")
+    options = DaemonOptions(
+        manifest=manifest,
+        script=script,
+        node_id=nid,
+        port=port,
+        listen=listen,
+        rounds=rounds,
+        gossip_interval=gossip_interval,
+        trust_policy=policy,
+        trusted_pubkeys=keys,
+        script_args=args,
+        checkpoint_dir=checkpoint_dir,
+        bootstrap_peers=[_host_port(b, "--bootstrap-peer") for b in bootstrap_peer or []],
+        strict_manifest=strict,
+        resume=resume,
+        log_format=log_format,
+        log_level=log_level,
+        dry_run=dry_run,
+        state_dir=state_dir,
+        local_epochs=local_epochs,
+        local_steps=local_steps,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
+        seed=seed,
+        final_model=final_model,
+        torch_threads=torch_threads,
+        min_peers=min_peers,
+        min_peers_timeout=min_peers_timeout,
+        transport_options={"public_bootstrap": public_bootstrap, "lan_discovery": lan_discovery},
+    )
+    code = run_daemon(options)
+    if code:
+        raise typer.Exit(code)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("run")(run)

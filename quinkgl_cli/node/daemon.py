@@ -72,6 +72,8 @@ class DaemonOptions:
     seed: int | None = None
     final_model: Path | None = None
     torch_threads: int | None = None
+    min_peers: int = 0  # wait (up to min_peers_timeout) until this many peers are known before round 1
+    min_peers_timeout: float = 60.0
     transport_options: dict[str, Any] = field(default_factory=dict)  # discovery switches of the IPv8 transport
 
 
@@ -270,6 +272,8 @@ class Daemon:
             self.prepared.trusted.manifest.aggregation.name, self.prepared.trusted.manifest.topology.name,
         )
         try:
+            if o.min_peers and node.completed_round == 0:
+                await self._wait_for_peers(o.min_peers, o.min_peers_timeout)
             await self._rounds()
             if not self.stop_event.is_set() and node.final_consensus_steps:
                 await self._final_consensus()
@@ -289,6 +293,22 @@ class Daemon:
             await asyncio.wait_for(self.transport.stop(), timeout=STOP_GRACE_S)
         except Exception as exc:  # stopping must not hide the run's outcome
             log.warning("transport-stop-failed error=%s", f"{type(exc).__name__}:{exc}".replace(" ", "_"))
+
+    async def _wait_for_peers(self, want: int, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        next_note = loop.time()
+        while len(self.node.known_peers) < want and not self.stop_event.is_set():
+            now = loop.time()
+            if now >= deadline:
+                log.warning("min-peers-timeout have=%d want=%d seconds=%.0f starting anyway",
+                            len(self.node.known_peers), want, timeout)
+                return
+            if now >= next_note:
+                log.info("waiting-for-peers have=%d want=%d", len(self.node.known_peers), want)
+                next_note = now + 5.0
+            await self._sleep_until(min(deadline, now + 0.05))
+        log.info("peers-ready have=%d want=%d", len(self.node.known_peers), want)
 
     def _note_alone(self) -> None:
         now = time.monotonic()
