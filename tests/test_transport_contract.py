@@ -16,7 +16,7 @@ from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.transport.base import OutgoingUpdate, Transport
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 
-KINDS = ["memory"]  # the IPv8 transport joins when it lands
+KINDS = ["memory", "ipv8"]
 
 
 class Recorder:

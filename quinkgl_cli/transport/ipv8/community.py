@@ -1,0 +1,155 @@
+"""One IPv8 community per swarm: discovery through introductions, our signed messages routed to the transport.
+
+The community id is a class attribute in pyipv8 (a constructor argument is silently ignored), so each swarm
+gets its own subclass carrying an id derived from the swarm id; `community_class` checks it took.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from ipv8.community import Community, CommunitySettings
+from ipv8.lazy_community import PacketDecodingError
+from ipv8.messaging.interfaces.udp.endpoint import UDPv4Address
+from ipv8.messaging.payload_headers import BinMemberAuthenticationPayload
+
+from quinkgl_cli.transport.ipv8.payloads import ByePayload, ControlPayload, HelloPayload, OfferPayload
+
+if TYPE_CHECKING:
+    from quinkgl_cli.transport.ipv8.transport import IPv8Transport
+
+LOGGER_NAME = "quinkgl.transport.ipv8"
+COMMUNITY_TAG = b"quinkgl-swarm/1\0"
+
+
+def community_id_for(swarm_id: str) -> bytes:
+    """20 bytes naming the swarm's overlay: peers of another manifest never share a prefix with us."""
+    return hashlib.sha1(COMMUNITY_TAG + swarm_id.encode("utf-8"), usedforsecurity=False).digest()
+
+
+class SwarmSettings(CommunitySettings):
+    owner: Any = None
+    lan_discovery: bool = False
+    bound: tuple[str, int] = ("127.0.0.1", 0)
+
+
+class SwarmCommunity(Community):
+    community_id = b"\0" * 20  # replaced per swarm by community_class()
+
+    def __init__(self, settings: SwarmSettings) -> None:
+        self._lan_discovery = settings.lan_discovery
+        self._bound = settings.bound
+        self.owner: IPv8Transport = settings.owner
+        super().__init__(settings)
+        quiet = logging.getLogger(LOGGER_NAME)
+        self.logger = quiet
+        self._logger = quiet
+        if not self._lan_discovery:
+            self.my_estimated_lan = self._bound
+            self.my_estimated_wan = self._bound
+        self.add_message_handler(HelloPayload, self._on_hello)
+        self.add_message_handler(OfferPayload, self._on_offer)
+        self.add_message_handler(ControlPayload, self._on_control)
+        self.add_message_handler(ByePayload, self._on_bye)
+
+    # -- keep IPv8 away from the host's LAN addresses unless LAN discovery was asked for -----------------------
+    async def discover_lan_addresses(self) -> None:
+        if self._lan_discovery:
+            await super().discover_lan_addresses()
+
+    def address_is_lan(self, address: str) -> bool:
+        if self._lan_discovery:
+            return super().address_is_lan(address)
+        return address == self._bound[0]
+
+    def _get_lan_address(self, bootstrap: bool = False) -> tuple[str, int]:
+        if self._lan_discovery:
+            return super()._get_lan_address(bootstrap)
+        return self._bound[0], (0 if bootstrap else self._bound[1])
+
+    def on_introduction_request(self, peer, dist, payload) -> None:  # type: ignore[no-untyped-def]
+        """As IPv8's, except that without LAN discovery a peer is answered where its packet came from,
+        never at the LAN address it claims (that claim is how packets leak off loopback)."""
+        if self._lan_discovery:
+            super().on_introduction_request(peer, dist, payload)
+            return
+        if 0 <= self.max_peers < len(self.get_peers()):
+            return
+        self.network.add_verified_peer(peer)
+        self.network.discover_services(peer, [self.community_id])
+        packet = self.create_introduction_response(
+            payload.destination_address, peer.address, payload.identifier, new_style=peer.new_style_intro
+        )
+        self.endpoint.send(peer.address, packet)
+        self.introduction_request_callback(peer, dist, payload)
+
+    def introduction_request_callback(self, peer, dist, payload) -> None:  # type: ignore[no-untyped-def]
+        self.owner._on_contact(peer)
+
+    def introduction_response_callback(self, peer, dist, payload) -> None:  # type: ignore[no-untyped-def]
+        self.owner._on_contact(peer)
+
+    # -- packets -------------------------------------------------------------------------------------------------
+    def on_packet(self, packet: tuple[Any, bytes], warn_unknown: bool = True) -> None:
+        """IPv8's dispatch without its error path, which logs a traceback and the whole payload per bad packet."""
+        source, data = packet
+        known = self.network.get_verified_by_address(source)
+        if known:
+            known.last_response = time.time()
+        if data[:22] != self._prefix or len(data) < 23:
+            return
+        handler = self.decode_map[data[22]]
+        if handler is None:
+            self.owner._bad_packet(source, "unknown_message")
+            return
+        try:
+            result = handler(source, data)
+            if result is not None and hasattr(result, "close"):
+                result.close()  # no handler of ours is a coroutine; refuse to leave one un-awaited
+        except PacketDecodingError as exc:
+            self.owner._bad_packet(source, "bad_signature" if "signature" in str(exc) else "malformed")
+        except Exception:  # a malformed datagram raises whatever the unpacker trips on
+            self.owner._bad_packet(source, "malformed", detail=type(sys.exc_info()[1]).__name__)
+
+    def _on_hello(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(HelloPayload, data)
+        self.owner._on_hello(key, _addr(source), payload)
+
+    def _on_offer(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(OfferPayload, data)
+        self.owner._on_offer(key, _addr(source), payload)
+
+    def _on_control(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(ControlPayload, data)
+        self.owner._on_control(key, _addr(source), payload)
+
+    def _on_bye(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(ByePayload, data)
+        self.owner._on_bye(key, _addr(source), payload)
+
+    def _unpack_signed(self, cls: Any, data: bytes) -> tuple[bytes, Any]:
+        auth, _ = self.serializer.unpack_serializable(BinMemberAuthenticationPayload, data, offset=23)
+        valid, remainder = self._verify_signature(auth, data)
+        if not valid:
+            raise PacketDecodingError("invalid signature")
+        payload, _ = self.serializer.unpack_serializable(cls, remainder, offset=23)
+        return auth.public_key_bin, payload
+
+    def send_signed(self, address: tuple[str, int], payload: Any) -> None:
+        self._ez_senda(UDPv4Address(*address), payload)
+
+
+def _addr(source: Any) -> tuple[str, int]:
+    return str(source[0]), int(source[1])
+
+
+def community_class(swarm_id: str) -> type[SwarmCommunity]:
+    cid = community_id_for(swarm_id)
+    cls = type(f"SwarmCommunity_{cid.hex()[:12]}", (SwarmCommunity,), {"community_id": cid})
+    if cls.community_id != cid or len(cid) != 20:
+        raise RuntimeError("community id did not take")
+    return cls

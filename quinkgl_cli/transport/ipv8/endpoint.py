@@ -1,0 +1,91 @@
+"""A UDP endpoint that binds exactly where it is told and refuses to send where it must not.
+
+IPv8's own endpoint silently moves to the next free port when the asked one is taken, and happily sends to
+whatever address a peer claims (its LAN address, a puncture target). Bound to loopback, this endpoint drops
+every datagram for a non-loopback destination, so nothing ever leaves the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from typing import Any
+
+from ipv8.messaging.interfaces.udp.endpoint import UDPEndpoint
+
+from quinkgl_cli.errors import NetworkError
+from quinkgl_cli.transport.common import OnceLog
+
+log = logging.getLogger("quinkgl.transport")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class DestinationGuard:
+    """Decides which destinations may be contacted, over UDP and TCP alike."""
+
+    def __init__(self, listen_host: str) -> None:
+        self.loopback_only = is_loopback(listen_host)
+        self.blocked = 0
+        self._once = OnceLog(log)
+
+    def allows(self, host: Any) -> bool:
+        try:
+            addr = ipaddress.ip_address(host)
+        except (ValueError, TypeError):
+            return False  # never resolve names on the hot path: a DNS query is traffic too
+        if addr.is_unspecified or addr.is_multicast:
+            return False
+        return addr.is_loopback or not self.loopback_only
+
+    def refuse(self, host: Any, what: str) -> None:
+        self.blocked += 1
+        self._once("send_blocked", str(host), "non_loopback_destination", via=what)
+
+
+class GuardedUDPEndpoint(UDPEndpoint):
+    def __init__(self, listen_host: str, port: int, guard: DestinationGuard) -> None:
+        super().__init__(port=port, ip=listen_host)
+        self.guard = guard
+        self._logger = logging.getLogger("quinkgl.transport.ipv8")
+
+    async def open(self) -> bool:
+        """Bind exactly ``(ip, port)`` or raise NetworkError; never walk to another port."""
+        if self._running:
+            return True
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 870400)
+            sock.bind((self._ip, self._port))
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise NetworkError(
+                f"cannot bind UDP {self._ip}:{self._port}: {exc.strerror}",
+                "choose another --port (or 0 for any free port) or --listen address",
+            ) from exc
+        bound = sock.getsockname()
+        if self._port and bound[1] != self._port:
+            sock.close()
+            raise NetworkError(f"asked for UDP port {self._port} but got {bound[1]}")
+        self._port = bound[1]
+        self._transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        self._running = True
+        return True
+
+    def send(self, socket_address: Any, packet: bytes) -> None:
+        host = socket_address[0] if isinstance(socket_address, tuple) and socket_address else socket_address
+        if not self.guard.allows(host):
+            self.guard.refuse(host, "udp")
+            return
+        if not self._running:
+            return
+        super().send(socket_address, packet)

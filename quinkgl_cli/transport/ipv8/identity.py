@@ -1,0 +1,43 @@
+"""The node's IPv8 key: created once in the state directory (mode 0600), reused on every restart."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from ipv8.keyvault.crypto import default_eccrypto
+from ipv8.keyvault.keys import PrivateKey
+
+from quinkgl_cli.atomic import atomic_write_bytes
+from quinkgl_cli.errors import CryptoError, IOFailure
+from quinkgl_cli.paths import ensure_private_dir
+
+KEY_FILE = "transport_key.bin"
+
+
+def load_or_create_key(state_dir: Path) -> PrivateKey:
+    state_dir = Path(state_dir)
+    try:
+        ensure_private_dir(state_dir)
+    except OSError as exc:
+        raise IOFailure(f"cannot create state directory {state_dir}: {exc.strerror}", "check the path and permissions") from exc
+    path = state_dir / KEY_FILE
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise CryptoError(
+                f"transport key {path} is readable by others (mode {mode:o})", f"run: chmod 600 {path}"
+            )
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise IOFailure(f"cannot read transport key {path}: {exc.strerror}") from exc
+        try:
+            return default_eccrypto.key_from_private_bin(raw)
+        except Exception as exc:  # the ipv8 key parsers raise assorted types on garbage
+            raise CryptoError(f"transport key {path} is corrupt", "move it away to create a new node identity") from exc
+    key = default_eccrypto.generate_key("curve25519")
+    atomic_write_bytes(path, key.key_to_bin(), mode=0o600, overwrite=False)
+    os.chmod(path, 0o600)
+    return key

@@ -1,0 +1,74 @@
+"""The TCP side channel that carries model bytes, announced by a signed offer over IPv8.
+
+Per connection (the fetcher connects to the offering peer)::
+
+    server -> client   b"QGLF" u8 version  32-byte random challenge
+    client -> server   b"QGLR" 20-byte offer id  u16 sig_len  signature
+    server -> client   u8 status  u64 size   then exactly ``size`` bytes when status is OK
+
+The signature is the intended recipient's, over a domain tag, the swarm's community id, the offer id, the
+challenge and the server's public key: it proves the fetcher holds the recipient's key, and a captured request
+cannot be replayed on another connection (fresh challenge) or against another peer (server key inside).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+
+PROTOCOL = 1
+CHALLENGE_MAGIC = b"QGLF"
+REQUEST_MAGIC = b"QGLR"
+NONCE_BYTES = 32
+OFFER_ID_BYTES = 20
+CHALLENGE = struct.Struct(f"<4sB{NONCE_BYTES}s")
+REQUEST_HEAD = struct.Struct(f"<4s{OFFER_ID_BYTES}sH")
+RESPONSE = struct.Struct("<BQ")
+MAX_SIGNATURE = 512
+
+OK, UNKNOWN_OFFER, NOT_RECIPIENT, BUSY = 0, 1, 2, 3
+STATUS_REASONS = {UNKNOWN_OFFER: "unknown_offer", NOT_RECIPIENT: "not_recipient", BUSY: "busy"}
+RECV_CHUNK = 4 * 1024 * 1024
+
+
+class FetchError(Exception):
+    """A fetch that failed; ``reason`` is the stable word logged beside the peer."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def fetch_statement(community_id: bytes, offer_id: bytes, nonce: bytes, server_key_bin: bytes) -> bytes:
+    return b"quinkgl-fetch/1\0" + community_id + offer_id + nonce + server_key_bin
+
+
+def new_nonce() -> bytes:
+    return os.urandom(NONCE_BYTES)
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview, idle: float) -> None:
+    """Fill ``view`` completely; each stretch without progress may last ``idle`` seconds at most."""
+    got = 0
+    total = view.nbytes
+    async with asyncio.timeout(idle) as budget:
+        while got < total:
+            n = await loop.sock_recv_into(sock, view[got : got + RECV_CHUNK] if total - got > RECV_CHUNK else view[got:])
+            if n == 0:
+                raise FetchError("truncated", f"connection closed after {got} of {total} bytes")
+            got += n
+            budget.reschedule(loop.time() + idle)
+
+
+async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, idle: float) -> bytes:
+    buf = bytearray(n)
+    await recv_into(loop, sock, memoryview(buf), idle)
+    return bytes(buf)
