@@ -158,7 +158,7 @@ def run(
         torch_threads=torch_threads,
         min_peers=min_peers,
         min_peers_timeout=min_peers_timeout,
-        transport_options={"public_bootstrap": public_bootstrap, "lan_discovery": lan_discovery},
+        transport_options={"enable_public_bootstrap": public_bootstrap, "enable_lan_discovery": lan_discovery},
     )
     code = run_daemon(options)
     if code:

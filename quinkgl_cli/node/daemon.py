@@ -169,6 +169,9 @@ def prepare(options: DaemonOptions) -> Prepared:
 
 
 def make_ipv8_transport(prepared: Prepared) -> Any:
+    from quinkgl_cli.paths import state_home
+    from quinkgl_cli.tensors import shared_specs
+    from quinkgl_cli.transport import wire
     from quinkgl_cli.transport.ipv8 import IPv8Transport
 
     o = prepared.options
@@ -177,10 +180,13 @@ def make_ipv8_transport(prepared: Prepared) -> Any:
         node_id=o.node_id,
         swarm_id=prepared.trusted.swarm_id,
         arch_hash=prepared.trusted.manifest.model.arch_hash,
-        listen=o.listen,
+        # One IPv8 identity per node id: several peers on one machine must not share a key.
+        state_dir=state_home(o.state_dir) / "nodes" / o.node_id,
+        listen_host=o.listen,
         port=o.port,
         bootstrap=bootstrap,
-        state_dir=o.state_dir,
+        # Refuse offers far larger than this model can ever be: a peer cannot make us buffer gigabytes.
+        max_model_bytes=wire.max_blob_bytes(shared_specs(prepared.model)) * 2,
         **o.transport_options,
     )
 
