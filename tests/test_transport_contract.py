@@ -190,7 +190,7 @@ def test_oversized_offer_is_refused_and_logged_once(kind, tmp_path, caplog):
             await wait_until(lambda: rb.models, what="the model under the limit")
         assert [m.round for m in rb.models] == [5]
         assert b.stats.dropped == 3
-        assert caplog.text.count("reason=oversized") == 1
+        assert caplog.text.count("offer_refused peer=a reason=oversized") == 1
 
     run_cluster(kind, tmp_path, body)
 

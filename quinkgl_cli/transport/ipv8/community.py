@@ -17,7 +17,7 @@ from ipv8.lazy_community import PacketDecodingError
 from ipv8.messaging.interfaces.udp.endpoint import UDPv4Address
 from ipv8.messaging.payload_headers import BinMemberAuthenticationPayload
 
-from quinkgl_cli.transport.ipv8.payloads import ByePayload, ControlPayload, HelloPayload, OfferPayload
+from quinkgl_cli.transport.ipv8.payloads import ByePayload, ControlPayload, DeclinePayload, HelloPayload, OfferPayload
 
 if TYPE_CHECKING:
     from quinkgl_cli.transport.ipv8.transport import IPv8Transport
@@ -55,6 +55,7 @@ class SwarmCommunity(Community):
         self.add_message_handler(OfferPayload, self._on_offer)
         self.add_message_handler(ControlPayload, self._on_control)
         self.add_message_handler(ByePayload, self._on_bye)
+        self.add_message_handler(DeclinePayload, self._on_decline)
 
     # -- keep IPv8 away from the host's LAN addresses unless LAN discovery was asked for -----------------------
     async def discover_lan_addresses(self) -> None:
@@ -130,6 +131,10 @@ class SwarmCommunity(Community):
     def _on_bye(self, source: Any, data: bytes) -> None:
         key, payload = self._unpack_signed(ByePayload, data)
         self.owner._on_bye(key, _addr(source), payload)
+
+    def _on_decline(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(DeclinePayload, data)
+        self.owner._on_decline(key, _addr(source), payload)
 
     def _unpack_signed(self, cls: Any, data: bytes) -> tuple[bytes, Any]:
         auth, _ = self.serializer.unpack_serializable(BinMemberAuthenticationPayload, data, offset=23)

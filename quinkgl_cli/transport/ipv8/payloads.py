@@ -67,3 +67,12 @@ class ByePayload(VariablePayload):
     msg_id = 4
     format_list = ["varlenHutf8", "varlenHutf8"]
     names = ["swarm_id", "node_id"]
+
+
+@vp_compile
+class DeclinePayload(VariablePayload):
+    """The recipient will not fetch an offer (too large, malformed, out of date): the sender frees it at once."""
+
+    msg_id = 5
+    format_list = ["varlenHutf8", "20s", "varlenHutf8"]
+    names = ["swarm_id", "offer_id", "reason"]

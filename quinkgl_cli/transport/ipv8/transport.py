@@ -50,7 +50,7 @@ from quinkgl_cli.transport.ipv8 import stream
 from quinkgl_cli.transport.ipv8.community import LOGGER_NAME, SwarmCommunity, SwarmSettings, community_class
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint, is_loopback
 from quinkgl_cli.transport.ipv8.identity import load_or_create_key
-from quinkgl_cli.transport.ipv8.payloads import ByePayload, ControlPayload, HelloPayload, OfferPayload
+from quinkgl_cli.transport.ipv8.payloads import ByePayload, ControlPayload, DeclinePayload, HelloPayload, OfferPayload
 
 log = logging.getLogger("quinkgl.transport")
 
@@ -60,6 +60,7 @@ MAX_ENCODING = 64
 HASH_IN_THREAD = 256 * 1024  # hashing more than this would stall the event loop noticeably
 MIN_RATE = 1024 * 1024  # bytes/s a transfer may drop to before it is abandoned (beyond the idle timeout)
 OFFER_RESENDS = 3
+MAX_PENDING_PER_PEER = 8
 _IPV8_LOGGERS = (
     "ipv8",
     LOGGER_NAME,
@@ -611,7 +612,7 @@ class IPv8Transport(Transport):
         now = time.monotonic()
         self._outgoing[offer_id] = _Outgoing(offer_id, rec.node_id, rec.public_key, payload, len(payload), message, rec.address, now, now)
         pending = [o for o in self._outgoing.values() if o.recipient == rec.node_id and not o.serving]
-        for stale in pending[:-4]:  # a peer that never fetches must not pin every update we ever offered it
+        for stale in pending[:-MAX_PENDING_PER_PEER]:  # a peer that never fetches must not pin every update we ever offered it
             del self._outgoing[stale.offer_id]
         self._send(rec.address, message)
 
@@ -699,6 +700,7 @@ class IPv8Transport(Transport):
             return
         if p.size > self.max_model_bytes:
             self._drop("offer_refused", rec.node_id, "oversized", size=p.size, limit=self.max_model_bytes)
+            self._decline(rec, p.offer_id, "oversized")
             return
         try:
             meta = decode_body(p.meta, limit=MAX_META_BYTES)
@@ -706,10 +708,13 @@ class IPv8Transport(Transport):
                 raise ValueError("bad encoding name")
         except (ValueError, UnicodeDecodeError):
             self._drop("offer_refused", rec.node_id, "bad_meta")
+            self._decline(rec, p.offer_id, "bad_meta")
             return
         verdict = self._book.verdict(rec.node_id, p.round, p.offer_id)
         if verdict is not None:
             log.debug("offer_ignored peer=%s reason=%s round=%d", rec.node_id, verdict, p.round)
+            if verdict == "out_of_date":
+                self._decline(rec, p.offer_id, verdict)
             return
         self._book.take(rec.node_id, p.round, p.offer_id)
         self._spawn(self._fetch(rec, p, meta), f"fetch-{rec.node_id}")
@@ -773,6 +778,17 @@ class IPv8Transport(Transport):
                 received_at=time.monotonic(),
             ),
         )
+
+    def _decline(self, rec: _Peer, offer_id: bytes, reason: str) -> None:
+        self._send(rec.address, DeclinePayload(self.swarm_id, offer_id, reason))
+
+    def _on_decline(self, key: bytes, source: tuple[str, int], p: DeclinePayload) -> None:
+        rec = self._touch(key)
+        out = self._outgoing.get(p.offer_id)
+        if rec is None or out is None or out.recipient != rec.node_id or out.serving or p.swarm_id != self.swarm_id:
+            return
+        del self._outgoing[p.offer_id]
+        self._drop("offer_declined", rec.node_id, p.reason[:64] if _valid_node_id(p.reason[:64]) else "unspecified")
 
     def _on_control(self, key: bytes, source: tuple[str, int], p: ControlPayload) -> None:
         if not self._running:
