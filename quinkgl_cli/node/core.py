@@ -276,6 +276,7 @@ class Node:
             self._ahead_warned = True
             self._log(logging.WARNING, "behind-swarm", peer=update.sender, peer_round=update.round,
                       hint="this peer is more than max_staleness rounds behind; its updates may be dropped by others")
+        self._log(logging.DEBUG, "update-received", peer=update.sender, update_round=update.round, bytes=len(update.payload))
         with self._inbox_lock:
             old = self._inbox.get(update.sender)
             if old is not None and _order(old) > _order(update):
