@@ -111,6 +111,7 @@ class Events:
         _emit({"event": "lost", "peer": peer.node_id})
 
     def on_model(self, update: ModelReceived) -> None:
+        t, wall = time.perf_counter(), time.time()
         _emit(
             {
                 "event": "model",
@@ -120,8 +121,8 @@ class Events:
                 "sha256": hashlib.sha256(update.payload).hexdigest(),
                 "sample_count": update.sample_count,
                 "meta": update.meta,
-                "t": time.perf_counter(),
-                "wall": time.time(),
+                "t": t,
+                "wall": wall,
             }
         )
 
@@ -209,9 +210,10 @@ async def main(args: argparse.Namespace, audit: Audit | None) -> int:
                 payload = bytes(payload)
                 tampered[id(payload)] = honest
             keep[:] = keep[-8:] + [payload]
+            t0, wall0 = time.perf_counter(), time.time()
             for to in cmd["to"] if isinstance(cmd["to"], list) else [cmd["to"]]:
                 transport.send_model(to, OutgoingUpdate(round=int(cmd.get("round", 1)), payload=payload, sample_count=int(cmd.get("samples", 1)), meta=cmd.get("meta", {})))
-            _emit({"event": "sent", "t": time.perf_counter(), "wall": time.time(), "size": len(payload)})
+            _emit({"event": "sent", "t": t0, "wall": wall0, "size": len(payload)})
         elif op == "message":
             transport.send_message(cmd["to"], cmd["kind"], cmd.get("body", {}))
         elif op == "peers":
