@@ -1,0 +1,69 @@
+"""Byzantine peers for the simulator: an honest node whose outgoing model is replaced on the way out.
+
+The attacker trains and aggregates like everyone else; only what it shares is corrupted. The corruption wraps
+`Node.share`, swapping the model's weights for the malicious ones while the node encodes and sends them and
+restoring them afterwards, so it goes through exactly the node's own send path (compression, privacy, wire).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from quinkgl_cli.errors import UsageError
+from quinkgl_cli.tensors import flatten, load_flat
+
+# signflip: every shared weight negated (the model pulled to the mirror image of the honest one);
+# gaussian: weights replaced by N(0, GAUSSIAN_STD^2) noise; scale: weights multiplied by SCALE_FACTOR.
+ATTACKS = ("signflip", "gaussian", "scale")
+GAUSSIAN_STD = 1.0
+SCALE_FACTOR = 100.0
+
+
+def parse_attackers(text: str | None) -> tuple[int, str]:
+    """``COUNT:KIND`` (e.g. ``4:signflip``) or ``COUNT`` (signflip) into (count, kind)."""
+    if text is None or not text.strip():
+        return 0, "signflip"
+    count_text, _, kind = text.strip().partition(":")
+    kind = kind.strip().lower() or "signflip"
+    hint = f"write it as COUNT:KIND with KIND one of {', '.join(ATTACKS)} (e.g. 4:signflip)"
+    try:
+        count = int(count_text)
+    except ValueError:
+        raise UsageError(f"--attackers {text!r}: {count_text!r} is not a number of peers", hint) from None
+    if count < 0:
+        raise UsageError(f"--attackers {text!r}: the count must not be negative", hint)
+    if kind not in ATTACKS:
+        raise UsageError(f"--attackers {text!r}: unknown attack {kind!r}", hint)
+    return count, kind
+
+
+def corrupt(kind: str, flat: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if kind == "signflip":
+        return -flat
+    if kind == "gaussian":
+        return torch.randn(flat.shape, generator=generator, dtype=torch.float32) * GAUSSIAN_STD
+    if kind == "scale":
+        return flat * SCALE_FACTOR
+    raise ValueError(f"unknown attack {kind!r}")
+
+
+def install_attack(node: Any, kind: str, seed: int) -> None:
+    """Make ``node`` share corrupted weights from now on (its own model stays honest)."""
+    if kind not in ATTACKS:
+        raise ValueError(f"unknown attack {kind!r}")
+    generator = torch.Generator().manual_seed(seed)
+    honest_share: Callable[..., list[str]] = node.share
+
+    def share(*args: Any, **kwargs: Any) -> list[str]:
+        honest = flatten(node.model)
+        load_flat(node.model, corrupt(kind, honest, generator))
+        try:
+            return honest_share(*args, **kwargs)
+        finally:
+            load_flat(node.model, honest)
+
+    node.share = share
+    node.attack = kind

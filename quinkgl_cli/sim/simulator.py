@@ -1,0 +1,455 @@
+"""A whole swarm in one process: N real `Node`s over the in-memory transport, in lockstep virtual time.
+
+Every node is the daemon's own `quinkgl_cli.node.core.Node` (training, topology, encoding, validation,
+aggregation); only the schedule differs. Instead of real intervals, the driver runs each step of a round for all
+nodes, flushes the memory network (`MemoryNetwork.deliver_all`), and advances a virtual clock, so a run never
+waits and is deterministic for a seed.
+
+Modes:
+- ``gossip``: the manifest's aggregation and topology, ``training.gossip_steps`` exchanges per training round and
+  ``training.final_consensus_steps`` averaging-only exchanges after the last round (counted separately).
+- ``fedavg``: the centralized baseline: one aggregator node samples ``clients_per_round`` clients each round, sends
+  them the global model, they train and upload, it averages the uploads (`quinkgl_cli.sim.baseline`).
+- ``local``: every peer trains alone (the lower reference).
+
+Data: the simulator calls the script's ``build_loaders`` once, takes the dataset behind the training loader and
+splits it among the peers by label (`quinkgl_cli.sim.partition`); the validation loader is shared by all peers so
+their accuracies compare. Metrics are those of the model each peer holds at the end of a round (after aggregation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import resource
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+
+from quinkgl_cli.errors import NodeConfigError, UsageError
+from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.core import Node, NodeConfig
+from quinkgl_cli.node.script import PeerScript
+from quinkgl_cli.sim.attacks import install_attack
+from quinkgl_cli.sim.data import materialize, peer_loader
+from quinkgl_cli.sim.baseline import SERVER_ID, AdoptGlobal, SelectedTargets, ServerMean
+from quinkgl_cli.sim.partition import dataset_labels, parse_scheme, partition_indices
+from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
+
+log = logging.getLogger("quinkgl.sim")
+
+Mode = Literal["gossip", "fedavg", "local"]
+MODES: tuple[str, ...] = ("gossip", "fedavg", "local")
+ROUND_SECONDS = 10.0  # virtual seconds a round takes (only timestamps see it)
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Manifest settings replaced for a simulation (flags of `quinkgl simulate`); strings are typed by the schema."""
+
+    aggregation: str | None = None
+    aggregation_params: Mapping[str, str] = field(default_factory=dict)
+    topology: str | None = None
+    topology_params: Mapping[str, str] = field(default_factory=dict)
+    fanout: int | None = None
+    training_params: Mapping[str, str] = field(default_factory=dict)
+    compression_params: Mapping[str, str] = field(default_factory=dict)
+    dp_epsilon: float | None = None
+    byzantine_f: int | None = None
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    peers: int = 20
+    rounds: int = 20
+    partition: str = "iid"
+    seed: int = 0
+    mode: Mode = "gossip"
+    attackers: int = 0
+    attack: str = "signflip"
+    clients_per_round: int = 10  # fedavg mode
+    threads: int = 1  # torch intra-op threads: peers run one after another, so tiny models do best on one
+    script_args: Mapping[str, str] = field(default_factory=dict)
+    overrides: Overrides = field(default_factory=Overrides)
+
+
+@dataclass
+class PeerRound:
+    peer: str
+    val_accuracy: float | None
+    val_loss: float | None
+    loss: float | None
+    samples: int
+    bytes_sent: int
+    bytes_received: int
+    updates_sent: int
+    attacker: bool = False
+
+
+@dataclass
+class RoundSummary:
+    round: int
+    phase: str  # "train" | "consensus"
+    mean_accuracy: float | None
+    min_accuracy: float | None
+    max_accuracy: float | None
+    mean_val_loss: float | None
+    bytes_sent: int
+    model_sends: int
+    seconds: float
+    peers: list[PeerRound]
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    manifest: Manifest
+    swarm_id: str
+    node_ids: list[str]
+    attackers: list[str]
+    rounds: list[RoundSummary]
+    consensus: RoundSummary | None
+    consensus_steps: int
+    gossip_steps: int
+    memory: dict[str, float]
+    timing: dict[str, float]
+
+    @property
+    def final(self) -> RoundSummary:
+        return self.consensus if self.consensus is not None else self.rounds[-1]
+
+
+class VirtualClock:
+    """The transport's and nodes' clock: moves only when the driver says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def apply_overrides(manifest: Manifest, ov: Overrides) -> Manifest:
+    """A copy of ``manifest`` with ``ov`` applied, validated as a whole; bad values are usage errors.
+
+    The copy is unsigned: it exists only inside this process and no peer ever checks it.
+    """
+    from quinkgl_cli.manifest.create import coerce_value
+    from quinkgl_cli.strategies import registry
+
+    data = manifest.model_dump(mode="python")
+    data["signature"] = None
+    for kind, name, params in (
+        ("aggregation", ov.aggregation, ov.aggregation_params),
+        ("topology", ov.topology, ov.topology_params),
+    ):
+        current = data[kind]
+        entry = registry.resolve(kind, name or current["name"])  # type: ignore[arg-type]
+        merged = dict(current["params"]) if entry.name == current["name"] else {}
+        merged.update(params)
+        if kind == "topology" and ov.fanout is not None:
+            if "fanout" not in entry.params.model_fields:
+                raise UsageError(f"--fanout does not apply to {entry.name}", "drop --fanout or pick another topology")
+            merged["fanout"] = ov.fanout
+        data[kind] = {"name": entry.name, "params": registry.validate_params(entry, merged)}
+    for section, params in (("training", ov.training_params), ("compression", ov.compression_params)):
+        if params:
+            data[section] = {**data[section], **{k: coerce_value(v) for k, v in params.items()}}
+    if ov.dp_epsilon is not None:
+        data["privacy"] = {**data["privacy"], "dp_epsilon": ov.dp_epsilon}
+    if ov.byzantine_f is not None:
+        data["byzantine_f"] = ov.byzantine_f
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "manifest"
+        raise UsageError(f"simulation setting {where}: {err['msg']}", "fix the override flag") from exc
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as fh:
+            pages = int(fh.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+class Simulator:
+    """Build once, `run()` once. ``progress`` is called after every round (and after the consensus phase)."""
+
+    def __init__(
+        self,
+        script: PeerScript,
+        manifest: Manifest,
+        config: SimConfig,
+        progress: Callable[[RoundSummary], None] | None = None,
+    ) -> None:
+        if config.peers < 1:
+            raise UsageError(f"--peers {config.peers}: a swarm needs at least one peer", "use --peers 1 or more")
+        if config.rounds < 1:
+            raise UsageError(f"--rounds {config.rounds}: run at least one round", "use --rounds 1 or more")
+        if config.mode not in MODES:
+            raise UsageError(f"unknown mode {config.mode!r}", f"valid: {', '.join(MODES)}")
+        if config.attackers > config.peers:
+            raise UsageError(f"{config.attackers} attackers among {config.peers} peers", "use fewer attackers")
+        if config.mode == "fedavg" and not 1 <= config.clients_per_round <= config.peers:
+            raise UsageError(
+                f"--clients-per-round {config.clients_per_round} with {config.peers} peers", "use 1..peers clients per round"
+            )
+        parse_scheme(config.partition)
+        self.script = script
+        self.config = config
+        self.progress = progress
+        self.manifest = apply_overrides(manifest, config.overrides)
+        from quinkgl_cli.manifest.canonical import swarm_id
+
+        self.swarm_id = swarm_id(self.manifest)
+        self.clock = VirtualClock()
+        self.network = MemoryNetwork(clock=self.clock, auto_deliver=False, seed=config.seed)
+        self.nodes: list[Node] = []
+        self.server: Node | None = None
+        self.attackers: list[str] = []
+        self.memory: dict[str, float] = {}
+        self.timing: dict[str, float] = {}
+        self._rng = random.Random(config.seed)
+
+    # ------------------------------------------------------------------------------------------ building
+    def _shared_data(self) -> tuple[Any, Any, int]:
+        args = dict(self.config.script_args)
+        train_loader, val_loader = self.script.build_loaders(self.manifest, **args)
+        dataset = getattr(train_loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise NodeConfigError(
+                f"the training loader of {self.script.path.name} has no map-style dataset to split among peers",
+                "return a torch DataLoader over a Dataset with __len__ and __getitem__ from build_loaders",
+            )
+        batch_size = getattr(train_loader, "batch_size", None) or 32
+        return dataset, materialize(val_loader), int(batch_size)
+
+    def _node(self, index: int, node_id: str, train: Any, val: Any, seed: int, **strategies: Any) -> Node:
+        # Each peer's model initialisation is independent (as on real devices) but reproducible.
+        torch.manual_seed(seed)
+        args = dict(self.config.script_args)
+        model = self.script.build_model(self.manifest, **args)
+        optimizer = self.script.build_optimizer(self.manifest, model)
+        transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=self.manifest.model.arch_hash)
+        node = Node(
+            NodeConfig(node_id, rounds=self.config.rounds, seed=seed),
+            self.manifest, self.swarm_id, model, train, val, optimizer, transport,
+            hooks=None, clock=self.clock, **strategies,
+        )
+        transport.start_sync(node)
+        return node
+
+    def build(self) -> None:
+        cfg = self.config
+        started = time.perf_counter()
+        dataset, val_loader, batch_size = self._shared_data()
+        labels = dataset_labels(dataset)
+        parts = partition_indices(labels, cfg.peers, cfg.partition, cfg.seed)
+        # One throwaway model and optimizer first: lazy imports (torch.optim pulls in much of torch) would
+        # otherwise count as the first peer's memory.
+        warm = self.script.build_model(self.manifest, **dict(cfg.script_args))
+        self.script.build_optimizer(self.manifest, warm)
+        del warm
+        self.memory["rss_before_build_mb"] = _rss_mb()
+        width = max(3, len(str(cfg.peers - 1)))
+        ids = [f"peer-{i:0{width}d}" for i in range(cfg.peers)]
+        for i, (node_id, idx) in enumerate(zip(ids, parts, strict=True)):
+            seed = cfg.seed * 100_003 + i
+            shuffle = torch.Generator().manual_seed(seed)
+            train = peer_loader(dataset, idx, batch_size, shuffle)
+            strategies: dict[str, Any] = {}
+            if cfg.mode == "fedavg":
+                topo = SelectedTargets(node_id)
+                topo.targets = [SERVER_ID]
+                strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": topo}
+            self.nodes.append(self._node(i, node_id, train, val_loader, seed, **strategies))
+        if cfg.mode == "fedavg":
+            self.server = self._node(
+                cfg.peers, SERVER_ID, [], val_loader, cfg.seed * 100_003 + cfg.peers,
+                aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
+            )
+            # The server trains on nothing; its broadcast carries the whole training set's weight (clients only
+            # check that it is positive, and adopt it).
+            self.server.sample_count = len(dataset)
+        self.network.deliver_all()  # discovery
+        if cfg.attackers:
+            chosen = sorted(self._rng.sample(range(cfg.peers), cfg.attackers))
+            for i in chosen:
+                install_attack(self.nodes[i], cfg.attack, seed=cfg.seed * 7919 + i)
+            self.attackers = [ids[i] for i in chosen]
+        self.memory["rss_after_build_mb"] = _rss_mb()
+        self.memory["per_peer_kb"] = (
+            (self.memory["rss_after_build_mb"] - self.memory["rss_before_build_mb"]) * 1024.0 / cfg.peers
+        )
+        self.timing["build_s"] = time.perf_counter() - started
+
+    # ------------------------------------------------------------------------------------------ running
+    def _exchange(self, nodes: list[Node], step: int) -> None:
+        for node in nodes:
+            node.share(step)
+        self.network.deliver_all()
+        for node in nodes:
+            node.aggregate()
+
+    def _gossip_round(self) -> None:
+        for node in self.nodes:
+            node.begin_round()
+            node.train_round()
+        for step in range(self.manifest.training.gossip_steps):
+            self._exchange(self.nodes, step)
+
+    def _local_round(self) -> None:
+        for node in self.nodes:
+            node.begin_round()
+            node.train_round()
+
+    def _fedavg_round(self) -> None:
+        assert self.server is not None
+        server = self.server
+        server.begin_round()
+        for node in self.nodes:
+            node.begin_round()
+        sampled = sorted(self._rng.sample(range(len(self.nodes)), self.config.clients_per_round))
+        chosen = [self.nodes[i] for i in sampled]
+        topo = server.topology
+        assert isinstance(topo, SelectedTargets)
+        topo.targets = [n.node_id for n in chosen]
+        server.share(0)
+        self.network.deliver_all()
+        for node in chosen:
+            if node.aggregate() is not None:
+                # A fresh local optimizer per participation, as FedAvg clients start from the global model anew.
+                node.optimizer.state.clear()
+            node.train_round()
+            node.share(0)
+        self.network.deliver_all()
+        server.aggregate()
+
+    def _summarize(self, round_idx: int, phase: str, started: float, reporting: list[Node],
+                   metrics: dict[str, dict[str, Any]]) -> RoundSummary:
+        attackers = set(self.attackers)
+        peers: list[PeerRound] = []
+        for node in reporting:
+            m = metrics.get(node.node_id, {})
+            peers.append(PeerRound(
+                peer=node.node_id,
+                val_accuracy=m.get("val_accuracy"),
+                val_loss=m.get("val_loss"),
+                loss=m.get("loss"),
+                samples=int(m.get("samples") or node.sample_count),
+                bytes_sent=int(m.get("bytes_sent", 0)),
+                bytes_received=int(m.get("bytes_received", 0)),
+                updates_sent=int(m.get("updates_sent", 0)),
+                attacker=node.node_id in attackers,
+            ))
+        honest = [p for p in peers if not p.attacker]
+        accs = [p.val_accuracy for p in honest if p.val_accuracy is not None]
+        losses = [p.val_loss for p in honest if p.val_loss is not None]
+        every = self.nodes + ([self.server] if self.server is not None else [])
+        sent = sum(int(metrics.get(n.node_id, {}).get("bytes_sent", 0)) for n in every)
+        sends = sum(int(metrics.get(n.node_id, {}).get("updates_sent", 0)) for n in every)
+        return RoundSummary(
+            round=round_idx, phase=phase,
+            mean_accuracy=_mean(accs), min_accuracy=min(accs) if accs else None, max_accuracy=max(accs) if accs else None,
+            mean_val_loss=_mean(losses), bytes_sent=sent, model_sends=sends,
+            seconds=time.perf_counter() - started, peers=peers,
+        )
+
+    def _consensus(self) -> RoundSummary | None:
+        steps = self.manifest.training.final_consensus_steps
+        if self.config.mode != "gossip" or steps == 0:
+            return None
+        started = time.perf_counter()
+        before = {n.node_id: (n.transport.stats.bytes_sent, n.transport.stats.bytes_received, n.transport.stats.models_sent)
+                  for n in self.nodes}
+        first_step = self.manifest.training.gossip_steps
+        for s in range(steps):
+            self._exchange(self.nodes, first_step + s)
+        metrics: dict[str, dict[str, Any]] = {}
+        for node in self.nodes:
+            val_loss, val_acc = node.evaluate()
+            st = node.transport.stats
+            b = before[node.node_id]
+            metrics[node.node_id] = {
+                "val_loss": val_loss, "val_accuracy": val_acc, "samples": node.sample_count,
+                "bytes_sent": st.bytes_sent - b[0], "bytes_received": st.bytes_received - b[1],
+                "updates_sent": st.models_sent - b[2],
+            }
+        return self._summarize(self.config.rounds, "consensus", started, self.nodes, metrics)
+
+    def run(self) -> SimResult:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.config.threads)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> SimResult:
+        if not self.nodes:
+            self.build()
+        cfg = self.config
+        started = time.perf_counter()
+        summaries: list[RoundSummary] = []
+        step = {"gossip": self._gossip_round, "fedavg": self._fedavg_round, "local": self._local_round}[cfg.mode]
+        for r in range(1, cfg.rounds + 1):
+            round_started = time.perf_counter()
+            self.clock.advance(ROUND_SECONDS)
+            step()
+            metrics: dict[str, dict[str, Any]] = {}
+            every = self.nodes + ([self.server] if self.server is not None else [])
+            for node in every:
+                if cfg.mode != "fedavg" or node is self.server:
+                    node.evaluate()
+                metrics[node.node_id] = node.end_round().as_dict()
+            reporting = [self.server] if self.server is not None else self.nodes
+            summary = self._summarize(r, "train", round_started, reporting, metrics)
+            summaries.append(summary)
+            log.info("sim-round round=%d mean_accuracy=%s min_accuracy=%s", r, summary.mean_accuracy, summary.min_accuracy)
+            if self.progress is not None:
+                self.progress(summary)
+        consensus = self._consensus()
+        if consensus is not None and self.progress is not None:
+            self.progress(consensus)
+        self.timing["run_s"] = time.perf_counter() - started
+        self.timing["seconds_per_round"] = self.timing["run_s"] / cfg.rounds
+        self.memory["rss_end_mb"] = _rss_mb()
+        self.memory["peak_rss_mb"] = _peak_rss_mb()
+        for node in self.nodes + ([self.server] if self.server is not None else []):
+            node.transport.stop_sync()  # type: ignore[attr-defined]
+        return SimResult(
+            config=cfg, manifest=self.manifest, swarm_id=self.swarm_id,
+            node_ids=[n.node_id for n in self.nodes], attackers=list(self.attackers),
+            rounds=summaries, consensus=consensus,
+            consensus_steps=self.manifest.training.final_consensus_steps if consensus is not None else 0,
+            gossip_steps=self.manifest.training.gossip_steps if cfg.mode == "gossip" else 0,
+            memory=dict(self.memory), timing=dict(self.timing),
+        )
+
+
+def simulate(script: PeerScript, manifest: Manifest, config: SimConfig,
+             progress: Callable[[RoundSummary], None] | None = None) -> SimResult:
+    """Build and run one simulation."""
+    sim = Simulator(script, manifest, config, progress)
+    return sim.run()
+
