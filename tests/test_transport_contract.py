@@ -275,3 +275,197 @@ def test_stopped_peer_is_reported_lost(kind, tmp_path):
         assert a.stats.dropped == 1
 
     run_cluster(kind, tmp_path, body)
+
+
+# -- IPv8-only properties (identity, binding, guard, hostile input) ----------------------------------------------------
+import os  # noqa: E402
+import socket  # noqa: E402
+import stat  # noqa: E402
+
+from quinkgl_cli.errors import CryptoError  # noqa: E402
+
+
+def _ipv8(tmp_path, name, **kw):
+    from quinkgl_cli.transport.ipv8 import IPv8Transport
+
+    kw.setdefault("swarm_id", "sha256:" + "ab" * 32)
+    kw.setdefault("arch_hash", "sha256:" + "cd" * 32)
+    kw.setdefault("walk_interval", 0.2)
+    return IPv8Transport(node_id=name, state_dir=tmp_path / name, **kw)
+
+
+def test_ipv8_identity_is_private_and_survives_restart(tmp_path):
+    async def main():
+        t = _ipv8(tmp_path, "a")
+        await t.start(Recorder())
+        first = t.public_key
+        await t.stop()
+        key_file = tmp_path / "a" / "transport_key.bin"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+        again = _ipv8(tmp_path, "a")
+        await again.start(Recorder())
+        assert again.public_key == first
+        await again.stop()
+        os.chmod(key_file, 0o644)
+        with pytest.raises(CryptoError, match="readable by others"):
+            await _ipv8(tmp_path, "a").start(Recorder())
+
+    asyncio.run(main())
+
+
+def test_ipv8_taken_port_is_an_error_not_a_silent_move(tmp_path):
+    async def main():
+        busy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        try:
+            with pytest.raises(NetworkError, match=f"cannot bind UDP 127.0.0.1:{port}"):
+                await _ipv8(tmp_path, "a", port=port).start(Recorder())
+        finally:
+            busy.close()
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(1)
+        port = tcp.getsockname()[1]
+        try:
+            with pytest.raises(NetworkError, match=f"cannot bind TCP 127.0.0.1:{port}"):
+                await _ipv8(tmp_path, "b", port=port).start(Recorder())
+        finally:
+            tcp.close()
+        t = _ipv8(tmp_path, "c", port=port)
+        await t.start(Recorder())
+        assert t.address == ("127.0.0.1", port) and t.tcp_port == port
+        await t.stop()
+
+    asyncio.run(main())
+
+
+def test_ipv8_refuses_off_loopback_configuration(tmp_path):
+    with pytest.raises(NetworkError, match="not on loopback"):
+        _ipv8(tmp_path, "a", bootstrap=["192.168.1.5:7001"])
+    with pytest.raises(NetworkError, match="non-loopback listen address"):
+        _ipv8(tmp_path, "a", enable_lan_discovery=True)
+    with pytest.raises(NetworkError, match="non-loopback listen address"):
+        _ipv8(tmp_path, "a", enable_public_bootstrap=True)
+    with pytest.raises(NetworkError, match="not host:port"):
+        _ipv8(tmp_path, "a", bootstrap=["127.0.0.1"])
+    with pytest.raises(NetworkError, match="not an IP address"):
+        _ipv8(tmp_path, "a", listen_host="localhost")
+
+
+def test_ipv8_community_id_comes_from_the_swarm(tmp_path):
+    from quinkgl_cli.transport.ipv8.community import community_id_for
+
+    async def main():
+        a = _ipv8(tmp_path, "a", swarm_id="sha256:" + "11" * 32)
+        b = _ipv8(tmp_path, "b", swarm_id="sha256:" + "22" * 32)
+        await a.start(Recorder())
+        await b.start(Recorder())
+        try:
+            assert a.community_id == community_id_for("sha256:" + "11" * 32)
+            assert b.community_id == community_id_for("sha256:" + "22" * 32)
+            assert a.community_id != b.community_id
+            assert a._community.get_prefix()[2:] == a.community_id
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
+
+
+def test_ipv8_guard_drops_non_loopback_datagrams(tmp_path, monkeypatch):
+    sent: list = []
+    original = socket.socket.sendto
+
+    def spy(sock, data, *args):
+        sent.append(args[-1])
+        return original(sock, data, *args)
+
+    async def main():
+        t = _ipv8(tmp_path, "a")
+        await t.start(Recorder())
+        monkeypatch.setattr(socket.socket, "sendto", spy)
+        try:
+            t._endpoint.send(("10.0.0.7", 7001), b"x")
+            t._endpoint.send(("example.org", 7001), b"x")
+            t._community.walk_to(("192.168.0.9", 7001))
+            t._endpoint.send(("127.0.0.1", t.address[1]), b"to myself")
+            await asyncio.sleep(0)
+        finally:
+            monkeypatch.undo()
+            await t.stop()
+        assert t.guard.blocked == 3
+        assert [a[0] for a in sent] == ["127.0.0.1"]
+
+    asyncio.run(main())
+
+
+def test_ipv8_malformed_packets_are_logged_once_and_ignored(tmp_path, caplog):
+    async def body(c: Cluster):
+        a, ra = await c.add("a")
+        b, rb = await c.add("b")
+        await c.meet(["a", "b"])
+        prefix = a._community.get_prefix()
+        junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        junk.bind(("127.0.0.1", 0))
+        try:
+            with caplog.at_level(logging.DEBUG):
+                for msg_id in (1, 2, 3, 4, 5, 99):
+                    for _ in range(3):
+                        junk.sendto(prefix + bytes([msg_id]) + os.urandom(40), a.address)
+                junk.sendto(b"not ipv8 at all", a.address)
+                await wait_until(lambda: a.stats.dropped >= 18, what="junk to be counted")
+        finally:
+            junk.close()
+        refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("packet_refused") and r.levelno >= logging.WARNING]
+        assert len(refused) == 2, refused  # once per (source, reason): malformed, unknown_message
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        a.send_model("b", _upd(round_=1))
+        await wait_until(lambda: rb.models, what="model after junk")
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_ipv8_only_the_recipient_can_fetch(tmp_path, caplog):
+    from ipv8.keyvault.crypto import default_eccrypto
+
+    from quinkgl_cli.transport.ipv8 import stream
+
+    async def steal(thief, owner, offer_id, signer_key, nonce_override=None):
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stream.tune(sock)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", owner.tcp_port))
+            _, _, nonce = stream.CHALLENGE.unpack(await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3))
+            statement = stream.fetch_statement(owner.community_id, offer_id, nonce_override or nonce, owner._key.pub().key_to_bin())
+            sig = default_eccrypto.create_signature(signer_key, statement)
+            await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, offer_id, len(sig)) + sig)
+            status, size = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, 3))
+            return status, size
+        finally:
+            sock.close()
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a")
+        b, rb = await c.add("b")
+        thief, _ = await c.add("c")
+        await c.meet(["a", "b", "c"])
+        gate = asyncio.Semaphore(0)
+        b._fetch_slots = gate  # b is busy: the offer waits, unfetched, while the thief tries
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            a.send_model("b", _upd(round_=1, payload=b"secret weights" * 1000))
+            await wait_until(lambda: a._outgoing, what="offer registered")
+            (offer_id,) = list(a._outgoing)
+            assert await steal(thief, a, offer_id, thief._key) == (stream.NOT_RECIPIENT, 0)
+            # a signature by the real recipient, but over another connection's challenge, is useless too
+            assert await steal(thief, a, offer_id, b._key, nonce_override=b"\0" * 32) == (stream.NOT_RECIPIENT, 0)
+            assert await steal(thief, a, os.urandom(20), thief._key) == (stream.UNKNOWN_OFFER, 0)
+        assert caplog.text.count("reason=not_recipient") == 1
+        assert rb.models == []
+        gate.release()
+        await wait_until(lambda: rb.models, what="the recipient's own fetch")
+        assert bytes(rb.models[0].payload) == b"secret weights" * 1000
+
+    run_cluster("ipv8", tmp_path, body)

@@ -38,7 +38,7 @@ class ModelReceived:
 
     sender: str  # node id
     round: int
-    payload: bytes
+    payload: bytes | bytearray  # IPv8 hands over its fetch buffer (a bytearray) without copying it
     sample_count: int
     encoding: str
     meta: dict[str, ControlValue]

@@ -321,6 +321,7 @@ class IPv8Transport(Transport):
         if self._endpoint is not None:
             self._endpoint.close()
             self._endpoint = None
+            await asyncio.sleep(0)  # the datagram transport releases its socket on the next loop pass
         self._peers.clear()
         self._node_by_key.clear()
         self._outgoing.clear()
@@ -638,7 +639,7 @@ class IPv8Transport(Transport):
         assert self._loop is not None and self._serve_slots is not None and self._community is not None
         loop = self._loop
         out: _Outgoing | None = None
-        label = f"{addr[0]}:{addr[1]}"
+        label = addr[0]  # the source port of a TCP connection is random: it names nobody
         async with self._serve_slots:
             try:
                 stream.tune(conn)
@@ -658,7 +659,7 @@ class IPv8Transport(Transport):
                 statement = stream.fetch_statement(self._community.community_id, offer_id, nonce, my_key)
                 if not default_eccrypto.is_valid_signature(out.recipient_key, statement, signature):
                     await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.NOT_RECIPIENT, 0))
-                    label = f"{addr[0]}:{addr[1]}"
+                    label = addr[0]  # the source port of a TCP connection is random: it names nobody
                     out = None
                     raise stream.FetchError("not_recipient")
                 if out.serving:
