@@ -15,6 +15,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help and usage errors: rendering them with rich costs ~40% of `quinkgl --help`'s start-up, and
+    # one-line "Error: ..." messages suit scripts better than boxed panels (benchmarks/bench_cli.py).
+    rich_markup_mode=None,
 )
 
 

@@ -15,6 +15,7 @@ manifest_app = typer.Typer(
     help="Create, verify and inspect signed swarm manifests (.qgl).",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 _PASSPHRASE_HELP = "Passphrase of the --sign-with key, first line of this file (else $QUINKGL_KEY_PASSPHRASE)."
@@ -25,21 +26,21 @@ _KV = "K=V"
 
 @manifest_app.command("create")
 def create(
-    name: Annotated[str, typer.Option("--name", help="Swarm name (letters, digits, . _ -); TOFU remembers its creator.")],
+    name: Annotated[str, typer.Option("--name", metavar="NAME", help="Swarm name (letters, digits, . _ -); TOFU remembers its creator.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Manifest file to write (.qgl).", metavar="FILE")],
-    aggregation: Annotated[str, typer.Option("--aggregation", help="Aggregation strategy, e.g. FedAvg, Krum, TrimmedMean.")],
-    topology: Annotated[str, typer.Option("--topology", help="Peer selection, e.g. RandomTopology, CyclonTopology.")],
-    task_type: Annotated[str, typer.Option("--task-type", help="class | regr | seg | det (long forms accepted).")],
-    label_type: Annotated[str, typer.Option("--label-type", help="integer | float | one_hot.")],
+    aggregation: Annotated[str, typer.Option("--aggregation", metavar="NAME", help="Aggregation strategy, e.g. FedAvg, Krum, TrimmedMean.")],
+    topology: Annotated[str, typer.Option("--topology", metavar="NAME", help="Peer selection, e.g. RandomTopology, CyclonTopology.")],
+    task_type: Annotated[str, typer.Option("--task-type", metavar="TYPE", help="class | regr | seg | det (long forms accepted).")],
+    label_type: Annotated[str, typer.Option("--label-type", metavar="TYPE", help="integer | float | one_hot.")],
     input_shape: Annotated[
-        str | None, typer.Option("--input-shape", help="Per-sample input shape, e.g. 1,28,28 (--from-script may infer it).")
+        str | None, typer.Option("--input-shape", metavar="SHAPE", help="Per-sample input shape, e.g. 1,28,28 (--from-script may infer it).")
     ] = None,
     output_shape: Annotated[
-        str | None, typer.Option("--output-shape", help="Model output shape, e.g. 10 (--from-script infers it).")
+        str | None, typer.Option("--output-shape", metavar="SHAPE", help="Model output shape, e.g. 10 (--from-script infers it).")
     ] = None,
-    model_framework: Annotated[str, typer.Option("--model-framework", help="pytorch | tensorflow | custom.")] = "pytorch",
+    model_framework: Annotated[str, typer.Option("--model-framework", metavar="NAME", help="pytorch | tensorflow | custom.")] = "pytorch",
     model_arch_hash: Annotated[
-        str | None, typer.Option("--model-arch-hash", help="sha256:<hex> of the model structure (or use --from-script).")
+        str | None, typer.Option("--model-arch-hash", metavar="HASH", help="sha256:<hex> of the model structure (or use --from-script).")
     ] = None,
     from_script: Annotated[
         Path | None,
@@ -50,13 +51,13 @@ def create(
         Path | None, typer.Option("--sign-with", help="Creator private key (PEM) to sign with; without it the manifest is unsigned.", metavar="KEY")
     ] = None,
     passphrase_file: Annotated[Path | None, typer.Option("--passphrase-file", help=_PASSPHRASE_HELP, metavar="FILE")] = None,
-    round_limit: Annotated[int | None, typer.Option("--round-limit", help="Maximum number of rounds.")] = None,
-    byzantine_f: Annotated[int, typer.Option("--byzantine-f", help="Number of Byzantine peers to tolerate.")] = 0,
+    round_limit: Annotated[int | None, typer.Option("--round-limit", metavar="N", help="Maximum number of rounds.")] = None,
+    byzantine_f: Annotated[int, typer.Option("--byzantine-f", metavar="N", help="Number of Byzantine peers to tolerate.")] = 0,
     expires_at: Annotated[
-        str | None, typer.Option("--expires-at", help="Expiry: a date (valid through that day, UTC) or an ISO 8601 time.")
+        str | None, typer.Option("--expires-at", metavar="DATE", help="Expiry: a date (valid through that day, UTC) or an ISO 8601 time.")
     ] = None,
-    bootstrap_peer: Annotated[list[str] | None, typer.Option("--bootstrap-peer", help="host:port of a peer to contact first (repeatable).")] = None,
-    description: Annotated[str, typer.Option("--description", help="Free text shown by `manifest show`.")] = "",
+    bootstrap_peer: Annotated[list[str] | None, typer.Option("--bootstrap-peer", metavar="HOST:PORT", help="host:port of a peer to contact first (repeatable).")] = None,
+    description: Annotated[str, typer.Option("--description", metavar="TEXT", help="Free text shown by `manifest show`.")] = "",
     aggregation_param: Annotated[list[str] | None, typer.Option("--aggregation-param", help="Aggregation parameter (repeatable).", metavar=_KV)] = None,
     topology_param: Annotated[list[str] | None, typer.Option("--topology-param", help="Topology parameter (repeatable).", metavar=_KV)] = None,
     training_param: Annotated[
@@ -68,11 +69,11 @@ def create(
     privacy_param: Annotated[
         list[str] | None, typer.Option("--privacy-param", help="fingerprint, fingerprint_noise, gradient_moments (repeatable).", metavar=_KV)
     ] = None,
-    dp_epsilon: Annotated[float | None, typer.Option("--dp-epsilon", help="Local DP epsilon per shared update (unset: DP off).")] = None,
-    dp_delta: Annotated[float | None, typer.Option("--dp-delta", help="Local DP delta (default 1e-5).")] = None,
-    dp_clip_norm: Annotated[float | None, typer.Option("--dp-clip-norm", help="L2 clip of each shared update (default 1.0).")] = None,
+    dp_epsilon: Annotated[float | None, typer.Option("--dp-epsilon", metavar="X", help="Local DP epsilon per shared update (unset: DP off).")] = None,
+    dp_delta: Annotated[float | None, typer.Option("--dp-delta", metavar="X", help="Local DP delta (default 1e-5).")] = None,
+    dp_clip_norm: Annotated[float | None, typer.Option("--dp-clip-norm", metavar="X", help="L2 clip of each shared update (default 1.0).")] = None,
     dp_total_epsilon: Annotated[
-        float | None, typer.Option("--dp-total-epsilon", help="Privacy budget; a peer stops sharing once it is spent.")
+        float | None, typer.Option("--dp-total-epsilon", metavar="X", help="Privacy budget; a peer stops sharing once it is spent.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
 ) -> None:
@@ -175,7 +176,7 @@ def verify(
         list[str] | None,
         typer.Option("--trusted-pubkey", help="Creator key to accept, ed25519:<hex> or a file holding it (repeatable).", metavar="KEY"),
     ] = None,
-    trust_policy: Annotated[str | None, typer.Option("--trust-policy", help=_TRUST_HELP)] = None,
+    trust_policy: Annotated[str | None, typer.Option("--trust-policy", metavar="POLICY", help=_TRUST_HELP)] = None,
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help=_STATE_HELP, metavar="DIR")] = None,
 ) -> None:
     """Check a manifest's schema, signature, expiry and trust policy; exit 0 only if a peer may use it."""

@@ -1,0 +1,90 @@
+"""Start-up cost of the light commands: median wall time of `quinkgl --help`, `keygen` and `manifest verify`.
+
+Each run is a fresh process of the installed console script, as a user types it. Goal: under 0.25 s each.
+
+    python benchmarks/bench_cli.py [--runs N] [--quick] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GOAL_S = 0.25
+
+
+def _quinkgl() -> list[str]:
+    beside = Path(sys.executable).with_name("quinkgl")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("quinkgl")
+    return [found] if found else [sys.executable, "-m", "quinkgl_cli"]
+
+
+def _time(cmd: list[str], cwd: Path, env: dict[str, str], runs: int, before=None) -> list[float]:  # noqa: ANN001
+    samples = []
+    for i in range(runs):
+        if before is not None:
+            before(i)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        samples.append(time.perf_counter() - start)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.decode().strip()}")
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="5 runs each")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "cli.json")
+    args = parser.parse_args()
+    runs = 5 if args.quick else args.runs
+    exe = _quinkgl()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        env = dict(os.environ, QUINKGL_HOME=str(work / "home"))
+        subprocess.run([*exe, "keygen", "--output", "creator.key"], cwd=work, env=env, check=True, capture_output=True)
+        pub = subprocess.run(
+            [*exe, "keygen", "--show-public", "creator.key"], cwd=work, env=env, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        subprocess.run(
+            [*exe, "manifest", "create", "--name", "bench", "--task-type", "class", "--input-shape", "1,28,28",
+             "--output-shape", "10", "--label-type", "integer", "--model-framework", "pytorch",
+             "--model-arch-hash", "sha256:" + "ab" * 32, "--aggregation", "FedAvg", "--topology", "RandomTopology",
+             "--sign-with", "creator.key", "--output", "bench.qgl"],
+            cwd=work, env=env, check=True, capture_output=True,
+        )  # fmt: skip
+
+        def fresh_key(i: int) -> None:
+            (work / f"k{i}.key").unlink(missing_ok=True)
+
+        cases = {
+            "python_startup": _time([sys.executable, "-c", "pass"], work, env, runs),
+            "help": _time([*exe, "--help"], work, env, runs),
+            "keygen": _time([*exe, "keygen", "--output", "k.key", "--force"], work, env, runs),
+            "manifest_verify": _time([*exe, "manifest", "verify", "bench.qgl", "--trusted-pubkey", pub], work, env, runs),
+        }
+    results = {
+        name: {"median_s": round(statistics.median(s), 4), "min_s": round(min(s), 4), "runs": len(s)} for name, s in cases.items()
+    }
+    for name, r in results.items():
+        mark = "" if name == "python_startup" else ("  ok" if r["median_s"] < GOAL_S else f"  OVER {GOAL_S}s goal")
+        print(f"{name:16s} median {r['median_s'] * 1000:7.1f} ms  min {r['min_s'] * 1000:7.1f} ms  ({r['runs']} runs){mark}")
+    doc = {"goal_s": GOAL_S, "command": exe, "python": sys.version.split()[0], "cpus": os.cpu_count(), "results": results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

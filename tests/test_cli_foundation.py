@@ -1,0 +1,219 @@
+"""keygen -> manifest create -> verify/show through the real `quinkgl` console script, with exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quinkgl_cli import keys
+from quinkgl_cli.manifest.io import MAX_MANIFEST_BYTES
+from tests.helpers_manifest import expired_manifest, make_manifest, write
+
+REPO = Path(__file__).resolve().parents[1]
+_SCRIPT = Path(sys.executable).with_name("quinkgl")
+QUINKGL = [str(_SCRIPT)] if _SCRIPT.exists() else [shutil.which("quinkgl") or "quinkgl"]
+
+GUIDE_FLAGS = [
+    "--task-type", "class", "--input-shape", "1,28,28", "--output-shape", "10", "--label-type", "integer",
+    "--model-framework", "pytorch",
+    "--model-arch-hash", "sha256:40f4a106862aa557fdbeb62a0daaa87f2b031acf93a2f9d2028e481c9607b3a5",
+    "--aggregation", "EntropyWeightedAvg", "--topology", "AffinityTopology",
+]  # fmt: skip
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*QUINKGL, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_round_trip_through_console_script(tmp_path: Path) -> None:
+    gen = cli("keygen", "--output", "creator.key", cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr
+    lines = gen.stdout.splitlines()
+    assert lines[0].startswith("Private key written with 0600 permissions. Treat this file as a secret")
+    pub = lines[-1]
+    assert pub.startswith("ed25519:") and len(pub) == 8 + 64
+    key_file = tmp_path / "creator.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+    shown = cli("keygen", "--show-public", "creator.key", cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout.strip() == pub
+
+    again = cli("keygen", "--output", "creator.key", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--force" in again.stderr
+    assert keys.public_key_text(keys.load_private_key(key_file)) == pub
+
+    created = cli(
+        "manifest", "create", "--name", "demo-5peer", *GUIDE_FLAGS, "--sign-with", "creator.key", "--output", "demo.qgl",
+        "--round-limit", "100", "--byzantine-f", "1", "--expires-at", "2099-12-31", "--bootstrap-peer", "127.0.0.1:7001",
+        "--aggregation-param", "entropy_floor=0.2", "--topology-param", "fanout=4", "--compression-param", "top_k_ratio=0.1",
+        "--dp-epsilon", "4", "--training-param", "local_epochs=2", "--description", "guide demo",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    swarm = next(line for line in created.stdout.splitlines() if line.startswith("Swarm ID: "))
+
+    verified = cli("manifest", "verify", "demo.qgl", "--trusted-pubkey", pub, cwd=tmp_path)
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.splitlines()[:3] == ["Manifest valid.", swarm, "Signature: valid"]
+    assert "Trust: pinned" in verified.stdout
+
+    state = tmp_path / "state"
+    first = cli("manifest", "verify", "demo.qgl", "--trust-policy", "tofu", "--state-dir", str(state), cwd=tmp_path)
+    assert first.returncode == 0 and "remembered on first use" in first.stdout
+    assert stat.S_IMODE((state / "tofu.json").stat().st_mode) == 0o600
+
+    shown_json = cli("manifest", "show", "demo.qgl", "--json", cwd=tmp_path)
+    doc = json.loads(shown_json.stdout)
+    assert doc["swarm_id"] == swarm.removeprefix("Swarm ID: ") and doc["signature_status"] == "valid"
+    m = doc["manifest"]
+    assert m["aggregation"] == {"name": "EntropyWeightedAvg", "params": {"entropy_floor": 0.2}}
+    assert m["topology"] == {"name": "AffinityTopology", "params": {"fanout": 4}}
+    assert (m["round_limit"], m["byzantine_f"], m["bootstrap_peers"]) == (100, 1, ["127.0.0.1:7001"])
+    assert m["expires_at"] == "2099-12-31T23:59:59Z" and m["compression"]["top_k_ratio"] == 0.1
+    assert m["privacy"]["dp_epsilon"] == 4.0 and m["training"]["local_epochs"] == 2
+    assert m["creator_pubkey"] == pub and m["task"]["type"] == "classification"
+
+    human = cli("manifest", "show", "demo.qgl", cwd=tmp_path)
+    assert human.returncode == 0 and "EntropyWeightedAvg" in human.stdout and pub in human.stdout
+
+    # Re-signed by someone else under the same name: tofu (after first sight) and pinned refuse it.
+    assert cli("keygen", "--output", "attacker.key", cwd=tmp_path).returncode == 0
+    forged = cli("manifest", "create", "--name", "demo-5peer", *GUIDE_FLAGS, "--sign-with", "attacker.key", "--output", "forged.qgl", cwd=tmp_path)
+    assert forged.returncode == 0, forged.stderr
+    tofu = cli("manifest", "verify", "forged.qgl", "--trust-policy", "tofu", "--state-dir", str(state), cwd=tmp_path)
+    assert tofu.returncode == 4 and tofu.stderr.startswith("error: ") and "first seen" in tofu.stderr
+    pinned = cli("manifest", "verify", "forged.qgl", "--trusted-pubkey", pub, cwd=tmp_path)
+    assert pinned.returncode == 4 and "not a trusted key" in pinned.stderr
+
+    # Tampered content: exit 3, one line.
+    obj = json.loads((tmp_path / "demo.qgl").read_text())
+    obj["round_limit"] = 101
+    (tmp_path / "tampered.qgl").write_text(json.dumps(obj))
+    tampered = cli("manifest", "verify", "tampered.qgl", cwd=tmp_path)
+    assert tampered.returncode == 3 and len(tampered.stderr.strip().splitlines()) == 1
+
+
+def test_unsigned_expired_malformed_oversized_missing(tmp_path: Path) -> None:
+    write(tmp_path / "unsigned.qgl", make_manifest())
+    plain = cli("manifest", "verify", "unsigned.qgl", cwd=tmp_path)
+    assert plain.returncode == 0 and "Signature: none (unsigned manifest)" in plain.stdout
+    pub = keys.public_key_text(keys.generate())
+    required = cli("manifest", "verify", "unsigned.qgl", "--trusted-pubkey", pub, cwd=tmp_path)
+    assert required.returncode == 4 and "unsigned" in required.stderr
+
+    key = keys.generate()
+    write(tmp_path / "expired.qgl", expired_manifest(key))
+    expired = cli("manifest", "verify", "expired.qgl", "--trusted-pubkey", keys.public_key_text(key), cwd=tmp_path)
+    assert expired.returncode == 4 and "expired" in expired.stderr
+
+    (tmp_path / "bad.qgl").write_text("{oops")
+    assert cli("manifest", "verify", "bad.qgl", cwd=tmp_path).returncode == 1
+    with open(tmp_path / "big.qgl", "wb") as fh:
+        fh.truncate(MAX_MANIFEST_BYTES + 1)
+    big = cli("manifest", "verify", "big.qgl", cwd=tmp_path)
+    assert big.returncode == 1 and "1 MiB" in big.stderr
+    assert cli("manifest", "verify", "missing.qgl", cwd=tmp_path).returncode == 2
+    assert cli("manifest", "verify", "unsigned.qgl", "--no-such-flag", cwd=tmp_path).returncode == 1
+
+
+def test_passphrase_protected_key(tmp_path: Path) -> None:
+    env = dict(os.environ, QUINKGL_KEY_PASSPHRASE="s3cret words")
+    gen = cli("keygen", "--output", "locked.key", cwd=tmp_path, env=env)
+    assert gen.returncode == 0 and "passphrase-protected" in gen.stdout
+    assert b"ENCRYPTED" in (tmp_path / "locked.key").read_bytes()
+    no_pp = {k: v for k, v in os.environ.items() if k != "QUINKGL_KEY_PASSPHRASE"}
+    args = ["manifest", "create", "--name", "locked", *GUIDE_FLAGS, "--sign-with", "locked.key", "--output", "l.qgl"]
+    refused = cli(*args, cwd=tmp_path, env=no_pp)
+    assert refused.returncode == 3 and "passphrase" in refused.stderr
+    (tmp_path / "pp.txt").write_text("s3cret words\n")
+    assert cli(*args, "--passphrase-file", "pp.txt", cwd=tmp_path, env=no_pp).returncode == 0
+
+
+_PEER_SCRIPT = """
+import torch.nn as nn
+
+def build_model(manifest, **kwargs):
+    assert manifest is None
+    act = nn.Tanh if kwargs.get("act") == "tanh" else nn.ReLU
+    return nn.Sequential(nn.Linear(64, 16), act(), nn.Linear(16, 10))
+
+def build_loaders(manifest, **kwargs):
+    return [], []
+"""
+
+
+def test_from_script_and_arch_hash(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from quinkgl_cli.cli.app import main
+    from quinkgl_cli.errors import ArchMismatch
+
+    (tmp_path / "peer_script.py").write_text(_PEER_SCRIPT)
+    # One real process (torch import is the slow part); the other checks run the same CLI code in-process.
+    created = cli(
+        "manifest", "create", "--name", "digits", "--task-type", "class", "--label-type", "integer",
+        "--aggregation", "fedavg", "--topology", "randomtopology", "--from-script", "peer_script.py",
+        "--script-arg", "act=tanh", "--output", "digits.qgl", cwd=tmp_path,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    m = json.loads((tmp_path / "digits.qgl").read_text())
+    assert (m["task"]["input_shape"], m["task"]["output_shape"]) == ([64], [10])
+    assert (m["aggregation"]["name"], m["topology"]["name"]) == ("FedAvg", "RandomTopology")
+
+    monkeypatch.chdir(tmp_path)
+    hashes = {}
+    for act in ("tanh", "relu"):
+        with pytest.raises(SystemExit) as done:
+            main(["manifest", "arch-hash", "--script", "peer_script.py", "--script-arg", f"act={act}"])
+        assert done.value.code in (0, None)
+        hashes[act] = capsys.readouterr().out.strip()
+    assert hashes["tanh"].startswith("sha256:") and hashes["tanh"] != hashes["relu"]
+    assert m["model"]["arch_hash"] == hashes["tanh"]
+    with pytest.raises(SystemExit) as refused:
+        main([
+            "manifest", "create", "--name", "digits", "--task-type", "class", "--label-type", "integer",
+            "--aggregation", "fedavg", "--topology", "randomtopology", "--from-script", "peer_script.py",
+            "--model-arch-hash", hashes["relu"], "--script-arg", "act=tanh", "--output", "d2.qgl",
+        ])  # fmt: skip
+    assert refused.value.code == int(ArchMismatch.code) == 5
+    assert "differs from the hash" in capsys.readouterr().err
+    assert not (tmp_path / "d2.qgl").exists()
+
+
+_PROBE = """
+import sys
+from quinkgl_cli.cli.app import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("torch", "ipv8", "numpy", "rich") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy), "CODE=" + str(code))
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["keygen", "--output", "k.key"],
+        ["manifest", "verify", "m.qgl"],
+        ["manifest", "create", "--name", "n", *GUIDE_FLAGS, "--output", "n.qgl"],
+    ],
+)
+def test_light_commands_import_no_heavy_modules(tmp_path: Path, args: list[str]) -> None:
+    write(tmp_path / "m.qgl", make_manifest())
+    out = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.endswith("CODE=0") or last.endswith("CODE=None"), out.stdout + out.stderr
+    assert last.startswith("HEAVY= "), last
+
+
+def test_python_dash_m(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "quinkgl_cli", "manifest", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert out.returncode == 0 and "verify" in out.stdout
