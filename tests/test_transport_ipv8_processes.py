@@ -226,3 +226,5 @@ def test_second_swarm_on_the_same_ports_never_meets_or_delivers(spawn):
     assert a.discovered() == {"b"} and b.discovered() == {"a"}
     assert intruder.discovered() == {"y"}
     assert intruder.ask({"cmd": "stats"}, "stats")["dropped"] == 2  # a and b are unknown to it
+    foreign = a.logs("reason=other_swarm")
+    assert len(foreign) == 1 and f"peer=127.0.0.1:{intruder.address[1]}" in foreign[0], a.logs("packet_refused")

@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from ipv8.messaging.interfaces.udp.endpoint import UDPEndpoint
@@ -55,6 +56,14 @@ class GuardedUDPEndpoint(UDPEndpoint):
         super().__init__(port=port, ip=listen_host)
         self.guard = guard
         self._logger = logging.getLogger("quinkgl.transport.ipv8")
+        self.on_foreign: Callable[[Any, bytes], None] | None = None
+
+    def notify_listeners(self, packet: tuple[Any, bytes]) -> None:
+        """IPv8 drops a packet no community claims without a word; we tell the owner (another swarm's peer?)."""
+        if packet[1][: self.prefixlen] not in self._prefix_map and self.on_foreign is not None:
+            self.on_foreign(packet[0], packet[1])
+            return
+        super().notify_listeners(packet)
 
     async def open(self) -> bool:
         """Bind exactly ``(ip, port)`` or raise NetworkError; never walk to another port."""

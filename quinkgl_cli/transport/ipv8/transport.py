@@ -252,6 +252,7 @@ class IPv8Transport(Transport):
         self._fetch_slots = asyncio.Semaphore(self.max_concurrent_fetches)
         self._serve_slots = asyncio.Semaphore(32)
         endpoint = GuardedUDPEndpoint(self.listen_host, self.requested_port, self.guard)
+        endpoint.on_foreign = self._foreign_packet
         await endpoint.open()
         self._endpoint = endpoint
         try:
@@ -473,6 +474,9 @@ class IPv8Transport(Transport):
             self._drop("peer_refused", label, "node_id_taken", detail="same as ours")
             return
         holder = self._peers.get(node_id)
+        if holder is None and len(self._peers) >= self.max_peers:
+            self._drop("peer_refused", label, "peer_limit", limit=self.max_peers)
+            return
         if holder is not None and holder.key_bin != key:
             self._drop("peer_refused", label, "node_id_taken", holder=holder.key_bin.hex()[-16:])
             return
@@ -519,6 +523,10 @@ class IPv8Transport(Transport):
         if rec is not None:
             rec.last_seen = time.monotonic()
         return rec
+
+    def _foreign_packet(self, source: Any, data: bytes) -> None:
+        # b"\0\2" starts every IPv8 community packet: this one belongs to another swarm (or another IPv8 app).
+        self._bad_packet(source, "other_swarm" if data[:2] == b"\x00\x02" else "not_ipv8")
 
     def _bad_packet(self, source: Any, reason: str, **fields: Any) -> None:
         self.stats.dropped += 1
