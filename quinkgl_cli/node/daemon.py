@@ -227,6 +227,7 @@ class Daemon:
         self._last_alone_note = -1e9
         self.started_at = time.monotonic()
         self.first_round_at: float | None = None
+        self.final_eval: tuple[float | None, float | None] | None = None  # after final consensus, if any
 
     # ------------------------------------------------------------------ signals
     def _request_stop(self, signame: str) -> None:
@@ -374,6 +375,7 @@ class Daemon:
             await self._sleep_until(loop.time() + self.options.gossip_interval, until=node.has_fresh_update_from_all)
             node.aggregate()
         val_loss, val_acc = await asyncio.to_thread(node.evaluate)
+        self.final_eval = (val_loss, val_acc)
         log.info("final-consensus steps=%d val_loss=%s val_accuracy=%s", node.final_consensus_steps,
                  _f(val_loss), _f(val_acc))
 
@@ -399,10 +401,12 @@ class Daemon:
             "swarm_id": node.swarm_id,
             "round": node.completed_round,
             "arch_hash": self.prepared.arch_hash,
-            "metrics": node.history[-1] if node.history else {},
         }
+        last = dict(node.history[-1]) if node.history else {}
+        if self.final_eval is not None:
+            last["val_loss"], last["val_accuracy"] = self.final_eval
+        meta["metrics"] = last
         await asyncio.to_thread(save_final_model, path, node.model, meta)
-        last = node.history[-1] if node.history else {}
         st = self.transport.stats
         log.info(
             "finished rounds=%d loss=%s val_loss=%s val_accuracy=%s peers_met=%d bytes_sent=%d bytes_received=%d "
