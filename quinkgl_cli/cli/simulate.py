@@ -1,7 +1,168 @@
-"""`quinkgl simulate` (being built)."""
+"""`quinkgl simulate`: a whole swarm of real nodes in one process, in virtual time, to choose a manifest."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
+from quinkgl_cli.cli.output import parse_kv
+from quinkgl_cli.errors import UsageError
+
+_KV = "K=V"
+_MODES = ("gossip", "fedavg", "local")
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _line(summary: Any) -> str:
+    tag = f"round={summary.round:03d}" if summary.phase == "train" else f"consensus after_round={summary.round:03d}"
+    return (
+        f"{tag} mean_accuracy={_fmt(summary.mean_accuracy)} min_accuracy={_fmt(summary.min_accuracy)} "
+        f"max_accuracy={_fmt(summary.max_accuracy)} model_sends={summary.model_sends} bytes_sent={summary.bytes_sent} "
+        f"seconds={summary.seconds:.2f}"
+    )
+
+
+def simulate(
+    manifest: Annotated[Path, typer.Option("--manifest", help="Swarm manifest (.qgl) to simulate.", metavar="FILE")],
+    script: Annotated[Path, typer.Option("--script", help="Peer script (build_model, build_loaders, ...).", metavar="FILE")],
+    peers: Annotated[int, typer.Option("--peers", metavar="N", help="Number of simulated peers.")] = 20,
+    rounds: Annotated[int, typer.Option("--rounds", metavar="N", help="Training rounds.")] = 20,
+    partition: Annotated[
+        str, typer.Option("--partition", metavar="SCHEME", help="How the training set is split: iid | shards:K | dirichlet:ALPHA.")
+    ] = "iid",
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the split, initialisations and choices.")] = 0,
+    mode: Annotated[str, typer.Option("--mode", metavar="MODE", help="gossip (the manifest) | fedavg (central server baseline) | local (no sharing).")] = "gossip",
+    attackers: Annotated[
+        str | None, typer.Option("--attackers", metavar="N:KIND", help="N Byzantine peers sharing corrupted models: signflip | gaussian | scale.")
+    ] = None,
+    dp_epsilon: Annotated[float | None, typer.Option("--dp-epsilon", metavar="X", help="Override the manifest's local DP epsilon.")] = None,
+    aggregation: Annotated[str | None, typer.Option("--aggregation", metavar="NAME", help="Override the aggregation strategy.")] = None,
+    aggregation_param: Annotated[list[str] | None, typer.Option("--aggregation-param", metavar=_KV, help="Aggregation parameter (repeatable).")] = None,
+    topology: Annotated[str | None, typer.Option("--topology", metavar="NAME", help="Override the topology.")] = None,
+    topology_param: Annotated[list[str] | None, typer.Option("--topology-param", metavar=_KV, help="Topology parameter (repeatable).")] = None,
+    fanout: Annotated[int | None, typer.Option("--fanout", metavar="K", help="Override the topology's fanout.")] = None,
+    training_param: Annotated[
+        list[str] | None, typer.Option("--training-param", metavar=_KV, help="local_epochs, gossip_steps, final_consensus_steps, ... (repeatable).")
+    ] = None,
+    compression_param: Annotated[
+        list[str] | None, typer.Option("--compression-param", metavar=_KV, help="top_k_ratio, quantize_bits, error_feedback, ... (repeatable).")
+    ] = None,
+    byzantine_f: Annotated[int | None, typer.Option("--byzantine-f", metavar="N", help="Override the manifest's byzantine_f.")] = None,
+    clients_per_round: Annotated[int, typer.Option("--clients-per-round", metavar="N", help="fedavg mode: clients sampled per round.")] = 10,
+    script_arg: Annotated[list[str] | None, typer.Option("--script-arg", metavar=_KV, help="k=v passed to the script's hooks (repeatable).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Write every metric as JSON.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE", help="Draw the accuracy curves (PNG).")] = None,
+    trust_policy: Annotated[str, typer.Option("--trust-policy", metavar="POLICY", help="open | tofu | pinned (simulation default: open).")] = "open",
+    trusted_pubkey: Annotated[list[str] | None, typer.Option("--trusted-pubkey", metavar="KEY", help="Creator key for pinned (repeatable).")] = None,
+    threads: Annotated[int, typer.Option("--threads", metavar="N", help="torch threads (peers run in turn; 1 suits small models).")] = 1,
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show every node's log lines (warnings are always shown).")] = False,
+) -> None:
+    """Run a whole swarm of real nodes in one process, in virtual time (no waiting), deterministic for --seed."""
+    import logging
+
+    from quinkgl_cli.manifest.trust import load_trusted
+    from quinkgl_cli.node.script import load_script
+    from quinkgl_cli.sim.attacks import parse_attackers
+    from quinkgl_cli.sim.report import communication, plot_result, write_json
+    from quinkgl_cli.sim.simulator import Overrides, SimConfig, Simulator
+
+    if mode not in _MODES:
+        raise UsageError(f"--mode {mode!r} is not one of {', '.join(_MODES)}", "use --mode gossip, fedavg or local")
+    if threads < 1:
+        raise UsageError(f"--threads {threads} must be at least 1", "use --threads 1")
+    count, kind = parse_attackers(attackers)
+    for path, flag in ((json_out, "--json"), (plot, "--plot")):
+        if path is not None and not path.parent.resolve().is_dir():
+            raise UsageError(f"{flag} {path}: directory {path.parent} does not exist", "create it or choose another path")
+
+    trusted = load_trusted(manifest, trust_policy, tuple(trusted_pubkey or ()))
+    peer_script = load_script(script)
+    config = SimConfig(
+        peers=peers, rounds=rounds, partition=partition, seed=seed, mode=mode,  # type: ignore[arg-type]
+        attackers=count, attack=kind, clients_per_round=clients_per_round, threads=threads,
+        script_args=parse_kv(script_arg, "--script-arg"),
+        overrides=Overrides(
+            aggregation=aggregation, aggregation_params=parse_kv(aggregation_param, "--aggregation-param"),
+            topology=topology, topology_params=parse_kv(topology_param, "--topology-param"), fanout=fanout,
+            training_params=parse_kv(training_param, "--training-param"),
+            compression_params=parse_kv(compression_param, "--compression-param"),
+            dp_epsilon=dp_epsilon, byzantine_f=byzantine_f,
+        ),
+    )
+
+    node_log = logging.getLogger("quinkgl")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(node)s %(message)s", defaults={"node": "-"}))
+    node_log.addHandler(handler)
+    node_log.setLevel(logging.INFO if verbose else logging.WARNING)
+    node_log.propagate = False
+    try:
+        result = _run(Simulator(peer_script, trusted.manifest, config), rounds)
+    finally:
+        node_log.removeHandler(handler)
+
+    final = result.final
+    comm = communication(result)
+    m = result.manifest
+    source = f"after {result.consensus_steps} consensus steps" if result.consensus else "after the last round"
+    typer.echo(f"final mean_accuracy={_fmt(final.mean_accuracy)} min_accuracy={_fmt(final.min_accuracy)} "
+               f"max_accuracy={_fmt(final.max_accuracy)} ({source})")
+    if config.mode == "gossip":
+        typer.echo(f"setup aggregation={m.aggregation.name} topology={m.topology.name} "
+                   f"fanout={_fanout(m)} local_epochs={m.training.local_epochs} "
+                   f"gossip_steps={m.training.gossip_steps} final_consensus_steps={m.training.final_consensus_steps}"
+                   + (f" attackers={','.join(result.attackers)}:{config.attack}" if result.attackers else ""))
+    typer.echo(f"communication model_sends={comm['model_sends_total']} bytes_sent={comm['bytes_sent_total']} "
+               f"sends_per_peer_per_round={comm['sends_per_peer_per_round']:.2f} "
+               f"consensus_sends_per_peer={comm['consensus_sends_per_peer']:.2f}")
+    mem = result.memory
+    typer.echo(f"resources build_s={result.timing['build_s']:.2f} run_s={result.timing['run_s']:.2f} "
+               f"per_peer_kb={mem['per_peer_kb']:.1f} peak_rss_mb={mem['peak_rss_mb']:.1f}")
+    if json_out is not None:
+        write_json(result, json_out)
+        typer.echo(f"wrote {json_out}")
+    if plot is not None:
+        plot_result(result, plot)
+        typer.echo(f"wrote {plot}")
+
+
+def _fanout(manifest: Any) -> str:
+    from quinkgl_cli.strategies import registry
+
+    entry = registry.resolve("topology", manifest.topology.name)
+    params = registry.build_params(entry, dict(manifest.topology.params))
+    return str(getattr(params, "fanout", "-"))
+
+
+def _run(sim: Any, rounds: int) -> Any:
+    """Run with a progress bar on a terminal, one plain line per round when piped."""
+    if not sys.stdout.isatty():
+        sim.progress = lambda s: typer.echo(_line(s))
+        return sim.run()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()
+    with Progress(
+        TextColumn("[bold]simulating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[acc]}"), console=console, transient=False,
+    ) as bar:
+        task = bar.add_task("rounds", total=rounds, acc="")
+
+        def progress(summary: Any) -> None:
+            console.print(_line(summary), highlight=False)
+            if summary.phase == "train":
+                bar.update(task, advance=1, acc=f"mean acc {_fmt(summary.mean_accuracy)}")
+
+        sim.progress = progress
+        return sim.run()
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("simulate")(simulate)
