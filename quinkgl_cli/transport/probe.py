@@ -135,22 +135,21 @@ class JsonLogHandler(logging.Handler):
         _emit({"event": "log", "level": record.levelname, "logger": record.name, "msg": record.getMessage()})
 
 
-def _throttle(loop: asyncio.AbstractEventLoop, rate: float) -> None:
-    """Slow every large TCP send to ``rate`` bytes/s, so a test can stop this peer mid-transfer."""
-    original = loop.sock_sendall
+def _throttle(rate: float) -> None:
+    """Slow every large blob this peer serves to ``rate`` bytes/s, so a test can stop it mid-transfer."""
+    from quinkgl_cli.transport.ipv8 import stream
 
-    async def slow(sock: socket.socket, data: Any) -> None:
-        view = memoryview(data)
-        if view.nbytes < 1024 * 1024:
-            return await original(sock, data)
-        _emit({"event": "serving", "bytes": view.nbytes})
+    def slow(sock: socket.socket, header: bytes, payload: Any, budget: float) -> None:
+        _emit({"event": "serving", "bytes": len(payload)})
+        sock.settimeout(budget)
+        sock.sendall(header)
+        view = memoryview(payload)
         chunk = 256 * 1024
         for start in range(0, view.nbytes, chunk):
-            await original(sock, view[start : start + chunk])
-            await asyncio.sleep(chunk / rate)
-        return None
+            sock.sendall(view[start : start + chunk])
+            time.sleep(chunk / rate)  # a worker thread: sleeping here holds up nothing else
 
-    loop.sock_sendall = slow  # type: ignore[method-assign]
+    stream.send_blob = slow
 
 
 async def main(args: argparse.Namespace, audit: Audit | None) -> int:
@@ -158,7 +157,7 @@ async def main(args: argparse.Namespace, audit: Audit | None) -> int:
 
     loop = asyncio.get_running_loop()
     if args.serve_rate:
-        _throttle(loop, args.serve_rate)
+        _throttle(args.serve_rate)
     transport = IPv8Transport(
         node_id=args.node_id,
         swarm_id=args.swarm,

@@ -14,6 +14,7 @@ cannot be replayed on another connection (fresh challenge) or against another pe
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import socket
 import struct
@@ -72,3 +73,45 @@ async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: in
     buf = bytearray(n)
     await recv_into(loop, sock, memoryview(buf), idle)
     return bytes(buf)
+
+
+HASH_STRIDE = 8 * 1024 * 1024
+
+
+def receive_blob(sock: socket.socket, size: int, idle: float) -> tuple[bytearray, bytes]:
+    """Blocking (run it in a worker thread): read exactly ``size`` bytes into a buffer allocated once, hashing as
+    they arrive so that the digest is ready with the last byte; each stretch without progress may last ``idle`` s.
+
+    A thread rather than the event loop: one syscall per chunk with no loop round trip, and sha256 releases the GIL,
+    so a large transfer costs the loop nothing.
+    """
+    sock.settimeout(idle)
+    buf = bytearray(size)
+    view = memoryview(buf)
+    hasher = hashlib.sha256()
+    got = hashed = 0
+    try:
+        while got < size:
+            n = sock.recv_into(view[got:], min(size - got, RECV_CHUNK))
+            if n == 0:
+                raise FetchError("truncated", f"connection closed after {got} of {size} bytes")
+            got += n
+            if got - hashed >= HASH_STRIDE:
+                hasher.update(view[hashed:got])
+                hashed = got
+        hasher.update(view[hashed:got])
+    except socket.timeout as exc:
+        raise TimeoutError(f"no data for {idle}s after {got} of {size} bytes") from exc
+    finally:
+        view.release()
+    return buf, hasher.digest()
+
+
+def send_blob(sock: socket.socket, header: bytes, payload: bytes | bytearray | memoryview, budget: float) -> None:
+    """Blocking (run it in a worker thread): the response header and the payload, within ``budget`` seconds."""
+    sock.settimeout(budget)
+    try:
+        sock.sendall(header)
+        sock.sendall(payload)
+    except socket.timeout as exc:
+        raise TimeoutError(f"sending took longer than {budget:.0f}s") from exc

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ HASH_IN_THREAD = 256 * 1024  # hashing more than this would stall the event loop
 MIN_RATE = 1024 * 1024  # bytes/s a transfer may drop to before it is abandoned (beyond the idle timeout)
 OFFER_RESENDS = 3
 MAX_PENDING_PER_PEER = 8
+SERVE_SLOTS = 16
 _IPV8_LOGGERS = (
     "ipv8",
     LOGGER_NAME,
@@ -218,6 +220,7 @@ class IPv8Transport(Transport):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._digests = _DigestCache()
         self._fetch_slots: asyncio.Semaphore | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._serve_slots: asyncio.Semaphore | None = None
         self._resolved_seeds: list[tuple[str, int]] = []
 
@@ -250,7 +253,8 @@ class IPv8Transport(Transport):
             get_providers().clear()  # nothing in this process may go looking for the host's LAN addresses
         self._key = load_or_create_key(self.state_dir)
         self._fetch_slots = asyncio.Semaphore(self.max_concurrent_fetches)
-        self._serve_slots = asyncio.Semaphore(32)
+        self._serve_slots = asyncio.Semaphore(SERVE_SLOTS)
+        self._pool = ThreadPoolExecutor(max_workers=SERVE_SLOTS + self.max_concurrent_fetches, thread_name_prefix="quinkgl-transfer")
         endpoint = GuardedUDPEndpoint(self.listen_host, self.requested_port, self.guard)
         endpoint.on_foreign = self._foreign_packet
         await endpoint.open()
@@ -323,6 +327,9 @@ class IPv8Transport(Transport):
             self._endpoint.close()
             self._endpoint = None
             await asyncio.sleep(0)  # the datagram transport releases its socket on the next loop pass
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         self._peers.clear()
         self._node_by_key.clear()
         self._outgoing.clear()
@@ -676,9 +683,12 @@ class IPv8Transport(Transport):
                     raise stream.FetchError("already_fetching")
                 out.serving = True
                 budget = self.fetch_timeout + out.size / MIN_RATE
-                async with asyncio.timeout(budget):
-                    await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.OK, out.size))
-                    await loop.sock_sendall(conn, memoryview(out.payload))
+                header = stream.RESPONSE.pack(stream.OK, out.size)
+                if out.size > HASH_IN_THREAD:
+                    await loop.run_in_executor(self._pool, stream.send_blob, conn, header, out.payload, budget)
+                else:
+                    async with asyncio.timeout(budget):
+                        await loop.sock_sendall(conn, header + bytes(out.payload))
                 self.stats.models_sent += 1
                 self.stats.bytes_sent += out.size
                 self._outgoing.pop(offer_id, None)
@@ -690,7 +700,7 @@ class IPv8Transport(Transport):
                 if out is not None:
                     self._outgoing.pop(out.offer_id, None)
             finally:
-                conn.close()
+                _close(conn)
 
     # -- fetching --------------------------------------------------------------------------------------------------
     def _on_offer(self, key: bytes, source: tuple[str, int], p: OfferPayload) -> None:
@@ -752,8 +762,12 @@ class IPv8Transport(Transport):
                     raise stream.FetchError(f"refused_{stream.STATUS_REASONS.get(status, 'unknown')}")
                 if size != p.size:
                     raise stream.FetchError("size_mismatch", f"offered {p.size}, sent {size}")
-                buf = bytearray(size)
-                await stream.recv_into(loop, sock, memoryview(buf), self.fetch_timeout)
+                if size > HASH_IN_THREAD:
+                    buf, got_digest = await loop.run_in_executor(self._pool, stream.receive_blob, sock, size, self.fetch_timeout)
+                else:
+                    buf = bytearray(size)
+                    await stream.recv_into(loop, sock, memoryview(buf), self.fetch_timeout)
+                    got_digest = digest(buf)
             except stream.FetchError as exc:
                 self._drop("fetch_failed", rec.node_id, "sender_vanished" if exc.reason == "truncated" else exc.reason, round=p.round)
                 return
@@ -765,9 +779,8 @@ class IPv8Transport(Transport):
                 self._drop("fetch_failed", rec.node_id, reason, round=p.round)
                 return
             finally:
-                sock.close()
-        ok = await asyncio.to_thread(_matches, buf, p.digest) if size > HASH_IN_THREAD else _matches(buf, p.digest)
-        if not ok:
+                _close(sock)
+        if got_digest != p.digest:
             self._drop("fetch_failed", rec.node_id, "digest_mismatch", round=p.round)
             return
         if not self._running:
@@ -822,8 +835,13 @@ class IPv8Transport(Transport):
         self._once(event, peer, reason, node=self.node_id, **fields)
 
 
-def _matches(buf: bytearray, expected: bytes) -> bool:
-    return digest(buf) == expected
+def _close(sock: socket.socket) -> None:
+    """Shut down first: a worker thread blocked in send or recv on this socket wakes up instead of lingering."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _valid_node_id(node_id: str) -> bool:
