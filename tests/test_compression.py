@@ -142,7 +142,7 @@ def test_sparse_payload_is_smaller_than_dense() -> None:
         codec = UpdateCodec(spec, n, seed=0)
         codec.encode("p", xs[0])
         sizes[name] = codec.encode("p", xs[1]).wire_bytes
-    assert sizes["top1"] < 1000 * 8 + 2000  # 1,000 int32 indices + 1,000 float32 values + header
+    assert sizes["top1"] < 1000 * 8 + 2000  # 1,000 int32 index gaps + 1,000 float32 values + header
     assert sizes["top1q"] < 1000 * 5 + 2000
     assert sizes["top10"] < n // 8 + 10_000 * 4 + 2000  # bitmap beats int32 indices at 10%
     assert sizes["int8"] < n + n // 256 * 4 + 2000
@@ -324,15 +324,16 @@ def _meta(key: str, value):  # type: ignore[no-untyped-def]
     return edit
 
 
-TOPK = CompressionSpec(top_k_ratio=0.01)  # int32 indices, float32 values
+TOPK = CompressionSpec(top_k_ratio=0.01)  # int32 index gaps, float32 values
 TOPKQ = CompressionSpec(top_k_ratio=0.2, quantize_bits=8)  # bitmap indices, int8 values
 BAD = [
-    (TOPK, _set("i", lambda i: torch.cat([i[:-1], torch.tensor([1000], dtype=torch.int32)])), "outside"),
-    (TOPK, _set("i", lambda i: torch.cat([torch.tensor([-1], dtype=torch.int32), i[1:]])), "outside"),
-    (TOPK, _set("i", lambda i: i.flip(0).contiguous()), "increasing"),
-    (TOPK, _set("i", lambda i: torch.cat([i[:1], i[:-1]])), "increasing"),  # duplicate
-    (TOPK, _set("i", lambda i: i[:-1].clone()), "expected"),
-    (TOPK, _set("i", lambda i: i.to(torch.int64)), "expected"),
+    (TOPK, _set("g", lambda g: torch.cat([g[:-1], torch.tensor([1000], dtype=torch.int32)])), "outside"),
+    (TOPK, _set("g", lambda g: torch.cat([torch.tensor([-1], dtype=torch.int32), g[1:]])), "outside"),
+    (TOPK, _set("g", lambda g: torch.cat([g[:1], -g[1:]])), "increasing"),
+    (TOPK, _set("g", lambda g: torch.cat([g[:-1], torch.zeros(1, dtype=torch.int32)])), "increasing"),  # duplicate
+    (TOPK, _set("g", lambda g: torch.cat([g[:-1], torch.tensor([2**31 - 1], dtype=torch.int32)])), "outside"),
+    (TOPK, _set("g", lambda g: g[:-1].clone()), "expected"),
+    (TOPK, _set("g", lambda g: g.to(torch.int64)), "expected"),
     (TOPK, _set("v", lambda v: torch.full_like(v, float("nan"))), "NaN"),
     (TOPK, _set("v", lambda v: torch.full_like(v, float("inf"))), "NaN"),
     (TOPK, _meta("n", 999), "model of 999"),
@@ -370,7 +371,7 @@ def test_delta_that_overflows_the_model_is_refused() -> None:
     _, b, payload = _valid(TOPK)
 
     def huge(t, m):  # type: ignore[no-untyped-def]
-        t["i"] = torch.arange(t["i"].numel(), dtype=torch.int32)
+        t["g"] = torch.ones(t["g"].numel(), dtype=torch.int32)
         t["v"] = torch.full_like(t["v"], 3e38)
 
     b.receive("A", _tamper(payload, huge), LIMIT)  # finite, if absurd: accepted

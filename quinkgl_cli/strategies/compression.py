@@ -16,7 +16,8 @@ to that peer carries full weights. Full weights travel as exact float32, so a ch
 exact copy.
 
 Formats inside the container (``wire`` encoding ``ENCODING``; meta key ``META_KEY`` holds the description):
-indices as sorted int32 (``i``) or a bitmap (``m``, bit j of byte b is index 8b+j), whichever is smaller;
+indices as int32 gaps (``g``: the first index, then differences between consecutive ascending indices, small
+numbers the lossless stage packs well) or a bitmap (``m``, bit j of byte b is index 8b+j), whichever is smaller;
 values as float32 (``v``) or blockwise-quantized integers (``q``) with one float32 scale per block (``s``).
 The optional lossless stage wraps the whole container: ``LOSSLESS_MAGIC``, one algorithm byte, the u64 size of
 the container, then the zlib or zstd stream; the size is checked against the receiver's limit before inflating.
@@ -135,7 +136,7 @@ class Layout:
     kind: str  # "full" | "delta"
     n: int
     k: int  # entries carried
-    index: str  # "dense" | "i32" | "bitmap"
+    index: str  # "dense" | "gaps" | "bitmap"
     quant: str  # "f32" | "int8" | "int16" | "qsgd"
     block: int
     levels: int = 0
@@ -167,8 +168,8 @@ def compress_vector(
             idx = topk_indices(v, k)
             values = v[idx]
             if 4 * k <= (n + 7) // 8:
-                index = "i32"
-                tensors["i"] = idx.to(torch.int32)
+                index = "gaps"
+                tensors["g"] = torch.diff(idx, prepend=idx.new_zeros(1)).to(torch.int32)
             else:
                 index = "bitmap"
                 tensors["m"] = pack_bitmap(idx, n)
@@ -205,7 +206,7 @@ def parse_layout(meta: Mapping[str, Any], n: int) -> Layout:
     quant = meta.get("quant")
     if kind not in ("full", "delta"):
         raise WireError(f"compressed update: unknown kind {kind!r}")
-    if index not in ("dense", "i32", "bitmap") or quant not in ("f32", "int8", "int16", "qsgd"):
+    if index not in ("dense", "gaps", "bitmap") or quant not in ("f32", "int8", "int16", "qsgd"):
         raise WireError(f"compressed update: unknown index/quantization {index!r}/{quant!r}")
     got_n = _int_field(meta, "n", 0, 1 << 40)
     if got_n != n:
@@ -234,18 +235,20 @@ def _expect(tensors: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype, 
 def decompress_vector(tensors: Mapping[str, torch.Tensor], layout: Layout) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Validate the container tensors against ``layout``; returns (indices or None for dense, float32 values)."""
     n, k = layout.n, layout.k
-    names = {"dense": set(), "i32": {"i"}, "bitmap": {"m"}}[layout.index]
+    names = {"dense": set(), "gaps": {"g"}, "bitmap": {"m"}}[layout.index]
     names |= {"v"} if layout.quant == "f32" else {"q", "s"}
     if set(tensors) != names:
         raise WireError(f"compressed update entries {sorted(tensors)} do not match its layout {sorted(names)}")
     idx: torch.Tensor | None = None
-    if layout.index == "i32":
-        raw = _expect(tensors, "i", torch.int32, k)
-        if k and (int(raw[0]) < 0 or int(raw[-1]) >= n):
+    if layout.index == "gaps":
+        gaps = _expect(tensors, "g", torch.int32, k)
+        if k and int(gaps[0]) < 0:
             raise WireError(f"compressed update has an index outside [0, {n})")
-        if k > 1 and not bool((raw[1:] > raw[:-1]).all()):
+        if k > 1 and int(gaps[1:].min()) < 1:
             raise WireError("compressed update indices are not strictly increasing")
-        idx = raw.to(torch.int64)
+        idx = torch.cumsum(gaps, 0, dtype=torch.int64)
+        if k and int(idx[-1]) >= n:
+            raise WireError(f"compressed update has an index outside [0, {n})")
     elif layout.index == "bitmap":
         idx = unpack_bitmap(_expect(tensors, "m", torch.uint8, (n + 7) // 8), n)
         if idx.numel() != k:
