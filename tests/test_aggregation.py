@@ -113,7 +113,7 @@ def test_fedavgm_without_momentum_is_fedavg_and_keeps_state() -> None:
 # ------------------------------------------------------------------ robust rules, hand-computed
 def test_krum_scores_and_choice() -> None:
     x = torch.stack([u.flat for u in [LOCAL, *LINE, FAR]])
-    dist = pairwise_sq_distances(x.clone())
+    dist = pairwise_sq_distances(list(x))
     assert torch.allclose(dist, torch.cdist(x.double(), x.double()) ** 2, rtol=1e-6)
     # n = 5, f = 1: sum of squared distances to the 2 nearest.
     scores = krum_scores(dist, 1)
@@ -127,7 +127,7 @@ def test_krum_distances_survive_large_norms() -> None:
     base = torch.full((1000,), 1e4)
     x = torch.stack([base, base + 0.01, base + 0.02, base - 5.0])
     exact = torch.cdist(x.double(), x.double()) ** 2  # of the float32 values actually stored
-    dist = pairwise_sq_distances(x.clone())
+    dist = pairwise_sq_distances(list(x))
     assert torch.allclose(dist, exact, rtol=1e-4, atol=1e-9)
     naive = (x * x).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2 * (x @ x.T)  # uncentred float32 Gram
     assert not torch.allclose(naive.double(), exact, rtol=1e-1)
@@ -149,8 +149,22 @@ def test_trimmed_mean_and_median_by_hand() -> None:
     even = make("Median").aggregate(LOCAL, [*LINE], 1).flat  # 0,1,2,3 -> 1.5
     assert even.tolist() == [1.5, -1.5]
     x = torch.tensor([[5.0], [1.0], [4.0], [2.0], [3.0], [100.0]])
-    assert trimmed_mean(x, 2).tolist() == [3.5]
-    assert coordinate_median(x).tolist() == [3.5]
+    assert trimmed_mean(list(x), 2).tolist() == [3.5]
+    assert coordinate_median(list(x)).tolist() == [3.5]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 10, 17, 33, 70])
+def test_blockwise_median_and_trimmed_mean_match_torch_sort(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    cols = 140_001 if n <= 33 else 20_001  # ties; two blocks, the last one short (one for the sort path)
+    x = torch.randn(n, cols, generator=g).round(decimals=1)
+    before = x.clone()
+    ordered = x.sort(dim=0).values
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    assert torch.allclose(coordinate_median(list(x)), median)
+    k = (n - 1) // 3
+    assert torch.allclose(trimmed_mean(list(x), k), ordered[k : n - k].mean(dim=0), atol=1e-6)
+    assert torch.equal(x, before)  # the inputs are never sorted in place
 
 
 # ------------------------------------------------------------------ fallbacks below the count

@@ -2,8 +2,9 @@
 
 Every aggregator validates what it receives first (wrong length, non-finite values, bad sample counts, duplicate
 or self-echoed peer ids are listed in ``AggregationResult.rejected``), then combines the survivors in one
-vectorized pass: updates are stacked once and weights applied with a single matrix product, so cost does not grow
-with the number of parameter tensors. None of them raises for too few updates: the robust ones fall back to the
+vectorized pass over whole flat vectors (weighted sums accumulate one update at a time, Krum's distances come from
+one Gram matrix product, median and trimmed mean sort cache-sized column blocks with a vectorized sorting
+network), so cost does not grow with the number of parameter tensors. None of them raises for too few updates: the robust ones fall back to the
 most robust rule the count allows and say so in ``AggregationResult.note``.
 """
 
@@ -51,6 +52,12 @@ class _Screened:
 
 
 def _finite(t: torch.Tensor) -> bool:
+    """All values finite. A sum is NaN or infinite whenever any term is, so one cheap reduction settles the
+    common case; only a non-finite sum (or an overflow of huge finite values) pays for the exact check."""
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else torch.float64))):
+        return True
     return bool(torch.isfinite(t).all())
 
 
@@ -84,19 +91,10 @@ def screen(local: PeerUpdate, others: Sequence[PeerUpdate]) -> _Screened:
     return _Screened(kept, rejected, reasons)
 
 
-def stack(updates: Sequence[PeerUpdate]) -> torch.Tensor:
-    """One (n, d) float32 matrix of the updates (a single copy)."""
-    return torch.stack([u.flat.to(torch.float32) for u in updates])
-
-
 def weighted_mean(updates: Sequence[PeerUpdate], weights: torch.Tensor) -> torch.Tensor:
     """sum_i w_i x_i for normalized ``weights``, as one accumulation per update (no (n, d) copy)."""
     w = weights.to(torch.float64)
-    w = w / w.sum()
-    out = updates[0].flat.to(torch.float32).mul(float(w[0]))
-    for u, wi in zip(updates[1:], w[1:].tolist(), strict=True):
-        out.add_(u.flat, alpha=wi)
-    return out
+    return weighted_mean_rows([u.flat for u in updates], (w / w.sum()).tolist())
 
 
 def bounded_weights(raw: torch.Tensor, max_ratio: float) -> torch.Tensor:
@@ -322,42 +320,116 @@ class EntropyWeightedAvg(FedAvg):
 # Byzantine-robust rules
 
 
-def coordinate_median(x: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise median of the rows of ``x``; the mean of the two middle values for an even count."""
-    n = x.shape[0]
-    if n == 1:
-        return x[0].clone()
-    if n % 2 == 1:
-        return x.median(dim=0).values
-    # The two middle order statistics are the smallest two of the upper half.
-    lower = torch.kthvalue(x, n // 2, dim=0).values
-    upper = torch.kthvalue(x, n // 2 + 1, dim=0).values
-    return lower.add_(upper).mul_(0.5)
+_NETWORK_MAX_ROWS = 64  # beyond this many updates a sorting network has too many comparators: use torch.sort
+_CHUNK = 1 << 17  # columns per block: n rows of this many floats stay in cache while they are sorted
 
 
-def trimmed_mean(x: torch.Tensor, k: int) -> torch.Tensor:
+def _sorting_network(n: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort comparators for n inputs (padded to a power of two, padding pairs dropped:
+    padding acts as +inf, so a comparator touching it never swaps)."""
+    pairs: list[tuple[int, int]] = []
+    size = 1
+    while size < n:
+        size *= 2
+
+    def merge(lo: int, hi: int, r: int) -> None:
+        step = r * 2
+        if step < hi - lo:
+            merge(lo, hi, step)
+            merge(lo + r, hi, step)
+            pairs.extend((i, i + r) for i in range(lo + r, hi - r, step))
+        else:
+            pairs.append((lo, lo + r))
+
+    def sort(lo: int, hi: int) -> None:
+        if hi - lo >= 1:
+            mid = lo + (hi - lo) // 2
+            sort(lo, mid)
+            sort(mid + 1, hi)
+            merge(lo, hi, 1)
+
+    sort(0, size - 1)
+    return [(i, j) for i, j in pairs if j < n]
+
+
+def _sorted_blocks(rows: Sequence[torch.Tensor]):  # type: ignore[no-untyped-def]
+    """Yield (start, stop, sorted_rows) per block of columns: sorted_rows[i] holds the i-th smallest value of every
+    coordinate in the block. Small counts run a vectorized sorting network on cache-sized blocks (a plain
+    torch.sort along the update axis is ~10x slower); larger counts sort each block."""
+    n = len(rows)
+    d = rows[0].numel()
+    network = _sorting_network(n) if n <= _NETWORK_MAX_ROWS else None
+    spare = torch.empty(min(_CHUNK, d))
+    for start in range(0, d, _CHUNK):
+        stop = min(start + _CHUNK, d)
+        if network is None:
+            block = torch.stack([r[start:stop].to(torch.float32) for r in rows]).sort(dim=0).values
+            yield start, stop, list(block)
+            continue
+        block_rows = [r[start:stop].to(torch.float32, copy=True) for r in rows]
+        buf = spare[: stop - start]
+        for i, j in network:
+            torch.minimum(block_rows[i], block_rows[j], out=buf)
+            torch.maximum(block_rows[i], block_rows[j], out=block_rows[j])
+            block_rows[i], buf = buf, block_rows[i]
+        spare = buf if buf.numel() == spare.numel() else spare
+        yield start, stop, block_rows
+
+
+def coordinate_median(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Coordinate-wise median of equally long vectors; the mean of the two middle values for an even count."""
+    n = len(rows)
+    out = torch.empty(rows[0].numel())
+    for start, stop, s in _sorted_blocks(rows):
+        if n % 2:
+            out[start:stop] = s[n // 2]
+        else:
+            torch.add(s[n // 2 - 1], s[n // 2], out=out[start:stop]).mul_(0.5)
+    return out
+
+
+def trimmed_mean(rows: Sequence[torch.Tensor], k: int) -> torch.Tensor:
     """Coordinate-wise mean after dropping the k largest and k smallest values of every coordinate."""
-    n = x.shape[0]
-    if k == 0:
-        return x.mean(dim=0)
+    n = len(rows)
     if 2 * k >= n:
         raise ValueError(f"cannot trim {k} per side from {n} updates")
-    total = x.sum(dim=0)
-    if k == 1:
-        total.sub_(x.amax(dim=0)).sub_(x.amin(dim=0))
-    else:
-        total.sub_(torch.topk(x, k, dim=0, largest=True).values.sum(dim=0))
-        total.sub_(torch.topk(x, k, dim=0, largest=False).values.sum(dim=0))
-    return total.div_(n - 2 * k)
+    if k == 0:
+        return weighted_mean_rows(rows)
+    out = torch.empty(rows[0].numel())
+    for start, stop, s in _sorted_blocks(rows):
+        target = out[start:stop]
+        target.copy_(s[k])
+        for row in s[k + 1 : n - k]:
+            target.add_(row)
+        target.div_(n - 2 * k)
+    return out
 
 
-def pairwise_sq_distances(x: torch.Tensor) -> torch.Tensor:
-    """(n, n) squared Euclidean distances between rows, from one Gram matrix product.
+def weighted_mean_rows(rows: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """sum_i w_i x_i (uniform weights when none are given), one accumulation per row, no (n, d) copy."""
+    w = [1.0 / len(rows)] * len(rows) if weights is None else list(weights)
+    out = rows[0].to(torch.float32).mul(w[0])
+    for row, wi in zip(rows[1:], w[1:], strict=True):
+        out.add_(row, alpha=wi)
+    return out
 
-    Rows are centred on the first row first, so the Gram entries are on the scale of the spread between models
-    rather than of their norms (no catastrophic cancellation when models are close). ``x`` is modified in place.
+
+def centred_stack(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(n, d) matrix of rows minus the first row, written in one pass per row."""
+    ref = rows[0].to(torch.float32)
+    x = torch.empty(len(rows), ref.numel())
+    for i, row in enumerate(rows):
+        torch.sub(row, ref, out=x[i])
+    return x
+
+
+def pairwise_sq_distances(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """(n, n) squared Euclidean distances between the rows, from one Gram matrix product.
+
+    Rows are centred on the first one first, so the Gram entries are on the scale of the spread between models
+    rather than of their norms (no catastrophic cancellation when models are close).
     """
-    x.sub_(x[0].clone())
+    x = centred_stack(rows)
     gram = (x @ x.T).to(torch.float64)
     sq = gram.diagonal()
     return (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_(min=0.0)
@@ -392,10 +464,10 @@ class _Robust(Aggregator):
             extra = f"fell back to Median: {why}"
             if tolerated < f:
                 extra += f"; Median tolerates only {tolerated} of f={f}"
-            flat = coordinate_median(stack(s.updates))
+            flat = coordinate_median([u.flat for u in s.updates])
             return AggregationResult(flat, used=ids, rejected=s.rejected, note=s.note(extra))
         if f == 0 or not s.updates[0].is_local:
-            flat = stack(s.updates).mean(dim=0)
+            flat = weighted_mean_rows([u.flat for u in s.updates])
             return AggregationResult(flat, used=ids, rejected=s.rejected, note=s.note(f"fell back to mean: {why}"))
         local = s.updates[0]
         note = s.note(f"kept local model: {why}; {n} updates cannot outvote f={f}")
@@ -417,7 +489,7 @@ class Krum(_Robust):
         n = len(s.updates)
         if n < 2 * f + 3:
             return self.fallback(s, f, f"{n} updates < 2f+3={2 * f + 3}")
-        scores = krum_scores(pairwise_sq_distances(stack(s.updates)), f)
+        scores = krum_scores(pairwise_sq_distances([u.flat for u in s.updates]), f)
         best = int(torch.argmin(scores))
         chosen = s.updates[best]
         return AggregationResult(chosen.flat.to(torch.float32).clone(), used=[chosen.peer_id], rejected=s.rejected, note=s.note())
@@ -437,13 +509,11 @@ class MultiKrum(_Robust):
         n = len(s.updates)
         if n < 2 * f + 3:
             return self.fallback(s, f, f"{n} updates < 2f+3={2 * f + 3}")
-        x = stack(s.updates)
-        ref = s.updates[0].flat.to(torch.float32)
-        scores = krum_scores(pairwise_sq_distances(x), f)  # x is now centred on ref
+        scores = krum_scores(pairwise_sq_distances([u.flat for u in s.updates]), f)
         m = min(self.params.m or n - f, n - f)
-        best = torch.topk(scores, m, largest=False).indices.sort().values
-        flat = x.index_select(0, best).mean(dim=0).add_(ref)
-        return AggregationResult(flat, used=[s.updates[i].peer_id for i in best.tolist()], rejected=s.rejected, note=s.note())
+        best = torch.topk(scores, m, largest=False).indices.sort().values.tolist()
+        flat = weighted_mean_rows([s.updates[i].flat for i in best])
+        return AggregationResult(flat, used=[s.updates[i].peer_id for i in best], rejected=s.rejected, note=s.note())
 
 
 class TrimmedMean(_Robust):
@@ -463,7 +533,7 @@ class TrimmedMean(_Robust):
             k = self.tolerated_f()
             if n < 2 * k + 1:
                 return self.fallback(s, k, f"{n} updates < 2f+1={2 * k + 1}")
-        return AggregationResult(trimmed_mean(stack(s.updates), k), used=s.ids, rejected=s.rejected, note=s.note())
+        return AggregationResult(trimmed_mean([u.flat for u in s.updates], k), used=s.ids, rejected=s.rejected, note=s.note())
 
 
 class Median(_Robust):
@@ -480,7 +550,7 @@ class Median(_Robust):
         n = len(s.updates)
         if n < 2 * f + 1:
             return self.fallback(s, f, f"{n} updates < 2f+1={2 * f + 1}")
-        return AggregationResult(coordinate_median(stack(s.updates)), used=s.ids, rejected=s.rejected, note=s.note())
+        return AggregationResult(coordinate_median([u.flat for u in s.updates]), used=s.ids, rejected=s.rejected, note=s.note())
 
 
 # ----------------------------------------------------------------------------------------------------------------
