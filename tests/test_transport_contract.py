@@ -470,3 +470,23 @@ def test_ipv8_only_the_recipient_can_fetch(tmp_path, caplog):
         assert bytes(rb.models[0].payload) == b"secret weights" * 1000
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_ipv8_crashed_and_restarted_peer_is_seen_anew(tmp_path):
+    async def body(c: Cluster):
+        a, ra = await c.add("a")
+        b, rb = await c.add("b")
+        await c.meet(["a", "b"])
+        b.send_model("a", _upd(round_=9, payload=b"late round"))
+        await wait_until(lambda: ra.models, what="round 9")
+        b._running = False  # a crash: no goodbye
+        await b._teardown()
+        again = _ipv8(tmp_path, "b", bootstrap=[a.address], silence_timeout=3.0)
+        c.nodes["b"] = (again, Recorder())
+        await again.start(c.nodes["b"][1])
+        await wait_until(lambda: ra.discovered == ["b", "b"], what="rediscovery")
+        assert ra.lost == ["b"]
+        again.send_model("a", _upd(round_=4, payload=b"from the checkpoint"))  # not 'out of date': a new run
+        await wait_until(lambda: len(ra.models) == 2, what="round 4 after restart")
+
+    run_cluster("ipv8", tmp_path, body)

@@ -11,11 +11,15 @@ from ipv8.messaging.lazy_payload import VariablePayload, vp_compile
 
 @vp_compile
 class HelloPayload(VariablePayload):
-    """Who I am and what I run; ``want_reply`` on first contact so the other side answers at once."""
+    """Who I am and what I run; ``want_reply`` on first contact so the other side answers at once.
+
+    ``session`` is random per start: a peer that crashed and came back within the silence timeout is seen as
+    restarted (its round numbers may go back to a checkpoint's) rather than as the same run.
+    """
 
     msg_id = 1
-    format_list = ["varlenHutf8", "varlenHutf8", "varlenHutf8", "H", "H", "?"]
-    names = ["swarm_id", "node_id", "arch_hash", "protocol", "tcp_port", "want_reply"]
+    format_list = ["varlenHutf8", "varlenHutf8", "varlenHutf8", "H", "H", "Q", "?"]
+    names = ["swarm_id", "node_id", "arch_hash", "protocol", "tcp_port", "session", "want_reply"]
 
 
 @vp_compile

@@ -108,6 +108,7 @@ class _Peer:
     address: tuple[str, int]
     tcp_port: int
     last_seen: float
+    session: int
     public_key: Any = None
 
     def info(self) -> PeerInfo:
@@ -223,6 +224,7 @@ class IPv8Transport(Transport):
         self._pool: ThreadPoolExecutor | None = None
         self._serve_slots: asyncio.Semaphore | None = None
         self._resolved_seeds: list[tuple[str, int]] = []
+        self._session = int.from_bytes(os.urandom(8), "big")
 
     # -- identity and addresses ------------------------------------------------------------------------------------
     @property
@@ -448,7 +450,7 @@ class IPv8Transport(Transport):
         if now - self._hello_sent.get(key, 0.0) < min_gap:
             return
         self._hello_sent[key] = now
-        self._send(address, HelloPayload(self.swarm_id, self.node_id, self.arch_hash, self.protocol_version, self.tcp_port, want_reply))
+        self._send(address, HelloPayload(self.swarm_id, self.node_id, self.arch_hash, self.protocol_version, self.tcp_port, self._session, want_reply))
 
     def _send(self, address: tuple[str, int], payload: Any) -> None:
         if self._community is not None and self._endpoint is not None and self._endpoint.is_open():
@@ -490,9 +492,12 @@ class IPv8Transport(Transport):
         previous = self._node_by_key.get(key)
         if previous is not None and previous != node_id:
             self._lose(previous, "renamed")
+        if holder is not None and holder.session != p.session:
+            self._lose(node_id, "restarted")
+            holder = None
         now = time.monotonic()
         if holder is None:
-            rec = _Peer(node_id, key, hashlib.sha1(key).digest(), source, p.tcp_port, now, default_eccrypto.key_from_public_bin(key))
+            rec = _Peer(node_id, key, hashlib.sha1(key).digest(), source, p.tcp_port, now, p.session, default_eccrypto.key_from_public_bin(key))
             self._peers[node_id] = rec
             self._node_by_key[key] = node_id
             log.info("peer_discovered peer=%s address=%s:%d key=%s", node_id, source[0], source[1], key.hex()[-16:])
