@@ -1,7 +1,5 @@
 """`quinkgl keygen`: create a creator key, or print the public key of an existing one."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

@@ -1,7 +1,5 @@
 """`quinkgl manifest create|verify|show|arch-hash`: signed swarm manifests (.qgl files)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Any
 
