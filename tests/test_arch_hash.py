@@ -147,3 +147,8 @@ def test_importing_manifest_package_does_not_import_torch() -> None:
         "from quinkgl_cli.manifest import compute_arch_hash; assert callable(compute_arch_hash)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}, timeout=60)
+
+
+def test_probe_shapes_embedding_takes_token_ids() -> None:
+    model = nn.Sequential(nn.Embedding(100, 8), nn.Flatten(), nn.Linear(8 * 5, 3))
+    assert probe_shapes(model, (5,)) == ((5,), (3,))

@@ -162,9 +162,18 @@ def _from_script(
 
 
 def _build_model(script_path: Path, script_args: dict[str, str]) -> Any:
+    from quinkgl_cli.errors import NodeConfigError
     from quinkgl_cli.node.script import load_script
 
-    return load_script(script_path).build_model(None, **script_args)
+    script = load_script(script_path)
+    try:
+        return script.build_model(None, **script_args)
+    except NodeConfigError as exc:
+        if "NoneType" not in exc.message:
+            raise
+        raise NodeConfigError(
+            exc.message, "build_model is called with manifest=None here (the manifest does not exist yet); make it work without it"
+        ) from exc
 
 
 @manifest_app.command("verify")

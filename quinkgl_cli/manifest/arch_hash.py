@@ -117,8 +117,8 @@ def probe_shapes(model: Any, input_shape: tuple[int, ...] | None) -> tuple[tuple
     from torch import nn
 
     given = input_shape is not None
+    first = next((m for _, m in model.named_modules() if not list(m.children()) and list(m.parameters(recurse=False))), None)
     if input_shape is None:
-        first = next((m for _, m in model.named_modules() if not list(m.children()) and list(m.parameters(recurse=False))), None)
         if not isinstance(first, nn.Linear):
             raise _shape_error("the model's first layer does not tell its input size")
         input_shape = (first.in_features,)
@@ -127,6 +127,8 @@ def probe_shapes(model: Any, input_shape: tuple[int, ...] | None) -> tuple[tuple
     try:
         param = next(model.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        if isinstance(first, (nn.Embedding, nn.EmbeddingBag)):
+            dtype = torch.long  # token ids
         with torch.no_grad():
             out = model(torch.zeros((2, *input_shape), dtype=dtype))
     except Exception as exc:
