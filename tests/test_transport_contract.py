@@ -490,3 +490,22 @@ def test_ipv8_crashed_and_restarted_peer_is_seen_anew(tmp_path):
         await wait_until(lambda: len(ra.models) == 2, what="round 4 after restart")
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_invalid_updates_are_dropped_at_the_sender(kind, tmp_path, caplog):
+    async def body(c: Cluster):
+        a, _ = await c.add("a")
+        b, rb = await c.add("b")
+        await c.meet(["a", "b"])
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            a.send_model("b", _upd(round_=-1))
+            a.send_model("b", _upd(encoding="x" * 65))
+            a.send_model("b", _upd(meta={"blob": "y" * 5000}))
+            a.send_model("b", _upd(meta={"nan": float("nan")}))
+        assert a.stats.dropped == 4
+        assert caplog.text.count("reason=bad_update") == 1
+        a.send_model("b", _upd(round_=2))
+        await wait_until(lambda: rb.models, what="a valid update")
+        assert [m.round for m in rb.models] == [2]
+
+    run_cluster(kind, tmp_path, body)

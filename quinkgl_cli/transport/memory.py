@@ -267,8 +267,12 @@ class MemoryTransport(Transport):
             return
         try:
             encode_body(dict(update.meta), limit=MAX_META_BYTES, what="update meta")
+            if not update.encoding or len(update.encoding) > 64:
+                raise NetworkError("encoding name must have 1-64 characters")
+            if update.round < 0 or update.sample_count < 0:
+                raise NetworkError("round and sample count must not be negative")
         except NetworkError as exc:
-            self._drop("send_failed", peer_id, "bad_meta", detail=exc.message)
+            self._drop("send_failed", peer_id, "bad_update", detail=exc.message)
             return
         payload = bytes(update.payload)
         offer = _Offer(
