@@ -15,6 +15,7 @@ from quinkgl_cli.strategies.fingerprint import (
     bucket_entropy,
     component_similarities,
     compute_fingerprint,
+    fingerprint_for,
     label_buckets,
     label_entropy,
     parse_fingerprint,
@@ -132,3 +133,21 @@ def test_similarity_orders_peers_by_data() -> None:
     parts = component_similarities(mine, other)
     assert parts["label"] == pytest.approx(0.0) and parts["gradient"] is None
     assert similarity(Fingerprint((), 0.0, "<10", ()), Fingerprint((), 0.0, "<10", ())) == 0.5
+
+
+def test_fingerprint_for_follows_the_manifest() -> None:
+    from types import SimpleNamespace
+
+    manifest = SimpleNamespace(
+        task=SimpleNamespace(type="classification", label_type="integer", output_shape=(10,)),
+        privacy=SimpleNamespace(fingerprint_noise=0.0, gradient_moments=False),
+    )
+    x, y = data([3, 4])
+    fp = fingerprint_for(manifest, loader(x, y))
+    assert fp.labels == (0, 0, 0, 3, 3, 0, 0, 0, 0, 0) and fp.entropy == 1.0 and fp.gradient is None
+    assert fp == compute_fingerprint(loader(x, y), num_classes=10, noise=0.0)
+    regression = SimpleNamespace(
+        task=SimpleNamespace(type="regression", label_type="float", output_shape=(1,)),
+        privacy=SimpleNamespace(fingerprint_noise=0.1, gradient_moments=False),
+    )
+    assert fingerprint_for(regression, loader(x, y.float())).labels == ()

@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 FORMAT_VERSION = 1
+# Control-message kind under which a peer sends its fingerprint body (the node routes it to the topology).
+MESSAGE_KIND = "fingerprint"
 SAMPLE_BUCKETS = ("<10", "10-100", "100-1k", "1k-10k", "10k-100k", "100k-1M", ">=1M")
 _REPRESENTATIVE = (0.0, 0.25, 1.0, 2.0)  # bucket level -> proportion times C
 _MAX_CLASSES = 4096
@@ -259,6 +261,39 @@ def compute_fingerprint(
         samples=sample_bucket(n),
         moments=_noisy_moments(mean, var, moment_groups, noise, generator),
         gradient=gradient,
+    )
+
+
+def fingerprint_for(
+    manifest: Any,
+    loader: Iterable[Any],
+    *,
+    model: nn.Module | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    seed: int = 0,
+) -> Fingerprint:
+    """The node's own fingerprint under the manifest's rules: classes from the task, ``privacy.fingerprint_noise``,
+    ``privacy.gradient_moments``. Compute it once at start-up and
+
+    - attach ``fp.entropy`` as ``meta["label_entropy"]`` to every update (and to the local PeerUpdate), so
+      EntropyWeightedAvg has real weights;
+    - when ``manifest.privacy.fingerprint`` is true, send ``fp.to_body()`` as a ``MESSAGE_KIND`` control message to
+      each discovered peer and pass it to ``topology.observe_fingerprint(self_id, body)`` (AffinityTopology compares
+      every peer's fingerprint with its own).
+    """
+    task = manifest.task
+    num_classes = None
+    if task.type == "classification" and task.label_type in ("integer", "one_hot"):
+        num_classes = math.prod(task.output_shape)
+    privacy = manifest.privacy
+    return compute_fingerprint(
+        loader,
+        num_classes=num_classes,
+        noise=privacy.fingerprint_noise,
+        gradient_moments=privacy.gradient_moments,
+        model=model,
+        loss_fn=loss_fn,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
