@@ -388,7 +388,7 @@ class Daemon:
         except QuinkglError as exc:
             log.error("checkpoint-failed error=%s", exc.one_line().replace(" ", "_"))
             raise
-        log.info("checkpoint-saved round=%d path=%s reason=%s", self.node.completed_round, path, reason)
+        log.info("checkpoint-saved path=%s reason=%s", path, reason, extra={"round": self.node.completed_round})
 
     async def _finish(self) -> None:
         from quinkgl_cli.node.checkpoint import FINAL_MODEL_NAME, save_final_model

@@ -1,0 +1,225 @@
+"""`quinkgl run` as users run it: real daemon processes talking IPv8 on loopback.
+
+Few and fast on purpose (every process imports torch): one 3-peer swarm, one kill -9 / resume / SIGTERM run, and
+one batch of refusals started in parallel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from quinkgl_cli.node import localswarm as ls
+from quinkgl_cli.node.checkpoint import CheckpointStore, load_final_model
+
+pytestmark = pytest.mark.e2e
+
+ROUNDS = 10
+INTERVAL = 0.6
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def swarm_manifest(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    root = tmp_path_factory.mktemp("manifest")
+    path, _key, pub, swarm_id = ls.digits_manifest(root)
+    return path, pub, swarm_id
+
+
+def test_three_peers_beat_solo_hooks_and_greps(tmp_path: Path, swarm_manifest: tuple[Path, str, str]) -> None:
+    manifest, _pub, swarm_id = swarm_manifest
+    peers = ls.start_swarm(tmp_path, manifest, 3, ROUNDS, INTERVAL, "shards:3", extra=["--log-level", "info"])
+    try:
+        solo = {p.name: ls.train_alone(manifest, ls.DIGITS_SCRIPT, p.script_args, ROUNDS, node_id=p.name) for p in peers}
+        codes = ls.wait_all(peers, timeout=180)
+    finally:
+        ls.stop_all(peers)
+    logs = {p.name: p.text() for p in peers}
+    assert codes == [0, 0, 0], {n: t[-2000:] for n, t in logs.items()}
+    for p in peers:
+        text = logs[p.name]
+        lines = text.splitlines()
+        swarm_acc = p.finished_accuracy()
+        alone = solo[p.name].val_accuracy
+        assert swarm_acc is not None and alone is not None
+        # Each peer holds a few digit classes: alone it cannot pass ~half; the swarm gets far beyond it.
+        assert alone < 0.6, (p.name, alone)
+        assert swarm_acc > alone + 0.2 and swarm_acc > 0.7, (p.name, alone, swarm_acc)
+        # The guide's greps.
+        aggregated = [ln for ln in lines if "aggregated models" in ln]
+        assert len(aggregated) >= ROUNDS - 2
+        assert all(re.search(r"\bround=\d+\b", ln) for ln in aggregated)
+        assert len([ln for ln in lines if "round=" in ln]) >= ROUNDS
+        discovered = [ln for ln in lines if "peer-discovered" in ln]
+        others = {q.name for q in peers} - {p.name}
+        assert {n for n in others if any(n in ln for ln in discovered)} == others
+        # Hooks of the digits script ran, once per discovered peer and once per round.
+        assert sum(ln.startswith("[peer-discovered] ") for ln in lines) == 2
+        assert sum(ln.startswith("[aggregated] peers=") for ln in lines) == len(aggregated)
+        assert [ln[:9] for ln in lines if re.match(r"^round=\d{3} ", ln)] == [f"round={r:03d}" for r in range(1, ROUNDS + 1)]
+        # Only loopback was ever addressed.
+        assert "blocked_sends=0" in text
+        tensors, meta = load_final_model(tmp_path / "ckpt" / p.name / "final_model.safetensors")
+        assert meta["swarm_id"] == swarm_id and meta["round"] == ROUNDS and "0.weight" in tensors
+        assert [f.round for f in CheckpointStore(tmp_path / "ckpt" / p.name).files()] == [ROUNDS - 2, ROUNDS - 1, ROUNDS]
+
+
+def test_kill9_resume_then_sigterm_saves(tmp_path: Path, swarm_manifest: tuple[Path, str, str]) -> None:
+    manifest, _pub, _swarm = swarm_manifest
+    ckpt = tmp_path / "ck"
+    args = {"shard": "0", "num_shards": "3", "partition": "shards:3"}
+    cmd = ls.run_command(manifest, ls.DIGITS_SCRIPT, "lone", ls.free_port(), 200, 0.25, [], ckpt, args,
+                         ["--log-format", "json"])
+    env = ls.child_env(tmp_path / "home")
+    log1 = tmp_path / "first.log"
+    with open(log1, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: len(_json_events(log1, "checkpoint-saved")) >= 3, 120, "three checkpoints")
+        alone = _json_events(log1, "alone")
+        assert alone and "bootstrap" in alone[0]["message"]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # Whatever moment the kill hit, the newest readable checkpoint is the last completed round it announced, or
+    # one it was writing and finished (rename is atomic).
+    announced = max(int(e["round"]) for e in _json_events(log1, "checkpoint-saved"))
+    newest = CheckpointStore(ckpt).latest()
+    assert newest is not None and newest[0].round in (announced, announced + 1)
+
+    log2 = tmp_path / "second.log"
+    with open(log2, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: len(_json_events(log2, "checkpoint-saved")) >= 1, 120, "a checkpoint after resume")
+        resumed = [e for e in _json_events(log2, "resumed from round")]
+        assert resumed and resumed[0]["message"].startswith(f"resumed from round {newest[0].round} ")
+        first_round = min(int(e["round"]) for e in _json_events(log2, "round-end"))
+        assert first_round == newest[0].round + 1
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+        assert time.monotonic() - sent < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 130
+    stops = [e for e in _json_events(log2, "checkpoint-saved") if e.get("reason") == "stop"]
+    assert stops, log2.read_text()[-1500:]
+    assert CheckpointStore(ckpt).latest()[1].meta["round"] == stops[-1]["round"]
+
+
+def _json_events(path: Path, event: str) -> list[dict]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        obj = json.loads(line)
+        if obj.get("event", "").startswith(event):
+            out.append(obj)
+    return out
+
+
+MISSING_HOOK = "def build_model(manifest, **kw):\n    return None\n"
+OTHER_ARCH = (
+    "import torch\n"
+    "def build_model(manifest, **kw):\n    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))\n"
+    "def build_loaders(manifest, **kw):\n    return [], []\n"
+)
+
+
+def test_refusals_at_run_have_their_exit_codes(tmp_path: Path, swarm_manifest: tuple[Path, str, str]) -> None:
+    from quinkgl_cli import keys
+    from quinkgl_cli.manifest.io import load_manifest, write_manifest
+    from quinkgl_cli.manifest.signing import sign_manifest
+
+    manifest, pub, _swarm = swarm_manifest
+    good = load_manifest(manifest).manifest
+    tampered = tmp_path / "tampered.qgl"
+    tampered.write_text(manifest.read_text().replace('"local_epochs": 1', '"local_epochs": 2'))
+    assert tampered.read_text() != manifest.read_text()
+    resigned = tmp_path / "resigned.qgl"  # same name, another creator: a TOFU conflict once the first was seen
+    write_manifest(resigned, sign_manifest(good, keys.generate()))
+    (tmp_path / "missing_hook.py").write_text(MISSING_HOOK)
+    (tmp_path / "other_arch.py").write_text(OTHER_ARCH)
+    other_key = keys.public_key_text(keys.generate())
+    home = tmp_path / "home"
+    # TOFU learns the real creator first (a dry run), then each refusal runs in parallel.
+    first = _run(["--manifest", str(manifest), "--script", str(ls.DIGITS_SCRIPT), "--dry-run"], home)
+    assert first.returncode == 0, first.stdout[-2000:]
+    assert "dry-run ok" in first.stdout and "arch_match=true" in first.stdout
+
+    base = ["--script", str(ls.DIGITS_SCRIPT), "--rounds", "1", "--gossip-interval", "0.1"]
+    cases = {
+        "tampered": (["--manifest", str(tampered), *base], 3, "signature"),
+        "tofu-conflict": (["--manifest", str(resigned), *base], 4, ""),
+        "wrong-pinned": (["--manifest", str(manifest), *base, "--trust-policy", "pinned", "--trusted-pubkey", other_key], 4,
+                         "not a trusted key"),
+        "missing-manifest": (["--manifest", str(tmp_path / "nope.qgl"), *base], 2, "not found"),
+        "missing-script": (["--manifest", str(manifest), "--script", str(tmp_path / "nope.py")], 2, "not found"),
+        "missing-hook": (["--manifest", str(manifest), "--script", str(tmp_path / "missing_hook.py")], 7, "build_loaders"),
+        "arch-mismatch": (["--manifest", str(manifest), "--script", str(tmp_path / "other_arch.py"), "--dry-run"], 5, "arch hash"),
+        "bad-script-arg": (["--manifest", str(manifest), *base, "--script-arg", "shard"], 1, "--script-arg"),
+        "bad-strict": (["--manifest", str(manifest), *base, "--strict-manifest", "maybe"], 1, "--strict-manifest"),
+        "arch-lenient": (["--manifest", str(manifest), "--script", str(tmp_path / "other_arch.py"), "--dry-run",
+                          "--strict-manifest", "false"], 0, "arch-mismatch"),
+    }
+    procs = {name: _start(args, home) for name, (args, _c, _m) in cases.items()}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=120)
+        args, code, needle = cases[name]
+        assert proc.returncode == code, (name, out[-1500:])
+        assert needle in out, (name, out[-1500:])
+        if code:
+            errors = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+            assert len(errors) == 1 and "Traceback" not in out, (name, out[-1500:])
+
+
+def test_checkpoint_of_another_swarm_is_refused_unless_no_resume(tmp_path: Path, swarm_manifest: tuple[Path, str, str]) -> None:
+    from quinkgl_cli.node.core import NodeState
+
+    manifest, _pub, _swarm = swarm_manifest
+    ckpt = tmp_path / "ck"
+    CheckpointStore(ckpt).save(NodeState({"model.x": __import__("torch").zeros(1)},
+                                         {"round": 4, "swarm_id": "sha256:" + "e" * 64, "optimizer": {}}))
+    base = ["--manifest", str(manifest), "--script", str(ls.DIGITS_SCRIPT), "--rounds", "1", "--gossip-interval", "0.1",
+            "--checkpoint-dir", str(ckpt), "--port", str(ls.free_port())]
+    refused = _start(base, tmp_path / "home")
+    fresh = _start([*base[:-1], str(ls.free_port()), "--no-resume"], tmp_path / "home2")
+    out, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 7 and "belongs to swarm" in out and "--no-resume" in out
+    out, _ = fresh.communicate(timeout=120)
+    assert fresh.returncode == 0, out[-1500:]
+    assert "finished rounds=1" in out and "resumed" not in out
+    assert CheckpointStore(ckpt).latest()[1].meta["swarm_id"] == _swarm
+
+
+def _start(args: list[str], home: Path) -> subprocess.Popen[str]:
+    policy = [] if "--trust-policy" in args else ["--trust-policy", "tofu"]
+    return subprocess.Popen([sys.executable, "-m", "quinkgl_cli", "run", *policy, *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ls.child_env(home))
+
+
+def _run(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
+    proc = _start(args, home)
+    out, _ = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
