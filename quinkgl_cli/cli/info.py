@@ -1,7 +1,57 @@
-"""`quinkgl info` (being built)."""
+"""`quinkgl info`: versions and the strategies this build knows. Reads package metadata; imports no torch or ipv8."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from importlib import metadata
+from typing import Annotated
 
 import typer
 
+_DEPENDENCIES = ("torch", "pyipv8", "pydantic", "typer", "cryptography", "safetensors", "numpy", "scikit-learn")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def info(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+) -> None:
+    """Show the quinkgl version, known aggregation strategies and topologies, and Python/torch/IPv8 versions."""
+    from quinkgl_cli.strategies import registry
+
+    __version__ = _version("quinkgl-cli") or "unknown"
+
+    data = {
+        "quinkgl": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "executable": sys.executable,
+        "dependencies": {d: _version(d) for d in _DEPENDENCIES},
+        "aggregation": {name: registry.resolve("aggregation", name).summary for name in registry.names("aggregation")},
+        "topology": {name: registry.resolve("topology", name).summary for name in registry.names("topology")},
+    }
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    deps = data["dependencies"]
+    typer.echo(f"quinkgl {__version__}")
+    typer.echo(f"Python {data['python']} ({data['platform']})")
+    typer.echo(f"torch {deps['torch'] or 'not installed'}, IPv8 (pyipv8) {deps['pyipv8'] or 'not installed'}")
+    typer.echo("other: " + ", ".join(f"{d} {v or 'missing'}" for d, v in deps.items() if d not in ("torch", "pyipv8")))
+    for kind in ("aggregation", "topology"):
+        typer.echo(f"{kind} strategies:")
+        entries: dict[str, str] = data[kind]  # type: ignore[assignment]
+        width = max(len(n) for n in entries)
+        for name, summary in entries.items():
+            typer.echo(f"  {name:<{width}}  {summary}")
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("info")(info)
