@@ -86,3 +86,77 @@ def test_hook_exception_becomes_one_line_error(tmp_path: Path) -> None:
     script = load_script(write(tmp_path, "def build_model(m, **k):\n    raise KeyError('data_root')\ndef build_loaders(m, **k):\n    return [], []\n"))
     with pytest.raises(NodeConfigError, match="build_model in peer_script.py failed: KeyError"):
         script.build_model(None)
+
+
+# --- the bundled torchvision scripts, as far as they can be tested offline -------------------------------------
+import sys  # noqa: E402
+import types  # noqa: E402
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "peer_scripts"
+
+
+class _FakeDataset(torch.utils.data.Dataset):
+    def __init__(self, root: str, download: bool, train: bool, transform: object, present: bool, calls: list) -> None:
+        calls.append({"root": root, "download": download, "train": train})
+        if not present:
+            raise RuntimeError("Dataset not found. You can use download=True to download it")
+        self.targets = torch.arange(60 if train else 20) % 10
+        self.shape = (1, 28, 28)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.zeros(self.shape), int(self.targets[i])
+
+
+def _fake_torchvision(monkeypatch: pytest.MonkeyPatch, present: bool) -> list:
+    calls: list = []
+    tv = types.ModuleType("torchvision")
+    datasets = types.ModuleType("torchvision.datasets")
+    transforms = types.ModuleType("torchvision.transforms")
+
+    def factory(root: str, download: bool = False, train: bool = True, transform: object = None) -> _FakeDataset:
+        return _FakeDataset(root, download, train, transform, present, calls)
+
+    datasets.MNIST = factory  # type: ignore[attr-defined]
+    datasets.CIFAR10 = factory  # type: ignore[attr-defined]
+    transforms.Compose = lambda items: items  # type: ignore[attr-defined]
+    transforms.ToTensor = lambda: None  # type: ignore[attr-defined]
+    transforms.Normalize = lambda *a: None  # type: ignore[attr-defined]
+    tv.datasets, tv.transforms = datasets, transforms  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+    monkeypatch.setitem(sys.modules, "torchvision.transforms", transforms)
+    return calls
+
+
+@pytest.mark.parametrize(("name", "params"), [("mnist_peer_script.py", 109_386), ("cifar10_peer_script.py", 188_810)])
+def test_torchvision_scripts_build_models_without_torchvision(name: str, params: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision -> ImportError
+    script = load_script(SCRIPTS / name)
+    model = script.build_model(None)
+    assert sum(p.numel() for p in model.parameters()) == params
+    with pytest.raises(NodeConfigError, match="torchvision is not installed"):
+        script.build_loaders(None)
+
+
+def test_missing_data_is_named_and_nothing_downloads_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_torchvision(monkeypatch, present=False)
+    script = load_script(SCRIPTS / "mnist_peer_script.py")
+    with pytest.raises(NodeConfigError, match=r"MNIST not found under /nowhere .*download=true"):
+        script.build_loaders(None, data_root="/nowhere")
+    assert calls and all(c["download"] is False for c in calls)
+
+
+def test_torchvision_script_shards_the_training_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_torchvision(monkeypatch, present=True)
+    script = load_script(SCRIPTS / "mnist_peer_script.py")
+    seen: list[set[int]] = []
+    for shard in range(2):
+        train, val = script.build_loaders(None, shard=str(shard), num_shards="2", partition="shards:5", download="true")
+        labels = {int(y) for _, ys in train for y in ys}
+        seen.append(labels)
+        assert len(train.dataset) == 30 and len(val.dataset) == 20
+    assert seen[0].isdisjoint(seen[1]) and len(seen[0] | seen[1]) == 10
+    assert all(c["download"] is True for c in calls)
