@@ -15,9 +15,11 @@ import torch
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.tensors import flatten, load_flat
 
-# signflip: every shared weight negated (the model pulled to the mirror image of the honest one);
+# signflip: every shared weight negated and amplified by SIGNFLIP_FACTOR, so one attacker outweighs the honest
+# models it is averaged with (a plain negation is mostly absorbed by an average);
 # gaussian: weights replaced by N(0, GAUSSIAN_STD^2) noise; scale: weights multiplied by SCALE_FACTOR.
 ATTACKS = ("signflip", "gaussian", "scale")
+SIGNFLIP_FACTOR = 4.0
 GAUSSIAN_STD = 1.0
 SCALE_FACTOR = 100.0
 
@@ -42,7 +44,7 @@ def parse_attackers(text: str | None) -> tuple[int, str]:
 
 def corrupt(kind: str, flat: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     if kind == "signflip":
-        return -flat
+        return flat * -SIGNFLIP_FACTOR
     if kind == "gaussian":
         return torch.randn(flat.shape, generator=generator, dtype=torch.float32) * GAUSSIAN_STD
     if kind == "scale":

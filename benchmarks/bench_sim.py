@@ -1,0 +1,209 @@
+"""Simulator scale (time, memory) and the learning table on 20 non-IID digits peers.
+
+    python benchmarks/bench_sim.py            # scale 10/100/500 peers x 20 rounds; learning table, 3 seeds
+    python benchmarks/bench_sim.py --quick    # scale 10/100 peers x 5 rounds; short learning table (< 60 s)
+
+Scale: each run is N real nodes of the digits MLP (64-32-10) with the default manifest on an IID split; the
+baseline, measured in the same run, is the bare training the nodes do (the same SGD steps on the same shards in a
+plain torch loop, no node, no transport, no evaluation), so ``overhead_ratio`` = simulator time / bare training.
+Goal: 100 peers x 20 rounds within 120 s on 2 cores; memory per peer is reported.
+
+Learning table: 20 peers, 2 label shards each (``shards:2``), 20 training rounds. Rows: centralized training (one
+node with all data), local only, centralized FedAvg (all 20 and 10 of 20 clients per round), gossip with the
+manifest defaults, gossip as the published package ran it (1 local epoch, fanout 3, no extra exchange), ring
+gossip, and robust aggregators against 4 of 20 sign-flip attackers (FullTopology: the rules need enough updates
+per aggregation). Writes JSON (default benchmarks/results/sim.json) and prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from simkit import RESULTS, digits_manifest, digits_script, pct, quiet, row
+
+from quinkgl_cli.node.script import PeerScript
+from quinkgl_cli.sim.partition import partition_indices
+from quinkgl_cli.sim.simulator import Overrides, SimConfig, simulate
+
+SCALE_GOAL_S = 120.0
+
+
+def bare_training_seconds(script: PeerScript, peers: int, rounds: int, epochs: int, seed: int) -> float:
+    """The same SGD work as the nodes, in a plain loop: the floor any simulator of this swarm pays."""
+    train, _ = script.build_loaders(None)
+    x, y = train.dataset.tensors
+    parts = partition_indices(y.numpy(), peers, "iid", seed)
+    batch = train.batch_size
+    models = []
+    for _ in range(peers):
+        model = script.build_model(None)
+        models.append((model, script.build_optimizer(None, model)))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for (model, opt), idx in zip(models, parts, strict=True):
+            rows = torch.as_tensor(idx)
+            for _ in range(epochs):
+                order = rows[torch.randperm(len(rows), generator=g)]
+                for s in range(0, len(order), batch):
+                    b = order[s : s + batch]
+                    opt.zero_grad(set_to_none=True)
+                    loss_fn(model(x[b]), y[b]).backward()
+                    opt.step()
+    return time.perf_counter() - started
+
+
+def scale(script: PeerScript, sizes: list[int], rounds: int) -> list[dict[str, Any]]:
+    manifest = digits_manifest(script)
+    out = []
+    for peers in sizes:
+        result = simulate(script, manifest, SimConfig(peers=peers, rounds=rounds, partition="iid", seed=1))
+        bare = bare_training_seconds(script, peers, rounds, manifest.training.local_epochs, seed=1)
+        total = result.timing["build_s"] + result.timing["run_s"]
+        entry = {
+            "peers": peers, "rounds": rounds,
+            "build_s": result.timing["build_s"], "run_s": result.timing["run_s"], "total_s": total,
+            "seconds_per_round": result.timing["seconds_per_round"],
+            "bare_training_s": bare, "overhead_ratio": result.timing["run_s"] / bare if bare > 0 else None,
+            "rss_before_build_mb": result.memory["rss_before_build_mb"],
+            "rss_after_build_mb": result.memory["rss_after_build_mb"],
+            "per_peer_kb": result.memory["per_peer_kb"], "peak_rss_mb": result.memory["peak_rss_mb"],
+            "final_mean_accuracy": result.final.mean_accuracy,
+        }
+        if peers == 100 and rounds == 20:
+            entry["goal_s"] = SCALE_GOAL_S
+            entry["meets_goal"] = total <= SCALE_GOAL_S
+        out.append(entry)
+        print(f"scale peers={peers} rounds={rounds} total_s={total:.1f} run_s={result.timing['run_s']:.1f} "
+              f"bare_training_s={bare:.1f} per_peer_kb={entry['per_peer_kb']:.0f} peak_rss_mb={entry['peak_rss_mb']:.0f}",
+              flush=True)
+    return out
+
+
+def learning_cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(label, settings) of every row; settings: mode, manifest kwargs, config kwargs."""
+    attack = {"attackers": 4, "attack": "signflip"}
+    full = {"topology": "FullTopology"}
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("centralized training (1 node, all data)", {"mode": "local", "peers": 1, "partition": "iid"}),
+        ("local training only", {"mode": "local"}),
+        ("star FedAvg (server, 20 of 20 clients)", {"mode": "fedavg", "clients_per_round": 20}),
+        ("centralized FedAvg (10 of 20 clients)", {"mode": "fedavg", "clients_per_round": 10}),
+        ("gossip, quinkgl defaults", {}),
+        ("gossip, 1 epoch, fanout 3, no consensus", {"training": {"local_epochs": 1, "final_consensus_steps": 0}}),
+        ("ring gossip (fanout 2), defaults otherwise", {"topology": "RingTopology", "topology_params": {"fanout": 2}}),
+        ("FedAvg, 4/20 signflip attackers, full", {**full, **attack}),
+        ("Krum, 4/20 signflip attackers, full", {"aggregation": "Krum", **full, **attack, "byzantine_f": 4}),
+        ("TrimmedMean, 4/20 signflip attackers, full", {"aggregation": "TrimmedMean", **full, **attack, "byzantine_f": 4}),
+        ("Median, 4/20 signflip attackers, full", {"aggregation": "Median", **full, **attack, "byzantine_f": 4}),
+        ("MultiKrum, 4/20 signflip attackers, full", {"aggregation": "MultiKrum", **full, **attack, "byzantine_f": 4}),
+    ]
+    if quick:
+        keep = {"local training only", "star FedAvg (server, 20 of 20 clients)", "gossip, quinkgl defaults",
+                "FedAvg, 4/20 signflip attackers, full", "TrimmedMean, 4/20 signflip attackers, full"}
+        cases = [c for c in cases if c[0] in keep]
+    return cases
+
+
+def learning(script: PeerScript, rounds: int, seeds: list[int], quick: bool) -> list[dict[str, Any]]:
+    out = []
+    for label, case in learning_cases(quick):
+        manifest = digits_manifest(script, case.get("aggregation", "FedAvg"), case.get("topology", "RandomTopology"),
+                                   training=case.get("training"), topology_params=case.get("topology_params"))
+        runs = []
+        for seed in seeds:
+            cfg = SimConfig(
+                peers=case.get("peers", 20), rounds=rounds, partition=case.get("partition", "shards:2"), seed=seed,
+                mode=case.get("mode", "gossip"), clients_per_round=case.get("clients_per_round", 10),
+                attackers=case.get("attackers", 0), attack=case.get("attack", "signflip"),
+                overrides=Overrides(byzantine_f=case.get("byzantine_f")),
+            )
+            runs.append(row(simulate(script, manifest, cfg)))
+        entry: dict[str, Any] = {
+            "case": label,
+            "mode": case.get("mode", "gossip"),
+            "aggregation": manifest.aggregation.name if case.get("mode", "gossip") == "gossip" else None,
+            "topology": manifest.topology.name if case.get("mode", "gossip") == "gossip" else None,
+            "training": manifest.training.model_dump(),
+            "seeds": seeds,
+            "final_mean_accuracy": statistics.fmean(r["final_mean_accuracy"] for r in runs),
+            "final_min_accuracy": min(r["final_min_accuracy"] for r in runs),
+            "final_mean_by_seed": [r["final_mean_accuracy"] for r in runs],
+            "final_min_by_seed": [r["final_min_accuracy"] for r in runs],
+            "sends_per_peer_per_round": runs[0]["sends_per_peer_per_round"],
+            "consensus_sends_per_peer": runs[0]["consensus_sends_per_peer"],
+            "mb_sent": statistics.fmean(r["mb_sent"] for r in runs),
+            "curve_seed0": runs[0]["curve"],
+            "run_s": statistics.fmean(r["run_s"] for r in runs),
+        }
+        out.append(entry)
+        print(f"learning case={label!r} mean={pct(entry['final_mean_accuracy'])} worst={pct(entry['final_min_accuracy'])} "
+              f"sends/peer/round={entry['sends_per_peer_per_round']:.2f} consensus_sends/peer={entry['consensus_sends_per_peer']:.1f} "
+              f"MB={entry['mb_sent']:.1f}", flush=True)
+    return out
+
+
+def markdown(scale_rows: list[dict[str, Any]], learn_rows: list[dict[str, Any]], seeds: list[int], rounds: int) -> str:
+    lines = [
+        "| peers | rounds | total s | s/round | bare training s | overhead x | MB/peer | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in scale_rows:
+        lines.append(f"| {s['peers']} | {s['rounds']} | {s['total_s']:.1f} | {s['seconds_per_round']:.2f} | "
+                     f"{s['bare_training_s']:.1f} | {s['overhead_ratio']:.1f} | {s['per_peer_kb'] / 1024:.2f} | {s['peak_rss_mb']:.0f} |")
+    lines += [
+        "",
+        f"20 peers, `shards:2` digits, {rounds} rounds, mean over seeds {seeds} (worst peer: lowest over seeds):",
+        "",
+        "| setting | mean acc | worst peer | sends/peer/round | consensus sends/peer | MB sent |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in learn_rows:
+        lines.append(f"| {r['case']} | {pct(r['final_mean_accuracy'])} | {pct(r['final_min_accuracy'])} | "
+                     f"{r['sends_per_peer_per_round']:.2f} | {r['consensus_sends_per_peer']:.1f} | {r['mb_sent']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="10/100 peers x 5 rounds, short learning table, one seed")
+    ap.add_argument("--json", type=Path, default=RESULTS / "sim.json")
+    ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--skip-learning", action="store_true")
+    args = ap.parse_args()
+    quiet()
+    torch.set_num_threads(1)
+    script = digits_script()
+    sizes, scale_rounds = ([10, 100], 5) if args.quick else ([10, 100, 500], 20)
+    rounds = 20
+    seeds = [7] if args.quick else [7, 1, 2]
+    started = time.perf_counter()
+    scale_rows = [] if args.skip_scale else scale(script, sizes, scale_rounds)
+    learn_rows = [] if args.skip_learning else learning(script, rounds, seeds, args.quick)
+    table = markdown(scale_rows, learn_rows, seeds, rounds)
+    print(table)
+    data = {
+        "benchmark": "sim",
+        "quick": args.quick,
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
+        "scale": scale_rows,
+        "learning": learn_rows,
+        "markdown": table,
+        "seconds": time.perf_counter() - started,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The simulator: real nodes over the memory transport, virtual time, determinism, baselines, attackers, reports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from quinkgl_cli.cli.app import app
+from quinkgl_cli.errors import UsageError
+from quinkgl_cli.manifest.arch_hash import compute_arch_hash
+from quinkgl_cli.manifest.create import build_manifest
+from quinkgl_cli.manifest.io import write_manifest
+from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.core import Node
+from quinkgl_cli.node.script import PeerScript, load_script
+from quinkgl_cli.sim.attacks import parse_attackers
+from quinkgl_cli.sim.partition import dataset_labels
+from quinkgl_cli.sim.simulator import Overrides, SimConfig, Simulator, apply_overrides, simulate
+
+SCRIPT = Path(__file__).resolve().parent.parent / "peer_scripts" / "digits_peer_script.py"
+
+
+@pytest.fixture(scope="module")
+def script() -> PeerScript:
+    return load_script(SCRIPT)
+
+
+def make_manifest(script: PeerScript, aggregation: str = "FedAvg", topology: str = "RandomTopology", **training: Any) -> Manifest:
+    return build_manifest(
+        name="digits-sim", task_type="classification", input_shape="64", output_shape="10", label_type="integer",
+        framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)),
+        aggregation=aggregation, topology=topology, training_params={k: str(v) for k, v in training.items()},
+    )
+
+
+def accuracies(result: Any) -> list[list[float | None]]:
+    return [[p.val_accuracy for p in r.peers] for r in result.rounds]
+
+
+def test_same_seed_same_run_other_seed_other_run(script: PeerScript) -> None:
+    m = make_manifest(script, final_consensus_steps=1)
+    cfg = SimConfig(peers=5, rounds=3, partition="shards:2", seed=4)
+    a = simulate(script, m, cfg)
+    b = simulate(script, m, cfg)
+    c = simulate(script, m, SimConfig(peers=5, rounds=3, partition="shards:2", seed=5))
+    assert accuracies(a) == accuracies(b)
+    assert a.final.mean_accuracy == b.final.mean_accuracy
+    assert [r.bytes_sent for r in a.rounds] == [r.bytes_sent for r in b.rounds]
+    assert accuracies(a) != accuracies(c)
+
+
+def test_twenty_rounds_in_virtual_time_never_sleep(script: PeerScript, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_sleep(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the simulator must not sleep")
+
+    monkeypatch.setattr(time, "sleep", no_sleep)
+    monkeypatch.setattr(asyncio, "sleep", no_sleep)
+    m = make_manifest(script, local_steps=1)
+    seen: list[int] = []
+    sim = Simulator(script, m, SimConfig(peers=4, rounds=20, seed=1), progress=lambda s: seen.append(s.round))
+    result = sim.run()
+    assert seen == list(range(1, 21))
+    assert sim.clock() == pytest.approx(20 * 10.0)  # the virtual clock moved; the wall clock did not wait
+    assert all(n.completed_round == 20 for n in sim.nodes)
+
+
+def test_peers_train_on_the_promised_label_shards(script: PeerScript) -> None:
+    sim = Simulator(script, make_manifest(script), SimConfig(peers=10, rounds=1, partition="shards:2", seed=3))
+    sim.build()
+    seen: set[int] = set()
+    total = 0
+    for node in sim.nodes:
+        labels = dataset_labels(node.train_loader.dataset)
+        assert len(set(labels.tolist())) == 2
+        batch_labels = np.concatenate([y.numpy() for _, y in node.train_loader])
+        assert sorted(batch_labels.tolist()) == sorted(labels.tolist())  # the fast loader yields exactly the shard
+        seen |= set(labels.tolist())
+        total += len(labels)
+    assert seen == set(range(10)) and total == 1437  # digits' training split, shared out in full
+
+
+def test_gossip_learns_what_local_training_cannot(script: PeerScript) -> None:
+    m = make_manifest(script, local_epochs=3, final_consensus_steps=4)
+    cfg = dict(peers=8, rounds=6, partition="shards:2", seed=2)
+    gossip = simulate(script, m, SimConfig(**cfg))
+    local = simulate(script, m, SimConfig(mode="local", **cfg))
+    assert local.final.mean_accuracy < 0.3  # two digits each: at most ~20% of a balanced validation set
+    assert gossip.final.mean_accuracy > local.final.mean_accuracy + 0.3
+    assert gossip.consensus is not None and gossip.consensus_steps == 4
+    assert all(p.updates_sent == 4 * 3 for p in gossip.consensus.peers)  # fanout 3 per consensus step
+    assert all(r.model_sends == 8 * 3 for r in gossip.rounds)
+    assert all(r.model_sends == 0 for r in local.rounds)
+
+
+def test_centralized_fedavg_baseline_samples_clients_through_one_server(script: PeerScript) -> None:
+    m = make_manifest(script, local_epochs=2)
+    sim = Simulator(script, m, SimConfig(peers=10, rounds=4, partition="iid", seed=1, mode="fedavg", clients_per_round=4))
+    result = sim.run()
+    assert sim.server is not None and isinstance(sim.server, Node)
+    assert all(r.model_sends == 2 * 4 for r in result.rounds)  # 4 broadcasts down, 4 uploads up
+    assert [p.peer for p in result.rounds[0].peers] == ["server"]
+    assert result.final.mean_accuracy is not None and result.final.mean_accuracy > 0.6
+    assert sum(n.completed_round for n in sim.nodes) == 10 * 4
+    for r in range(4):
+        assert sum(n.history[r]["loss"] is not None for n in sim.nodes) == 4  # only the sampled clients trained
+
+
+@pytest.mark.parametrize("aggregation", ["Krum", "TrimmedMean"])
+def test_attackers_break_fedavg_but_not_robust_aggregators(script: PeerScript, aggregation: str) -> None:
+    cfg = dict(peers=10, rounds=4, partition="iid", seed=3, attackers=2, attack="signflip")
+    fedavg = simulate(script, make_manifest(script, "FedAvg", "FullTopology", local_epochs=2), SimConfig(**cfg))
+    robust_manifest = make_manifest(script, aggregation, "FullTopology", local_epochs=2)
+    robust = simulate(script, robust_manifest, SimConfig(overrides=Overrides(byzantine_f=2), **cfg))
+    assert len(robust.attackers) == 2 and robust.attackers == fedavg.attackers
+    assert all(not p.attacker for p in robust.rounds[-1].peers if p.peer not in robust.attackers)
+    assert fedavg.final.mean_accuracy < 0.3
+    assert robust.final.mean_accuracy > 0.6
+    assert robust.final.mean_accuracy > fedavg.final.mean_accuracy + 0.4
+
+
+def test_overrides_reach_the_nodes(script: PeerScript) -> None:
+    m = make_manifest(script)
+    ov = Overrides(aggregation="trimmedmean", topology="RingTopology", fanout=2, dp_epsilon=8.0,
+                   training_params={"gossip_steps": "2"}, compression_params={"top_k_ratio": "0.1"}, byzantine_f=1)
+    out = apply_overrides(m, ov)
+    assert out.aggregation.name == "TrimmedMean" and out.topology.name == "RingTopology"
+    assert out.topology.params == {"fanout": 2}
+    assert out.privacy.dp_epsilon == 8.0 and out.training.gossip_steps == 2 and out.compression.top_k_ratio == 0.1
+    assert out.byzantine_f == 1 and out.signature is None
+    sim = Simulator(script, m, SimConfig(peers=3, rounds=1, overrides=ov))
+    sim.build()
+    assert all(n.aggregator.name == "TrimmedMean" and n.topology.name == "RingTopology" for n in sim.nodes)
+    with pytest.raises(UsageError, match="gossip_steps"):
+        apply_overrides(m, Overrides(training_params={"gossip_steps": "0"}))
+    with pytest.raises(UsageError, match="unknown aggregation"):
+        apply_overrides(m, Overrides(aggregation="Nope"))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("4:signflip", (4, "signflip")), ("2:Gaussian", (2, "gaussian")), ("3", (3, "signflip"))]
+)
+def test_attacker_flag(text: str, expected: tuple[int, str]) -> None:
+    assert parse_attackers(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["x:signflip", "-1:scale", "2:nuke"])
+def test_bad_attacker_flag(bad: str) -> None:
+    with pytest.raises(UsageError):
+        parse_attackers(bad)
+
+
+def test_cli_writes_json_and_png(script: PeerScript, tmp_path: Path) -> None:
+    qgl = tmp_path / "swarm.qgl"
+    write_manifest(qgl, make_manifest(script))
+    out, png = tmp_path / "out.json", tmp_path / "out.png"
+    res = CliRunner().invoke(app, [
+        "simulate", "--manifest", str(qgl), "--script", str(SCRIPT), "--peers", "4", "--rounds", "3",
+        "--partition", "shards:2", "--seed", "7", "--json", str(out), "--plot", str(png),
+        "--training-param", "final_consensus_steps=1", "--fanout", "2", "--attackers", "1:signflip",
+    ])
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("round=")]
+    assert len(lines) == 3 and "mean_accuracy=" in lines[0] and "min_accuracy=" in lines[0]
+    data = json.loads(out.read_text())
+    assert [r["round"] for r in data["rounds"]] == [1, 2, 3]
+    for r in data["rounds"]:
+        assert {"mean_accuracy", "min_accuracy", "max_accuracy", "peers"} <= set(r)
+        assert r["min_accuracy"] <= r["mean_accuracy"] <= r["max_accuracy"]
+        assert len(r["peers"]) == 4 and {"peer", "val_accuracy", "bytes_sent", "attacker"} <= set(r["peers"][0])
+    assert data["consensus"]["phase"] == "consensus" and data["final"]["source"] == "consensus"
+    assert data["communication"]["sends_per_peer_per_round"] == 2.0
+    assert data["manifest"]["topology"]["params"] == {"fanout": 2}
+    assert data["memory"]["per_peer_kb"] >= 0 and data["timing"]["run_s"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_refuses_bad_flags(script: PeerScript, tmp_path: Path) -> None:
+    qgl = tmp_path / "swarm.qgl"
+    write_manifest(qgl, make_manifest(script))
+    base = ["simulate", "--manifest", str(qgl), "--script", str(SCRIPT), "--peers", "3", "--rounds", "1"]
+    for extra, needle in (
+        (["--partition", "shards:x"], "shard count"),
+        (["--mode", "star"], "--mode"),
+        (["--attackers", "9:signflip"], "attackers among"),
+        (["--json", str(tmp_path / "missing" / "o.json")], "does not exist"),
+    ):
+        res = CliRunner().invoke(app, base + extra)
+        assert res.exit_code == 1, (extra, res.output)
+        assert needle in str(res.exception) or needle in res.output
