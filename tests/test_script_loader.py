@@ -160,3 +160,14 @@ def test_torchvision_script_shards_the_training_set(monkeypatch: pytest.MonkeyPa
         assert len(train.dataset) == 30 and len(val.dataset) == 20
     assert seen[0].isdisjoint(seen[1]) and len(seen[0] | seen[1]) == 10
     assert all(c["download"] is True for c in calls)
+
+
+def test_example_manifest_verifies_and_fits_the_digits_script() -> None:
+    from quinkgl_cli.manifest.arch_hash import compute_arch_hash
+    from quinkgl_cli.manifest.trust import load_trusted
+
+    root = Path(__file__).resolve().parents[1]
+    pub = (root / "manifests" / "digits-example.pub").read_text().strip()
+    trusted = load_trusted(root / "manifests" / "digits-example.qgl", "pinned", [pub])
+    model = load_script(root / "peer_scripts" / "digits_peer_script.py").build_model(trusted.manifest)
+    assert compute_arch_hash(model) == trusted.manifest.model.arch_hash
