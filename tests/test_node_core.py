@@ -226,3 +226,15 @@ def test_state_roundtrip_restores_model_optimizer_rng_and_round() -> None:
     assert torch.equal(torch.rand(3), expected_rand)
     other.begin_round()
     assert other.round == 2
+
+
+def test_fingerprints_reach_affinity_topology_and_entropy_rides_on_updates() -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    m = manifest().model_copy(update={"topology": manifest().topology.model_copy(update={"name": "AffinityTopology"})})
+    nodes = [make_node(net, f"p{i}", m, i, seed=i) for i in range(3)]
+    net.deliver_all()
+    for n in nodes:
+        assert n.topology.own is not None
+        assert set(n.topology.fingerprints) == set(n.known_peers)
+        assert n.label_entropy == pytest.approx(0.0)  # one class per peer in these shards
+        assert n.encode_update().meta["label_entropy"] == n.label_entropy

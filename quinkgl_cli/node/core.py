@@ -43,6 +43,9 @@ from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.strategies import registry
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
+from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY
+from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
+from quinkgl_cli.strategies.fingerprint import fingerprint_for
 from quinkgl_cli.tensors import TensorSpec, flatten, load_flat, shared_specs
 from quinkgl_cli.transport import wire
 from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, PeerInfo, Transport
@@ -218,6 +221,10 @@ class Node:
         self.discovered: set[str] = set()
         self.sample_count = self._dataset_size(train_loader)
 
+        self.fingerprint_body: dict[str, Any] | None = None
+        self.label_entropy: float | None = None
+        self._init_fingerprint()
+
         self._inbox: dict[str, ModelReceived] = {}
         self._inbox_lock = threading.Lock()
         self._dropped_in_round = 0
@@ -232,6 +239,19 @@ class Node:
         # inbox_listener is called whenever an update lands in the inbox (a driver waiting for updates wakes up).
         self.stop_flag: threading.Event | None = None
         self.inbox_listener: Callable[[], None] | None = None
+
+    def _init_fingerprint(self) -> None:
+        """This peer's data fingerprint, computed once: label entropy rides on every update (EntropyWeightedAvg)
+        and, when the manifest allows, the fingerprint goes to each discovered peer (AffinityTopology)."""
+        try:
+            fp = fingerprint_for(self.manifest, self.train_loader, model=self.model, loss_fn=self.loss_fn, seed=self.config.seed)
+        except Exception as exc:  # a fingerprint is an optimisation: the node works without one
+            self._log(logging.WARNING, "fingerprint-unavailable", reason=_one_line(exc))
+            return
+        self.label_entropy = float(fp.entropy)
+        if self.manifest.privacy.fingerprint:
+            self.fingerprint_body = fp.to_body()
+            self.topology.observe_fingerprint(self.node_id, dict(self.fingerprint_body))
 
     # ----------------------------------------------------------------- logging and hooks
     def _log(self, level: int, event: str, **fields: Any) -> None:
@@ -256,6 +276,8 @@ class Node:
         self.discovered.add(peer.node_id)
         address = f"{peer.address[0]}:{peer.address[1]}" if peer.address else None
         self._log(logging.INFO, "peer-discovered", peer=peer.node_id, address=address, known=len(self.known_peers))
+        if self.fingerprint_body is not None:
+            self.transport.send_message(peer.node_id, FINGERPRINT_KIND, dict(self.fingerprint_body))
         self._call_hook("on_peer_discovered", peer.node_id)
 
     def on_peer_lost(self, peer: PeerInfo) -> None:
@@ -287,7 +309,7 @@ class Node:
 
     def on_message(self, sender: str, kind: str, body: dict[str, Any]) -> None:
         try:
-            if kind == "fingerprint":
+            if kind == FINGERPRINT_KIND:
                 self.topology.observe_fingerprint(sender, dict(body))
                 return
             for peer_id, reply_kind, reply in self.topology.on_control(sender, kind, dict(body)):
@@ -409,7 +431,9 @@ class Node:
         tensors: dict[str, torch.Tensor] = {s.name: state[s.name] for s in self.specs}
         for name, t in self.aggregator.extras_to_send().items():
             tensors[EXTRA_PREFIX + name] = t
-        meta = {"step": step}
+        meta: dict[str, Any] = {"step": step}
+        if self.label_entropy is not None:
+            meta[LABEL_ENTROPY_KEY] = self.label_entropy
         payload = wire.encode(tensors, meta=meta)
         return OutgoingUpdate(round=self.round, payload=payload, sample_count=int(self.sample_count), meta=meta)
 
@@ -482,7 +506,9 @@ class Node:
                 self._drop(msg.sender, msg.round, f"invalid: {_one_line(exc)}")
         if not others:
             return None
-        local = PeerUpdate(self.node_id, self.round, flatten(self.model), max(int(self.sample_count), 1), is_local=True)
+        local_meta = {LABEL_ENTROPY_KEY: self.label_entropy} if self.label_entropy is not None else {}
+        local = PeerUpdate(self.node_id, self.round, flatten(self.model), max(int(self.sample_count), 1),
+                           meta=local_meta, is_local=True)
         try:
             result = self.aggregator.aggregate(local, others, self.round)
             if result.flat.shape != local.flat.shape or not bool(torch.isfinite(result.flat).all()):
