@@ -142,31 +142,42 @@ def _values(xs: Sequence[int], ys: Sequence[float | None]) -> tuple[list[int], l
 
 def plot_curves(curves: Sequence[Curve], path: Path, title: str, ylabel: str = "validation accuracy") -> None:
     """Accuracy per round for each curve (mean line, min..max band), the post-consensus value as a marker."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    try:
-        for c in curves:
-            xs, ys = _values(c.rounds, c.mean)
-            (line,) = ax.plot(xs, ys, label=c.label, linewidth=1.8)
-            if c.low is not None and c.high is not None:
-                pts = [(x, lo, hi) for x, lo, hi in zip(c.rounds, c.low, c.high, strict=True) if lo is not None and hi is not None]
-                if pts:
-                    ax.fill_between([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts],
-                                    color=line.get_color(), alpha=0.12, linewidth=0)
-            if c.final is not None and xs:
-                ax.plot([xs[-1] + 0.6], [c.final], marker="*", markersize=11, color=line.get_color(), linestyle="none")
-        from matplotlib.ticker import MaxNLocator
+    plot_panels([(title, curves)], path, ylabel)
 
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("round")
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(0.0, 1.0)
-        ax.grid(True, alpha=0.3)
-        ax.set_title(title)
-        ax.legend(fontsize=8, loc="lower right")
+
+def plot_panels(panels: Sequence[tuple[str, Sequence[Curve]]], path: Path, ylabel: str = "validation accuracy") -> None:
+    """Side-by-side axes, one per (title, curves) panel, sharing the accuracy scale."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 4.8), squeeze=False)
+    try:
+        for ax, (title, curves) in zip(axes[0], panels, strict=True):
+            _draw_curves(ax, curves, title, ylabel)
+        fig.tight_layout()
         _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _draw_curves(ax: Any, curves: Sequence[Curve], title: str, ylabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for c in curves:
+        xs, ys = _values(c.rounds, c.mean)
+        (line,) = ax.plot(xs, ys, label=c.label, linewidth=1.8)
+        if c.low is not None and c.high is not None:
+            pts = [(x, lo, hi) for x, lo, hi in zip(c.rounds, c.low, c.high, strict=True) if lo is not None and hi is not None]
+            if pts:
+                ax.fill_between([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts],
+                                color=line.get_color(), alpha=0.12, linewidth=0)
+        if c.final is not None and xs:
+            ax.plot([xs[-1] + 0.6], [c.final], marker="*", markersize=11, color=line.get_color(), linestyle="none")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
 
 
 def plot_result(result: SimResult, path: Path) -> None:

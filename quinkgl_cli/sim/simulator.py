@@ -244,16 +244,26 @@ class Simulator:
         batch_size = getattr(train_loader, "batch_size", None) or 32
         return dataset, materialize(val_loader), int(batch_size)
 
-    def _node(self, index: int, node_id: str, train: Any, val: Any, seed: int, **strategies: Any) -> Node:
+    def _server_manifest(self) -> Manifest:
+        """The FedAvg server's view: it broadcasts the global model as is (no DP noise, no compression), as the
+        tutorial's server does; the clients' uploads keep the swarm's privacy and compression settings."""
+        data = self.manifest.model_dump(mode="python")
+        data["privacy"] = {**data["privacy"], "dp_epsilon": None, "dp_total_epsilon": None}
+        data["compression"] = {}
+        return Manifest.model_validate(data)
+
+    def _node(self, node_id: str, train: Any, val: Any, seed: int, manifest: Manifest | None = None,
+              **strategies: Any) -> Node:
+        manifest = manifest or self.manifest
         # Each peer's model initialisation is independent (as on real devices) but reproducible.
         torch.manual_seed(seed)
         args = dict(self.config.script_args)
-        model = self.script.build_model(self.manifest, **args)
-        optimizer = self.script.build_optimizer(self.manifest, model)
-        transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=self.manifest.model.arch_hash)
+        model = self.script.build_model(manifest, **args)
+        optimizer = self.script.build_optimizer(manifest, model)
+        transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=manifest.model.arch_hash)
         node = Node(
             NodeConfig(node_id, rounds=self.config.rounds, seed=seed),
-            self.manifest, self.swarm_id, model, train, val, optimizer, transport,
+            manifest, self.swarm_id, model, train, val, optimizer, transport,
             hooks=None, clock=self.clock, **strategies,
         )
         transport.start_sync(node)
@@ -282,10 +292,10 @@ class Simulator:
                 topo = SelectedTargets(node_id)
                 topo.targets = [SERVER_ID]
                 strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": topo}
-            self.nodes.append(self._node(i, node_id, train, val_loader, seed, **strategies))
+            self.nodes.append(self._node(node_id, train, val_loader, seed, **strategies))
         if cfg.mode == "fedavg":
             self.server = self._node(
-                cfg.peers, SERVER_ID, [], val_loader, cfg.seed * 100_003 + cfg.peers,
+                SERVER_ID, [], val_loader, cfg.seed * 100_003 + cfg.peers, manifest=self._server_manifest(),
                 aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
             )
             # The server trains on nothing; its broadcast carries the whole training set's weight (clients only
