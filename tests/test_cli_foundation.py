@@ -217,3 +217,28 @@ def test_light_commands_import_no_heavy_modules(tmp_path: Path, args: list[str])
 def test_python_dash_m(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "quinkgl_cli", "manifest", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert out.returncode == 0 and "verify" in out.stdout
+
+
+def test_in_process_edges(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from quinkgl_cli.cli.app import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> int:
+        with pytest.raises(SystemExit) as done:
+            main(list(args))
+        return int(done.value.code or 0)
+
+    assert run("keygen") == 1 and "needs --output" in capsys.readouterr().err
+    assert run("keygen", "--output", "a.key", "--show-public", "a.key") == 1
+    capsys.readouterr()
+    key = keys.generate()
+    obj = json.loads(write(tmp_path / "m.qgl", make_manifest(key=key)).read_text())
+    obj["byzantine_f"] = 3
+    (tmp_path / "t.qgl").write_text(json.dumps(obj))
+    assert run("manifest", "show", "t.qgl", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["signature_status"] == "INVALID"
+    assert run("manifest", "show", "t.qgl") == 0
+    assert "INVALID" in capsys.readouterr().out
+    assert run("manifest", "verify", "m.qgl", "--trust-policy", "pinned") == 1
+    assert "needs at least one --trusted-pubkey" in capsys.readouterr().err

@@ -110,3 +110,17 @@ def test_public_key_text_validation() -> None:
     for bad in ("", "ed25519:", "ed25519:" + "0" * 63, "ed25519:" + "g" * 64, "rsa:" + "0" * 64, good[8:]):
         with pytest.raises(UsageError):
             keys.normalize_public_key(bad)
+
+
+def test_key_file_created_private_from_the_first_byte(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[tuple[str, int]] = []
+    real_open = os.open
+
+    def spy(path, flags, mode=0o777, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if flags & os.O_CREAT:
+            opened.append((str(path), mode))
+        return real_open(path, flags, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", spy)
+    keys.save_private_key(tmp_path / "k.key", keys.generate())
+    assert opened and all(mode == 0o600 for _, mode in opened), opened
