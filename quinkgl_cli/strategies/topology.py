@@ -16,7 +16,7 @@ from typing import Any
 
 from quinkgl_cli.strategies import params as p
 from quinkgl_cli.strategies.base import Topology
-from quinkgl_cli.strategies.fingerprint import Fingerprint, component_similarities, parse_fingerprint
+from quinkgl_cli.strategies.fingerprint import Fingerprint, component_similarities, parse_fingerprint, similarity
 
 log = logging.getLogger("quinkgl.strategies")
 
@@ -204,9 +204,9 @@ class AffinityTopology(Topology):
     gradient moments) and collaboration history (``history_weight``: an EMA of ``record_outcome`` qualities that
     decays by ``edge_decay`` per round without news and is evicted after ``edge_ttl`` such rounds).
 
-    Cold start: rounds < ``blind_rounds`` choose uniformly (blind); the next ``learning_rounds`` explore a fraction
-    ``exploration`` of the fanout at random (learning); after that the exploration fraction decays by
-    ``exploration_decay`` per round down to ``min_exploration`` (exploiting). Exploited slots go to the highest
+    Cold start (rounds count from 1, as the node's do): rounds 1..``blind_rounds`` choose uniformly (blind); the next
+    ``learning_rounds`` explore a fraction ``exploration`` of the fanout at random (learning); after that the
+    exploration fraction decays by ``exploration_decay`` per round down to ``min_exploration`` (exploiting). Exploited slots go to the highest
     affinities. The node's own fingerprint arrives through ``observe_fingerprint(self_id, body)``.
     With ``prefer_similar=false`` the fingerprint signals are inverted (seek complementary data).
     """
@@ -231,8 +231,12 @@ class AffinityTopology(Topology):
             return
         if peer_id == self.self_id:
             self.own = fp
-        else:
-            self.fingerprints[peer_id] = fp
+            return
+        known = self.fingerprints.get(peer_id)
+        self.fingerprints[peer_id] = fp
+        if known != fp:
+            sim = "-" if self.own is None else f"{similarity(self.own, fp):.3f}"
+            log.info("fingerprint-received peer=%s similarity=%s entropy=%.3f samples=%s", peer_id, sim, fp.entropy, fp.samples)
 
     def record_outcome(self, peer_id: str, quality: float) -> None:
         if not math.isfinite(quality):
@@ -277,11 +281,11 @@ class AffinityTopology(Topology):
     def phase(self, round_idx: int) -> tuple[str, float]:
         """(phase name, exploration fraction) at ``round_idx``."""
         prm = self.params
-        if round_idx < prm.blind_rounds:
+        if round_idx <= prm.blind_rounds:
             return "blind", 1.0
-        if round_idx < prm.blind_rounds + prm.learning_rounds:
+        if round_idx <= prm.blind_rounds + prm.learning_rounds:
             return "learning", prm.exploration
-        since = round_idx - prm.blind_rounds - prm.learning_rounds
+        since = round_idx - prm.blind_rounds - prm.learning_rounds - 1
         return "exploiting", max(prm.min_exploration, prm.exploration * prm.exploration_decay**since)
 
     def select(self, peers: Sequence[str], round_idx: int) -> list[str]:
