@@ -33,6 +33,7 @@ def script() -> PeerScript:
 
 
 def make_manifest(script: PeerScript, aggregation: str = "FedAvg", topology: str = "RandomTopology", **training: Any) -> Manifest:
+    training = {"local_epochs": 1, "final_consensus_steps": 0, **training}  # small and fast unless a test asks
     return build_manifest(
         name="digits-sim", task_type="classification", input_shape="64", output_shape="10", label_type="integer",
         framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)),

@@ -52,12 +52,18 @@ class StrategySpec(Strict):
 
 
 class TrainingSpec(Strict):
-    """How much local work a round does and how rounds mix. Daemon flags may override some of these."""
+    """How much local work a round does and how rounds mix. Daemon flags may override some of these.
 
-    local_epochs: int = Field(default=1, ge=1, le=1000)
+    Defaults measured with `benchmarks/bench_sim.py` (20 peers, 2 label shards each, digits MLP, 20 rounds, fanout 3):
+    4 local epochs and 6 averaging-only exchanges after the last round reach 86-89% mean and >= 85% worst-peer
+    accuracy where 1 epoch without them reaches ~35%: more local work between exchanges, then a final merge
+    ("A Single Merging Suffices", 2025) that pulls the drifted peers together.
+    """
+
+    local_epochs: int = Field(default=4, ge=1, le=1000)
     local_steps: int | None = Field(default=None, ge=1)  # when set, caps optimizer steps per round
     gossip_steps: int = Field(default=1, ge=1, le=20)  # exchanges (send + aggregate) per training round
-    final_consensus_steps: int = Field(default=0, ge=0, le=100)  # averaging-only exchanges after the last round
+    final_consensus_steps: int = Field(default=6, ge=0, le=100)  # averaging-only exchanges after the last round
     max_staleness: int = Field(default=2, ge=0, le=1000)  # updates older than this many rounds are dropped
 
 
