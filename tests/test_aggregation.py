@@ -303,7 +303,7 @@ def test_fedprox_term_changes_the_local_gradient() -> None:
     assert make("FedProx", mu=0.0).loss_term(model) is None
 
 
-def _quadratic_swarm(name: str, rounds: int, steps: int = 10, lr: float = 0.1) -> float:
+def _quadratic_swarm(name: str, rounds: int, steps: int = 10, lr: float = 0.1, momentum: float = 0.0) -> float:
     """Four peers with f_i(x) = a_i/2 ||x - b_i||^2 (non-IID: different curvatures and optima), complete gossip.
 
     Returns the distance of the peers' mean model to the global optimum sum(a_i b_i) / sum(a_i).
@@ -317,7 +317,7 @@ def _quadratic_swarm(name: str, rounds: int, steps: int = 10, lr: float = 0.1) -
     aggs = [make(name) for _ in curv]
     for r in range(1, rounds + 1):
         for model, agg, a, b in zip(models, aggs, curv, targets, strict=True):
-            opt = torch.optim.SGD(model.parameters(), lr=lr)
+            opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
             agg.begin_training(model, lr)
             for _ in range(steps):
                 opt.zero_grad()
@@ -342,10 +342,11 @@ def _quadratic_swarm(name: str, rounds: int, steps: int = 10, lr: float = 0.1) -
     return float((mean - optimum).norm())
 
 
-def test_scaffold_beats_plain_local_sgd_on_non_iid_quadratics() -> None:
-    plain = _quadratic_swarm("FedAvg", rounds=40)
-    scaffold = _quadratic_swarm("Scaffold", rounds=40)
-    assert plain > 0.5  # client drift: local steps pull toward each peer's own optimum
+@pytest.mark.parametrize(("momentum", "lr"), [(0.0, 0.05), (0.5, 0.05), (0.9, 0.01)])
+def test_scaffold_beats_plain_local_sgd_on_non_iid_quadratics(momentum: float, lr: float) -> None:
+    plain = _quadratic_swarm("FedAvg", rounds=40, lr=lr, momentum=momentum)
+    scaffold = _quadratic_swarm("Scaffold", rounds=40, lr=lr, momentum=momentum)
+    assert plain > 0.2  # client drift: local steps pull toward each peer's own optimum
     assert scaffold < 0.05 * plain
 
 
@@ -354,25 +355,36 @@ def test_scaffold_corrects_gradients_and_checkpoints() -> None:
     model = Point(3)
     agg.load_state_dict({"c_local": torch.tensor([1.0, 0.0, 0.0]), "c_global": torch.tensor([0.0, 2.0, 0.0])})
     agg.begin_training(model, 0.1)
-    model.x.grad = torch.ones(3)
-    agg.after_backward(model)
-    assert model.x.grad.tolist() == [0.0, 3.0, 1.0]  # g + c - c_i
-    with torch.no_grad():
-        model.x.sub_(torch.tensor([0.5, 0.5, 0.5]))
-    agg.end_training(model, steps=5, lr=0.1)  # c_i <- c_i - c + (x - y)/(K lr) = (1,0,0) - (0,2,0) + (1,1,1)
-    assert torch.allclose(agg.extras_to_send()[CONTROL_VARIATE_KEY], torch.tensor([2.0, -1.0, 1.0]))
-    peer = PeerUpdate("b", 1, torch.zeros(3), 10, extras={CONTROL_VARIATE_KEY: torch.tensor([0.0, 1.0, 1.0])})
+    for grad in ([1.0, 1.0, 1.0], [3.0, 1.0, 0.0]):
+        model.x.grad = torch.tensor(grad)
+        agg.after_backward(model)
+        assert model.x.grad.tolist() == [grad[0] - 1.0, grad[1] + 2.0, grad[2]]  # g + c - c_i
+    agg.end_training(model, steps=2, lr=0.1)  # c_i <- mean of the uncorrected gradients
+    assert torch.allclose(agg.extras_to_send()[CONTROL_VARIATE_KEY], torch.tensor([2.0, 1.0, 0.5]))
+    peer = PeerUpdate("b", 1, torch.zeros(3), 10, extras={CONTROL_VARIATE_KEY: torch.tensor([0.0, 1.0, 1.5])})
     broken = PeerUpdate("c", 1, torch.zeros(3), 10, extras={CONTROL_VARIATE_KEY: torch.zeros(7)})
     out = agg.aggregate(PeerUpdate("a", 1, model.x.detach().clone(), 10, is_local=True), [peer, broken], 1)
     assert "no usable control variate from c" in out.note
-    # c <- 0.5 c + 0.5 mean((2,-1,1), (0,1,1)) = 0.5 (0,2,0) + 0.5 (1,0,1)
+    # c <- 0.5 c + 0.5 mean((2,1,0.5), (0,1,1.5)) = 0.5 (0,2,0) + 0.5 (1,1,1)
     state = agg.state_dict()
-    assert torch.allclose(state["c_global"], torch.tensor([0.5, 1.0, 0.5]))
+    assert torch.allclose(state["c_global"], torch.tensor([0.5, 1.5, 0.5]))
     other = make("Scaffold")
     other.load_state_dict(state)
     assert torch.equal(other.state_dict()["c_local"], state["c_local"])
     with pytest.raises(ValueError):
         other.load_state_dict({"bogus": torch.zeros(1)})
+
+
+def test_scaffold_first_mean_is_taken_whole() -> None:
+    agg = make("Scaffold")
+    model = Point(2)
+    agg.begin_training(model, 0.1)
+    model.x.grad = torch.tensor([2.0, 4.0])
+    agg.after_backward(model)
+    agg.end_training(model, steps=1, lr=0.1)
+    peer = PeerUpdate("b", 1, torch.zeros(2), 10, extras={CONTROL_VARIATE_KEY: torch.tensor([0.0, 0.0])})
+    agg.aggregate(PeerUpdate("a", 1, torch.zeros(2), 10, is_local=True), [peer], 1)
+    assert torch.allclose(agg.state_dict()["c_global"], torch.tensor([1.0, 2.0]))
 
 
 def test_registry_builds_every_aggregator_with_defaults() -> None:

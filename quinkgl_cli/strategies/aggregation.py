@@ -561,10 +561,14 @@ class Scaffold(FedAvg):
     """SCAFFOLD (Karimireddy et al., 2020) without a server.
 
     Each peer keeps its control variate c_i and, in place of the server's c, a running average of the variates
-    its peers send (``extras[CONTROL_VARIATE_KEY]``): c <- m c + (1 - m) mean(c_j). Every local gradient is
-    corrected by (c - c_i) after backward; after K local steps of rate lr, c_i <- c_i - c + (x - y) / (K lr)
-    (option II), where x is the model before and y after local training. Models are averaged as in FedAvg.
-    Variates cover the trainable parameters in ``model.parameters()`` order.
+    its peers send (``extras[CONTROL_VARIATE_KEY]``): c <- m c + (1 - m) mean(c_j), starting from the first mean.
+    Every local gradient is corrected by (c - c_i) after backward. After local training c_i becomes the average
+    of the round's uncorrected local gradients. For plain SGD that is exactly option II of the paper,
+    c_i - c + (x - y) / (K lr); unlike that formula it stays right when the optimizer has momentum, weight decay
+    or adaptive steps (the model difference then no longer measures K lr times the gradient). Models are averaged
+    as in FedAvg. Variates cover the trainable parameters in ``model.parameters()`` order. As in the paper, the
+    local steps must be small: with K steps of rate lr, momentum beta and curvature L, lr * L * K / (1 - beta)
+    well below 1 (larger steps make the correction loop oscillate).
     """
 
     name = "Scaffold"
@@ -574,36 +578,43 @@ class Scaffold(FedAvg):
         super().__init__(params, byzantine_f)
         self.c_local: torch.Tensor | None = None
         self.c_global: torch.Tensor | None = None
-        self._start: torch.Tensor | None = None
         self._params: list[nn.Parameter] = []
         self._correction: list[torch.Tensor] = []
+        self._grad_sum: list[torch.Tensor] = []
+        self._grad_steps = 0
 
     def begin_training(self, model: nn.Module, lr: float) -> None:
         self._params = _trainable(model)
-        self._start = _flat_params(self._params)
-        d = self._start.numel()
+        d = sum(q.numel() for q in self._params)
         if self.c_local is None or self.c_local.numel() != d:
             self.c_local = torch.zeros(d)
-        if self.c_global is None or self.c_global.numel() != d:
-            self.c_global = torch.zeros(d)
-        correction = self.c_global - self.c_local
+        if self.c_global is not None and self.c_global.numel() != d:
+            self.c_global = None
+        correction = (torch.zeros(d) if self.c_global is None else self.c_global) - self.c_local
+        sizes = [q.numel() for q in self._params]
         self._correction = [
-            chunk.view_as(param).to(param.dtype)
-            for chunk, param in zip(torch.split(correction, [q.numel() for q in self._params]), self._params, strict=True)
+            chunk.view_as(q).to(q.dtype) for chunk, q in zip(torch.split(correction, sizes), self._params, strict=True)
         ]
+        self._grad_sum = [torch.zeros_like(q, dtype=torch.float32) for q in self._params]
+        self._grad_steps = 0
 
     def after_backward(self, model: nn.Module) -> None:
-        pairs = [(q.grad, c) for q, c in zip(self._params, self._correction, strict=True) if q.grad is not None]
-        if pairs:
-            torch._foreach_add_([g for g, _ in pairs], [c for _, c in pairs])
+        if not self._correction:
+            return
+        idx = [i for i, q in enumerate(self._params) if q.grad is not None]
+        if not idx:
+            return
+        grads = [self._params[i].grad for i in idx]
+        torch._foreach_add_([self._grad_sum[i] for i in idx], [g.float() for g in grads])  # type: ignore[misc]
+        self._grad_steps += 1
+        torch._foreach_add_(grads, [self._correction[i] for i in idx])  # type: ignore[arg-type]
 
     def end_training(self, model: nn.Module, steps: int, lr: float) -> None:
-        if self._start is None or self.c_local is None or self.c_global is None or steps <= 0 or lr <= 0.0:
-            return
-        end = _flat_params(self._params)
-        self.c_local = self.c_local - self.c_global + (self._start - end) / (steps * lr)
-        self._start = None
+        if self._grad_steps > 0:
+            self.c_local = _flat_params(self._grad_sum) / self._grad_steps
         self._correction = []
+        self._grad_sum = []
+        self._grad_steps = 0
 
     def extras_to_send(self) -> dict[str, torch.Tensor]:
         return {} if self.c_local is None else {CONTROL_VARIATE_KEY: self.c_local.clone()}
@@ -625,7 +636,10 @@ class Scaffold(FedAvg):
                 variates.append(c.to(torch.float32))
         mean_c = torch.stack(variates).mean(dim=0)
         m = self.params.variate_momentum
-        self.c_global = mean_c if self.c_global is None else self.c_global.mul(m).add_(mean_c, alpha=1.0 - m)
+        if self.c_global is None or self.c_global.numel() != mean_c.numel():
+            self.c_global = mean_c
+        else:
+            self.c_global = self.c_global.mul(m).add_(mean_c, alpha=1.0 - m)
         if bad:
             extra = f"no usable control variate from {','.join(bad)}"
             result.note = f"{result.note}; {extra}" if result.note else extra
