@@ -566,9 +566,9 @@ class Scaffold(FedAvg):
     of the round's uncorrected local gradients. For plain SGD that is exactly option II of the paper,
     c_i - c + (x - y) / (K lr); unlike that formula it stays right when the optimizer has momentum, weight decay
     or adaptive steps (the model difference then no longer measures K lr times the gradient). Models are averaged
-    as in FedAvg. Variates cover the trainable parameters in ``model.parameters()`` order. As in the paper, the
-    local steps must be small: with K steps of rate lr, momentum beta and curvature L, lr * L * K / (1 - beta)
-    well below 1 (larger steps make the correction loop oscillate).
+    as in FedAvg. Variates cover the trainable parameters in ``model.parameters()`` order. The paper's analysis
+    assumes small local steps (lr of order 1 / (K L) for K steps on an L-smooth loss); momentum beta multiplies the
+    effective rate by 1 / (1 - beta), and rates far above that make the correction loop oscillate.
     """
 
     name = "Scaffold"
