@@ -191,8 +191,18 @@ def main() -> None:
     learn_rows = [] if args.skip_learning else learning(script, rounds, seeds, args.quick)
     table = markdown(scale_rows, learn_rows, seeds, rounds)
     print(table)
+    headline: dict[str, Any] = {}
+    for s in scale_rows:
+        headline[f"total_s_{s['peers']}_peers_{s['rounds']}_rounds"] = round(s["total_s"], 2)
+        headline[f"kb_per_peer_{s['peers']}_peers"] = round(s["per_peer_kb"], 1)
+    for r in learn_rows:
+        if r["case"] in ("gossip, quinkgl defaults", "star FedAvg (server, 20 of 20 clients)"):
+            key = "gossip_defaults" if r["case"].startswith("gossip") else "star_fedavg"
+            headline[f"{key}_mean_acc"] = round(r["final_mean_accuracy"], 4)
+            headline[f"{key}_worst_acc"] = round(r["final_min_accuracy"], 4)
     data = {
         "benchmark": "sim",
+        "headline": headline,
         "quick": args.quick,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "scale": scale_rows,

@@ -151,8 +151,11 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     (out / "tutorial_table.md").write_text(table + "\n")
+    headline = {f"{m}_final_eps_{lab}": round(results[m][lab]["final_accuracy"], 4) for m in methods for lab in labels
+                if lab in ("inf", "1")}
     data = {
         "benchmark": "tutorial",
+        "headline": headline,
         "quick": args.quick,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "setting": {"peers": PEERS, "rounds": rounds, "partition": "shards:2", "seed": args.seed, "clip_norm": CLIP,

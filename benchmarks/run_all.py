@@ -36,19 +36,13 @@ BENCHMARKS: tuple[tuple[str, str], ...] = (
 TAIL_LINES = 15
 
 
-def _scalars(data: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
-    """Top-level numbers of a result (one level into dicts), for a compact summary line."""
-    out: list[tuple[str, Any]] = []
-    if not isinstance(data, dict) or depth > 1:
-        return out
-    for key, value in data.items():
-        if isinstance(value, bool) or value is None:
-            continue
-        if isinstance(value, (int, float)):
-            out.append((prefix + key, value))
-        elif isinstance(value, dict):
-            out.extend(_scalars(value, f"{prefix}{key}.", depth + 1))
-    return out
+def _headline(data: Any) -> list[tuple[str, Any]]:
+    """The numbers a result puts under ``headline``, else its top-level numbers, for a compact summary cell."""
+    if not isinstance(data, dict):
+        return []
+    source = data.get("headline") if isinstance(data.get("headline"), dict) else data
+    return [(k, v) for k, v in source.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("seconds", "quick")]
 
 
 def run_one(name: str, quick: bool, out_dir: Path, timeout: float) -> dict[str, Any]:
@@ -87,7 +81,7 @@ def summary(entries: list[dict[str, Any]]) -> str:
         status = e["status"] if e["status"] == "ok" else f"{e['status']}: {e['reason']}"
         numbers = ""
         if e["status"] == "ok":
-            nums = [(k, v) for k, v in _scalars(e["result"]) if k not in ("seconds", "quick")][:6]
+            nums = _headline(e["result"])[:8]
             numbers = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in nums)
         secs = f"{e['seconds']:.1f}" if "seconds" in e else "-"
         lines.append(f"| {e['name']} | {what.get(e['name'], '')} | {status} | {secs} | {numbers} |")

@@ -2,8 +2,9 @@
 
 A swarm of hundreds of peers in one process spends most of its time in data loading when each peer goes through
 a `DataLoader` (one `__getitem__` and one collate per sample). When the dataset is a `TensorDataset` (or a
-`Subset` of one), `TensorSliceLoader` gathers a whole batch with one index operation instead; it shuffles and
-batches exactly like ``DataLoader(Subset(dataset, indices), batch_size, shuffle=True, generator=...)`` does.
+`Subset` of one), `TensorSliceLoader` gathers a whole batch with one index operation instead; like
+``DataLoader(Subset(dataset, indices), batch_size, shuffle=True)`` it reshuffles on every pass (from its own seeded
+generator) and yields the last, smaller batch too.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import ValidationError
 
@@ -36,8 +37,8 @@ from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import Node, NodeConfig
 from quinkgl_cli.node.script import PeerScript
 from quinkgl_cli.sim.attacks import install_attack
-from quinkgl_cli.sim.data import materialize, peer_loader
 from quinkgl_cli.sim.baseline import SERVER_ID, AdoptGlobal, SelectedTargets, ServerMean
+from quinkgl_cli.sim.data import materialize, peer_loader
 from quinkgl_cli.sim.partition import dataset_labels, parse_scheme, partition_indices
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 
@@ -273,8 +274,17 @@ class Simulator:
         cfg = self.config
         started = time.perf_counter()
         dataset, val_loader, batch_size = self._shared_data()
-        labels = dataset_labels(dataset)
-        parts = partition_indices(labels, cfg.peers, cfg.partition, cfg.seed)
+        scheme = parse_scheme(cfg.partition)
+        try:
+            labels = dataset_labels(dataset)
+        except (ValueError, TypeError, IndexError) as exc:
+            if scheme.kind != "iid":
+                raise NodeConfigError(
+                    f"--partition {cfg.partition} splits by class label, but {self.script.path.name}'s training data "
+                    f"has none usable ({exc})", "use --partition iid for regression or unlabelled data",
+                ) from exc
+            labels = np.zeros(len(dataset), dtype=np.int64)  # one pseudo-class: iid becomes an even random split
+        parts = partition_indices(labels, cfg.peers, scheme, cfg.seed)
         # One throwaway model and optimizer first: lazy imports (torch.optim pulls in much of torch) would
         # otherwise count as the first peer's memory.
         warm = self.script.build_model(self.manifest, **dict(cfg.script_args))
