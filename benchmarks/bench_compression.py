@@ -6,6 +6,11 @@ receiver holds, error feedback included), the median of several rounds, against 
 vector in the same run. Throughput is model megabytes (4 bytes per parameter) per second.
 
     python benchmarks/bench_compression.py [--quick] [--params N] [--threads T] [--json PATH]
+    python benchmarks/bench_compression.py --sim [--quick]    # accuracy table on the simulator
+
+``--sim``: 20 peers with two digit classes each (``shards:2``), 20 rounds (10 with --quick), the manifest
+defaults of the digits script, in gossip and in star-FedAvg mode (a server and all 20 clients each round), each
+uncompressed and with top-k 10% / 1%, with and without error feedback. Writes benchmarks/results/compression_sim.json.
 """
 
 from __future__ import annotations
@@ -82,14 +87,58 @@ def bench_setting(params: dict[str, Any], n: int, rounds: int, gen: torch.Genera
     }
 
 
+SIM_SETTINGS: dict[str, dict[str, str]] = {
+    "uncompressed": {},
+    "top-k 10% + EF": {"top_k_ratio": "0.1"},
+    "top-k 10%, no EF": {"top_k_ratio": "0.1", "error_feedback": "false"},
+    "top-k 1% + EF": {"top_k_ratio": "0.01"},
+    "top-k 1%, no EF": {"top_k_ratio": "0.01", "error_feedback": "false"},
+    "top-k 1% + int8 + EF": {"top_k_ratio": "0.01", "quantize_bits": "8"},
+}
+
+
+def sim_table(quick: bool, path: Path) -> None:
+    from simkit import digits_manifest, digits_script, quiet, row
+
+    from quinkgl_cli.sim.simulator import Overrides, SimConfig, simulate
+
+    quiet()
+    script = digits_script()
+    manifest = digits_manifest(script)
+    rounds = 10 if quick else 20
+    modes = {"gossip (manifest defaults)": {"mode": "gossip"}, "star FedAvg (20 of 20 clients)": {"mode": "fedavg", "clients_per_round": 20}}
+    rows = []
+    print(f"| setting | {' | '.join(modes)} | MB sent ({next(iter(modes))}) |")
+    print("|---|" + "---|" * (len(modes) + 1))
+    for label, params in SIM_SETTINGS.items():
+        cells, mb = [], 0.0
+        for mode_label, mode in modes.items():
+            cfg = SimConfig(peers=20, rounds=rounds, partition="shards:2", seed=0,
+                            overrides=Overrides(compression_params=params), **mode)  # type: ignore[arg-type]
+            r = row(simulate(script, manifest, cfg))
+            rows.append({"setting": label, "mode": mode_label, "compression_params": params, **r})
+            cells.append(f"{100 * r['final_mean_accuracy']:.1f}%")
+            mb = mb or r["mb_sent"]
+        print(f"| {label} | {' | '.join(cells)} | {mb:.2f} |", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rounds": rounds, "peers": 20, "partition": "shards:2", "rows": rows}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1M parameters, fewer settings and rounds (< 30 s)")
     ap.add_argument("--params", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: comparable runs)")
-    ap.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "compression.json")
+    ap.add_argument("--sim", action="store_true", help="accuracy table on the simulator instead of the codec timings")
+    ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    results = Path(__file__).parent / "results"
+    if args.sim:
+        sim_table(args.quick, args.json or results / "compression_sim.json")
+        return
+    args.json = args.json or results / "compression.json"
     n = args.params or (1_000_000 if args.quick else 10_000_000)
     rounds = 2 if args.quick else 3
     gen = torch.Generator().manual_seed(0)

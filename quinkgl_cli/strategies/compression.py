@@ -321,6 +321,18 @@ def lossless_unwrap(payload: bytes | bytearray | memoryview, max_bytes: int) -> 
     return out
 
 
+def is_compressed(payload: bytes | bytearray | memoryview) -> bool:
+    """Whether ``payload`` is this codec's (wrapped or plain container of ``ENCODING``), from its first bytes."""
+    view = memoryview(payload)
+    if bytes(view[:4]) == LOSSLESS_MAGIC:
+        return True
+    try:
+        header, _ = wire.read_header(view, max_entries=64)
+    except WireError:
+        return False
+    return header.encoding == ENCODING
+
+
 # ---------------------------------------------------------------------------------------------- stateful codec
 @dataclass
 class _TxPeer:

@@ -3,7 +3,8 @@
 The node calls, in a round: ``begin_training`` (the model before training), ``end_training`` (sanitize: the node
 continues from the noised model), ``encode`` once per recipient, and on the receive side ``receive`` for every
 arriving update (even ones it will not aggregate: delta chains must not skip a link) and ``model_of`` when
-aggregating. A refused delta (``StaleBase``) is answered with a ``RESYNC_KIND`` message, whose arrival at the
+aggregating. Receiving follows the payload, not this node's settings (``is_compressed``): a peer that sends
+uncompressed (the simulator's FedAvg server) and one that compresses can talk to each other. A refused delta (``StaleBase``) is answered with a ``RESYNC_KIND`` message, whose arrival at the
 sender calls ``resync``. Counters for logs and round metrics come from ``round_metrics``.
 """
 
@@ -15,14 +16,14 @@ from typing import Any
 import torch
 
 from quinkgl_cli.manifest.schema import CompressionSpec, PrivacySpec
-from quinkgl_cli.strategies.compression import ENCODING, RESYNC_KIND, Encoded, StaleBase, UpdateCodec, ratio
+from quinkgl_cli.strategies.compression import ENCODING, RESYNC_KIND, Encoded, StaleBase, UpdateCodec, is_compressed, ratio
 from quinkgl_cli.strategies.privacy import LocalDP
 
-__all__ = ["ENCODING", "RESYNC_KIND", "SharingPipeline", "StaleBase"]
+__all__ = ["ENCODING", "RESYNC_KIND", "SharingPipeline", "StaleBase", "is_compressed"]
 
 
 class SharingPipeline:
-    """Local DP and the update codec of one node. ``codec`` is None when the swarm does not compress.
+    """Local DP and the update codec of one node; ``compress_sends`` when the swarm's manifest compresses.
 
     ``noise_seed`` makes DP noise and QSGD rounding reproducible (the simulator); a daemon leaves it None so they
     come from the operating system's secure source: noise that others can predict protects nothing.
@@ -30,11 +31,12 @@ class SharingPipeline:
 
     def __init__(self, compression: CompressionSpec, privacy: PrivacySpec, numel: int, noise_seed: int | None = None,
                  max_peers: int = 64) -> None:
-        self.codec = UpdateCodec(compression, numel, max_peers=max_peers, seed=noise_seed) if compression.enabled else None
+        self.codec = UpdateCodec(compression, numel, max_peers=max_peers, seed=noise_seed)
+        self.compress_sends = compression.enabled
         self.dp = LocalDP(privacy, seed=noise_seed)
         self.sharing_stopped = False  # set for good once the privacy budget cannot afford a round
         self._start: torch.Tensor | None = None
-        self._mark = self.codec.stats.snapshot() if self.codec else ()
+        self._mark = self.codec.stats.snapshot()
 
     # ------------------------------------------------------------------ local DP
     def begin_training(self, flat: torch.Tensor) -> None:
@@ -55,35 +57,35 @@ class SharingPipeline:
 
     # ------------------------------------------------------------------ compression
     def encode(self, peer_id: str, flat: torch.Tensor, extras: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Encoded:
-        assert self.codec is not None
         return self.codec.encode(peer_id, flat, extras=extras, meta=meta)
+
+    @staticmethod
+    def is_compressed(payload: bytes | bytearray | memoryview) -> bool:
+        return is_compressed(payload)
 
     def receive(self, sender: str, payload: bytes | bytearray | memoryview, max_bytes: int) -> None:
         """Apply an update to ``sender``'s reconstruction; raises WireError (StaleBase: ask for a resync)."""
-        assert self.codec is not None
         self.codec.receive(sender, payload, max_bytes)
 
     def model_of(self, sender: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-        assert self.codec is not None
         return self.codec.model_of(sender)
 
     def resync(self, peer_id: str) -> None:
-        if self.codec is not None:
-            self.codec.reset_peer(peer_id)
+        self.codec.reset_peer(peer_id)
 
     # ------------------------------------------------------------------ metrics and checkpoints
     def round_metrics(self) -> dict[str, Any]:
         """Counters since the previous call (compression) and the cumulative privacy spent."""
         out: dict[str, Any] = {}
-        if self.codec is not None:
-            now = self.codec.stats.snapshot()
+        now = self.codec.stats.snapshot()
+        if self.compress_sends or now[6] or now[7]:  # this node compresses, or receives compressed updates
             d = [a - b for a, b in zip(now, self._mark)]
-            self._mark = now
             raw_sent, wire_sent, raw_recv, wire_recv, full, delta, received, rejected, resyncs = d
             out.update(compressed_bytes_sent=wire_sent, compressed_bytes_received=wire_recv,
                        compression_ratio_sent=round(ratio(raw_sent, wire_sent), 2),
                        compression_ratio_received=round(ratio(raw_recv, wire_recv), 2),
                        full_updates_sent=full, delta_updates_sent=delta, updates_rejected=rejected, resyncs=resyncs)
+        self._mark = now
         out.update(self.dp.metrics())
         if self.sharing_stopped:
             out["sharing_stopped"] = True
@@ -92,8 +94,7 @@ class SharingPipeline:
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"dp.{k}": v for k, v in self.dp.state_dict().items()}
         out["sharing_stopped"] = torch.tensor(self.sharing_stopped)
-        if self.codec is not None:
-            out.update({f"codec.{k}": v for k, v in self.codec.state_dict().items()})
+        out.update({f"codec.{k}": v for k, v in self.codec.state_dict().items()})
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -102,7 +103,5 @@ class SharingPipeline:
             self.dp.load_state_dict(dp_state)
         stopped = state.get("sharing_stopped")
         self.sharing_stopped = bool(stopped) if stopped is not None else False
-        codec_state = {k[6:]: v for k, v in state.items() if k.startswith("codec.")}
-        if self.codec is not None:
-            self.codec.load_state_dict(codec_state)
-        self._mark = self.codec.stats.snapshot() if self.codec else ()
+        self.codec.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("codec.")})
+        self._mark = self.codec.stats.snapshot()
