@@ -114,11 +114,20 @@ class CheckpointStore:
         return sorted(found, key=lambda f: f.seq)
 
     def save(self, state: NodeState) -> Path:
+        return self.write(int(state.meta["round"]), self.encode(state))
+
+    @staticmethod
+    def encode(state: NodeState) -> bytes:
+        """The checkpoint file's bytes: a snapshot, so the caller may keep training while `write` runs."""
+        return serialize(state.tensors, {**state.meta, "format": FORMAT})
+
+    def write(self, round_: int, data: bytes) -> Path:
+        """Write encoded checkpoint bytes atomically as the newest checkpoint, then prune old ones."""
         self._ensure_dir()
         existing = self.files()
         seq = existing[-1].seq + 1 if existing else 1
-        path = self.directory / f"ckpt-{seq:08d}-r{int(state.meta['round'])}.safetensors"
-        atomic_write_bytes(path, serialize(state.tensors, {**state.meta, "format": FORMAT}), mode=0o600)
+        path = self.directory / f"ckpt-{seq:08d}-r{round_}.safetensors"
+        atomic_write_bytes(path, data, mode=0o600)
         self.prune()
         return path
 

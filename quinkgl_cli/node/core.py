@@ -120,6 +120,7 @@ class RoundMetrics:
     updates_received: int = 0
     updates_dropped: int = 0
     train_time: float = 0.0
+    eval_time: float = 0.0
     duration: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -232,6 +233,7 @@ class Node:
         self._stats_at_start = (0, 0, 0, 0)
         self._train: TrainStats | None = None
         self._eval: tuple[float | None, float | None] = (None, None)
+        self._eval_time = 0.0
         self._round_peers: list[str] = []
         self._round_agg_samples = 0
         self._ahead_warned = False
@@ -330,6 +332,7 @@ class Node:
         self._dropped_in_round = 0
         self._train = None
         self._eval = (None, None)
+        self._eval_time = 0.0
         self._round_peers = []
         self._round_agg_samples = 0
         self._log(logging.DEBUG, "round-start", known_peers=len(self.known_peers))
@@ -402,6 +405,7 @@ class Node:
         """(val_loss, val_accuracy) on the validation loader; (None, None) when there is none or it is empty."""
         if self.val_loader is None:
             return (None, None)
+        started = time.perf_counter()
         model = self.model
         model.eval()
         total = 0.0
@@ -419,6 +423,7 @@ class Node:
                 seen += n
         result = (total / seen if seen else None, correct / seen if seen and self._is_classification() else None)
         self._eval = result
+        self._eval_time = time.perf_counter() - started
         return result
 
     def _is_classification(self) -> bool:
@@ -560,6 +565,7 @@ class Node:
             updates_received=st.models_received - s0[3],
             updates_dropped=self._dropped_in_round,
             train_time=train.duration if train else 0.0,
+            eval_time=self._eval_time,
             duration=self.clock() - self._round_started,
         )
         self.completed_round = self.round

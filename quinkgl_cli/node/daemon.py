@@ -380,15 +380,16 @@ class Daemon:
                  _f(val_loss), _f(val_acc))
 
     async def _checkpoint(self, reason: str) -> None:
-        state = self.node.state_dict()
-        # Tensors are snapshot now: the next round would otherwise train the very tensors being written.
-        state.tensors = {k: v.clone() for k, v in state.tensors.items()}
+        started = time.perf_counter()
+        # Serialized here, on the loop, as a snapshot (one memcpy); only the disk write and fsync go to a thread.
+        data = self.store.encode(self.node.state_dict())
         try:
-            path = await asyncio.to_thread(self.store.save, state)
+            path = await asyncio.to_thread(self.store.write, self.node.completed_round, data)
         except QuinkglError as exc:
             log.error("checkpoint-failed error=%s", exc.one_line().replace(" ", "_"))
             raise
-        log.info("checkpoint-saved path=%s reason=%s", path, reason, extra={"round": self.node.completed_round})
+        log.info("checkpoint-saved path=%s reason=%s seconds=%.4f", path, reason, time.perf_counter() - started,
+                 extra={"round": self.node.completed_round})
 
     async def _finish(self) -> None:
         from quinkgl_cli.node.checkpoint import FINAL_MODEL_NAME, save_final_model
@@ -410,10 +411,29 @@ class Daemon:
         st = self.transport.stats
         log.info(
             "finished rounds=%d loss=%s val_loss=%s val_accuracy=%s peers_met=%d bytes_sent=%d bytes_received=%d "
-            "seconds=%.1f final_model=%s",
+            "seconds=%.1f peak_rss_mb=%.1f final_model=%s",
             node.completed_round, _f(last.get("loss")), _f(last.get("val_loss")), _f(last.get("val_accuracy")),
-            len(node.discovered), st.bytes_sent, st.bytes_received, time.monotonic() - self.started_at, path,
+            len(node.discovered), st.bytes_sent, st.bytes_received, time.monotonic() - self.started_at,
+            peak_rss_mb(), path,
         )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB.
+
+    VmHWM where the kernel reports it: ru_maxrss survives exec on Linux, so a daemon started by a big parent
+    (the demo, a benchmark) would report the parent's peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _f(value: Any) -> str:
