@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -352,7 +352,7 @@ def _sorting_network(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i, j in pairs if j < n]
 
 
-def _sorted_blocks(rows: Sequence[torch.Tensor]):  # type: ignore[no-untyped-def]
+def _sorted_blocks(rows: Sequence[torch.Tensor]) -> Iterator[tuple[int, int, list[torch.Tensor]]]:
     """Yield (start, stop, sorted_rows) per block of columns: sorted_rows[i] holds the i-th smallest value of every
     coordinate in the block. Small counts run a vectorized sorting network on cache-sized blocks (a plain
     torch.sort along the update axis is ~10x slower); larger counts sort each block."""
