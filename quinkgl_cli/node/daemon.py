@@ -28,6 +28,7 @@ import logging
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -284,10 +285,11 @@ class Daemon:
             await self._rounds()
             if not self.stop_event.is_set() and node.final_consensus_steps:
                 await self._final_consensus()
-        finally:
-            # Save what was reached, whatever happened, before the transport goes away.
-            if node.completed_round > 0 and (self.stop_event.is_set() or not node.finished()):
+            if self.stop_event.is_set() and node.completed_round > 0:
+                # Asked to stop: save what was reached. After a crash nothing is saved: the model may be what broke,
+                # and the last round's checkpoint is the state to resume from.
                 await self._checkpoint(reason="stop")
+        finally:
             await self._stop_transport()
         if self.stop_event.is_set() and not node.finished():
             log.info("stopped round=%d signal=%s", node.completed_round, self.stop_signal)
@@ -464,8 +466,13 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
     except QuinkglError:
         raise
     except Exception:
-        log.critical("loop-died", exc_info=True)
+        log.critical("loop-died error=%s", _one_line_error(sys.exc_info()[1]), exc_info=True)
         return int(ExitCode.NODE)
+
+
+def _one_line_error(exc: BaseException | None) -> str:
+    text = str(exc).strip().splitlines() if exc is not None else []
+    return repr(f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__)
 
 
 def _len_or_dash(loader: Any) -> str:

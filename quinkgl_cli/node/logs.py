@@ -151,7 +151,8 @@ def setup_logging(node_id: str, fmt: str = "text", level: int = logging.INFO, st
     handler.setFormatter(JsonFormatter(context) if fmt == "json" else TextFormatter(context))
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if isinstance(old, FlushingHandler):  # a previous daemon's in this process; others (embedders, pytest) stay
+            root.removeHandler(old)
     root.addHandler(handler)  # present before IPv8 starts, so its logging.basicConfig adds nothing
     root.setLevel(logging.WARNING)
     logging.getLogger("quinkgl").setLevel(level)

@@ -66,7 +66,9 @@ class PeerScript:
         return model
 
     def build_loaders(self, manifest: Any, **script_args: str) -> tuple[Any, Any]:
-        """Call ``build_loaders``; it must return ``(train_loader, val_loader)``, each iterable of (x, y)."""
+        """Call ``build_loaders``; it must return ``(train_loader, val_loader)``, iterables of (x, y) batches.
+
+        ``val_loader`` may be None (no validation data: the round's val_loss / val_accuracy stay empty)."""
         try:
             result = self.build_loaders_fn(manifest, **script_args)
         except Exception as exc:
@@ -80,6 +82,8 @@ class PeerScript:
             )
         train, val = result
         for label, loader in (("train_loader", train), ("val_loader", val)):
+            if loader is None and label == "val_loader":
+                continue  # no validation data: the val_* metrics stay empty
             if loader is None or not hasattr(loader, "__iter__"):
                 raise NodeConfigError(
                     f"build_loaders in {self.path.name}: {label} is not iterable ({type(loader).__name__})",
