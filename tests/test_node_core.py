@@ -238,3 +238,11 @@ def test_fingerprints_reach_affinity_topology_and_entropy_rides_on_updates() -> 
         assert set(n.topology.fingerprints) == set(n.known_peers)
         assert n.label_entropy == pytest.approx(0.0)  # one class per peer in these shards
         assert n.encode_update().meta["label_entropy"] == n.label_entropy
+
+
+def test_manifest_round_limit_caps_rounds() -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    m = manifest().model_copy(update={"round_limit": 2})
+    assert make_node(net, "a", m, 0, rounds=5).rounds == 2
+    assert make_node(net, "b", m, 0, rounds=1).rounds == 1
+    assert make_node(net, "c", manifest(), 0, rounds=None).rounds is None  # type: ignore[arg-type]

@@ -78,7 +78,7 @@ class NodeConfig:
     """Per-node settings that are not part of the swarm's manifest (flags of `quinkgl run`, simulator knobs)."""
 
     node_id: str
-    rounds: int | None = None  # None: the manifest's round_limit, else run until stopped
+    rounds: int | None = None  # capped by the manifest's round_limit; neither set: run until stopped
     local_epochs: int | None = None  # overrides manifest.training.local_epochs
     local_steps: int | None = None  # overrides manifest.training.local_steps
     seed: int = 0
@@ -210,7 +210,9 @@ class Node:
         self.gossip_steps = training.gossip_steps
         self.final_consensus_steps = training.final_consensus_steps
         self.max_staleness = training.max_staleness
-        self.rounds = config.rounds if config.rounds is not None else manifest.round_limit
+        # The manifest's round_limit is the swarm's maximum: --rounds may ask for fewer, never more.
+        limits = [r for r in (config.rounds, manifest.round_limit) if r is not None]
+        self.rounds = min(limits) if limits else None
 
         self.specs: list[TensorSpec] = shared_specs(model)
         self.max_update_bytes = config.max_update_bytes or wire.max_blob_bytes(self.specs) * 2
