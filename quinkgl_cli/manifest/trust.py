@@ -186,7 +186,7 @@ def trust_bytes(
 
 
 class _TofuEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, defer_build=True)
 
     creator_pubkey: str = Field(pattern=PUBKEY_PATTERN)
     first_seen: str
@@ -194,7 +194,7 @@ class _TofuEntry(BaseModel):
 
 
 class _TofuFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, defer_build=True)
 
     version: Literal[1]
     creators: dict[str, _TofuEntry]
