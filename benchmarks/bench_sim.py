@@ -143,6 +143,8 @@ def learning(script: PeerScript, rounds: int, seeds: list[int], quick: bool) -> 
             "consensus_sends_per_peer": runs[0]["consensus_sends_per_peer"],
             "mb_sent": statistics.fmean(r["mb_sent"] for r in runs),
             "curve_seed0": runs[0]["curve"],
+            "min_curve_seed0": runs[0]["min_curve"],
+            "consensus_seed0": runs[0]["consensus_mean"],
             "run_s": statistics.fmean(r["run_s"] for r in runs),
         }
         out.append(entry)
@@ -150,6 +152,19 @@ def learning(script: PeerScript, rounds: int, seeds: list[int], quick: bool) -> 
               f"sends/peer/round={entry['sends_per_peer_per_round']:.2f} consensus_sends/peer={entry['consensus_sends_per_peer']:.1f} "
               f"MB={entry['mb_sent']:.1f}", flush=True)
     return out
+
+
+def plot_learning(learn_rows: list[dict[str, Any]], path: Path, rounds: int) -> None:
+    """Mean accuracy per round of the attack-free rows (first seed); a star marks the value after final consensus."""
+    from quinkgl_cli.sim.report import Curve, plot_curves
+
+    curves = [
+        Curve(label=r["case"], rounds=list(range(1, len(r["curve_seed0"]) + 1)), mean=r["curve_seed0"],
+              final=r["consensus_seed0"])
+        for r in learn_rows if "attackers" not in r["case"]
+    ]
+    plot_curves(curves, path, f"20 peers, shards:2 digits, {rounds} rounds (seed {learn_rows[0]['seeds'][0]})",
+                ylabel="mean validation accuracy")
 
 
 def markdown(scale_rows: list[dict[str, Any]], learn_rows: list[dict[str, Any]], seeds: list[int], rounds: int) -> str:
@@ -190,6 +205,10 @@ def main() -> None:
     scale_rows = [] if args.skip_scale else scale(script, sizes, scale_rounds)
     learn_rows = [] if args.skip_learning else learning(script, rounds, seeds, args.quick)
     table = markdown(scale_rows, learn_rows, seeds, rounds)
+    if learn_rows:
+        plot_dir = args.json.parent
+        plot_learning(learn_rows, plot_dir / "learning_curves.png", rounds)
+        print(f"wrote {plot_dir / 'learning_curves.png'}")
     print(table)
     headline: dict[str, Any] = {}
     for s in scale_rows:

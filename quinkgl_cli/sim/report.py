@@ -177,7 +177,10 @@ def _draw_curves(ax: Any, curves: Sequence[Curve], title: str, ylabel: str) -> N
     ax.set_ylim(0.0, 1.0)
     ax.grid(True, alpha=0.3)
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
+    if len(curves) > 4:  # many lines: keep the legend off the curves
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8, loc="lower right")
 
 
 def plot_result(result: SimResult, path: Path) -> None:
