@@ -275,13 +275,14 @@ class Node:
     # ----------------------------------------------------------------- transport events
     def on_peer_discovered(self, peer: PeerInfo) -> None:
         self.known_peers[peer.node_id] = peer
+        if self.fingerprint_body is not None:
+            # Also on rediscovery: a peer that restarted has forgotten what we told it.
+            self.transport.send_message(peer.node_id, FINGERPRINT_KIND, dict(self.fingerprint_body))
         if peer.node_id in self.discovered:
             return
         self.discovered.add(peer.node_id)
         address = f"{peer.address[0]}:{peer.address[1]}" if peer.address else None
         self._log(logging.INFO, "peer-discovered", peer=peer.node_id, address=address, known=len(self.known_peers))
-        if self.fingerprint_body is not None:
-            self.transport.send_message(peer.node_id, FINGERPRINT_KIND, dict(self.fingerprint_body))
         self._call_hook("on_peer_discovered", peer.node_id)
 
     def on_peer_lost(self, peer: PeerInfo) -> None:
