@@ -304,8 +304,9 @@ class Simulator:
                 strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": topo}
             self.nodes.append(self._node(node_id, train, val_loader, seed, **strategies))
         if cfg.mode == "fedavg":
+            # The server holds only the validation set (it evaluates the global model there and never trains).
             self.server = self._node(
-                SERVER_ID, [], val_loader, cfg.seed * 100_003 + cfg.peers, manifest=self._server_manifest(),
+                SERVER_ID, val_loader, val_loader, cfg.seed * 100_003 + cfg.peers, manifest=self._server_manifest(),
                 aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
             )
             # The server trains on nothing; its broadcast carries the whole training set's weight (clients only
