@@ -110,7 +110,8 @@ def simulate(
     final = result.final
     comm = communication(result)
     m = result.manifest
-    source = f"after {result.consensus_steps} consensus steps" if result.consensus else "after the last round"
+    steps = result.consensus_steps
+    source = f"after {steps} consensus step{'s' if steps != 1 else ''}" if result.consensus else "after the last round"
     typer.echo(f"final mean_accuracy={_fmt(final.mean_accuracy)} min_accuracy={_fmt(final.min_accuracy)} "
                f"max_accuracy={_fmt(final.max_accuracy)} ({source})")
     if config.mode == "gossip":
