@@ -12,7 +12,7 @@ Learning table: 20 peers, 2 label shards each (``shards:2``), 20 training rounds
 node with all data), local only, centralized FedAvg (all 20 and 10 of 20 clients per round), gossip with the
 manifest defaults, gossip as the published package ran it (1 local epoch, fanout 3, no extra exchange), ring
 gossip, and robust aggregators against 4 of 20 sign-flip attackers (FullTopology: the rules need enough updates
-per aggregation). Writes JSON (default benchmarks/results/sim.json) and prints markdown tables.
+per aggregation), on the same non-IID split and on an IID split. Writes JSON (default benchmarks/results/sim.json) and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -106,6 +106,11 @@ def learning_cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:
         ("TrimmedMean, 4/20 signflip attackers, full", {"aggregation": "TrimmedMean", **full, **attack, "byzantine_f": 4}),
         ("Median, 4/20 signflip attackers, full", {"aggregation": "Median", **full, **attack, "byzantine_f": 4}),
         ("MultiKrum, 4/20 signflip attackers, full", {"aggregation": "MultiKrum", **full, **attack, "byzantine_f": 4}),
+    ]
+    iid = {"partition": "iid", **full, **attack}
+    cases += [
+        (f"{agg}, 4/20 signflip attackers, full, iid split", {"aggregation": agg, **iid, "byzantine_f": 4})
+        for agg in ("FedAvg", "Krum", "TrimmedMean", "Median")
     ]
     if quick:
         keep = {"local training only", "star FedAvg (server, 20 of 20 clients)", "gossip, quinkgl defaults",
