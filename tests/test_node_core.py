@@ -246,3 +246,33 @@ def test_manifest_round_limit_caps_rounds() -> None:
     assert make_node(net, "a", m, 0, rounds=5).rounds == 2
     assert make_node(net, "b", m, 0, rounds=1).rounds == 1
     assert make_node(net, "c", manifest(), 0, rounds=None).rounds is None  # type: ignore[arg-type]
+
+
+def test_peer_far_behind_catches_up_with_the_swarm_majority(caplog: pytest.LogCaptureFixture) -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    nodes = [make_node(net, f"p{i}", manifest(max_staleness=2), i, seed=i, rounds=50) for i in range(4)]
+    net.deliver_all()
+    late = nodes[0]
+    d = flatten(late.model).numel()
+    late.on_model(forged(late, "p1", 20, torch.zeros(d), 30))
+    late.on_model(forged(late, "p2", 21, torch.zeros(d), 30))
+    late.on_model(forged(late, "p3", 10_000, torch.zeros(d), 30))  # one peer lying about its round
+    with caplog.at_level(logging.INFO, logger="quinkgl.node"):
+        assert late.begin_round() == 21  # the median of 20, 21, 10000 -- not the liar's round
+    assert any(r.getMessage().startswith("caught-up from_round=1 to_round=21") for r in caplog.records)
+    # A minority ahead does not move it.
+    other = nodes[1]
+    other.on_model(forged(other, "p3", 10_000, torch.zeros(d), 30))
+    assert other.begin_round() == 1
+
+
+def test_repeated_drops_are_logged_once_per_peer_and_kind(caplog: pytest.LogCaptureFixture) -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    node = make_node(net, "me", manifest(max_staleness=0), 0, rounds=10)
+    node.completed_round = 5
+    node.begin_round()
+    d = flatten(node.model).numel()
+    with caplog.at_level(logging.WARNING, logger="quinkgl.node"):
+        for r in range(3):
+            node.on_model(forged(node, "old", r, torch.zeros(d), 10))
+    assert len([r for r in caplog.records if "update-dropped" in r.getMessage()]) == 1

@@ -238,7 +238,8 @@ class Node:
         self._eval_time = 0.0
         self._round_peers: list[str] = []
         self._round_agg_samples = 0
-        self._ahead_warned = False
+        self._peer_rounds: dict[str, int] = {}  # newest round each peer has sent: the swarm's clock
+        self._drop_logged: set[tuple[str, str]] = set()
         # Set by a driver: stop_flag ends local training at the next batch (a daemon asked to stop);
         # inbox_listener is called whenever an update lands in the inbox (a driver waiting for updates wakes up).
         self.stop_flag: threading.Event | None = None
@@ -293,16 +294,13 @@ class Node:
         """Keep the newest update per sender; drop ones too old for the strategy or too large."""
         if update.sender == self.node_id:
             return
+        self._peer_rounds[update.sender] = max(update.round, self._peer_rounds.get(update.sender, update.round))
         if update.round < self.round - self.max_staleness:
             self._drop(update.sender, update.round, f"stale (older than {self.max_staleness} rounds)")
             return
         if len(update.payload) > self.max_update_bytes:
             self._drop(update.sender, update.round, f"{len(update.payload)} bytes exceeds limit {self.max_update_bytes}")
             return
-        if update.round > self.round + self.max_staleness and not self._ahead_warned:
-            self._ahead_warned = True
-            self._log(logging.WARNING, "behind-swarm", peer=update.sender, peer_round=update.round,
-                      hint="this peer is more than max_staleness rounds behind; its updates may be dropped by others")
         self._log(logging.DEBUG, "update-received", peer=update.sender, update_round=update.round, bytes=len(update.payload))
         with self._inbox_lock:
             old = self._inbox.get(update.sender)
@@ -323,12 +321,34 @@ class Node:
             self._log(logging.WARNING, "message-dropped", peer=sender, kind=kind, reason=f"{type(exc).__name__}: {exc}")
 
     def _drop(self, sender: str, round_: int, reason: str) -> None:
+        """Count and log a dropped update: the first of each kind per peer at WARNING, repeats at DEBUG."""
         self._dropped_in_round += 1
-        self._log(logging.WARNING, "update-dropped", peer=sender, update_round=round_, reason=reason)
+        kind = reason.split(" ", 1)[0].rstrip(":")
+        first = (sender, kind) not in self._drop_logged
+        self._drop_logged.add((sender, kind))
+        level = logging.WARNING if first else logging.DEBUG
+        self._log(level, "update-dropped", peer=sender, update_round=round_, reason=reason)
 
     # ----------------------------------------------------------------- round steps
     def begin_round(self) -> int:
+        """Start the next round, or catch up with the swarm when most known peers are far ahead.
+
+        A peer that restarted from an old checkpoint would otherwise stay behind for good (rounds advance at the
+        same cadence everywhere) and have every update dropped as stale. It jumps to the median round of its known
+        peers when that is more than ``max_staleness`` ahead: a median, so a minority claiming huge rounds cannot
+        push it to the end of training.
+        """
         self.round = self.completed_round + 1
+        # Peers not heard from yet count as being where we are.
+        ahead = sorted(self._peer_rounds.get(p, self.round) for p in self.known_peers)
+        if ahead:
+            median = ahead[(len(ahead) - 1) // 2]
+            if median > self.round + self.max_staleness:
+                target = median if self.rounds is None else min(median, self.rounds)
+                if target > self.round:
+                    self._log(logging.INFO, "caught-up", from_round=self.round, to_round=target, peers=len(ahead))
+                    self.round = target
+                    self.completed_round = target - 1
         self._round_started = self.clock()
         st = self.transport.stats
         self._stats_at_start = (st.bytes_sent, st.bytes_received, st.models_sent, st.models_received)
