@@ -23,8 +23,8 @@ def _new_app() -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
-        # Plain help and usage errors: rendering them with rich costs about a third of `quinkgl --help`'s start-up, and
-        # one-line "Error: ..." messages suit scripts better than boxed panels (benchmarks/bench_cli.py).
+        # Plain help and usage errors: rendering them with rich costs about a third of `quinkgl --help`'s
+        # start-up, and one-line "Error: ..." messages suit scripts better than boxed panels.
         rich_markup_mode=None,
     )
     app.callback()(_root)
