@@ -91,6 +91,11 @@ class SharingPipeline:
             out["sharing_stopped"] = True
         return out
 
+    @staticmethod
+    def log_fields(metrics: Mapping[str, Any]) -> dict[str, Any]:
+        """``round_metrics`` as log fields: delta in %g (fixed-point would print 1e-05 as 0.0000)."""
+        return {k: (f"{v:g}" if k == "dp_delta" else v) for k, v in metrics.items()}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"dp.{k}": v for k, v in self.dp.state_dict().items()}
         out["sharing_stopped"] = torch.tensor(self.sharing_stopped)
