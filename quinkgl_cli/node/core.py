@@ -524,7 +524,9 @@ class Node:
             inbox = list(self._inbox.values())
             self._inbox.clear()
         others: list[PeerUpdate] = []
-        for msg in sorted(inbox, key=lambda m: m.sender):
+        inbox.sort(key=lambda m: m.sender, reverse=True)
+        while inbox:
+            msg = inbox.pop()  # each payload is released once decoded: peak memory stays ~one update's bytes
             if msg.round < self.round - self.max_staleness:
                 self._drop(msg.sender, msg.round, f"stale (older than {self.max_staleness} rounds)")
                 continue
