@@ -32,9 +32,11 @@ def script() -> PeerScript:
     return load_script(SCRIPT)
 
 
-def make_manifest(script: PeerScript, aggregation: str = "FedAvg", topology: str = "RandomTopology", **training: Any) -> Manifest:
+def make_manifest(script: PeerScript, aggregation: str = "FedAvg", topology: str = "RandomTopology",
+                  round_limit: int | None = None, **training: Any) -> Manifest:
     training = {"local_epochs": 1, "final_consensus_steps": 0, **training}  # small and fast unless a test asks
     return build_manifest(
+        round_limit=round_limit,
         name="digits-sim", task_type="classification", input_shape="64", output_shape="10", label_type="integer",
         framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)),
         aggregation=aggregation, topology=topology, training_params={k: str(v) for k, v in training.items()},
@@ -142,6 +144,13 @@ def test_overrides_reach_the_nodes(script: PeerScript) -> None:
         apply_overrides(m, Overrides(training_params={"gossip_steps": "0"}))
     with pytest.raises(UsageError, match="unknown aggregation"):
         apply_overrides(m, Overrides(aggregation="Nope"))
+
+
+def test_manifest_round_limit_caps_the_rounds(script: PeerScript) -> None:
+    sim = Simulator(script, make_manifest(script, round_limit=2, local_steps=1), SimConfig(peers=3, rounds=5))
+    result = sim.run()
+    assert sim.rounds == 2 and [r.round for r in result.rounds] == [1, 2]
+    assert all(n.finished() for n in sim.nodes)
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,10 @@ def simulate(
     node_log.setLevel(logging.INFO if verbose else logging.WARNING)
     node_log.propagate = False
     try:
-        result = _run(Simulator(peer_script, trusted.manifest, config), rounds)
+        sim = Simulator(peer_script, trusted.manifest, config)
+        if sim.rounds < rounds:
+            typer.echo(f"note: the manifest's round_limit caps --rounds {rounds} to {sim.rounds}", err=True)
+        result = _run(sim, sim.rounds)
     finally:
         node_log.removeHandler(handler)
 

@@ -57,7 +57,7 @@ def to_json(result: SimResult) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
         "config": {
-            "peers": cfg.peers, "rounds": cfg.rounds, "partition": cfg.partition, "seed": cfg.seed, "mode": cfg.mode,
+            "peers": cfg.peers, "rounds": len(result.rounds), "rounds_asked": cfg.rounds, "partition": cfg.partition, "seed": cfg.seed, "mode": cfg.mode,
             "attackers": cfg.attackers, "attack": cfg.attack if cfg.attackers else None,
             "clients_per_round": cfg.clients_per_round if cfg.mode == "fedavg" else None,
             "script_args": dict(cfg.script_args),

@@ -223,6 +223,9 @@ class Simulator:
         from quinkgl_cli.manifest.canonical import swarm_id
 
         self.swarm_id = swarm_id(self.manifest)
+        # The manifest's round_limit is the swarm's maximum, here as in the daemon: --rounds may ask for fewer.
+        limit = self.manifest.round_limit
+        self.rounds = min(config.rounds, limit) if limit is not None else config.rounds
         self.clock = VirtualClock()
         self.network = MemoryNetwork(clock=self.clock, auto_deliver=False, seed=config.seed)
         self.nodes: list[Node] = []
@@ -263,7 +266,7 @@ class Simulator:
         optimizer = self.script.build_optimizer(manifest, model)
         transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=manifest.model.arch_hash)
         node = Node(
-            NodeConfig(node_id, rounds=self.config.rounds, seed=seed),
+            NodeConfig(node_id, rounds=self.rounds, seed=seed),
             manifest, self.swarm_id, model, train, val, optimizer, transport,
             hooks=None, clock=self.clock, **strategies,
         )
@@ -416,7 +419,7 @@ class Simulator:
                 "bytes_sent": st.bytes_sent - b[0], "bytes_received": st.bytes_received - b[1],
                 "updates_sent": st.models_sent - b[2],
             }
-        return self._summarize(self.config.rounds, "consensus", started, self.nodes, metrics)
+        return self._summarize(self.rounds, "consensus", started, self.nodes, metrics)
 
     def run(self) -> SimResult:
         threads = torch.get_num_threads()
@@ -433,7 +436,7 @@ class Simulator:
         started = time.perf_counter()
         summaries: list[RoundSummary] = []
         step = {"gossip": self._gossip_round, "fedavg": self._fedavg_round, "local": self._local_round}[cfg.mode]
-        for r in range(1, cfg.rounds + 1):
+        for r in range(1, self.rounds + 1):
             round_started = time.perf_counter()
             self.clock.advance(ROUND_SECONDS)
             step()
@@ -453,7 +456,7 @@ class Simulator:
         if consensus is not None and self.progress is not None:
             self.progress(consensus)
         self.timing["run_s"] = time.perf_counter() - started
-        self.timing["seconds_per_round"] = self.timing["run_s"] / cfg.rounds
+        self.timing["seconds_per_round"] = self.timing["run_s"] / self.rounds
         self.memory["rss_end_mb"] = _rss_mb()
         self.memory["peak_rss_mb"] = _peak_rss_mb()
         for node in self.nodes + ([self.server] if self.server is not None else []):
