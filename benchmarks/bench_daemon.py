@@ -6,6 +6,10 @@ data. Rounds run back to back (a tiny --gossip-interval), so a round's wall time
     overhead per round = round duration - training time           (what the issue asks for)
     overhead excl. eval = round duration - training - evaluation   (the daemon's bookkeeping and exchange alone)
 
+On a small machine the three peers compete for the CPU (each trains while the others exchange), which inflates
+those wall-clock numbers; the benchmark therefore also times the node's own steps in one process with nothing
+competing (share, transfer over the memory transport incl. digest checks, aggregate, end_round, checkpoint encode).
+
 Baselines, measured the same way in fresh processes: `import torch` alone, and `import torch` + the same model +
 the same data loaded + one optimizer step (what any process that trains this model pays; torch's first optimizer
 step imports torch._dynamo, ~70 MB). Targets: first round within 2 s of launch, peak RSS within 80 MB
@@ -86,6 +90,74 @@ def first_round_delays(peers: list[ls.PeerProcess], launched: float, timeout: fl
     return seen
 
 
+def node_costs(rounds: int) -> dict[str, float]:
+    """The node's own per-round work without processes competing for the CPU: 3 nodes of the same model in this
+    process over the memory transport, each step timed per node (median over rounds, milliseconds)."""
+    from datetime import UTC, datetime
+
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from quinkgl_cli.manifest.schema import Manifest
+    from quinkgl_cli.node.core import Node, NodeConfig
+    from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
+
+    torch.set_num_threads(1)
+    h = "sha256:" + "0" * 64
+    manifest = Manifest(name="bench", created_at=datetime.now(UTC), data_schema_hash=h,
+                        task={"type": "classification", "input_shape": (64,), "output_shape": (10,), "label_type": "integer"},
+                        model={"framework": "pytorch", "arch_hash": h}, aggregation={"name": "FedAvg"},
+                        topology={"name": "FullTopology"})
+    net = MemoryNetwork(auto_deliver=False)
+    nodes = []
+    for i in range(3):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+        data = DataLoader(TensorDataset(torch.randn(96, 64), torch.randint(0, 10, (96,))), batch_size=32)
+        transport = MemoryTransport(net, f"p{i}", swarm_id="s", arch_hash=h)
+        node = Node(NodeConfig(f"p{i}", rounds=rounds + 1), manifest, "s", model, data, data,
+                    torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), transport)
+        transport.start_sync(node)
+        nodes.append(node)
+    net.deliver_all()
+    from quinkgl_cli.node.checkpoint import CheckpointStore
+
+    steps: dict[str, list[float]] = {k: [] for k in ("share", "transfer", "aggregate", "end_round", "checkpoint_encode")}
+    for r in range(rounds + 1):
+        for n in nodes:
+            n.begin_round()
+            n.train_round()
+        timed: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for n in nodes:
+            n.share(0)
+        timed["share"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        net.deliver_all()
+        timed["transfer"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for n in nodes:
+            n.aggregate()
+        timed["aggregate"] = time.perf_counter() - t0
+        for n in nodes:
+            n.evaluate()
+        t0 = time.perf_counter()
+        for n in nodes:
+            n.end_round()
+        timed["end_round"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for n in nodes:
+            CheckpointStore.encode(n.state_dict())
+        timed["checkpoint_encode"] = time.perf_counter() - t0
+        if r:  # round 0 warms up
+            for k, v in timed.items():
+                steps[k].append(1000 * v / len(nodes))
+    out = {k: statistics.median(v) for k, v in steps.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (finishes in about 30 s on an idle machine)")
@@ -153,6 +225,8 @@ def main() -> None:
                 "val_accuracy_final": state.meta["history"][-1]["val_accuracy"],
             })
 
+    costs = node_costs(5 if args.quick else 15)
+
     import torch
 
     params = 64 * 1024 + 1024 + 1024 * 1024 + 1024 + 1024 * 10 + 10
@@ -165,6 +239,7 @@ def main() -> None:
         "baseline_torch_model_data": full,
         "lone_first_round_s": lone_first,
         "per_peer": per_peer,
+        "node_cost_ms_in_process": costs,
     }
     print(f"model: {params:,} parameters, {args.peers} peers, {rounds} rounds back to back")
     print(f"baseline: import torch {bare['wall_s']:.2f} s wall / {bare['peak_rss_mb']:.0f} MB; "
@@ -176,6 +251,8 @@ def main() -> None:
               f"{1000 * r['train_s_median']:>5.0f}ms {1000 * r['eval_s_median']:>4.0f}ms {1000 * r['round_s_median']:>5.0f}ms "
               f"{r['overhead_ms_median']:>7.1f}/{r['overhead_ms_p90']:<6.1f} ms {r['overhead_ex_eval_ms_median']:>7.1f} ms "
               f"{r['checkpoint_ms_median'] or 0:>5.1f}ms")
+    print("node's own work per round, one process, no CPU contention (ms, median per node): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in costs.items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
