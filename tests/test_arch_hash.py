@@ -152,3 +152,8 @@ def test_importing_manifest_package_does_not_import_torch() -> None:
 def test_probe_shapes_embedding_takes_token_ids() -> None:
     model = nn.Sequential(nn.Embedding(100, 8), nn.Flatten(), nn.Linear(8 * 5, 3))
     assert probe_shapes(model, (5,)) == ((5,), (3,))
+
+
+def test_lazy_layers_are_refused_with_a_hint() -> None:
+    with pytest.raises(NodeConfigError, match="lazy"):
+        compute_arch_hash(nn.Sequential(nn.LazyLinear(3)))

@@ -39,6 +39,14 @@ def compute_arch_hash(model: Any) -> str:
         raise NodeConfigError(
             f"compute_arch_hash needs a torch.nn.Module, got {type(model).__name__}", "pass the model instance"
         )
+    from torch.nn.parameter import UninitializedParameter
+
+    lazy = [name for name, p in model.named_parameters() if isinstance(p, UninitializedParameter)]
+    if lazy:
+        raise NodeConfigError(
+            f"the model has uninitialized (lazy) parameters ({lazy[0]}): their shapes are not known yet",
+            "give the layer sizes (nn.Linear instead of nn.LazyLinear), or run one forward pass in build_model",
+        )
     doc = {"arch_hash_version": ARCH_HASH_VERSION, "modules": describe_model(model)}
     data = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
     return "sha256:" + hashlib.sha256(data.encode("ascii")).hexdigest()
