@@ -63,9 +63,9 @@ class SharingPipeline:
     def is_compressed(payload: bytes | bytearray | memoryview) -> bool:
         return is_compressed(payload)
 
-    def receive(self, sender: str, payload: bytes | bytearray | memoryview, max_bytes: int) -> None:
-        """Apply an update to ``sender``'s reconstruction; raises WireError (StaleBase: ask for a resync)."""
-        self.codec.receive(sender, payload, max_bytes)
+    def receive(self, sender: str, payload: bytes | bytearray | memoryview, max_bytes: int) -> dict[str, Any]:
+        """Apply an update to ``sender``'s reconstruction and return its meta; raises WireError (StaleBase: resync)."""
+        return self.codec.receive(sender, payload, max_bytes).meta
 
     def model_of(self, sender: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         return self.codec.model_of(sender)
