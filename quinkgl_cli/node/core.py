@@ -214,6 +214,8 @@ class Node:
         limits = [r for r in (config.rounds, manifest.round_limit) if r is not None]
         self.rounds = min(limits) if limits else None
 
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         self.specs: list[TensorSpec] = shared_specs(model)
         self.max_update_bytes = config.max_update_bytes or wire.max_blob_bytes(self.specs) * 2
 
@@ -381,7 +383,7 @@ class Node:
         done = False
         for epoch in range(self.local_epochs):
             for batch in self.train_loader:
-                x, y = _split_batch(batch)
+                x, y = _split_batch(batch, self.device)
                 self.optimizer.zero_grad(set_to_none=True)
                 out = model(x)
                 loss = self.loss_fn(out, y)
@@ -436,7 +438,7 @@ class Node:
         seen = 0
         with torch.no_grad():
             for batch in self.val_loader:
-                x, y = _split_batch(batch)
+                x, y = _split_batch(batch, self.device)
                 out = model(x)
                 n = _batch_len(y)
                 total += float(self.loss_fn(out, y)) * n
@@ -537,7 +539,7 @@ class Node:
         if not others:
             return None
         local_meta = {LABEL_ENTROPY_KEY: self.label_entropy} if self.label_entropy is not None else {}
-        local = PeerUpdate(self.node_id, self.round, flatten(self.model), max(int(self.sample_count), 1),
+        local = PeerUpdate(self.node_id, self.round, flatten(self.model).cpu(), max(int(self.sample_count), 1),
                            meta=local_meta, is_local=True)
         try:
             result = self.aggregator.aggregate(local, others, self.round)
@@ -717,13 +719,19 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+def _split_batch(batch: Any, device: torch.device) -> tuple[Any, torch.Tensor]:
+    """(inputs, targets) of a batch, on the model's device (loaders yield CPU tensors; a script may build a GPU model)."""
     if isinstance(batch, dict):
-        return batch.get("x", batch.get("input")), batch.get("y", batch.get("target"))
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise NodeConfigError(f"a batch must be (inputs, targets), got {type(batch).__name__}",
-                          "make build_loaders return loaders that yield (x, y) pairs")
+        x, y = batch.get("x", batch.get("input")), batch.get("y", batch.get("target"))
+    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+    else:
+        raise NodeConfigError(f"a batch must be (inputs, targets), got {type(batch).__name__}",
+                              "make build_loaders return loaders that yield (x, y) pairs")
+    if device.type != "cpu":
+        x = x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
+        y = y.to(device, non_blocking=True) if isinstance(y, torch.Tensor) else y
+    return x, y
 
 
 def _batch_len(y: Any) -> int:
