@@ -58,7 +58,7 @@ def run(
     ] = None,
     checkpoint_dir: Annotated[
         Path | None,
-        typer.Option("--checkpoint-dir", help="Where checkpoints go (default: $QUINKGL_HOME/checkpoints/<node-id>).", metavar="DIR"),
+        typer.Option("--checkpoint-dir", help="Where checkpoints go (default: $QUINKGL_HOME/checkpoints/<swarm>/<node-id>).", metavar="DIR"),
     ] = None,
     bootstrap_peer: Annotated[
         list[str] | None, typer.Option("--bootstrap-peer", help="HOST:PORT of a peer to contact first (repeatable).")

@@ -95,10 +95,12 @@ class Prepared:
     seed: int
 
 
-def default_checkpoint_dir(options: DaemonOptions) -> Path:
+def default_checkpoint_dir(options: DaemonOptions, swarm_id: str) -> Path:
+    """``$QUINKGL_HOME/checkpoints/<first 12 hex of the swarm id>/<node id>``: one directory per swarm and node, so
+    the same node id in another swarm neither resumes nor is refused by the wrong checkpoint."""
     from quinkgl_cli.paths import state_home
 
-    return state_home(options.state_dir) / "checkpoints" / options.node_id
+    return state_home(options.state_dir) / "checkpoints" / swarm_id.removeprefix("sha256:")[:12] / options.node_id
 
 
 def _swarm_seed(swarm_id: str) -> int:
@@ -151,7 +153,7 @@ def prepare(options: DaemonOptions) -> Prepared:
     train_loader, val_loader = script.build_loaders(manifest, **options.script_args)
     optimizer = script.build_optimizer(manifest, model)
 
-    checkpoint_dir = Path(options.checkpoint_dir) if options.checkpoint_dir else default_checkpoint_dir(options)
+    checkpoint_dir = Path(options.checkpoint_dir) if options.checkpoint_dir else default_checkpoint_dir(options, trusted.swarm_id)
     resume_state = None
     resume_file = None
     if options.resume and not options.dry_run:
