@@ -122,7 +122,6 @@ class PeerProcess:
     log_path: Path
     proc: subprocess.Popen[bytes]
     script_args: dict[str, str]
-    _lines: list[str] = field(default_factory=list)
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
