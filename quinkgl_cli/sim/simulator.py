@@ -246,7 +246,7 @@ class Simulator:
                 "return a torch DataLoader over a Dataset with __len__ and __getitem__ from build_loaders",
             )
         batch_size = getattr(train_loader, "batch_size", None) or 32
-        return dataset, materialize(val_loader), int(batch_size)
+        return dataset, materialize(val_loader) if val_loader is not None else None, int(batch_size)
 
     def _server_manifest(self) -> Manifest:
         """The FedAvg server's view: it broadcasts the global model as is (no DP noise, no compression), as the
@@ -309,7 +309,7 @@ class Simulator:
         if cfg.mode == "fedavg":
             # The server holds only the validation set (it evaluates the global model there and never trains).
             self.server = self._node(
-                SERVER_ID, val_loader, val_loader, cfg.seed * 100_003 + cfg.peers, manifest=self._server_manifest(),
+                SERVER_ID, val_loader if val_loader is not None else [], val_loader, cfg.seed * 100_003 + cfg.peers, manifest=self._server_manifest(),
                 aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
             )
             # The server trains on nothing; its broadcast carries the whole training set's weight (clients only
