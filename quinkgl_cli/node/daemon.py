@@ -229,6 +229,7 @@ class Daemon:
         self.node.stop_flag = self.train_stop
         self.stop_signal: str | None = None
         self._last_alone_note = -1e9
+        self._last_overrun_note = -1e9
         self.started_at = time.monotonic()
         self.first_round_at: float | None = None
         self.final_eval: tuple[float | None, float | None] | None = None  # after final consensus, if any
@@ -322,6 +323,14 @@ class Daemon:
             await self._sleep_until(min(deadline, now + 0.05))
         log.info("peers-ready have=%d want=%d", len(self.node.known_peers), want)
 
+    def _note_overrun(self, duration: float, train_time: float, interval: float) -> None:
+        now = time.monotonic()
+        if now - self._last_overrun_note >= LONE_REMINDER_S:
+            self._last_overrun_note = now
+            log.info("behind-schedule round_seconds=%.2f train_seconds=%.2f interval=%.2f "
+                     "hint='rounds start back to back; raise --gossip-interval or lower --local-epochs/--local-steps'",
+                     duration, train_time, interval)
+
     def _note_alone(self) -> None:
         now = time.monotonic()
         if now - self._last_alone_note >= LONE_REMINDER_S:
@@ -366,9 +375,11 @@ class Daemon:
                 if outcome is None and node.known_peers:
                     log.debug("no-updates known=%d", len(node.known_peers))
             await asyncio.to_thread(node.evaluate)
-            node.end_round()
+            metrics = node.end_round()
             if node.completed_round % self.options.checkpoint_every == 0 or node.finished():
                 await self._checkpoint(reason="round")
+            if loop.time() > next_start:
+                self._note_overrun(metrics.duration, metrics.train_time, interval)
 
     async def _final_consensus(self) -> None:
         loop = asyncio.get_running_loop()
