@@ -72,6 +72,11 @@ def demo(
         solo: dict[str, ls.SoloResult] = {}
 
         def baselines() -> None:
+            # Trained while the peers idle between rounds, not while they start: start-up is the CPU-heavy part.
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not all("first-round" in p.text() or p.proc.poll() is not None
+                                                          for p in swarm):
+                time.sleep(0.2)
             for p in swarm:
                 solo[p.name] = ls.train_alone(manifest, ls.DIGITS_SCRIPT, p.script_args, rounds, node_id=p.name)
 
