@@ -128,3 +128,17 @@ def test_loop_death_is_a_nonzero_exit(manifest: Path, tmp_path: Path, capsys: py
     assert code == ExitCode.NODE
     died = [ln for ln in capsys.readouterr().out.splitlines() if " loop-died " in ln]
     assert len(died) == 1 and "RuntimeError: socket exploded" in died[0] and "Traceback" in died[0]
+
+
+def test_checkpoint_that_does_not_fit_the_model_is_a_clear_error(manifest: Path, tmp_path: Path) -> None:
+    import torch
+
+    from quinkgl_cli.manifest.trust import load_trusted
+    from quinkgl_cli.node.core import NodeState
+
+    swarm = load_trusted(manifest, "open").swarm_id
+    CheckpointStore(tmp_path / "p0").save(NodeState({"model.0.weight": torch.zeros(3, 3)},
+                                                    {"round": 2, "swarm_id": swarm, "optimizer": {}}))
+    with pytest.raises(NodeConfigError, match="does not fit this model") as exc:
+        run_daemon(options(manifest, tmp_path, "p0"), transport_factory=memory_factory(MemoryNetwork()))
+    assert "--no-resume" in exc.value.one_line()

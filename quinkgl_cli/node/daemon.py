@@ -271,7 +271,13 @@ class Daemon:
         node = self.node
         o = self.options
         if self.prepared.resume_state is not None:
-            node.load_state_dict(self.prepared.resume_state)
+            try:
+                node.load_state_dict(self.prepared.resume_state)
+            except Exception as exc:
+                raise NodeConfigError(
+                    f"checkpoint {self.prepared.resume_file} does not fit this model and optimizer: {_one_line_error(exc)}",
+                    "pass --no-resume to start afresh, or use the script the checkpoint was made with",
+                ) from exc
             self.context.round = node.completed_round
             log.info("resumed from round %d checkpoint=%s", node.completed_round, self.prepared.resume_file)
         await self.transport.start(node)
