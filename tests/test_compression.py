@@ -410,3 +410,18 @@ def test_lossless_stage_refuses_bombs_and_corruption(algo: str) -> None:
     with pytest.raises(WireError, match="unknown lossless"):
         b.receive("A", struct.pack("<4sBQ", C.LOSSLESS_MAGIC, 9, 10) + zlib.compress(b"x" * 10), LIMIT)
     b.receive("A", payload, LIMIT)
+
+
+def test_all_finite_catches_nan_and_inf_even_when_the_sum_overflows() -> None:
+    x = torch.randn(1000, generator=_gen())
+    assert C.all_finite(x) and C.all_finite(torch.full((4,), 3e38)) and C.all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[17] = bad
+        assert not C.all_finite(y)
+    both = x.clone()
+    both[1], both[2] = float("inf"), -float("inf")
+    assert not C.all_finite(both)
+    huge = torch.full((4,), 3e38)
+    huge[3] = float("inf")
+    assert not C.all_finite(huge)
