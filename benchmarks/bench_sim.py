@@ -10,7 +10,7 @@ Goal: 100 peers x 20 rounds within 120 s on 2 cores; memory per peer is reported
 
 Learning table: 20 peers, 2 label shards each (``shards:2``), 20 training rounds. Rows: centralized training (one
 node with all data), local only, centralized FedAvg (all 20 and 10 of 20 clients per round), gossip with the
-manifest defaults, gossip as the published package ran it (1 local epoch, fanout 3, no extra exchange), ring
+manifest defaults (FedAvg), gossip with the gossip-SCAFFOLD aggregator, gossip as the published package ran it (1 local epoch, fanout 3, no extra exchange), ring
 gossip, and robust aggregators against 4 of 20 sign-flip attackers (FullTopology: the rules need enough updates
 per aggregation), on the same non-IID split and on an IID split. Writes JSON (default benchmarks/results/sim.json) and prints markdown tables.
 """
@@ -99,6 +99,8 @@ def learning_cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:
         ("star FedAvg (server, 20 of 20 clients)", {"mode": "fedavg", "clients_per_round": 20}),
         ("centralized FedAvg (10 of 20 clients)", {"mode": "fedavg", "clients_per_round": 10}),
         ("gossip, quinkgl defaults", {}),
+        ("gossip, Scaffold, defaults otherwise", {"aggregation": "Scaffold"}),
+        ("gossip, Scaffold, fanout 2", {"aggregation": "Scaffold", "topology_params": {"fanout": 2}}),
         ("gossip, 1 epoch, fanout 3, no consensus", {"training": {"local_epochs": 1, "final_consensus_steps": 0}}),
         ("ring gossip (fanout 2), defaults otherwise", {"topology": "RingTopology", "topology_params": {"fanout": 2}}),
         ("FedAvg, 4/20 signflip attackers, full", {**full, **attack}),
@@ -114,7 +116,7 @@ def learning_cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:
     ]
     if quick:
         keep = {"local training only", "star FedAvg (server, 20 of 20 clients)", "gossip, quinkgl defaults",
-                "TrimmedMean, 4/20 signflip attackers, full"}
+                "gossip, Scaffold, defaults otherwise", "TrimmedMean, 4/20 signflip attackers, full"}
         cases = [c for c in cases if c[0] in keep]
     return cases
 
@@ -220,8 +222,10 @@ def main() -> None:
         headline[f"total_s_{s['peers']}_peers_{s['rounds']}_rounds"] = round(s["total_s"], 2)
         headline[f"kb_per_peer_{s['peers']}_peers"] = round(s["per_peer_kb"], 1)
     for r in learn_rows:
-        if r["case"] in ("gossip, quinkgl defaults", "star FedAvg (server, 20 of 20 clients)"):
-            key = "gossip_defaults" if r["case"].startswith("gossip") else "star_fedavg"
+        keys = {"gossip, quinkgl defaults": "gossip_defaults", "star FedAvg (server, 20 of 20 clients)": "star_fedavg",
+                "gossip, Scaffold, defaults otherwise": "gossip_scaffold"}
+        if r["case"] in keys:
+            key = keys[r["case"]]
             headline[f"{key}_mean_acc"] = round(r["final_mean_accuracy"], 4)
             headline[f"{key}_worst_acc"] = round(r["final_min_accuracy"], 4)
     data = {
