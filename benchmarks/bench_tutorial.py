@@ -137,10 +137,11 @@ def main() -> None:
     xs = list(range(len(sweep)))
     labels = [eps_label(e) for e in sweep]
     plot_xy({METHODS[m]: (xs, [results[m][lab]["final_accuracy"] for lab in labels]) for m in methods},
-            out / "tutorial_final_vs_epsilon.png", "final accuracy vs privacy budget", "epsilon", "final mean accuracy", labels)
+            out / "tutorial_final_vs_epsilon.png", "final accuracy vs privacy budget", "epsilon", "final mean accuracy", labels,
+            ylim=(0.0, 1.0))
     plot_xy({METHODS[m]: (xs, [results[m][lab]["rounds_to_90pct_of_best"] for lab in labels]) for m in methods},
             out / "tutorial_rounds_to_90.png", "rounds to 90% of the method's best (missing: never reached)",
-            "epsilon", "rounds", labels)
+            "epsilon", "rounds", labels, ylim=(0.0, rounds + 1.0))
 
     header = "| epsilon | " + " | ".join(f"{METHODS[m]}: final | rounds to 90%" for m in methods) + " |"
     lines = [header, "|---:|" + "---:|---:|" * len(methods)]

@@ -195,7 +195,8 @@ def plot_result(result: SimResult, path: Path) -> None:
 
 
 def plot_xy(series: dict[str, tuple[Sequence[float], Sequence[float | None]]], path: Path, title: str,
-            xlabel: str, ylabel: str, xticklabels: Sequence[str] | None = None) -> None:
+            xlabel: str, ylabel: str, xticklabels: Sequence[str] | None = None,
+            ylim: tuple[float, float] | None = None) -> None:
     """Plain line plot of named (x, y) series (final accuracy against epsilon, and the like)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -207,6 +208,8 @@ def plot_xy(series: dict[str, tuple[Sequence[float], Sequence[float | None]]], p
             first = next(iter(series.values()))[0]
             ax.set_xticks(list(first))
             ax.set_xticklabels(list(xticklabels))
+        if ylim is not None:
+            ax.set_ylim(*ylim)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
