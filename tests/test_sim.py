@@ -204,3 +204,15 @@ def test_cli_refuses_bad_flags(script: PeerScript, tmp_path: Path) -> None:
         res = CliRunner().invoke(app, base + extra)
         assert res.exit_code == 1, (extra, res.output)
         assert needle in str(res.exception) or needle in res.output
+
+
+def test_dp_override_noises_updates_deterministically(script: PeerScript) -> None:
+    m = make_manifest(script, local_epochs=2)
+    cfg = dict(peers=4, rounds=3, partition="iid", seed=1)
+    plain = simulate(script, m, SimConfig(**cfg))
+    noisy = simulate(script, m, SimConfig(overrides=Overrides(dp_epsilon=1.0), **cfg))
+    again = simulate(script, m, SimConfig(overrides=Overrides(dp_epsilon=1.0), **cfg))
+    assert accuracies(noisy) == accuracies(again)
+    assert plain.final.mean_accuracy > 0.5
+    # sigma = clip 1.0 * sqrt(2 ln 1.25e5) / epsilon 1 ~ 4.8 per coordinate: the models are noise
+    assert noisy.final.mean_accuracy < 0.3

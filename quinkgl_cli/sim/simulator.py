@@ -39,6 +39,7 @@ from quinkgl_cli.node.script import PeerScript
 from quinkgl_cli.sim.attacks import install_attack
 from quinkgl_cli.sim.baseline import SERVER_ID, AdoptGlobal, SelectedTargets, ServerMean
 from quinkgl_cli.sim.data import materialize, peer_loader
+from quinkgl_cli.sim.dp import install_local_dp
 from quinkgl_cli.sim.partition import dataset_labels, parse_scheme, partition_indices
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 
@@ -271,6 +272,7 @@ class Simulator:
             hooks=None, clock=self.clock, **strategies,
         )
         transport.start_sync(node)
+        install_local_dp(node, seed=seed)
         return node
 
     def build(self) -> None:
