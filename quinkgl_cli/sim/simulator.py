@@ -15,6 +15,9 @@ Modes:
 Data: the simulator calls the script's ``build_loaders`` once, takes the dataset behind the training loader and
 splits it among the peers by label (`quinkgl_cli.sim.partition`); the validation loader is shared by all peers so
 their accuracies compare. Metrics are those of the model each peer holds at the end of a round (after aggregation).
+
+Local DP (the manifest's ``privacy.dp_epsilon``) is applied by `quinkgl_cli.sim.dp` to nodes that do not apply
+their privacy stage themselves, at the same point of the round (end of local training).
 """
 
 from __future__ import annotations
