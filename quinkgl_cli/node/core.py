@@ -25,6 +25,7 @@ logged with its traceback and the round goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -43,6 +44,8 @@ from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.strategies import registry
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
+from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED_ENCODING
+from quinkgl_cli.strategies.sharing import RESYNC_KIND, SharingPipeline, StaleBase
 from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
 from quinkgl_cli.strategies.fingerprint import fingerprint_for
@@ -83,6 +86,7 @@ class NodeConfig:
     local_steps: int | None = None  # overrides manifest.training.local_steps
     seed: int = 0
     max_update_bytes: int | None = None  # receive limit; default: the wire bound for this model
+    noise_seed: int | None = None  # DP noise / QSGD rounding seed: the simulator only; None draws from the OS
 
 
 @dataclass
@@ -122,9 +126,12 @@ class RoundMetrics:
     train_time: float = 0.0
     eval_time: float = 0.0
     duration: float = 0.0
+    sharing: dict[str, Any] = field(default_factory=dict)  # compression and privacy counters (SharingPipeline)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d.update(d.pop("sharing"))
+        return d
 
 
 @dataclass
@@ -218,6 +225,10 @@ class Node:
         self.device = first.device if first is not None else torch.device("cpu")
         self.specs: list[TensorSpec] = shared_specs(model)
         self.max_update_bytes = config.max_update_bytes or wire.max_blob_bytes(self.specs) * 2
+        # Local DP of what this node shares, and per-peer delta compression (strategies.sharing).
+        self.sharing = SharingPipeline(manifest.compression, manifest.privacy, sum(s.numel for s in self.specs),
+                                       noise_seed=config.noise_seed)
+        self._sharing_stop_logged = False
 
         self.round = 0  # the round in progress (1-based); after end_round, the last completed one
         self.completed_round = 0
@@ -246,6 +257,11 @@ class Node:
         # inbox_listener is called whenever an update lands in the inbox (a driver waiting for updates wakes up).
         self.stop_flag: threading.Event | None = None
         self.inbox_listener: Callable[[], None] | None = None
+        if self.sharing.dp.enabled:
+            dp, spec = self.sharing.dp, manifest.privacy
+            self._log(logging.INFO, "dp-enabled", epsilon_per_round=spec.dp_epsilon, delta=f"{spec.dp_delta:g}",
+                      clip_norm=spec.dp_clip_norm, sigma=round(dp.sigma, 6), total_epsilon=spec.dp_total_epsilon,
+                      affordable_rounds=dp.max_releases)
 
     def _init_fingerprint(self) -> None:
         """This peer's data fingerprint, computed once: label entropy rides on every update (EntropyWeightedAvg)
@@ -304,6 +320,12 @@ class Node:
             self._drop(update.sender, update.round, f"{len(update.payload)} bytes exceeds limit {self.max_update_bytes}")
             return
         self._log(logging.DEBUG, "update-received", peer=update.sender, update_round=update.round, bytes=len(update.payload))
+        if self.sharing.is_compressed(update.payload):
+            meta = self._receive_compressed(update)
+            if meta is None:
+                return
+            # Applied to the sender's reconstruction: keep its meta (label entropy), not the bytes.
+            update = dataclasses.replace(update, payload=b"", encoding=COMPRESSED_ENCODING, meta={**update.meta, **meta})
         with self._inbox_lock:
             old = self._inbox.get(update.sender)
             if old is not None and _order(old) > _order(update):
@@ -312,7 +334,22 @@ class Node:
         if self.inbox_listener is not None:
             self.inbox_listener()
 
+    def _receive_compressed(self, update: ModelReceived) -> dict[str, Any] | None:
+        """Apply a compressed update to the sender's reconstruction; its meta, or None when dropped."""
+        try:
+            return self.sharing.receive(update.sender, update.payload, self.max_update_bytes)
+        except StaleBase as exc:
+            self._drop(update.sender, update.round, exc.message)
+            self.transport.send_message(update.sender, RESYNC_KIND, {"round": update.round})
+        except Exception as exc:
+            self._drop(update.sender, update.round, f"{type(exc).__name__}: {exc}")
+        return None
+
     def on_message(self, sender: str, kind: str, body: dict[str, Any]) -> None:
+        if kind == RESYNC_KIND:
+            self.sharing.resync(sender)
+            self._log(logging.INFO, "compression-resync", peer=sender, hint="next update to it carries full weights")
+            return
         try:
             if kind == FINGERPRINT_KIND:
                 self.topology.observe_fingerprint(sender, dict(body))
@@ -375,6 +412,8 @@ class Node:
         model.train()
         lr = self._lr()
         self.aggregator.begin_training(model, lr)
+        if self.sharing.dp.enabled:
+            self.sharing.begin_training(flatten(model))
         total_loss = 0.0
         correct = 0
         seen = 0
@@ -413,6 +452,10 @@ class Node:
             if done:
                 break
         self.aggregator.end_training(model, steps, lr)
+        if self.sharing.dp.enabled:
+            noised = self.sharing.end_training(flatten(model))  # clip + noise the round's update, keep it
+            if noised is not None:
+                load_flat(model, noised)
         if self.sample_count <= 0:
             self.sample_count = samples_first_epoch
         stats = TrainStats(
@@ -461,16 +504,28 @@ class Node:
         tensors: dict[str, torch.Tensor] = {s.name: state[s.name] for s in self.specs}
         for name, t in self.aggregator.extras_to_send().items():
             tensors[EXTRA_PREFIX + name] = t
+        meta = self._update_meta(step)
+        payload = wire.encode(tensors, meta=meta)
+        return OutgoingUpdate(round=self.round, payload=payload, sample_count=int(self.sample_count), meta=meta)
+
+    def _update_meta(self, step: int) -> dict[str, Any]:
         meta: dict[str, Any] = {"step": step}
         if self.label_entropy is not None:
             meta[LABEL_ENTROPY_KEY] = self.label_entropy
-        payload = wire.encode(tensors, meta=meta)
-        return OutgoingUpdate(round=self.round, payload=payload, sample_count=int(self.sample_count), meta=meta)
+        return meta
 
     def share(self, step: int = 0) -> list[str]:
         """Send the current model to the peers the topology picks; returns them. Never blocks."""
         peers = sorted(self.known_peers)
         if not peers:
+            return []
+        if self.sharing.sharing_stopped:
+            if not self._sharing_stop_logged:
+                self._sharing_stop_logged = True
+                eps, delta = self.sharing.dp.spent()
+                self._log(logging.WARNING, "dp-budget-exhausted", releases=self.sharing.dp.releases,
+                          epsilon_spent=round(eps, 4), delta=f"{delta:g}",
+                          total=self.manifest.privacy.dp_total_epsilon, hint="this node no longer shares its model")
             return []
         try:
             targets = [p for p in self.topology.select(peers, self.round) if p != self.node_id]
@@ -481,15 +536,34 @@ class Node:
             self.transport.send_message(peer_id, kind, body)
         if not targets:
             return []
+        if self.sharing.compress_sends:
+            return self._share_compressed(targets, step)
         update = self.encode_update(step)
         for peer_id in targets:
             self.transport.send_model(peer_id, update)
         self._log(logging.DEBUG, "shared", to=targets, bytes=len(update.payload), step=step)
         return targets
 
+    def _share_compressed(self, targets: list[str], step: int) -> list[str]:
+        """Each recipient gets the delta against what it holds from us (strategies.compression)."""
+        flat = flatten(self.model)
+        extras = self.aggregator.extras_to_send()
+        meta = self._update_meta(step)
+        sizes = []
+        for peer_id in targets:
+            enc = self.sharing.encode(peer_id, flat, extras, meta)
+            self.transport.send_model(peer_id, OutgoingUpdate(round=self.round, payload=enc.payload,
+                                                              sample_count=int(self.sample_count),
+                                                              encoding=COMPRESSED_ENCODING, meta=meta))
+            sizes.append(enc.wire_bytes)
+        self._log(logging.DEBUG, "shared", to=targets, bytes=sum(sizes), step=step, compressed=True)
+        return targets
+
     # --------------------------------------------------------------- receive path
     def decode_update(self, msg: ModelReceived) -> PeerUpdate:
         """The one place an incoming update becomes a flat vector: decompression hooks in here. Raises on bad input."""
+        if msg.encoding == COMPRESSED_ENCODING:
+            return self._decoded_compressed(msg)
         tensors, meta = wire.decode(msg.payload, max_entries=len(self.specs) + 64, max_bytes=self.max_update_bytes)
         model_tensors = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
         extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
@@ -508,6 +582,18 @@ class Node:
             meta={**msg.meta, **meta},
             extras=extras,
         )
+
+    def _decoded_compressed(self, msg: ModelReceived) -> PeerUpdate:
+        """The sender's model as reconstructed on arrival (`_receive_compressed`)."""
+        held = self.sharing.model_of(msg.sender)
+        if held is None:
+            raise ValueError("no reconstructed model for this sender (its state was evicted)")
+        flat, extras = held
+        samples = int(msg.sample_count)
+        if samples <= 0:
+            raise ValueError(f"sample count {samples} is not positive")
+        return PeerUpdate(peer_id=msg.sender, round=msg.round, flat=flat,
+                          sample_count=min(samples, MAX_REPORTED_SAMPLES), meta=dict(msg.meta), extras=extras)
 
     def pending_senders(self) -> set[str]:
         with self._inbox_lock:
@@ -594,6 +680,7 @@ class Node:
             train_time=train.duration if train else 0.0,
             eval_time=self._eval_time,
             duration=self.clock() - self._round_started,
+            sharing=self.sharing.round_metrics(),
         )
         self.completed_round = self.round
         d = metrics.as_dict()
@@ -602,7 +689,7 @@ class Node:
             logging.INFO, "round-end",
             loss=metrics.loss, accuracy=metrics.accuracy, val_loss=metrics.val_loss, val_accuracy=metrics.val_accuracy,
             peers=metrics.peers, samples=metrics.samples, bytes_sent=metrics.bytes_sent,
-            bytes_received=metrics.bytes_received, seconds=metrics.duration,
+            bytes_received=metrics.bytes_received, seconds=metrics.duration, **self.sharing.log_fields(metrics.sharing),
         )
         self._call_hook("on_round_end", self.round, dict(d))
         return metrics
@@ -626,6 +713,8 @@ class Node:
                     opt_scalars.setdefault(str(idx), {})[key] = _json_scalar(value)
         for key, value in self.aggregator.state_dict().items():
             tensors[f"aggregator.{key}"] = value.detach().cpu().contiguous()
+        for key, value in self.sharing.state_dict().items():
+            tensors[f"sharing.{key}"] = value
         tensors["rng.torch"] = torch.get_rng_state()
         np_state = np.random.get_state()
         tensors["rng.numpy"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
@@ -673,6 +762,7 @@ class Node:
         topo = dict(meta.get("topology") or {})
         topo.update({k[len("topology."):]: v for k, v in t.items() if k.startswith("topology.")})
         self.topology.load_state_dict(topo)
+        self.sharing.load_state_dict({k[len("sharing."):]: v for k, v in t.items() if k.startswith("sharing.")})
         if "rng.torch" in t:
             torch.set_rng_state(t["rng.torch"].to(torch.uint8))
         rng = meta.get("rng", {})
