@@ -270,7 +270,8 @@ class Simulator:
         optimizer = self.script.build_optimizer(manifest, model)
         transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=manifest.model.arch_hash)
         node = Node(
-            NodeConfig(node_id, rounds=self.rounds, seed=seed),
+            # noise_seed: the simulator wants reproducible DP noise; a daemon never sets it (its noise must be secret).
+            NodeConfig(node_id, rounds=self.rounds, seed=seed, noise_seed=seed),
             manifest, self.swarm_id, model, train, val, optimizer, transport,
             hooks=None, clock=self.clock, **strategies,
         )
