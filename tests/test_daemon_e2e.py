@@ -117,6 +117,11 @@ def test_kill9_resume_then_sigterm_saves(tmp_path: Path, swarm_manifest: tuple[P
         assert resumed and resumed[0]["message"].startswith(f"resumed from round {newest[0].round} ")
         first_round = min(int(e["round"]) for e in _json_events(log2, "round-end"))
         assert first_round == newest[0].round + 1
+        # A second daemon on the same checkpoint directory would resume from the first one's rounds: refused.
+        twin = subprocess.run([*cmd[:cmd.index("--port") + 1], str(ls.free_port()), *cmd[cmd.index("--port") + 2:]],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert twin.returncode == 7 and "in use by another running daemon" in twin.stdout + twin.stderr, twin.stdout[-1500:]
+        assert proc.poll() is None
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=15)
@@ -229,10 +234,11 @@ def test_checkpoint_of_another_swarm_is_refused_unless_no_resume(tmp_path: Path,
                                          {"round": 4, "swarm_id": "sha256:" + "e" * 64, "optimizer": {}}))
     base = ["--manifest", str(manifest), "--script", str(ls.DIGITS_SCRIPT), "--rounds", "1", "--gossip-interval", "0.1",
             "--checkpoint-dir", str(ckpt), "--port", str(ls.free_port())]
+    # One after the other: two daemons on one checkpoint directory is itself refused (see the kill -9 test).
     refused = _start(base, tmp_path / "home")
-    fresh = _start([*base[:-1], str(ls.free_port()), "--no-resume"], tmp_path / "home2")
     out, _ = refused.communicate(timeout=120)
     assert refused.returncode == 7 and "belongs to swarm" in out and "--no-resume" in out
+    fresh = _start([*base[:-1], str(ls.free_port()), "--no-resume"], tmp_path / "home")
     out, _ = fresh.communicate(timeout=120)
     assert fresh.returncode == 0, out[-1500:]
     assert "finished rounds=1" in out and "resumed" not in out

@@ -93,6 +93,7 @@ class Prepared:
     resume_state: Any | None  # NodeState
     resume_file: Path | None
     seed: int
+    locks: list[Any] = field(default_factory=list)  # held for the process's life (node/dirlock.py)
 
 
 def default_checkpoint_dir(options: DaemonOptions, swarm_id: str) -> Path:
@@ -156,6 +157,7 @@ def prepare(options: DaemonOptions) -> Prepared:
     checkpoint_dir = Path(options.checkpoint_dir) if options.checkpoint_dir else default_checkpoint_dir(options, trusted.swarm_id)
     resume_state = None
     resume_file = None
+    locks = [] if options.dry_run else lock_node_dirs(options, checkpoint_dir)
     if options.resume and not options.dry_run:
         from quinkgl_cli.node.checkpoint import CheckpointStore
 
@@ -169,11 +171,29 @@ def prepare(options: DaemonOptions) -> Prepared:
                 )
             resume_state, resume_file = state, ckpt.path
     return Prepared(options, trusted, script, model, arch_hash, train_loader, val_loader, optimizer, checkpoint_dir,
-                    resume_state, resume_file, seed)
+                    resume_state, resume_file, seed, locks)
+
+
+def node_state_dir(options: DaemonOptions) -> Path:
+    """The node's own state (its IPv8 identity key): one per node id, so several peers on one machine never share
+    a key."""
+    from quinkgl_cli.paths import state_home
+
+    return state_home(options.state_dir) / "nodes" / options.node_id
+
+
+def lock_node_dirs(options: DaemonOptions, checkpoint_dir: Path) -> list[Any]:
+    """One daemon per checkpoint directory and per node identity, or the second is refused (7)."""
+    from quinkgl_cli.node.dirlock import lock_directory
+
+    return [
+        lock_directory(checkpoint_dir, "checkpoint directory", "stop the other daemon, or give this one its own --checkpoint-dir"),
+        lock_directory(node_state_dir(options), "node state directory",
+                       f"another daemon runs as --node-id {options.node_id}; give each peer its own --node-id"),
+    ]
 
 
 def make_ipv8_transport(prepared: Prepared) -> Any:
-    from quinkgl_cli.paths import state_home
     from quinkgl_cli.tensors import shared_specs
     from quinkgl_cli.transport import wire
     from quinkgl_cli.transport.ipv8 import IPv8Transport
@@ -184,8 +204,7 @@ def make_ipv8_transport(prepared: Prepared) -> Any:
         node_id=o.node_id,
         swarm_id=prepared.trusted.swarm_id,
         arch_hash=prepared.trusted.manifest.model.arch_hash,
-        # One IPv8 identity per node id: several peers on one machine must not share a key.
-        state_dir=state_home(o.state_dir) / "nodes" / o.node_id,
+        state_dir=node_state_dir(o),
         listen_host=o.listen,
         port=o.port,
         bootstrap=bootstrap,
