@@ -16,8 +16,9 @@ Data: the simulator calls the script's ``build_loaders`` once, takes the dataset
 splits it among the peers by label (`quinkgl_cli.sim.partition`); the validation loader is shared by all peers so
 their accuracies compare. Metrics are those of the model each peer holds at the end of a round (after aggregation).
 
-Local DP (the manifest's ``privacy.dp_epsilon``) is applied by `quinkgl_cli.sim.dp` to nodes that do not apply
-their privacy stage themselves, at the same point of the round (end of local training).
+Local DP (the manifest's ``privacy`` section) is each node's own sharing pipeline, as in the daemon; the simulator
+only seeds its noise so that a run is reproducible. Peer-script hooks are not called (a hundred peers'
+``on_round_end`` lines would bury the swarm's own report).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from quinkgl_cli.node.script import PeerScript
 from quinkgl_cli.sim.attacks import install_attack
 from quinkgl_cli.sim.baseline import SERVER_ID, AdoptGlobal, SelectedTargets, ServerMean
 from quinkgl_cli.sim.data import materialize, peer_loader
-from quinkgl_cli.sim.dp import install_local_dp
 from quinkgl_cli.sim.partition import dataset_labels, parse_scheme, partition_indices
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 
@@ -276,7 +276,6 @@ class Simulator:
             hooks=None, clock=self.clock, **strategies,
         )
         transport.start_sync(node)
-        install_local_dp(node, seed=seed)
         return node
 
     def build(self) -> None:
