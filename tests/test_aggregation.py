@@ -196,6 +196,33 @@ def test_trimmed_mean_falls_back_to_median() -> None:
     assert "fell back to Median" in out.note and out.flat.tolist() == [1.5, -1.5]
 
 
+def test_trim_ratio_never_trims_fewer_than_f() -> None:
+    # Two updates, f = 1: the ratio's ratio gives ceil(0.4 * 2) = 1 per side, max(1, f) = 1 needs 3 updates, so the fallback keeps the
+    # local model instead of averaging with the attacker.
+    out = make("TrimmedMean", f=1, trim_ratio=0.4).aggregate(LOCAL, [upd("x", [1e6, 1e6])], 1)
+    assert out.flat.tolist() == [0.0, 0.0] and out.used == ["a"]
+    assert "kept local model" in out.note and "2f+1=3" in out.note
+    # Five updates, two far attackers, f = 2: the ratio alone (ceil(0.1 * 5) = 1) would let one through.
+    far = [upd("x", [1000.0, 1000.0]), upd("y", [1000.0, 1000.0])]
+    out = make("TrimmedMean", f=2, trim_ratio=0.1).aggregate(LOCAL, [*LINE[:2], *far], 1)
+    assert out.flat.tolist() == [2.0, 0.0]  # middle values of 0 1 2 1000 1000 and of -2 -1 0 1000 1000
+    assert "raised to f=2" in out.note
+
+
+def test_trim_ratio_beyond_the_count_falls_back_and_says_so() -> None:
+    # ceil(0.4 * 4) = 2 per side needs 5 updates: Median of the four, and the note names the ratio.
+    out = make("TrimmedMean", trim_ratio=0.4).aggregate(LOCAL, [*LINE], 1)
+    assert out.flat.tolist() == [1.5, -1.5]
+    assert "fell back to Median" in out.note and "k=2 from trim_ratio=0.4" in out.note
+    # With f = 0 two updates still average, and say why.
+    out = make("TrimmedMean", trim_ratio=0.4).aggregate(LOCAL, [upd("b", [2, 2])], 1)
+    assert out.flat.tolist() == [1.0, 1.0] and "fell back to mean" in out.note
+    # Float noise does not trim one more: ceil(0.1 * 30) is 3, so 30 updates keep 24.
+    many = [upd(f"p{i}", [float(i), 0.0]) for i in range(1, 30)]
+    out = make("TrimmedMean", trim_ratio=0.1).aggregate(LOCAL, many, 1)
+    assert out.note == "" and out.flat.tolist() == [14.5, 0.0]
+
+
 def test_median_says_it_cannot_tolerate_f() -> None:
     out = make("Median", f=2).aggregate(LOCAL, [LINE[0], LINE[1]], 1)
     assert "Median tolerates only 1 of f=2" in out.note and out.flat.tolist() == [1.0, -1.0]

@@ -517,7 +517,11 @@ class MultiKrum(_Robust):
 
 
 class TrimmedMean(_Robust):
-    """Coordinate-wise trimmed mean (Yin et al., 2018): drop k values per side, k = f or ceil(trim_ratio * n)."""
+    """Coordinate-wise trimmed mean (Yin et al., 2018): drop k values per side.
+
+    k = f (``params.f``, else the manifest's byzantine_f); with ``trim_ratio`` k = max(ceil(trim_ratio * n), f), so a
+    ratio can trim more than f but never fewer. Fewer than 2k + 1 updates fall back like the other robust rules.
+    """
 
     name = "TrimmedMean"
     params: p.TrimmedMeanParams
@@ -527,13 +531,24 @@ class TrimmedMean(_Robust):
         if not s.updates:
             return _nothing_usable(local, s)
         n = len(s.updates)
-        if self.params.trim_ratio is not None:
-            k = min(math.ceil(self.params.trim_ratio * n), (n - 1) // 2)
-        else:
-            k = self.tolerated_f()
-            if n < 2 * k + 1:
-                return self.fallback(s, k, f"{n} updates < 2f+1={2 * k + 1}")
-        return AggregationResult(trimmed_mean([u.flat for u in s.updates], k), used=s.ids, rejected=s.rejected, note=s.note())
+        f = self.tolerated_f()
+        k, extra = f, ""
+        ratio = self.params.trim_ratio
+        if ratio is not None:
+            # The epsilon keeps float noise (0.1 * 30 = 3.0000000000000004) from trimming one value more.
+            by_ratio = math.ceil(ratio * n - 1e-9)
+            k = max(by_ratio, f)
+            if by_ratio < f:
+                extra = f"trim_ratio={ratio:g} gives {by_ratio} per side, raised to f={f}"
+        if n < 2 * k + 1:
+            # The fallback decides by the attackers tolerated (f), not by the ratio's k: with f = 0 two updates
+            # may still be averaged, with f >= 1 the node keeps its own model.
+            why = f"{n} updates < 2f+1={2 * k + 1}"
+            if k > f:
+                why = f"{n} updates < 2k+1={2 * k + 1} (k={k} from trim_ratio={ratio:g})"
+            return self.fallback(s, f, why)
+        flat = trimmed_mean([u.flat for u in s.updates], k)
+        return AggregationResult(flat, used=s.ids, rejected=s.rejected, note=s.note(extra))
 
 
 class Median(_Robust):
