@@ -65,13 +65,13 @@ def data(label: int, n: int = 30, seed: int = 0) -> tuple[DataLoader, DataLoader
 
 
 def make_node(net: MemoryNetwork, node_id: str, m: Manifest, label: int, hooks: Any = None, seed: int = 0,
-              rounds: int = 3) -> Node:
+              rounds: int = 3, noise_seed: int | None = None) -> Node:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     train, val = data(label, seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     transport = MemoryTransport(net, node_id, swarm_id="s", arch_hash=H)
-    node = Node(NodeConfig(node_id, rounds=rounds, seed=seed), m, "sha256:swarm", model, train, val, opt, transport,
+    node = Node(NodeConfig(node_id, rounds=rounds, seed=seed, noise_seed=noise_seed), m, "sha256:swarm", model, train, val, opt, transport,
                 hooks=hooks, clock=lambda: 0.0)
     transport.start_sync(node)
     return node
@@ -238,6 +238,17 @@ def test_fingerprints_reach_affinity_topology_and_entropy_rides_on_updates() -> 
         assert set(n.topology.fingerprints) == set(n.known_peers)
         assert n.label_entropy == pytest.approx(0.0)  # one class per peer in these shards
         assert n.encode_update().meta["label_entropy"] == n.label_entropy
+
+
+def test_fingerprint_noise_is_secret_unless_a_noise_seed_is_set() -> None:
+    """The daemon derives config.seed from public ids: the moment noise must not come from it."""
+    def moments(noise_seed: int | None) -> str:
+        node = make_node(MemoryNetwork(auto_deliver=False), "a", manifest(), 0, seed=5, noise_seed=noise_seed)
+        assert node.fingerprint_body is not None
+        return str(node.fingerprint_body["moments"])
+
+    assert moments(None) != moments(None)
+    assert moments(7) == moments(7) != moments(8)
 
 
 def test_manifest_round_limit_caps_rounds() -> None:

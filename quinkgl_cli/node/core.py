@@ -86,7 +86,7 @@ class NodeConfig:
     local_steps: int | None = None  # overrides manifest.training.local_steps
     seed: int = 0
     max_update_bytes: int | None = None  # receive limit; default: the wire bound for this model
-    noise_seed: int | None = None  # DP noise / QSGD rounding seed: the simulator only; None draws from the OS
+    noise_seed: int | None = None  # DP, fingerprint and QSGD noise seed: the simulator only; None draws from the OS
 
 
 @dataclass
@@ -267,7 +267,8 @@ class Node:
         """This peer's data fingerprint, computed once: label entropy rides on every update (EntropyWeightedAvg)
         and, when the manifest allows, the fingerprint goes to each discovered peer (AffinityTopology)."""
         try:
-            fp = fingerprint_for(self.manifest, self.train_loader, model=self.model, loss_fn=self.loss_fn, seed=self.config.seed)
+            fp = fingerprint_for(self.manifest, self.train_loader, model=self.model, loss_fn=self.loss_fn,
+                                 noise_seed=self.config.noise_seed)
         except Exception as exc:  # a fingerprint is an optimisation: the node works without one
             self._log(logging.WARNING, "fingerprint-unavailable", reason=_one_line(exc))
             return

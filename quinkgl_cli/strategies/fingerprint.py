@@ -8,7 +8,9 @@ Raw statistics never leave the peer; only these transforms of them do:
   group the mean of its features' means and the mean of its features' variances, each with Gaussian noise of
   standard deviation ``noise`` times the group's standard deviation (resp. variance). The noise is calibrated to
   the data's own spread, so ``noise=0.1`` hides moments below a tenth of a standard deviation; it is a
-  scale-relative obfuscation, not an epsilon-DP guarantee;
+  scale-relative obfuscation, not an epsilon-DP guarantee. The noise is drawn from the operating system's secure
+  source unless a ``noise_seed`` is given (the simulator, for reproducible runs): a seed derived from public
+  values (swarm and node ids) would let any peer regenerate the noise and subtract it;
 - sample count -> a decade bucket ("<10", "10-100", "100-1k", ..., ">=1M");
 - gradient moments (off by default: gradients leak inputs) -> per group of parameters, the mean and standard
   deviation of one mini-batch gradient at the initial model, noised the same way;
@@ -26,6 +28,7 @@ Wire format (a control-message body, every value a str/int/float so it signs and
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -270,10 +273,11 @@ def fingerprint_for(
     *,
     model: nn.Module | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    seed: int = 0,
+    noise_seed: int | None = None,
 ) -> Fingerprint:
     """The node's own fingerprint under the manifest's rules: classes from the task, ``privacy.fingerprint_noise``,
-    ``privacy.gradient_moments``. Compute it once at start-up and
+    ``privacy.gradient_moments``; noise from ``noise_seed`` when given, else from the OS. Compute it once at
+    start-up and
 
     - attach ``fp.entropy`` as ``meta["label_entropy"]`` to every update (and to the local PeerUpdate), so
       EntropyWeightedAvg has real weights;
@@ -293,7 +297,7 @@ def fingerprint_for(
         gradient_moments=privacy.gradient_moments,
         model=model,
         loss_fn=loss_fn,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(noise_seed if noise_seed is not None else secrets.randbits(63)),
     )
 
 
