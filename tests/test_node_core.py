@@ -251,6 +251,22 @@ def test_fingerprint_noise_is_secret_unless_a_noise_seed_is_set() -> None:
     assert moments(7) == moments(7) != moments(8)
 
 
+def test_label_entropy_stays_home_when_fingerprints_are_off(caplog: pytest.LogCaptureFixture) -> None:
+    base = manifest()
+    m = base.model_copy(update={"aggregation": base.aggregation.model_copy(update={"name": "EntropyWeightedAvg"}),
+                                "privacy": base.privacy.model_copy(update={"fingerprint": False})})
+    net = MemoryNetwork(auto_deliver=False)
+    nodes = [make_node(net, f"p{i}", m, i, seed=i) for i in range(2)]
+    net.deliver_all()
+    for n in nodes:
+        assert n.label_entropy is None and n.fingerprint_body is None
+        assert "label_entropy" not in n.encode_update().meta
+    with caplog.at_level(logging.INFO, logger="quinkgl.node"):
+        run_round(net, nodes)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("aggregated models")]
+    assert len(lines) == 2 and all("no label_entropy from" in ln and "fallback_weight" in ln for ln in lines)
+
+
 def test_manifest_round_limit_caps_rounds() -> None:
     net = MemoryNetwork(auto_deliver=False)
     m = manifest().model_copy(update={"round_limit": 2})

@@ -264,8 +264,12 @@ class Node:
                       affordable_rounds=dp.max_releases)
 
     def _init_fingerprint(self) -> None:
-        """This peer's data fingerprint, computed once: label entropy rides on every update (EntropyWeightedAvg)
-        and, when the manifest allows, the fingerprint goes to each discovered peer (AffinityTopology)."""
+        """This peer's data fingerprint, computed once when the manifest allows fingerprints: it goes to each
+        discovered peer (AffinityTopology) and its label entropy rides on every update (EntropyWeightedAvg).
+        The entropy is a statistic of the label buckets, so with ``privacy.fingerprint`` false it stays home too
+        and EntropyWeightedAvg weighs this peer by ``fallback_weight`` (its note names the peers it did that for)."""
+        if not self.manifest.privacy.fingerprint:
+            return
         try:
             fp = fingerprint_for(self.manifest, self.train_loader, model=self.model, loss_fn=self.loss_fn,
                                  noise_seed=self.config.noise_seed)
@@ -273,9 +277,8 @@ class Node:
             self._log(logging.WARNING, "fingerprint-unavailable", reason=_one_line(exc))
             return
         self.label_entropy = float(fp.entropy)
-        if self.manifest.privacy.fingerprint:
-            self.fingerprint_body = fp.to_body()
-            self.topology.observe_fingerprint(self.node_id, dict(self.fingerprint_body))
+        self.fingerprint_body = fp.to_body()
+        self.topology.observe_fingerprint(self.node_id, dict(self.fingerprint_body))
 
     # ----------------------------------------------------------------- logging and hooks
     def _log(self, level: int, event: str, **fields: Any) -> None:

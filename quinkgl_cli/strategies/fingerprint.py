@@ -277,13 +277,13 @@ def fingerprint_for(
 ) -> Fingerprint:
     """The node's own fingerprint under the manifest's rules: classes from the task, ``privacy.fingerprint_noise``,
     ``privacy.gradient_moments``; noise from ``noise_seed`` when given, else from the OS. Compute it once at
-    start-up and
+    start-up, only when ``manifest.privacy.fingerprint`` is true (the entropy is a statistic of the buckets), and
 
     - attach ``fp.entropy`` as ``meta["label_entropy"]`` to every update (and to the local PeerUpdate), so
       EntropyWeightedAvg has real weights;
-    - when ``manifest.privacy.fingerprint`` is true, send ``fp.to_body()`` as a ``MESSAGE_KIND`` control message to
-      each discovered peer and pass it to ``topology.observe_fingerprint(self_id, body)`` (AffinityTopology compares
-      every peer's fingerprint with its own).
+    - send ``fp.to_body()`` as a ``MESSAGE_KIND`` control message to each discovered peer and pass it to
+      ``topology.observe_fingerprint(self_id, body)`` (AffinityTopology compares every peer's fingerprint with its
+      own).
     """
     task = manifest.task
     num_classes = None
