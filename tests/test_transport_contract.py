@@ -190,7 +190,7 @@ def test_oversized_offer_is_refused_and_logged_once(kind, tmp_path, caplog):
             await wait_until(lambda: rb.models, what="the model under the limit")
         assert [m.round for m in rb.models] == [5]
         assert b.stats.dropped == 3
-        assert caplog.text.count("offer_refused peer=a reason=oversized") == 1
+        assert caplog.text.count("refused peer=a reason=oversized") == 1  # the event name is checked by the naming test
 
     run_cluster(kind, tmp_path, body)
 
@@ -418,7 +418,7 @@ def test_ipv8_malformed_packets_are_logged_once_and_ignored(tmp_path, caplog):
                 await wait_until(lambda: a.stats.dropped >= 19, what="junk to be counted")
         finally:
             junk.close()
-        refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("packet_refused") and r.levelno >= logging.WARNING]
+        refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("packet-refused") and r.levelno >= logging.WARNING]
         reasons = sorted(m.split("reason=")[1].split()[0] for m in refused)
         assert reasons == ["malformed", "not_ipv8", "unknown_message"], refused  # once per (source, reason)
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -509,3 +509,26 @@ def test_invalid_updates_are_dropped_at_the_sender(kind, tmp_path, caplog):
         assert [m.round for m in rb.models] == [2]
 
     run_cluster(kind, tmp_path, body)
+
+
+def test_ipv8_event_names_use_hyphens(tmp_path, caplog):
+    """Log lines are a public interface: every transport event is a hyphenated word, then key=value fields."""
+    import re
+
+    async def body(c: Cluster):
+        with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
+            a, _ = await c.add("a")
+            b, rb = await c.add("b", max_model_bytes=1000)
+            await c.meet(["a", "b"])
+            a.send_model("b", _upd(round_=1, payload=b"\0" * 1001))
+            a.send_model("b", _upd(round_=2, payload=b"fits"))
+            a.send_model("nobody", _upd())
+            a.send_message("nobody", "ping", {})
+            await wait_until(lambda: rb.models, what="the model under the limit")
+            await b.stop()
+            await wait_until(lambda: not a.peers(), what="b lost")
+        events = {r.getMessage().split()[0] for r in caplog.records if r.name.startswith("quinkgl.transport")}
+        assert {"transport-started", "peer-discovered", "offer-refused", "send-failed", "message-failed", "peer-lost", "transport-stopped"} <= events, events
+        assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", e) for e in events), events
+
+    run_cluster("ipv8", tmp_path, body)

@@ -170,7 +170,7 @@ def test_peers_given_one_seed_all_meet_and_exchange(spawn, n):
         assert m["sha256"] == hashlib.sha256(payload_for(size, (i - 1) % n)).hexdigest()
     for p in peers:
         assert_audit_clean(p, expect_tcp=True)
-        assert not p.logs("packet_refused"), p.logs("packet_refused")
+        assert not p.logs("packet-refused"), p.logs("packet-refused")
 
 
 def test_audit_detects_a_non_loopback_attempt(spawn):
@@ -191,7 +191,7 @@ def test_sender_stopping_mid_transfer_costs_seconds_and_receiver_goes_on(spawn):
     slow.wait_for(lambda e: e["event"] == "serving", what="transfer to start")
     killed_at = time.monotonic()
     slow.kill()
-    failed = receiver.wait_for(lambda e: e["event"] == "log" and "fetch_failed" in e["msg"] and "peer=slow" in e["msg"], timeout=10, what="fetch failure")
+    failed = receiver.wait_for(lambda e: e["event"] == "log" and "fetch-failed" in e["msg"] and "peer=slow" in e["msg"], timeout=10, what="fetch failure")
     assert "reason=sender_vanished" in failed["msg"], failed
     assert time.monotonic() - killed_at < 5
     receiver.wait_for(lambda e: e["event"] == "lost" and e["peer"] == "slow", timeout=10, what="slow peer dropped")
@@ -219,9 +219,9 @@ def test_tampered_and_oversized_blobs_are_dropped_and_logged_once(spawn):
     assert len(receiver.logs("reason=oversized")) == 1, receiver.logs("reason=")
     assert len(receiver.of("model")) == 1
     assert not [e for e in receiver.of("log") if e["level"] == "ERROR"]
-    declined = liar.wait_for(lambda e: e["event"] == "log" and "offer_declined" in e["msg"], what="decline")
+    declined = liar.wait_for(lambda e: e["event"] == "log" and "offer-declined" in e["msg"], what="decline")
     assert "peer=rx reason=oversized" in declined["msg"]
-    assert len(liar.logs("offer_declined")) == 1
+    assert len(liar.logs("offer-declined")) == 1
 
 
 def test_second_swarm_on_the_same_ports_never_meets_or_delivers(spawn):
@@ -239,4 +239,4 @@ def test_second_swarm_on_the_same_ports_never_meets_or_delivers(spawn):
     assert intruder.discovered() == {"y"}
     assert intruder.ask({"cmd": "stats"}, "stats")["dropped"] == 2  # a and b are unknown to it
     foreign = a.logs("reason=other_swarm")
-    assert len(foreign) == 1 and f"peer=127.0.0.1:{intruder.address[1]}" in foreign[0], a.logs("packet_refused")
+    assert len(foreign) == 1 and f"peer=127.0.0.1:{intruder.address[1]}" in foreign[0], a.logs("packet-refused")

@@ -48,7 +48,7 @@ class DestinationGuard:
 
     def refuse(self, host: Any, what: str) -> None:
         self.blocked += 1
-        self._once("send_blocked", str(host), "non_loopback_destination", via=what)
+        self._once("send-blocked", str(host), "non_loopback_destination", via=what)
 
 
 class GuardedUDPEndpoint(UDPEndpoint):

@@ -289,7 +289,7 @@ class IPv8Transport(Transport):
         self._spawn(self._accept_loop(), "accept")
         self._spawn(self._tick_loop(), "tick")
         log.info(
-            "transport_started node=%s kind=ipv8 swarm=%s udp=%s:%d tcp=%d key=%s bootstrap=%d lan_discovery=%s public_bootstrap=%s",
+            "transport-started node=%s kind=ipv8 swarm=%s udp=%s:%d tcp=%d key=%s bootstrap=%d lan_discovery=%s public_bootstrap=%s",
             self.node_id,
             self.swarm_id,
             self.listen_host,
@@ -310,7 +310,7 @@ class IPv8Transport(Transport):
             for peer in list(self._peers.values()):
                 self._send(peer.address, ByePayload(self.swarm_id, self.node_id))
         await self._teardown()
-        log.info("transport_stopped node=%s kind=ipv8 blocked_sends=%d", self.node_id, self.guard.blocked)
+        log.info("transport-stopped node=%s kind=ipv8 blocked_sends=%d", self.node_id, self.guard.blocked)
 
     async def _teardown(self) -> None:
         tasks = [t for t in self._tasks if not t.done()]
@@ -400,7 +400,7 @@ class IPv8Transport(Transport):
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            log.error("transport_task_failed node=%s task=%s error=%r", self.node_id, task.get_name(), exc, exc_info=exc)
+            log.error("transport-task-failed node=%s task=%s error=%r", self.node_id, task.get_name(), exc, exc_info=exc)
 
     # -- periodic work ---------------------------------------------------------------------------------------------
     async def _tick_loop(self) -> None:
@@ -408,7 +408,7 @@ class IPv8Transport(Transport):
             try:
                 self._tick()
             except Exception:  # a periodic body that raises would end discovery silently: log and go on
-                log.exception("transport_tick_failed node=%s", self.node_id)
+                log.exception("transport-tick-failed node=%s", self.node_id)
             await asyncio.sleep(self.walk_interval)
 
     def _tick(self) -> None:
@@ -437,7 +437,7 @@ class IPv8Transport(Transport):
             if now - out.created > self.offer_ttl:
                 del self._outgoing[oid]
                 if not out.serving:
-                    self._drop("offer_expired", out.recipient, "not_fetched")
+                    self._drop("offer-expired", out.recipient, "not_fetched")
             elif not out.serving and out.sends < OFFER_RESENDS and now - out.last_sent > 1.5:
                 rec = self._peers.get(out.recipient)
                 if rec is not None:  # a lost datagram must not lose the update: the receiver dedupes by offer id
@@ -468,26 +468,26 @@ class IPv8Transport(Transport):
         node_id = p.node_id
         label = node_id if _valid_node_id(node_id) else f"{source[0]}:{source[1]}"
         if not _valid_node_id(node_id):
-            self._drop("peer_refused", label, "bad_node_id")
+            self._drop("peer-refused", label, "bad_node_id")
             return
         if p.swarm_id != self.swarm_id:
-            self._drop("peer_refused", label, "swarm_mismatch", theirs=p.swarm_id[:80])
+            self._drop("peer-refused", label, "swarm_mismatch", theirs=p.swarm_id[:80])
             return
         if p.protocol != self.protocol_version:
-            self._drop("peer_refused", label, "protocol_mismatch", theirs=p.protocol, ours=self.protocol_version)
+            self._drop("peer-refused", label, "protocol_mismatch", theirs=p.protocol, ours=self.protocol_version)
             return
         if p.arch_hash != self.arch_hash:
-            self._drop("peer_refused", label, "arch_mismatch", theirs=p.arch_hash[:80], ours=self.arch_hash)
+            self._drop("peer-refused", label, "arch_mismatch", theirs=p.arch_hash[:80], ours=self.arch_hash)
             return
         if node_id == self.node_id:
-            self._drop("peer_refused", label, "node_id_taken", detail="same as ours")
+            self._drop("peer-refused", label, "node_id_taken", detail="same as ours")
             return
         holder = self._peers.get(node_id)
         if holder is None and len(self._peers) >= self.max_peers:
-            self._drop("peer_refused", label, "peer_limit", limit=self.max_peers)
+            self._drop("peer-refused", label, "peer_limit", limit=self.max_peers)
             return
         if holder is not None and holder.key_bin != key:
-            self._drop("peer_refused", label, "node_id_taken", holder=holder.key_bin.hex()[-16:])
+            self._drop("peer-refused", label, "node_id_taken", holder=holder.key_bin.hex()[-16:])
             return
         previous = self._node_by_key.get(key)
         if previous is not None and previous != node_id:
@@ -500,7 +500,7 @@ class IPv8Transport(Transport):
             rec = _Peer(node_id, key, hashlib.sha1(key).digest(), source, p.tcp_port, now, p.session, default_eccrypto.key_from_public_bin(key))
             self._peers[node_id] = rec
             self._node_by_key[key] = node_id
-            log.info("peer_discovered peer=%s address=%s:%d key=%s", node_id, source[0], source[1], key.hex()[-16:])
+            log.info("peer-discovered peer=%s address=%s:%d key=%s", node_id, source[0], source[1], key.hex()[-16:])
             self._emit("on_peer_discovered", rec.info())
         else:
             holder.address = source
@@ -525,7 +525,7 @@ class IPv8Transport(Transport):
             known = self._community.network.get_verified_by_public_key_bin(rec.key_bin)
             if known is not None:
                 self._community.network.remove_peer(known)
-        log.info("peer_lost peer=%s reason=%s", node_id, reason)
+        log.info("peer-lost peer=%s reason=%s", node_id, reason)
         if self._running:
             self._emit("on_peer_lost", rec.info())
 
@@ -542,7 +542,7 @@ class IPv8Transport(Transport):
 
     def _bad_packet(self, source: Any, reason: str, **fields: Any) -> None:
         self.stats.dropped += 1
-        self._once("packet_refused", f"{source[0]}:{source[1]}", reason, node=self.node_id, **fields)
+        self._once("packet-refused", f"{source[0]}:{source[1]}", reason, node=self.node_id, **fields)
 
     def _emit(self, name: str, *args: Any) -> None:
         if self._events is None:
@@ -550,7 +550,7 @@ class IPv8Transport(Transport):
         try:
             getattr(self._events, name)(*args)
         except Exception:  # the node's handler failed: say so loudly, keep the transport alive for the others
-            log.exception("event_handler_failed node=%s event=%s", self.node_id, name)
+            log.exception("event-handler-failed node=%s event=%s", self.node_id, name)
 
     # -- Transport interface ---------------------------------------------------------------------------------------
     def peers(self) -> list[PeerInfo]:
@@ -558,11 +558,11 @@ class IPv8Transport(Transport):
 
     def send_model(self, peer_id: str, update: OutgoingUpdate) -> None:
         if not self._running:
-            self._drop("send_failed", peer_id, "not_started")
+            self._drop("send-failed", peer_id, "not_started")
             return
         rec = self._peers.get(peer_id)
         if rec is None:
-            self._drop("send_failed", peer_id, "unknown_peer")
+            self._drop("send-failed", peer_id, "unknown_peer")
             return
         try:
             meta = encode_body(dict(update.meta), limit=MAX_META_BYTES, what="update meta")
@@ -571,7 +571,7 @@ class IPv8Transport(Transport):
             if update.round < 0 or update.sample_count < 0:
                 raise NetworkError("round and sample count must not be negative")
         except NetworkError as exc:
-            self._drop("send_failed", peer_id, "bad_update", detail=exc.message)
+            self._drop("send-failed", peer_id, "bad_update", detail=exc.message)
             return
         self._spawn(self._offer(rec, update, meta), f"offer-{peer_id}")
 
@@ -579,11 +579,11 @@ class IPv8Transport(Transport):
         check_kind(kind)
         data = encode_body(dict(body))
         if not self._running:
-            self._drop("message_failed", peer_id, "not_started")
+            self._drop("message-failed", peer_id, "not_started")
             return
         rec = self._peers.get(peer_id)
         if rec is None:
-            self._drop("message_failed", peer_id, "unknown_peer")
+            self._drop("message-failed", peer_id, "unknown_peer")
             return
         self._send(rec.address, ControlPayload(self.swarm_id, peer_id, kind, data))
 
@@ -646,12 +646,12 @@ class IPv8Transport(Transport):
             except OSError as exc:
                 if not self._running:
                     return
-                log.warning("accept_failed node=%s error=%s", self.node_id, exc.strerror or exc)
+                log.warning("accept-failed node=%s error=%s", self.node_id, exc.strerror or exc)
                 await asyncio.sleep(0.1)
                 continue
             if not self.guard.allows(addr[0]) or self._serve_slots.locked():
                 conn.close()
-                self._once("fetch_refused", str(addr[0]), "not_allowed" if not self.guard.allows(addr[0]) else "busy")
+                self._once("fetch-refused", str(addr[0]), "not_allowed" if not self.guard.allows(addr[0]) else "busy")
                 continue
             self._spawn(self._serve(conn, (str(addr[0]), int(addr[1]))), "serve")
 
@@ -698,10 +698,10 @@ class IPv8Transport(Transport):
                 self.stats.bytes_sent += out.size
                 self._outgoing.pop(offer_id, None)
             except stream.FetchError as exc:
-                self._drop("fetch_refused", label, exc.reason)
+                self._drop("fetch-refused", label, exc.reason)
             except (TimeoutError, OSError) as exc:
                 reason = "timeout" if isinstance(exc, TimeoutError) else "recipient_vanished"
-                self._drop("serve_failed", label, reason)
+                self._drop("serve-failed", label, reason)
                 if out is not None:
                     self._outgoing.pop(out.offer_id, None)
             finally:
@@ -713,17 +713,17 @@ class IPv8Transport(Transport):
             return
         rec = self._touch(key)
         if rec is None:
-            self._drop("offer_refused", f"{source[0]}:{source[1]}", "unknown_sender")
+            self._drop("offer-refused", f"{source[0]}:{source[1]}", "unknown_sender")
             return
         if p.swarm_id != self.swarm_id or p.sender != rec.node_id:
-            self._drop("offer_refused", rec.node_id, "wrong_sender")
+            self._drop("offer-refused", rec.node_id, "wrong_sender")
             return
         my_mid = hashlib.sha1(self._key.pub().key_to_bin()).digest()
         if p.recipient != self.node_id or p.recipient_mid != my_mid:
-            self._drop("offer_refused", rec.node_id, "wrong_recipient")
+            self._drop("offer-refused", rec.node_id, "wrong_recipient")
             return
         if p.size > self.max_model_bytes:
-            self._drop("offer_refused", rec.node_id, "oversized", size=p.size, limit=self.max_model_bytes)
+            self._drop("offer-refused", rec.node_id, "oversized", size=p.size, limit=self.max_model_bytes)
             self._decline(rec, p.offer_id, "oversized")
             return
         try:
@@ -731,12 +731,12 @@ class IPv8Transport(Transport):
             if not p.encoding or len(p.encoding) > MAX_ENCODING:
                 raise ValueError("bad encoding name")
         except (ValueError, UnicodeDecodeError):
-            self._drop("offer_refused", rec.node_id, "bad_meta")
+            self._drop("offer-refused", rec.node_id, "bad_meta")
             self._decline(rec, p.offer_id, "bad_meta")
             return
         verdict = self._book.verdict(rec.node_id, p.round, p.offer_id)
         if verdict is not None:
-            log.debug("offer_ignored peer=%s reason=%s round=%d", rec.node_id, verdict, p.round)
+            log.debug("offer-ignored peer=%s reason=%s round=%d", rec.node_id, verdict, p.round)
             if verdict == "out_of_date":
                 self._decline(rec, p.offer_id, verdict)
             return
@@ -774,19 +774,19 @@ class IPv8Transport(Transport):
                     await stream.recv_into(loop, sock, memoryview(buf), self.fetch_timeout)
                     got_digest = digest(buf)
             except stream.FetchError as exc:
-                self._drop("fetch_failed", rec.node_id, "sender_vanished" if exc.reason == "truncated" else exc.reason, round=p.round)
+                self._drop("fetch-failed", rec.node_id, "sender_vanished" if exc.reason == "truncated" else exc.reason, round=p.round)
                 return
             except TimeoutError:
-                self._drop("fetch_failed", rec.node_id, "timeout", round=p.round)
+                self._drop("fetch-failed", rec.node_id, "timeout", round=p.round)
                 return
             except OSError as exc:
                 reason = "connection_refused" if isinstance(exc, ConnectionRefusedError) else "sender_vanished"
-                self._drop("fetch_failed", rec.node_id, reason, round=p.round)
+                self._drop("fetch-failed", rec.node_id, reason, round=p.round)
                 return
             finally:
                 _close(sock)
         if got_digest != p.digest:
-            self._drop("fetch_failed", rec.node_id, "digest_mismatch", round=p.round)
+            self._drop("fetch-failed", rec.node_id, "digest_mismatch", round=p.round)
             return
         if not self._running:
             return
@@ -815,23 +815,23 @@ class IPv8Transport(Transport):
         if rec is None or out is None or out.recipient != rec.node_id or out.serving or p.swarm_id != self.swarm_id:
             return
         del self._outgoing[p.offer_id]
-        self._drop("offer_declined", rec.node_id, p.reason[:64] if _valid_node_id(p.reason[:64]) else "unspecified")
+        self._drop("offer-declined", rec.node_id, p.reason[:64] if _valid_node_id(p.reason[:64]) else "unspecified")
 
     def _on_control(self, key: bytes, source: tuple[str, int], p: ControlPayload) -> None:
         if not self._running:
             return
         rec = self._touch(key)
         if rec is None:
-            self._drop("message_refused", f"{source[0]}:{source[1]}", "unknown_sender")
+            self._drop("message-refused", f"{source[0]}:{source[1]}", "unknown_sender")
             return
         if p.swarm_id != self.swarm_id or p.recipient != self.node_id:
-            self._drop("message_refused", rec.node_id, "wrong_recipient")
+            self._drop("message-refused", rec.node_id, "wrong_recipient")
             return
         try:
             check_kind(p.kind)
             body = decode_body(p.body)
         except (NetworkError, ValueError, UnicodeDecodeError):
-            self._drop("message_refused", rec.node_id, "bad_body")
+            self._drop("message-refused", rec.node_id, "bad_body")
             return
         self._emit("on_message", rec.node_id, p.kind, body)
 
