@@ -242,3 +242,37 @@ def test_in_process_edges(tmp_path: Path, capsys: pytest.CaptureFixture[str], mo
     assert "INVALID" in capsys.readouterr().out
     assert run("manifest", "verify", "m.qgl", "--trust-policy", "pinned") == 1
     assert "needs at least one --trusted-pubkey" in capsys.readouterr().err
+
+
+def _main(*args: str) -> int:
+    from quinkgl_cli.cli.app import main
+
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    return int(done.value.code or 0)
+
+
+def _create(output: str, *extra: str) -> list[str]:
+    return ["manifest", "create", "--name", "n", *GUIDE_FLAGS, "--output", output, *extra]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--input-shape", "99999999999999999999"],
+        ["--input-shape", "9007199254740993"],
+        ["--round-limit", "99999999999999999999"],
+        ["--compression-param", "top_k_ratio=0.1", "--compression-param", "residual_norm_cap=inf"],
+        ["--aggregation-param", "max_weight_ratio=inf"],
+        ["--dp-epsilon", "inf"],
+    ],
+)
+def test_numbers_json_cannot_hold_are_one_line_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, extra: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert _main(*_create("n.qgl", *extra)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "n.qgl").exists()
+

@@ -70,6 +70,19 @@ def test_build_normalizes_inputs() -> None:
         ({"compression_params": {"quantize_bits": "4"}}, "--compression-param quantize_bits"),
         ({"training_params": {"nope": "1"}}, "--training-param nope"),
         ({"privacy_params": {"dp_epsilon": -1.0}}, "dp_epsilon"),
+        # Numbers JSON (RFC 8785) cannot hold exactly, or at all: refused with the flag, never a traceback.
+        ({"input_shape": "99999999999999999999"}, "--input-shape"),
+        ({"input_shape": "9007199254740993"}, "--input-shape"),
+        ({"output_shape": "10,9007199254740993"}, "--output-shape"),
+        ({"round_limit": 99999999999999999999}, "--round-limit"),
+        ({"training_params": {"local_steps": "9007199254740993"}}, "--training-param local_steps"),
+        ({"aggregation": "Krum", "aggregation_params": {"f": "99999999999999999999"}}, "Krum parameter f"),
+        ({"aggregation_params": {"max_weight_ratio": "inf"}}, "finite"),
+        ({"aggregation_params": {"max_weight_ratio": "nan"}}, "finite"),
+        ({"topology": "AffinityTopology", "topology_params": {"edge_ttl": "9007199254740993"}}, "edge_ttl"),
+        ({"compression_params": {"top_k_ratio": "0.1", "residual_norm_cap": "inf"}}, "residual_norm_cap"),
+        ({"privacy_params": {"dp_epsilon": float("inf")}}, "finite"),
+        ({"privacy_params": {"dp_epsilon": 1.0, "dp_clip_norm": "inf"}}, "finite"),
     ],
 )
 def test_build_rejects_bad_input_with_one_line(override: dict[str, Any], needle: str) -> None:
@@ -212,6 +225,28 @@ def test_malformed_files(tmp_path: Path, content: bytes, needle: str) -> None:
     with pytest.raises(UsageError) as info:
         load_manifest(path)
     assert needle in info.value.one_line()
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (("task", "input_shape"), [99999999999999999999]),
+        (("round_limit",), 2**53),
+        (("aggregation", "params"), {"max_weight_ratio": 2**64}),
+        (("aggregation", "params"), {"max_weight_ratio": -(2**60)}),
+    ],
+)
+def test_numbers_outside_json_range_in_a_file_are_one_line_errors(tmp_path: Path, path: tuple[str, ...], value: Any) -> None:
+    obj = json.loads(manifest_bytes(make_manifest()))
+    _set(obj, path, value)
+    with pytest.raises(UsageError) as info:
+        load_trusted(write_obj(tmp_path / "n.qgl", obj), "open", now=NOW)
+    assert "\n" not in info.value.one_line()
+
+
+def test_canonicalization_failure_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="cannot be canonicalized"):
+        canonical_bytes({"round_limit": 2**64})
 
 
 def test_strict_types_no_string_numbers(tmp_path: Path) -> None:

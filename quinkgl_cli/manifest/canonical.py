@@ -31,10 +31,15 @@ def canonical_bytes(manifest: Manifest | Mapping[str, Any]) -> bytes:
     """RFC 8785 bytes of everything but ``signature``: what is signed and what the swarm id hashes."""
     obj = manifest_object(manifest) if isinstance(manifest, Manifest) else dict(manifest)
     obj.pop(SIGNATURE_FIELD, None)
+    return _canonical_json(obj, "manifest")
+
+
+def _canonical_json(obj: Any, what: str) -> bytes:
+    # The schema bounds every number, so this fails only on an object that bypassed it (a hand-edited file).
     try:
         return rfc8785.dumps(obj)
     except rfc8785.CanonicalizationError as exc:
-        raise UsageError(f"manifest cannot be canonicalized: {exc}", "use integers below 2^53 and finite numbers") from exc
+        raise UsageError(f"{what} cannot be canonicalized: {exc}", "use integers below 2^53 and finite numbers") from exc
 
 
 def sha256_text(data: bytes) -> str:
@@ -55,4 +60,4 @@ def data_schema_hash(task: TaskSpec) -> str:
         "output_shape": list(task.output_shape),
         "label_type": task.label_type,
     }
-    return sha256_text(rfc8785.dumps(obj))
+    return sha256_text(_canonical_json(obj, "task"))

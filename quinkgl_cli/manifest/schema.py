@@ -7,36 +7,37 @@ Field meanings are documented in README ("Manifest format").
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
 PUBKEY_PATTERN = r"^ed25519:[0-9a-f]{64}$"
+# RFC 8785 writes numbers as IEEE doubles: larger integers have no canonical form (and would not survive a
+# JavaScript or Go reader either), so no integer a manifest holds may exceed this.
+MAX_JSON_INT = 2**53 - 1
+MAX_DIM = 2**31 - 1  # one dimension of a per-sample tensor shape
+MAX_ROUNDS = 10**9
 
 TaskType = Literal["classification", "regression", "segmentation", "detection"]
 LabelType = Literal["integer", "float", "one_hot"]
 Framework = Literal["pytorch", "tensorflow", "custom"]
-ParamValue = bool | int | float | str
+JsonInt = Annotated[int, Field(ge=-MAX_JSON_INT, le=MAX_JSON_INT)]
+ParamValue = bool | JsonInt | float | str
+Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: JSON has no Infinity or NaN, so such a value could be neither signed nor written.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TaskSpec(Strict):
     type: TaskType
-    input_shape: tuple[int, ...] = Field(min_length=1, max_length=8)
-    output_shape: tuple[int, ...] = Field(min_length=1, max_length=8)
+    input_shape: tuple[Dim, ...] = Field(min_length=1, max_length=8)
+    output_shape: tuple[Dim, ...] = Field(min_length=1, max_length=8)
     label_type: LabelType
-
-    @field_validator("input_shape", "output_shape")
-    @classmethod
-    def _positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if any(d <= 0 for d in value):
-            raise ValueError("every dimension must be a positive integer")
-        return value
 
 
 class ModelSpec(Strict):
@@ -61,7 +62,7 @@ class TrainingSpec(Strict):
     """
 
     local_epochs: int = Field(default=4, ge=1, le=1000)
-    local_steps: int | None = Field(default=None, ge=1)  # when set, caps optimizer steps per round
+    local_steps: int | None = Field(default=None, ge=1, le=MAX_ROUNDS)  # when set, caps optimizer steps per round
     gossip_steps: int = Field(default=1, ge=1, le=20)  # exchanges (send + aggregate) per training round
     final_consensus_steps: int = Field(default=6, ge=0, le=100)  # averaging-only exchanges after the last round
     max_staleness: int = Field(default=2, ge=0, le=1000)  # updates older than this many rounds are dropped
@@ -119,7 +120,7 @@ class Manifest(Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
-    round_limit: int | None = Field(default=None, ge=1)
+    round_limit: int | None = Field(default=None, ge=1, le=MAX_ROUNDS)
     byzantine_f: int = Field(default=0, ge=0, le=1000)
     bootstrap_peers: tuple[str, ...] = Field(default=(), max_length=64)
     creator_pubkey: str | None = Field(default=None, pattern=PUBKEY_PATTERN)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Bounds of the counts below: far beyond any real swarm, and inside the integers a manifest can hold (< 2**53).
+MAX_PEERS = 100_000
+MAX_ROUNDS = 1_000_000
+
 
 class Params(BaseModel):
     # defer_build: a schema is built when a strategy's params are first validated, not for all of them at import
-    # (start-up of `manifest verify`).
-    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
+    # (start-up of `manifest verify`). allow_inf_nan=False: a manifest is JSON, which has no Infinity or NaN.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True, allow_inf_nan=False)
 
 
 class NoParams(Params):
@@ -31,15 +35,15 @@ class FedAvgMParams(FedAvgParams):
 
 
 class KrumParams(Params):
-    f: int | None = Field(default=None, ge=0)  # defaults to the manifest's byzantine_f
+    f: int | None = Field(default=None, ge=0, le=MAX_PEERS)  # defaults to the manifest's byzantine_f
 
 
 class MultiKrumParams(KrumParams):
-    m: int | None = Field(default=None, ge=1)  # how many best-scored updates to average (default n - f)
+    m: int | None = Field(default=None, ge=1, le=MAX_PEERS)  # how many best-scored updates to average (default n - f)
 
 
 class TrimmedMeanParams(Params):
-    f: int | None = Field(default=None, ge=0)
+    f: int | None = Field(default=None, ge=0, le=MAX_PEERS)
     trim_ratio: float | None = Field(default=None, ge=0.0, lt=0.5)
 
 
@@ -72,12 +76,12 @@ class AffinityParams(TopologyParams):
     moment_weight: float = Field(default=0.3, ge=0.0)
     gradient_weight: float = Field(default=0.15, ge=0.0)
     history_weight: float = Field(default=0.15, ge=0.0)
-    blind_rounds: int = Field(default=2, ge=0)
-    learning_rounds: int = Field(default=5, ge=0)
+    blind_rounds: int = Field(default=2, ge=0, le=MAX_ROUNDS)
+    learning_rounds: int = Field(default=5, ge=0, le=MAX_ROUNDS)
     exploration: float = Field(default=0.3, ge=0.0, le=1.0)
     exploration_decay: float = Field(default=0.9, gt=0.0, le=1.0)
     min_exploration: float = Field(default=0.05, ge=0.0, le=1.0)
     ema: float = Field(default=0.3, gt=0.0, le=1.0)
     edge_decay: float = Field(default=0.95, gt=0.0, le=1.0)  # edge weight factor per round without an outcome
-    edge_ttl: int = Field(default=20, ge=1)  # rounds without an outcome before an edge is evicted
+    edge_ttl: int = Field(default=20, ge=1, le=MAX_ROUNDS)  # rounds without an outcome before an edge is evicted
     prefer_similar: bool = True
