@@ -276,3 +276,19 @@ def test_numbers_json_cannot_hold_are_one_line_usage_errors(
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "n.qgl").exists()
 
+
+def test_create_writes_nothing_when_canonicalization_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import quinkgl_cli.manifest.canonical as canonical
+    from quinkgl_cli.errors import UsageError
+
+    def refuse(manifest: object) -> str:
+        raise UsageError("manifest cannot be canonicalized: test")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(canonical, "swarm_id", refuse)
+    assert _main(*_create("n.qgl")) == 1
+    assert "cannot be canonicalized" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+

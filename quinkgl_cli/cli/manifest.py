@@ -128,9 +128,11 @@ def create(
     )
     if key is not None:
         manifest = sign_manifest(manifest, key)
+    # Canonicalized before anything is written: a manifest that cannot be must leave no file behind.
+    identity = swarm_id(manifest)
     write_manifest(output, manifest, overwrite=force)
     typer.echo(f"Manifest written to {output}")
-    typer.echo(f"Swarm ID: {swarm_id(manifest)}")
+    typer.echo(f"Swarm ID: {identity}")
     if manifest.creator_pubkey:
         typer.echo(f"Signature: signed by {manifest.creator_pubkey}")
     else:
