@@ -292,3 +292,12 @@ def test_create_writes_nothing_when_canonicalization_fails(
     assert "cannot be canonicalized" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
+
+def test_create_refuses_an_existing_output_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "n.qgl").write_text("keep me")
+    assert _main(*_create("n.qgl")) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "n.qgl").read_text() == "keep me"
+    assert _main(*_create("n.qgl", "--force")) == 0
+    assert json.loads((tmp_path / "n.qgl").read_text())["name"] == "n"

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 import typer
 
 from quinkgl_cli.cli.output import parse_kv
-from quinkgl_cli.errors import ArchMismatch, UsageError
+from quinkgl_cli.errors import ArchMismatch, IOFailure, UsageError
 
 manifest_app = typer.Typer(
     name="manifest",
@@ -83,7 +83,7 @@ def create(
     from quinkgl_cli.manifest.signing import sign_manifest
 
     if output.exists() and not force:
-        raise UsageError(f"{output} already exists", "choose another --output or pass --force to replace it")
+        raise IOFailure(f"{output} already exists", "choose another --output or pass --force to replace it")
     key = keys.load_private_key(sign_with, keys.read_passphrase(passphrase_file)) if sign_with is not None else None
 
     if from_script is not None:
