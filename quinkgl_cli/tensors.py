@@ -34,6 +34,25 @@ def shared_specs(model: nn.Module) -> list[TensorSpec]:
     ]
 
 
+def float_buffers(model: nn.Module) -> list[str]:
+    """Shared state entries that are not parameters: BatchNorm's running statistics and the like."""
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return [name for name, t in model.state_dict().items() if t.is_floating_point() and name not in params]
+
+
+def trainable_mask(model: nn.Module) -> torch.Tensor | None:
+    """A bool vector over ``flatten(model)``: True on entries of parameters that train (``requires_grad``).
+    None when every shared entry trains (the common case, no mask needed)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    parts = []
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            param = params.get(name)
+            parts.append(torch.full((t.numel(),), param is not None and param.requires_grad, dtype=torch.bool))
+    mask = torch.cat(parts) if parts else torch.empty(0, dtype=torch.bool)
+    return None if bool(mask.all()) else mask
+
+
 def flatten(model: nn.Module) -> torch.Tensor:
     """One float32 vector of the shared state (a copy)."""
     state = model.state_dict()

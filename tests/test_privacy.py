@@ -48,6 +48,17 @@ def test_clipping_scales_large_updates_and_keeps_small_ones() -> None:
     assert float(out.norm()) == pytest.approx(2.0, rel=1e-4) and dp.last_clipped and dp.last_norm == pytest.approx(10.0)
 
 
+def test_mask_limits_clipping_and_noise_to_the_entries_that_train() -> None:
+    dp = LocalDP(PrivacySpec(dp_epsilon=1.0, dp_clip_norm=1.0), seed=0)
+    mask = torch.arange(1000) >= 400
+    start = torch.zeros(1000)
+    trained = torch.full((1000,), 5.0)
+    out = dp.sanitize(start, trained, mask)
+    assert torch.equal(out[:400], start[:400])
+    assert dp.last_norm == pytest.approx(5.0 * 600**0.5)  # the norm of the trainable part only
+    assert float((out[400:] - 5.0 / 600**0.5).std()) == pytest.approx(dp.sigma, rel=0.1)
+
+
 def test_disabled_dp_changes_nothing() -> None:
     dp = LocalDP(PrivacySpec(), seed=0)
     x = torch.randn(10)

@@ -211,6 +211,46 @@ def test_checkpoint_carries_residuals_references_and_spent_budget() -> None:
     assert hooks[1].rounds[-1]["updates_rejected"] == 0 and hooks[0].rounds[-1]["dp_releases"] == 4
 
 
+def _dp_node(model: nn.Module, m: Manifest) -> Node:
+    g = torch.Generator().manual_seed(0)
+    train = DataLoader(TensorDataset(torch.randn(40, 4, generator=g), torch.arange(40) % 3), batch_size=10)
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.1)
+    transport = MemoryTransport(MemoryNetwork(auto_deliver=False), "bn", swarm_id="s", arch_hash=H)
+    return Node(NodeConfig("bn", rounds=5, noise_seed=0), m, "sha256:swarm", model, train, None, opt, transport,
+                clock=lambda: 0.0)
+
+
+def test_dp_refuses_models_with_float_buffers() -> None:
+    """BatchNorm's running statistics come from the data and are no part of the clipped update: noised, the
+    running variance goes negative (NaN in eval); shared as is, they leak. So DP refuses them, as Opacus does."""
+    from quinkgl_cli.errors import ExitCode, NodeConfigError
+
+    def bn_model() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+    with pytest.raises(NodeConfigError, match=r"buffers \(1.running_mean, 1.running_var\)") as info:
+        _dp_node(bn_model(), manifest(privacy={"dp_epsilon": 1.0}))
+    assert info.value.code == ExitCode.NODE and "GroupNorm" in (info.value.hint or "")
+    node = _dp_node(bn_model(), manifest())  # without DP a BatchNorm model is fine
+    node.begin_round()
+    node.train_round()
+    assert node.evaluate() == (None, None) and bool(torch.isfinite(flatten(node.model)).all())
+
+
+def test_dp_noises_only_parameters_that_train() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    for q in model[0].parameters():
+        q.requires_grad_(False)
+    node = _dp_node(model, manifest(privacy={"dp_epsilon": 1.0, "dp_clip_norm": 0.1}))
+    frozen = 4 * 8 + 8
+    before = flatten(node.model)
+    node.begin_round()
+    node.train_round()
+    after = flatten(node.model)
+    assert torch.equal(after[:frozen], before[:frozen])  # the frozen layer is released as it was
+    assert float((after[frozen:] - before[frozen:]).std()) > 0.5 * node.sharing.dp.sigma  # noised where it trains
+
+
 @pytest.mark.skipif(not SCRIPT.exists(), reason="digits peer script missing")
 @pytest.mark.parametrize("mode", ["gossip", "fedavg"])
 def test_compressed_swarm_on_non_iid_digits_learns(mode: str) -> None:

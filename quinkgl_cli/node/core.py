@@ -49,7 +49,7 @@ from quinkgl_cli.strategies.sharing import RESYNC_KIND, SharingPipeline, StaleBa
 from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
 from quinkgl_cli.strategies.fingerprint import fingerprint_for
-from quinkgl_cli.tensors import TensorSpec, flatten, load_flat, shared_specs
+from quinkgl_cli.tensors import TensorSpec, flatten, float_buffers, load_flat, shared_specs, trainable_mask
 from quinkgl_cli.transport import wire
 from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, PeerInfo, Transport
 
@@ -226,8 +226,19 @@ class Node:
         self.specs: list[TensorSpec] = shared_specs(model)
         self.max_update_bytes = config.max_update_bytes or wire.max_blob_bytes(self.specs) * 2
         # Local DP of what this node shares, and per-peer delta compression (strategies.sharing).
+        dp_mask = None
+        if manifest.privacy.dp_epsilon is not None:
+            buffers = float_buffers(model)
+            if buffers:
+                more = f" and {len(buffers) - 3} more" if len(buffers) > 3 else ""
+                raise NodeConfigError(
+                    f"local DP cannot cover the model's floating-point buffers ({', '.join(buffers[:3])}{more}): "
+                    "they are computed from the training data and would be shared without noise",
+                    "use GroupNorm or LayerNorm instead of BatchNorm (as Opacus requires), register constant buffers "
+                    "with persistent=False, or turn DP off")
+            dp_mask = trainable_mask(model)
         self.sharing = SharingPipeline(manifest.compression, manifest.privacy, sum(s.numel for s in self.specs),
-                                       noise_seed=config.noise_seed)
+                                       noise_seed=config.noise_seed, dp_mask=dp_mask)
         self._sharing_stop_logged = False
 
         self.round = 0  # the round in progress (1-based); after end_round, the last completed one

@@ -8,6 +8,12 @@ Each round the update a peer shares (its model minus the model it started the ro
 is added to every coordinate (the calibration of the gossip-DP tutorial). The node then continues from the noised
 model, so everything it shares later is post-processing of noised releases and of what peers sent it.
 
+Only trainable parameters are clipped and noised (``mask``); entries that do not train (frozen parameters) are
+released as they were before training, so they too are post-processing. Models with floating-point buffers are
+refused by the node under DP (Opacus does the same): BatchNorm's running statistics are computed from the data,
+are not part of the gradient update this mechanism bounds, and noise of this scale drives a running variance
+negative (NaN in evaluation).
+
 Guarantee and its unit: one release per round of an update with L2 sensitivity ``clip`` under adding or removing
 this peer's whole contribution (the DP-FedAvg user-level convention the tutorial follows; under "replace the
 peer's data by any other" the sensitivity is twice as large). Releases are composed with the Renyi-DP accountant
@@ -71,17 +77,23 @@ class LocalDP:
         self._epsilon_cache: tuple[int, float] = (0, 0.0)
 
     # ------------------------------------------------------------------ mechanism
-    def sanitize(self, start: torch.Tensor, trained: torch.Tensor) -> torch.Tensor:
+    def sanitize(self, start: torch.Tensor, trained: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``start`` + clipped, noised (``trained`` - ``start``): the model to continue from and share.
 
-        Counts one release; raises BudgetExhausted (and releases nothing) when the budget cannot afford it.
+        ``mask`` (bool, like ``start``) limits the update to the entries that train; the others come back as in
+        ``start``. Counts one release; raises BudgetExhausted (and releases nothing) when the budget cannot afford it.
         """
         if not self.enabled:
             return trained
         if self.exhausted:
             raise BudgetExhausted(f"privacy budget spent: {self.releases} releases reach epsilon {self.spent()[0]:.3f}")
-        clipped, norm = clip_to_norm(trained - start, self.spec.dp_clip_norm)
+        update = trained - start
+        if mask is not None:
+            update = update * mask
+        clipped, norm = clip_to_norm(update, self.spec.dp_clip_norm)
         noise = torch.normal(0.0, self.sigma, size=clipped.shape, generator=self._gen, dtype=clipped.dtype)
+        if mask is not None:
+            noise.mul_(mask)
         self.last_norm = norm
         self.last_clipped = norm > self.spec.dp_clip_norm
         self.releases += 1

@@ -26,14 +26,16 @@ class SharingPipeline:
     """Local DP and the update codec of one node; ``compress_sends`` when the swarm's manifest compresses.
 
     ``noise_seed`` makes DP noise and QSGD rounding reproducible (the simulator); a daemon leaves it None so they
-    come from the operating system's secure source: noise that others can predict protects nothing.
+    come from the operating system's secure source: noise that others can predict protects nothing. ``dp_mask``
+    (`tensors.trainable_mask`) limits DP to the entries that train. Vectors in and out are CPU tensors.
     """
 
     def __init__(self, compression: CompressionSpec, privacy: PrivacySpec, numel: int, noise_seed: int | None = None,
-                 max_peers: int = 64) -> None:
+                 max_peers: int = 64, dp_mask: torch.Tensor | None = None) -> None:
         self.codec = UpdateCodec(compression, numel, max_peers=max_peers, seed=noise_seed)
         self.compress_sends = compression.enabled
         self.dp = LocalDP(privacy, seed=noise_seed)
+        self._dp_mask = dp_mask
         self.sharing_stopped = False  # set for good once the privacy budget cannot afford a round
         self._start: torch.Tensor | None = None
         self._mark = self.codec.stats.snapshot()
@@ -53,7 +55,7 @@ class SharingPipeline:
         if self.dp.exhausted:
             self.sharing_stopped = True  # this round's training is not released: nothing may be shared any more
             return None
-        return self.dp.sanitize(start, flat)
+        return self.dp.sanitize(start, flat, self._dp_mask)
 
     # ------------------------------------------------------------------ compression
     def encode(self, peer_id: str, flat: torch.Tensor, extras: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Encoded:
