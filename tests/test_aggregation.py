@@ -38,9 +38,33 @@ ALL = [e.name for e in registry._ENTRIES if e.kind == "aggregation"]
 
 # ------------------------------------------------------------------ FedAvg family, hand-computed
 def test_fedavg_weights_by_samples() -> None:
-    out = make("FedAvg").aggregate(upd("a", [0, 0], 10, local=True), [upd("b", [4, 8], 30)], 1)
-    assert torch.allclose(out.flat, torch.tensor([3.0, 6.0]))
+    out = make("FedAvg").aggregate(upd("a", [0, 0], 20, local=True), [upd("b", [4, 8], 30)], 1)
+    assert torch.allclose(out.flat, torch.tensor([2.4, 4.8]))  # 20 : 30, inside the bound: exact
     assert out.used == ["a", "b"] and out.rejected == [] and out.note == ""
+    out = make("FedAvg").aggregate(upd("a", [0, 0], 10, local=True), [upd("b", [4, 8], 10), upd("c", [8, 4], 30)], 1)
+    assert torch.allclose(out.flat, torch.tensor([4 * 0.2 + 8 * 0.6, 8 * 0.2 + 4 * 0.6]))  # 10 : 10 : 30
+
+
+def test_two_party_round_bounds_a_huge_sample_claim() -> None:
+    # The local model and one peer claiming 2^31 samples: the mean-share bound 2/2 is void, the peer may still
+    # weigh at most max_weight_ratio times the rest (the local model): 2/3, never the whole result.
+    w = bounded_weights(torch.tensor([479.0, 2.0**31]), 2.0)
+    assert torch.allclose(w, torch.tensor([1 / 3, 2 / 3], dtype=torch.float64))
+    out = make("FedAvg").aggregate(upd("a", [0, 0], 479, local=True), [upd("x", [9, 9], 2**31)], 1)
+    assert torch.allclose(out.flat, torch.tensor([6.0, 6.0]))
+    # max_weight_ratio 1 turns a two-party round into plain averaging whatever the peer claims.
+    out = make("FedAvg", max_weight_ratio=1.0).aggregate(upd("a", [0, 0], 479, local=True), [upd("x", [9, 9], 2**31)], 1)
+    assert torch.allclose(out.flat, torch.tensor([4.5, 4.5]))
+    # Honest, similar counts stay exactly sample-weighted.
+    assert torch.allclose(bounded_weights(torch.tensor([479.0, 500.0]), 2.0), torch.tensor([479 / 979, 500 / 979], dtype=torch.float64))
+    # A large max_weight_ratio voids the mean bound for several updates too; the rest still keeps its share.
+    w = bounded_weights(torch.tensor([1.0, 1.0, 1.0, 1e9]), 9.0)
+    assert float(w[3]) == pytest.approx(0.9) and torch.allclose(w[:3], torch.full((3,), 0.1 / 3, dtype=torch.float64))
+    assert bounded_weights(torch.tensor([7.0]), 2.0).tolist() == [1.0]
+    # The same bound holds for entropy claims (self-reported as well).
+    agg = make("EntropyWeightedAvg")
+    out = agg.aggregate(upd("a", [0, 0], local=True, label_entropy=0.5), [upd("x", [3, 3], label_entropy=16.0)], 1)
+    assert torch.allclose(out.flat, torch.tensor([2.0, 2.0]))
 
 
 def test_fedavg_bounds_a_huge_sample_claim() -> None:
@@ -74,8 +98,8 @@ def test_staleness_weighting() -> None:
 def test_entropy_weighted_average() -> None:
     agg = make("EntropyWeightedAvg", entropy_floor=0.5, fallback_weight=2.0)
     local = upd("a", [0, 0], local=True, label_entropy=1.0)
-    out = agg.aggregate(local, [upd("b", [4, 4], label_entropy=3.0)], 1)
-    assert torch.allclose(out.flat, torch.tensor([3.0, 3.0]))  # weights 1 : 3
+    out = agg.aggregate(local, [upd("b", [5, 5], label_entropy=1.5)], 1)
+    assert torch.allclose(out.flat, torch.tensor([3.0, 3.0]))  # weights 1 : 1.5
     out = agg.aggregate(local, [upd("b", [4, 4], label_entropy=0.0)], 1)
     assert torch.allclose(out.flat, torch.tensor([4 * 0.5 / 1.5] * 2))  # floor 0.5
     out = agg.aggregate(local, [upd("b", [3, 3])], 1)

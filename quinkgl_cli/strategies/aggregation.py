@@ -97,11 +97,28 @@ def weighted_mean(updates: Sequence[PeerUpdate], weights: torch.Tensor) -> torch
     return weighted_mean_rows([u.flat for u in updates], (w / w.sum()).tolist())
 
 
+def share_cap(n: int, max_ratio: float) -> float:
+    """The largest share one of ``n`` updates may hold: min(max_ratio / n, max_ratio / (1 + max_ratio)).
+
+    Sample counts (and entropy claims) are self-reported: they may move weight between updates, but only so far.
+    max_ratio / n is max_ratio times the mean share, the bound that matters in a crowd. It is void once
+    n <= max_ratio (at n = 2 with the default 2 it allows the whole result, so a peer claiming 2^31 samples would
+    replace the local model), because the liar's own share is part of the mean. max_ratio / (1 + max_ratio) says
+    the same thing against a reference the liar does not inflate: no update may weigh more than max_ratio times all
+    the others together. So however few updates arrive, the rest of the round (the node's own model at least)
+    keeps 1 / (1 + max_ratio) of the result: a third at n = 2 with the default, half with max_ratio = 1.
+    Weights inside both bounds are untouched, so FedAvg stays exactly sample-weighted for honest, similar counts.
+    """
+    if n <= 1:
+        return 1.0
+    return min(max_ratio / n, max_ratio / (1.0 + max_ratio))
+
+
 def bounded_weights(raw: torch.Tensor, max_ratio: float) -> torch.Tensor:
-    """Normalize ``raw`` so that no weight exceeds ``max_ratio`` times the mean weight (1/n).
+    """Normalize ``raw`` so that no weight exceeds ``share_cap(n, max_ratio)``.
 
     Water-filling: capped weights sit exactly at the cap and the excess goes to the others in proportion to their
-    raw weights, so a peer claiming 2^32 samples gets at most ``max_ratio / n`` of the result.
+    raw weights, so a peer claiming 2^32 samples gets at most the cap of the result.
     """
     n = raw.numel()
     w = raw.to(torch.float64).clamp(min=0.0)
@@ -109,7 +126,7 @@ def bounded_weights(raw: torch.Tensor, max_ratio: float) -> torch.Tensor:
         return w
     if float(w.sum()) <= 0.0:
         return torch.full((n,), 1.0 / n, dtype=torch.float64)
-    cap = max_ratio / n
+    cap = share_cap(n, max_ratio)
     if cap >= 1.0:
         return w / w.sum()
     capped = torch.zeros(n, dtype=torch.bool)
