@@ -54,14 +54,18 @@ def trainable_mask(model: nn.Module) -> torch.Tensor | None:
 
 
 def flatten(model: nn.Module) -> torch.Tensor:
-    """One float32 vector of the shared state (a copy)."""
+    """One float32 CPU vector of the shared state (a copy), wherever the model lives.
+
+    Everything downstream (aggregation, DP noise, the codec, the wire) works on CPU tensors: a GPU model's vector
+    mixed with CPU noise or peers' CPU updates would fail, so the copy to the host happens here, once per call.
+    """
     state = model.state_dict()
-    parts = [t.detach().reshape(-1).to(torch.float32) for t in state.values() if t.is_floating_point()]
+    parts = [t.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for t in state.values() if t.is_floating_point()]
     return torch.cat(parts) if parts else torch.empty(0)
 
 
 def load_flat(model: nn.Module, flat: torch.Tensor) -> None:
-    """Write ``flat`` back into the model's shared state in place."""
+    """Write ``flat`` (on any device) back into the model's shared state in place, on the model's devices."""
     state = model.state_dict()
     offset = 0
     with torch.no_grad():

@@ -251,6 +251,23 @@ def test_dp_noises_only_parameters_that_train() -> None:
     assert float((after[frozen:] - before[frozen:]).std()) > 0.5 * node.sharing.dp.sigma  # noised where it trains
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("aggregation", ["FedAvg", "FedAvgM"])
+def test_gpu_models_share_with_dp_and_compression(aggregation: str) -> None:
+    """Flat vectors come to the host (tensors.flatten): CPU noise, the codec and peers' CPU updates meet them there."""
+    m = manifest({"top_k_ratio": 0.2, "quantize_bits": 8}, {"dp_epsilon": 4.0}, aggregation=aggregation)
+    net, nodes, _ = swarm(m, count=2)
+    for n in nodes:
+        n.model.cuda()
+        n.device = torch.device("cuda")
+        assert flatten(n.model).device.type == "cpu"
+    for _ in range(2):
+        run_round(net, nodes)
+    for n in nodes:
+        assert next(n.model.parameters()).is_cuda and n.history[-1]["peers"] == 1
+        assert bool(torch.isfinite(flatten(n.model)).all())
+
+
 @pytest.mark.skipif(not SCRIPT.exists(), reason="digits peer script missing")
 @pytest.mark.parametrize("mode", ["gossip", "fedavg"])
 def test_compressed_swarm_on_non_iid_digits_learns(mode: str) -> None:

@@ -640,7 +640,7 @@ class Node:
         if not others:
             return None
         local_meta = {LABEL_ENTROPY_KEY: self.label_entropy} if self.label_entropy is not None else {}
-        local = PeerUpdate(self.node_id, self.round, flatten(self.model).cpu(), max(int(self.sample_count), 1),
+        local = PeerUpdate(self.node_id, self.round, flatten(self.model), max(int(self.sample_count), 1),
                            meta=local_meta, is_local=True)
         try:
             result = self.aggregator.aggregate(local, others, self.round)

@@ -424,8 +424,9 @@ class UpdateCodec:
     def encode(self, peer_id: str, flat: torch.Tensor, *, extras: Mapping[str, torch.Tensor] | None = None,
                meta: Mapping[str, Any] | None = None) -> Encoded:
         """The payload for ``peer_id``; advances our mirror of what it will hold (assumes delivery, see resync)."""
-        if flat.dtype != torch.float32 or flat.dim() != 1 or flat.numel() != self.numel:
-            raise ValueError(f"expected a float32 vector of {self.numel} values, got {flat.dtype} {list(flat.shape)}")
+        if flat.dtype != torch.float32 or flat.dim() != 1 or flat.numel() != self.numel or flat.device.type != "cpu":
+            raise ValueError(f"expected a float32 CPU vector of {self.numel} values, got {flat.dtype} "
+                             f"{list(flat.shape)} on {flat.device}")
         with self._tx_lock:
             state = self._tx.get(peer_id) if self.spec.delta else None
             ver = secrets.token_hex(8)
@@ -473,7 +474,7 @@ class UpdateCodec:
             blob_meta: dict[str, Any] = dict(meta or {})
             blob_meta[META_KEY] = {**layout_meta(layout), "ver": ver, "base": base}
             for name, t in (extras or {}).items():
-                tensors[EXTRA_PREFIX + name] = t.detach().to(torch.float32).reshape(-1)
+                tensors[EXTRA_PREFIX + name] = t.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
             blob = wire.encode(tensors, meta=blob_meta, encoding=ENCODING)
             payload = lossless_wrap(blob, self.spec.lossless)
             self.stats.bytes_raw_sent += 4 * self.numel
