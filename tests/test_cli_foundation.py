@@ -301,3 +301,34 @@ def test_create_refuses_an_existing_output_with_exit_2(tmp_path: Path, capsys: p
     assert (tmp_path / "n.qgl").read_text() == "keep me"
     assert _main(*_create("n.qgl", "--force")) == 0
     assert json.loads((tmp_path / "n.qgl").read_text())["name"] == "n"
+
+
+@pytest.mark.parametrize(
+    "args, needle, command",
+    [
+        (["manifest", "create", "--name", "n", "--round-limit", "abc"], "'--round-limit'", "quinkgl manifest create"),
+        (["manifest", "verify"], "Missing argument 'FILE'", "quinkgl manifest verify"),
+        (["manifest", "verify", "a.qgl", "b.qgl"], "unexpected extra argument", "quinkgl manifest verify"),
+        (["keygen", "--bogus"], "No such option: --bogus", "quinkgl keygen"),
+        (["kegen"], "No such command 'kegen'", "quinkgl"),
+    ],
+)
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str], args: list[str], needle: str, command: str) -> None:
+    assert _main(*args) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], captured.err
+    assert lines[0].endswith(f"(see `{command} --help`)") and captured.out == ""
+
+
+def test_help_is_intact(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main("manifest", "create", "--help") == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: quinkgl manifest create [OPTIONS]") and "--dp-total-epsilon" in out and "--force" in out
+    assert _main("--help") == 0
+    out = capsys.readouterr().out
+    assert all(c in out for c in ("keygen", "manifest", "run", "simulate", "demo", "info"))
+    # A group without its command prints its help (on stderr: a command was expected) and is a usage error.
+    assert _main("manifest") == 1
+    assert "verify" in capsys.readouterr().err
+

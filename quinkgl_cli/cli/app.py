@@ -5,10 +5,19 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 import typer
 
 from quinkgl_cli.errors import ExitCode, QuinkglError
+
+try:  # recent typers bundle their own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # older typers depend on click itself
+    from click import exceptions as click_errors  # type: ignore[no-redef]
+
+# A bare `quinkgl` or `quinkgl manifest` raises this (click >= 8.2; older clicks print the help themselves).
+_NoArgsIsHelp: type[click_errors.ClickException] | tuple[()] = getattr(click_errors, "NoArgsIsHelpError", ())
 
 # quinkgl uses no pydantic plugins; looking for them scans every installed package's entry points, tens of
 # milliseconds of `manifest verify`'s start-up. Typer already disables them for its own adapters. An explicit
@@ -23,8 +32,7 @@ def _new_app() -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
-        # Plain help and usage errors: rendering them with rich costs about a third of `quinkgl --help`'s
-        # start-up, and one-line "Error: ..." messages suit scripts better than boxed panels.
+        # Plain help: rendering it with rich costs about a third of `quinkgl --help`'s start-up.
         rich_markup_mode=None,
     )
     app.callback()(_root)
@@ -62,23 +70,30 @@ def __getattr__(name: str) -> typer.Typer:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# Typer exits 2 on a bad flag; in this project 2 means I/O, so flag errors are remapped to 1 (usage).
-_TYPER_USAGE_EXIT = 2
-
-
 def main(argv: list[str] | None = None) -> None:
+    """Run the command line ``argv`` and leave with its exit code (SystemExit, also on success)."""
     args = sys.argv[1:] if argv is None else argv
     try:
         target = build_app((args[0],)) if args and args[0] in _COMMAND_MODULES else _full_app()
-        target(args=args, prog_name="quinkgl")
+        # Not standalone: click's own error report (usage line, "Try ...", blank line, "Error: ...") is
+        # replaced by the one-line `error: ...` every other failure prints.
+        result = typer.main.get_command(target).main(args=args, prog_name="quinkgl", standalone_mode=False)
     except QuinkglError as exc:
-        sys.stderr.write(f"error: {exc.one_line()}\n")
-        sys.stderr.flush()
-        raise SystemExit(int(exc.code)) from None
+        _fail(exc.one_line(), exc.code)
+    except click_errors.ClickException as exc:
+        if isinstance(exc, _NoArgsIsHelp):
+            exc.show()  # the help text, on stderr: a command was expected
+            raise SystemExit(int(ExitCode.USAGE)) from None
+        where = exc.ctx.command_path if isinstance(exc, click_errors.UsageError) and exc.ctx is not None else "quinkgl"
+        _fail(f"{exc.format_message()} (see `{where} --help`)", ExitCode.USAGE)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         raise SystemExit(int(ExitCode.INTERRUPTED)) from None
-    except SystemExit as exc:
-        if exc.code == _TYPER_USAGE_EXIT:
-            raise SystemExit(int(ExitCode.USAGE)) from None
-        raise
+    # Not standalone, click returns the code of a `typer.Exit` (e.g. 0 after --help) or the command's return value.
+    raise SystemExit(result if isinstance(result, int) else int(ExitCode.OK))
+
+
+def _fail(message: str, code: ExitCode) -> NoReturn:
+    sys.stderr.write(f"error: {message.replace(chr(10), ' ')}\n")
+    sys.stderr.flush()
+    raise SystemExit(int(code)) from None
