@@ -159,6 +159,20 @@ def test_lost_delta_triggers_a_resync_and_full_weights(caplog: pytest.LogCapture
     assert hooks[1].rounds[-1]["updates_rejected"] == 0
 
 
+def test_stale_compressed_update_still_advances_the_delta_chain() -> None:
+    """A delta too old to aggregate is still a link of its sender's chain: applied, it keeps the next delta valid."""
+    net, nodes, hooks = swarm(manifest({"top_k_ratio": 0.2}, max_staleness=1), count=2)
+    run_round(net, nodes)
+    nodes[1].completed_round = 5  # p1 is 4 rounds ahead: p0's update of round 2 is stale there
+    run_round(net, nodes)
+    assert "p0" not in hooks[1].rounds[-1]["peer_ids"] and hooks[1].rounds[-1]["updates_dropped"] == 1
+    run_round(net, nodes)  # the next delta fits what p1 holds: no refusal, no resync, no full weights
+    assert [r["updates_rejected"] for r in hooks[1].rounds[1:]] == [0, 0]
+    assert [(r["resyncs"], r["full_updates_sent"]) for r in hooks[0].rounds[1:]] == [(0, 0), (0, 0)]
+    held = nodes[1].sharing.model_of("p0")
+    assert held is not None and torch.equal(held[0], nodes[0].sharing.codec._tx["p1"].ref)  # type: ignore[union-attr]
+
+
 def test_compressed_updates_carry_label_entropy_and_scaffold_variates() -> None:
     from quinkgl_cli.strategies.aggregation import CONTROL_VARIATE_KEY, LABEL_ENTROPY_KEY
 

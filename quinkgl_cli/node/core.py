@@ -15,7 +15,7 @@ the synchronous steps of a round in order::
 
 The node is also the transport's event sink (`TransportEvents`): received updates land in an inbox that keeps the
 newest update per sender; updates older than ``manifest.training.max_staleness`` rounds are dropped on arrival and
-again when aggregating. Event callbacks may come from the event loop while `train_round` runs in a worker thread,
+again when aggregating (a compressed one only after it has been applied to its sender's reconstruction). Event callbacks may come from the event loop while `train_round` runs in a worker thread,
 so the inbox is guarded by a lock; everything else happens on the driver's thread.
 
 Everything is logged through ``logging.getLogger("quinkgl.node")`` as ``event key=value ...`` with the round in
@@ -328,19 +328,21 @@ class Node:
         if update.sender == self.node_id:
             return
         self._peer_rounds[update.sender] = max(update.round, self._peer_rounds.get(update.sender, update.round))
-        if update.round < self.round - self.max_staleness:
-            self._drop(update.sender, update.round, f"stale (older than {self.max_staleness} rounds)")
-            return
-        if len(update.payload) > self.max_update_bytes:
-            self._drop(update.sender, update.round, f"{len(update.payload)} bytes exceeds limit {self.max_update_bytes}")
-            return
         self._log(logging.DEBUG, "update-received", peer=update.sender, update_round=update.round, bytes=len(update.payload))
         if self.sharing.is_compressed(update.payload):
+            # Applied to the sender's reconstruction first, stale or not: a delta chain must not skip a link (the
+            # next delta would be refused and a full-weights resync follow). The codec enforces the size limit.
             meta = self._receive_compressed(update)
             if meta is None:
                 return
-            # Applied to the sender's reconstruction: keep its meta (label entropy), not the bytes.
+            # Keep its meta (label entropy), not the bytes.
             update = dataclasses.replace(update, payload=b"", encoding=COMPRESSED_ENCODING, meta={**update.meta, **meta})
+        elif len(update.payload) > self.max_update_bytes:
+            self._drop(update.sender, update.round, f"{len(update.payload)} bytes exceeds limit {self.max_update_bytes}")
+            return
+        if update.round < self.round - self.max_staleness:
+            self._drop(update.sender, update.round, f"stale (older than {self.max_staleness} rounds)")
+            return
         with self._inbox_lock:
             old = self._inbox.get(update.sender)
             if old is not None and _order(old) > _order(update):
