@@ -201,6 +201,7 @@ print("HEAVY=" + ",".join(heavy), "CODE=" + str(code))
     "args",
     [
         ["--help"],
+        ["--version"],
         ["keygen", "--output", "k.key"],
         ["manifest", "verify", "m.qgl"],
         ["manifest", "create", "--name", "n", *GUIDE_FLAGS, "--output", "n.qgl"],
@@ -327,8 +328,17 @@ def test_help_is_intact(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("Usage: quinkgl manifest create [OPTIONS]") and "--dp-total-epsilon" in out and "--force" in out
     assert _main("--help") == 0
     out = capsys.readouterr().out
-    assert all(c in out for c in ("keygen", "manifest", "run", "simulate", "demo", "info"))
+    assert "--version" in out and all(c in out for c in ("keygen", "manifest", "run", "simulate", "demo", "info"))
     # A group without its command prints its help (on stderr: a command was expected) and is a usage error.
     assert _main("manifest") == 1
     assert "verify" in capsys.readouterr().err
 
+
+def test_version(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    import quinkgl_cli
+
+    out = cli("--version", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout == f"quinkgl {quinkgl_cli.__version__}\n" and out.stderr == ""
+    assert quinkgl_cli.__version__ == version("quinkgl-cli")  # the package and its metadata agree

@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 
+from quinkgl_cli import __version__
 from quinkgl_cli.errors import ExitCode, QuinkglError
 
 try:  # recent typers bundle their own copy of click
@@ -39,7 +40,17 @@ def _new_app() -> typer.Typer:
     return app
 
 
-def _root() -> None:
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"quinkgl {__version__}")
+        raise typer.Exit()
+
+
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version)
+    ] = False,
+) -> None:
     """Peer daemon for decentralized (gossip) federated learning."""
 
 
