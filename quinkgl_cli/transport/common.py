@@ -14,7 +14,7 @@ from quinkgl_cli.errors import NetworkError
 
 log = logging.getLogger("quinkgl.transport")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: every signed datagram carries the sender's session and counter (replay protection)
 MAX_MESSAGE_BYTES = 32 * 1024  # a control message must fit one UDP datagram with IPv8's headers and signature
 MAX_META_BYTES = 4 * 1024
 KIND_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")

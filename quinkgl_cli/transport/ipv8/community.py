@@ -17,7 +17,7 @@ from ipv8.lazy_community import PacketDecodingError
 from ipv8.messaging.interfaces.udp.endpoint import UDPv4Address
 from ipv8.messaging.payload_headers import BinMemberAuthenticationPayload
 
-from quinkgl_cli.transport.ipv8.payloads import ByePayload, ControlPayload, DeclinePayload, HelloPayload, OfferPayload
+from quinkgl_cli.transport.ipv8.payloads import ByePayload, ControlPayload, DeclinePayload, HelloHead, HelloPayload, OfferPayload
 
 if TYPE_CHECKING:
     from quinkgl_cli.transport.ipv8.transport import IPv8Transport
@@ -117,7 +117,12 @@ class SwarmCommunity(Community):
             self.owner._bad_packet(source, "malformed", detail=type(sys.exc_info()[1]).__name__)
 
     def _on_hello(self, source: Any, data: bytes) -> None:
-        key, payload = self._unpack_signed(HelloPayload, data)
+        key, body = self._verified(data)
+        head, _ = self.serializer.unpack_serializable(HelloHead, body, offset=23)
+        if head.protocol != self.owner.protocol_version:
+            self.owner._on_other_protocol(key, _addr(source), head)
+            return
+        payload, _ = self.serializer.unpack_serializable(HelloPayload, body, offset=23)
         self.owner._on_hello(key, _addr(source), payload)
 
     def _on_offer(self, source: Any, data: bytes) -> None:
@@ -137,12 +142,17 @@ class SwarmCommunity(Community):
         self.owner._on_decline(key, _addr(source), payload)
 
     def _unpack_signed(self, cls: Any, data: bytes) -> tuple[bytes, Any]:
+        key, body = self._verified(data)
+        payload, _ = self.serializer.unpack_serializable(cls, body, offset=23)
+        return key, payload
+
+    def _verified(self, data: bytes) -> tuple[bytes, bytes]:
+        """The signer's key and the signed bytes (the payload starts at offset 23), once the signature checked."""
         auth, _ = self.serializer.unpack_serializable(BinMemberAuthenticationPayload, data, offset=23)
-        valid, remainder = self._verify_signature(auth, data)
+        valid, body = self._verify_signature(auth, data)
         if not valid:
             raise PacketDecodingError("invalid signature")
-        payload, _ = self.serializer.unpack_serializable(cls, remainder, offset=23)
-        return auth.public_key_bin, payload
+        return auth.public_key_bin, body
 
     def send_signed(self, address: tuple[str, int], payload: Any) -> None:
         self._ez_senda(UDPv4Address(*address), payload)

@@ -1,19 +1,25 @@
-"""The node's IPv8 key: created once in the state directory (mode 0600), reused on every restart."""
+"""The node's IPv8 key: created once in the state directory (mode 0600), reused on every restart.
+
+Beside it, the last session number the key signed with: each start takes a larger one, so peers can tell a
+restart (newer session) from a replayed packet of an earlier run (older session).
+"""
 
 from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 from ipv8.keyvault.crypto import default_eccrypto
 from ipv8.keyvault.keys import PrivateKey
 
-from quinkgl_cli.atomic import atomic_write_bytes
+from quinkgl_cli.atomic import atomic_write_bytes, atomic_write_text
 from quinkgl_cli.errors import CryptoError, IOFailure
 from quinkgl_cli.paths import ensure_private_dir
 
 KEY_FILE = "transport_key.bin"
+SESSION_FILE = "transport_session"
 
 
 def load_or_create_key(state_dir: Path) -> PrivateKey:
@@ -41,3 +47,23 @@ def load_or_create_key(state_dir: Path) -> PrivateKey:
     atomic_write_bytes(path, key.key_to_bin(), mode=0o600, overwrite=False)
     os.chmod(path, 0o600)
     return key
+
+
+def next_session(state_dir: Path) -> int:
+    """A session number larger than any this node used before: the wall clock in microseconds, or one more than
+    the last one when the clock went back since. Call it after `load_or_create_key` (which creates the directory)."""
+    path = Path(state_dir) / SESSION_FILE
+    last = 0
+    if path.exists():
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except OSError as exc:
+            raise IOFailure(f"cannot read {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            text = ""
+        if not text.isdigit() or int(text) >= 2**64 - 1:
+            raise IOFailure(f"transport session file {path} is corrupt", f"delete it (rm {path}); the next start writes a new one")
+        last = int(text)
+    session = max(time.time_ns() // 1000, last + 1)
+    atomic_write_text(path, f"{session}\n", mode=0o600)
+    return session

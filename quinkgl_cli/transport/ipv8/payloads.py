@@ -1,7 +1,9 @@
 """The signed messages of a swarm community. Compiled VariablePayloads: cheap to build on hot paths.
 
-Every one of them travels signed (``ez_send``) and is checked by ``lazy_wrapper``, so the sender's key is known.
-The swarm id and the intended recipient sit inside the signed bytes: IPv8 has no replay protection of its own.
+Every one of them travels signed and the signature is checked before anything is unpacked, so the sender's key is
+known. IPv8 has no replay protection of its own: the swarm id, the intended recipient, and the sender's
+``session`` and ``counter`` (see `replay`) sit inside the signed bytes, so a captured packet is refused when sent
+again, from wherever.
 """
 
 from __future__ import annotations
@@ -10,16 +12,26 @@ from ipv8.messaging.lazy_payload import VariablePayload, vp_compile
 
 
 @vp_compile
+class HelloHead(VariablePayload):
+    """The first fields of every protocol version's hello, read first: a peer of another version is refused as
+    such (logged once) instead of as a malformed packet. Later versions may change what follows, never these."""
+
+    msg_id = 1
+    format_list = ["varlenHutf8", "varlenHutf8", "varlenHutf8", "H"]
+    names = ["swarm_id", "node_id", "arch_hash", "protocol"]
+
+
+@vp_compile
 class HelloPayload(VariablePayload):
     """Who I am and what I run; ``want_reply`` on first contact so the other side answers at once.
 
-    ``session`` is random per start: a peer that crashed and came back within the silence timeout is seen as
-    restarted (its round numbers may go back to a checkpoint's) rather than as the same run.
+    A newer ``session`` than the one known for a key means the peer restarted (its round numbers may go back to a
+    checkpoint's): it is reported lost and rediscovered rather than taken for the same run.
     """
 
     msg_id = 1
-    format_list = ["varlenHutf8", "varlenHutf8", "varlenHutf8", "H", "H", "Q", "?"]
-    names = ["swarm_id", "node_id", "arch_hash", "protocol", "tcp_port", "session", "want_reply"]
+    format_list = ["varlenHutf8", "varlenHutf8", "varlenHutf8", "H", "Q", "Q", "H", "?"]
+    names = ["swarm_id", "node_id", "arch_hash", "protocol", "session", "counter", "tcp_port", "want_reply"]
 
 
 @vp_compile
@@ -29,6 +41,8 @@ class OfferPayload(VariablePayload):
     msg_id = 2
     format_list = [
         "varlenHutf8",  # swarm_id
+        "Q",  # session
+        "Q",  # counter
         "20s",  # offer_id: random, names the blob on the sender
         "q",  # round
         "varlenHutf8",  # sender node id
@@ -43,6 +57,8 @@ class OfferPayload(VariablePayload):
     ]
     names = [
         "swarm_id",
+        "session",
+        "counter",
         "offer_id",
         "round",
         "sender",
@@ -60,8 +76,8 @@ class OfferPayload(VariablePayload):
 @vp_compile
 class ControlPayload(VariablePayload):
     msg_id = 3
-    format_list = ["varlenHutf8", "varlenHutf8", "varlenHutf8", "varlenH"]
-    names = ["swarm_id", "recipient", "kind", "body"]
+    format_list = ["varlenHutf8", "Q", "Q", "varlenHutf8", "varlenHutf8", "varlenH"]
+    names = ["swarm_id", "session", "counter", "recipient", "kind", "body"]
 
 
 @vp_compile
@@ -69,8 +85,8 @@ class ByePayload(VariablePayload):
     """A clean stop: peers report us lost at once instead of after the silence timeout."""
 
     msg_id = 4
-    format_list = ["varlenHutf8", "varlenHutf8"]
-    names = ["swarm_id", "node_id"]
+    format_list = ["varlenHutf8", "Q", "Q", "varlenHutf8"]
+    names = ["swarm_id", "session", "counter", "node_id"]
 
 
 @vp_compile
@@ -78,5 +94,5 @@ class DeclinePayload(VariablePayload):
     """The recipient will not fetch an offer (too large, malformed, out of date): the sender frees it at once."""
 
     msg_id = 5
-    format_list = ["varlenHutf8", "20s", "varlenHutf8"]
-    names = ["swarm_id", "offer_id", "reason"]
+    format_list = ["varlenHutf8", "Q", "Q", "20s", "varlenHutf8"]
+    names = ["swarm_id", "session", "counter", "offer_id", "reason"]

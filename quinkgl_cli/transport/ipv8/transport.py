@@ -50,8 +50,9 @@ from quinkgl_cli.transport.common import (
 from quinkgl_cli.transport.ipv8 import stream
 from quinkgl_cli.transport.ipv8.community import LOGGER_NAME, SwarmCommunity, SwarmSettings, community_class
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint, is_loopback
-from quinkgl_cli.transport.ipv8.identity import load_or_create_key
-from quinkgl_cli.transport.ipv8.payloads import ByePayload, ControlPayload, DeclinePayload, HelloPayload, OfferPayload
+from quinkgl_cli.transport.ipv8.identity import load_or_create_key, next_session
+from quinkgl_cli.transport.ipv8.payloads import ByePayload, ControlPayload, DeclinePayload, HelloHead, HelloPayload, OfferPayload
+from quinkgl_cli.transport.ipv8.replay import ReplayGuard
 
 log = logging.getLogger("quinkgl.transport")
 
@@ -61,6 +62,7 @@ MAX_ENCODING = 64
 HASH_IN_THREAD = 256 * 1024  # hashing more than this would stall the event loop noticeably
 MIN_RATE = 1024 * 1024  # bytes/s a transfer may drop to before it is abandoned (beyond the idle timeout)
 OFFER_RESENDS = 3
+OFFER_RESEND_AFTER = 1.5  # seconds without a fetch before an offer is sent again (its datagram may have been lost)
 MAX_PENDING_PER_PEER = 8
 SERVE_SLOTS = 16
 _IPV8_LOGGERS = (
@@ -122,7 +124,7 @@ class _Outgoing:
     recipient_key: Any
     payload: bytes | bytearray | memoryview
     size: int
-    message: OfferPayload
+    fields: tuple[Any, ...]  # the offer's fields after session and counter: a resend is signed afresh
     address: tuple[str, int]
     created: float
     last_sent: float
@@ -224,7 +226,9 @@ class IPv8Transport(Transport):
         self._pool: ThreadPoolExecutor | None = None
         self._serve_slots: asyncio.Semaphore | None = None
         self._resolved_seeds: list[tuple[str, int]] = []
-        self._session = int.from_bytes(os.urandom(8), "big")
+        self._replay = ReplayGuard()
+        self._session = 0  # set by start(): larger on every start of this identity
+        self._counter = 0
 
     # -- identity and addresses ------------------------------------------------------------------------------------
     @property
@@ -254,6 +258,7 @@ class IPv8Transport(Transport):
         if not self.enable_lan_discovery:
             get_providers().clear()  # nothing in this process may go looking for the host's LAN addresses
         self._key = load_or_create_key(self.state_dir)
+        self._session = next_session(self.state_dir)
         self._fetch_slots = asyncio.Semaphore(self.max_concurrent_fetches)
         self._serve_slots = asyncio.Semaphore(SERVE_SLOTS)
         self._pool = ThreadPoolExecutor(max_workers=SERVE_SLOTS + self.max_concurrent_fetches, thread_name_prefix="quinkgl-transfer")
@@ -308,7 +313,7 @@ class IPv8Transport(Transport):
         self._running = False
         if self._community is not None:
             for peer in list(self._peers.values()):
-                self._send(peer.address, ByePayload(self.swarm_id, self.node_id))
+                self._send(peer.address, ByePayload(self.swarm_id, *self._stamp(), self.node_id))
         await self._teardown()
         log.info("transport-stopped node=%s kind=ipv8 blocked_sends=%d", self.node_id, self.guard.blocked)
 
@@ -438,19 +443,25 @@ class IPv8Transport(Transport):
                 del self._outgoing[oid]
                 if not out.serving:
                     self._drop("offer-expired", out.recipient, "not_fetched")
-            elif not out.serving and out.sends < OFFER_RESENDS and now - out.last_sent > 1.5:
+            elif not out.serving and out.sends < OFFER_RESENDS and now - out.last_sent > OFFER_RESEND_AFTER:
                 rec = self._peers.get(out.recipient)
                 if rec is not None:  # a lost datagram must not lose the update: the receiver dedupes by offer id
                     out.sends += 1
                     out.last_sent = now
-                    self._send(rec.address, out.message)
+                    self._send(rec.address, OfferPayload(self.swarm_id, *self._stamp(), *out.fields))
 
     def _maybe_hello(self, key: bytes, address: tuple[str, int], want_reply: bool, min_gap: float) -> None:
         now = time.monotonic()
         if now - self._hello_sent.get(key, 0.0) < min_gap:
             return
         self._hello_sent[key] = now
-        self._send(address, HelloPayload(self.swarm_id, self.node_id, self.arch_hash, self.protocol_version, self.tcp_port, self._session, want_reply))
+        hello = HelloPayload(self.swarm_id, self.node_id, self.arch_hash, self.protocol_version, *self._stamp(), self.tcp_port, want_reply)
+        self._send(address, hello)
+
+    def _stamp(self) -> tuple[int, int]:
+        """Session and counter for the next signed message: no two messages of one run carry the same pair."""
+        self._counter += 1
+        return self._session, self._counter
 
     def _send(self, address: tuple[str, int], payload: Any) -> None:
         if self._community is not None and self._endpoint is not None and self._endpoint.is_open():
@@ -462,19 +473,20 @@ class IPv8Transport(Transport):
         if key not in self._node_by_key:
             self._maybe_hello(key, _addr(peer.address), want_reply=True, min_gap=1.0)
 
+    def _on_other_protocol(self, key: bytes, source: tuple[str, int], head: HelloHead) -> None:
+        if self._running:
+            self._drop("peer-refused", _label(head.node_id, source), "protocol_mismatch", theirs=head.protocol, ours=self.protocol_version)
+
     def _on_hello(self, key: bytes, source: tuple[str, int], p: HelloPayload) -> None:
         if not self._running:
             return
         node_id = p.node_id
-        label = node_id if _valid_node_id(node_id) else f"{source[0]}:{source[1]}"
+        label = _label(node_id, source)
         if not _valid_node_id(node_id):
             self._drop("peer-refused", label, "bad_node_id")
             return
         if p.swarm_id != self.swarm_id:
             self._drop("peer-refused", label, "swarm_mismatch", theirs=p.swarm_id[:80])
-            return
-        if p.protocol != self.protocol_version:
-            self._drop("peer-refused", label, "protocol_mismatch", theirs=p.protocol, ours=self.protocol_version)
             return
         if p.arch_hash != self.arch_hash:
             self._drop("peer-refused", label, "arch_mismatch", theirs=p.arch_hash[:80], ours=self.arch_hash)
@@ -489,6 +501,8 @@ class IPv8Transport(Transport):
         if holder is not None and holder.key_bin != key:
             self._drop("peer-refused", label, "node_id_taken", holder=holder.key_bin.hex()[-16:])
             return
+        if not self._admit(key, p.session, p.counter, "peer-refused", label, source):
+            return  # a captured hello sent again: it must not move the peer's address or restart it
         previous = self._node_by_key.get(key)
         if previous is not None and previous != node_id:
             self._lose(previous, "renamed")
@@ -506,13 +520,35 @@ class IPv8Transport(Transport):
             holder.address = source
             holder.tcp_port = p.tcp_port
             holder.last_seen = now
-        if p.want_reply:
+        if p.want_reply or holder is None:  # first sight: tell the peer our session before it sends us anything
             self._maybe_hello(key, source, want_reply=False, min_gap=0.0)
 
     def _on_bye(self, key: bytes, source: tuple[str, int], p: ByePayload) -> None:
+        rec = self._fresh(key, source, p.session, p.counter, "bye-refused")
+        if rec is not None and p.node_id == rec.node_id and p.swarm_id == self.swarm_id:
+            self._lose(rec.node_id, "bye")
+
+    def _admit(self, key: bytes, session: int, counter: int, event: str, label: str, source: tuple[str, int]) -> bool:
+        if self._replay.admit(key, session, counter):
+            return True
+        self._drop(event, label, "replay", source=f"{source[0]}:{source[1]}")
+        return False
+
+    def _fresh(self, key: bytes, source: tuple[str, int], session: int, counter: int, event: str) -> _Peer | None:
+        """The known peer that signed a message of its current session never seen before, its silence timer reset;
+        else None, with the message dropped and the reason logged once."""
         node = self._node_by_key.get(key)
-        if node is not None and p.node_id == node and p.swarm_id == self.swarm_id:
-            self._lose(node, "bye")
+        rec = self._peers.get(node) if node is not None else None
+        if rec is None:
+            self._drop(event, f"{source[0]}:{source[1]}", "unknown_sender")
+            return None
+        if not self._admit(key, session, counter, event, rec.node_id, source):
+            return None
+        if session != rec.session:  # it restarted and its hello is still on the way: its new run is not known yet
+            self._drop(event, rec.node_id, "session_mismatch")
+            return None
+        rec.last_seen = time.monotonic()
+        return rec
 
     def _lose(self, node_id: str, reason: str) -> None:
         rec = self._peers.pop(node_id, None)
@@ -528,13 +564,6 @@ class IPv8Transport(Transport):
         log.info("peer-lost peer=%s reason=%s", node_id, reason)
         if self._running:
             self._emit("on_peer_lost", rec.info())
-
-    def _touch(self, key: bytes) -> _Peer | None:
-        node = self._node_by_key.get(key)
-        rec = self._peers.get(node) if node is not None else None
-        if rec is not None:
-            rec.last_seen = time.monotonic()
-        return rec
 
     def _foreign_packet(self, source: Any, data: bytes) -> None:
         # b"\0\2" starts every IPv8 community packet: this one belongs to another swarm (or another IPv8 app).
@@ -585,7 +614,7 @@ class IPv8Transport(Transport):
         if rec is None:
             self._drop("message-failed", peer_id, "unknown_peer")
             return
-        self._send(rec.address, ControlPayload(self.swarm_id, peer_id, kind, data))
+        self._send(rec.address, ControlPayload(self.swarm_id, *self._stamp(), peer_id, kind, data))
 
     # -- offering --------------------------------------------------------------------------------------------------
     async def _digest(self, payload: bytes | bytearray | memoryview) -> bytes:
@@ -616,8 +645,7 @@ class IPv8Transport(Transport):
         if not self._running or self._peers.get(rec.node_id) is not rec:
             return
         offer_id = os.urandom(stream.OFFER_ID_BYTES)
-        message = OfferPayload(
-            self.swarm_id,
+        fields = (
             offer_id,
             update.round,
             self.node_id,
@@ -631,11 +659,11 @@ class IPv8Transport(Transport):
             self.tcp_port,
         )
         now = time.monotonic()
-        self._outgoing[offer_id] = _Outgoing(offer_id, rec.node_id, rec.public_key, payload, len(payload), message, rec.address, now, now)
+        self._outgoing[offer_id] = _Outgoing(offer_id, rec.node_id, rec.public_key, payload, len(payload), fields, rec.address, now, now)
         pending = [o for o in self._outgoing.values() if o.recipient == rec.node_id and not o.serving]
         for stale in pending[:-MAX_PENDING_PER_PEER]:  # a peer that never fetches must not pin every update we ever offered it
             del self._outgoing[stale.offer_id]
-        self._send(rec.address, message)
+        self._send(rec.address, OfferPayload(self.swarm_id, *self._stamp(), *fields))
 
     async def _accept_loop(self) -> None:
         assert self._loop is not None and self._lsock is not None and self._serve_slots is not None
@@ -711,9 +739,8 @@ class IPv8Transport(Transport):
     def _on_offer(self, key: bytes, source: tuple[str, int], p: OfferPayload) -> None:
         if not self._running:
             return
-        rec = self._touch(key)
+        rec = self._fresh(key, source, p.session, p.counter, "offer-refused")
         if rec is None:
-            self._drop("offer-refused", f"{source[0]}:{source[1]}", "unknown_sender")
             return
         if p.swarm_id != self.swarm_id or p.sender != rec.node_id:
             self._drop("offer-refused", rec.node_id, "wrong_sender")
@@ -807,10 +834,10 @@ class IPv8Transport(Transport):
         )
 
     def _decline(self, rec: _Peer, offer_id: bytes, reason: str) -> None:
-        self._send(rec.address, DeclinePayload(self.swarm_id, offer_id, reason))
+        self._send(rec.address, DeclinePayload(self.swarm_id, *self._stamp(), offer_id, reason))
 
     def _on_decline(self, key: bytes, source: tuple[str, int], p: DeclinePayload) -> None:
-        rec = self._touch(key)
+        rec = self._fresh(key, source, p.session, p.counter, "decline-refused")
         out = self._outgoing.get(p.offer_id)
         if rec is None or out is None or out.recipient != rec.node_id or out.serving or p.swarm_id != self.swarm_id:
             return
@@ -820,9 +847,8 @@ class IPv8Transport(Transport):
     def _on_control(self, key: bytes, source: tuple[str, int], p: ControlPayload) -> None:
         if not self._running:
             return
-        rec = self._touch(key)
+        rec = self._fresh(key, source, p.session, p.counter, "message-refused")
         if rec is None:
-            self._drop("message-refused", f"{source[0]}:{source[1]}", "unknown_sender")
             return
         if p.swarm_id != self.swarm_id or p.recipient != self.node_id:
             self._drop("message-refused", rec.node_id, "wrong_recipient")
@@ -847,6 +873,11 @@ def _close(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def _label(node_id: str, source: tuple[str, int]) -> str:
+    """How a log line names the sender of a hello: its node id, unless that is unfit for a log line."""
+    return node_id if _valid_node_id(node_id) else f"{source[0]}:{source[1]}"
 
 
 def _valid_node_id(node_id: str) -> bool:
