@@ -119,6 +119,65 @@ def test_cyclon_shuffle_exchanges_entries() -> None:
             b.on_control("a", CyclonTopology.SHUFFLE, {"entries": bad})
 
 
+def test_cyclon_learns_ids_beyond_partial_transport_knowledge() -> None:
+    # 16 nodes on a ring; each transport knows only its 4 nearest ring neighbours. Shuffles spread other ids into
+    # the views, while recipients and shuffle partners stay among the peers the transport can reach.
+    n, view_size = 16, 6
+    ids = [f"p{i:02d}" for i in range(n)]
+    known = {ids[i]: [ids[(i + d) % n] for d in (-2, -1, 1, 2)] for i in range(n)}
+    nodes: dict[str, CyclonTopology] = {
+        pid: make("CyclonTopology", self_id=pid, seed=i, fanout=2, view_size=view_size, shuffle_length=3)  # type: ignore[misc]
+        for i, pid in enumerate(ids)
+    }
+    seen: dict[str, set[str]] = {pid: set() for pid in ids}
+    for r in range(30):
+        queue: list[tuple[str, str, str, dict[str, Any]]] = []
+        for pid, node in nodes.items():
+            recipients = node.select(known[pid], r)
+            assert len(recipients) == 2 and set(recipients) <= set(known[pid])
+            seen[pid] |= set(node.view)  # after select: learned entries survive the transport's view of peers
+            for target, kind, body in node.control_messages(r):
+                assert target in known[pid]  # a transport can only address peers it knows
+                queue.append((pid, target, kind, body))
+        while queue:
+            sender, target, kind, body = queue.pop(0)
+            for back, reply_kind, reply in nodes[target].on_control(sender, kind, body):
+                assert back in known[target]
+                queue.append((target, back, reply_kind, reply))
+        for pid, node in nodes.items():
+            assert len(node.view) <= view_size and pid not in node.view and set(node.view) <= set(ids)
+    learned = {pid: seen[pid] - set(known[pid]) for pid in ids}
+    assert all(len(learned[pid]) >= 3 for pid in ids), learned  # every node heard of peers beyond its neighbours
+    for pid, node in nodes.items():
+        node.select(known[pid], 30)
+    assert sum(len(set(node.view) - set(known[pid])) for pid, node in nodes.items()) >= n  # and keeps some now
+    # A learned id becomes a recipient as soon as the transport discovers it.
+    me = nodes["p00"]
+    stranger = sorted(set(me.view) - set(known["p00"]))[0]
+    me.select([*known["p00"], stranger], 31)
+    assert stranger in me.reachable()
+
+
+def test_cyclon_keeps_unreachable_entries_but_never_contacts_them() -> None:
+    a = make("CyclonTopology", self_id="a", fanout=2, view_size=3, shuffle_length=3)
+    assert isinstance(a, CyclonTopology)
+    a.on_control("b", CyclonTopology.SHUFFLE, {"entries": "x|1,y|1,b|0"})
+    assert a.view == {"x": 1, "y": 1, "b": 0}
+    # The transport knows b and c: the oldest unreachable entry (x) makes room for c so that fanout 2 is reachable;
+    # y, learned from b's shuffle, stays.
+    assert sorted(a.select(["b", "c"], 1)) == ["b", "c"]
+    assert a.view == {"y": 1, "b": 0, "c": 0}
+    # The oldest entry y is unreachable: it leaves like a failed contact, the shuffle goes to the oldest reachable.
+    [(target, kind, body)] = a.control_messages(1)
+    assert target == "b" and kind == CyclonTopology.SHUFFLE and a.view == {"c": 1}
+    assert body["entries"] == "c|1,a|0"
+    # Nothing reachable in the view and nothing known: no shuffle, no recipients.
+    z = make("CyclonTopology", self_id="z")
+    assert isinstance(z, CyclonTopology)
+    z.on_control("q", CyclonTopology.SHUFFLE, {"entries": "q|0"})
+    assert z.select([], 1) == [] and z.control_messages(1) == [] and z.view == {}
+
+
 def test_cyclon_state_round_trips() -> None:
     a = make("CyclonTopology", self_id="a")
     a.select(PEERS, 0)

@@ -102,11 +102,18 @@ def _decode_entries(text: object, limit: int) -> list[tuple[str, int]]:
 class CyclonTopology(Topology):
     """Cyclon membership (Voulgaris et al., 2005): a partial view of at most ``view_size`` peers with ages.
 
-    Every round the node ages its view, picks the oldest entry Q, removes it, and sends Q a shuffle of
-    ``shuffle_length - 1`` random view entries plus itself (age 0). Q answers with up to ``shuffle_length`` random
-    entries of its own view and merges what it got; both sides fill empty slots first, then replace the entries
-    they sent, and never keep themselves or duplicates. Recipients are chosen uniformly from the view (restricted
-    to peers the transport currently knows); peers the transport knows fill free view slots.
+    Every round the node ages its view, removes the oldest entry Q and sends Q a shuffle of ``shuffle_length - 1``
+    random view entries plus itself (age 0). Q answers with up to ``shuffle_length`` random entries of its own view
+    and merges what it got; both sides fill empty slots first, then replace the entries they sent, and never keep
+    themselves or duplicates.
+
+    The view holds ids learned through shuffles whether or not the transport can reach them yet: they age and
+    travel in shuffles like any entry, which is how membership spreads beyond what each transport discovered, and
+    they become recipients as soon as the transport knows them. Only reachable peers are ever contacted: model
+    recipients are chosen uniformly from the reachable view entries, and when the oldest entry is unreachable it
+    leaves the view as a failed contact does in Cyclon, while the round's shuffle goes to the oldest reachable one.
+    Peers the transport knows fill free view slots, and replace the oldest unreachable entries when fewer than
+    ``fanout`` view entries are reachable, so partial knowledge never starves the node of recipients.
     """
 
     name = "CyclonTopology"
@@ -120,20 +127,28 @@ class CyclonTopology(Topology):
         self._known: set[str] = set()
         self._pending: dict[str, list[str]] = {}
 
+    def reachable(self) -> list[str]:
+        """View entries the transport can reach, sorted."""
+        return sorted(pid for pid in self.view if pid in self._known)
+
     def _admit_known(self, peers: Sequence[str]) -> None:
         self._known = set(peers) - {self.self_id}
-        # Entries the transport cannot reach are useless as recipients or shuffle partners.
-        for pid in [pid for pid in self.view if pid not in self._known]:
-            del self.view[pid]
+        fresh = sorted(self._known - set(self.view))
         free = self.params.view_size - len(self.view)
-        if free > 0:
-            fresh = sorted(self._known - set(self.view))
-            for pid in self.rng.sample(fresh, min(free, len(fresh))):
-                self.view[pid] = 0
+        for pid in self.rng.sample(fresh, min(max(free, 0), len(fresh))):
+            self.view[pid] = 0
+        missing = min(self.params.fanout, len(self._known)) - len(self.reachable())
+        if missing <= 0:
+            return
+        fresh = sorted(self._known - set(self.view))
+        unreachable = sorted((pid for pid in self.view if pid not in self._known), key=lambda pid: (-self.view[pid], pid))
+        for old, pid in zip(unreachable, self.rng.sample(fresh, min(missing, len(fresh))), strict=False):
+            del self.view[old]
+            self.view[pid] = 0
 
     def select(self, peers: Sequence[str], round_idx: int) -> list[str]:
         self._admit_known(peers)
-        pool = sorted(self.view)
+        pool = self.reachable()
         return self.rng.sample(pool, min(self.params.fanout, len(pool)))
 
     def control_messages(self, round_idx: int) -> list[tuple[str, str, dict[str, Any]]]:
@@ -141,8 +156,13 @@ class CyclonTopology(Topology):
             return []
         for pid in self.view:
             self.view[pid] += 1
-        oldest = max(self.view.values())
-        target = sorted(pid for pid, age in self.view.items() if age == oldest)[0]
+        oldest = min(self.view, key=lambda pid: (-self.view[pid], pid))
+        if oldest not in self._known:
+            del self.view[oldest]
+        pool = self.reachable()
+        if not pool:
+            return []
+        target = min(pool, key=lambda pid: (-self.view[pid], pid))
         del self.view[target]
         others = sorted(self.view)
         subset = self.rng.sample(others, min(self.params.shuffle_length - 1, len(others)))
