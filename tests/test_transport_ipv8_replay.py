@@ -208,3 +208,59 @@ def test_corrupt_session_file_is_a_one_line_error(tmp_path):
     (tmp_path / identity.SESSION_FILE).write_text("not a number\n")
     with pytest.raises(IOFailure, match="corrupt"):
         identity.next_session(tmp_path)
+
+
+# -- signatures -------------------------------------------------------------------------------------------------------
+def test_packets_with_a_bad_signature_are_dropped_and_logged_once(tmp_path, caplog):
+    """Well-formed hello and control packets of b's, never delivered, made invalid: one flipped signature byte, or
+    b's signature under another key's name. Without the check they would be fresh and accepted."""
+
+    async def body(c: Cluster):
+        a, ra = await c.add("a")
+        b, _ = await c.add("b")
+        other, _ = await c.add("c")
+        await c.meet(["a", "b", "c"])
+        held: list[bytes] = []
+        original = b._endpoint.send
+
+        def withhold(address, packet):  # b's next hello and control to a are kept here, not sent
+            if tuple(address) == a.address and packet[22] in (HELLO, CONTROL) and len(held) < 2:
+                held.append(bytes(packet))
+                return
+            original(address, packet)
+
+        b._endpoint.send = withhold
+        b.send_message("a", "secret", {"n": 1})
+        b._maybe_hello(a._key.pub().key_to_bin(), a.address, want_reply=True, min_gap=0.0)
+        b._endpoint.send = original
+        assert sorted(p[22] for p in held) == [HELLO, CONTROL]
+        key_len = int.from_bytes(held[0][23:25], "big")
+        assert held[0][25 : 25 + key_len] == b._key.pub().key_to_bin()
+        other_key = other._key.pub().key_to_bin()
+        assert len(other_key) == key_len
+        forged = []
+        for packet in held:
+            flipped = bytearray(packet)
+            flipped[-1] ^= 0x01
+            forged.append(bytes(flipped))
+            forged.append(packet[:25] + other_key + packet[25 + key_len :])  # b's signature, c's name
+        sock = attacker()
+        port = sock.getsockname()[1]
+        try:
+            with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
+                dropped = a.stats.dropped
+                for packet in forged:
+                    sock.sendto(packet, a.address)
+                await wait_until(lambda: a.stats.dropped == dropped + len(forged), what="forged packets dropped")
+        finally:
+            sock.close()
+        assert ra.messages == []
+        assert {p.node_id: p.address for p in a.peers()} == {"b": b.address, "c": other.address}
+        lines = warnings(caplog, "reason=bad_signature")
+        assert len(lines) == 1 and lines[0].startswith(f"packet-refused peer=127.0.0.1:{port} reason=bad_signature"), lines
+        assert not warnings(caplog, "reason=malformed") and not warnings(caplog, "reason=replay")
+        for packet in held:  # the genuine packets are still good: they were never seen
+            original(a.address, packet)
+        await wait_until(lambda: ra.messages == [("b", "secret", {"n": 1})], what="the genuine message")
+
+    run_cluster("ipv8", tmp_path, body)
