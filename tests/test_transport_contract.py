@@ -532,3 +532,38 @@ def test_ipv8_event_names_use_hyphens(tmp_path, caplog):
         assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", e) for e in events), events
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_ipv8_duplicate_offer_is_fetched_once(tmp_path, caplog, monkeypatch):
+    """An offer that arrives again (the sender resends it until fetched) starts no second fetch."""
+    from quinkgl_cli.transport.ipv8 import transport as ipv8_transport
+
+    monkeypatch.setattr(ipv8_transport, "OFFER_RESEND_AFTER", 0.05)
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a")
+        b, rb = await c.add("b")
+        await c.meet(["a", "b"])
+        gate = asyncio.Semaphore(0)
+        b._fetch_slots = gate  # b is busy: the offer stays unfetched while a resends it
+        fetches = []
+        real_fetch = b._fetch
+
+        def counting_fetch(rec, p, meta):
+            fetches.append(p.offer_id)
+            return real_fetch(rec, p, meta)
+
+        b._fetch = counting_fetch
+        with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
+            a.send_model("b", _upd(round_=1, payload=b"once"))
+            await wait_until(lambda: a._outgoing and next(iter(a._outgoing.values())).sends == ipv8_transport.OFFER_RESENDS, what="resends")
+            await wait_until(lambda: caplog.text.count("offer-ignored peer=a reason=duplicate") == ipv8_transport.OFFER_RESENDS - 1, what="duplicates seen")
+            gate.release()
+            await wait_until(lambda: rb.models, what="the model")
+            a.send_model("b", _upd(round_=2, payload=b"next"))
+            await wait_until(lambda: len(rb.models) == 2, what="the next model")
+        assert [bytes(m.payload) for m in rb.models] == [b"once", b"next"]
+        assert len(fetches) == 2 and len(set(fetches)) == 2
+        assert a.stats.models_sent == 2 and b.stats.dropped == 0
+
+    run_cluster("ipv8", tmp_path, body)
