@@ -284,13 +284,56 @@ def test_peer_far_behind_catches_up_with_the_swarm_majority(caplog: pytest.LogCa
     late.on_model(forged(late, "p1", 20, torch.zeros(d), 30))
     late.on_model(forged(late, "p2", 21, torch.zeros(d), 30))
     late.on_model(forged(late, "p3", 10_000, torch.zeros(d), 30))  # one peer lying about its round
+    late.aggregate()  # rounds count once the updates decoded and validated
     with caplog.at_level(logging.INFO, logger="quinkgl.node"):
         assert late.begin_round() == 21  # the median of 20, 21, 10000 -- not the liar's round
     assert any(r.getMessage().startswith("caught-up from_round=1 to_round=21") for r in caplog.records)
     # A minority ahead does not move it.
     other = nodes[1]
     other.on_model(forged(other, "p3", 10_000, torch.zeros(d), 30))
+    other.aggregate()
     assert other.begin_round() == 1
+
+
+def test_junk_or_a_single_peer_cannot_move_the_round_clock() -> None:
+    """The attack: one peer claiming round 10000 ended another's training (round 2 -> 15 of 15)."""
+    net = MemoryNetwork(auto_deliver=False)
+    me, _ = make_node(net, "me", manifest(), 0, rounds=15), make_node(net, "liar", manifest(), 1, seed=1, rounds=15)
+    net.deliver_all()
+    run_round(net, [me])
+    d = flatten(me.model).numel()
+    me.on_model(forged(me, "liar", 10_000, torch.zeros(d), 30, payload=b"QGLT garbage"))
+    me.aggregate()
+    assert me.begin_round() == 2  # junk does not count
+    me.end_round()
+    me.on_model(forged(me, "liar", 10_000, torch.zeros(d), 30))
+    me.aggregate()
+    assert me.begin_round() == 3  # a valid update, but one peer is no quorum
+    me.end_round()
+    # Three known peers: two junk liars are not a majority of validated rounds either.
+    for name in ("liar2", "honest"):
+        make_node(net, name, manifest(), 2, seed=2, rounds=15)
+    net.deliver_all()
+    me.on_model(forged(me, "liar", 10_000, torch.zeros(d), 30, payload=b"QGLT garbage"))
+    me.on_model(forged(me, "liar2", 10_000, torch.zeros(d), 30, payload=b"QGLT garbage"))
+    me.on_model(forged(me, "honest", 4, torch.zeros(d), 30))
+    me.aggregate()
+    assert me.begin_round() == 4 and not me.finished()
+
+
+def test_honest_catch_up_through_the_round_loop() -> None:
+    """A peer restarted far behind reaches its swarm's round by ordinary rounds (share, aggregate, begin_round)."""
+    net = MemoryNetwork(auto_deliver=False)
+    nodes = [make_node(net, f"p{i}", manifest(max_staleness=1), i % 3, seed=i, rounds=50) for i in range(4)]
+    net.deliver_all()
+    for n in nodes[1:]:
+        n.completed_round = 30
+    run_round(net, nodes)
+    assert [n.completed_round for n in nodes] == [1, 31, 31, 31]
+    run_round(net, nodes)
+    # It runs the round the others have reached (31, within max_staleness of their 32): exchanges count again.
+    assert [n.completed_round for n in nodes] == [31, 32, 32, 32]
+    assert all(n.history[-1]["peers"] == 3 for n in nodes)
 
 
 def test_repeated_drops_are_logged_once_per_peer_and_kind(caplog: pytest.LogCaptureFixture) -> None:

@@ -262,7 +262,7 @@ class Node:
         self._eval_time = 0.0
         self._round_peers: list[str] = []
         self._round_agg_samples = 0
-        self._peer_rounds: dict[str, int] = {}  # newest round each peer has sent: the swarm's clock
+        self._peer_rounds: dict[str, int] = {}  # newest round of a valid update from each peer: the swarm's clock
         self._drop_logged: set[tuple[str, str]] = set()
         # Set by a driver: stop_flag ends local training at the next batch (a daemon asked to stop);
         # inbox_listener is called whenever an update lands in the inbox (a driver waiting for updates wakes up).
@@ -327,7 +327,6 @@ class Node:
         """Keep the newest update per sender; drop ones too old for the strategy or too large."""
         if update.sender == self.node_id:
             return
-        self._peer_rounds[update.sender] = max(update.round, self._peer_rounds.get(update.sender, update.round))
         self._log(logging.DEBUG, "update-received", peer=update.sender, update_round=update.round, bytes=len(update.payload))
         if self.sharing.is_compressed(update.payload):
             # Applied to the sender's reconstruction first, stale or not: a delta chain must not skip a link (the
@@ -335,6 +334,7 @@ class Node:
             meta = self._receive_compressed(update)
             if meta is None:
                 return
+            self._note_round(update.sender, update.round)
             # Keep its meta (label entropy), not the bytes.
             update = dataclasses.replace(update, payload=b"", encoding=COMPRESSED_ENCODING, meta={**update.meta, **meta})
         elif len(update.payload) > self.max_update_bytes:
@@ -376,6 +376,10 @@ class Node:
         except Exception as exc:
             self._log(logging.WARNING, "message-dropped", peer=sender, kind=kind, reason=f"{type(exc).__name__}: {exc}")
 
+    def _note_round(self, sender: str, round_: int) -> None:
+        """A valid update of ``round_`` came from ``sender``: the swarm's clock counts only such updates."""
+        self._peer_rounds[sender] = max(round_, self._peer_rounds.get(sender, round_))
+
     def _drop(self, sender: str, round_: int, reason: str) -> None:
         """Count and log a dropped update: the first of each kind per peer at WARNING, repeats at DEBUG."""
         self._dropped_in_round += 1
@@ -390,21 +394,24 @@ class Node:
         """Start the next round, or catch up with the swarm when most known peers are far ahead.
 
         A peer that restarted from an old checkpoint would otherwise stay behind for good (rounds advance at the
-        same cadence everywhere) and have every update dropped as stale. It jumps to the median round of its known
-        peers when that is more than ``max_staleness`` ahead: a median, so a minority claiming huge rounds cannot
-        push it to the end of training.
+        same cadence everywhere) and have every update dropped as stale. It jumps to the highest round that a
+        quorum of its known peers has reached, when that is more than ``max_staleness`` ahead, capped at the
+        round limit. The quorum is a majority of the known peers and never fewer than two, and a peer's round
+        counts only from updates that decoded and validated: neither one peer (a liar, or the only other peer of
+        a two-peer swarm) nor a minority claiming huge rounds can push it to the end of training.
         """
         self.round = self.completed_round + 1
         # Peers not heard from yet count as being where we are.
-        ahead = sorted(self._peer_rounds.get(p, self.round) for p in self.known_peers)
-        if ahead:
-            median = ahead[(len(ahead) - 1) // 2]
-            if median > self.round + self.max_staleness:
-                target = median if self.rounds is None else min(median, self.rounds)
-                if target > self.round:
-                    self._log(logging.INFO, "caught-up", from_round=self.round, to_round=target, peers=len(ahead))
-                    self.round = target
-                    self.completed_round = target - 1
+        rounds = sorted((self._peer_rounds.get(p, self.round) for p in self.known_peers), reverse=True)
+        quorum = max(2, len(rounds) - (len(rounds) - 1) // 2)
+        if len(rounds) >= quorum and rounds[quorum - 1] > self.round + self.max_staleness:
+            reached = rounds[quorum - 1]
+            target = reached if self.rounds is None else min(reached, self.rounds)
+            if target > self.round:
+                self._log(logging.INFO, "caught-up", from_round=self.round, to_round=target, peers=len(rounds),
+                          quorum=quorum)
+                self.round = target
+                self.completed_round = target - 1
         self._round_started = self.clock()
         st = self.transport.stats
         self._stats_at_start = (st.bytes_sent, st.bytes_received, st.models_sent, st.models_received)
@@ -639,6 +646,8 @@ class Node:
                 others.append(self.decode_update(msg))
             except Exception as exc:
                 self._drop(msg.sender, msg.round, f"invalid: {_one_line(exc)}")
+                continue
+            self._note_round(msg.sender, msg.round)
         if not others:
             return None
         local_meta = {LABEL_ENTROPY_KEY: self.label_entropy} if self.label_entropy is not None else {}
