@@ -7,12 +7,13 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import torch
 
 from quinkgl_cli.strategies import registry
-from quinkgl_cli.strategies.base import Topology
+from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
 from quinkgl_cli.strategies.fingerprint import Fingerprint
 from quinkgl_cli.strategies.spectral import analyze_edges, analyze_adjacency, ring_adjacency
-from quinkgl_cli.strategies.topology import AffinityTopology, CyclonTopology
+from quinkgl_cli.strategies.topology import AffinityTopology, CyclonTopology, contribution_qualities
 
 PEERS = [f"n{i:02d}" for i in range(12)]
 
@@ -253,3 +254,71 @@ def test_affinity_rejects_bad_fingerprints_and_round_trips() -> None:
     other = make("AffinityTopology")
     other.load_state_dict(topo.state_dict())
     assert isinstance(other, AffinityTopology) and other.edges["n04"].weight == pytest.approx(0.8)
+
+
+def _updates() -> tuple[PeerUpdate, list[PeerUpdate]]:
+    g = torch.Generator().manual_seed(5)
+    centre = torch.linspace(-1, 1, 32)
+    local = PeerUpdate("n00", 1, centre + 0.1 * torch.randn(32, generator=g), 100, is_local=True)
+    near = [PeerUpdate(f"n0{i}", 1, centre + 0.1 * torch.randn(32, generator=g), 100) for i in (1, 2, 3)]
+    closest = PeerUpdate("n04", 1, centre.clone(), 100)
+    far = PeerUpdate("n05", 1, centre + 5.0, 100)
+    broken = PeerUpdate("n06", 1, torch.full((32,), float("nan")), 100)
+    return local, [*near, closest, far, broken]
+
+
+def _aggregator(name: str, f: int = 0) -> Aggregator:
+    entry = registry.resolve("aggregation", name)
+    return entry.load()(registry.build_params(entry, {}), byzantine_f=f)
+
+
+def test_contribution_qualities_are_graded_under_averaging() -> None:
+    local, others = _updates()
+    result = _aggregator("FedAvg").aggregate(local, others, 1)
+    assert "n05" in result.used  # FedAvg uses the outlier: a used/unused bit would score it 1 like the rest
+    q = contribution_qualities(local, others, result)
+    assert set(q) == {"n01", "n02", "n03", "n04", "n05", "n06"}
+    assert all(0.0 <= v <= 1.0 for v in q.values())
+    assert q["n06"] == 0.0  # rejected (non-finite)
+    assert q["n05"] < 0.05  # far from the aggregate
+    assert min(q["n01"], q["n02"], q["n03"], q["n04"]) > 0.3  # the honest ones: near the neutral 0.5
+    # Among honest updates only, the one nearest the consensus scores best.
+    honest = others[:4]
+    qh = contribution_qualities(local, honest, _aggregator("FedAvg").aggregate(local, honest, 1))
+    assert qh["n04"] == max(qh.values()) and qh["n04"] > 0.7 and min(qh.values()) < 0.55
+    # Krum adopts one update: that one scores exactly 1, an honest unchosen peer still scores well.
+    krum = _aggregator("Krum", f=1).aggregate(local, others, 1)
+    qk = contribution_qualities(local, others, krum)
+    chosen = krum.used[0]
+    assert chosen != "n05" and (chosen == "n00" or qk[chosen] == 1.0)
+    assert qk["n05"] < 0.05 and sorted(qk.values())[-2] > 0.3
+    # Identical models (converged swarm): everyone scores 1, nothing divides by zero.
+    same = [PeerUpdate("n01", 1, local.flat.clone(), 10)]
+    q_same = contribution_qualities(local, same, _aggregator("FedAvg").aggregate(local, same, 1))
+    assert set(q_same) == {"n01"} and q_same["n01"] == pytest.approx(1.0, abs=0.01)  # float32 rounding only
+
+
+def test_affinity_history_learns_from_graded_aggregations() -> None:
+    topo = make("AffinityTopology", fanout=2, blind_rounds=0, learning_rounds=0, exploration=0.0, min_exploration=0.0)
+    assert isinstance(topo, AffinityTopology)
+    local, others = _updates()
+    agg = _aggregator("FedAvg")
+    for r in range(1, 6):
+        topo.select(PEERS, r)
+        topo.observe_aggregation(local, others, agg.aggregate(local, others, r))
+    honest = ("n01", "n02", "n03", "n04")
+    assert min(topo.affinity(p) for p in honest) > 0.4 > 0.05 > topo.affinity("n05")
+    assert topo.affinity("n06") == 0.0
+    # Peers it has not aggregated with yet keep the neutral 0.5; the outlier and the broken sender rank last.
+    ranked = sorted(PEERS[1:], key=lambda p: -topo.affinity(p))
+    assert ranked[-2:] == ["n05", "n06"]
+    # Without a history weight the signal is not even computed.
+    blind = make("AffinityTopology", history_weight=0.0)
+    assert isinstance(blind, AffinityTopology)
+    blind.observe_aggregation(local, others, agg.aggregate(local, others, 1))
+    assert blind.edges == {}
+    # The plain per-peer call keeps working.
+    topo.record_outcome("n09", 1.0)
+    assert topo.edges["n09"].weight == 1.0
+    # Topologies without a history accept the call and ignore it.
+    make("RandomTopology").observe_aggregation(local, others, agg.aggregate(local, others, 1))

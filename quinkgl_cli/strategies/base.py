@@ -94,6 +94,11 @@ class Topology(ABC):
     def record_outcome(self, peer_id: str, quality: float) -> None:
         """How useful a peer's last update was (collaboration history), in [0, 1]."""
 
+    def observe_aggregation(self, local: PeerUpdate, others: Sequence[PeerUpdate], result: AggregationResult) -> None:
+        """One aggregation's inputs and result, given once per aggregation. Topologies that keep a collaboration
+        history grade every sender from it (AffinityTopology: ``topology.contribution_qualities``) and record the
+        grades through ``record_outcome``; the others ignore it."""
+
     def control_messages(self, round_idx: int) -> list[tuple[str, str, dict[str, Any]]]:
         """(peer_id, kind, body) messages the topology wants sent this round (Cyclon shuffles)."""
         return []

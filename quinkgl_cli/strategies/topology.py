@@ -10,12 +10,15 @@ import logging
 import math
 import random
 import re
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from quinkgl_cli.strategies import params as p
-from quinkgl_cli.strategies.base import Topology
+from quinkgl_cli.strategies.base import AggregationResult, PeerUpdate, Topology
 from quinkgl_cli.strategies.fingerprint import Fingerprint, component_similarities, parse_fingerprint, similarity
 
 log = logging.getLogger("quinkgl.strategies")
@@ -210,6 +213,45 @@ class CyclonTopology(Topology):
         self.view = {pid: age for pid, age in entries if pid != self.self_id}
 
 
+def contribution_qualities(local: PeerUpdate, others: Sequence[PeerUpdate], result: AggregationResult) -> dict[str, float]:
+    """Graded quality in [0, 1] of each sender's update: how close it came to what the aggregation produced.
+
+    q = 1 / (1 + (d / s)^2), d = ||update - aggregate||, s = the median of d over the local model and every
+    gradable update. Dividing by the round's own typical distance makes the grade free of model scale and of how
+    far training moved this round: a typical contributor scores 0.5 (the neutral score of a peer nothing is known
+    about), one closer than typical up to 1 (Krum's chosen update: exactly 1), an outlier toward 0 (0.2 at twice the
+    typical distance, 0.01 at ten times). Closeness rather than "was used" matters because an averaging rule uses
+    every valid update, so a used/unused bit would give every sender 1. Updates the aggregator rejected, and
+    vectors that cannot be compared (wrong size, non-finite), score 0; a sender listed twice is graded once, by
+    its first update, as the aggregators screen it.
+    """
+    target = result.flat.to(torch.float32)
+    used, rejected = set(result.used), set(result.rejected)
+
+    def distance(update: PeerUpdate) -> float | None:
+        flat = update.flat
+        if flat.dim() != 1 or flat.numel() != target.numel() or not flat.is_floating_point():
+            return None
+        d = float(torch.linalg.vector_norm(flat.to(torch.float32) - target))
+        return d if math.isfinite(d) else None
+
+    graded: dict[str, float | None] = {}
+    for update in others:
+        if update.peer_id == local.peer_id or update.peer_id in graded:
+            continue
+        bad = update.peer_id in rejected and update.peer_id not in used
+        graded[update.peer_id] = None if bad else distance(update)
+    spread = [d for d in graded.values() if d is not None]
+    local_d = distance(local)
+    if local_d is not None:
+        spread.append(local_d)
+    if not spread:
+        return {pid: 0.0 for pid in graded}
+    # The floor keeps a round where most updates equal the aggregate (converged models) from dividing by zero.
+    scale = max(statistics.median(spread), 1e-6 * float(torch.linalg.vector_norm(target)), 1e-12)
+    return {pid: 0.0 if d is None else 1.0 / (1.0 + (d / scale) ** 2) for pid, d in graded.items()}
+
+
 @dataclass
 class _Edge:
     weight: float
@@ -221,8 +263,9 @@ class AffinityTopology(Topology):
 
     affinity = weighted mean over the available signals of label-bucket similarity (``label_weight``), feature
     moment similarity (``moment_weight``), gradient similarity (``gradient_weight``, only when both sides send
-    gradient moments) and collaboration history (``history_weight``: an EMA of ``record_outcome`` qualities that
-    decays by ``edge_decay`` per round without news and is evicted after ``edge_ttl`` such rounds).
+    gradient moments) and collaboration history (``history_weight``: an EMA of ``record_outcome`` qualities, graded
+    by ``observe_aggregation`` from how close each sender's update came to the aggregate, that decays by
+    ``edge_decay`` per round without news and is evicted after ``edge_ttl`` such rounds).
 
     Cold start (rounds count from 1, as the node's do): rounds 1..``blind_rounds`` choose uniformly (blind); the next
     ``learning_rounds`` explore a fraction ``exploration`` of the fanout at random (learning); after that the
@@ -270,6 +313,13 @@ class AffinityTopology(Topology):
         a = self.params.ema
         edge.weight = (1.0 - a) * current + a * q
         edge.last_round = self._round
+
+    def observe_aggregation(self, local: PeerUpdate, others: Sequence[PeerUpdate], result: AggregationResult) -> None:
+        """Grade every sender by ``contribution_qualities`` and blend the grades into the edges."""
+        if self.params.history_weight <= 0:
+            return
+        for peer_id, quality in contribution_qualities(local, others, result).items():
+            self.record_outcome(peer_id, quality)
 
     # -- scoring
     def _edge_weight(self, edge: _Edge) -> float:
