@@ -10,7 +10,6 @@ most robust rule the count allows and say so in ``AggregationResult.note``.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from torch import nn
 from quinkgl_cli.strategies import params as p
 from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate
 from quinkgl_cli.tensors import flatten
-
-log = logging.getLogger("quinkgl.strategies")
 
 # Scaffold ships its control variate under this extras key.
 CONTROL_VARIATE_KEY = "scaffold_c"
