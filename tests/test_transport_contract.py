@@ -567,3 +567,40 @@ def test_ipv8_duplicate_offer_is_fetched_once(tmp_path, caplog, monkeypatch):
         assert a.stats.models_sent == 2 and b.stats.dropped == 0
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_ipv8_trickling_fetch_request_cannot_hold_a_serve_slot(tmp_path, caplog):
+    """A client that sends its fetch request a byte at a time, never idle for long, is cut off by the deadline."""
+    from quinkgl_cli.transport.ipv8 import stream
+
+    async def main():
+        t = _ipv8(tmp_path, "a", connect_timeout=0.5)
+        await t.start(Recorder())
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+                stream.tune(sock)
+                await loop.sock_connect(sock, ("127.0.0.1", t.tcp_port))
+                await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3)
+                started = time.monotonic()
+                request = stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, os.urandom(20), 64) + b"\0" * 64
+                closed = False
+                for i in range(len(request)):  # 0.1 s apart: under the idle timeout, 8 s in all
+                    try:
+                        await loop.sock_sendall(sock, request[i : i + 1])
+                    except OSError:
+                        closed = True
+                        break
+                    await asyncio.sleep(0.1)
+                    if time.monotonic() - started > 3:
+                        break
+                await wait_until(lambda: "reason=timeout" in caplog.text, timeout=3, what="the server to give up")
+            assert time.monotonic() - started < 0.5 + 1.5, "the request was allowed to trickle on"
+            assert closed or await loop.sock_recv(sock, 1) == b""
+        finally:
+            sock.close()
+            await t.stop()
+        assert len([r for r in caplog.records if "serve-failed" in r.getMessage()]) == 1
+
+    asyncio.run(main())

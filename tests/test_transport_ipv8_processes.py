@@ -202,6 +202,34 @@ def test_sender_stopping_mid_transfer_costs_seconds_and_receiver_goes_on(spawn):
     assert m["sender"] == "ok"
 
 
+def test_trickling_sender_fails_by_the_deadline_and_a_frozen_one_is_dropped(spawn):
+    """A sender that never goes idle but trickles bytes (100 kB/s) cannot hold a fetch slot past the overall budget
+    (connect + fetch timeouts + size at 1 MiB/s: 3.4 s here, not the 15 s the blob would take); meanwhile other
+    transfers go on. Frozen (SIGSTOP), it stops answering and is dropped from the peer list."""
+    receiver = spawn("rx", "--fetch-timeout", "1", "--connect-timeout", "1")
+    slow = spawn("slow", "--serve-rate", "100000", bootstrap=receiver.address)
+    other = spawn("ok", bootstrap=receiver.address)
+    wait_all_meet([receiver, slow, other])
+    slow.send({"cmd": "send", "to": "rx", "size": 1_500_000, "round": 1})
+    slow.wait_for(lambda e: e["event"] == "serving", what="the trickle to start")
+    started = time.monotonic()
+    other.send({"cmd": "send", "to": "rx", "size": 2_000_000, "round": 2})
+    m = receiver.wait_for(lambda e: e["event"] == "model", what="the other sender's model")
+    assert m["sender"] == "ok"
+    failed = receiver.wait_for(lambda e: e["event"] == "log" and "fetch-failed peer=slow" in e["msg"], timeout=10, what="fetch failure")
+    assert "reason=too_slow" in failed["msg"], failed
+    assert time.monotonic() - started < 3.4 + 2.0
+    assert receiver.events.index(m) < receiver.events.index(failed)  # the other transfer did not wait for the trickle
+    assert [e["sender"] for e in receiver.of("model")] == ["ok"]
+    slow.proc.send_signal(signal.SIGSTOP)
+    frozen_at = time.monotonic()
+    receiver.wait_for(lambda e: e["event"] == "lost" and e["peer"] == "slow", timeout=12, what="the frozen peer dropped")
+    assert time.monotonic() - frozen_at < 10
+    slow.kill()
+    other.send({"cmd": "send", "to": "rx", "size": 1_000_000, "round": 3})
+    receiver.wait_for(lambda e: e["event"] == "model" and e["round"] == 3, what="a model after the drop")
+
+
 def test_tampered_and_oversized_blobs_are_dropped_and_logged_once(spawn):
     receiver = spawn("rx", "--max-model-bytes", "1500000")
     liar = spawn("liar", bootstrap=receiver.address)

@@ -136,7 +136,10 @@ class JsonLogHandler(logging.Handler):
 
 
 def _throttle(rate: float) -> None:
-    """Slow every large blob this peer serves to ``rate`` bytes/s, so a test can stop it mid-transfer."""
+    """Slow every large blob this peer serves to ``rate`` bytes/s, so a test can stop it mid-transfer.
+
+    Small chunks (a twentieth of a second's worth each) keep the bytes flowing steadily: a slow sender, never an idle one.
+    """
     from quinkgl_cli.transport.ipv8 import stream
 
     def slow(sock: socket.socket, header: bytes, payload: Any, budget: float) -> None:
@@ -144,7 +147,7 @@ def _throttle(rate: float) -> None:
         sock.settimeout(budget)
         sock.sendall(header)
         view = memoryview(payload)
-        chunk = 256 * 1024
+        chunk = max(1024, min(256 * 1024, int(rate / 20)))
         for start in range(0, view.nbytes, chunk):
             sock.sendall(view[start : start + chunk])
             time.sleep(chunk / rate)  # a worker thread: sleeping here holds up nothing else
@@ -171,6 +174,7 @@ async def main(args: argparse.Namespace, audit: Audit | None) -> int:
         heartbeat_interval=args.heartbeat_interval,
         silence_timeout=args.silence_timeout,
         fetch_timeout=args.fetch_timeout,
+        connect_timeout=args.connect_timeout,
     )
     tampered: dict[int, bytes] = {}
     real_digest = transport._digest
@@ -252,6 +256,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
     p.add_argument("--silence-timeout", type=float, default=4.0)
     p.add_argument("--fetch-timeout", type=float, default=3.0)
+    p.add_argument("--connect-timeout", type=float, default=3.0)
     p.add_argument("--serve-rate", type=float, default=0.0, help="throttle large sends to this many bytes/s")
     p.add_argument("--audit", action="store_true")
     p.add_argument("--log-level", default="INFO")

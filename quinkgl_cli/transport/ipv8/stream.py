@@ -18,6 +18,7 @@ import hashlib
 import os
 import socket
 import struct
+import time
 
 PROTOCOL = 1
 CHALLENGE_MAGIC = b"QGLF"
@@ -78,20 +79,24 @@ async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: in
 HASH_STRIDE = 8 * 1024 * 1024
 
 
-def receive_blob(sock: socket.socket, size: int, idle: float) -> tuple[bytearray, bytes]:
+def receive_blob(sock: socket.socket, size: int, idle: float, deadline: float) -> tuple[bytearray, bytes]:
     """Blocking (run it in a worker thread): read exactly ``size`` bytes into a buffer allocated once, hashing as
-    they arrive so that the digest is ready with the last byte; each stretch without progress may last ``idle`` s.
+    they arrive so that the digest is ready with the last byte. Each stretch without progress may last ``idle`` s,
+    and the whole read must end by ``deadline`` (`time.monotonic`), however steadily the bytes trickle in.
 
     A thread rather than the event loop: one syscall per chunk with no loop round trip, and sha256 releases the GIL,
     so a large transfer costs the loop nothing.
     """
-    sock.settimeout(idle)
     buf = bytearray(size)
     view = memoryview(buf)
     hasher = hashlib.sha256()
     got = hashed = 0
     try:
         while got < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"transfer not done by its deadline: {got} of {size} bytes")
+            sock.settimeout(min(idle, left))
             n = sock.recv_into(view[got:], min(size - got, RECV_CHUNK))
             if n == 0:
                 raise FetchError("truncated", f"connection closed after {got} of {size} bytes")

@@ -693,12 +693,13 @@ class IPv8Transport(Transport):
                 stream.tune(conn)
                 nonce = stream.new_nonce()
                 my_key = self._key.pub().key_to_bin()
-                await asyncio.wait_for(loop.sock_sendall(conn, stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, nonce)), self.connect_timeout)
-                head = await stream.recv_exact(loop, conn, stream.REQUEST_HEAD.size, self.connect_timeout)
-                magic, offer_id, sig_len = stream.REQUEST_HEAD.unpack(head)
-                if magic != stream.REQUEST_MAGIC or not 0 < sig_len <= stream.MAX_SIGNATURE:
-                    raise stream.FetchError("malformed_request")
-                signature = await stream.recv_exact(loop, conn, sig_len, self.connect_timeout)
+                async with asyncio.timeout(self.connect_timeout):  # the whole request, however slowly it trickles in
+                    await loop.sock_sendall(conn, stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, nonce))
+                    head = await stream.recv_exact(loop, conn, stream.REQUEST_HEAD.size, self.connect_timeout)
+                    magic, offer_id, sig_len = stream.REQUEST_HEAD.unpack(head)
+                    if magic != stream.REQUEST_MAGIC or not 0 < sig_len <= stream.MAX_SIGNATURE:
+                        raise stream.FetchError("malformed_request")
+                    signature = await stream.recv_exact(loop, conn, sig_len, self.connect_timeout)
                 out = self._outgoing.get(offer_id)
                 if out is None:
                     await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.UNKNOWN_OFFER, 0))
@@ -778,33 +779,39 @@ class IPv8Transport(Transport):
             self.guard.refuse(host, "tcp")
             return
         async with self._fetch_slots:
+            # An overall budget besides the idle timeouts: a sender that trickles bytes must not hold a slot forever.
+            # (loop.time() is time.monotonic(), the clock receive_blob reads.)
+            started = loop.time()
+            deadline = started + self.connect_timeout + self.fetch_timeout + p.size / MIN_RATE
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
-                stream.tune(sock)
-                await asyncio.wait_for(loop.sock_connect(sock, (host, p.tcp_port)), self.connect_timeout)
-                challenge = await stream.recv_exact(loop, sock, stream.CHALLENGE.size, self.connect_timeout)
-                magic, version, nonce = stream.CHALLENGE.unpack(challenge)
-                if magic != stream.CHALLENGE_MAGIC or version != stream.PROTOCOL:
-                    raise stream.FetchError("malformed_challenge")
-                statement = stream.fetch_statement(self._community.community_id, p.offer_id, nonce, rec.key_bin)
-                signature = default_eccrypto.create_signature(self._key, statement)
-                await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, p.offer_id, len(signature)) + signature)
-                status, size = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, self.fetch_timeout))
-                if status != stream.OK:
-                    raise stream.FetchError(f"refused_{stream.STATUS_REASONS.get(status, 'unknown')}")
-                if size != p.size:
-                    raise stream.FetchError("size_mismatch", f"offered {p.size}, sent {size}")
-                if size > HASH_IN_THREAD:
-                    buf, got_digest = await loop.run_in_executor(self._pool, stream.receive_blob, sock, size, self.fetch_timeout)
-                else:
-                    buf = bytearray(size)
-                    await stream.recv_into(loop, sock, memoryview(buf), self.fetch_timeout)
-                    got_digest = digest(buf)
+                async with asyncio.timeout_at(deadline):
+                    stream.tune(sock)
+                    await asyncio.wait_for(loop.sock_connect(sock, (host, p.tcp_port)), self.connect_timeout)
+                    challenge = await stream.recv_exact(loop, sock, stream.CHALLENGE.size, self.connect_timeout)
+                    magic, version, nonce = stream.CHALLENGE.unpack(challenge)
+                    if magic != stream.CHALLENGE_MAGIC or version != stream.PROTOCOL:
+                        raise stream.FetchError("malformed_challenge")
+                    statement = stream.fetch_statement(self._community.community_id, p.offer_id, nonce, rec.key_bin)
+                    signature = default_eccrypto.create_signature(self._key, statement)
+                    await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, p.offer_id, len(signature)) + signature)
+                    status, size = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, self.fetch_timeout))
+                    if status != stream.OK:
+                        raise stream.FetchError(f"refused_{stream.STATUS_REASONS.get(status, 'unknown')}")
+                    if size != p.size:
+                        raise stream.FetchError("size_mismatch", f"offered {p.size}, sent {size}")
+                    if size > HASH_IN_THREAD:
+                        buf, got_digest = await loop.run_in_executor(self._pool, stream.receive_blob, sock, size, self.fetch_timeout, deadline)
+                    else:
+                        buf = bytearray(size)
+                        await stream.recv_into(loop, sock, memoryview(buf), self.fetch_timeout)
+                        got_digest = digest(buf)
             except stream.FetchError as exc:
                 self._drop("fetch-failed", rec.node_id, "sender_vanished" if exc.reason == "truncated" else exc.reason, round=p.round)
                 return
             except TimeoutError:
-                self._drop("fetch-failed", rec.node_id, "timeout", round=p.round)
+                reason = "too_slow" if loop.time() >= deadline else "timeout"
+                self._drop("fetch-failed", rec.node_id, reason, round=p.round, budget_s=round(deadline - started, 1))
                 return
             except OSError as exc:
                 reason = "connection_refused" if isinstance(exc, ConnectionRefusedError) else "sender_vanished"
