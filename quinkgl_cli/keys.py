@@ -7,20 +7,18 @@ atomically, so a crash never leaves a half-written key and no other user can eve
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import stat
 from pathlib import Path
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from quinkgl_cli.atomic import atomic_write_bytes
 from quinkgl_cli.errors import CryptoError, IOFailure, UsageError
 
-log = logging.getLogger("quinkgl.keys")
+# Imported where they are used, for start-up time: `serialization` (PEM; it loads the SSH and PKCS#12 code
+# too), which `manifest verify` does not need, and `logging`, which `keygen` does not.
 
 PASSPHRASE_ENV = "QUINKGL_KEY_PASSPHRASE"
 PUBKEY_PREFIX = "ed25519:"
@@ -38,8 +36,7 @@ def generate() -> Ed25519PrivateKey:
 def public_key_text(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     """``ed25519:<64 lowercase hex>`` of a private key's public half, or of a public key."""
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return PUBKEY_PREFIX + raw.hex()
+    return PUBKEY_PREFIX + public.public_bytes_raw().hex()
 
 
 def normalize_public_key(text: str) -> str:
@@ -80,6 +77,8 @@ def read_passphrase(passphrase_file: Path | None) -> bytes | None:
 
 
 def private_key_pem(key: Ed25519PrivateKey, passphrase: bytes | None = None) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     encryption: serialization.KeySerializationEncryption = (
         serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     )
@@ -96,6 +95,9 @@ def save_private_key(path: Path, key: Ed25519PrivateKey, passphrase: bytes | Non
 
 def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519PrivateKey:
     """Load an Ed25519 PKCS#8 PEM key. Missing/unreadable: IOFailure (2). Not a key, wrong passphrase: CryptoError (3)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     path = Path(path)
     data = _read_small(path, _MAX_KEY_FILE, "key file")
     _warn_if_exposed(path)
@@ -141,4 +143,6 @@ def _warn_if_exposed(path: Path) -> None:
     except OSError:
         return
     if mode & 0o077:
-        log.warning("key_file_exposed path=%s mode=%04o hint=chmod_600", path, mode)
+        import logging
+
+        logging.getLogger("quinkgl.keys").warning("key_file_exposed path=%s mode=%04o hint=chmod_600", path, mode)

@@ -1,11 +1,11 @@
-"""`quinkgl info`: versions and the strategies this build knows. Reads package metadata; imports no torch or ipv8."""
+"""`quinkgl info`: versions and the strategies this build knows. Reads package metadata; imports no torch or ipv8.
+
+Its imports happen when it runs: `quinkgl --help` loads this module, and importlib.metadata alone would add
+about 40 ms to that start-up.
+"""
 
 from __future__ import annotations
 
-import json
-import platform
-import sys
-from importlib import metadata
 from typing import Annotated
 
 import typer
@@ -14,6 +14,8 @@ _DEPENDENCIES = ("torch", "pyipv8", "pydantic", "typer", "cryptography", "safete
 
 
 def _version(dist: str) -> str | None:
+    from importlib import metadata
+
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -24,6 +26,10 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
     """Show the quinkgl version, known aggregation strategies and topologies, and Python/torch/IPv8 versions."""
+    import json
+    import platform
+    import sys
+
     from quinkgl_cli.strategies import registry
 
     __version__ = _version("quinkgl-cli") or "unknown"
