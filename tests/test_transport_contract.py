@@ -604,3 +604,47 @@ def test_ipv8_trickling_fetch_request_cannot_hold_a_serve_slot(tmp_path, caplog)
         assert len([r for r in caplog.records if "serve-failed" in r.getMessage()]) == 1
 
     asyncio.run(main())
+
+
+def test_ipv8_failing_tick_logs_one_traceback_per_exception_type(tmp_path, caplog):
+    async def main():
+        t = _ipv8(tmp_path, "a", walk_interval=0.01)
+        calls = []
+
+        def broken_tick():
+            calls.append(1)
+            raise (RuntimeError if len(calls) < 20 else ValueError)(f"tick {len(calls)}")
+
+        with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
+            await t.start(Recorder())
+            t._tick = broken_tick
+            await wait_until(lambda: len(calls) >= 25, what="ticks after the failures")  # the loop goes on
+            await t.stop()
+        failed = [r for r in caplog.records if r.getMessage().startswith("transport-tick-failed")]
+        loud = [r for r in failed if r.levelno >= logging.WARNING]
+        assert [r.getMessage().split()[2] for r in loud] == ["reason=RuntimeError", "reason=ValueError"]
+        assert all(r.levelno == logging.ERROR and r.exc_info for r in loud)
+        assert len(failed) >= 24 and all(r.levelno == logging.DEBUG and not r.exc_info for r in failed if r not in loud)
+
+    asyncio.run(main())
+
+
+def test_ipv8_failing_event_handler_logs_one_traceback(tmp_path, caplog):
+    async def body(c: Cluster):
+        a, _ = await c.add("a")
+        b, rb = await c.add("b")
+        await c.meet(["a", "b"])
+
+        def broken(sender, kind, body):
+            rb.messages.append((sender, kind, body))
+            raise KeyError("the node's bug")
+
+        rb.on_message = broken
+        with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
+            for i in range(3):
+                a.send_message("b", "ping", {"i": i})
+            await wait_until(lambda: len(rb.messages) == 3, what="three messages despite the handler failing")
+        loud = [r for r in caplog.records if "event-handler-failed" in r.getMessage() and r.levelno >= logging.WARNING]
+        assert len(loud) == 1 and loud[0].exc_info and "reason=on_message:KeyError" in loud[0].getMessage()
+
+    run_cluster("ipv8", tmp_path, body)

@@ -56,9 +56,10 @@ def check_kind(kind: str) -> None:
 
 
 class OnceLog:
-    """Logs each (peer, reason) once at WARNING; repeats are counted and logged at DEBUG only.
+    """Logs each (event, peer, reason) once at WARNING (or ``level``); repeats are counted and logged at DEBUG only.
 
-    A misbehaving or misconfigured peer must not flood the log, yet the first occurrence is always visible.
+    A misbehaving or misconfigured peer must not flood the log, yet the first occurrence is always visible, with
+    ``exc_info``'s traceback when one is given (a bug in our own code).
     """
 
     def __init__(self, logger: logging.Logger = log, capacity: int = 4096) -> None:
@@ -66,7 +67,16 @@ class OnceLog:
         self._seen: OrderedDict[tuple[str, str, str], int] = OrderedDict()
         self._capacity = capacity
 
-    def __call__(self, event: str, peer: str, reason: str, **fields: Any) -> bool:
+    def __call__(
+        self,
+        event: str,
+        peer: str,
+        reason: str,
+        *,
+        level: int = logging.WARNING,
+        exc_info: BaseException | None = None,
+        **fields: Any,
+    ) -> bool:
         key = (event, peer, reason)
         extra = "".join(f" {k}={_fmt(v)}" for k, v in fields.items())
         if key in self._seen:
@@ -77,7 +87,7 @@ class OnceLog:
         self._seen[key] = 1
         if len(self._seen) > self._capacity:
             self._seen.popitem(last=False)
-        self._logger.warning("%s peer=%s reason=%s%s", event, peer, reason, extra)
+        self._logger.log(level, "%s peer=%s reason=%s%s", event, peer, reason, extra, exc_info=exc_info)
         return True
 
     def count(self, event: str, peer: str, reason: str) -> int:

@@ -412,8 +412,9 @@ class IPv8Transport(Transport):
         while self._running:
             try:
                 self._tick()
-            except Exception:  # a periodic body that raises would end discovery silently: log and go on
-                log.exception("transport-tick-failed node=%s", self.node_id)
+            except Exception as exc:  # a periodic body that raises would end discovery silently: log and go on
+                # once per exception type with its traceback, then at DEBUG: the same bug must not log every tick
+                self._once("transport-tick-failed", "-", type(exc).__name__, node=self.node_id, level=logging.ERROR, exc_info=exc, error=str(exc)[:200])
             await asyncio.sleep(self.walk_interval)
 
     def _tick(self) -> None:
@@ -578,8 +579,8 @@ class IPv8Transport(Transport):
             return
         try:
             getattr(self._events, name)(*args)
-        except Exception:  # the node's handler failed: say so loudly, keep the transport alive for the others
-            log.exception("event-handler-failed node=%s event=%s", self.node_id, name)
+        except Exception as exc:  # the node's handler failed: say so loudly (once per kind), keep the transport alive
+            self._once("event-handler-failed", "-", f"{name}:{type(exc).__name__}", node=self.node_id, level=logging.ERROR, exc_info=exc, error=str(exc)[:200])
 
     # -- Transport interface ---------------------------------------------------------------------------------------
     def peers(self) -> list[PeerInfo]:
