@@ -186,13 +186,13 @@ def test_from_script_and_arch_hash(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 _PROBE = """
-import sys
+import os, sys
 from quinkgl_cli.cli.app import main
 try:
     main(sys.argv[1:])
 except SystemExit as exc:
     code = exc.code
-heavy = sorted(m for m in ("torch", "ipv8", "numpy", "rich") if m in sys.modules)
+heavy = sorted(m for m in os.environ.get("PROBE_MODULES", "torch,ipv8,numpy,rich").split(",") if m in sys.modules)
 print("HEAVY=" + ",".join(heavy), "CODE=" + str(code))
 """
 
@@ -213,6 +213,23 @@ def test_light_commands_import_no_heavy_modules(tmp_path: Path, args: list[str])
     last = out.stdout.strip().splitlines()[-1]
     assert last.endswith("CODE=0") or last.endswith("CODE=None"), out.stdout + out.stderr
     assert last.startswith("HEAVY= "), last
+
+
+@pytest.mark.parametrize(
+    "args, modules",
+    [
+        # Start-up time (benchmarks/bench_cli.py): what each light command does not need is not imported.
+        (["--help"], "importlib.metadata,pydantic,json"),
+        (["keygen", "--output", "k.key"], "logging,rfc8785,json"),
+        (["manifest", "verify", "m.qgl"], "cryptography.hazmat.primitives.serialization,filelock"),
+    ],
+)
+def test_light_commands_import_only_what_they_use(tmp_path: Path, args: list[str], modules: str) -> None:
+    write(tmp_path / "m.qgl", make_manifest())
+    env = dict(os.environ, PROBE_MODULES=modules)
+    out = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("HEAVY= ") and last.endswith(("CODE=0", "CODE=None")), out.stdout + out.stderr
 
 
 def test_python_dash_m(tmp_path: Path) -> None:
