@@ -222,8 +222,13 @@ def main() -> int:
         finally:
             sender.stop()
             receiver.stop()
+    big = max(rows, key=lambda r: r["mb"])
+    tag = f"{big['mb']:g}mb"
+    headline = {f"mb_s_{tag}": round(big["transport_mb_s"], 1), f"ratio_to_raw_{tag}": round(big["ratio_to_raw"], 3), "fan_in_mb_s": round(fan["aggregate_mb_s"], 1)}
+    headline.update({f"mb_s_{r['mb']:g}mb": round(r["transport_mb_s"], 1) for r in rows if r is not big})
     result = {
         "benchmark": "transfer",
+        "headline": headline,
         "quick": args.quick,
         "cpus": os.cpu_count(),
         "python": sys.version.split()[0],
