@@ -81,40 +81,94 @@ def test_three_peers_beat_solo_hooks_and_greps(tmp_path: Path, swarm_manifest: t
         assert meta["swarm_id"] == swarm_id and meta["round"] == ROUNDS and "0.weight" in tensors
         kept = [f.round for f in CheckpointStore(tmp_path / "ckpt" / p.name).files()]
         assert len(kept) == 3 and kept[-1] == ROUNDS  # --keep-checkpoints default 3
+        assert CheckpointStore(tmp_path / "ckpt" / p.name).latest()[1].meta["final"] is True
+
+
+# The digits script, plus a digest of the model and optimizer state printed at each round's end (on_round_end runs
+# right before the daemon snapshots that round): a checkpoint must hold exactly that state.
+DIGEST_SCRIPT = """
+import hashlib, importlib.util
+_spec = importlib.util.spec_from_file_location("digits_for_digest", {script!r})
+digits = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(digits)
+build_loaders = digits.build_loaders
+_held = {{}}
+
+def build_model(manifest, **kw):
+    _held["model"] = digits.build_model(manifest, **kw)
+    return _held["model"]
+
+def build_optimizer(manifest, model):
+    _held["optimizer"] = digits.build_optimizer(manifest, model)
+    return _held["optimizer"]
+
+def digest(model_state, optim_state):
+    h = hashlib.sha256()
+    for _name, t in sorted(model_state.items()):
+        h.update(t.detach().contiguous().numpy().tobytes())
+    for _idx, t in sorted(optim_state.items()):
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+def on_round_end(round_idx, metrics):
+    opt = _held["optimizer"].state_dict()["state"]
+    momentum = {{int(i): s["momentum_buffer"] for i, s in opt.items() if s.get("momentum_buffer") is not None}}
+    print(f"state-digest round={{round_idx}} sha={{digest(_held['model'].state_dict(), momentum)}}", flush=True)
+"""
+
+
+def _checkpoint_digest(script: Path, tensors: dict) -> str:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("digest_check", script)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    optim = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("optim.") and k.endswith(".momentum_buffer")}
+    return module.digest(model, optim)
+
+
+def _digests(path: Path) -> dict[int, str]:
+    found = re.findall(r"^state-digest round=(\d+) sha=([0-9a-f]{64})$", path.read_text(errors="replace"), re.M)
+    return {int(r): sha for r, sha in found}
 
 
 def test_kill9_resume_then_sigterm_saves(tmp_path: Path, swarm_manifest: tuple[Path, str, str]) -> None:
     manifest, _pub, _swarm = swarm_manifest
     ckpt = tmp_path / "ck"
+    script = tmp_path / "digest_peer_script.py"
+    script.write_text(DIGEST_SCRIPT.format(script=str(ls.DIGITS_SCRIPT)))
     args = {"shard": "0", "num_shards": "3", "partition": "shards:3"}
-    cmd = ls.run_command(manifest, ls.DIGITS_SCRIPT, "lone", ls.free_port(), 200, 0.25, [], ckpt, args,
-                         ["--log-format", "json"])
+    # Every other round checkpointed: a stop after an unsaved round must write that round's end-of-round state.
+    cmd = ls.run_command(manifest, script, "lone", ls.free_port(), 200, 0.2, [], ckpt, args,
+                         ["--log-format", "json", "--checkpoint-every", "2"])
     env = ls.child_env(tmp_path / "home")
     log1 = tmp_path / "first.log"
     with open(log1, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_for(lambda: len(_json_events(log1, "checkpoint-saved")) >= 3, 120, "three checkpoints")
+        wait_for(lambda: len(_json_events(log1, "checkpoint-saved")) >= 2, 120, "two checkpoints")
         alone = _json_events(log1, "alone")
-        assert alone and "bootstrap" in alone[0]["message"]
+        assert alone and alone[0]["event"] == "alone" and "--bootstrap-peer" in alone[0]["hint"]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
     # Whatever moment the kill hit, the newest readable checkpoint is the last completed round it announced, or
-    # one it was writing and finished (rename is atomic).
+    # one it was writing and finished (rename is atomic), and it holds that round's end-of-round state.
     announced = max(int(e["round"]) for e in _json_events(log1, "checkpoint-saved"))
     newest = CheckpointStore(ckpt).latest()
-    assert newest is not None and newest[0].round in (announced, announced + 1)
+    assert newest is not None and newest[0].round in (announced, announced + 2)
+    assert _checkpoint_digest(script, newest[1].tensors) == _digests(log1)[newest[0].round]
 
     log2 = tmp_path / "second.log"
     with open(log2, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(lambda: len(_json_events(log2, "checkpoint-saved")) >= 1, 120, "a checkpoint after resume")
-        resumed = [e for e in _json_events(log2, "resumed from round")]
-        assert resumed and resumed[0]["message"].startswith(f"resumed from round {newest[0].round} ")
+        resumed = _json_events(log2, "resumed")
+        assert resumed and resumed[0]["from_round"] == newest[0].round
         first_round = min(int(e["round"]) for e in _json_events(log2, "round-end"))
         assert first_round == newest[0].round + 1
         # A second daemon on the same checkpoint directory would resume from the first one's rounds: refused.
@@ -130,9 +184,15 @@ def test_kill9_resume_then_sigterm_saves(tmp_path: Path, swarm_manifest: tuple[P
         if proc.poll() is None:
             proc.kill()
     assert code == 130
+    # The round in progress was abandoned: the checkpoint is the last completed round's end-of-round state (written
+    # at the stop when --checkpoint-every had skipped it), never the half-trained model.
+    completed = max(int(e["round"]) for e in _json_events(log2, "round-end"))
+    (stopped,) = _json_events(log2, "stopped")
+    final, state = CheckpointStore(ckpt).latest()  # type: ignore[misc]
+    assert stopped["completed_round"] == final.round == state.meta["round"] == completed, log2.read_text()[-1500:]
+    assert _checkpoint_digest(script, state.tensors) == _digests(log2)[completed]
     stops = [e for e in _json_events(log2, "checkpoint-saved") if e.get("reason") == "stop"]
-    assert stops, log2.read_text()[-1500:]
-    assert CheckpointStore(ckpt).latest()[1].meta["round"] == stops[-1]["round"]
+    assert bool(stops) == (completed % 2 == 1)
 
 
 def _json_events(path: Path, event: str) -> list[dict]:
@@ -141,7 +201,7 @@ def _json_events(path: Path, event: str) -> list[dict]:
         if not line.startswith("{"):
             continue
         obj = json.loads(line)
-        if obj.get("event", "").startswith(event):
+        if obj.get("event") == event:
             out.append(obj)
     return out
 
@@ -177,7 +237,7 @@ def test_refusals_at_run_have_their_exit_codes(tmp_path: Path, swarm_manifest: t
     base = ["--script", str(ls.DIGITS_SCRIPT), "--rounds", "1", "--gossip-interval", "0.1"]
     cases = {
         "tampered": (["--manifest", str(tampered), *base], 3, "signature"),
-        "tofu-conflict": (["--manifest", str(resigned), *base], 4, ""),
+        "tofu-conflict": (["--manifest", str(resigned), *base], 4, "was first seen signed by"),
         "wrong-pinned": (["--manifest", str(manifest), *base, "--trust-policy", "pinned", "--trusted-pubkey", other_key], 4,
                          "not a trusted key"),
         "missing-manifest": (["--manifest", str(tmp_path / "nope.qgl"), *base], 2, "not found"),
@@ -215,7 +275,7 @@ def test_arch_hash_mismatch_strict_and_lenient(tmp_path: Path, swarm_manifest: t
             main([*args, "--strict-manifest", "false"])
         assert lenient.value.code == 0
         out = capsys.readouterr().out
-        assert "arch-mismatch" in out and "dry-run ok" in out and "arch_match=false" in out
+        assert "arch-mismatch" in out and "dry-run-ok" in out and "arch_match=false" in out
         with pytest.raises(SystemExit) as good:
             main(["run", "--manifest", str(manifest), "--script", str(ls.DIGITS_SCRIPT), "--dry-run", "--trust-policy", "open"])
         assert good.value.code == 0 and "arch_match=true" in capsys.readouterr().out

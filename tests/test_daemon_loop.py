@@ -6,11 +6,14 @@ import asyncio
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from quinkgl_cli.errors import ExitCode, NodeConfigError
 from quinkgl_cli.node import localswarm as ls
@@ -142,3 +145,161 @@ def test_checkpoint_that_does_not_fit_the_model_is_a_clear_error(manifest: Path,
     with pytest.raises(NodeConfigError, match="does not fit this model") as exc:
         run_daemon(options(manifest, tmp_path, "p0"), transport_factory=memory_factory(MemoryNetwork()))
     assert "--no-resume" in exc.value.one_line()
+
+
+def _model_and_optimizer(state: Any) -> dict[str, Any]:
+    return {k: v.clone() for k, v in state.tensors.items() if k.startswith(("model.", "optim."))}
+
+
+@pytest.mark.parametrize(("every", "stop_in", "saved_round", "written_on_stop"), [(1, 3, 2, False), (2, 4, 3, True)])
+def test_stop_mid_round_keeps_the_end_of_round_state(manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                     every: int, stop_in: int, saved_round: int,
+                                                     written_on_stop: bool) -> None:
+    """SIGTERM while round N+1 trains: the checkpoint is round N's end-of-round state, not the half-trained model."""
+    d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=10, gossip_interval=0.05, checkpoint_every=every)),
+               LogContext("p0"), memory_factory(MemoryNetwork()))
+    node = d.node
+    at_round_end: dict[int, dict[str, Any]] = {}
+    train, end_round = node.train_round, node.end_round
+
+    def end_round_recorded() -> Any:
+        metrics = end_round()
+        at_round_end[node.completed_round] = _model_and_optimizer(node.state_dict())
+        return metrics
+
+    def train_then_sigterm() -> Any:
+        stats = train()  # the model and optimizer move on: round `stop_in` is half done when the stop lands
+        if node.round == stop_in:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert d.train_stop.wait(10)  # the loop's handler ran: the round is abandoned once we return
+        return stats
+
+    node.train_round, node.end_round = train_then_sigterm, end_round_recorded  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.INTERRUPTED
+    assert node.completed_round == saved_round
+    f, saved = CheckpointStore(tmp_path / "p0").latest()  # type: ignore[misc]
+    assert saved.meta["round"] == f.round == saved_round
+    got = _model_and_optimizer(saved)
+    want = at_round_end[saved_round]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not all(torch.equal(got[k], v) for k, v in _model_and_optimizer(node.state_dict()).items())  # really half-trained
+    reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint-saved ")]
+    assert any("reason=stop" in m for m in reasons) == written_on_stop
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped ")]
+    assert stopped == [f"stopped completed_round={saved_round} signal=SIGTERM checkpoint={f.path}"]
+
+
+def _run_pair(manifest: Path, tmp: Path, rounds: int) -> list[Daemon]:
+    net = MemoryNetwork()
+    daemons = [Daemon(prepare(options(manifest, tmp, f"p{i}", rounds=rounds, gossip_interval=0.2, min_peers=1)),
+                      LogContext(f"p{i}"), memory_factory(net)) for i in range(2)]
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(*(d.run() for d in daemons)))
+
+    assert asyncio.run(asyncio.wait_for(both(), timeout=60)) == [0, 0]
+    for d in daemons:
+        _release(d)
+    return daemons
+
+
+def _release(d: Daemon) -> None:
+    """A daemon holds its directories for its process's life; the next daemon in this test process needs them."""
+    for lock in d.prepared.locks:
+        lock.release()
+
+
+def test_restarting_a_finished_daemon_keeps_its_final_model(manifest: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    from quinkgl_cli.node.checkpoint import load_final_model
+
+    first = _run_pair(manifest, tmp_path, rounds=2)[0]
+    final = tmp_path / "p0" / "final_model.safetensors"
+    f, state = CheckpointStore(tmp_path / "p0").latest()  # type: ignore[misc]
+    assert state.meta["final"] is True and f.round == 2
+    model_bytes, files = final.read_bytes(), CheckpointStore(tmp_path / "p0").files()
+    final_tensors, _meta = load_final_model(final)
+    assert all(torch.equal(final_tensors[k[len("model."):]], v) for k, v in state.tensors.items() if k.startswith("model."))
+
+    def restart() -> Daemon:
+        d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=2)), LogContext("p0"), memory_factory(MemoryNetwork()))
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
+        _release(d)
+        return d
+
+    again = restart()
+    messages = [r.getMessage() for r in caplog.records]
+    done = [m for m in messages if m.startswith("already-finished ")]
+    assert len(done) == 1 and "rounds=2 " in done[0] and "final_model_restored=false" in done[0], messages
+    assert not any(m.startswith(("round-end", "checkpoint-saved", "finished ")) for m in messages)
+    assert again.node.history == first.node.history
+    assert final.read_bytes() == model_bytes and CheckpointStore(tmp_path / "p0").files() == files
+
+    # Killed between the final checkpoint and the model file: the restart writes that same model.
+    final.unlink()
+    restart()
+    assert any("final_model_restored=true" in r.getMessage() for r in caplog.records)
+    restored, _meta = load_final_model(final)
+    assert restored.keys() == final_tensors.keys() and all(torch.equal(restored[k], final_tensors[k]) for k in restored)
+
+    # A higher round target trains on from the finished state.
+    d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=3)), LogContext("p0"), memory_factory(MemoryNetwork()))
+    assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
+    assert [h["round"] for h in d.node.history] == [1, 2, 3]
+
+
+def test_late_round_still_waits_for_this_rounds_updates_and_next_round_starts_at_once(
+        manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Training longer than the interval: every gossip deadline is already past. p1 finishes each round's training
+    just after p0; p0 must still wait for p1's update of the same round instead of aggregating last round's."""
+    interval, rounds, train_s = 0.4, 3, 0.45
+    net = MemoryNetwork()
+    d0, d1 = (Daemon(prepare(options(manifest, tmp_path, f"p{i}", rounds=rounds, gossip_interval=interval, min_peers=1)),
+                     LogContext(f"p{i}"), memory_factory(net)) for i in range(2))
+    p0_trained = {r: threading.Event() for r in range(1, rounds + 1)}
+    inbox_at_aggregate: dict[int, dict[str, int]] = {}
+    begun: list[float] = []
+
+    def slow(node: Any, after: Any) -> Any:
+        train = node.train_round
+
+        def run() -> Any:
+            stats = train()
+            time.sleep(train_s)  # stands in for a heavy model's training (this is the work, not a wait)
+            after(node.round)
+            return stats
+        return run
+
+    def p1_after(round_: int) -> None:
+        assert p0_trained[round_].wait(10)
+        time.sleep(0.03)  # p1's update lands a moment after p0 has started its (late) gossip step
+
+    d0.node.train_round = slow(d0.node, lambda r: p0_trained[r].set())  # type: ignore[method-assign]
+    d1.node.train_round = slow(d1.node, p1_after)  # type: ignore[method-assign]
+    aggregate, begin = d0.node.aggregate, d0.node.begin_round
+
+    def aggregate_recorded() -> Any:
+        with d0.node._inbox_lock:
+            inbox_at_aggregate.setdefault(d0.node.round, {s: m.round for s, m in d0.node._inbox.items()})
+        return aggregate()
+
+    def begin_recorded() -> int:
+        begun.append(time.monotonic())
+        return begin()
+
+    d0.node.aggregate, d0.node.begin_round = aggregate_recorded, begin_recorded  # type: ignore[method-assign]
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(d0.run(), d1.run()))
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(asyncio.wait_for(both(), timeout=60)) == [0, 0]
+    assert [inbox_at_aggregate[r] for r in range(1, rounds + 1)] == [{"p1": r} for r in range(1, rounds + 1)]
+    assert all(h["peers"] == 1 for h in d0.node.history)
+    # Overran: each next round began right after the previous one ended, not at a later interval boundary.
+    for r in range(rounds - 1):
+        assert begun[r + 1] - begun[r] - d0.node.history[r]["duration"] < 0.15, (begun, d0.node.history)
+    assert sum(r.getMessage().startswith("behind-schedule ") for r in caplog.records if r.name == "quinkgl.daemon") >= 1

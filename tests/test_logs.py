@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from quinkgl_cli.node.logs import setup_logging, split_message
+from quinkgl_cli.node.logs import kv, setup_logging, split_message
 
 
 @pytest.fixture(autouse=True)
@@ -60,5 +60,48 @@ def test_json_lines_parse_fields() -> None:
 
 
 def test_split_message() -> None:
-    assert split_message("resumed from round 4 checkpoint=/x") == ("resumed from round 4", {"checkpoint": "/x"})
+    assert split_message("resumed from_round=4 checkpoint=/x") == ("resumed", {"from_round": 4, "checkpoint": "/x"})
+    assert split_message("aggregated models peers=2 from=a,b") == ("aggregated models", {"peers": 2, "from": "a,b"})
     assert split_message("x nan=nan") == ("x", {"nan": "nan"})
+    # Quoted values are the strings they quote, whatever is inside; words after the fields belong to no field.
+    assert split_message("""e a="it's" b="say \\"hi\\"" c='-' d=' x=1 ' tail""") == (
+        "e", {"a": "it's", "b": 'say "hi"', "c": "-", "d": " x=1 "})
+    assert split_message("e hint='unterminated x=1")[1] == {"hint": "'unterminated", "x": 1}
+
+
+@pytest.mark.parametrize("value", ["two words", "it's", 'say "hi"', "both ' and \"", "", "-", "a=b c", "multi\nline"])
+def test_kv_values_read_back_as_written(value: str) -> None:
+    event, fields = split_message(f"e {kv(hint=value, n=3)}")
+    assert event == "e" and fields == {"hint": value.replace("\n", " | ") if value != "-" else None, "n": 3}
+
+
+def test_json_keeps_a_hint_with_spaces_and_punctuation() -> None:
+    out = io.StringIO()
+    setup_logging("peer-1", "json", stream=out)
+    logging.getLogger("quinkgl.daemon").info("alone %s", kv(bootstrap="none", hint="no peers found yet, training "
+                                                                            "locally; pass --bootstrap-peer HOST:PORT"))
+    obj = json.loads(out.getvalue())
+    assert obj["event"] == "alone" and obj["bootstrap"] == "none"
+    assert obj["hint"] == "no peers found yet, training locally; pass --bootstrap-peer HOST:PORT"
+
+
+_LOG_CALL = re.compile(r"""\blog\.(?:debug|info|warning|error|critical|exception)\(\s*(?:f?)(["'])(.*?)\1""", re.S)
+_EVENT = re.compile(r"^[a-z]+(-[a-z]+)*$")
+
+
+def test_daemon_events_are_one_hyphenated_word_then_fields() -> None:
+    """The daemon's own lines: `event key=value ...` (values through kv), never free text the JSON mode would
+    turn into a long event name."""
+    from pathlib import Path
+
+    import quinkgl_cli.node.checkpoint as checkpoint
+    import quinkgl_cli.node.daemon as daemon
+
+    seen = 0
+    for module in (daemon, checkpoint):
+        for _quote, text in _LOG_CALL.findall(Path(module.__file__).read_text()):
+            event, *rest = text.split()
+            assert _EVENT.match(event), text
+            assert all(tok == "%s" or re.match(r"^[a-z_]+=", tok) for tok in rest), text
+            seen += 1
+    assert seen >= 20

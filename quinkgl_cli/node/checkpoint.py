@@ -30,6 +30,7 @@ from safetensors.torch import save as st_save
 from quinkgl_cli.atomic import atomic_write_bytes
 from quinkgl_cli.errors import IOFailure, NodeConfigError
 from quinkgl_cli.node.core import NodeState
+from quinkgl_cli.node.logs import kv
 
 log = logging.getLogger("quinkgl.checkpoint")
 
@@ -142,7 +143,7 @@ class CheckpointStore:
             try:
                 old.path.unlink()
             except OSError as exc:
-                log.warning("checkpoint-prune-failed path=%s error=%s", old.path, exc.strerror)
+                log.warning("checkpoint-prune-failed %s", kv(path=old.path, error=exc.strerror))
 
     def latest(self) -> tuple[CheckpointFile, NodeState] | None:
         """The newest checkpoint that loads; unreadable ones are reported and skipped."""
@@ -153,7 +154,7 @@ class CheckpointStore:
                     if key not in meta:
                         raise ValueError(f"metadata lacks {key!r}")
             except ValueError as exc:
-                log.warning("checkpoint-unreadable path=%s reason=%s", f.path, str(exc).replace(" ", "_")[:200])
+                log.warning("checkpoint-unreadable %s", kv(path=f.path, reason=str(exc)[:200]))
                 continue
             return f, NodeState(tensors=tensors, meta=meta)
         return None

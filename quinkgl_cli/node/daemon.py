@@ -12,12 +12,20 @@ Then the transport starts inside the running loop and rounds begin.
 Round cadence (`--gossip-interval T`): a round starts every T seconds, or at once when the previous one ran over.
 In a round: train in a worker thread (the loop keeps serving the network), then for each gossip step share the
 model and wait for updates until that step's deadline or until every known peer has sent one for this round,
-whichever comes first, then aggregate; then evaluate the aggregated model (worker thread). After the round: checkpoint (every ``--checkpoint-every`` rounds,
-written off the loop), metrics, ``on_round_end``. After the last round: ``final_consensus_steps`` averaging-only
-exchanges, the final model, one summary line, exit 0.
+whichever comes first, then aggregate; then evaluate the aggregated model (worker thread). A round whose training
+ran past its deadlines still waits a little for each step (`min_gossip_wait`): without it, it would aggregate only
+the previous round's updates. After the round: metrics, ``on_round_end``, the end-of-round snapshot (model,
+optimizer, RNG, history; encoded on the loop), written off the loop every ``--checkpoint-every`` rounds.
 
-SIGTERM / SIGINT: training stops at the next batch, a checkpoint of the last completed round's state is written,
-the transport stops, exit 130. Any other failure of the loop is logged with its traceback and exits non-zero.
+After the last round: ``final_consensus_steps`` averaging-only exchanges, a checkpoint marked final, the final model,
+one summary line, exit 0. Started again on that finished checkpoint (same or lower round target), the daemon says
+``already-finished`` and exits 0 without training or touching the final model (it writes it only if it is missing).
+
+SIGTERM / SIGINT: training stops at the next batch and the round in progress is abandoned: the checkpoint on disk
+is the end-of-round state of the last completed round (written now when ``--checkpoint-every`` had skipped it), so
+a resumed daemon runs that round again from the state it started from. The transport stops, exit 130. Any other
+failure of the loop is logged with its traceback and exits non-zero; nothing is saved then (the model may be what
+broke).
 """
 
 from __future__ import annotations
@@ -38,13 +46,45 @@ from pathlib import Path
 from typing import Any
 
 from quinkgl_cli.errors import ExitCode, NodeConfigError, QuinkglError, UsageError
-from quinkgl_cli.node.logs import LogContext, setup_logging
+from quinkgl_cli.node.logs import LogContext, kv, setup_logging
 
+_IMPORTED_AT = time.monotonic()
 log = logging.getLogger("quinkgl.daemon")
 
 DEFAULT_GOSSIP_INTERVAL = 10.0
 LONE_REMINDER_S = 30.0  # how often a peer with no peers says so
 STOP_GRACE_S = 5.0
+# A late round still waits this share of the interval (at most the cap) across its gossip steps for peers' updates.
+MIN_GOSSIP_WAIT_FRACTION = 0.25
+MIN_GOSSIP_WAIT_CAP_S = 5.0
+
+
+def min_gossip_wait(interval: float, steps: int) -> float:
+    """The least time one gossip step waits for updates, even when the round is already past its deadline."""
+    return min(MIN_GOSSIP_WAIT_FRACTION * interval, MIN_GOSSIP_WAIT_CAP_S) / max(steps, 1)
+
+
+def process_started_at() -> float:
+    """This process's start as a `time.monotonic()` value, so start-up times include the interpreter and imports.
+
+    From /proc/self/stat (start time in clock ticks since boot); where there is none, the import of this module.
+    """
+    try:
+        with open("/proc/self/stat", encoding="ascii") as fh:
+            start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])  # field 22; fields after ")" start at 3
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED_AT
+    return time.monotonic() - max(age, 0.0)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A node's state encoded as checkpoint bytes at one moment (the end of a round, or the end of the run)."""
+
+    round: int
+    data: bytes
+    encode_seconds: float
 
 
 @dataclass
@@ -149,7 +189,7 @@ def prepare(options: DaemonOptions) -> Prepared:
                 f"model from {Path(options.script).name} has arch hash {arch_hash}, the manifest requires {manifest.model.arch_hash}",
                 "use the script the manifest was made for, or create a new manifest (--strict-manifest false only warns)",
             )
-        log.warning("arch-mismatch model=%s manifest=%s strict=false", arch_hash, manifest.model.arch_hash)
+        log.warning("arch-mismatch %s", kv(model=arch_hash, manifest=manifest.model.arch_hash, strict="false"))
 
     train_loader, val_loader = script.build_loaders(manifest, **options.script_args)
     optimizer = script.build_optimizer(manifest, model)
@@ -249,15 +289,18 @@ class Daemon:
         self.stop_signal: str | None = None
         self._last_alone_note = -1e9
         self._last_overrun_note = -1e9
-        self.started_at = time.monotonic()
+        self.started_at = process_started_at()
         self.first_round_at: float | None = None
         self.final_eval: tuple[float | None, float | None] | None = None  # after final consensus, if any
+        # The last completed round's snapshot while it is not on disk (--checkpoint-every skipped it): what a stop
+        # saves. None when the newest checkpoint on disk already is that round's.
+        self.unsaved: Snapshot | None = None
 
     # ------------------------------------------------------------------ signals
     def _request_stop(self, signame: str) -> None:
         if self.stop_signal is None:
             self.stop_signal = signame
-            log.info("stopping signal=%s", signame)
+            log.info("stopping %s", kv(signal=signame))
         self.stop_event.set()
         self.train_stop.set()
 
@@ -298,39 +341,44 @@ class Daemon:
                     "pass --no-resume to start afresh, or use the script the checkpoint was made with",
                 ) from exc
             self.context.round = node.completed_round
-            log.info("resumed from round %d checkpoint=%s", node.completed_round, self.prepared.resume_file)
+            if node.finished() and self.prepared.resume_state.meta.get("final"):
+                return await self._already_finished()
+            log.info("resumed %s", kv(from_round=node.completed_round, checkpoint=self.prepared.resume_file))
         await self.transport.start(node)
         address = getattr(self.transport, "address", None)
-        log.info(
-            "started node=%s swarm=%s listen=%s rounds=%s interval=%s strategy=%s topology=%s",
-            o.node_id, self.prepared.trusted.swarm_id,
-            f"{address[0]}:{address[1]}" if address else f"{o.listen}:{o.port}",
-            node.rounds if node.rounds is not None else "unlimited", o.gossip_interval,
-            self.prepared.trusted.manifest.aggregation.name, self.prepared.trusted.manifest.topology.name,
-        )
+        log.info("started %s", kv(
+            node=o.node_id, swarm=self.prepared.trusted.swarm_id,
+            listen=f"{address[0]}:{address[1]}" if address else f"{o.listen}:{o.port}",
+            rounds=node.rounds if node.rounds is not None else "unlimited", interval=f"{o.gossip_interval:g}",
+            strategy=self.prepared.trusted.manifest.aggregation.name, topology=self.prepared.trusted.manifest.topology.name,
+        ))
         try:
             if o.min_peers and node.completed_round == 0:
                 await self._wait_for_peers(o.min_peers, o.min_peers_timeout)
             await self._rounds()
             if not self.stop_event.is_set() and node.final_consensus_steps:
                 await self._final_consensus()
-            if self.stop_event.is_set() and node.completed_round > 0:
-                # Asked to stop: save what was reached. After a crash nothing is saved: the model may be what broke,
-                # and the last round's checkpoint is the state to resume from.
-                await self._checkpoint(reason="stop")
+            if self.stop_event.is_set() and self.unsaved is not None:
+                # Asked to stop: the last completed round's end-of-round state, never the half-done round's.
+                await self._save(self.unsaved, reason="stop")
         finally:
             await self._stop_transport()
         if self.stop_event.is_set() and not node.finished():
-            log.info("stopped round=%d signal=%s", node.completed_round, self.stop_signal)
+            log.info("stopped %s", kv(completed_round=node.completed_round, signal=self.stop_signal,
+                                      checkpoint=self._newest_checkpoint()))
             return int(ExitCode.INTERRUPTED)
         await self._finish()
         return int(ExitCode.OK)
+
+    def _newest_checkpoint(self) -> Path | None:
+        files = self.store.files()
+        return files[-1].path if files else None
 
     async def _stop_transport(self) -> None:
         try:
             await asyncio.wait_for(self.transport.stop(), timeout=STOP_GRACE_S)
         except Exception as exc:  # stopping must not hide the run's outcome
-            log.warning("transport-stop-failed error=%s", f"{type(exc).__name__}:{exc}".replace(" ", "_"))
+            log.warning("transport-stop-failed %s", kv(error=f"{type(exc).__name__}: {exc}"))
 
     async def _wait_for_peers(self, want: int, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -339,8 +387,8 @@ class Daemon:
         while len(self.node.known_peers) < want and not self.stop_event.is_set():
             now = loop.time()
             if now >= deadline:
-                log.warning("min-peers-timeout have=%d want=%d seconds=%.0f starting anyway",
-                            len(self.node.known_peers), want, timeout)
+                log.warning("min-peers-timeout %s", kv(have=len(self.node.known_peers), want=want, seconds=round(timeout),
+                                                       note="starting anyway"))
                 return
             if now >= next_note:
                 log.info("waiting-for-peers have=%d want=%d", len(self.node.known_peers), want)
@@ -361,10 +409,9 @@ class Daemon:
         if now - self._last_alone_note >= LONE_REMINDER_S:
             self._last_alone_note = now
             bootstrap = self.options.bootstrap_peers or list(self.prepared.trusted.manifest.bootstrap_peers)
-            log.info(
-                "alone no peers found yet, training locally; bootstrap=%s",
-                ",".join(bootstrap) if bootstrap else "none (pass --bootstrap-peer HOST:PORT)",
-            )
+            hint = "no peers found yet, training locally"
+            log.info("alone %s", kv(bootstrap=bootstrap or "none",
+                                    hint=hint if bootstrap else f"{hint}; pass --bootstrap-peer HOST:PORT"))
 
     async def _rounds(self) -> None:
         loop = asyncio.get_running_loop()
@@ -381,6 +428,7 @@ class Daemon:
             self.context.round = node.round
             if self.first_round_at is None:
                 self.first_round_at = time.monotonic()
+                # From the process's start: what a user waits for after launching `quinkgl run`.
                 log.info("first-round seconds_since_start=%.3f", self.first_round_at - self.started_at)
             await asyncio.to_thread(node.train_round)
             if self.stop_event.is_set():
@@ -389,11 +437,13 @@ class Daemon:
                 self._note_alone()
             steps = node.gossip_steps
             train_end = loop.time()
+            least = min_gossip_wait(interval, steps)
             for step in range(steps):
                 step_deadline = train_end + (next_start - train_end) * (step + 1) / steps
                 if node.known_peers:
                     node.share(step)
-                    await self._sleep_until(step_deadline, until=node.has_fresh_update_from_all)
+                    # Past the deadline (training ran over), peers still get a moment to answer this round.
+                    await self._sleep_until(max(step_deadline, loop.time() + least), until=node.has_fresh_update_from_all)
                 if self.stop_event.is_set():
                     return
                 outcome = node.aggregate()
@@ -401,14 +451,21 @@ class Daemon:
                     log.debug("no-updates known=%d", len(node.known_peers))
             await asyncio.to_thread(node.evaluate)
             metrics = node.end_round()
+            snapshot = self._snapshot()
             if node.completed_round % self.options.checkpoint_every == 0 or node.finished():
-                await self._checkpoint(reason="round")
+                await self._save(snapshot, reason="round")
+                self.unsaved = None
+            else:
+                self.unsaved = snapshot
             if loop.time() > next_start:
                 self._note_overrun(metrics.duration, metrics.train_time, interval)
 
     async def _final_consensus(self) -> None:
         loop = asyncio.get_running_loop()
         node = self.node
+        if not node.known_peers:
+            log.info("final-consensus-skipped reason=no-peers")
+            return
         for step in range(node.final_consensus_steps):
             if not node.known_peers or self.stop_event.is_set():
                 return
@@ -417,46 +474,80 @@ class Daemon:
             node.aggregate()
         val_loss, val_acc = await asyncio.to_thread(node.evaluate)
         self.final_eval = (val_loss, val_acc)
-        log.info("final-consensus steps=%d val_loss=%s val_accuracy=%s", node.final_consensus_steps,
-                 _f(val_loss), _f(val_acc))
+        log.info("final-consensus %s", kv(steps=node.final_consensus_steps, val_loss=val_loss, val_accuracy=val_acc))
 
-    async def _checkpoint(self, reason: str) -> None:
+    def _snapshot(self, final: bool = False) -> Snapshot:
+        """The node's state now, serialized here on the loop (one memcpy): training may go on while it is written."""
         started = time.perf_counter()
-        # Serialized here, on the loop, as a snapshot (one memcpy); only the disk write and fsync go to a thread.
-        data = self.store.encode(self.node.state_dict())
+        state = self.node.state_dict()
+        if final:
+            state.meta["final"] = True
+            state.meta["final_metrics"] = self._final_metrics()
+        return Snapshot(self.node.completed_round, self.store.encode(state), time.perf_counter() - started)
+
+    async def _save(self, snapshot: Snapshot, reason: str) -> Path:
+        started = time.perf_counter()
         try:
-            path = await asyncio.to_thread(self.store.write, self.node.completed_round, data)
+            path = await asyncio.to_thread(self.store.write, snapshot.round, snapshot.data)
         except QuinkglError as exc:
-            log.error("checkpoint-failed error=%s", exc.one_line().replace(" ", "_"))
+            log.error("checkpoint-failed %s", kv(error=exc.one_line()))
             raise
-        log.info("checkpoint-saved path=%s reason=%s seconds=%.4f", path, reason, time.perf_counter() - started,
-                 extra={"round": self.node.completed_round})
+        log.info("checkpoint-saved %s", kv(path=path, reason=reason,
+                                           seconds=round(snapshot.encode_seconds + time.perf_counter() - started, 4)),
+                 extra={"round": snapshot.round})
+        return path
 
-    async def _finish(self) -> None:
-        from quinkgl_cli.node.checkpoint import FINAL_MODEL_NAME, save_final_model
+    def _final_model_path(self) -> Path:
+        from quinkgl_cli.node.checkpoint import FINAL_MODEL_NAME
 
-        node = self.node
-        path = self.options.final_model or (self.prepared.checkpoint_dir / FINAL_MODEL_NAME)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "node_id": node.node_id,
-            "swarm_id": node.swarm_id,
-            "round": node.completed_round,
-            "arch_hash": self.prepared.arch_hash,
-        }
-        last = dict(node.history[-1]) if node.history else {}
+        return Path(self.options.final_model or (self.prepared.checkpoint_dir / FINAL_MODEL_NAME))
+
+    def _final_metrics(self) -> dict[str, Any]:
+        last = dict(self.node.history[-1]) if self.node.history else {}
         if self.final_eval is not None:
             last["val_loss"], last["val_accuracy"] = self.final_eval
-        meta["metrics"] = last
+        return last
+
+    async def _write_final_model(self, metrics: dict[str, Any]) -> Path:
+        from quinkgl_cli.node.checkpoint import save_final_model
+
+        node = self.node
+        path = self._final_model_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"node_id": node.node_id, "swarm_id": node.swarm_id, "round": node.completed_round,
+                "arch_hash": self.prepared.arch_hash, "metrics": metrics}
         await asyncio.to_thread(save_final_model, path, node.model, meta)
+        return path
+
+    async def _already_finished(self) -> int:
+        """Resumed on the final checkpoint of a run that reached its rounds: nothing to train. A restart has no
+        peers yet, so finishing again would overwrite the final model with one that skipped the final consensus."""
+        node = self.node
+        metrics = dict(self.prepared.resume_state.meta.get("final_metrics") or {})
+        path = self._final_model_path()
+        restored = not path.exists()
+        if restored:  # the run was killed between its final checkpoint and the final model: that is the same model
+            await self._write_final_model(metrics)
+        log.info("already-finished %s", kv(
+            rounds=node.completed_round, val_accuracy=metrics.get("val_accuracy"),
+            checkpoint=self.prepared.resume_file, final_model=path, final_model_restored=restored,
+            hint="nothing to train; raise --rounds to train further, or pass --no-resume to start over"))
+        return int(ExitCode.OK)
+
+    async def _finish(self) -> None:
+        node = self.node
+        # The final checkpoint first: killed before the model file is written, a restart finds the run finished
+        # and writes the model from it, instead of re-finishing from the last round's state without consensus.
+        await self._save(self._snapshot(final=True), reason="final")
+        last = self._final_metrics()
+        path = await self._write_final_model(last)
         st = self.transport.stats
-        log.info(
-            "finished rounds=%d loss=%s val_loss=%s val_accuracy=%s peers_met=%d bytes_sent=%d bytes_received=%d "
-            "seconds=%.1f peak_rss_mb=%.1f final_model=%s",
-            node.completed_round, _f(last.get("loss")), _f(last.get("val_loss")), _f(last.get("val_accuracy")),
-            len(node.discovered), st.bytes_sent, st.bytes_received, time.monotonic() - self.started_at,
-            peak_rss_mb(), path,
-        )
+        log.info("finished %s", kv(
+            rounds=node.completed_round, loss=last.get("loss"), val_loss=last.get("val_loss"),
+            val_accuracy=last.get("val_accuracy"), peers_met=len(node.discovered), bytes_sent=st.bytes_sent,
+            bytes_received=st.bytes_received, seconds=f"{time.monotonic() - self.started_at:.1f}",
+            peak_rss_mb=f"{peak_rss_mb():.1f}", final_model=path,
+        ))
 
 
 def peak_rss_mb() -> float:
@@ -475,10 +566,6 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _f(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else "-"
 
 
 # glibc mallopt parameters (malloc.h).
@@ -517,14 +604,12 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
     prepared = prepare(options)
     if options.dry_run:
         m = prepared.trusted.manifest
-        log.info(
-            "dry-run ok manifest=%s swarm=%s policy=%s arch_hash=%s arch_match=%s params=%d train_batches=%s "
-            "optimizer=%s strategy=%s topology=%s",
-            m.name, prepared.trusted.swarm_id, prepared.trusted.policy, prepared.arch_hash,
-            str(prepared.arch_hash == m.model.arch_hash).lower(),
-            sum(p.numel() for p in prepared.model.parameters()), _len_or_dash(prepared.train_loader),
-            type(prepared.optimizer).__name__, m.aggregation.name, m.topology.name,
-        )
+        log.info("dry-run-ok %s", kv(
+            manifest=m.name, swarm=prepared.trusted.swarm_id, policy=prepared.trusted.policy,
+            arch_hash=prepared.arch_hash, arch_match=prepared.arch_hash == m.model.arch_hash,
+            params=sum(p.numel() for p in prepared.model.parameters()), train_batches=_len_or_dash(prepared.train_loader),
+            optimizer=type(prepared.optimizer).__name__, strategy=m.aggregation.name, topology=m.topology.name,
+        ))
         return int(ExitCode.OK)
     daemon = Daemon(prepared, context, transport_factory or make_ipv8_transport)
     try:

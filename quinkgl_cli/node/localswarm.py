@@ -21,7 +21,8 @@ from typing import Any
 from quinkgl_cli.errors import NodeConfigError
 
 DIGITS_SCRIPT = Path(__file__).resolve().parents[2] / "peer_scripts" / "digits_peer_script.py"
-_FINISHED = re.compile(r"\bfinished rounds=(\d+)\b.*\bval_accuracy=([0-9.]+|-)")
+# The summary event only: not `already-finished`, whose word boundary `\b` would also match.
+_FINISHED = re.compile(r"(?:^|\s)finished rounds=(\d+)\b.*\bval_accuracy=([0-9.]+|-)", re.M)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

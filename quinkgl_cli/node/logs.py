@@ -5,13 +5,20 @@ Text (default), one event per line, flushed at once::
     2026-11-23T18:30:01.123Z INFO peer-1 round=3 aggregated models peers=2 samples=300 from=peer-2,peer-3 strategy=FedAvg
     2026-11-23T18:30:01.130Z INFO peer-1 round=3 round-end loss=0.4012 accuracy=0.8800 val_loss=0.5011 ...
     2026-11-23T18:29:50.002Z INFO peer-1 round=0 peer-discovered peer=peer-2 address=127.0.0.1:7002 known=1
+    2026-11-23T18:29:49.871Z INFO peer-1 round=0 alone bootstrap=none hint='no peers found yet, training locally'
 
 Fields: UTC time with milliseconds, level, node id, ``round=N`` (the round in progress, 0 before the first), then
-the event (one or more words) and ``key=value`` fields. Values with spaces are quoted. A traceback is folded into the
-same line (`` | `` between its lines) so one event stays one line.
+the event and ``key=value`` fields. An event is one hyphenated word (``round-end``, ``checkpoint-saved``); the one
+exception is ``aggregated models``, two words because the guide greps for exactly that. A value with spaces or
+quotes is written as a Python string literal (``hint='two words'``, see `kv`). A traceback is folded into the same
+line (`` | `` between its lines) so one event stays one line.
+
+Every line carries ``round=``, so the guide's ``grep 'round='`` shows them all; ``grep round-end`` gives exactly one
+line per completed round with that round's numbers.
 
 ``--log-format json`` prints one JSON object per line with ``ts``, ``level``, ``node``, ``round``, ``logger``,
-``event``, ``message`` and every ``key=value`` field as its own member (numbers as numbers).
+``event``, ``message`` and every ``key=value`` field as its own member (numbers as numbers, quoted values as the
+strings they quote).
 
 Every ``quinkgl.*`` logger (node, transport, strategies) and the root logger go through here; ``ipv8``'s own loggers
 are held at WARNING so routine packet noise stays out. Output of ``print`` in user hooks is not touched.
@@ -19,18 +26,21 @@ are held at WARNING so routine packet noise stays out. Output of ``print`` in us
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import math
 import re
-import shlex
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-_KV = re.compile(r"^([A-Za-z_][A-Za-z0-9_.-]*)=(.*)$", re.S)
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
+# One token: ``key=value`` where value is a quoted string literal or runs to the next space, or a bare word.
+_TOKEN = re.compile(
+    r"""([A-Za-z_][A-Za-z0-9_.-]*)=(?:('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")(?!\S)|(\S*))|(\S+)""", re.S
+)
 
 
 @dataclass
@@ -51,21 +61,50 @@ def _one_line(text: str) -> str:
     return " | ".join(part for part in text.splitlines() if part.strip())
 
 
+def value_text(value: Any) -> str:
+    """One field value as it appears in a line: floats with 4 decimals, None as ``-``, lists comma-joined, and
+    anything with spaces, quotes or nothing in it as a string literal (what `split_message` reads back)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    if value is None:
+        return "-"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value) or "-"
+    text = _one_line(str(value))
+    if not text or any(c.isspace() or c in "'\"" for c in text):
+        return repr(text)
+    return text
+
+
+def kv(**fields: Any) -> str:
+    """``key=value`` fields of one line, in order (see `value_text`)."""
+    return " ".join(f"{k}={value_text(v)}" for k, v in fields.items())
+
+
 def split_message(message: str) -> tuple[str, dict[str, Any]]:
-    """``'aggregated models peers=2 from=a,b'`` -> ``('aggregated models', {'peers': 2, 'from': 'a,b'})``."""
-    try:
-        tokens = shlex.split(message, posix=True)
-    except ValueError:
-        tokens = message.split()
+    """``'aggregated models peers=2 from=a,b'`` -> ``('aggregated models', {'peers': 2, 'from': 'a,b'})``.
+
+    The event is the words before the first field; quoted values come back as the strings they quote. Words after
+    the first field belong to no field and stay only in the message."""
     words: list[str] = []
     fields: dict[str, Any] = {}
-    for tok in tokens:
-        m = _KV.match(tok)
-        if m:
-            fields[m.group(1)] = _typed(m.group(2))
+    for m in _TOKEN.finditer(message):
+        key, quoted, bare, word = m.groups()
+        if key is not None:
+            fields[key] = _unquoted(quoted) if quoted is not None else _typed(bare)
         elif not fields:
-            words.append(tok)
+            words.append(word)
     return " ".join(words), fields
+
+
+def _unquoted(literal: str) -> str:
+    try:
+        value = ast.literal_eval(literal)  # a string literal only: literal_eval evaluates no code
+    except (ValueError, SyntaxError):
+        return literal[1:-1]
+    return value if isinstance(value, str) else literal[1:-1]
 
 
 def _typed(value: str) -> Any:
