@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -65,13 +66,13 @@ def data(label: int, n: int = 30, seed: int = 0) -> tuple[DataLoader, DataLoader
 
 
 def make_node(net: MemoryNetwork, node_id: str, m: Manifest, label: int, hooks: Any = None, seed: int = 0,
-              rounds: int = 3, noise_seed: int | None = None) -> Node:
+              rounds: int = 3, noise_seed: int | None = None, spectral_every: int = 5) -> Node:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     train, val = data(label, seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     transport = MemoryTransport(net, node_id, swarm_id="s", arch_hash=H)
-    node = Node(NodeConfig(node_id, rounds=rounds, seed=seed, noise_seed=noise_seed), m, "sha256:swarm", model, train, val, opt, transport,
+    node = Node(NodeConfig(node_id, rounds=rounds, seed=seed, noise_seed=noise_seed, spectral_every=spectral_every), m, "sha256:swarm", model, train, val, opt, transport,
                 hooks=hooks, clock=lambda: 0.0)
     transport.start_sync(node)
     return node
@@ -265,6 +266,50 @@ def test_label_entropy_stays_home_when_fingerprints_are_off(caplog: pytest.LogCa
         run_round(net, nodes)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("aggregated models")]
     assert len(lines) == 2 and all("no label_entropy from" in ln and "fallback_weight" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("topology,edges,lambda2,gap,mixing", [
+    # Ring of 4, fanout 2: each peer sees its two edges and, through what its neighbours name, the other two (C4).
+    ("RingTopology", 4, 2.0, 2 / 3, math.log(4) / (2 / 3)),
+    # Everyone to everyone: K4 (lambda_2 = n, gap 1), not the star of its own exchanges.
+    ("FullTopology", 6, 4.0, 1.0, math.log(4)),
+])
+def test_running_nodes_log_the_spectrum_of_the_gossip_graph_they_observe(
+        caplog: pytest.LogCaptureFixture, topology: str, edges: int, lambda2: float, gap: float, mixing: float) -> None:
+    base = manifest()
+    m = base.model_copy(update={"topology": base.topology.model_copy(update={"name": topology, "params": {"fanout": 2}})})
+    net = MemoryNetwork(auto_deliver=False)
+    hooks = [Recorder() for _ in range(4)]
+    nodes = [make_node(net, f"p{i}", m, i % 3, hooks[i], seed=i, rounds=4, spectral_every=2) for i in range(4)]
+    net.deliver_all()
+    with caplog.at_level(logging.INFO, logger="quinkgl.node"):
+        for _ in range(2):
+            run_round(net, nodes)
+    lines = [r for r in caplog.records if r.getMessage().startswith("spectral ")]
+    assert sorted(r.node for r in lines) == ["p0", "p1", "p2", "p3"] and {r.round for r in lines} == {2}  # type: ignore[attr-defined]
+    expected = (f"spectral window=10 nodes=4 edges={edges} lambda2={lambda2:.4f} gap={gap:.4f} "
+                f"mixing_bound={round(mixing, 2):.4f} connected=True")
+    assert all(r.getMessage() == expected for r in lines)
+    for h in hooks:
+        first, second = (args[1] for args in h.named("on_round_end"))
+        assert not any(k.startswith("spectral_") for k in first)
+        assert second["spectral_round"] == 2 and second["spectral_nodes"] == 4 and second["spectral_edges"] == edges
+        assert second["spectral_lambda2"] == pytest.approx(lambda2, abs=1e-4)
+        assert second["spectral_gap"] == pytest.approx(gap, abs=1e-4) and second["spectral_connected"] is True
+        assert second["spectral_mixing_bound"] == pytest.approx(mixing, abs=0.01)
+
+
+def test_named_recipients_only_count_among_known_peers() -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    me, _ = make_node(net, "me", manifest(), 0), make_node(net, "x", manifest(), 1, seed=1)
+    net.deliver_all()
+    me.begin_round()
+    d = flatten(me.model).numel()
+    fake = forged(me, "x", 1, torch.zeros(d), 30)
+    me.on_model(ModelReceived(fake.sender, 1, fake.payload, 30, fake.encoding, {"step": 0, "gossip_to": "me,ghost1,ghost2"}, 0.0))
+    me.aggregate()
+    report = me.graph.report(1)
+    assert report.n == 2 and report.edges == 1  # x - me; the invented peers are ignored
 
 
 def test_manifest_round_limit_caps_rounds() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
@@ -22,7 +21,8 @@ from quinkgl_cli.strategies.spectral import (
 def test_ring_of_ten_matches_the_description() -> None:
     report = analyze_adjacency(ring_adjacency(10))
     assert report.algebraic_connectivity == pytest.approx(0.3820, abs=1e-4)
-    assert report.summary() == "n=10 edges=10 lambda2=0.3820 gap=0.1273 connected=true mixing_bound=18.08"
+    assert report.fields() == {"nodes": 10, "edges": 10, "lambda2": 0.382, "gap": 0.1273, "mixing_bound": 18.08,
+                               "connected": True}
 
 
 @pytest.mark.parametrize("n", [3, 4, 7, 10, 25])
@@ -63,7 +63,7 @@ def test_disconnected_and_degenerate_graphs() -> None:
     report = analyze_edges([("a", "b"), ("c", "d")])
     assert not report.is_connected and report.algebraic_connectivity == 0.0
     assert report.spectral_gap == 0.0 and math.isinf(report.mixing_time_upper)
-    assert "mixing_bound=inf" in report.summary()
+    assert report.fields()["mixing_bound"] is None  # JSON-safe
     assert analyze_edges([("a", "b")], nodes=["c"]).n == 3
     assert analyze_edges([]).n == 0
     assert analyze_adjacency(np.zeros((1, 1))).is_connected
@@ -77,14 +77,18 @@ def test_observed_edges_are_undirected_and_deduplicated() -> None:
     assert report.edges == 10 and report.algebraic_connectivity == pytest.approx(0.3820, abs=1e-4)
 
 
-def test_monitor_windows_and_logs(caplog: pytest.LogCaptureFixture) -> None:
+def test_monitor_windows_and_schedule() -> None:
     monitor = GossipGraphMonitor(window=2, every=3)
     monitor.record("a", "b", 1)
     monitor.record("b", "c", 2)
     monitor.record("c", "a", 3)
-    with caplog.at_level(logging.INFO, logger="quinkgl.spectral"):
-        assert monitor.maybe_log(2) is None
-        report = monitor.maybe_log(3)
-    assert report is not None and report.edges == 2 and report.n == 3  # round 1's edge left the window
-    assert "spectral round=3 window=2 n=3 edges=2" in caplog.text
+    monitor.record("a", "c", 3)  # the same undirected edge
+    monitor.add_node("z", 1)  # alone, and out of the window by round 3
+    assert [r for r in range(7) if monitor.due(r)] == [3, 6]
+    report = monitor.report(3)
+    assert report.edges == 2 and report.n == 3  # round 1's edge left the window, and so did "z"
     assert report.is_connected  # a - c - b: a path
+    assert report.algebraic_connectivity == pytest.approx(1.0)  # P3: 2 - 2 cos(pi / 3)
+    monitor.add_node("z", 4)
+    later = monitor.report(4)  # only a - c is left, and "z" is back on its own
+    assert later.n == 3 and later.edges == 1 and not later.is_connected

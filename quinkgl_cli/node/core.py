@@ -19,7 +19,10 @@ again when aggregating (a compressed one only after it has been applied to its s
 so the inbox is guarded by a lock; everything else happens on the driver's thread.
 
 Everything is logged through ``logging.getLogger("quinkgl.node")`` as ``event key=value ...`` with the round in
-``extra``; the daemon formats it (`quinkgl_cli.node.logs`). User hooks never break the node: an exception in one is
+``extra``; the daemon formats it (`quinkgl_cli.node.logs`). Every ``NodeConfig.spectral_every`` rounds ``end_round``
+logs ``spectral window=W nodes=N edges=E lambda2=... gap=... mixing_bound=... connected=...`` about the gossip graph
+this node has observed (its sends, the senders it aggregated and the recipients their updates name, ``gossip_to``);
+the latest numbers are also in the round metrics as ``spectral_*``. User hooks never break the node: an exception in one is
 logged with its traceback and the round goes on.
 """
 
@@ -49,6 +52,7 @@ from quinkgl_cli.strategies.sharing import RESYNC_KIND, SharingPipeline, StaleBa
 from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
 from quinkgl_cli.strategies.fingerprint import fingerprint_for
+from quinkgl_cli.strategies.spectral import GossipGraphMonitor
 from quinkgl_cli.tensors import TensorSpec, flatten, float_buffers, load_flat, shared_specs, trainable_mask
 from quinkgl_cli.transport import wire
 from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, PeerInfo, Transport
@@ -59,6 +63,11 @@ log = logging.getLogger("quinkgl.node")
 # arithmetic sane whatever a peer claims (the published package let one peer claim 2**32 samples).
 MAX_REPORTED_SAMPLES = 1 << 31
 EXTRA_PREFIX = "extra."
+# Update meta naming the recipients of the send it rode on: how a peer learns its neighbours' gossip edges. Bounded
+# so it always fits the transport's meta limit (4 KiB) next to the other keys.
+GOSSIP_TO_KEY = "gossip_to"
+MAX_GOSSIP_TO = 32
+MAX_GOSSIP_TO_CHARS = 2048
 
 
 class Hooks(Protocol):
@@ -87,6 +96,8 @@ class NodeConfig:
     seed: int = 0
     max_update_bytes: int | None = None  # receive limit; default: the wire bound for this model
     noise_seed: int | None = None  # DP, fingerprint and QSGD noise seed: the simulator only; None draws from the OS
+    spectral_every: int = 5  # analyze the observed gossip graph every N rounds (a `spectral` log line)
+    spectral_window: int = 10  # ... over the exchanges of the last N rounds
 
 
 @dataclass
@@ -127,10 +138,12 @@ class RoundMetrics:
     eval_time: float = 0.0
     duration: float = 0.0
     sharing: dict[str, Any] = field(default_factory=dict)  # compression and privacy counters (SharingPipeline)
+    spectral: dict[str, Any] = field(default_factory=dict)  # the latest analysis of the observed gossip graph
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(d.pop("sharing"))
+        d.update({f"spectral_{k}": v for k, v in d.pop("spectral").items()})
         return d
 
 
@@ -240,6 +253,11 @@ class Node:
         self.sharing = SharingPipeline(manifest.compression, manifest.privacy, sum(s.numel for s in self.specs),
                                        noise_seed=config.noise_seed, dp_mask=dp_mask)
         self._sharing_stop_logged = False
+        if config.spectral_every < 1 or config.spectral_window < 1:
+            raise NodeConfigError(f"spectral_every and spectral_window must be >= 1, got {config.spectral_every} "
+                                  f"and {config.spectral_window}")
+        self.graph = GossipGraphMonitor(window=config.spectral_window, every=config.spectral_every)
+        self._spectral: dict[str, Any] = {}
 
         self.round = 0  # the round in progress (1-based); after end_round, the last completed one
         self.completed_round = 0
@@ -522,20 +540,22 @@ class Node:
         return self.manifest.task.type in ("classification", "segmentation")
 
     # --------------------------------------------------------------- send path
-    def encode_update(self, step: int = 0) -> OutgoingUpdate:
+    def encode_update(self, step: int = 0, targets: Sequence[str] = ()) -> OutgoingUpdate:
         """The one place the outgoing update is built: compression and privacy transform it here."""
         state = self.model.state_dict()
         tensors: dict[str, torch.Tensor] = {s.name: state[s.name] for s in self.specs}
         for name, t in self.aggregator.extras_to_send().items():
             tensors[EXTRA_PREFIX + name] = t
-        meta = self._update_meta(step)
+        meta = self._update_meta(step, targets)
         payload = wire.encode(tensors, meta=meta)
         return OutgoingUpdate(round=self.round, payload=payload, sample_count=int(self.sample_count), meta=meta)
 
-    def _update_meta(self, step: int) -> dict[str, Any]:
+    def _update_meta(self, step: int, targets: Sequence[str]) -> dict[str, Any]:
         meta: dict[str, Any] = {"step": step}
         if self.label_entropy is not None:
             meta[LABEL_ENTROPY_KEY] = self.label_entropy
+        if targets:
+            meta[GOSSIP_TO_KEY] = _gossip_to(targets)
         return meta
 
     def share(self, step: int = 0) -> list[str]:
@@ -560,9 +580,11 @@ class Node:
             self.transport.send_message(peer_id, kind, body)
         if not targets:
             return []
+        for peer_id in targets:
+            self.graph.record(self.node_id, peer_id, self.round)
         if self.sharing.compress_sends:
             return self._share_compressed(targets, step)
-        update = self.encode_update(step)
+        update = self.encode_update(step, targets)
         for peer_id in targets:
             self.transport.send_model(peer_id, update)
         self._log(logging.DEBUG, "shared", to=targets, bytes=len(update.payload), step=step)
@@ -572,7 +594,7 @@ class Node:
         """Each recipient gets the delta against what it holds from us (strategies.compression)."""
         flat = flatten(self.model)
         extras = self.aggregator.extras_to_send()
-        meta = self._update_meta(step)
+        meta = self._update_meta(step, targets)
         sizes = []
         for peer_id in targets:
             enc = self.sharing.encode(peer_id, flat, extras, meta)
@@ -669,6 +691,8 @@ class Node:
             self._log(logging.WARNING, "update-rejected", peer=pid, strategy=self.aggregator.name, note=result.note or None)
         for u in others:
             self.topology.record_outcome(u.peer_id, 1.0 if u.peer_id in used else 0.0)
+            if u.peer_id in used:
+                self._observe_edges(u)
         outcome = AggregationOutcome(peers=used, rejected=list(result.rejected), samples=samples, note=result.note)
         for p in used:
             if p not in self._round_peers:
@@ -681,8 +705,29 @@ class Node:
         self._call_hook("on_aggregation_done", list(used), samples)
         return outcome
 
+    def _observe_edges(self, update: PeerUpdate) -> None:
+        """The gossip edges an aggregated update shows: its sender to us, and to the recipients it names (only
+        peers we know: a peer cannot fill the graph with invented nodes)."""
+        self.graph.record(update.peer_id, self.node_id, self.round)
+        named = update.meta.get(GOSSIP_TO_KEY)
+        if isinstance(named, str):
+            for peer_id in named.split(",")[:MAX_GOSSIP_TO]:
+                if peer_id in self.known_peers or peer_id == self.node_id:
+                    self.graph.record(update.peer_id, peer_id, self.round)
+
+    def _analyze_graph(self) -> None:
+        """Every ``spectral_every`` rounds: the spectral numbers of the observed gossip graph, logged and kept for
+        the round metrics (`strategies.spectral`)."""
+        self.graph.add_node(self.node_id, self.round)
+        if not self.graph.due(self.round):
+            return
+        fields = self.graph.report(self.round).fields()
+        self._spectral = {"round": self.round, **fields}
+        self._log(logging.INFO, "spectral", window=self.graph.window, **fields)
+
     def end_round(self) -> RoundMetrics:
         """Close the round: metrics, history, ``on_round_end``."""
+        self._analyze_graph()
         st = self.transport.stats
         s0 = self._stats_at_start
         train = self._train
@@ -707,6 +752,7 @@ class Node:
             eval_time=self._eval_time,
             duration=self.clock() - self._round_started,
             sharing=self.sharing.round_metrics(),
+            spectral=dict(self._spectral),
         )
         self.completed_round = self.round
         d = metrics.as_dict()
@@ -821,6 +867,17 @@ def all_finite(t: torch.Tensor) -> bool:
     """Whether every value is finite. A float32 sum is finite for any finite model (it overflows only past
     ~3e38) and costs a fiftieth of ``isfinite(t).all()``; only a non-finite sum is confirmed element-wise."""
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _gossip_to(targets: Sequence[str]) -> str:
+    """The ``GOSSIP_TO_KEY`` value: recipients, comma-separated, as many as fit the bounds."""
+    text = ""
+    for peer_id in sorted(targets)[:MAX_GOSSIP_TO]:
+        longer = f"{text},{peer_id}" if text else peer_id
+        if len(longer) > MAX_GOSSIP_TO_CHARS:
+            break
+        text = longer
+    return text
 
 
 def _order(update: ModelReceived) -> tuple[int, int, float]:

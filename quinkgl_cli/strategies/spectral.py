@@ -16,16 +16,12 @@ A ring of 10 gives lambda_2 = 0.3820, gap = 0.1273, mixing bound 18.08.
 
 from __future__ import annotations
 
-import logging
 import math
-from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
-
-log = logging.getLogger("quinkgl.spectral")
 
 
 @dataclass(frozen=True)
@@ -37,25 +33,16 @@ class SpectralReport:
     mixing_time_upper: float
     is_connected: bool
 
-    def fields(self) -> dict[str, int | float | bool]:
+    def fields(self) -> dict[str, int | float | bool | None]:
+        """JSON-safe numbers (an infinite mixing bound is None) for logs and round metrics."""
         return {
-            "n": self.n,
+            "nodes": self.n,
             "edges": self.edges,
             "lambda2": round(self.algebraic_connectivity, 4),
             "gap": round(self.spectral_gap, 4),
+            "mixing_bound": round(self.mixing_time_upper, 2) if math.isfinite(self.mixing_time_upper) else None,
             "connected": self.is_connected,
-            "mixing_bound": round(self.mixing_time_upper, 2) if math.isfinite(self.mixing_time_upper) else "inf",
         }
-
-    def summary(self) -> str:
-        """``n=10 edges=10 lambda2=0.3820 gap=0.1273 connected=true mixing_bound=18.09``"""
-        f = self.fields()
-        mix = f["mixing_bound"]
-        mix_text = mix if isinstance(mix, str) else f"{mix:.2f}"
-        return (
-            f"n={self.n} edges={self.edges} lambda2={self.algebraic_connectivity:.4f} gap={self.spectral_gap:.4f} "
-            f"connected={str(self.is_connected).lower()} mixing_bound={mix_text}"
-        )
 
 
 def _clean(adjacency: np.ndarray) -> np.ndarray:
@@ -127,12 +114,12 @@ def complete_adjacency(n: int) -> np.ndarray:
 
 
 class GossipGraphMonitor:
-    """The gossip graph a running peer has observed: model exchanges of the last ``window`` rounds.
+    """The gossip graph a running peer has observed: undirected model exchanges of the last ``window`` rounds.
 
-    The node records every exchange it takes part in (and any it learns of); every ``every`` rounds
-    ``maybe_log`` analyzes the graph and logs ``spectral round=R window=W n=... edges=... lambda2=... gap=...
-    connected=... mixing_bound=...``. A single peer sees only its own edges, so its graph is a star around it
-    plus what peers report: the numbers describe the part of the swarm it can see.
+    The node records the exchanges it takes part in (its sends, the senders it aggregated) and the ones its peers
+    report (the recipients each update names); every ``every`` rounds it analyzes the graph and logs a ``spectral``
+    line. One peer sees its own edges and its neighbours' (two hops): the numbers describe the part of the swarm it
+    can see, and edges not seen for ``window`` rounds age out with their nodes (a peer that left stops counting).
     """
 
     def __init__(self, window: int = 10, every: int = 5) -> None:
@@ -140,28 +127,27 @@ class GossipGraphMonitor:
             raise ValueError("window and every must be >= 1")
         self.window = window
         self.every = every
-        self._events: deque[tuple[int, str, str]] = deque()
-        self._nodes: set[str] = set()
+        self._edges: dict[tuple[str, str], int] = {}  # (smaller id, larger id) -> last round seen
+        self._nodes: dict[str, int] = {}  # nodes added on their own (the observer) -> last round seen
 
     def record(self, sender: str, receiver: str, round_idx: int) -> None:
-        self._events.append((round_idx, sender, receiver))
-        self._nodes.update((sender, receiver))
+        if sender == receiver:
+            return
+        key = (sender, receiver) if sender < receiver else (receiver, sender)
+        self._edges[key] = max(round_idx, self._edges.get(key, round_idx))
 
-    def add_node(self, node: str) -> None:
-        self._nodes.add(node)
+    def add_node(self, node: str, round_idx: int) -> None:
+        self._nodes[node] = max(round_idx, self._nodes.get(node, round_idx))
+
+    def due(self, round_idx: int) -> bool:
+        """Whether ``round_idx`` is one of the rounds to analyze (every ``every``-th)."""
+        return round_idx > 0 and round_idx % self.every == 0
 
     def _trim(self, round_idx: int) -> None:
-        while self._events and self._events[0][0] <= round_idx - self.window:
-            self._events.popleft()
+        oldest = round_idx - self.window
+        self._edges = {k: r for k, r in self._edges.items() if r > oldest}
+        self._nodes = {k: r for k, r in self._nodes.items() if r > oldest}
 
     def report(self, round_idx: int) -> SpectralReport:
         self._trim(round_idx)
-        return analyze_edges(((s, r) for _, s, r in self._events), self._nodes)
-
-    def maybe_log(self, round_idx: int) -> SpectralReport | None:
-        """Analyze and log every ``every`` rounds; returns the report when it logged one."""
-        if round_idx <= 0 or round_idx % self.every:
-            return None
-        report = self.report(round_idx)
-        log.info("spectral round=%d window=%d %s", round_idx, self.window, report.summary())
-        return report
+        return analyze_edges(self._edges, self._nodes)
