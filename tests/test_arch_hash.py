@@ -77,6 +77,48 @@ def test_function_attributes_count() -> None:
     assert compute_arch_hash(Act(torch.relu)) != compute_arch_hash(Act(torch.tanh))
 
 
+class Act(nn.Module):
+    """A user's module that picks its activation by name: the string is behaviour."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self._calls = 0  # private: bookkeeping, not structure
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) if self.kind == "relu" else torch.tanh(x)
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float, dims: tuple[int, ...] = (1,)) -> None:
+        super().__init__()
+        self.factor = factor
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+@pytest.mark.parametrize(
+    "left, right",
+    [
+        (lambda: Act("relu"), lambda: Act("tanh")),
+        (lambda: Scale(1.0), lambda: Scale(2.0)),
+        (lambda: Scale(1.0, (1,)), lambda: Scale(1.0, (1, 2))),
+        (lambda: nn.Sequential(nn.Linear(4, 4), Act("relu")), lambda: nn.Sequential(nn.Linear(4, 4), Act("tanh"))),
+    ],
+)
+def test_plain_attributes_of_user_modules_change_the_hash(left, right) -> None:  # noqa: ANN001
+    assert compute_arch_hash(left()) != compute_arch_hash(right())
+
+
+def test_private_attributes_and_mode_of_user_modules_do_not_count() -> None:
+    a, b = Act("relu"), Act("relu")
+    b._calls = 7
+    b.eval()
+    assert compute_arch_hash(a) == compute_arch_hash(b)
+
+
 def test_not_a_module() -> None:
     with pytest.raises(NodeConfigError):
         compute_arch_hash(object())

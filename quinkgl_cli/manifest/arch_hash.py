@@ -5,8 +5,11 @@ What is hashed, module by module in ``named_modules()`` order:
 - its ``extra_repr()`` (how torch itself describes a layer's settings: features, kernel size, stride, padding,
   eps, momentum, negative_slope, dropout p, approximate, ...), minus ``inplace`` (a memory choice that does
   not change results) and minus memory addresses;
-- for torch's own layers, their plain public settings (``num_heads``, ``batch_first``, ``norm_first``...: some
-  layers print none of them);
+- the module's plain public attributes (bool, int, float, str, None and tuples or lists of them), for torch's
+  layers (``num_heads``, ``batch_first``, ``norm_first``...: some print none of them) and the user's own alike
+  (``self.kind = "tanh"``, ``self.scale = 2.0``): they usually steer ``forward``. ``training`` and private
+  (``_``) attributes are not hashed. So a user's module must not keep machine-specific values (a data path,
+  ``"cuda"``) in public attributes, or peers on other machines get another hash;
 - functions stored as attributes (``self.act = torch.tanh``), by name;
 - the names, shapes and dtypes of its own parameters and buffers.
 
@@ -59,12 +62,11 @@ def describe_model(model: Any) -> list[dict[str, Any]]:
 
 def _describe(path: str, module: Any) -> dict[str, Any]:
     cls = type(module)
-    builtin = cls.__module__.startswith("torch.")
     attrs: dict[str, Any] = {}
     for name, value in vars(module).items():
         if name.startswith("_") or name in _SKIP_ATTRS:
             continue
-        if builtin and _is_plain(value):
+        if _is_plain(value):
             attrs[name] = _plain(value)
         elif _is_function(value):
             attrs[name] = "fn:" + _function_name(value)
