@@ -51,3 +51,48 @@ def test_run_flag_errors_are_usage_errors(args: list[str], needle: str, tmp_path
 def test_demo_flag_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["demo", "--peers", "1"]) == 1
     assert "--peers" in capsys.readouterr().err
+
+
+def test_demo_prints_streamed_lines_as_plain_text() -> None:
+    import io
+
+    from rich.console import Console
+
+    from quinkgl_cli.cli.demo import print_peer_line
+
+    out = io.StringIO()
+    console = Console(file=out, width=200, color_system=None)
+    for line in ("[peer-discovered] peer-3", "[aggregated] peers=['peer-2'] samples=719", "odd [/x] [bold]text"):
+        print_peer_line(console, "peer-1", line)
+    assert out.getvalue().splitlines() == [
+        " peer-1 | [peer-discovered] peer-3",
+        " peer-1 | [aggregated] peers=['peer-2'] samples=719",
+        " peer-1 | odd [/x] [bold]text",
+    ]
+
+
+def test_log_follower_reports_its_failure(tmp_path) -> None:
+    import threading
+    import time
+
+    from quinkgl_cli.node import localswarm as ls
+
+    log = tmp_path / "peer-1.log"
+    log.write_text("one\ntwo\n")
+    peer = ls.PeerProcess("peer-1", 0, log, None, {})  # type: ignore[arg-type]
+    got: list[str] = []
+    failures: list[BaseException] = []
+
+    def emit(name: str, line: str) -> None:
+        got.append(line)
+        if line == "two":
+            raise ValueError("printer broke")
+
+    stop = threading.Event()
+    thread = ls.follow([peer], emit, stop, failures.append, poll=0.01)
+    deadline = time.monotonic() + 10
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(0.05)
+    stop.set()
+    assert got == ["one", "two"]
+    assert len(failures) == 1 and str(failures[0]) == "printer broke"

@@ -7,13 +7,24 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from quinkgl_cli.errors import NodeConfigError, UsageError
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 _SHOWN = ("peer-discovered", "aggregated models", "round-end", "finished", "resumed", "error", "ERROR", "WARNING", "alone")
+
+
+def print_peer_line(console: Console, peer: str, line: str) -> None:
+    """One streamed log line behind its peer's prefix, printed as the plain text it is: hook output such as
+    ``[peer-discovered] peer-3`` or a ``[/x]`` in a message is not rich markup."""
+    from rich.text import Text
+
+    console.print(Text.assemble((f"{peer:>7}", "cyan"), " | ", line), soft_wrap=True, highlight=False)
 
 
 def demo(
@@ -36,11 +47,13 @@ def demo(
         raise UsageError("--rounds must be at least 1 and --gossip-interval positive")
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from quinkgl_cli.node import localswarm as ls
 
     console = Console(highlight=False)
+    errors = Console(stderr=True, highlight=False)
     ls.check_script(ls.DIGITS_SCRIPT)
     temp = workdir is None
     root = Path(tempfile.mkdtemp(prefix="quinkgl-demo-")) if temp else Path(workdir)  # type: ignore[arg-type]
@@ -48,26 +61,33 @@ def demo(
     started = time.monotonic()
     swarm: list[ls.PeerProcess] = []
     try:
-        console.print(f"[bold]workspace[/bold] {root}")
-        console.print("$ quinkgl keygen --output creator.key")
+        console.print(f"[bold]workspace[/bold] {escape(str(root))}")
+        console.print("$ quinkgl keygen --output creator.key", markup=False)
         console.print(
             "$ quinkgl manifest create --name digits-demo --from-script digits_peer_script.py --task-type class "
             "--label-type integer --aggregation FedAvg --topology FullTopology --training-param local_epochs=1 "
-            "--training-param final_consensus_steps=1 --sign-with creator.key --output digits-demo.qgl"
+            "--training-param final_consensus_steps=1 --sign-with creator.key --output digits-demo.qgl",
+            markup=False,
         )
         manifest, _key, pub, swarm_id = ls.digits_manifest(root)
-        console.print(f"$ quinkgl manifest verify digits-demo.qgl --trusted-pubkey {pub}")
-        console.print(f"  Manifest valid. Swarm ID: {swarm_id}")
+        console.print(f"$ quinkgl manifest verify digits-demo.qgl --trusted-pubkey {pub}", markup=False)
+        console.print(f"  Manifest valid. Swarm ID: {swarm_id}", markup=False)
         swarm = ls.start_swarm(root, manifest, peers, rounds, gossip_interval, partition)
         for p in swarm:
-            console.print(f"started {p.name} on 127.0.0.1:{p.port} shard={p.script_args['shard']} partition={partition}")
+            console.print(f"started {p.name} on 127.0.0.1:{p.port} shard={p.script_args['shard']} partition={partition}",
+                          markup=False)
 
         lock = threading.Lock()
 
         def emit(peer: str, line: str) -> None:
             if verbose or any(key in line for key in _SHOWN):
                 with lock:
-                    console.print(f"[cyan]{peer:>7}[/cyan] | {line}", markup=True, soft_wrap=True, highlight=False)
+                    print_peer_line(console, peer, line)
+
+        def streaming_failed(exc: BaseException) -> None:
+            with lock:
+                errors.print(f"warning: log streaming stopped ({type(exc).__name__}: {exc}); the peers keep running, "
+                             f"their logs are in {root / 'logs'}", markup=False)
 
         solo: dict[str, ls.SoloResult] = {}
 
@@ -81,7 +101,7 @@ def demo(
                 solo[p.name] = ls.train_alone(manifest, ls.DIGITS_SCRIPT, p.script_args, rounds, node_id=p.name)
 
         stop = threading.Event()
-        follower = ls.follow(swarm, emit, stop)
+        follower = ls.follow(swarm, emit, stop, streaming_failed)
         solo_thread = threading.Thread(target=baselines, name="solo-baselines", daemon=True)
         solo_thread.start()
         codes = ls.wait_all(swarm, timeout=120 + rounds * gossip_interval * 3)
@@ -119,7 +139,7 @@ def demo(
         if temp and not keep:
             shutil.rmtree(root, ignore_errors=True)
         elif temp or workdir is not None:
-            console.print(f"workspace kept: {root}")
+            console.print(f"workspace kept: {root}", markup=False)
 
 
 def register(app: typer.Typer) -> None:

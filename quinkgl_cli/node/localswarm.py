@@ -177,8 +177,11 @@ def start_swarm(workdir: Path, manifest: Path, n: int, rounds: int, interval: fl
 
 
 def follow(peers: Sequence[PeerProcess], emit: Callable[[str, str], None], stop: threading.Event,
-           poll: float = 0.1) -> threading.Thread:
-    """Stream each peer's new log lines to ``emit(peer, line)`` until ``stop`` is set and the logs are drained."""
+           on_error: Callable[[BaseException], None], poll: float = 0.1) -> threading.Thread:
+    """Stream each peer's new log lines to ``emit(peer, line)`` until ``stop`` is set and the logs are drained.
+
+    If streaming fails (``emit`` raising, say), ``on_error`` gets the exception and streaming ends: the peers run on
+    and their logs stay in their files, but the caller must say so instead of going quiet."""
 
     def loop() -> None:
         offsets = {p.name: 0 for p in peers}
@@ -191,7 +194,7 @@ def follow(peers: Sequence[PeerProcess], emit: Callable[[str, str], None], stop:
                         fh.seek(offsets[p.name])
                         chunk = fh.read()
                 except OSError:
-                    continue
+                    continue  # not created yet
                 offsets[p.name] += len(chunk)
                 data = partial[p.name] + chunk
                 *lines, partial[p.name] = data.split(b"\n")
@@ -201,7 +204,13 @@ def follow(peers: Sequence[PeerProcess], emit: Callable[[str, str], None], stop:
                 return
             stop.wait(poll)
 
-    thread = threading.Thread(target=loop, name="follow-logs", daemon=True)
+    def guarded() -> None:
+        try:
+            loop()
+        except Exception as exc:  # reported through on_error, never lost with the thread
+            on_error(exc)
+
+    thread = threading.Thread(target=guarded, name="follow-logs", daemon=True)
     thread.start()
     return thread
 
