@@ -217,3 +217,32 @@ def test_auto_delivery_can_be_turned_off_inside_a_loop():
         assert rb.discovered == ["a"]
 
     asyncio.run(main())
+
+
+def test_event_names_use_hyphens(caplog):
+    """Log lines are a public interface: every event the memory transport logs is hyphenated, like IPv8's."""
+    net, nodes, _ = _swarm(3)
+    odd = MemoryTransport(net, "odd", swarm_id="s", arch_hash="other")
+    with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
+        odd.start_sync(Recorder())
+        net.deliver_all()
+        a, b = nodes["p0"][0], nodes["p1"][0]
+        a.send_model("nobody", _upd())
+        a.send_message("nobody", "k", {})
+        b.max_model_bytes = 10
+        a.send_model("p1", _upd())
+        net.deliver_all()
+        b.max_model_bytes = 1 << 20
+        a.send_model("p1", _upd(round_=3))
+        a.send_model("p1", _upd(round_=2))
+        net.corrupt("p0", "p1")
+        a.send_model("p1", _upd(round_=5))
+        net.deliver_all()
+        a.send_model("p1", _upd(round_=6))
+        a.stop_sync()
+        net.deliver_all()
+    events = {r.getMessage().split()[0] for r in caplog.records if r.name == "quinkgl.transport"}
+    expected = {"transport-started", "peer-discovered", "peer-refused", "send-failed", "message-failed", "offer-refused",
+                "offer-ignored", "fetch-failed", "peer-lost", "transport-stopped"}
+    assert expected <= events, expected - events
+    assert not [e for e in events if "_" in e], events

@@ -126,7 +126,7 @@ class MemoryNetwork:
             try:
                 action()
             except Exception:  # one handler's bug must not stop every later delivery; lockstep callers see it raised
-                log.exception("memory_delivery_failed")
+                log.exception("memory-delivery-failed")
 
     # -- fault injection -----------------------------------------------------------------------------------
     def block(self, src: str, dst: str, both_ways: bool = False) -> None:
@@ -247,23 +247,23 @@ class MemoryTransport(Transport):
         self._events = events
         self._started = True
         self.network._join(self)
-        log.debug("transport_started node=%s kind=memory swarm=%s", self.node_id, self.swarm_id)
+        log.debug("transport-started node=%s kind=memory swarm=%s", self.node_id, self.swarm_id)
 
     def stop_sync(self) -> None:
         if not self._started:
             return
         self._halt()
-        log.debug("transport_stopped node=%s kind=memory", self.node_id)
+        log.debug("transport-stopped node=%s kind=memory", self.node_id)
 
     def peers(self) -> list[PeerInfo]:
         return list(self._peers.values())
 
     def send_model(self, peer_id: str, update: OutgoingUpdate) -> None:
         if not self._started:
-            self._drop("send_failed", peer_id, "not_started")
+            self._drop("send-failed", peer_id, "not_started")
             return
         if peer_id not in self._peers:
-            self._drop("send_failed", peer_id, "unknown_peer")
+            self._drop("send-failed", peer_id, "unknown_peer")
             return
         try:
             encode_body(dict(update.meta), limit=MAX_META_BYTES, what="update meta")
@@ -272,7 +272,7 @@ class MemoryTransport(Transport):
             if update.round < 0 or update.sample_count < 0:
                 raise NetworkError("round and sample count must not be negative")
         except NetworkError as exc:
-            self._drop("send_failed", peer_id, "bad_update", detail=exc.message)
+            self._drop("send-failed", peer_id, "bad_update", detail=exc.message)
             return
         payload = bytes(update.payload)
         offer = _Offer(
@@ -297,10 +297,10 @@ class MemoryTransport(Transport):
         check_kind(kind)
         data = encode_body(dict(body))
         if not self._started:
-            self._drop("message_failed", peer_id, "not_started")
+            self._drop("message-failed", peer_id, "not_started")
             return
         if peer_id not in self._peers:
-            self._drop("message_failed", peer_id, "unknown_peer")
+            self._drop("message-failed", peer_id, "unknown_peer")
             return
         if not self.network._link_ok(self.node_id, peer_id):
             return
@@ -315,24 +315,24 @@ class MemoryTransport(Transport):
         if other.swarm_id != self.swarm_id:
             return  # another swarm's community: the two never see each other at all
         if other.protocol_version != self.protocol_version:
-            self._once("peer_refused", other.node_id, "protocol_mismatch", node=self.node_id, theirs=other.protocol_version)
+            self._once("peer-refused", other.node_id, "protocol_mismatch", node=self.node_id, theirs=other.protocol_version)
             return
         if other.arch_hash != self.arch_hash:
-            self._once("peer_refused", other.node_id, "arch_mismatch", node=self.node_id, theirs=other.arch_hash)
+            self._once("peer-refused", other.node_id, "arch_mismatch", node=self.node_id, theirs=other.arch_hash)
             return
         now = self.network.clock()
         known = other.node_id in self._peers
         info = PeerInfo(other.node_id, other.public_key, None, now)
         self._peers[other.node_id] = info
         if not known and self._events is not None:
-            log.debug("peer_discovered node=%s peer=%s", self.node_id, other.node_id)
+            log.debug("peer-discovered node=%s peer=%s", self.node_id, other.node_id)
             self._events.on_peer_discovered(info)
 
     def _lose(self, peer_id: str) -> None:
         info = self._peers.pop(peer_id, None)
         self._book.forget(peer_id)
         if info is not None and self._started and self._events is not None:
-            log.debug("peer_lost node=%s peer=%s", self.node_id, peer_id)
+            log.debug("peer-lost node=%s peer=%s", self.node_id, peer_id)
             self._events.on_peer_lost(info)
 
     def _touch(self, peer_id: str) -> None:
@@ -345,16 +345,16 @@ class MemoryTransport(Transport):
             return
         self._touch(offer.sender)
         if offer.size > self.max_model_bytes:
-            self._drop("offer_refused", offer.sender, "oversized", size=offer.size, limit=self.max_model_bytes)
+            self._drop("offer-refused", offer.sender, "oversized", size=offer.size, limit=self.max_model_bytes)
             return
         key = offer.round.to_bytes(8, "big", signed=True) + offer.digest + offer.nonce.to_bytes(8, "big")
         verdict = self._book.verdict(offer.sender, offer.round, key)
         if verdict is not None:
-            log.debug("offer_ignored node=%s peer=%s reason=%s round=%d", self.node_id, offer.sender, verdict, offer.round)
+            log.debug("offer-ignored node=%s peer=%s reason=%s round=%d", self.node_id, offer.sender, verdict, offer.round)
             return
         self._book.take(offer.sender, offer.round, key)
         if not sender._started:
-            self._drop("fetch_failed", offer.sender, "sender_vanished")
+            self._drop("fetch-failed", offer.sender, "sender_vanished")
             return
         payload = offer.payload
         if self.network._take_corruption(offer.sender, self.node_id):
@@ -363,7 +363,7 @@ class MemoryTransport(Transport):
                 flipped[len(flipped) // 2] ^= 0xFF
             payload = bytes(flipped) + (b"" if flipped else b"\0")
         if len(payload) != offer.size or digest(payload) != offer.digest:
-            self._drop("fetch_failed", offer.sender, "digest_mismatch", round=offer.round)
+            self._drop("fetch-failed", offer.sender, "digest_mismatch", round=offer.round)
             return
         sender.stats.bytes_sent += len(payload)
         sender.stats.models_sent += 1
