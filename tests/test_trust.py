@@ -111,6 +111,20 @@ def test_pinned_key_from_public_key_file(tmp_path: Path, creator) -> None:  # no
     assert load_trusted(path, "pinned", [str(pub_file)], now=NOW).signed
 
 
+@pytest.mark.parametrize("content", ["secret\n", "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n", ""])
+def test_bad_public_key_file_is_named_never_quoted(tmp_path: Path, creator, content: str) -> None:  # noqa: ANN001
+    key_file = tmp_path / "creator.pub"
+    key_file.write_text(content)
+    path = write(tmp_path / "p.qgl", make_manifest(key=creator))
+    with pytest.raises(UsageError) as info:
+        load_trusted(path, "pinned", [str(key_file)], now=NOW)
+    line = info.value.one_line()
+    assert str(key_file) in line and "does not start with a public key" in line
+    first = content.split()[0] if content.strip() else None
+    assert first is None or first not in line
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
 def test_tofu_remembers_first_key_per_name(tmp_path: Path, creator) -> None:  # noqa: ANN001
     state = tmp_path / "state"
     first = write(tmp_path / "a.qgl", make_manifest("swarm-a", key=creator))

@@ -64,21 +64,30 @@ def parse_trusted_keys(values: list[str] | tuple[str, ...]) -> frozenset[str]:
     out: set[str] = set()
     for value in values:
         text = value.strip()
-        if not text.lower().startswith(keys.PUBKEY_PREFIX):
-            path = Path(text)
-            if not path.is_file():
-                raise UsageError(
-                    f"--trusted-pubkey {value!r} is neither ed25519:<hex> nor a public key file",
-                    "pass the line printed by `quinkgl keygen`",
-                )
-            try:
-                with open(path, "rb") as fh:
-                    lines = fh.read(4096).decode("utf-8", "replace").split()
-            except OSError as exc:
-                raise IOFailure(f"cannot read public key file {path}: {exc.strerror}") from exc
-            text = lines[0] if lines else ""
-        out.add(keys.normalize_public_key(text))
+        out.add(keys.normalize_public_key(text) if text.lower().startswith(keys.PUBKEY_PREFIX) else _key_from_file(value))
     return frozenset(out)
+
+
+def _key_from_file(value: str) -> str:
+    path = Path(value.strip())
+    if not path.is_file():
+        raise UsageError(
+            f"--trusted-pubkey {value!r} is neither ed25519:<hex> nor a public key file", "pass the line printed by `quinkgl keygen`"
+        )
+    try:
+        with open(path, "rb") as fh:
+            words = fh.read(4096).decode("utf-8", "replace").split()
+    except OSError as exc:
+        raise IOFailure(f"cannot read public key file {path}: {exc.strerror}") from exc
+    try:
+        return keys.normalize_public_key(words[0] if words else "")
+    except UsageError:
+        # The file is named, never quoted (not even in a chained exception): it may be a private key or another
+        # secret passed by mistake.
+        raise UsageError(
+            f"--trusted-pubkey file {path} does not start with a public key",
+            "its first line must be ed25519:<64 hex digits>, as printed by `quinkgl keygen`",
+        ) from None
 
 
 def check_expiry(manifest: Manifest, now: datetime) -> None:
