@@ -88,6 +88,54 @@ def test_hook_exception_becomes_one_line_error(tmp_path: Path) -> None:
         script.build_model(None)
 
 
+_EXITING = """
+import sys
+def build_model(m, **k):
+    sys.exit(3)
+def build_loaders(m, **k):
+    raise SystemExit("no data")
+def build_optimizer(m, model):
+    raise GeneratorExit
+def on_round_end(round_idx, metrics):
+    pass
+"""
+
+
+def test_sys_exit_in_a_hook_is_a_node_config_error(tmp_path: Path) -> None:
+    script = load_script(write(tmp_path, _EXITING))
+    for call, needle in (
+        (lambda: script.build_model(None), "build_model in peer_script.py failed: it called sys.exit(3)"),
+        (lambda: script.build_loaders(None), "build_loaders in peer_script.py failed: it called sys.exit('no data')"),
+        (lambda: script.build_optimizer(None, torch.nn.Linear(1, 1)), "build_optimizer in peer_script.py failed: GeneratorExit"),
+    ):
+        with pytest.raises(NodeConfigError) as info:
+            call()
+        assert needle in info.value.one_line() and info.value.code == ExitCode.NODE
+
+
+def test_sys_exit_at_import_is_a_node_config_error(tmp_path: Path) -> None:
+    with pytest.raises(NodeConfigError, match=r"failed to import: it called sys.exit\(0\)"):
+        load_script(write(tmp_path, "import sys\nsys.exit(0)\n"))
+
+
+def test_ctrl_c_in_a_hook_passes_through(tmp_path: Path) -> None:
+    script = load_script(write(tmp_path, "def build_model(m, **k):\n    raise KeyboardInterrupt\ndef build_loaders(m, **k):\n    return [], []\n"))
+    with pytest.raises(KeyboardInterrupt):
+        script.build_model(None)
+
+
+def test_arch_hash_of_an_exiting_script_exits_7(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from quinkgl_cli.cli.app import main
+
+    write(tmp_path, _EXITING)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["manifest", "arch-hash", "--script", "peer_script.py"])
+    assert done.value.code == 7
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: build_model in peer_script.py failed: it called sys.exit(3)")
+
+
 # --- the bundled torchvision scripts, as far as they can be tested offline -------------------------------------
 import sys  # noqa: E402
 import types  # noqa: E402

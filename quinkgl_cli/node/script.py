@@ -21,7 +21,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -52,12 +53,8 @@ class PeerScript:
         """Call ``build_model``; it must return a ``torch.nn.Module``."""
         from torch import nn
 
-        try:
+        with _hook(f"build_model in {self.path.name}", "fix the peer script or its --script-arg values"):
             model = self.build_model_fn(manifest, **script_args)
-        except Exception as exc:
-            raise NodeConfigError(
-                f"build_model in {self.path.name} failed: {_cause(exc)}", "fix the peer script or its --script-arg values"
-            ) from exc
         if not isinstance(model, nn.Module):
             raise NodeConfigError(
                 f"build_model in {self.path.name} returned {type(model).__name__}, not a torch.nn.Module",
@@ -69,12 +66,8 @@ class PeerScript:
         """Call ``build_loaders``; it must return ``(train_loader, val_loader)``, iterables of (x, y) batches.
 
         ``val_loader`` may be None (no validation data: the round's val_loss / val_accuracy stay empty)."""
-        try:
+        with _hook(f"build_loaders in {self.path.name}", "fix the peer script or its --script-arg values"):
             result = self.build_loaders_fn(manifest, **script_args)
-        except Exception as exc:
-            raise NodeConfigError(
-                f"build_loaders in {self.path.name} failed: {_cause(exc)}", "fix the peer script or its --script-arg values"
-            ) from exc
         if not isinstance(result, (tuple, list)) or len(result) != 2:
             raise NodeConfigError(
                 f"build_loaders in {self.path.name} must return (train_loader, val_loader), got {type(result).__name__}",
@@ -97,10 +90,8 @@ class PeerScript:
 
         if self.build_optimizer_fn is None:
             return torch.optim.SGD(model.parameters(), lr=DEFAULT_LR, momentum=DEFAULT_MOMENTUM)
-        try:
+        with _hook(f"build_optimizer in {self.path.name}", "fix the peer script"):
             optimizer = self.build_optimizer_fn(manifest, model)
-        except Exception as exc:
-            raise NodeConfigError(f"build_optimizer in {self.path.name} failed: {_cause(exc)}", "fix the peer script") from exc
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise NodeConfigError(
                 f"build_optimizer in {self.path.name} returned {type(optimizer).__name__}, not a torch.optim.Optimizer",
@@ -109,7 +100,24 @@ class PeerScript:
         return optimizer
 
 
+@contextmanager
+def _hook(what: str, hint: str) -> Iterator[None]:
+    """Run a build hook: whatever it raises, or a ``sys.exit`` in it, is a one-line NodeConfigError (7).
+
+    Only Ctrl-C passes through: a script must not end the daemon (or `manifest arch-hash`) silently with an exit
+    code of its own.
+    """
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        raise NodeConfigError(f"{what} failed: {_cause(exc)}", hint) from exc
+
+
 def _cause(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
@@ -146,13 +154,14 @@ def load_script(path: Path) -> PeerScript:
         sys.path.insert(0, script_dir)
     try:
         spec.loader.exec_module(module)
-    except SyntaxError as exc:
+    except BaseException as exc:  # a sys.exit at import too: only Ctrl-C passes through
         sys.modules.pop(name, None)
-        raise NodeConfigError(
-            f"peer script {path.name} has a syntax error at line {exc.lineno}: {exc.msg}", "fix the script"
-        ) from exc
-    except Exception as exc:
-        sys.modules.pop(name, None)
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        if isinstance(exc, SyntaxError):
+            raise NodeConfigError(
+                f"peer script {path.name} has a syntax error at line {exc.lineno}: {exc.msg}", "fix the script"
+            ) from exc
         raise NodeConfigError(
             f"peer script {path.name} failed to import: {_cause(exc)}", "fix the script or install what it imports"
         ) from exc
