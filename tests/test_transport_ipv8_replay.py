@@ -19,7 +19,7 @@ from quinkgl_cli.transport.ipv8 import identity
 from quinkgl_cli.transport.ipv8.replay import WINDOW, ReplayGuard
 from tests.test_transport_contract import Cluster, Recorder, _ipv8, run_cluster, wait_until
 
-HELLO, OFFER, CONTROL = 1, 2, 3
+HELLO, OFFER, CONTROL, BYE = 1, 2, 3, 4
 
 
 def capture(t) -> list[tuple[tuple[str, int], bytes]]:
@@ -139,6 +139,33 @@ def test_old_session_hello_after_a_restart_changes_nothing(tmp_path, caplog):
         assert len(warnings(caplog, "peer-refused peer=b reason=replay")) == 1
         again.send_message("a", "hi", {})
         await wait_until(lambda: ra.messages == [("b", "hi", {})], what="the new run's message")
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_replayed_goodbye_does_not_drop_the_restarted_peer(tmp_path, caplog):
+    async def body(c: Cluster):
+        a, ra = await c.add("a")
+        b, _ = await c.add("b")
+        sent = capture(b)
+        await c.meet(["a", "b"])
+        await b.stop()
+        (bye,) = of_kind(sent, BYE, a.address)
+        await wait_until(lambda: ra.lost == ["b"], what="the goodbye")
+        again = _ipv8(tmp_path, "b", bootstrap=[a.address])
+        c.nodes["b"] = (again, Recorder())
+        await again.start(c.nodes["b"][1])
+        await wait_until(lambda: ra.discovered == ["b", "b"], what="the restarted peer")
+        sock = attacker()
+        try:
+            with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+                dropped = a.stats.dropped
+                sock.sendto(bye, a.address)
+                await wait_until(lambda: a.stats.dropped == dropped + 1, what="the old goodbye dropped")
+        finally:
+            sock.close()
+        assert ra.lost == ["b"] and [p.node_id for p in a.peers()] == ["b"]
+        assert len(warnings(caplog, "bye-refused peer=b reason=replay")) == 1
 
     run_cluster("ipv8", tmp_path, body)
 

@@ -525,6 +525,8 @@ class IPv8Transport(Transport):
             self._maybe_hello(key, source, want_reply=False, min_gap=0.0)
 
     def _on_bye(self, key: bytes, source: tuple[str, int], p: ByePayload) -> None:
+        if key not in self._node_by_key:
+            return  # a goodbye from a peer already lost (or never met): nothing to do, nothing to report
         rec = self._fresh(key, source, p.session, p.counter, "bye-refused")
         if rec is not None and p.node_id == rec.node_id and p.swarm_id == self.swarm_id:
             self._lose(rec.node_id, "bye")
@@ -845,6 +847,8 @@ class IPv8Transport(Transport):
         self._send(rec.address, DeclinePayload(self.swarm_id, *self._stamp(), offer_id, reason))
 
     def _on_decline(self, key: bytes, source: tuple[str, int], p: DeclinePayload) -> None:
+        if key not in self._node_by_key:
+            return  # we offered nothing to a peer we do not know
         rec = self._fresh(key, source, p.session, p.counter, "decline-refused")
         out = self._outgoing.get(p.offer_id)
         if rec is None or out is None or out.recipient != rec.node_id or out.serving or p.swarm_id != self.swarm_id:
