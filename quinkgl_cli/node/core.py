@@ -771,7 +771,10 @@ class Node:
 
     # --------------------------------------------------------------- checkpoint state
     def state_dict(self) -> NodeState:
-        """Everything a restarted node needs, as tensors + JSON (see `quinkgl_cli.node.checkpoint`)."""
+        """Everything a restarted node needs, as tensors + JSON (see `quinkgl_cli.node.checkpoint`).
+
+        CPU tensors are views of the live state, not copies (the daemon serializes them at once, one memcpy):
+        serialize or clone them before the node trains again."""
         tensors: dict[str, torch.Tensor] = {}
         for name, t in self.model.state_dict().items():
             tensors[f"model.{name}"] = t.detach().cpu().contiguous()
