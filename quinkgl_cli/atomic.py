@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from quinkgl_cli.errors import IOFailure
@@ -19,20 +20,23 @@ def fsync_dir(directory: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes | memoryview, mode: int = 0o644, overwrite: bool = True) -> None:
     """Write ``data`` to ``path`` via temp file + fsync + rename.
 
-    The temp file is created with ``mode`` from its first byte, so a secret is never readable by others,
-    not even for a moment. With ``overwrite=False`` an existing ``path`` is left alone and an error raised
-    (the final link step is atomic, so two writers cannot both win).
+    The temp file beside ``path`` gets a random name and is created with O_EXCL | O_NOFOLLOW and mode 0600, so
+    nothing planted at a guessable name (a symlink to another file) is followed or reused, and a secret is
+    never readable by others, not even for a moment; ``mode`` is set before the first byte is written. Its name
+    is ``.<name>.<random>.<pid>.tmp``: cleanup code (``CheckpointStore.prune``) reads the writer's pid from it to
+    remove what a killed writer left. With ``overwrite=False`` an existing ``path`` is left alone and an error
+    raised (the final link step is atomic, so two writers cannot both win).
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    tmp = directory / f".{path.name}.{os.getpid()}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp", dir=directory)
     except OSError as exc:
         raise IOFailure(f"cannot write {path}: {exc.strerror}", "check that the directory exists and is writable") from exc
+    tmp = Path(name)
     try:
-        os.fchmod(fd, mode)  # O_CREAT applies the umask; the mode asked for is the mode we want.
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), mode)  # mkstemp's 0600 widened (or kept) before any data is in the file
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
