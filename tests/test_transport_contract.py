@@ -190,7 +190,7 @@ def test_oversized_offer_is_refused_and_logged_once(kind, tmp_path, caplog):
             await wait_until(lambda: rb.models, what="the model under the limit")
         assert [m.round for m in rb.models] == [5]
         assert b.stats.dropped == 3
-        assert caplog.text.count("refused peer=a reason=oversized") == 1  # the event name is checked by the naming test
+        assert caplog.text.count("offer-refused peer=a reason=oversized") == 1
 
     run_cluster(kind, tmp_path, body)
 
@@ -511,7 +511,7 @@ def test_invalid_updates_are_dropped_at_the_sender(kind, tmp_path, caplog):
     run_cluster(kind, tmp_path, body)
 
 
-def test_ipv8_event_names_use_hyphens(tmp_path, caplog):
+def test_event_names_use_hyphens(kind, tmp_path, caplog):
     """Log lines are a public interface: every transport event is a hyphenated word, then key=value fields."""
     import re
 
@@ -531,7 +531,7 @@ def test_ipv8_event_names_use_hyphens(tmp_path, caplog):
         assert {"transport-started", "peer-discovered", "offer-refused", "send-failed", "message-failed", "peer-lost", "transport-stopped"} <= events, events
         assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", e) for e in events), events
 
-    run_cluster("ipv8", tmp_path, body)
+    run_cluster(kind, tmp_path, body)
 
 
 def test_ipv8_duplicate_offer_is_fetched_once(tmp_path, caplog, monkeypatch):
