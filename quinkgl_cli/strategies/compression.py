@@ -2,11 +2,22 @@
 
 Each sender keeps, per receiving peer, a mirror of what that receiver has reconstructed from it (``ref``) and
 encodes the difference between its model and that mirror. What compression drops is kept in a per-peer
-error-feedback residual and sent later, so over K sends
+error-feedback residual and sent later. What is conserved over the K delta sends after a full one (models x_0 at
+the full send, x_1 .. x_K at the deltas), by mode:
 
-    sum(decoded updates) + final residual == sum(raw deltas)          (information conservation)
+- error feedback, no EF21 momentum, no residual cap (the default)::
 
-and ``ref + residual`` is always the sender's model at its last send (without a residual norm cap).
+      sum(decoded deltas) + final residual == sum(x_k - x_(k-1)) == x_K - x_0     (information conservation)
+
+  and ``ref + residual`` is always the model at the last send;
+- with ``ef21_momentum`` beta the sender tracks t_k = t_(k-1) + beta (x_k - t_(k-1)), t_0 = x_0, and the same
+  identity holds for the deltas of t, not of x: sum(decoded) + residual == t_K - t_0 (``ref + residual`` == t_K);
+- with ``residual_norm_cap`` the residual is scaled down to the cap whenever it exceeds it, and what the scaling
+  removed is gone: the identity fails by the sum of those removals (the sender keeps t_K itself, ``last``);
+- without error feedback nothing dropped is ever sent: ``ref`` lags the sender's model by every dropped part.
+
+QSGD rounding is unbiased but not exact; with error feedback its rounding error goes into the residual like a
+dropped coordinate, so the identities above hold for it too.
 
 The receiver keeps one reconstructed model per sender and applies each delta to it. Every payload names the
 version it was computed against (``base``) and the version it produces (``ver``), both random tokens: a delta
