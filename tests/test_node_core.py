@@ -371,6 +371,23 @@ def test_named_recipients_only_count_among_known_peers() -> None:
     assert report.n == 2 and report.edges == 1  # x - me; the invented peers are ignored
 
 
+def test_affinity_grades_collaborators_by_how_close_their_updates_came() -> None:
+    base = manifest()
+    m = base.model_copy(update={"topology": base.topology.model_copy(update={"name": "AffinityTopology"})})
+    net = MemoryNetwork(auto_deliver=False)
+    me = make_node(net, "me", m, 0)
+    me.begin_round()
+    flat = flatten(me.model)
+    me.on_model(forged(me, "near", 1, flat + 0.01, 30))
+    me.on_model(forged(me, "mid", 1, flat - 0.02, 30))
+    me.on_model(forged(me, "far", 1, flat + 3.0, 30))
+    assert me.aggregate() is not None
+    edges = me.topology.edges  # type: ignore[attr-defined]
+    # Every update was used by FedAvg: a used/unused bit would give all three 1.0.
+    assert edges["near"].weight > 0.5 > edges["far"].weight and edges["far"].weight < 0.15
+    assert edges["mid"].weight > edges["far"].weight
+
+
 def test_manifest_round_limit_caps_rounds() -> None:
     net = MemoryNetwork(auto_deliver=False)
     m = manifest().model_copy(update={"round_limit": 2})

@@ -689,8 +689,11 @@ class Node:
         samples = int(local.sample_count) + sum(u.sample_count for u in others if u.peer_id in used)
         for pid in result.rejected:
             self._log(logging.WARNING, "update-rejected", peer=pid, strategy=self.aggregator.name, note=result.note or None)
+        try:  # collaboration history, graded by how close each update came to the result (AffinityTopology)
+            self.topology.observe_aggregation(local, others, result)
+        except Exception as exc:
+            self._log(logging.ERROR, "topology-failed", error=_one_line(exc))
         for u in others:
-            self.topology.record_outcome(u.peer_id, 1.0 if u.peer_id in used else 0.0)
             if u.peer_id in used:
                 self._observe_edges(u)
         outcome = AggregationOutcome(peers=used, rejected=list(result.rejected), samples=samples, note=result.note)
