@@ -20,7 +20,8 @@ from typing import Any
 
 from quinkgl_cli.errors import NodeConfigError
 
-DIGITS_SCRIPT = Path(__file__).resolve().parents[2] / "peer_scripts" / "digits_peer_script.py"
+# Inside the package (quinkgl_cli/peer_scripts), so the demo runs from an installed wheel, not only a checkout.
+DIGITS_SCRIPT = Path(__file__).resolve().parents[1] / "peer_scripts" / "digits_peer_script.py"
 # The summary event only: not `already-finished`, whose word boundary `\b` would also match.
 _FINISHED = re.compile(r"(?:^|\s)finished rounds=(\d+)\b.*\bval_accuracy=([0-9.]+|-)", re.M)
 
@@ -241,4 +242,4 @@ def stop_all(peers: Sequence[PeerProcess]) -> None:
 
 def check_script(script: Path) -> None:
     if not script.is_file():
-        raise NodeConfigError(f"demo script {script} is missing", "reinstall quinkgl from a full checkout")
+        raise NodeConfigError(f"demo script {script} is missing", "reinstall quinkgl-cli (the script ships in the package)")
