@@ -303,3 +303,15 @@ def test_late_round_still_waits_for_this_rounds_updates_and_next_round_starts_at
     for r in range(rounds - 1):
         assert begun[r + 1] - begun[r] - d0.node.history[r]["duration"] < 0.15, (begun, d0.node.history)
     assert sum(r.getMessage().startswith("behind-schedule ") for r in caplog.records if r.name == "quinkgl.daemon") >= 1
+
+
+def test_start_up_is_timed_from_the_process_start() -> None:
+    """`first-round seconds_since_start` must include interpreter start and imports, not only the daemon's own set-up."""
+    import subprocess
+    import sys
+
+    code = ("import time; time.sleep(0.5)  # what start-up spends before the daemon module is imported\n"
+            "from quinkgl_cli.node.daemon import process_started_at\n"
+            "print(time.monotonic() - process_started_at())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert 0.5 <= float(out.stdout) < 30
