@@ -359,3 +359,34 @@ def test_version(tmp_path: Path) -> None:
     out = cli("--version", cwd=tmp_path)
     assert out.returncode == 0 and out.stdout == f"quinkgl {quinkgl_cli.__version__}\n" and out.stderr == ""
     assert quinkgl_cli.__version__ == version("quinkgl-cli")  # the package and its metadata agree
+
+
+def test_create_with_every_dp_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    dp = ["--dp-epsilon", "2.5", "--dp-delta", "1e-6", "--dp-clip-norm", "0.5", "--dp-total-epsilon", "40"]
+    assert _main(*_create("dp.qgl", *dp)) == 0, capsys.readouterr().err
+    privacy = json.loads((tmp_path / "dp.qgl").read_text())["privacy"]
+    assert (privacy["dp_epsilon"], privacy["dp_delta"], privacy["dp_clip_norm"], privacy["dp_total_epsilon"]) == (2.5, 1e-6, 0.5, 40.0)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--dp-delta", "1e-6"], "--dp-delta needs --dp-epsilon"),
+        (["--dp-clip-norm", "1.0"], "--dp-clip-norm needs --dp-epsilon"),
+        (["--dp-total-epsilon", "40", "--dp-delta", "1e-6"], "--dp-delta, --dp-total-epsilon need --dp-epsilon"),
+        (["--privacy-param", "dp_total_epsilon=40"], "--dp-total-epsilon needs --dp-epsilon"),
+        (["--compression-param", "error_feedback=false"], "error_feedback does nothing while compression is off"),
+        (["--compression-param", "ef21_momentum=0.5"], "ef21_momentum does nothing while compression is off"),
+        (["--compression-param", "residual_norm_cap=2"], "residual_norm_cap does nothing while compression is off"),
+        (["--aggregation", "Scaffold", "--dp-epsilon", "4"], "Scaffold cannot be combined with local DP"),
+    ],
+)
+def test_create_refuses_settings_that_do_nothing_or_break_privacy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], extra: list[str], needle: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert _main(*_create("n.qgl", *extra)) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "n.qgl").exists()

@@ -92,6 +92,59 @@ def test_build_rejects_bad_input_with_one_line(override: dict[str, Any], needle:
     assert "\n" not in info.value.one_line()
 
 
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        # Settings that would do nothing: refused even when given with their default value.
+        ({"privacy_params": {"dp_delta": "1e-4"}}, "--dp-delta needs --dp-epsilon"),
+        ({"privacy_params": {"dp_clip_norm": 1.0}}, "--dp-clip-norm needs --dp-epsilon"),
+        ({"privacy_params": {"dp_total_epsilon": 8.0}}, "--dp-total-epsilon needs --dp-epsilon"),
+        ({"privacy_params": {"dp_delta": 1e-6, "dp_total_epsilon": 8.0}}, "--dp-delta, --dp-total-epsilon need --dp-epsilon"),
+        ({"compression_params": {"error_feedback": "true"}}, "error_feedback does nothing while compression is off"),
+        ({"compression_params": {"error_feedback": "false"}}, "error_feedback does nothing while compression is off"),
+        ({"compression_params": {"ef21_momentum": "0.5"}}, "ef21_momentum does nothing"),
+        ({"compression_params": {"residual_norm_cap": "2", "block_size": "64"}}, "residual_norm_cap, block_size do nothing"),
+        ({"compression_params": {"delta": "false"}}, "delta does nothing"),
+        # A setting that would break privacy.
+        ({"aggregation": "scaffold", "privacy_params": {"dp_epsilon": 4.0}}, "Scaffold cannot be combined with local DP"),
+    ],
+)
+def test_settings_that_do_nothing_or_break_privacy_are_refused(override: dict[str, Any], needle: str) -> None:
+    with pytest.raises(UsageError) as info:
+        make_manifest(**override)
+    assert needle in info.value.one_line() and "\n" not in info.value.one_line()
+    assert "Value error" not in info.value.one_line()
+
+
+def test_tuning_of_stages_that_are_on_is_accepted() -> None:
+    m = make_manifest(
+        aggregation="Scaffold",
+        compression_params={"top_k_ratio": "0.1", "error_feedback": "true", "ef21_momentum": "0.5", "residual_norm_cap": "2", "block_size": "64"},
+    )
+    assert m.compression.ef21_momentum == 0.5 and m.aggregation.name == "Scaffold"
+    m = make_manifest(compression_params={"lossless": "zstd", "delta": "false"},
+                      privacy_params={"dp_epsilon": 2.0, "dp_delta": 1e-6, "dp_clip_norm": 0.5, "dp_total_epsilon": 20.0})
+    assert (m.privacy.dp_delta, m.privacy.dp_clip_norm, m.privacy.dp_total_epsilon) == (1e-6, 0.5, 20.0)
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda o: o["compression"].update(error_feedback=False), "field compression: error_feedback does nothing"),
+        (lambda o: o["compression"].update(residual_norm_cap=2.0), "field compression: residual_norm_cap does nothing"),
+        (lambda o: o["privacy"].update(dp_total_epsilon=8.0), "field privacy: dp_total_epsilon needs dp_epsilon"),
+        (lambda o: (o["privacy"].update(dp_epsilon=4.0), o.update(aggregation={"name": "Scaffold", "params": {}})),
+         "Scaffold cannot be combined with local DP"),
+    ],
+)
+def test_files_with_such_settings_are_refused(tmp_path: Path, edit: Any, needle: str) -> None:
+    obj = json.loads(manifest_bytes(make_manifest(key=keys.generate())))
+    edit(obj)
+    with pytest.raises(UsageError) as info:
+        load_manifest(write_obj(tmp_path / "x.qgl", obj))
+    assert needle in info.value.one_line() and "Value error" not in info.value.one_line()
+
+
 def test_parse_helpers() -> None:
     assert parse_shape("1,28,28", "--input-shape") == (1, 28, 28)
     assert parse_shape("(3, 32, 32)", "--input-shape") == (3, 32, 32)
@@ -172,8 +225,10 @@ def _set(obj: dict[str, Any], path: tuple[Any, ...], value: Any) -> None:
 
 def test_every_field_tampered_in_turn_is_refused(tmp_path: Path) -> None:
     key = keys.generate()
+    # Compression and DP on, so that changing any one of their settings still gives a schema-valid manifest.
     m = make_manifest(key=key, aggregation_params={"max_weight_ratio": "2.5"}, bootstrap_peers=["127.0.0.1:7001"],
-                      expires_at="2030-01-01", round_limit=10, description="swarm")
+                      expires_at="2030-01-01", round_limit=10, description="swarm",
+                      compression_params={"lossless": "zstd"}, privacy_params={"dp_epsilon": 4.0})
     original = json.loads(manifest_bytes(m))
     pub = keys.public_key_text(key)
     leaves = _leaves(original)

@@ -14,7 +14,18 @@ from pydantic import BaseModel, ValidationError
 
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.manifest.canonical import data_schema_hash
-from quinkgl_cli.manifest.schema import CompressionSpec, Manifest, PrivacySpec, StrategySpec, TaskSpec, TrainingSpec
+from quinkgl_cli.manifest.schema import (
+    DP_TUNING,
+    CompressionSpec,
+    Manifest,
+    PrivacySpec,
+    StrategySpec,
+    TaskSpec,
+    TrainingSpec,
+    error_text,
+    idle_compression_message,
+    idle_dp_message,
+)
 
 TASK_TYPES = {
     "class": "classification",
@@ -133,10 +144,29 @@ def _spec(model: type[BaseModel], values: Mapping[str, Any], flag: str) -> Any:
         return model.model_validate(dict(values))
     except ValidationError as exc:
         err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "value"
+        where = ".".join(str(x) for x in err["loc"])
         raise UsageError(
-            f"{flag} {where}: {err['msg']}", f"valid parameters: {', '.join(model.model_fields)}"
+            f"{flag} {where}: {error_text(err)}" if where else f"{flag} {error_text(err)}",
+            f"valid parameters: {', '.join(model.model_fields)}",
         ) from exc
+
+
+def _compression(params: Mapping[str, str] | None) -> CompressionSpec:
+    values = _coerced(params)
+    spec: CompressionSpec = _spec(CompressionSpec, values, "--compression-param")
+    idle = spec.idle_tuning(values)
+    if idle:
+        raise UsageError(f"--compression-param {idle_compression_message(idle)}", "drop them, or turn compression on")
+    return spec
+
+
+def _privacy(params: Mapping[str, Any] | None) -> PrivacySpec:
+    values = _coerced(params)
+    idle = [k for k in DP_TUNING if k in values] if values.get("dp_epsilon") is None else []
+    if idle:
+        flags = ["--" + k.replace("_", "-") for k in idle]
+        raise UsageError(idle_dp_message(flags, "--dp-epsilon"), "give --dp-epsilon to turn local DP on, or drop them")
+    return _spec(PrivacySpec, values, "--privacy-param")
 
 
 def _strategy(kind: str, name: str, params: Mapping[str, str] | None) -> StrategySpec:
@@ -191,8 +221,8 @@ def build_manifest(
             aggregation=_strategy("aggregation", aggregation, aggregation_params),
             topology=_strategy("topology", topology, topology_params),
             training=_spec(TrainingSpec, _coerced(training_params), "--training-param"),
-            compression=_spec(CompressionSpec, _coerced(compression_params), "--compression-param"),
-            privacy=_spec(PrivacySpec, _coerced(privacy_params), "--privacy-param"),
+            compression=_compression(compression_params),
+            privacy=_privacy(privacy_params),
             round_limit=round_limit,
             byzantine_f=byzantine_f,
             bootstrap_peers=peers,
@@ -206,7 +236,9 @@ def build_manifest(
                 f"--name {name!r} has characters a swarm name cannot have",
                 "use letters, digits, '.', '_' and '-', starting with a letter or digit",
             ) from exc
-        raise UsageError(f"{flag}: {err['msg']}", "see `quinkgl manifest create --help`") from exc
+        # A rule across fields (loc empty) names its fields itself.
+        text = f"{flag}: {error_text(err)}" if where else error_text(err)
+        raise UsageError(text, "see `quinkgl manifest create --help`") from exc
 
 
 def _task(task_type: str, input_shape: str | Sequence[int], output_shape: str | Sequence[int], label_type: str) -> TaskSpec:
@@ -220,7 +252,7 @@ def _task(task_type: str, input_shape: str | Sequence[int], output_shape: str | 
     except ValidationError as exc:
         err = exc.errors()[0]
         flag = _FLAG_OF.get("task." + ".".join(str(x) for x in err["loc"] if not isinstance(x, int)), "task")
-        raise UsageError(f"{flag}: {err['msg']}", "see `quinkgl manifest create --help`") from exc
+        raise UsageError(f"{flag}: {error_text(err)}", "see `quinkgl manifest create --help`") from exc
 
 
 def _coerced(values: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from quinkgl_cli.atomic import atomic_write_bytes
 from quinkgl_cli.errors import IOFailure, UsageError
 from quinkgl_cli.manifest.canonical import canonical_bytes, data_schema_hash, manifest_object, sha256_text
-from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.manifest.schema import Manifest, error_text
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 
@@ -122,7 +122,7 @@ def validation_error(exc: ValidationError, source: str) -> UsageError:
     err = exc.errors()[0]
     where = ".".join(str(x) for x in err["loc"]) or "(top level)"
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return UsageError(f"{source}: field {where}: {err['msg']}{more}", "fix the field or recreate the manifest")
+    return UsageError(f"{source}: field {where}: {error_text(err)}{more}", "fix the field or recreate the manifest")
 
 
 def load_manifest(path: Path) -> LoadedManifest:

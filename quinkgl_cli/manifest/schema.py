@@ -6,8 +6,9 @@ Field meanings are documented in README ("Manifest format").
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -68,8 +69,18 @@ class TrainingSpec(Strict):
     max_staleness: int = Field(default=2, ge=0, le=1000)  # updates older than this many rounds are dropped
 
 
+# Settings that only tune a stage that is on: set while it is off, they do nothing, and a manifest that
+# carries them misleads whoever reads it, so they are refused. `manifest create` refuses them as soon as they
+# are given, even with their default value; a file is judged by its values (for DP, see PrivacySpec).
+COMPRESSION_TUNING = ("delta", "error_feedback", "ef21_momentum", "residual_norm_cap", "block_size")
+DP_TUNING = ("dp_delta", "dp_clip_norm", "dp_total_epsilon")
+
+
 class CompressionSpec(Strict):
-    """delta -> sparsify -> quantize -> serialize -> lossless, with error feedback. Off by default."""
+    """delta -> sparsify -> quantize -> serialize -> lossless, with error feedback. Off by default.
+
+    Off means no top_k_ratio, quantize_bits or qsgd_levels and lossless "none": updates go out uncompressed.
+    """
 
     delta: bool = True
     top_k_ratio: float | None = Field(default=None, gt=0.0, le=1.0)
@@ -87,11 +98,27 @@ class CompressionSpec(Strict):
             raise ValueError("top_k_ratio needs delta=true (sparsified full weights would zero the rest of the model)")
         if self.quantize_bits is not None and self.qsgd_levels is not None:
             raise ValueError("choose one of quantize_bits and qsgd_levels")
+        idle = self.idle_tuning()
+        if idle:
+            raise ValueError(idle_compression_message(idle))
         return self
 
     @property
     def enabled(self) -> bool:
         return self.top_k_ratio is not None or self.quantize_bits is not None or self.qsgd_levels is not None or self.lossless != "none"
+
+    def idle_tuning(self, given: Iterable[str] = ()) -> list[str]:
+        """Tuning settings in effect for nothing: compression is off and they differ from the default or are in ``given``."""
+        if self.enabled:
+            return []
+        return [k for k in COMPRESSION_TUNING if k in given or getattr(self, k) != type(self).model_fields[k].default]
+
+
+def idle_compression_message(idle: list[str]) -> str:
+    return (
+        f"{', '.join(idle)} {'does' if len(idle) == 1 else 'do'} nothing while compression is off"
+        " (set top_k_ratio, quantize_bits, qsgd_levels or lossless to turn it on)"
+    )
 
 
 class PrivacySpec(Strict):
@@ -104,6 +131,22 @@ class PrivacySpec(Strict):
     fingerprint: bool = True
     fingerprint_noise: float = Field(default=0.1, ge=0.0)
     gradient_moments: bool = False
+
+    @model_validator(mode="after")
+    def _coherent(self) -> PrivacySpec:
+        # By value only the budget: dp_delta and dp_clip_norm are kept by manifests derived with DP turned off
+        # (the simulator's FedAvg server), where their values are harmless. `manifest create` refuses all three.
+        if self.dp_epsilon is None and self.dp_total_epsilon is not None:
+            raise ValueError(idle_dp_message(["dp_total_epsilon"]))
+        return self
+
+
+def idle_dp_message(idle: list[str], epsilon: str = "dp_epsilon") -> str:
+    one = len(idle) == 1
+    return (
+        f"{', '.join(idle)} {'needs' if one else 'need'} {epsilon}: without it local DP is off and"
+        f" {'it does' if one else 'they do'} nothing"
+    )
 
 
 class Manifest(Strict):
@@ -126,6 +169,15 @@ class Manifest(Strict):
     creator_pubkey: str | None = Field(default=None, pattern=PUBKEY_PATTERN)
     signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
 
+    @model_validator(mode="after")
+    def _private(self) -> Manifest:
+        if self.aggregation.name.lower() == "scaffold" and self.privacy.dp_epsilon is not None:
+            raise ValueError(
+                "aggregation Scaffold cannot be combined with local DP (dp_epsilon): its control variate is the raw"
+                " mean gradient, shared without the DP noise; choose another aggregation or drop DP"
+            )
+        return self
+
     @field_validator("created_at", "expires_at")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
@@ -141,3 +193,8 @@ class Manifest(Strict):
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"bootstrap peer {item!r} is not host:port")
         return value
+
+
+def error_text(err: Any) -> str:
+    """A pydantic error's message, without the "Value error, " pydantic puts before the text of our validators."""
+    return str(err["msg"]).removeprefix("Value error, ")
