@@ -72,8 +72,8 @@ def make_node(net: MemoryNetwork, node_id: str, m: Manifest, label: int, hooks: 
     train, val = data(label, seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     transport = MemoryTransport(net, node_id, swarm_id="s", arch_hash=H)
-    node = Node(NodeConfig(node_id, rounds=rounds, seed=seed, noise_seed=noise_seed, spectral_every=spectral_every), m, "sha256:swarm", model, train, val, opt, transport,
-                hooks=hooks, clock=lambda: 0.0)
+    config = NodeConfig(node_id, rounds=rounds, seed=seed, noise_seed=noise_seed, spectral_every=spectral_every)
+    node = Node(config, m, "sha256:swarm", model, train, val, opt, transport, hooks=hooks, clock=lambda: 0.0)
     transport.start_sync(node)
     return node
 

@@ -15,15 +15,16 @@ the synchronous steps of a round in order::
 
 The node is also the transport's event sink (`TransportEvents`): received updates land in an inbox that keeps the
 newest update per sender; updates older than ``manifest.training.max_staleness`` rounds are dropped on arrival and
-again when aggregating (a compressed one only after it has been applied to its sender's reconstruction). Event callbacks may come from the event loop while `train_round` runs in a worker thread,
-so the inbox is guarded by a lock; everything else happens on the driver's thread.
+again when aggregating (a compressed one only after it has been applied to its sender's reconstruction). Event
+callbacks may come from the event loop while `train_round` runs in a worker thread, so the inbox is guarded by a
+lock; everything else happens on the driver's thread.
 
 Everything is logged through ``logging.getLogger("quinkgl.node")`` as ``event key=value ...`` with the round in
 ``extra``; the daemon formats it (`quinkgl_cli.node.logs`). Every ``NodeConfig.spectral_every`` rounds ``end_round``
 logs ``spectral window=W nodes=N edges=E lambda2=... gap=... mixing_bound=... connected=...`` about the gossip graph
 this node has observed (its sends, the senders it aggregated and the recipients their updates name, ``gossip_to``);
-the latest numbers are also in the round metrics as ``spectral_*``. User hooks never break the node: an exception in one is
-logged with its traceback and the round goes on.
+the latest numbers are also in the round metrics as ``spectral_*``. User hooks never break the node: an exception
+in one is logged with its traceback and the round goes on.
 """
 
 from __future__ import annotations
