@@ -145,4 +145,4 @@ def _warn_if_exposed(path: Path) -> None:
     if mode & 0o077:
         import logging
 
-        logging.getLogger("quinkgl.keys").warning("key_file_exposed path=%s mode=%04o hint=chmod_600", path, mode)
+        logging.getLogger("quinkgl.keys").warning("key-file-exposed path=%s mode=%04o hint=chmod_600", path, mode)

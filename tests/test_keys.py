@@ -124,3 +124,13 @@ def test_key_file_created_private_from_the_first_byte(tmp_path: Path, monkeypatc
     monkeypatch.setattr(os, "open", spy)
     keys.save_private_key(tmp_path / "k.key", keys.generate())
     assert opened and all(mode == 0o600 for _, mode in opened), opened
+
+
+def test_exposed_key_file_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "k.key"
+    keys.save_private_key(path, keys.generate())
+    path.chmod(0o644)
+    with caplog.at_level("WARNING", logger="quinkgl.keys"):
+        keys.load_private_key(path)
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"key-file-exposed path={path} mode=0644")

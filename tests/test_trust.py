@@ -125,6 +125,15 @@ def test_bad_public_key_file_is_named_never_quoted(tmp_path: Path, creator, cont
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
+def test_trust_events_are_logged(tmp_path: Path, creator, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+    path = write(tmp_path / "e.qgl", make_manifest("ev", key=creator))
+    with caplog.at_level("INFO", logger="quinkgl.trust"):
+        load_trusted(path, "tofu", state_dir=tmp_path / "state", now=NOW)
+    events = [r.getMessage().split()[0] for r in caplog.records]
+    assert events == ["tofu-learned", "manifest-trusted"], events
+    assert "policy=tofu" in caplog.records[-1].getMessage()
+
+
 def test_tofu_remembers_first_key_per_name(tmp_path: Path, creator) -> None:  # noqa: ANN001
     state = tmp_path / "state"
     first = write(tmp_path / "a.qgl", make_manifest("swarm-a", key=creator))

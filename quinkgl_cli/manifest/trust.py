@@ -140,7 +140,7 @@ def trust_loaded(
         assert creator is not None
         tofu_state = TofuStore(state_dir).check_and_remember(manifest.name, creator, loaded.swarm_id, now)
     log.info(
-        "manifest_trusted name=%s swarm_id=%s policy=%s signed=%s%s",
+        "manifest-trusted name=%s swarm_id=%s policy=%s signed=%s%s",
         manifest.name,
         loaded.swarm_id,
         chosen,
@@ -238,7 +238,7 @@ class TofuStore:
                 return "known"
             creators[name] = _TofuEntry(creator_pubkey=creator, first_seen=_iso(now), first_swarm_id=swarm_id)
             self._write(creators)
-        log.info("tofu_learned name=%s creator=%s store=%s", name, creator, self.path)
+        log.info("tofu-learned name=%s creator=%s store=%s", name, creator, self.path)
         return "first-use"
 
     def _locked(self):  # noqa: ANN202 - a filelock context manager
