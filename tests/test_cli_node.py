@@ -96,3 +96,35 @@ def test_log_follower_reports_its_failure(tmp_path) -> None:
     stop.set()
     assert got == ["one", "two"]
     assert len(failures) == 1 and str(failures[0]) == "printer broke"
+
+
+def cli_options(args: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path) -> object:
+    """The DaemonOptions `quinkgl run ARGS` hands to the daemon (which is not started)."""
+    import quinkgl_cli.node.daemon as daemon
+
+    captured: list[object] = []
+    monkeypatch.setattr(daemon, "run_daemon", lambda options: captured.append(options) or 0)
+    assert run_cli(["run", "--manifest", str(tmp_path / "m.qgl"), "--script", str(tmp_path / "s.py"), *args]) == 0
+    (options,) = captured
+    return options
+
+
+def test_run_flags_reach_the_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    o = cli_options(["--local-epochs", "2", "--local-steps", "7", "--checkpoint-every", "3", "--final-model",
+                     str(tmp_path / "out" / "model.safetensors"), "--bootstrap-peer", "127.0.0.1:7002",
+                     "--script-arg", "shard=1", "--keep-checkpoints", "4"], monkeypatch, tmp_path)
+    assert (o.local_epochs, o.local_steps, o.checkpoint_every, o.keep_checkpoints) == (2, 7, 3, 4)  # type: ignore[attr-defined]
+    assert o.final_model == tmp_path / "out" / "model.safetensors"  # type: ignore[attr-defined]
+    assert o.bootstrap_peers == ["127.0.0.1:7002"] and o.script_args == {"shard": "1"}  # type: ignore[attr-defined]
+    assert o.transport_options == {"enable_public_bootstrap": False, "enable_lan_discovery": False}  # type: ignore[attr-defined]
+    on = cli_options(["--public-bootstrap", "--lan-discovery"], monkeypatch, tmp_path)
+    assert on.transport_options == {"enable_public_bootstrap": True, "enable_lan_discovery": True}  # type: ignore[attr-defined]
+    defaults = cli_options([], monkeypatch, tmp_path)
+    assert (defaults.local_epochs, defaults.local_steps, defaults.checkpoint_every, defaults.final_model) == (  # type: ignore[attr-defined]
+        None, None, 1, None)
+
+
+@pytest.mark.parametrize("flag", ["--local-epochs", "--local-steps", "--checkpoint-every"])
+def test_run_count_flags_must_be_positive(flag: str, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["run", "--manifest", str(tmp_path / "m.qgl"), "--script", str(tmp_path / "s.py"), flag, "0"]) == 1
+    assert flag in capsys.readouterr().err

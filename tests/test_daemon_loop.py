@@ -315,3 +315,167 @@ def test_start_up_is_timed_from_the_process_start() -> None:
             "print(time.monotonic() - process_started_at())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert 0.5 <= float(out.stdout) < 30
+
+
+SLOW_SCRIPT = """
+import time
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+class SlowLoader:
+    '''Once armed, batches take a while to come (a heavy model's training, in effect): a round trains ~1 s.'''
+    armed = False
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.dataset = TensorDataset(torch.rand(96, 64, generator=g), torch.randint(0, 10, (96,), generator=g))
+    def __iter__(self):
+        x, y = self.dataset.tensors
+        for i in range(0, 96, 32):
+            if self.armed:
+                time.sleep(0.35)
+            yield x[i:i + 32], y[i:i + 32]
+
+def build_model(manifest, **kw):
+    return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+def build_loaders(manifest, **kw):
+    return SlowLoader(), None
+"""
+
+
+def test_training_runs_off_the_event_loop(manifest: Path, tmp_path: Path) -> None:
+    """While p0 trains for ~1 s, its loop still takes p1's updates in and runs timers."""
+    (tmp_path / "slow_script.py").write_text(SLOW_SCRIPT)
+    net = MemoryNetwork()
+    slow = Daemon(prepare(options(manifest, tmp_path, "p0", script=tmp_path / "slow_script.py", rounds=1, min_peers=1,
+                                  gossip_interval=0.2, script_args={})), LogContext("p0"), memory_factory(net))
+    fast = Daemon(prepare(options(manifest, tmp_path, "p1", rounds=4, min_peers=1, gossip_interval=0.2)),
+                  LogContext("p1"), memory_factory(net))
+    slow.prepared.train_loader.armed = True  # only now: the node's set-up reads the loader too
+    training: list[float] = []
+    arrivals: list[float] = []
+    ticks: list[float] = []
+    train, on_model = slow.node.train_round, slow.node.on_model
+
+    def timed_train() -> Any:
+        training.append(time.monotonic())
+        try:
+            return train()
+        finally:
+            training.append(time.monotonic())
+
+    def timed_arrival(update: Any) -> None:
+        arrivals.append(time.monotonic())
+        on_model(update)
+
+    slow.node.train_round, slow.node.on_model = timed_train, timed_arrival  # type: ignore[method-assign]
+
+    async def both() -> list[int]:
+        async def tick() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.05)
+
+        ticker = asyncio.ensure_future(tick())
+        try:
+            return list(await asyncio.gather(slow.run(), fast.run()))
+        finally:
+            ticker.cancel()
+
+    assert asyncio.run(asyncio.wait_for(both(), timeout=60)) == [0, 0]
+    start, end = training
+    assert end - start > 0.9
+    assert any(start < t < end for t in arrivals), (training, arrivals)
+    assert sum(start < t < end for t in ticks) >= 5
+
+
+def test_failed_aggregation_drops_the_updates_and_the_daemon_goes_on(manifest: Path, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    net = MemoryNetwork()
+    daemons = [Daemon(prepare(options(manifest, tmp_path, f"p{i}", rounds=3, min_peers=1, gossip_interval=0.2)),
+                      LogContext(f"p{i}"), memory_factory(net)) for i in range(2)]
+    node = daemons[0].node
+    aggregate = node.aggregator.aggregate
+
+    def broken_in_round_2(local: Any, others: Any, round_: int) -> Any:
+        if node.round == 2:
+            raise RuntimeError("strategy exploded")
+        return aggregate(local, others, round_)
+
+    node.aggregator.aggregate = broken_in_round_2  # type: ignore[method-assign]
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(*(d.run() for d in daemons)))
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(asyncio.wait_for(both(), timeout=60)) == [0, 0]
+    mine = [r for r in caplog.records if getattr(r, "node", None) == "p0" and getattr(r, "round", None) == 2]
+    failed = [r for r in mine if r.getMessage().startswith("aggregation-failed ")]
+    assert len(failed) == 1 and failed[0].levelno == logging.ERROR and "strategy exploded" in failed[0].getMessage()
+    assert any(r.getMessage().startswith("update-dropped peer=p1 ") and "aggregation failed" in r.getMessage() for r in mine)
+    hist = node.history
+    assert [h["round"] for h in hist] == [1, 2, 3]
+    assert hist[1]["peers"] == 0 and hist[1]["updates_dropped"] >= 1 and hist[2]["peers"] == 1
+
+
+def test_training_and_checkpoint_flags_take_effect(manifest: Path, tmp_path: Path) -> None:
+    from quinkgl_cli.node.checkpoint import load_final_model
+
+    final = tmp_path / "elsewhere" / "model.safetensors"
+    d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=3, gossip_interval=0.05, local_epochs=2, local_steps=30,
+                               checkpoint_every=2, keep_checkpoints=5, final_model=final)),
+               LogContext("p0"), memory_factory(MemoryNetwork()))
+    steps: list[int] = []
+    train = d.node.train_round
+
+    def counted() -> Any:
+        stats = train()
+        steps.append(stats.steps)
+        return stats
+
+    d.node.train_round = counted  # type: ignore[method-assign]
+    assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
+    batches = len(d.prepared.train_loader)
+    assert batches < 30 < 2 * batches  # so 30 steps needs the second epoch and the cap stops it
+    assert steps == [30, 30, 30]
+    # Every 2nd round, the last round, and the final checkpoint.
+    assert [f.round for f in CheckpointStore(tmp_path / "p0").files()] == [2, 3, 3]
+    tensors, meta = load_final_model(final)
+    assert meta["round"] == 3 and "0.weight" in tensors
+    assert not (tmp_path / "p0" / "final_model.safetensors").exists()
+
+
+def test_ipv8_transport_is_built_from_manifest_flags_and_model(manifest: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import quinkgl_cli.transport.ipv8 as ipv8
+    from quinkgl_cli.node.daemon import make_ipv8_transport
+    from quinkgl_cli.tensors import shared_specs
+    from quinkgl_cli.transport import wire
+
+    built: list[dict[str, Any]] = []
+    monkeypatch.setattr(ipv8, "IPv8Transport", lambda **kwargs: built.append(kwargs) or kwargs)
+    prepared = prepare(options(manifest, tmp_path, "p0", dry_run=True, port=7301,
+                               bootstrap_peers=["127.0.0.1:7002", "127.0.0.1:7101"]))
+    trusted = dataclasses.replace(prepared.trusted, manifest=prepared.trusted.manifest.model_copy(
+        update={"bootstrap_peers": ("127.0.0.1:7101", "127.0.0.1:7102")}))
+    prepared = dataclasses.replace(prepared, trusted=trusted)
+    kw = make_ipv8_transport(prepared)
+    assert kw["bootstrap"] == ["127.0.0.1:7002", "127.0.0.1:7101", "127.0.0.1:7102"]  # flags first, no repeats
+    assert (kw["node_id"], kw["port"], kw["listen_host"], kw["swarm_id"]) == ("p0", 7301, "127.0.0.1", trusted.swarm_id)
+    # Discovery beyond the given peers is off unless asked for (DaemonOptions and `quinkgl run` both default off).
+    assert kw.get("enable_public_bootstrap", False) is False and kw.get("enable_lan_discovery", False) is False
+    import inspect
+
+    params = inspect.signature(ipv8.transport.IPv8Transport).parameters
+    assert params["enable_public_bootstrap"].default is False and params["enable_lan_discovery"].default is False
+    # The offer size limit follows the model: a bigger model may send bigger updates.
+    assert kw["max_model_bytes"] == wire.max_blob_bytes(shared_specs(prepared.model)) * 2
+    big = make_ipv8_transport(dataclasses.replace(prepared, model=torch.nn.Linear(64, 4096)))
+    assert big["max_model_bytes"] == wire.max_blob_bytes(shared_specs(torch.nn.Linear(64, 4096))) * 2
+    assert big["max_model_bytes"] > 10 * kw["max_model_bytes"]
+    on = make_ipv8_transport(dataclasses.replace(prepared, options=dataclasses.replace(
+        prepared.options, transport_options={"enable_public_bootstrap": True, "enable_lan_discovery": True})))
+    assert on["enable_public_bootstrap"] is True and on["enable_lan_discovery"] is True
