@@ -33,7 +33,7 @@ def test_text_lines_carry_time_level_node_round_and_fields() -> None:
     ctx = setup_logging("peer-1", "text", stream=out)
     ctx.round = 7
     logging.getLogger("quinkgl.node").info("aggregated models peers=2 samples=300", extra={"round": 3})
-    logging.getLogger("quinkgl.transport").warning("offer_refused peer=%s reason=%s", "p2", "oversized")
+    logging.getLogger("quinkgl.transport").warning("offer-refused peer=%s reason=%s", "p2", "oversized")
     try:
         raise ValueError("bad\nthing")
     except ValueError:
@@ -44,7 +44,7 @@ def test_text_lines_carry_time_level_node_round_and_fields() -> None:
     m = [LINE.match(ln) for ln in lines]
     assert all(m)
     assert m[0].groups()[1:] == ("peer-1", "3", "aggregated models peers=2 samples=300")
-    assert m[1].group(3) == "7" and m[1].group(4) == "offer_refused peer=p2 reason=oversized"
+    assert m[1].group(3) == "7" and m[1].group(4) == "offer-refused peer=p2 reason=oversized"
     assert "Traceback" in lines[2] and "ValueError: bad" in lines[2]
 
 
