@@ -156,7 +156,7 @@ def _compression(params: Mapping[str, str] | None) -> CompressionSpec:
     spec: CompressionSpec = _spec(CompressionSpec, values, "--compression-param")
     idle = spec.idle_tuning(values)
     if idle:
-        raise UsageError(f"--compression-param {idle_compression_message(idle)}", "drop them, or turn compression on")
+        raise UsageError(f"--compression-param {idle_compression_message(idle)}", "drop those settings, or turn compression on")
     return spec
 
 
@@ -165,7 +165,7 @@ def _privacy(params: Mapping[str, Any] | None) -> PrivacySpec:
     idle = [k for k in DP_TUNING if k in values] if values.get("dp_epsilon") is None else []
     if idle:
         flags = ["--" + k.replace("_", "-") for k in idle]
-        raise UsageError(idle_dp_message(flags, "--dp-epsilon"), "give --dp-epsilon to turn local DP on, or drop them")
+        raise UsageError(idle_dp_message(flags, "--dp-epsilon"), "give --dp-epsilon to turn local DP on, or drop those flags")
     return _spec(PrivacySpec, values, "--privacy-param")
 
 
