@@ -6,7 +6,11 @@
 Scale: each run is N real nodes of the digits MLP (64-32-10) with the default manifest on an IID split; the
 baseline, measured in the same run, is the bare training the nodes do (the same SGD steps on the same shards in a
 plain torch loop, no node, no transport, no evaluation), so ``overhead_ratio`` = simulator time / bare training.
-Goal: 100 peers x 20 rounds within 120 s on 2 cores; memory per peer is reported.
+Goal: 100 peers x 20 rounds within 120 s on 2 cores; memory grows linearly with peers. Each size runs in a fresh
+process (the process's earlier garbage would otherwise pass for this size's memory); memory is the resident set the
+simulation added, build and run, per peer, and the slope between consecutive sizes (MB per added peer), which
+cancels what the first peers pay once (imports, caches). Peer views are the simulator's default bound (the daemon's
+IPv8 peer table, 256): 100 peers know each other fully, 500 peers each know 128..256 others.
 
 Learning table: 20 peers, 2 label shards each (``shards:2``), 20 training rounds. Rows: centralized training (one
 node with all data), local only, centralized FedAvg (all 20 and 10 of 20 clients per round), gossip with the
@@ -22,6 +26,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -62,31 +68,59 @@ def bare_training_seconds(script: PeerScript, peers: int, rounds: int, epochs: i
     return time.perf_counter() - started
 
 
-def scale(script: PeerScript, sizes: list[int], rounds: int) -> list[dict[str, Any]]:
+def scale_one(peers: int, rounds: int) -> dict[str, Any]:
+    """One size of the scale table, measured in this (fresh) process."""
+    script = digits_script()
     manifest = digits_manifest(script)
+    result = simulate(script, manifest, SimConfig(peers=peers, rounds=rounds, partition="iid", seed=1))
+    bare = bare_training_seconds(script, peers, rounds, manifest.training.local_epochs, seed=1)
+    mem = result.memory
+    total = result.timing["build_s"] + result.timing["run_s"]
+    entry: dict[str, Any] = {
+        "peers": peers, "rounds": rounds,
+        "build_s": result.timing["build_s"], "run_s": result.timing["run_s"], "total_s": total,
+        "seconds_per_round": result.timing["seconds_per_round"],
+        "bare_training_s": bare, "overhead_ratio": result.timing["run_s"] / bare if bare > 0 else None,
+        "rss_before_build_mb": mem["rss_before_build_mb"], "rss_after_build_mb": mem["rss_after_build_mb"],
+        "rss_end_mb": mem["rss_end_mb"], "process_peak_rss_mb": mem["process_peak_rss_mb"],
+        "build_mb": mem["rss_after_build_mb"] - mem["rss_before_build_mb"],
+        "sim_mb": mem["rss_end_mb"] - mem["rss_before_build_mb"],
+        "mb_per_peer": mem["per_peer_kb"] / 1024.0, "build_mb_per_peer": mem["per_peer_kb_build"] / 1024.0,
+        "max_peers": mem["max_peers"], "known_peers_mean": mem["known_peers_mean"], "known_peers_max": mem["known_peers_max"],
+        "final_mean_accuracy": result.final.mean_accuracy,
+    }
+    if peers == 100 and rounds == 20:
+        entry["goal_s"] = SCALE_GOAL_S
+        entry["meets_goal"] = total <= SCALE_GOAL_S
+    return entry
+
+
+def scale(sizes: list[int], rounds: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every size in its own process; the rows and the memory slope between consecutive sizes."""
     out = []
     for peers in sizes:
-        result = simulate(script, manifest, SimConfig(peers=peers, rounds=rounds, partition="iid", seed=1))
-        bare = bare_training_seconds(script, peers, rounds, manifest.training.local_epochs, seed=1)
-        total = result.timing["build_s"] + result.timing["run_s"]
-        entry = {
-            "peers": peers, "rounds": rounds,
-            "build_s": result.timing["build_s"], "run_s": result.timing["run_s"], "total_s": total,
-            "seconds_per_round": result.timing["seconds_per_round"],
-            "bare_training_s": bare, "overhead_ratio": result.timing["run_s"] / bare if bare > 0 else None,
-            "rss_before_build_mb": result.memory["rss_before_build_mb"],
-            "rss_after_build_mb": result.memory["rss_after_build_mb"],
-            "per_peer_kb": result.memory["per_peer_kb"], "peak_rss_mb": result.memory["peak_rss_mb"],
-            "final_mean_accuracy": result.final.mean_accuracy,
-        }
-        if peers == 100 and rounds == 20:
-            entry["goal_s"] = SCALE_GOAL_S
-            entry["meets_goal"] = total <= SCALE_GOAL_S
+        proc = subprocess.run([sys.executable, __file__, "--scale-one", str(peers), str(rounds)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SystemExit(f"scale run with {peers} peers failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        entry = json.loads(proc.stdout.strip().splitlines()[-1])
         out.append(entry)
-        print(f"scale peers={peers} rounds={rounds} total_s={total:.1f} run_s={result.timing['run_s']:.1f} "
-              f"bare_training_s={bare:.1f} per_peer_kb={entry['per_peer_kb']:.0f} peak_rss_mb={entry['peak_rss_mb']:.0f}",
-              flush=True)
-    return out
+        print(f"scale peers={peers} rounds={rounds} total_s={entry['total_s']:.1f} run_s={entry['run_s']:.1f} "
+              f"bare_training_s={entry['bare_training_s']:.1f} sim_mb={entry['sim_mb']:.1f} "
+              f"mb_per_peer={entry['mb_per_peer']:.3f} known_peers_mean={entry['known_peers_mean']:.0f}", flush=True)
+    slopes = [
+        {"from_peers": a["peers"], "to_peers": b["peers"],
+         "mb_per_added_peer": (b["sim_mb"] - a["sim_mb"]) / (b["peers"] - a["peers"]),
+         "build_mb_per_added_peer": (b["build_mb"] - a["build_mb"]) / (b["peers"] - a["peers"]),
+         "memory_ratio": b["sim_mb"] / a["sim_mb"] if a["sim_mb"] > 0 else None,
+         "peer_ratio": b["peers"] / a["peers"]}
+        for a, b in zip(out, out[1:])
+    ]
+    for sl in slopes:
+        ratio = "-" if sl["memory_ratio"] is None else f"{sl['memory_ratio']:.1f}x"
+        print(f"memory slope {sl['from_peers']}->{sl['to_peers']} peers: {sl['mb_per_added_peer']:.3f} MB per added peer "
+              f"(build {sl['build_mb_per_added_peer']:.3f}); memory {ratio} for {sl['peer_ratio']:.0f}x the peers", flush=True)
+    return out, slopes
 
 
 def learning_cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:
@@ -174,14 +208,21 @@ def plot_learning(learn_rows: list[dict[str, Any]], path: Path, rounds: int) -> 
                 ylabel="mean validation accuracy")
 
 
-def markdown(scale_rows: list[dict[str, Any]], learn_rows: list[dict[str, Any]], seeds: list[int], rounds: int) -> str:
+def markdown(scale_rows: list[dict[str, Any]], slopes: list[dict[str, Any]], learn_rows: list[dict[str, Any]],
+             seeds: list[int], rounds: int) -> str:
     lines = [
-        "| peers | rounds | total s | s/round | bare training s | overhead x | MB/peer | peak RSS MB |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peers | rounds | total s | s/round | bare training s | overhead x | sim MB | MB/peer | known peers (mean) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in scale_rows:
         lines.append(f"| {s['peers']} | {s['rounds']} | {s['total_s']:.1f} | {s['seconds_per_round']:.2f} | "
-                     f"{s['bare_training_s']:.1f} | {s['overhead_ratio']:.1f} | {s['per_peer_kb'] / 1024:.2f} | {s['peak_rss_mb']:.0f} |")
+                     f"{s['bare_training_s']:.1f} | {s['overhead_ratio']:.1f} | {s['sim_mb']:.1f} | {s['mb_per_peer']:.3f} | "
+                     f"{s['known_peers_mean']:.0f} |")
+    if slopes:
+        lines += ["", "Memory slope (resident set the simulation added, build and run):", ""]
+        lines += [f"- {sl['from_peers']} -> {sl['to_peers']} peers: {sl['mb_per_added_peer']:.3f} MB per added peer"
+                  + ("" if sl["memory_ratio"] is None else f", {sl['memory_ratio']:.1f}x the memory for {sl['peer_ratio']:.0f}x the peers")
+                  for sl in slopes]
     lines += [
         "",
         f"20 peers, `shards:2` digits, {rounds} training rounds, mean over seeds {seeds} (worst peer: lowest over seeds):",
@@ -201,17 +242,21 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=RESULTS / "sim.json")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--skip-learning", action="store_true")
+    ap.add_argument("--scale-one", nargs=2, type=int, metavar=("PEERS", "ROUNDS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     quiet()
     torch.set_num_threads(1)
+    if args.scale_one:
+        print(json.dumps(scale_one(*args.scale_one)))
+        return
     script = digits_script()
     sizes, scale_rounds = ([10, 100], 5) if args.quick else ([10, 100, 500], 20)
     rounds = 10 if args.quick else 20
     seeds = [7] if args.quick else [7, 1, 2]
     started = time.perf_counter()
-    scale_rows = [] if args.skip_scale else scale(script, sizes, scale_rounds)
+    scale_rows, slopes = ([], []) if args.skip_scale else scale(sizes, scale_rounds)
     learn_rows = [] if args.skip_learning else learning(script, rounds, seeds, args.quick)
-    table = markdown(scale_rows, learn_rows, seeds, rounds)
+    table = markdown(scale_rows, slopes, learn_rows, seeds, rounds)
     if learn_rows:
         plot_dir = args.json.parent
         plot_learning(learn_rows, plot_dir / "learning_curves.png", rounds)
@@ -220,7 +265,9 @@ def main() -> None:
     headline: dict[str, Any] = {}
     for s in scale_rows:
         headline[f"total_s_{s['peers']}_peers_{s['rounds']}_rounds"] = round(s["total_s"], 2)
-        headline[f"kb_per_peer_{s['peers']}_peers"] = round(s["per_peer_kb"], 1)
+        headline[f"mb_per_peer_{s['peers']}_peers"] = round(s["mb_per_peer"], 4)
+    for sl in slopes:
+        headline[f"mb_per_added_peer_{sl['from_peers']}_to_{sl['to_peers']}"] = round(sl["mb_per_added_peer"], 4)
     for r in learn_rows:
         keys = {"gossip, quinkgl defaults": "gossip_defaults", "star FedAvg (server, 20 of 20 clients)": "star_fedavg",
                 "gossip, Scaffold, defaults otherwise": "gossip_scaffold"}
@@ -234,6 +281,7 @@ def main() -> None:
         "quick": args.quick,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
         "scale": scale_rows,
+        "memory_slope": slopes,
         "learning": learn_rows,
         "markdown": table,
         "seconds": time.perf_counter() - started,

@@ -216,3 +216,32 @@ def test_dp_override_noises_updates_deterministically(script: PeerScript) -> Non
     assert plain.final.mean_accuracy > 0.5
     # sigma = clip 1.0 * sqrt(2 ln 1.25e5) / epsilon 1 ~ 4.8 per coordinate: the models are noise
     assert noisy.final.mean_accuracy < 0.3
+
+
+def test_peer_views_stay_bounded_in_a_60_peer_swarm_and_every_node_learns(script: PeerScript) -> None:
+    m = make_manifest(script, local_epochs=4)
+    views: list[int] = []
+    sim = Simulator(script, m, SimConfig(peers=60, rounds=5, partition="iid", seed=3, max_peers=8,
+                                         script_args={"batch_size": "8"}),
+                    progress=lambda s: views.append(max(len(n.known_peers) for n in sim.nodes)))
+    sim.build()
+    assert sim.memory["known_peers_max"] <= 8 and sim.memory["known_peers_min"] >= 4
+    seen, todo = {sim.nodes[0].node_id}, [sim.nodes[0]]
+    by_id = {n.node_id: n for n in sim.nodes}
+    while todo:  # the views form one connected swarm
+        for peer in todo.pop().known_peers:
+            if peer not in seen:
+                seen.add(peer)
+                todo.append(by_id[peer])
+    assert len(seen) == 60
+    result = sim.run()
+    assert views and max(views) <= 8
+    received = {n.node_id: 0 for n in sim.nodes}
+    for r in result.rounds:
+        for p in r.peers:
+            received[p.peer] += p.bytes_received
+    assert min(received.values()) > 0  # nobody is left out of the gossip
+    first, last = result.rounds[0], result.rounds[-1]
+    assert last.mean_accuracy is not None and last.min_accuracy is not None and first.mean_accuracy is not None
+    assert last.mean_accuracy > 0.6 and last.min_accuracy > 0.4 and last.mean_accuracy > first.mean_accuracy + 0.3
+    assert result.memory["per_peer_kb"] >= 0 and result.memory["max_peers"] == 8

@@ -246,3 +246,66 @@ def test_event_names_use_hyphens(caplog):
                 "offer-ignored", "fetch-failed", "peer-lost", "transport-stopped"}
     assert expected <= events, expected - events
     assert not [e for e in events if "_" in e], events
+
+
+def test_default_peer_bound_is_the_ipv8_transports():
+    import inspect
+
+    from quinkgl_cli.transport.ipv8.transport import IPv8Transport
+    from quinkgl_cli.transport.memory import DEFAULT_MAX_PEERS
+
+    assert inspect.signature(IPv8Transport.__init__).parameters["max_peers"].default == DEFAULT_MAX_PEERS
+
+
+def _connected(nodes, alive):
+    start = next(iter(alive))
+    seen, todo = {start}, [start]
+    while todo:
+        for p in nodes[todo.pop()][0].peers():
+            if p.node_id not in seen:
+                seen.add(p.node_id)
+                todo.append(p.node_id)
+    return seen == set(alive)
+
+
+def test_views_are_bounded_connected_and_refilled_after_losses():
+    net = MemoryNetwork(auto_deliver=False, seed=3)
+    nodes = {}
+    for i in range(60):
+        t = MemoryTransport(net, f"p{i:02d}", swarm_id="s", arch_hash="a", max_peers=6)
+        rec = Recorder()
+        t.start_sync(rec)
+        nodes[t.node_id] = (t, rec)
+    assert net.pending <= 2 * 60 * 3  # introductions grow with peers * seek, not peers ** 2
+    net.deliver_all()
+    views = {n: {p.node_id for p in t.peers()} for n, (t, _) in nodes.items()}
+    assert all(3 <= len(v) <= 6 for v in views.values()), sorted(len(v) for v in views.values())
+    assert all(n in views[p] for n, v in views.items() for p in v)  # both ends know each other
+    assert sum(len(rec.discovered) for _, rec in nodes.values()) == sum(len(v) for v in views.values())
+    assert _connected(nodes, nodes)
+    for i in range(0, 60, 6):  # a tenth of the swarm dies; the walk refills the survivors' views
+        net.kill(f"p{i:02d}")
+    net.deliver_all()
+    alive = {n for n in nodes if int(n[1:]) % 6}
+    for n in alive:
+        known = {p.node_id for p in nodes[n][0].peers()}
+        assert known <= alive and 3 <= len(known) <= 6, (n, known)
+    assert _connected(nodes, alive)
+
+
+def test_small_swarm_is_fully_known_under_a_bound():
+    net = MemoryNetwork(auto_deliver=False)
+    swarm = [MemoryTransport(net, f"q{i}", swarm_id="s", arch_hash="a", max_peers=6) for i in range(4)]
+    for t in swarm:
+        t.start_sync(Recorder())
+    net.deliver_all()
+    assert [len(t.peers()) for t in swarm] == [3] * 4  # seek 6 // 2 = 3: a swarm of 4 is complete
+
+
+
+def test_bad_bounds_are_refused():
+    net = MemoryNetwork()
+    with pytest.raises(NetworkError, match="max peers"):
+        MemoryTransport(net, "a", max_peers=0)
+    with pytest.raises(NetworkError, match="seek"):
+        MemoryTransport(net, "a", max_peers=4, seek=5)

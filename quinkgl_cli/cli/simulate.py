@@ -55,6 +55,9 @@ def simulate(
     ] = None,
     byzantine_f: Annotated[int | None, typer.Option("--byzantine-f", metavar="N", help="Override the manifest's byzantine_f.")] = None,
     clients_per_round: Annotated[int, typer.Option("--clients-per-round", metavar="N", help="fedavg mode: clients sampled per round.")] = 10,
+    max_peers: Annotated[
+        int | None, typer.Option("--max-peers", metavar="N", help="Peers a node may know (default: the daemon's IPv8 peer-table bound, 256).")
+    ] = None,
     script_arg: Annotated[list[str] | None, typer.Option("--script-arg", metavar=_KV, help="k=v passed to the script's hooks (repeatable).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", metavar="FILE", help="Write every metric as JSON.")] = None,
     plot: Annotated[Path | None, typer.Option("--plot", metavar="FILE", help="Draw the accuracy curves (PNG).")] = None,
@@ -71,6 +74,7 @@ def simulate(
     from quinkgl_cli.sim.attacks import parse_attackers
     from quinkgl_cli.sim.report import communication, plot_result, write_json
     from quinkgl_cli.sim.simulator import Overrides, SimConfig, Simulator
+    from quinkgl_cli.transport.memory import DEFAULT_MAX_PEERS
 
     if mode not in _MODES:
         raise UsageError(f"--mode {mode!r} is not one of {', '.join(_MODES)}", "use --mode gossip, fedavg or local")
@@ -85,7 +89,8 @@ def simulate(
     peer_script = load_script(script)
     config = SimConfig(
         peers=peers, rounds=rounds, partition=partition, seed=seed, mode=mode,  # type: ignore[arg-type]
-        attackers=count, attack=kind, clients_per_round=clients_per_round, threads=threads,
+        attackers=count, attack=kind, clients_per_round=clients_per_round,
+        max_peers=DEFAULT_MAX_PEERS if max_peers is None else max_peers, threads=threads,
         script_args=parse_kv(script_arg, "--script-arg"),
         overrides=Overrides(
             aggregation=aggregation, aggregation_params=parse_kv(aggregation_param, "--aggregation-param"),
@@ -127,7 +132,8 @@ def simulate(
                f"consensus_sends_per_peer={comm['consensus_sends_per_peer']:.2f}")
     mem = result.memory
     typer.echo(f"resources build_s={result.timing['build_s']:.2f} run_s={result.timing['run_s']:.2f} "
-               f"per_peer_kb={mem['per_peer_kb']:.1f} peak_rss_mb={mem['peak_rss_mb']:.1f}")
+               f"per_peer_kb={mem['per_peer_kb']:.1f} rss_end_mb={mem['rss_end_mb']:.1f} "
+               f"known_peers_mean={mem['known_peers_mean']:.1f} max_peers={mem['max_peers']:.0f}")
     if json_out is not None:
         write_json(result, json_out)
         typer.echo(f"wrote {json_out}")

@@ -16,6 +16,19 @@ Data: the simulator calls the script's ``build_loaders`` once, takes the dataset
 splits it among the peers by label (`quinkgl_cli.sim.partition`); the validation loader is shared by all peers so
 their accuracies compare. Metrics are those of the model each peer holds at the end of a round (after aggregation).
 
+Peer views: each node knows at most ``max_peers`` peers (default: the daemon's IPv8 bound, 256), discovered as
+`quinkgl_cli.transport.memory` describes (a joining node seeks half the bound), so a swarm of at most
+``max_peers // 2 + 1`` peers is fully known to everyone and a larger one is a random graph in which every node knows
+between ``max_peers // 2`` and ``max_peers`` others; memory grows with ``peers * max_peers``. Topologies choose among
+a node's known peers: ``FullTopology`` sends to its whole view, ``RingTopology`` to the id-nearest peers of its view
+(the swarm-wide ring only while views are complete). In ``fedavg`` mode the server knows every client and each
+client only the server. Each node's introductions are delivered as it joins, so building never queues all of them.
+
+Memory (``SimResult.memory``): resident set sizes of the process before building, after building and at the end,
+the growth per peer over the build and over the whole simulation (``per_peer_kb``: everything the simulation took
+from the system divided by the peers: freed memory is not always given back, so it is an upper bound, and
+first-use costs weigh most on small swarms), the process's peak since it started, and the peer-view sizes.
+
 Local DP (the manifest's ``privacy`` section) is each node's own sharing pipeline, as in the daemon; the simulator
 only seeds its noise so that a run is reproducible. Peer-script hooks are not called (a hundred peers'
 ``on_round_end`` lines would bury the swarm's own report).
@@ -44,7 +57,7 @@ from quinkgl_cli.sim.attacks import install_attack
 from quinkgl_cli.sim.baseline import SERVER_ID, AdoptGlobal, SelectedTargets, ServerMean
 from quinkgl_cli.sim.data import materialize, peer_loader
 from quinkgl_cli.sim.partition import dataset_labels, parse_scheme, partition_indices
-from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
+from quinkgl_cli.transport.memory import DEFAULT_MAX_PEERS, MemoryNetwork, MemoryTransport
 
 log = logging.getLogger("quinkgl.sim")
 
@@ -78,6 +91,7 @@ class SimConfig:
     attackers: int = 0
     attack: str = "signflip"
     clients_per_round: int = 10  # fedavg mode
+    max_peers: int = DEFAULT_MAX_PEERS  # each node's peer-view bound (gossip and local modes)
     threads: int = 1  # torch intra-op threads: peers run one after another, so tiny models do best on one
     script_args: Mapping[str, str] = field(default_factory=dict)
     overrides: Overrides = field(default_factory=Overrides)
@@ -213,6 +227,8 @@ class Simulator:
             raise UsageError(f"--rounds {config.rounds}: run at least one round", "use --rounds 1 or more")
         if config.mode not in MODES:
             raise UsageError(f"unknown mode {config.mode!r}", f"valid: {', '.join(MODES)}")
+        if config.max_peers < 1:
+            raise UsageError(f"--max-peers {config.max_peers}: a node must be able to know a peer", "use --max-peers 1 or more")
         if config.attackers > config.peers:
             raise UsageError(f"{config.attackers} attackers among {config.peers} peers", "use fewer attackers")
         if config.mode == "fedavg" and not 1 <= config.clients_per_round <= config.peers:
@@ -261,14 +277,15 @@ class Simulator:
         return Manifest.model_validate(data)
 
     def _node(self, node_id: str, train: Any, val: Any, seed: int, manifest: Manifest | None = None,
-              **strategies: Any) -> Node:
+              max_peers: int | None = None, seek: int | None = None, **strategies: Any) -> Node:
         manifest = manifest or self.manifest
         # Each peer's model initialisation is independent (as on real devices) but reproducible.
         torch.manual_seed(seed)
         args = dict(self.config.script_args)
         model = self.script.build_model(manifest, **args)
         optimizer = self.script.build_optimizer(manifest, model)
-        transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=manifest.model.arch_hash)
+        transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=manifest.model.arch_hash,
+                                    max_peers=max_peers or self.config.max_peers, seek=seek)
         node = Node(
             # noise_seed: the simulator wants reproducible DP noise; a daemon never sets it (its noise must be secret).
             NodeConfig(node_id, rounds=self.rounds, seed=seed, noise_seed=seed),
@@ -276,6 +293,9 @@ class Simulator:
             hooks=None, clock=self.clock, **strategies,
         )
         transport.start_sync(node)
+        # Its introductions now, not all at the end: queued, every node's hellos and fingerprints would be held
+        # at once (peers * view size of them), a peak the process keeps long after they are delivered.
+        self.network.deliver_all()
         return node
 
     def build(self) -> None:
@@ -301,6 +321,17 @@ class Simulator:
         self.memory["rss_before_build_mb"] = _rss_mb()
         width = max(3, len(str(cfg.peers - 1)))
         ids = [f"peer-{i:0{width}d}" for i in range(cfg.peers)]
+        if cfg.mode == "fedavg":
+            # The star: the server joins first and takes every client; each client, allowed one peer, takes it.
+            # The server holds only the validation set (it evaluates the global model there and never trains).
+            self.server = self._node(
+                SERVER_ID, val_loader if val_loader is not None else [], val_loader, cfg.seed * 100_003 + cfg.peers,
+                manifest=self._server_manifest(), max_peers=cfg.peers, seek=cfg.peers,
+                aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
+            )
+            # The server trains on nothing; its broadcast carries the whole training set's weight (clients only
+            # check that it is positive, and adopt it).
+            self.server.sample_count = len(dataset)
         for i, (node_id, idx) in enumerate(zip(ids, parts, strict=True)):
             seed = cfg.seed * 100_003 + i
             shuffle = torch.Generator().manual_seed(seed)
@@ -309,27 +340,21 @@ class Simulator:
             if cfg.mode == "fedavg":
                 topo = SelectedTargets(node_id)
                 topo.targets = [SERVER_ID]
-                strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": topo}
+                strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": topo, "max_peers": 1, "seek": 1}
             self.nodes.append(self._node(node_id, train, val_loader, seed, **strategies))
-        if cfg.mode == "fedavg":
-            # The server holds only the validation set (it evaluates the global model there and never trains).
-            self.server = self._node(
-                SERVER_ID, val_loader if val_loader is not None else [], val_loader, cfg.seed * 100_003 + cfg.peers, manifest=self._server_manifest(),
-                aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
-            )
-            # The server trains on nothing; its broadcast carries the whole training set's weight (clients only
-            # check that it is positive, and adopt it).
-            self.server.sample_count = len(dataset)
-        self.network.deliver_all()  # discovery
         if cfg.attackers:
             chosen = sorted(self._rng.sample(range(cfg.peers), cfg.attackers))
             for i in chosen:
                 install_attack(self.nodes[i], cfg.attack, seed=cfg.seed * 7919 + i)
             self.attackers = [ids[i] for i in chosen]
         self.memory["rss_after_build_mb"] = _rss_mb()
-        self.memory["per_peer_kb"] = (
+        self.memory["per_peer_kb_build"] = (
             (self.memory["rss_after_build_mb"] - self.memory["rss_before_build_mb"]) * 1024.0 / cfg.peers
         )
+        views = [len(n.known_peers) for n in self.nodes]
+        self.memory.update(max_peers=float(cfg.max_peers) if cfg.mode != "fedavg" else 1.0,
+                           known_peers_min=float(min(views)), known_peers_mean=sum(views) / len(views),
+                           known_peers_max=float(max(views)))
         self.timing["build_s"] = time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------------ running
@@ -463,7 +488,8 @@ class Simulator:
         self.timing["run_s"] = time.perf_counter() - started
         self.timing["seconds_per_round"] = self.timing["run_s"] / self.rounds
         self.memory["rss_end_mb"] = _rss_mb()
-        self.memory["peak_rss_mb"] = _peak_rss_mb()
+        self.memory["per_peer_kb"] = (self.memory["rss_end_mb"] - self.memory["rss_before_build_mb"]) * 1024.0 / cfg.peers
+        self.memory["process_peak_rss_mb"] = _peak_rss_mb()
         for node in self.nodes + ([self.server] if self.server is not None else []):
             node.transport.stop_sync()  # type: ignore[attr-defined]
         return SimResult(

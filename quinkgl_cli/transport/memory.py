@@ -10,6 +10,16 @@ Everything goes through a `MemoryNetwork` hub that queues deliveries. Two ways t
 Fault injection (``loss``, ``block``, ``partition``, ``corrupt``, ``kill``) mirrors what the IPv8 transport meets
 on a real network, and the receiver-side checks (size limit, digest, duplicate and out-of-date offers, swarm and
 architecture mismatch) are the same ones, logged once per peer and reason on ``quinkgl.transport``.
+
+Peer views are bounded as IPv8's peer table is: a transport knows at most ``max_peers`` peers (the IPv8
+transport's default, `DEFAULT_MAX_PEERS`); the network never introduces it to more. Discovery stands
+in for IPv8's random walk: a joining transport is introduced to up to ``seek`` random peers of its swarm that
+still have room (default half of ``max_peers``), and one that loses a peer is introduced to others until it is
+back at ``seek``. Seeking less than the cap is what keeps a swarm larger than the cap connected: if every joiner
+took ``max_peers`` peers, the first ``max_peers + 1`` would fill each other up and later ones would find nobody
+with room. A swarm of at most ``seek + 1`` peers is therefore fully known to everyone; a larger one is a
+connected random graph where every peer knows between about ``seek`` and ``max_peers`` others, so memory and
+discovery traffic grow with ``peers * max_peers``, not ``peers ** 2``.
 """
 
 from __future__ import annotations
@@ -48,6 +58,8 @@ from quinkgl_cli.transport.common import (
 log = logging.getLogger("quinkgl.transport")
 
 DEFAULT_MAX_MODEL_BYTES = 1024**3
+# The IPv8 transport's peer-table bound (IPv8Transport(max_peers=...)); a test keeps the two equal.
+DEFAULT_MAX_PEERS = 256
 
 
 @dataclass
@@ -84,7 +96,12 @@ class MemoryNetwork:
         self.auto_deliver = auto_deliver
         self.loss = loss
         self._rng = random.Random(seed)
+        # Introductions draw from their own stream: turning loss on must not change who knows whom.
+        self._intro_rng = random.Random(f"introductions:{seed}")
         self._transports: dict[str, MemoryTransport] = {}
+        # Who was introduced to whom and has not been lost since (the hellos may still be queued): the room a
+        # transport has left is counted on this, so introductions made before a delivery respect the bounds too.
+        self._links: dict[str, set[str]] = {}
         self._queue: deque[Callable[[], None]] = deque()
         self._faults = _Faults()
         self._drain_loop: asyncio.AbstractEventLoop | None = None
@@ -152,11 +169,11 @@ class MemoryNetwork:
                     self._enqueue(lambda ty=ty, x=x: ty._lose(x))
 
     def heal(self) -> None:
-        """Remove every block; peers that can see each other again are rediscovered."""
+        """Remove every block; peers below their ``seek`` are introduced to peers they can see again."""
         self._faults.blocked.clear()
-        live = [t for t in self._transports.values() if t._started]
-        for t in live:
-            self._introduce(t, live)
+        for t in list(self._transports.values()):
+            if t._started:
+                self._fill(t)
 
     def corrupt(self, src: str, dst: str, count: int = 1) -> None:
         """Flip one byte in the next ``count`` model transfers from ``src`` to ``dst`` (the digest check catches it)."""
@@ -179,18 +196,39 @@ class MemoryNetwork:
         if current is not None and current is not t and current._started:
             raise NetworkError(f"node id {t.node_id!r} is already running on this memory network")
         self._transports[t.node_id] = t
-        self._introduce(t, [o for o in self._transports.values() if o._started])
+        self._links[t.node_id] = set()
+        self._fill(t)
 
-    def _introduce(self, t: MemoryTransport, others: list[MemoryTransport]) -> None:
-        for other in others:
-            if other is t or not (self._link_ok(t.node_id, other.node_id) and self._link_ok(other.node_id, t.node_id)):
-                continue
+    def _fill(self, t: MemoryTransport) -> None:
+        """Introduce ``t`` to random peers of its swarm with room, until it has ``t.seek`` (IPv8's walk)."""
+        mine = self._links.setdefault(t.node_id, set())
+        need = t.seek - len(mine)
+        if need <= 0 or not t._started:
+            return
+        candidates = [
+            o for o in self._transports.values()
+            if o is not t and o._started and o.swarm_id == t.swarm_id and o.node_id not in mine
+            and len(self._links.get(o.node_id, ())) < o.max_peers
+            and self._link_ok(t.node_id, o.node_id) and self._link_ok(o.node_id, t.node_id)
+        ]
+        if need < len(candidates):
+            picked = set(self._intro_rng.sample(range(len(candidates)), need))
+            candidates = [o for i, o in enumerate(candidates) if i in picked]  # join order: deterministic events
+        for other in candidates:
+            mine.add(other.node_id)
+            self._links[other.node_id].add(t.node_id)
             self._enqueue(lambda a=t, b=other: a._hello_from(b))
             self._enqueue(lambda a=t, b=other: b._hello_from(a))
 
+    def _unlink(self, a: str, b: str) -> None:
+        self._links.get(a, set()).discard(b)
+        self._links.get(b, set()).discard(a)
+
     def _leave(self, t: MemoryTransport) -> None:
+        linked = self._links.pop(t.node_id, set())
         for other in self._transports.values():
-            if other is not t and other._started:
+            if other is not t and other._started and (other.node_id in linked or t.node_id in other._peers):
+                self._links[other.node_id].discard(t.node_id)
                 self._enqueue(lambda o=other, gone=t.node_id: o._lose(gone))
 
     def _next_nonce(self) -> int:
@@ -216,15 +254,24 @@ class MemoryTransport(Transport):
         arch_hash: str = "",
         max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
         protocol_version: int = PROTOCOL_VERSION,
+        max_peers: int = DEFAULT_MAX_PEERS,
+        seek: int | None = None,
     ) -> None:
         if not node_id:
             raise NetworkError("node id must not be empty")
+        if max_peers < 1:
+            raise NetworkError(f"max peers {max_peers} must be at least 1")
+        seek = max(1, max_peers // 2) if seek is None else seek
+        if not 1 <= seek <= max_peers:
+            raise NetworkError(f"seek {seek} must be between 1 and max peers {max_peers}")
         self.network = network
         self.node_id = node_id
         self.swarm_id = swarm_id
         self.arch_hash = arch_hash
         self.max_model_bytes = max_model_bytes
         self.protocol_version = protocol_version
+        self.max_peers = max_peers
+        self.seek = seek
         self.public_key = hashlib.sha256(f"memory-key:{node_id}".encode()).hexdigest()
         self.stats = TransportStats()
         self._events: TransportEvents | None = None
@@ -316,12 +363,14 @@ class MemoryTransport(Transport):
             return  # another swarm's community: the two never see each other at all
         if other.protocol_version != self.protocol_version:
             self._once("peer-refused", other.node_id, "protocol_mismatch", node=self.node_id, theirs=other.protocol_version)
+            self.network._unlink(self.node_id, other.node_id)
             return
         if other.arch_hash != self.arch_hash:
             self._once("peer-refused", other.node_id, "arch_mismatch", node=self.node_id, theirs=other.arch_hash)
+            self.network._unlink(self.node_id, other.node_id)
             return
-        now = self.network.clock()
         known = other.node_id in self._peers
+        now = self.network.clock()
         info = PeerInfo(other.node_id, other.public_key, None, now)
         self._peers[other.node_id] = info
         if not known and self._events is not None:
@@ -331,9 +380,13 @@ class MemoryTransport(Transport):
     def _lose(self, peer_id: str) -> None:
         info = self._peers.pop(peer_id, None)
         self._book.forget(peer_id)
+        linked = peer_id in self.network._links.get(self.node_id, ())
+        self.network._unlink(self.node_id, peer_id)
         if info is not None and self._started and self._events is not None:
             log.debug("peer-lost node=%s peer=%s", self.node_id, peer_id)
             self._events.on_peer_lost(info)
+        if (info is not None or linked) and self._started:
+            self.network._fill(self)  # the walk goes on: a lost peer's slot goes to another peer with room
 
     def _touch(self, peer_id: str) -> None:
         info = self._peers.get(peer_id)
