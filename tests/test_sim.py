@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import pytest
 from typer.testing import CliRunner
 
@@ -245,3 +246,43 @@ def test_peer_views_stay_bounded_in_a_60_peer_swarm_and_every_node_learns(script
     assert last.mean_accuracy is not None and last.min_accuracy is not None and first.mean_accuracy is not None
     assert last.mean_accuracy > 0.6 and last.min_accuracy > 0.4 and last.mean_accuracy > first.mean_accuracy + 0.3
     assert result.memory["per_peer_kb"] >= 0 and result.memory["max_peers"] == 8
+
+
+def test_pairwise_mode_averages_pairs_of_ring_edges_like_the_tutorial(script: PeerScript) -> None:
+    from quinkgl_cli.tensors import flatten
+
+    m = make_manifest(script, topology="RingTopology", local_steps=2)
+    m = apply_overrides(m, Overrides(fanout=2))
+    sim = Simulator(script, m, SimConfig(peers=6, rounds=3, partition="shards:2", seed=2, mode="pairwise", pairs_per_round=1))
+    sim.build()
+    assert sim.edges == [(0, 1), (0, 5), (1, 2), (2, 3), (3, 4), (4, 5)]  # the ring of the six peers
+    result = sim.run()
+    assert all(r.model_sends == 2 for r in result.rounds)  # one pair: each end sends once
+    for r in result.rounds:
+        sent = sorted(p.peer for p in r.peers if p.updates_sent)
+        a, b = (int(x.rsplit("-", 1)[1]) for x in sent)
+        assert (min(a, b), max(a, b)) in sim.edges
+    last = sorted(p.peer for p in result.rounds[-1].peers if p.updates_sent)
+    models = {n.node_id: flatten(n.model) for n in sim.nodes}
+    assert torch.allclose(models[last[0]], models[last[1]], atol=1e-6)  # both ends hold the pair's mean
+    others = [n for n in sim.nodes if n.node_id not in last]
+    assert not torch.allclose(models[others[0].node_id], models[last[0]])
+    again = simulate(script, m, SimConfig(peers=6, rounds=3, partition="shards:2", seed=2, mode="pairwise", pairs_per_round=1))
+    assert accuracies(again) == accuracies(result)
+    with pytest.raises(UsageError, match="pairs-per-round"):
+        Simulator(script, m, SimConfig(peers=6, rounds=1, mode="pairwise", pairs_per_round=0))
+
+
+def test_cli_pairwise_mode(script: PeerScript, tmp_path: Path) -> None:
+    qgl = tmp_path / "swarm.qgl"
+    write_manifest(qgl, make_manifest(script, local_steps=1))
+    out, png = tmp_path / "out.json", tmp_path / "out.png"
+    res = CliRunner().invoke(app, [
+        "simulate", "--manifest", str(qgl), "--script", str(SCRIPT), "--peers", "4", "--rounds", "2", "--mode", "pairwise",
+        "--pairs-per-round", "3", "--topology", "RingTopology", "--fanout", "2", "--json", str(out), "--plot", str(png),
+    ])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["config"]["mode"] == "pairwise" and data["config"]["pairs_per_round"] == 3
+    assert [r["model_sends"] for r in data["rounds"]] == [6, 6] and data["consensus"] is None
+    assert png.read_bytes()[:4] == b"\x89PNG"

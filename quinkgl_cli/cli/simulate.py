@@ -12,7 +12,7 @@ from quinkgl_cli.cli.output import parse_kv
 from quinkgl_cli.errors import UsageError
 
 _KV = "K=V"
-_MODES = ("gossip", "fedavg", "local")
+_MODES = ("gossip", "fedavg", "pairwise", "local")
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -37,7 +37,7 @@ def simulate(
         str, typer.Option("--partition", metavar="SCHEME", help="How the training set is split: iid | shards:K | dirichlet:ALPHA.")
     ] = "iid",
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the split, initialisations and choices.")] = 0,
-    mode: Annotated[str, typer.Option("--mode", metavar="MODE", help="gossip (the manifest) | fedavg (central server baseline) | local (no sharing).")] = "gossip",
+    mode: Annotated[str, typer.Option("--mode", metavar="MODE", help="gossip (the manifest) | fedavg (central server baseline) | pairwise (the DP tutorial's pair averaging over the topology's edges) | local (no sharing).")] = "gossip",
     attackers: Annotated[
         str | None, typer.Option("--attackers", metavar="N:KIND", help="N Byzantine peers sharing corrupted models: signflip | gaussian | scale.")
     ] = None,
@@ -55,6 +55,7 @@ def simulate(
     ] = None,
     byzantine_f: Annotated[int | None, typer.Option("--byzantine-f", metavar="N", help="Override the manifest's byzantine_f.")] = None,
     clients_per_round: Annotated[int, typer.Option("--clients-per-round", metavar="N", help="fedavg mode: clients sampled per round.")] = 10,
+    pairs_per_round: Annotated[int, typer.Option("--pairs-per-round", metavar="N", help="pairwise mode: edges averaged per round.")] = 10,
     max_peers: Annotated[
         int | None, typer.Option("--max-peers", metavar="N", help="Peers a node may know (default: the daemon's IPv8 peer-table bound, 256).")
     ] = None,
@@ -77,7 +78,7 @@ def simulate(
     from quinkgl_cli.transport.memory import DEFAULT_MAX_PEERS
 
     if mode not in _MODES:
-        raise UsageError(f"--mode {mode!r} is not one of {', '.join(_MODES)}", "use --mode gossip, fedavg or local")
+        raise UsageError(f"--mode {mode!r} is not one of {', '.join(_MODES)}", "use --mode gossip, fedavg, pairwise or local")
     if threads < 1:
         raise UsageError(f"--threads {threads} must be at least 1", "use --threads 1")
     count, kind = parse_attackers(attackers)
@@ -89,7 +90,7 @@ def simulate(
     peer_script = load_script(script)
     config = SimConfig(
         peers=peers, rounds=rounds, partition=partition, seed=seed, mode=mode,  # type: ignore[arg-type]
-        attackers=count, attack=kind, clients_per_round=clients_per_round,
+        attackers=count, attack=kind, clients_per_round=clients_per_round, pairs_per_round=pairs_per_round,
         max_peers=DEFAULT_MAX_PEERS if max_peers is None else max_peers, threads=threads,
         script_args=parse_kv(script_arg, "--script-arg"),
         overrides=Overrides(

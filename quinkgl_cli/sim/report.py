@@ -60,6 +60,7 @@ def to_json(result: SimResult) -> dict[str, Any]:
             "peers": cfg.peers, "rounds": len(result.rounds), "rounds_asked": cfg.rounds, "partition": cfg.partition, "seed": cfg.seed, "mode": cfg.mode,
             "attackers": cfg.attackers, "attack": cfg.attack if cfg.attackers else None,
             "clients_per_round": cfg.clients_per_round if cfg.mode == "fedavg" else None,
+            "pairs_per_round": cfg.pairs_per_round if cfg.mode == "pairwise" else None,
             "script_args": dict(cfg.script_args),
         },
         "manifest": {
@@ -187,7 +188,9 @@ def plot_result(result: SimResult, path: Path) -> None:
     cfg = result.config
     m = result.manifest
     where = f"{cfg.peers} peers, {cfg.partition}, seed {cfg.seed}"
-    what = {"gossip": f"{m.aggregation.name} + {m.topology.name}", "fedavg": "centralized FedAvg", "local": "local only"}[cfg.mode]
+    what = {"gossip": f"{m.aggregation.name} + {m.topology.name}", "fedavg": "centralized FedAvg",
+            "pairwise": f"pairwise {m.aggregation.name} averaging over {m.topology.name} edges ({cfg.pairs_per_round} a round)",
+            "local": "local only"}[cfg.mode]
     if cfg.attackers:
         what += f", {cfg.attackers} {cfg.attack} attackers"
     label = "mean (band: min..max)" + (", * after consensus" if result.consensus else "")

@@ -10,6 +10,11 @@ Modes:
   ``training.final_consensus_steps`` averaging-only exchanges after the last round (counted separately).
 - ``fedavg``: the centralized baseline: one aggregator node samples ``clients_per_round`` clients each round, sends
   them the global model, they train and upload, it averages the uploads (`quinkgl_cli.sim.baseline`).
+- ``pairwise``: the gossip of the DP tutorial (reference/gossip-dp-tutorial.txt): every peer trains, then
+  ``pairs_per_round`` edges drawn uniformly with replacement from the manifest topology's graph are averaged one
+  after another: both ends send their model to each other and aggregate with the manifest's rule (FedAvg: the
+  pair's sample-weighted mean, its plain mean on equal shards). The graph is each node's topology choice over its
+  known peers, made once at build (``RingTopology`` fanout 2: the ring). No consensus phase.
 - ``local``: every peer trains alone (the lower reference).
 
 Data: the simulator calls the script's ``build_loaders`` once, takes the dataset behind the training loader and
@@ -61,8 +66,8 @@ from quinkgl_cli.transport.memory import DEFAULT_MAX_PEERS, MemoryNetwork, Memor
 
 log = logging.getLogger("quinkgl.sim")
 
-Mode = Literal["gossip", "fedavg", "local"]
-MODES: tuple[str, ...] = ("gossip", "fedavg", "local")
+Mode = Literal["gossip", "fedavg", "pairwise", "local"]
+MODES: tuple[str, ...] = ("gossip", "fedavg", "pairwise", "local")
 ROUND_SECONDS = 10.0  # virtual seconds a round takes (only timestamps see it)
 
 
@@ -91,6 +96,7 @@ class SimConfig:
     attackers: int = 0
     attack: str = "signflip"
     clients_per_round: int = 10  # fedavg mode
+    pairs_per_round: int = 10  # pairwise mode
     max_peers: int = DEFAULT_MAX_PEERS  # each node's peer-view bound (gossip and local modes)
     threads: int = 1  # torch intra-op threads: peers run one after another, so tiny models do best on one
     script_args: Mapping[str, str] = field(default_factory=dict)
@@ -231,6 +237,9 @@ class Simulator:
             raise UsageError(f"--max-peers {config.max_peers}: a node must be able to know a peer", "use --max-peers 1 or more")
         if config.attackers > config.peers:
             raise UsageError(f"{config.attackers} attackers among {config.peers} peers", "use fewer attackers")
+        if config.mode == "pairwise" and config.pairs_per_round < 1:
+            raise UsageError(f"--pairs-per-round {config.pairs_per_round}: average at least one pair a round",
+                             "use --pairs-per-round 1 or more")
         if config.mode == "fedavg" and not 1 <= config.clients_per_round <= config.peers:
             raise UsageError(
                 f"--clients-per-round {config.clients_per_round} with {config.peers} peers", "use 1..peers clients per round"
@@ -250,6 +259,7 @@ class Simulator:
         self.network = MemoryNetwork(clock=self.clock, auto_deliver=False, seed=config.seed)
         self.nodes: list[Node] = []
         self.server: Node | None = None
+        self.edges: list[tuple[int, int]] = []  # pairwise mode: the graph's edges, as indices into nodes
         self.attackers: list[str] = []
         self.memory: dict[str, float] = {}
         self.timing: dict[str, float] = {}
@@ -341,7 +351,11 @@ class Simulator:
                 topo = SelectedTargets(node_id)
                 topo.targets = [SERVER_ID]
                 strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": topo, "max_peers": 1, "seek": 1}
+            elif cfg.mode == "pairwise":
+                strategies = {"topology": SelectedTargets(node_id)}
             self.nodes.append(self._node(node_id, train, val_loader, seed, **strategies))
+        if cfg.mode == "pairwise":
+            self.edges = self._graph_edges()
         if cfg.attackers:
             chosen = sorted(self._rng.sample(range(cfg.peers), cfg.attackers))
             for i in chosen:
@@ -357,6 +371,22 @@ class Simulator:
                            known_peers_max=float(max(views)))
         self.timing["build_s"] = time.perf_counter() - started
 
+    def _graph_edges(self) -> list[tuple[int, int]]:
+        """The undirected graph of the manifest's topology: each node's choice over its known peers, once."""
+        from quinkgl_cli.node.core import build_topology
+
+        index = {n.node_id: i for i, n in enumerate(self.nodes)}
+        edges: set[tuple[int, int]] = set()
+        for i, node in enumerate(self.nodes):
+            topo = build_topology(self.manifest, node.node_id, random.Random(self.config.seed * 1_000_003 + i))
+            for peer in topo.select(sorted(node.known_peers), 1):
+                j = index[peer]
+                edges.add((min(i, j), max(i, j)))
+        if not edges:
+            raise NodeConfigError(f"{self.manifest.topology.name} gives the peers no edge to average over",
+                                  "use more peers or another topology")
+        return sorted(edges)
+
     # ------------------------------------------------------------------------------------------ running
     def _exchange(self, nodes: list[Node], step: int) -> None:
         for node in nodes:
@@ -371,6 +401,21 @@ class Simulator:
             node.train_round()
         for step in range(self.manifest.training.gossip_steps):
             self._exchange(self.nodes, step)
+
+    def _pairwise_round(self) -> None:
+        for node in self.nodes:
+            node.begin_round()
+            node.train_round()
+        for step in range(self.config.pairs_per_round):
+            a, b = (self.nodes[i] for i in self._rng.choice(self.edges))
+            for sender, receiver in ((a, b), (b, a)):
+                topo = sender.topology
+                assert isinstance(topo, SelectedTargets)
+                topo.targets = [receiver.node_id]
+                sender.share(step)
+            self.network.deliver_all()
+            a.aggregate()
+            b.aggregate()
 
     def _local_round(self) -> None:
         for node in self.nodes:
@@ -465,7 +510,8 @@ class Simulator:
         cfg = self.config
         started = time.perf_counter()
         summaries: list[RoundSummary] = []
-        step = {"gossip": self._gossip_round, "fedavg": self._fedavg_round, "local": self._local_round}[cfg.mode]
+        step = {"gossip": self._gossip_round, "fedavg": self._fedavg_round, "pairwise": self._pairwise_round,
+                "local": self._local_round}[cfg.mode]
         for r in range(1, self.rounds + 1):
             round_started = time.perf_counter()
             self.clock.advance(ROUND_SECONDS)
