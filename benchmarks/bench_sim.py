@@ -16,7 +16,13 @@ Learning table: 20 peers, 2 label shards each (``shards:2``), 20 training rounds
 node with all data), local only, centralized FedAvg (all 20 and 10 of 20 clients per round), gossip with the
 manifest defaults (FedAvg), gossip with the gossip-SCAFFOLD aggregator, gossip as the published package ran it (1 local epoch, fanout 3, no extra exchange), ring
 gossip, and robust aggregators against 4 of 20 sign-flip attackers (FullTopology: the rules need enough updates
-per aggregation), on the same non-IID split and on an IID split. Writes JSON (default benchmarks/results/sim.json) and prints markdown tables.
+per aggregation), on the same non-IID split and on an IID split. Each row shows the accuracy the swarm ends with
+(after the consensus phase where there is one) and after its last training round, the ratio of its final mean to
+centralized training's, and the bytes sent in all and in the consensus phase.
+
+The learning-quality goal is checked on the defaults row and written as ``goal`` (``goal_met``): at least 85% mean
+and 80% worst-peer final accuracy with at most 3 model sends per peer per training round (the consensus phase is
+allowed, counted apart). Writes JSON (default benchmarks/results/sim.json) and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ from quinkgl_cli.sim.partition import partition_indices
 from quinkgl_cli.sim.simulator import Overrides, SimConfig, simulate
 
 SCALE_GOAL_S = 120.0
+GOAL_CASE = "gossip, quinkgl defaults"
+GOAL = {"min_mean_accuracy": 0.85, "min_worst_accuracy": 0.80, "max_sends_per_peer_per_round": 3.0}
+CENTRALIZED_CASE = "centralized training (1 node, all data)"
 
 
 def bare_training_seconds(script: PeerScript, peers: int, rounds: int, epochs: int, seed: int) -> float:
@@ -128,11 +137,11 @@ def learning_cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:
     attack = {"attackers": 4, "attack": "signflip"}
     full = {"topology": "FullTopology"}
     cases: list[tuple[str, dict[str, Any]]] = [
-        ("centralized training (1 node, all data)", {"mode": "local", "peers": 1, "partition": "iid"}),
+        (CENTRALIZED_CASE, {"mode": "local", "peers": 1, "partition": "iid"}),
         ("local training only", {"mode": "local"}),
         ("star FedAvg (server, 20 of 20 clients)", {"mode": "fedavg", "clients_per_round": 20}),
         ("centralized FedAvg (10 of 20 clients)", {"mode": "fedavg", "clients_per_round": 10}),
-        ("gossip, quinkgl defaults", {}),
+        (GOAL_CASE, {}),
         ("gossip, Scaffold, defaults otherwise", {"aggregation": "Scaffold"}),
         ("gossip, Scaffold, fanout 2", {"aggregation": "Scaffold", "topology_params": {"fanout": 2}}),
         ("gossip, 1 epoch, fanout 3, no consensus", {"training": {"local_epochs": 1, "final_consensus_steps": 0}}),
@@ -149,7 +158,7 @@ def learning_cases(quick: bool) -> list[tuple[str, dict[str, Any]]]:
         for agg in ("FedAvg", "Krum", "TrimmedMean", "Median")
     ]
     if quick:
-        keep = {"local training only", "star FedAvg (server, 20 of 20 clients)", "gossip, quinkgl defaults",
+        keep = {CENTRALIZED_CASE, "local training only", "star FedAvg (server, 20 of 20 clients)", GOAL_CASE,
                 "gossip, Scaffold, defaults otherwise", "TrimmedMean, 4/20 signflip attackers, full"}
         cases = [c for c in cases if c[0] in keep]
     return cases
@@ -180,9 +189,12 @@ def learning(script: PeerScript, rounds: int, seeds: list[int], quick: bool) -> 
             "final_min_accuracy": min(r["final_min_accuracy"] for r in runs),
             "final_mean_by_seed": [r["final_mean_accuracy"] for r in runs],
             "final_min_by_seed": [r["final_min_accuracy"] for r in runs],
+            "last_round_mean_accuracy": statistics.fmean(r["last_round_mean_accuracy"] for r in runs),
+            "last_round_min_accuracy": min(r["last_round_min_accuracy"] for r in runs),
             "sends_per_peer_per_round": runs[0]["sends_per_peer_per_round"],
             "consensus_sends_per_peer": runs[0]["consensus_sends_per_peer"],
             "mb_sent": statistics.fmean(r["mb_sent"] for r in runs),
+            "consensus_mb_sent": statistics.fmean(r["consensus_mb_sent"] for r in runs),
             "curve_seed0": runs[0]["curve"],
             "min_curve_seed0": runs[0]["min_curve"],
             "consensus_seed0": runs[0]["consensus_mean"],
@@ -190,9 +202,32 @@ def learning(script: PeerScript, rounds: int, seeds: list[int], quick: bool) -> 
         }
         out.append(entry)
         print(f"learning case={label!r} mean={pct(entry['final_mean_accuracy'])} worst={pct(entry['final_min_accuracy'])} "
+              f"last_round={pct(entry['last_round_mean_accuracy'])}/{pct(entry['last_round_min_accuracy'])} "
               f"sends/peer/round={entry['sends_per_peer_per_round']:.2f} consensus_sends/peer={entry['consensus_sends_per_peer']:.1f} "
-              f"MB={entry['mb_sent']:.1f}", flush=True)
+              f"MB={entry['mb_sent']:.1f} consensus_MB={entry['consensus_mb_sent']:.1f}", flush=True)
+    central = next((r["final_mean_accuracy"] for r in out if r["case"] == CENTRALIZED_CASE), None)
+    for r in out:
+        r["ratio_to_centralized"] = r["final_mean_accuracy"] / central if central else None
     return out
+
+
+def goal_check(learn_rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The learning-quality goal on the defaults row: every criterion, its value, and whether all hold."""
+    row_ = next((r for r in learn_rows if r["case"] == GOAL_CASE), None)
+    if row_ is None:
+        return None
+    checks = {
+        "mean_accuracy": (row_["final_mean_accuracy"], row_["final_mean_accuracy"] >= GOAL["min_mean_accuracy"]),
+        "worst_accuracy": (row_["final_min_accuracy"], row_["final_min_accuracy"] >= GOAL["min_worst_accuracy"]),
+        "sends_per_peer_per_round": (row_["sends_per_peer_per_round"],
+                                     row_["sends_per_peer_per_round"] <= GOAL["max_sends_per_peer_per_round"]),
+    }
+    return {
+        "case": GOAL_CASE, "thresholds": GOAL, "seeds": row_["seeds"], "rounds": len(row_["curve_seed0"]),
+        "values": {k: v for k, (v, _) in checks.items()}, "met": {k: ok for k, (_, ok) in checks.items()},
+        "consensus_sends_per_peer": row_["consensus_sends_per_peer"],
+        "goal_met": all(ok for _, ok in checks.values()),
+    }
 
 
 def plot_learning(learn_rows: list[dict[str, Any]], path: Path, rounds: int) -> None:
@@ -227,12 +262,16 @@ def markdown(scale_rows: list[dict[str, Any]], slopes: list[dict[str, Any]], lea
         "",
         f"20 peers, `shards:2` digits, {rounds} training rounds, mean over seeds {seeds} (worst peer: lowest over seeds):",
         "",
-        "| setting | mean acc | worst peer | sends/peer/round | consensus sends/peer | MB sent |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| setting | mean acc | worst peer | last round: mean / worst | x centralized | sends/peer/round | "
+        "consensus sends/peer | MB sent | of which consensus MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in learn_rows:
+        ratio = "-" if r.get("ratio_to_centralized") is None else f"{r['ratio_to_centralized']:.2f}"
         lines.append(f"| {r['case']} | {pct(r['final_mean_accuracy'])} | {pct(r['final_min_accuracy'])} | "
-                     f"{r['sends_per_peer_per_round']:.2f} | {r['consensus_sends_per_peer']:.1f} | {r['mb_sent']:.1f} |")
+                     f"{pct(r['last_round_mean_accuracy'])} / {pct(r['last_round_min_accuracy'])} | {ratio} | "
+                     f"{r['sends_per_peer_per_round']:.2f} | {r['consensus_sends_per_peer']:.1f} | {r['mb_sent']:.1f} | "
+                     f"{r['consensus_mb_sent']:.1f} |")
     return "\n".join(lines)
 
 
@@ -257,6 +296,14 @@ def main() -> None:
     scale_rows, slopes = ([], []) if args.skip_scale else scale(sizes, scale_rounds)
     learn_rows = [] if args.skip_learning else learning(script, rounds, seeds, args.quick)
     table = markdown(scale_rows, slopes, learn_rows, seeds, rounds)
+    goal = goal_check(learn_rows)
+    if goal is not None:
+        table += (f"\n\nGoal ({GOAL_CASE}, {goal['rounds']} rounds, seeds {goal['seeds']}): mean >= "
+                  f"{pct(GOAL['min_mean_accuracy'])}, worst >= {pct(GOAL['min_worst_accuracy'])}, <= "
+                  f"{GOAL['max_sends_per_peer_per_round']:g} sends per peer per training round: "
+                  f"{'met' if goal['goal_met'] else 'NOT met'} (mean {pct(goal['values']['mean_accuracy'])}, worst "
+                  f"{pct(goal['values']['worst_accuracy'])}, {goal['values']['sends_per_peer_per_round']:.2f} sends, plus "
+                  f"{goal['consensus_sends_per_peer']:.1f} consensus sends per peer)")
     if learn_rows:
         plot_dir = args.json.parent
         plot_learning(learn_rows, plot_dir / "learning_curves.png", rounds)
@@ -275,6 +322,8 @@ def main() -> None:
             key = keys[r["case"]]
             headline[f"{key}_mean_acc"] = round(r["final_mean_accuracy"], 4)
             headline[f"{key}_worst_acc"] = round(r["final_min_accuracy"], 4)
+            if r.get("ratio_to_centralized") is not None:
+                headline[f"{key}_ratio_to_centralized"] = round(r["ratio_to_centralized"], 4)
     data = {
         "benchmark": "sim",
         "headline": headline,
@@ -283,6 +332,7 @@ def main() -> None:
         "scale": scale_rows,
         "memory_slope": slopes,
         "learning": learn_rows,
+        "goal": goal,
         "markdown": table,
         "seconds": time.perf_counter() - started,
     }

@@ -53,12 +53,14 @@ def row(result: SimResult) -> dict[str, Any]:
         "final_mean_accuracy": result.final.mean_accuracy,
         "final_min_accuracy": result.final.min_accuracy,
         "last_round_mean_accuracy": result.rounds[-1].mean_accuracy,
+        "last_round_min_accuracy": result.rounds[-1].min_accuracy,
         "curve": [r.mean_accuracy for r in result.rounds],
         "min_curve": [r.min_accuracy for r in result.rounds],
         "consensus_mean": result.consensus.mean_accuracy if result.consensus else None,
         "sends_per_peer_per_round": comm["sends_per_peer_per_round"],
         "consensus_sends_per_peer": comm["consensus_sends_per_peer"],
         "mb_sent": comm["bytes_sent_total"] / 1e6,
+        "consensus_mb_sent": comm["consensus_bytes"] / 1e6,
         "run_s": result.timing["run_s"],
     }
 
