@@ -28,7 +28,7 @@ BENCHMARKS: tuple[tuple[str, str], ...] = (
     ("cli", "CLI start-up: --help, keygen, manifest verify"),
     ("transfer", "model transfer between daemons vs raw TCP"),
     ("aggregation", "aggregation per strategy vs one stacked mean"),
-    ("compression", "encode/decode throughput and bytes on the wire"),
+    ("compression", "encode/decode vs a memory copy, bytes on the wire, accuracy under compression (simulator)"),
     ("daemon", "daemon start-up, RSS and per-round overhead"),
     ("sim", "simulator scale and the learning table"),
     ("tutorial", "gossip vs FedAvg under local DP (the tutorial's experiment)"),
