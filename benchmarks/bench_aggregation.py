@@ -6,7 +6,9 @@
 The baseline is ``torch.stack(flats).mean(0)`` (stacking included), measured in the same run on the same tensors
 (best of the repeats for both);
 each strategy's time includes its input screening (finite checks) as the node runs it. Targets: FedAvg within 2x,
-Krum within 5x of the baseline. Writes JSON (default benchmarks/results/aggregation.json).
+Krum within 5x of the baseline. Writes JSON (default benchmarks/results/aggregation.json) with a ``headline``
+(``fedavg_ratio``, ``krum_ratio`` and whether each meets its target, then every other strategy's ratio) and a
+markdown table.
 """
 
 from __future__ import annotations
@@ -72,13 +74,25 @@ def main() -> None:
         print(f"{name:<26}{seconds:>10.4f}{ratio:>12.2f}{mark}")
         rows.append({"strategy": name, "seconds": seconds, "ratio": ratio, "target_ratio": target})
 
+    ratios = {r["strategy"]: r["ratio"] for r in rows}
+    headline: dict[str, float] = {"fedavg_ratio": round(ratios["FedAvg"], 3), "krum_ratio": round(ratios["Krum"], 3)}
+    headline.update({f"{name.lower()}_meets_target": int(ratios[name] <= target) for name, target in TARGETS.items()})
+    headline.update({f"{name.lower()}_ratio": round(r, 3) for name, r in ratios.items() if name not in TARGETS})
+    lines = [f"{args.updates} updates x {d:,} parameters, best of {repeats}, baseline: stacked mean {baseline:.4f} s", "",
+             "| strategy | seconds | x stacked mean | target |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['strategy']} | {r['seconds']:.4f} | {r['ratio']:.2f} | "
+              f"{'-' if r['target_ratio'] is None else ('<= %gx ' % r['target_ratio']) + ('ok' if r['ratio'] <= r['target_ratio'] else 'MISSED')} |"
+              for r in rows]
     result = {
+        "benchmark": "aggregation",
+        "headline": headline,
         "updates": args.updates,
         "params": d,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
         "baseline_seconds": baseline,
         "strategies": rows,
+        "markdown": "\n".join(lines),
         "machine": platform.machine(),
         "torch": torch.__version__,
     }
