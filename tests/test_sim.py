@@ -286,3 +286,81 @@ def test_cli_pairwise_mode(script: PeerScript, tmp_path: Path) -> None:
     assert data["config"]["mode"] == "pairwise" and data["config"]["pairs_per_round"] == 3
     assert [r["model_sends"] for r in data["rounds"]] == [6, 6] and data["consensus"] is None
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("attack", ["gaussian", "scale"])
+def test_gaussian_and_scale_attackers_break_fedavg_but_not_trimmed_mean(script: PeerScript, attack: str) -> None:
+    cfg = dict(peers=10, rounds=4, partition="iid", seed=3, attackers=2, attack=attack)
+    fedavg = simulate(script, make_manifest(script, "FedAvg", "FullTopology", local_epochs=2), SimConfig(**cfg))
+    robust = simulate(script, make_manifest(script, "TrimmedMean", "FullTopology", local_epochs=2),
+                      SimConfig(overrides=Overrides(byzantine_f=2), **cfg))
+    f, r = fedavg.final, robust.final
+    assert f.mean_accuracy is not None and r.mean_accuracy is not None and f.mean_val_loss is not None
+    assert r.mean_val_loss is not None and r.mean_accuracy > 0.6
+    if attack == "gaussian":  # noise weights averaged in: the honest models drown
+        assert f.mean_accuracy < 0.4 and r.mean_accuracy > f.mean_accuracy + 0.3
+    else:  # x100 weights: a ReLU net keeps some argmax order, but its loss explodes and learning falls behind
+        assert f.mean_val_loss > 1000 * r.mean_val_loss and r.mean_accuracy > f.mean_accuracy + 0.1
+
+
+def test_dirichlet_partition_runs_with_skewed_labels(script: PeerScript) -> None:
+    cfg = SimConfig(peers=6, rounds=2, partition="dirichlet:0.3", seed=5)
+    sim = Simulator(script, make_manifest(script, local_steps=2), cfg)
+    result = sim.run()
+    parts = [dataset_labels(n.train_loader.dataset) for n in sim.nodes]
+    assert sum(len(p) for p in parts) == 1437 and all(len(p) >= 2 for p in parts)
+    overall = np.bincount(np.concatenate(parts), minlength=10) / 1437
+    skew = [0.5 * np.abs(np.bincount(p, minlength=10) / len(p) - overall).sum() for p in parts]
+    assert np.mean(skew) > 0.3  # alpha 0.3: far from each peer holding the overall label mix (iid: ~0.05)
+    assert all(p.val_accuracy is not None for r in result.rounds for p in r.peers)
+    assert accuracies(simulate(script, make_manifest(script, local_steps=2), cfg)) == accuracies(result)
+
+
+PLAIN_SCRIPT = """
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+def _blobs(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 4, generator=g) * 0.3 + torch.nn.functional.one_hot(y, 4).float() * 2.0
+    return [(x[i], y[i]) for i in range(n)]
+
+class Blobs(Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+    def __len__(self):
+        return len(self.rows)
+    def __getitem__(self, i):
+        return self.rows[i]
+
+def build_model(manifest, **kw):
+    return torch.nn.Linear(4, 3)
+
+def build_loaders(manifest, **kw):
+    train = _blobs(120, 0)
+    data = Blobs(train) if kw.get("kind", "dataset") == "dataset" else train
+    return DataLoader(data, batch_size=8, shuffle=True), DataLoader(Blobs(_blobs(60, 1)), batch_size=30)
+
+def build_optimizer(manifest, model):
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+"""
+
+
+@pytest.mark.parametrize("kind", ["dataset", "list"])
+def test_scripts_whose_training_data_is_no_tensor_dataset(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "blobs_script.py"
+    path.write_text(PLAIN_SCRIPT)
+    blobs = load_script(path)
+    m = build_manifest(name="blobs", task_type="classification", input_shape="4", output_shape="3",
+                       label_type="integer", framework="pytorch", arch_hash=compute_arch_hash(blobs.build_model(None)),
+                       aggregation="FedAvg", topology="FullTopology",
+                       training_params={"local_epochs": "2", "final_consensus_steps": "0"})
+    cfg = dict(peers=3, rounds=4, partition="shards:1", seed=1, script_args={"kind": kind})
+    sim = Simulator(blobs, m, SimConfig(**cfg))
+    gossip = sim.run()
+    assert sorted(sorted(set(dataset_labels(n.train_loader.dataset).tolist())) for n in sim.nodes) == [[0], [1], [2]]
+    local = simulate(blobs, m, SimConfig(mode="local", **cfg))
+    assert local.final.mean_accuracy is not None and gossip.final.mean_accuracy is not None
+    assert local.final.mean_accuracy < 0.6  # one class each: alone a peer learns to say its own class
+    assert gossip.final.mean_accuracy > 0.9 and gossip.final.mean_accuracy > local.final.mean_accuracy + 0.3
