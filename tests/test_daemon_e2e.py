@@ -168,7 +168,7 @@ def test_kill9_resume_then_sigterm_saves(tmp_path: Path, swarm_manifest: tuple[P
     try:
         wait_for(lambda: len(_json_events(log2, "checkpoint-saved")) >= 1, 120, "a checkpoint after resume")
         resumed = _json_events(log2, "resumed")
-        assert resumed and resumed[0]["from_round"] == newest[0].round
+        assert resumed and resumed[0]["message"].startswith(f"resumed from round {newest[0].round} checkpoint=")
         first_round = min(int(e["round"]) for e in _json_events(log2, "round-end"))
         assert first_round == newest[0].round + 1
         # A second daemon on the same checkpoint directory would resume from the first one's rounds: refused.

@@ -343,7 +343,8 @@ class Daemon:
             self.context.round = node.completed_round
             if node.finished() and self.prepared.resume_state.meta.get("final"):
                 return await self._already_finished()
-            log.info("resumed %s", kv(from_round=node.completed_round, checkpoint=self.prepared.resume_file))
+            # Stable wording that people grep for: "resumed from round N".
+            log.info("resumed from round %d %s", node.completed_round, kv(checkpoint=self.prepared.resume_file))
         await self.transport.start(node)
         address = getattr(self.transport, "address", None)
         log.info("started %s", kv(

@@ -515,7 +515,7 @@ class IPv8Transport(Transport):
             rec = _Peer(node_id, key, hashlib.sha1(key).digest(), source, p.tcp_port, now, p.session, default_eccrypto.key_from_public_bin(key))
             self._peers[node_id] = rec
             self._node_by_key[key] = node_id
-            log.info("peer-discovered peer=%s address=%s:%d key=%s", node_id, source[0], source[1], key.hex()[-16:])
+            log.debug("peer-discovered peer=%s address=%s:%d key=%s", node_id, source[0], source[1], key.hex()[-16:])
             self._emit("on_peer_discovered", rec.info())
         else:
             holder.address = source
