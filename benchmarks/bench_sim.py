@@ -306,6 +306,7 @@ def main() -> None:
                   f"{goal['consensus_sends_per_peer']:.1f} consensus sends per peer)")
     if learn_rows:
         plot_dir = args.json.parent
+        plot_dir.mkdir(parents=True, exist_ok=True)
         plot_learning(learn_rows, plot_dir / "learning_curves.png", rounds)
         print(f"wrote {plot_dir / 'learning_curves.png'}")
     print(table)
@@ -336,7 +337,7 @@ def main() -> None:
         "markdown": table,
         "seconds": time.perf_counter() - started,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)  # also with --skip-learning (no plot made it)
     args.json.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {args.json}")
 
