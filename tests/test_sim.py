@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,8 @@ def test_cli_writes_json_and_png(script: PeerScript, tmp_path: Path) -> None:
     qgl = tmp_path / "swarm.qgl"
     write_manifest(qgl, make_manifest(script))
     out, png = tmp_path / "out.json", tmp_path / "out.png"
+    quinkgl_log = logging.getLogger("quinkgl")
+    before = (quinkgl_log.level, quinkgl_log.propagate, list(quinkgl_log.handlers))
     res = CliRunner().invoke(app, [
         "simulate", "--manifest", str(qgl), "--script", str(SCRIPT), "--peers", "4", "--rounds", "3",
         "--partition", "shards:2", "--seed", "7", "--json", str(out), "--plot", str(png),
@@ -190,6 +193,8 @@ def test_cli_writes_json_and_png(script: PeerScript, tmp_path: Path) -> None:
     assert data["manifest"]["topology"]["params"] == {"fanout": 2}
     assert data["memory"]["per_peer_kb"] >= 0 and data["timing"]["run_s"] > 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the process's logging is as it was (later log capture in the same process still sees quinkgl's lines)
+    assert (quinkgl_log.level, quinkgl_log.propagate, list(quinkgl_log.handlers)) == before
 
 
 def test_cli_refuses_bad_flags(script: PeerScript, tmp_path: Path) -> None:

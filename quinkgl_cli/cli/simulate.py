@@ -106,6 +106,8 @@ def simulate(
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(node)s %(message)s", defaults={"node": "-"}))
     node_log.addHandler(handler)
+    # Restored afterwards: the simulator may run inside a process (tests, a notebook) whose logging we must not keep.
+    level, propagate = node_log.level, node_log.propagate
     node_log.setLevel(logging.INFO if verbose else logging.WARNING)
     node_log.propagate = False
     try:
@@ -115,6 +117,8 @@ def simulate(
         result = _run(sim, sim.rounds)
     finally:
         node_log.removeHandler(handler)
+        node_log.setLevel(level)
+        node_log.propagate = propagate
 
     final = result.final
     comm = communication(result)
