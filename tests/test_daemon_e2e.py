@@ -167,7 +167,7 @@ def test_kill9_resume_then_sigterm_saves(tmp_path: Path, swarm_manifest: tuple[P
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(lambda: len(_json_events(log2, "checkpoint-saved")) >= 1, 120, "a checkpoint after resume")
-        resumed = _json_events(log2, "resumed")
+        resumed = [e for e in _json_events(log2) if e["message"].startswith("resumed from round ")]
         assert resumed and resumed[0]["message"].startswith(f"resumed from round {newest[0].round} checkpoint=")
         first_round = min(int(e["round"]) for e in _json_events(log2, "round-end"))
         assert first_round == newest[0].round + 1
@@ -195,13 +195,14 @@ def test_kill9_resume_then_sigterm_saves(tmp_path: Path, swarm_manifest: tuple[P
     assert bool(stops) == (completed % 2 == 1)
 
 
-def _json_events(path: Path, event: str) -> list[dict]:
+def _json_events(path: Path, event: str | None = None) -> list[dict]:
+    """The JSON log lines of ``path`` whose event is ``event`` (all of them when None)."""
     out = []
     for line in path.read_text(errors="replace").splitlines():
         if not line.startswith("{"):
             continue
         obj = json.loads(line)
-        if obj.get("event") == event:
+        if event is None or obj.get("event") == event:
             out.append(obj)
     return out
 
