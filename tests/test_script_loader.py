@@ -219,3 +219,9 @@ def test_example_manifest_verifies_and_fits_the_digits_script() -> None:
     trusted = load_trusted(root / "manifests" / "digits-example.qgl", "pinned", [pub])
     model = load_script(root / "peer_scripts" / "digits_peer_script.py").build_model(trusted.manifest)
     assert compute_arch_hash(model) == trusted.manifest.model.arch_hash
+    # It is the defaults' showcase: the settings the learning table measures as "gossip, quinkgl defaults".
+    from quinkgl_cli.manifest.schema import CompressionSpec, PrivacySpec, TrainingSpec
+
+    m = trusted.manifest
+    assert (m.training, m.compression, m.privacy) == (TrainingSpec(), CompressionSpec(), PrivacySpec())
+    assert (m.aggregation.name, m.topology.name, m.topology.params) == ("FedAvg", "RandomTopology", {})
