@@ -479,3 +479,45 @@ def test_ipv8_transport_is_built_from_manifest_flags_and_model(manifest: Path, t
     on = make_ipv8_transport(dataclasses.replace(prepared, options=dataclasses.replace(
         prepared.options, transport_options={"enable_public_bootstrap": True, "enable_lan_discovery": True})))
     assert on["enable_public_bootstrap"] is True and on["enable_lan_discovery"] is True
+
+
+def test_back_to_back_rounds_pace_on_a_slower_peer(manifest: Path, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Rounds back to back, p1 about 20 times slower than p0. Unpaced, p0 finishes all its rounds before p1 has
+    done two and drops p1's updates as stale (max_staleness 2); paced, once p1's first update shows the lag, p0
+    waits for it and then stays within reach: nothing of p1's is stale any more and p0 keeps aggregating it."""
+    rounds, slow_s = 20, 0.1
+    net = MemoryNetwork()
+    d0, d1 = (Daemon(prepare(options(manifest, tmp_path, f"p{i}", rounds=rounds, gossip_interval=0.01, min_peers=1)),
+                     LogContext(f"p{i}"), memory_factory(net)) for i in range(2))
+    train = d1.node.train_round
+
+    def slow() -> Any:
+        stats = train()
+        time.sleep(slow_s)  # stands in for a slower device's training (this is the work, not a wait)
+        return stats
+
+    d1.node.train_round = slow  # type: ignore[method-assign]
+
+    ended: dict[str, float] = {}
+
+    async def timed(d: Daemon) -> int:
+        code = await d.run()
+        ended[d.options.node_id] = time.monotonic()
+        return code
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(timed(d0), timed(d1)))
+
+    started = time.monotonic()
+    with caplog.at_level(logging.DEBUG, logger="quinkgl"):
+        assert asyncio.run(asyncio.wait_for(both(), timeout=60)) == [0, 0]
+    messages = [r.getMessage() for r in caplog.records]
+    first_wait = next(i for i, m in enumerate(messages) if m.startswith("paced "))
+    assert "caught_up=true" in messages[first_wait], messages[first_wait]
+    # p0's drops name p1 (p1's own drops name p0).
+    assert not [m for m in messages[first_wait:] if m.startswith("update-dropped peer=p1") and "stale" in m]
+    assert sum(h["peers"] for h in d0.node.history[-10:]) >= 4, [h["peers"] for h in d0.node.history]
+    # Held to p1's pace: unpaced, p0 would be done in a fraction of a second.
+    assert ended["p0"] - started > 0.7 * (ended["p1"] - started), ended
+    assert any(m.startswith("pacing ") for m in messages)

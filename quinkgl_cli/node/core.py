@@ -3,6 +3,7 @@
 Drivers (the asyncio daemon with real time, the simulator in lockstep virtual time) own the schedule and call
 the synchronous steps of a round in order::
 
+    ... a real-time driver may first wait a bounded time while node.lagging_peers() (bounded staleness) ...
     node.begin_round()
     node.train_round()              # CPU-heavy: the daemon runs it in a worker thread
     for step in range(node.gossip_steps):
@@ -69,6 +70,7 @@ EXTRA_PREFIX = "extra."
 GOSSIP_TO_KEY = "gossip_to"
 MAX_GOSSIP_TO = 32
 MAX_GOSSIP_TO_CHARS = 2048
+PACE_MUTE_ROUNDS = 10  # a peer that did not catch up within a pacing wait is not waited for again this long
 
 
 class Hooks(Protocol):
@@ -282,6 +284,11 @@ class Node:
         self._round_peers: list[str] = []
         self._round_agg_samples = 0
         self._peer_rounds: dict[str, int] = {}  # newest round of a valid update from each peer: the swarm's clock
+        # Peers whose last update arrived close to (or past) the staleness limit: the driver paces on them.
+        self._lagging: dict[str, int] = {}
+        self._last_arrival: dict[str, tuple[float, int]] = {}  # per peer: (clock, round) of its newest round seen
+        self._round_period: dict[str, float] = {}  # per peer: seconds per round, from its updates' arrivals
+        self._pace_muted: dict[str, int] = {}  # per peer: no pacing on it before this round (it did not catch up)
         self._drop_logged: set[tuple[str, str]] = set()
         # Set by a driver: stop_flag ends local training at the next batch (a daemon asked to stop);
         # inbox_listener is called whenever an update lands in the inbox (a driver waiting for updates wakes up).
@@ -347,6 +354,7 @@ class Node:
         if update.sender == self.node_id:
             return
         self._log(logging.DEBUG, "update-received", peer=update.sender, update_round=update.round, bytes=len(update.payload))
+        self._note_lag(update.sender, update.round)
         if self.sharing.is_compressed(update.payload):
             # Applied to the sender's reconstruction first, stale or not: a delta chain must not skip a link (the
             # next delta would be refused and a full-weights resync follow). The codec enforces the size limit.
@@ -394,6 +402,70 @@ class Node:
                 self.transport.send_message(peer_id, reply_kind, reply)
         except Exception as exc:
             self._log(logging.WARNING, "message-dropped", peer=sender, kind=kind, reason=f"{type(exc).__name__}: {exc}")
+
+    def _note_lag(self, sender: str, round_: int) -> None:
+        """Remember a peer whose update came ``pace_lag`` or more rounds behind ours, forget it once one comes closer.
+
+        Only pacing reads this (a peer claiming an old round can at most make us wait a bounded time), so the
+        claimed round of any authenticated update counts, before validation."""
+        lag = self.round - round_
+        now = self.clock()
+        with self._inbox_lock:
+            last = self._last_arrival.get(sender)
+            if last is None or round_ > last[1]:
+                if last is not None:
+                    period = (now - last[0]) / (round_ - last[1])
+                    old = self._round_period.get(sender)
+                    self._round_period[sender] = period if old is None else 0.5 * (old + period)
+                self._last_arrival[sender] = (now, round_)
+            if lag >= self.pace_lag:
+                self._lagging[sender] = lag
+            else:
+                self._lagging.pop(sender, None)
+
+    @property
+    def pace_lag(self) -> int:
+        """How many rounds behind a peer's update may arrive before this node waits for that peer: at the staleness
+        limit its next update would already be dropped."""
+        return max(self.max_staleness, 1)
+
+    def lagging_peers(self) -> dict[str, int]:
+        """Known peers this node should wait for before its next round, with how many rounds they lag.
+
+        Two signals: an update that arrived ``pace_lag`` or more rounds behind ours (noted on arrival), and, for a
+        peer sending regularly (its round period known, heard from within three periods), a newest round more than
+        ``pace_lag`` behind the round about to begin: between that peer's updates a faster node would otherwise
+        race ahead again. A peer that sends rarely (a sparse topology) is not active and is never waited for."""
+        now = self.clock()
+        upcoming = self.completed_round + 1
+        out: dict[str, int] = {}
+        with self._inbox_lock:
+            for p in self.known_peers:
+                if self._pace_muted.get(p, 0) > self.round:
+                    continue
+                lag = self._lagging.get(p)
+                last, period = self._last_arrival.get(p), self._round_period.get(p)
+                if last is not None and period is not None and now - last[0] <= 3 * period:
+                    behind = upcoming - last[1]
+                    if behind > self.pace_lag:
+                        lag = max(lag or 0, behind)
+                if lag is not None:
+                    out[p] = lag
+        return out
+
+    def round_period(self, peer: str) -> float | None:
+        """Seconds per round of ``peer`` as its updates' arrivals show (None until two of its rounds arrived)."""
+        with self._inbox_lock:
+            return self._round_period.get(peer)
+
+    def forget_lagging(self, timed_out: Iterable[str] = ()) -> None:
+        """The driver has waited on the current notes: each observed lag costs at most one wait. Peers that did not
+        catch up within it get no further wait for `PACE_MUTE_ROUNDS` rounds: a stalled or lying peer cannot hold
+        this node back round after round."""
+        with self._inbox_lock:
+            self._lagging.clear()
+            for peer in timed_out:
+                self._pace_muted[peer] = self.round + PACE_MUTE_ROUNDS
 
     def _note_round(self, sender: str, round_: int) -> None:
         """A valid update of ``round_`` came from ``sender``: the swarm's clock counts only such updates."""

@@ -12,7 +12,10 @@ Then the transport starts inside the running loop and rounds begin.
 Round cadence (`--gossip-interval T`): a round starts every T seconds, or at once when the previous one ran over.
 In a round: train in a worker thread (the loop keeps serving the network), then for each gossip step share the
 model and wait for updates until that step's deadline or until every known peer has sent one for this round,
-whichever comes first, then aggregate; then evaluate the aggregated model (worker thread). A round whose training
+whichever comes first, then aggregate; then evaluate the aggregated model (worker thread). Before a round, when a
+peer's last update arrived ``max_staleness`` or more rounds behind ours (rounds run back to back and that peer is
+slower), the daemon waits, bounded, until that peer's updates come closer (`_pace`): without it a faster peer runs
+ever further ahead and drops everything the slower one sends as stale. A round whose training
 ran past its deadlines still waits a little for each step (`min_gossip_wait`): without it, it would aggregate only
 the previous round's updates. After the round: metrics, ``on_round_end``, the end-of-round snapshot (model,
 optimizer, RNG, history; encoded on the loop), written off the loop every ``--checkpoint-every`` rounds.
@@ -57,6 +60,9 @@ STOP_GRACE_S = 5.0
 # A late round still waits this share of the interval (at most the cap) across its gossip steps for peers' updates.
 MIN_GOSSIP_WAIT_FRACTION = 0.25
 MIN_GOSSIP_WAIT_CAP_S = 5.0
+# Bounded staleness: before a round, wait at most this long (or three rounds of ours) for lagging peers.
+PACE_WAIT_CAP_S = 10.0
+PACE_HISTORY = 5  # rounds whose median duration is "one typical round"
 
 
 def min_gossip_wait(interval: float, steps: int) -> float:
@@ -289,6 +295,7 @@ class Daemon:
         self.stop_signal: str | None = None
         self._last_alone_note = -1e9
         self._last_overrun_note = -1e9
+        self._last_pace_note = -1e9
         self.started_at = process_started_at()
         self.first_round_at: float | None = None
         self.final_eval: tuple[float | None, float | None] | None = None  # after final consensus, if any
@@ -421,6 +428,7 @@ class Daemon:
         next_start = loop.time()
         while not node.finished() and not self.stop_event.is_set():
             await self._sleep_until(next_start)
+            await self._pace()
             if self.stop_event.is_set():
                 return
             round_start = loop.time()
@@ -460,6 +468,40 @@ class Daemon:
                 self.unsaved = snapshot
             if loop.time() > next_start:
                 self._note_overrun(metrics.duration, metrics.train_time, interval)
+
+    async def _pace(self) -> None:
+        """Bounded staleness: wait until lagging peers' updates come within ``pace_lag`` rounds of ours again.
+
+        A peer L rounds behind needs about L - pace_lag + 1 of its rounds (its pace from its updates' arrivals;
+        until that is known, up to the cap) to get there. The wait is capped (`PACE_WAIT_CAP_S`, or three of our
+        rounds when those are longer), each observed lag costs at most one wait, and a peer that did not catch up
+        within it is not waited for again for a while (`Node.forget_lagging`): a peer that stopped sending, or one
+        that claims old rounds on purpose, cannot hold this node back round after round.
+        """
+        node = self.node
+        lagging = node.lagging_peers()
+        if not lagging:
+            return
+        loop = asyncio.get_running_loop()
+        durations = sorted(h["duration"] for h in node.history[-PACE_HISTORY:] if isinstance(h.get("duration"), float))
+        own = max(durations[len(durations) // 2] if durations else 0.0, self.options.gossip_interval)
+        cap = max(PACE_WAIT_CAP_S, 3 * own)
+        periods = {p: node.round_period(p) for p in lagging}
+        # Half a round of slack on top of the estimate: arrivals also wait for the peer's transfer and our polling.
+        patience = min(cap, max((lag - node.pace_lag + 1.5) * periods[p] if periods[p] else cap
+                                for p, lag in lagging.items()))
+        started = loop.time()
+        await self._sleep_until(started + patience, until=lambda: not node.lagging_peers())
+        still = node.lagging_peers()
+        node.forget_lagging(timed_out=still)
+        now = time.monotonic()
+        if now - self._last_pace_note >= LONE_REMINDER_S:
+            self._last_pace_note = now
+            log.info("pacing %s", kv(peers=sorted(lagging), lag=max(lagging.values()), max_staleness=node.max_staleness,
+                                     hint="slower peers lag; waiting for them keeps their updates usable "
+                                          "(a longer --gossip-interval avoids it)"))
+        log.debug("paced %s", kv(peers=sorted(lagging), lag=max(lagging.values()), patience_s=round(patience, 3),
+                                 waited_s=round(loop.time() - started, 3), caught_up=not still))
 
     async def _final_consensus(self) -> None:
         loop = asyncio.get_running_loop()
