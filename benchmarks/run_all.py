@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py            # full runs (minutes)
     python benchmarks/run_all.py --quick    # each script's --quick mode
-    python benchmarks/run_all.py --only sim,tutorial
+    python benchmarks/run_all.py --only sim,tutorial   # replaces those entries in all.json, keeps the rest
 
 Each benchmark is its own script (``bench_<name>.py``) run in a fresh process with ``--json PATH`` (and ``--quick``);
 a script that does not exist yet is skipped and listed as such, one that fails is reported with its exit code and
@@ -74,6 +74,17 @@ def run_one(name: str, quick: bool, out_dir: Path, timeout: float) -> dict[str, 
     return entry
 
 
+def merged(all_path: Path, fresh: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+    """A partial run (``--only``) replaces its own entries in an existing all.json and keeps the others."""
+    try:
+        previous = json.loads(all_path.read_text()).get("benchmarks", [])
+    except (OSError, ValueError, AttributeError):
+        previous = []
+    by_name = {e.get("name"): e for e in previous if isinstance(e, dict)}
+    by_name.update({e["name"]: e for e in fresh})
+    return [by_name[n] for n in order if n in by_name]
+
+
 def summary(entries: list[dict[str, Any]]) -> str:
     what = dict(BENCHMARKS)
     lines = ["| benchmark | measures | status | seconds | headline numbers |", "|---|---|---|---:|---|"]
@@ -116,10 +127,12 @@ def main() -> None:
         for line in entry.get("output_tail", []):
             print(f"    {line}", flush=True)
         entries.append(entry)
+    all_path = args.json or out_dir / "all.json"
+    if args.only:
+        entries = merged(all_path, entries, [n for n, _ in BENCHMARKS])
     table = summary(entries)
     print()
     print(table)
-    all_path = args.json or out_dir / "all.json"
     all_path.write_text(json.dumps({"quick": args.quick, "benchmarks": entries, "markdown": table}, indent=2) + "\n")
     print(f"\nwrote {all_path}")
     if any(e["status"] == "failed" for e in entries):
