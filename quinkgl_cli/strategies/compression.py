@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from quinkgl_cli.manifest.schema import CompressionSpec
+from quinkgl_cli.tensors import all_finite
 from quinkgl_cli.transport import wire
 from quinkgl_cli.transport.wire import WireError
 
@@ -125,13 +126,6 @@ def qsgd_quantize(v: torch.Tensor, levels: int, block: int, generator: torch.Gen
     up = torch.rand(scaled.shape, generator=generator) < (scaled - low)
     q = (low + up.to(low.dtype)).clamp_(0, levels) * torch.sign(rows)
     return q.view(-1)[: v.numel()].to(_qsgd_dtype(levels)), norms
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in ``t``. A finite sum proves it (any NaN or Inf makes the sum NaN or Inf), at a thirtieth of the
-    cost of an element-wise test, which only runs when the sum overflowed or a bad value is really there."""
-    total = t.sum()
-    return bool(torch.isfinite(total)) or bool(torch.isfinite(t).all())
 
 
 def _qsgd_dtype(levels: int) -> torch.dtype:

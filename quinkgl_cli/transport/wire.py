@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from quinkgl_cli.errors import NetworkError
-from quinkgl_cli.tensors import TensorSpec
+from quinkgl_cli.tensors import TensorSpec, all_finite
 
 MAGIC = b"QGLT"
 VERSION = 1
@@ -253,7 +253,7 @@ def check_against(tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec], 
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and t.numel() and not all_finite(t):
         raise WireError(f"entry {name!r} holds NaN or Inf")
 
 
