@@ -273,6 +273,7 @@ class MemoryTransport(Transport):
         self.max_peers = max_peers
         self.seek = seek
         self.public_key = hashlib.sha256(f"memory-key:{node_id}".encode()).hexdigest()
+        self._last_digest: tuple[bytes, bytes] | None = None
         self.stats = TransportStats()
         self._events: TransportEvents | None = None
         self._started = False
@@ -322,12 +323,15 @@ class MemoryTransport(Transport):
             self._drop("send-failed", peer_id, "bad_update", detail=exc.message)
             return
         payload = bytes(update.payload)
+        # One model goes to several peers as the same object: hash it once, as the IPv8 transport does.
+        if self._last_digest is None or self._last_digest[0] is not payload:
+            self._last_digest = (payload, digest(payload))
         offer = _Offer(
             sender=self.node_id,
             recipient=peer_id,
             round=update.round,
             size=len(payload),
-            digest=digest(payload),
+            digest=self._last_digest[1],
             nonce=self.network._next_nonce(),
             encoding=update.encoding,
             sample_count=update.sample_count,
