@@ -942,8 +942,6 @@ class Node:
         return 0
 
 
-
-
 def _gossip_to(targets: Sequence[str]) -> str:
     """The ``GOSSIP_TO_KEY`` value: recipients, comma-separated, as many as fit the bounds."""
     text = ""

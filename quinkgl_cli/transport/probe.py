@@ -228,6 +228,10 @@ async def main(args: argparse.Namespace, audit: Audit | None) -> int:
             _emit({"event": "audit", **(audit.report() if audit else {}), "guard_blocked": transport.guard.blocked})
         elif op == "poke":
             # Negative control for the audit: try to reach a TEST-NET address; the audit must refuse and record it.
+            # Without the audit nothing would stop the datagram, so the probe refuses to try.
+            if audit is None:
+                _emit({"event": "poked", "error": "poke needs --audit (nothing else stops the datagram)"})
+                continue
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
                 s.sendto(b"x", (cmd.get("host", "192.0.2.1"), 9))
