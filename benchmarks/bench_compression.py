@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from quinkgl_cli import wire
 from quinkgl_cli.manifest.schema import CompressionSpec
 from quinkgl_cli.strategies.compression import UpdateCodec
-from quinkgl_cli.transport import wire
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "delta f32": {},

@@ -5,4 +5,4 @@ The script itself ships inside the package, so `quinkgl demo` works from an inst
 guide and README use (``--script peer_scripts/digits_peer_script.py``) and exposes the very same hooks.
 """
 
-from quinkgl_cli.peer_scripts.digits_peer_script import *  # noqa: F401,F403
+from quinkgl_cli.peer_scripts.digits_peer_script import *  # noqa: F403

@@ -55,7 +55,7 @@ def test_format_and_weights_do_not_matter() -> None:
         (lambda: nn.Sequential(nn.Linear(4, 4), nn.ReLU()), lambda: nn.Sequential(nn.ReLU(), nn.Linear(4, 4))),
     ],
 )
-def test_behaviour_changing_settings_change_the_hash(left, right) -> None:  # noqa: ANN001
+def test_behaviour_changing_settings_change_the_hash(left, right) -> None:
     assert compute_arch_hash(left()) != compute_arch_hash(right())
 
 
@@ -67,7 +67,7 @@ def test_inplace_is_not_structure() -> None:
 
 def test_function_attributes_count() -> None:
     class Act(nn.Module):
-        def __init__(self, fn) -> None:  # noqa: ANN001
+        def __init__(self, fn) -> None:
             super().__init__()
             self.fn = fn
 
@@ -108,7 +108,7 @@ class Scale(nn.Module):
         (lambda: nn.Sequential(nn.Linear(4, 4), Act("relu")), lambda: nn.Sequential(nn.Linear(4, 4), Act("tanh"))),
     ],
 )
-def test_plain_attributes_of_user_modules_change_the_hash(left, right) -> None:  # noqa: ANN001
+def test_plain_attributes_of_user_modules_change_the_hash(left, right) -> None:
     assert compute_arch_hash(left()) != compute_arch_hash(right())
 
 

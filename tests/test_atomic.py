@@ -18,7 +18,7 @@ def created(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int, int]]:
     seen: list[tuple[str, int, int]] = []
     real_open = os.open
 
-    def spy(path, flags, mode=0o777, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def spy(path, flags, mode=0o777, *args, **kwargs):
         if flags & os.O_CREAT:
             seen.append((str(path), flags, mode))
         return real_open(path, flags, mode, *args, **kwargs)

@@ -10,11 +10,11 @@ import zlib
 import pytest
 import torch
 
+from quinkgl_cli import wire
 from quinkgl_cli.manifest.schema import CompressionSpec
 from quinkgl_cli.strategies import compression as C
 from quinkgl_cli.strategies.compression import StaleBase, UpdateCodec
-from quinkgl_cli.transport import wire
-from quinkgl_cli.transport.wire import WireError
+from quinkgl_cli.wire import WireError
 
 LIMIT = 10**8
 

@@ -22,6 +22,7 @@ from quinkgl_cli.node.daemon import Daemon, DaemonOptions, Prepared, prepare, ru
 from quinkgl_cli.node.logs import LogContext
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 
+
 @pytest.fixture(autouse=True)
 def _drop_daemon_log_handlers() -> Iterator[None]:
     """setup_logging installs a root handler, as a daemon process should; tests must not leak it to later tests."""
@@ -451,9 +452,9 @@ def test_ipv8_transport_is_built_from_manifest_flags_and_model(manifest: Path, t
     import dataclasses
 
     import quinkgl_cli.transport.ipv8 as ipv8
+    from quinkgl_cli import wire
     from quinkgl_cli.node.daemon import make_ipv8_transport
     from quinkgl_cli.tensors import shared_specs
-    from quinkgl_cli.transport import wire
 
     built: list[dict[str, Any]] = []
     monkeypatch.setattr(ipv8, "IPv8Transport", lambda **kwargs: built.append(kwargs) or kwargs)

@@ -116,7 +116,7 @@ def test_key_file_created_private_from_the_first_byte(tmp_path: Path, monkeypatc
     opened: list[tuple[str, int]] = []
     real_open = os.open
 
-    def spy(path, flags, mode=0o777, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def spy(path, flags, mode=0o777, *args, **kwargs):
         if flags & os.O_CREAT:
             opened.append((str(path), mode))
         return real_open(path, flags, mode, *args, **kwargs)

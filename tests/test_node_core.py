@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from quinkgl_cli import wire
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import Node, NodeConfig, NodeState
 from quinkgl_cli.tensors import flatten, load_flat
-from quinkgl_cli.transport import wire
 from quinkgl_cli.transport.base import ModelReceived
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 
@@ -25,7 +25,7 @@ H = "sha256:" + "0" * 64
 def manifest(**training: Any) -> Manifest:
     return Manifest(
         name="core-test",
-        created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
         task={"type": "classification", "input_shape": (4,), "output_shape": (3,), "label_type": "integer"},
         data_schema_hash=H,
         model={"framework": "pytorch", "arch_hash": H},

@@ -4,7 +4,7 @@ sharing, and the state survives checkpoints. Nodes run in lockstep over the in-m
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from quinkgl_cli.manifest.schema import CompressionSpec, Manifest, PrivacySpec
 from quinkgl_cli.node.core import Node, NodeConfig
-from quinkgl_cli.strategies.sharing import RESYNC_KIND, SharingPipeline
+from quinkgl_cli.strategies.sharing import SharingPipeline
 from quinkgl_cli.tensors import flatten
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 
@@ -36,7 +36,7 @@ def manifest(compression: dict[str, Any] | None = None, privacy: dict[str, Any] 
              **training: Any) -> Manifest:
     return Manifest(
         name="sharing-test",
-        created_at=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        created_at=datetime(2026, 1, 1, tzinfo=UTC),
         task={"type": "classification", "input_shape": (4,), "output_shape": (3,), "label_type": "integer"},
         data_schema_hash=H,
         model={"framework": "pytorch", "arch_hash": H},

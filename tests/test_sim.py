@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from quinkgl_cli.cli.app import app

@@ -12,7 +12,7 @@ import torch
 from quinkgl_cli.strategies import registry
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
 from quinkgl_cli.strategies.fingerprint import Fingerprint
-from quinkgl_cli.strategies.spectral import analyze_edges, analyze_adjacency, ring_adjacency
+from quinkgl_cli.strategies.spectral import analyze_adjacency, analyze_edges, ring_adjacency
 from quinkgl_cli.strategies.topology import AffinityTopology, CyclonTopology, contribution_qualities
 
 PEERS = [f"n{i:02d}" for i in range(12)]

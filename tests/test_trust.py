@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def creator():  # noqa: ANN201
+def creator():
     return keys.generate()
 
 
@@ -35,7 +35,7 @@ def test_policy_defaults() -> None:
         resolve_policy("trust-me")
 
 
-def test_open_accepts_unsigned_and_signed(tmp_path: Path, creator) -> None:  # noqa: ANN001
+def test_open_accepts_unsigned_and_signed(tmp_path: Path, creator) -> None:
     unsigned = load_trusted(write(tmp_path / "u.qgl", make_manifest()), "open", now=NOW)
     assert not unsigned.signed and unsigned.policy == "open"
     signed = load_trusted(write(tmp_path / "s.qgl", make_manifest(key=creator)), None, now=NOW)
@@ -43,7 +43,7 @@ def test_open_accepts_unsigned_and_signed(tmp_path: Path, creator) -> None:  # n
     assert signed.swarm_id != unsigned.swarm_id
 
 
-def test_unsigned_refused_by_tofu_and_pinned(tmp_path: Path, creator) -> None:  # noqa: ANN001
+def test_unsigned_refused_by_tofu_and_pinned(tmp_path: Path, creator) -> None:
     path = write(tmp_path / "u.qgl", make_manifest())
     with pytest.raises(TrustError, match="unsigned"):
         load_trusted(path, "tofu", state_dir=tmp_path / "state", now=NOW)
@@ -52,7 +52,7 @@ def test_unsigned_refused_by_tofu_and_pinned(tmp_path: Path, creator) -> None:  
     assert not (tmp_path / "state" / TOFU_FILE).exists()
 
 
-def test_stripped_signature_refused_everywhere(tmp_path: Path, creator) -> None:  # noqa: ANN001
+def test_stripped_signature_refused_everywhere(tmp_path: Path, creator) -> None:
     obj = json.loads(manifest_bytes(make_manifest(key=creator)))
     pub = keys.public_key_text(creator)
     stripped = dict(obj, signature=None)
@@ -71,7 +71,7 @@ def test_stripped_signature_refused_everywhere(tmp_path: Path, creator) -> None:
     assert not load_trusted(path, "open", now=NOW).signed
 
 
-def test_foreign_signature_refused(tmp_path: Path, creator) -> None:  # noqa: ANN001
+def test_foreign_signature_refused(tmp_path: Path, creator) -> None:
     other = keys.generate()
     obj = json.loads(manifest_bytes(make_manifest(key=creator)))
     obj["signature"] = json.loads(manifest_bytes(make_manifest(key=other)))["signature"]
@@ -83,7 +83,7 @@ def test_foreign_signature_refused(tmp_path: Path, creator) -> None:  # noqa: AN
         load_trusted(write_obj(tmp_path / "g.qgl", obj), "open", now=NOW)
 
 
-def test_pinned(tmp_path: Path, creator) -> None:  # noqa: ANN001
+def test_pinned(tmp_path: Path, creator) -> None:
     pub = keys.public_key_text(creator)
     path = write(tmp_path / "p.qgl", make_manifest(key=creator))
     other = keys.public_key_text(keys.generate())
@@ -104,7 +104,7 @@ def test_pinned(tmp_path: Path, creator) -> None:  # noqa: ANN001
         load_trusted(path, "pinned", ["ed25519:nothex"], now=NOW)
 
 
-def test_pinned_key_from_public_key_file(tmp_path: Path, creator) -> None:  # noqa: ANN001
+def test_pinned_key_from_public_key_file(tmp_path: Path, creator) -> None:
     pub_file = tmp_path / "creator.pub"
     pub_file.write_text(keys.public_key_text(creator) + "\n")
     path = write(tmp_path / "p.qgl", make_manifest(key=creator))
@@ -112,7 +112,7 @@ def test_pinned_key_from_public_key_file(tmp_path: Path, creator) -> None:  # no
 
 
 @pytest.mark.parametrize("content", ["secret\n", "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n", ""])
-def test_bad_public_key_file_is_named_never_quoted(tmp_path: Path, creator, content: str) -> None:  # noqa: ANN001
+def test_bad_public_key_file_is_named_never_quoted(tmp_path: Path, creator, content: str) -> None:
     key_file = tmp_path / "creator.pub"
     key_file.write_text(content)
     path = write(tmp_path / "p.qgl", make_manifest(key=creator))
@@ -125,7 +125,7 @@ def test_bad_public_key_file_is_named_never_quoted(tmp_path: Path, creator, cont
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
-def test_trust_events_are_logged(tmp_path: Path, creator, caplog: pytest.LogCaptureFixture) -> None:  # noqa: ANN001
+def test_trust_events_are_logged(tmp_path: Path, creator, caplog: pytest.LogCaptureFixture) -> None:
     path = write(tmp_path / "e.qgl", make_manifest("ev", key=creator))
     with caplog.at_level("INFO", logger="quinkgl.trust"):
         load_trusted(path, "tofu", state_dir=tmp_path / "state", now=NOW)
@@ -134,7 +134,7 @@ def test_trust_events_are_logged(tmp_path: Path, creator, caplog: pytest.LogCapt
     assert "policy=tofu" in caplog.records[-1].getMessage()
 
 
-def test_tofu_remembers_first_key_per_name(tmp_path: Path, creator) -> None:  # noqa: ANN001
+def test_tofu_remembers_first_key_per_name(tmp_path: Path, creator) -> None:
     state = tmp_path / "state"
     first = write(tmp_path / "a.qgl", make_manifest("swarm-a", key=creator))
     assert load_trusted(first, "tofu", state_dir=state, now=NOW).tofu == "first-use"
@@ -157,13 +157,13 @@ def test_tofu_remembers_first_key_per_name(tmp_path: Path, creator) -> None:  # 
     assert set(json.loads(store.read_text())["creators"]) == {"swarm-a", "swarm-b"}
 
 
-def test_tofu_store_follows_quinkgl_home(tmp_path: Path, creator, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_tofu_store_follows_quinkgl_home(tmp_path: Path, creator, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QUINKGL_HOME", str(tmp_path / "home"))
     load_trusted(write(tmp_path / "a.qgl", make_manifest(key=creator)), "tofu", now=NOW)
     assert (tmp_path / "home" / TOFU_FILE).is_file()
 
 
-def test_corrupt_store_is_an_error_and_is_kept(tmp_path: Path, creator) -> None:  # noqa: ANN001
+def test_corrupt_store_is_an_error_and_is_kept(tmp_path: Path, creator) -> None:
     state = tmp_path / "state"
     state.mkdir()
     path = write(tmp_path / "a.qgl", make_manifest(key=creator))
@@ -174,7 +174,7 @@ def test_corrupt_store_is_an_error_and_is_kept(tmp_path: Path, creator) -> None:
         assert (state / TOFU_FILE).read_bytes() == content
 
 
-def test_expired_refused_under_every_policy(tmp_path: Path, creator) -> None:  # noqa: ANN001
+def test_expired_refused_under_every_policy(tmp_path: Path, creator) -> None:
     pub = keys.public_key_text(creator)
     path = write(tmp_path / "e.qgl", expired_manifest(creator))
     for policy, trusted in (("open", ()), ("tofu", ()), ("pinned", (pub,))):
@@ -185,7 +185,7 @@ def test_expired_refused_under_every_policy(tmp_path: Path, creator) -> None:  #
     assert load_trusted(path, "pinned", (pub,), now=NOW - timedelta(hours=2)).signed
 
 
-def test_trust_bytes_limits_size(creator) -> None:  # noqa: ANN001
+def test_trust_bytes_limits_size(creator) -> None:
     data = manifest_bytes(make_manifest(key=creator))
     assert trust_bytes(data, "open", now=NOW).signed
     with pytest.raises(UsageError, match="1 MiB"):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from quinkgl_cli import wire
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.tensors import shared_specs
-from quinkgl_cli.transport import wire
-from quinkgl_cli.transport.wire import WireError, check_against, decode, decode_full, encode
+from quinkgl_cli.wire import WireError, check_against, decode, decode_full, encode
 
 
 def _model() -> nn.Module:

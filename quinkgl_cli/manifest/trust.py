@@ -241,7 +241,7 @@ class TofuStore:
         log.info("tofu-learned name=%s creator=%s store=%s", name, creator, self.path)
         return "first-use"
 
-    def _locked(self):  # noqa: ANN202 - a filelock context manager
+    def _locked(self):
         from filelock import FileLock
 
         try:
@@ -276,7 +276,7 @@ class TofuStore:
 
 
 class _LockGuard:
-    def __init__(self, lock, path: Path) -> None:  # noqa: ANN001 - filelock.FileLock, imported lazily
+    def __init__(self, lock, path: Path) -> None:
         self._lock = lock
         self._path = path
 

@@ -16,8 +16,8 @@ Why this layout:
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path

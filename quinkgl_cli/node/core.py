@@ -45,18 +45,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from quinkgl_cli import wire
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.strategies import registry
-from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
-from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED_ENCODING
-from quinkgl_cli.strategies.sharing import RESYNC_KIND, SharingPipeline, StaleBase
 from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY
+from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
 from quinkgl_cli.strategies.fingerprint import fingerprint_for
+from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED_ENCODING
+from quinkgl_cli.strategies.sharing import RESYNC_KIND, SharingPipeline, StaleBase
 from quinkgl_cli.strategies.spectral import GossipGraphMonitor
 from quinkgl_cli.tensors import TensorSpec, all_finite, flatten, float_buffers, load_flat, shared_specs, trainable_mask
-from quinkgl_cli.transport import wire
 from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, PeerInfo, Transport
 
 log = logging.getLogger("quinkgl.node")

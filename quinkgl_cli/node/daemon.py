@@ -240,8 +240,8 @@ def lock_node_dirs(options: DaemonOptions, checkpoint_dir: Path) -> list[Any]:
 
 
 def make_ipv8_transport(prepared: Prepared) -> Any:
+    from quinkgl_cli import wire
     from quinkgl_cli.tensors import shared_specs
-    from quinkgl_cli.transport import wire
     from quinkgl_cli.transport.ipv8 import IPv8Transport
 
     o = prepared.options

@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from quinkgl_cli.events import EVENT_ATTR, FIELDS_ATTR
+
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
 # One token: ``key=value`` where value is a quoted string literal or runs to the next space, or a bare word.
 _TOKEN = re.compile(
@@ -142,22 +144,26 @@ class JsonFormatter(TextFormatter):
         round_ = getattr(record, "round", None)
         if round_ is None:
             round_ = self.context.round
-        message = _one_line(record.getMessage())
-        event, fields = split_message(message)
         obj: dict[str, Any] = {
             "ts": _timestamp(record.created),
             "level": record.levelname,
             "node": node,
             "round": round_,
             "logger": record.name,
-            "event": event,
-            "message": message,
         }
-        for key, value in fields.items():
-            obj.setdefault(key, value)
+        event = getattr(record, EVENT_ATTR, None)
+        if event is not None:
+            obj["event"] = event
+            obj.update(getattr(record, FIELDS_ATTR))
+        else:
+            message = _one_line(record.getMessage())
+            obj["event"], fields = split_message(message)
+            obj["message"] = message
+            for key, value in fields.items():
+                obj.setdefault(key, value)
         if record.exc_info:
             obj["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(obj, separators=(",", ":"), default=str)
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 class FlushingHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -49,10 +49,10 @@ from typing import Any
 
 import torch
 
+from quinkgl_cli import wire
 from quinkgl_cli.manifest.schema import CompressionSpec
 from quinkgl_cli.tensors import all_finite
-from quinkgl_cli.transport import wire
-from quinkgl_cli.transport.wire import WireError
+from quinkgl_cli.wire import WireError
 
 ENCODING = "qgl-compressed/1"
 META_KEY = "compression"

@@ -16,7 +16,15 @@ from typing import Any
 import torch
 
 from quinkgl_cli.manifest.schema import CompressionSpec, PrivacySpec
-from quinkgl_cli.strategies.compression import ENCODING, RESYNC_KIND, Encoded, StaleBase, UpdateCodec, is_compressed, ratio
+from quinkgl_cli.strategies.compression import (
+    ENCODING,
+    RESYNC_KIND,
+    Encoded,
+    StaleBase,
+    UpdateCodec,
+    is_compressed,
+    ratio,
+)
 from quinkgl_cli.strategies.privacy import LocalDP
 
 __all__ = ["ENCODING", "RESYNC_KIND", "SharingPipeline", "StaleBase", "is_compressed"]

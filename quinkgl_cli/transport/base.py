@@ -1,7 +1,7 @@
 """The transport interface the node logic uses, and nothing else.
 
 Two implementations keep the same behaviour: `ipv8` (the daemon) and `memory` (tests, the simulator).
-Model bytes are opaque here: the node encodes them (`transport.wire`) and the transport checks size and digest.
+Model bytes are opaque here: the node encodes them (`quinkgl_cli.wire`) and the transport checks size and digest.
 """
 
 from __future__ import annotations

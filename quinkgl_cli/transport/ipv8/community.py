@@ -17,7 +17,14 @@ from ipv8.lazy_community import PacketDecodingError
 from ipv8.messaging.interfaces.udp.endpoint import UDPv4Address
 from ipv8.messaging.payload_headers import BinMemberAuthenticationPayload
 
-from quinkgl_cli.transport.ipv8.payloads import ByePayload, ControlPayload, DeclinePayload, HelloHead, HelloPayload, OfferPayload
+from quinkgl_cli.transport.ipv8.payloads import (
+    ByePayload,
+    ControlPayload,
+    DeclinePayload,
+    HelloHead,
+    HelloPayload,
+    OfferPayload,
+)
 
 if TYPE_CHECKING:
     from quinkgl_cli.transport.ipv8.transport import IPv8Transport

@@ -105,7 +105,7 @@ def receive_blob(sock: socket.socket, size: int, idle: float, deadline: float) -
                 hasher.update(view[hashed:got])
                 hashed = got
         hasher.update(view[hashed:got])
-    except socket.timeout as exc:
+    except TimeoutError as exc:
         raise TimeoutError(f"no data for {idle}s after {got} of {size} bytes") from exc
     finally:
         view.release()
@@ -118,5 +118,5 @@ def send_blob(sock: socket.socket, header: bytes, payload: bytes | bytearray | m
     try:
         sock.sendall(header)
         sock.sendall(payload)
-    except socket.timeout as exc:
+    except TimeoutError as exc:
         raise TimeoutError(f"sending took longer than {budget:.0f}s") from exc

@@ -15,8 +15,8 @@ import os
 import socket
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,14 @@ from quinkgl_cli.transport.ipv8 import stream
 from quinkgl_cli.transport.ipv8.community import LOGGER_NAME, SwarmCommunity, SwarmSettings, community_class
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint, is_loopback
 from quinkgl_cli.transport.ipv8.identity import load_or_create_key, next_session
-from quinkgl_cli.transport.ipv8.payloads import ByePayload, ControlPayload, DeclinePayload, HelloHead, HelloPayload, OfferPayload
+from quinkgl_cli.transport.ipv8.payloads import (
+    ByePayload,
+    ControlPayload,
+    DeclinePayload,
+    HelloHead,
+    HelloPayload,
+    OfferPayload,
+)
 from quinkgl_cli.transport.ipv8.replay import ReplayGuard
 
 log = logging.getLogger("quinkgl.transport")
