@@ -39,6 +39,13 @@ def _time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return min(samples)
 
 
+def _target_cell(row: dict) -> str:  # type: ignore[type-arg]
+    target = row["target_ratio"]
+    if target is None:
+        return "-"
+    return f"<= {target:g}x " + ("ok" if row["ratio"] <= target else "MISSED")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1M parameters, 5 repeats")
@@ -66,11 +73,11 @@ def main() -> None:
     print(f"{'stacked mean (baseline)':<26}{baseline:>10.4f}{1.0:>12.2f}")
     for name in registry.names("aggregation"):
         entry = registry.resolve("aggregation", name)
-        agg = entry.load()(registry.build_params(entry, {}), byzantine_f=2)
+        agg = registry.load(entry)(registry.build_params(entry, {}), byzantine_f=2)
         seconds = _time(lambda agg=agg: agg.aggregate(local, others, 5), repeats)
         ratio = seconds / baseline
         target = TARGETS.get(name)
-        mark = "" if target is None else ("  ok (target <= %.0fx)" % target if ratio <= target else "  MISSED (target <= %.0fx)" % target)
+        mark = "" if target is None else (f"  ok (target <= {target:.0f}x)" if ratio <= target else f"  MISSED (target <= {target:.0f}x)")
         print(f"{name:<26}{seconds:>10.4f}{ratio:>12.2f}{mark}")
         rows.append({"strategy": name, "seconds": seconds, "ratio": ratio, "target_ratio": target})
 
@@ -81,7 +88,7 @@ def main() -> None:
     lines = [f"{args.updates} updates x {d:,} parameters, best of {repeats}, baseline: stacked mean {baseline:.4f} s", "",
              "| strategy | seconds | x stacked mean | target |", "|---|---:|---:|---:|"]
     lines += [f"| {r['strategy']} | {r['seconds']:.4f} | {r['ratio']:.2f} | "
-              f"{'-' if r['target_ratio'] is None else ('<= %gx ' % r['target_ratio']) + ('ok' if r['ratio'] <= r['target_ratio'] else 'MISSED')} |"
+              f"{_target_cell(r)} |"
               for r in rows]
     result = {
         "benchmark": "aggregation",

@@ -28,6 +28,7 @@ allowed, counted apart). Writes JSON (default benchmarks/results/sim.json) and p
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -123,7 +124,7 @@ def scale(sizes: list[int], rounds: int) -> tuple[list[dict[str, Any]], list[dic
          "build_mb_per_added_peer": (b["build_mb"] - a["build_mb"]) / (b["peers"] - a["peers"]),
          "memory_ratio": b["sim_mb"] / a["sim_mb"] if a["sim_mb"] > 0 else None,
          "peer_ratio": b["peers"] / a["peers"]}
-        for a, b in zip(out, out[1:])
+        for a, b in itertools.pairwise(out)
     ]
     for sl in slopes:
         ratio = "-" if sl["memory_ratio"] is None else f"{sl['memory_ratio']:.1f}x"

@@ -172,10 +172,10 @@ def fan_in(tmp: Path, receiver: Peer, size: int, n: int = 3) -> dict[str, Any]:
         marks = [len(s.events) for s in senders]
         for i, s in enumerate(senders):
             s.send({"cmd": "send", "to": receiver.node_id, "size": size, "seed": 100 + i, "round": 100 + i})
-        sent = [s.wait(lambda e: e["event"] == "sent", start=m)["t"] for s, m in zip(senders, marks)]
+        sent = [s.wait(lambda e: e["event"] == "sent", start=m)["t"] for s, m in zip(senders, marks, strict=True)]
         got = [receiver.wait(lambda e, r=100 + i: e["event"] == "model" and e["round"] == r, start=start)["t"] for i in range(n)]
         wall = max(got) - min(sent)
-        return {"senders": n, "mb_each": size / MB, "seconds": wall, "aggregate_mb_s": n * size / MB / wall, "per_transfer_s": [g - s for g, s in zip(got, sent)]}
+        return {"senders": n, "mb_each": size / MB, "seconds": wall, "aggregate_mb_s": n * size / MB / wall, "per_transfer_s": [g - s for g, s in zip(got, sent, strict=True)]}
     finally:
         for s in senders:
             s.stop()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from quinkgl_cli.manifest import catalogue
 from quinkgl_cli.strategies import registry
 from quinkgl_cli.strategies.aggregation import (
     CONTROL_VARIATE_KEY,
@@ -23,7 +24,7 @@ from quinkgl_cli.strategies.base import Aggregator, PeerUpdate
 
 def make(name: str, f: int = 0, **params: object) -> Aggregator:
     entry = registry.resolve("aggregation", name)
-    return entry.load()(registry.build_params(entry, dict(params)), byzantine_f=f)
+    return registry.load(entry)(registry.build_params(entry, dict(params)), byzantine_f=f)
 
 
 def upd(pid: str, values: list[float], samples: int = 10, round_: int = 1, local: bool = False, **meta: object) -> PeerUpdate:
@@ -33,7 +34,7 @@ def upd(pid: str, values: list[float], samples: int = 10, round_: int = 1, local
 LOCAL = upd("a", [0.0, 0.0], local=True)
 LINE = [upd(pid, [float(i), -float(i)]) for i, pid in enumerate("bcd", start=1)]  # (1,-1) (2,-2) (3,-3)
 FAR = upd("x", [1000.0, 1000.0])
-ALL = [e.name for e in registry._ENTRIES if e.kind == "aggregation"]
+ALL = [e.name for e in catalogue._ENTRIES if e.kind == "aggregation"]
 
 
 # ------------------------------------------------------------------ FedAvg family, hand-computed

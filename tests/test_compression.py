@@ -3,6 +3,7 @@ error feedback, resync, checkpoints) and refusal of malformed payloads."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 import zlib
@@ -174,7 +175,7 @@ def _sent_and_residual(spec: CompressionSpec, xs: list[torch.Tensor]) -> torch.T
 def test_information_conservation_against_raw_deltas(spec: CompressionSpec) -> None:
     """Momentum off: over K sends, sum of what was sent + final residual == sum of the raw deltas x_k - x_(k-1)."""
     xs = _walk(4000, 25, seed=4)
-    raw = sum((b.double() - a.double() for a, b in zip(xs, xs[1:])), torch.zeros(4000, dtype=torch.float64))
+    raw = sum((b.double() - a.double() for a, b in itertools.pairwise(xs)), torch.zeros(4000, dtype=torch.float64))
     torch.testing.assert_close(_sent_and_residual(spec, xs), raw, atol=1e-4, rtol=0)
 
 

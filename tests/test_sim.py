@@ -70,7 +70,7 @@ def test_twenty_rounds_in_virtual_time_never_sleep(script: PeerScript, monkeypat
     m = make_manifest(script, local_steps=1)
     seen: list[int] = []
     sim = Simulator(script, m, SimConfig(peers=4, rounds=20, seed=1), progress=lambda s: seen.append(s.round))
-    result = sim.run()
+    sim.run()
     assert seen == list(range(1, 21))
     assert sim.clock() == pytest.approx(20 * 10.0)  # the virtual clock moved; the wall clock did not wait
     assert all(n.completed_round == 20 for n in sim.nodes)

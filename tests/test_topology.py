@@ -20,7 +20,7 @@ PEERS = [f"n{i:02d}" for i in range(12)]
 
 def make(name: str, self_id: str = "n00", seed: int = 0, **params: object) -> Topology:
     entry = registry.resolve("topology", name)
-    return entry.load()(registry.build_params(entry, dict(params)), self_id, random.Random(seed))
+    return registry.load(entry)(registry.build_params(entry, dict(params)), self_id, random.Random(seed))
 
 
 @pytest.mark.parametrize("name", ["RandomTopology", "CyclonTopology", "AffinityTopology", "RingTopology"])
@@ -269,7 +269,7 @@ def _updates() -> tuple[PeerUpdate, list[PeerUpdate]]:
 
 def _aggregator(name: str, f: int = 0) -> Aggregator:
     entry = registry.resolve("aggregation", name)
-    return entry.load()(registry.build_params(entry, {}), byzantine_f=f)
+    return registry.load(entry)(registry.build_params(entry, {}), byzantine_f=f)
 
 
 def test_contribution_qualities_are_graded_under_averaging() -> None:

@@ -90,7 +90,7 @@ def test_runs_are_deterministic_under_loss():
         net, nodes, _ = _swarm(5, loss=0.3, seed=7)
         net.deliver_all()
         for r in range(5):
-            for a, (t, _) in nodes.items():
+            for t, _ in nodes.values():
                 for p in t.peers():
                     t.send_model(p.node_id, _upd(r, bytes([r]) * 10))
             net.deliver_all()

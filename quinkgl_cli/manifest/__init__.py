@@ -25,7 +25,21 @@ _EXPORTS = {
     "TrustedManifest": "quinkgl_cli.manifest.trust",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Manifest",
+    "TrustedManifest",
+    "build_manifest",
+    "canonical_bytes",
+    "compute_arch_hash",
+    "data_schema_hash",
+    "describe_model",
+    "load_manifest",
+    "load_trusted",
+    "sign_manifest",
+    "swarm_id",
+    "verify_signature",
+    "write_manifest",
+]
 
 if TYPE_CHECKING:
     from quinkgl_cli.manifest.arch_hash import compute_arch_hash, describe_model

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import types
 from typing import Any
 
 from quinkgl_cli.errors import NodeConfigError
@@ -103,14 +104,12 @@ def _plain(value: Any) -> Any:
 
 
 def _is_function(value: Any) -> bool:
-    import types
-
     return isinstance(value, (types.FunctionType, types.BuiltinFunctionType, types.MethodType))
 
 
 def _function_name(value: Any) -> str:
     module = getattr(value, "__module__", None) or ""
-    qualname = getattr(value, "__qualname__", None) or getattr(value, "__name__", "?")
+    qualname = str(getattr(value, "__qualname__", None) or getattr(value, "__name__", "?"))
     # A peer script's module name embeds its path, which differs between machines: torch's names are kept.
     prefix = module + "." if module.startswith("torch") else ""
     return prefix + qualname

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from quinkgl_cli.errors import UsageError
+from quinkgl_cli.manifest import catalogue
 from quinkgl_cli.manifest.canonical import data_schema_hash
 from quinkgl_cli.manifest.schema import (
     DP_TUNING,
@@ -170,10 +171,8 @@ def _privacy(params: Mapping[str, Any] | None) -> PrivacySpec:
 
 
 def _strategy(kind: str, name: str, params: Mapping[str, str] | None) -> StrategySpec:
-    from quinkgl_cli.strategies import registry
-
-    entry = registry.resolve(kind, name)  # type: ignore[arg-type]
-    typed = registry.validate_params(entry, dict(params or {}))
+    entry = catalogue.resolve(kind, name)  # type: ignore[arg-type]
+    typed = catalogue.validate_params(entry, dict(params or {}))
     return StrategySpec(name=entry.name, params=typed)
 
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from quinkgl_cli.atomic import atomic_write_bytes
 from quinkgl_cli.errors import IOFailure, UsageError
+from quinkgl_cli.manifest import catalogue
 from quinkgl_cli.manifest.canonical import canonical_bytes, data_schema_hash, manifest_object, sha256_text
 from quinkgl_cli.manifest.schema import Manifest, error_text
 
@@ -41,12 +42,10 @@ class LoadedManifest:
                 f"{source}: field data_schema_hash does not match the task (expected {expected})",
                 "recreate the manifest with `quinkgl manifest create`",
             )
-        from quinkgl_cli.strategies import registry
-
         for kind, spec in (("aggregation", self.manifest.aggregation), ("topology", self.manifest.topology)):
             try:
-                entry = registry.resolve(kind, spec.name)  # type: ignore[arg-type]
-                registry.validate_params(entry, dict(spec.params))
+                entry = catalogue.resolve(kind, spec.name)  # type: ignore[arg-type]
+                catalogue.validate_params(entry, dict(spec.params))
             except UsageError as exc:
                 raise UsageError(f"{source}: field {kind}: {exc.message}", exc.hint) from exc
             if entry.name != spec.name:

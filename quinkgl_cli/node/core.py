@@ -161,13 +161,13 @@ class NodeState:
 def build_aggregator(manifest: Manifest) -> Aggregator:
     entry = registry.resolve("aggregation", manifest.aggregation.name)
     params = registry.build_params(entry, dict(manifest.aggregation.params))
-    return entry.load()(params, byzantine_f=manifest.byzantine_f)
+    return registry.load(entry)(params, byzantine_f=manifest.byzantine_f)
 
 
 def build_topology(manifest: Manifest, node_id: str, rng: random.Random) -> Topology:
     entry = registry.resolve("topology", manifest.topology.name)
     params = registry.build_params(entry, dict(manifest.topology.params))
-    return entry.load()(params, node_id, rng)
+    return registry.load(entry)(params, node_id, rng)
 
 
 def default_loss(manifest: Manifest) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

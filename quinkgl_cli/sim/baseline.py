@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from quinkgl_cli.strategies import params as p
+from quinkgl_cli.manifest import strategy_params as p
 from quinkgl_cli.strategies.aggregation import screen, weighted_mean
 from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate, Topology
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quinkgl_cli.strategies import params as p
+from quinkgl_cli.manifest import strategy_params as p
 from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate
 from quinkgl_cli.tensors import flatten
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quinkgl_cli.strategies.params import Params
+from quinkgl_cli.manifest.strategy_params import Params
 
 
 @dataclass

@@ -1,84 +1,24 @@
-"""The one place strategies plug into: canonical names, parameter schemas and (lazily imported) implementations.
+"""From a manifest's strategy spec to a strategy object: imports the implementation the catalogue names.
 
-Importing this module must stay cheap (no torch): `manifest create` validates names and params with it.
+Names and parameter schemas live in `manifest.catalogue` (manifest vocabulary, no torch); this module is
+the strategies' side of it, so nothing in the manifest layer imports strategy code.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import ValidationError
+from quinkgl_cli.manifest import strategy_params as p
+from quinkgl_cli.manifest.catalogue import StrategyEntry, names, resolve, validate_params
 
-from quinkgl_cli.errors import UsageError
-from quinkgl_cli.strategies import params as p
-
-Kind = Literal["aggregation", "topology"]
+__all__ = ["StrategyEntry", "build_params", "load", "names", "resolve", "validate_params"]
 
 
-@dataclass(frozen=True)
-class StrategyEntry:
-    kind: Kind
-    name: str  # canonical spelling, stored in manifests
-    params: type[p.Params]
-    impl: str  # "module:attribute", imported only when a node builds the strategy
-    summary: str
-
-    def load(self) -> Any:
-        module, _, attr = self.impl.partition(":")
-        return getattr(importlib.import_module(module), attr)
-
-
-_AGG = "quinkgl_cli.strategies.aggregation"
-_TOPO = "quinkgl_cli.strategies.topology"
-
-_ENTRIES: tuple[StrategyEntry, ...] = (
-    StrategyEntry("aggregation", "FedAvg", p.FedAvgParams, f"{_AGG}:FedAvg", "sample-weighted average, bounded weights"),
-    StrategyEntry("aggregation", "FedProx", p.FedProxParams, f"{_AGG}:FedProx", "FedAvg plus proximal term mu in the local loss"),
-    StrategyEntry("aggregation", "FedAvgM", p.FedAvgMParams, f"{_AGG}:FedAvgM", "FedAvg with momentum on the aggregated delta"),
-    StrategyEntry("aggregation", "Krum", p.KrumParams, f"{_AGG}:Krum", "Blanchard et al.: update closest to its n-f-2 neighbours"),
-    StrategyEntry("aggregation", "MultiKrum", p.MultiKrumParams, f"{_AGG}:MultiKrum", "average of the m best Krum scores"),
-    StrategyEntry("aggregation", "TrimmedMean", p.TrimmedMeanParams, f"{_AGG}:TrimmedMean", "coordinate-wise mean without f extremes per side"),
-    StrategyEntry("aggregation", "Median", p.NoParams, f"{_AGG}:Median", "coordinate-wise median"),
-    StrategyEntry("aggregation", "EntropyWeightedAvg", p.EntropyWeightedAvgParams, f"{_AGG}:EntropyWeightedAvg", "weights by label-distribution entropy"),
-    StrategyEntry("aggregation", "StalenessWeightedFedAvg", p.StalenessWeightedParams, f"{_AGG}:StalenessWeightedFedAvg", "exponential penalty on old updates"),
-    StrategyEntry("aggregation", "Scaffold", p.ScaffoldParams, f"{_AGG}:Scaffold", "gossip SCAFFOLD with control variates"),
-    StrategyEntry("topology", "RandomTopology", p.TopologyParams, f"{_TOPO}:RandomTopology", "uniform fanout of known peers"),
-    StrategyEntry("topology", "CyclonTopology", p.CyclonParams, f"{_TOPO}:CyclonTopology", "partial view with age-based shuffles"),
-    StrategyEntry("topology", "AffinityTopology", p.AffinityParams, f"{_TOPO}:AffinityTopology", "fingerprint similarity with exploration"),
-    StrategyEntry("topology", "RingTopology", p.TopologyParams, f"{_TOPO}:RingTopology", "fixed ring by node id (experiments)"),
-    StrategyEntry("topology", "FullTopology", p.TopologyParams, f"{_TOPO}:FullTopology", "every known peer (experiments)"),
-)
-
-_BY_KEY: dict[tuple[Kind, str], StrategyEntry] = {(e.kind, e.name.lower()): e for e in _ENTRIES}
-
-
-def names(kind: Kind) -> list[str]:
-    return [e.name for e in _ENTRIES if e.kind == kind]
-
-
-def resolve(kind: Kind, name: str) -> StrategyEntry:
-    """Find a strategy by name, case-insensitively; unknown names fail with the list of valid ones."""
-    entry = _BY_KEY.get((kind, name.strip().lower()))
-    if entry is None:
-        raise UsageError(f"unknown {kind} strategy {name!r}", f"valid: {', '.join(names(kind))}")
-    return entry
-
-
-def validate_params(entry: StrategyEntry, raw: dict[str, Any]) -> dict[str, Any]:
-    """Type ``raw`` (strings from `k=v` flags or values from a manifest) by the strategy's schema.
-
-    Returns only the explicitly given keys, typed, so manifests stay minimal and defaults can improve.
-    """
-    try:
-        model = entry.params.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "params"
-        valid = ", ".join(entry.params.model_fields) or "none"
-        raise UsageError(f"{entry.name} parameter {where}: {err['msg']}", f"valid parameters: {valid}") from exc
-    return model.model_dump(include=set(raw))
+def load(entry: StrategyEntry) -> Any:
+    """The strategy class the entry names (imported here, on first use)."""
+    module, _, attr = entry.impl.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def build_params(entry: StrategyEntry, raw: dict[str, Any]) -> p.Params:

@@ -89,7 +89,7 @@ class SharingPipeline:
         out: dict[str, Any] = {}
         now = self.codec.stats.snapshot()
         if self.compress_sends or now[6] or now[7]:  # this node compresses, or receives compressed updates
-            d = [a - b for a, b in zip(now, self._mark)]
+            d = [a - b for a, b in zip(now, self._mark, strict=True)]
             raw_sent, wire_sent, raw_recv, wire_recv, full, delta, received, rejected, resyncs = d
             out.update(compressed_bytes_sent=wire_sent, compressed_bytes_received=wire_recv,
                        compression_ratio_sent=round(ratio(raw_sent, wire_sent), 2),

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from quinkgl_cli.strategies import params as p
+from quinkgl_cli.manifest import strategy_params as p
 from quinkgl_cli.strategies.base import AggregationResult, PeerUpdate, Topology
 from quinkgl_cli.strategies.fingerprint import Fingerprint, component_similarities, parse_fingerprint, similarity
 
