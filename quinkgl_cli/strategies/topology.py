@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from quinkgl_cli.events import emit
 from quinkgl_cli.manifest import strategy_params as p
 from quinkgl_cli.strategies.base import AggregationResult, PeerUpdate, Topology
 from quinkgl_cli.strategies.fingerprint import Fingerprint, component_similarities, parse_fingerprint, similarity
@@ -186,7 +187,7 @@ class CyclonTopology(Topology):
             return [(sender, self.REPLY, reply)]
         sent = self._pending.pop(sender, None)
         if sent is None:
-            log.debug("cyclon-reply-unexpected peer=%s", sender)
+            emit(log, logging.DEBUG, "cyclon-reply-unexpected", peer=sender)
             return []
         self._merge(received, sent)
         return []
@@ -290,7 +291,7 @@ class AffinityTopology(Topology):
         try:
             fp = parse_fingerprint(fingerprint)
         except ValueError as exc:
-            log.warning("fingerprint-rejected peer=%s reason=%s", peer_id, str(exc).replace(" ", "_"))
+            emit(log, logging.WARNING, "fingerprint-rejected", peer=peer_id, reason=str(exc).replace(" ", "_"))
             return
         if peer_id == self.self_id:
             self.own = fp
@@ -298,8 +299,9 @@ class AffinityTopology(Topology):
         known = self.fingerprints.get(peer_id)
         self.fingerprints[peer_id] = fp
         if known != fp:
-            sim = "-" if self.own is None else f"{similarity(self.own, fp):.3f}"
-            log.info("fingerprint-received peer=%s similarity=%s entropy=%.3f samples=%s", peer_id, sim, fp.entropy, fp.samples)
+            sim = None if self.own is None else round(similarity(self.own, fp), 3)
+            emit(log, logging.INFO, "fingerprint-received", peer=peer_id, similarity=sim, entropy=round(fp.entropy, 3),
+                 samples=fp.samples)
 
     def record_outcome(self, peer_id: str, quality: float) -> None:
         if not math.isfinite(quality):
@@ -366,7 +368,7 @@ class AffinityTopology(Topology):
         phase, explore = self.phase(round_idx)
         if phase != self._phase:
             self._phase = phase
-            log.info("affinity-phase phase=%s round=%d exploration=%.3f", phase, round_idx, explore)
+            emit(log, logging.INFO, "affinity-phase", context={"round": round_idx}, phase=phase, exploration=round(explore, 3))
         slots = explore * k
         n_explore = int(slots) + (1 if self.rng.random() < slots - int(slots) else 0)
         ranked = sorted(pool, key=lambda pid: (-self.affinity(pid), pid))
