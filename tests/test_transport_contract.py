@@ -55,7 +55,8 @@ class Cluster:
         self.nodes: dict[str, tuple[Transport, Recorder]] = {}
         self.seed: tuple[str, int] | None = None
 
-    async def add(self, name: str, swarm: str = "sha256:" + "ab" * 32, arch: str = "sha256:" + "cd" * 32, max_model_bytes: int = 64 * 1024 * 1024):
+    async def add(self, name: str, swarm: str = "sha256:" + "ab" * 32, arch: str = "sha256:" + "cd" * 32, max_model_bytes: int = 64 * 1024 * 1024,
+                  **ipv8_options):
         rec = Recorder()
         if self.kind == "memory":
             t: Transport = MemoryTransport(self.net, name, swarm_id=swarm, arch_hash=arch, max_model_bytes=max_model_bytes)
@@ -74,6 +75,7 @@ class Cluster:
                 walk_interval=0.2,
                 silence_timeout=3.0,
                 fetch_timeout=3.0,
+                **ipv8_options,
             )
         await t.start(rec)
         if self.kind == "ipv8" and self.seed is None:
@@ -241,7 +243,8 @@ def test_architecture_mismatch_is_refused_and_logged_once(kind, tmp_path, caplog
             await asyncio.sleep(0.5 if c.kind == "ipv8" else 0)  # several walks: still one line per peer
         assert "b" not in ra.discovered and rb.discovered == []
         assert not b.peers()
-        lines = [r.getMessage() for r in caplog.records if "arch_mismatch" in r.getMessage() and "peer=b" in r.getMessage() and "node=a" in r.getMessage()]
+        lines = [r.getMessage() for r in caplog.records
+                 if "arch_mismatch" in r.getMessage() and "peer=b" in r.getMessage() and getattr(r, "node", None) == "a"]
         assert len(lines) == 1, lines
 
     run_cluster(kind, tmp_path, body)
@@ -366,7 +369,7 @@ def test_ipv8_community_id_comes_from_the_swarm(tmp_path):
             assert a.community_id == community_id_for("sha256:" + "11" * 32)
             assert b.community_id == community_id_for("sha256:" + "22" * 32)
             assert a.community_id != b.community_id
-            assert a._community.get_prefix()[2:] == a.community_id
+            assert a.parts.community.get_prefix()[2:] == a.community_id
         finally:
             await a.stop()
             await b.stop()
@@ -387,10 +390,10 @@ def test_ipv8_guard_drops_non_loopback_datagrams(tmp_path, monkeypatch):
         await t.start(Recorder())
         monkeypatch.setattr(socket.socket, "sendto", spy)
         try:
-            t._endpoint.send(("10.0.0.7", 7001), b"x")
-            t._endpoint.send(("example.org", 7001), b"x")
-            t._community.walk_to(("192.168.0.9", 7001))
-            t._endpoint.send(("127.0.0.1", t.address[1]), b"to myself")
+            t.parts.endpoint.send(("10.0.0.7", 7001), b"x")
+            t.parts.endpoint.send(("example.org", 7001), b"x")
+            t.parts.community.walk_to(("192.168.0.9", 7001))
+            t.parts.endpoint.send(("127.0.0.1", t.address[1]), b"to myself")
             await asyncio.sleep(0)
         finally:
             monkeypatch.undo()
@@ -406,7 +409,7 @@ def test_ipv8_malformed_packets_are_logged_once_and_ignored(tmp_path, caplog):
         a, ra = await c.add("a")
         b, rb = await c.add("b")
         await c.meet(["a", "b"])
-        prefix = a._community.get_prefix()
+        prefix = a.parts.community.get_prefix()
         junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         junk.bind(("127.0.0.1", 0))
         try:
@@ -440,7 +443,7 @@ def test_ipv8_only_the_recipient_can_fetch(tmp_path, caplog):
         try:
             await loop.sock_connect(sock, ("127.0.0.1", owner.tcp_port))
             _, _, nonce = stream.CHALLENGE.unpack(await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3))
-            statement = stream.fetch_statement(owner.community_id, offer_id, nonce_override or nonce, owner._key.pub().key_to_bin())
+            statement = stream.fetch_statement(owner.community_id, offer_id, nonce_override or nonce, owner.parts.key.pub().key_to_bin())
             sig = default_eccrypto.create_signature(signer_key, statement)
             await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, offer_id, len(sig)) + sig)
             status, size = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, 3))
@@ -454,15 +457,15 @@ def test_ipv8_only_the_recipient_can_fetch(tmp_path, caplog):
         thief, _ = await c.add("c")
         await c.meet(["a", "b", "c"])
         gate = asyncio.Semaphore(0)
-        b._fetch_slots = gate  # b is busy: the offer waits, unfetched, while the thief tries
+        b.parts.fetcher.slots = gate  # b is busy: the offer waits, unfetched, while the thief tries
         with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
             a.send_model("b", _upd(round_=1, payload=b"secret weights" * 1000))
-            await wait_until(lambda: a._outgoing, what="offer registered")
-            (offer_id,) = list(a._outgoing)
-            assert await steal(thief, a, offer_id, thief._key) == (stream.NOT_RECIPIENT, 0)
+            await wait_until(lambda: a.parts.outbox.offers, what="offer registered")
+            (offer_id,) = list(a.parts.outbox.offers)
+            assert await steal(thief, a, offer_id, thief.parts.key) == (stream.NOT_RECIPIENT, 0)
             # a signature by the real recipient, but over another connection's challenge, is useless too
-            assert await steal(thief, a, offer_id, b._key, nonce_override=b"\0" * 32) == (stream.NOT_RECIPIENT, 0)
-            assert await steal(thief, a, os.urandom(20), thief._key) == (stream.UNKNOWN_OFFER, 0)
+            assert await steal(thief, a, offer_id, b.parts.key, nonce_override=b"\0" * 32) == (stream.NOT_RECIPIENT, 0)
+            assert await steal(thief, a, os.urandom(20), thief.parts.key) == (stream.UNKNOWN_OFFER, 0)
         assert caplog.text.count("reason=not_recipient") == 1
         assert rb.models == []
         gate.release()
@@ -479,7 +482,7 @@ def test_ipv8_crashed_and_restarted_peer_is_seen_anew(tmp_path):
         await c.meet(["a", "b"])
         b.send_model("a", _upd(round_=9, payload=b"late round"))
         await wait_until(lambda: ra.models, what="round 9")
-        b._running = False  # a crash: no goodbye
+        b.running = False  # a crash: no goodbye
         await b._teardown()
         again = _ipv8(tmp_path, "b", bootstrap=[a.address], silence_timeout=3.0)
         c.nodes["b"] = (again, Recorder())
@@ -534,30 +537,31 @@ def test_event_names_use_hyphens(kind, tmp_path, caplog):
     run_cluster(kind, tmp_path, body)
 
 
-def test_ipv8_duplicate_offer_is_fetched_once(tmp_path, caplog, monkeypatch):
+def test_ipv8_duplicate_offer_is_fetched_once(tmp_path, caplog):
     """An offer that arrives again (the sender resends it until fetched) starts no second fetch."""
-    from quinkgl_cli.transport.ipv8 import transport as ipv8_transport
+    from quinkgl_cli.transport.ipv8.settings import Limits
 
-    monkeypatch.setattr(ipv8_transport, "OFFER_RESEND_AFTER", 0.05)
+    limits = Limits(offer_resend_after=0.05)
 
     async def body(c: Cluster):
-        a, _ = await c.add("a")
+        a, _ = await c.add("a", limits=limits)
         b, rb = await c.add("b")
         await c.meet(["a", "b"])
         gate = asyncio.Semaphore(0)
-        b._fetch_slots = gate  # b is busy: the offer stays unfetched while a resends it
+        b.parts.fetcher.slots = gate  # b is busy: the offer stays unfetched while a resends it
         fetches = []
-        real_fetch = b._fetch
+        fetcher = b.parts.fetcher
+        real_fetch = fetcher.fetch
 
         def counting_fetch(rec, p, meta):
             fetches.append(p.offer_id)
             return real_fetch(rec, p, meta)
 
-        b._fetch = counting_fetch
+        fetcher.fetch = counting_fetch
         with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
             a.send_model("b", _upd(round_=1, payload=b"once"))
-            await wait_until(lambda: a._outgoing and next(iter(a._outgoing.values())).sends == ipv8_transport.OFFER_RESENDS, what="resends")
-            await wait_until(lambda: caplog.text.count("offer-ignored peer=a reason=duplicate") == ipv8_transport.OFFER_RESENDS - 1, what="duplicates seen")
+            await wait_until(lambda: a.parts.outbox.offers and next(iter(a.parts.outbox.offers.values())).sends == limits.offer_resends, what="resends")
+            await wait_until(lambda: caplog.text.count("offer-ignored peer=a reason=duplicate") == limits.offer_resends - 1, what="duplicates seen")
             gate.release()
             await wait_until(lambda: rb.models, what="the model")
             a.send_model("b", _upd(round_=2, payload=b"next"))

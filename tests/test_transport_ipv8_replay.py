@@ -25,13 +25,13 @@ HELLO, OFFER, CONTROL, BYE = 1, 2, 3, 4
 def capture(t) -> list[tuple[tuple[str, int], bytes]]:
     """Every datagram ``t`` sends from now on, with its destination."""
     sent: list[tuple[tuple[str, int], bytes]] = []
-    original = t._endpoint.send
+    original = t.parts.endpoint.send
 
     def spy(address, packet):
         sent.append(((str(address[0]), int(address[1])), bytes(packet)))
         original(address, packet)
 
-    t._endpoint.send = spy
+    t.parts.endpoint.send = spy
     return sent
 
 
@@ -116,12 +116,13 @@ def test_old_session_hello_after_a_restart_changes_nothing(tmp_path, caplog):
         await c.meet(["a", "b"])
         await wait_until(lambda: of_kind(sent, HELLO, a.address), what="a hello of b's first run")
         old_hellos = of_kind(sent, HELLO, a.address)
-        b._running = False  # a crash: no goodbye
+        first_session = b.parts.courier.session
+        b.running = False  # a crash: no goodbye
         await b._teardown()
         again = _ipv8(tmp_path, "b", bootstrap=[a.address], silence_timeout=3.0)
         c.nodes["b"] = (again, Recorder())
         await again.start(c.nodes["b"][1])
-        assert again._session > b._session
+        assert again.parts.courier.session > first_session
         await wait_until(lambda: ra.discovered == ["b", "b"], what="the restarted peer accepted")
         assert ra.lost == ["b"]
         sock = attacker()
@@ -187,7 +188,7 @@ def test_peer_of_another_protocol_version_is_refused_as_such(tmp_path, caplog):
             await old.start(Recorder())
             c.nodes["old"] = (old, Recorder())
             for _ in range(3):
-                old._community.send_signed(a.address, HelloV1(a.swarm_id, "old", a.arch_hash, 1, old.tcp_port, 7, True))
+                old.parts.community.send_signed(a.address, HelloV1(a.swarm_id, "old", a.arch_hash, 1, old.tcp_port, 7, True))
             await wait_until(lambda: warnings(caplog, "peer=old reason=protocol_mismatch"), what="mismatch logged")
             await asyncio.sleep(0.5)  # several walks and heartbeats of the old peer: still one line
         assert len(warnings(caplog, "peer-refused peer=old reason=protocol_mismatch")) == 1
@@ -248,7 +249,7 @@ def test_packets_with_a_bad_signature_are_dropped_and_logged_once(tmp_path, capl
         other, _ = await c.add("c")
         await c.meet(["a", "b", "c"])
         held: list[bytes] = []
-        original = b._endpoint.send
+        original = b.parts.endpoint.send
 
         def withhold(address, packet):  # b's next hello and control to a are kept here, not sent
             if tuple(address) == a.address and packet[22] in (HELLO, CONTROL) and len(held) < 2:
@@ -256,14 +257,14 @@ def test_packets_with_a_bad_signature_are_dropped_and_logged_once(tmp_path, capl
                 return
             original(address, packet)
 
-        b._endpoint.send = withhold
+        b.parts.endpoint.send = withhold
         b.send_message("a", "secret", {"n": 1})
-        b._maybe_hello(a._key.pub().key_to_bin(), a.address, want_reply=True, min_gap=0.0)
-        b._endpoint.send = original
+        b.parts.membership.hello(a.parts.key.pub().key_to_bin(), a.address, want_reply=True, min_gap=0.0)
+        b.parts.endpoint.send = original
         assert sorted(p[22] for p in held) == [HELLO, CONTROL]
         key_len = int.from_bytes(held[0][23:25], "big")
-        assert held[0][25 : 25 + key_len] == b._key.pub().key_to_bin()
-        other_key = other._key.pub().key_to_bin()
+        assert held[0][25 : 25 + key_len] == b.parts.key.pub().key_to_bin()
+        other_key = other.parts.key.pub().key_to_bin()
         assert len(other_key) == key_len
         forged = []
         for packet in held:

@@ -1,4 +1,5 @@
-"""Rules both transports apply the same way: offer bookkeeping, control-message limits, log-once reporting."""
+"""Rules both transports apply the same way: the send path (`RuledTransport`), offer bookkeeping, control-message
+limits, and drop reporting (log once per peer and reason, count every drop)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,23 @@ import hashlib
 import json
 import logging
 import re
+from abc import abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from quinkgl_cli.errors import NetworkError
+from quinkgl_cli.events import emit
+from quinkgl_cli.transport.base import ControlValue, OutgoingUpdate, Transport, TransportStats
 
 log = logging.getLogger("quinkgl.transport")
 
 PROTOCOL_VERSION = 2  # 2: every signed datagram carries the sender's session and counter (replay protection)
 MAX_MESSAGE_BYTES = 32 * 1024  # a control message must fit one UDP datagram with IPv8's headers and signature
 MAX_META_BYTES = 4 * 1024
+DEFAULT_MAX_MODEL_BYTES = 1024**3
+DEFAULT_MAX_PEERS = 256  # a peer table's bound (IPv8's own default, 30, stalls large swarms)
+MAX_ENCODING = 64  # characters of an update's encoding name
 KIND_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 
@@ -59,13 +66,15 @@ class OnceLog:
     """Logs each (event, peer, reason) once at WARNING (or ``level``); repeats are counted and logged at DEBUG only.
 
     A misbehaving or misconfigured peer must not flood the log, yet the first occurrence is always visible, with
-    ``exc_info``'s traceback when one is given (a bug in our own code).
+    ``exc_info``'s traceback when one is given (a bug in our own code). Lines carry ``node_id`` as their node (a
+    process may run several transports).
     """
 
-    def __init__(self, logger: logging.Logger = log, capacity: int = 4096) -> None:
+    def __init__(self, logger: logging.Logger = log, capacity: int = 4096, node_id: str | None = None) -> None:
         self._logger = logger
         self._seen: OrderedDict[tuple[str, str, str], int] = OrderedDict()
         self._capacity = capacity
+        self._context = {"node": node_id} if node_id else None
 
     def __call__(
         self,
@@ -78,16 +87,15 @@ class OnceLog:
         **fields: Any,
     ) -> bool:
         key = (event, peer, reason)
-        extra = "".join(f" {k}={_fmt(v)}" for k, v in fields.items())
         if key in self._seen:
             self._seen[key] += 1
             self._seen.move_to_end(key)
-            self._logger.debug("%s peer=%s reason=%s repeat=%d%s", event, peer, reason, self._seen[key], extra)
+            emit(self._logger, logging.DEBUG, event, context=self._context, peer=peer, reason=reason, repeat=self._seen[key], **fields)
             return False
         self._seen[key] = 1
         if len(self._seen) > self._capacity:
             self._seen.popitem(last=False)
-        self._logger.log(level, "%s peer=%s reason=%s%s", event, peer, reason, extra, exc_info=exc_info)
+        emit(self._logger, level, event, context=self._context, exc_info=exc_info, peer=peer, reason=reason, **fields)
         return True
 
     def count(self, event: str, peer: str, reason: str) -> int:
@@ -98,9 +106,72 @@ class OnceLog:
             del self._seen[key]
 
 
-def _fmt(value: Any) -> str:
-    text = str(value)
-    return text if text and " " not in text and "=" not in text else json.dumps(text)
+class DropLog:
+    """Every message, offer or packet a transport drops: counted in ``stats.dropped``, reported once (`OnceLog`)."""
+
+    def __init__(self, stats: TransportStats, node_id: str, logger: logging.Logger = log) -> None:
+        self.stats = stats
+        self.once = OnceLog(logger, node_id=node_id)
+
+    def __call__(self, event: str, peer: str, reason: str, **fields: Any) -> None:
+        self.stats.dropped += 1
+        self.once(event, peer, reason, **fields)
+
+
+def check_update(update: OutgoingUpdate) -> bytes:
+    """The canonical meta of an update fit to offer; raises NetworkError saying what is wrong with it."""
+    meta = encode_body(dict(update.meta), limit=MAX_META_BYTES, what="update meta")
+    if not update.encoding or len(update.encoding) > MAX_ENCODING:
+        raise NetworkError(f"encoding name must have 1-{MAX_ENCODING} characters")
+    if update.round < 0 or update.sample_count < 0:
+        raise NetworkError("round and sample count must not be negative")
+    return meta
+
+
+class RuledTransport(Transport):
+    """The send path both transports follow: refuse before start and to unknown peers, check the update or message
+    once, here, then hand it to the implementation. Refusals are dropped and reported, never raised, except a
+    message the caller built wrongly (bad kind or body), which raises NetworkError."""
+
+    running: bool
+    drops: DropLog
+
+    @abstractmethod
+    def knows(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is a peer we may send to now."""
+
+    @abstractmethod
+    def _offer(self, peer_id: str, update: OutgoingUpdate, meta: bytes) -> None:
+        """Offer a checked update to a known peer (``meta`` is its canonical encoding)."""
+
+    @abstractmethod
+    def _deliver(self, peer_id: str, kind: str, data: bytes) -> None:
+        """Send a checked control message (``data`` is its canonical body) to a known peer."""
+
+    def send_model(self, peer_id: str, update: OutgoingUpdate) -> None:
+        if not self._may_send("send-failed", peer_id):
+            return
+        try:
+            meta = check_update(update)
+        except NetworkError as exc:
+            self.drops("send-failed", peer_id, "bad_update", detail=exc.message)
+            return
+        self._offer(peer_id, update, meta)
+
+    def send_message(self, peer_id: str, kind: str, body: dict[str, ControlValue]) -> None:
+        check_kind(kind)
+        data = encode_body(dict(body))
+        if self._may_send("message-failed", peer_id):
+            self._deliver(peer_id, kind, data)
+
+    def _may_send(self, event: str, peer_id: str) -> bool:
+        if not self.running:
+            self.drops(event, peer_id, "not_started")
+            return False
+        if not self.knows(peer_id):
+            self.drops(event, peer_id, "unknown_peer")
+            return False
+        return True
 
 
 @dataclass

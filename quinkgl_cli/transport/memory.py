@@ -35,31 +35,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quinkgl_cli.errors import NetworkError
+from quinkgl_cli.events import emit
 from quinkgl_cli.transport.base import (
-    ControlValue,
     ModelReceived,
     OutgoingUpdate,
     PeerInfo,
-    Transport,
     TransportEvents,
     TransportStats,
 )
 from quinkgl_cli.transport.common import (
-    MAX_META_BYTES,
+    DEFAULT_MAX_MODEL_BYTES,
+    DEFAULT_MAX_PEERS,
     PROTOCOL_VERSION,
+    DropLog,
     OfferBook,
-    OnceLog,
-    check_kind,
+    RuledTransport,
     decode_body,
     digest,
-    encode_body,
 )
 
 log = logging.getLogger("quinkgl.transport")
 
-DEFAULT_MAX_MODEL_BYTES = 1024**3
-# The IPv8 transport's peer-table bound (IPv8Transport(max_peers=...)); a test keeps the two equal.
-DEFAULT_MAX_PEERS = 256
 
 
 @dataclass
@@ -142,8 +138,8 @@ class MemoryNetwork:
             action = self._queue.popleft()
             try:
                 action()
-            except Exception:  # one handler's bug must not stop every later delivery; lockstep callers see it raised
-                log.exception("memory-delivery-failed")
+            except Exception as exc:  # one handler's bug must not stop every later delivery; lockstep callers see it raised
+                emit(log, logging.ERROR, "memory-delivery-failed", exc_info=exc)
 
     # -- fault injection -----------------------------------------------------------------------------------
     def block(self, src: str, dst: str, both_ways: bool = False) -> None:
@@ -172,7 +168,7 @@ class MemoryNetwork:
         """Remove every block; peers below their ``seek`` are introduced to peers they can see again."""
         self._faults.blocked.clear()
         for t in list(self._transports.values()):
-            if t._started:
+            if t.running:
                 self._fill(t)
 
     def corrupt(self, src: str, dst: str, count: int = 1) -> None:
@@ -193,7 +189,7 @@ class MemoryNetwork:
 
     def _join(self, t: MemoryTransport) -> None:
         current = self._transports.get(t.node_id)
-        if current is not None and current is not t and current._started:
+        if current is not None and current is not t and current.running:
             raise NetworkError(f"node id {t.node_id!r} is already running on this memory network")
         self._transports[t.node_id] = t
         self._links[t.node_id] = set()
@@ -203,11 +199,11 @@ class MemoryNetwork:
         """Introduce ``t`` to random peers of its swarm with room, until it has ``t.seek`` (IPv8's walk)."""
         mine = self._links.setdefault(t.node_id, set())
         need = t.seek - len(mine)
-        if need <= 0 or not t._started:
+        if need <= 0 or not t.running:
             return
         candidates = [
             o for o in self._transports.values()
-            if o is not t and o._started and o.swarm_id == t.swarm_id and o.node_id not in mine
+            if o is not t and o.running and o.swarm_id == t.swarm_id and o.node_id not in mine
             and len(self._links.get(o.node_id, ())) < o.max_peers
             and self._link_ok(t.node_id, o.node_id) and self._link_ok(o.node_id, t.node_id)
         ]
@@ -227,7 +223,7 @@ class MemoryNetwork:
     def _leave(self, t: MemoryTransport) -> None:
         linked = self._links.pop(t.node_id, set())
         for other in self._transports.values():
-            if other is not t and other._started and (other.node_id in linked or t.node_id in other._peers):
+            if other is not t and other.running and (other.node_id in linked or t.node_id in other._peers):
                 self._links[other.node_id].discard(t.node_id)
                 self._enqueue(lambda o=other, gone=t.node_id: o._lose(gone))
 
@@ -243,7 +239,7 @@ class MemoryNetwork:
         return True
 
 
-class MemoryTransport(Transport):
+class MemoryTransport(RuledTransport):
     """One peer on a `MemoryNetwork`, with the same checks and events as the IPv8 transport."""
 
     def __init__(
@@ -276,10 +272,11 @@ class MemoryTransport(Transport):
         self._last_digest: tuple[bytes, bytes] | None = None
         self.stats = TransportStats()
         self._events: TransportEvents | None = None
-        self._started = False
+        self.running = False
         self._peers: dict[str, PeerInfo] = {}
         self._book = OfferBook()
-        self._once = OnceLog()
+        self.drops = DropLog(self.stats, node_id)
+        self._context = {"node": node_id}
 
     # -- Transport -----------------------------------------------------------------------------------------
     async def start(self, events: TransportEvents) -> None:
@@ -290,38 +287,26 @@ class MemoryTransport(Transport):
 
     def start_sync(self, events: TransportEvents) -> None:
         """`start` for a lockstep simulator that runs no event loop."""
-        if self._started:
+        if self.running:
             raise NetworkError(f"transport {self.node_id} is already started")
         self._events = events
-        self._started = True
+        self.running = True
         self.network._join(self)
-        log.debug("transport-started node=%s kind=memory swarm=%s", self.node_id, self.swarm_id)
+        emit(log, logging.DEBUG, "transport-started", context=self._context, kind="memory", swarm=self.swarm_id)
 
     def stop_sync(self) -> None:
-        if not self._started:
+        if not self.running:
             return
         self._halt()
-        log.debug("transport-stopped node=%s kind=memory", self.node_id)
+        emit(log, logging.DEBUG, "transport-stopped", context=self._context, kind="memory")
 
     def peers(self) -> list[PeerInfo]:
         return list(self._peers.values())
 
-    def send_model(self, peer_id: str, update: OutgoingUpdate) -> None:
-        if not self._started:
-            self._drop("send-failed", peer_id, "not_started")
-            return
-        if peer_id not in self._peers:
-            self._drop("send-failed", peer_id, "unknown_peer")
-            return
-        try:
-            encode_body(dict(update.meta), limit=MAX_META_BYTES, what="update meta")
-            if not update.encoding or len(update.encoding) > 64:
-                raise NetworkError("encoding name must have 1-64 characters")
-            if update.round < 0 or update.sample_count < 0:
-                raise NetworkError("round and sample count must not be negative")
-        except NetworkError as exc:
-            self._drop("send-failed", peer_id, "bad_update", detail=exc.message)
-            return
+    def knows(self, peer_id: str) -> bool:
+        return peer_id in self._peers
+
+    def _offer(self, peer_id: str, update: OutgoingUpdate, meta: bytes) -> None:
         payload = bytes(update.payload)
         # One model goes to several peers as the same object: hash it once, as the IPv8 transport does.
         if self._last_digest is None or self._last_digest[0] is not payload:
@@ -344,15 +329,7 @@ class MemoryTransport(Transport):
         if target is not None:
             self.network._enqueue(lambda: target._offer_from(self, offer))
 
-    def send_message(self, peer_id: str, kind: str, body: dict[str, ControlValue]) -> None:
-        check_kind(kind)
-        data = encode_body(dict(body))
-        if not self._started:
-            self._drop("message-failed", peer_id, "not_started")
-            return
-        if peer_id not in self._peers:
-            self._drop("message-failed", peer_id, "unknown_peer")
-            return
+    def _deliver(self, peer_id: str, kind: str, data: bytes) -> None:
         if not self.network._link_ok(self.node_id, peer_id):
             return
         target = self.network._transports.get(peer_id)
@@ -361,16 +338,16 @@ class MemoryTransport(Transport):
 
     # -- receiving -----------------------------------------------------------------------------------------
     def _hello_from(self, other: MemoryTransport) -> None:
-        if not self._started or not other._started:
+        if not self.running or not other.running:
             return
         if other.swarm_id != self.swarm_id:
             return  # another swarm's community: the two never see each other at all
         if other.protocol_version != self.protocol_version:
-            self._once("peer-refused", other.node_id, "protocol_mismatch", node=self.node_id, theirs=other.protocol_version)
+            self.drops.once("peer-refused", other.node_id, "protocol_mismatch", theirs=other.protocol_version)
             self.network._unlink(self.node_id, other.node_id)
             return
         if other.arch_hash != self.arch_hash:
-            self._once("peer-refused", other.node_id, "arch_mismatch", node=self.node_id, theirs=other.arch_hash)
+            self.drops.once("peer-refused", other.node_id, "arch_mismatch", theirs=other.arch_hash)
             self.network._unlink(self.node_id, other.node_id)
             return
         known = other.node_id in self._peers
@@ -378,7 +355,7 @@ class MemoryTransport(Transport):
         info = PeerInfo(other.node_id, other.public_key, None, now)
         self._peers[other.node_id] = info
         if not known and self._events is not None:
-            log.debug("peer-discovered node=%s peer=%s", self.node_id, other.node_id)
+            emit(log, logging.DEBUG, "peer-discovered", context=self._context, peer=other.node_id)
             self._events.on_peer_discovered(info)
 
     def _lose(self, peer_id: str) -> None:
@@ -386,10 +363,10 @@ class MemoryTransport(Transport):
         self._book.forget(peer_id)
         linked = peer_id in self.network._links.get(self.node_id, ())
         self.network._unlink(self.node_id, peer_id)
-        if info is not None and self._started and self._events is not None:
-            log.debug("peer-lost node=%s peer=%s", self.node_id, peer_id)
+        if info is not None and self.running and self._events is not None:
+            emit(log, logging.DEBUG, "peer-lost", context=self._context, peer=peer_id)
             self._events.on_peer_lost(info)
-        if (info is not None or linked) and self._started:
+        if (info is not None or linked) and self.running:
             self.network._fill(self)  # the walk goes on: a lost peer's slot goes to another peer with room
 
     def _touch(self, peer_id: str) -> None:
@@ -398,20 +375,20 @@ class MemoryTransport(Transport):
             self._peers[peer_id] = PeerInfo(info.node_id, info.public_key, info.address, self.network.clock())
 
     def _offer_from(self, sender: MemoryTransport, offer: _Offer) -> None:
-        if not self._started or offer.sender not in self._peers:
+        if not self.running or offer.sender not in self._peers:
             return
         self._touch(offer.sender)
         if offer.size > self.max_model_bytes:
-            self._drop("offer-refused", offer.sender, "oversized", size=offer.size, limit=self.max_model_bytes)
+            self.drops("offer-refused", offer.sender, "oversized", size=offer.size, limit=self.max_model_bytes)
             return
         key = offer.round.to_bytes(8, "big", signed=True) + offer.digest + offer.nonce.to_bytes(8, "big")
         verdict = self._book.verdict(offer.sender, offer.round, key)
         if verdict is not None:
-            log.debug("offer-ignored node=%s peer=%s reason=%s round=%d", self.node_id, offer.sender, verdict, offer.round)
+            emit(log, logging.DEBUG, "offer-ignored", context=self._context, peer=offer.sender, reason=verdict, offer_round=offer.round)
             return
         self._book.take(offer.sender, offer.round, key)
-        if not sender._started:
-            self._drop("fetch-failed", offer.sender, "sender_vanished")
+        if not sender.running:
+            self.drops("fetch-failed", offer.sender, "sender_vanished")
             return
         payload = offer.payload
         if self.network._take_corruption(offer.sender, self.node_id):
@@ -420,7 +397,7 @@ class MemoryTransport(Transport):
                 flipped[len(flipped) // 2] ^= 0xFF
             payload = bytes(flipped) + (b"" if flipped else b"\0")
         if len(payload) != offer.size or digest(payload) != offer.digest:
-            self._drop("fetch-failed", offer.sender, "digest_mismatch", round=offer.round)
+            self.drops("fetch-failed", offer.sender, "digest_mismatch", offer_round=offer.round)
             return
         sender.stats.bytes_sent += len(payload)
         sender.stats.models_sent += 1
@@ -439,19 +416,15 @@ class MemoryTransport(Transport):
             self._events.on_model(update)
 
     def _message_from(self, sender: str, kind: str, data: bytes) -> None:
-        if not self._started or sender not in self._peers:
+        if not self.running or sender not in self._peers:
             return
         self._touch(sender)
         if self._events is not None:
             self._events.on_message(sender, kind, decode_body(data))
 
-    def _drop(self, event: str, peer: str, reason: str, **fields: Any) -> None:
-        self.stats.dropped += 1
-        self._once(event, peer, reason, node=self.node_id, **fields)
-
     def _halt(self) -> None:
-        if not self._started:
+        if not self.running:
             return
-        self._started = False
+        self.running = False
         self.network._leave(self)
         self._peers.clear()

@@ -177,15 +177,17 @@ async def main(args: argparse.Namespace, audit: Audit | None) -> int:
         connect_timeout=args.connect_timeout,
     )
     tampered: dict[int, bytes] = {}
-    real_digest = transport._digest
+    from quinkgl_cli.transport.ipv8.outbox import DigestCache
 
-    async def digest_with_lies(payload: Any) -> bytes:
+    real_digest = DigestCache.digest
+
+    async def digest_with_lies(cache: DigestCache, payload: Any) -> bytes:
         # A malicious sender: offers the digest of the honest bytes, then serves other bytes.
         if id(payload) in tampered:
             return tampered[id(payload)]
-        return await real_digest(payload)
+        return await real_digest(cache, payload)
 
-    transport._digest = digest_with_lies  # type: ignore[method-assign]
+    DigestCache.digest = digest_with_lies  # type: ignore[method-assign]
     await transport.start(Events())
     _emit({"event": "ready", "node": args.node_id, "address": list(transport.address), "tcp_port": transport.tcp_port, "key": transport.public_key})
     commands: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()

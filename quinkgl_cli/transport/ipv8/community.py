@@ -1,7 +1,9 @@
-"""One IPv8 community per swarm: discovery through introductions, our signed messages routed to the transport.
+"""One IPv8 community per swarm: discovery through introductions, our signed messages decoded and handed on.
 
-The community id is a class attribute in pyipv8 (a constructor argument is silently ignored), so each swarm
-gets its own subclass carrying an id derived from the swarm id; `community_class` checks it took.
+Owns packet dispatch only: each verified message goes to the `CommunityHandlers` it was given, and nothing here
+knows the transport. The community id is a class attribute in pyipv8 (a constructor argument is silently
+ignored), so each swarm gets its own subclass carrying an id derived from the swarm id; `community_class` checks
+it took.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import hashlib
 import logging
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ipv8.community import Community, CommunitySettings
 from ipv8.lazy_community import PacketDecodingError
@@ -26,9 +28,6 @@ from quinkgl_cli.transport.ipv8.payloads import (
     OfferPayload,
 )
 
-if TYPE_CHECKING:
-    from quinkgl_cli.transport.ipv8.transport import IPv8Transport
-
 LOGGER_NAME = "quinkgl.transport.ipv8"
 COMMUNITY_TAG = b"quinkgl-swarm/1\0"
 
@@ -38,8 +37,31 @@ def community_id_for(swarm_id: str) -> bytes:
     return hashlib.sha1(COMMUNITY_TAG + swarm_id.encode("utf-8"), usedforsecurity=False).digest()
 
 
+class CommunityHandlers(Protocol):
+    """What the community does with what it hears. ``key`` is the signer's public key (checked), ``source`` the
+    datagram's address."""
+
+    def on_contact(self, peer: Any) -> None:
+        """IPv8 introduced us to ``peer`` (or it to us): greet it."""
+
+    def on_bad_packet(self, source: tuple[str, int], reason: str, **fields: Any) -> None: ...
+
+    def on_other_protocol(self, key: bytes, source: tuple[str, int], head: HelloHead) -> None: ...
+
+    def on_hello(self, key: bytes, source: tuple[str, int], payload: HelloPayload) -> None: ...
+
+    def on_offer(self, key: bytes, source: tuple[str, int], payload: OfferPayload) -> None: ...
+
+    def on_control(self, key: bytes, source: tuple[str, int], payload: ControlPayload) -> None: ...
+
+    def on_bye(self, key: bytes, source: tuple[str, int], payload: ByePayload) -> None: ...
+
+    def on_decline(self, key: bytes, source: tuple[str, int], payload: DeclinePayload) -> None: ...
+
+
 class SwarmSettings(CommunitySettings):
-    owner: Any = None
+    handlers: CommunityHandlers
+    protocol_version: int
     lan_discovery: bool = False
     bound: tuple[str, int] = ("127.0.0.1", 0)
 
@@ -50,7 +72,8 @@ class SwarmCommunity(Community):
     def __init__(self, settings: SwarmSettings) -> None:
         self._lan_discovery = settings.lan_discovery
         self._bound = settings.bound
-        self.owner: IPv8Transport = settings.owner
+        self.handlers: CommunityHandlers = settings.handlers
+        self._protocol_version = settings.protocol_version
         super().__init__(settings)
         quiet = logging.getLogger(LOGGER_NAME)
         self.logger = quiet
@@ -96,10 +119,10 @@ class SwarmCommunity(Community):
         self.introduction_request_callback(peer, dist, payload)
 
     def introduction_request_callback(self, peer, dist, payload) -> None:  # type: ignore[no-untyped-def]
-        self.owner._on_contact(peer)
+        self.handlers.on_contact(peer)
 
     def introduction_response_callback(self, peer, dist, payload) -> None:  # type: ignore[no-untyped-def]
-        self.owner._on_contact(peer)
+        self.handlers.on_contact(peer)
 
     # -- packets -------------------------------------------------------------------------------------------------
     def on_packet(self, packet: tuple[Any, bytes], warn_unknown: bool = True) -> None:
@@ -112,41 +135,41 @@ class SwarmCommunity(Community):
             return
         handler = self.decode_map[data[22]]
         if handler is None:
-            self.owner._bad_packet(source, "unknown_message")
+            self.handlers.on_bad_packet(_addr(source), "unknown_message")
             return
         try:
             result = handler(source, data)
             if result is not None and hasattr(result, "close"):
                 result.close()  # no handler of ours is a coroutine; refuse to leave one un-awaited
         except PacketDecodingError as exc:
-            self.owner._bad_packet(source, "bad_signature" if "signature" in str(exc) else "malformed")
+            self.handlers.on_bad_packet(_addr(source), "bad_signature" if "signature" in str(exc) else "malformed")
         except Exception:  # a malformed datagram raises whatever the unpacker trips on
-            self.owner._bad_packet(source, "malformed", detail=type(sys.exc_info()[1]).__name__)
+            self.handlers.on_bad_packet(_addr(source), "malformed", detail=type(sys.exc_info()[1]).__name__)
 
     def _on_hello(self, source: Any, data: bytes) -> None:
         key, body = self._verified(data)
         head, _ = self.serializer.unpack_serializable(HelloHead, body, offset=23)
-        if head.protocol != self.owner.protocol_version:
-            self.owner._on_other_protocol(key, _addr(source), head)
+        if head.protocol != self._protocol_version:
+            self.handlers.on_other_protocol(key, _addr(source), head)
             return
         payload, _ = self.serializer.unpack_serializable(HelloPayload, body, offset=23)
-        self.owner._on_hello(key, _addr(source), payload)
+        self.handlers.on_hello(key, _addr(source), payload)
 
     def _on_offer(self, source: Any, data: bytes) -> None:
         key, payload = self._unpack_signed(OfferPayload, data)
-        self.owner._on_offer(key, _addr(source), payload)
+        self.handlers.on_offer(key, _addr(source), payload)
 
     def _on_control(self, source: Any, data: bytes) -> None:
         key, payload = self._unpack_signed(ControlPayload, data)
-        self.owner._on_control(key, _addr(source), payload)
+        self.handlers.on_control(key, _addr(source), payload)
 
     def _on_bye(self, source: Any, data: bytes) -> None:
         key, payload = self._unpack_signed(ByePayload, data)
-        self.owner._on_bye(key, _addr(source), payload)
+        self.handlers.on_bye(key, _addr(source), payload)
 
     def _on_decline(self, source: Any, data: bytes) -> None:
         key, payload = self._unpack_signed(DeclinePayload, data)
-        self.owner._on_decline(key, _addr(source), payload)
+        self.handlers.on_decline(key, _addr(source), payload)
 
     def _unpack_signed(self, cls: Any, data: bytes) -> tuple[bytes, Any]:
         key, body = self._verified(data)

@@ -1,0 +1,103 @@
+"""The community's handlers: which part of the transport deals with each kind of datagram.
+
+Owns only the routing and the moment it starts and stops: before the parts are attached, and after the transport
+stops, everything heard is ignored. Control messages are small enough to be handled here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from quinkgl_cli.errors import NetworkError
+from quinkgl_cli.transport.common import DropLog, check_kind, decode_body
+from quinkgl_cli.transport.ipv8.fetcher import Fetcher
+from quinkgl_cli.transport.ipv8.membership import Membership
+from quinkgl_cli.transport.ipv8.outbox import Outbox
+from quinkgl_cli.transport.ipv8.payloads import (
+    ByePayload,
+    ControlPayload,
+    DeclinePayload,
+    HelloHead,
+    HelloPayload,
+    OfferPayload,
+)
+from quinkgl_cli.transport.ipv8.runtime import NodeEvents
+
+
+@dataclass
+class Routes:
+    membership: Membership
+    outbox: Outbox
+    fetcher: Fetcher
+    events: NodeEvents
+
+
+class Dispatch:
+    """Implements `community.CommunityHandlers`."""
+
+    def __init__(self, swarm_id: str, node_id: str, drops: DropLog) -> None:
+        self._swarm_id = swarm_id
+        self._node_id = node_id
+        self._drops = drops
+        self._routes: Routes | None = None
+
+    def attach(self, routes: Routes | None) -> None:
+        """Start routing to ``routes``; None stops (the transport is stopping)."""
+        self._routes = routes
+
+    def on_foreign(self, source: Any, data: bytes) -> None:
+        # b"\0\2" starts every IPv8 community packet: this one belongs to another swarm (or another IPv8 app).
+        self.on_bad_packet((str(source[0]), int(source[1])), "other_swarm" if data[:2] == b"\x00\x02" else "not_ipv8")
+
+    def on_bad_packet(self, source: tuple[str, int], reason: str, **fields: Any) -> None:
+        self._drops("packet-refused", f"{source[0]}:{source[1]}", reason, **fields)
+
+    def on_contact(self, peer: Any) -> None:
+        if self._routes is not None:
+            self._routes.membership.on_contact(peer)
+
+    def on_other_protocol(self, key: bytes, source: tuple[str, int], head: HelloHead) -> None:
+        if self._routes is not None:
+            self._routes.membership.on_other_protocol(source, head)
+
+    def on_hello(self, key: bytes, source: tuple[str, int], payload: HelloPayload) -> None:
+        if self._routes is not None:
+            self._routes.membership.on_hello(key, source, payload)
+
+    def on_bye(self, key: bytes, source: tuple[str, int], payload: ByePayload) -> None:
+        if self._routes is not None:
+            self._routes.membership.on_bye(key, source, payload)
+
+    def on_offer(self, key: bytes, source: tuple[str, int], payload: OfferPayload) -> None:
+        if self._routes is None:
+            return
+        rec = self._routes.membership.fresh(key, source, payload.session, payload.counter, "offer-refused")
+        if rec is not None:
+            self._routes.fetcher.on_offer(rec, payload)
+
+    def on_decline(self, key: bytes, source: tuple[str, int], payload: DeclinePayload) -> None:
+        r = self._routes
+        if r is None or r.membership.table.node_of(key) is None:
+            return  # we offered nothing to a peer we do not know
+        rec = r.membership.fresh(key, source, payload.session, payload.counter, "decline-refused")
+        if rec is not None and payload.swarm_id == self._swarm_id:
+            r.outbox.on_decline(rec, payload.offer_id, payload.reason)
+
+    def on_control(self, key: bytes, source: tuple[str, int], p: ControlPayload) -> None:
+        r = self._routes
+        if r is None:
+            return
+        rec = r.membership.fresh(key, source, p.session, p.counter, "message-refused")
+        if rec is None:
+            return
+        if p.swarm_id != self._swarm_id or p.recipient != self._node_id:
+            self._drops("message-refused", rec.node_id, "wrong_recipient")
+            return
+        try:
+            check_kind(p.kind)
+            body = decode_body(p.body)
+        except (NetworkError, ValueError, UnicodeDecodeError):
+            self._drops("message-refused", rec.node_id, "bad_body")
+            return
+        r.events.message(rec.node_id, p.kind, body)

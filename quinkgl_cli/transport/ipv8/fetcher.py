@@ -1,0 +1,161 @@
+"""Fetching the updates peers offer us: checks on the signed offer, the fetch slots, the TCP download, the digest.
+
+Owns which offers were already taken (`OfferBook`) and the slots that bound concurrent downloads. A model reaches
+the node only when its bytes match the size and sha256 of the offer its sender signed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ipv8.keyvault.crypto import default_eccrypto
+
+from quinkgl_cli.events import emit
+from quinkgl_cli.transport.base import ModelReceived, TransportStats
+from quinkgl_cli.transport.common import MAX_ENCODING, MAX_META_BYTES, DropLog, OfferBook, decode_body, digest
+from quinkgl_cli.transport.ipv8 import stream
+from quinkgl_cli.transport.ipv8.courier import Courier
+from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
+from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD
+from quinkgl_cli.transport.ipv8.payloads import DeclinePayload, OfferPayload
+from quinkgl_cli.transport.ipv8.peers import PeerRecord
+from quinkgl_cli.transport.ipv8.runtime import NodeEvents, TaskRegistry
+from quinkgl_cli.transport.ipv8.server import close_socket
+from quinkgl_cli.transport.ipv8.settings import TransportSettings
+
+log = logging.getLogger("quinkgl.transport")
+
+
+class Fetcher:
+    def __init__(
+        self,
+        settings: TransportSettings,
+        key: Any,
+        community_id: bytes,
+        courier: Courier,
+        guard: DestinationGuard,
+        pool: ThreadPoolExecutor,
+        tasks: TaskRegistry,
+        events: NodeEvents,
+        drops: DropLog,
+        stats: TransportStats,
+    ) -> None:
+        self.settings = settings
+        self.key = key
+        self.my_mid = hashlib.sha1(key.pub().key_to_bin()).digest()
+        self.community_id = community_id
+        self.courier = courier
+        self.guard = guard
+        self.pool = pool
+        self.tasks = tasks
+        self.events = events
+        self.drops = drops
+        self.stats = stats
+        self.book = OfferBook()
+        self.slots = asyncio.Semaphore(settings.max_concurrent_fetches)
+        self.active = True  # False once the transport stops: a fetch that finishes late delivers nothing
+
+    def on_offer(self, rec: PeerRecord, p: OfferPayload) -> None:
+        """A signed offer from a known peer (its freshness already checked): fetch it, or say why not."""
+        s = self.settings
+        if p.swarm_id != s.swarm_id or p.sender != rec.node_id:
+            self.drops("offer-refused", rec.node_id, "wrong_sender")
+            return
+        if p.recipient != s.node_id or p.recipient_mid != self.my_mid:
+            self.drops("offer-refused", rec.node_id, "wrong_recipient")
+            return
+        if p.size > s.max_model_bytes:
+            self.drops("offer-refused", rec.node_id, "oversized", size=p.size, limit=s.max_model_bytes)
+            self.decline(rec, p.offer_id, "oversized")
+            return
+        try:
+            meta = decode_body(p.meta, limit=MAX_META_BYTES)
+            if not p.encoding or len(p.encoding) > MAX_ENCODING:
+                raise ValueError("bad encoding name")
+        except (ValueError, UnicodeDecodeError):
+            self.drops("offer-refused", rec.node_id, "bad_meta")
+            self.decline(rec, p.offer_id, "bad_meta")
+            return
+        verdict = self.book.verdict(rec.node_id, p.round, p.offer_id)
+        if verdict is not None:
+            emit(log, logging.DEBUG, "offer-ignored", context={"node": s.node_id}, peer=rec.node_id, reason=verdict,
+                 offer_round=p.round)
+            if verdict == "out_of_date":
+                self.decline(rec, p.offer_id, verdict)
+            return
+        self.book.take(rec.node_id, p.round, p.offer_id)
+        self.tasks.spawn(self.fetch(rec, p, meta), f"fetch-{rec.node_id}")
+
+    def decline(self, rec: PeerRecord, offer_id: bytes, reason: str) -> None:
+        """Tell a sender we will not fetch its offer, so it frees the offer at once."""
+        self.courier.send(rec.address, DeclinePayload(self.settings.swarm_id, *self.courier.stamp(), offer_id, reason))
+
+    async def fetch(self, rec: PeerRecord, p: OfferPayload, meta: dict[str, Any]) -> None:
+        host = rec.address[0]
+        if not self.guard.allows(host):
+            self.guard.refuse(host, "tcp")
+            return
+        async with self.slots:
+            got = await self._download(rec, p)
+        if got is None:
+            return
+        buf, got_digest = got
+        if got_digest != p.digest:
+            self.drops("fetch-failed", rec.node_id, "digest_mismatch", offer_round=p.round)
+            return
+        if not self.active:
+            return
+        self.stats.models_received += 1
+        self.stats.bytes_received += len(buf)
+        rec.last_seen = time.monotonic()
+        self.events.model(ModelReceived(sender=rec.node_id, round=p.round, payload=buf, sample_count=p.sample_count,
+                                        encoding=p.encoding, meta=meta, received_at=time.monotonic()))
+
+    async def _download(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | None:
+        """The offered bytes and their sha256, or None with the failure reported."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        # An overall budget besides the idle timeouts: a sender that trickles bytes must not hold a slot forever.
+        # (loop.time() is time.monotonic(), the clock receive_blob reads.)
+        started = loop.time()
+        deadline = started + s.connect_timeout + s.fetch_timeout + p.size / s.limits.min_rate
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            async with asyncio.timeout_at(deadline):
+                stream.tune(sock)
+                await asyncio.wait_for(loop.sock_connect(sock, (rec.address[0], p.tcp_port)), s.connect_timeout)
+                challenge = await stream.recv_exact(loop, sock, stream.CHALLENGE.size, s.connect_timeout)
+                magic, version, nonce = stream.CHALLENGE.unpack(challenge)
+                if magic != stream.CHALLENGE_MAGIC or version != stream.PROTOCOL:
+                    raise stream.FetchError("malformed_challenge")
+                statement = stream.fetch_statement(self.community_id, p.offer_id, nonce, rec.key_bin)
+                signature = default_eccrypto.create_signature(self.key, statement)
+                await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, p.offer_id, len(signature)) + signature)
+                status, size = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, s.fetch_timeout))
+                if status != stream.OK:
+                    raise stream.FetchError(f"refused_{stream.STATUS_REASONS.get(status, 'unknown')}")
+                if size != p.size:
+                    raise stream.FetchError("size_mismatch", f"offered {p.size}, sent {size}")
+                if size > HASH_IN_THREAD:
+                    return await loop.run_in_executor(self.pool, stream.receive_blob, sock, size, s.fetch_timeout, deadline)
+                buf = bytearray(size)
+                await stream.recv_into(loop, sock, memoryview(buf), s.fetch_timeout)
+                return buf, digest(buf)
+        except stream.FetchError as exc:
+            reason = "sender_vanished" if exc.reason == "truncated" else exc.reason
+            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round)
+        except TimeoutError:
+            reason = "too_slow" if loop.time() >= deadline else "timeout"
+            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, budget_s=round(deadline - started, 1))
+        except OSError as exc:
+            reason = "connection_refused" if isinstance(exc, ConnectionRefusedError) else "sender_vanished"
+            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round)
+        finally:
+            close_socket(sock)
+        return None

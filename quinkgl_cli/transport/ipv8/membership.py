@@ -1,0 +1,234 @@
+"""Who is in the swarm, as this node sees it: hellos and goodbyes, discovery walks and heartbeats, silence.
+
+Owns the peer table's admission and loss decisions, the seeds to walk to and the replay checks every signed message passes (`fresh`).
+Other parts ask it for the sender of a message; only it adds peers to the table or removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ipv8.keyvault.crypto import default_eccrypto
+from ipv8.peerdiscovery.discovery import RandomWalk
+
+from quinkgl_cli.errors import NetworkError
+from quinkgl_cli.events import emit
+from quinkgl_cli.transport.common import DropLog
+from quinkgl_cli.transport.ipv8.community import SwarmCommunity
+from quinkgl_cli.transport.ipv8.courier import Courier
+from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
+from quinkgl_cli.transport.ipv8.payloads import ByePayload, HelloHead, HelloPayload
+from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable
+from quinkgl_cli.transport.ipv8.replay import ReplayGuard
+from quinkgl_cli.transport.ipv8.runtime import NodeEvents
+from quinkgl_cli.transport.ipv8.settings import TransportSettings, label, valid_node_id
+
+log = logging.getLogger("quinkgl.transport")
+
+
+class Membership:
+    def __init__(
+        self,
+        settings: TransportSettings,
+        table: PeerTable,
+        courier: Courier,
+        community: SwarmCommunity,
+        events: NodeEvents,
+        drops: DropLog,
+        tcp_port: int,
+        seeds: list[tuple[str, int]],
+        on_lost: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.table = table
+        self.courier = courier
+        self.community = community
+        self.events = events
+        self.drops = drops
+        self.tcp_port = tcp_port
+        self.seeds = seeds
+        self.on_lost = on_lost
+        self.replay = ReplayGuard()
+        self.walker = RandomWalk(community, timeout=3.0, window_size=5, reset_chance=30)
+        self._seed_walked: dict[tuple[str, int], float] = {}
+        self.active = True  # False once the transport stops: nothing more is reported to the node
+
+    # -- periodic work -----------------------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Walk towards seeds not yet met, step the random walk, greet new contacts, heartbeat, lose the silent."""
+        s = self.settings
+        known = self.table.addresses()
+        for seed in self.seeds:
+            if seed not in known and now - self._seed_walked.get(seed, 0.0) >= max(1.0, s.walk_interval):
+                self._seed_walked[seed] = now
+                self.community.walk_to(seed)
+        if self.community.bootstrappers and not self.community.get_peers():
+            self.community.bootstrap()
+        self.walker.take_step()
+        for peer in self.community.get_peers():
+            key = peer.public_key.key_to_bin()
+            if self.table.node_of(key) is None:
+                self.hello(key, _addr(peer.address), want_reply=True, min_gap=2.0)
+        for rec in self.table:
+            if now - rec.last_seen > s.silence_timeout:
+                self.lose(rec.node_id, "silence")
+            elif now - self.table.hello_sent(rec.key_bin) >= s.heartbeat_interval:
+                self.hello(rec.key_bin, rec.address, want_reply=False, min_gap=0.0)
+
+    def hello(self, key: bytes, address: tuple[str, int], want_reply: bool, min_gap: float) -> None:
+        now = time.monotonic()
+        if now - self.table.hello_sent(key) < min_gap:
+            return
+        self.table.mark_hello(key, now)
+        s = self.settings
+        self.courier.send(address, HelloPayload(s.swarm_id, s.node_id, s.arch_hash, s.protocol_version, *self.courier.stamp(),
+                                                self.tcp_port, want_reply))
+
+    def say_goodbye(self) -> None:
+        for rec in self.table:
+            self.courier.send(rec.address, ByePayload(self.settings.swarm_id, *self.courier.stamp(), self.settings.node_id))
+
+    # -- incoming ----------------------------------------------------------------------------------------------
+    def on_contact(self, peer: Any) -> None:
+        key = peer.public_key.key_to_bin()
+        if self.table.node_of(key) is None:
+            self.hello(key, _addr(peer.address), want_reply=True, min_gap=1.0)
+
+    def on_other_protocol(self, source: tuple[str, int], head: HelloHead) -> None:
+        self.drops("peer-refused", label(head.node_id, source), "protocol_mismatch", theirs=head.protocol,
+                   ours=self.settings.protocol_version)
+
+    def on_hello(self, key: bytes, source: tuple[str, int], p: HelloPayload) -> None:
+        s = self.settings
+        node_id = p.node_id
+        who = label(node_id, source)
+        if not valid_node_id(node_id):
+            self.drops("peer-refused", who, "bad_node_id")
+            return
+        if p.swarm_id != s.swarm_id:
+            self.drops("peer-refused", who, "swarm_mismatch", theirs=p.swarm_id[:80])
+            return
+        if p.arch_hash != s.arch_hash:
+            self.drops("peer-refused", who, "arch_mismatch", theirs=p.arch_hash[:80], ours=s.arch_hash)
+            return
+        if node_id == s.node_id:
+            self.drops("peer-refused", who, "node_id_taken", detail="same as ours")
+            return
+        holder = self.table.get(node_id)
+        if holder is None and self.table.full():
+            self.drops("peer-refused", who, "peer_limit", limit=self.table.capacity)
+            return
+        if holder is not None and holder.key_bin != key:
+            self.drops("peer-refused", who, "node_id_taken", holder=holder.key_bin.hex()[-16:])
+            return
+        if not self._admit(key, p.session, p.counter, "peer-refused", who, source):
+            return  # a captured hello sent again: it must not move the peer's address or restart it
+        previous = self.table.node_of(key)
+        if previous is not None and previous != node_id:
+            self.lose(previous, "renamed")
+        if holder is not None and holder.session != p.session:
+            self.lose(node_id, "restarted")
+            holder = None
+        now = time.monotonic()
+        if holder is None:
+            rec = PeerRecord(node_id, key, hashlib.sha1(key).digest(), source, p.tcp_port, now, p.session,
+                             default_eccrypto.key_from_public_bin(key))
+            self.table.add(rec)
+            emit(log, logging.DEBUG, "peer-discovered", context={"node": s.node_id}, peer=node_id,
+                 address=f"{source[0]}:{source[1]}", key=key.hex()[-16:])
+            self.events.peer_discovered(rec.info())
+        else:
+            holder.address = source
+            holder.tcp_port = p.tcp_port
+            holder.last_seen = now
+        if p.want_reply or holder is None:  # first sight: tell the peer our session before it sends us anything
+            self.hello(key, source, want_reply=False, min_gap=0.0)
+
+    def on_bye(self, key: bytes, source: tuple[str, int], p: ByePayload) -> None:
+        if self.table.node_of(key) is None:
+            return  # a goodbye from a peer already lost (or never met): nothing to do, nothing to report
+        rec = self.fresh(key, source, p.session, p.counter, "bye-refused")
+        if rec is not None and p.node_id == rec.node_id and p.swarm_id == self.settings.swarm_id:
+            self.lose(rec.node_id, "bye")
+
+    def fresh(self, key: bytes, source: tuple[str, int], session: int, counter: int, event: str) -> PeerRecord | None:
+        """The known peer that signed a message of its current session never seen before, its silence timer reset;
+        else None, with the message dropped and the reason logged once."""
+        rec = self.table.by_key(key)
+        if rec is None:
+            self.drops(event, f"{source[0]}:{source[1]}", "unknown_sender")
+            return None
+        if not self._admit(key, session, counter, event, rec.node_id, source):
+            return None
+        if session != rec.session:  # it restarted and its hello is still on the way: its new run is not known yet
+            self.drops(event, rec.node_id, "session_mismatch")
+            return None
+        rec.last_seen = time.monotonic()
+        return rec
+
+    def _admit(self, key: bytes, session: int, counter: int, event: str, who: str, source: tuple[str, int]) -> bool:
+        if self.replay.admit(key, session, counter):
+            return True
+        self.drops(event, who, "replay", source=f"{source[0]}:{source[1]}")
+        return False
+
+    def lose(self, node_id: str, reason: str) -> None:
+        rec = self.table.remove(node_id)
+        if rec is None:
+            return
+        self.on_lost(node_id)
+        known = self.community.network.get_verified_by_public_key_bin(rec.key_bin)
+        if known is not None:
+            self.community.network.remove_peer(known)
+        # The node logs peer-lost at INFO for the operator; this line adds why, for whoever debugs the transport.
+        emit(log, logging.DEBUG, "peer-lost", context={"node": self.settings.node_id}, peer=node_id, reason=reason)
+        if self.active:
+            self.events.peer_lost(rec.info())
+
+
+def _addr(address: Any) -> tuple[str, int]:
+    return str(address[0]), int(address[1])
+
+
+def add_bootstrappers(community: SwarmCommunity, settings: TransportSettings) -> None:
+    """IPv8's own discovery, only when asked for: public bootstrap servers, LAN broadcast."""
+    if settings.enable_public_bootstrap:
+        from ipv8.bootstrapping.dispersy.bootstrapper import DispersyBootstrapper
+        from ipv8.configuration import DISPERSY_BOOTSTRAPPER
+
+        community.bootstrappers.append(DispersyBootstrapper(**DISPERSY_BOOTSTRAPPER["init"]))
+    if settings.enable_lan_discovery:
+        from ipv8.bootstrapping.udpbroadcast.bootstrapper import UDPBroadcastBootstrapper
+
+        community.bootstrappers.append(UDPBroadcastBootstrapper())
+
+
+async def resolve_seeds(settings: TransportSettings, guard: DestinationGuard, udp_port: int) -> list[tuple[str, int]]:
+    """The bootstrap peers as addresses (names resolved once, at start), without our own."""
+    loop = asyncio.get_running_loop()
+    out: list[tuple[str, int]] = []
+    for host, port in settings.bootstrap:
+        try:
+            ipaddress.ip_address(host)
+            out.append((host, port))
+            continue
+        except ValueError:
+            pass  # a name: resolved below
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM), 5.0)
+        except (OSError, TimeoutError) as exc:
+            raise NetworkError(f"cannot resolve bootstrap peer {host}:{port}: {exc}", "check the name or give an IP address") from exc
+        for info in infos[:1]:
+            resolved = str(info[4][0]), int(info[4][1])
+            if not guard.allows(resolved[0]):
+                raise NetworkError(f"bootstrap peer {host} resolves to {resolved[0]}, not allowed from {settings.listen_host}")
+            out.append(resolved)
+    own = (settings.listen_host, udp_port)
+    return [s for s in out if s != own]

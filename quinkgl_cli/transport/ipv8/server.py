@@ -1,0 +1,165 @@
+"""Serving our offers over TCP: the listening socket, the accept loop, and the slots that bound concurrent sends.
+
+Owns the listening socket and the serve slots. A connection gets the offer's bytes only after it signs our fresh
+challenge with the key of the peer the offer was made to (see `stream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ipv8.keyvault.crypto import default_eccrypto
+
+from quinkgl_cli.errors import NetworkError
+from quinkgl_cli.events import emit
+from quinkgl_cli.transport.base import TransportStats
+from quinkgl_cli.transport.common import DropLog
+from quinkgl_cli.transport.ipv8 import stream
+from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
+from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD, Outbox, Outgoing
+from quinkgl_cli.transport.ipv8.runtime import TaskRegistry
+from quinkgl_cli.transport.ipv8.settings import TransportSettings
+
+log = logging.getLogger("quinkgl.transport")
+
+
+def listen_tcp(host: str, udp_port: int, requested_port: int) -> socket.socket:
+    """TCP on the UDP port number when one was asked for (one --port to open in a firewall), else any free one."""
+    candidates = [udp_port] if requested_port else [udp_port, 0]
+    last: OSError | None = None
+    for tcp_port in candidates:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, tcp_port))
+            sock.listen(64)
+            sock.setblocking(False)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise NetworkError(
+        f"cannot bind TCP {host}:{udp_port}: {last.strerror if last else 'unknown error'}",
+        "choose another --port",
+    )
+
+
+def close_socket(sock: socket.socket) -> None:
+    """Shut down first: a worker thread blocked in send or recv on this socket wakes up instead of lingering."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # never connected, or the other side is gone already: closing is all that is left to do
+    sock.close()
+
+
+class FetchServer:
+    def __init__(
+        self,
+        settings: TransportSettings,
+        lsock: socket.socket,
+        outbox: Outbox,
+        key: Any,
+        community_id: bytes,
+        guard: DestinationGuard,
+        pool: ThreadPoolExecutor,
+        tasks: TaskRegistry,
+        drops: DropLog,
+        stats: TransportStats,
+    ) -> None:
+        self.settings = settings
+        self.lsock = lsock
+        self.outbox = outbox
+        self.key = key
+        self.community_id = community_id
+        self.guard = guard
+        self.pool = pool
+        self.tasks = tasks
+        self.drops = drops
+        self.stats = stats
+        self.slots = asyncio.Semaphore(settings.limits.serve_slots)
+        self.open = True
+
+    @property
+    def port(self) -> int:
+        return int(self.lsock.getsockname()[1])
+
+    def close(self) -> None:
+        self.open = False
+        self.lsock.close()
+
+    async def accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.open:
+            try:
+                conn, addr = await loop.sock_accept(self.lsock)
+            except OSError as exc:
+                if not self.open:
+                    return
+                emit(log, logging.WARNING, "accept-failed", context={"node": self.settings.node_id}, error=exc.strerror or str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            if not self.guard.allows(addr[0]) or self.slots.locked():
+                conn.close()
+                self.drops.once("fetch-refused", str(addr[0]), "not_allowed" if not self.guard.allows(addr[0]) else "busy")
+                continue
+            self.tasks.spawn(self.serve(conn, (str(addr[0]), int(addr[1]))), "serve")
+
+    async def serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        out: Outgoing | None = None
+        who = addr[0]  # the source port of a TCP connection is random: it names nobody
+        timeout = self.settings.connect_timeout
+        async with self.slots:
+            try:
+                stream.tune(conn)
+                nonce = stream.new_nonce()
+                my_key = self.key.pub().key_to_bin()
+                async with asyncio.timeout(timeout):  # the whole request, however slowly it trickles in
+                    await loop.sock_sendall(conn, stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, nonce))
+                    head = await stream.recv_exact(loop, conn, stream.REQUEST_HEAD.size, timeout)
+                    magic, offer_id, sig_len = stream.REQUEST_HEAD.unpack(head)
+                    if magic != stream.REQUEST_MAGIC or not 0 < sig_len <= stream.MAX_SIGNATURE:
+                        raise stream.FetchError("malformed_request")
+                    signature = await stream.recv_exact(loop, conn, sig_len, timeout)
+                out = self.outbox.offers.get(offer_id)
+                if out is None:
+                    await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.UNKNOWN_OFFER, 0))
+                    raise stream.FetchError("unknown_offer")
+                who = out.recipient
+                statement = stream.fetch_statement(self.community_id, offer_id, nonce, my_key)
+                if not default_eccrypto.is_valid_signature(out.recipient_key, statement, signature):
+                    await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.NOT_RECIPIENT, 0))
+                    who = addr[0]
+                    out = None
+                    raise stream.FetchError("not_recipient")
+                if out.serving:
+                    await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.BUSY, 0))
+                    out = None
+                    raise stream.FetchError("already_fetching")
+                out.serving = True
+                await self._send(loop, conn, out)
+                self.stats.models_sent += 1
+                self.stats.bytes_sent += out.size
+                self.outbox.offers.pop(offer_id, None)
+            except stream.FetchError as exc:
+                self.drops("fetch-refused", who, exc.reason)
+            except (TimeoutError, OSError) as exc:
+                self.drops("serve-failed", who, "timeout" if isinstance(exc, TimeoutError) else "recipient_vanished")
+                if out is not None:
+                    self.outbox.offers.pop(out.offer_id, None)
+            finally:
+                close_socket(conn)
+
+    async def _send(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Outgoing) -> None:
+        budget = self.settings.fetch_timeout + out.size / self.settings.limits.min_rate
+        header = stream.RESPONSE.pack(stream.OK, out.size)
+        if out.size > HASH_IN_THREAD:
+            await loop.run_in_executor(self.pool, stream.send_blob, conn, header, out.payload, budget)
+        else:
+            async with asyncio.timeout(budget):
+                await loop.sock_sendall(conn, header + bytes(out.payload))
