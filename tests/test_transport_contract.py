@@ -266,16 +266,20 @@ def test_other_swarm_never_meets_or_delivers(kind, tmp_path):
     run_cluster(kind, tmp_path, body)
 
 
-def test_stopped_peer_is_reported_lost(kind, tmp_path):
+def test_stopped_peer_is_reported_lost(kind, tmp_path, caplog):
     async def body(c: Cluster):
         a, ra = await c.add("a")
         b, rb = await c.add("b")
         await c.meet(["a", "b"])
-        await b.stop()
-        await wait_until(lambda: ra.lost == ["b"], what="peer lost")
+        with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
+            await b.stop()
+            await wait_until(lambda: ra.lost == ["b"], what="peer lost")
         assert a.peers() == []
         a.send_model("b", _upd())
         assert a.stats.dropped == 1
+        # The node reports the loss to the operator (INFO); the transport's own line is for debugging only.
+        lost = [r for r in caplog.records if r.getMessage().startswith("peer-lost ") and getattr(r, "node", None) == "a"]
+        assert lost and all(r.levelno == logging.DEBUG for r in lost)
 
     run_cluster(kind, tmp_path, body)
 

@@ -25,6 +25,7 @@ discovery traffic grow with ``peers * max_peers``, not ``peers ** 2``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import random
@@ -161,8 +162,8 @@ class MemoryNetwork:
                 self.block(x, y, both_ways=True)
                 tx, ty = self._transports.get(x), self._transports.get(y)
                 if tx and ty:
-                    self._enqueue(lambda tx=tx, y=y: tx._lose(y))
-                    self._enqueue(lambda ty=ty, x=x: ty._lose(x))
+                    self._enqueue(functools.partial(tx._lose, y))
+                    self._enqueue(functools.partial(ty._lose, x))
 
     def heal(self) -> None:
         """Remove every block; peers below their ``seek`` are introduced to peers they can see again."""
@@ -213,8 +214,8 @@ class MemoryNetwork:
         for other in candidates:
             mine.add(other.node_id)
             self._links[other.node_id].add(t.node_id)
-            self._enqueue(lambda a=t, b=other: a._hello_from(b))
-            self._enqueue(lambda a=t, b=other: b._hello_from(a))
+            self._enqueue(functools.partial(t._hello_from, other))
+            self._enqueue(functools.partial(other._hello_from, t))
 
     def _unlink(self, a: str, b: str) -> None:
         self._links.get(a, set()).discard(b)
@@ -225,7 +226,7 @@ class MemoryNetwork:
         for other in self._transports.values():
             if other is not t and other.running and (other.node_id in linked or t.node_id in other._peers):
                 self._links[other.node_id].discard(t.node_id)
-                self._enqueue(lambda o=other, gone=t.node_id: o._lose(gone))
+                self._enqueue(functools.partial(other._lose, t.node_id))
 
     def _next_nonce(self) -> int:
         self._nonce += 1

@@ -85,9 +85,9 @@ class Audit:
                 audit._check(host, "dns")
             return orig_getaddrinfo(host, *args, **kwargs)
 
-        socket.socket.sendto = sendto  # type: ignore[method-assign]
-        socket.socket.connect = connect  # type: ignore[method-assign]
-        socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+        socket.socket.sendto = sendto  # type: ignore[method-assign,assignment]
+        socket.socket.connect = connect  # type: ignore[method-assign,assignment]
+        socket.socket.connect_ex = connect_ex  # type: ignore[method-assign,assignment]
         socket.getaddrinfo = getaddrinfo  # type: ignore[assignment]
 
     def report(self) -> dict[str, Any]:
@@ -187,7 +187,7 @@ async def main(args: argparse.Namespace, audit: Audit | None) -> int:
             return tampered[id(payload)]
         return await real_digest(cache, payload)
 
-    DigestCache.digest = digest_with_lies  # type: ignore[method-assign]
+    DigestCache.digest = digest_with_lies  # type: ignore[method-assign,assignment]
     await transport.start(Events())
     _emit({"event": "ready", "node": args.node_id, "address": list(transport.address), "tcp_port": transport.tcp_port, "key": transport.public_key})
     commands: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
@@ -210,9 +210,9 @@ async def main(args: argparse.Namespace, audit: Audit | None) -> int:
             payload = payload_for(int(cmd["size"]), int(cmd.get("seed", 0)))
             if cmd.get("tamper"):
                 honest = hashlib.sha256(payload).digest()
-                payload = bytearray(payload)
-                payload[len(payload) // 2] ^= 0xFF
-                payload = bytes(payload)
+                flipped = bytearray(payload)
+                flipped[len(flipped) // 2] ^= 0xFF
+                payload = bytes(flipped)
                 tampered[id(payload)] = honest
             keep[:] = keep[-8:] + [payload]
             t0, wall0 = time.perf_counter(), time.time()
@@ -234,13 +234,13 @@ async def main(args: argparse.Namespace, audit: Audit | None) -> int:
             if audit is None:
                 _emit({"event": "poked", "error": "poke needs --audit (nothing else stops the datagram)"})
                 continue
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
-                s.sendto(b"x", (cmd.get("host", "192.0.2.1"), 9))
+                udp.sendto(b"x", (cmd.get("host", "192.0.2.1"), 9))
             except OSError as exc:
                 _emit({"event": "poked", "error": str(exc)})
             finally:
-                s.close()
+                udp.close()
         else:
             _emit({"event": "error", "error": f"unknown command {op}"})
     await transport.stop()

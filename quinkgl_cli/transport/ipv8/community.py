@@ -194,7 +194,7 @@ def _addr(source: Any) -> tuple[str, int]:
 
 def community_class(swarm_id: str) -> type[SwarmCommunity]:
     cid = community_id_for(swarm_id)
-    cls = type(f"SwarmCommunity_{cid.hex()[:12]}", (SwarmCommunity,), {"community_id": cid})
+    cls: type[SwarmCommunity] = type(f"SwarmCommunity_{cid.hex()[:12]}", (SwarmCommunity,), {"community_id": cid})
     if cls.community_id != cid or len(cid) != 20:
         raise RuntimeError("community id did not take")
     return cls

@@ -52,6 +52,10 @@ class DestinationGuard:
 
 
 class GuardedUDPEndpoint(UDPEndpoint):
+    # Set by UDPEndpoint.__init__, which pyipv8 leaves unannotated.
+    _running: bool
+    _port: int
+
     def __init__(self, listen_host: str, port: int, guard: DestinationGuard) -> None:
         super().__init__(port=port, ip=listen_host)
         self.guard = guard
