@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from quinkgl_cli import validation
 from quinkgl_cli.cli.output import parse_kv
 from quinkgl_cli.errors import UsageError
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KV = "K=V"
 
 
@@ -23,13 +21,6 @@ def _bool_flag(value: str, flag: str) -> bool:
     if text in ("false", "0", "no", "off"):
         return False
     raise UsageError(f"{flag} {value!r} is not true or false", f"write {flag} true or {flag} false")
-
-
-def _host_port(item: str, flag: str) -> str:
-    host, sep, port = item.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"{flag} {item!r} is not HOST:PORT", f"e.g. {flag} 127.0.0.1:7001")
-    return f"{host}:{int(port)}"
 
 
 def run(
@@ -107,15 +98,11 @@ def run(
 
     args = parse_kv(script_arg, "--script-arg")
     strict = _bool_flag(strict_manifest, "--strict-manifest")
-    nid = node_id if node_id is not None else default_node_id()
-    if not _NODE_ID.match(nid):
-        raise UsageError(f"--node-id {nid!r} is invalid", "use 1-64 letters, digits, '.', '_' or '-'")
-    if not 0 <= port < 65536:
-        raise UsageError(f"--port {port} is outside 0-65535")
-    try:
-        ipaddress.ip_address(listen)
-    except ValueError as exc:
-        raise UsageError(f"--listen {listen!r} is not an IP address", "e.g. --listen 127.0.0.1 or --listen 0.0.0.0") from exc
+    nid = validation.node_id(node_id if node_id is not None else default_node_id())
+    listen = validation.listen_address(listen)
+    validation.listen_port(port)
+    peers = [validation.peer_address(b) for b in bootstrap_peer or []]
+    validation.reachable_peers(listen, peers, lan_discovery=lan_discovery, public_bootstrap=public_bootstrap)
     if rounds is not None and rounds < 1:
         raise UsageError(f"--rounds {rounds} must be at least 1")
     if not gossip_interval > 0:
@@ -142,7 +129,7 @@ def run(
         trusted_pubkeys=keys,
         script_args=args,
         checkpoint_dir=checkpoint_dir,
-        bootstrap_peers=[_host_port(b, "--bootstrap-peer") for b in bootstrap_peer or []],
+        bootstrap_peers=[f"{host}:{p}" for host, p in peers],
         strict_manifest=strict,
         resume=resume,
         log_format=log_format,
