@@ -28,11 +28,11 @@ def print_peer_line(console: Console, peer: str, line: str) -> None:
 
 
 def demo(
-    peers: Annotated[int, typer.Option("--peers", "-n", help="How many peer processes to start.")] = 3,
-    rounds: Annotated[int, typer.Option("--rounds", help="Rounds each peer runs.")] = 15,
-    gossip_interval: Annotated[float, typer.Option("--gossip-interval", help="Seconds per round.")] = 0.8,
+    peers: Annotated[int, typer.Option("--peers", "-n", metavar="N", help="How many peer processes to start.")] = 3,
+    rounds: Annotated[int, typer.Option("--rounds", metavar="N", help="Rounds each peer runs.")] = 15,
+    gossip_interval: Annotated[float, typer.Option("--gossip-interval", metavar="SECONDS", help="Seconds per round.")] = 0.8,
     partition: Annotated[
-        str, typer.Option("--partition", help="How labels are split: shards:K (K digit classes per peer), dirichlet:A, iid.")
+        str, typer.Option("--partition", metavar="SCHEME", help="How labels are split: shards:K (K digit classes per peer), dirichlet:A, iid.")
     ] = "shards:3",
     workdir: Annotated[
         Path | None, typer.Option("--workdir", help="Keep the workspace here (default: a temporary one, removed).", metavar="DIR")
@@ -108,7 +108,7 @@ def demo(
         stop.set()
         follower.join(timeout=5)
         solo_thread.join()
-        failed = [f"{p.name} (exit {c})" for p, c in zip(swarm, codes) if c != 0]
+        failed = [f"{p.name} (exit {c})" for p, c in zip(swarm, codes, strict=True) if c != 0]
         if failed:
             raise NodeConfigError(f"demo peers failed: {', '.join(failed)}", f"see the logs in {root / 'logs'} (use --keep)")
 

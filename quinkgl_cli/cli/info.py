@@ -30,12 +30,14 @@ def info(
     import platform
     import sys
 
+    from quinkgl_cli import GUIDE_VERSION
     from quinkgl_cli.strategies import registry
 
     __version__ = _version("quinkgl-cli") or "unknown"
 
     data = {
         "quinkgl": __version__,
+        "guide": GUIDE_VERSION,
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "executable": sys.executable,
@@ -47,7 +49,7 @@ def info(
         typer.echo(json.dumps(data, indent=2))
         return
     deps = data["dependencies"]
-    typer.echo(f"quinkgl {__version__}")
+    typer.echo(f"quinkgl {__version__} (implements the QuinkGL guide {GUIDE_VERSION})")
     typer.echo(f"Python {data['python']} ({data['platform']})")
     typer.echo(f"torch {deps['torch'] or 'not installed'}, IPv8 (pyipv8) {deps['pyipv8'] or 'not installed'}")
     typer.echo("other: " + ", ".join(f"{d} {v or 'missing'}" for d, v in deps.items() if d not in ("torch", "pyipv8")))

@@ -132,13 +132,21 @@ def _module_name(path: Path) -> str:
 def load_script(path: Path) -> PeerScript:
     """Import the peer script at ``path`` under a module name unique to that path and collect its hooks.
 
-    Missing file: IOFailure (2). Syntax or import error inside the script: NodeConfigError (7) with the cause
+    Missing or unreadable file: IOFailure (2). Syntax or import error inside the script: NodeConfigError (7) with the cause
     on one line. A required hook missing or not callable, or an optional hook that is not callable: NodeConfigError (7)
     naming it.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IOFailure(f"peer script {path} is a directory", "pass --script with the path of your peer_script.py")
     if not path.is_file():
         raise IOFailure(f"peer script {path} not found", "pass --script with the path of your peer_script.py")
+    try:
+        # Opened here so that a file we may not read is an I/O error (2), not an import failure inside the script (7).
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise IOFailure(f"cannot read peer script {path}: {exc.strerror}", "check its permissions") from exc
     path = path.resolve()
     name = _module_name(path)
     spec = importlib.util.spec_from_file_location(name, path)
