@@ -147,8 +147,9 @@ def _from_script(
 
     build_model runs with ``manifest=None``: the manifest does not exist yet.
     """
-    from quinkgl_cli.manifest.arch_hash import compute_arch_hash, probe_shapes
+    from quinkgl_cli.manifest.arch_hash import compute_arch_hash
     from quinkgl_cli.manifest.create import parse_shape
+    from quinkgl_cli.manifest.shapes import probe_shapes
 
     model = _build_model(script_path, script_args)
     arch = compute_arch_hash(model)

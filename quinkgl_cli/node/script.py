@@ -23,7 +23,7 @@ import importlib.util
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -48,9 +48,11 @@ class PeerScript:
     on_round_end: Callable[[int, dict[str, Any]], Any] | None = None
     on_peer_discovered: Callable[[str], Any] | None = None
     on_aggregation_done: Callable[[list[str], int], Any] | None = None
+    _task_checked: bool = field(default=False, init=False, repr=False)
 
     def build_model(self, manifest: Any, **script_args: str) -> Any:
-        """Call ``build_model``; it must return a ``torch.nn.Module``."""
+        """Call ``build_model``; it must return a ``torch.nn.Module`` that fits the manifest's task shapes
+        (ArchMismatch, 5, when it does not; not checked when ``manifest`` is None)."""
         from torch import nn
 
         with _hook(f"build_model in {self.path.name}", "fix the peer script or its --script-arg values"):
@@ -60,6 +62,13 @@ class PeerScript:
                 f"build_model in {self.path.name} returned {type(model).__name__}, not a torch.nn.Module",
                 "return the model instance from build_model",
             )
+        task = getattr(manifest, "task", None)
+        if task is not None and not self._task_checked:
+            # Once per script: the simulator builds one model per peer from the same hook and arguments.
+            from quinkgl_cli.manifest.shapes import check_task_shapes
+
+            check_task_shapes(model, task, self.path.name)
+            self._task_checked = True
         return model
 
     def build_loaders(self, manifest: Any, **script_args: str) -> tuple[Any, Any]:
