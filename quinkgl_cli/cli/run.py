@@ -23,9 +23,30 @@ def _bool_flag(value: str, flag: str) -> bool:
     raise UsageError(f"{flag} {value!r} is not true or false", f"write {flag} true or {flag} false")
 
 
+def _peer_script(script: Path | None, data: str | None) -> Path:
+    """Mode B (--script FILE) or mode A (--data NAME, one of the scripts quinkgl ships): exactly one of them."""
+    if script is not None and data is None:
+        return script
+    if data is not None and script is None:
+        from quinkgl_cli.peer_scripts import builtin_script
+
+        return builtin_script(data)
+    raise UsageError(
+        "quinkgl run needs either --script FILE or --data NAME" if script is None else "--script and --data exclude each other",
+        "--script peer_script.py (your model and data) or --data digits|mnist|cifar10 (a shipped one)",
+    )
+
+
 def run(
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Swarm manifest (.qgl) to join.", metavar="FILE")],
-    script: Annotated[Path, typer.Option("--script", "-s", help="Peer script with build_model and build_loaders.", metavar="FILE")],
+    script: Annotated[
+        Path | None, typer.Option("--script", "-s", help="Peer script with build_model and build_loaders (mode B).", metavar="FILE")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", metavar="NAME", help="Mode A, instead of --script: a shipped model and data set, digits "
+                     "(offline), mnist or cifar10 (torchvision; --script-arg data_root=DIR, download=true)."),
+    ] = None,
     node_id: Annotated[
         str | None, typer.Option("--node-id", metavar="NAME", help="This peer's name in logs and to other peers (default: host name).")
     ] = None,
@@ -96,6 +117,7 @@ def run(
     """Join the swarm of a trusted manifest and train with your peer script, gossiping with peers."""
     from quinkgl_cli.node.daemon import DaemonOptions, default_node_id, run_daemon
 
+    peer_script = _peer_script(script, data)
     args = parse_kv(script_arg, "--script-arg")
     strict = _bool_flag(strict_manifest, "--strict-manifest")
     nid = validation.node_id(node_id if node_id is not None else default_node_id())
@@ -119,7 +141,7 @@ def run(
     policy = trust_policy if trust_policy is not None else ("pinned" if keys else "tofu")
     options = DaemonOptions(
         manifest=manifest,
-        script=script,
+        script=peer_script,
         node_id=nid,
         port=port,
         listen=listen,
