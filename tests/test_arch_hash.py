@@ -13,7 +13,7 @@ from torch import nn
 
 from quinkgl_cli.errors import NodeConfigError, UsageError
 from quinkgl_cli.manifest import compute_arch_hash
-from quinkgl_cli.manifest.arch_hash import probe_shapes
+from quinkgl_cli.manifest.shapes import probe_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 

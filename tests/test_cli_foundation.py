@@ -357,7 +357,7 @@ def test_version(tmp_path: Path) -> None:
     import quinkgl_cli
 
     out = cli("--version", cwd=tmp_path)
-    assert out.returncode == 0 and out.stdout == f"quinkgl {quinkgl_cli.__version__}\n" and out.stderr == ""
+    assert out.returncode == 0 and out.stdout == f"quinkgl {quinkgl_cli.__version__} (implements the QuinkGL guide 0.3.4)\n" and out.stderr == ""
     assert quinkgl_cli.__version__ == version("quinkgl-cli")  # the package and its metadata agree
 
 

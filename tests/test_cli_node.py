@@ -117,7 +117,7 @@ def test_run_flags_reach_the_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path) -
     assert o.final_model == tmp_path / "out" / "model.safetensors"  # type: ignore[attr-defined]
     assert o.bootstrap_peers == ["127.0.0.1:7002"] and o.script_args == {"shard": "1"}  # type: ignore[attr-defined]
     assert o.transport_options == {"enable_public_bootstrap": False, "enable_lan_discovery": False}  # type: ignore[attr-defined]
-    on = cli_options(["--public-bootstrap", "--lan-discovery"], monkeypatch, tmp_path)
+    on = cli_options(["--public-bootstrap", "--lan-discovery", "--listen", "0.0.0.0"], monkeypatch, tmp_path)
     assert on.transport_options == {"enable_public_bootstrap": True, "enable_lan_discovery": True}  # type: ignore[attr-defined]
     defaults = cli_options([], monkeypatch, tmp_path)
     assert (defaults.local_epochs, defaults.local_steps, defaults.checkpoint_every, defaults.final_model) == (  # type: ignore[attr-defined]
@@ -128,3 +128,21 @@ def test_run_flags_reach_the_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path) -
 def test_run_count_flags_must_be_positive(flag: str, tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["run", "--manifest", str(tmp_path / "m.qgl"), "--script", str(tmp_path / "s.py"), flag, "0"]) == 1
     assert flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--listen", "::1"], "not IPv4"),
+        (["--node-id", "x" * 65], "--node-id"),
+        (["--bootstrap-peer", "10.0.0.1:7001"], "not on loopback"),
+        (["--lan-discovery"], "non-loopback listen"),
+    ],
+)
+def test_run_refuses_what_the_transport_would_refuse_before_loading_anything(
+    args: list[str], needle: str, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The manifest and script do not exist: the flags are refused first, as usage errors (1), not network errors (6).
+    base = ["run", "--manifest", str(tmp_path / "m.qgl"), "--script", str(tmp_path / "s.py"), "--dry-run"]
+    assert run_cli([*base, *args]) == 1
+    assert needle in capsys.readouterr().err

@@ -205,7 +205,6 @@ def test_cli_refuses_bad_flags(script: PeerScript, tmp_path: Path) -> None:
         (["--partition", "shards:x"], "shard count"),
         (["--mode", "star"], "--mode"),
         (["--attackers", "9:signflip"], "attackers among"),
-        (["--json", str(tmp_path / "missing" / "o.json")], "does not exist"),
     ):
         res = CliRunner().invoke(app, base + extra)
         assert res.exit_code == 1, (extra, res.output)

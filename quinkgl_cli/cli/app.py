@@ -9,7 +9,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from quinkgl_cli import __version__
+from quinkgl_cli import GUIDE_VERSION, __version__
 from quinkgl_cli.errors import ExitCode, QuinkglError
 
 try:  # recent typers bundle their own copy of click
@@ -31,7 +31,9 @@ def _new_app() -> typer.Typer:
         name="quinkgl",
         help="Peer daemon for decentralized (gossip) federated learning.",
         no_args_is_help=True,
-        add_completion=False,
+        # `quinkgl --install-completion` / `--show-completion`: bash, zsh, fish and PowerShell.
+        add_completion=True,
+        context_settings={"help_option_names": ["-h", "--help"]},
         pretty_exceptions_enable=False,
         # Plain help: rendering it with rich costs about a third of `quinkgl --help`'s start-up.
         rich_markup_mode=None,
@@ -42,7 +44,7 @@ def _new_app() -> typer.Typer:
 
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"quinkgl {__version__}")
+        typer.echo(f"quinkgl {__version__} (implements the QuinkGL guide {GUIDE_VERSION})")
         raise typer.Exit()
 
 

@@ -6,7 +6,7 @@ about 40 ms to that start-up.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -30,30 +30,32 @@ def info(
     import platform
     import sys
 
+    from quinkgl_cli import GUIDE_VERSION
     from quinkgl_cli.strategies import registry
 
     __version__ = _version("quinkgl-cli") or "unknown"
 
-    data = {
+    deps = {d: _version(d) for d in _DEPENDENCIES}
+    data: dict[str, Any] = {
         "quinkgl": __version__,
+        "guide": GUIDE_VERSION,
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "executable": sys.executable,
-        "dependencies": {d: _version(d) for d in _DEPENDENCIES},
+        "dependencies": deps,
         "aggregation": {name: registry.resolve("aggregation", name).summary for name in registry.names("aggregation")},
         "topology": {name: registry.resolve("topology", name).summary for name in registry.names("topology")},
     }
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    deps = data["dependencies"]
-    typer.echo(f"quinkgl {__version__}")
+    typer.echo(f"quinkgl {__version__} (implements the QuinkGL guide {GUIDE_VERSION})")
     typer.echo(f"Python {data['python']} ({data['platform']})")
     typer.echo(f"torch {deps['torch'] or 'not installed'}, IPv8 (pyipv8) {deps['pyipv8'] or 'not installed'}")
     typer.echo("other: " + ", ".join(f"{d} {v or 'missing'}" for d, v in deps.items() if d not in ("torch", "pyipv8")))
     for kind in ("aggregation", "topology"):
         typer.echo(f"{kind} strategies:")
-        entries: dict[str, str] = data[kind]  # type: ignore[assignment]
+        entries: dict[str, str] = data[kind]
         width = max(len(n) for n in entries)
         for name, summary in entries.items():
             typer.echo(f"  {name:<{width}}  {summary}")

@@ -44,6 +44,10 @@ def create(
         Path | None,
         typer.Option("--from-script", help="Peer script whose build_model fills the arch hash and shapes.", metavar="FILE"),
     ] = None,
+    from_data: Annotated[
+        str | None,
+        typer.Option("--data", metavar="NAME", help="Like --from-script, for the model of `quinkgl run --data NAME` (digits, mnist, cifar10)."),
+    ] = None,
     script_arg: Annotated[list[str] | None, typer.Option("--script-arg", help="k=v passed to build_model (repeatable).", metavar=_KV)] = None,
     sign_with: Annotated[
         Path | None, typer.Option("--sign-with", help="Creator private key (PEM) to sign with; without it the manifest is unsigned.", metavar="KEY")
@@ -86,6 +90,12 @@ def create(
         raise IOFailure(f"{output} already exists", "choose another --output or pass --force to replace it")
     key = keys.load_private_key(sign_with, keys.read_passphrase(passphrase_file)) if sign_with is not None else None
 
+    if from_data is not None:
+        from quinkgl_cli.peer_scripts import builtin_script
+
+        if from_script is not None:
+            raise UsageError("--from-script and --data exclude each other", "--data NAME stands for the script quinkgl ships for NAME")
+        from_script = builtin_script(from_data)
     if from_script is not None:
         arch, input_shape, output_shape = _from_script(from_script, parse_kv(script_arg, "--script-arg"), input_shape, output_shape)
         if model_arch_hash is not None and normalize_arch_hash(model_arch_hash) != arch:
@@ -147,8 +157,9 @@ def _from_script(
 
     build_model runs with ``manifest=None``: the manifest does not exist yet.
     """
-    from quinkgl_cli.manifest.arch_hash import compute_arch_hash, probe_shapes
+    from quinkgl_cli.manifest.arch_hash import compute_arch_hash
     from quinkgl_cli.manifest.create import parse_shape
+    from quinkgl_cli.manifest.shapes import probe_shapes
 
     model = _build_model(script_path, script_args)
     arch = compute_arch_hash(model)

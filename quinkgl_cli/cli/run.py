@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from quinkgl_cli import validation
 from quinkgl_cli.cli.output import parse_kv
 from quinkgl_cli.errors import UsageError
 
-_NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KV = "K=V"
 
 
@@ -25,33 +23,47 @@ def _bool_flag(value: str, flag: str) -> bool:
     raise UsageError(f"{flag} {value!r} is not true or false", f"write {flag} true or {flag} false")
 
 
-def _host_port(item: str, flag: str) -> str:
-    host, sep, port = item.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"{flag} {item!r} is not HOST:PORT", f"e.g. {flag} 127.0.0.1:7001")
-    return f"{host}:{int(port)}"
+def _peer_script(script: Path | None, data: str | None) -> Path:
+    """Mode B (--script FILE) or mode A (--data NAME, one of the scripts quinkgl ships): exactly one of them."""
+    if script is not None and data is None:
+        return script
+    if data is not None and script is None:
+        from quinkgl_cli.peer_scripts import builtin_script
+
+        return builtin_script(data)
+    raise UsageError(
+        "quinkgl run needs either --script FILE or --data NAME" if script is None else "--script and --data exclude each other",
+        "--script peer_script.py (your model and data) or --data digits|mnist|cifar10 (a shipped one)",
+    )
 
 
 def run(
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Swarm manifest (.qgl) to join.", metavar="FILE")],
-    script: Annotated[Path, typer.Option("--script", "-s", help="Peer script with build_model and build_loaders.", metavar="FILE")],
-    node_id: Annotated[
-        str | None, typer.Option("--node-id", help="This peer's name in logs and to other peers (default: host name).")
+    script: Annotated[
+        Path | None, typer.Option("--script", "-s", help="Peer script with build_model and build_loaders (mode B).", metavar="FILE")
     ] = None,
-    port: Annotated[int, typer.Option("--port", help="UDP port for IPv8 (0: any free port).")] = 0,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", metavar="NAME", help="Mode A, instead of --script: a shipped model and data set, digits "
+                     "(offline), mnist or cifar10 (torchvision; --script-arg data_root=DIR, download=true)."),
+    ] = None,
+    node_id: Annotated[
+        str | None, typer.Option("--node-id", metavar="NAME", help="This peer's name in logs and to other peers (default: host name).")
+    ] = None,
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="UDP port for IPv8 (0: any free port).")] = 0,
     listen: Annotated[str, typer.Option("--listen", help="Address to bind (default loopback only).", metavar="ADDR")] = "127.0.0.1",
     rounds: Annotated[
-        int | None, typer.Option("--rounds", help="Rounds to run (default: the manifest's round limit, else until stopped).")
+        int | None, typer.Option("--rounds", metavar="N", help="Rounds to run (default: the manifest's round limit, else until stopped).")
     ] = None,
     gossip_interval: Annotated[
-        float, typer.Option("--gossip-interval", help="Seconds between round starts (a late round starts at once).")
+        float, typer.Option("--gossip-interval", metavar="SECONDS", help="Seconds between round starts (a late round starts at once).")
     ] = 10.0,
     trust_policy: Annotated[
         str | None,
-        typer.Option("--trust-policy", help="open | tofu | pinned (default: pinned with --trusted-pubkey, else tofu)."),
+        typer.Option("--trust-policy", metavar="POLICY", help="open | tofu | pinned (default: pinned with --trusted-pubkey, else tofu)."),
     ] = None,
     trusted_pubkey: Annotated[
-        list[str] | None, typer.Option("--trusted-pubkey", help="Creator key ed25519:<hex> or key file (repeatable).")
+        list[str] | None, typer.Option("--trusted-pubkey", metavar="KEY", help="Creator key ed25519:<hex> or key file (repeatable).")
     ] = None,
     script_arg: Annotated[
         list[str] | None, typer.Option("--script-arg", help="k=v handed to build_model/build_loaders (repeatable).", metavar=_KV)
@@ -61,39 +73,39 @@ def run(
         typer.Option("--checkpoint-dir", help="Where checkpoints go (default: $QUINKGL_HOME/checkpoints/<swarm>/<node-id>).", metavar="DIR"),
     ] = None,
     bootstrap_peer: Annotated[
-        list[str] | None, typer.Option("--bootstrap-peer", help="HOST:PORT of a peer to contact first (repeatable).")
+        list[str] | None, typer.Option("--bootstrap-peer", metavar="HOST:PORT", help="HOST:PORT of a peer to contact first (repeatable).")
     ] = None,
     strict_manifest: Annotated[
-        str, typer.Option("--strict-manifest", help="true: refuse a model whose arch hash differs from the manifest's; false: warn.")
+        str, typer.Option("--strict-manifest", metavar="true|false", help="true: refuse a model whose arch hash differs from the manifest's; false: warn.")
     ] = "true",
     resume: Annotated[
         bool, typer.Option("--resume/--no-resume", help="Continue from the newest checkpoint of this swarm (default) or start afresh.")
     ] = True,
-    log_format: Annotated[str, typer.Option("--log-format", help="text | json (one event per line on stdout).")] = "text",
-    log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning | error.")] = "info",
+    log_format: Annotated[str, typer.Option("--log-format", metavar="FORMAT", help="text | json (one event per line on stdout).")] = "text",
+    log_level: Annotated[str, typer.Option("--log-level", metavar="LEVEL", help="debug | info | warning | error.")] = "info",
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Verify the manifest, load the script, build the model, check the hash, exit.")
     ] = False,
     state_dir: Annotated[
         Path | None, typer.Option("--state-dir", help="TOFU store and node keys (default: $QUINKGL_HOME).", metavar="DIR")
     ] = None,
-    local_epochs: Annotated[int | None, typer.Option("--local-epochs", help="Override the manifest's local epochs per round.")] = None,
-    local_steps: Annotated[int | None, typer.Option("--local-steps", help="Override the manifest's cap on optimizer steps per round.")] = None,
-    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", help="Save a checkpoint every N rounds.")] = 1,
-    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", help="How many checkpoints to keep.")] = 3,
+    local_epochs: Annotated[int | None, typer.Option("--local-epochs", metavar="N", help="Override the manifest's local epochs per round.")] = None,
+    local_steps: Annotated[int | None, typer.Option("--local-steps", metavar="N", help="Override the manifest's cap on optimizer steps per round.")] = None,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", metavar="N", help="Save a checkpoint every N rounds.")] = 1,
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", metavar="N", help="How many checkpoints to keep.")] = 3,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="Seed of model init and RNGs (default: derived from the swarm id, same on every peer).")
+        int | None, typer.Option("--seed", metavar="N", help="Seed of model init and RNGs (default: derived from the swarm id, same on every peer).")
     ] = None,
     final_model: Annotated[
         Path | None,
         typer.Option("--final-model", help="Where to write the final model (default: <checkpoint-dir>/final_model.safetensors).", metavar="FILE"),
     ] = None,
-    torch_threads: Annotated[int | None, typer.Option("--torch-threads", help="Threads torch may use for training.")] = None,
+    torch_threads: Annotated[int | None, typer.Option("--torch-threads", metavar="N", help="Threads torch may use for training.")] = None,
     min_peers: Annotated[
-        int, typer.Option("--min-peers", help="Before round 1, wait until this many peers are known (0: start at once).")
+        int, typer.Option("--min-peers", metavar="N", help="Before round 1, wait until this many peers are known (0: start at once).")
     ] = 0,
     min_peers_timeout: Annotated[
-        float, typer.Option("--min-peers-timeout", help="Seconds to wait for --min-peers before starting anyway.")
+        float, typer.Option("--min-peers-timeout", metavar="SECONDS", help="Seconds to wait for --min-peers before starting anyway.")
     ] = 60.0,
     public_bootstrap: Annotated[
         bool, typer.Option("--public-bootstrap/--no-public-bootstrap", help="Also ask IPv8's public bootstrap servers (off by default).")
@@ -105,17 +117,14 @@ def run(
     """Join the swarm of a trusted manifest and train with your peer script, gossiping with peers."""
     from quinkgl_cli.node.daemon import DaemonOptions, default_node_id, run_daemon
 
+    peer_script = _peer_script(script, data)
     args = parse_kv(script_arg, "--script-arg")
     strict = _bool_flag(strict_manifest, "--strict-manifest")
-    nid = node_id if node_id is not None else default_node_id()
-    if not _NODE_ID.match(nid):
-        raise UsageError(f"--node-id {nid!r} is invalid", "use 1-64 letters, digits, '.', '_' or '-'")
-    if not 0 <= port < 65536:
-        raise UsageError(f"--port {port} is outside 0-65535")
-    try:
-        ipaddress.ip_address(listen)
-    except ValueError as exc:
-        raise UsageError(f"--listen {listen!r} is not an IP address", "e.g. --listen 127.0.0.1 or --listen 0.0.0.0") from exc
+    nid = validation.node_id(node_id if node_id is not None else default_node_id())
+    listen = validation.listen_address(listen)
+    validation.listen_port(port)
+    peers = [validation.peer_address(b) for b in bootstrap_peer or []]
+    validation.reachable_peers(listen, peers, lan_discovery=lan_discovery, public_bootstrap=public_bootstrap)
     if rounds is not None and rounds < 1:
         raise UsageError(f"--rounds {rounds} must be at least 1")
     if not gossip_interval > 0:
@@ -132,7 +141,7 @@ def run(
     policy = trust_policy if trust_policy is not None else ("pinned" if keys else "tofu")
     options = DaemonOptions(
         manifest=manifest,
-        script=script,
+        script=peer_script,
         node_id=nid,
         port=port,
         listen=listen,
@@ -142,7 +151,7 @@ def run(
         trusted_pubkeys=keys,
         script_args=args,
         checkpoint_dir=checkpoint_dir,
-        bootstrap_peers=[_host_port(b, "--bootstrap-peer") for b in bootstrap_peer or []],
+        bootstrap_peers=[f"{host}:{p}" for host, p in peers],
         strict_manifest=strict,
         resume=resume,
         log_format=log_format,

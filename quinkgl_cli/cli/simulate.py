@@ -9,10 +9,12 @@ from typing import Annotated, Any
 import typer
 
 from quinkgl_cli.cli.output import parse_kv
-from quinkgl_cli.errors import UsageError
+from quinkgl_cli.errors import IOFailure, UsageError
 
 _KV = "K=V"
 _MODES = ("gossip", "fedavg", "pairwise", "local")
+_F_RULES = ("Krum", "MultiKrum", "TrimmedMean")  # robust rules that discard exactly f updates
+DEFAULT_CLIENTS_PER_ROUND = 10
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -54,7 +56,9 @@ def simulate(
         list[str] | None, typer.Option("--compression-param", metavar=_KV, help="top_k_ratio, quantize_bits, error_feedback, ... (repeatable).")
     ] = None,
     byzantine_f: Annotated[int | None, typer.Option("--byzantine-f", metavar="N", help="Override the manifest's byzantine_f.")] = None,
-    clients_per_round: Annotated[int, typer.Option("--clients-per-round", metavar="N", help="fedavg mode: clients sampled per round.")] = 10,
+    clients_per_round: Annotated[
+        int | None, typer.Option("--clients-per-round", metavar="N", help="fedavg mode: clients sampled per round (default: 10, at most --peers).")
+    ] = None,
     pairs_per_round: Annotated[int, typer.Option("--pairs-per-round", metavar="N", help="pairwise mode: edges averaged per round.")] = 10,
     max_peers: Annotated[
         int | None, typer.Option("--max-peers", metavar="N", help="Peers a node may know (default: the daemon's IPv8 peer-table bound, 256).")
@@ -84,13 +88,14 @@ def simulate(
     count, kind = parse_attackers(attackers)
     for path, flag in ((json_out, "--json"), (plot, "--plot")):
         if path is not None and not path.parent.resolve().is_dir():
-            raise UsageError(f"{flag} {path}: directory {path.parent} does not exist", "create it or choose another path")
+            raise IOFailure(f"{flag} {path}: directory {path.parent} does not exist", "create it or choose another path")
+    per_round = clients_per_round if clients_per_round is not None else min(DEFAULT_CLIENTS_PER_ROUND, peers)
 
     trusted = load_trusted(manifest, trust_policy, tuple(trusted_pubkey or ()))
     peer_script = load_script(script)
     config = SimConfig(
         peers=peers, rounds=rounds, partition=partition, seed=seed, mode=mode,  # type: ignore[arg-type]
-        attackers=count, attack=kind, clients_per_round=clients_per_round, pairs_per_round=pairs_per_round,
+        attackers=count, attack=kind, clients_per_round=per_round, pairs_per_round=pairs_per_round,
         max_peers=DEFAULT_MAX_PEERS if max_peers is None else max_peers, threads=threads,
         script_args=parse_kv(script_arg, "--script-arg"),
         overrides=Overrides(
@@ -112,6 +117,9 @@ def simulate(
     node_log.propagate = False
     try:
         sim = Simulator(peer_script, trusted.manifest, config)
+        weak = _undefended(sim.manifest, count)
+        if weak:
+            typer.echo(f"warning: {weak}", err=True)
         if sim.rounds < rounds:
             typer.echo(f"note: the manifest's round_limit caps --rounds {rounds} to {sim.rounds}", err=True)
         result = _run(sim, sim.rounds)
@@ -145,6 +153,24 @@ def simulate(
     if plot is not None:
         plot_result(result, plot)
         typer.echo(f"wrote {plot}")
+
+
+def _undefended(manifest: Any, attackers: int) -> str | None:
+    """Why a robust aggregation will not stop ``attackers`` Byzantine peers, or None.
+
+    Krum, MultiKrum and TrimmedMean discard as many updates as the number f they are told to tolerate (their
+    ``f`` parameter, else the manifest's byzantine_f): with f below the attackers, the surplus are averaged in.
+    """
+    name = manifest.aggregation.name
+    params = manifest.aggregation.params
+    if attackers == 0 or name not in _F_RULES or params.get("trim_ratio"):
+        return None
+    f = params.get("f")
+    f = manifest.byzantine_f if f is None else f
+    if f >= attackers:
+        return None
+    return (f"{name} tolerates f={f} Byzantine peers, but {attackers} attack: the rest are averaged in"
+            f" (pass --byzantine-f {attackers}, or create the manifest with --byzantine-f)")
 
 
 def _fanout(manifest: Any) -> str:

@@ -12,6 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from quinkgl_cli.errors import UsageError
+from quinkgl_cli.validation import peer_address
+
 SCHEMA_VERSION = 1
 HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
 PUBKEY_PATTERN = r"^ed25519:[0-9a-f]{64}$"
@@ -189,9 +192,10 @@ class Manifest(Strict):
     @classmethod
     def _host_port(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for item in value:
-            host, sep, port = item.rpartition(":")
-            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"bootstrap peer {item!r} is not host:port")
+            try:
+                peer_address(item, "bootstrap peer")
+            except UsageError as exc:
+                raise ValueError(exc.one_line()) from exc
         return value
 
 

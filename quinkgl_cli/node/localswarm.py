@@ -6,6 +6,7 @@ way a user runs it (`quinkgl run` processes talking IPv8 over 127.0.0.1), not a 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -18,12 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quinkgl_cli.errors import NodeConfigError
+from quinkgl_cli.errors import ExitCode, NodeConfigError
 
 # Inside the package (quinkgl_cli/peer_scripts), so the demo runs from an installed wheel, not only a checkout.
 DIGITS_SCRIPT = Path(__file__).resolve().parents[1] / "peer_scripts" / "digits_peer_script.py"
 # The summary event only: not `already-finished`, whose word boundary `\b` would also match.
 _FINISHED = re.compile(r"(?:^|\s)finished rounds=(\d+)\b.*\bval_accuracy=([0-9.]+|-)", re.M)
+# The daemon's line once its port is bound, in text or JSON log format.
+_STARTED = re.compile(r'(?:^|\s)started node=|"event": ?"started"', re.M)
+_FINAL_MODEL = re.compile(r'(?:^|\s)finished rounds=.*?\bfinal_model=("(?:[^"\\]|\\.)*"|\S+)', re.M)
+BIND_RETRIES = 3
+START_POLL = 0.1  # seconds between looks at the peers' logs while they start
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -124,17 +130,48 @@ class PeerProcess:
     log_path: Path
     proc: subprocess.Popen[bytes]
     script_args: dict[str, str]
+    # How it was launched, so that `ensure_started` can launch it again on another port.
+    cmd: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
+
+    def started(self) -> bool:
+        """Whether the daemon has bound its port (its `started` line is in the log)."""
+        return _STARTED.search(self.text()) is not None
+
+    def relaunch(self, port: int) -> None:
+        """Start the same peer again on ``port``; the log file is appended to, so followers keep their place."""
+        at = self.cmd.index("--port") + 1
+        self.cmd[at] = str(port)
+        self.port = port
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def final_model_path(self) -> Path | None:
+        """Where the daemon wrote its final model, as its `finished` line says (None before it finished)."""
+        m = _last(_FINAL_MODEL, self.text())
+        if m is None:
+            return None
+        value = m.group(1)
+        # The log quotes a value with spaces or quotes as a JSON string.
+        return Path(json.loads(value) if value.startswith('"') else value)
+
     def finished_accuracy(self) -> float | None:
-        m = None
-        for m in _FINISHED.finditer(self.text()):
-            pass
+        m = _last(_FINISHED, self.text())
         if m is None or m.group(2) == "-":
             return None
         return float(m.group(2))
+
+
+def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    """The last match of ``pattern`` in ``text`` (a restarted daemon logs a second summary)."""
+    found = None
+    for found in pattern.finditer(text):  # noqa: B007 (the loop only moves to the last match)
+        pass
+    return found
 
 
 def run_command(manifest: Path, script: Path, node_id: str, port: int, rounds: int, interval: float,
@@ -173,8 +210,33 @@ def start_swarm(workdir: Path, manifest: Path, n: int, rounds: int, interval: fl
                           workdir / "ckpt" / name, args, ["--min-peers", str(n - 1), "--min-peers-timeout", "60", *extra])
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
-        peers.append(PeerProcess(name, ports[i], log_path, proc, args))
+        peers.append(PeerProcess(name, ports[i], log_path, proc, args, cmd, env, workdir))
     return peers
+
+
+def ensure_started(peers: Sequence[PeerProcess], timeout: float = 120.0, retries: int = BIND_RETRIES,
+                   on_relaunch: Callable[[PeerProcess, int], None] | None = None) -> None:
+    """Wait until every peer has bound its port. The ports `start_swarm` picked were free when picked, not
+    reserved: a peer that finds its port taken by then exits with the network code (6) before `started`, and is
+    launched again on another free port (its seeds still name the others, so the swarm finds it). A peer that
+    fails otherwise, or runs out of retries, is left for `wait_all` to report; ``on_relaunch(peer, old_port)`` is
+    told of every relaunch."""
+    deadline = time.monotonic() + timeout
+    left = {p.name: retries for p in peers}
+    pending = list(peers)
+    while pending and time.monotonic() < deadline:
+        for p in list(pending):
+            code = p.proc.poll()
+            if p.started() or (code is not None and (code != ExitCode.NETWORK or left[p.name] == 0)):
+                pending.remove(p)
+            elif code is not None:
+                left[p.name] -= 1
+                old = p.port
+                p.relaunch(free_port())
+                if on_relaunch is not None:
+                    on_relaunch(p, old)
+        if pending:
+            time.sleep(START_POLL)
 
 
 def follow(peers: Sequence[PeerProcess], emit: Callable[[str, str], None], stop: threading.Event,

@@ -23,7 +23,7 @@ import importlib.util
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -48,9 +48,11 @@ class PeerScript:
     on_round_end: Callable[[int, dict[str, Any]], Any] | None = None
     on_peer_discovered: Callable[[str], Any] | None = None
     on_aggregation_done: Callable[[list[str], int], Any] | None = None
+    _task_checked: bool = field(default=False, init=False, repr=False)
 
     def build_model(self, manifest: Any, **script_args: str) -> Any:
-        """Call ``build_model``; it must return a ``torch.nn.Module``."""
+        """Call ``build_model``; it must return a ``torch.nn.Module`` that fits the manifest's task shapes
+        (ArchMismatch, 5, when it does not; not checked when ``manifest`` is None)."""
         from torch import nn
 
         with _hook(f"build_model in {self.path.name}", "fix the peer script or its --script-arg values"):
@@ -60,6 +62,13 @@ class PeerScript:
                 f"build_model in {self.path.name} returned {type(model).__name__}, not a torch.nn.Module",
                 "return the model instance from build_model",
             )
+        task = getattr(manifest, "task", None)
+        if task is not None and not self._task_checked:
+            # Once per script: the simulator builds one model per peer from the same hook and arguments.
+            from quinkgl_cli.manifest.shapes import check_task_shapes
+
+            check_task_shapes(model, task, self.path.name)
+            self._task_checked = True
         return model
 
     def build_loaders(self, manifest: Any, **script_args: str) -> tuple[Any, Any]:
@@ -132,13 +141,21 @@ def _module_name(path: Path) -> str:
 def load_script(path: Path) -> PeerScript:
     """Import the peer script at ``path`` under a module name unique to that path and collect its hooks.
 
-    Missing file: IOFailure (2). Syntax or import error inside the script: NodeConfigError (7) with the cause
+    Missing or unreadable file: IOFailure (2). Syntax or import error inside the script: NodeConfigError (7) with the cause
     on one line. A required hook missing or not callable, or an optional hook that is not callable: NodeConfigError (7)
     naming it.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IOFailure(f"peer script {path} is a directory", "pass --script with the path of your peer_script.py")
     if not path.is_file():
         raise IOFailure(f"peer script {path} not found", "pass --script with the path of your peer_script.py")
+    try:
+        # Opened here so that a file we may not read is an I/O error (2), not an import failure inside the script (7).
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise IOFailure(f"cannot read peer script {path}: {exc.strerror}", "check its permissions") from exc
     path = path.resolve()
     name = _module_name(path)
     spec = importlib.util.spec_from_file_location(name, path)

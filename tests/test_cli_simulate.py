@@ -1,0 +1,72 @@
+"""`quinkgl simulate`'s flags and warnings: what a user trying the README's examples meets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from quinkgl_cli.cli.app import main
+from quinkgl_cli.manifest.arch_hash import compute_arch_hash
+from quinkgl_cli.manifest.create import build_manifest
+from quinkgl_cli.manifest.io import write_manifest
+from quinkgl_cli.node.script import load_script
+
+SCRIPT = Path(__file__).resolve().parent.parent / "peer_scripts" / "digits_peer_script.py"
+
+
+def run_cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    return int(done.value.code or 0)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sim") / "swarm.qgl"
+    write_manifest(path, build_manifest(
+        name="digits-sim", task_type="classification", input_shape="64", output_shape="10", label_type="integer",
+        framework="pytorch", arch_hash=compute_arch_hash(load_script(SCRIPT).build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
+    ))  # fmt: skip
+    return path
+
+
+def simulate(manifest: Path, *extra: str) -> list[str]:
+    return ["simulate", "--manifest", str(manifest), "--script", str(SCRIPT), "--peers", "4", "--rounds", "1", *extra]
+
+
+def test_fedavg_mode_works_below_ten_peers(manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(*simulate(manifest, "--mode", "fedavg")) == 0
+    assert "final mean_accuracy=" in capsys.readouterr().out
+    assert run_cli(*simulate(manifest, "--mode", "fedavg", "--clients-per-round", "5")) == 1  # explicit: still checked
+    assert "--clients-per-round 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--plot", "--json"])
+def test_an_output_in_a_missing_directory_is_an_io_error_before_anything_runs(
+    manifest: Path, tmp_path: Path, flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "missing-dir" / "x.png"
+    # The manifest does not exist either: the output path is refused first, before any loading.
+    assert run_cli(*simulate(tmp_path / "absent.qgl", flag, str(target))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} ") and "does not exist" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "warned"),
+    [
+        (["--aggregation", "MultiKrum"], True),
+        (["--aggregation", "Krum", "--byzantine-f", "0"], True),
+        (["--aggregation", "MultiKrum", "--byzantine-f", "1"], False),
+        (["--aggregation", "TrimmedMean", "--aggregation-param", "trim_ratio=0.3"], False),
+        (["--aggregation", "FedAvg"], False),
+    ],
+)
+def test_a_robust_rule_told_to_tolerate_no_attacker_says_so(
+    manifest: Path, extra: list[str], warned: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(*simulate(manifest, "--attackers", "1:signflip", *extra)) == 0
+    err = capsys.readouterr().err
+    assert ("tolerates f=0 Byzantine peers, but 1 attack" in err) is warned, err
