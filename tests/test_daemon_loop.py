@@ -283,8 +283,8 @@ def test_late_round_still_waits_for_this_rounds_updates_and_next_round_starts_at
     aggregate, begin = d0.node.aggregate, d0.node.begin_round
 
     def aggregate_recorded() -> Any:
-        with d0.node._inbox_lock:
-            inbox_at_aggregate.setdefault(d0.node.round, {s: m.round for s, m in d0.node._inbox.items()})
+        held = d0.node.inbox.snapshot()
+        inbox_at_aggregate.setdefault(d0.node.round, {s: m.round for s, m in held.items()})
         return aggregate()
 
     def begin_recorded() -> int:

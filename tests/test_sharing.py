@@ -181,7 +181,7 @@ def test_compressed_updates_carry_label_entropy_and_scaffold_variates() -> None:
         run_round(net, nodes)
     nodes[0].share(0)
     net.deliver_all()
-    msg = nodes[1]._inbox["p0"]
+    msg = nodes[1].inbox.snapshot()["p0"]
     assert msg.payload == b""  # applied on arrival; the inbox keeps the metadata only
     update = nodes[1].decode_update(msg)
     assert update.meta[LABEL_ENTROPY_KEY] == pytest.approx(nodes[0].label_entropy)

@@ -60,9 +60,6 @@ STOP_GRACE_S = 5.0
 # A late round still waits this share of the interval (at most the cap) across its gossip steps for peers' updates.
 MIN_GOSSIP_WAIT_FRACTION = 0.25
 MIN_GOSSIP_WAIT_CAP_S = 5.0
-# Bounded staleness: before a round, wait at most this long (or three rounds of ours) for lagging peers.
-PACE_WAIT_CAP_S = 10.0
-PACE_HISTORY = 5  # rounds whose median duration is "one typical round"
 
 
 def min_gossip_wait(interval: float, steps: int) -> float:
@@ -291,7 +288,7 @@ class Daemon:
         self.store = CheckpointStore(prepared.checkpoint_dir, keep=o.keep_checkpoints)
         self.stop_event = asyncio.Event()
         self.inbox_event = asyncio.Event()
-        self.node.stop_flag = self.train_stop
+        self.node.trainer.stop_flag = self.train_stop
         self.stop_signal: str | None = None
         self._last_alone_note = -1e9
         self._last_overrun_note = -1e9
@@ -334,7 +331,7 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         # Transports may deliver from their own threads: wake the waiting round through the loop, safely.
-        self.node.inbox_listener = lambda: loop.call_soon_threadsafe(self.inbox_event.set)
+        self.node.inbox.listener = lambda: loop.call_soon_threadsafe(self.inbox_event.set)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._request_stop, sig.name)
         node = self.node
@@ -472,24 +469,17 @@ class Daemon:
     async def _pace(self) -> None:
         """Bounded staleness: wait until lagging peers' updates come within ``pace_lag`` rounds of ours again.
 
-        A peer L rounds behind needs about L - pace_lag + 1 of its rounds (its pace from its updates' arrivals;
-        until that is known, up to the cap) to get there. The wait is capped (`PACE_WAIT_CAP_S`, or three of our
-        rounds when those are longer), each observed lag costs at most one wait, and a peer that did not catch up
-        within it is not waited for again for a while (`Node.forget_lagging`): a peer that stopped sending, or one
-        that claims old rounds on purpose, cannot hold this node back round after round.
+        How long is the node's decision (`Node.pace_plan`, `quinkgl_cli.node.peerclock`); each observed lag costs
+        at most one wait, and a peer that did not catch up within it is not waited for again for a while
+        (`Node.forget_lagging`): a peer that stopped sending, or one that claims old rounds on purpose, cannot hold
+        this node back round after round.
         """
         node = self.node
-        lagging = node.lagging_peers()
-        if not lagging:
+        plan = node.pace_plan(self.options.gossip_interval)
+        if plan is None:
             return
+        lagging, patience = plan.lagging, plan.patience
         loop = asyncio.get_running_loop()
-        durations = sorted(h["duration"] for h in node.history[-PACE_HISTORY:] if isinstance(h.get("duration"), float))
-        own = max(durations[len(durations) // 2] if durations else 0.0, self.options.gossip_interval)
-        cap = max(PACE_WAIT_CAP_S, 3 * own)
-        periods = {p: node.round_period(p) for p in lagging}
-        # Half a round of slack on top of the estimate: arrivals also wait for the peer's transfer and our polling.
-        patience = min(cap, max((lag - node.pace_lag + 1.5) * periods[p] if periods[p] else cap
-                                for p, lag in lagging.items()))
         started = loop.time()
         await self._sleep_until(started + patience, until=lambda: not node.lagging_peers())
         still = node.lagging_peers()

@@ -1,19 +1,18 @@
 """Byzantine peers for the simulator: an honest node whose outgoing model is replaced on the way out.
 
-The attacker trains and aggregates like everyone else; only what it shares is corrupted. The corruption wraps
-`Node.share`, swapping the model's weights for the malicious ones while the node encodes and sends them and
-restoring them afterwards, so it goes through exactly the node's own send path (compression, privacy, wire).
+The attacker trains and aggregates like everyone else; only what it shares is corrupted. The corruption is the
+node's injected ``tamper`` policy: its exchange swaps the model's weights for the malicious ones while it encodes
+and sends them and restores them afterwards, so they go through exactly the node's own send path (compression,
+privacy, wire).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from quinkgl_cli.errors import UsageError
-from quinkgl_cli.tensors import flatten, load_flat
 
 # signflip: every shared weight negated and amplified by SIGNFLIP_FACTOR, so one attacker outweighs the honest
 # models it is averaged with (a plain negation is mostly absorbed by an average);
@@ -52,20 +51,9 @@ def corrupt(kind: str, flat: torch.Tensor, generator: torch.Generator) -> torch.
     raise ValueError(f"unknown attack {kind!r}")
 
 
-def install_attack(node: Any, kind: str, seed: int) -> None:
-    """Make ``node`` share corrupted weights from now on (its own model stays honest)."""
+def tamper_for(kind: str, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The weights an attacker of ``kind`` sends in place of its honest ``flat`` ones (`NodePolicies.tamper`)."""
     if kind not in ATTACKS:
         raise ValueError(f"unknown attack {kind!r}")
     generator = torch.Generator().manual_seed(seed)
-    honest_share: Callable[..., list[str]] = node.share
-
-    def share(*args: Any, **kwargs: Any) -> list[str]:
-        honest = flatten(node.model)
-        load_flat(node.model, corrupt(kind, honest, generator))
-        try:
-            return honest_share(*args, **kwargs)
-        finally:
-            load_flat(node.model, honest)
-
-    node.share = share
-    node.attack = kind
+    return lambda flat: corrupt(kind, flat, generator)

@@ -2,8 +2,9 @@
 
 Centralized FedAvg is a comparison point of the simulator, not a daemon feature. The server is a `Node` whose
 aggregator averages only what clients uploaded (its own stale model takes no part, as in McMahan et al.); clients
-are `Node`s whose aggregator adopts the server's model verbatim. Both send through `SelectedTargets`, a topology
-the simulator points at the clients sampled for the round (server) or at the server (clients).
+are `Node`s whose aggregator adopts the server's model verbatim. Both use `SelectedTargets`, a topology with a
+fixed list of recipients (a client's: the server); the server's driver names each round's sampled clients in
+`Node.share`.
 """
 
 from __future__ import annotations
@@ -54,13 +55,13 @@ class AdoptGlobal(Aggregator):
 
 
 class SelectedTargets(Topology):
-    """Sends to whatever the driver put in ``targets`` (and only to known peers)."""
+    """Sends to ``targets`` (only those known), unless the driver names the recipients of a send."""
 
     name = "SelectedTargets"
 
-    def __init__(self, self_id: str) -> None:
+    def __init__(self, self_id: str, targets: Sequence[str] = ()) -> None:
         super().__init__(p.NoParams(), self_id, random.Random(0))
-        self.targets: list[str] = []
+        self.targets = list(targets)
 
     def select(self, peers: Sequence[str], round_idx: int) -> list[str]:
         known = set(peers)

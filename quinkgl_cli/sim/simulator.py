@@ -41,6 +41,7 @@ only seeds its noise so that a run is reproducible. Peer-script hooks are not ca
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -56,9 +57,9 @@ from pydantic import ValidationError
 
 from quinkgl_cli.errors import NodeConfigError, UsageError
 from quinkgl_cli.manifest.schema import Manifest
-from quinkgl_cli.node.core import Node, NodeConfig
+from quinkgl_cli.node.core import Node, NodeConfig, NodePolicies
 from quinkgl_cli.node.script import PeerScript
-from quinkgl_cli.sim.attacks import install_attack
+from quinkgl_cli.sim.attacks import tamper_for
 from quinkgl_cli.sim.baseline import SERVER_ID, AdoptGlobal, SelectedTargets, ServerMean
 from quinkgl_cli.sim.data import materialize, peer_loader
 from quinkgl_cli.sim.partition import dataset_labels, parse_scheme, partition_indices
@@ -338,29 +339,29 @@ class Simulator:
                 SERVER_ID, val_loader if val_loader is not None else [], val_loader, cfg.seed * 100_003 + cfg.peers,
                 manifest=self._server_manifest(), max_peers=cfg.peers, seek=cfg.peers,
                 aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
+                # The server trains on nothing; its broadcast carries the whole training set's weight (clients
+                # only check that it is positive, and adopt it).
+                policies=NodePolicies(reported_samples=len(dataset)),
             )
-            # The server trains on nothing; its broadcast carries the whole training set's weight (clients only
-            # check that it is positive, and adopt it).
-            self.server.sample_count = len(dataset)
+        attackers = sorted(self._rng.sample(range(cfg.peers), cfg.attackers)) if cfg.attackers else []
+        self.attackers = [ids[i] for i in attackers]
         for i, (node_id, idx) in enumerate(zip(ids, parts, strict=True)):
             seed = cfg.seed * 100_003 + i
             shuffle = torch.Generator().manual_seed(seed)
             train = peer_loader(dataset, idx, batch_size, shuffle)
             strategies: dict[str, Any] = {}
             if cfg.mode == "fedavg":
-                topo = SelectedTargets(node_id)
-                topo.targets = [SERVER_ID]
-                strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": topo, "max_peers": 1, "seek": 1}
+                # A fresh local optimizer per participation, as FedAvg clients start from the global model anew.
+                strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": SelectedTargets(node_id, [SERVER_ID]),
+                              "max_peers": 1, "seek": 1, "policies": NodePolicies(fresh_optimizer=True)}
             elif cfg.mode == "pairwise":
                 strategies = {"topology": SelectedTargets(node_id)}
+            if i in attackers:
+                policies = strategies.get("policies", NodePolicies())
+                strategies["policies"] = dataclasses.replace(policies, tamper=tamper_for(cfg.attack, cfg.seed * 7919 + i))
             self.nodes.append(self._node(node_id, train, val_loader, seed, **strategies))
         if cfg.mode == "pairwise":
             self.edges = self._graph_edges()
-        if cfg.attackers:
-            chosen = sorted(self._rng.sample(range(cfg.peers), cfg.attackers))
-            for i in chosen:
-                install_attack(self.nodes[i], cfg.attack, seed=cfg.seed * 7919 + i)
-            self.attackers = [ids[i] for i in chosen]
         self.memory["rss_after_build_mb"] = _rss_mb()
         self.memory["per_peer_kb_build"] = (
             (self.memory["rss_after_build_mb"] - self.memory["rss_before_build_mb"]) * 1024.0 / cfg.peers
@@ -409,10 +410,7 @@ class Simulator:
         for step in range(self.config.pairs_per_round):
             a, b = (self.nodes[i] for i in self._rng.choice(self.edges))
             for sender, receiver in ((a, b), (b, a)):
-                topo = sender.topology
-                assert isinstance(topo, SelectedTargets)
-                topo.targets = [receiver.node_id]
-                sender.share(step)
+                sender.share(step, to=[receiver.node_id])
             self.network.deliver_all()
             a.aggregate()
             b.aggregate()
@@ -430,15 +428,10 @@ class Simulator:
             node.begin_round()
         sampled = sorted(self._rng.sample(range(len(self.nodes)), self.config.clients_per_round))
         chosen = [self.nodes[i] for i in sampled]
-        topo = server.topology
-        assert isinstance(topo, SelectedTargets)
-        topo.targets = [n.node_id for n in chosen]
-        server.share(0)
+        server.share(0, to=[n.node_id for n in chosen])
         self.network.deliver_all()
         for node in chosen:
-            if node.aggregate() is not None:
-                # A fresh local optimizer per participation, as FedAvg clients start from the global model anew.
-                node.optimizer.state.clear()
+            node.aggregate()
             node.train_round()
             node.share(0)
         self.network.deliver_all()

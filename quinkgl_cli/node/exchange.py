@@ -1,0 +1,222 @@
+"""The exchange: what this node sends, to whom, and what a received update decodes to.
+
+Owns the model's shared tensor specs and the receive size limit, the sharing pipeline (local DP and per-peer delta
+compression, `strategies.sharing`) and the topology (who to send to, its control messages, fingerprints it is
+told). `share` is the one send path and `decode` the one place an incoming update becomes a flat vector. An
+optional ``tamper`` (the simulator's attackers) replaces the weights for the duration of a send; the node's own
+model stays honest. Checkpointed: the sharing pipeline's and the topology's state (`state_dict`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from quinkgl_cli import wire
+from quinkgl_cli.errors import NodeConfigError
+from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.gossipgraph import GOSSIP_TO_KEY, GraphWatch, gossip_to
+from quinkgl_cli.node.nodelog import NodeLog
+from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY
+from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
+from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
+from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED_ENCODING
+from quinkgl_cli.strategies.sharing import RESYNC_KIND, SharingPipeline, StaleBase
+from quinkgl_cli.tensors import TensorSpec, flatten, float_buffers, load_flat, shared_specs, trainable_mask
+from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, Transport
+
+# Cap on a self-reported sample count before the aggregator's own bound (max_weight_ratio) applies: keeps
+# arithmetic sane whatever a peer claims (the published package let one peer claim 2**32 samples).
+MAX_REPORTED_SAMPLES = 1 << 31
+EXTRA_PREFIX = "extra."
+
+Tamper = Callable[[torch.Tensor], torch.Tensor]  # honest flat weights -> the weights actually sent
+
+
+def build_sharing(manifest: Manifest, model: nn.Module, specs: Sequence[TensorSpec], noise_seed: int | None) -> SharingPipeline:
+    """The node's sharing pipeline; refuses local DP for a model with floating-point buffers (they would leak)."""
+    dp_mask = None
+    if manifest.privacy.dp_epsilon is not None:
+        buffers = float_buffers(model)
+        if buffers:
+            more = f" and {len(buffers) - 3} more" if len(buffers) > 3 else ""
+            raise NodeConfigError(
+                f"local DP cannot cover the model's floating-point buffers ({', '.join(buffers[:3])}{more}): "
+                "they are computed from the training data and would be shared without noise",
+                "use GroupNorm or LayerNorm instead of BatchNorm (as Opacus requires), register constant buffers "
+                "with persistent=False, or turn DP off")
+        dp_mask = trainable_mask(model)
+    return SharingPipeline(manifest.compression, manifest.privacy, sum(s.numel for s in specs),
+                           noise_seed=noise_seed, dp_mask=dp_mask)
+
+
+class Exchange:
+    def __init__(self, node_id: str, manifest: Manifest, model: nn.Module, transport: Transport,
+                 aggregator: Aggregator, topology: Topology, graph: GraphWatch, log: NodeLog,
+                 max_update_bytes: int | None, noise_seed: int | None, tamper: Tamper | None = None) -> None:
+        self.node_id = node_id
+        self.manifest = manifest
+        self.model = model
+        self.transport = transport
+        self.aggregator = aggregator
+        self.topology = topology
+        self.graph = graph
+        self._log = log
+        self.specs: list[TensorSpec] = shared_specs(model)
+        self.max_update_bytes = max_update_bytes or wire.max_blob_bytes(self.specs) * 2
+        self.sharing = build_sharing(manifest, model, self.specs, noise_seed)
+        self.tamper = tamper
+        self.label_entropy: float | None = None  # rides on every update when the manifest allows fingerprints
+        self._sharing_stop_logged = False
+
+    # ------------------------------------------------------------------ send path
+    def encode_update(self, round_: int, samples: int, step: int = 0, targets: Sequence[str] = ()) -> OutgoingUpdate:
+        """The one place the outgoing (uncompressed) update is built."""
+        state = self.model.state_dict()
+        tensors: dict[str, torch.Tensor] = {s.name: state[s.name] for s in self.specs}
+        for name, t in self.aggregator.extras_to_send().items():
+            tensors[EXTRA_PREFIX + name] = t
+        meta = self._meta(step, targets)
+        payload = wire.encode(tensors, meta=meta)
+        return OutgoingUpdate(round=round_, payload=payload, sample_count=samples, meta=meta)
+
+    def _meta(self, step: int, targets: Sequence[str]) -> dict[str, Any]:
+        meta: dict[str, Any] = {"step": step}
+        if self.label_entropy is not None:
+            meta[LABEL_ENTROPY_KEY] = self.label_entropy
+        if targets:
+            meta[GOSSIP_TO_KEY] = gossip_to(targets)
+        return meta
+
+    def share(self, round_: int, samples: int, known: Sequence[str], step: int = 0,
+              to: Sequence[str] | None = None) -> list[str]:
+        """Send the current model to the peers the topology picks among ``known`` (or to those of ``to`` that are
+        known: a driver directing the send); returns them. Never blocks."""
+        if self.tamper is None:
+            return self._share(round_, samples, known, step, to)
+        honest = flatten(self.model)
+        load_flat(self.model, self.tamper(honest))
+        try:
+            return self._share(round_, samples, known, step, to)
+        finally:
+            load_flat(self.model, honest)
+
+    def _share(self, round_: int, samples: int, known: Sequence[str], step: int, to: Sequence[str] | None) -> list[str]:
+        peers = sorted(known)
+        if not peers:
+            return []
+        if self.sharing.sharing_stopped:
+            if not self._sharing_stop_logged:
+                self._sharing_stop_logged = True
+                eps, delta = self.sharing.dp.spent()
+                self._log(logging.WARNING, "dp-budget-exhausted", releases=self.sharing.dp.releases,
+                          epsilon_spent=round(eps, 4), delta=f"{delta:g}",
+                          total=self.manifest.privacy.dp_total_epsilon, hint="this node no longer shares its model")
+            return []
+        known_set = set(peers)
+        try:
+            chosen = self.topology.select(peers, round_) if to is None else [p for p in to if p in known_set]
+            targets = [p for p in chosen if p != self.node_id]
+        except Exception as exc:
+            self._log(logging.ERROR, "topology-failed", error=f"{type(exc).__name__}: {exc}")
+            return []
+        for peer_id, kind, body in self.topology.control_messages(round_):
+            self.transport.send_message(peer_id, kind, body)
+        if not targets:
+            return []
+        self.graph.record_sends(targets, round_)
+        if self.sharing.compress_sends:
+            return self._share_compressed(round_, samples, targets, step)
+        update = self.encode_update(round_, samples, step, targets)
+        for peer_id in targets:
+            self.transport.send_model(peer_id, update)
+        self._log(logging.DEBUG, "shared", to=targets, bytes=len(update.payload), step=step)
+        return targets
+
+    def _share_compressed(self, round_: int, samples: int, targets: list[str], step: int) -> list[str]:
+        """Each recipient gets the delta against what it holds from us (strategies.compression)."""
+        flat = flatten(self.model)
+        extras = self.aggregator.extras_to_send()
+        meta = self._meta(step, targets)
+        sizes = []
+        for peer_id in targets:
+            enc = self.sharing.encode(peer_id, flat, extras, meta)
+            self.transport.send_model(peer_id, OutgoingUpdate(round=round_, payload=enc.payload, sample_count=samples,
+                                                              encoding=COMPRESSED_ENCODING, meta=meta))
+            sizes.append(enc.wire_bytes)
+        self._log(logging.DEBUG, "shared", to=targets, bytes=sum(sizes), step=step, compressed=True)
+        return targets
+
+    # ------------------------------------------------------------------ receive path
+    def receive_compressed(self, update: ModelReceived, drop: Callable[[str, int, str], None]) -> dict[str, Any] | None:
+        """Apply a compressed update to the sender's reconstruction; its meta, or None when dropped (``drop``)."""
+        try:
+            return self.sharing.receive(update.sender, update.payload, self.max_update_bytes)
+        except StaleBase as exc:
+            drop(update.sender, update.round, exc.message)
+            self.transport.send_message(update.sender, RESYNC_KIND, {"round": update.round})
+        except Exception as exc:
+            drop(update.sender, update.round, f"{type(exc).__name__}: {exc}")
+        return None
+
+    def decode(self, msg: ModelReceived) -> PeerUpdate:
+        """The one place an incoming update becomes a flat vector: decompression hooks in here. Raises on bad input."""
+        samples = int(msg.sample_count)
+        if msg.encoding == COMPRESSED_ENCODING:
+            held = self.sharing.model_of(msg.sender)  # reconstructed on arrival (`receive_compressed`)
+            if held is None:
+                raise ValueError("no reconstructed model for this sender (its state was evicted)")
+            flat, extras = held
+            if samples <= 0:
+                raise ValueError(f"sample count {samples} is not positive")
+            return PeerUpdate(peer_id=msg.sender, round=msg.round, flat=flat,
+                              sample_count=min(samples, MAX_REPORTED_SAMPLES), meta=dict(msg.meta), extras=extras)
+        tensors, meta = wire.decode(msg.payload, max_entries=len(self.specs) + 64, max_bytes=self.max_update_bytes)
+        model_tensors = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+        extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+        wire.check_against(model_tensors, self.specs)
+        for name, t in extras.items():
+            wire.check_finite(name, t)
+        flat = (torch.cat([model_tensors[s.name].reshape(-1).to(torch.float32) for s in self.specs])
+                if self.specs else torch.empty(0))
+        if samples <= 0:
+            raise ValueError(f"sample count {samples} is not positive")
+        return PeerUpdate(peer_id=msg.sender, round=msg.round, flat=flat, sample_count=min(samples, MAX_REPORTED_SAMPLES),
+                          meta={**msg.meta, **meta}, extras=extras)
+
+    def on_message(self, sender: str, kind: str, body: dict[str, Any]) -> None:
+        """A control message: a compression resync request, a peer's fingerprint, or the topology's own."""
+        if kind == RESYNC_KIND:
+            self.sharing.resync(sender)
+            self._log(logging.INFO, "compression-resync", peer=sender, hint="next update to it carries full weights")
+            return
+        try:
+            if kind == FINGERPRINT_KIND:
+                self.topology.observe_fingerprint(sender, dict(body))
+                return
+            for peer_id, reply_kind, reply in self.topology.on_control(sender, kind, dict(body)):
+                self.transport.send_message(peer_id, reply_kind, reply)
+        except Exception as exc:
+            self._log(logging.WARNING, "message-dropped", peer=sender, kind=kind, reason=f"{type(exc).__name__}: {exc}")
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``sharing.*`` and ``topology.*`` tensors, and the topology's JSON state."""
+        tensors = {f"sharing.{k}": v for k, v in self.sharing.state_dict().items()}
+        topo_json: dict[str, Any] = {}
+        for key, value in self.topology.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"topology.{key}"] = value.detach().cpu().contiguous()
+            else:
+                topo_json[key] = value
+        return tensors, topo_json
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], topology_json: dict[str, Any]) -> None:
+        topo = dict(topology_json)
+        topo.update({k[len("topology."):]: v for k, v in tensors.items() if k.startswith("topology.")})
+        self.topology.load_state_dict(topo)
+        self.sharing.load_state_dict({k[len("sharing."):]: v for k, v in tensors.items() if k.startswith("sharing.")})

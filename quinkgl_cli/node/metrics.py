@@ -1,0 +1,159 @@
+"""A node's round metrics and history.
+
+Owns what a round records while it runs (when it began, the transport counters at its start, the training and
+evaluation results, the peers aggregated and the samples they carried), the history of completed rounds' metrics,
+and the run's totals across restarts (peers met, bytes and updates moved in earlier processes). Checkpointed:
+the history and the totals (`state_dict`), so a resumed daemon's ``finished`` line reports the whole run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from quinkgl_cli.node.trainer import EvalStats, TrainStats
+from quinkgl_cli.transport.base import TransportStats
+
+
+@dataclass
+class AggregationOutcome:
+    peers: list[str]  # remote peers whose updates shaped the result
+    rejected: list[str]
+    samples: int  # local + used remote sample counts (as reported, before bounding)
+    note: str = ""
+
+
+@dataclass
+class RoundMetrics:
+    round: int
+    loss: float | None = None
+    accuracy: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    peers: int = 0  # distinct remote peers aggregated this round
+    peer_ids: list[str] = field(default_factory=list)
+    samples: int = 0  # local training samples
+    aggregated_samples: int = 0
+    known_peers: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    updates_sent: int = 0
+    updates_received: int = 0
+    updates_dropped: int = 0
+    train_time: float = 0.0
+    eval_time: float = 0.0
+    duration: float = 0.0
+    sharing: dict[str, Any] = field(default_factory=dict)  # compression and privacy counters (SharingPipeline)
+    spectral: dict[str, Any] = field(default_factory=dict)  # the latest analysis of the observed gossip graph
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("sharing"))
+        d.update({f"spectral_{k}": v for k, v in d.pop("spectral").items()})
+        return d
+
+
+@dataclass(frozen=True)
+class Counters:
+    """The transport's traffic counters at one moment."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    models_sent: int = 0
+    models_received: int = 0
+
+    @staticmethod
+    def of(stats: TransportStats) -> Counters:
+        return Counters(stats.bytes_sent, stats.bytes_received, stats.models_sent, stats.models_received)
+
+    def minus(self, other: Counters) -> Counters:
+        return Counters(self.bytes_sent - other.bytes_sent, self.bytes_received - other.bytes_received,
+                        self.models_sent - other.models_sent, self.models_received - other.models_received)
+
+    def plus(self, other: Counters) -> Counters:
+        return Counters(self.bytes_sent + other.bytes_sent, self.bytes_received + other.bytes_received,
+                        self.models_sent + other.models_sent, self.models_received + other.models_received)
+
+
+class RoundRecorder:
+    def __init__(self) -> None:
+        self.history: list[dict[str, Any]] = []
+        self.started = 0.0
+        self.at_start = Counters()
+        self.train: TrainStats | None = None
+        self.eval: EvalStats | None = None
+        self.peers: list[str] = []
+        self.aggregated_samples = 0
+        # Earlier processes of this run (restored from the checkpoint): peers they met, traffic they moved.
+        self.earlier_peers: set[str] = set()
+        self.earlier_traffic = Counters()
+
+    def begin(self, now: float, stats: TransportStats) -> None:
+        self.started = now
+        self.at_start = Counters.of(stats)
+        self.train = None
+        self.eval = None
+        self.peers = []
+        self.aggregated_samples = 0
+
+    def aggregated(self, used: Iterable[str], samples: int) -> None:
+        for p in used:
+            if p not in self.peers:
+                self.peers.append(p)
+        self.aggregated_samples = samples
+
+    def finish(self, round_: int, now: float, stats: TransportStats, known_peers: int, dropped: int,
+               sample_count: int, sharing: dict[str, Any], spectral: dict[str, Any]) -> RoundMetrics:
+        """The metrics of the round that ends now (the caller appends them to the history once it is complete)."""
+        moved = Counters.of(stats).minus(self.at_start)
+        train, ev = self.train, self.eval
+        return RoundMetrics(
+            round=round_,
+            loss=train.loss if train else None,
+            accuracy=train.accuracy if train else None,
+            val_loss=ev.val_loss if ev else None,
+            val_accuracy=ev.val_accuracy if ev else None,
+            peers=len(self.peers),
+            peer_ids=list(self.peers),
+            samples=train.samples if train else sample_count,
+            aggregated_samples=self.aggregated_samples,
+            known_peers=known_peers,
+            bytes_sent=moved.bytes_sent,
+            bytes_received=moved.bytes_received,
+            updates_sent=moved.models_sent,
+            updates_received=moved.models_received,
+            updates_dropped=dropped,
+            train_time=train.duration if train else 0.0,
+            eval_time=ev.duration if ev else 0.0,
+            duration=now - self.started,
+            sharing=sharing,
+            spectral=spectral,
+        )
+
+    def recent_durations(self, rounds: int) -> list[float]:
+        """Durations in seconds of the last ``rounds`` completed rounds (those recorded)."""
+        return [h["duration"] for h in self.history[-rounds:] if isinstance(h.get("duration"), float)]
+
+    def last(self) -> dict[str, Any]:
+        return dict(self.history[-1]) if self.history else {}
+
+    def totals(self, met: Iterable[str], stats: TransportStats) -> dict[str, int]:
+        """The whole run's peers met and traffic, this process's added to earlier processes'."""
+        traffic = self.earlier_traffic.plus(Counters.of(stats))
+        return {"peers_met": len(self.earlier_peers | set(met)), "bytes_sent": traffic.bytes_sent,
+                "bytes_received": traffic.bytes_received, "updates_sent": traffic.models_sent,
+                "updates_received": traffic.models_received}
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self, met: Iterable[str], stats: TransportStats) -> dict[str, Any]:
+        totals = self.totals(met, stats)
+        return {"history": self.history, "known_peers": sorted(self.earlier_peers | set(met)),
+                "totals": {k: v for k, v in totals.items() if k != "peers_met"}}
+
+    def load_state_dict(self, meta: dict[str, Any]) -> None:
+        self.history = list(meta.get("history", []))
+        self.earlier_peers = {str(p) for p in meta.get("known_peers", [])}
+        t = meta.get("totals") or {}
+        self.earlier_traffic = Counters(int(t.get("bytes_sent", 0)), int(t.get("bytes_received", 0)),
+                                        int(t.get("updates_sent", 0)), int(t.get("updates_received", 0)))

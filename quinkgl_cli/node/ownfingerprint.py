@@ -1,0 +1,38 @@
+"""This peer's own data fingerprint: computed once at start when the manifest allows fingerprints.
+
+Owns nothing mutable: the fingerprint body goes to each discovered peer (AffinityTopology) and its label entropy
+rides on every update (EntropyWeightedAvg). The entropy is a statistic of the label buckets, so with
+``privacy.fingerprint`` false it stays home too and EntropyWeightedAvg weighs this peer by ``fallback_weight``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.nodelog import NodeLog, one_line
+from quinkgl_cli.node.trainer import LossFn
+from quinkgl_cli.strategies.fingerprint import fingerprint_for
+
+
+@dataclass(frozen=True)
+class OwnFingerprint:
+    body: dict[str, Any] | None = None
+    label_entropy: float | None = None
+
+
+def own_fingerprint(manifest: Manifest, train_loader: Iterable[Any], model: nn.Module, loss_fn: LossFn,
+                    noise_seed: int | None, log: NodeLog) -> OwnFingerprint:
+    if not manifest.privacy.fingerprint:
+        return OwnFingerprint()
+    try:
+        fp = fingerprint_for(manifest, train_loader, model=model, loss_fn=loss_fn, noise_seed=noise_seed)
+    except Exception as exc:  # a fingerprint is an optimisation: the node works without one
+        log(logging.WARNING, "fingerprint-unavailable", reason=one_line(exc))
+        return OwnFingerprint()
+    return OwnFingerprint(fp.to_body(), float(fp.entropy))

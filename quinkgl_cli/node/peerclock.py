@@ -1,0 +1,152 @@
+"""The swarm's clock as this node sees it: which round each peer is in, whether to catch up, whom to wait for.
+
+Owns, per peer: the newest round of a valid update (`note_valid`; the quorum catch-up reads only these), the
+arrival time and round of its newest update and its seconds per round (`note_arrival`; pacing reads these), the lag
+noted on arrival, and the round before which it is not waited for again. Also owns the decision a real-time driver
+asks for before a round (`pace_plan`): whom to wait for and for how long. Nothing here is checkpointed: peers'
+rounds are relearned from their next updates.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+PACE_MUTE_ROUNDS = 10  # a peer that did not catch up within a pacing wait is not waited for again this long
+PACE_WAIT_CAP_S = 10.0  # before a round, wait at most this long (or three rounds of ours) for lagging peers
+PACE_HISTORY = 5  # own rounds whose median duration is "one typical round"
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    to_round: int
+    peers: int
+    quorum: int
+
+
+@dataclass(frozen=True)
+class PacePlan:
+    """Wait up to ``patience`` seconds for ``lagging`` peers (peer -> rounds behind) before the next round."""
+
+    lagging: dict[str, int]
+    patience: float
+
+
+class PeerClock:
+    def __init__(self, max_staleness: int, clock: Callable[[], float]) -> None:
+        self.max_staleness = max_staleness
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._peer_rounds: dict[str, int] = {}  # newest round of a valid update from each peer
+        self._lagging: dict[str, int] = {}  # peers whose last update arrived close to (or past) the staleness limit
+        self._last_arrival: dict[str, tuple[float, int]] = {}  # per peer: (clock, round) of its newest round seen
+        self._round_period: dict[str, float] = {}  # per peer: seconds per round, from its updates' arrivals
+        self._pace_muted: dict[str, int] = {}  # per peer: no pacing on it before this round (it did not catch up)
+
+    @property
+    def pace_lag(self) -> int:
+        """How many rounds behind a peer's update may arrive before this node waits for that peer: at the staleness
+        limit its next update would already be dropped."""
+        return max(self.max_staleness, 1)
+
+    def note_valid(self, sender: str, round_: int) -> None:
+        """A valid update of ``round_`` came from ``sender``: the swarm's clock counts only such updates."""
+        with self._lock:
+            self._peer_rounds[sender] = max(round_, self._peer_rounds.get(sender, round_))
+
+    def note_arrival(self, sender: str, round_: int, current_round: int) -> None:
+        """Remember a peer whose update came ``pace_lag`` or more rounds behind ours, forget it once one comes closer.
+
+        Only pacing reads this (a peer claiming an old round can at most make us wait a bounded time), so the
+        claimed round of any authenticated update counts, before validation."""
+        lag = current_round - round_
+        now = self.clock()
+        with self._lock:
+            last = self._last_arrival.get(sender)
+            if last is None or round_ > last[1]:
+                if last is not None:
+                    period = (now - last[0]) / (round_ - last[1])
+                    old = self._round_period.get(sender)
+                    self._round_period[sender] = period if old is None else 0.5 * (old + period)
+                self._last_arrival[sender] = (now, round_)
+            if lag >= self.pace_lag:
+                self._lagging[sender] = lag
+            else:
+                self._lagging.pop(sender, None)
+
+    def catch_up(self, next_round: int, known: Iterable[str], round_limit: int | None) -> CatchUp | None:
+        """The round to jump to instead of ``next_round`` when most known peers are far ahead, or None.
+
+        A peer that restarted from an old checkpoint would otherwise stay behind for good (rounds advance at the
+        same cadence everywhere) and have every update dropped as stale. It jumps to the highest round that a
+        quorum of its known peers has reached, when that is more than ``max_staleness`` ahead, capped at the
+        round limit. The quorum is a majority of the known peers and never fewer than two, and a peer's round
+        counts only from updates that decoded and validated: neither one peer (a liar, or the only other peer of
+        a two-peer swarm) nor a minority claiming huge rounds can push it to the end of training.
+        """
+        with self._lock:  # peers not heard from yet count as being where we are
+            rounds = sorted((self._peer_rounds.get(p, next_round) for p in known), reverse=True)
+        quorum = max(2, len(rounds) - (len(rounds) - 1) // 2)
+        if len(rounds) < quorum or rounds[quorum - 1] <= next_round + self.max_staleness:
+            return None
+        reached = rounds[quorum - 1]
+        target = reached if round_limit is None else min(reached, round_limit)
+        return CatchUp(target, len(rounds), quorum) if target > next_round else None
+
+    def lagging(self, known: Iterable[str], completed_round: int, current_round: int) -> dict[str, int]:
+        """Known peers to wait for before the next round, with how many rounds they lag.
+
+        Two signals: an update that arrived ``pace_lag`` or more rounds behind ours (noted on arrival), and, for a
+        peer sending regularly (its round period known, heard from within three periods), a newest round more than
+        ``pace_lag`` behind the round about to begin: between that peer's updates a faster node would otherwise
+        race ahead again. A peer that sends rarely (a sparse topology) is not active and is never waited for."""
+        now = self.clock()
+        upcoming = completed_round + 1
+        out: dict[str, int] = {}
+        with self._lock:
+            for p in known:
+                if self._pace_muted.get(p, 0) > current_round:
+                    continue
+                lag = self._lagging.get(p)
+                last, period = self._last_arrival.get(p), self._round_period.get(p)
+                if last is not None and period is not None and now - last[0] <= 3 * period:
+                    behind = upcoming - last[1]
+                    if behind > self.pace_lag:
+                        lag = max(lag or 0, behind)
+                if lag is not None:
+                    out[p] = lag
+        return out
+
+    def round_period(self, peer: str) -> float | None:
+        """Seconds per round of ``peer`` as its updates' arrivals show (None until two of its rounds arrived)."""
+        with self._lock:
+            return self._round_period.get(peer)
+
+    def pace_plan(self, lagging: dict[str, int], own_durations: Sequence[float], interval: float) -> PacePlan | None:
+        """How long to wait for ``lagging`` peers, or None when there is none.
+
+        A peer L rounds behind needs about L - pace_lag + 1 of its rounds (its pace from its updates' arrivals;
+        until that is known, up to the cap) to get there. The wait is capped (`PACE_WAIT_CAP_S`, or three of our
+        rounds when those are longer: the median of ``own_durations``, at least ``interval``), with half a round of
+        slack on top of the estimate: arrivals also wait for the peer's transfer and the driver's polling."""
+        if not lagging:
+            return None
+        durations = sorted(own_durations[-PACE_HISTORY:])
+        own = max(durations[len(durations) // 2] if durations else 0.0, interval)
+        cap = max(PACE_WAIT_CAP_S, 3 * own)
+        waits = []
+        for peer, lag in lagging.items():
+            period = self.round_period(peer)
+            waits.append((lag - self.pace_lag + 1.5) * period if period else cap)
+        patience = min(cap, max(waits))
+        return PacePlan(dict(lagging), patience)
+
+    def forget_lagging(self, timed_out: Iterable[str], current_round: int) -> None:
+        """The driver has waited on the current notes: each observed lag costs at most one wait. Peers that did not
+        catch up within it get no further wait for `PACE_MUTE_ROUNDS` rounds: a stalled or lying peer cannot hold
+        this node back round after round."""
+        with self._lock:
+            self._lagging.clear()
+            for peer in timed_out:
+                self._pace_muted[peer] = current_round + PACE_MUTE_ROUNDS
