@@ -8,9 +8,11 @@ The rules:
 
 - node id: 1-64 characters, letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit; it names
   the peer in log lines and travels in hellos, so it never holds spaces, ``=`` or control characters;
-- listen address: an IPv4 address (IPv6 is not supported by the transport yet);
+- listen address: an IPv4 address (IPv6 is not supported by the transport yet) or ``localhost``;
 - port: 0-65535 to listen on (0: any free port), 1-65535 to send to;
 - peer address: ``host:port``, the host an IPv4 address or a name (names are resolved when the node starts);
+- ``localhost`` means 127.0.0.1 wherever an address is taken, without asking a resolver (RFC 6761 reserves
+  the name for loopback; a hosts file that maps it elsewhere must not widen where a loopback node sends);
 - loopback rule: a node listening on loopback never sends anywhere else, so every peer it is given must be a
   loopback address, and LAN discovery or public bootstrap servers need a non-loopback listen address.
 
@@ -28,6 +30,7 @@ from quinkgl_cli.errors import UsageError
 MAX_NODE_ID = 64
 _NODE_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NODE_ID - 1}}}$")
 NODE_ID_RULE = f"1-{MAX_NODE_ID} letters, digits, '.', '_' or '-', starting with a letter or digit"
+LOOPBACK = "127.0.0.1"
 _HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
 
 
@@ -43,9 +46,13 @@ def node_id(value: str, flag: str = "--node-id") -> str:
     return value
 
 
+def _localhost(host: str) -> str:
+    return LOOPBACK if host.lower().rstrip(".") == "localhost" else host
+
+
 def listen_address(value: str, flag: str = "--listen") -> str:
     """An IPv4 address to bind, normalized (``127.000.0.1`` is refused, as ipaddress refuses it)."""
-    text = value.strip()
+    text = _localhost(value.strip())
     try:
         address = ipaddress.ip_address(text)
     except ValueError as exc:
@@ -66,6 +73,7 @@ def peer_address(value: str, flag: str = "--bootstrap-peer") -> tuple[str, int]:
     """``host:port`` of a peer to contact, as ``(host, port)``; the host is an IPv4 address or a DNS name."""
     text = value.strip()
     host, sep, port = text.rpartition(":")
+    host = _localhost(host)
     example = f"e.g. {flag} 127.0.0.1:7001"
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"{flag} {value!r} is not HOST:PORT (port 1-65535)", example)

@@ -33,7 +33,7 @@ def test_info_lists_registry_and_versions(capsys: pytest.CaptureFixture[str]) ->
         (["--script-arg", "novalue"], "--script-arg"),
         (["--strict-manifest", "perhaps"], "--strict-manifest"),
         (["--node-id", "bad id"], "--node-id"),
-        (["--listen", "localhost"], "--listen"),
+        (["--listen", "::1"], "--listen"),
         (["--bootstrap-peer", "127.0.0.1"], "--bootstrap-peer"),
         (["--rounds", "0"], "--rounds"),
         (["--gossip-interval", "0"], "--gossip-interval"),

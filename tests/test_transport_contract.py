@@ -358,7 +358,7 @@ def test_ipv8_refuses_off_loopback_configuration(tmp_path):
     with pytest.raises(NetworkError, match="not host:port"):
         _ipv8(tmp_path, "a", bootstrap=["127.0.0.1"])
     with pytest.raises(NetworkError, match="not an IP address"):
-        _ipv8(tmp_path, "a", listen_host="localhost")
+        _ipv8(tmp_path, "a", listen_host="ip6-localhost")
 
 
 def test_ipv8_community_id_comes_from_the_swarm(tmp_path):

@@ -24,7 +24,8 @@ def test_invalid_node_ids(value: str) -> None:
 
 def test_listen_address_is_ipv4() -> None:
     assert validation.listen_address(" 0.0.0.0 ") == "0.0.0.0"
-    for bad, why in (("::1", "not IPv4"), ("localhost", "not an IP address"), ("127.0.0.256", "not an IP address")):
+    assert validation.listen_address("localhost") == validation.listen_address("LocalHost.") == "127.0.0.1"
+    for bad, why in (("::1", "not IPv4"), ("localhost6", "not an IP address"), ("127.0.0.256", "not an IP address")):
         with pytest.raises(UsageError, match=why):
             validation.listen_address(bad)
 
@@ -38,7 +39,7 @@ def test_ports() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("127.0.0.1:7001", ("127.0.0.1", 7001)), (" peer.example.org:9 ", ("peer.example.org", 9)), ("host-1:65535", ("host-1", 65535))],
+    [("127.0.0.1:7001", ("127.0.0.1", 7001)), ("localhost:7001", ("127.0.0.1", 7001)), (" peer.example.org:9 ", ("peer.example.org", 9)), ("host-1:65535", ("host-1", 65535))],
 )
 def test_peer_addresses(text: str, expected: tuple[str, int]) -> None:
     assert validation.peer_address(text) == expected
@@ -56,7 +57,7 @@ def test_loopback_rule() -> None:
     with pytest.raises(UsageError, match="not on loopback"):
         validation.reachable_peers("127.0.0.1", [("10.0.0.1", 7001)])
     with pytest.raises(UsageError, match="not on loopback"):
-        validation.reachable_peers("127.0.0.1", [("localhost", 7001)])  # names are not resolved to decide
+        validation.reachable_peers("127.0.0.1", [("peer.example.org", 7001)])  # names are not resolved to decide
     with pytest.raises(UsageError, match="non-loopback listen"):
         validation.reachable_peers("127.0.0.1", [], lan_discovery=True)
 
