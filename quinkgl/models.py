@@ -63,7 +63,7 @@ class PyTorchModel:
             out = self._output_shape if self._output_shape is not None else probed_out
             if out is None:
                 raise ValueError("the model's output is not one tensor with a per-sample shape: pass output_shape=")
-            self._task = TaskSpec(type=self.task_type, input_shape=probed_in, output_shape=out, label_type=self.label_type)  # type: ignore[arg-type]
+            self._task = TaskSpec(type=self.task_type, input_shape=probed_in, output_shape=out, label_type=self.label_type)
         return self._task
 
     def get_input_shape(self) -> tuple[int, ...]:

@@ -18,17 +18,21 @@ from quinkgl_cli.manifest.canonical import data_schema_hash
 from quinkgl_cli.manifest.schema import (
     DP_TUNING,
     CompressionSpec,
+    Framework,
+    LabelType,
     Manifest,
+    ModelSpec,
     PrivacySpec,
     StrategySpec,
     TaskSpec,
+    TaskType,
     TrainingSpec,
     error_text,
     idle_compression_message,
     idle_dp_message,
 )
 
-TASK_TYPES = {
+TASK_TYPES: dict[str, TaskType] = {
     "class": "classification",
     "classification": "classification",
     "regr": "regression",
@@ -38,8 +42,8 @@ TASK_TYPES = {
     "det": "detection",
     "detection": "detection",
 }
-LABEL_TYPES = {"integer": "integer", "int": "integer", "float": "float", "one_hot": "one_hot", "one-hot": "one_hot", "onehot": "one_hot"}
-FRAMEWORKS = ("pytorch", "tensorflow", "custom")
+LABEL_TYPES: dict[str, LabelType] = {"integer": "integer", "int": "integer", "float": "float", "one_hot": "one_hot", "one-hot": "one_hot", "onehot": "one_hot"}
+FRAMEWORKS: tuple[Framework, ...] = ("pytorch", "tensorflow", "custom")
 _HEX64 = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})$")
 _INT = re.compile(r"^[+-]?\d+$")
 
@@ -60,25 +64,26 @@ _FLAG_OF = {
 }
 
 
-def normalize_task_type(value: str) -> str:
+def normalize_task_type(value: str) -> TaskType:
     found = TASK_TYPES.get(value.strip().lower())
     if found is None:
         raise UsageError(f"--task-type {value!r} is not a task type", "valid: class, regr, seg, det (or their long forms)")
     return found
 
 
-def normalize_label_type(value: str) -> str:
+def normalize_label_type(value: str) -> LabelType:
     found = LABEL_TYPES.get(value.strip().lower())
     if found is None:
         raise UsageError(f"--label-type {value!r} is not a label type", "valid: integer, float, one_hot")
     return found
 
 
-def normalize_framework(value: str) -> str:
+def normalize_framework(value: str) -> Framework:
     found = value.strip().lower()
-    if found not in FRAMEWORKS:
-        raise UsageError(f"--model-framework {value!r} is not a framework", f"valid: {', '.join(FRAMEWORKS)}")
-    return found
+    for framework in FRAMEWORKS:
+        if framework == found:
+            return framework
+    raise UsageError(f"--model-framework {value!r} is not a framework", f"valid: {', '.join(FRAMEWORKS)}")
 
 
 def normalize_arch_hash(value: str) -> str:
@@ -216,7 +221,7 @@ def build_manifest(
             expires_at=expiry,
             task=task,
             data_schema_hash=data_schema_hash(task),
-            model={"framework": normalize_framework(framework), "arch_hash": normalize_arch_hash(arch_hash)},
+            model=ModelSpec(framework=normalize_framework(framework), arch_hash=normalize_arch_hash(arch_hash)),
             aggregation=_strategy("aggregation", aggregation, aggregation_params),
             topology=_strategy("topology", topology, topology_params),
             training=_spec(TrainingSpec, _coerced(training_params), "--training-param"),
