@@ -91,6 +91,10 @@ class Outbox:
             del self.offers[stale.offer_id]  # a peer that never fetches must not pin every update we ever offered it
         self.courier.send(rec.address, OfferPayload(self.settings.swarm_id, *self.courier.stamp(), *fields))
 
+    def awaited(self) -> bool:
+        """Whether a peer still in the table has an offer of ours it has not finished fetching."""
+        return any(self.table.get(out.recipient) is not None for out in self.offers.values())
+
     def tick(self, now: float) -> None:
         """Expire offers nobody fetched; send again those whose datagram may have been lost."""
         limits = self.settings.limits

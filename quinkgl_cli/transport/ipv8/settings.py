@@ -61,6 +61,7 @@ class Limits:
     offer_resends: int = 3
     offer_resend_after: float = 1.5  # seconds without a fetch before an offer is sent again (a datagram may be lost)
     proven_after: float = 30.0  # seconds of presence after which an unproven peer counts as long-lived
+    stop_grace: float = 2.0  # seconds a stopping transport waits for peers to fetch what it offered them
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from quinkgl_cli.transport.ipv8.settings import (
 )
 
 log = logging.getLogger("quinkgl.transport")
+STOP_POLL = 0.02  # seconds between looks at the outbox while stopping
 
 _IPV8_LOGGERS = (
     "ipv8",
@@ -215,11 +216,19 @@ class IPv8Transport(RuledTransport):
         if not self.running:
             await self._teardown()
             return
+        await self._serve_pending()
         self.running = False
         if self.parts is not None:
             self.parts.membership.say_goodbye()
         await self._teardown()
         emit(log, logging.INFO, "transport-stopped", context={"node": self.node_id}, kind="ipv8", blocked_sends=self.guard.blocked)
+
+    async def _serve_pending(self) -> None:
+        """Give peers still here a moment to fetch what we offered them last (a node's final exchange is offered just
+        before it stops): closing first would fail their fetch with connection_refused. Bounded by ``stop_grace``."""
+        deadline = time.monotonic() + self.settings.limits.stop_grace
+        while self.parts is not None and self.parts.outbox.awaited() and time.monotonic() < deadline:
+            await asyncio.sleep(STOP_POLL)
 
     async def _teardown(self) -> None:
         self._dispatch.attach(None)
