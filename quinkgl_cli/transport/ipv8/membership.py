@@ -18,6 +18,7 @@ from typing import Any
 from ipv8.keyvault.crypto import default_eccrypto
 from ipv8.peerdiscovery.discovery import RandomWalk
 
+from quinkgl_cli import validation
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.events import emit
 from quinkgl_cli.transport.common import DropLog
@@ -28,7 +29,7 @@ from quinkgl_cli.transport.ipv8.payloads import ByePayload, HelloHead, HelloPayl
 from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable
 from quinkgl_cli.transport.ipv8.replay import ReplayGuard
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents
-from quinkgl_cli.transport.ipv8.settings import TransportSettings, label, valid_node_id
+from quinkgl_cli.transport.ipv8.settings import TransportSettings, label
 
 log = logging.getLogger("quinkgl.transport")
 
@@ -109,7 +110,7 @@ class Membership:
         s = self.settings
         node_id = p.node_id
         who = label(node_id, source)
-        if not valid_node_id(node_id):
+        if not validation.is_node_id(node_id):
             self.drops("peer-refused", who, "bad_node_id")
             return
         if p.swarm_id != s.swarm_id:

@@ -13,12 +13,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from quinkgl_cli import validation
 from quinkgl_cli.transport.common import DropLog, digest
 from quinkgl_cli.transport.ipv8 import stream
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.payloads import OfferPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable
-from quinkgl_cli.transport.ipv8.settings import TransportSettings, valid_node_id
+from quinkgl_cli.transport.ipv8.settings import TransportSettings
 
 HASH_IN_THREAD = 256 * 1024  # hashing more than this on the event loop would stall it noticeably
 
@@ -111,4 +112,4 @@ class Outbox:
         if out is None or out.recipient != rec.node_id or out.serving:
             return
         del self.offers[offer_id]
-        self.drops("offer-declined", rec.node_id, reason[:64] if valid_node_id(reason[:64]) else "unspecified")
+        self.drops("offer-declined", rec.node_id, reason[:64] if validation.is_node_id(reason[:64]) else "unspecified")
