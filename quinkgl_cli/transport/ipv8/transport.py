@@ -206,7 +206,7 @@ class IPv8Transport(RuledTransport):
         table = PeerTable(s.max_peers)
         outbox = Outbox(s, table, courier, drops, self.tcp_port)
         fetcher = Fetcher(s, key, community.community_id, courier, self.guard, pool, tasks, node_events, drops, self.stats)
-        membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, fetcher.book.forget)
+        membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, fetcher.forget)
         server = FetchServer(s, lsock, outbox, key, community.community_id, self.guard, pool, tasks, drops, self.stats)
         self._dispatch.attach(Routes(membership, outbox, fetcher, node_events))
         return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, tasks, pool)
