@@ -1,0 +1,135 @@
+"""Resource bounds of the IPv8 transport that no number of connections, offers or identities can break.
+
+Each test plays one attack from issue 12 on loopback, in one process, and checks the bound holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import time
+
+from quinkgl_cli.transport.ipv8 import stream
+from quinkgl_cli.transport.ipv8.payloads import OfferPayload
+from quinkgl_cli.transport.ipv8.settings import Limits
+from tests.test_transport_contract import Cluster, _upd, run_cluster, wait_until
+
+
+def _fetch_tasks(sender: str) -> list[asyncio.Task]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == f"quinkgl-fetch-{sender}" and not t.done()]
+
+
+def _flood_offers(sender, recipient, count: int, size: int = 1000) -> None:
+    """Signed offers from ``sender`` the way a hostile member would send them: fresh ids, nothing behind them."""
+    parts = sender.parts
+    recipient_mid = hashlib.sha1(recipient.parts.key.pub().key_to_bin()).digest()
+    for _ in range(count):
+        parts.courier.send(recipient.address, OfferPayload(
+            sender.swarm_id, *parts.courier.stamp(), os.urandom(stream.OFFER_ID_BYTES), 1, sender.node_id,
+            recipient.node_id, recipient_mid, size, os.urandom(32), "qgl-tensors/1", 1, b"{}", sender.tcp_port))
+
+
+def test_an_offer_flood_queues_a_bounded_number_of_fetches(tmp_path, caplog):
+    """Issue 12 item 3: one member's offers must not queue fetches without bound behind the fetch slots."""
+    limits = Limits(fetch_queue_per_peer=4, fetch_queue_total=6, offer_burst=1000, offers_per_second=1000.0)
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a")
+        b, _ = await c.add("b", limits=limits)
+        m, _ = await c.add("m")
+        await c.meet(["a", "b", "m"])
+        b.parts.fetcher.slots = asyncio.Semaphore(0)  # b is busy: every accepted fetch waits in the queue
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            _flood_offers(m, b, 50)
+            await wait_until(lambda: b.stats.dropped >= 46, what="the flood refused")
+            _flood_offers(a, b, 10)
+            await wait_until(lambda: b.stats.dropped >= 46 + 8, what="the second sender refused beyond the total")
+        assert len(_fetch_tasks("m")) == 4 and len(_fetch_tasks("a")) == 2
+        refused = [r for r in caplog.records if "reason=queue_full" in r.getMessage()]
+        assert {getattr(r, "qgl_fields")["peer"] for r in refused} == {"m", "a"}  # logged once per sender
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_offers_beyond_a_senders_rate_are_ignored(tmp_path, caplog):
+    """Issue 12 item 3: per-sender offer rate limit."""
+    limits = Limits(offer_burst=5, offers_per_second=1.0, fetch_queue_per_peer=1000, fetch_queue_total=1000)
+
+    async def body(c: Cluster):
+        b, _ = await c.add("b", limits=limits)
+        m, _ = await c.add("m")
+        await c.meet(["b", "m"])
+        b.parts.fetcher.slots = asyncio.Semaphore(0)
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            _flood_offers(m, b, 100)
+            await wait_until(lambda: b.stats.dropped + len(_fetch_tasks("m")) >= 100, what="every offer handled")
+        allowed = 5 + int(time.monotonic() - started) + 1
+        assert 5 <= len(_fetch_tasks("m")) <= allowed
+        assert any("reason=rate_limited" in r.getMessage() for r in caplog.records)
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_idle_connections_cannot_hold_the_serve_slots(tmp_path):
+    """Issue 12 item 4: unauthenticated TCP connections, however many, hold no serve slot and do not keep the
+    real recipient from fetching. (Before: 16 idle connections held all 16 slots for the whole request timeout.)"""
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a", connect_timeout=30.0)  # a patient server: idle connections stay as long as allowed
+        b, rb = await c.add("b")
+        await c.meet(["a", "b"])
+        loop = asyncio.get_running_loop()
+        idle = []
+        try:
+            for _ in range(Limits().pending_handshakes + 16):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", a.tcp_port))
+                idle.append(sock)
+            await wait_until(lambda: len(a.parts.server.pending) == Limits().pending_handshakes, what="the handshakes queued")
+            sent_at = time.monotonic()
+            a.send_model("b", _upd(round_=1, payload=b"through the crowd" * 100))
+            await wait_until(lambda: rb.models, timeout=5, what="the recipient's fetch")
+            assert time.monotonic() - sent_at < 2.0
+            assert a.parts.server.slots._value == Limits().serve_slots  # nothing held once served
+        finally:
+            for sock in idle:
+                sock.close()
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_stalling_sender_cannot_starve_the_fetch_slots(tmp_path, caplog):
+    """Issue 12 item 5: a sender that trickles a byte now and then, never idle for long, holds at most one of our
+    fetch slots and is abandoned within the stall window; another sender's model goes through meanwhile."""
+
+    async def body(c: Cluster):
+        b, rb = await c.add("b", max_concurrent_fetches=2)
+        slow, _ = await c.add("slow")
+        ok, _ = await c.add("ok")
+        await c.meet(["b", "slow", "ok"])
+
+        async def trickle(loop, conn, out):
+            await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.OK, out.size))
+            for i in range(out.size):
+                await loop.sock_sendall(conn, bytes(out.payload[i : i + 1]))
+                await asyncio.sleep(0.3)
+
+        slow.parts.server._send = trickle
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            for r in (1, 2, 3):
+                slow.send_model("b", _upd(round_=r, payload=os.urandom(5000)))
+            await wait_until(lambda: len(_fetch_tasks("slow")) == 3, what="the slow offers accepted")
+            sent_at = time.monotonic()
+            ok.send_model("b", _upd(round_=1, payload=b"on time"))
+            await wait_until(lambda: rb.models, timeout=5, what="the other sender's model")
+            assert time.monotonic() - sent_at < 1.5 and rb.models[0].sender == "ok"
+            await wait_until(lambda: "fetch-failed peer=slow reason=stalled" in caplog.text, timeout=5,
+                             what="the stalled download abandoned")
+        assert time.monotonic() - sent_at < Limits().stall_window + 2.0
+
+    run_cluster("ipv8", tmp_path, body)
