@@ -133,3 +133,53 @@ def test_a_stalling_sender_cannot_starve_the_fetch_slots(tmp_path, caplog):
         assert time.monotonic() - sent_at < Limits().stall_window + 2.0
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_full_peer_table_makes_room_for_a_late_honest_peer(tmp_path, caplog):
+    """Issue 12 item 6: identities that proved nothing fill the table first; a late peer still gets in (an
+    unproven entry past its grace gives way) and, once it has delivered a model, stays while they churn."""
+    limits = Limits(grace=1.0)
+
+    async def body(c: Cluster):
+        a, ra = await c.add("a", max_peers=3, limits=limits)
+        for name in ("s1", "s2", "s3"):
+            await c.add(name)
+        await c.meet(["a", "s1", "s2", "s3"])
+        await asyncio.sleep(limits.grace)  # the fillers have had their chance to prove something
+        h, rh = await c.add("h")
+        with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
+            await wait_until(lambda: "h" in {p.node_id for p in a.peers()} and "a" in {p.node_id for p in h.peers()},
+                             timeout=10, what="the late peer admitted")
+        assert len(ra.lost) >= 1 and set(ra.lost) <= {"s1", "s2", "s3"}
+        h.send_model("a", _upd(round_=1, payload=b"a real update"))
+        await wait_until(lambda: any(m.sender == "h" for m in ra.models), what="the late peer's model")
+        lost_before = len(ra.lost)
+        await wait_until(lambda: len(ra.lost) >= lost_before + 2, timeout=15, what="the fillers to churn")
+        assert "h" in {p.node_id for p in a.peers()} and "h" not in ra.lost  # a proven peer is never the one to go
+        assert len(a.peers()) == 3
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_peer_that_never_fetches_gets_only_its_probation_offers(tmp_path, caplog):
+    """Issue 12 item 6: we stop offering to a peer that never proved anything (it left every offer unfetched)."""
+    limits = Limits(probation_offers=3)
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a", limits=limits)
+        sink, _ = await c.add("sink")
+        h, rh = await c.add("h")
+        await c.meet(["a", "sink", "h"])
+        sink.parts.fetcher.on_offer = lambda rec, p: None  # takes offers, never fetches them
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            for r in range(1, 7):
+                a.send_model("sink", _upd(round_=r))
+                a.send_model("h", _upd(round_=r, payload=bytes([r]) * 100))
+                await wait_until(lambda r=r: len(rh.models) == r, what=f"h's model {r}")
+        await wait_until(lambda: len([o for o in a.parts.outbox.offers.values() if o.recipient == "sink"]) == 3,
+                         what="the probation offers")
+        assert len(rh.models) == 6
+        assert [r.getMessage() for r in caplog.records if "reason=unproven" in r.getMessage()] == [
+            "send-failed peer=sink reason=unproven unanswered=3"]
+
+    run_cluster("ipv8", tmp_path, body)

@@ -123,7 +123,7 @@ class Membership:
             self.drops("peer-refused", who, "node_id_taken", detail="same as ours")
             return
         holder = self.table.get(node_id)
-        if holder is None and self.table.full():
+        if holder is None and self.table.full() and not self._evict_for(who):
             self.drops("peer-refused", who, "peer_limit", limit=self.table.capacity)
             return
         if holder is not None and holder.key_bin != key:
@@ -140,7 +140,7 @@ class Membership:
         now = time.monotonic()
         if holder is None:
             rec = PeerRecord(node_id, key, hashlib.sha1(key).digest(), source, p.tcp_port, now, p.session,
-                             default_eccrypto.key_from_public_bin(key))
+                             default_eccrypto.key_from_public_bin(key), first_seen=now)
             self.table.add(rec)
             emit(log, logging.DEBUG, "peer-discovered", context={"node": s.node_id}, peer=node_id,
                  address=f"{source[0]}:{source[1]}", key=key.hex()[-16:])
@@ -151,6 +151,25 @@ class Membership:
             holder.last_seen = now
         if p.want_reply or holder is None:  # first sight: tell the peer our session before it sends us anything
             self.hello(key, source, want_reply=False, min_gap=0.0)
+
+    def _evict_for(self, newcomer: str) -> bool:
+        """Make room in the full table for ``newcomer`` by evicting an unproven peer past its grace; False if none."""
+        victim = self.table.eviction_candidate(time.monotonic(), self.settings.limits.grace)
+        if victim is None:
+            return False
+        emit(log, logging.DEBUG, "peer-evicted", context={"node": self.settings.node_id}, peer=victim.node_id,
+             reason="unproven", newcomer=newcomer)
+        self.lose(victim.node_id, "evicted")
+        return True
+
+    def make_room(self) -> bool:
+        """IPv8's own peer list is full (introductions beyond it are dropped): forget the keys it holds that are
+        not our peers (refused, evicted, or never said hello), else evict one unproven peer. True if room was made."""
+        network = self.community.network
+        strangers = [p for p in network.verified_peers if self.table.node_of(p.public_key.key_to_bin()) is None]
+        for peer in strangers:
+            network.remove_peer(peer)
+        return bool(strangers) or self._evict_for("-")
 
     def on_bye(self, key: bytes, source: tuple[str, int], p: ByePayload) -> None:
         if self.table.node_of(key) is None:

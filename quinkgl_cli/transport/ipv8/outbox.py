@@ -1,7 +1,8 @@
 """Our offers: each update we announced to a peer and keep until it is fetched, declined or expires.
 
 Owns the offers waiting to be served (bounded per recipient), their resends (an offer's datagram may be lost),
-and the digest cache that hashes a model going to several peers once.
+the digest cache that hashes a model going to several peers once, and the rule that an unproven peer gets only
+a few offers it leaves unfetched (see `peers`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,15 @@ class Outbox:
         self.digests = DigestCache()
         self.offers: dict[bytes, Outgoing] = {}
 
+    def may_offer(self, rec: PeerRecord) -> bool:
+        """Whether ``rec`` may get one more offer; counts it against the peer's probation if it is unproven."""
+        if rec.proven:
+            return True
+        if rec.unanswered >= self.settings.limits.probation_offers:
+            return False
+        rec.unanswered += 1
+        return True
+
     async def offer(self, rec: PeerRecord, round_: int, payload: bytes | bytearray | memoryview, encoding: str,
                     sample_count: int, meta: bytes) -> None:
         dig = await self.digests.digest(payload)
@@ -91,6 +101,14 @@ class Outbox:
         for stale in pending[: -self.settings.limits.pending_offers_per_peer]:
             del self.offers[stale.offer_id]  # a peer that never fetches must not pin every update we ever offered it
         self.courier.send(rec.address, OfferPayload(self.settings.swarm_id, *self.courier.stamp(), *fields))
+
+    def served(self, out: Outgoing) -> None:
+        """``out`` went to its recipient in full: the offer is done, and the recipient has proved itself."""
+        self.offers.pop(out.offer_id, None)
+        rec = self.table.get(out.recipient)
+        if rec is not None and rec.public_key is out.recipient_key:  # the same run of that peer
+            rec.fetched += 1
+            rec.unanswered = 0
 
     def tick(self, now: float) -> None:
         """Expire offers nobody fetched; send again those whose datagram may have been lost."""

@@ -192,7 +192,7 @@ class FetchServer:
             await self._send(loop, conn, out)
             self.stats.models_sent += 1
             self.stats.bytes_sent += out.size
-            self.outbox.offers.pop(out.offer_id, None)
+            self.outbox.served(out)
         finally:
             self.slots.release()
 

@@ -47,7 +47,8 @@ class Limits:
     stall_rate: int = 64 * 1024  # bytes/s below which, over ``stall_window``, a fetch is stalled and abandoned
     offer_resends: int = 3
     offer_resend_after: float = 1.5  # seconds without a fetch before an offer is sent again (a datagram may be lost)
-    proven_after: float = 30.0  # seconds of presence after which an unproven peer counts as long-lived
+    grace: float = 30.0  # seconds a new peer has to prove itself before it may be evicted from a full table
+    probation_offers: int = 4  # offers an unproven peer may leave unfetched before it gets no more
 
 
 @dataclass(frozen=True)

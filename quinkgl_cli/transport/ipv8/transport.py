@@ -266,6 +266,9 @@ class IPv8Transport(RuledTransport):
         p = self.parts
         rec = p.table.get(peer_id)
         assert rec is not None
+        if not p.outbox.may_offer(rec):
+            self.drops("send-failed", peer_id, "unproven", unanswered=rec.unanswered)
+            return
         p.tasks.spawn(p.outbox.offer(rec, update.round, update.payload, update.encoding, update.sample_count, meta), f"offer-{peer_id}")
 
     def _deliver(self, peer_id: str, kind: str, data: bytes) -> None:
