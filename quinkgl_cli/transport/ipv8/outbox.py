@@ -79,13 +79,14 @@ class Outbox:
         self.offers: dict[bytes, Outgoing] = {}
 
     def may_offer(self, rec: PeerRecord) -> bool:
-        """Whether ``rec`` may get one more offer; counts it against the peer's probation if it is unproven."""
-        if rec.proven:
-            return True
-        if rec.unanswered >= self.settings.limits.probation_offers:
-            return False
-        rec.unanswered += 1
-        return True
+        """Whether ``rec`` may get another offer: a proven peer always, an unproven one until several of our offers
+        to it went unfetched (expired, declined, or pushed out by newer ones)."""
+        return rec.proven or rec.unanswered < self.settings.limits.probation_offers
+
+    def _unfetched(self, out: Outgoing) -> None:
+        rec = self.table.get(out.recipient)
+        if rec is not None and rec.public_key is out.recipient_key and not rec.proven:
+            rec.unanswered += 1
 
     async def offer(self, rec: PeerRecord, round_: int, payload: bytes | bytearray | memoryview, encoding: str,
                     sample_count: int, meta: bytes) -> None:
@@ -100,6 +101,7 @@ class Outbox:
         pending = [o for o in self.offers.values() if o.recipient == rec.node_id and not o.serving]
         for stale in pending[: -self.settings.limits.pending_offers_per_peer]:
             del self.offers[stale.offer_id]  # a peer that never fetches must not pin every update we ever offered it
+            self._unfetched(stale)
         self.courier.send(rec.address, OfferPayload(self.settings.swarm_id, *self.courier.stamp(), *fields))
 
     def served(self, out: Outgoing) -> None:
@@ -118,6 +120,7 @@ class Outbox:
                 del self.offers[oid]
                 if not out.serving:
                     self.drops("offer-expired", out.recipient, "not_fetched")
+                    self._unfetched(out)
             elif not out.serving and out.sends < limits.offer_resends and now - out.last_sent > limits.offer_resend_after:
                 rec = self.table.get(out.recipient)
                 if rec is not None:  # the receiver dedupes by offer id
@@ -130,4 +133,5 @@ class Outbox:
         if out is None or out.recipient != rec.node_id or out.serving:
             return
         del self.offers[offer_id]
+        self._unfetched(out)
         self.drops("offer-declined", rec.node_id, reason[:64] if validation.is_node_id(reason[:64]) else "unspecified")

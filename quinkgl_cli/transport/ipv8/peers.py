@@ -5,7 +5,7 @@ gets in and who is lost.
 A peer proves itself by taking part: it delivered a model whose bytes matched its signed offer, or fetched one of
 ours with its key. Keys cost nothing, so a full table keeps proven peers and makes room by evicting an unproven
 one that has had its grace period (the newest such, so long-lived peers stay), rather than refusing a late
-honest peer; and a peer that left several of our offers unfetched gets no more until it proves itself.
+honest peer; and an unproven peer that left several of our offers unfetched gets no more.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class PeerRecord:
     first_seen: float = 0.0
     delivered: int = 0  # models it sent us that passed the digest check
     fetched: int = 0  # offers of ours it fetched
-    unanswered: int = 0  # offers we made it since it last proved anything
+    unanswered: int = 0  # offers of ours it left unfetched (expired, declined, superseded) while unproven
     hello_sent: float = 0.0
 
     @property
