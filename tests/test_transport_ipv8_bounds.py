@@ -183,3 +183,21 @@ def test_a_peer_that_never_fetches_gets_only_its_probation_offers(tmp_path, capl
             "send-failed peer=sink reason=unproven unanswered=3"]
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_crowded_ipv8_peer_list_still_answers_a_newcomer(tmp_path):
+    """Issue 12 item 6, one layer down: IPv8 ignores introduction requests once its own peer list is full, and keys
+    we refused stay on it. A newcomer must still be answered: the strangers make room."""
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a", max_peers=2, limits=Limits(grace=60.0))  # nobody may be evicted in this test
+        await c.add("s1")
+        await c.add("s2")
+        await c.meet(["a", "s1", "s2"])
+        await c.add("s3")  # refused by a (peer_limit), yet on IPv8's list
+        await wait_until(lambda: len(a.parts.community.get_peers()) > 2, what="a's IPv8 list over its bound")
+        h, _ = await c.add("h")
+        await wait_until(lambda: a.address in {tuple(p.address) for p in h.parts.community.get_peers()},
+                         what="the newcomer's introduction answered")
+
+    run_cluster("ipv8", tmp_path, body)
