@@ -78,7 +78,7 @@ class TransportSettings:
         """The rules `quinkgl_cli.validation` states, as NetworkErrors: an embedder's bad settings fail here."""
         try:
             validation.node_id(self.node_id, "node id")
-            validation.listen_address(self.listen_host, "listen address")
+            object.__setattr__(self, "listen_host", validation.listen_address(self.listen_host, "listen address"))
             validation.listen_port(self.port, "port")
             validation.reachable_peers(self.listen_host, self.bootstrap, lan_discovery=self.enable_lan_discovery,
                                        public_bootstrap=self.enable_public_bootstrap)

@@ -125,7 +125,7 @@ class IPv8Transport(RuledTransport):
         self.swarm_id = swarm_id
         self.arch_hash = arch_hash
         self.stats = TransportStats()
-        self.guard = DestinationGuard(listen_host)
+        self.guard = DestinationGuard(self.settings.listen_host)
         self.drops = DropLog(self.stats, node_id)
         self.running = False
         self.tcp_port = 0
