@@ -201,3 +201,45 @@ def test_a_crowded_ipv8_peer_list_still_answers_a_newcomer(tmp_path):
                          what="the newcomer's introduction answered")
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_one_recipient_holds_at_most_its_share_of_the_serve_slots(tmp_path):
+    """Issue 12 item 4: a known peer that opens many authenticated fetches at once (and reads none of them) holds
+    ``serve_slots_per_peer`` slots; its further requests are answered busy."""
+    from ipv8.keyvault.crypto import default_eccrypto
+
+    async def request(owner, offer_id, signer_key):
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stream.tune(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read: the server's send blocks
+        await loop.sock_connect(sock, ("127.0.0.1", owner.tcp_port))
+        _, _, nonce = stream.CHALLENGE.unpack(await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3))
+        statement = stream.fetch_statement(owner.community_id, offer_id, nonce, owner.parts.key.pub().key_to_bin())
+        sig = default_eccrypto.create_signature(signer_key, statement)
+        await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, offer_id, len(sig)) + sig)
+        status, _ = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, 3))
+        return sock, status
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a")
+        b, _ = await c.add("b")
+        await c.meet(["a", "b"])
+        b.parts.fetcher.slots = asyncio.Semaphore(0)  # b's own fetches wait: its offers stay unfetched at a
+        for r in (1, 2, 3):
+            a.send_model("b", _upd(round_=r, payload=os.urandom(8_000_000)))
+        await wait_until(lambda: len(a.parts.outbox.offers) == 3, what="three offers to b")
+        socks = []
+        try:
+            statuses = []
+            for offer_id in list(a.parts.outbox.offers):
+                sock, status = await request(a, offer_id, b.parts.key)
+                socks.append(sock)
+                statuses.append(status)
+            assert statuses == [stream.OK, stream.OK, stream.BUSY]
+            assert a.parts.server.serving == {"b": Limits().serve_slots_per_peer}
+        finally:
+            for sock in socks:
+                sock.close()
+
+    run_cluster("ipv8", tmp_path, body)
