@@ -39,7 +39,7 @@ class Limits:
     pending_handshakes: int = 64  # connections still proving themselves; beyond this, new ones are closed at once
     pending_offers_per_peer: int = 8  # offers we keep for a peer that has not fetched them
     fetch_queue_per_peer: int = 4  # accepted offers waiting for a fetch slot, per sender
-    fetch_queue_total: int = 64  # and from all senders together
+    fetch_queue_total: int = 256  # and from all senders together (a fan-in round from a full peer table fits)
     offers_per_second: float = 20.0  # offers we accept from one sender, sustained
     offer_burst: int = 40  # and in one burst
     min_rate: int = 1024 * 1024  # bytes/s a transfer may drop to (over its whole length) before it is abandoned
