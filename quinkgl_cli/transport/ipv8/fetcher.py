@@ -161,7 +161,6 @@ class Fetcher:
         self.stats.bytes_received += len(buf)
         rec.last_seen = time.monotonic()
         rec.delivered += 1
-        rec.unanswered = 0
         self.events.model(ModelReceived(sender=rec.node_id, round=p.round, payload=buf, sample_count=p.sample_count,
                                         encoding=p.encoding, meta=meta, received_at=time.monotonic()))
 

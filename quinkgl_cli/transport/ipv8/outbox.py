@@ -110,7 +110,6 @@ class Outbox:
         rec = self.table.get(out.recipient)
         if rec is not None and rec.public_key is out.recipient_key:  # the same run of that peer
             rec.fetched += 1
-            rec.unanswered = 0
 
     def tick(self, now: float) -> None:
         """Expire offers nobody fetched; send again those whose datagram may have been lost."""
