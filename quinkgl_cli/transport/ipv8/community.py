@@ -46,6 +46,9 @@ class CommunityHandlers(Protocol):
 
     def on_bad_packet(self, source: tuple[str, int], reason: str, **fields: Any) -> None: ...
 
+    def on_crowded(self) -> bool:
+        """IPv8's peer list is full: make room if possible; True if there is room now."""
+
     def on_other_protocol(self, key: bytes, source: tuple[str, int], head: HelloHead) -> None: ...
 
     def on_hello(self, key: bytes, source: tuple[str, int], payload: HelloPayload) -> None: ...
@@ -108,7 +111,7 @@ class SwarmCommunity(Community):
         if self._lan_discovery:
             super().on_introduction_request(peer, dist, payload)
             return
-        if 0 <= self.max_peers < len(self.get_peers()):
+        if 0 <= self.max_peers < len(self.get_peers()) and not self.handlers.on_crowded():
             return
         self.network.add_verified_peer(peer)
         self.network.discover_services(peer, [self.community_id])

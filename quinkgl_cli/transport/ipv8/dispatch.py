@@ -53,6 +53,9 @@ class Dispatch:
     def on_bad_packet(self, source: tuple[str, int], reason: str, **fields: Any) -> None:
         self._drops("packet-refused", f"{source[0]}:{source[1]}", reason, **fields)
 
+    def on_crowded(self) -> bool:
+        return self._routes is not None and self._routes.membership.make_room()
+
     def on_contact(self, peer: Any) -> None:
         if self._routes is not None:
             self._routes.membership.on_contact(peer)

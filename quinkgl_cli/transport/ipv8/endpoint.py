@@ -18,15 +18,9 @@ from ipv8.messaging.interfaces.udp.endpoint import UDPEndpoint
 
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.transport.common import OnceLog
+from quinkgl_cli.validation import is_loopback
 
 log = logging.getLogger("quinkgl.transport")
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class DestinationGuard:

@@ -1,7 +1,11 @@
-"""Fetching the updates peers offer us: checks on the signed offer, the fetch slots, the TCP download, the digest.
+"""Fetching the updates peers offer us: checks on the signed offer, the fetch queue, the TCP download, the digest.
 
-Owns which offers were already taken (`OfferBook`) and the slots that bound concurrent downloads. A model reaches
-the node only when its bytes match the size and sha256 of the offer its sender signed.
+Owns which offers were already taken (`OfferBook`), each sender's offer rate, the fetch queue and the slots that
+bound concurrent downloads. Every bound holds whatever the sender does: offers beyond a sender's rate are
+ignored, accepted fetches wait in a queue bounded per sender and overall (an offer that finds it full is
+declined), a sender has one download running at a time, and a download that stops keeping pace is abandoned
+(`stream.Progress`). A model reaches the node only when its bytes match the size and sha256 of the offer its
+sender signed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,27 @@ from quinkgl_cli.transport.ipv8.settings import TransportSettings
 log = logging.getLogger("quinkgl.transport")
 
 
+class RateLimit:
+    """A token bucket per sender: ``burst`` offers at once, then ``rate`` a second."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, tuple[float, float]] = {}  # sender -> (tokens, when counted)
+
+    def allow(self, sender: str, now: float) -> bool:
+        tokens, then = self._buckets.get(sender, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
+        if tokens < 1.0:
+            self._buckets[sender] = (tokens, now)
+            return False
+        self._buckets[sender] = (tokens - 1.0, now)
+        return True
+
+    def forget(self, sender: str) -> None:
+        self._buckets.pop(sender, None)
+
+
 class Fetcher:
     def __init__(
         self,
@@ -58,12 +83,23 @@ class Fetcher:
         self.drops = drops
         self.stats = stats
         self.book = OfferBook()
+        self.rate = RateLimit(settings.limits.offers_per_second, settings.limits.offer_burst)
         self.slots = asyncio.Semaphore(settings.max_concurrent_fetches)
+        self.queued: dict[str, int] = {}  # sender -> fetches accepted and not finished (waiting or downloading)
+        self._turns: dict[str, asyncio.Lock] = {}  # sender -> its one download at a time
         self.active = True  # False once the transport stops: a fetch that finishes late delivers nothing
+
+    def forget(self, sender: str) -> None:
+        """A lost peer that comes back starts afresh."""
+        self.book.forget(sender)
+        self.rate.forget(sender)
 
     def on_offer(self, rec: PeerRecord, p: OfferPayload) -> None:
         """A signed offer from a known peer (its freshness already checked): fetch it, or say why not."""
         s = self.settings
+        if not self.rate.allow(rec.node_id, time.monotonic()):
+            self.drops("offer-refused", rec.node_id, "rate_limited")
+            return
         if p.swarm_id != s.swarm_id or p.sender != rec.node_id:
             self.drops("offer-refused", rec.node_id, "wrong_sender")
             return
@@ -89,7 +125,13 @@ class Fetcher:
             if verdict == "out_of_date":
                 self.decline(rec, p.offer_id, verdict)
             return
+        queued = self.queued.get(rec.node_id, 0)
+        if queued >= s.limits.fetch_queue_per_peer or sum(self.queued.values()) >= s.limits.fetch_queue_total:
+            self.drops("offer-refused", rec.node_id, "queue_full", queued=queued)
+            self.decline(rec, p.offer_id, "busy")
+            return
         self.book.take(rec.node_id, p.round, p.offer_id)
+        self.queued[rec.node_id] = queued + 1
         self.tasks.spawn(self.fetch(rec, p, meta), f"fetch-{rec.node_id}")
 
     def decline(self, rec: PeerRecord, offer_id: bytes, reason: str) -> None:
@@ -97,12 +139,16 @@ class Fetcher:
         self.courier.send(rec.address, DeclinePayload(self.settings.swarm_id, *self.courier.stamp(), offer_id, reason))
 
     async def fetch(self, rec: PeerRecord, p: OfferPayload, meta: dict[str, Any]) -> None:
-        host = rec.address[0]
-        if not self.guard.allows(host):
-            self.guard.refuse(host, "tcp")
-            return
-        async with self.slots:
-            got = await self._download(rec, p)
+        """Download an accepted offer when the sender's turn and a slot come up; hand the model to the node."""
+        try:
+            got = await self._fetch_in_turn(rec, p)
+        finally:
+            left = self.queued.get(rec.node_id, 1) - 1
+            if left > 0:
+                self.queued[rec.node_id] = left
+            else:
+                self.queued.pop(rec.node_id, None)
+                self._turns.pop(rec.node_id, None)
         if got is None:
             return
         buf, got_digest = got
@@ -114,8 +160,18 @@ class Fetcher:
         self.stats.models_received += 1
         self.stats.bytes_received += len(buf)
         rec.last_seen = time.monotonic()
+        rec.delivered += 1
         self.events.model(ModelReceived(sender=rec.node_id, round=p.round, payload=buf, sample_count=p.sample_count,
                                         encoding=p.encoding, meta=meta, received_at=time.monotonic()))
+
+    async def _fetch_in_turn(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | None:
+        host = rec.address[0]
+        if not self.guard.allows(host):
+            self.guard.refuse(host, "tcp")
+            return None
+        # One download per sender at a time, its turn taken before a slot: a slow sender holds one slot at most.
+        async with self._turns.setdefault(rec.node_id, asyncio.Lock()), self.slots:
+            return await self._download(rec, p)
 
     async def _download(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | None:
         """The offered bytes and their sha256, or None with the failure reported."""
@@ -142,10 +198,11 @@ class Fetcher:
                     raise stream.FetchError(f"refused_{stream.STATUS_REASONS.get(status, 'unknown')}")
                 if size != p.size:
                     raise stream.FetchError("size_mismatch", f"offered {p.size}, sent {size}")
+                progress = stream.Progress(s.limits.stall_window, s.limits.stall_rate, size, loop.time())
                 if size > HASH_IN_THREAD:
-                    return await loop.run_in_executor(self.pool, stream.receive_blob, sock, size, s.fetch_timeout, deadline)
+                    return await loop.run_in_executor(self.pool, stream.receive_blob, sock, size, s.fetch_timeout, deadline, progress)
                 buf = bytearray(size)
-                await stream.recv_into(loop, sock, memoryview(buf), s.fetch_timeout)
+                await stream.recv_into(loop, sock, memoryview(buf), s.fetch_timeout, progress)
                 return buf, digest(buf)
         except stream.FetchError as exc:
             reason = "sender_vanished" if exc.reason == "truncated" else exc.reason

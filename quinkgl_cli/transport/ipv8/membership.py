@@ -18,6 +18,7 @@ from typing import Any
 from ipv8.keyvault.crypto import default_eccrypto
 from ipv8.peerdiscovery.discovery import RandomWalk
 
+from quinkgl_cli import validation
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.events import emit
 from quinkgl_cli.transport.common import DropLog
@@ -28,7 +29,7 @@ from quinkgl_cli.transport.ipv8.payloads import ByePayload, HelloHead, HelloPayl
 from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable
 from quinkgl_cli.transport.ipv8.replay import ReplayGuard
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents
-from quinkgl_cli.transport.ipv8.settings import TransportSettings, label, valid_node_id
+from quinkgl_cli.transport.ipv8.settings import TransportSettings, label
 
 log = logging.getLogger("quinkgl.transport")
 
@@ -109,7 +110,7 @@ class Membership:
         s = self.settings
         node_id = p.node_id
         who = label(node_id, source)
-        if not valid_node_id(node_id):
+        if not validation.is_node_id(node_id):
             self.drops("peer-refused", who, "bad_node_id")
             return
         if p.swarm_id != s.swarm_id:
@@ -122,7 +123,7 @@ class Membership:
             self.drops("peer-refused", who, "node_id_taken", detail="same as ours")
             return
         holder = self.table.get(node_id)
-        if holder is None and self.table.full():
+        if holder is None and self.table.full() and not self._evict_for(who):
             self.drops("peer-refused", who, "peer_limit", limit=self.table.capacity)
             return
         if holder is not None and holder.key_bin != key:
@@ -139,7 +140,7 @@ class Membership:
         now = time.monotonic()
         if holder is None:
             rec = PeerRecord(node_id, key, hashlib.sha1(key).digest(), source, p.tcp_port, now, p.session,
-                             default_eccrypto.key_from_public_bin(key))
+                             default_eccrypto.key_from_public_bin(key), first_seen=now)
             self.table.add(rec)
             emit(log, logging.DEBUG, "peer-discovered", context={"node": s.node_id}, peer=node_id,
                  address=f"{source[0]}:{source[1]}", key=key.hex()[-16:])
@@ -150,6 +151,25 @@ class Membership:
             holder.last_seen = now
         if p.want_reply or holder is None:  # first sight: tell the peer our session before it sends us anything
             self.hello(key, source, want_reply=False, min_gap=0.0)
+
+    def _evict_for(self, newcomer: str) -> bool:
+        """Make room in the full table for ``newcomer`` by evicting an unproven peer past its grace; False if none."""
+        victim = self.table.eviction_candidate(time.monotonic(), self.settings.limits.grace)
+        if victim is None:
+            return False
+        emit(log, logging.DEBUG, "peer-evicted", context={"node": self.settings.node_id}, peer=victim.node_id,
+             reason="unproven", newcomer=newcomer)
+        self.lose(victim.node_id, "evicted")
+        return True
+
+    def make_room(self) -> bool:
+        """IPv8's own peer list is full (introductions beyond it are dropped): forget the keys it holds that are
+        not our peers (refused, evicted, or never said hello), else evict one unproven peer. True if room was made."""
+        network = self.community.network
+        strangers = [p for p in network.verified_peers if self.table.node_of(p.public_key.key_to_bin()) is None]
+        for peer in strangers:
+            network.remove_peer(peer)
+        return bool(strangers) or self._evict_for("-")
 
     def on_bye(self, key: bytes, source: tuple[str, int], p: ByePayload) -> None:
         if self.table.node_of(key) is None:

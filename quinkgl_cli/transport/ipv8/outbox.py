@@ -1,7 +1,8 @@
 """Our offers: each update we announced to a peer and keep until it is fetched, declined or expires.
 
 Owns the offers waiting to be served (bounded per recipient), their resends (an offer's datagram may be lost),
-and the digest cache that hashes a model going to several peers once.
+the digest cache that hashes a model going to several peers once, and the rule that an unproven peer gets only
+a few offers it leaves unfetched (see `peers`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from quinkgl_cli import validation
 from quinkgl_cli.transport.common import DropLog, digest
 from quinkgl_cli.transport.ipv8 import stream
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.payloads import OfferPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable
-from quinkgl_cli.transport.ipv8.settings import TransportSettings, valid_node_id
+from quinkgl_cli.transport.ipv8.settings import TransportSettings
 
 HASH_IN_THREAD = 256 * 1024  # hashing more than this on the event loop would stall it noticeably
 
@@ -76,6 +78,16 @@ class Outbox:
         self.digests = DigestCache()
         self.offers: dict[bytes, Outgoing] = {}
 
+    def may_offer(self, rec: PeerRecord) -> bool:
+        """Whether ``rec`` may get another offer: a proven peer always, an unproven one until several of our offers
+        to it went unfetched (expired, declined, or pushed out by newer ones)."""
+        return rec.proven or rec.unanswered < self.settings.limits.probation_offers
+
+    def _unfetched(self, out: Outgoing) -> None:
+        rec = self.table.get(out.recipient)
+        if rec is not None and rec.public_key is out.recipient_key and not rec.proven:
+            rec.unanswered += 1
+
     async def offer(self, rec: PeerRecord, round_: int, payload: bytes | bytearray | memoryview, encoding: str,
                     sample_count: int, meta: bytes) -> None:
         dig = await self.digests.digest(payload)
@@ -89,11 +101,19 @@ class Outbox:
         pending = [o for o in self.offers.values() if o.recipient == rec.node_id and not o.serving]
         for stale in pending[: -self.settings.limits.pending_offers_per_peer]:
             del self.offers[stale.offer_id]  # a peer that never fetches must not pin every update we ever offered it
+            self._unfetched(stale)
         self.courier.send(rec.address, OfferPayload(self.settings.swarm_id, *self.courier.stamp(), *fields))
 
     def awaited(self) -> bool:
         """Whether a peer still in the table has an offer of ours it has not finished fetching."""
         return any(self.table.get(out.recipient) is not None for out in self.offers.values())
+
+    def served(self, out: Outgoing) -> None:
+        """``out`` went to its recipient in full: the offer is done, and the recipient has proved itself."""
+        self.offers.pop(out.offer_id, None)
+        rec = self.table.get(out.recipient)
+        if rec is not None and rec.public_key is out.recipient_key:  # the same run of that peer
+            rec.fetched += 1
 
     def tick(self, now: float) -> None:
         """Expire offers nobody fetched; send again those whose datagram may have been lost."""
@@ -103,6 +123,7 @@ class Outbox:
                 del self.offers[oid]
                 if not out.serving:
                     self.drops("offer-expired", out.recipient, "not_fetched")
+                    self._unfetched(out)
             elif not out.serving and out.sends < limits.offer_resends and now - out.last_sent > limits.offer_resend_after:
                 rec = self.table.get(out.recipient)
                 if rec is not None:  # the receiver dedupes by offer id
@@ -115,4 +136,5 @@ class Outbox:
         if out is None or out.recipient != rec.node_id or out.serving:
             return
         del self.offers[offer_id]
-        self.drops("offer-declined", rec.node_id, reason[:64] if valid_node_id(reason[:64]) else "unspecified")
+        self._unfetched(out)
+        self.drops("offer-declined", rec.node_id, reason[:64] if validation.is_node_id(reason[:64]) else "unspecified")

@@ -1,5 +1,11 @@
-"""The peer table: who we know (node id <-> key), where they are, which session they run, and when we last heard
-from them or said hello to them. Pure bookkeeping, no I/O: `membership` decides who gets in and who is lost.
+"""The peer table: who we know (node id <-> key), where they are, which session they run, when we last heard
+from them or said hello to them, and what each has proved. Pure bookkeeping, no I/O: `membership` decides who
+gets in and who is lost.
+
+A peer proves itself by taking part: it delivered a model whose bytes matched its signed offer, or fetched one of
+ours with its key. Keys cost nothing, so a full table keeps proven peers and makes room by evicting an unproven
+one that has had its grace period (the newest such, so long-lived peers stay), rather than refusing a late
+honest peer; and an unproven peer that left several of our offers unfetched gets no more.
 """
 
 from __future__ import annotations
@@ -21,6 +27,15 @@ class PeerRecord:
     last_seen: float
     session: int
     public_key: Any = None
+    first_seen: float = 0.0
+    delivered: int = 0  # models it sent us that passed the digest check
+    fetched: int = 0  # offers of ours it fetched
+    unanswered: int = 0  # offers of ours it left unfetched (expired, declined, superseded) while unproven
+    hello_sent: float = 0.0
+
+    @property
+    def proven(self) -> bool:
+        return self.delivered > 0 or self.fetched > 0
 
     def info(self) -> PeerInfo:
         return PeerInfo(self.node_id, self.key_bin.hex(), self.address, self.last_seen)
@@ -31,7 +46,7 @@ class PeerTable:
         self.capacity = capacity
         self._by_node: dict[str, PeerRecord] = {}
         self._node_by_key: dict[bytes, str] = {}
-        self._hello_sent: dict[bytes, float] = {}
+        self._contact_hello: dict[bytes, float] = {}  # when we last greeted keys that are not peers (yet)
 
     def __len__(self) -> int:
         return len(self._by_node)
@@ -55,24 +70,38 @@ class PeerTable:
     def add(self, rec: PeerRecord) -> None:
         self._by_node[rec.node_id] = rec
         self._node_by_key[rec.key_bin] = rec.node_id
+        rec.hello_sent = self._contact_hello.pop(rec.key_bin, rec.hello_sent)
 
     def remove(self, node_id: str) -> PeerRecord | None:
         rec = self._by_node.pop(node_id, None)
         if rec is not None:
             self._node_by_key.pop(rec.key_bin, None)
-            self._hello_sent.pop(rec.key_bin, None)
         return rec
+
+    def eviction_candidate(self, now: float, grace: float) -> PeerRecord | None:
+        """The unproven peer to give way to a newcomer: past its grace period, the newest of those; None if every
+        peer is proven or still within its grace."""
+        idle = [p for p in self._by_node.values() if not p.proven and now - p.first_seen >= grace]
+        return max(idle, key=lambda p: p.first_seen, default=None)
 
     def addresses(self) -> set[tuple[str, int]]:
         return {p.address for p in self._by_node.values()}
 
     def hello_sent(self, key: bytes) -> float:
-        return self._hello_sent.get(key, 0.0)
+        rec = self.by_key(key)
+        return rec.hello_sent if rec is not None else self._contact_hello.get(key, 0.0)
 
     def mark_hello(self, key: bytes, now: float) -> None:
-        self._hello_sent[key] = now
+        rec = self.by_key(key)
+        if rec is not None:
+            rec.hello_sent = now
+            return
+        self._contact_hello.pop(key, None)
+        self._contact_hello[key] = now
+        while len(self._contact_hello) > 4 * self.capacity:  # fresh keys cost nothing: contacts stay bounded
+            del self._contact_hello[next(iter(self._contact_hello))]
 
     def clear(self) -> None:
         self._by_node.clear()
         self._node_by_key.clear()
-        self._hello_sent.clear()
+        self._contact_hello.clear()

@@ -1,7 +1,10 @@
 """Serving our offers over TCP: the listening socket, the accept loop, and the slots that bound concurrent sends.
 
-Owns the listening socket and the serve slots. A connection gets the offer's bytes only after it signs our fresh
-challenge with the key of the peer the offer was made to (see `stream`).
+Owns the listening socket, the connections still proving themselves, and the serve slots. A connection gets the
+offer's bytes only after it signs our fresh challenge with the key of the peer the offer was made to (see
+`stream`). Until it has, it holds no serve slot: it only waits, briefly (``handshake_timeout``), among a bounded
+set of pending handshakes where the oldest gives way to a newcomer, so idle or trickling connections, however
+many, cannot keep a real recipient out. A recipient holds at most ``serve_slots_per_peer`` slots.
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ class FetchServer:
         self.drops = drops
         self.stats = stats
         self.slots = asyncio.Semaphore(settings.limits.serve_slots)
+        self.pending: dict[socket.socket, asyncio.Task[Any]] = {}  # in arrival order: the oldest gives way first
+        self.serving: dict[str, int] = {}  # recipient -> slots it holds
         self.open = True
 
     @property
@@ -103,57 +108,93 @@ class FetchServer:
                 emit(log, logging.WARNING, "accept-failed", context={"node": self.settings.node_id}, error=exc.strerror or str(exc))
                 await asyncio.sleep(0.1)
                 continue
-            if not self.guard.allows(addr[0]) or self.slots.locked():
+            if not self.guard.allows(addr[0]):
                 conn.close()
-                self.drops.once("fetch-refused", str(addr[0]), "not_allowed" if not self.guard.allows(addr[0]) else "busy")
+                self.drops.once("fetch-refused", str(addr[0]), "not_allowed")
                 continue
-            self.tasks.spawn(self.serve(conn, (str(addr[0]), int(addr[1]))), "serve")
+            if len(self.pending) >= self.settings.limits.pending_handshakes:
+                oldest = next(iter(self.pending))
+                self.pending.pop(oldest).cancel()  # its task closes the socket
+                self.drops("fetch-refused", str(addr[0]), "handshake_crowded")
+            self.pending[conn] = self.tasks.spawn(self.serve(conn, (str(addr[0]), int(addr[1]))), "serve")
 
     async def serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
         out: Outgoing | None = None
         who = addr[0]  # the source port of a TCP connection is random: it names nobody
-        timeout = self.settings.connect_timeout
-        async with self.slots:
+        try:
             try:
-                stream.tune(conn)
-                nonce = stream.new_nonce()
-                my_key = self.key.pub().key_to_bin()
-                async with asyncio.timeout(timeout):  # the whole request, however slowly it trickles in
-                    await loop.sock_sendall(conn, stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, nonce))
-                    head = await stream.recv_exact(loop, conn, stream.REQUEST_HEAD.size, timeout)
-                    magic, offer_id, sig_len = stream.REQUEST_HEAD.unpack(head)
-                    if magic != stream.REQUEST_MAGIC or not 0 < sig_len <= stream.MAX_SIGNATURE:
-                        raise stream.FetchError("malformed_request")
-                    signature = await stream.recv_exact(loop, conn, sig_len, timeout)
-                out = self.outbox.offers.get(offer_id)
-                if out is None:
-                    await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.UNKNOWN_OFFER, 0))
-                    raise stream.FetchError("unknown_offer")
-                who = out.recipient
-                statement = stream.fetch_statement(self.community_id, offer_id, nonce, my_key)
-                if not default_eccrypto.is_valid_signature(out.recipient_key, statement, signature):
-                    await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.NOT_RECIPIENT, 0))
-                    who = addr[0]
-                    out = None
-                    raise stream.FetchError("not_recipient")
-                if out.serving:
-                    await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.BUSY, 0))
-                    out = None
-                    raise stream.FetchError("already_fetching")
-                out.serving = True
-                await self._send(loop, conn, out)
-                self.stats.models_sent += 1
-                self.stats.bytes_sent += out.size
-                self.outbox.offers.pop(offer_id, None)
-            except stream.FetchError as exc:
-                self.drops("fetch-refused", who, exc.reason)
-            except (TimeoutError, OSError) as exc:
-                self.drops("serve-failed", who, "timeout" if isinstance(exc, TimeoutError) else "recipient_vanished")
-                if out is not None:
-                    self.outbox.offers.pop(out.offer_id, None)
+                out = await self._authenticate(loop, conn)
             finally:
-                close_socket(conn)
+                self.pending.pop(conn, None)
+            who = out.recipient
+            if self.serving.get(who, 0) >= self.settings.limits.serve_slots_per_peer:
+                await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.BUSY, 0))
+                out = None
+                raise stream.FetchError("peer_busy")
+            self.serving[who] = self.serving.get(who, 0) + 1
+            try:
+                await self._serve_in_slot(loop, conn, out)
+            finally:
+                self._release(who)
+        except stream.FetchError as exc:
+            self.drops("fetch-refused", who, exc.reason)
+        except (TimeoutError, OSError) as exc:
+            self.drops("serve-failed", who, "timeout" if isinstance(exc, TimeoutError) else "recipient_vanished")
+            if out is not None:
+                self.outbox.offers.pop(out.offer_id, None)
+        finally:
+            close_socket(conn)
+
+    def _release(self, who: str) -> None:
+        left = self.serving.get(who, 0) - 1
+        if left > 0:
+            self.serving[who] = left
+        else:
+            self.serving.pop(who, None)
+
+    async def _authenticate(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> Outgoing:
+        """The offer this connection may fetch: it named one of our offers and signed our challenge with the
+        recipient's key, all within the handshake deadline however slowly it trickled in; else FetchError."""
+        timeout = min(self.settings.connect_timeout, self.settings.limits.handshake_timeout)
+        stream.tune(conn)
+        nonce = stream.new_nonce()
+        async with asyncio.timeout(timeout):
+            await loop.sock_sendall(conn, stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, nonce))
+            head = await stream.recv_exact(loop, conn, stream.REQUEST_HEAD.size, timeout)
+            magic, offer_id, sig_len = stream.REQUEST_HEAD.unpack(head)
+            if magic != stream.REQUEST_MAGIC or not 0 < sig_len <= stream.MAX_SIGNATURE:
+                raise stream.FetchError("malformed_request")
+            signature = await stream.recv_exact(loop, conn, sig_len, timeout)
+        out = self.outbox.offers.get(offer_id)
+        if out is None:
+            await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.UNKNOWN_OFFER, 0))
+            raise stream.FetchError("unknown_offer")
+        statement = stream.fetch_statement(self.community_id, offer_id, nonce, self.key.pub().key_to_bin())
+        if not default_eccrypto.is_valid_signature(out.recipient_key, statement, signature):
+            await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.NOT_RECIPIENT, 0))
+            raise stream.FetchError("not_recipient")
+        return out
+
+    async def _serve_in_slot(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Outgoing) -> None:
+        """Wait (briefly) for a serve slot, then send the offer's bytes; the offer is done once they are out."""
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await self.slots.acquire()
+        except TimeoutError:
+            await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.BUSY, 0))
+            raise stream.FetchError("busy") from None
+        try:
+            if out.serving:
+                await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.BUSY, 0))
+                raise stream.FetchError("already_fetching")
+            out.serving = True
+            await self._send(loop, conn, out)
+            self.stats.models_sent += 1
+            self.stats.bytes_sent += out.size
+            self.outbox.served(out)
+        finally:
+            self.slots.release()
 
     async def _send(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Outgoing) -> None:
         budget = self.settings.fetch_timeout + out.size / self.settings.limits.min_rate

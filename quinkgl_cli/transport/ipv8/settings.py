@@ -7,39 +7,26 @@ past, kept apart so tests can shrink them.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from quinkgl_cli.errors import NetworkError
+from quinkgl_cli import validation
+from quinkgl_cli.errors import NetworkError, UsageError
 from quinkgl_cli.transport.common import DEFAULT_MAX_MODEL_BYTES, DEFAULT_MAX_PEERS, PROTOCOL_VERSION
-from quinkgl_cli.transport.ipv8.endpoint import is_loopback
-
-MAX_NODE_ID = 128
-
-
-def valid_node_id(node_id: str) -> bool:
-    return 0 < len(node_id) <= MAX_NODE_ID and node_id.isprintable() and not any(c.isspace() or c == "=" for c in node_id)
 
 
 def label(node_id: str, source: tuple[str, int]) -> str:
     """How a log line names the sender of a hello: its node id, unless that is unfit for a log line."""
-    return node_id if valid_node_id(node_id) else f"{source[0]}:{source[1]}"
+    return node_id if validation.is_node_id(node_id) else f"{source[0]}:{source[1]}"
 
 
 def parse_address(value: str | tuple[str, int]) -> tuple[str, int]:
     """``host:port`` (or a tuple) to a tuple; raises NetworkError with what is wrong."""
-    if isinstance(value, tuple):
-        host, port = value
-    else:
-        host, sep, port_text = str(value).strip().rpartition(":")
-        if not sep or not host or not port_text.isdigit():
-            raise NetworkError(f"bootstrap peer {value!r} is not host:port", "e.g. --bootstrap-peer 127.0.0.1:7001")
-        port = int(port_text)
-        host = host.strip("[]")
-    if not 0 < int(port) < 65536:
-        raise NetworkError(f"bootstrap peer {value!r} has port {port} outside 1-65535")
-    return str(host), int(port)
+    text = f"{value[0]}:{value[1]}" if isinstance(value, tuple) else str(value)
+    try:
+        return validation.peer_address(text, "bootstrap peer")
+    except UsageError as exc:
+        raise NetworkError(exc.message, exc.hint) from exc
 
 
 @dataclass(frozen=True)
@@ -52,7 +39,7 @@ class Limits:
     pending_handshakes: int = 64  # connections still proving themselves; beyond this, new ones are closed at once
     pending_offers_per_peer: int = 8  # offers we keep for a peer that has not fetched them
     fetch_queue_per_peer: int = 4  # accepted offers waiting for a fetch slot, per sender
-    fetch_queue_total: int = 64  # and from all senders together
+    fetch_queue_total: int = 256  # and from all senders together (a fan-in round from a full peer table fits)
     offers_per_second: float = 20.0  # offers we accept from one sender, sustained
     offer_burst: int = 40  # and in one burst
     min_rate: int = 1024 * 1024  # bytes/s a transfer may drop to (over its whole length) before it is abandoned
@@ -60,7 +47,8 @@ class Limits:
     stall_rate: int = 64 * 1024  # bytes/s below which, over ``stall_window``, a fetch is stalled and abandoned
     offer_resends: int = 3
     offer_resend_after: float = 1.5  # seconds without a fetch before an offer is sent again (a datagram may be lost)
-    proven_after: float = 30.0  # seconds of presence after which an unproven peer counts as long-lived
+    grace: float = 30.0  # seconds a new peer has to prove itself before it may be evicted from a full table
+    probation_offers: int = 4  # offers an unproven peer may leave unfetched before it gets no more
     stop_grace: float = 2.0  # seconds a stopping transport waits for peers to fetch what it offered them
 
 
@@ -88,28 +76,14 @@ class TransportSettings:
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
-        node_id = self.node_id
-        if not node_id or len(node_id) > MAX_NODE_ID or any(c.isspace() or c == "=" for c in node_id):
-            raise NetworkError(f"node id {node_id!r} is invalid", f"use 1-{MAX_NODE_ID} characters without spaces or '='")
+        """The rules `quinkgl_cli.validation` states, as NetworkErrors: an embedder's bad settings fail here."""
         try:
-            version = ipaddress.ip_address(self.listen_host).version
-        except ValueError as exc:
-            raise NetworkError(f"listen address {self.listen_host!r} is not an IP address", "e.g. --listen 127.0.0.1 or 0.0.0.0") from exc
-        if version != 4:
-            raise NetworkError(f"listen address {self.listen_host!r} is not IPv4", "IPv6 is not supported yet")
-        if not 0 <= self.port < 65536:
-            raise NetworkError(f"port {self.port} is outside 0-65535")
+            validation.node_id(self.node_id, "node id")
+            object.__setattr__(self, "listen_host", validation.listen_address(self.listen_host, "listen address"))
+            validation.listen_port(self.port, "port")
+            validation.reachable_peers(self.listen_host, self.bootstrap, lan_discovery=self.enable_lan_discovery,
+                                       public_bootstrap=self.enable_public_bootstrap)
+        except UsageError as exc:
+            raise NetworkError(exc.message, exc.hint) from exc
         if self.max_model_bytes <= 0:
             raise NetworkError("max model bytes must be positive")
-        loopback_only = is_loopback(self.listen_host)
-        if (self.enable_lan_discovery or self.enable_public_bootstrap) and loopback_only:
-            raise NetworkError(
-                "LAN discovery and public bootstrap servers need a non-loopback listen address",
-                "add --listen 0.0.0.0 (or this host's LAN address)",
-            )
-        for host, bport in self.bootstrap:
-            if loopback_only and not is_loopback(host):
-                raise NetworkError(
-                    f"bootstrap peer {host}:{bport} is not on loopback, but this node listens on {self.listen_host}",
-                    "listen on a reachable address, e.g. --listen 0.0.0.0",
-                )

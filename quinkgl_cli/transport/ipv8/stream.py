@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import time
+from dataclasses import dataclass
 
 PROTOCOL = 1
 CHALLENGE_MAGIC = b"QGLF"
@@ -44,6 +45,32 @@ class FetchError(Exception):
         self.detail = detail
 
 
+@dataclass
+class Progress:
+    """Whether a transfer keeps moving: every ``window`` seconds it must have received ``rate`` bytes a second
+    since the last check, or be complete. A sender that trickles a byte now and then, never idle for long, is
+    caught here within a window instead of holding a fetch slot until the overall deadline."""
+
+    window: float
+    rate: int
+    total: int
+    mark_time: float
+    mark_got: int = 0
+
+    def window_left(self, now: float) -> float:
+        return self.mark_time + self.window - now
+
+    def check(self, got: int, now: float) -> None:
+        """Raise FetchError('stalled') once a window has passed with too little progress; else start a new one."""
+        elapsed = now - self.mark_time
+        if elapsed < self.window:
+            return
+        need = min(self.rate * elapsed, self.total - self.mark_got)
+        if got - self.mark_got < need:
+            raise FetchError("stalled", f"{got - self.mark_got} bytes in {elapsed:.1f}s")
+        self.mark_time, self.mark_got = now, got
+
+
 def fetch_statement(community_id: bytes, offer_id: bytes, nonce: bytes, server_key_bin: bytes) -> bytes:
     return b"quinkgl-fetch/1\0" + community_id + offer_id + nonce + server_key_bin
 
@@ -57,8 +84,13 @@ def tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview, idle: float) -> None:
-    """Fill ``view`` completely; each stretch without progress may last ``idle`` seconds at most."""
+async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview, idle: float,
+                    progress: Progress | None = None) -> None:
+    """Fill ``view`` completely; each stretch without progress may last ``idle`` seconds at most, and with
+    ``progress`` the bytes must keep its pace."""
+    if progress is not None:
+        await _recv_paced(loop, sock, view, idle, progress)
+        return
     got = 0
     total = view.nbytes
     async with asyncio.timeout(idle) as budget:
@@ -70,6 +102,28 @@ async def recv_into(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: 
             budget.reschedule(loop.time() + idle)
 
 
+async def _recv_paced(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview, idle: float, progress: Progress) -> None:
+    got = 0
+    total = view.nbytes
+    last = loop.time()
+    while got < total:
+        now = loop.time()
+        wait = max(min(idle - (now - last), progress.window_left(now)), 0.0) + 0.001
+        try:
+            n = await asyncio.wait_for(loop.sock_recv_into(sock, view[got : got + RECV_CHUNK]), wait)
+        except TimeoutError:
+            now = loop.time()
+            progress.check(got, now)
+            if now - last >= idle:
+                raise TimeoutError(f"no data for {idle}s after {got} of {total} bytes") from None
+            continue
+        if n == 0:
+            raise FetchError("truncated", f"connection closed after {got} of {total} bytes")
+        got += n
+        last = loop.time()
+        progress.check(got, last)
+
+
 async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int, idle: float) -> bytes:
     buf = bytearray(n)
     await recv_into(loop, sock, memoryview(buf), idle)
@@ -79,10 +133,11 @@ async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: in
 HASH_STRIDE = 8 * 1024 * 1024
 
 
-def receive_blob(sock: socket.socket, size: int, idle: float, deadline: float) -> tuple[bytearray, bytes]:
+def receive_blob(sock: socket.socket, size: int, idle: float, deadline: float, progress: Progress | None = None) -> tuple[bytearray, bytes]:
     """Blocking (run it in a worker thread): read exactly ``size`` bytes into a buffer allocated once, hashing as
     they arrive so that the digest is ready with the last byte. Each stretch without progress may last ``idle`` s,
-    and the whole read must end by ``deadline`` (`time.monotonic`), however steadily the bytes trickle in.
+    the bytes must keep ``progress``'s pace, and the whole read must end by ``deadline`` (`time.monotonic`),
+    however steadily the bytes trickle in.
 
     A thread rather than the event loop: one syscall per chunk with no loop round trip, and sha256 releases the GIL,
     so a large transfer costs the loop nothing.
@@ -91,22 +146,36 @@ def receive_blob(sock: socket.socket, size: int, idle: float, deadline: float) -
     view = memoryview(buf)
     hasher = hashlib.sha256()
     got = hashed = 0
+    last = time.monotonic()
     try:
         while got < size:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 raise TimeoutError(f"transfer not done by its deadline: {got} of {size} bytes")
-            sock.settimeout(min(idle, left))
-            n = sock.recv_into(view[got:], min(size - got, RECV_CHUNK))
+            wait = min(idle - (now - last), left)
+            if progress is not None:
+                wait = min(wait, progress.window_left(now))
+            sock.settimeout(max(wait, 0.0) + 0.001)
+            try:
+                n = sock.recv_into(view[got:], min(size - got, RECV_CHUNK))
+            except TimeoutError:
+                now = time.monotonic()
+                if progress is not None:
+                    progress.check(got, now)
+                if now - last >= idle:
+                    raise TimeoutError(f"no data for {idle}s after {got} of {size} bytes") from None
+                continue
             if n == 0:
                 raise FetchError("truncated", f"connection closed after {got} of {size} bytes")
             got += n
+            last = time.monotonic()
+            if progress is not None:
+                progress.check(got, last)
             if got - hashed >= HASH_STRIDE:
                 hasher.update(view[hashed:got])
                 hashed = got
         hasher.update(view[hashed:got])
-    except TimeoutError as exc:
-        raise TimeoutError(f"no data for {idle}s after {got} of {size} bytes") from exc
     finally:
         view.release()
     return buf, hasher.digest()

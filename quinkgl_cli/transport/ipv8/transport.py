@@ -126,7 +126,7 @@ class IPv8Transport(RuledTransport):
         self.swarm_id = swarm_id
         self.arch_hash = arch_hash
         self.stats = TransportStats()
-        self.guard = DestinationGuard(listen_host)
+        self.guard = DestinationGuard(self.settings.listen_host)
         self.drops = DropLog(self.stats, node_id)
         self.running = False
         self.tcp_port = 0
@@ -207,7 +207,7 @@ class IPv8Transport(RuledTransport):
         table = PeerTable(s.max_peers)
         outbox = Outbox(s, table, courier, drops, self.tcp_port)
         fetcher = Fetcher(s, key, community.community_id, courier, self.guard, pool, tasks, node_events, drops, self.stats)
-        membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, fetcher.book.forget)
+        membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, fetcher.forget)
         server = FetchServer(s, lsock, outbox, key, community.community_id, self.guard, pool, tasks, drops, self.stats)
         self._dispatch.attach(Routes(membership, outbox, fetcher, node_events))
         return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, tasks, pool)
@@ -275,6 +275,9 @@ class IPv8Transport(RuledTransport):
         p = self.parts
         rec = p.table.get(peer_id)
         assert rec is not None
+        if not p.outbox.may_offer(rec):
+            self.drops("send-failed", peer_id, "unproven", unanswered=rec.unanswered)
+            return
         p.tasks.spawn(p.outbox.offer(rec, update.round, update.payload, update.encoding, update.sample_count, meta), f"offer-{peer_id}")
 
     def _deliver(self, peer_id: str, kind: str, data: bytes) -> None:

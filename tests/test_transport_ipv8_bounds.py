@@ -1,0 +1,245 @@
+"""Resource bounds of the IPv8 transport that no number of connections, offers or identities can break.
+
+Each test plays one attack from issue 12 on loopback, in one process, and checks the bound holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+import time
+
+from quinkgl_cli.transport.ipv8 import stream
+from quinkgl_cli.transport.ipv8.payloads import OfferPayload
+from quinkgl_cli.transport.ipv8.settings import Limits
+from tests.test_transport_contract import Cluster, _upd, run_cluster, wait_until
+
+
+def _fetch_tasks(sender: str) -> list[asyncio.Task]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == f"quinkgl-fetch-{sender}" and not t.done()]
+
+
+def _flood_offers(sender, recipient, count: int, size: int = 1000) -> None:
+    """Signed offers from ``sender`` the way a hostile member would send them: fresh ids, nothing behind them."""
+    parts = sender.parts
+    recipient_mid = hashlib.sha1(recipient.parts.key.pub().key_to_bin()).digest()
+    for _ in range(count):
+        parts.courier.send(recipient.address, OfferPayload(
+            sender.swarm_id, *parts.courier.stamp(), os.urandom(stream.OFFER_ID_BYTES), 1, sender.node_id,
+            recipient.node_id, recipient_mid, size, os.urandom(32), "qgl-tensors/1", 1, b"{}", sender.tcp_port))
+
+
+def test_an_offer_flood_queues_a_bounded_number_of_fetches(tmp_path, caplog):
+    """Issue 12 item 3: one member's offers must not queue fetches without bound behind the fetch slots."""
+    limits = Limits(fetch_queue_per_peer=4, fetch_queue_total=6, offer_burst=1000, offers_per_second=1000.0)
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a")
+        b, _ = await c.add("b", limits=limits)
+        m, _ = await c.add("m")
+        await c.meet(["a", "b", "m"])
+        b.parts.fetcher.slots = asyncio.Semaphore(0)  # b is busy: every accepted fetch waits in the queue
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            _flood_offers(m, b, 50)
+            await wait_until(lambda: b.stats.dropped >= 46, what="the flood refused")
+            _flood_offers(a, b, 10)
+            await wait_until(lambda: b.stats.dropped >= 46 + 8, what="the second sender refused beyond the total")
+        assert len(_fetch_tasks("m")) == 4 and len(_fetch_tasks("a")) == 2
+        refused = [r for r in caplog.records if "reason=queue_full" in r.getMessage()]
+        assert sorted(r.qgl_fields["peer"] for r in refused) == ["a", "m"]  # logged once per sender
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_offers_beyond_a_senders_rate_are_ignored(tmp_path, caplog):
+    """Issue 12 item 3: per-sender offer rate limit."""
+    limits = Limits(offer_burst=5, offers_per_second=1.0, fetch_queue_per_peer=1000, fetch_queue_total=1000)
+
+    async def body(c: Cluster):
+        b, _ = await c.add("b", limits=limits)
+        m, _ = await c.add("m")
+        await c.meet(["b", "m"])
+        b.parts.fetcher.slots = asyncio.Semaphore(0)
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            _flood_offers(m, b, 100)
+            await wait_until(lambda: b.stats.dropped + len(_fetch_tasks("m")) >= 100, what="every offer handled")
+        allowed = 5 + int(time.monotonic() - started) + 1
+        assert 5 <= len(_fetch_tasks("m")) <= allowed
+        assert any("reason=rate_limited" in r.getMessage() for r in caplog.records)
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_idle_connections_cannot_hold_the_serve_slots(tmp_path):
+    """Issue 12 item 4: unauthenticated TCP connections, however many, hold no serve slot and do not keep the
+    real recipient from fetching. (Before: 16 idle connections held all 16 slots for the whole request timeout.)"""
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a", connect_timeout=30.0)  # a patient server: idle connections stay as long as allowed
+        b, rb = await c.add("b")
+        await c.meet(["a", "b"])
+        loop = asyncio.get_running_loop()
+        idle = []
+        try:
+            for _ in range(Limits().pending_handshakes + 16):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setblocking(False)
+                await loop.sock_connect(sock, ("127.0.0.1", a.tcp_port))
+                idle.append(sock)
+            await wait_until(lambda: len(a.parts.server.pending) == Limits().pending_handshakes, what="the handshakes queued")
+            sent_at = time.monotonic()
+            a.send_model("b", _upd(round_=1, payload=b"through the crowd" * 100))
+            await wait_until(lambda: rb.models, timeout=5, what="the recipient's fetch")
+            assert time.monotonic() - sent_at < 2.0
+            assert a.parts.server.slots._value == Limits().serve_slots  # nothing held once served
+        finally:
+            for sock in idle:
+                sock.close()
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_stalling_sender_cannot_starve_the_fetch_slots(tmp_path, caplog):
+    """Issue 12 item 5: a sender that trickles a byte now and then, never idle for long, holds at most one of our
+    fetch slots and is abandoned within the stall window; another sender's model goes through meanwhile."""
+
+    async def body(c: Cluster):
+        b, rb = await c.add("b", max_concurrent_fetches=2)
+        slow, _ = await c.add("slow")
+        ok, _ = await c.add("ok")
+        await c.meet(["b", "slow", "ok"])
+
+        async def trickle(loop, conn, out):
+            await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.OK, out.size))
+            for i in range(out.size):
+                await loop.sock_sendall(conn, bytes(out.payload[i : i + 1]))
+                await asyncio.sleep(0.3)
+
+        slow.parts.server._send = trickle
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            for r in (1, 2, 3):
+                slow.send_model("b", _upd(round_=r, payload=os.urandom(5000)))
+            await wait_until(lambda: len(_fetch_tasks("slow")) == 3, what="the slow offers accepted")
+            sent_at = time.monotonic()
+            ok.send_model("b", _upd(round_=1, payload=b"on time"))
+            await wait_until(lambda: rb.models, timeout=5, what="the other sender's model")
+            assert time.monotonic() - sent_at < 1.5 and rb.models[0].sender == "ok"
+            await wait_until(lambda: "fetch-failed peer=slow reason=stalled" in caplog.text, timeout=5,
+                             what="the stalled download abandoned")
+        assert time.monotonic() - sent_at < Limits().stall_window + 2.0
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_full_peer_table_makes_room_for_a_late_honest_peer(tmp_path, caplog):
+    """Issue 12 item 6: identities that proved nothing fill the table first; a late peer still gets in (an
+    unproven entry past its grace gives way) and, once it has delivered a model, stays while they churn."""
+    limits = Limits(grace=1.0)
+
+    async def body(c: Cluster):
+        a, ra = await c.add("a", max_peers=3, limits=limits)
+        for name in ("s1", "s2", "s3"):
+            await c.add(name)
+        await c.meet(["a", "s1", "s2", "s3"])
+        await asyncio.sleep(limits.grace)  # the fillers have had their chance to prove something
+        h, rh = await c.add("h")
+        with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
+            await wait_until(lambda: "h" in {p.node_id for p in a.peers()} and "a" in {p.node_id for p in h.peers()},
+                             timeout=10, what="the late peer admitted")
+        assert len(ra.lost) >= 1 and set(ra.lost) <= {"s1", "s2", "s3"}
+        h.send_model("a", _upd(round_=1, payload=b"a real update"))
+        await wait_until(lambda: any(m.sender == "h" for m in ra.models), what="the late peer's model")
+        lost_before = len(ra.lost)
+        await wait_until(lambda: len(ra.lost) >= lost_before + 2, timeout=15, what="the fillers to churn")
+        assert "h" in {p.node_id for p in a.peers()} and "h" not in ra.lost  # a proven peer is never the one to go
+        assert len(a.peers()) == 3
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_peer_that_never_fetches_gets_only_its_probation_offers(tmp_path, caplog):
+    """Issue 12 item 6: we stop offering to a peer that never proved anything (it left every offer unfetched)."""
+    limits = Limits(probation_offers=3, pending_offers_per_peer=2)
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a", limits=limits)
+        sink, _ = await c.add("sink")
+        h, rh = await c.add("h")
+        await c.meet(["a", "sink", "h"])
+        sink.parts.fetcher.on_offer = lambda rec, p: None  # takes offers, never fetches them
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            for r in range(1, 7):
+                a.send_model("sink", _upd(round_=r))
+                a.send_model("h", _upd(round_=r, payload=bytes([r]) * 100))
+                await wait_until(lambda r=r: len(rh.models) == r, what=f"h's model {r}")
+        # offers 1-3 were pushed out unfetched by offers 3-5 (two wait at a time); offer 6 is not made
+        assert len([o for o in a.parts.outbox.offers.values() if o.recipient == "sink"]) == 2
+        assert len(rh.models) == 6
+        assert [r.getMessage() for r in caplog.records if "reason=unproven" in r.getMessage()] == [
+            "send-failed peer=sink reason=unproven unanswered=3"]
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_crowded_ipv8_peer_list_still_answers_a_newcomer(tmp_path):
+    """Issue 12 item 6, one layer down: IPv8 ignores introduction requests once its own peer list is full, and keys
+    we refused stay on it. A newcomer must still be answered: the strangers make room."""
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a", max_peers=2, limits=Limits(grace=60.0))  # nobody may be evicted in this test
+        await c.add("s1")
+        await c.add("s2")
+        await c.meet(["a", "s1", "s2"])
+        await c.add("s3")  # refused by a (peer_limit), yet on IPv8's list
+        await wait_until(lambda: len(a.parts.community.get_peers()) > 2, what="a's IPv8 list over its bound")
+        h, _ = await c.add("h")
+        await wait_until(lambda: a.address in {tuple(p.address) for p in h.parts.community.get_peers()},
+                         what="the newcomer's introduction answered")
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_one_recipient_holds_at_most_its_share_of_the_serve_slots(tmp_path):
+    """Issue 12 item 4: a known peer that opens many authenticated fetches at once (and reads none of them) holds
+    ``serve_slots_per_peer`` slots; its further requests are answered busy."""
+    from ipv8.keyvault.crypto import default_eccrypto
+
+    async def request(owner, offer_id, signer_key):
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        stream.tune(sock)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read: the server's send blocks
+        await loop.sock_connect(sock, ("127.0.0.1", owner.tcp_port))
+        _, _, nonce = stream.CHALLENGE.unpack(await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3))
+        statement = stream.fetch_statement(owner.community_id, offer_id, nonce, owner.parts.key.pub().key_to_bin())
+        sig = default_eccrypto.create_signature(signer_key, statement)
+        await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, offer_id, len(sig)) + sig)
+        status, _ = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, 3))
+        return sock, status
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a")
+        b, _ = await c.add("b")
+        await c.meet(["a", "b"])
+        b.parts.fetcher.slots = asyncio.Semaphore(0)  # b's own fetches wait: its offers stay unfetched at a
+        for r in (1, 2, 3):
+            a.send_model("b", _upd(round_=r, payload=os.urandom(8_000_000)))
+        await wait_until(lambda: len(a.parts.outbox.offers) == 3, what="three offers to b")
+        socks = []
+        try:
+            statuses = []
+            for offer_id in list(a.parts.outbox.offers):
+                sock, status = await request(a, offer_id, b.parts.key)
+                socks.append(sock)
+                statuses.append(status)
+            assert statuses == [stream.OK, stream.OK, stream.BUSY]
+            assert a.parts.server.serving == {"b": Limits().serve_slots_per_peer}
+        finally:
+            for sock in socks:
+                sock.close()
+
+    run_cluster("ipv8", tmp_path, body)
