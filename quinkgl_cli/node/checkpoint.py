@@ -38,7 +38,7 @@ from safetensors.torch import save as st_save
 from quinkgl_cli.atomic import atomic_write_bytes
 from quinkgl_cli.errors import IOFailure, NodeConfigError
 from quinkgl_cli.events import emit
-from quinkgl_cli.node.core import NodeState
+from quinkgl_cli.node.state import NodeState
 
 log = logging.getLogger("quinkgl.checkpoint")
 

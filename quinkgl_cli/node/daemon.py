@@ -5,8 +5,9 @@ Start-up, in order, each failure a one-line error with its exit code (`prepare`)
   2. peer script loaded, required hooks present (2 / 7),
   3. model built, its arch hash compared with the manifest's (5 under --strict-manifest, else a warning),
   4. loaders built, 5. optimizer from ``build_optimizer(manifest, model)`` (SGD default),
-  6. checkpoint directory: resume from the newest checkpoint of this swarm; another swarm's is refused (7) unless
-     ``--no-resume``.
+  6. checkpoint directory: resume from the newest usable checkpoint of this swarm and node (damaged, another
+     swarm's or node's, non-finite ones are skipped with a log line); checkpoints of which none is usable are
+     refused (7) unless ``--no-resume``.
 Then the transport starts inside the running loop and rounds begin.
 
 Round cadence (`--gossip-interval T`): a round starts every T seconds, or at once when the previous one ran over.
@@ -204,14 +205,10 @@ def prepare(options: DaemonOptions) -> Prepared:
     if options.resume and not options.dry_run:
         from quinkgl_cli.node.checkpoint import CheckpointStore
 
-        found = CheckpointStore(checkpoint_dir, keep=options.keep_checkpoints).latest()
+        store = CheckpointStore(checkpoint_dir, keep=options.keep_checkpoints)
+        found = store.resume_point(trusted.swarm_id, options.node_id)
         if found is not None:
             ckpt, state = found
-            if state.meta.get("swarm_id") != trusted.swarm_id:
-                raise NodeConfigError(
-                    f"checkpoint {ckpt.path} belongs to swarm {state.meta.get('swarm_id')}, not {trusted.swarm_id}",
-                    "pass --no-resume to start this swarm afresh, or another --checkpoint-dir",
-                )
             resume_state, resume_file = state, ckpt.path
     return Prepared(options, trusted, script, model, arch_hash, train_loader, val_loader, optimizer, checkpoint_dir,
                     resume_state, resume_file, seed, locks)
