@@ -277,6 +277,29 @@ def test_resume_skips_poisoned_checkpoints_and_refuses_when_none_is_good(manifes
     assert exc.value.code == ExitCode.NODE and "--no-resume" in exc.value.one_line()
 
 
+def test_manifest_expiring_during_the_run_stops_the_daemon_cleanly(manifest: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
+
+    prepared = prepare(options(manifest, tmp_path, "p0", rounds=10, gossip_interval=0.05))
+    expires = datetime(2030, 1, 1, tzinfo=UTC)
+    trusted = replace(prepared.trusted, manifest=prepared.trusted.manifest.model_copy(update={"expires_at": expires}))
+    d = Daemon(replace(prepared, trusted=trusted), LogContext("p0"), memory_factory(MemoryNetwork()))
+    # The clock passes expires_at once two rounds are done.
+    d.utc_now = lambda: expires + (timedelta(seconds=1) if d.node.completed_round >= 2 else -timedelta(hours=1))
+    with caplog.at_level(logging.INFO):
+        code = asyncio.run(asyncio.wait_for(d.run(), timeout=60))
+    _release(d)
+    assert code == ExitCode.TRUST == 4
+    events = {getattr(r, "qgl_event", ""): r for r in caplog.records}
+    assert "expired at 2030-01-01T00:00:00Z" in events["manifest-expired"].qgl_fields["error"]  # type: ignore[attr-defined]
+    stopped = events["stopped"].qgl_fields  # type: ignore[attr-defined]
+    assert stopped["reason"] == "manifest-expired" and stopped["completed_round"] == 2
+    assert [h["round"] for h in d.node.history] == [1, 2] and CheckpointStore(tmp_path / "p0").files()[-1].round == 2
+    assert not any(r.getMessage().startswith("finished") for r in caplog.records)
+
+
 def test_late_round_still_waits_for_this_rounds_updates_and_next_round_starts_at_once(
         manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Training longer than the interval: every gossip deadline is already past. p1 finishes each round's training

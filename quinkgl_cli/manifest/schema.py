@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.validation import peer_address
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"
 PUBKEY_PATTERN = r"^ed25519:[0-9a-f]{64}$"
 # RFC 8785 writes numbers as IEEE doubles: larger integers have no canonical form (and would not survive a
