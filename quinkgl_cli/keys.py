@@ -2,7 +2,9 @@
 
 The public key's text form is ``ed25519:<64 lowercase hex>`` (the raw 32-byte key), as in manifests and the
 ``--trusted-pubkey`` flag. Private key files are created with mode 0600 from their first byte and written
-atomically, so a crash never leaves a half-written key and no other user can ever read it.
+atomically, so a crash never leaves a half-written key and no other user can ever read it. A key file that others
+may read or write is refused when loaded (CryptoError, exit 3, "chmod 600"): whoever could read it may already
+have signed manifests with it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from quinkgl_cli.atomic import atomic_write_bytes
 from quinkgl_cli.errors import CryptoError, IOFailure, UsageError
 
-# Imported where they are used, for start-up time: `serialization` (PEM; it loads the SSH and PKCS#12 code
-# too), which `manifest verify` does not need, and `logging`, which `keygen` does not.
+# Imported where it is used, for start-up time: `serialization` (PEM; it loads the SSH and PKCS#12 code too),
+# which `manifest verify` does not need.
 
 PASSPHRASE_ENV = "QUINKGL_KEY_PASSPHRASE"
 PUBKEY_PREFIX = "ed25519:"
@@ -99,8 +101,7 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
     from cryptography.hazmat.primitives import serialization
 
     path = Path(path)
-    data = _read_small(path, _MAX_KEY_FILE, "key file")
-    _warn_if_exposed(path)
+    data = _read_small(path, _MAX_KEY_FILE, "key file", private=True)
     encrypted = b"ENCRYPTED PRIVATE KEY" in data
     if encrypted and passphrase is None:
         raise CryptoError(f"key file {path} is passphrase-protected", _PASSPHRASE_HINT)
@@ -122,9 +123,17 @@ def load_private_key(path: Path, passphrase: bytes | None = None) -> Ed25519Priv
     return key
 
 
-def _read_small(path: Path, limit: int, what: str) -> bytes:
+def _read_small(path: Path, limit: int, what: str, private: bool = False) -> bytes:
+    """At most ``limit`` bytes of ``path``; with ``private``, refused when group or others have any access to it
+    (checked on the opened file, so a file swapped in after the check cannot slip through)."""
     try:
         with open(path, "rb") as fh:
+            mode = stat.S_IMODE(os.fstat(fh.fileno()).st_mode)
+            if private and mode & 0o077:
+                raise CryptoError(
+                    f"{what} {path} is accessible by other users (mode {mode:04o}); refusing to use a key others may have read",
+                    f"chmod 600 {path}, and make a new key if others could have copied it",
+                )
             data = fh.read(limit + 1)
     except FileNotFoundError as exc:
         raise IOFailure(f"{what} {path} not found", "check the path") from exc
@@ -136,13 +145,3 @@ def _read_small(path: Path, limit: int, what: str) -> bytes:
         raise UsageError(f"{what} {path} is larger than {limit // 1024} KiB", f"this is not a {what}")
     return data
 
-
-def _warn_if_exposed(path: Path) -> None:
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return
-    if mode & 0o077:
-        import logging
-
-        logging.getLogger("quinkgl.keys").warning("key-file-exposed path=%s mode=%04o hint=chmod_600", path, mode)

@@ -9,6 +9,10 @@ multiple of ``ALIGN`` inside it, in header order, with nothing else in between: 
 decoder checks exact offsets rather than trusting them. No pickle anywhere: a blob can only ever become tensors of
 the listed dtypes. The container is generic over named tensors, so compressed forms (sparse indices + values,
 quantized blocks with their scales) travel in it unchanged, distinguished by ``encoding`` and ``meta``.
+
+Decoding raises `WireError` and nothing else, whatever the bytes: the header is parsed by
+`jsonsafe.loads_strict` (no NaN/Infinity, no number that overflows a float, bounded nesting), every dimension is
+bounded, and a shape's element count must fit the byte limit even when another dimension is zero.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import struct
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
 from quinkgl_cli.errors import NetworkError
+from quinkgl_cli.jsonsafe import loads_strict
 from quinkgl_cli.tensors import TensorSpec, all_finite
 
 MAGIC = b"QGLT"
@@ -35,6 +40,7 @@ MAX_HEADER_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_ENTRIES = 65_536
 DEFAULT_MAX_BYTES = 4 * 1024**3
 MAX_NDIM = 16
+MAX_DIM = 2**40  # one dimension; torch's own limit is 2**63 - 1, far beyond any model this build exchanges
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -60,7 +66,7 @@ class _Strict(BaseModel):
 class Entry(_Strict):
     name: str = Field(min_length=1, max_length=512)
     dtype: str
-    shape: tuple[int, ...] = Field(max_length=MAX_NDIM)
+    shape: tuple[Annotated[int, Field(ge=0, le=MAX_DIM)], ...] = Field(max_length=MAX_NDIM)
     offset: int = Field(ge=0)
     nbytes: int = Field(ge=0)
 
@@ -128,10 +134,10 @@ def encode(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None =
     data_start = _align(head_len)
     parts: list[Any] = [prefix, header_bytes, bytes(data_start - head_len)]
     pos = 0
-    for entry, raw in zip(entries, raws):
+    for entry, raw in zip(entries, raws, strict=True):
         if entry.offset > pos:
             parts.append(bytes(entry.offset - pos))
-        parts.append(memoryview(raw.numpy()))
+        parts.append(raw.numpy().data)
         pos = entry.offset + entry.nbytes
     return b"".join(parts)
 
@@ -160,7 +166,7 @@ def read_header(data: bytes | bytearray | memoryview, max_entries: int = DEFAULT
     if view.nbytes < head_end:
         raise WireError("blob truncated inside the header")
     try:
-        raw_header = json.loads(bytes(view[PREFIX.size : head_end]).decode("utf-8"))
+        raw_header = loads_strict(bytes(view[PREFIX.size : head_end]).decode("utf-8"))
         if isinstance(raw_header, dict) and isinstance(raw_header.get("entries"), list) and len(raw_header["entries"]) > max_entries:
             raise WireError(f"blob has {len(raw_header['entries'])} entries, limit {max_entries}")
         header = Header.model_validate(raw_header)
@@ -204,8 +210,10 @@ def decode_full(
         itemsize = _ITEMSIZE.get(entry.dtype)
         if itemsize is None:
             raise WireError(f"entry {entry.name!r} has unsupported dtype {entry.dtype!r}")
-        if any(d < 0 for d in entry.shape):
-            raise WireError(f"entry {entry.name!r} has a negative dimension")
+        if _numel(max(d, 1) for d in entry.shape) * itemsize > max_bytes:
+            # Checked with zero dimensions counted as one: torch refuses to build even an empty tensor whose other
+            # dimensions multiply past its index range.
+            raise WireError(f"entry {entry.name!r} of shape {list(entry.shape)} exceeds limit of {max_bytes} bytes")
         expected = _numel(entry.shape) * itemsize
         if entry.nbytes != expected:
             raise WireError(f"entry {entry.name!r}: {entry.nbytes} bytes do not match shape {list(entry.shape)} of {entry.dtype}")

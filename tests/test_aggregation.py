@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,8 +15,10 @@ from quinkgl_cli.strategies import registry
 from quinkgl_cli.strategies.aggregation import (
     CONTROL_VARIATE_KEY,
     LABEL_ENTROPY_KEY,
+    bound_limits,
     bounded_weights,
     coordinate_median,
+    distance,
     krum_scores,
     pairwise_sq_distances,
     trimmed_mean,
@@ -33,7 +37,9 @@ def upd(pid: str, values: list[float], samples: int = 10, round_: int = 1, local
 
 LOCAL = upd("a", [0.0, 0.0], local=True)
 LINE = [upd(pid, [float(i), -float(i)]) for i, pid in enumerate("bcd", start=1)]  # (1,-1) (2,-2) (3,-3)
-FAR = upd("x", [1000.0, 1000.0])
+# Far outside the honest points, yet inside the refusal bound (100 x the 0.1-per-coordinate floor: 14.1 from the
+# origin), so the robust rules see it (clipped to 4 x the median distance when two or more remotes arrive).
+FAR = upd("x", [9.0, 9.0])
 ALL = [e.name for e in catalogue._ENTRIES if e.kind == "aggregation"]
 
 
@@ -70,8 +76,8 @@ def test_two_party_round_bounds_a_huge_sample_claim() -> None:
 
 def test_fedavg_bounds_a_huge_sample_claim() -> None:
     # Counts 10, 30, 2^32 with max_weight_ratio 2 (n = 3): the liar is capped at 2/3, the rest split 1:3.
-    out = make("FedAvg").aggregate(LOCAL, [upd("b", [1, 1], 30), upd("c", [9, 9], 2**32)], 1)
-    assert torch.allclose(out.flat, torch.tensor([0.25 * 1 + 2 / 3 * 9] * 2))
+    out = make("FedAvg").aggregate(LOCAL, [upd("b", [4, 4], 30), upd("c", [6, 6], 2**32)], 1)
+    assert torch.allclose(out.flat, torch.tensor([0.25 * 4 + 2 / 3 * 6] * 2))
 
 
 def test_bounded_weights_properties() -> None:
@@ -114,9 +120,9 @@ def test_entropy_weighted_average() -> None:
 def test_entropy_weights_are_bounded() -> None:
     # Three peers, one claiming the maximum entropy of 16 bits: capped at max_weight_ratio / n.
     agg = make("EntropyWeightedAvg", max_weight_ratio=1.5)
-    others = [upd("b", [0, 0], label_entropy=1.0), upd("c", [3, 3], label_entropy=16.0)]
+    others = [upd("b", [2, 2], label_entropy=1.0), upd("c", [3, 3], label_entropy=16.0)]
     out = agg.aggregate(upd("a", [0, 0], local=True, label_entropy=1.0), others, 1)
-    assert torch.allclose(out.flat, torch.tensor([1.5, 1.5]))
+    assert torch.allclose(out.flat, torch.tensor([0.25 * 2 + 0.5 * 3] * 2))
 
 
 def test_fedavgm_without_momentum_is_fedavg_and_keeps_state() -> None:
@@ -228,9 +234,9 @@ def test_trim_ratio_never_trims_fewer_than_f() -> None:
     assert out.flat.tolist() == [0.0, 0.0] and out.used == ["a"]
     assert "kept local model" in out.note and "2f+1=3" in out.note
     # Five updates, two far attackers, f = 2: the ratio alone (ceil(0.1 * 5) = 1) would let one through.
-    far = [upd("x", [1000.0, 1000.0]), upd("y", [1000.0, 1000.0])]
+    far = [upd("x", [9.0, 9.0]), upd("y", [9.0, 9.0])]  # clipped to 4 x the median distance: (8, 8)
     out = make("TrimmedMean", f=2, trim_ratio=0.1).aggregate(LOCAL, [*LINE[:2], *far], 1)
-    assert out.flat.tolist() == [2.0, 0.0]  # middle values of 0 1 2 1000 1000 and of -2 -1 0 1000 1000
+    assert out.flat.tolist() == [2.0, 0.0]  # middle values of 0 1 2 8 8 and of -2 -1 0 8 8
     assert "raised to f=2" in out.note
 
 
@@ -243,9 +249,9 @@ def test_trim_ratio_beyond_the_count_falls_back_and_says_so() -> None:
     out = make("TrimmedMean", trim_ratio=0.4).aggregate(LOCAL, [upd("b", [2, 2])], 1)
     assert out.flat.tolist() == [1.0, 1.0] and "fell back to mean" in out.note
     # Float noise does not trim one more: ceil(0.1 * 30) is 3, so 30 updates keep 24.
-    many = [upd(f"p{i}", [float(i), 0.0]) for i in range(1, 30)]
-    out = make("TrimmedMean", trim_ratio=0.1).aggregate(LOCAL, many, 1)
-    assert out.note == "" and out.flat.tolist() == [14.5, 0.0]
+    many = [upd(f"p{i}", [100.0 + i, 0.0]) for i in range(1, 30)]
+    out = make("TrimmedMean", trim_ratio=0.1).aggregate(upd("a", [100.0, 0.0], local=True), many, 1)
+    assert out.note == "" and out.flat.tolist() == [114.5, 0.0]
 
 
 def test_median_says_it_cannot_tolerate_f() -> None:
@@ -309,7 +315,7 @@ def test_robust_rules_stay_in_the_honest_range(name: str, kind: str) -> None:
     h = torch.stack([u.flat for u in honest])
     lo, hi = h.min(0).values, h.max(0).values
     out = make(name, f=2).aggregate(honest[0], [*honest[1:], *bad], 1)
-    assert out.note == "" or out.note.startswith("rejected"), out.note
+    assert all(part.startswith(("rejected", "clipped")) for part in out.note.split("; ") if part), out.note
     assert bool(((out.flat >= lo - 1e-6) & (out.flat <= hi + 1e-6)).all()), (name, kind)
     if kind == "nan":
         assert set(out.rejected) == {"z0", "z1"}
@@ -323,6 +329,67 @@ def test_fedavg_is_pulled_out_of_the_honest_range(kind: str) -> None:
     out = make("FedAvg").aggregate(honest[0], [*honest[1:], *_attackers(kind, honest)], 1)
     outside = (out.flat < lo) | (out.flat > hi)
     assert float(outside.float().mean()) > 0.5
+    # ... but only by the clipped attackers' share of the clip limit (4 x the median distance), never by 100x.
+    limit = bound_limits(honest[0].flat, [distance(u.flat, honest[0].flat) for u in honest[1:]]).clip
+    assert distance(out.flat, honest[0].flat) <= limit
+
+
+HUGE = [1e30, -1e30, 3e38]  # finite float32 values; 3e38 minus the local model overflows to inf
+
+
+@pytest.mark.parametrize("value", HUGE)
+@pytest.mark.parametrize("name", ALL)
+def test_every_aggregator_refuses_huge_finite_updates(name: str, value: float) -> None:
+    honest = _honest()
+    poison = [PeerUpdate(f"z{i}", 1, torch.full((D,), value), 100) for i in range(2)]
+    clean = make(name, f=2).aggregate(honest[0], honest[1:], 1)
+    out = make(name, f=2).aggregate(honest[0], [*honest[1:], *poison], 1)
+    assert bool(torch.isfinite(out.flat).all()), name
+    assert set(out.rejected) == {"z0", "z1"} and "rejected z0:distance" in out.note, out.note
+    assert torch.allclose(out.flat, clean.flat), name  # exactly what the honest updates alone give
+    # One honest peer and one poisoned: nothing to take a median from, the refusal alone holds.
+    alone = make(name, f=0).aggregate(honest[0], [honest[1], poison[0]], 1)
+    assert bool(torch.isfinite(alone.flat).all()) and alone.rejected == ["z0"], name
+    assert distance(alone.flat, honest[0].flat) <= distance(honest[1].flat, honest[0].flat)
+
+
+def test_refused_and_clipped_updates_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    honest = _honest()
+    mean = torch.stack([u.flat for u in honest]).mean(0)
+    scaled = PeerUpdate("s", 1, 50.0 * mean, 100)  # ~50 norms away: inside the refusal bound, clipped
+    huge = PeerUpdate("z", 1, torch.full((D,), 1e30), 100)
+    with caplog.at_level(logging.WARNING, logger="quinkgl.strategies"):
+        out = make("FedAvg").aggregate(honest[0], [*honest[1:], scaled, huge], 1)
+    events = {r.qgl_event: r.qgl_fields for r in caplog.records}  # type: ignore[attr-defined]
+    assert events["update-refused"]["peer"] == "z" and events["update-clipped"]["peer"] == "s"
+    clipped = events["update-clipped"]
+    assert clipped["distance"] > clipped["limit"] and "clipped s:distance" in out.note and "s" in out.used
+    assert distance(out.flat, honest[0].flat) < clipped["limit"]
+
+
+def test_honest_updates_are_neither_clipped_nor_refused() -> None:
+    honest = _honest()
+    for name in ALL:
+        out = make(name, f=2).aggregate(honest[0], honest[1:], 1)
+        assert out.rejected == [] and "clipped" not in out.note, (name, out.note)
+    # A model near zero (a zero-initialised linear model) still accepts honest updates of ordinary size.
+    zero = PeerUpdate("a", 1, torch.zeros(D), 10, is_local=True)
+    out = make("FedAvg").aggregate(zero, [PeerUpdate("b", 1, torch.full((D,), 0.5), 10)], 1)
+    assert out.rejected == [] and torch.allclose(out.flat, torch.full((D,), 0.25))
+
+
+def test_scaffold_refuses_a_huge_control_variate(caplog: pytest.LogCaptureFixture) -> None:
+    honest = _honest()
+    agg = make("Scaffold")
+    agg.c_local = torch.full((D,), 0.01)  # type: ignore[attr-defined]
+    good = {CONTROL_VARIATE_KEY: torch.full((D,), 0.02)}
+    bad = {CONTROL_VARIATE_KEY: torch.full((D,), 1e30)}
+    others = [replace(honest[1], extras=good), replace(honest[2], extras=bad)]
+    with caplog.at_level(logging.WARNING, logger="quinkgl.strategies"):
+        out = agg.aggregate(honest[0], others, 1)
+    assert "no usable control variate from h2" in out.note
+    assert any(getattr(r, "qgl_event", "") == "variate-refused" for r in caplog.records)
+    assert torch.allclose(agg.c_global, torch.full((D,), 0.015))  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------ training-side hooks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import signal
 import subprocess
@@ -12,15 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from quinkgl_cli.errors import ExitCode, NodeConfigError
 from quinkgl_cli.node.checkpoint import CheckpointStore, load_final_model, read_file, save_final_model
 from quinkgl_cli.node.core import NodeState
 
 
-def state(round_: int, swarm: str = "sha256:a") -> NodeState:
+def state(round_: int, swarm: str = "sha256:a", node: str = "n1") -> NodeState:
     w = torch.arange(6, dtype=torch.float32).reshape(2, 3) * round_
     return NodeState(
         tensors={"model.w": w, "model.tied": w, "rng.torch": torch.get_rng_state()},
-        meta={"round": round_, "swarm_id": swarm, "optimizer": {"param_groups": [], "scalars": {}}, "history": [{"loss": 0.5}]},
+        meta={"round": round_, "swarm_id": swarm, "node_id": node, "sample_count": 10,
+              "optimizer": {"param_groups": [{"lr": 0.05, "momentum": 0.9, "params": [0]}], "scalars": {"0": {"step": 3}}},
+              "history": [{"loss": 0.5}, {"loss": float("nan")}]},
     )
 
 
@@ -65,9 +70,91 @@ def test_pickle_file_is_refused(tmp_path: Path) -> None:
     assert CheckpointStore(tmp_path).latest() is None
 
 
+def _spoil(st: NodeState, how: str) -> NodeState:
+    if how == "nan-weights":
+        st.tensors["model.w"] = st.tensors["model.w"].clone()
+        st.tensors["model.w"][0, 1] = float("nan")
+    elif how == "inf-momentum":
+        st.tensors["optim.0.momentum_buffer"] = torch.tensor([float("inf"), 0.0])
+    elif how == "text-lr":
+        st.meta["optimizer"]["param_groups"][0]["lr"] = "fast"
+    elif how == "nan-lr":
+        st.meta["optimizer"]["param_groups"][0]["lr"] = float("nan")
+    elif how == "negative-round":
+        st.meta["round"] = -7
+    elif how == "bool-round":
+        st.meta["round"] = True
+    elif how == "other-node":
+        st.meta["node_id"] = "n2"
+    elif how == "other-swarm":
+        st.meta["swarm_id"] = "sha256:b"
+    elif how == "negative-samples":
+        st.meta["sample_count"] = -1
+    return st
+
+
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("nan-weights", "tensor model.w holds NaN or Inf"),
+        ("inf-momentum", "tensor optim.0.momentum_buffer holds NaN or Inf"),
+        ("text-lr", "lr 'fast', not a finite number"),
+        ("nan-lr", "lr nan, not a finite number"),
+        ("negative-round", "round -7 is not a non-negative integer"),
+        ("bool-round", "round True is not"),
+        ("other-node", "belongs to node 'n2', not 'n1'"),
+        ("other-swarm", "belongs to swarm sha256:b, not sha256:a"),
+        ("negative-samples", "sample_count -1"),
+    ],
+)
+def test_resume_skips_a_bad_newest_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str, reason: str) -> None:
+    store = CheckpointStore(tmp_path, keep=5)
+    store.save(state(1))
+    store.save(state(2))
+    store.write(3, CheckpointStore.encode(_spoil(state(3), how)))
+    with caplog.at_level(logging.WARNING, logger="quinkgl.checkpoint"):
+        f, st = store.resume_point("sha256:a", "n1")  # type: ignore[misc]
+    assert f.round == 2 and st.meta["round"] == 2
+    skipped = [r for r in caplog.records if getattr(r, "qgl_event", "") == "checkpoint-invalid"]
+    assert len(skipped) == 1 and reason in skipped[0].qgl_fields["reason"]  # type: ignore[attr-defined]
+    # Every checkpoint bad: refused with exit 7 and the newest's reason, never a silent start from round 0.
+    only_bad = CheckpointStore(tmp_path / "bad")
+    only_bad.write(3, CheckpointStore.encode(_spoil(state(3), how)))
+    with pytest.raises(NodeConfigError, match="no checkpoint in .* can be resumed") as err:
+        only_bad.resume_point("sha256:a", "n1")
+    assert err.value.code == ExitCode.NODE and reason in err.value.message and "--no-resume" in err.value.one_line()
+
+
+def test_resume_point_reads_a_good_checkpoint_whole(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    assert store.resume_point("sha256:a", "n1") is None  # nothing there: a fresh start, no error
+    store.save(state(4))
+    f, st = store.resume_point("sha256:a", "n1")  # type: ignore[misc]
+    assert f.round == 4 and st.meta["optimizer"]["param_groups"][0]["lr"] == 0.05
+    assert math.isnan(st.meta["history"][1]["loss"])  # a NaN in the metrics history is a record, not a defect
+
+
+def test_resume_skips_a_fifo_and_truncated_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = CheckpointStore(tmp_path, keep=9)
+    store.save(state(1))
+    cut = store.save(state(2))
+    cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) // 2])
+    os.mkfifo(tmp_path / "ckpt-00000009-r9.safetensors")  # opening it would block start-up forever
+    (tmp_path / "ckpt-00000008-r8.safetensors").symlink_to(store.files()[0].path)
+    with caplog.at_level(logging.WARNING, logger="quinkgl.checkpoint"):
+        f, _ = store.resume_point("sha256:a", "n1")  # type: ignore[misc]
+    assert f.round == 1
+    reasons = [r.qgl_fields["reason"] for r in caplog.records if getattr(r, "qgl_event", "") == "checkpoint-unreadable"]  # type: ignore[attr-defined]
+    assert reasons[:2] == ["not a regular file", "not a regular file"] and reasons[2].startswith("unreadable")
+    store.files()[0].path.write_bytes(b"\0" * 10)  # now every file is bad
+    with pytest.raises(NodeConfigError, match=r"\(4 skipped; newest ckpt-00000009-r9.safetensors: unreadable\)"):
+        store.resume_point("sha256:a", "n1")
+
+
 def test_final_model_file(tmp_path: Path) -> None:
     model = torch.nn.Linear(3, 2)
     save_final_model(tmp_path / "final_model.safetensors", model, {"round": 3, "swarm_id": "sha256:a"})
+    assert oct((tmp_path / "final_model.safetensors").stat().st_mode & 0o777) == "0o600"  # like the checkpoints
     tensors, meta = load_final_model(tmp_path / "final_model.safetensors")
     assert meta["round"] == 3 and torch.equal(tensors["weight"], model.weight.detach())
     from safetensors.torch import load_file
@@ -78,6 +165,7 @@ def test_final_model_file(tmp_path: Path) -> None:
 WRITER = """
 import sys, torch
 from pathlib import Path
+from quinkgl_cli.errors import ExitCode, NodeConfigError
 from quinkgl_cli.node.checkpoint import CheckpointStore
 from quinkgl_cli.node.core import NodeState
 store = CheckpointStore(Path(sys.argv[1]), keep=2)

@@ -8,12 +8,14 @@ import shutil
 import stat
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from quinkgl_cli import keys
 from quinkgl_cli.manifest.io import MAX_MANIFEST_BYTES
+from quinkgl_cli.manifest.trust import load_trusted
 from tests.helpers_manifest import expired_manifest, make_manifest, write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,10 +66,17 @@ def test_round_trip_through_console_script(tmp_path: Path) -> None:
     assert verified.stdout.splitlines()[:3] == ["Manifest valid.", swarm, "Signature: valid"]
     assert "Trust: pinned" in verified.stdout
 
+    # verify's default policy is run's (tofu), and verify only reads the store: a new key is reported, not learned.
     state = tmp_path / "state"
-    first = cli("manifest", "verify", "demo.qgl", "--trust-policy", "tofu", "--state-dir", str(state), cwd=tmp_path)
-    assert first.returncode == 0 and "remembered on first use" in first.stdout
+    first = cli("manifest", "verify", "demo.qgl", "--state-dir", str(state), cwd=tmp_path)
+    assert first.returncode == 0 and "Trust: tofu (creator key not seen before: `run` will remember it)" in first.stdout
+    assert not state.exists()
+    load_trusted(tmp_path / "demo.qgl", "tofu", state_dir=state)  # what `run` does on first use
     assert stat.S_IMODE((state / "tofu.json").stat().st_mode) == 0o600
+    stored = (state / "tofu.json").read_bytes()
+    again = cli("manifest", "verify", "demo.qgl", "--trust-policy", "tofu", "--state-dir", str(state), cwd=tmp_path)
+    assert again.returncode == 0 and "matches the one first seen" in again.stdout
+    assert (state / "tofu.json").read_bytes() == stored
 
     shown_json = cli("manifest", "show", "demo.qgl", "--json", cwd=tmp_path)
     doc = json.loads(shown_json.stdout)
@@ -102,7 +111,11 @@ def test_round_trip_through_console_script(tmp_path: Path) -> None:
 
 def test_unsigned_expired_malformed_oversized_missing(tmp_path: Path) -> None:
     write(tmp_path / "unsigned.qgl", make_manifest())
-    plain = cli("manifest", "verify", "unsigned.qgl", cwd=tmp_path)
+    # Refused under the default (tofu, as for run), with the reason and both ways out in one line.
+    default = cli("manifest", "verify", "unsigned.qgl", "--state-dir", str(tmp_path / "st"), cwd=tmp_path)
+    assert default.returncode == 4 and len(default.stderr.strip().splitlines()) == 1
+    assert "unsigned" in default.stderr and "--sign-with" in default.stderr and "--trust-policy open" in default.stderr
+    plain = cli("manifest", "verify", "unsigned.qgl", "--trust-policy", "open", cwd=tmp_path)
     assert plain.returncode == 0 and "Signature: none (unsigned manifest)" in plain.stdout
     pub = keys.public_key_text(keys.generate())
     required = cli("manifest", "verify", "unsigned.qgl", "--trusted-pubkey", pub, cwd=tmp_path)
@@ -112,6 +125,10 @@ def test_unsigned_expired_malformed_oversized_missing(tmp_path: Path) -> None:
     write(tmp_path / "expired.qgl", expired_manifest(key))
     expired = cli("manifest", "verify", "expired.qgl", "--trusted-pubkey", keys.public_key_text(key), cwd=tmp_path)
     assert expired.returncode == 4 and "expired" in expired.stderr
+    write(tmp_path / "future.qgl", make_manifest(now=datetime(2999, 1, 1, tzinfo=UTC)))
+
+    future = cli("manifest", "verify", "future.qgl", "--trust-policy", "open", cwd=tmp_path)
+    assert future.returncode == 4 and "after this machine's clock" in future.stderr and "check this machine's clock" in future.stderr
 
     (tmp_path / "bad.qgl").write_text("{oops")
     assert cli("manifest", "verify", "bad.qgl", cwd=tmp_path).returncode == 1
@@ -203,12 +220,12 @@ print("HEAVY=" + ",".join(heavy), "CODE=" + str(code))
         ["--help"],
         ["--version"],
         ["keygen", "--output", "k.key"],
-        ["manifest", "verify", "m.qgl"],
+        ["manifest", "verify", "m.qgl", "--state-dir", "state"],
         ["manifest", "create", "--name", "n", *GUIDE_FLAGS, "--output", "n.qgl"],
     ],
 )
 def test_light_commands_import_no_heavy_modules(tmp_path: Path, args: list[str]) -> None:
-    write(tmp_path / "m.qgl", make_manifest())
+    write(tmp_path / "m.qgl", make_manifest(key=keys.generate()))  # signed: verify's default policy is tofu
     out = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     last = out.stdout.strip().splitlines()[-1]
     assert last.endswith("CODE=0") or last.endswith("CODE=None"), out.stdout + out.stderr
@@ -221,11 +238,11 @@ def test_light_commands_import_no_heavy_modules(tmp_path: Path, args: list[str])
         # Start-up time (benchmarks/bench_cli.py): what each light command does not need is not imported.
         (["--help"], "importlib.metadata,pydantic,json"),
         (["keygen", "--output", "k.key"], "logging,rfc8785,json"),
-        (["manifest", "verify", "m.qgl"], "cryptography.hazmat.primitives.serialization,filelock"),
+        (["manifest", "verify", "m.qgl", "--state-dir", "state"], "cryptography.hazmat.primitives.serialization,filelock"),
     ],
 )
 def test_light_commands_import_only_what_they_use(tmp_path: Path, args: list[str], modules: str) -> None:
-    write(tmp_path / "m.qgl", make_manifest())
+    write(tmp_path / "m.qgl", make_manifest(key=keys.generate()))
     env = dict(os.environ, PROBE_MODULES=modules)
     out = subprocess.run([sys.executable, "-c", _PROBE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
     last = out.stdout.strip().splitlines()[-1]

@@ -142,7 +142,7 @@ def test_checkpoint_that_does_not_fit_the_model_is_a_clear_error(manifest: Path,
 
     swarm = load_trusted(manifest, "open").swarm_id
     CheckpointStore(tmp_path / "p0").save(NodeState({"model.0.weight": torch.zeros(3, 3)},
-                                                    {"round": 2, "swarm_id": swarm, "optimizer": {}}))
+                                                    {"round": 2, "swarm_id": swarm, "node_id": "p0", "optimizer": {}}))
     with pytest.raises(NodeConfigError, match="does not fit this model") as exc:
         run_daemon(options(manifest, tmp_path, "p0"), transport_factory=memory_factory(MemoryNetwork()))
     assert "--no-resume" in exc.value.one_line()
@@ -250,6 +250,54 @@ def test_restarting_a_finished_daemon_keeps_its_final_model(manifest: Path, tmp_
     d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=3)), LogContext("p0"), memory_factory(MemoryNetwork()))
     assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
     assert [h["round"] for h in d.node.history] == [1, 2, 3]
+
+
+def test_resume_skips_poisoned_checkpoints_and_refuses_when_none_is_good(manifest: Path, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    _run_pair(manifest, tmp_path, rounds=2)
+    store = CheckpointStore(tmp_path / "p0")
+    f, state = store.latest()  # type: ignore[misc]
+    state.tensors["model.0.weight"][0, 0] = float("nan")  # once resumed, and then exit 7 at the first step
+    poisoned = store.write(f.round, CheckpointStore.encode(state))
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=3)), LogContext("p0"), memory_factory(MemoryNetwork()))
+        assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
+    _release(d)
+    invalid = [r for r in caplog.records if getattr(r, "qgl_event", "") == "checkpoint-invalid"]
+    assert len(invalid) == 1 and invalid[0].qgl_fields["path"] == str(poisoned)  # type: ignore[attr-defined]
+    assert "holds NaN or Inf" in invalid[0].qgl_fields["reason"]  # type: ignore[attr-defined]
+    assert any(r.getMessage().startswith("resumed from round 2 ") for r in caplog.records)
+    assert [h["round"] for h in d.node.history] == [1, 2, 3]
+    # Every checkpoint damaged: a one-line refusal (7), not a silent start from round 0.
+    for ckpt in store.files():
+        ckpt.path.write_bytes(ckpt.path.read_bytes()[:100])
+    with pytest.raises(NodeConfigError, match="no checkpoint in .* can be resumed") as exc:
+        run_daemon(options(manifest, tmp_path, "p0", rounds=4), transport_factory=memory_factory(MemoryNetwork()))
+    assert exc.value.code == ExitCode.NODE and "--no-resume" in exc.value.one_line()
+
+
+def test_manifest_expiring_during_the_run_stops_the_daemon_cleanly(manifest: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from dataclasses import replace
+    from datetime import UTC, datetime, timedelta
+
+    prepared = prepare(options(manifest, tmp_path, "p0", rounds=10, gossip_interval=0.05))
+    expires = datetime(2030, 1, 1, tzinfo=UTC)
+    trusted = replace(prepared.trusted, manifest=prepared.trusted.manifest.model_copy(update={"expires_at": expires}))
+    d = Daemon(replace(prepared, trusted=trusted), LogContext("p0"), memory_factory(MemoryNetwork()))
+    # The clock passes expires_at once two rounds are done.
+    d.utc_now = lambda: expires + (timedelta(seconds=1) if d.node.completed_round >= 2 else -timedelta(hours=1))
+    with caplog.at_level(logging.INFO):
+        code = asyncio.run(asyncio.wait_for(d.run(), timeout=60))
+    _release(d)
+    assert code == ExitCode.TRUST == 4
+    events = {getattr(r, "qgl_event", ""): r for r in caplog.records}
+    assert "expired at 2030-01-01T00:00:00Z" in events["manifest-expired"].qgl_fields["error"]  # type: ignore[attr-defined]
+    stopped = events["stopped"].qgl_fields  # type: ignore[attr-defined]
+    assert stopped["reason"] == "manifest-expired" and stopped["completed_round"] == 2
+    assert [h["round"] for h in d.node.history] == [1, 2] and CheckpointStore(tmp_path / "p0").files()[-1].round == 2
+    assert not any(r.getMessage().startswith("finished") for r in caplog.records)
 
 
 def test_late_round_still_waits_for_this_rounds_updates_and_next_round_starts_at_once(

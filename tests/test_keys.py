@@ -89,7 +89,8 @@ def test_bad_key_files(tmp_path: Path) -> None:
         keys.load_private_key(tmp_path / "missing.key")
     garbage = tmp_path / "garbage.key"
     garbage.write_text("not a key\n")
-    with pytest.raises(CryptoError) as info:
+    garbage.chmod(0o600)
+    with pytest.raises(CryptoError, match="not a PEM private key") as info:
         keys.load_private_key(garbage)
     assert info.value.code == ExitCode.CRYPTO
     other = tmp_path / "ec.key"
@@ -98,6 +99,7 @@ def test_bad_key_files(tmp_path: Path) -> None:
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
+    other.chmod(0o600)
     with pytest.raises(CryptoError, match="not an Ed25519 key"):
         keys.load_private_key(other)
     with pytest.raises(IOFailure):
@@ -126,11 +128,16 @@ def test_key_file_created_private_from_the_first_byte(tmp_path: Path, monkeypatc
     assert opened and all(mode == 0o600 for _, mode in opened), opened
 
 
-def test_exposed_key_file_is_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o660, 0o666, 0o700 | 0o010])
+def test_key_file_others_can_reach_is_refused(tmp_path: Path, mode: int) -> None:
     path = tmp_path / "k.key"
     keys.save_private_key(path, keys.generate())
-    path.chmod(0o644)
-    with caplog.at_level("WARNING", logger="quinkgl.keys"):
+    path.chmod(mode)
+    with pytest.raises(CryptoError, match=f"accessible by other users \\(mode {mode:04o}\\)") as info:
         keys.load_private_key(path)
-    [record] = caplog.records
-    assert record.getMessage().startswith(f"key-file-exposed path={path} mode=0644")
+    assert info.value.code == ExitCode.CRYPTO and f"chmod 600 {path}" in info.value.one_line()
+    path.chmod(0o600)
+    keys.load_private_key(path)
+    path.chmod(0o400)  # read-only for its owner is fine
+    keys.load_private_key(path)
+

@@ -118,16 +118,18 @@ def test_centralized_fedavg_baseline_samples_clients_through_one_server(script: 
 
 
 @pytest.mark.parametrize("aggregation", ["Krum", "TrimmedMean"])
-def test_attackers_break_fedavg_but_not_robust_aggregators(script: PeerScript, aggregation: str) -> None:
+def test_signflip_attackers_hurt_fedavg_more_than_robust_aggregators(script: PeerScript, aggregation: str) -> None:
     cfg = dict(peers=10, rounds=4, partition="iid", seed=3, attackers=2, attack="signflip")
     fedavg = simulate(script, make_manifest(script, "FedAvg", "FullTopology", local_epochs=2), SimConfig(**cfg))
     robust_manifest = make_manifest(script, aggregation, "FullTopology", local_epochs=2)
     robust = simulate(script, robust_manifest, SimConfig(overrides=Overrides(byzantine_f=2), **cfg))
     assert len(robust.attackers) == 2 and robust.attackers == fedavg.attackers
     assert all(not p.attacker for p in robust.rounds[-1].peers if p.peer not in robust.attackers)
-    assert fedavg.final.mean_accuracy < 0.3
-    assert robust.final.mean_accuracy > 0.6
-    assert robust.final.mean_accuracy > fedavg.final.mean_accuracy + 0.4
+    # FedAvg clips the -4x models to one model norm (aggregation.CLIP_FLOOR) but still averages them in: hurt, not
+    # broken (0.56 here; 0.11 before clipping). The robust rules leave them out.
+    assert 0.3 < fedavg.final.mean_accuracy < 0.6
+    assert robust.final.mean_accuracy > 0.65
+    assert robust.final.mean_accuracy > fedavg.final.mean_accuracy + 0.1
 
 
 def test_overrides_reach_the_nodes(script: PeerScript) -> None:
@@ -293,7 +295,7 @@ def test_cli_pairwise_mode(script: PeerScript, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("attack", ["gaussian", "scale"])
-def test_gaussian_and_scale_attackers_break_fedavg_but_not_trimmed_mean(script: PeerScript, attack: str) -> None:
+def test_gaussian_and_scale_attackers_are_clipped_by_fedavg_and_trimmed_by_trimmed_mean(script: PeerScript, attack: str) -> None:
     cfg = dict(peers=10, rounds=4, partition="iid", seed=3, attackers=2, attack=attack)
     fedavg = simulate(script, make_manifest(script, "FedAvg", "FullTopology", local_epochs=2), SimConfig(**cfg))
     robust = simulate(script, make_manifest(script, "TrimmedMean", "FullTopology", local_epochs=2),
@@ -301,10 +303,10 @@ def test_gaussian_and_scale_attackers_break_fedavg_but_not_trimmed_mean(script: 
     f, r = fedavg.final, robust.final
     assert f.mean_accuracy is not None and r.mean_accuracy is not None and f.mean_val_loss is not None
     assert r.mean_val_loss is not None and r.mean_accuracy > 0.6
-    if attack == "gaussian":  # noise weights averaged in: the honest models drown
-        assert f.mean_accuracy < 0.4 and r.mean_accuracy > f.mean_accuracy + 0.3
-    else:  # x100 weights: a ReLU net keeps some argmax order, but its loss explodes and learning falls behind
-        assert f.mean_val_loss > 1000 * r.mean_val_loss and r.mean_accuracy > f.mean_accuracy + 0.1
+    # Noise weights (~70 model norms away) and x100 weights are clipped to one model norm before FedAvg averages
+    # them: it keeps learning. Before clipping the noise drowned the honest models (accuracy 0.29) and the x100
+    # weights made the loss explode (validation loss 4.7e6, accuracy 0.57).
+    assert f.mean_accuracy > 0.65 and f.mean_val_loss < 2.0
 
 
 def test_dirichlet_partition_runs_with_skewed_labels(script: PeerScript) -> None:

@@ -185,6 +185,56 @@ def test_expired_refused_under_every_policy(tmp_path: Path, creator) -> None:
     assert load_trusted(path, "pinned", (pub,), now=NOW - timedelta(hours=2)).signed
 
 
+def test_verify_mode_checks_the_store_without_writing_it(tmp_path: Path, creator) -> None:
+    state = tmp_path / "state"
+    path = write(tmp_path / "a.qgl", make_manifest("swarm-a", key=creator))
+    assert load_trusted(path, "tofu", state_dir=state, now=NOW, remember=False).tofu == "first-use"
+    assert not state.exists()  # not even the directory or the lock file
+    assert load_trusted(path, "tofu", state_dir=state, now=NOW).tofu == "first-use"  # what run does
+    before = (state / TOFU_FILE).read_bytes(), sorted(p.name for p in state.iterdir())
+    assert load_trusted(path, "tofu", state_dir=state, now=NOW, remember=False).tofu == "known"
+    resigned = write(tmp_path / "b.qgl", make_manifest("swarm-a", key=keys.generate()))
+    with pytest.raises(TrustError, match="first seen signed by"):
+        load_trusted(resigned, "tofu", state_dir=state, now=NOW, remember=False)
+    other = write(tmp_path / "c.qgl", make_manifest("swarm-b", key=creator))
+    assert load_trusted(other, "tofu", state_dir=state, now=NOW, remember=False).tofu == "first-use"
+    assert ((state / TOFU_FILE).read_bytes(), sorted(p.name for p in state.iterdir())) == before
+
+
+def test_unsigned_under_tofu_says_why_and_what_to_do(tmp_path: Path) -> None:
+    path = write(tmp_path / "u.qgl", make_manifest())
+    with pytest.raises(TrustError) as info:
+        load_trusted(path, "tofu", state_dir=tmp_path / "state", now=NOW)
+    line = info.value.one_line()
+    assert "has no key" in line and "--sign-with" in line and "--trust-policy open" in line and "local tests" in line
+
+
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_tofu_store_others_can_write_is_refused(tmp_path: Path, creator, where: str) -> None:
+    state = tmp_path / "state"
+    path = write(tmp_path / "a.qgl", make_manifest("swarm-a", key=creator))
+    load_trusted(path, "tofu", state_dir=state, now=NOW)
+    target, fix = (state / TOFU_FILE, "600") if where == "file" else (state, "700")
+    for mode in ((0o666, 0o620, 0o602) if where == "file" else (0o777, 0o770, 0o703)):
+        target.chmod(mode)
+        for remember in (True, False):
+            with pytest.raises(TrustError, match="writable by other users") as info:
+                load_trusted(path, "tofu", state_dir=state, now=NOW, remember=remember)
+            assert f"chmod {fix} {target}" in info.value.one_line() and info.value.code == ExitCode.TRUST
+    target.chmod(0o600 if where == "file" else 0o700)
+    assert load_trusted(path, "tofu", state_dir=state, now=NOW).tofu == "known"
+
+
+def test_manifest_dated_in_the_future_is_refused_beyond_the_clock_skew(tmp_path: Path, creator) -> None:
+    path = write(tmp_path / "f.qgl", make_manifest(key=creator))  # created_at = NOW
+    assert load_trusted(path, "open", now=NOW - timedelta(minutes=59)).signed  # a clock a little behind: fine
+    for policy in ("open", "pinned"):
+        with pytest.raises(TrustError, match=r"2 days after this machine's clock .*allowance 60 minutes") as info:
+            load_trusted(path, policy, [keys.public_key_text(creator)] if policy == "pinned" else (),
+                         now=NOW - timedelta(days=2, minutes=1))
+        assert "check this machine's clock" in info.value.one_line()
+
+
 def test_trust_bytes_limits_size(creator) -> None:
     data = manifest_bytes(make_manifest(key=creator))
     assert trust_bytes(data, "open", now=NOW).signed

@@ -1,6 +1,8 @@
 import json
 import pickle
+import random
 import struct
+from collections import Counter
 
 import pytest
 import torch
@@ -9,7 +11,9 @@ from torch import nn
 from quinkgl_cli import wire
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.tensors import shared_specs
+from quinkgl_cli.transport.common import decode_body
 from quinkgl_cli.wire import WireError, check_against, decode, decode_full, encode
+from tests import wire_fuzz
 
 
 def _model() -> nn.Module:
@@ -86,7 +90,11 @@ def _mutate_header(blob: bytes, fn) -> bytes:
         (lambda h: h["entries"][0].update(dtype="object"), "unsupported dtype"),
         (lambda h: h["entries"][1].update(offset=0), "expected"),
         (lambda h: h["entries"][0].update(nbytes=10**12, shape=[25 * 10**10]), "exceeds limit"),
-        (lambda h: h["entries"][0].update(shape=[-2, -8]), "negative dimension"),
+        (lambda h: h["entries"][0].update(shape=[-2, -8]), "malformed header: entries.0.shape.0"),
+        (lambda h: h["entries"][0].update(shape=[2**63, 0], nbytes=0), "malformed header: entries.0.shape.0"),
+        (lambda h: h["entries"][0].update(shape=[0, 2**40, 2**40], nbytes=0), "exceeds limit"),
+        (lambda h: h["entries"][0].update(shape=[2**20] * 4 + [0], nbytes=0), "exceeds limit"),
+        (lambda h: h["entries"][0].update(shape=[1] * 17), "malformed header: entries.0.shape"),
         (lambda h: h["entries"].append(dict(h["entries"][0])), "duplicate"),
         (lambda h: h.update(extra=1), "malformed header"),
         (lambda h: h["entries"][0].update(name=""), "malformed header"),
@@ -96,6 +104,49 @@ def test_header_tampering_is_refused(mutate, reason):
     blob = encode({"a": torch.ones(4), "b": torch.ones(2, 2)}, {})
     with pytest.raises(WireError, match=reason):
         decode(_mutate_header(blob, mutate))
+
+
+def _with_header_text(blob: bytes, text: str) -> bytes:
+    _, start = wire.read_header(blob)
+    head = wire.PREFIX.pack(wire.MAGIC, wire.VERSION, len(text.encode())) + text.encode()
+    return head + bytes(wire._align(len(head)) - len(head)) + blob[start:]
+
+
+@pytest.mark.parametrize(
+    "token, reason",
+    [
+        ("NaN", "NaN is not a JSON number"),
+        ("Infinity", "Infinity is not a JSON number"),
+        ("-Infinity", "-Infinity is not a JSON number"),
+        ("1e400", "overflows a float"),
+        ("-1e400", "overflows a float"),
+        ("9" * 5000, "malformed header"),  # past the interpreter's 4300-digit limit
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),  # past Python's recursion limit
+        ("[" * 33 + "]" * 33, "deeper than 32"),
+    ],
+)
+def test_hostile_json_in_meta_is_a_wire_error(token, reason):
+    blob = encode({"a": torch.ones(4)}, {"step": 1})
+    header, _ = wire.read_header(blob)
+    text = header.model_dump_json().replace('"step":1', f'"step":{token}')
+    assert token in text
+    with pytest.raises(WireError, match=reason):
+        decode(_with_header_text(blob, text))
+    # The same text as a whole header, not only inside meta.
+    with pytest.raises(WireError):
+        decode(_with_header_text(blob, token))
+    # The numbers a node still needs pass: finite floats, big integers, 32 levels.
+    ok = header.model_dump_json().replace('"step":1', '"step":[1e308,-2.5e-300,123456789012345678901234567890]')
+    assert decode(_with_header_text(blob, ok))[1]["step"][0] == 1e308
+
+
+def test_seeded_fuzz_raises_only_wire_errors():
+    # A few thousand of benchmarks/fuzz_wire.py's million cases (tests/wire_fuzz.py); before this check existed,
+    # these 3000 cases gave RecursionError 246, TypeError 6, RuntimeError 4 and 21 blobs decoded with NaN/inf in meta.
+    rng = random.Random(20261203)
+    outcomes = Counter(wire_fuzz.run_case(wire_fuzz.make_case(rng)) for _ in range(3000))
+    assert set(outcomes) <= wire_fuzz.ESCAPE_FREE, dict(outcomes)
+    assert outcomes["refused"] > 2000 and outcomes["accepted"] > 50, dict(outcomes)  # both paths exercised
 
 
 def test_truncated_extended_and_garbage_blobs_are_refused():
@@ -182,3 +233,12 @@ def test_max_blob_bytes_covers_dense_and_sparse_encodings():
         sparse[name + ".val"] = t.reshape(-1)
     assert len(encode(sparse, {})) <= limit
     assert limit < 20 * len(dense) + 10 * 64 * 1024
+
+
+@pytest.mark.parametrize("body", [b'{"step":1e400}', b'{"step":NaN}', b'{"step":-Infinity}', b'{"a":' * 40 + b"1" + b"}" * 40])
+def test_control_bodies_and_offer_meta_refuse_what_headers_refuse(body):
+    # Offers carry their meta (round, step) as a control body: 1e400 once reached the node's ordering of updates
+    # as an OverflowError.
+    with pytest.raises(ValueError):
+        decode_body(body)
+    assert decode_body(b'{"step":1e308,"round":3}') == {"step": 1e308, "round": 3}

@@ -17,7 +17,7 @@ manifest_app = typer.Typer(
 )
 
 _PASSPHRASE_HELP = "Passphrase of the --sign-with key, first line of this file (else $QUINKGL_KEY_PASSPHRASE)."
-_TRUST_HELP = "open | tofu | pinned (default: pinned when --trusted-pubkey is given, else open)."
+_TRUST_HELP = "open | tofu | pinned (default, as for `run`: pinned when --trusted-pubkey is given, else tofu)."
 _STATE_HELP = "Directory of the TOFU store (default: $QUINKGL_HOME, else ~/.local/state/quinkgl)."
 _KV = "K=V"
 
@@ -199,10 +199,14 @@ def verify(
     trust_policy: Annotated[str | None, typer.Option("--trust-policy", metavar="POLICY", help=_TRUST_HELP)] = None,
     state_dir: Annotated[Path | None, typer.Option("--state-dir", help=_STATE_HELP, metavar="DIR")] = None,
 ) -> None:
-    """Check a manifest's schema, signature, expiry and trust policy; exit 0 only if a peer may use it."""
+    """Check a manifest's schema, signature, dates and trust policy; exit 0 only if `run` would accept it.
+
+    Read-only: under tofu a creator key not seen before is reported, not remembered (`run` remembers it)."""
     from quinkgl_cli.manifest.trust import load_trusted
 
-    trusted = load_trusted(file, trust_policy, tuple(trusted_pubkey or ()), state_dir)
+    keys = tuple(trusted_pubkey or ())
+    policy = trust_policy if trust_policy is not None else ("pinned" if keys else "tofu")
+    trusted = load_trusted(file, policy, keys, state_dir, remember=False)
     manifest = trusted.manifest
     typer.echo("Manifest valid.")
     typer.echo(f"Swarm ID: {trusted.swarm_id}")
@@ -212,7 +216,9 @@ def verify(
     detail = {
         "open": "open (no creator key required)",
         "pinned": "pinned (creator key is trusted)",
-        "tofu": f"tofu (creator key {'remembered on first use' if trusted.tofu == 'first-use' else 'matches the one first seen'})",
+        "tofu": "tofu (creator key "
+        + ("not seen before: `run` will remember it" if trusted.tofu == "first-use" else "matches the one first seen")
+        + ")",
     }[trusted.policy]
     typer.echo(f"Trust: {detail}")
     if manifest.expires_at is not None:

@@ -1,30 +1,36 @@
 """Trust policies: whether this peer may use a manifest. `manifest verify` and the daemon share this code.
 
 - ``open``: unsigned manifests are accepted; a signature that is present must still be valid.
-- ``tofu``: the creator key first seen for a manifest *name* is remembered; the same name with another key is
-  refused. Unsigned manifests are refused.
+- ``tofu`` (the default of ``run`` and ``manifest verify``): the creator key first seen for a manifest *name* is
+  remembered; the same name with another key is refused. Unsigned manifests are refused: they carry no key to
+  remember, so a changed copy could not be told from the original.
 - ``pinned``: only manifests signed by one of the trusted keys are accepted.
 
-Under every policy a bad, stripped or half-present signature is a CryptoError (3) and an expired manifest a
-TrustError (4). The TOFU store is a JSON file in the state directory, written atomically with mode 0600 under
-a file lock, so daemons started together on one machine never lose each other's entries. A store that cannot
-be parsed is an error and is never reset: resetting it would silently forget every key it pins.
+Under every policy a bad, stripped or half-present signature is a CryptoError (3); an expired manifest, or one
+created more than ``MAX_CLOCK_SKEW`` in this machine's future, a TrustError (4). The TOFU store is a JSON file in
+the state directory, written atomically with mode 0600 under a file lock, so daemons started together on one
+machine never lose each other's entries; ``manifest verify`` only reads it. A store that cannot be parsed is an
+error and is never reset: resetting it would silently forget every key it pins. A store (or its directory) that
+others may write is refused: whoever can write it chooses which creator keys this peer trusts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quinkgl_cli import keys
 from quinkgl_cli.atomic import atomic_write_bytes
 from quinkgl_cli.errors import IOFailure, TrustError, UsageError
+from quinkgl_cli.events import emit
 from quinkgl_cli.manifest.io import LoadedManifest, load_manifest, parse_manifest
 from quinkgl_cli.manifest.schema import PUBKEY_PATTERN, Manifest
 from quinkgl_cli.paths import ensure_private_dir, state_home
@@ -35,6 +41,9 @@ Policy = Literal["open", "tofu", "pinned"]
 POLICIES: tuple[Policy, ...] = ("open", "tofu", "pinned")
 TOFU_FILE = "tofu.json"
 LOCK_TIMEOUT_S = 30.0
+# How far in this machine's future a manifest's created_at may lie: clocks of edge devices drift by minutes, a
+# manifest from hours ahead is a clock to fix (or a date chosen to outlive a key rotation).
+MAX_CLOCK_SKEW = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -91,11 +100,32 @@ def _key_from_file(value: str) -> str:
 
 
 def check_expiry(manifest: Manifest, now: datetime) -> None:
+    """TrustError once ``now`` is past the manifest's ``expires_at`` (the daemon asks again every round)."""
     if manifest.expires_at is not None and now > manifest.expires_at:
         raise TrustError(
             f"manifest {manifest.name!r} expired at {_iso(manifest.expires_at)}",
             "ask its creator for a renewed manifest",
         )
+
+
+def check_created(manifest: Manifest, now: datetime) -> None:
+    """TrustError when ``created_at`` lies more than ``MAX_CLOCK_SKEW`` after ``now``."""
+    ahead = manifest.created_at - now
+    if ahead > MAX_CLOCK_SKEW:
+        raise TrustError(
+            f"manifest {manifest.name!r} was created at {_iso(manifest.created_at)}, {_duration(ahead)} after this"
+            f" machine's clock ({_iso(now)}; allowance {_duration(MAX_CLOCK_SKEW)})",
+            "check this machine's clock, or ask the creator why the manifest is dated in the future",
+        )
+
+
+def _duration(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds >= 2 * 86400:
+        return f"{seconds // 86400} days"
+    if seconds >= 7200:
+        return f"{seconds // 3600} hours"
+    return f"{seconds // 60} minutes"
 
 
 def trust_loaded(
@@ -105,8 +135,12 @@ def trust_loaded(
     state_dir: Path | None = None,
     now: datetime | None = None,
     source: str = "manifest",
+    remember: bool = True,
 ) -> TrustedManifest:
-    """Apply signature, expiry and policy checks to an already parsed manifest (see :func:`load_trusted`)."""
+    """Apply signature, date and policy checks to an already parsed manifest (see :func:`load_trusted`).
+
+    ``remember=False`` (``manifest verify``) checks a tofu manifest against the store without writing it: a key
+    seen for the first time is reported as ``first-use`` and left for ``run`` to remember."""
     from quinkgl_cli.manifest.signing import verify_signature
 
     now = now or datetime.now(UTC)
@@ -123,10 +157,18 @@ def trust_loaded(
     signed = verify_signature(loaded.canonical, manifest.creator_pubkey, manifest.signature, source)
     loaded.check_consistency(source)
     check_expiry(manifest, now)
+    check_created(manifest, now)
     tofu_state: Literal["first-use", "known"] | None = None
-    if chosen != "open" and not signed:
+    if chosen == "tofu" and not signed:
         raise TrustError(
-            f"{source} is unsigned and --trust-policy {chosen} accepts only signed manifests",
+            f"{source} is unsigned, and --trust-policy tofu (the default) trusts a manifest by the creator key it"
+            " remembers for its name: an unsigned one has no key, so a changed copy could not be told apart",
+            "sign it (`quinkgl manifest create ... --sign-with creator.key`), or pass --trust-policy open to use it"
+            " unsigned for local tests",
+        )
+    if chosen == "pinned" and not signed:
+        raise TrustError(
+            f"{source} is unsigned and --trust-policy pinned accepts only manifests signed by a --trusted-pubkey",
             "ask the creator for a signed manifest, or use --trust-policy open for local tests",
         )
     creator = manifest.creator_pubkey
@@ -138,15 +180,14 @@ def trust_loaded(
             )
     elif chosen == "tofu":
         assert creator is not None
-        tofu_state = TofuStore(state_dir).check_and_remember(manifest.name, creator, loaded.swarm_id, now)
-    log.info(
-        "manifest-trusted name=%s swarm_id=%s policy=%s signed=%s%s",
-        manifest.name,
-        loaded.swarm_id,
-        chosen,
-        str(signed).lower(),
-        f" tofu={tofu_state}" if tofu_state else "",
-    )
+        store = TofuStore(state_dir)
+        if remember:
+            tofu_state = store.check_and_remember(manifest.name, creator, loaded.swarm_id, now)
+        else:
+            tofu_state = store.check(manifest.name, creator)
+    fields: dict[str, Any] = {"tofu": tofu_state} if tofu_state else {}
+    emit(log, logging.INFO, "manifest-trusted", name=manifest.name, swarm_id=loaded.swarm_id, policy=chosen,
+         signed=signed, **fields)
     return TrustedManifest(
         manifest=manifest,
         swarm_id=loaded.swarm_id,
@@ -163,6 +204,7 @@ def load_trusted(
     trusted_keys: list[str] | tuple[str, ...] | frozenset[str] = (),
     state_dir: Path | None = None,
     now: datetime | None = None,
+    remember: bool = True,
 ) -> TrustedManifest:
     """Load the `.qgl` at ``path`` and return it only if this peer may use it.
 
@@ -172,10 +214,11 @@ def load_trusted(
 
     Raises IOFailure (2) missing/unreadable file or TOFU store; UsageError (1) malformed/oversized manifest or
     contradictory options; CryptoError (3) invalid, stripped or half-present signature; TrustError (4) refused by
-    the policy, unsigned under tofu/pinned, creator key changed under tofu, or expired.
+    the policy, unsigned under tofu/pinned, creator key changed under tofu, expired, dated in the future, or a
+    TOFU store others may write. ``remember``: see :func:`trust_loaded`.
     """
     loaded = load_manifest(Path(path))
-    return trust_loaded(loaded, policy, trusted_keys, state_dir, now, source=f"manifest {path}")
+    return trust_loaded(loaded, policy, trusted_keys, state_dir, now, source=f"manifest {path}", remember=remember)
 
 
 def trust_bytes(
@@ -229,17 +272,29 @@ class TofuStore:
             creators = self._read()
             entry = creators.get(name)
             if entry is not None:
-                if entry.creator_pubkey != creator:
-                    raise TrustError(
-                        f"manifest name {name!r} was first seen signed by {entry.creator_pubkey} "
-                        f"(on {entry.first_seen}); this one is signed by {creator}",
-                        f"if the creator really changed keys, remove {name!r} from {self.path} deliberately",
-                    )
+                self._compare(name, entry, creator)
                 return "known"
             creators[name] = _TofuEntry(creator_pubkey=creator, first_seen=_iso(now), first_swarm_id=swarm_id)
             self._write(creators)
-        log.info("tofu-learned name=%s creator=%s store=%s", name, creator, self.path)
+        emit(log, logging.INFO, "tofu-learned", name=name, creator=creator, store=self.path)
         return "first-use"
+
+    def check(self, name: str, creator: str) -> Literal["first-use", "known"]:
+        """What `check_and_remember` would answer, writing nothing (not even the directory or the lock file):
+        the store is replaced atomically, so an unlocked read sees one whole version of it."""
+        entry = self._read().get(name)
+        if entry is None:
+            return "first-use"
+        self._compare(name, entry, creator)
+        return "known"
+
+    def _compare(self, name: str, entry: _TofuEntry, creator: str) -> None:
+        if entry.creator_pubkey != creator:
+            raise TrustError(
+                f"manifest name {name!r} was first seen signed by {entry.creator_pubkey} "
+                f"(on {entry.first_seen}); this one is signed by {creator}",
+                f"if the creator really changed keys, remove {name!r} from {self.path} deliberately",
+            )
 
     def _locked(self):
         from filelock import FileLock
@@ -253,6 +308,8 @@ class TofuStore:
     def _read(self) -> dict[str, _TofuEntry]:
         try:
             with open(self.path, "rb") as fh:
+                self._refuse_shared(os.fstat(fh.fileno()).st_mode, self.path, "600")
+                self._refuse_shared(os.stat(self.directory).st_mode, self.directory, "700")
                 data = fh.read()
         except FileNotFoundError:
             return {}
@@ -268,6 +325,15 @@ class TofuStore:
                 "restore it from a backup, or delete it only if every creator key may be learned again",
             ) from exc
         return dict(parsed.creators)
+
+    @staticmethod
+    def _refuse_shared(mode: int, path: Path, fix: str) -> None:
+        if mode & 0o022:
+            raise TrustError(
+                f"TOFU store {path} is writable by other users (mode {stat.S_IMODE(mode):04o}): whoever can write it"
+                " chooses which creator keys this peer trusts",
+                f"chmod {fix} {path}, after checking that its entries are the keys you expect",
+            )
 
     def _write(self, creators: dict[str, _TofuEntry]) -> None:
         body = _TofuFile(version=1, creators=dict(sorted(creators.items())))

@@ -250,6 +250,9 @@ class Node:
     def train_round(self) -> TrainStats:
         """Local training: ``local_epochs`` passes over the training data, at most ``local_steps`` optimizer steps."""
         stats = self.trainer.train(self.round, self.aggregator, self.exchange.sharing)
+        if stats.rolled_back_from is not None:
+            self.log(logging.WARNING, "training-rolled-back", loss=stats.rolled_back_from,
+                     hint="a non-finite loss after the last aggregation: trained again from the last good model")
         self.recorder.train = stats
         self.log(logging.DEBUG, "trained", loss=stats.loss, accuracy=stats.accuracy, steps=stats.steps,
                  seconds=stats.duration)

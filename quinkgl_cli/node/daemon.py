@@ -5,8 +5,9 @@ Start-up, in order, each failure a one-line error with its exit code (`prepare`)
   2. peer script loaded, required hooks present (2 / 7),
   3. model built, its arch hash compared with the manifest's (5 under --strict-manifest, else a warning),
   4. loaders built, 5. optimizer from ``build_optimizer(manifest, model)`` (SGD default),
-  6. checkpoint directory: resume from the newest checkpoint of this swarm; another swarm's is refused (7) unless
-     ``--no-resume``.
+  6. checkpoint directory: resume from the newest usable checkpoint of this swarm and node (damaged, another
+     swarm's or node's, non-finite ones are skipped with a log line); checkpoints of which none is usable are
+     refused (7) unless ``--no-resume``.
 Then the transport starts inside the running loop and rounds begin.
 
 Round cadence (`--gossip-interval T`): a round starts every T seconds, or at once when the previous one ran over.
@@ -26,7 +27,9 @@ one summary line, exit 0. Started again on that finished checkpoint (same or low
 
 SIGTERM / SIGINT: training stops at the next batch and the round in progress is abandoned: the checkpoint on disk
 is the end-of-round state of the last completed round (written now when ``--checkpoint-every`` had skipped it), so
-a resumed daemon runs that round again from the state it started from. The transport stops, exit 130. Any other
+a resumed daemon runs that round again from the state it started from. The transport stops, exit 130. A manifest
+whose ``expires_at`` passes during the run stops the daemon the same way before the next round (``manifest-expired``),
+exit 4. Any other
 failure of the loop is logged with its traceback and exits non-zero; nothing is saved then (the model may be what
 broke).
 """
@@ -45,10 +48,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from quinkgl_cli.errors import ExitCode, NodeConfigError, QuinkglError, UsageError
+from quinkgl_cli.errors import ExitCode, NodeConfigError, QuinkglError, TrustError, UsageError
+from quinkgl_cli.events import emit
 from quinkgl_cli.node.logs import LogContext, kv, setup_logging
 
 _IMPORTED_AT = time.monotonic()
@@ -204,14 +209,10 @@ def prepare(options: DaemonOptions) -> Prepared:
     if options.resume and not options.dry_run:
         from quinkgl_cli.node.checkpoint import CheckpointStore
 
-        found = CheckpointStore(checkpoint_dir, keep=options.keep_checkpoints).latest()
+        store = CheckpointStore(checkpoint_dir, keep=options.keep_checkpoints)
+        found = store.resume_point(trusted.swarm_id, options.node_id)
         if found is not None:
             ckpt, state = found
-            if state.meta.get("swarm_id") != trusted.swarm_id:
-                raise NodeConfigError(
-                    f"checkpoint {ckpt.path} belongs to swarm {state.meta.get('swarm_id')}, not {trusted.swarm_id}",
-                    "pass --no-resume to start this swarm afresh, or another --checkpoint-dir",
-                )
             resume_state, resume_file = state, ckpt.path
     return Prepared(options, trusted, script, model, arch_hash, train_loader, val_loader, optimizer, checkpoint_dir,
                     resume_state, resume_file, seed, locks)
@@ -299,6 +300,9 @@ class Daemon:
         # The last completed round's snapshot while it is not on disk (--checkpoint-every skipped it): what a stop
         # saves. None when the newest checkpoint on disk already is that round's.
         self.unsaved: Snapshot | None = None
+        # The manifest's expires_at is checked against this clock before every round (tests move it).
+        self.utc_now: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self.expired: TrustError | None = None  # set when the manifest expired during the run
 
     # ------------------------------------------------------------------ signals
     def _request_stop(self, signame: str) -> None:
@@ -368,6 +372,10 @@ class Daemon:
                 await self._save(self.unsaved, reason="stop")
         finally:
             await self._stop_transport()
+        if self.expired is not None:
+            emit(log, logging.WARNING, "stopped", completed_round=node.completed_round, reason="manifest-expired",
+                 checkpoint=self._newest_checkpoint())
+            return int(ExitCode.TRUST)
         if self.stop_event.is_set() and not node.finished():
             log.info("stopped %s", kv(completed_round=node.completed_round, signal=self.stop_signal,
                                       checkpoint=self._newest_checkpoint()))
@@ -426,7 +434,7 @@ class Daemon:
         while not node.finished() and not self.stop_event.is_set():
             await self._sleep_until(next_start)
             await self._pace()
-            if self.stop_event.is_set():
+            if self.stop_event.is_set() or self._manifest_expired():
                 return
             round_start = loop.time()
             next_start = round_start + interval
@@ -465,6 +473,20 @@ class Daemon:
                 self.unsaved = snapshot
             if loop.time() > next_start:
                 self._note_overrun(metrics.duration, metrics.train_time, interval)
+
+    def _manifest_expired(self) -> bool:
+        """True (and the run stops as on a signal, exit 4) once the manifest's ``expires_at`` has passed: a peer
+        must not train on in a swarm its creator ended. The last completed round's checkpoint is kept."""
+        from quinkgl_cli.manifest.trust import check_expiry
+
+        try:
+            check_expiry(self.prepared.trusted.manifest, self.utc_now())
+        except TrustError as exc:
+            self.expired = exc
+            emit(log, logging.WARNING, "manifest-expired", error=exc.message, hint=exc.hint)
+            self.stop_event.set()
+            return True
+        return False
 
     async def _pace(self) -> None:
         """Bounded staleness: wait until lagging peers' updates come within ``pace_lag`` rounds of ours again.

@@ -2,7 +2,10 @@
 `Trainer.train` and `Trainer.evaluate` in a worker thread while its event loop keeps serving the network).
 
 Owns the model, the training and validation loaders, the optimizer, the loss function and the sample count this
-peer reports (the size of its training set, or what one pass counted when the loader has no sized dataset). Also
+peer reports (the size of its training set, or what one pass counted when the loader has no sized dataset), and the
+last good model: the model as the last training that kept a finite loss left it. A non-finite loss (a poisoned
+aggregate that slipped past the aggregator's bounds) rolls the model back to it and trains the round again from
+there; only when that fails too, or there is no good model yet, does training stop the node. Also
 owns the model's and optimizer's part of a checkpoint (`state_dict` / `load_state_dict`). The aggregator's training
 hooks (FedProx's proximal term, SCAFFOLD's control variates) and local DP's clip-and-noise are called here, around
 the optimizer steps, because they must see every step.
@@ -35,6 +38,13 @@ class TrainStats:
     samples: int  # training samples in one pass over the local data (the weight this peer reports)
     steps: int
     duration: float
+    rolled_back_from: float | None = None  # the non-finite loss that made this round start again from the last good model
+
+
+class _NonFiniteLoss(Exception):
+    def __init__(self, loss: float) -> None:
+        super().__init__(f"loss {loss}")
+        self.loss = loss
 
 
 @dataclass(frozen=True)
@@ -75,13 +85,39 @@ class Trainer:
         self.sample_count = reported_samples if reported_samples is not None else _dataset_size(train_loader)
         # Set by a driver: ends local training at the next batch (a daemon asked to stop).
         self.stop_flag: threading.Event | None = None
+        # The model (shared state, flat) after the last training that kept a finite loss; None before the first.
+        self.last_good: torch.Tensor | None = None
 
     def lr(self) -> float:
         groups = self.optimizer.param_groups
         return float(groups[0].get("lr", 0.0)) if groups else 0.0
 
     def train(self, round_: int, aggregator: Aggregator, sharing: SharingPipeline) -> TrainStats:
-        """``local_epochs`` passes over the training data, at most ``local_steps`` optimizer steps."""
+        """``local_epochs`` passes over the training data, at most ``local_steps`` optimizer steps.
+
+        A non-finite loss rolls the model back to the last good one (and clears the optimizer's state, which the
+        bad steps fed) and trains the round once more; a second one, or one before any good round, is an error."""
+        started = time.perf_counter()
+        rolled_back_from: float | None = None
+        try:
+            stats = self._train_pass(aggregator, sharing)
+        except _NonFiniteLoss as bad:
+            if self.last_good is None:
+                raise _diverged(bad.loss, round_) from None
+            rolled_back_from = bad.loss
+            load_flat(self.model, self.last_good)
+            self.optimizer.state.clear()
+            try:
+                stats = self._train_pass(aggregator, sharing)
+            except _NonFiniteLoss as again:
+                raise _diverged(again.loss, round_) from None
+        self.last_good = flatten(self.model)
+        stats.duration = time.perf_counter() - started
+        stats.rolled_back_from = rolled_back_from
+        return stats
+
+    def _train_pass(self, aggregator: Aggregator, sharing: SharingPipeline) -> TrainStats:
+        """One round's training from the current model; `_NonFiniteLoss` before a non-finite loss is stepped on."""
         started = time.perf_counter()
         model = self.model
         model.train()
@@ -105,8 +141,7 @@ class Trainer:
                 if extra is not None:
                     loss = loss + extra
                 if not torch.isfinite(loss):
-                    raise NodeConfigError(f"training loss became {loss.item()} in round {round_}",
-                                          "lower the learning rate in build_optimizer")
+                    raise _NonFiniteLoss(float(loss.item()))
                 loss.backward()
                 aggregator.after_backward(model)
                 self.optimizer.step()
@@ -204,6 +239,10 @@ class Trainer:
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
         if sample_count > 0 and self.sample_count <= 0:
             self.sample_count = sample_count
+
+
+def _diverged(loss: float, round_: int) -> NodeConfigError:
+    return NodeConfigError(f"training loss became {loss} in round {round_}", "lower the learning rate in build_optimizer")
 
 
 def json_scalar(value: Any) -> Any:

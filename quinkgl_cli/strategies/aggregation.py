@@ -1,7 +1,9 @@
 """Aggregation strategies over flat float32 model vectors.
 
 Every aggregator validates what it receives first (wrong length, non-finite values, bad sample counts, duplicate
-or self-echoed peer ids are listed in ``AggregationResult.rejected``), then combines the survivors in one
+or self-echoed peer ids are listed in ``AggregationResult.rejected``), bounds poisoned updates (`bound_outliers`:
+an update too far from the local model is refused, one far beyond the round's typical distance is clipped), then
+combines the survivors in one
 vectorized pass over whole flat vectors (weighted sums accumulate one update at a time, Krum's distances come from
 one Gram matrix product, median and trimmed mean sort cache-sized column blocks with a vectorized sorting
 network), so cost does not grow with the number of parameter tensors. None of them raises for too few updates: the robust ones fall back to the
@@ -10,13 +12,15 @@ most robust rule the count allows and say so in ``AggregationResult.note``.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from quinkgl_cli.events import emit
 from quinkgl_cli.manifest import strategy_params as p
 from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate
 from quinkgl_cli.tensors import flatten
@@ -28,14 +32,28 @@ LABEL_ENTROPY_KEY = "label_entropy"
 # An entropy claim above this many bits (2^16 equally likely classes) is not a label distribution.
 _MAX_ENTROPY_BITS = 16.0
 
+log = logging.getLogger("quinkgl.strategies")
+
+# Poison bounds, in units of the reference scale: the norm of the local model (or of MIN_RMS per coordinate when
+# that is larger, so a model near zero still accepts honest updates). Honest peers of one swarm differ by about
+# one model norm at most (two random initialisations are sqrt(2) norms apart), so REFUSE_RATIO norms is far
+# outside the honest range; such an update can only be poison, and averaging it in can overflow the next
+# training step. Inside that range, a distance above CLIP_RATIO times the round's (lower) median distance, and
+# above CLIP_FLOOR norms, is scaled back to that limit: it keeps its direction but not its leverage.
+REFUSE_RATIO = 100.0
+CLIP_RATIO = 4.0
+CLIP_FLOOR = 1.0
+MIN_RMS = 0.1
+
 
 @dataclass
 class _Screened:
-    """Updates that passed validation, local first when it survived."""
+    """Updates that passed validation (clipped ones in their clipped form), local first when it survived."""
 
     updates: list[PeerUpdate]
     rejected: list[str]
     reasons: list[str]
+    clipped: list[str] = field(default_factory=list)
 
     @property
     def ids(self) -> list[str]:
@@ -45,6 +63,8 @@ class _Screened:
         parts = [extra] if extra else []
         if self.reasons:
             parts.append("rejected " + ", ".join(self.reasons))
+        if self.clipped:
+            parts.append("clipped " + ", ".join(self.clipped))
         return "; ".join(parts)
 
 
@@ -85,7 +105,80 @@ def screen(local: PeerUpdate, others: Sequence[PeerUpdate]) -> _Screened:
             drop(update, "non-finite")
         else:
             kept.append(update)
-    return _Screened(kept, rejected, reasons)
+    screened = _Screened(kept, rejected, reasons)
+    if kept and kept[0].is_local:
+        _bound_updates(screened)
+    return screened
+
+
+def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Euclidean distance. The fused float32 kernel is 5x faster; when its sum of squares overflows (distances
+    above ~1e19, poison) the difference is summed again in float64 so the logged number is still right."""
+    fast = float(torch.dist(a, b))
+    if math.isfinite(fast):
+        return fast
+    return float(torch.linalg.vector_norm(torch.sub(a, b), dtype=torch.float64))
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """Distance limits from one reference vector for one round: refuse beyond ``refuse``, clip beyond ``clip``."""
+
+    scale: float
+    refuse: float
+    clip: float
+
+
+def bound_limits(reference: torch.Tensor, distances: Sequence[float]) -> Bounds:
+    """The limits for updates at ``distances`` from ``reference`` (see REFUSE_RATIO and CLIP_RATIO).
+
+    The clip limit comes from the lower median of the distances that are not refused, so it needs two of them
+    and an attacker that is one of two cannot set it; with fewer there is nothing to compare with and only the
+    refusal applies."""
+    scale = max(float(torch.linalg.vector_norm(reference, dtype=torch.float64)), MIN_RMS * math.sqrt(reference.numel()))
+    refuse = REFUSE_RATIO * scale
+    inside = sorted(d for d in distances if d <= refuse)
+    clip = max(CLIP_RATIO * inside[(len(inside) - 1) // 2], CLIP_FLOOR * scale) if len(inside) >= 2 else math.inf
+    return Bounds(scale, refuse, clip)
+
+
+def bound_outliers(reference: torch.Tensor, vectors: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor | None, float, Bounds]]:
+    """Each vector refused (None), clipped toward ``reference`` to the clip limit, or kept as it is; with its
+    distance from the reference and the round's limits."""
+    distances = [distance(v, reference) for v in vectors]
+    bounds = bound_limits(reference, distances)
+    out: list[tuple[torch.Tensor | None, float, Bounds]] = []
+    for v, dist in zip(vectors, distances, strict=True):
+        if not dist <= bounds.refuse:  # also catches an infinite distance (values near the float32 limit)
+            out.append((None, dist, bounds))
+        elif dist > bounds.clip:
+            ref = reference.to(torch.float32)
+            out.append((torch.sub(v, ref).mul_(bounds.clip / dist).add_(ref), dist, bounds))
+        else:
+            out.append((v, dist, bounds))
+    return out
+
+
+def _bound_updates(s: _Screened) -> None:
+    """Refuse or clip the remote updates of ``s`` against the local model (``s.updates[0]``), logging each."""
+    local, remote = s.updates[0], s.updates[1:]
+    if not remote:
+        return
+    kept = [local]
+    for update, (flat, dist, bounds) in zip(remote, bound_outliers(local.flat, [u.flat for u in remote]), strict=True):
+        if flat is None:
+            s.rejected.append(update.peer_id)
+            s.reasons.append(f"{update.peer_id}:distance {dist:.3g}>{bounds.refuse:.3g}")
+            emit(log, logging.WARNING, "update-refused", peer=update.peer_id, distance=dist, limit=bounds.refuse,
+                 scale=bounds.scale)
+        elif flat is not update.flat:
+            s.clipped.append(f"{update.peer_id}:distance {dist:.3g}>{bounds.clip:.3g}")
+            emit(log, logging.WARNING, "update-clipped", peer=update.peer_id, distance=dist, limit=bounds.clip,
+                 scale=bounds.scale)
+            kept.append(replace(update, flat=flat))
+        else:
+            kept.append(update)
+    s.updates = kept
 
 
 def weighted_mean(updates: Sequence[PeerUpdate], weights: torch.Tensor) -> torch.Tensor:
@@ -214,7 +307,7 @@ class FedProx(FedAvg):
         params = _trainable(model)
         if self.params.mu == 0.0 or not self._anchor or len(params) != len(self._anchor):
             return None
-        total = sum((param - anchor).pow(2).sum() for param, anchor in zip(params, self._anchor, strict=True))
+        total = torch.stack([(param - anchor).pow(2).sum() for param, anchor in zip(params, self._anchor, strict=True)]).sum()
         return 0.5 * self.params.mu * total
 
     def end_training(self, model: nn.Module, steps: int, lr: float) -> None:
@@ -630,13 +723,14 @@ class Scaffold(FedAvg):
     def after_backward(self, model: nn.Module) -> None:
         if not self._correction:
             return
-        idx = [i for i, q in enumerate(self._params) if q.grad is not None]
-        if not idx:
+        present = [(i, q.grad) for i, q in enumerate(self._params) if q.grad is not None]
+        if not present:
             return
-        grads = [self._params[i].grad for i in idx]
-        torch._foreach_add_([self._grad_sum[i] for i in idx], [g.float() for g in grads])  # type: ignore[misc]
+        idx = [i for i, _ in present]
+        grads: list[torch.Tensor] = [g for _, g in present]
+        torch._foreach_add_([self._grad_sum[i] for i in idx], [g.float() for g in grads])
         self._grad_steps += 1
-        torch._foreach_add_(grads, [self._correction[i] for i in idx])  # type: ignore[arg-type]
+        torch._foreach_add_(grads, [self._correction[i] for i in idx])
 
     def end_training(self, model: nn.Module, steps: int, lr: float) -> None:
         if self._grad_steps > 0:
@@ -653,7 +747,7 @@ class Scaffold(FedAvg):
         if self.c_local is None:
             return result
         used = set(result.used)
-        variates = [self.c_local]
+        candidates: list[tuple[str, torch.Tensor]] = []
         bad: list[str] = []
         for u in others:
             if u.peer_id not in used:
@@ -662,7 +756,20 @@ class Scaffold(FedAvg):
             if c is None or c.dim() != 1 or c.numel() != self.c_local.numel() or not _finite(c):
                 bad.append(u.peer_id)
             else:
-                variates.append(c.to(torch.float32))
+                candidates.append((u.peer_id, c.to(torch.float32)))
+        # A poisoned variate corrects every later gradient step: bounded against our own like the models.
+        variates = [self.c_local]
+        bounded = bound_outliers(self.c_local, [c for _, c in candidates])
+        for (peer_id, c), (c_bounded, dist, bounds) in zip(candidates, bounded, strict=True):
+            if c_bounded is None:
+                bad.append(peer_id)
+                emit(log, logging.WARNING, "variate-refused", peer=peer_id, distance=dist, limit=bounds.refuse,
+                     scale=bounds.scale)
+                continue
+            if c_bounded is not c:
+                emit(log, logging.WARNING, "variate-clipped", peer=peer_id, distance=dist, limit=bounds.clip,
+                     scale=bounds.scale)
+            variates.append(c_bounded)
         mean_c = torch.stack(variates).mean(dim=0)
         m = self.params.variate_momentum
         if self.c_global is None or self.c_global.numel() != mean_c.numel():

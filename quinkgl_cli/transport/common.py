@@ -14,6 +14,7 @@ from typing import Any
 
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.events import emit
+from quinkgl_cli.jsonsafe import loads_strict
 from quinkgl_cli.transport.base import ControlValue, OutgoingUpdate, Transport, TransportStats
 
 log = logging.getLogger("quinkgl.transport")
@@ -47,14 +48,10 @@ def encode_body(body: dict[str, Any], limit: int = MAX_MESSAGE_BYTES, what: str 
 def decode_body(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
     if len(data) > limit:
         raise ValueError(f"body is {len(data)} bytes, limit {limit}")
-    value = json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+    value = loads_strict(data.decode("utf-8"))
     if not isinstance(value, dict):
         raise ValueError("body is not a JSON object")
     return value
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not allowed")
 
 
 def check_kind(kind: str) -> None:

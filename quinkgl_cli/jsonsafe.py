@@ -1,0 +1,52 @@
+"""JSON as a peer may send it: the one parser for bytes that arrive over the network (tensor headers, control
+bodies, offer meta).
+
+`loads_strict` refuses what Python's `json` accepts but no later arithmetic should meet: the constants NaN,
+Infinity and -Infinity, numbers beyond float range (``1e400`` parses to infinity), and nesting deeper than
+``MAX_DEPTH`` (Python's parser raises RecursionError past ~1000 levels). Integers longer than 4300 digits are
+refused by the interpreter itself. Everything refused raises ValueError. Imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+MAX_DEPTH = 32  # arrays and objects inside each other
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} overflows a float")
+    return value
+
+
+def depth(value: Any) -> int:
+    """Nesting depth of arrays and objects (a scalar is 0), without recursion."""
+    if not isinstance(value, (dict, list)):
+        return 0
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def loads_strict(text: str) -> Any:
+    """Parse ``text``; ValueError (UnicodeDecodeError included) for anything but finite, shallow JSON."""
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if depth(value) > MAX_DEPTH:
+        raise ValueError(f"JSON nested deeper than {MAX_DEPTH} levels")
+    return value

@@ -1,0 +1,93 @@
+"""A node under model poisoning: huge finite updates are refused by its aggregator, and a poisoned aggregate that
+gets through anyway (an aggregator without bounds) makes training roll back to the last good model instead of
+stopping the node."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from quinkgl_cli.errors import NodeConfigError
+from quinkgl_cli.node.core import Node, NodeConfig
+from quinkgl_cli.sim.baseline import AdoptGlobal
+from quinkgl_cli.strategies.base import Aggregator
+from quinkgl_cli.tensors import flatten
+from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
+from tests.test_node_core import H, data, forged, manifest
+
+
+def _node(aggregator: Aggregator | None = None) -> Node:
+    net = MemoryNetwork(auto_deliver=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    train, val = data(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    transport = MemoryTransport(net, "me", swarm_id="s", arch_hash=H)
+    node = Node(NodeConfig("me", rounds=10, seed=0), manifest(), "sha256:swarm", model, train, val, opt, transport,
+                clock=lambda: 0.0, aggregator=aggregator)
+    transport.start_sync(node)
+    return node
+
+
+def _round(node: Node, updates: list[tuple[str, torch.Tensor]] = ()) -> None:  # type: ignore[assignment]
+    node.begin_round()
+    node.train_round()
+    for sender, flat in updates:
+        node.on_model(forged(node, sender, node.round, flat, 30))
+    node.aggregate()
+    node.evaluate()
+    node.end_round()
+
+
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, "qgl_event", "") == name]
+
+
+def test_huge_finite_updates_are_refused_and_the_default_node_keeps_training(caplog: pytest.LogCaptureFixture) -> None:
+    # The attack that killed every default daemon: updates of 1e30s (finite, right shapes) into FedAvg.
+    node = _node()
+    _round(node)
+    huge = torch.full_like(flatten(node.model), 1e30)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            _round(node, [("evil-1", huge), ("evil-2", huge)])
+    assert {r.qgl_fields["peer"] for r in _events(caplog, "update-refused")} == {"evil-1", "evil-2"}  # type: ignore[attr-defined]
+    assert not _events(caplog, "training-rolled-back")
+    assert bool(torch.isfinite(flatten(node.model)).all()) and float(flatten(node.model).abs().max()) < 100
+    assert all(h["loss"] is not None and h["loss"] < 10 for h in node.history)
+
+
+def test_a_poisoned_aggregate_rolls_training_back_to_the_last_good_model(caplog: pytest.LogCaptureFixture) -> None:
+    node = _node(AdoptGlobal("evil"))  # adopts the sender's model verbatim: no bounds at all
+    _round(node)
+    good = node.trainer.last_good
+    assert good is not None and torch.equal(good, flatten(node.model))
+    huge = torch.full_like(good, 1e30)
+    _round(node, [("evil", huge)])
+    assert float(flatten(node.model).abs().min()) > 1e29  # the poison is in: the next loss overflows
+    with caplog.at_level(logging.WARNING, logger="quinkgl.node"):
+        _round(node)
+    (rolled,) = _events(caplog, "training-rolled-back")
+    assert rolled.qgl_fields["loss"] in ("nan", "inf", "-inf")  # type: ignore[attr-defined]  # as events write them
+    assert node.completed_round == 3 and node.history[-1]["loss"] is not None and node.history[-1]["loss"] < 10
+    assert bool(torch.isfinite(flatten(node.model)).all()) and float(flatten(node.model).abs().max()) < 100
+
+
+def test_training_that_diverges_again_after_the_rollback_still_stops_the_node() -> None:
+    node = _node()
+    _round(node)
+    x = torch.full((10, 4), float("nan"))
+    node.trainer.train_loader = DataLoader(TensorDataset(x, torch.zeros(10, dtype=torch.long)), batch_size=5)
+    node.begin_round()
+    with pytest.raises(NodeConfigError, match="training loss became nan in round 2"):
+        node.train_round()
+    fresh = _node()  # no good model yet: nothing to roll back to
+    fresh.trainer.train_loader = node.trainer.train_loader
+    fresh.begin_round()
+    with pytest.raises(NodeConfigError, match="training loss became nan in round 1") as exc:
+        fresh.train_round()
+    assert exc.value.hint is not None and "lower the learning rate" in exc.value.hint
