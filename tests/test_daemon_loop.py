@@ -59,7 +59,7 @@ def options(manifest: Path, tmp: Path, node_id: str, **kw: Any) -> DaemonOptions
     base = dict(manifest=manifest, script=ls.DIGITS_SCRIPT, node_id=node_id, trust_policy="open", rounds=4,
                 gossip_interval=0.3, checkpoint_dir=tmp / node_id, script_args={"shard": node_id[-1], "num_shards": "2"})
     base.update(kw)
-    return DaemonOptions(**base)  # type: ignore[arg-type]
+    return DaemonOptions.from_flags(**base)
 
 
 def memory_factory(net: MemoryNetwork):
@@ -312,7 +312,7 @@ def test_start_up_is_timed_from_the_process_start() -> None:
     import sys
 
     code = ("import time; time.sleep(0.5)  # what start-up spends before the daemon module is imported\n"
-            "from quinkgl_cli.node.daemon import process_started_at\n"
+            "from quinkgl_cli.node.process import process_started_at\n"
             "print(time.monotonic() - process_started_at())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert 0.5 <= float(out.stdout) < 30
@@ -477,8 +477,9 @@ def test_ipv8_transport_is_built_from_manifest_flags_and_model(manifest: Path, t
     big = make_ipv8_transport(dataclasses.replace(prepared, model=torch.nn.Linear(64, 4096)))
     assert big["max_model_bytes"] == wire.max_blob_bytes(shared_specs(torch.nn.Linear(64, 4096))) * 2
     assert big["max_model_bytes"] > 10 * kw["max_model_bytes"]
-    on = make_ipv8_transport(dataclasses.replace(prepared, options=dataclasses.replace(
-        prepared.options, transport_options={"enable_public_bootstrap": True, "enable_lan_discovery": True})))
+    network = dataclasses.replace(prepared.options.network,
+                                  transport_options={"enable_public_bootstrap": True, "enable_lan_discovery": True})
+    on = make_ipv8_transport(dataclasses.replace(prepared, options=dataclasses.replace(prepared.options, network=network)))
     assert on["enable_public_bootstrap"] is True and on["enable_lan_discovery"] is True
 
 

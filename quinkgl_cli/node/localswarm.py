@@ -99,16 +99,19 @@ def train_alone(manifest_path: Path, script: Path, script_args: dict[str, str], 
     """
     import torch
 
-    from quinkgl_cli.node.core import Node, NodeConfig
+    from quinkgl_cli.node.core import NodeConfig
     from quinkgl_cli.node.daemon import DaemonOptions, prepare
+    from quinkgl_cli.node.wiring import build_node
     from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 
-    opts = DaemonOptions(manifest=manifest_path, script=script, node_id=node_id, rounds=rounds, trust_policy="open",
-                         script_args=dict(script_args), resume=False, dry_run=True, seed=seed)
+    opts = DaemonOptions.from_flags(manifest=manifest_path, script=script, node_id=node_id, rounds=rounds,
+                                    trust_policy="open", script_args=dict(script_args), resume=False, dry_run=True,
+                                    seed=seed)
     prepared = prepare(opts)
     transport = MemoryTransport(MemoryNetwork(auto_deliver=False), node_id)
-    node = Node(NodeConfig(node_id, rounds=rounds), prepared.trusted.manifest, prepared.trusted.swarm_id, prepared.model,
-                prepared.train_loader, prepared.val_loader, prepared.optimizer, transport)
+    node = build_node(prepared.script, prepared.trusted.manifest, prepared.trusted.swarm_id,
+                      NodeConfig(node_id, rounds=rounds), prepared.model, prepared.train_loader, prepared.val_loader,
+                      transport)
     transport.start_sync(node)
     while not node.finished():
         node.begin_round()
