@@ -523,3 +523,62 @@ def test_back_to_back_rounds_pace_on_a_slower_peer(manifest: Path, tmp_path: Pat
     # Held to p1's pace: unpaced, p0 would be done in a fraction of a second.
     assert ended["p0"] - started > 0.7 * (ended["p1"] - started), ended
     assert any(m.startswith("pacing ") for m in messages)
+
+
+def test_finished_counts_the_whole_run_across_a_restart(manifest: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Peers met and bytes moved before a restart are in the restarted daemon's `finished` line."""
+    from quinkgl_cli.events import FIELDS_ATTR
+
+    first = _run_pair(manifest, tmp_path, rounds=2)[0]
+    sent_before = first.transport.stats.bytes_sent
+    assert sent_before > 0
+    # Restarted alone with a higher round target: one more round, no peer this time.
+    d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=3, gossip_interval=0.05)), LogContext("p0"),
+               memory_factory(MemoryNetwork()))
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
+    _release(d)
+    assert d.transport.stats.bytes_sent == 0
+    (finished,) = [getattr(r, FIELDS_ATTR) for r in caplog.records if r.getMessage().startswith("finished ")]
+    assert finished["rounds"] == 3 and finished["peers_met"] == 1
+    assert finished["bytes_sent"] == sent_before and finished["bytes_received"] > 0
+
+
+class _PortTaken(MemoryTransport):
+    async def start(self, events: Any) -> None:
+        from quinkgl_cli.errors import NetworkError
+
+        raise NetworkError("cannot bind UDP 127.0.0.1:7001: Address already in use", "choose another --port")
+
+
+def test_a_start_that_fails_gives_back_the_directories_it_created(manifest: Path, tmp_path: Path) -> None:
+    from quinkgl_cli.errors import NetworkError
+    from quinkgl_cli.node.dirlock import lock_directory
+
+    def taken(p: Prepared) -> MemoryTransport:
+        return _PortTaken(MemoryNetwork(), p.options.node_id, swarm_id=p.trusted.swarm_id,
+                          arch_hash=p.trusted.manifest.model.arch_hash)
+
+    fresh = tmp_path / "fresh" / "p0"
+    with pytest.raises(NetworkError):
+        run_daemon(options(manifest, tmp_path, "p0", checkpoint_dir=fresh), transport_factory=taken)
+    assert not fresh.exists()  # no empty directory left behind
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(NetworkError):
+        run_daemon(options(manifest, tmp_path, "p0", checkpoint_dir=kept), transport_factory=taken)
+    assert (kept / "notes.txt").read_text() == "mine"
+    lock_directory(kept, "checkpoint directory", "hint").release()  # and not left locked
+
+
+def test_a_checkpoint_path_that_is_a_file_is_named_as_such(manifest: Path, tmp_path: Path) -> None:
+    from quinkgl_cli.errors import IOFailure
+
+    path = tmp_path / "not-a-dir"
+    path.write_text("x")
+    with pytest.raises(IOFailure) as err:
+        prepare(options(manifest, tmp_path, "p0", checkpoint_dir=path))
+    assert "is not a directory" in err.value.one_line() and "other daemon" not in err.value.one_line()
