@@ -26,7 +26,7 @@ DIGITS_SCRIPT = Path(__file__).resolve().parents[1] / "peer_scripts" / "digits_p
 # The summary event only: not `already-finished`, whose word boundary `\b` would also match.
 _FINISHED = re.compile(r"(?:^|\s)finished rounds=(\d+)\b.*\bval_accuracy=([0-9.]+|-)", re.M)
 # The daemon's line once its port is bound, in text or JSON log format.
-_STARTED = re.compile(r'(?:^|\s)started node=|"event": ?"started"', re.M)
+_STARTED = re.compile(r'(?:^|\s)started swarm=|"event": ?"started"', re.M)
 _FINAL_MODEL = re.compile(r'(?:^|\s)finished rounds=.*?\bfinal_model=("(?:[^"\\]|\\.)*"|\S+)', re.M)
 BIND_RETRIES = 3
 START_POLL = 0.1  # seconds between looks at the peers' logs while they start
