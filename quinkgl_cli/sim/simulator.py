@@ -1,7 +1,8 @@
 """A whole swarm in one process: N real `Node`s over the in-memory transport, in lockstep virtual time.
 
 Every node is the daemon's own `quinkgl_cli.node.core.Node` (training, topology, encoding, validation,
-aggregation); only the schedule differs. Instead of real intervals, the driver runs each step of a round for all
+aggregation), wired by the same `quinkgl_cli.node.wiring.build_node` (the script's ``build_optimizer`` and
+``loss_fn`` included; `quinkgl_cli.sim.swarm` builds the swarm); only the schedule differs. Instead of real intervals, the driver runs each step of a round for all
 nodes, flushes the memory network (`MemoryNetwork.deliver_all`), and advances a virtual clock, so a run never
 waits and is deterministic for a seed.
 
@@ -37,6 +38,10 @@ first-use costs weigh most on small swarms), the process's peak since it started
 Local DP (the manifest's ``privacy`` section) is each node's own sharing pipeline, as in the daemon; the simulator
 only seeds its noise so that a run is reproducible. Peer-script hooks are not called (a hundred peers'
 ``on_round_end`` lines would bury the swarm's own report).
+
+Owns the run: the virtual clock, the memory network, the built swarm, the random draws of the rounds (pairs,
+sampled clients) and the timing and memory figures; configuration is `quinkgl_cli.sim.config`, summaries
+`quinkgl_cli.sim.results`.
 """
 
 from __future__ import annotations
