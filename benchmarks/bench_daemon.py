@@ -62,7 +62,7 @@ if sys.argv[1] == "full":
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()  # any training process pays this once: torch imports torch._dynamo on the first step
         break
-from quinkgl_cli.node.daemon import peak_rss_mb
+from quinkgl_cli.node.process import peak_rss_mb
 print(t_import, time.perf_counter() - t0, peak_rss_mb())
 '''
 

@@ -113,15 +113,16 @@ def test_run_flags_reach_the_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path) -
     o = cli_options(["--local-epochs", "2", "--local-steps", "7", "--checkpoint-every", "3", "--final-model",
                      str(tmp_path / "out" / "model.safetensors"), "--bootstrap-peer", "127.0.0.1:7002",
                      "--script-arg", "shard=1", "--keep-checkpoints", "4"], monkeypatch, tmp_path)
-    assert (o.local_epochs, o.local_steps, o.checkpoint_every, o.keep_checkpoints) == (2, 7, 3, 4)  # type: ignore[attr-defined]
-    assert o.final_model == tmp_path / "out" / "model.safetensors"  # type: ignore[attr-defined]
-    assert o.bootstrap_peers == ["127.0.0.1:7002"] and o.script_args == {"shard": "1"}  # type: ignore[attr-defined]
-    assert o.transport_options == {"enable_public_bootstrap": False, "enable_lan_discovery": False}  # type: ignore[attr-defined]
+    assert (o.schedule.local_epochs, o.schedule.local_steps) == (2, 7)  # type: ignore[attr-defined]
+    assert (o.checkpoints.checkpoint_every, o.checkpoints.keep_checkpoints) == (3, 4)  # type: ignore[attr-defined]
+    assert o.checkpoints.final_model == tmp_path / "out" / "model.safetensors"  # type: ignore[attr-defined]
+    assert o.network.bootstrap_peers == ["127.0.0.1:7002"] and o.script_args == {"shard": "1"}  # type: ignore[attr-defined]
+    assert o.network.transport_options == {"enable_public_bootstrap": False, "enable_lan_discovery": False}  # type: ignore[attr-defined]
     on = cli_options(["--public-bootstrap", "--lan-discovery", "--listen", "0.0.0.0"], monkeypatch, tmp_path)
-    assert on.transport_options == {"enable_public_bootstrap": True, "enable_lan_discovery": True}  # type: ignore[attr-defined]
+    assert on.network.transport_options == {"enable_public_bootstrap": True, "enable_lan_discovery": True}  # type: ignore[attr-defined]
     defaults = cli_options([], monkeypatch, tmp_path)
-    assert (defaults.local_epochs, defaults.local_steps, defaults.checkpoint_every, defaults.final_model) == (  # type: ignore[attr-defined]
-        None, None, 1, None)
+    assert (defaults.schedule.local_epochs, defaults.schedule.local_steps, defaults.checkpoints.checkpoint_every,  # type: ignore[attr-defined]
+            defaults.checkpoints.final_model) == (None, None, 1, None)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("flag", ["--local-epochs", "--local-steps", "--checkpoint-every"])

@@ -167,8 +167,8 @@ def test_kill9_resume_then_sigterm_saves(tmp_path: Path, swarm_manifest: tuple[P
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_for(lambda: len(_json_events(log2, "checkpoint-saved")) >= 1, 120, "a checkpoint after resume")
-        resumed = [e for e in _json_events(log2) if e.get("message", "").startswith("resumed from round ")]
-        assert resumed and resumed[0]["message"].startswith(f"resumed from round {newest[0].round} checkpoint=")
+        resumed = _json_events(log2, "resumed")
+        assert resumed and resumed[0]["from_round"] == newest[0].round and resumed[0]["checkpoint"]
         first_round = min(int(e["round"]) for e in _json_events(log2, "round-end"))
         assert first_round == newest[0].round + 1
         # A second daemon on the same checkpoint directory would resume from the first one's rounds: refused.

@@ -59,7 +59,7 @@ def options(manifest: Path, tmp: Path, node_id: str, **kw: Any) -> DaemonOptions
     base = dict(manifest=manifest, script=ls.DIGITS_SCRIPT, node_id=node_id, trust_policy="open", rounds=4,
                 gossip_interval=0.3, checkpoint_dir=tmp / node_id, script_args={"shard": node_id[-1], "num_shards": "2"})
     base.update(kw)
-    return DaemonOptions(**base)  # type: ignore[arg-type]
+    return DaemonOptions.from_flags(**base)
 
 
 def memory_factory(net: MemoryNetwork):
@@ -267,7 +267,7 @@ def test_resume_skips_poisoned_checkpoints_and_refuses_when_none_is_good(manifes
     invalid = [r for r in caplog.records if getattr(r, "qgl_event", "") == "checkpoint-invalid"]
     assert len(invalid) == 1 and invalid[0].qgl_fields["path"] == str(poisoned)  # type: ignore[attr-defined]
     assert "holds NaN or Inf" in invalid[0].qgl_fields["reason"]  # type: ignore[attr-defined]
-    assert any(r.getMessage().startswith("resumed from round 2 ") for r in caplog.records)
+    assert any(r.getMessage().startswith("resumed from_round=2 ") for r in caplog.records)
     assert [h["round"] for h in d.node.history] == [1, 2, 3]
     # Every checkpoint damaged: a one-line refusal (7), not a silent start from round 0.
     for ckpt in store.files():
@@ -360,7 +360,7 @@ def test_start_up_is_timed_from_the_process_start() -> None:
     import sys
 
     code = ("import time; time.sleep(0.5)  # what start-up spends before the daemon module is imported\n"
-            "from quinkgl_cli.node.daemon import process_started_at\n"
+            "from quinkgl_cli.node.process import process_started_at\n"
             "print(time.monotonic() - process_started_at())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert 0.5 <= float(out.stdout) < 30
@@ -525,8 +525,9 @@ def test_ipv8_transport_is_built_from_manifest_flags_and_model(manifest: Path, t
     big = make_ipv8_transport(dataclasses.replace(prepared, model=torch.nn.Linear(64, 4096)))
     assert big["max_model_bytes"] == wire.max_blob_bytes(shared_specs(torch.nn.Linear(64, 4096))) * 2
     assert big["max_model_bytes"] > 10 * kw["max_model_bytes"]
-    on = make_ipv8_transport(dataclasses.replace(prepared, options=dataclasses.replace(
-        prepared.options, transport_options={"enable_public_bootstrap": True, "enable_lan_discovery": True})))
+    network = dataclasses.replace(prepared.options.network,
+                                  transport_options={"enable_public_bootstrap": True, "enable_lan_discovery": True})
+    on = make_ipv8_transport(dataclasses.replace(prepared, options=dataclasses.replace(prepared.options, network=network)))
     assert on["enable_public_bootstrap"] is True and on["enable_lan_discovery"] is True
 
 
@@ -570,3 +571,62 @@ def test_back_to_back_rounds_pace_on_a_slower_peer(manifest: Path, tmp_path: Pat
     # Held to p1's pace: unpaced, p0 would be done in a fraction of a second.
     assert ended["p0"] - started > 0.7 * (ended["p1"] - started), ended
     assert any(m.startswith("pacing ") for m in messages)
+
+
+def test_finished_counts_the_whole_run_across_a_restart(manifest: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Peers met and bytes moved before a restart are in the restarted daemon's `finished` line."""
+    from quinkgl_cli.events import FIELDS_ATTR
+
+    first = _run_pair(manifest, tmp_path, rounds=2)[0]
+    sent_before = first.transport.stats.bytes_sent
+    assert sent_before > 0
+    # Restarted alone with a higher round target: one more round, no peer this time.
+    d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=3, gossip_interval=0.05)), LogContext("p0"),
+               memory_factory(MemoryNetwork()))
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
+    _release(d)
+    assert d.transport.stats.bytes_sent == 0
+    (finished,) = [getattr(r, FIELDS_ATTR) for r in caplog.records if r.getMessage().startswith("finished ")]
+    assert finished["rounds"] == 3 and finished["peers_met"] == 1
+    assert finished["bytes_sent"] == sent_before and finished["bytes_received"] > 0
+
+
+class _PortTaken(MemoryTransport):
+    async def start(self, events: Any) -> None:
+        from quinkgl_cli.errors import NetworkError
+
+        raise NetworkError("cannot bind UDP 127.0.0.1:7001: Address already in use", "choose another --port")
+
+
+def test_a_start_that_fails_gives_back_the_directories_it_created(manifest: Path, tmp_path: Path) -> None:
+    from quinkgl_cli.errors import NetworkError
+    from quinkgl_cli.node.dirlock import lock_directory
+
+    def taken(p: Prepared) -> MemoryTransport:
+        return _PortTaken(MemoryNetwork(), p.options.node_id, swarm_id=p.trusted.swarm_id,
+                          arch_hash=p.trusted.manifest.model.arch_hash)
+
+    fresh = tmp_path / "fresh" / "p0"
+    with pytest.raises(NetworkError):
+        run_daemon(options(manifest, tmp_path, "p0", checkpoint_dir=fresh), transport_factory=taken)
+    assert not fresh.exists()  # no empty directory left behind
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(NetworkError):
+        run_daemon(options(manifest, tmp_path, "p0", checkpoint_dir=kept), transport_factory=taken)
+    assert (kept / "notes.txt").read_text() == "mine"
+    lock_directory(kept, "checkpoint directory", "hint").release()  # and not left locked
+
+
+def test_a_checkpoint_path_that_is_a_file_is_named_as_such(manifest: Path, tmp_path: Path) -> None:
+    from quinkgl_cli.errors import IOFailure
+
+    path = tmp_path / "not-a-dir"
+    path.write_text("x")
+    with pytest.raises(IOFailure) as err:
+        prepare(options(manifest, tmp_path, "p0", checkpoint_dir=path))
+    assert "is not a directory" in err.value.one_line() and "other daemon" not in err.value.one_line()

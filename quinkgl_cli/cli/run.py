@@ -139,7 +139,7 @@ def run(
         raise UsageError(f"--log-format {log_format!r} is not text or json")
     keys = list(trusted_pubkey or [])
     policy = trust_policy if trust_policy is not None else ("pinned" if keys else "tofu")
-    options = DaemonOptions(
+    options = DaemonOptions.from_flags(
         manifest=manifest,
         script=peer_script,
         node_id=nid,

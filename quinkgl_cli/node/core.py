@@ -90,6 +90,9 @@ class NodePolicies:
     tamper: Tamper | None = None
 
 
+DEFAULT_POLICIES = NodePolicies()
+
+
 def build_aggregator(manifest: Manifest) -> Aggregator:
     entry = registry.resolve("aggregation", manifest.aggregation.name)
     params = registry.build_params(entry, dict(manifest.aggregation.params))
@@ -109,7 +112,7 @@ class Node:
                  train_loader: Iterable[Any], val_loader: Iterable[Any] | None, optimizer: torch.optim.Optimizer,
                  transport: Transport, hooks: Hooks | None = None, clock: Callable[[], float] = time.monotonic,
                  loss_fn: LossFn | None = None, aggregator: Aggregator | None = None,
-                 topology: Topology | None = None, policies: NodePolicies = NodePolicies()) -> None:
+                 topology: Topology | None = None, policies: NodePolicies = DEFAULT_POLICIES) -> None:
         self.node_id = config.node_id
         self.manifest = manifest
         self.swarm_id = swarm_id
@@ -342,6 +345,19 @@ class Node:
                  **self.exchange.sharing.log_fields(metrics.sharing))
         self.log.hook("on_round_end", self.round, dict(d))
         return metrics
+
+    def begin_consensus(self) -> range:
+        """Start the final averaging-only exchanges after the last round; returns their gossip-step numbers (they
+        follow a round's own steps). The driver shares and aggregates at each, then evaluates."""
+        self.recorder.begin(self.clock(), self.transport.stats)
+        self.inbox.begin_round()
+        return range(self.gossip_steps, self.gossip_steps + self.final_consensus_steps)
+
+    def end_consensus(self) -> RoundMetrics:
+        """The consensus phase's metrics: the model held now, the traffic since `begin_consensus` (not history)."""
+        return self.recorder.finish(self.round, self.clock(), self.transport.stats, len(self.known_peers),
+                                    self.inbox.dropped, int(self.trainer.sample_count),
+                                    self.exchange.sharing.round_metrics(), dict(self.graph.latest))
 
     def finished(self) -> bool:
         return self.rounds is not None and self.completed_round >= self.rounds

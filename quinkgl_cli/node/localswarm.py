@@ -26,7 +26,7 @@ DIGITS_SCRIPT = Path(__file__).resolve().parents[1] / "peer_scripts" / "digits_p
 # The summary event only: not `already-finished`, whose word boundary `\b` would also match.
 _FINISHED = re.compile(r"(?:^|\s)finished rounds=(\d+)\b.*\bval_accuracy=([0-9.]+|-)", re.M)
 # The daemon's line once its port is bound, in text or JSON log format.
-_STARTED = re.compile(r'(?:^|\s)started node=|"event": ?"started"', re.M)
+_STARTED = re.compile(r'(?:^|\s)started swarm=|"event": ?"started"', re.M)
 _FINAL_MODEL = re.compile(r'(?:^|\s)finished rounds=.*?\bfinal_model=("(?:[^"\\]|\\.)*"|\S+)', re.M)
 BIND_RETRIES = 3
 START_POLL = 0.1  # seconds between looks at the peers' logs while they start
@@ -99,16 +99,19 @@ def train_alone(manifest_path: Path, script: Path, script_args: dict[str, str], 
     """
     import torch
 
-    from quinkgl_cli.node.core import Node, NodeConfig
+    from quinkgl_cli.node.core import NodeConfig
     from quinkgl_cli.node.daemon import DaemonOptions, prepare
+    from quinkgl_cli.node.wiring import build_node
     from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 
-    opts = DaemonOptions(manifest=manifest_path, script=script, node_id=node_id, rounds=rounds, trust_policy="open",
-                         script_args=dict(script_args), resume=False, dry_run=True, seed=seed)
+    opts = DaemonOptions.from_flags(manifest=manifest_path, script=script, node_id=node_id, rounds=rounds,
+                                    trust_policy="open", script_args=dict(script_args), resume=False, dry_run=True,
+                                    seed=seed)
     prepared = prepare(opts)
     transport = MemoryTransport(MemoryNetwork(auto_deliver=False), node_id)
-    node = Node(NodeConfig(node_id, rounds=rounds), prepared.trusted.manifest, prepared.trusted.swarm_id, prepared.model,
-                prepared.train_loader, prepared.val_loader, prepared.optimizer, transport)
+    node = build_node(prepared.script, prepared.trusted.manifest, prepared.trusted.swarm_id,
+                      NodeConfig(node_id, rounds=rounds), prepared.model, prepared.train_loader, prepared.val_loader,
+                      transport)
     transport.start_sync(node)
     while not node.finished():
         node.begin_round()

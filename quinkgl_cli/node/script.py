@@ -5,6 +5,7 @@ A peer script is a plain Python file with two required hooks and four optional o
     build_model(manifest, **script_args) -> nn.Module
     build_loaders(manifest, **script_args) -> (train_loader, val_loader)
     build_optimizer(manifest, model) -> torch.optim.Optimizer              (optional)
+    loss_fn(outputs, targets) -> loss tensor                               (optional)
     on_round_end(round_idx, metrics)                                       (optional)
     on_peer_discovered(peer_id)                                            (optional)
     on_aggregation_done(peer_ids, sample_count)                            (optional)
@@ -13,7 +14,9 @@ The script is the user's own code on the user's own machine: importing it runs i
 arrives from the network or from a checkpoint ever reaches this loader.
 
 When ``build_optimizer`` is absent the node uses SGD with lr 0.05 and momentum 0.9 (the guide's scripts use
-exactly that; it is a sound default for the small classifiers federated peers usually train).
+exactly that; it is a sound default for the small classifiers federated peers usually train); without
+``loss_fn``, cross-entropy (mean squared error for regression). Both are used the same way wherever a node is
+built (`quinkgl_cli.node.wiring`).
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ class PeerScript:
     on_peer_discovered: Callable[[str], Any] | None = None
     on_aggregation_done: Callable[[list[str], int], Any] | None = None
     _task_checked: bool = field(default=False, init=False, repr=False)
+
+    @property
+    def loss_fn(self) -> Callable[[Any, Any], Any] | None:
+        """The script's ``loss_fn(outputs, targets)``, or None when it has none."""
+        fn = getattr(self.module, "loss_fn", None)
+        return fn if callable(fn) else None
 
     def build_model(self, manifest: Any, **script_args: str) -> Any:
         """Call ``build_model``; it must return a ``torch.nn.Module`` that fits the manifest's task shapes

@@ -1,7 +1,8 @@
 """A whole swarm in one process: N real `Node`s over the in-memory transport, in lockstep virtual time.
 
 Every node is the daemon's own `quinkgl_cli.node.core.Node` (training, topology, encoding, validation,
-aggregation); only the schedule differs. Instead of real intervals, the driver runs each step of a round for all
+aggregation), wired by the same `quinkgl_cli.node.wiring.build_node` (the script's ``build_optimizer`` and
+``loss_fn`` included; `quinkgl_cli.sim.swarm` builds the swarm); only the schedule differs. Instead of real intervals, the driver runs each step of a round for all
 nodes, flushes the memory network (`MemoryNetwork.deliver_all`), and advances a virtual clock, so a run never
 waits and is deterministic for a seed.
 
@@ -37,117 +38,40 @@ first-use costs weigh most on small swarms), the process's peak since it started
 Local DP (the manifest's ``privacy`` section) is each node's own sharing pipeline, as in the daemon; the simulator
 only seeds its noise so that a run is reproducible. Peer-script hooks are not called (a hundred peers'
 ``on_round_end`` lines would bury the swarm's own report).
+
+Owns the run: the virtual clock, the memory network, the built swarm, the random draws of the rounds (pairs,
+sampled clients) and the timing and memory figures; configuration is `quinkgl_cli.sim.config`, summaries
+`quinkgl_cli.sim.results`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import random
-import resource
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np
 import torch
-from pydantic import ValidationError
 
-from quinkgl_cli.errors import NodeConfigError, UsageError
+from quinkgl_cli.errors import UsageError
+from quinkgl_cli.events import emit
 from quinkgl_cli.manifest.schema import Manifest
-from quinkgl_cli.node.core import Node, NodeConfig, NodePolicies
+from quinkgl_cli.node.core import Node
 from quinkgl_cli.node.script import PeerScript
-from quinkgl_cli.sim.attacks import tamper_for
-from quinkgl_cli.sim.baseline import SERVER_ID, AdoptGlobal, SelectedTargets, ServerMean
-from quinkgl_cli.sim.data import materialize, peer_loader
-from quinkgl_cli.sim.partition import dataset_labels, parse_scheme, partition_indices
-from quinkgl_cli.transport.memory import DEFAULT_MAX_PEERS, MemoryNetwork, MemoryTransport
+from quinkgl_cli.sim.config import MODES, Mode, Overrides, SimConfig, apply_overrides
+from quinkgl_cli.sim.partition import parse_scheme
+from quinkgl_cli.sim.results import PeerRound, RoundSummary, SimResult, peak_rss_mb, rss_mb, summarize
+from quinkgl_cli.sim.swarm import SwarmBuilder
+from quinkgl_cli.transport.memory import MemoryNetwork
 
 log = logging.getLogger("quinkgl.sim")
 
-Mode = Literal["gossip", "fedavg", "pairwise", "local"]
-MODES: tuple[str, ...] = ("gossip", "fedavg", "pairwise", "local")
+# What `quinkgl simulate`, reports and benchmarks import from here.
+__all__ = ["MODES", "Mode", "Overrides", "PeerRound", "RoundSummary", "SimConfig", "SimResult", "Simulator",
+           "apply_overrides", "simulate"]
+
 ROUND_SECONDS = 10.0  # virtual seconds a round takes (only timestamps see it)
-
-
-@dataclass(frozen=True)
-class Overrides:
-    """Manifest settings replaced for a simulation (flags of `quinkgl simulate`); strings are typed by the schema."""
-
-    aggregation: str | None = None
-    aggregation_params: Mapping[str, str] = field(default_factory=dict)
-    topology: str | None = None
-    topology_params: Mapping[str, str] = field(default_factory=dict)
-    fanout: int | None = None
-    training_params: Mapping[str, str] = field(default_factory=dict)
-    compression_params: Mapping[str, str] = field(default_factory=dict)
-    dp_epsilon: float | None = None
-    byzantine_f: int | None = None
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    peers: int = 20
-    rounds: int = 20
-    partition: str = "iid"
-    seed: int = 0
-    mode: Mode = "gossip"
-    attackers: int = 0
-    attack: str = "signflip"
-    clients_per_round: int = 10  # fedavg mode
-    pairs_per_round: int = 10  # pairwise mode
-    max_peers: int = DEFAULT_MAX_PEERS  # each node's peer-view bound (gossip and local modes)
-    threads: int = 1  # torch intra-op threads: peers run one after another, so tiny models do best on one
-    script_args: Mapping[str, str] = field(default_factory=dict)
-    overrides: Overrides = field(default_factory=Overrides)
-
-
-@dataclass
-class PeerRound:
-    peer: str
-    val_accuracy: float | None
-    val_loss: float | None
-    loss: float | None
-    samples: int
-    bytes_sent: int
-    bytes_received: int
-    updates_sent: int
-    attacker: bool = False
-
-
-@dataclass
-class RoundSummary:
-    round: int
-    phase: str  # "train" | "consensus"
-    mean_accuracy: float | None
-    min_accuracy: float | None
-    max_accuracy: float | None
-    mean_val_loss: float | None
-    bytes_sent: int
-    model_sends: int
-    seconds: float
-    peers: list[PeerRound]
-
-
-@dataclass
-class SimResult:
-    config: SimConfig
-    manifest: Manifest
-    swarm_id: str
-    node_ids: list[str]
-    attackers: list[str]
-    rounds: list[RoundSummary]
-    consensus: RoundSummary | None
-    consensus_steps: int
-    gossip_steps: int
-    memory: dict[str, float]
-    timing: dict[str, float]
-
-    @property
-    def final(self) -> RoundSummary:
-        return self.consensus if self.consensus is not None else self.rounds[-1]
 
 
 class VirtualClock:
@@ -161,61 +85,6 @@ class VirtualClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-def apply_overrides(manifest: Manifest, ov: Overrides) -> Manifest:
-    """A copy of ``manifest`` with ``ov`` applied, validated as a whole; bad values are usage errors.
-
-    The copy is unsigned: it exists only inside this process and no peer ever checks it.
-    """
-    from quinkgl_cli.manifest.create import coerce_value
-    from quinkgl_cli.strategies import registry
-
-    data = manifest.model_dump(mode="python")
-    data["signature"] = None
-    for kind, name, params in (
-        ("aggregation", ov.aggregation, ov.aggregation_params),
-        ("topology", ov.topology, ov.topology_params),
-    ):
-        current = data[kind]
-        entry = registry.resolve(kind, name or current["name"])  # type: ignore[arg-type]
-        merged = dict(current["params"]) if entry.name == current["name"] else {}
-        merged.update(params)
-        if kind == "topology" and ov.fanout is not None:
-            if "fanout" not in entry.params.model_fields:
-                raise UsageError(f"--fanout does not apply to {entry.name}", "drop --fanout or pick another topology")
-            merged["fanout"] = ov.fanout
-        data[kind] = {"name": entry.name, "params": registry.validate_params(entry, merged)}
-    for section, params in (("training", ov.training_params), ("compression", ov.compression_params)):
-        if params:
-            data[section] = {**data[section], **{k: coerce_value(v) for k, v in params.items()}}
-    if ov.dp_epsilon is not None:
-        data["privacy"] = {**data["privacy"], "dp_epsilon": ov.dp_epsilon}
-    if ov.byzantine_f is not None:
-        data["byzantine_f"] = ov.byzantine_f
-    try:
-        return Manifest.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(x) for x in err["loc"]) or "manifest"
-        raise UsageError(f"simulation setting {where}: {err['msg']}", "fix the override flag") from exc
-
-
-def _rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as fh:
-            pages = int(fh.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 class Simulator:
@@ -266,127 +135,13 @@ class Simulator:
         self.timing: dict[str, float] = {}
         self._rng = random.Random(config.seed)
 
-    # ------------------------------------------------------------------------------------------ building
-    def _shared_data(self) -> tuple[Any, Any, int]:
-        args = dict(self.config.script_args)
-        train_loader, val_loader = self.script.build_loaders(self.manifest, **args)
-        dataset = getattr(train_loader, "dataset", None)
-        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise NodeConfigError(
-                f"the training loader of {self.script.path.name} has no map-style dataset to split among peers",
-                "return a torch DataLoader over a Dataset with __len__ and __getitem__ from build_loaders",
-            )
-        batch_size = getattr(train_loader, "batch_size", None) or 32
-        return dataset, materialize(val_loader) if val_loader is not None else None, int(batch_size)
-
-    def _server_manifest(self) -> Manifest:
-        """The FedAvg server's view: it broadcasts the global model as is (no DP noise, no compression), as the
-        tutorial's server does; the clients' uploads keep the swarm's privacy and compression settings."""
-        data = self.manifest.model_dump(mode="python")
-        data["privacy"] = {**data["privacy"], "dp_epsilon": None, "dp_total_epsilon": None}
-        data["compression"] = {}
-        return Manifest.model_validate(data)
-
-    def _node(self, node_id: str, train: Any, val: Any, seed: int, manifest: Manifest | None = None,
-              max_peers: int | None = None, seek: int | None = None, **strategies: Any) -> Node:
-        manifest = manifest or self.manifest
-        # Each peer's model initialisation is independent (as on real devices) but reproducible.
-        torch.manual_seed(seed)
-        args = dict(self.config.script_args)
-        model = self.script.build_model(manifest, **args)
-        optimizer = self.script.build_optimizer(manifest, model)
-        transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=manifest.model.arch_hash,
-                                    max_peers=max_peers or self.config.max_peers, seek=seek)
-        node = Node(
-            # noise_seed: the simulator wants reproducible DP noise; a daemon never sets it (its noise must be secret).
-            NodeConfig(node_id, rounds=self.rounds, seed=seed, noise_seed=seed),
-            manifest, self.swarm_id, model, train, val, optimizer, transport,
-            hooks=None, clock=self.clock, **strategies,
-        )
-        transport.start_sync(node)
-        # Its introductions now, not all at the end: queued, every node's hellos and fingerprints would be held
-        # at once (peers * view size of them), a peak the process keeps long after they are delivered.
-        self.network.deliver_all()
-        return node
-
     def build(self) -> None:
-        cfg = self.config
         started = time.perf_counter()
-        dataset, val_loader, batch_size = self._shared_data()
-        scheme = parse_scheme(cfg.partition)
-        try:
-            labels = dataset_labels(dataset)
-        except (ValueError, TypeError, IndexError) as exc:
-            if scheme.kind != "iid":
-                raise NodeConfigError(
-                    f"--partition {cfg.partition} splits by class label, but {self.script.path.name}'s training data "
-                    f"has none usable ({exc})", "use --partition iid for regression or unlabelled data",
-                ) from exc
-            labels = np.zeros(len(dataset), dtype=np.int64)  # one pseudo-class: iid becomes an even random split
-        parts = partition_indices(labels, cfg.peers, scheme, cfg.seed)
-        # One throwaway model and optimizer first: lazy imports (torch.optim pulls in much of torch) would
-        # otherwise count as the first peer's memory.
-        warm = self.script.build_model(self.manifest, **dict(cfg.script_args))
-        self.script.build_optimizer(self.manifest, warm)
-        del warm
-        self.memory["rss_before_build_mb"] = _rss_mb()
-        width = max(3, len(str(cfg.peers - 1)))
-        ids = [f"peer-{i:0{width}d}" for i in range(cfg.peers)]
-        if cfg.mode == "fedavg":
-            # The star: the server joins first and takes every client; each client, allowed one peer, takes it.
-            # The server holds only the validation set (it evaluates the global model there and never trains).
-            self.server = self._node(
-                SERVER_ID, val_loader if val_loader is not None else [], val_loader, cfg.seed * 100_003 + cfg.peers,
-                manifest=self._server_manifest(), max_peers=cfg.peers, seek=cfg.peers,
-                aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
-                # The server trains on nothing; its broadcast carries the whole training set's weight (clients
-                # only check that it is positive, and adopt it).
-                policies=NodePolicies(reported_samples=len(dataset)),
-            )
-        attackers = sorted(self._rng.sample(range(cfg.peers), cfg.attackers)) if cfg.attackers else []
-        self.attackers = [ids[i] for i in attackers]
-        for i, (node_id, idx) in enumerate(zip(ids, parts, strict=True)):
-            seed = cfg.seed * 100_003 + i
-            shuffle = torch.Generator().manual_seed(seed)
-            train = peer_loader(dataset, idx, batch_size, shuffle)
-            strategies: dict[str, Any] = {}
-            if cfg.mode == "fedavg":
-                # A fresh local optimizer per participation, as FedAvg clients start from the global model anew.
-                strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": SelectedTargets(node_id, [SERVER_ID]),
-                              "max_peers": 1, "seek": 1, "policies": NodePolicies(fresh_optimizer=True)}
-            elif cfg.mode == "pairwise":
-                strategies = {"topology": SelectedTargets(node_id)}
-            if i in attackers:
-                policies = strategies.get("policies", NodePolicies())
-                strategies["policies"] = dataclasses.replace(policies, tamper=tamper_for(cfg.attack, cfg.seed * 7919 + i))
-            self.nodes.append(self._node(node_id, train, val_loader, seed, **strategies))
-        if cfg.mode == "pairwise":
-            self.edges = self._graph_edges()
-        self.memory["rss_after_build_mb"] = _rss_mb()
-        self.memory["per_peer_kb_build"] = (
-            (self.memory["rss_after_build_mb"] - self.memory["rss_before_build_mb"]) * 1024.0 / cfg.peers
-        )
-        views = [len(n.known_peers) for n in self.nodes]
-        self.memory.update(max_peers=float(cfg.max_peers) if cfg.mode != "fedavg" else 1.0,
-                           known_peers_min=float(min(views)), known_peers_mean=sum(views) / len(views),
-                           known_peers_max=float(max(views)))
+        builder = SwarmBuilder(self.script, self.manifest, self.swarm_id, self.config, self.rounds, self.network,
+                               self.clock)
+        swarm = builder.build(self._rng, self.memory)
+        self.nodes, self.server, self.edges, self.attackers = swarm.nodes, swarm.server, swarm.edges, swarm.attackers
         self.timing["build_s"] = time.perf_counter() - started
-
-    def _graph_edges(self) -> list[tuple[int, int]]:
-        """The undirected graph of the manifest's topology: each node's choice over its known peers, once."""
-        from quinkgl_cli.node.core import build_topology
-
-        index = {n.node_id: i for i, n in enumerate(self.nodes)}
-        edges: set[tuple[int, int]] = set()
-        for i, node in enumerate(self.nodes):
-            topo = build_topology(self.manifest, node.node_id, random.Random(self.config.seed * 1_000_003 + i))
-            for peer in topo.select(sorted(node.known_peers), 1):
-                j = index[peer]
-                edges.add((min(i, j), max(i, j)))
-        if not edges:
-            raise NodeConfigError(f"{self.manifest.topology.name} gives the peers no edge to average over",
-                                  "use more peers or another topology")
-        return sorted(edges)
 
     # ------------------------------------------------------------------------------------------ running
     def _exchange(self, nodes: list[Node], step: int) -> None:
@@ -439,54 +194,23 @@ class Simulator:
 
     def _summarize(self, round_idx: int, phase: str, started: float, reporting: list[Node],
                    metrics: dict[str, dict[str, Any]]) -> RoundSummary:
-        attackers = set(self.attackers)
-        peers: list[PeerRound] = []
-        for node in reporting:
-            m = metrics.get(node.node_id, {})
-            peers.append(PeerRound(
-                peer=node.node_id,
-                val_accuracy=m.get("val_accuracy"),
-                val_loss=m.get("val_loss"),
-                loss=m.get("loss"),
-                samples=int(m.get("samples") or node.sample_count),
-                bytes_sent=int(m.get("bytes_sent", 0)),
-                bytes_received=int(m.get("bytes_received", 0)),
-                updates_sent=int(m.get("updates_sent", 0)),
-                attacker=node.node_id in attackers,
-            ))
-        honest = [p for p in peers if not p.attacker]
-        accs = [p.val_accuracy for p in honest if p.val_accuracy is not None]
-        losses = [p.val_loss for p in honest if p.val_loss is not None]
-        every = self.nodes + ([self.server] if self.server is not None else [])
-        sent = sum(int(metrics.get(n.node_id, {}).get("bytes_sent", 0)) for n in every)
-        sends = sum(int(metrics.get(n.node_id, {}).get("updates_sent", 0)) for n in every)
-        return RoundSummary(
-            round=round_idx, phase=phase,
-            mean_accuracy=_mean(accs), min_accuracy=min(accs) if accs else None, max_accuracy=max(accs) if accs else None,
-            mean_val_loss=_mean(losses), bytes_sent=sent, model_sends=sends,
-            seconds=time.perf_counter() - started, peers=peers,
-        )
+        return summarize(round_idx, phase, started, reporting, self._every(), set(self.attackers), metrics)
+
+    def _every(self) -> list[Node]:
+        return self.nodes + ([self.server] if self.server is not None else [])
 
     def _consensus(self) -> RoundSummary | None:
-        steps = self.manifest.training.final_consensus_steps
-        if self.config.mode != "gossip" or steps == 0:
+        """The manifest's averaging-only exchanges after the last round (`Node.begin_consensus`), gossip mode only."""
+        if self.config.mode != "gossip" or self.manifest.training.final_consensus_steps == 0:
             return None
         started = time.perf_counter()
-        before = {n.node_id: (n.transport.stats.bytes_sent, n.transport.stats.bytes_received, n.transport.stats.models_sent)
-                  for n in self.nodes}
-        first_step = self.manifest.training.gossip_steps
-        for s in range(steps):
-            self._exchange(self.nodes, first_step + s)
+        steps = [node.begin_consensus() for node in self.nodes][0]
+        for step in steps:
+            self._exchange(self.nodes, step)
         metrics: dict[str, dict[str, Any]] = {}
         for node in self.nodes:
-            val_loss, val_acc = node.evaluate()
-            st = node.transport.stats
-            b = before[node.node_id]
-            metrics[node.node_id] = {
-                "val_loss": val_loss, "val_accuracy": val_acc, "samples": node.sample_count,
-                "bytes_sent": st.bytes_sent - b[0], "bytes_received": st.bytes_received - b[1],
-                "updates_sent": st.models_sent - b[2],
-            }
+            node.evaluate()
+            metrics[node.node_id] = node.end_consensus().as_dict()
         return self._summarize(self.rounds, "consensus", started, self.nodes, metrics)
 
     def run(self) -> SimResult:
@@ -510,15 +234,15 @@ class Simulator:
             self.clock.advance(ROUND_SECONDS)
             step()
             metrics: dict[str, dict[str, Any]] = {}
-            every = self.nodes + ([self.server] if self.server is not None else [])
-            for node in every:
+            for node in self._every():
                 if cfg.mode != "fedavg" or node is self.server:
                     node.evaluate()
                 metrics[node.node_id] = node.end_round().as_dict()
             reporting = [self.server] if self.server is not None else self.nodes
             summary = self._summarize(r, "train", round_started, reporting, metrics)
             summaries.append(summary)
-            log.info("sim-round round=%d mean_accuracy=%s min_accuracy=%s", r, summary.mean_accuracy, summary.min_accuracy)
+            emit(log, logging.INFO, "sim-round", mean_accuracy=summary.mean_accuracy, min_accuracy=summary.min_accuracy,
+                 context={"round": r})
             if self.progress is not None:
                 self.progress(summary)
         consensus = self._consensus()
@@ -526,10 +250,10 @@ class Simulator:
             self.progress(consensus)
         self.timing["run_s"] = time.perf_counter() - started
         self.timing["seconds_per_round"] = self.timing["run_s"] / self.rounds
-        self.memory["rss_end_mb"] = _rss_mb()
+        self.memory["rss_end_mb"] = rss_mb()
         self.memory["per_peer_kb"] = (self.memory["rss_end_mb"] - self.memory["rss_before_build_mb"]) * 1024.0 / cfg.peers
-        self.memory["process_peak_rss_mb"] = _peak_rss_mb()
-        for node in self.nodes + ([self.server] if self.server is not None else []):
+        self.memory["process_peak_rss_mb"] = peak_rss_mb()
+        for node in self._every():
             node.transport.stop_sync()  # type: ignore[attr-defined]
         return SimResult(
             config=cfg, manifest=self.manifest, swarm_id=self.swarm_id,

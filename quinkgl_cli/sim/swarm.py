@@ -1,0 +1,170 @@
+"""Building a simulated swarm: the peers' share of one dataset, one real `Node` per peer (wired by
+`quinkgl_cli.node.wiring.build_node`, as the daemon's), joined to the in-memory network one at a time.
+
+The training set behind the script's training loader is split among the peers by label
+(`quinkgl_cli.sim.partition`); the validation loader is shared by all peers so their accuracies compare. Simulator
+modes get what they need injected at build: the FedAvg server (`ServerMean`, the whole training set's weight) and
+clients (`AdoptGlobal`, a fresh optimizer per participation), the pairwise graph's `SelectedTargets`, and the
+attackers' ``tamper`` (`quinkgl_cli.sim.attacks`). Owns nothing after `build` returns the `Swarm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from quinkgl_cli.errors import NodeConfigError
+from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.core import Node, NodeConfig, NodePolicies, build_topology
+from quinkgl_cli.node.script import PeerScript
+from quinkgl_cli.node.wiring import build_node
+from quinkgl_cli.sim.attacks import tamper_for
+from quinkgl_cli.sim.baseline import SERVER_ID, AdoptGlobal, SelectedTargets, ServerMean
+from quinkgl_cli.sim.config import SimConfig
+from quinkgl_cli.sim.data import materialize, peer_loader
+from quinkgl_cli.sim.partition import dataset_labels, parse_scheme, partition_indices
+from quinkgl_cli.sim.results import rss_mb
+from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
+
+
+@dataclass
+class Swarm:
+    nodes: list[Node] = field(default_factory=list)
+    server: Node | None = None  # fedavg mode
+    edges: list[tuple[int, int]] = field(default_factory=list)  # pairwise mode: the graph's edges, as node indices
+    attackers: list[str] = field(default_factory=list)
+
+
+class SwarmBuilder:
+    def __init__(self, script: PeerScript, manifest: Manifest, swarm_id: str, config: SimConfig, rounds: int,
+                 network: MemoryNetwork, clock: Any) -> None:
+        self.script = script
+        self.manifest = manifest
+        self.swarm_id = swarm_id
+        self.config = config
+        self.rounds = rounds
+        self.network = network
+        self.clock = clock
+
+    def shared_data(self) -> tuple[Any, Any, int]:
+        args = dict(self.config.script_args)
+        train_loader, val_loader = self.script.build_loaders(self.manifest, **args)
+        dataset = getattr(train_loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise NodeConfigError(
+                f"the training loader of {self.script.path.name} has no map-style dataset to split among peers",
+                "return a torch DataLoader over a Dataset with __len__ and __getitem__ from build_loaders",
+            )
+        batch_size = getattr(train_loader, "batch_size", None) or 32
+        return dataset, materialize(val_loader) if val_loader is not None else None, int(batch_size)
+
+    def server_manifest(self) -> Manifest:
+        """The FedAvg server's view: it broadcasts the global model as is (no DP noise, no compression), as the
+        tutorial's server does; the clients' uploads keep the swarm's privacy and compression settings."""
+        data = self.manifest.model_dump(mode="python")
+        data["privacy"] = {**data["privacy"], "dp_epsilon": None, "dp_total_epsilon": None}
+        data["compression"] = {}
+        return Manifest.model_validate(data)
+
+    def node(self, node_id: str, train: Any, val: Any, seed: int, manifest: Manifest | None = None,
+              max_peers: int | None = None, seek: int | None = None, **strategies: Any) -> Node:
+        manifest = manifest or self.manifest
+        # Each peer's model initialisation is independent (as on real devices) but reproducible.
+        torch.manual_seed(seed)
+        args = dict(self.config.script_args)
+        model = self.script.build_model(manifest, **args)
+        transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=manifest.model.arch_hash,
+                                    max_peers=max_peers or self.config.max_peers, seek=seek)
+        # noise_seed: the simulator wants reproducible DP noise; a daemon never sets it (its noise must be secret).
+        config = NodeConfig(node_id, rounds=self.rounds, seed=seed, noise_seed=seed)
+        node = build_node(self.script, manifest, self.swarm_id, config, model, train, val, transport, clock=self.clock,
+                          **strategies)
+        transport.start_sync(node)
+        # Its introductions now, not all at the end: queued, every node's hellos and fingerprints would be held
+        # at once (peers * view size of them), a peak the process keeps long after they are delivered.
+        self.network.deliver_all()
+        return node
+
+    def build(self, rng: random.Random, memory: dict[str, float]) -> Swarm:
+        """Every node, joined to the network; ``rng`` draws the attackers (and goes on to drive the rounds);
+        ``memory`` receives the build's memory figures."""
+        cfg = self.config
+        swarm = Swarm()
+        dataset, val_loader, batch_size = self.shared_data()
+        scheme = parse_scheme(cfg.partition)
+        try:
+            labels = dataset_labels(dataset)
+        except (ValueError, TypeError, IndexError) as exc:
+            if scheme.kind != "iid":
+                raise NodeConfigError(
+                    f"--partition {cfg.partition} splits by class label, but {self.script.path.name}'s training data "
+                    f"has none usable ({exc})", "use --partition iid for regression or unlabelled data",
+                ) from exc
+            labels = np.zeros(len(dataset), dtype=np.int64)  # one pseudo-class: iid becomes an even random split
+        parts = partition_indices(labels, cfg.peers, scheme, cfg.seed)
+        # One throwaway model and optimizer first: lazy imports (torch.optim pulls in much of torch) would
+        # otherwise count as the first peer's memory.
+        warm = self.script.build_model(self.manifest, **dict(cfg.script_args))
+        self.script.build_optimizer(self.manifest, warm)
+        del warm
+        memory["rss_before_build_mb"] = rss_mb()
+        width = max(3, len(str(cfg.peers - 1)))
+        ids = [f"peer-{i:0{width}d}" for i in range(cfg.peers)]
+        if cfg.mode == "fedavg":
+            # The star: the server joins first and takes every client; each client, allowed one peer, takes it.
+            # The server holds only the validation set (it evaluates the global model there and never trains).
+            swarm.server = self.node(
+                SERVER_ID, val_loader if val_loader is not None else [], val_loader, cfg.seed * 100_003 + cfg.peers,
+                manifest=self.server_manifest(), max_peers=cfg.peers, seek=cfg.peers,
+                aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
+                # The server trains on nothing; its broadcast carries the whole training set's weight (clients
+                # only check that it is positive, and adopt it).
+                policies=NodePolicies(reported_samples=len(dataset)),
+            )
+        attackers = sorted(rng.sample(range(cfg.peers), cfg.attackers)) if cfg.attackers else []
+        swarm.attackers = [ids[i] for i in attackers]
+        for i, (node_id, idx) in enumerate(zip(ids, parts, strict=True)):
+            seed = cfg.seed * 100_003 + i
+            shuffle = torch.Generator().manual_seed(seed)
+            train = peer_loader(dataset, idx, batch_size, shuffle)
+            strategies: dict[str, Any] = {}
+            if cfg.mode == "fedavg":
+                # A fresh local optimizer per participation, as FedAvg clients start from the global model anew.
+                strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": SelectedTargets(node_id, [SERVER_ID]),
+                              "max_peers": 1, "seek": 1, "policies": NodePolicies(fresh_optimizer=True)}
+            elif cfg.mode == "pairwise":
+                strategies = {"topology": SelectedTargets(node_id)}
+            if i in attackers:
+                policies = strategies.get("policies", NodePolicies())
+                strategies["policies"] = dataclasses.replace(policies, tamper=tamper_for(cfg.attack, cfg.seed * 7919 + i))
+            swarm.nodes.append(self.node(node_id, train, val_loader, seed, **strategies))
+        if cfg.mode == "pairwise":
+            swarm.edges = self.graph_edges(swarm.nodes)
+        memory["rss_after_build_mb"] = rss_mb()
+        memory["per_peer_kb_build"] = (
+            (memory["rss_after_build_mb"] - memory["rss_before_build_mb"]) * 1024.0 / cfg.peers
+        )
+        views = [len(n.known_peers) for n in swarm.nodes]
+        memory.update(max_peers=float(cfg.max_peers) if cfg.mode != "fedavg" else 1.0,
+                           known_peers_min=float(min(views)), known_peers_mean=sum(views) / len(views),
+                           known_peers_max=float(max(views)))
+        return swarm
+
+    def graph_edges(self, nodes: list[Node]) -> list[tuple[int, int]]:
+        """The undirected graph of the manifest's topology: each node's choice over its known peers, once."""
+        index = {n.node_id: i for i, n in enumerate(nodes)}
+        edges: set[tuple[int, int]] = set()
+        for i, node in enumerate(nodes):
+            topo = build_topology(self.manifest, node.node_id, random.Random(self.config.seed * 1_000_003 + i))
+            for peer in topo.select(sorted(node.known_peers), 1):
+                j = index[peer]
+                edges.add((min(i, j), max(i, j)))
+        if not edges:
+            raise NodeConfigError(f"{self.manifest.topology.name} gives the peers no edge to average over",
+                                  "use more peers or another topology")
+        return sorted(edges)
