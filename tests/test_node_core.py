@@ -170,12 +170,13 @@ def test_greedy_sample_count_is_bounded_among_three() -> None:
     node = make_node(net, "me", manifest(), 0)
     node.begin_round()
     d = flatten(node.model).numel()
-    load_flat(node.model, torch.zeros(d))
-    node.on_model(forged(node, "honest", 1, torch.zeros(d), 30))
-    node.on_model(forged(node, "greedy", 1, torch.ones(d), 2**40))
+    # Models one norm apart: within the poison guard's range, so only the weight cap acts.
+    load_flat(node.model, torch.ones(d))
+    node.on_model(forged(node, "honest", 1, torch.ones(d), 30))
+    node.on_model(forged(node, "greedy", 1, torch.full((d,), 2.0), 2**40))
     node.aggregate()
     # max_weight_ratio 2 with 3 updates caps "greedy" at 2/3 of the average, whatever it claims.
-    assert float(flatten(node.model).max()) == pytest.approx(2 / 3, abs=1e-5)
+    assert float(flatten(node.model).max()) == pytest.approx(1 + 2 / 3, abs=1e-5)
 
 
 def test_newest_update_per_sender_wins() -> None:
