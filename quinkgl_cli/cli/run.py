@@ -37,6 +37,15 @@ def _peer_script(script: Path | None, data: str | None) -> Path:
     )
 
 
+def _apply_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    # Eager, so the file's values become the defaults of every flag parsed after it; given flags still win.
+    if value is not None:
+        from quinkgl_cli.cli.config_file import config_defaults, flags_of
+
+        ctx.default_map = {**(ctx.default_map or {}), **config_defaults(value, flags_of(ctx.command.params, run))}
+    return value
+
+
 def run(
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Swarm manifest (.qgl) to join.", metavar="FILE")],
     script: Annotated[
@@ -113,6 +122,27 @@ def run(
     lan_discovery: Annotated[
         bool, typer.Option("--lan-discovery/--no-lan-discovery", help="Discover peers on the local network (off by default).")
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML file of these flags (keys without dashes); flags given here win.",
+                     metavar="FILE", is_eager=True, callback=_apply_config),
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="Serve Prometheus metrics on this TCP port (0: any free one).")
+    ] = None,
+    metrics_listen: Annotated[
+        str, typer.Option("--metrics-listen", help="Address of the metrics endpoint.", metavar="ADDR")
+    ] = "127.0.0.1",
+    metrics_file: Annotated[
+        Path | None, typer.Option("--metrics-file", help="Append each round's metrics to this JSON-lines file.", metavar="FILE")
+    ] = None,
+    log_file: Annotated[
+        Path | None, typer.Option("--log-file", help="Also write the log to this file, rotated by size.", metavar="FILE")
+    ] = None,
+    log_max_bytes: Annotated[
+        int, typer.Option("--log-max-bytes", help="Rotate --log-file when it would grow past this many bytes.")
+    ] = 10_000_000,
+    log_backups: Annotated[int, typer.Option("--log-backups", help="Rotated --log-file copies to keep.")] = 5,
 ) -> None:
     """Join the swarm of a trusted manifest and train with your peer script, gossiping with peers."""
     from quinkgl_cli.node.daemon import DaemonOptions, default_node_id, run_daemon
