@@ -60,7 +60,7 @@ def test_reader_of_stdout_pipe_goes_away_and_comes_back(tmp_path: Path, capsys: 
     fifo = tmp_path / "stdout.fifo"
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    stream = open(fifo, "w", encoding="utf-8")  # noqa: SIM115 - the handler holds it like sys.stdout
+    stream = open(fifo, "w", encoding="utf-8")
     try:
         setup_logging("peer-1", "json", stream=stream)
         emit(log, logging.INFO, "first")

@@ -106,7 +106,7 @@ class MetricsExporter:
         try:
             self._server, self._thread = start_http_server(self.port, addr=self.listen, registry=registry)
         except OSError as exc:
-            raise NetworkError(f"cannot serve metrics on {self.listen}:{self.port}: {exc.strerror}",
+            raise NetworkError(f"--metrics-port {self.port}: cannot listen on {self.listen}:{self.port}: {exc.strerror}",
                                "choose another --metrics-port") from exc
 
     @property

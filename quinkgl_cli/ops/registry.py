@@ -35,13 +35,16 @@ def runtime_dir(state_dir: Path | None = None) -> Path:
 def private_dir(path: Path) -> Path:
     """``path`` as a directory only this user can enter: created 0700, or an existing one of ours narrowed to 0700."""
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except FileExistsError:
+            pass  # something that is not a directory: refused below
         info = path.lstat()
     except OSError as exc:
         raise IOFailure(f"cannot create the status directory {path}: {exc.strerror}",
                         "check the permissions of --state-dir / $XDG_RUNTIME_DIR") from exc
     if not stat.S_ISDIR(info.st_mode):
-        raise IOFailure(f"status directory {path} is not a directory", "remove it or use another --state-dir")
+        raise IOFailure(f"status directory {path} is not a directory (or is a symlink)", "remove it or use another --state-dir")
     if info.st_uid != os.geteuid():
         raise IOFailure(f"status directory {path} belongs to another user", "use your own --state-dir")
     if stat.S_IMODE(info.st_mode) & 0o077:
