@@ -11,7 +11,6 @@ Metrics (all labelled ``node`` and ``swarm``): ``quinkgl_info`` (1, with ``manif
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
@@ -19,7 +18,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from quinkgl_cli.errors import NetworkError, UsageError
+from quinkgl_cli import validation
+from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.ops.snapshot import DaemonSnapshot
 
 DEFAULT_LISTEN = "127.0.0.1"
@@ -80,22 +80,12 @@ class SnapshotCollector:
         yield from gauge("quinkgl_start_time_seconds", "When this process started (unix time).", s.started_at)
 
 
-def check_listen(listen: str) -> str:
-    try:
-        ipaddress.IPv4Address(listen)
-    except ValueError as exc:
-        raise UsageError(f"--metrics-listen {listen!r} is not an IPv4 address", "e.g. --metrics-listen 127.0.0.1") from exc
-    return listen
-
-
 class MetricsExporter:
     """Serves ``/metrics`` on ``listen:port`` (port 0: any free one; `address` says which) until `close`."""
 
     def __init__(self, port: int, listen: str = DEFAULT_LISTEN) -> None:
-        if not 0 <= port < 65536:
-            raise UsageError(f"--metrics-port {port} is outside 0-65535")
-        self.listen = check_listen(listen)
-        self.port = port
+        self.listen = validation.listen_address(listen, "--metrics-listen")
+        self.port = validation.listen_port(port, "--metrics-port")
         self.collector = SnapshotCollector()
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
