@@ -56,7 +56,8 @@ def render(replies: list[Reply], now: float) -> str:
         agg = s.last_aggregation
         rows.append((
             s.node_id, s.state, f"{s.round}/{s.rounds}" if s.rounds is not None else str(s.round), str(len(s.peers)),
-            f"round {agg.round}, {_ago(now - agg.at)}" if agg else "none yet", _num(s.val_accuracy),
+            (f"round {agg.round}, {_ago(now - agg.at) if agg.at is not None else 'before restart'}" if agg
+             else "none yet"), _num(s.val_accuracy),
             _bytes(s.bytes_sent), _bytes(s.bytes_received), _num(s.dp_epsilon_spent), s.listen,
         ))
         details[len(rows) - 1] = [
