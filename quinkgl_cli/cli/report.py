@@ -13,7 +13,7 @@ from quinkgl_cli.errors import IOFailure
 
 
 def report(
-    metrics: Annotated[list[Path], typer.Argument(help="Metrics files written by `quinkgl run --metrics-file`.", metavar="METRICS...")],
+    metrics: Annotated[list[Path], typer.Argument(help="Metrics files written by `quinkgl run --metrics-file`.", metavar="METRICS", show_default=False)],
     plot: Annotated[Path | None, typer.Option("--plot", help="Draw accuracy, loss, peers and bytes per round (PNG).", metavar="FILE")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the per-node summary as JSON.")] = False,
 ) -> None:

@@ -128,7 +128,7 @@ def run(
                      metavar="FILE", is_eager=True, callback=_apply_config),
     ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option("--metrics-port", help="Serve Prometheus metrics on this TCP port (0: any free one).")
+        int | None, typer.Option("--metrics-port", metavar="PORT", help="Serve Prometheus metrics on this TCP port (0: any free one).")
     ] = None,
     metrics_listen: Annotated[
         str, typer.Option("--metrics-listen", help="Address of the metrics endpoint.", metavar="ADDR")
@@ -140,9 +140,9 @@ def run(
         Path | None, typer.Option("--log-file", help="Also write the log to this file, rotated by size.", metavar="FILE")
     ] = None,
     log_max_bytes: Annotated[
-        int, typer.Option("--log-max-bytes", help="Rotate --log-file when it would grow past this many bytes.")
+        int, typer.Option("--log-max-bytes", metavar="BYTES", help="Rotate --log-file when it would grow past this many bytes.")
     ] = 10_000_000,
-    log_backups: Annotated[int, typer.Option("--log-backups", help="Rotated --log-file copies to keep.")] = 5,
+    log_backups: Annotated[int, typer.Option("--log-backups", metavar="N", help="Rotated --log-file copies to keep.")] = 5,
 ) -> None:
     """Join the swarm of a trusted manifest and train with your peer script, gossiping with peers."""
     from quinkgl_cli.node.daemon import DaemonOptions, default_node_id, run_daemon

@@ -74,11 +74,11 @@ def render(replies: list[Reply], now: float) -> str:
 
 
 def status(
-    nodes: Annotated[list[str] | None, typer.Argument(help="Only these node ids (default: all).", metavar="[NODE]...")] = None,
+    nodes: Annotated[list[str] | None, typer.Argument(help="Only these node ids (default: all).", metavar="NODE", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON array of the daemons' states.")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh every --interval seconds until interrupted.")] = False,
-    interval: Annotated[float, typer.Option("--interval", help="Seconds between refreshes with --watch.")] = 2.0,
-    count: Annotated[int | None, typer.Option("--count", help="With --watch: stop after this many refreshes.")] = None,
+    interval: Annotated[float, typer.Option("--interval", metavar="SECONDS", help="Seconds between refreshes with --watch.")] = 2.0,
+    count: Annotated[int | None, typer.Option("--count", metavar="N", help="With --watch: stop after this many refreshes.")] = None,
     state_dir: Annotated[
         Path | None, typer.Option("--state-dir", help="The --state-dir the daemons run with (default: $QUINKGL_HOME).", metavar="DIR")
     ] = None,
