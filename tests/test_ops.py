@@ -271,9 +271,9 @@ def test_a_failing_output_is_reported_and_the_others_still_update(caplog: pytest
 
 def test_open_observer_closes_what_it_started_when_a_later_output_fails(short_dir: Path) -> None:
     with pytest.raises(IOFailure, match="--metrics-file"):
-        open_observer(OpsSettings(state_dir=short_dir, metrics_file=short_dir / "no" / "m.jsonl"))
+        open_observer(OpsSettings(metrics_file=short_dir / "no" / "m.jsonl"), short_dir)
     assert registry.sockets(short_dir / "run") == []
-    observer = open_observer(OpsSettings(state_dir=short_dir, metrics_port=0, metrics_file=short_dir / "m.jsonl"))
+    observer = open_observer(OpsSettings(metrics_port=0, metrics_file=short_dir / "m.jsonl"), short_dir)
     try:
         observer.update(snap(1))
         assert [r.snapshot for r in query(short_dir / "run")] == [snap(1)]

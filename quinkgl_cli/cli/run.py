@@ -146,6 +146,7 @@ def run(
 ) -> None:
     """Join the swarm of a trusted manifest and train with your peer script, gossiping with peers."""
     from quinkgl_cli.node.daemon import DaemonOptions, default_node_id, run_daemon
+    from quinkgl_cli.ops.observer import OpsSettings
 
     peer_script = _peer_script(script, data)
     args = parse_kv(script_arg, "--script-arg")
@@ -167,6 +168,11 @@ def run(
         raise UsageError("--min-peers and --min-peers-timeout must not be negative")
     if log_format not in ("text", "json"):
         raise UsageError(f"--log-format {log_format!r} is not text or json")
+    if metrics_port is not None:
+        validation.listen_port(metrics_port, "--metrics-port")
+    metrics_listen = validation.listen_address(metrics_listen, "--metrics-listen")
+    if log_max_bytes < 1 or log_backups < 0:
+        raise UsageError("--log-max-bytes must be at least 1 and --log-backups not negative")
     keys = list(trusted_pubkey or [])
     policy = trust_policy if trust_policy is not None else ("pinned" if keys else "tofu")
     options = DaemonOptions.from_flags(
@@ -198,6 +204,10 @@ def run(
         min_peers=min_peers,
         min_peers_timeout=min_peers_timeout,
         transport_options={"enable_public_bootstrap": public_bootstrap, "enable_lan_discovery": lan_discovery},
+        log_file=log_file,
+        log_max_bytes=log_max_bytes,
+        log_backups=log_backups,
+        ops=OpsSettings(metrics_port=metrics_port, metrics_listen=metrics_listen, metrics_file=metrics_file),
     )
     code = run_daemon(options)
     if code:

@@ -26,7 +26,6 @@ log = logging.getLogger("quinkgl.ops")
 
 @dataclass(frozen=True)
 class OpsSettings:
-    state_dir: Path | None = None  # where the status socket's directory is (`registry.runtime_dir`)
     metrics_port: int | None = None  # None: no Prometheus endpoint
     metrics_listen: str = DEFAULT_LISTEN
     metrics_file: Path | None = None
@@ -57,9 +56,10 @@ class OpsObserver:
             output.close()
 
 
-def open_observer(settings: OpsSettings) -> OpsObserver:
-    """Start the status socket and the outputs ``settings`` ask for; on a failure, close what was started."""
-    outputs: dict[str, _Output] = {"status": StatusServer(runtime_dir(settings.state_dir))}
+def open_observer(settings: OpsSettings, state_dir: Path | None = None) -> OpsObserver:
+    """Start the status socket (in `registry.runtime_dir` of ``state_dir``) and the outputs ``settings`` ask for;
+    on a failure, close what was started."""
+    outputs: dict[str, _Output] = {"status": StatusServer(runtime_dir(state_dir))}
     exporter = None
     if settings.metrics_port is not None:
         exporter = outputs["metrics-endpoint"] = MetricsExporter(settings.metrics_port, settings.metrics_listen)
