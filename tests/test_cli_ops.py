@@ -53,8 +53,12 @@ def test_status_without_daemons(state_dir: Path, capsys: pytest.CaptureFixture[s
 def test_status_table_json_and_watch(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     server = StatusServer(state_dir / "run")
     server.start()
-    server.update(snap(4, dp_epsilon_spent=0.25))
     try:
+        code, out, _ = run_cli(["status", "--state-dir", str(state_dir)], capsys)
+        assert out.splitlines()[1].split()[1:] == ["starting"]  # no snapshot yet
+        code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "--json"], capsys)
+        assert json.loads(out) == [{"socket": str(server.path), "error": "starting"}]
+        server.update(snap(4, dp_epsilon_spent=0.25))
         code, out, _ = run_cli(["status", "--state-dir", str(state_dir)], capsys)
         assert code == 0
         header, row, peer = out.splitlines()

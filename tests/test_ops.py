@@ -98,6 +98,8 @@ def test_status_server_answers_with_latest_snapshot_owner_only(short_dir: Path) 
     try:
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
         assert stat.S_IMODE(server.path.stat().st_mode) == 0o600
+        (starting,) = query(directory)  # no snapshot yet: the daemon is still starting
+        assert (starting.snapshot, starting.error) == (None, "starting")
         server.update(snap(3))
         server.update(snap(4))
         replies = query(directory)
@@ -113,6 +115,7 @@ def test_dead_daemon_socket_is_skipped_then_removed(short_dir: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(os.fspath(dead))  # bound, never listening, closed: what a kill -9 leaves
     assert ask(dead) is None and query(directory) == []
+
     server = StatusServer(directory)
     server.start()
     try:

@@ -77,7 +77,8 @@ def test_status_metrics_and_json_logs_of_running_daemons(tmp_path: Path, state_d
 
         def both_running() -> list[dict[str, Any]] | None:
             found = _status(state_dir)
-            ok = len(found) == 2 and all(s["round"] >= 2 and len(s["peers"]) == 1 for s in found)
+            assert all(s.get("error") in (None, "starting") for s in found), found
+            ok = len(found) == 2 and all(s.get("round", 0) >= 2 and len(s["peers"]) == 1 for s in found)
             return found if ok else None
 
         seen = {s["node_id"]: s for s in wait_for(both_running, 240, "both daemons past round 2 in `quinkgl status`")}

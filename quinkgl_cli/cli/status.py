@@ -50,7 +50,8 @@ def render(replies: list[Reply], now: float) -> str:
     for reply in replies:
         s = reply.snapshot
         if s is None:
-            rows.append((reply.socket.name, "no answer", reply.error or "", "", "", "", "", "", "", ""))
+            state, note = ("starting", "") if reply.error == "starting" else ("no answer", reply.error or "")
+            rows.append((reply.socket.name, state, note, "", "", "", "", "", "", ""))
             continue
         age = now - s.updated_at
         agg = s.last_aggregation
@@ -98,7 +99,7 @@ def status(
         replies = [r for r in query(directory)
                    if not wanted or (r.snapshot is not None and r.snapshot.node_id in wanted)]
         if as_json:
-            docs = [r.snapshot.to_json() if r.snapshot else {"socket": str(r.socket), "error": r.error} for r in replies]
+            docs = [r.to_json() for r in replies]
             typer.echo(json.dumps(docs, separators=(",", ":")) if watch else json.dumps(docs, indent=2))
         else:
             if watch and sys.stdout.isatty():

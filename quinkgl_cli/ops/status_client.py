@@ -11,6 +11,7 @@ from pathlib import Path
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.ops import registry
 from quinkgl_cli.ops.snapshot import DaemonSnapshot, from_json
+from quinkgl_cli.ops.status_server import STARTING
 
 READ_TIMEOUT_S = 2.0
 MAX_REPLY_BYTES = 4 << 20  # a snapshot is a few kB; anything near this is not a quinkgl daemon
@@ -18,15 +19,18 @@ MAX_REPLY_BYTES = 4 << 20  # a snapshot is a few kB; anything near this is not a
 
 @dataclass(frozen=True)
 class Reply:
-    """One registered daemon: its snapshot, or why it gave none."""
+    """One registered daemon: its snapshot, or why it gave none (``starting``: it has none yet)."""
 
     socket: Path
     snapshot: DaemonSnapshot | None
     error: str | None = None
 
+    def to_json(self) -> dict[str, object]:
+        return self.snapshot.to_json() if self.snapshot is not None else {"socket": str(self.socket), "error": self.error}
 
-def ask(path: Path, timeout: float = READ_TIMEOUT_S) -> DaemonSnapshot | None:
-    """The snapshot of the daemon behind ``path``; None when nobody listens there (a dead daemon's socket)."""
+
+def ask(path: Path, timeout: float = READ_TIMEOUT_S) -> Reply | None:
+    """What the daemon behind ``path`` says; None when nobody listens there (a dead daemon's socket)."""
     chunks: list[bytes] = []
     size = 0
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
@@ -44,7 +48,9 @@ def ask(path: Path, timeout: float = READ_TIMEOUT_S) -> DaemonSnapshot | None:
         data = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, ValueError) as exc:
         raise UsageError(f"{path} did not answer with JSON") from exc
-    return from_json(data)
+    if isinstance(data, dict) and data.get("state") == STARTING and set(data) == {"state", "pid"}:
+        return Reply(path, None, STARTING)
+    return Reply(path, from_json(data))
 
 
 def query(directory: Path, timeout: float = READ_TIMEOUT_S) -> list[Reply]:
@@ -52,11 +58,10 @@ def query(directory: Path, timeout: float = READ_TIMEOUT_S) -> list[Reply]:
     replies = []
     for path in registry.sockets(directory):
         try:
-            snapshot = ask(path, timeout)
+            reply = ask(path, timeout)
         except (OSError, UsageError) as exc:
             reason = exc.one_line() if isinstance(exc, UsageError) else (exc.strerror or type(exc).__name__)
-            replies.append(Reply(path, None, reason))
-            continue
-        if snapshot is not None:
-            replies.append(Reply(path, snapshot))
+            reply = Reply(path, None, reason)
+        if reply is not None:
+            replies.append(reply)
     return replies

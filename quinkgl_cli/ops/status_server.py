@@ -1,6 +1,8 @@
 """The daemon's end of `quinkgl status`: a Unix socket that answers each connection with the latest snapshot.
 
-Protocol: the client connects; the server writes the snapshot as one JSON line and closes. Only this user (and
+Protocol: the client connects; the server writes the snapshot as one JSON line and closes. Before the daemon's
+first snapshot (it is still starting: trusting the manifest, building the model) the line is
+``{"state": "starting", "pid": N}`` (`STARTING`). Only this user (and
 root) can connect: the socket is mode 0600 in a 0700 directory (`registry`), and the peer's credentials
 (SO_PEERCRED) are checked as well, so a socket reached through some other path still answers nobody else.
 The server runs in its own thread; the daemon only swaps in new snapshots.
@@ -25,6 +27,7 @@ from quinkgl_cli.ops.snapshot import DaemonSnapshot
 log = logging.getLogger("quinkgl.ops.status")
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 SEND_TIMEOUT_S = 2.0
+STARTING = "starting"
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -58,7 +61,7 @@ class StatusServer:
         self.directory = directory
         self.path = registry.socket_path(directory)
         self._lock = threading.Lock()
-        self._payload = b"{}\n"
+        self._payload = (json.dumps({"state": STARTING, "pid": os.getpid()}) + "\n").encode()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
