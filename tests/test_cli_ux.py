@@ -100,7 +100,7 @@ def test_shell_completion(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captur
     monkeypatch.setenv("COMP_CWORD", "2")
     with pytest.raises(SystemExit):
         main([])
-    assert capsys.readouterr().out.split() == ["--log-format", "--log-level"]
+    assert capsys.readouterr().out.split() == ["--log-format", "--log-level", "--log-file", "--log-max-bytes", "--log-backups"]
 
 
 def test_version_names_the_guide_it_implements(capsys: pytest.CaptureFixture[str]) -> None:

@@ -129,7 +129,9 @@ def _checkpoint_digest(script: Path, tensors: dict) -> str:
 
 
 def _digests(path: Path) -> dict[int, str]:
-    found = re.findall(r"^state-digest round=(\d+) sha=([0-9a-f]{64})$", path.read_text(errors="replace"), re.M)
+    # With --log-format json the script's prints arrive as script-output events.
+    printed = "\n".join(e["text"] for e in _json_events(path, "script-output"))
+    found = re.findall(r"^state-digest round=(\d+) sha=([0-9a-f]{64})$", printed, re.M)
     return {int(r): sha for r, sha in found}
 
 

@@ -37,6 +37,15 @@ def _peer_script(script: Path | None, data: str | None) -> Path:
     )
 
 
+def _apply_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    # Eager, so the file's values become the defaults of every flag parsed after it; given flags still win.
+    if value is not None:
+        from quinkgl_cli.cli.config_file import config_defaults, flags_of
+
+        ctx.default_map = {**(ctx.default_map or {}), **config_defaults(value, flags_of(ctx.command.params, run))}
+    return value
+
+
 def run(
     manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Swarm manifest (.qgl) to join.", metavar="FILE")],
     script: Annotated[
@@ -113,9 +122,31 @@ def run(
     lan_discovery: Annotated[
         bool, typer.Option("--lan-discovery/--no-lan-discovery", help="Discover peers on the local network (off by default).")
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML file of these flags (keys without dashes); flags given here win.",
+                     metavar="FILE", is_eager=True, callback=_apply_config),
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", metavar="PORT", help="Serve Prometheus metrics on this TCP port (0: any free one).")
+    ] = None,
+    metrics_listen: Annotated[
+        str, typer.Option("--metrics-listen", help="Address of the metrics endpoint.", metavar="ADDR")
+    ] = "127.0.0.1",
+    metrics_file: Annotated[
+        Path | None, typer.Option("--metrics-file", help="Append each round's metrics to this JSON-lines file.", metavar="FILE")
+    ] = None,
+    log_file: Annotated[
+        Path | None, typer.Option("--log-file", help="Also write the log to this file, rotated by size.", metavar="FILE")
+    ] = None,
+    log_max_bytes: Annotated[
+        int, typer.Option("--log-max-bytes", metavar="BYTES", help="Rotate --log-file when it would grow past this many bytes.")
+    ] = 10_000_000,
+    log_backups: Annotated[int, typer.Option("--log-backups", metavar="N", help="Rotated --log-file copies to keep.")] = 5,
 ) -> None:
     """Join the swarm of a trusted manifest and train with your peer script, gossiping with peers."""
     from quinkgl_cli.node.daemon import DaemonOptions, default_node_id, run_daemon
+    from quinkgl_cli.ops.observer import OpsSettings
 
     peer_script = _peer_script(script, data)
     args = parse_kv(script_arg, "--script-arg")
@@ -137,6 +168,11 @@ def run(
         raise UsageError("--min-peers and --min-peers-timeout must not be negative")
     if log_format not in ("text", "json"):
         raise UsageError(f"--log-format {log_format!r} is not text or json")
+    if metrics_port is not None:
+        validation.listen_port(metrics_port, "--metrics-port")
+    metrics_listen = validation.listen_address(metrics_listen, "--metrics-listen")
+    if log_max_bytes < 1 or log_backups < 0:
+        raise UsageError("--log-max-bytes must be at least 1 and --log-backups not negative")
     keys = list(trusted_pubkey or [])
     policy = trust_policy if trust_policy is not None else ("pinned" if keys else "tofu")
     options = DaemonOptions.from_flags(
@@ -168,6 +204,10 @@ def run(
         min_peers=min_peers,
         min_peers_timeout=min_peers_timeout,
         transport_options={"enable_public_bootstrap": public_bootstrap, "enable_lan_discovery": lan_discovery},
+        log_file=log_file,
+        log_max_bytes=log_max_bytes,
+        log_backups=log_backups,
+        ops=OpsSettings(metrics_port=metrics_port, metrics_listen=metrics_listen, metrics_file=metrics_file),
     )
     code = run_daemon(options)
     if code:

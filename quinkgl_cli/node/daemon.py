@@ -32,15 +32,18 @@ from typing import Any
 from quinkgl_cli.errors import ExitCode, NodeConfigError, QuinkglError, TrustError, UsageError
 from quinkgl_cli.events import emit
 from quinkgl_cli.manifest.trust import check_expiry
-from quinkgl_cli.node.core import NodeConfig, NodeState
+from quinkgl_cli.node.core import NodeConfig, NodeState, RoundMetrics
 from quinkgl_cli.node.logs import LogContext, setup_logging
 from quinkgl_cli.node.nodelog import one_line
+from quinkgl_cli.node.observed import SnapshotMaker
 from quinkgl_cli.node.options import DaemonOptions, default_node_id
 from quinkgl_cli.node.persistence import RunFiles
 from quinkgl_cli.node.process import process_started_at, tune_allocator
 from quinkgl_cli.node.runloop import RoundLoop, Waiter
 from quinkgl_cli.node.startup import Prepared, make_ipv8_transport, node_seed, prepare
 from quinkgl_cli.node.wiring import build_node
+from quinkgl_cli.ops.observer import open_observer
+from quinkgl_cli.ops.snapshot import Observer
 
 log = logging.getLogger("quinkgl.daemon")
 
@@ -53,7 +56,8 @@ STOP_GRACE_S = 5.0
 class Daemon:
     """One running peer: the node, its transport, the round loop and the files it writes."""
 
-    def __init__(self, prepared: Prepared, context: LogContext, transport_factory: Callable[[Prepared], Any]) -> None:
+    def __init__(self, prepared: Prepared, context: LogContext, transport_factory: Callable[[Prepared], Any],
+                 observer: Observer | None = None) -> None:
         o = prepared.options
         self.prepared = prepared
         self.options = o
@@ -76,12 +80,23 @@ class Daemon:
         self.utc_now: Callable[[], datetime] = lambda: datetime.now(UTC)
         self.expired: TrustError | None = None  # set when the manifest expired during the run
         self.loop = RoundLoop(self.node, schedule, self.waiter, context, bootstrap, self.started_at,
-                              self.files.after_round, may_continue=self._manifest_valid)
+                              self._after_round, may_continue=self._manifest_valid)
+        self.observer = observer  # told the state at start, after each round, on a stop request and at the end
+        self.observed: SnapshotMaker | None = None  # once the transport listens
+
+    def _publish(self, state: str) -> None:
+        if self.observer is not None and self.observed is not None:
+            self.observer.update(self.observed(state))
+
+    async def _after_round(self, metrics: RoundMetrics) -> None:
+        await self.files.after_round(metrics)
+        self._publish("running")
 
     def _request_stop(self, signame: str) -> None:
         if self.stop_signal is None:
             self.stop_signal = signame
             emit(log, logging.INFO, "stopping", signal=signame)
+            self._publish("stopping")
         self.waiter.stop_event.set()
         self.train_stop.set()
 
@@ -125,9 +140,11 @@ class Daemon:
         await self.transport.start(node)
         address = getattr(self.transport, "address", None)
         manifest = self.prepared.trusted.manifest
+        listen = f"{address[0]}:{address[1]}" if address else f"{o.network.listen}:{o.network.port}"
+        self.observed = SnapshotMaker(node, self.transport, manifest.name, listen)
+        self._publish("running")
         # The node id is the line's own ``node`` (a reserved member), not a field of its own.
-        emit(log, logging.INFO, "started", swarm=self.prepared.trusted.swarm_id,
-             listen=f"{address[0]}:{address[1]}" if address else f"{o.network.listen}:{o.network.port}",
+        emit(log, logging.INFO, "started", swarm=self.prepared.trusted.swarm_id, listen=listen,
              rounds=node.rounds if node.rounds is not None else "unlimited",
              interval=f"{o.schedule.gossip_interval:g}", strategy=manifest.aggregation.name,
              topology=manifest.topology.name)
@@ -150,6 +167,7 @@ class Daemon:
                  checkpoint=self.files.newest_checkpoint())
             return int(ExitCode.INTERRUPTED)
         await self.files.finish(self.loop.final_eval, self.started_at)
+        self._publish("finished")
         return int(ExitCode.OK)
 
     async def _stop_transport(self) -> None:
@@ -165,14 +183,17 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
     level = getattr(logging, options.log_level.upper(), None)
     if not isinstance(level, int):
         raise UsageError(f"--log-level {options.log_level!r} is not one of debug, info, warning, error")
-    context = setup_logging(options.node_id, options.log_format, level)
+    context = setup_logging(options.node_id, options.log_format, level, log_file=options.log_file,
+                            log_max_bytes=options.log_max_bytes, log_backups=options.log_backups)
     prepared = prepare(options)
     if options.dry_run:
         _dry_run(prepared)
         return int(ExitCode.OK)
     daemon: Daemon | None = None
+    observer: Observer | None = None
     try:
-        daemon = Daemon(prepared, context, transport_factory or make_ipv8_transport)
+        observer = open_observer(options.ops, options.state_dir)
+        daemon = Daemon(prepared, context, transport_factory or make_ipv8_transport, observer)
         return asyncio.run(daemon.run())
     except QuinkglError:
         if daemon is None or daemon.loop.first_round_at is None:
@@ -181,6 +202,9 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
     except Exception as exc:
         emit(log, logging.CRITICAL, "loop-died", error=one_line(exc), exc_info=exc)
         return int(ExitCode.NODE)
+    finally:
+        if observer is not None:
+            observer.close()
 
 
 def _dry_run(prepared: Prepared) -> None:

@@ -21,22 +21,41 @@ line per completed round with that round's numbers.
 strings they quote).
 
 Every ``quinkgl.*`` logger (node, transport, strategies) and the root logger go through here; ``ipv8``'s own loggers
-are held at WARNING so routine packet noise stays out. Output of ``print`` in user hooks is not touched.
+are held at WARNING so routine packet noise stays out.
+
+What the peer script prints to ``sys.stdout`` goes through here too (`ScriptOutput`), a line at a time: in text it
+appears unchanged, in JSON it becomes a ``script-output`` event (``text`` member), so every stdout line of
+``--log-format json`` is JSON. Whatever ``--log-level``, it is shown, as it always was.
+
+Lines are written with one ``write`` each. When stdout is a pipe whose reader went away (``| tee`` killed), lines
+are dropped instead of raising, with no traceback; once a reader is back (a named pipe reopened), the first line
+written says how many were lost (``log-lines-dropped``). ``--log-file`` writes the same lines to a file as well,
+rotated when it would pass ``--log-max-bytes`` (``--log-backups`` old copies: ``FILE.1`` newest).
 """
 
 from __future__ import annotations
 
 import ast
+import errno
+import io
 import json
 import logging
+import logging.handlers
 import math
+import os
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
-from quinkgl_cli.events import EVENT_ATTR, FIELDS_ATTR
+from quinkgl_cli.errors import IOFailure
+from quinkgl_cli.events import EVENT_ATTR, FIELDS_ATTR, EventMessage, Value, emit
+
+SCRIPT_OUTPUT = "script-output"
+script_log = logging.getLogger("quinkgl.script")
 
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
 # One token: ``key=value`` where value is a quoted string literal or runs to the next space, or a bare word.
@@ -128,6 +147,8 @@ class TextFormatter(logging.Formatter):
         self.context = context
 
     def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, EVENT_ATTR, None) == SCRIPT_OUTPUT:
+            return str(getattr(record, FIELDS_ATTR)["text"])  # the script's own line, as it printed it
         node = getattr(record, "node", None) or self.context.node_id
         round_ = getattr(record, "round", None)
         if round_ is None:
@@ -166,41 +187,154 @@ class JsonFormatter(TextFormatter):
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def _broken_pipe(exc: OSError) -> bool:
+    return isinstance(exc, BrokenPipeError) or exc.errno == errno.EPIPE
+
+
 class FlushingHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes each record as one ``write`` call (line + newline) and flushes at once."""
+    """Writes each record as one ``write`` call (line + newline) and flushes at once.
+
+    Where the stream has a file descriptor, lines go straight to it (no buffer that a failed write would leave
+    half-full). A write to a pipe nobody reads drops the line and counts it (`dropped`); the next line that gets
+    through is preceded by a ``log-lines-dropped`` line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.dropped = 0
+        try:
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+            self._fd = None
+        if self._fd is not None:
+            stream.flush()  # what was buffered before comes first
+
+    def _write(self, text: str) -> bool:
+        if self._fd is None:
+            self.stream.write(text)
+            self.stream.flush()
+            return True
+        data = memoryview(text.encode("utf-8", "backslashreplace"))
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as exc:
+            if not _broken_pipe(exc):
+                raise
+            return False
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + "\n"
-            with_lock = self.lock
-            if with_lock is not None:
-                with_lock.acquire()
-            try:
-                self.stream.write(line)
-                self.stream.flush()
-            finally:
-                if with_lock is not None:
-                    with_lock.release()
+            with self.lock:  # type: ignore[union-attr]
+                try:
+                    if self.dropped and self._write(self._dropped_line(record)):
+                        self.dropped = 0
+                    if not self._write(line):
+                        self.dropped += 1
+                except BrokenPipeError:  # a stream without descriptor whose reader is gone
+                    self.dropped += 1
         except Exception:
             self.handleError(record)
 
+    def _dropped_line(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Value] = {"count": self.dropped, "reason": "broken_pipe"}
+        note = logging.LogRecord("quinkgl.logs", logging.WARNING, record.pathname, record.lineno,
+                                 "%s", (EventMessage("log-lines-dropped", dict(fields)),), None)
+        note.__dict__.update({EVENT_ATTR: "log-lines-dropped", FIELDS_ATTR: fields})
+        return self.format(note) + "\n"
 
-def setup_logging(node_id: str, fmt: str = "text", level: int = logging.INFO, stream: TextIO | None = None) -> LogContext:
-    """Route every logger into one stdout handler in the chosen format; returns the context the daemon updates."""
-    out = stream or sys.stdout
-    if out is sys.stdout and hasattr(sys.stdout, "reconfigure"):
-        # Hook prints without flush=True must not lag behind our lines when stdout is a pipe (`| tee`).
-        sys.stdout.reconfigure(line_buffering=True)
+
+class RotatingLogFile(logging.handlers.RotatingFileHandler):
+    """``--log-file``: the same lines in a file, rotated by size."""
+
+
+class ScriptOutput(io.TextIOBase):
+    """Stands in for ``sys.stdout``: each line printed becomes a ``script-output`` record (see the module doc).
+
+    A line is emitted once its newline arrives; an unfinished one at `close`. Output produced while that record
+    is being handled (a handler that itself writes to ``sys.stdout``) goes to the real stream, never back here."""
+
+    def __init__(self, target: TextIO) -> None:
+        super().__init__()
+        self.target = target
+        self._pending = ""
+        self._lock = threading.RLock()
+        self._busy = threading.local()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if getattr(self._busy, "on", False):
+            return self.target.write(text)
+        with self._lock:
+            lines = (self._pending + text).split("\n")
+            self._pending = lines.pop()
+            for line in lines:
+                self._emit(line)
+        return len(text)
+
+    def _emit(self, line: str) -> None:
+        self._busy.on = True
+        try:
+            emit(script_log, logging.INFO, SCRIPT_OUTPUT, text=line)
+        finally:
+            self._busy.on = False
+
+    def flush(self) -> None:
+        pass  # each line is written as it completes
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._emit(self._pending)
+                self._pending = ""
+        super().close()
+
+    def fileno(self) -> int:
+        return self.target.fileno()
+
+    def isatty(self) -> bool:
+        return False
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self.target, "encoding", None) or "utf-8"
+
+
+def setup_logging(node_id: str, fmt: str = "text", level: int = logging.INFO, stream: TextIO | None = None,
+                  log_file: Path | None = None, log_max_bytes: int = 10_000_000, log_backups: int = 5) -> LogContext:
+    """Route every logger into one stdout handler (and ``log_file``) in the chosen format; returns the context the
+    daemon updates. Without an explicit ``stream``, the script's ``print`` output is captured (`ScriptOutput`)."""
+    if stream is None:
+        current = sys.stdout
+        out = current.target if isinstance(current, ScriptOutput) else current
+        sys.stdout = ScriptOutput(out)
+    else:
+        out = stream
     context = LogContext(node_id)
-    handler = FlushingHandler(out)
-    handler.setFormatter(JsonFormatter(context) if fmt == "json" else TextFormatter(context))
+    formatter = JsonFormatter(context) if fmt == "json" else TextFormatter(context)
+    handlers: list[logging.Handler] = [FlushingHandler(out)]
+    if log_file is not None:
+        try:
+            file_handler = RotatingLogFile(log_file, maxBytes=log_max_bytes, backupCount=log_backups, encoding="utf-8")
+        except OSError as exc:
+            raise IOFailure(f"cannot open --log-file {log_file}: {exc.strerror}",
+                            "check that its directory exists and is writable") from exc
+        handlers.append(file_handler)
     root = logging.getLogger()
     for old in list(root.handlers):
-        if isinstance(old, FlushingHandler):  # a previous daemon's in this process; others (embedders, pytest) stay
+        if isinstance(old, (FlushingHandler, RotatingLogFile)):  # a previous daemon's in this process; others stay
             root.removeHandler(old)
-    root.addHandler(handler)  # present before IPv8 starts, so its logging.basicConfig adds nothing
+            if isinstance(old, RotatingLogFile):
+                old.close()
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)  # present before IPv8 starts, so its logging.basicConfig adds nothing
     root.setLevel(logging.WARNING)
     logging.getLogger("quinkgl").setLevel(level)
+    script_log.setLevel(logging.INFO)  # the script's prints show at any --log-level, as they always did
     logging.getLogger("ipv8").setLevel(logging.WARNING)
     logging.captureWarnings(True)
     return context

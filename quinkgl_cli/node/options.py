@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quinkgl_cli.ops.observer import OpsSettings
+
 DEFAULT_GOSSIP_INTERVAL = 10.0
 
 
@@ -69,6 +71,10 @@ class DaemonOptions:
     state_dir: Path | None = None
     seed: int | None = None
     torch_threads: int | None = None
+    log_file: Path | None = None
+    log_max_bytes: int = 10_000_000
+    log_backups: int = 5
+    ops: OpsSettings = field(default_factory=OpsSettings)  # metrics endpoint and file; the status socket is always on
 
     @classmethod
     def from_flags(cls, **flags: Any) -> DaemonOptions:

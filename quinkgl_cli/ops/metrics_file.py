@@ -1,0 +1,100 @@
+"""The JSON-lines metrics file (`--metrics-file`): one object per completed round, appended as the run goes.
+
+Each line: ``ts`` (UTC, ISO 8601), ``node``, ``swarm``, ``round``, then that round's metrics as the daemon's
+``round-end`` and ``on_round_end`` know them (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``peers``,
+``bytes_sent``, ...; NaN written as ``"nan"``). A restarted daemon appends to the same file from the round it
+resumes at, so one file holds a whole run. Each line is one ``write`` on a file opened for appending, so a
+killed daemon leaves at most its last line incomplete; `read_metrics` refuses anything else that is not a line
+of this shape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quinkgl_cli.errors import IOFailure, UsageError
+from quinkgl_cli.ops.snapshot import DaemonSnapshot, json_safe
+
+
+class MetricsFile:
+    """Appends a line for each round a snapshot shows completed since the first snapshot it saw."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._written: int | None = None  # the last round on file; the first snapshot sets it
+
+    def start(self) -> None:
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise IOFailure(f"cannot open --metrics-file {self.path}: {exc.strerror}",
+                            "check that its directory exists and is writable") from exc
+
+    def update(self, snapshot: DaemonSnapshot) -> None:
+        if self._written is None:
+            # The state a daemon starts (or resumes) with: its last round is already on file, or was never run here.
+            self._written = snapshot.round
+            return
+        if snapshot.round <= self._written or not snapshot.round_metrics or self._fd is None:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snapshot.updated_at))
+        record = {"ts": stamp, "node": snapshot.node_id, "swarm": snapshot.swarm_id, "round": snapshot.round}
+        for key, value in snapshot.round_metrics.items():
+            record.setdefault(key, value)
+        line = json.dumps(json_safe(record), separators=(",", ":"), allow_nan=False) + "\n"
+        data = memoryview(line.encode())
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as exc:
+            raise IOFailure(f"cannot append to --metrics-file {self.path}: {exc.strerror}") from exc
+        self._written = snapshot.round
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+@dataclass(frozen=True)
+class MetricsRun:
+    """One node's rows of a metrics file, in round order (a resumed run's repeated rounds: the later row wins)."""
+
+    node: str
+    swarm: str
+    rows: list[dict[str, Any]]
+
+
+def read_metrics(path: Path) -> list[MetricsRun]:
+    """Every node's rows in ``path``. A bad line is a one-line UsageError naming it; a last line cut short by a
+    killed writer is skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise IOFailure(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not a UTF-8 metrics file") from exc
+    lines = text.split("\n")
+    by_node: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            if number == len(lines):  # no newline after it: the write was cut short
+                continue
+            raise UsageError(f"{path}:{number} is not a JSON line", "is this a --metrics-file?") from exc
+        if not isinstance(row, dict) or not isinstance(row.get("round"), int) or isinstance(row.get("round"), bool) \
+                or not isinstance(row.get("node"), str) or not isinstance(row.get("swarm"), str):
+            raise UsageError(f"{path}:{number} lacks node, swarm or an integer round", "is this a --metrics-file?")
+        by_node.setdefault((row["node"], row["swarm"]), {})[row["round"]] = row
+    if not by_node:
+        raise UsageError(f"{path} holds no rounds yet")
+    return [MetricsRun(node, swarm, [rows[r] for r in sorted(rows)]) for (node, swarm), rows in by_node.items()]

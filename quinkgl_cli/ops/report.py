@@ -1,0 +1,79 @@
+"""`quinkgl report`: a run's metrics file summed up per node, and drawn as curves (accuracy, loss, peers, bytes)."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quinkgl_cli.atomic import atomic_write_bytes
+from quinkgl_cli.ops.metrics_file import MetricsRun
+
+# (title, y label, metric keys drawn in it): validation solid, training dashed.
+PANELS = (
+    ("accuracy", "accuracy", ("val_accuracy", "accuracy")),
+    ("loss", "loss", ("val_loss", "loss")),
+    ("peers aggregated", "peers", ("peers",)),
+    ("model bytes per round", "bytes", ("bytes_sent", "bytes_received")),
+)
+
+
+@dataclass(frozen=True)
+class NodeSummary:
+    node: str
+    swarm: str
+    rounds: int  # rows on file
+    first_round: int
+    last_round: int
+    final_val_accuracy: float | None
+    best_val_accuracy: float | None
+    bytes_sent: int
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def summarize(run: MetricsRun) -> NodeSummary:
+    accs = [a for a in (_number(r.get("val_accuracy")) for r in run.rows) if a is not None]
+    sent = sum(int(v) for v in (_number(r.get("bytes_sent")) for r in run.rows) if v is not None)
+    return NodeSummary(run.node, run.swarm, len(run.rows), run.rows[0]["round"], run.rows[-1]["round"],
+                       _number(run.rows[-1].get("val_accuracy")), max(accs) if accs else None, sent)
+
+
+def plot_runs(runs: list[MetricsRun], path: Path) -> None:
+    """One PNG: a panel per `PANELS` entry, a line per node and metric; a metric no row carries is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5), squeeze=False)
+    try:
+        for ax, (title, ylabel, keys) in zip(axes.flat, PANELS, strict=True):
+            for run in runs:
+                for style, key in zip(("-", "--"), keys, strict=False):
+                    pts = [(r["round"], v) for r in run.rows if (v := _number(r.get(key))) is not None]
+                    if pts:
+                        label = key if len(runs) == 1 else f"{run.node} {key}"
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, linewidth=1.6)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(title)
+            ax.set_xlabel("round")
+            ax.set_ylabel(ylabel)
+            ax.grid(True, alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        swarms = sorted({r.swarm for r in runs})
+        fig.suptitle(f"{', '.join(r.node for r in runs)} in {', '.join(s[:19] for s in swarms)}")
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        atomic_write_bytes(Path(path), buf.getvalue())
+    finally:
+        plt.close(fig)

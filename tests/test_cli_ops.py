@@ -1,0 +1,178 @@
+"""The operations commands as users type them: status, report, init, and `run --config`."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quinkgl_cli.cli.app import main
+from quinkgl_cli.ops.status_server import StatusServer
+from tests.test_ops import snap
+
+
+@pytest.fixture(autouse=True)
+def _drop_daemon_log_handlers() -> Iterator[None]:
+    """`run` installs a root log handler, as a daemon process should; tests must not leak it."""
+    yield
+    import logging
+
+    from quinkgl_cli.node.logs import FlushingHandler, RotatingLogFile
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, (FlushingHandler, RotatingLogFile)):
+            root.removeHandler(handler)
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(done.value.code or 0), out, err
+
+
+@pytest.fixture()
+def state_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="qgl") as d:  # short: the status socket's path must fit 107 bytes
+        yield Path(d)
+
+
+# ---------------------------------------------------------------- status
+def test_status_without_daemons(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["status", "--state-dir", str(state_dir)], capsys)
+    assert code == 0 and out.startswith("no quinkgl daemon is running")
+    code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "--json"], capsys)
+    assert code == 0 and json.loads(out) == []
+
+
+def test_status_table_json_and_watch(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    server = StatusServer(state_dir / "run")
+    server.start()
+    try:
+        code, out, _ = run_cli(["status", "--state-dir", str(state_dir)], capsys)
+        assert out.splitlines()[1].split()[1:] == ["starting"]  # no snapshot yet
+        code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "--json"], capsys)
+        assert json.loads(out) == [{"socket": str(server.path), "error": "starting"}]
+        server.update(snap(4, dp_epsilon_spent=0.25))
+        code, out, _ = run_cli(["status", "--state-dir", str(state_dir)], capsys)
+        assert code == 0
+        header, row, peer = out.splitlines()
+        assert header.split()[:4] == ["NODE", "STATE", "ROUND", "PEERS"]
+        assert row.split()[:4] == ["peer-1", "running", "4/10", "1"]
+        assert "round 4," in row and "0.7900" in row and "4.0 kB" in row and "0.2500" in row and "127.0.0.1:7001" in row
+        assert peer.strip().startswith("peer peer-2 at 127.0.0.1:7002, heard from")
+        code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "--json"], capsys)
+        assert json.loads(out) == [snap(4, dp_epsilon_spent=0.25).to_json()]
+        code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "--json", "--watch", "--count", "2",
+                                "--interval", "0.01"], capsys)
+        frames = [json.loads(line) for line in out.splitlines()]
+        assert code == 0 and len(frames) == 2 and frames[0][0]["round"] == 4
+        code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "other-node"], capsys)
+        assert out.startswith("no quinkgl daemon is running")
+    finally:
+        server.close()
+
+
+def test_status_count_needs_watch(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["status", "--state-dir", str(state_dir), "--count", "2"], capsys)
+    assert code == 1 and err.startswith("error: --count needs --watch")
+
+
+# ---------------------------------------------------------------- report
+def test_report_summary_plot_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text("".join(json.dumps({"node": "peer-1", "swarm": "sha256:ab", "round": r, "val_accuracy": r / 10,
+                                           "bytes_sent": 10}) + "\n" for r in range(1, 4)))
+    code, out, _ = run_cli(["report", str(metrics), "--plot", str(tmp_path / "c.png")], capsys)
+    assert code == 0 and out.splitlines()[0].startswith("peer-1: rounds 1-3 (3 on file), val_accuracy final 0.3000")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = run_cli(["report", str(metrics), "--json"], capsys)
+    assert json.loads(out)[0]["best_val_accuracy"] == pytest.approx(0.3)
+    code, _, err = run_cli(["report", str(metrics), "--plot", str(tmp_path / "no" / "c.png")], capsys)
+    assert code == 2 and "is not a directory" in err
+    (tmp_path / "bad.jsonl").write_text("hello\nworld\n")
+    code, _, err = run_cli(["report", str(tmp_path / "bad.jsonl")], capsys)
+    assert code == 1 and "bad.jsonl:1 is not a JSON line" in err
+
+
+# ---------------------------------------------------------------- run --config
+def _captured_options(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    from quinkgl_cli.node import daemon
+
+    seen: list[Any] = []
+    monkeypatch.setattr(daemon, "run_daemon", lambda options: seen.append(options) or 0)
+    return seen
+
+
+def test_config_supplies_flags_and_given_flags_win(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    seen = _captured_options(monkeypatch)
+    conf = tmp_path / "conf" / "peer.toml"
+    conf.parent.mkdir()
+    conf.write_text('manifest = "swarm.qgl"\nscript = "../peer.py"\nnode-id = "from-file"\nport = 7005\n'
+                    'gossip-interval = 2\nscript-arg = ["shard=0", "num_shards=2"]\nresume = false\n'
+                    'strict-manifest = false\ntrusted-pubkey = ["keys/creator.pub", "ed25519:' + "ab" * 32 + '"]\n')
+    code, _, err = run_cli(["run", "--config", str(conf), "--port", "7006", "--script-arg", "shard=1"], capsys)
+    assert code == 0, err
+    (o,) = seen
+    assert o.manifest == tmp_path / "conf" / "swarm.qgl" and o.script == tmp_path / "conf" / ".." / "peer.py"
+    assert (o.node_id, o.port, o.gossip_interval, o.resume, o.strict_manifest) == ("from-file", 7006, 2.0, False, False)
+    assert o.script_args == {"shard": "1"}  # a repeatable flag given replaces the file's list
+    assert o.trusted_pubkeys == [str(tmp_path / "conf" / "keys" / "creator.pub"), "ed25519:" + "ab" * 32]
+    assert o.trust_policy == "pinned"
+
+
+@pytest.mark.parametrize(("text", "code", "message"), [
+    ('manifest = "m"\nscript = "s"\nrounds_ = 3\n', 1, "unknown key 'rounds_'"),
+    ('manifest = "m"\nscript = "s"\nconfig = "other.toml"\n', 1, "unknown key 'config'"),
+    ('manifest = "m"\nscript = "s"\nport = "7001"\n', 1, "port must be an integer, not str"),
+    ('manifest = "m"\nscript = "s"\nresume = "no"\n', 1, "resume must be true or false"),
+    ('manifest = "m"\nscript = "s"\nscript-arg = [1]\n', 1, "script-arg must be an array of strings"),
+    ("manifest = \n", 1, "is not TOML"),
+    (None, 2, "cannot read --config"),
+])
+def test_bad_config_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                        text: str | None, code: int, message: str) -> None:
+    seen = _captured_options(monkeypatch)
+    conf = tmp_path / "peer.toml"
+    if text is not None:
+        conf.write_text(text)
+    got, out, err = run_cli(["run", "--config", str(conf)], capsys)
+    assert (got, seen) == (code, [])
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1 and out == ""
+
+
+def test_every_run_flag_has_a_config_key() -> None:
+    import typer
+
+    from quinkgl_cli.cli.app import build_app
+    from quinkgl_cli.cli.config_file import flags_of
+    from quinkgl_cli.cli.run import run
+
+    command = typer.main.get_command(build_app(("run",))).commands["run"]  # type: ignore[attr-defined]
+    keys = flags_of(command.params, run)
+    longs = {opt[2:] for p in command.params for opt in p.opts if opt.startswith("--") and p.name != "help"}
+    assert set(keys) == longs and {"node-id", "script-arg", "resume", "metrics-port", "log-file"} <= set(keys)
+
+
+# ---------------------------------------------------------------- init
+def test_init_scaffolds_a_swarm_that_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "my-swarm"
+    code, out, err = run_cli(["init", str(target)], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in target.iterdir()) == ["creator.key", "peer.py", "peer.toml", "swarm.qgl"]
+    assert (target / "creator.key").stat().st_mode & 0o777 == 0o600
+    assert f"quinkgl run --config {target / 'peer.toml'}" in out
+    code, _, err = run_cli(["init", str(target)], capsys)
+    assert code == 2 and "already exists" in err
+    monkeypatch.chdir(tmp_path.parent)  # the config's paths are relative to the config, not to the working directory
+    code, out, err = run_cli(["run", "--config", str(target / "peer.toml"), "--node-id", "p1", "--dry-run",
+                              "--state-dir", str(tmp_path / "state")], capsys)
+    assert code == 0, err
+    assert "dry-run-ok manifest=my-swarm" in out and "policy=pinned" in out and "arch_match=true" in out
