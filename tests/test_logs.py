@@ -10,7 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from quinkgl_cli.node.logs import kv, setup_logging, split_message
+from quinkgl_cli.events import emit
+from quinkgl_cli.node.logs import setup_logging
 
 
 @pytest.fixture(autouse=True)
@@ -32,13 +33,13 @@ def test_text_lines_carry_time_level_node_round_and_fields() -> None:
     out = io.StringIO()
     ctx = setup_logging("peer-1", "text", stream=out)
     ctx.round = 7
-    logging.getLogger("quinkgl.node").info("aggregated models peers=2 samples=300", extra={"round": 3})
-    logging.getLogger("quinkgl.transport").warning("offer-refused peer=%s reason=%s", "p2", "oversized")
+    emit(logging.getLogger("quinkgl.node"), logging.INFO, "aggregated models", context={"round": 3}, peers=2, samples=300)
+    emit(logging.getLogger("quinkgl.transport"), logging.WARNING, "offer-refused", peer="p2", reason="oversized")
     try:
         raise ValueError("bad\nthing")
-    except ValueError:
-        logging.getLogger("quinkgl.daemon").exception("loop-died")
-    logging.getLogger("quinkgl.node").debug("hidden at info level")
+    except ValueError as exc:
+        emit(logging.getLogger("quinkgl.daemon"), logging.ERROR, "loop-died", exc_info=exc)
+    emit(logging.getLogger("quinkgl.node"), logging.DEBUG, "hidden")
     lines = out.getvalue().splitlines()
     assert len(lines) == 3
     m = [LINE.match(ln) for ln in lines]
@@ -48,77 +49,57 @@ def test_text_lines_carry_time_level_node_round_and_fields() -> None:
     assert "Traceback" in lines[2] and "ValueError: bad" in lines[2]
 
 
-def test_json_lines_parse_fields() -> None:
+def test_json_lines_carry_fields_as_members() -> None:
     out = io.StringIO()
     setup_logging("peer-1", "json", stream=out)
-    logging.getLogger("quinkgl.node").info("round-end loss=0.5000 val_accuracy=- note='two words' peers=2 flag=true",
-                                           extra={"round": 4})
+    emit(logging.getLogger("quinkgl.node"), logging.INFO, "round-end", context={"round": 4}, loss=0.5,
+         val_accuracy=None, note="two words", peers=2, flag=True)
     obj = json.loads(out.getvalue())
     assert obj["event"] == "round-end" and obj["node"] == "peer-1" and obj["round"] == 4
     assert obj["loss"] == 0.5 and obj["val_accuracy"] is None and obj["note"] == "two words"
     assert obj["peers"] == 2 and obj["flag"] is True and obj["level"] == "INFO"
 
 
-def test_split_message() -> None:
-    assert split_message("resumed from_round=4 checkpoint=/x") == ("resumed", {"from_round": 4, "checkpoint": "/x"})
-    assert split_message("aggregated models peers=2 from=a,b") == ("aggregated models", {"peers": 2, "from": "a,b"})
-    assert split_message("x nan=nan") == ("x", {"nan": "nan"})
-    # Quoted values are the strings they quote, whatever is inside; words after the fields belong to no field.
-    assert split_message("""e a="it's" b="say \\"hi\\"" c='-' d=' x=1 ' tail""") == (
-        "e", {"a": "it's", "b": 'say "hi"', "c": "-", "d": " x=1 "})
-    assert split_message("e hint='unterminated x=1")[1] == {"hint": "'unterminated", "x": 1}
-
-
-@pytest.mark.parametrize("value", ["two words", "it's", 'say "hi"', "both ' and \"", "", "-", "a=b c", "multi\nline"])
-def test_kv_values_read_back_as_written(value: str) -> None:
-    event, fields = split_message(f"e {kv(hint=value, n=3)}")
-    assert event == "e" and fields == {"hint": value.replace("\n", " | ") if value != "-" else None, "n": 3}
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_library_record_is_a_log_event_with_its_text(fmt: str) -> None:
+    """Records not logged through emit (a library's, a Python warning) are never parsed as if they held fields."""
+    out = io.StringIO()
+    setup_logging("peer-1", fmt, stream=out)
+    logging.getLogger("ipv8.community").warning("peer=%s looks odd x=1", "p9")
+    line = out.getvalue().rstrip("\n")
+    if fmt == "json":
+        obj = json.loads(line)
+        assert obj["event"] == "log" and obj["message"] == "peer=p9 looks odd x=1" and "peer" not in obj
+        assert obj["logger"] == "ipv8.community"
+    else:
+        assert line.endswith(' log message="peer=p9 looks odd x=1"')
 
 
 def test_json_keeps_a_hint_with_spaces_and_punctuation() -> None:
     out = io.StringIO()
     setup_logging("peer-1", "json", stream=out)
-    logging.getLogger("quinkgl.daemon").info("alone %s", kv(bootstrap="none", hint="no peers found yet, training "
-                                                                            "locally; pass --bootstrap-peer HOST:PORT"))
+    emit(logging.getLogger("quinkgl.daemon"), logging.INFO, "alone", bootstrap="none",
+         hint="no peers found yet, training locally; pass --bootstrap-peer HOST:PORT")
     obj = json.loads(out.getvalue())
     assert obj["event"] == "alone" and obj["bootstrap"] == "none"
     assert obj["hint"] == "no peers found yet, training locally; pass --bootstrap-peer HOST:PORT"
 
 
-_LOG_CALL = re.compile(r"""\blog\.(?:debug|info|warning|error|critical|exception)\(\s*(?:f?)(["'])(.*?)\1""", re.S)
-_EVENT = re.compile(r"^[a-z]+(-[a-z]+)*$")
+_LOG_CALL = re.compile(r"""\b(?:log|logger|_log|self\.log)\.(?:debug|info|warning|error|critical|exception|log)\(""")
 
 
-def test_node_and_simulator_lines_are_events_with_fields_as_data() -> None:
-    """Every line the node, the daemon and the simulator log goes through `events.emit` (event name checked there,
-    fields as data), never a message formatted by hand that the JSON mode would have to parse back."""
+def test_every_line_of_the_package_goes_through_the_event_encoder() -> None:
+    """No module of quinkgl_cli logs a message formatted by hand: every line goes through `events.emit` (event name
+    and field names checked there, fields as data), so text and JSON can never disagree."""
     from pathlib import Path
 
-    import quinkgl_cli.node as node_pkg
-    import quinkgl_cli.sim as sim_pkg
+    import quinkgl_cli
 
     emits = 0
-    for package in (node_pkg, sim_pkg):
-        for path in Path(package.__file__).parent.glob("*.py"):
-            if path.name in ("logs.py", "checkpoint.py"):  # the log set-up itself; the checkpoint store: below
-                continue
-            text = path.read_text()
-            assert not _LOG_CALL.findall(text), path.name
-            emits += text.count("emit(")
-    assert emits >= 20  # the daemon's and the simulator's own; the node's parts log through NodeLog, which emits
-
-
-def test_checkpoint_events_are_one_hyphenated_word_then_fields() -> None:
-    """The checkpoint store's lines: `event key=value ...`, never free text the JSON mode would turn into a long
-    event name."""
-    from pathlib import Path
-
-    import quinkgl_cli.node.checkpoint as checkpoint
-
-    seen = 0
-    for _quote, text in _LOG_CALL.findall(Path(checkpoint.__file__).read_text()):
-        event, *rest = text.split()
-        assert _EVENT.match(event), text
-        assert all(tok == "%s" or re.match(r"^[a-z_]+=", tok) for tok in rest), text
-        seen += 1
-    assert seen >= 2
+    for path in Path(quinkgl_cli.__file__).parent.rglob("*.py"):
+        if path.name == "events.py":  # the encoder itself hands the record to logging
+            continue
+        text = path.read_text()
+        assert not _LOG_CALL.findall(text), path
+        emits += text.count("emit(")
+    assert emits >= 60  # the check above saw the package, not an empty directory

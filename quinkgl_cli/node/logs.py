@@ -2,23 +2,24 @@
 
 Text (default), one event per line, flushed at once::
 
-    2026-11-23T18:30:01.123Z INFO peer-1 round=3 aggregated models peers=2 samples=300 from=peer-2,peer-3 strategy=FedAvg
-    2026-11-23T18:30:01.130Z INFO peer-1 round=3 round-end loss=0.4012 accuracy=0.8800 val_loss=0.5011 ...
+    2026-11-23T18:30:01.123Z INFO peer-1 round=3 aggregated models peers=2 samples=300 from=[peer-2,peer-3] strategy=FedAvg
+    2026-11-23T18:30:01.130Z INFO peer-1 round=3 round-end loss=0.4012 accuracy=0.88 val_loss=0.5011 ...
     2026-11-23T18:29:50.002Z INFO peer-1 round=0 peer-discovered peer=peer-2 address=127.0.0.1:7002 known=1
-    2026-11-23T18:29:49.871Z INFO peer-1 round=0 alone bootstrap=none hint='no peers found yet, training locally'
+    2026-11-23T18:29:49.871Z INFO peer-1 round=0 alone bootstrap=none hint="no peers found yet, training locally"
 
 Fields: UTC time with milliseconds, level, node id, ``round=N`` (the round in progress, 0 before the first), then
 the event and ``key=value`` fields. An event is one hyphenated word (``round-end``, ``checkpoint-saved``); the one
-exception is ``aggregated models``, two words because the guide greps for exactly that. A value with spaces or
-quotes is written as a Python string literal (``hint='two words'``, see `kv`). A traceback is folded into the same
-line (`` | `` between its lines) so one event stays one line.
+exception is ``aggregated models``, two words because the guide greps for exactly that. Values are written by the
+one event encoder (`quinkgl_cli.events`: ``true``/``false``, ``-`` for none, ``[a,b]`` lists, JSON-quoted strings
+where a bare word would be ambiguous). A traceback is folded into the same line (`` | `` between its lines) so one
+event stays one line. A record logged by a library rather than through `events.emit` is the event ``log`` with
+its text in ``message``.
 
 Every line carries ``round=``, so the guide's ``grep 'round='`` shows them all; ``grep round-end`` gives exactly one
 line per completed round with that round's numbers.
 
 ``--log-format json`` prints one JSON object per line with ``ts``, ``level``, ``node``, ``round``, ``logger``,
-``event``, ``message`` and every ``key=value`` field as its own member (numbers as numbers, quoted values as the
-strings they quote).
+``event`` and every field as its own member, with the same values the text line shows (``null`` for ``-``).
 
 Every ``quinkgl.*`` logger (node, transport, strategies) and the root logger go through here; ``ipv8``'s own loggers
 are held at WARNING so routine packet noise stays out.
@@ -35,15 +36,12 @@ rotated when it would pass ``--log-max-bytes`` (``--log-backups`` old copies: ``
 
 from __future__ import annotations
 
-import ast
 import errno
 import io
 import json
 import logging
 import logging.handlers
-import math
 import os
-import re
 import sys
 import threading
 import time
@@ -52,17 +50,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from quinkgl_cli.errors import IOFailure
-from quinkgl_cli.events import EVENT_ATTR, FIELDS_ATTR, EventMessage, Value, emit
+from quinkgl_cli.events import EVENT_ATTR, FIELDS_ATTR, EventMessage, Value, emit, text_fields
 
 SCRIPT_OUTPUT = "script-output"
 script_log = logging.getLogger("quinkgl.script")
-
-_NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
-# One token: ``key=value`` where value is a quoted string literal or runs to the next space, or a bare word.
-_TOKEN = re.compile(
-    r"""([A-Za-z_][A-Za-z0-9_.-]*)=(?:('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")(?!\S)|(\S*))|(\S+)""", re.S
-)
-
 
 @dataclass
 class LogContext:
@@ -82,63 +73,17 @@ def _one_line(text: str) -> str:
     return " | ".join(part for part in text.splitlines() if part.strip())
 
 
-def value_text(value: Any) -> str:
-    """One field value as it appears in a line: floats with 4 decimals, None as ``-``, lists comma-joined, and
-    anything with spaces, quotes or nothing in it as a string literal (what `split_message` reads back)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:.4f}" if math.isfinite(value) else str(value)
-    if value is None:
-        return "-"
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value) or "-"
-    text = _one_line(str(value))
-    if not text or any(c.isspace() or c in "'\"" for c in text):
-        return repr(text)
-    return text
+FOREIGN_EVENT = "log"
 
 
-def kv(**fields: Any) -> str:
-    """``key=value`` fields of one line, in order (see `value_text`)."""
-    return " ".join(f"{k}={value_text(v)}" for k, v in fields.items())
-
-
-def split_message(message: str) -> tuple[str, dict[str, Any]]:
-    """``'aggregated models peers=2 from=a,b'`` -> ``('aggregated models', {'peers': 2, 'from': 'a,b'})``.
-
-    The event is the words before the first field; quoted values come back as the strings they quote. Words after
-    the first field belong to no field and stay only in the message."""
-    words: list[str] = []
-    fields: dict[str, Any] = {}
-    for m in _TOKEN.finditer(message):
-        key, quoted, bare, word = m.groups()
-        if key is not None:
-            fields[key] = _unquoted(quoted) if quoted is not None else _typed(bare)
-        elif not fields:
-            words.append(word)
-    return " ".join(words), fields
-
-
-def _unquoted(literal: str) -> str:
-    try:
-        value = ast.literal_eval(literal)  # a string literal only: literal_eval evaluates no code
-    except (ValueError, SyntaxError):
-        return literal[1:-1]
-    return value if isinstance(value, str) else literal[1:-1]
-
-
-def _typed(value: str) -> Any:
-    if _NUMBER.match(value):
-        number = float(value) if any(c in value for c in ".eE") else int(value)
-        return number if math.isfinite(number) else value
-    if value in ("-", "None"):
-        return None
-    if value in ("true", "True"):
-        return True
-    if value in ("false", "False"):
-        return False
-    return value
+def event_of(record: logging.LogRecord) -> tuple[str, dict[str, Value]]:
+    """The event and fields a record carries. Ours come from `events.emit`; a record logged some other way (a
+    library's logger, a Python warning) is the event ``log`` with its text as the ``message`` field, so both
+    renderings still show the same fields and nothing parses free text."""
+    event = getattr(record, EVENT_ATTR, None)
+    if event is not None:
+        return event, getattr(record, FIELDS_ATTR)
+    return FOREIGN_EVENT, {"message": _one_line(record.getMessage())}
 
 
 class TextFormatter(logging.Formatter):
@@ -153,7 +98,8 @@ class TextFormatter(logging.Formatter):
         round_ = getattr(record, "round", None)
         if round_ is None:
             round_ = self.context.round
-        text = record.getMessage()
+        event, fields = event_of(record)
+        text = f"{event} {text_fields(fields)}" if fields else event
         if record.exc_info:
             text += " " + self.formatException(record.exc_info)
         return f"{_timestamp(record.created)} {record.levelname} {node} round={round_} {_one_line(text)}"
@@ -172,16 +118,8 @@ class JsonFormatter(TextFormatter):
             "round": round_,
             "logger": record.name,
         }
-        event = getattr(record, EVENT_ATTR, None)
-        if event is not None:
-            obj["event"] = event
-            obj.update(getattr(record, FIELDS_ATTR))
-        else:
-            message = _one_line(record.getMessage())
-            obj["event"], fields = split_message(message)
-            obj["message"] = message
-            for key, value in fields.items():
-                obj.setdefault(key, value)
+        obj["event"], fields = event_of(record)
+        obj.update(fields)
         if record.exc_info:
             obj["traceback"] = self.formatException(record.exc_info)
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, default=str)
