@@ -88,7 +88,7 @@ def test_peers_train_on_the_promised_label_shards(script: PeerScript) -> None:
         assert sorted(batch_labels.tolist()) == sorted(labels.tolist())  # the fast loader yields exactly the shard
         seen |= set(labels.tolist())
         total += len(labels)
-    assert seen == set(range(10)) and total == 1437  # digits' training split, shared out in full
+    assert seen == set(range(10)) and total == 1438  # digits' training split, shared out in full
 
 
 def test_gossip_learns_what_local_training_cannot(script: PeerScript) -> None:
@@ -312,8 +312,8 @@ def test_dirichlet_partition_runs_with_skewed_labels(script: PeerScript) -> None
     sim = Simulator(script, make_manifest(script, local_steps=2), cfg)
     result = sim.run()
     parts = [dataset_labels(n.train_loader.dataset) for n in sim.nodes]
-    assert sum(len(p) for p in parts) == 1437 and all(len(p) >= 2 for p in parts)
-    overall = np.bincount(np.concatenate(parts), minlength=10) / 1437
+    assert sum(len(p) for p in parts) == 1438 and all(len(p) >= 2 for p in parts)
+    overall = np.bincount(np.concatenate(parts), minlength=10) / 1438
     skew = [0.5 * np.abs(np.bincount(p, minlength=10) / len(p) - overall).sum() for p in parts]
     assert np.mean(skew) > 0.3  # alpha 0.3: far from each peer holding the overall label mix (iid: ~0.05)
     assert all(p.val_accuracy is not None for r in result.rounds for p in r.peers)
