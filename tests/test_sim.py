@@ -368,3 +368,24 @@ def test_scripts_whose_training_data_is_no_tensor_dataset(tmp_path: Path, kind: 
     assert local.final.mean_accuracy is not None and gossip.final.mean_accuracy is not None
     assert local.final.mean_accuracy < 0.6  # one class each: alone a peer learns to say its own class
     assert gossip.final.mean_accuracy > 0.9 and gossip.final.mean_accuracy > local.final.mean_accuracy + 0.3
+
+
+def test_script_partition_gives_each_peer_its_own_build_loaders_call(script: PeerScript,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, str]] = []
+    build = script.build_loaders
+
+    def recording(manifest: Any, **kwargs: str) -> Any:
+        calls.append(dict(kwargs))
+        return build(manifest, **kwargs)
+
+    monkeypatch.setattr(script, "build_loaders", recording)
+    args = {"partition": "shards:2", "seed": "3"}
+    sim = Simulator(script, make_manifest(script), SimConfig(peers=5, rounds=1, partition="script", script_args=args))
+    sim.build()
+    assert calls == [{**args, "shard": str(i), "num_shards": "5"} for i in range(5)]
+    for i, node in enumerate(sim.nodes):  # exactly the split a daemon run with these script arguments trains on
+        daemon_train, daemon_val = build(None, **calls[i])
+        assert torch.equal(node.train_loader.dataset.tensors[1], daemon_train.dataset.tensors[1])
+        assert len(set(node.train_loader.dataset.tensors[1].tolist())) == 2
+        assert [torch.equal(a[0], b[0]) for a, b in zip(node.val_loader, daemon_val, strict=True)] == [True]

@@ -6,7 +6,7 @@ every peer so accuracies compare) and trains on its own part of the rest. Script
 
     shard=I            which part this peer trains on (0-based, default 0)
     num_shards=N       how many parts the training set is cut into (default 1: the whole training set)
-    partition=SCHEME   iid | shards:K | dirichlet:ALPHA (label-skewed non-IID), default iid
+    partition=SCHEME   iid | shards:K | classes:K | dirichlet:ALPHA (label-skewed non-IID), default iid
     seed=S             seed of the split (must be the same on every peer) and of the shuffling, default 0
     batch_size=B       default 32
     lr=LR              SGD learning rate, default 0.05 (momentum 0.9)

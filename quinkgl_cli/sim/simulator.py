@@ -19,7 +19,10 @@ Modes:
 
 Data: the simulator calls the script's ``build_loaders`` once, takes the dataset behind the training loader and
 splits it among the peers by label (`quinkgl_cli.sim.partition`); the validation loader is shared by all peers so
-their accuracies compare. Metrics are those of the model each peer holds at the end of a round (after aggregation).
+their accuracies compare. With the partition ``script`` it calls ``build_loaders(shard=i, num_shards=N, ...)`` once
+per peer instead and each peer trains and validates on exactly what its call returned, as a daemon started with
+those script arguments would (the script's own split; its loaders are used as they are). Metrics are those of the
+model each peer holds at the end of a round (after aggregation).
 
 Peer views: each node knows at most ``max_peers`` peers (default: the daemon's IPv8 bound, 256), discovered as
 `quinkgl_cli.transport.memory` describes (a joining node seeks half the bound), so a swarm of at most
@@ -70,6 +73,7 @@ log = logging.getLogger("quinkgl.sim")
 Mode = Literal["gossip", "fedavg", "pairwise", "local"]
 MODES: tuple[str, ...] = ("gossip", "fedavg", "pairwise", "local")
 ROUND_SECONDS = 10.0  # virtual seconds a round takes (only timestamps see it)
+SCRIPT_PARTITION = "script"  # each peer gets what the script's build_loaders(shard=i, num_shards=N) returns
 
 
 @dataclass(frozen=True)
@@ -214,6 +218,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _loader_size(loader: Any) -> int:
+    """Samples behind a training loader (0 when its dataset has no length)."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return 0
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
@@ -245,7 +257,8 @@ class Simulator:
             raise UsageError(
                 f"--clients-per-round {config.clients_per_round} with {config.peers} peers", "use 1..peers clients per round"
             )
-        parse_scheme(config.partition)
+        if config.partition != SCRIPT_PARTITION:
+            parse_scheme(config.partition)
         self.script = script
         self.config = config
         self.progress = progress
@@ -279,6 +292,16 @@ class Simulator:
         batch_size = getattr(train_loader, "batch_size", None) or 32
         return dataset, materialize(val_loader) if val_loader is not None else None, int(batch_size)
 
+    def _script_shards(self) -> tuple[list[Any], list[Any]]:
+        """Per peer, the training loader and the materialized validation batches of the script's own split."""
+        trains, vals = [], []
+        for i in range(self.config.peers):
+            args = {**self.config.script_args, "shard": str(i), "num_shards": str(self.config.peers)}
+            train_loader, val_loader = self.script.build_loaders(self.manifest, **args)
+            trains.append(train_loader)
+            vals.append(materialize(val_loader) if val_loader is not None else None)
+        return trains, vals
+
     def _server_manifest(self) -> Manifest:
         """The FedAvg server's view: it broadcasts the global model as is (no DP noise, no compression), as the
         tutorial's server does; the clients' uploads keep the swarm's privacy and compression settings."""
@@ -309,9 +332,12 @@ class Simulator:
         self.network.deliver_all()
         return node
 
-    def build(self) -> None:
+    def _split(self) -> tuple[list[Any], list[Any], Any, int]:
+        """(training loader per peer, validation batches per peer, the server's validation batches, training samples)."""
         cfg = self.config
-        started = time.perf_counter()
+        if cfg.partition == SCRIPT_PARTITION:
+            trains, vals = self._script_shards()
+            return trains, vals, vals[0], sum(_loader_size(t) for t in trains)
         dataset, val_loader, batch_size = self._shared_data()
         scheme = parse_scheme(cfg.partition)
         try:
@@ -324,6 +350,14 @@ class Simulator:
                 ) from exc
             labels = np.zeros(len(dataset), dtype=np.int64)  # one pseudo-class: iid becomes an even random split
         parts = partition_indices(labels, cfg.peers, scheme, cfg.seed)
+        trains = [peer_loader(dataset, idx, batch_size, torch.Generator().manual_seed(cfg.seed * 100_003 + i))
+                  for i, idx in enumerate(parts)]
+        return trains, [val_loader] * cfg.peers, val_loader, len(dataset)
+
+    def build(self) -> None:
+        cfg = self.config
+        started = time.perf_counter()
+        trains, vals, val_loader, total_samples = self._split()
         # One throwaway model and optimizer first: lazy imports (torch.optim pulls in much of torch) would
         # otherwise count as the first peer's memory.
         warm = self.script.build_model(self.manifest, **dict(cfg.script_args))
@@ -341,14 +375,12 @@ class Simulator:
                 aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
                 # The server trains on nothing; its broadcast carries the whole training set's weight (clients
                 # only check that it is positive, and adopt it).
-                policies=NodePolicies(reported_samples=len(dataset)),
+                policies=NodePolicies(reported_samples=total_samples),
             )
         attackers = sorted(self._rng.sample(range(cfg.peers), cfg.attackers)) if cfg.attackers else []
         self.attackers = [ids[i] for i in attackers]
-        for i, (node_id, idx) in enumerate(zip(ids, parts, strict=True)):
+        for i, (node_id, train, val) in enumerate(zip(ids, trains, vals, strict=True)):
             seed = cfg.seed * 100_003 + i
-            shuffle = torch.Generator().manual_seed(seed)
-            train = peer_loader(dataset, idx, batch_size, shuffle)
             strategies: dict[str, Any] = {}
             if cfg.mode == "fedavg":
                 # A fresh local optimizer per participation, as FedAvg clients start from the global model anew.
@@ -359,7 +391,7 @@ class Simulator:
             if i in attackers:
                 policies = strategies.get("policies", NodePolicies())
                 strategies["policies"] = dataclasses.replace(policies, tamper=tamper_for(cfg.attack, cfg.seed * 7919 + i))
-            self.nodes.append(self._node(node_id, train, val_loader, seed, **strategies))
+            self.nodes.append(self._node(node_id, train, val, seed, **strategies))
         if cfg.mode == "pairwise":
             self.edges = self._graph_edges()
         self.memory["rss_after_build_mb"] = _rss_mb()
