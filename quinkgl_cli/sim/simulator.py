@@ -313,11 +313,13 @@ class Simulator:
     def _node(self, node_id: str, train: Any, val: Any, seed: int, manifest: Manifest | None = None,
               max_peers: int | None = None, seek: int | None = None, **strategies: Any) -> Node:
         manifest = manifest or self.manifest
-        # Each peer's model initialisation is independent (as on real devices) but reproducible.
-        torch.manual_seed(seed)
+        # Every peer starts from the same weights, as daemons do (they seed model initialisation from the swarm id,
+        # or --seed); then each peer's own stream, so that what it draws while training is its own.
+        torch.manual_seed(self.config.seed)
         args = dict(self.config.script_args)
         model = self.script.build_model(manifest, **args)
         optimizer = self.script.build_optimizer(manifest, model)
+        torch.manual_seed(seed)
         transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=manifest.model.arch_hash,
                                     max_peers=max_peers or self.config.max_peers, seek=seek)
         node = Node(
