@@ -63,11 +63,39 @@ class Lever:
     name: str
     training: dict[str, str] = field(default_factory=dict)
     aggregation: str | None = None
+    fanout: int | None = None
     node: dict[str, Any] = field(default_factory=dict)
 
 
 LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("defaults"),
+    Lever("epochs1", training={"local_epochs": "1"}),
+    Lever("epochs2", training={"local_epochs": "2"}),
+    Lever("serving", node={"serving": True}),
+    Lever("serving+mix", node={"serving": True, "mix": "latest"}),
+    Lever("serving+mix+e1", training={"local_epochs": "1"}, node={"serving": True, "mix": "latest"}),
+    Lever("serving+mix+e2", training={"local_epochs": "2"}, node={"serving": True, "mix": "latest"}),
+    Lever("reset-momentum", node={"reset": "momentum"}),
+    Lever("reset-all", node={"reset": "all"}),
+    Lever("serving+reset", node={"serving": True, "reset": "momentum"}),
+    Lever("serving+mix+reset", node={"serving": True, "mix": "latest", "reset": "momentum"}),
+    Lever("scaffold", aggregation="Scaffold"),
+    Lever("serving+scaffold", aggregation="Scaffold", node={"serving": True}),
+    Lever("fedavgm", aggregation="FedAvgM"),
+    Lever("serving-age3", node={"serving": True, "max_age": 3}),
+    Lever("serving-age5", node={"serving": True, "max_age": 5}),
+    Lever("serving-decay.7", node={"serving": True, "decay": 0.7}),
+    Lever("ema.7", node={"ema": 0.7}),
+    Lever("ema.5", node={"ema": 0.5}),
+    Lever("serving-age5+scaffold", aggregation="Scaffold", node={"serving": True, "max_age": 5}),
+    Lever("steps8", training={"local_steps": "8"}),
+    Lever("steps16", training={"local_steps": "16"}),
+    Lever("serving+steps16", training={"local_steps": "16"}, node={"serving": True}),
+    Lever("serving+scaffold+steps16", aggregation="Scaffold", training={"local_steps": "16"}, node={"serving": True}),
+    Lever("serving+scaffold+reset", aggregation="Scaffold", node={"serving": True, "reset": "momentum"}),
+    Lever("serving+scaffold+f2", aggregation="Scaffold", fanout=2, node={"serving": True}),
+    Lever("serving+scaffold+f1", aggregation="Scaffold", fanout=1, node={"serving": True}),
+    Lever("serving+f2", fanout=2, node={"serving": True}),
 )}
 
 
@@ -107,7 +135,8 @@ def anytime(result: SimResult, from_round: int) -> dict[str, Any]:
 def run_gossip(script: PeerScript, manifest: Manifest, split: str, peers: int, rounds: int, seed: int,
                lever: Lever, patch: Callable[[Lever], Any]) -> SimResult:
     cfg = SimConfig(peers=peers, rounds=rounds, partition=split, seed=seed,
-                    overrides=Overrides(aggregation=lever.aggregation, training_params=lever.training))
+                    overrides=Overrides(aggregation=lever.aggregation, training_params=lever.training,
+                                        fanout=lever.fanout))
     with patch(lever):
         return simulate(script, manifest, cfg)
 
@@ -186,12 +215,14 @@ def table(cells: list[dict[str, Any]], levers: list[Lever]) -> str:
     return "\n".join(rows)
 
 
-def no_patch(lever: Lever) -> Any:
+def patch(lever: Lever) -> Any:
     from contextlib import nullcontext
 
-    if lever.node:
-        raise SystemExit(f"lever {lever.name} needs node behaviour this build does not have")
-    return nullcontext()
+    if not lever.node:
+        return nullcontext()
+    from levers_proto import patched
+
+    return patched(lever.node)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1, 2])
     rounds = args.rounds or (12 if args.quick else 20)
     started = time.perf_counter()
-    cells = [cell(f, s, seeds, rounds, args.from_round, levers, not args.no_baselines, no_patch)
+    cells = [cell(f, s, seeds, rounds, args.from_round, levers, not args.no_baselines, patch)
              for f in families for s in splits]
     doc = {
         "benchmark": "learning", "quick": args.quick, "rounds": rounds, "from_round": args.from_round, "seeds": seeds,
