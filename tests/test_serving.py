@@ -92,3 +92,14 @@ def test_state_survives_a_checkpoint_round_trip_and_bad_entries_are_refused() ->
     short["serving.own"] = torch.zeros(2)
     with pytest.raises(ValueError, match="serving entry"):
         again.load_state_dict(short, meta)
+
+
+def test_the_end_of_run_merge_ends_serving() -> None:
+    own = model_at(1.0)
+    s = ServingModel(own, enabled=True, max_weight_ratio=10.0)
+    s.note_own(4, samples=10)
+    s.note_peers([update("a", 4, 5.0)])
+    s.merged()
+    s.note_own(4, samples=10)
+    s.note_peers([update("a", 4, 9.0)])
+    assert s.model(4) is own and s.state_dict()[0] == {}

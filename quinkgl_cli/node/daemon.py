@@ -26,7 +26,8 @@ one summary line, exit 0. Started again on that finished checkpoint (same or low
 
 SIGTERM / SIGINT: training stops at the next batch and the round in progress is abandoned: the checkpoint on disk
 is the end-of-round state of the last completed round (written now when ``--checkpoint-every`` had skipped it), so
-a resumed daemon runs that round again from the state it started from. The transport stops, exit 130. Any other
+a resumed daemon runs that round again from the state it started from; the final model file gets the model the
+peer serves (`quinkgl_cli.node.serving`). The transport stops, exit 130. Any other
 failure of the loop is logged with its traceback and exits non-zero; nothing is saved then (the model may be what
 broke).
 """
@@ -366,6 +367,9 @@ class Daemon:
             if self.stop_event.is_set() and self.unsaved is not None:
                 # Asked to stop: the last completed round's end-of-round state, never the half-done round's.
                 await self._save(self.unsaved, reason="stop")
+            if self.stop_event.is_set() and node.completed_round > 0 and not node.finished():
+                # A long-lived daemon (no --rounds) only ever stops this way: leave the model it serves.
+                await self._write_final_model(self._final_metrics())
         finally:
             await self._stop_transport()
         if self.stop_event.is_set() and not node.finished():
@@ -549,7 +553,7 @@ class Daemon:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"node_id": node.node_id, "swarm_id": node.swarm_id, "round": node.completed_round,
                 "arch_hash": self.prepared.arch_hash, "metrics": metrics}
-        await asyncio.to_thread(save_final_model, path, node.model, meta)
+        await asyncio.to_thread(save_final_model, path, node.served_model(), meta)
         return path
 
     async def _already_finished(self) -> int:

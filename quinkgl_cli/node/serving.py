@@ -13,7 +13,9 @@ for averaging rules: under a robust rule (Krum, Median, ...) a plain mean would 
 so the served model is then the model the node holds.
 
 Training never reads it: the served model is what evaluation, ``on_round_end``, checkpoints and the final model
-show. Memory: one flat float32 copy per remembered peer, at most ``max_models`` (the most recently heard ones).
+show. The final averaging-only exchanges (the end-of-run merge, when a run has one) end it: their models and the
+latest ones from the training rounds do not mix (a peer not heard during the merge would bring back its drifted
+training model), and the merged model the peer holds is what it serves from then on. Memory: one flat float32 copy per remembered peer, at most ``max_models`` (the most recently heard ones).
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ class ServingModel:
         self._scratch: nn.Module | None = None
         self._own: _Entry | None = None
         self._peers: dict[str, _Entry] = {}  # insertion order = least recently heard first
+
+    def merged(self) -> None:
+        """The end-of-run merge began: serve the held model from now on."""
+        self.enabled = False
+        self._own = None
+        self._peers = {}
 
     def note_own(self, round_: int, samples: int) -> None:
         """The model as local training left it this round (before any aggregation)."""
