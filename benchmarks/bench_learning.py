@@ -21,6 +21,7 @@ Writes JSON (default ``benchmarks/results/learning.json``) and prints a markdown
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -69,33 +70,18 @@ class Lever:
 
 LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("defaults"),
+    Lever("no-serving", node={"serving": False}),
+    Lever("scaffold", aggregation="Scaffold"),
+    Lever("scaffold-no-serving", aggregation="Scaffold", node={"serving": False}),
+    Lever("scaffold-fanout1", aggregation="Scaffold", fanout=1),
+    Lever("fanout2", fanout=2),
     Lever("epochs1", training={"local_epochs": "1"}),
     Lever("epochs2", training={"local_epochs": "2"}),
-    Lever("serving", node={"serving": True}),
-    Lever("serving+mix", node={"serving": True, "mix": "latest"}),
-    Lever("serving+mix+e1", training={"local_epochs": "1"}, node={"serving": True, "mix": "latest"}),
-    Lever("serving+mix+e2", training={"local_epochs": "2"}, node={"serving": True, "mix": "latest"}),
+    Lever("steps16", training={"local_steps": "16"}),
     Lever("reset-momentum", node={"reset": "momentum"}),
     Lever("reset-all", node={"reset": "all"}),
-    Lever("serving+reset", node={"serving": True, "reset": "momentum"}),
-    Lever("serving+mix+reset", node={"serving": True, "mix": "latest", "reset": "momentum"}),
-    Lever("scaffold", aggregation="Scaffold"),
-    Lever("serving+scaffold", aggregation="Scaffold", node={"serving": True}),
     Lever("fedavgm", aggregation="FedAvgM"),
-    Lever("serving-age3", node={"serving": True, "max_age": 3}),
-    Lever("serving-age5", node={"serving": True, "max_age": 5}),
-    Lever("serving-decay.7", node={"serving": True, "decay": 0.7}),
-    Lever("ema.7", node={"ema": 0.7}),
-    Lever("ema.5", node={"ema": 0.5}),
-    Lever("serving-age5+scaffold", aggregation="Scaffold", node={"serving": True, "max_age": 5}),
-    Lever("steps8", training={"local_steps": "8"}),
-    Lever("steps16", training={"local_steps": "16"}),
-    Lever("serving+steps16", training={"local_steps": "16"}, node={"serving": True}),
-    Lever("serving+scaffold+steps16", aggregation="Scaffold", training={"local_steps": "16"}, node={"serving": True}),
-    Lever("serving+scaffold+reset", aggregation="Scaffold", node={"serving": True, "reset": "momentum"}),
-    Lever("serving+scaffold+f2", aggregation="Scaffold", fanout=2, node={"serving": True}),
-    Lever("serving+scaffold+f1", aggregation="Scaffold", fanout=1, node={"serving": True}),
-    Lever("serving+f2", fanout=2, node={"serving": True}),
+    Lever("no-merge", training={"final_consensus_steps": "0"}),
 )}
 
 
@@ -125,6 +111,7 @@ def anytime(result: SimResult, from_round: int) -> dict[str, Any]:
         "anytime_worst": min(worst) if worst else None,
         "max_drop": max(drops) if drops else 0.0,
         "sends_per_peer_per_round": comm["sends_per_peer_per_round"],
+        "kb_per_peer_per_round": comm["training_bytes"] / max(len(result.node_ids) * len(result.rounds), 1) / 1e3,
         "final_mean": result.final.mean_accuracy,
         "final_worst": result.final.min_accuracy,
         "curve": [r.mean_accuracy for r in result.rounds],
@@ -139,6 +126,9 @@ def run_gossip(script: PeerScript, manifest: Manifest, split: str, peers: int, r
                                         fanout=lever.fanout))
     with patch(lever):
         return simulate(script, manifest, cfg)
+
+
+_CENTRALIZED: dict[tuple[str, int, int], dict[str, Any]] = {}
 
 
 def cell(family: str, split: str, seeds: list[int], rounds: int, from_round: int, levers: list[Lever],
@@ -162,9 +152,12 @@ def cell(family: str, split: str, seeds: list[int], rounds: int, from_round: int
             fed = simulate(script, manifest, SimConfig(peers=peers, rounds=rounds, partition=split, seed=seed,
                                                        mode="fedavg", clients_per_round=peers))
             star.append({"seed": seed, **anytime(fed, from_round)})
-            alone = simulate(script, manifest, SimConfig(peers=1, rounds=rounds, partition="iid", seed=seed,
-                                                         mode="local"))
-            central.append({"seed": seed, **anytime(alone, from_round)})
+            key = (family, seed, rounds)
+            if key not in _CENTRALIZED:  # one node with all the data: the same run whatever the split
+                alone = simulate(script, manifest, SimConfig(peers=1, rounds=rounds, partition="iid", seed=seed,
+                                                             mode="local"))
+                _CENTRALIZED[key] = {"seed": seed, **anytime(alone, from_round)}
+            central.append(_CENTRALIZED[key])
         out["star_fedavg"] = summarize(star)
         out["centralized"] = summarize(central)
         print(f"{family:10s} {split:13s} {'star FedAvg':16s} {line(out['star_fedavg'])}", flush=True)
@@ -184,6 +177,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "anytime_worst": pick("anytime_worst", min),
         "max_drop": pick("max_drop", max),
         "sends_per_peer_per_round": pick("sends_per_peer_per_round", statistics.fmean),
+        "kb_per_peer_per_round": pick("kb_per_peer_per_round", statistics.fmean),
         "final_mean": pick("final_mean", statistics.fmean),
         "final_worst": pick("final_worst", min),
         "runs": runs,
@@ -197,12 +191,13 @@ def pct(value: float | None) -> str:
 def line(s: dict[str, Any]) -> str:
     return (f"anytime mean {pct(s['anytime_mean'])} lowest-round {pct(s['anytime_lowest_round_mean'])} "
             f"worst {pct(s['anytime_worst'])} max-drop {pct(s['max_drop'])} sends {s['sends_per_peer_per_round']:.2f} "
+            f"kB {s['kb_per_peer_per_round']:.0f} "
             f"final {pct(s['final_mean'])}/{pct(s['final_worst'])}")
 
 
 def table(cells: list[dict[str, Any]], levers: list[Lever]) -> str:
     rows = ["| family | split | setting | anytime mean | lowest round mean | worst peer | max drop | sends/peer/round "
-            "| final mean / worst |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| kB/peer/round | final mean / worst |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c in cells:
         names = [f"gossip:{lv.name}" for lv in levers] + ["star_fedavg", "centralized"]
         for name in names:
@@ -211,8 +206,48 @@ def table(cells: list[dict[str, Any]], levers: list[Lever]) -> str:
                 continue
             rows.append(f"| {c['family']} | {c['split']} | {name} | {pct(s['anytime_mean'])} | "
                         f"{pct(s['anytime_lowest_round_mean'])} | {pct(s['anytime_worst'])} | {pct(s['max_drop'])} | "
-                        f"{s['sends_per_peer_per_round']:.2f} | {pct(s['final_mean'])} / {pct(s['final_worst'])} |")
+                        f"{s['sends_per_peer_per_round']:.2f} | {s['kb_per_peer_per_round']:.0f} | "
+                        f"{pct(s['final_mean'])} / {pct(s['final_worst'])} |")
     return "\n".join(rows)
+
+
+def plot(cells: list[dict[str, Any]], levers: list[Lever], path: Path) -> None:
+    """One panel per family and split: each setting's mean accuracy per round (mean over seeds), worst peer dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = list(dict.fromkeys(c["family"] for c in cells))
+    splits = list(dict.fromkeys(c["split"] for c in cells))
+    fig, axes = plt.subplots(len(splits), len(families), figsize=(4.2 * len(families), 3.2 * len(splits)),
+                             squeeze=False, sharey=True)
+    names = [f"gossip:{lv.name}" for lv in levers] + ["star_fedavg", "centralized"]
+    for c in cells:
+        ax = axes[splits.index(c["split"])][families.index(c["family"])]
+        for i, name in enumerate(names):
+            s = c.get(name)
+            if s is None:
+                continue
+            curves = [r["curve"] for r in s["runs"]]
+            worst = [r["worst_curve"] for r in s["runs"]]
+            mean = [statistics.fmean(v for v in col if v is not None) for col in zip(*curves, strict=True)]
+            low = [min(v for v in col if v is not None) for col in zip(*worst, strict=True)]
+            rounds = range(1, len(mean) + 1)
+            line_ = ax.plot(rounds, mean, label=name.removeprefix("gossip:"), color=f"C{i}")[0]
+            if name.startswith("gossip:"):
+                ax.plot(rounds, low, linestyle="--", linewidth=0.8, color=line_.get_color())
+        ax.set_title(f"{c['family']}, {c['split']} ({c['peers']} peers)", fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation accuracy")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def patch(lever: Lever) -> Any:
@@ -225,6 +260,20 @@ def patch(lever: Lever) -> Any:
     return patched(lever.node)
 
 
+def combine(inputs: list[Path], out: Path, png: Path) -> int:
+    docs = [json.loads(p.read_text()) for p in inputs]
+    names = list(dict.fromkeys(n for d in docs for n in d["levers"]))
+    levers = [LEVERS[n] for n in names]
+    cells = [c for d in docs for c in d["cells"]]
+    doc = {**docs[0], "levers": names, "cells": cells, "complete": all(d.get("complete") for d in docs),
+           "seconds": sum(d["seconds"] for d in docs), "combined_from": [str(p) for p in inputs]}
+    atomic_write_bytes(out, (json.dumps(doc, indent=1) + "\n").encode())
+    plot(cells, levers, png)
+    print(table(cells, levers))
+    print(f"wrote {out} and {png}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one seed, 12 rounds")
@@ -235,12 +284,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--from-round", type=int, default=10, help="first round the anytime numbers cover")
     ap.add_argument("--lever", default="defaults", help="comma-separated gossip settings: " + ",".join(LEVERS))
     ap.add_argument("--no-baselines", action="store_true", help="skip star FedAvg and centralized training")
+    ap.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                    help="no runs: print the table and draw the plot of earlier runs' JSON files, write them as one")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "learning.json")
+    ap.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "results" / "learning_curves.png",
+                    help="accuracy curves per family and split (PNG)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     import logging
 
     logging.getLogger("quinkgl").setLevel(logging.ERROR)
+    if args.combine:
+        return combine(args.combine, args.json, args.plot)
     families = [f for f in args.families.split(",") if f]
     splits = [s for s in args.splits.split(",") if s]
     levers = [LEVERS[name] for name in args.lever.split(",") if name]
@@ -253,18 +308,22 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([0] if args.quick else [0, 1, 2])
     rounds = args.rounds or (12 if args.quick else 20)
     started = time.perf_counter()
-    cells = [cell(f, s, seeds, rounds, args.from_round, levers, not args.no_baselines, patch)
-             for f in families for s in splits]
-    doc = {
-        "benchmark": "learning", "quick": args.quick, "rounds": rounds, "from_round": args.from_round, "seeds": seeds,
-        "levers": [lv.name for lv in levers], "goal": GOAL, "cells": cells,
-        "seconds": time.perf_counter() - started,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
-    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.json, (json.dumps(doc, indent=1) + "\n").encode())
+    cells: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {}
+    for f in families:
+        for s in splits:
+            cells.append(cell(f, s, seeds, rounds, args.from_round, levers, not args.no_baselines, patch))
+            doc = {  # rewritten after every cell: a long run that is cut short keeps what it measured
+                "benchmark": "learning", "quick": args.quick, "rounds": rounds, "from_round": args.from_round,
+                "seeds": seeds, "levers": [lv.name for lv in levers], "goal": GOAL, "cells": cells,
+                "complete": len(cells) == len(families) * len(splits), "seconds": time.perf_counter() - started,
+                "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count()},
+            }
+            atomic_write_bytes(args.json, (json.dumps(doc, indent=1) + "\n").encode())
+    plot(cells, levers, args.plot)
     print(table(cells, levers))
-    print(f"wrote {args.json} ({doc['seconds']:.0f} s)")
+    print(f"wrote {args.json} and {args.plot} ({doc['seconds']:.0f} s)")
     return 0
 
 
