@@ -110,6 +110,12 @@ def test_lone_daemon_says_so_and_sigterm_stops_with_checkpoint(manifest: Path, t
     assert any(m.startswith("stopping signal=SIGTERM") for m in messages)
     saved = CheckpointStore(tmp_path / "p0").latest()
     assert saved is not None and saved[1].meta["round"] == d.node.completed_round
+    from quinkgl_cli.node.checkpoint import load_final_model
+
+    # A daemon without a round target only ever stops this way: it still leaves the model it serves.
+    tensors, meta = load_final_model(tmp_path / "p0" / "final_model.safetensors")
+    served = d.node.served_model().state_dict()
+    assert meta["round"] == d.node.completed_round and all(torch.equal(tensors[k], served[k]) for k in served)
 
 
 def test_training_failure_exits_with_its_error_and_saves_nothing(manifest: Path, tmp_path: Path) -> None:
@@ -221,7 +227,10 @@ def test_restarting_a_finished_daemon_keeps_its_final_model(manifest: Path, tmp_
     assert state.meta["final"] is True and f.round == 2
     model_bytes, files = final.read_bytes(), CheckpointStore(tmp_path / "p0").files()
     final_tensors, _meta = load_final_model(final)
-    assert all(torch.equal(final_tensors[k[len("model."):]], v) for k, v in state.tensors.items() if k.startswith("model."))
+    # The final model is the served one (node.serving), and the final checkpoint's serving state gives it back.
+    first.node.load_state_dict(state)
+    served = first.node.served_model().state_dict()
+    assert served.keys() == final_tensors.keys() and all(torch.equal(final_tensors[k], served[k]) for k in served)
 
     def restart() -> Daemon:
         d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=2)), LogContext("p0"), memory_factory(MemoryNetwork()))

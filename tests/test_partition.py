@@ -51,6 +51,24 @@ def test_shards_with_fewer_shards_than_classes_still_cover_everything() -> None:
     assert all(len(set(y[p].tolist())) <= 6 for p in parts)
 
 
+def test_classes_give_peers_consecutive_label_blocks() -> None:
+    y = digits_like()
+    parts = partition_indices(y, 4, "classes:3", seed=2)
+    check_cover(parts, len(y))
+    assert [sorted(set(y[p].tolist())) for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [0, 1, 9]]
+    for label in (0, 1):  # a class with two holders is dealt evenly between them
+        counts = [int(np.sum(y[p] == label)) for p in (parts[0], parts[3])]
+        assert abs(counts[0] - counts[1]) <= 1
+    disjoint = partition_indices(y, 5, "classes:2", seed=2)
+    assert [sorted(set(y[p].tolist())) for p in disjoint] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+
+
+@pytest.mark.parametrize(("peers", "scheme"), [(3, "classes:3"), (2, "classes:11")])
+def test_classes_that_would_drop_data_are_refused(peers: int, scheme: str) -> None:
+    with pytest.raises(UsageError):
+        partition_indices(digits_like(), peers, scheme, seed=0)
+
+
 def test_dirichlet_small_alpha_skews_labels() -> None:
     y = digits_like()
     skewed = partition_indices(y, 20, "dirichlet:0.1", seed=5)
@@ -65,7 +83,7 @@ def test_dirichlet_small_alpha_skews_labels() -> None:
     assert min(len(p) for p in skewed) >= 2
 
 
-@pytest.mark.parametrize("scheme", ["iid", "shards:2", "dirichlet:0.3"])
+@pytest.mark.parametrize("scheme", ["iid", "shards:2", "classes:2", "dirichlet:0.3"])
 def test_deterministic_for_a_seed(scheme: str) -> None:
     y = digits_like()
     a = partition_indices(y, 10, scheme, seed=11)
@@ -75,7 +93,7 @@ def test_deterministic_for_a_seed(scheme: str) -> None:
     assert not all(np.array_equal(x, z) for x, z in zip(a, c, strict=True))
 
 
-@pytest.mark.parametrize("bad", ["", "iid:2", "shards", "shards:0", "shards:x", "dirichlet:-1", "dirichlet:nan", "random"])
+@pytest.mark.parametrize("bad", ["", "iid:2", "shards", "shards:0", "shards:x", "classes:0", "classes:", "dirichlet:-1", "dirichlet:nan", "random"])
 def test_bad_schemes_are_usage_errors(bad: str) -> None:
     with pytest.raises(UsageError):
         parse_scheme(bad)

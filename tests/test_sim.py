@@ -88,7 +88,7 @@ def test_peers_train_on_the_promised_label_shards(script: PeerScript) -> None:
         assert sorted(batch_labels.tolist()) == sorted(labels.tolist())  # the fast loader yields exactly the shard
         seen |= set(labels.tolist())
         total += len(labels)
-    assert seen == set(range(10)) and total == 1437  # digits' training split, shared out in full
+    assert seen == set(range(10)) and total == 1438  # digits' training split, shared out in full
 
 
 def test_gossip_learns_what_local_training_cannot(script: PeerScript) -> None:
@@ -125,11 +125,11 @@ def test_signflip_attackers_hurt_fedavg_more_than_robust_aggregators(script: Pee
     robust = simulate(script, robust_manifest, SimConfig(overrides=Overrides(byzantine_f=2), **cfg))
     assert len(robust.attackers) == 2 and robust.attackers == fedavg.attackers
     assert all(not p.attacker for p in robust.rounds[-1].peers if p.peer not in robust.attackers)
-    # FedAvg clips the -4x models to one model norm (aggregation.CLIP_FLOOR) but still averages them in: hurt, not
-    # broken (0.56 here; 0.11 before clipping). The robust rules leave them out.
-    assert 0.3 < fedavg.final.mean_accuracy < 0.6
+    # FedAvg clips the -4x models to the round's honest scale (aggregation's poison guard) but still averages them
+    # in: hurt (0.25 here, peers starting from one shared initialisation). The robust rules leave them out.
+    assert fedavg.final.mean_accuracy < 0.6
     assert robust.final.mean_accuracy > 0.65
-    assert robust.final.mean_accuracy > fedavg.final.mean_accuracy + 0.1
+    assert robust.final.mean_accuracy > fedavg.final.mean_accuracy + 0.2
 
 
 def test_overrides_reach_the_nodes(script: PeerScript) -> None:
@@ -303,10 +303,13 @@ def test_gaussian_and_scale_attackers_are_clipped_by_fedavg_and_trimmed_by_trimm
     f, r = fedavg.final, robust.final
     assert f.mean_accuracy is not None and r.mean_accuracy is not None and f.mean_val_loss is not None
     assert r.mean_val_loss is not None and r.mean_accuracy > 0.6
-    # Noise weights (~70 model norms away) and x100 weights are clipped to one model norm before FedAvg averages
-    # them: it keeps learning. Before clipping the noise drowned the honest models (accuracy 0.29) and the x100
-    # weights made the loss explode (validation loss 4.7e6, accuracy 0.57).
-    assert f.mean_accuracy > 0.65 and f.mean_val_loss < 2.0
+    # Noise weights and x100 weights are clipped to the round's honest scale before FedAvg averages them. x100:
+    # FedAvg keeps learning and its loss stays bounded (validation loss 46 here, 4.7e6 before clipping). Gaussian
+    # noise clipped to that scale still drags plain averaging down (0.32 here); the trimmed mean drops it.
+    if attack == "scale":
+        assert f.mean_accuracy > 0.65 and f.mean_val_loss < 1000
+    else:
+        assert r.mean_accuracy > f.mean_accuracy + 0.2
 
 
 def test_dirichlet_partition_runs_with_skewed_labels(script: PeerScript) -> None:
@@ -314,8 +317,8 @@ def test_dirichlet_partition_runs_with_skewed_labels(script: PeerScript) -> None
     sim = Simulator(script, make_manifest(script, local_steps=2), cfg)
     result = sim.run()
     parts = [dataset_labels(n.train_loader.dataset) for n in sim.nodes]
-    assert sum(len(p) for p in parts) == 1437 and all(len(p) >= 2 for p in parts)
-    overall = np.bincount(np.concatenate(parts), minlength=10) / 1437
+    assert sum(len(p) for p in parts) == 1438 and all(len(p) >= 2 for p in parts)
+    overall = np.bincount(np.concatenate(parts), minlength=10) / 1438
     skew = [0.5 * np.abs(np.bincount(p, minlength=10) / len(p) - overall).sum() for p in parts]
     assert np.mean(skew) > 0.3  # alpha 0.3: far from each peer holding the overall label mix (iid: ~0.05)
     assert all(p.val_accuracy is not None for r in result.rounds for p in r.peers)
@@ -368,5 +371,27 @@ def test_scripts_whose_training_data_is_no_tensor_dataset(tmp_path: Path, kind: 
     assert sorted(sorted(set(dataset_labels(n.train_loader.dataset).tolist())) for n in sim.nodes) == [[0], [1], [2]]
     local = simulate(blobs, m, SimConfig(mode="local", **cfg))
     assert local.final.mean_accuracy is not None and gossip.final.mean_accuracy is not None
-    assert local.final.mean_accuracy < 0.6  # one class each: alone a peer learns to say its own class
+    # One class each: alone, a peer drifts towards saying its own class (from the shared start, 0.72 after round 1).
+    assert local.final.mean_accuracy < 0.65
     assert gossip.final.mean_accuracy > 0.9 and gossip.final.mean_accuracy > local.final.mean_accuracy + 0.3
+
+
+def test_script_partition_gives_each_peer_its_own_build_loaders_call(script: PeerScript,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, str]] = []
+    build = script.build_loaders
+
+    def recording(manifest: Any, **kwargs: str) -> Any:
+        calls.append(dict(kwargs))
+        return build(manifest, **kwargs)
+
+    monkeypatch.setattr(script, "build_loaders", recording)
+    args = {"partition": "shards:2", "seed": "3"}
+    sim = Simulator(script, make_manifest(script), SimConfig(peers=5, rounds=1, partition="script", script_args=args))
+    sim.build()
+    assert calls == [{**args, "shard": str(i), "num_shards": "5"} for i in range(5)]
+    for i, node in enumerate(sim.nodes):  # exactly the split a daemon run with these script arguments trains on
+        daemon_train, daemon_val = build(None, **calls[i])
+        assert torch.equal(node.train_loader.dataset.tensors[1], daemon_train.dataset.tensors[1])
+        assert len(set(node.train_loader.dataset.tensors[1].tolist())) == 2
+        assert [torch.equal(a[0], b[0]) for a, b in zip(node.trainer.val_loader, daemon_val, strict=True)] == [True]

@@ -36,7 +36,7 @@ def simulate(
     peers: Annotated[int, typer.Option("--peers", metavar="N", help="Number of simulated peers.")] = 20,
     rounds: Annotated[int, typer.Option("--rounds", metavar="N", help="Training rounds.")] = 20,
     partition: Annotated[
-        str, typer.Option("--partition", metavar="SCHEME", help="How the training set is split: iid | shards:K | dirichlet:ALPHA.")
+        str, typer.Option("--partition", metavar="SCHEME", help="How the training set is split: iid | shards:K (K label shards per peer) | classes:K (K consecutive classes per peer) | dirichlet:ALPHA | script (each peer gets the script's own build_loaders(shard=i, num_shards=N)).")
     ] = "iid",
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the split, initialisations and choices.")] = 0,
     mode: Annotated[str, typer.Option("--mode", metavar="MODE", help="gossip (the manifest) | fedavg (central server baseline) | pairwise (the DP tutorial's pair averaging over the topology's edges) | local (no sharing).")] = "gossip",

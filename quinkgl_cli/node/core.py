@@ -10,15 +10,16 @@ the synchronous steps of a round in order::
         node.share(step)            # topology picks peers, encode once, transport.send_model (never blocks)
         ... let updates arrive ...  # until a deadline, or node.has_fresh_update_from_all()
         node.aggregate()            # decode + validate the inbox, aggregate, load the result
-    node.evaluate()                 # the model this peer holds at the end of the round (after aggregation)
+    node.evaluate()                 # the model this peer serves at the end of the round (`ServingModel`)
     metrics = node.end_round()      # RoundMetrics; calls on_round_end
     ... after the last round, node.final_consensus_steps averaging-only exchanges (share + aggregate) ...
 
 The parts, along a round's data flow: the `Trainer` (model, loaders, optimizer, loss; the only code run off the
 driver's thread), the `Exchange` (encode, who to send to, decode; sharing pipeline and topology), the `Inbox`
 (newest update per sender, staleness drops, its lock), the `PeerClock` (peers' rounds, quorum catch-up, lag and
-the pacing wait), the `GraphWatch` (the observed gossip graph's spectral numbers), the `RoundRecorder` (metrics,
-history, run totals) and `node.state` (node <-> checkpoint). The node itself owns the round counter, the peer
+the pacing wait), the `GraphWatch` (the observed gossip graph's spectral numbers), the `ServingModel` (the model
+this peer serves: evaluation, metrics, the final model), the `RoundRecorder` (metrics, history, run totals) and
+`node.state` (node <-> checkpoint). The node itself owns the round counter, the peer
 table (known and met peers) and the aggregator, and is the transport's event sink (`TransportEvents`).
 
 Everything is logged through ``quinkgl.node`` (`NodeLog`) with the node id and round. User hooks never break the
@@ -47,10 +48,11 @@ from quinkgl_cli.node.metrics import AggregationOutcome, RoundMetrics, RoundReco
 from quinkgl_cli.node.nodelog import Hooks, NodeLog, NoHooks, one_line
 from quinkgl_cli.node.ownfingerprint import own_fingerprint
 from quinkgl_cli.node.peerclock import PacePlan, PeerClock
+from quinkgl_cli.node.serving import ServingModel
 from quinkgl_cli.node.state import NodeState
 from quinkgl_cli.node.trainer import LossFn, Trainer, TrainStats
 from quinkgl_cli.strategies import registry
-from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY
+from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY, FedAvg
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
 from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED_ENCODING
@@ -140,6 +142,10 @@ class Node:
         self.inbox = Inbox(training.max_staleness, self.log)
         self.peer_clock = PeerClock(training.max_staleness, clock)
         self.recorder = RoundRecorder()
+        # Serving averages models, so only under averaging rules (robust ones serve the model they hold).
+        agg = self.aggregator
+        self.serving = ServingModel(model, isinstance(agg, FedAvg),
+                                    agg.params.max_weight_ratio if isinstance(agg, FedAvg) else 1.0)
         self.fingerprint = own_fingerprint(manifest, train_loader, model, self.trainer.loss_fn, config.noise_seed,
                                            self.log)
         self.exchange.label_entropy = self.fingerprint.label_entropy
@@ -261,9 +267,14 @@ class Node:
                  seconds=stats.duration)
         return stats
 
+    def served_model(self) -> nn.Module:
+        """The model this peer serves now (`ServingModel`): what evaluation, metrics and the final model show."""
+        return self.serving.model(self.round)
+
     def evaluate(self) -> tuple[float | None, float | None]:
-        """(val_loss, val_accuracy) on the validation loader; (None, None) when there is none or it is empty."""
-        result = self.trainer.evaluate()
+        """(val_loss, val_accuracy) of the served model on the validation loader; (None, None) when there is none
+        or it is empty."""
+        result = self.trainer.evaluate(self.served_model())
         if result is None:
             return (None, None)
         self.recorder.eval = result
@@ -271,6 +282,9 @@ class Node:
 
     def share(self, step: int = 0, to: Iterable[str] | None = None) -> list[str]:
         """Send the current model to the peers the topology picks (or to the known ones among ``to``). Never blocks."""
+        if step >= self.gossip_steps:  # drivers number the final merge's exchanges after a round's own steps
+            self.serving.merged()
+        self.serving.note_own(self.round, int(self.trainer.sample_count))
         return self.exchange.share(self.round, int(self.trainer.sample_count), list(self.known_peers), step,
                                    None if to is None else list(to))
 
@@ -323,6 +337,7 @@ class Node:
         for u in others:
             if u.peer_id in used:
                 self.graph.observe(u, self.known_peers, self.round)
+        self.serving.note_peers([u for u in others if u.peer_id in used])
         self.recorder.aggregated(used, samples)
         fields: dict[str, Any] = {"peers": len(used), "samples": samples, "from": used, "strategy": name}
         if result.note:
@@ -378,9 +393,11 @@ class Node:
         tensors.update(exchange_tensors)
         rng_tensors, rng = node_state.rng_state(self.rng)
         tensors.update(rng_tensors)
+        serving_tensors, serving = self.serving.state_dict()
+        tensors.update(serving_tensors)
         meta = {"node_id": self.node_id, "swarm_id": self.swarm_id, "round": self.completed_round,
                 "sample_count": int(self.trainer.sample_count), "optimizer": optimizer, "topology": topology,
-                "rng": rng, **self.recorder.state_dict(self.discovered, self.transport.stats)}
+                "rng": rng, "serving": serving, **self.recorder.state_dict(self.discovered, self.transport.stats)}
         return NodeState(tensors=tensors, meta=meta)
 
     def load_state_dict(self, state: NodeState) -> None:
@@ -390,6 +407,7 @@ class Node:
         node_state.load_aggregator(self.aggregator, t)
         self.exchange.load_state_dict(t, dict(meta.get("topology") or {}))
         node_state.load_rng_state(self.rng, t, meta.get("rng", {}))
+        self.serving.load_state_dict(t, meta.get("serving"))
         self.completed_round = int(meta["round"])
         self.round = self.completed_round
         self.recorder.load_state_dict(meta)

@@ -8,7 +8,8 @@ one summary line, exit 0. Started again on that finished checkpoint (same or low
 
 SIGTERM / SIGINT: training stops at the next batch and the round in progress is abandoned: the checkpoint on disk
 is the end-of-round state of the last completed round (written now when ``--checkpoint-every`` had skipped it), so
-a resumed daemon runs that round again from the state it started from. The transport stops, exit 130. A manifest
+a resumed daemon runs that round again from the state it started from, and the final model file gets the model the
+peer serves (`quinkgl_cli.node.serving`). The transport stops, exit 130. A manifest
 whose ``expires_at`` passes during the run stops the daemon the same way before the next round (``manifest-expired``),
 exit 4. Any other
 failure of the loop is logged with its traceback and exits non-zero; nothing is saved then (the model may be what
@@ -156,6 +157,7 @@ class Daemon:
                 await self.loop.final_consensus()
             if self.waiter.stopping:
                 await self.files.save_unsaved()
+                await self.files.write_stopped_model()
         finally:
             await self._stop_transport()
         if self.expired is not None:

@@ -92,8 +92,14 @@ class RunFiles:
         self.final_model.parent.mkdir(parents=True, exist_ok=True)
         meta = {"node_id": node.node_id, "swarm_id": node.swarm_id, "round": node.completed_round,
                 "arch_hash": self.prepared.arch_hash, "metrics": metrics}
-        await asyncio.to_thread(save_final_model, self.final_model, node.model, meta)
+        await asyncio.to_thread(save_final_model, self.final_model, node.served_model(), meta)
         return self.final_model
+
+    async def write_stopped_model(self) -> None:
+        """A stop before the last round (a long-lived daemon, with no --rounds, only ever stops this way) leaves the
+        model the peer serves, with the last completed round's metrics."""
+        if self.node.completed_round > 0 and not self.node.finished():
+            await self.write_final_model(self.node.recorder.last())
 
     async def already_finished(self) -> None:
         """Resumed on the final checkpoint of a run that reached its rounds: nothing to train. A restart has no

@@ -176,12 +176,13 @@ class Trainer:
             duration=time.perf_counter() - started,
         )
 
-    def evaluate(self) -> EvalStats | None:
-        """Loss and accuracy on the validation loader; None when there is no validation loader."""
+    def evaluate(self, model: nn.Module | None = None) -> EvalStats | None:
+        """Loss and accuracy of ``model`` (default: the trained one) on the validation loader; None when there is no
+        validation loader."""
         if self.val_loader is None:
             return None
         started = time.perf_counter()
-        model = self.model
+        model = self.model if model is None else model
         model.eval()
         total = 0.0
         correct = 0

@@ -11,7 +11,7 @@ Script arguments (all strings, ``--script-arg k=v``):
     batch_size=B       default 32
     shard=I            which part of the training set this peer keeps (0-based, default 0)
     num_shards=N       into how many parts the training set is cut (default 1: all of it)
-    partition=SCHEME   iid | shards:K | dirichlet:ALPHA (label-skewed), default iid
+    partition=SCHEME   iid | shards:K | classes:K | dirichlet:ALPHA (label-skewed), default iid
     seed=S             seed of the split; the same on every peer (default 0)
     lr=LR              SGD learning rate, default 0.05 (momentum 0.9)
 """

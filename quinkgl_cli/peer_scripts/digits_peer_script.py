@@ -1,12 +1,12 @@
 """Peer script: handwritten digits (scikit-learn's bundled 8x8 digits, offline), MLP 64-32-10.
 
-Every peer loads the same 1,797 images, keeps a fixed stratified validation set (20% of each digit, identical on
+Every peer loads the same 1,797 images, keeps a fixed validation set (20% of each digit, identical on
 every peer so accuracies compare) and trains on its own part of the rest. Script arguments (all strings,
 `--script-arg k=v`):
 
     shard=I            which part this peer trains on (0-based, default 0)
     num_shards=N       how many parts the training set is cut into (default 1: the whole training set)
-    partition=SCHEME   iid | shards:K | dirichlet:ALPHA (label-skewed non-IID), default iid
+    partition=SCHEME   iid | shards:K | classes:K | dirichlet:ALPHA (label-skewed non-IID), default iid
     seed=S             seed of the split (must be the same on every peer) and of the shuffling, default 0
     batch_size=B       default 32
     lr=LR              SGD learning rate, default 0.05 (momentum 0.9)
@@ -68,42 +68,22 @@ def load_digits_arrays():
 
 
 def validation_split(labels, fraction=VALIDATION_FRACTION, seed=VALIDATION_SEED):
-    """(train, val) index arrays: ``ceil(fraction * n)`` samples validate, each class contributing its share.
+    """(train, val) index arrays, both sorted: each class sends ``fraction`` of its samples (rounded to the nearest
+    count) to validation, the ones with the smallest seeded random keys.
 
-    Draw for draw what scikit-learn's ``train_test_split(test_size=fraction, stratify=labels, random_state=seed)``
-    picks (its StratifiedShuffleSplit, BSD-3-Clause), in NumPy alone: the split this script always used, so results
-    stay comparable. NumPy keeps the legacy RandomState stream frozen across versions, so every peer, whatever its
-    NumPy, holds the same validation set."""
-    n_val = int(np.ceil(fraction * len(labels)))
-    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    members = np.split(np.argsort(inverse, kind="stable"), np.cumsum(counts)[:-1])
-    rng = np.random.RandomState(seed)
-    n_train_i = _approximate_mode(counts, len(labels) - n_val, rng)
-    n_val_i = _approximate_mode(counts - n_train_i, n_val, rng)
+    The keys are raw 64-bit draws of NumPy's PCG64 bit generator, whose stream NumPy keeps fixed across versions
+    (unlike ``Generator`` methods such as ``permutation``), so every peer, whatever its NumPy, holds the very same
+    validation set."""
+    labels = np.asarray(labels)
+    keys = np.random.PCG64(seed).random_raw(len(labels))
     train, val = [], []
-    for i in range(len(classes)):
-        shuffled = members[i].take(rng.permutation(counts[i]), mode="clip")
-        train.extend(shuffled[: n_train_i[i]])
-        val.extend(shuffled[n_train_i[i] : n_train_i[i] + n_val_i[i]])
-    return rng.permutation(train), rng.permutation(val)
-
-
-def _approximate_mode(counts, draws, rng):
-    """Per-class sample counts summing to ``draws``, proportional to ``counts``; the rounding goes to the largest
-    remainders, ties broken by ``rng`` (scikit-learn's ``_approximate_mode``)."""
-    continuous = counts / counts.sum() * draws
-    floored = np.floor(continuous)
-    need = int(draws - floored.sum())
-    if need > 0:
-        remainder = continuous - floored
-        for value in np.sort(np.unique(remainder))[::-1]:
-            (tied,) = np.where(remainder == value)
-            add = min(len(tied), need)
-            floored[rng.choice(tied, size=add, replace=False)] += 1
-            need -= add
-            if need == 0:
-                break
-    return floored.astype(int)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        members = members[np.argsort(keys[members], kind="stable")]
+        n_val = int(fraction * len(members) + 0.5)
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
 def _split():

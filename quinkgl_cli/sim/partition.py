@@ -6,6 +6,10 @@ returns disjoint index arrays that together cover the dataset (a scheme never dr
 - ``iid``: each class dealt round-robin over the peers, so every peer holds an (almost) equal, stratified share.
 - ``shards:K``: every class cut into label-pure shards, ``K`` shards per peer with ``K`` distinct labels when the
   data allows it (McMahan et al.'s pathological non-IID split, without the shards that straddle two labels).
+- ``classes:K``: peer ``p`` holds the ``K`` consecutive classes starting at class ``p * K`` (wrapping around), and a
+  class held by several peers is dealt evenly among them: 4 peers with ``classes:3`` on 10 classes hold 0-2, 3-5,
+  6-8 and 9-0-1. The peers' label sets overlap only where ``N * K`` exceeds the number of classes; fewer slots than
+  classes would drop data and is refused.
 - ``dirichlet:ALPHA``: per class, the share of each peer is drawn from Dirichlet(ALPHA); small ALPHA means strong skew.
 """
 
@@ -19,7 +23,7 @@ import numpy as np
 
 from quinkgl_cli.errors import UsageError
 
-SCHEMES = ("iid", "shards:K", "dirichlet:ALPHA")
+SCHEMES = ("iid", "shards:K", "classes:K", "dirichlet:ALPHA")
 # Dirichlet draws leave some peers (almost) empty; redraw until each peer holds this many samples (bounded retries).
 _DIRICHLET_MIN_SAMPLES = 2
 _DIRICHLET_RETRIES = 100
@@ -28,33 +32,35 @@ _SWAP_PASSES = 20
 
 @dataclass(frozen=True)
 class PartitionScheme:
-    kind: str  # "iid" | "shards" | "dirichlet"
-    shards: int = 0
+    kind: str  # "iid" | "shards" | "classes" | "dirichlet"
+    shards: int = 0  # shards:K and classes:K
     alpha: float = 0.0
 
     def __str__(self) -> str:
-        if self.kind == "shards":
-            return f"shards:{self.shards}"
+        if self.kind in ("shards", "classes"):
+            return f"{self.kind}:{self.shards}"
         if self.kind == "dirichlet":
             return f"dirichlet:{self.alpha:g}"
         return "iid"
 
 
 def parse_scheme(text: str) -> PartitionScheme:
-    """``iid``, ``shards:K`` (K >= 1) or ``dirichlet:ALPHA`` (ALPHA > 0); anything else is a usage error."""
+    """``iid``, ``shards:K`` / ``classes:K`` (K >= 1) or ``dirichlet:ALPHA`` (ALPHA > 0); anything else is a usage
+    error."""
     raw = text.strip().lower()
     kind, _, arg = raw.partition(":")
-    hint = f"use one of {', '.join(SCHEMES)} (e.g. shards:2, dirichlet:0.3)"
+    hint = f"use one of {', '.join(SCHEMES)} (e.g. shards:2, classes:3, dirichlet:0.3)"
     if kind == "iid" and not arg:
         return PartitionScheme("iid")
-    if kind == "shards":
+    if kind in ("shards", "classes"):
+        what = "shard" if kind == "shards" else "class"
         try:
             k = int(arg)
         except ValueError:
-            raise UsageError(f"partition {text!r}: shard count {arg!r} is not an integer", hint) from None
+            raise UsageError(f"partition {text!r}: {what} count {arg!r} is not an integer", hint) from None
         if k < 1:
-            raise UsageError(f"partition {text!r}: shard count must be at least 1", hint)
-        return PartitionScheme("shards", shards=k)
+            raise UsageError(f"partition {text!r}: {what} count must be at least 1", hint)
+        return PartitionScheme(kind, shards=k)
     if kind == "dirichlet":
         try:
             alpha = float(arg)
@@ -82,6 +88,8 @@ def partition_indices(labels: Sequence[int] | np.ndarray, num_parts: int, scheme
         parts = _iid(y, num_parts, rng)
     elif scheme.kind == "shards":
         parts = _shards(y, num_parts, scheme.shards, rng)
+    elif scheme.kind == "classes":
+        parts = _consecutive_classes(y, num_parts, scheme.shards, rng)
     else:
         parts = _dirichlet(y, num_parts, scheme.alpha, rng)
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
@@ -148,7 +156,7 @@ def _shards(y: np.ndarray, n: int, k: int, rng: np.random.Generator) -> list[np.
     counts = _shard_counts(np.array([len(c) for c in classes]), total)
     shards: list[np.ndarray] = []
     shard_label: list[int] = []
-    for label, (idx, c) in enumerate(zip(classes, counts)):
+    for label, (idx, c) in enumerate(zip(classes, counts, strict=True)):
         for piece in np.array_split(idx, int(c)):
             shards.append(piece)
             shard_label.append(label)
@@ -190,6 +198,26 @@ def _make_labels_distinct(assign: np.ndarray, labels: np.ndarray, rng: np.random
                     else:
                         continue
                     break
+
+
+def _consecutive_classes(y: np.ndarray, n: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    classes = _classes(y, rng)
+    if n * k < len(classes):
+        raise UsageError(f"classes:{k} gives {n} peers {n * k} class slots for {len(classes)} classes: "
+                         f"{len(classes) - n * k} classes would hold no peer",
+                         f"use classes:{-(-len(classes) // n)} or more, or more peers")
+    if k > len(classes):
+        raise UsageError(f"classes:{k} asks for more classes per peer than the data has ({len(classes)})",
+                         f"use classes:{len(classes)} at most")
+    holders: list[list[int]] = [[] for _ in classes]
+    for p in range(n):
+        for j in range(k):
+            holders[(p * k + j) % len(classes)].append(p)
+    buckets: list[list[int]] = [[] for _ in range(n)]
+    for idx, peers in zip(classes, holders, strict=True):
+        for peer, piece in zip(peers, np.array_split(idx, len(peers)), strict=True):
+            buckets[peer].extend(int(i) for i in piece)
+    return [np.array(b, dtype=np.int64) for b in buckets]
 
 
 def _dirichlet(y: np.ndarray, n: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:

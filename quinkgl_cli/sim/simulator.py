@@ -62,7 +62,7 @@ from quinkgl_cli.node.script import PeerScript
 from quinkgl_cli.sim.config import MODES, Mode, Overrides, SimConfig, apply_overrides
 from quinkgl_cli.sim.partition import parse_scheme
 from quinkgl_cli.sim.results import PeerRound, RoundSummary, SimResult, peak_rss_mb, rss_mb, summarize
-from quinkgl_cli.sim.swarm import SwarmBuilder
+from quinkgl_cli.sim.swarm import SCRIPT_PARTITION, SwarmBuilder
 from quinkgl_cli.transport.memory import MemoryNetwork
 
 log = logging.getLogger("quinkgl.sim")
@@ -114,7 +114,8 @@ class Simulator:
             raise UsageError(
                 f"--clients-per-round {config.clients_per_round} with {config.peers} peers", "use 1..peers clients per round"
             )
-        parse_scheme(config.partition)
+        if config.partition != SCRIPT_PARTITION:
+            parse_scheme(config.partition)
         self.script = script
         self.config = config
         self.progress = progress

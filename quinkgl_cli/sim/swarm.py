@@ -2,7 +2,10 @@
 `quinkgl_cli.node.wiring.build_node`, as the daemon's), joined to the in-memory network one at a time.
 
 The training set behind the script's training loader is split among the peers by label
-(`quinkgl_cli.sim.partition`); the validation loader is shared by all peers so their accuracies compare. Simulator
+(`quinkgl_cli.sim.partition`); the validation loader is shared by all peers so their accuracies compare. With the
+partition ``script`` each peer instead gets what ``build_loaders(shard=i, num_shards=N, ...)`` returns, trains and
+validates on exactly that, as a daemon started with those script arguments would. Every peer starts from the same
+weights, as daemons of one swarm do. Simulator
 modes get what they need injected at build: the FedAvg server (`ServerMean`, the whole training set's weight) and
 clients (`AdoptGlobal`, a fresh optimizer per participation), the pairwise graph's `SelectedTargets`, and the
 attackers' ``tamper`` (`quinkgl_cli.sim.attacks`). Owns nothing after `build` returns the `Swarm`.
@@ -30,6 +33,17 @@ from quinkgl_cli.sim.data import materialize, peer_loader
 from quinkgl_cli.sim.partition import dataset_labels, parse_scheme, partition_indices
 from quinkgl_cli.sim.results import rss_mb
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
+
+
+SCRIPT_PARTITION = "script"  # each peer gets what the script's build_loaders(shard=i, num_shards=N) returns
+
+
+def _loader_size(loader: Any) -> int:
+    """Samples behind a training loader (0 when its dataset has no length)."""
+    try:
+        return len(loader.dataset)
+    except (AttributeError, TypeError):
+        return 0
 
 
 @dataclass
@@ -74,10 +88,12 @@ class SwarmBuilder:
     def node(self, node_id: str, train: Any, val: Any, seed: int, manifest: Manifest | None = None,
               max_peers: int | None = None, seek: int | None = None, **strategies: Any) -> Node:
         manifest = manifest or self.manifest
-        # Each peer's model initialisation is independent (as on real devices) but reproducible.
-        torch.manual_seed(seed)
+        # Every peer starts from the same weights, as daemons do (they seed model initialisation from the swarm id,
+        # or --seed); then each peer's own stream, so that what it draws while training is its own.
+        torch.manual_seed(self.config.seed)
         args = dict(self.config.script_args)
         model = self.script.build_model(manifest, **args)
+        torch.manual_seed(seed)
         transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=manifest.model.arch_hash,
                                     max_peers=max_peers or self.config.max_peers, seek=seek)
         # noise_seed: the simulator wants reproducible DP noise; a daemon never sets it (its noise must be secret).
@@ -90,11 +106,22 @@ class SwarmBuilder:
         self.network.deliver_all()
         return node
 
-    def build(self, rng: random.Random, memory: dict[str, float]) -> Swarm:
-        """Every node, joined to the network; ``rng`` draws the attackers (and goes on to drive the rounds);
-        ``memory`` receives the build's memory figures."""
+    def script_shards(self) -> tuple[list[Any], list[Any]]:
+        """Per peer, the training loader and the materialized validation batches of the script's own split."""
+        trains, vals = [], []
+        for i in range(self.config.peers):
+            args = {**self.config.script_args, "shard": str(i), "num_shards": str(self.config.peers)}
+            train_loader, val_loader = self.script.build_loaders(self.manifest, **args)
+            trains.append(train_loader)
+            vals.append(materialize(val_loader) if val_loader is not None else None)
+        return trains, vals
+
+    def split(self) -> tuple[list[Any], list[Any], Any, int]:
+        """(training loader per peer, validation batches per peer, the server's validation batches, training samples)."""
         cfg = self.config
-        swarm = Swarm()
+        if cfg.partition == SCRIPT_PARTITION:
+            trains, vals = self.script_shards()
+            return trains, vals, vals[0], sum(_loader_size(t) for t in trains)
         dataset, val_loader, batch_size = self.shared_data()
         scheme = parse_scheme(cfg.partition)
         try:
@@ -107,6 +134,16 @@ class SwarmBuilder:
                 ) from exc
             labels = np.zeros(len(dataset), dtype=np.int64)  # one pseudo-class: iid becomes an even random split
         parts = partition_indices(labels, cfg.peers, scheme, cfg.seed)
+        trains = [peer_loader(dataset, idx, batch_size, torch.Generator().manual_seed(cfg.seed * 100_003 + i))
+                  for i, idx in enumerate(parts)]
+        return trains, [val_loader] * cfg.peers, val_loader, len(dataset)
+
+    def build(self, rng: random.Random, memory: dict[str, float]) -> Swarm:
+        """Every node, joined to the network; ``rng`` draws the attackers (and goes on to drive the rounds);
+        ``memory`` receives the build's memory figures."""
+        cfg = self.config
+        swarm = Swarm()
+        trains, vals, val_loader, total_samples = self.split()
         # One throwaway model and optimizer first: lazy imports (torch.optim pulls in much of torch) would
         # otherwise count as the first peer's memory.
         warm = self.script.build_model(self.manifest, **dict(cfg.script_args))
@@ -124,14 +161,12 @@ class SwarmBuilder:
                 aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
                 # The server trains on nothing; its broadcast carries the whole training set's weight (clients
                 # only check that it is positive, and adopt it).
-                policies=NodePolicies(reported_samples=len(dataset)),
+                policies=NodePolicies(reported_samples=total_samples),
             )
         attackers = sorted(rng.sample(range(cfg.peers), cfg.attackers)) if cfg.attackers else []
         swarm.attackers = [ids[i] for i in attackers]
-        for i, (node_id, idx) in enumerate(zip(ids, parts, strict=True)):
+        for i, (node_id, train, val) in enumerate(zip(ids, trains, vals, strict=True)):
             seed = cfg.seed * 100_003 + i
-            shuffle = torch.Generator().manual_seed(seed)
-            train = peer_loader(dataset, idx, batch_size, shuffle)
             strategies: dict[str, Any] = {}
             if cfg.mode == "fedavg":
                 # A fresh local optimizer per participation, as FedAvg clients start from the global model anew.
@@ -142,7 +177,7 @@ class SwarmBuilder:
             if i in attackers:
                 policies = strategies.get("policies", NodePolicies())
                 strategies["policies"] = dataclasses.replace(policies, tamper=tamper_for(cfg.attack, cfg.seed * 7919 + i))
-            swarm.nodes.append(self.node(node_id, train, val_loader, seed, **strategies))
+            swarm.nodes.append(self.node(node_id, train, val, seed, **strategies))
         if cfg.mode == "pairwise":
             swarm.edges = self.graph_edges(swarm.nodes)
         memory["rss_after_build_mb"] = rss_mb()

@@ -1,0 +1,135 @@
+"""The serving model: the model a peer offers at any round, with no end-of-run phase and no extra traffic.
+
+Owns the latest model this peer trained (its own contribution, as it left local training) and the latest model of
+each peer that an aggregation of this node used, with their rounds and sample counts, plus the scratch module the
+served weights are loaded into. The served model is the mean of the entries at most ``max_age`` rounds old,
+weighted by sample count and bounded as FedAvg bounds self-reported counts (``max_weight_ratio``).
+
+Why: a peer's own model after aggregating with the few peers its topology reached this round still leans on its
+own data (on label-skewed splits it swings by tens of points between rounds); the average of the latest model of
+every peer heard from recently is the single global merge of "A Single Merging Suffices" (2025) done at every round
+from models the node already received. When every peer is heard every round it is the round's full average. Only
+for averaging rules: under a robust rule (Krum, Median, ...) a plain mean would let in what the rule screens out,
+so the served model is then the model the node holds.
+
+Training never reads it: the served model is what evaluation, ``on_round_end``, checkpoints and the final model
+show. The final averaging-only exchanges (the end-of-run merge, when a run has one) end it: their models and the
+latest ones from the training rounds do not mix (a peer not heard during the merge would bring back its drifted
+training model), and the merged model the peer holds is what it serves from then on. Memory: one flat float32 copy per remembered peer, at most ``max_models`` (the most recently heard ones).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quinkgl_cli.strategies.aggregation import bounded_weights, weighted_mean_rows
+from quinkgl_cli.strategies.base import PeerUpdate
+from quinkgl_cli.tensors import flatten, load_flat
+
+MAX_AGE = 10  # rounds: older latest models are left out (measured in benchmarks/LEARNING.md: 3 and 5 serve worse)
+MAX_MODELS = 64  # peers remembered; the least recently heard is forgotten first
+PREFIX = "serving."
+
+
+@dataclass
+class _Entry:
+    round: int
+    flat: torch.Tensor
+    samples: int
+
+
+class ServingModel:
+    """See the module docstring. ``enabled`` is False under robust aggregation rules (the held model is served)."""
+
+    def __init__(self, model: nn.Module, enabled: bool, max_weight_ratio: float, max_age: int = MAX_AGE,
+                 max_models: int = MAX_MODELS) -> None:
+        self.enabled = enabled
+        self.max_weight_ratio = max_weight_ratio
+        self.max_age = max_age
+        self.max_models = max_models
+        self._model = model
+        self._scratch: nn.Module | None = None
+        self._own: _Entry | None = None
+        self._peers: dict[str, _Entry] = {}  # insertion order = least recently heard first
+
+    def merged(self) -> None:
+        """The end-of-run merge began: serve the held model from now on."""
+        self.enabled = False
+        self._own = None
+        self._peers = {}
+
+    def note_own(self, round_: int, samples: int) -> None:
+        """The model as local training left it this round (before any aggregation)."""
+        if self.enabled:
+            self._own = _Entry(round_, flatten(self._model), max(int(samples), 1))
+
+    def note_peers(self, updates: list[PeerUpdate]) -> None:
+        """Updates an aggregation used: each becomes its sender's latest model (a newer round wins)."""
+        if not self.enabled:
+            return
+        for u in updates:
+            held = self._peers.get(u.peer_id)
+            if held is not None and held.round > u.round:
+                continue
+            self._peers.pop(u.peer_id, None)
+            self._peers[u.peer_id] = _Entry(u.round, u.flat, max(int(u.sample_count), 1))
+        while len(self._peers) > self.max_models:
+            del self._peers[next(iter(self._peers))]
+
+    def model(self, current_round: int) -> nn.Module:
+        """The module to serve: the scratch copy holding the served weights, or the node's model when there is
+        nothing to average (serving off, or nothing trained and received yet)."""
+        entries = self._recent(current_round)
+        if not entries:
+            return self._model
+        if self._scratch is None:
+            self._scratch = copy.deepcopy(self._model)
+        counts = torch.tensor([float(e.samples) for e in entries], dtype=torch.float64)
+        weights = bounded_weights(counts, self.max_weight_ratio).tolist()
+        flat = weighted_mean_rows([e.flat for e in entries], weights)
+        load_flat(self._scratch, flat)
+        return self._scratch
+
+    def _recent(self, current_round: int) -> list[_Entry]:
+        if not self.enabled or self._own is None:
+            return []
+        oldest = current_round - self.max_age
+        return [self._own] + [e for e in self._peers.values() if e.round >= oldest]
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``serving.own`` and ``serving.peer.<i>`` flat tensors; JSON with each entry's round, samples, peer id."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"own": None, "peers": []}
+        if self._own is not None:
+            tensors[f"{PREFIX}own"] = self._own.flat
+            meta["own"] = {"round": self._own.round, "samples": self._own.samples}
+        for i, (peer, e) in enumerate(self._peers.items()):
+            tensors[f"{PREFIX}peer.{i}"] = e.flat
+            meta["peers"].append({"peer": peer, "round": e.round, "samples": e.samples})
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None) -> None:
+        """Restore what `state_dict` saved; a checkpoint without serving state (older, or serving off) leaves it
+        empty. Entries must be finite vectors of this model's size."""
+        self._own = None
+        self._peers = {}
+        if not meta:
+            return
+        size = flatten(self._model).numel()
+
+        def entry(key: str, info: dict[str, Any]) -> _Entry:
+            flat = tensors.get(key)
+            if flat is None or flat.dim() != 1 or flat.numel() != size or not bool(torch.isfinite(flat).all()):
+                raise ValueError(f"checkpoint serving entry {key} is missing or not a finite vector of the model's size")
+            return _Entry(int(info["round"]), flat.to(torch.float32).clone(), max(int(info["samples"]), 1))
+
+        if meta.get("own") is not None:
+            self._own = entry(f"{PREFIX}own", meta["own"])
+        for i, info in enumerate(meta.get("peers") or []):
+            self._peers[str(info["peer"])] = entry(f"{PREFIX}peer.{i}", info)
