@@ -41,7 +41,7 @@ def test_snapshot_tracks_rounds_peers_and_the_last_aggregation() -> None:
     s = make("running")
     assert s.last_aggregation == Aggregation(3, ["peer-2", "peer-3"], 1010.0)
     assert (s.round, s.val_accuracy, s.bytes_sent, s.updated_at) == (3, 0.53, 5000, 1010.0)
-    assert s.dp_epsilon_spent == pytest.approx(0.3) and s.dp_delta == 1e-5
+    assert s.dp_epsilon_spent == pytest.approx(0.3) and s.round_metrics["dp_delta"] == 1e-5
     clock["wall"] = 1020.0
     node.finish_round([])  # a round alone keeps the earlier aggregation
     s = make("stopping")

@@ -130,7 +130,6 @@ class Node:
         self.round = 0  # the round in progress (1-based); after end_round, the last completed one
         self.completed_round = 0
         self.known_peers: dict[str, PeerInfo] = {}
-        self.discovered: set[str] = set()  # every peer met by this process
         self.trainer = Trainer(manifest, model, train_loader, val_loader, optimizer, loss_fn,
                                config.local_epochs or training.local_epochs,
                                config.local_steps if config.local_steps is not None else training.local_steps,
@@ -151,12 +150,6 @@ class Node:
         self.exchange.label_entropy = self.fingerprint.label_entropy
         if self.fingerprint.body is not None:
             self.exchange.topology.observe_fingerprint(self.node_id, dict(self.fingerprint.body))
-        sharing = self.exchange.sharing
-        if sharing.dp.enabled:
-            spec = manifest.privacy
-            self.log(logging.INFO, "dp-enabled", epsilon_per_round=spec.dp_epsilon, delta=f"{spec.dp_delta:g}",
-                     clip_norm=spec.dp_clip_norm, sigma=round(sharing.dp.sigma, 6), total_epsilon=spec.dp_total_epsilon,
-                     affordable_rounds=sharing.dp.max_releases)
 
     # ----------------------------------------------------------------- what drivers and tests read
     model = property(lambda self: self.trainer.model)
@@ -180,9 +173,9 @@ class Node:
         if self.fingerprint.body is not None:
             # Also on rediscovery: a peer that restarted has forgotten what we told it.
             self.transport.send_message(peer.node_id, FINGERPRINT_KIND, dict(self.fingerprint.body))
-        if peer.node_id in self.discovered:
+        if peer.node_id in self.recorder.met:
             return
-        self.discovered.add(peer.node_id)
+        self.recorder.met.add(peer.node_id)
         address = f"{peer.address[0]}:{peer.address[1]}" if peer.address else None
         self.log(logging.INFO, "peer-discovered", peer=peer.node_id, address=address, known=len(self.known_peers))
         self.log.hook("on_peer_discovered", peer.node_id)
@@ -379,7 +372,7 @@ class Node:
 
     def totals(self) -> dict[str, int]:
         """The whole run's peers met and traffic, including the processes before a restart."""
-        return self.recorder.totals(self.discovered, self.transport.stats)
+        return self.recorder.totals(self.transport.stats)
 
     # --------------------------------------------------------------- checkpoint state
     def state_dict(self) -> NodeState:
@@ -397,7 +390,7 @@ class Node:
         tensors.update(serving_tensors)
         meta = {"node_id": self.node_id, "swarm_id": self.swarm_id, "round": self.completed_round,
                 "sample_count": int(self.trainer.sample_count), "optimizer": optimizer, "topology": topology,
-                "rng": rng, "serving": serving, **self.recorder.state_dict(self.discovered, self.transport.stats)}
+                "rng": rng, "serving": serving, **self.recorder.state_dict(self.transport.stats)}
         return NodeState(tensors=tensors, meta=meta)
 
     def load_state_dict(self, state: NodeState) -> None:

@@ -72,6 +72,12 @@ class Exchange:
         self.tamper = tamper
         self.label_entropy: float | None = None  # rides on every update when the manifest allows fingerprints
         self._sharing_stop_logged = False
+        dp = self.sharing.dp
+        if dp.enabled:
+            spec = manifest.privacy
+            log(logging.INFO, "dp-enabled", epsilon_per_round=spec.dp_epsilon, delta=f"{spec.dp_delta:g}",
+                clip_norm=spec.dp_clip_norm, sigma=round(dp.sigma, 6), total_epsilon=spec.dp_total_epsilon,
+                affordable_rounds=dp.max_releases)
 
     # ------------------------------------------------------------------ send path
     def encode_update(self, round_: int, samples: int, step: int = 0, targets: Sequence[str] = ()) -> OutgoingUpdate:

@@ -85,6 +85,7 @@ class RoundRecorder:
         self.eval: EvalStats | None = None
         self.peers: list[str] = []
         self.aggregated_samples = 0
+        self.met: set[str] = set()  # every peer this process has met
         # Earlier processes of this run (restored from the checkpoint): peers they met, traffic they moved.
         self.earlier_peers: set[str] = set()
         self.earlier_traffic = Counters()
@@ -138,17 +139,17 @@ class RoundRecorder:
     def last(self) -> dict[str, Any]:
         return dict(self.history[-1]) if self.history else {}
 
-    def totals(self, met: Iterable[str], stats: TransportStats) -> dict[str, int]:
+    def totals(self, stats: TransportStats) -> dict[str, int]:
         """The whole run's peers met and traffic, this process's added to earlier processes'."""
         traffic = self.earlier_traffic.plus(Counters.of(stats))
-        return {"peers_met": len(self.earlier_peers | set(met)), "bytes_sent": traffic.bytes_sent,
+        return {"peers_met": len(self.earlier_peers | self.met), "bytes_sent": traffic.bytes_sent,
                 "bytes_received": traffic.bytes_received, "updates_sent": traffic.models_sent,
                 "updates_received": traffic.models_received}
 
     # ------------------------------------------------------------------ checkpoint state
-    def state_dict(self, met: Iterable[str], stats: TransportStats) -> dict[str, Any]:
-        totals = self.totals(met, stats)
-        return {"history": self.history, "known_peers": sorted(self.earlier_peers | set(met)),
+    def state_dict(self, stats: TransportStats) -> dict[str, Any]:
+        totals = self.totals(stats)
+        return {"history": self.history, "known_peers": sorted(self.earlier_peers | self.met),
                 "totals": {k: v for k, v in totals.items() if k != "peers_met"}}
 
     def load_state_dict(self, meta: dict[str, Any]) -> None:

@@ -55,5 +55,5 @@ class SnapshotMaker:
             loss=last.get("loss"), accuracy=last.get("accuracy"), val_loss=last.get("val_loss"),
             val_accuracy=last.get("val_accuracy"), bytes_sent=stats.bytes_sent,
             bytes_received=stats.bytes_received, dp_epsilon_spent=last.get("dp_epsilon_spent"),
-            dp_delta=last.get("dp_delta"), round_metrics=last,
+            round_metrics=last,
         )

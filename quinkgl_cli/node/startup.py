@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quinkgl_cli.errors import ArchMismatch, NodeConfigError
+from quinkgl_cli.errors import ArchMismatch
 from quinkgl_cli.events import emit
 from quinkgl_cli.node.dirlock import HeldDirectory, lock_directory
 from quinkgl_cli.node.options import DaemonOptions

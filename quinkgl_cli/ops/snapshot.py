@@ -55,8 +55,7 @@ class DaemonSnapshot:
     val_accuracy: float | None = None
     bytes_sent: int = 0  # model bytes since this process started
     bytes_received: int = 0
-    dp_epsilon_spent: float | None = None  # None: the swarm uses no differential privacy
-    dp_delta: float | None = None
+    dp_epsilon_spent: float | None = None  # None: no differential privacy (its delta is in round_metrics)
     round_metrics: dict[str, Any] = field(default_factory=dict)  # the last completed round's full metrics
 
     def to_json(self) -> dict[str, Any]:

@@ -34,7 +34,6 @@ from quinkgl_cli.sim.partition import dataset_labels, parse_scheme, partition_in
 from quinkgl_cli.sim.results import rss_mb
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 
-
 SCRIPT_PARTITION = "script"  # each peer gets what the script's build_loaders(shard=i, num_shards=N) returns
 
 
