@@ -122,6 +122,10 @@ def run(
     lan_discovery: Annotated[
         bool, typer.Option("--lan-discovery/--no-lan-discovery", help="Discover peers on the local network (off by default).")
     ] = False,
+    rendezvous: Annotated[
+        bool, typer.Option("--rendezvous/--no-rendezvous",
+                           help="Find daemons of the same swarm on this host through the state directory (on by default; no network traffic).")
+    ] = True,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="TOML file of these flags (keys without dashes); flags given here win.",
@@ -204,6 +208,7 @@ def run(
         min_peers=min_peers,
         min_peers_timeout=min_peers_timeout,
         transport_options={"enable_public_bootstrap": public_bootstrap, "enable_lan_discovery": lan_discovery},
+        rendezvous=rendezvous,
         log_file=log_file,
         log_max_bytes=log_max_bytes,
         log_backups=log_backups,

@@ -40,6 +40,7 @@ class NetworkOptions:
     listen: str = "127.0.0.1"
     bootstrap_peers: list[str] = field(default_factory=list)
     transport_options: dict[str, Any] = field(default_factory=dict)  # discovery switches of the IPv8 transport
+    rendezvous: bool = True  # same-host discovery through the state directory (no network traffic)
 
 
 @dataclass(frozen=True)

@@ -164,12 +164,15 @@ def lock_node_dirs(options: DaemonOptions, checkpoint_dir: Path) -> list[HeldDir
 
 def make_ipv8_transport(prepared: Prepared) -> Any:
     from quinkgl_cli import wire
+    from quinkgl_cli.paths import state_home
     from quinkgl_cli.tensors import shared_specs
     from quinkgl_cli.transport.ipv8 import IPv8Transport
+    from quinkgl_cli.transport.rendezvous import Rendezvous
 
     o = prepared.options
     net = o.network
     bootstrap = list(dict.fromkeys([*net.bootstrap_peers, *prepared.trusted.manifest.bootstrap_peers]))
+    rendezvous = Rendezvous(state_home(o.state_dir), prepared.trusted.swarm_id, o.node_id) if net.rendezvous else None
     return IPv8Transport(
         node_id=o.node_id,
         swarm_id=prepared.trusted.swarm_id,
@@ -180,5 +183,6 @@ def make_ipv8_transport(prepared: Prepared) -> Any:
         bootstrap=bootstrap,
         # Refuse offers far larger than this model can ever be: a peer cannot make us buffer gigabytes.
         max_model_bytes=wire.max_blob_bytes(shared_specs(prepared.model)) * 2,
+        rendezvous=rendezvous,
         **net.transport_options,
     )

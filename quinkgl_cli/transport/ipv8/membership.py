@@ -32,6 +32,7 @@ from quinkgl_cli.transport.ipv8.runtime import NodeEvents
 from quinkgl_cli.transport.ipv8.settings import TransportSettings, label
 
 log = logging.getLogger("quinkgl.transport")
+LOCAL_SEED_POLL = 2.0  # seconds between reads of the rendezvous directory (a few small files)
 
 
 class Membership:
@@ -46,6 +47,7 @@ class Membership:
         tcp_port: int,
         seeds: list[tuple[str, int]],
         on_lost: Callable[[str], None],
+        local_seeds: Callable[[], list[tuple[str, int]]] | None = None,
     ) -> None:
         self.settings = settings
         self.table = table
@@ -59,6 +61,9 @@ class Membership:
         self.replay = ReplayGuard()
         self.walker = RandomWalk(community, timeout=3.0, window_size=5, reset_chance=30)
         self._seed_walked: dict[tuple[str, int], float] = {}
+        self.local_seeds = local_seeds  # re-read every LOCAL_SEED_POLL seconds: daemons come and go
+        self._local: list[tuple[str, int]] = []
+        self._local_read = float("-inf")
         self.active = True  # False once the transport stops: nothing more is reported to the node
 
     # -- periodic work -----------------------------------------------------------------------------------------
@@ -66,7 +71,10 @@ class Membership:
         """Walk towards seeds not yet met, step the random walk, greet new contacts, heartbeat, lose the silent."""
         s = self.settings
         known = self.table.addresses()
-        for seed in self.seeds:
+        if self.local_seeds is not None and now - self._local_read >= LOCAL_SEED_POLL:
+            self._local_read = now
+            self._local = self.local_seeds()
+        for seed in [*self.seeds, *self._local]:
             if seed not in known and now - self._seed_walked.get(seed, 0.0) >= max(1.0, s.walk_interval):
                 self._seed_walked[seed] = now
                 self.community.walk_to(seed)

@@ -47,6 +47,7 @@ from quinkgl_cli.transport.ipv8.settings import (
     TransportSettings,
     parse_address,
 )
+from quinkgl_cli.transport.rendezvous import Rendezvous
 
 log = logging.getLogger("quinkgl.transport")
 STOP_POLL = 0.02  # seconds between looks at the outbox while stopping
@@ -113,6 +114,7 @@ class IPv8Transport(RuledTransport):
         max_concurrent_fetches: int = 4,
         protocol_version: int = PROTOCOL_VERSION,
         limits: Limits | None = None,
+        rendezvous: Rendezvous | None = None,
     ) -> None:
         self.settings = TransportSettings(
             node_id=node_id, swarm_id=swarm_id, arch_hash=arch_hash, state_dir=Path(state_dir), listen_host=listen_host,
@@ -131,6 +133,8 @@ class IPv8Transport(RuledTransport):
         self.running = False
         self.tcp_port = 0
         self.parts: Parts | None = None
+        # Same-host discovery: announced once bound, read for seeds while running, withdrawn at stop.
+        self.rendezvous = rendezvous
         self._dispatch = Dispatch(swarm_id, node_id, self.drops)
 
     # -- identity and addresses ------------------------------------------------------------------------------------
@@ -189,12 +193,15 @@ class IPv8Transport(RuledTransport):
             raise
         self.tcp_port = int(lsock.getsockname()[1])
         self.parts = self._assemble(loop, events, key, session, endpoint, community, lsock, seeds)
+        if self.rendezvous is not None:
+            self.rendezvous.announce(s.listen_host, udp_port)
         self.running = True
         self.parts.tasks.spawn(self.parts.server.accept_loop(), "accept")
         self.parts.tasks.spawn(self._tick_loop(), "tick")
         emit(log, logging.INFO, "transport-started", context={"node": self.node_id}, kind="ipv8", swarm=s.swarm_id,
              udp=f"{s.listen_host}:{udp_port}", tcp=self.tcp_port, key=self.public_key[-16:], bootstrap=len(s.bootstrap),
-             lan_discovery=s.enable_lan_discovery, public_bootstrap=s.enable_public_bootstrap)
+             lan_discovery=s.enable_lan_discovery, public_bootstrap=s.enable_public_bootstrap,
+             rendezvous=self.rendezvous.directory if self.rendezvous is not None else None)
 
     def _assemble(self, loop: asyncio.AbstractEventLoop, events: TransportEvents, key: Any, session: int,
                   endpoint: GuardedUDPEndpoint, community: SwarmCommunity, lsock: Any, seeds: list[tuple[str, int]]) -> Parts:
@@ -207,12 +214,22 @@ class IPv8Transport(RuledTransport):
         table = PeerTable(s.max_peers)
         outbox = Outbox(s, table, courier, drops, self.tcp_port)
         fetcher = Fetcher(s, key, community.community_id, courier, self.guard, pool, tasks, node_events, drops, self.stats)
-        membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, fetcher.forget)
+        membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, fetcher.forget,
+                                local_seeds=self._local_seeds if self.rendezvous is not None else None)
         server = FetchServer(s, lsock, outbox, key, community.community_id, self.guard, pool, tasks, drops, self.stats)
         self._dispatch.attach(Routes(membership, outbox, fetcher, node_events))
         return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, tasks, pool)
 
+    def _local_seeds(self) -> list[tuple[str, int]]:
+        """The other daemons of this swarm on this host, from the rendezvous directory, where we may send."""
+        assert self.rendezvous is not None
+        own = self.address
+        return [(e.host, e.port) for e in self.rendezvous.peers()
+                if (e.host, e.port) != own and self.guard.allows(e.host)]
+
     async def stop(self) -> None:
+        if self.rendezvous is not None:
+            self.rendezvous.withdraw()
         if not self.running:
             await self._teardown()
             return
