@@ -147,7 +147,7 @@ class Daemon:
         # The node id is the line's own ``node`` (a reserved member), not a field of its own.
         emit(log, logging.INFO, "started", swarm=self.prepared.trusted.swarm_id, listen=listen,
              rounds=node.rounds if node.rounds is not None else "unlimited",
-             interval=f"{o.schedule.gossip_interval:g}", strategy=manifest.aggregation.name,
+             interval=o.schedule.gossip_interval, strategy=manifest.aggregation.name,
              topology=manifest.topology.name)
         try:
             if o.schedule.min_peers and node.completed_round == 0:

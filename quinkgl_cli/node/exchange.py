@@ -75,7 +75,7 @@ class Exchange:
         dp = self.sharing.dp
         if dp.enabled:
             spec = manifest.privacy
-            log(logging.INFO, "dp-enabled", epsilon_per_round=spec.dp_epsilon, delta=f"{spec.dp_delta:g}",
+            log(logging.INFO, "dp-enabled", epsilon_per_round=spec.dp_epsilon, delta=spec.dp_delta,
                 clip_norm=spec.dp_clip_norm, sigma=round(dp.sigma, 6), total_epsilon=spec.dp_total_epsilon,
                 affordable_rounds=dp.max_releases)
 
@@ -120,7 +120,7 @@ class Exchange:
                 self._sharing_stop_logged = True
                 eps, delta = self.sharing.dp.spent()
                 self._log(logging.WARNING, "dp-budget-exhausted", releases=self.sharing.dp.releases,
-                          epsilon_spent=round(eps, 4), delta=f"{delta:g}",
+                          epsilon_spent=round(eps, 4), delta=delta,
                           total=self.manifest.privacy.dp_total_epsilon, hint="this node no longer shares its model")
             return []
         known_set = set(peers)

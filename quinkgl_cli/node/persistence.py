@@ -125,4 +125,4 @@ class RunFiles:
         emit(log, logging.INFO, "finished", rounds=node.completed_round, loss=last.get("loss"),
              val_loss=last.get("val_loss"), val_accuracy=last.get("val_accuracy"), peers_met=totals["peers_met"],
              bytes_sent=totals["bytes_sent"], bytes_received=totals["bytes_received"],
-             seconds=f"{time.monotonic() - started_at:.1f}", peak_rss_mb=f"{peak_rss_mb():.1f}", final_model=path)
+             seconds=round(time.monotonic() - started_at, 1), peak_rss_mb=round(peak_rss_mb(), 1), final_model=path)
