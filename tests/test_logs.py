@@ -100,25 +100,9 @@ def test_node_and_simulator_lines_are_events_with_fields_as_data() -> None:
     emits = 0
     for package in (node_pkg, sim_pkg):
         for path in Path(package.__file__).parent.glob("*.py"):
-            if path.name in ("logs.py", "checkpoint.py"):  # the log set-up itself; the checkpoint store: below
+            if path.name == "logs.py":  # the log set-up itself
                 continue
             text = path.read_text()
             assert not _LOG_CALL.findall(text), path.name
             emits += text.count("emit(")
     assert emits >= 20  # the daemon's and the simulator's own; the node's parts log through NodeLog, which emits
-
-
-def test_checkpoint_events_are_one_hyphenated_word_then_fields() -> None:
-    """The checkpoint store's lines: `event key=value ...`, never free text the JSON mode would turn into a long
-    event name."""
-    from pathlib import Path
-
-    import quinkgl_cli.node.checkpoint as checkpoint
-
-    seen = 0
-    for _quote, text in _LOG_CALL.findall(Path(checkpoint.__file__).read_text()):
-        event, *rest = text.split()
-        assert _EVENT.match(event), text
-        assert all(tok == "%s" or re.match(r"^[a-z_]+=", tok) for tok in rest), text
-        seen += 1
-    assert seen >= 2
