@@ -403,19 +403,27 @@ def test_peer_far_behind_catches_up_with_the_swarm_majority(caplog: pytest.LogCa
     nodes = [make_node(net, f"p{i}", manifest(max_staleness=2), i, seed=i, rounds=50) for i in range(4)]
     net.deliver_all()
     late = nodes[0]
-    d = flatten(late.model).numel()
-    late.on_model(forged(late, "p1", 20, torch.zeros(d), 30))
-    late.on_model(forged(late, "p2", 21, torch.zeros(d), 30))
-    late.on_model(forged(late, "p3", 10_000, torch.zeros(d), 30))  # one peer lying about its round
-    late.aggregate()  # rounds count once the updates decoded and validated
+    model = flatten(late.model)
+    # Peers count for the quorum once they delivered valid updates in HISTORY_ROUNDS (3) rounds of ours.
+    for r in range(3):
+        assert late.begin_round() == r + 1
+        late.on_model(forged(late, "p1", 20 + r, model, 30))
+        late.on_model(forged(late, "p2", 21 + r, model, 30))
+        late.on_model(forged(late, "p3", 10_000, model, 30))  # one peer lying about its round
+        late.aggregate()  # rounds count once the updates decoded and validated
+        late.end_round()
     with caplog.at_level(logging.INFO, logger="quinkgl.node"):
-        assert late.begin_round() == 21  # the median of 20, 21, 10000 -- not the liar's round
-    assert any(r.getMessage().startswith("caught-up from_round=1 to_round=21") for r in caplog.records)
+        # 10000 is past the round limit (50): no claim at all. Two of three say 22 or more.
+        assert late.begin_round() == 22
+    assert any(r.getMessage().startswith("caught-up from_round=4 to_round=22") for r in caplog.records)
     # A minority ahead does not move it.
     other = nodes[1]
-    other.on_model(forged(other, "p3", 10_000, torch.zeros(d), 30))
-    other.aggregate()
-    assert other.begin_round() == 1
+    for _ in range(3):
+        other.begin_round()
+        other.on_model(forged(other, "p3", 10_000, model, 30))
+        other.aggregate()
+        other.end_round()
+    assert other.begin_round() == 4
 
 
 def test_junk_or_a_single_peer_cannot_move_the_round_clock() -> None:
@@ -451,11 +459,13 @@ def test_honest_catch_up_through_the_round_loop() -> None:
     net.deliver_all()
     for n in nodes[1:]:
         n.completed_round = 30
+    # Its peers count for the quorum once they have a history: valid updates in 3 of its rounds.
+    for expected in ([1, 31, 31, 31], [2, 32, 32, 32], [3, 33, 33, 33]):
+        run_round(net, nodes)
+        assert [n.completed_round for n in nodes] == expected
     run_round(net, nodes)
-    assert [n.completed_round for n in nodes] == [1, 31, 31, 31]
-    run_round(net, nodes)
-    # It runs the round the others have reached (31, within max_staleness of their 32): exchanges count again.
-    assert [n.completed_round for n in nodes] == [31, 32, 32, 32]
+    # It runs the round the others have reached (33, within max_staleness of their 34): exchanges count again.
+    assert [n.completed_round for n in nodes] == [33, 34, 34, 34]
     assert all(n.history[-1]["peers"] == 3 for n in nodes)
 
 

@@ -198,7 +198,7 @@ class Node:
             meta = self.exchange.receive_compressed(update, self.inbox.drop)
             if meta is None:
                 return
-            self.peer_clock.note_valid(update.sender, update.round)
+            self.peer_clock.note_valid(update.sender, update.round, self.round)
             # Keep its meta (label entropy), not the bytes.
             update = dataclasses.replace(update, payload=b"", encoding=COMPRESSED_ENCODING, meta={**update.meta, **meta})
         elif len(update.payload) > limit:
@@ -301,7 +301,7 @@ class Node:
             except Exception as exc:
                 self.inbox.drop(msg.sender, msg.round, f"invalid: {one_line(exc)}")
                 continue
-            self.peer_clock.note_valid(msg.sender, msg.round)
+            self.peer_clock.note_valid(msg.sender, msg.round, self.round)
         if not others:
             return None
         entropy = self.fingerprint.label_entropy

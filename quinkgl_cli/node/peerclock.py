@@ -1,10 +1,19 @@
 """The swarm's clock as this node sees it: which round each peer is in, whether to catch up, whom to wait for.
 
 Owns, per peer: the newest round of a valid update (`note_valid`; the quorum catch-up reads only these), the
-arrival time and round of its newest update and its seconds per round (`note_arrival`; pacing reads these), the lag
-noted on arrival, and the round before which it is not waited for again. Also owns the decision a real-time driver
-asks for before a round (`pace_plan`): whom to wait for and for how long. Nothing here is checkpointed: peers'
-rounds are relearned from their next updates.
+rounds of ours in which it delivered valid updates (its history), the arrival time and round of its newest update
+and its seconds per round (`note_arrival`; pacing reads these), the lag noted on arrival, and the round before
+which it is not waited for again. Also owns the decision a real-time driver asks for before a round (`pace_plan`):
+whom to wait for and for how long. Nothing here is checkpointed: peers' rounds and histories are relearned from
+their next updates.
+
+Identities cost nothing in an open swarm, so neither the catch-up quorum nor pacing counts identities. The quorum
+counts only peers with a history: valid updates in `HISTORY_ROUNDS` different rounds of ours, so fresh keys
+claiming round 1,000,000 cannot end this node's training, and a claim above the round limit is ignored outright
+(an honest peer of the same swarm never runs past it). Pacing waits only for peers that have shown progress (two
+updates of increasing rounds, which gives their round period; a slow peer's updates are often stale, so validity
+cannot be asked of them): identities taking turns, each sending one update that claims an old round, cannot make
+it wait. What a history cannot stop is a majority of long-lived liars; only admission (certified membership) can.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from dataclasses import dataclass
 PACE_MUTE_ROUNDS = 10  # a peer that did not catch up within a pacing wait is not waited for again this long
 PACE_WAIT_CAP_S = 10.0  # before a round, wait at most this long (or three rounds of ours) for lagging peers
 PACE_HISTORY = 5  # own rounds whose median duration is "one typical round"
+HISTORY_ROUNDS = 3  # rounds of ours with valid updates from a peer before it counts for catch-up and pacing
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class PeerClock:
         self._last_arrival: dict[str, tuple[float, int]] = {}  # per peer: (clock, round) of its newest round seen
         self._round_period: dict[str, float] = {}  # per peer: seconds per round, from its updates' arrivals
         self._pace_muted: dict[str, int] = {}  # per peer: no pacing on it before this round (it did not catch up)
+        self._history: dict[str, set[int]] = {}  # per peer: rounds of ours with a valid update (up to HISTORY_ROUNDS)
 
     @property
     def pace_lag(self) -> int:
@@ -50,10 +61,19 @@ class PeerClock:
         limit its next update would already be dropped."""
         return max(self.max_staleness, 1)
 
-    def note_valid(self, sender: str, round_: int) -> None:
-        """A valid update of ``round_`` came from ``sender``: the swarm's clock counts only such updates."""
+    def note_valid(self, sender: str, round_: int, current_round: int) -> None:
+        """A valid update of ``round_`` came from ``sender`` during our ``current_round``: the swarm's clock counts
+        only such updates, and they make the sender's history."""
         with self._lock:
             self._peer_rounds[sender] = max(round_, self._peer_rounds.get(sender, round_))
+            seen = self._history.setdefault(sender, set())
+            if len(seen) < HISTORY_ROUNDS:
+                seen.add(current_round)
+
+    def has_history(self, peer: str) -> bool:
+        """Whether ``peer`` delivered valid updates in `HISTORY_ROUNDS` different rounds of ours."""
+        with self._lock:
+            return len(self._history.get(peer, ())) >= HISTORY_ROUNDS
 
     def note_arrival(self, sender: str, round_: int, current_round: int) -> None:
         """Remember a peer whose update came ``pace_lag`` or more rounds behind ours, forget it once one comes closer.
@@ -80,13 +100,17 @@ class PeerClock:
 
         A peer that restarted from an old checkpoint would otherwise stay behind for good (rounds advance at the
         same cadence everywhere) and have every update dropped as stale. It jumps to the highest round that a
-        quorum of its known peers has reached, when that is more than ``max_staleness`` ahead, capped at the
-        round limit. The quorum is a majority of the known peers and never fewer than two, and a peer's round
-        counts only from updates that decoded and validated: neither one peer (a liar, or the only other peer of
-        a two-peer swarm) nor a minority claiming huge rounds can push it to the end of training.
+        quorum of its known peers with a history (`has_history`) has reached, when that is more than
+        ``max_staleness`` ahead, capped at the round limit. The quorum is a majority of those peers and never
+        fewer than two, a peer's round counts only from updates that decoded and validated, and a claim above the
+        round limit counts as no claim: neither one peer (a liar, or the only other peer of a two-peer swarm), nor
+        a minority claiming huge rounds, nor any number of fresh identities can push it to the end of training.
         """
-        with self._lock:  # peers not heard from yet count as being where we are
-            rounds = sorted((self._peer_rounds.get(p, next_round) for p in known), reverse=True)
+        with self._lock:  # peers not heard from yet, or claiming past the limit, count as being where we are
+            rounds = sorted(
+                (self._claim(p, next_round, round_limit) for p in known if len(self._history.get(p, ())) >= HISTORY_ROUNDS),
+                reverse=True,
+            )
         quorum = max(2, len(rounds) - (len(rounds) - 1) // 2)
         if len(rounds) < quorum or rounds[quorum - 1] <= next_round + self.max_staleness:
             return None
@@ -94,19 +118,25 @@ class PeerClock:
         target = reached if round_limit is None else min(reached, round_limit)
         return CatchUp(target, len(rounds), quorum) if target > next_round else None
 
+    def _claim(self, peer: str, default: int, round_limit: int | None) -> int:
+        claimed = self._peer_rounds.get(peer, default)
+        return default if round_limit is not None and claimed > round_limit else claimed
+
     def lagging(self, known: Iterable[str], completed_round: int, current_round: int) -> dict[str, int]:
         """Known peers to wait for before the next round, with how many rounds they lag.
 
         Two signals: an update that arrived ``pace_lag`` or more rounds behind ours (noted on arrival), and, for a
         peer sending regularly (its round period known, heard from within three periods), a newest round more than
         ``pace_lag`` behind the round about to begin: between that peer's updates a faster node would otherwise
-        race ahead again. A peer that sends rarely (a sparse topology) is not active and is never waited for."""
+        race ahead again. A peer that sends rarely (a sparse topology) is not active and is never waited for, nor is
+        one that has not shown progress (no round period yet): identities taking turns, each claiming an old round
+        once, would otherwise each buy one wait."""
         now = self.clock()
         upcoming = completed_round + 1
         out: dict[str, int] = {}
         with self._lock:
             for p in known:
-                if self._pace_muted.get(p, 0) > current_round:
+                if self._pace_muted.get(p, 0) > current_round or p not in self._round_period:
                     continue
                 lag = self._lagging.get(p)
                 last, period = self._last_arrival.get(p), self._round_period.get(p)

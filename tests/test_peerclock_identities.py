@@ -1,0 +1,87 @@
+"""The swarm clock against identities that cost nothing: the catch-up quorum counts only peers with a history
+(valid updates in HISTORY_ROUNDS rounds of ours), a round claim past the round limit counts as none, and pacing
+waits only for peers that have shown progress."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from quinkgl_cli.node.peerclock import HISTORY_ROUNDS, PeerClock
+from quinkgl_cli.tensors import flatten
+from quinkgl_cli.transport.memory import MemoryNetwork
+from tests.test_node_core import forged, make_node, manifest
+
+
+def test_fresh_keys_claiming_round_a_million_cannot_end_training(caplog: pytest.LogCaptureFixture) -> None:
+    # The attack: three fresh keys sending copied models that claim round 1,000,000 made every peer jump to its
+    # last round (9 of 12 rounds skipped). Here two honest peers keep step; the three copies are valid updates.
+    net = MemoryNetwork(auto_deliver=False)
+    me = make_node(net, "me", manifest(), 0, rounds=12)
+    for name in ("h1", "h2", "s1", "s2", "s3"):
+        make_node(net, name, manifest(), 1, seed=1, rounds=12)
+    net.deliver_all()
+    with caplog.at_level(logging.INFO, logger="quinkgl.node"):
+        for expected in range(1, 13):
+            assert me.begin_round() == expected
+            copy = flatten(me.model)
+            for honest in ("h1", "h2"):
+                me.on_model(forged(me, honest, expected, copy, 30))
+            for sybil in ("s1", "s2", "s3"):
+                me.on_model(forged(me, sybil, 1_000_000, copy, 30))
+            assert me.aggregate() is not None
+            me.end_round()
+    assert not [r for r in caplog.records if r.getMessage().startswith("caught-up")]
+    assert me.completed_round == 12 and len(me.history) == 12
+
+
+def test_without_a_round_limit_fresh_keys_still_wait_for_a_history() -> None:
+    clock = PeerClock(max_staleness=1, clock=lambda: 0.0)
+    known = ["h1", "s1", "s2", "s3"]
+    for our_round in range(1, HISTORY_ROUNDS + 1):
+        assert clock.catch_up(our_round, known, None) is None
+        for sybil in ("s1", "s2", "s3"):
+            clock.note_valid(sybil, 1_000_000, our_round)
+        clock.note_valid("h1", our_round, our_round)
+    # Three rounds of valid updates later they count; a majority of long-lived liars is beyond what a history can
+    # tell apart (certified membership is), but it took them HISTORY_ROUNDS rounds of useful updates.
+    assert clock.has_history("s1") and clock.catch_up(HISTORY_ROUNDS + 1, known, None) is not None
+    # Many updates in one round are one round of history.
+    fresh = PeerClock(max_staleness=1, clock=lambda: 0.0)
+    for _ in range(10):
+        fresh.note_valid("x", 5, 1)
+    assert not fresh.has_history("x")
+
+
+def test_identities_taking_turns_claiming_round_zero_cause_no_pacing() -> None:
+    # The attack: five identities taking turns, each sending one update claiming round 0, stretched rounds from
+    # 1 s to 11 s through pacing.
+    now = [0.0]
+    clock = PeerClock(max_staleness=1, clock=lambda: now[0])
+    known = [f"turn{i}" for i in range(5)] + ["slow"]
+    for our_round in range(1, 11):
+        now[0] += 1.0
+        turn = f"turn{our_round % 5}"
+        clock.note_arrival(turn, 0, our_round)
+        clock.note_valid(turn, 0, our_round)
+        assert clock.lagging(known, our_round, our_round) == {}, our_round
+    # Each identity had two turns claiming round 0: no progress shown, so none was ever waited for. A slow peer
+    # whose rounds advance is, even when its updates arrive too late to be valid.
+    for our_round in (11, 12):
+        now[0] += 1.0
+        clock.note_arrival("slow", our_round - 3, our_round)
+    assert clock.lagging(known, 12, 12) == {"slow": 4}  # round 13 begins, its newest is 9
+
+
+def test_a_history_comes_only_from_valid_updates() -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    me = make_node(net, "me", manifest(), 0, rounds=20)
+    d = flatten(me.model).numel()
+    for _ in range(HISTORY_ROUNDS):
+        me.begin_round()
+        me.on_model(forged(me, "junk", me.round, torch.zeros(d), 30, payload=b"QGLT garbage"))
+        me.aggregate()
+        me.end_round()
+    assert not me.peer_clock.has_history("junk")
