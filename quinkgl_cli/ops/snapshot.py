@@ -53,7 +53,7 @@ class DaemonSnapshot:
     accuracy: float | None = None
     val_loss: float | None = None
     val_accuracy: float | None = None
-    bytes_sent: int = 0  # model bytes since this process started
+    bytes_sent: int = 0  # model bytes over the whole run (earlier processes of a resumed run included)
     bytes_received: int = 0
     dp_epsilon_spent: float | None = None  # None: the swarm uses no differential privacy
     dp_delta: float | None = None
