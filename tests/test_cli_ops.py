@@ -121,10 +121,11 @@ def test_config_supplies_flags_and_given_flags_win(tmp_path: Path, monkeypatch: 
     assert code == 0, err
     (o,) = seen
     assert o.manifest == tmp_path / "conf" / "swarm.qgl" and o.script == tmp_path / "conf" / ".." / "peer.py"
-    assert (o.node_id, o.port, o.gossip_interval, o.resume, o.strict_manifest) == ("from-file", 7006, 2.0, False, False)
+    assert (o.node_id, o.network.port, o.schedule.gossip_interval, o.checkpoints.resume, o.trust.strict_manifest) == (
+        "from-file", 7006, 2.0, False, False)
     assert o.script_args == {"shard": "1"}  # a repeatable flag given replaces the file's list
-    assert o.trusted_pubkeys == [str(tmp_path / "conf" / "keys" / "creator.pub"), "ed25519:" + "ab" * 32]
-    assert o.trust_policy == "pinned"
+    assert o.trust.trusted_pubkeys == [str(tmp_path / "conf" / "keys" / "creator.pub"), "ed25519:" + "ab" * 32]
+    assert o.trust.trust_policy == "pinned"
 
 
 @pytest.mark.parametrize(("text", "code", "message"), [

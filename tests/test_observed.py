@@ -9,7 +9,7 @@ import pytest
 
 from quinkgl_cli.node.observed import SnapshotMaker
 from quinkgl_cli.ops.snapshot import Aggregation
-from quinkgl_cli.transport.base import PeerInfo, TransportStats
+from quinkgl_cli.transport.base import PeerInfo
 
 
 class FakeNode:
@@ -17,6 +17,9 @@ class FakeNode:
         self.node_id, self.swarm_id, self.rounds = "peer-1", "sha256:" + "cd" * 32, 20
         self.history = history
         self.completed_round = history[-1]["round"] if history else 0
+
+    def totals(self) -> dict[str, int]:
+        return {"peers_met": 2, "bytes_sent": 5000, "bytes_received": 4000}
 
     def finish_round(self, peers: list[str]) -> None:
         r = self.completed_round + 1
@@ -28,7 +31,7 @@ class FakeNode:
 def test_snapshot_tracks_rounds_peers_and_the_last_aggregation() -> None:
     clock = {"wall": 1000.0, "mono": 50.0}
     node = FakeNode([{"round": 1, "peers": 1, "peer_ids": ["peer-2"]}, {"round": 2, "peers": 0, "peer_ids": []}])
-    transport = SimpleNamespace(stats=TransportStats(bytes_sent=5000, bytes_received=4000), peers=lambda: [PeerInfo("peer-3", "ab", ("127.0.0.1", 7003), 48.0),
+    transport = SimpleNamespace(peers=lambda: [PeerInfo("peer-3", "ab", ("127.0.0.1", 7003), 48.0),
                                                PeerInfo("peer-2", "cd", None, 49.5)])
     make = SnapshotMaker(node, transport, "digits", "127.0.0.1:7001", wall=lambda: clock["wall"],
                          monotonic=lambda: clock["mono"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -18,6 +17,8 @@ def report(
     as_json: Annotated[bool, typer.Option("--json", help="Print the per-node summary as JSON.")] = False,
 ) -> None:
     """Summarize each node's rounds in one or more metrics files; --plot draws the curves."""
+    import json
+
     from quinkgl_cli.ops.metrics_file import read_metrics
     from quinkgl_cli.ops.report import plot_runs, summarize
 

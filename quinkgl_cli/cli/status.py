@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -85,6 +84,8 @@ def status(
     ] = None,
 ) -> None:
     """Show the round, peers, last aggregation, accuracy, bytes and privacy spent of each running daemon."""
+    import json
+
     from quinkgl_cli.ops.registry import runtime_dir
     from quinkgl_cli.ops.status_client import query
 

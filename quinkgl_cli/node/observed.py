@@ -47,13 +47,13 @@ class SnapshotMaker:
         mono = self.monotonic()
         peers = [PeerView(p.node_id, f"{p.address[0]}:{p.address[1]}" if p.address else None,
                           round(max(mono - p.last_seen, 0.0), 3)) for p in self.transport.peers()]
-        stats = self.transport.stats
+        totals = node.totals()  # the whole run's, earlier processes of a resumed run included
         return DaemonSnapshot(
             node_id=node.node_id, swarm_id=node.swarm_id, manifest=self.manifest_name, pid=os.getpid(), state=state,
             listen=self.listen, started_at=self.started_at, updated_at=now, round=node.completed_round,
             rounds=node.rounds, peers=sorted(peers, key=lambda p: p.node_id), last_aggregation=self.last_aggregation,
             loss=last.get("loss"), accuracy=last.get("accuracy"), val_loss=last.get("val_loss"),
-            val_accuracy=last.get("val_accuracy"), bytes_sent=stats.bytes_sent,
-            bytes_received=stats.bytes_received, dp_epsilon_spent=last.get("dp_epsilon_spent"),
+            val_accuracy=last.get("val_accuracy"), bytes_sent=totals["bytes_sent"],
+            bytes_received=totals["bytes_received"], dp_epsilon_spent=last.get("dp_epsilon_spent"),
             round_metrics=last,
         )

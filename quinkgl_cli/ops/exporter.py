@@ -5,7 +5,7 @@ Metrics (all labelled ``node`` and ``swarm``): ``quinkgl_info`` (1, with ``manif
 ``quinkgl_round_peers`` (peers aggregated in the last round), ``quinkgl_last_aggregation_round`` and
 ``..._timestamp_seconds``, ``quinkgl_train_loss``, ``quinkgl_train_accuracy``, ``quinkgl_val_loss``,
 ``quinkgl_val_accuracy`` (absent until known), ``quinkgl_sent_bytes_total`` and ``quinkgl_received_bytes_total``
-(since the process started), ``quinkgl_dp_epsilon_spent`` (absent without differential privacy) and
+(the whole run, a resumed run's earlier processes included), ``quinkgl_dp_epsilon_spent`` (absent without differential privacy) and
 ``quinkgl_start_time_seconds``. The collector reads the snapshot at scrape time; it keeps no counters of its own.
 """
 
@@ -73,8 +73,8 @@ class SnapshotCollector:
         yield from gauge("quinkgl_train_accuracy", "Training accuracy of the last round.", s.accuracy)
         yield from gauge("quinkgl_val_loss", "Validation loss after the last round.", s.val_loss)
         yield from gauge("quinkgl_val_accuracy", "Validation accuracy after the last round.", s.val_accuracy)
-        yield from counter("quinkgl_sent_bytes", "Model bytes sent since the process started.", s.bytes_sent)
-        yield from counter("quinkgl_received_bytes", "Model bytes received since the process started.",
+        yield from counter("quinkgl_sent_bytes", "Model bytes sent over the whole run.", s.bytes_sent)
+        yield from counter("quinkgl_received_bytes", "Model bytes received over the whole run.",
                            s.bytes_received)
         yield from gauge("quinkgl_dp_epsilon_spent", "Differential-privacy epsilon spent so far.", s.dp_epsilon_spent)
         yield from gauge("quinkgl_start_time_seconds", "When this process started (unix time).", s.started_at)

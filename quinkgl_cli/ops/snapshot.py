@@ -53,7 +53,7 @@ class DaemonSnapshot:
     accuracy: float | None = None
     val_loss: float | None = None
     val_accuracy: float | None = None
-    bytes_sent: int = 0  # model bytes since this process started
+    bytes_sent: int = 0  # model bytes over the whole run (earlier processes of a resumed run included)
     bytes_received: int = 0
     dp_epsilon_spent: float | None = None  # None: no differential privacy (its delta is in round_metrics)
     round_metrics: dict[str, Any] = field(default_factory=dict)  # the last completed round's full metrics
