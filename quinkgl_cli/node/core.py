@@ -275,8 +275,6 @@ class Node:
 
     def share(self, step: int = 0, to: Iterable[str] | None = None) -> list[str]:
         """Send the current model to the peers the topology picks (or to the known ones among ``to``). Never blocks."""
-        if step >= self.gossip_steps:  # drivers number the final merge's exchanges after a round's own steps
-            self.serving.merged()
         self.serving.note_own(self.round, int(self.trainer.sample_count))
         return self.exchange.share(self.round, int(self.trainer.sample_count), list(self.known_peers), step,
                                    None if to is None else list(to))
@@ -359,6 +357,7 @@ class Node:
         follow a round's own steps). The driver shares and aggregates at each, then evaluates."""
         self.recorder.begin(self.clock(), self.transport.stats)
         self.inbox.begin_round()
+        self.serving.merged()
         return range(self.gossip_steps, self.gossip_steps + self.final_consensus_steps)
 
     def end_consensus(self) -> RoundMetrics:
