@@ -179,6 +179,23 @@ def test_greedy_sample_count_is_bounded_among_three() -> None:
     assert float(flatten(node.model).max()) == pytest.approx(1 + 2 / 3, abs=1e-5)
 
 
+def test_the_served_model_averages_clipped_updates_never_the_raw_ones() -> None:
+    """A scaled-up update the poison guard clips must not reach the served model (evaluation, final model) raw."""
+    net = MemoryNetwork(auto_deliver=False)
+    node = make_node(net, "me", manifest(), 0)
+    node.begin_round()
+    d = flatten(node.model).numel()
+    load_flat(node.model, torch.ones(d))
+    node.share()  # the served mean includes this peer's own model as it shared it
+    for name in ("h1", "h2"):
+        node.on_model(forged(node, name, 1, torch.ones(d) * 1.01, 30))
+    node.on_model(forged(node, "x50", 1, torch.ones(d) * 50.0, 30))  # inside the refusal range: clipped, used
+    outcome = node.aggregate()
+    assert outcome is not None and "x50" in outcome.peers
+    served = flatten(node.served_model())
+    assert float(served.max()) < 3.0, "the raw x50 model leaked into the served average"
+
+
 def test_newest_update_per_sender_wins() -> None:
     net = MemoryNetwork(auto_deliver=False)
     node = make_node(net, "me", manifest(), 0)

@@ -273,7 +273,8 @@ class FedAvg(Aggregator):
         if not s.updates:
             return _nothing_usable(local, s)
         w = self.weights(s.updates, current_round)
-        return AggregationResult(weighted_mean(s.updates, w), used=s.ids, rejected=s.rejected, note=s.note())
+        return AggregationResult(weighted_mean(s.updates, w), used=s.ids, rejected=s.rejected, note=s.note(),
+                                 combined=s.updates)
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -346,7 +347,8 @@ class FedAvgM(FedAvg):
         self._momentum.mul_(self.params.server_momentum).add_(delta)
         new = ref + self.params.server_lr * self._momentum
         self._reference = new.clone()
-        return AggregationResult(new, used=result.used, rejected=result.rejected, note=result.note)
+        return AggregationResult(new, used=result.used, rejected=result.rejected, note=result.note,
+                                 combined=result.combined)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {} if self._momentum is None else {"momentum": self._momentum.clone()}
@@ -420,7 +422,8 @@ class EntropyWeightedAvg(FedAvg):
         raw, missing = self._raw(s.updates)
         w = _apply_self_weight(bounded_weights(raw, self.params.max_weight_ratio), s.updates, self.params.self_weight)
         extra = f"no label_entropy from {','.join(missing)}: fallback_weight" if missing else ""
-        return AggregationResult(weighted_mean(s.updates, w), used=s.ids, rejected=s.rejected, note=s.note(extra))
+        return AggregationResult(weighted_mean(s.updates, w), used=s.ids, rejected=s.rejected, note=s.note(extra),
+                                 combined=s.updates)
 
 
 # ----------------------------------------------------------------------------------------------------------------

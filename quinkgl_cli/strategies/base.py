@@ -37,6 +37,9 @@ class AggregationResult:
     used: list[str]  # peer ids whose updates shaped the result
     rejected: list[str] = field(default_factory=list)
     note: str = ""  # e.g. "fell back to Median: 3 updates < 2f+3"
+    # Averaging rules: the updates as they were combined (after the poison guard, so clipped ones clipped). The
+    # node's serving model averages these, never the raw updates the guard bounded.
+    combined: list[PeerUpdate] = field(default_factory=list)
 
 
 class Aggregator(ABC):
