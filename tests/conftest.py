@@ -1,6 +1,8 @@
-"""Shared test fixtures: every test gets its own quinkgl state directory, never the user's."""
+"""Shared test fixtures: every test gets its own quinkgl state directory, never the user's, and leaves no daemon log handler behind."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 
@@ -8,3 +10,19 @@ import pytest
 @pytest.fixture(autouse=True)
 def _isolated_quinkgl_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QUINKGL_HOME", str(tmp_path_factory.mktemp("quinkgl-home")))
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_log_handlers_left() -> Iterator[None]:
+    """A daemon run in this process (`quinkgl run` called in-process) installs root log handlers, as a daemon
+    process should; none may outlive its test and write to that test's closed capture stream."""
+    yield
+    import logging
+
+    from quinkgl_cli.node.logs import FlushingHandler, RotatingLogFile
+
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, (FlushingHandler, RotatingLogFile)):
+            root.removeHandler(handler)
+            handler.close()
