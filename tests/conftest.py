@@ -1,4 +1,5 @@
-"""Shared test fixtures: every test gets its own quinkgl state directory, never the user's, and leaves no daemon log handler behind."""
+"""Shared test fixtures: every test gets its own quinkgl state directory, never the user's, and leaves no daemon
+log handler behind."""
 
 from __future__ import annotations
 
