@@ -177,3 +177,21 @@ def test_init_scaffolds_a_swarm_that_runs(tmp_path: Path, monkeypatch: pytest.Mo
                               "--state-dir", str(tmp_path / "state")], capsys)
     assert code == 0, err
     assert "dry-run-ok manifest=my-swarm" in out and "policy=pinned" in out and "arch_match=true" in out
+
+
+def test_busy_metrics_port_stops_start_up_with_exit_6(tmp_path: Path, state_dir: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from quinkgl_cli.node import localswarm as ls
+    from quinkgl_cli.ops.registry import runtime_dir, sockets
+
+    manifest, _key, _pub, _swarm = ls.digits_manifest(tmp_path / "m")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code, _, err = run_cli(["run", "--manifest", str(manifest), "--script", str(ls.DIGITS_SCRIPT), "--trust-policy",
+                                "open", "--state-dir", str(state_dir), "--checkpoint-dir", str(tmp_path / "ck"),
+                                "--port", str(ls.free_port()), "--metrics-port", str(busy.getsockname()[1])], capsys)
+    assert code == 6 and "--metrics-port" in err and len(err.splitlines()) == 1
+    assert sockets(runtime_dir(state_dir)) == [] and not (tmp_path / "ck").exists()
