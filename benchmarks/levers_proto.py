@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from quinkgl_cli.node import core
-from quinkgl_cli.sim import simulator
+from quinkgl_cli.node import core, wiring
 
 
 class ProtoNode(core.Node):
@@ -40,12 +39,13 @@ class ProtoNode(core.Node):
 
 @contextmanager
 def patched(knobs: dict[str, Any]) -> Iterator[None]:
-    """Run simulations inside the block with `ProtoNode` and ``knobs``."""
-    saved = simulator.Node
+    """Run simulations inside the block with `ProtoNode` and ``knobs`` (the simulator builds its nodes through
+    `quinkgl_cli.node.wiring.build_node`)."""
+    saved = wiring.Node
     ProtoNode.knobs = dict(knobs)
-    simulator.Node = ProtoNode  # type: ignore[misc]
+    wiring.Node = ProtoNode  # type: ignore[misc]
     try:
         yield
     finally:
-        simulator.Node = saved  # type: ignore[misc]
+        wiring.Node = saved  # type: ignore[misc]
         ProtoNode.knobs = {}
