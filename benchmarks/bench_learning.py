@@ -266,7 +266,10 @@ def combine(inputs: list[Path], out: Path, png: Path) -> int:
     docs = [json.loads(p.read_text()) for p in inputs]
     names = list(dict.fromkeys(n for d in docs for n in d["levers"]))
     levers = [LEVERS[n] for n in names]
-    cells = [c for d in docs for c in d["cells"]]
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for c in (c for d in docs for c in d["cells"]):  # the same family and split from several runs: one cell
+        merged.setdefault((c["family"], c["split"]), {}).update(c)
+    cells = list(merged.values())
     doc = {**docs[0], "levers": names, "cells": cells, "complete": all(d.get("complete") for d in docs),
            "seconds": sum(d["seconds"] for d in docs), "combined_from": [str(p) for p in inputs]}
     atomic_write_bytes(out, (json.dumps(doc, indent=1) + "\n").encode())
@@ -288,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lever", default="defaults", help="comma-separated gossip settings: " + ",".join(LEVERS))
     ap.add_argument("--no-baselines", action="store_true", help="skip star FedAvg and centralized training")
     ap.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
-                    help="no runs: print the table and draw the plot of earlier runs' JSON files, write them as one")
+                    help="no runs: print the table and draw the plot of earlier runs' JSON files, write them as one "
+                         "(a later file's settings win for the same family and split)")
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "learning.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "benchmarks" / "results" / "learning_curves.png",
                     help="accuracy curves per family and split (PNG)")
