@@ -118,18 +118,20 @@ def test_centralized_fedavg_baseline_samples_clients_through_one_server(script: 
 
 
 @pytest.mark.parametrize("aggregation", ["Krum", "TrimmedMean"])
-def test_signflip_attackers_hurt_fedavg_more_than_robust_aggregators(script: PeerScript, aggregation: str) -> None:
+def test_signflip_attackers_are_contained_by_fedavg_and_robust_rules(script: PeerScript, aggregation: str) -> None:
     cfg = dict(peers=10, rounds=4, partition="iid", seed=3, attackers=2, attack="signflip")
+    honest = simulate(script, make_manifest(script, "FedAvg", "FullTopology", local_epochs=2),
+                      SimConfig(**{**cfg, "attackers": 0}))
     fedavg = simulate(script, make_manifest(script, "FedAvg", "FullTopology", local_epochs=2), SimConfig(**cfg))
     robust_manifest = make_manifest(script, aggregation, "FullTopology", local_epochs=2)
     robust = simulate(script, robust_manifest, SimConfig(overrides=Overrides(byzantine_f=2), **cfg))
     assert len(robust.attackers) == 2 and robust.attackers == fedavg.attackers
     assert all(not p.attacker for p in robust.rounds[-1].peers if p.peer not in robust.attackers)
-    # FedAvg clips the -4x models to the round's honest scale (aggregation's poison guard) but still averages them
-    # in: hurt (0.25 here, peers starting from one shared initialisation). The robust rules leave them out.
-    assert fedavg.final.mean_accuracy < 0.6
+    # The robust rules leave the -4x models out. FedAvg's poison guard clips them to the round's honest scale and
+    # the served model averages them clipped: hurt, not broken (0.77 here against 0.9 without attackers; 0.11
+    # before the guard).
     assert robust.final.mean_accuracy > 0.65
-    assert robust.final.mean_accuracy > fedavg.final.mean_accuracy + 0.2
+    assert fedavg.final.mean_accuracy > 0.6 and fedavg.final.mean_accuracy < honest.final.mean_accuracy
 
 
 def test_overrides_reach_the_nodes(script: PeerScript) -> None:
@@ -303,13 +305,10 @@ def test_gaussian_and_scale_attackers_are_clipped_by_fedavg_and_trimmed_by_trimm
     f, r = fedavg.final, robust.final
     assert f.mean_accuracy is not None and r.mean_accuracy is not None and f.mean_val_loss is not None
     assert r.mean_val_loss is not None and r.mean_accuracy > 0.6
-    # Noise weights and x100 weights are clipped to the round's honest scale before FedAvg averages them. x100:
-    # FedAvg keeps learning and its loss stays bounded (validation loss 46 here, 4.7e6 before clipping). Gaussian
-    # noise clipped to that scale still drags plain averaging down (0.32 here); the trimmed mean drops it.
-    if attack == "scale":
-        assert f.mean_accuracy > 0.65 and f.mean_val_loss < 1000
-    else:
-        assert r.mean_accuracy > f.mean_accuracy + 0.2
+    # Noise weights and x100 weights are clipped to the round's honest scale before FedAvg averages them, so FedAvg
+    # keeps learning with a bounded loss (before the guard: accuracy 0.29 under noise, validation loss 4.7e6 under
+    # x100); the trimmed mean drops them.
+    assert f.mean_accuracy > 0.65 and f.mean_val_loss < 2.0
 
 
 def test_dirichlet_partition_runs_with_skewed_labels(script: PeerScript) -> None:

@@ -126,7 +126,7 @@ def test_a_stalling_sender_cannot_starve_the_fetch_slots(tmp_path, caplog):
             ok.send_model("b", _upd(round_=1, payload=b"on time"))
             await wait_until(lambda: rb.models, timeout=5, what="the other sender's model")
             assert rb.models[0].sender == "ok"
-            await wait_until(lambda: "fetch-failed peer=slow reason=stalled" in caplog.text, timeout=5,
+            await wait_until(lambda: "fetch-failed peer=slow reason=stalled" in caplog.text, timeout=30,
                              what="the stalled download abandoned")
 
     run_cluster("ipv8", tmp_path, body)
@@ -225,7 +225,7 @@ def test_one_recipient_holds_at_most_its_share_of_the_serve_slots(tmp_path):
         b.parts.fetcher.slots = asyncio.Semaphore(0)  # b's own fetches wait: its offers stay unfetched at a
         for r in (1, 2, 3):
             a.send_model("b", _upd(round_=r, payload=os.urandom(8_000_000)))
-        await wait_until(lambda: len(a.parts.outbox.offers) == 3, what="three offers to b")
+        await wait_until(lambda: len(a.parts.outbox.offers) == 3, timeout=60, what="three offers to b")
         socks = []
         try:
             statuses = []
