@@ -81,4 +81,7 @@ def test_small_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert len(paths) == 2 and all(Path(p).is_file() and Path(p).is_relative_to(root) for p in paths)
     logs = [(root / "logs" / f"peer-{i}.log").read_text() for i in (1, 2)]
     # A clean end: the peers leave without one of them failing to fetch from another that already left.
-    assert not [line for text in logs for line in text.splitlines() if "WARNING" in line or "ERROR" in line]
+    # A datagram from another swarm on loopback (a daemon of an earlier test walking to a reused port) is refused
+    # and logged by design; it is not the demo's doing, so only the demo's own warnings count.
+    assert not [line for text in logs for line in text.splitlines()
+                if ("WARNING" in line or "ERROR" in line) and "reason=other_swarm" not in line]
