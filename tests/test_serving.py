@@ -46,6 +46,8 @@ def test_newest_model_per_peer_wins_and_old_ones_age_out() -> None:
     assert served(s, 5) == pytest.approx([2.0] * 3)
     s.note_own(9, samples=10)  # a was last heard in round 5: more than 3 rounds ago at round 9
     assert served(s, 9) == pytest.approx([0.0] * 3)
+    tensors, meta = s.state_dict()
+    assert meta["peers"] == [] and list(tensors) == ["serving.own"]  # no longer held, nor checkpointed
 
 
 def test_a_peer_claiming_huge_counts_gets_a_bounded_share() -> None:

@@ -15,7 +15,8 @@ so the served model is then the model the node holds.
 Training never reads it: the served model is what evaluation, ``on_round_end``, checkpoints and the final model
 show. The final averaging-only exchanges (the end-of-run merge, when a run has one) end it: their models and the
 latest ones from the training rounds do not mix (a peer not heard during the merge would bring back its drifted
-training model), and the merged model the peer holds is what it serves from then on. Memory: one flat float32 copy per remembered peer, at most ``max_models`` (the most recently heard ones).
+training model), and the merged model the peer holds is what it serves from then on. Memory: one flat float32 copy per peer heard in the last
+``max_age`` rounds, at most ``max_models`` (the most recently heard ones).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class ServingModel:
         """The model as local training left it this round (before any aggregation)."""
         if self.enabled:
             self._own = _Entry(round_, flatten(self._model), max(int(samples), 1))
+            # Models too old to be served are dropped now, not kept until 64 peers push them out: memory and every
+            # checkpoint hold only the peers heard in the last ``max_age`` rounds.
+            oldest = round_ - self.max_age
+            self._peers = {p: e for p, e in self._peers.items() if e.round >= oldest}
 
     def note_peers(self, updates: list[PeerUpdate]) -> None:
         """Updates an aggregation used: each becomes its sender's latest model (a newer round wins)."""
