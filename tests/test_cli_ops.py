@@ -15,20 +15,6 @@ from quinkgl_cli.ops.status_server import StatusServer
 from tests.test_ops import snap
 
 
-@pytest.fixture(autouse=True)
-def _drop_daemon_log_handlers() -> Iterator[None]:
-    """`run` installs a root log handler, as a daemon process should; tests must not leak it."""
-    yield
-    import logging
-
-    from quinkgl_cli.node.logs import FlushingHandler, RotatingLogFile
-
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, (FlushingHandler, RotatingLogFile)):
-            root.removeHandler(handler)
-
-
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as done:
         main(args)

@@ -8,7 +8,6 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +20,6 @@ from quinkgl_cli.node.checkpoint import CheckpointStore
 from quinkgl_cli.node.daemon import Daemon, DaemonOptions, Prepared, prepare, run_daemon
 from quinkgl_cli.node.logs import LogContext
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
-
-
-@pytest.fixture(autouse=True)
-def _drop_daemon_log_handlers() -> Iterator[None]:
-    """setup_logging installs a root handler, as a daemon process should; tests must not leak it to later tests."""
-    yield
-    from quinkgl_cli.node.logs import FlushingHandler
-
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, FlushingHandler):
-            root.removeHandler(handler)
-
 
 NAN_SCRIPT = """
 import torch

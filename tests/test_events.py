@@ -7,29 +7,19 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from quinkgl_cli.events import emit, normalize, text_value
-from quinkgl_cli.node.logs import FlushingHandler, setup_logging
+from quinkgl_cli.node.logs import setup_logging
 
 LINE = re.compile(r"^\S+ (?:INFO|WARNING|ERROR|DEBUG) (?P<node>\S+) round=(?P<round>\d+) (?P<rest>.*)$")
 # A text value: a JSON string, a [list] (its elements never hold a bare `]` or space unquoted), or a bare token.
 VALUE = r'"(?:[^"\\]|\\.)*"|\[(?:"(?:[^"\\]|\\.)*"|[^\]\s"])*\]|\S+'
 FIELD = re.compile(rf"(?P<key>[a-z_][a-z0-9_]*)=(?P<value>{VALUE})(?: |$)")
 SCALAR = re.compile(r'"(?:[^"\\]|\\.)*"|[^,]+')
-
-
-@pytest.fixture(autouse=True)
-def _drop_daemon_log_handlers() -> Iterator[None]:
-    yield
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, FlushingHandler):
-            root.removeHandler(handler)
 
 
 def _scalar(text: str) -> Any:

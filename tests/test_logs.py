@@ -6,25 +6,11 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator
 
 import pytest
 
 from quinkgl_cli.events import emit
 from quinkgl_cli.node.logs import setup_logging
-
-
-@pytest.fixture(autouse=True)
-def _drop_daemon_log_handlers() -> Iterator[None]:
-    """setup_logging installs a root handler, as a daemon process should; tests must not leak it to later tests."""
-    yield
-    from quinkgl_cli.node.logs import FlushingHandler
-
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, FlushingHandler):
-            root.removeHandler(handler)
-
 
 LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR) (\S+) round=(\d+) (.*)$")
 

@@ -7,25 +7,14 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from quinkgl_cli.events import emit
-from quinkgl_cli.node.logs import FlushingHandler, RotatingLogFile, ScriptOutput, setup_logging
+from quinkgl_cli.node.logs import FlushingHandler, ScriptOutput, setup_logging
 
 log = logging.getLogger("quinkgl.test")
-
-
-@pytest.fixture(autouse=True)
-def _drop_daemon_log_handlers() -> Iterator[None]:
-    yield
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, (FlushingHandler, RotatingLogFile)):
-            root.removeHandler(handler)
-            handler.close()
 
 
 def test_json_stream_stays_json_with_script_prints(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from quinkgl_cli.manifest.trust import load_trusted
@@ -37,17 +34,6 @@ def loss_fn(outputs, targets):
     CALLS["loss_fn"] += 1
     return torch.nn.functional.cross_entropy(outputs, targets)
 """
-
-
-@pytest.fixture(autouse=True)
-def _drop_daemon_log_handlers() -> Iterator[None]:
-    yield
-    from quinkgl_cli.node.logs import FlushingHandler
-
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, FlushingHandler):
-            root.removeHandler(handler)
 
 
 def _wired_from(node: Node, module: Any) -> None:
