@@ -161,12 +161,14 @@ def run_scenario(scenario: str, workdir: Path, manifest: Path, rounds: int, inte
     attacker = None
     lines: list[str] = []
     with RssWatch() as rss:
+        # The attacker first, pointed at the honest ports picked above: it is in place before their first round.
+        if scenario != "none":
+            attacker = start_attacker(scenario, workdir, manifest, ports[:PEERS - late])
         peers = [start_peer(workdir, manifest, i, ports, rounds, interval, rss) for i in range(PEERS - late)]
         try:
             ls.ensure_started(peers, retries=0)
-            if scenario != "none":
-                attacker = start_attacker(scenario, workdir, manifest, [p.port for p in peers])
-                lines = wait_ready(attacker, timeout=120)
+            if attacker is not None:
+                lines = wait_ready(attacker, timeout=300)
             if late:
                 peers.append(start_peer(workdir, manifest, PEERS - 1, ports, rounds, interval, rss))
             codes = ls.wait_all(peers, timeout=60 + rounds * interval * 10)
