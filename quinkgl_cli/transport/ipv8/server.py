@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -73,6 +74,7 @@ class FetchServer:
         tasks: TaskRegistry,
         drops: DropLog,
         stats: TransportStats,
+        revoked: Callable[[bytes], bool],
     ) -> None:
         self.settings = settings
         self.lsock = lsock
@@ -84,6 +86,7 @@ class FetchServer:
         self.tasks = tasks
         self.drops = drops
         self.stats = stats
+        self.revoked = revoked
         self.slots = asyncio.Semaphore(settings.limits.serve_slots)
         self.pending: dict[socket.socket, asyncio.Task[Any]] = {}  # in arrival order: the oldest gives way first
         self.serving: dict[str, int] = {}  # recipient -> slots it holds
@@ -174,6 +177,10 @@ class FetchServer:
         if not default_eccrypto.is_valid_signature(out.recipient_key, statement, signature):
             await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.NOT_RECIPIENT, 0))
             raise stream.FetchError("not_recipient")
+        if self.revoked(out.recipient_key.key_to_bin()):  # offered before the revocation arrived
+            self.outbox.offers.pop(offer_id, None)
+            await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.NOT_RECIPIENT, 0))
+            raise stream.FetchError("revoked")
         return out
 
     async def _serve_in_slot(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Outgoing) -> None:
