@@ -182,7 +182,7 @@ class Membership:
         """A key that may not be a peer (no valid certificate, revoked): logged once per key and reason, dropped
         from the table if it was in it (a certificate that expired, a revocation), and forgotten by IPv8 so that
         we stop greeting it."""
-        self.drops("peer-refused", f"key:{key.hex()[-16:]}", reason, node=who)
+        self.drops("peer-refused", f"key:{key.hex()[-16:]}", reason, claims=who)
         known = self.table.node_of(key)
         if known is not None:
             self.lose(known, reason)
