@@ -223,9 +223,9 @@ def test_one_recipient_holds_at_most_its_share_of_the_serve_slots(tmp_path):
         b, _ = await c.add("b")
         await c.meet(["a", "b"])
         b.parts.fetcher.slots = asyncio.Semaphore(0)  # b's own fetches wait: its offers stay unfetched at a
-        for r in (1, 2, 3):
+        for r in (1, 2, 3):  # one at a time: hashed in threads, offers sent together may go out of round order
             a.send_model("b", _upd(round_=r, payload=os.urandom(8_000_000)))
-        await wait_until(lambda: len(a.parts.outbox.offers) == 3, timeout=60, what="three offers to b")
+            await wait_until(lambda r=r: len(a.parts.outbox.offers) == r, timeout=20, what=f"offer {r} to b")
         socks = []
         try:
             statuses = []
