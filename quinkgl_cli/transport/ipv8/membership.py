@@ -244,7 +244,8 @@ class Membership:
 
     def lose(self, node_id: str, reason: str) -> None:
         # Its key keeps the node id a while (a restart, a moment's silence), unless the key was revoked.
-        rec = self.table.remove(node_id, released_at=None if reason == "revoked" else time.monotonic())
+        freed = reason in ("revoked", "certificate_revoked")
+        rec = self.table.remove(node_id, released_at=None if freed else time.monotonic())
         if rec is None:
             return
         self.on_lost(node_id)
