@@ -284,3 +284,34 @@ def test_a_squatter_cannot_take_a_live_or_briefly_absent_peers_node_id(tmp_path,
         assert not rs.models  # the model offered while the owner was here went to the owner only
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_the_memory_twin_refuses_uncertified_peers_the_same_way(tmp_path, caplog):
+    """A certified swarm on the in-memory transport (the simulator's): the same `Admission` decides at hello."""
+    from quinkgl_cli.transport.admission import Admission
+    from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
+
+    creator = keys.generate()
+    pub = keys.public_key_text(creator)
+    net = MemoryNetwork(auto_deliver=False)
+    transports, recorders = {}, {}
+    certs = {"a": "valid", "b": "valid", "c": None,
+             "d": _cert(creator, _node_key(tmp_path / "d"), "d", issued=NOW - timedelta(days=2), expires=NOW - timedelta(days=1))}
+    for name, cert in certs.items():
+        key = _node_key(tmp_path / name)
+        signed = _cert(creator, key, name) if cert == "valid" else cert
+        admission = Admission(AdmissionSettings(SWARM, pub, certified=True, certificate=signed.text() if signed else b""), name)
+        transports[name] = MemoryTransport(net, name, swarm_id=SWARM, admission=admission, public_key=key)
+        recorders[name] = Recorder()
+        transports[name].start_sync(recorders[name])
+    with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+        net.deliver_all()
+        for name in ("b", "c", "d"):
+            transports["a"].send_model(name, _upd(round_=1))
+        transports["c"].send_model("a", _upd(round_=1))
+        net.deliver_all()
+    assert {p.node_id for p in transports["a"].peers()} == {"b"}
+    assert len(recorders["b"].models) == 1 and not recorders["c"].models and not recorders["d"].models
+    assert not recorders["a"].models  # c's offer: a never admitted it
+    assert {r.qgl_fields["reason"] for r in caplog.records if getattr(r, "node", None) == "a"
+            and r.getMessage().startswith("peer-refused")} == {"certificate_missing", "certificate_expired"}
