@@ -15,6 +15,10 @@ Scenarios (issue 12's numbering):
 - ``hello-flood`` (6): 300 fresh keys say hello (the peer table holds 256); the benchmark starts a late honest peer
   once they are in.
 - ``round-zero`` (9): five identities taking turns, each sending one copied update claiming round 0.
+- ``observer`` (7): the benchmark runs a certified swarm; a node that knows the swarm id, the arch hash and every
+  peer's address, but holds no certificate, says hello and offers models the whole run.
+- ``squatter`` (8): fresh keys claim the honest peers' node ids (peer-2, peer-3) and offer models under them.
+``attack-stats`` counts the honest models the attacker's identities received (``models``).
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, PeerInfo
 from quinkgl_cli.transport.ipv8 import IPv8Transport, stream
 from quinkgl_cli.transport.ipv8.payloads import OfferPayload
 
-SCENARIOS = ("poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero")
+SCENARIOS = ("poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero", "observer",
+             "squatter")
 
 
 class Listener:
@@ -103,6 +108,7 @@ class Attack:
             self.stats["sent"] += 1
 
     async def stop(self) -> None:
+        self.stats["models"] = sum(t.stats.models_received for t in self.transports)
         for t in self.transports:
             await t.stop()
 
@@ -189,10 +195,11 @@ class Attack:
         parts = t.parts
         assert parts is not None
 
-        async def trickle(loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Any) -> None:
+        async def trickle(loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Any, sealer: Any) -> None:
             await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.OK, out.size))
-            for i in range(out.size):
-                await loop.sock_sendall(conn, bytes(out.payload[i:i + 1]))
+            sealed = b"".join(sealer.frames(out.payload))
+            for i in range(len(sealed)):
+                await loop.sock_sendall(conn, sealed[i:i + 1])
                 await asyncio.sleep(8.0)
 
         parts.server._send = trickle  # type: ignore[method-assign]
@@ -222,6 +229,25 @@ class Attack:
             blob = bytes(copied.payload) if copied is not None else self.payload(None)
             self.send(t, heard.peers, OutgoingUpdate(round=0, payload=blob, sample_count=100))
             turn += 1
+            await asyncio.sleep(1.0)
+
+
+    async def observer(self, ready: asyncio.Event) -> None:
+        await self._impostors(["peer-4"], ready)
+
+    async def squatter(self, ready: asyncio.Event) -> None:
+        await self._impostors(["peer-2", "peer-3"], ready)
+
+    async def _impostors(self, names: list[str], ready: asyncio.Event) -> None:
+        """Identities that say hello under ``names`` and offer a model to whoever they know each second (refused
+        peers know nobody: then the offer goes nowhere, which is the point)."""
+        members = [await self.member(name) for name in names]
+        await asyncio.sleep(3.0)  # several hellos each way: refused by then, or in
+        ready.set()
+        blob = self.payload(None)
+        while True:
+            for t, heard in members:
+                self.send(t, heard.peers, OutgoingUpdate(round=max(heard.max_round, 1), payload=blob, sample_count=100))
             await asyncio.sleep(1.0)
 
 

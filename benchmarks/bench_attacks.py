@@ -27,7 +27,8 @@ from pathlib import Path
 from quinkgl_cli.node import localswarm as ls
 
 ROOT = Path(__file__).resolve().parent
-SCENARIOS = ("none", "poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero")
+SCENARIOS = ("none", "poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero",
+             "observer", "squatter")
 PEERS = 3
 
 
@@ -112,14 +113,14 @@ def late_accuracy(text: str, rounds: int) -> float | None:
 
 
 def start_peer(workdir: Path, manifest: Path, index: int, ports: list[int], rounds: int, interval: float,
-               rss: RssWatch) -> ls.PeerProcess:
+               rss: RssWatch, extra: tuple[str, ...] = ()) -> ls.PeerProcess:
     name = f"peer-{index + 1}"
     args = {"shard": str(index), "num_shards": str(PEERS), "partition": "shards:3"}
     log_path = workdir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = ls.run_command(manifest, ls.DIGITS_SCRIPT, name, ports[index], rounds, interval,
                          [p for p in ports if p != ports[index]], workdir / "ckpt" / name, args,
-                         ["--min-peers", str(PEERS - 1), "--min-peers-timeout", "120", "--log-level", "info"])
+                         ["--min-peers", str(PEERS - 1), "--min-peers-timeout", "120", "--log-level", "info", *extra])
     env = ls.child_env(workdir / "home")
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
@@ -154,8 +155,38 @@ def wait_ready(attacker: subprocess.Popen[str], timeout: float) -> list[str]:
     return seen
 
 
-def run_scenario(scenario: str, workdir: Path, manifest: Path, rounds: int, interval: float) -> Outcome:
+def certify(workdir: Path, manifest: Path, creator: Path) -> list[tuple[str, ...]]:
+    """``--certificate`` flags for each honest peer of a certified swarm: its node key made where its daemon will
+    look for it, a certificate issued by the creator (as `quinkgl node-key` and `quinkgl admit` would)."""
+    from datetime import UTC, datetime
+
+    from quinkgl_cli import keys
+    from quinkgl_cli.manifest import admission as docs
+    from quinkgl_cli.manifest.io import load_manifest
+    from quinkgl_cli.transport.ipv8.identity import load_or_create_key
+
+    swarm = load_manifest(manifest).swarm_id
+    key = keys.load_private_key(creator)
+    flags = []
+    for i in range(PEERS):
+        name = f"peer-{i + 1}"
+        node_key = load_or_create_key(workdir / "home" / "nodes" / name).pub().key_to_bin().hex()
+        cert = docs.sign(docs.Certificate(swarm_id=swarm, node_id=name, node_key=node_key,
+                                          issued_at=datetime.now(UTC).replace(microsecond=0)), key)
+        path = workdir / f"{name}.cert"
+        path.write_bytes(cert.text())
+        flags.append(("--certificate", str(path)))
+    return flags
+
+
+def run_scenario(scenario: str, workdir: Path, manifest: Path, rounds: int, interval: float,
+                 certified: tuple[Path, Path] | None = None) -> Outcome:
+    """``certified``: (manifest, creator key) of the certified twin of ``manifest``, used by ``observer``."""
     ports = [ls.free_port() for _ in range(PEERS)]
+    extra: list[tuple[str, ...]] = [()] * PEERS
+    if scenario == "observer" and certified is not None:
+        manifest = certified[0]
+        extra = certify(workdir, manifest, certified[1])
     late = scenario == "hello-flood"  # the honest peer that arrives after the flood
     started = time.monotonic()
     attacker = None
@@ -164,13 +195,13 @@ def run_scenario(scenario: str, workdir: Path, manifest: Path, rounds: int, inte
         # The attacker first, pointed at the honest ports picked above: it is in place before their first round.
         if scenario != "none":
             attacker = start_attacker(scenario, workdir, manifest, ports[:PEERS - late])
-        peers = [start_peer(workdir, manifest, i, ports, rounds, interval, rss) for i in range(PEERS - late)]
+        peers = [start_peer(workdir, manifest, i, ports, rounds, interval, rss, extra[i]) for i in range(PEERS - late)]
         try:
             ls.ensure_started(peers, retries=0)
             if attacker is not None:
                 lines = wait_ready(attacker, timeout=300)
             if late:
-                peers.append(start_peer(workdir, manifest, PEERS - 1, ports, rounds, interval, rss))
+                peers.append(start_peer(workdir, manifest, PEERS - 1, ports, rounds, interval, rss, extra[PEERS - 1]))
             codes = ls.wait_all(peers, timeout=60 + rounds * interval * 10)
         finally:
             ls.stop_all(peers)
@@ -232,9 +263,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="qgl-attacks-") as tmp:
         root = args.workdir or Path(tmp)
         manifest, _key, _pub, _swarm = ls.digits_manifest(root / "manifest", rounds=args.rounds)
+        certified = None
+        if "observer" in chosen:  # the same swarm, certified: only the honest peers hold certificates
+            cert_manifest, cert_key, _p, _s = ls.digits_manifest(root / "manifest-certified", rounds=args.rounds,
+                                                                 membership="certified")
+            certified = (cert_manifest, cert_key)
         outcomes = []
         for i, scenario in enumerate(chosen):
-            outcomes.append(run_scenario(scenario, root / f"{i}-{scenario}", manifest, args.rounds, args.interval))
+            outcomes.append(run_scenario(scenario, root / f"{i}-{scenario}", manifest, args.rounds, args.interval,
+                                         certified))
             print(f"scenario={scenario} done wall_s={outcomes[-1].wall_s}", flush=True)
     rows = report(outcomes, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -191,6 +191,7 @@ def _mutated(value: Any, path: tuple[Any, ...]) -> Any:
         "params": {"fanout": 4} if "topology" in path else {"max_weight_ratio": 3.0},
         "quantize_bits": 16 if value == 8 else 8,
         "lossless": "zlib",
+        "membership": "certified",
         "arch_hash": "sha256:" + "cd" * 32,
         "type": "regression",
         "label_type": "float",

@@ -446,10 +446,12 @@ def test_ipv8_only_the_recipient_can_fetch(tmp_path, caplog):
         stream.tune(sock)
         try:
             await loop.sock_connect(sock, ("127.0.0.1", owner.tcp_port))
-            _, _, nonce = stream.CHALLENGE.unpack(await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3))
-            statement = stream.fetch_statement(owner.community_id, offer_id, nonce_override or nonce, owner.parts.key.pub().key_to_bin())
+            _, _, nonce, theirs = stream.CHALLENGE.unpack(await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3))
+            ours = os.urandom(32)
+            statement = stream.fetch_statement(owner.community_id, offer_id, nonce_override or nonce, owner.parts.key.pub().key_to_bin(),
+                                               theirs, ours)
             sig = default_eccrypto.create_signature(signer_key, statement)
-            await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, offer_id, len(sig)) + sig)
+            await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, offer_id, ours, len(sig)) + sig)
             status, size = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, 3))
             return status, size
         finally:
@@ -592,7 +594,7 @@ def test_ipv8_trickling_fetch_request_cannot_hold_a_serve_slot(tmp_path, caplog)
                 await loop.sock_connect(sock, ("127.0.0.1", t.tcp_port))
                 await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3)
                 started = time.monotonic()
-                request = stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, os.urandom(20), 64) + b"\0" * 64
+                request = stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, os.urandom(20), os.urandom(32), 64) + b"\0" * 64
                 closed = False
                 for i in range(len(request)):  # 0.1 s apart: under the idle timeout, 8 s in all
                     try:

@@ -111,10 +111,11 @@ def test_a_stalling_sender_cannot_starve_the_fetch_slots(tmp_path, caplog):
         ok, _ = await c.add("ok")
         await c.meet(["b", "slow", "ok"])
 
-        async def trickle(loop, conn, out):
+        async def trickle(loop, conn, out, sealer):
             await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.OK, out.size))
-            for i in range(out.size):
-                await loop.sock_sendall(conn, bytes(out.payload[i : i + 1]))
+            sealed = b"".join(sealer.frames(out.payload))
+            for i in range(len(sealed)):
+                await loop.sock_sendall(conn, sealed[i : i + 1])
                 await asyncio.sleep(0.3)
 
         slow.parts.server._send = trickle
@@ -211,10 +212,11 @@ def test_one_recipient_holds_at_most_its_share_of_the_serve_slots(tmp_path):
         stream.tune(sock)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read: the server's send blocks
         await loop.sock_connect(sock, ("127.0.0.1", owner.tcp_port))
-        _, _, nonce = stream.CHALLENGE.unpack(await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3))
-        statement = stream.fetch_statement(owner.community_id, offer_id, nonce, owner.parts.key.pub().key_to_bin())
+        _, _, nonce, theirs = stream.CHALLENGE.unpack(await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3))
+        ours = os.urandom(32)  # never used to decrypt: this client reads nothing
+        statement = stream.fetch_statement(owner.community_id, offer_id, nonce, owner.parts.key.pub().key_to_bin(), theirs, ours)
         sig = default_eccrypto.create_signature(signer_key, statement)
-        await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, offer_id, len(sig)) + sig)
+        await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, offer_id, ours, len(sig)) + sig)
         status, _ = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, 3))
         return sock, status
 
@@ -223,9 +225,9 @@ def test_one_recipient_holds_at_most_its_share_of_the_serve_slots(tmp_path):
         b, _ = await c.add("b")
         await c.meet(["a", "b"])
         b.parts.fetcher.slots = asyncio.Semaphore(0)  # b's own fetches wait: its offers stay unfetched at a
-        for r in (1, 2, 3):
+        for r in (1, 2, 3):  # one at a time: hashed in threads, offers sent together may go out of round order
             a.send_model("b", _upd(round_=r, payload=os.urandom(8_000_000)))
-        await wait_until(lambda: len(a.parts.outbox.offers) == 3, timeout=60, what="three offers to b")
+            await wait_until(lambda r=r: len(a.parts.outbox.offers) == r, timeout=20, what=f"offer {r} to b")
         socks = []
         try:
             statuses = []

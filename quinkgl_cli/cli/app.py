@@ -58,7 +58,8 @@ def _root(
 
 # Each module registers its own commands (module name = command name); a command's heavy imports happen
 # inside it, when it runs.
-_COMMAND_MODULES = ("keygen", "manifest", "run", "simulate", "demo", "info", "init", "status", "report")
+_COMMAND_MODULES = ("keygen", "manifest", "run", "simulate", "demo", "info", "init", "status", "report", "admit", "revoke",
+                    "node_key")
 
 
 def build_app(commands: tuple[str, ...] = _COMMAND_MODULES) -> typer.Typer:
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run the command line ``argv`` and leave with its exit code (SystemExit, also on success)."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        target = build_app((args[0],)) if args and args[0] in _COMMAND_MODULES else _full_app()
+        module = args[0].replace("-", "_") if args else ""
+        target = build_app((module,)) if module in _COMMAND_MODULES else _full_app()
         # Not standalone: click's own error report (usage line, "Try ...", blank line, "Error: ...") is
         # replaced by the one-line `error: ...` every other failure prints.
         result = typer.main.get_command(target).main(args=args, prog_name="quinkgl", standalone_mode=False)

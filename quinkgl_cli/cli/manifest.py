@@ -77,6 +77,10 @@ def create(
     dp_total_epsilon: Annotated[
         float | None, typer.Option("--dp-total-epsilon", metavar="X", help="Privacy budget; a peer stops sharing once it is spent.")
     ] = None,
+    membership: Annotated[
+        str, typer.Option("--membership", metavar="MODE",
+                          help="open (any node holding the manifest) | certified (only nodes with a `quinkgl admit` certificate; needs --sign-with).")
+    ] = "open",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
 ) -> None:
     """Create a swarm manifest, signed with --sign-with (peers under tofu/pinned refuse unsigned ones)."""
@@ -135,7 +139,10 @@ def create(
         training_params=parse_kv(training_param, "--training-param"),
         compression_params=parse_kv(compression_param, "--compression-param"),
         privacy_params=privacy,
+        membership=membership,
     )
+    if manifest.membership == "certified" and key is None:
+        raise UsageError("--membership certified needs --sign-with", "certificates are signed with the manifest's creator key")
     if key is not None:
         manifest = sign_manifest(manifest, key)
     # Canonicalized before anything is written: a manifest that cannot be must leave no file behind.
@@ -281,6 +288,7 @@ def _render(swarm_id: str, status: str, m: Any) -> None:
         ("Round limit", str(m.round_limit) if m.round_limit else "none"),
         ("Byzantine f", str(m.byzantine_f)),
         ("Bootstrap", ", ".join(m.bootstrap_peers) or "-"),
+        ("Membership", m.membership),
     ]
     # Plain "label  value" lines, never folded: hashes and keys must stay copy-pasteable.
     console = Console(soft_wrap=True, highlight=False)

@@ -74,6 +74,14 @@ def run(
     trusted_pubkey: Annotated[
         list[str] | None, typer.Option("--trusted-pubkey", metavar="KEY", help="Creator key ed25519:<hex> or key file (repeatable).")
     ] = None,
+    certificate: Annotated[
+        Path | None,
+        typer.Option("--certificate", metavar="FILE", help="This node's admission certificate (`quinkgl admit`); required in certified swarms."),
+    ] = None,
+    revocations: Annotated[
+        Path | None,
+        typer.Option("--revocations", metavar="FILE", help="The creator's revocation list (`quinkgl revoke`); read again when it changes, spread to peers."),
+    ] = None,
     script_arg: Annotated[
         list[str] | None, typer.Option("--script-arg", help="k=v handed to build_model/build_loaders (repeatable).", metavar=_KV)
     ] = None,
@@ -189,6 +197,8 @@ def run(
         gossip_interval=gossip_interval,
         trust_policy=policy,
         trusted_pubkeys=keys,
+        certificate=certificate,
+        revocations=revocations,
         script_args=args,
         checkpoint_dir=checkpoint_dir,
         bootstrap_peers=[f"{host}:{p}" for host, p in peers],

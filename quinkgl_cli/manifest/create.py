@@ -21,6 +21,7 @@ from quinkgl_cli.manifest.schema import (
     Framework,
     LabelType,
     Manifest,
+    Membership,
     ModelSpec,
     PrivacySpec,
     StrategySpec,
@@ -76,6 +77,16 @@ def normalize_label_type(value: str) -> LabelType:
     if found is None:
         raise UsageError(f"--label-type {value!r} is not a label type", "valid: integer, float, one_hot")
     return found
+
+
+def normalize_membership(value: str) -> Membership:
+    found = value.strip().lower()
+    if found == "open":
+        return "open"
+    if found == "certified":
+        return "certified"
+    raise UsageError(f"--membership {value!r} is not open or certified",
+                     "open: any node with the manifest may join; certified: only nodes holding a `quinkgl admit` certificate")
 
 
 def normalize_framework(value: str) -> Framework:
@@ -202,6 +213,7 @@ def build_manifest(
     training_params: Mapping[str, str] | None = None,
     compression_params: Mapping[str, str] | None = None,
     privacy_params: Mapping[str, Any] | None = None,
+    membership: str = "open",
     now: datetime | None = None,
 ) -> Manifest:
     """An unsigned manifest, ``created_at`` = ``now`` (the clock, to the second). Bad input: UsageError (1).
@@ -230,6 +242,7 @@ def build_manifest(
             round_limit=round_limit,
             byzantine_f=byzantine_f,
             bootstrap_peers=peers,
+            membership=normalize_membership(membership),
         )
     except ValidationError as exc:
         err = exc.errors()[0]

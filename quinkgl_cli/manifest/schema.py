@@ -27,6 +27,7 @@ MAX_ROUNDS = 10**9
 TaskType = Literal["classification", "regression", "segmentation", "detection"]
 LabelType = Literal["integer", "float", "one_hot"]
 Framework = Literal["pytorch", "tensorflow", "custom"]
+Membership = Literal["open", "certified"]  # certified: only nodes holding the creator's certificate are peers
 JsonInt = Annotated[int, Field(ge=-MAX_JSON_INT, le=MAX_JSON_INT)]
 ParamValue = bool | JsonInt | float | str
 Dim = Annotated[int, Field(ge=1, le=MAX_DIM)]
@@ -169,6 +170,7 @@ class Manifest(Strict):
     round_limit: int | None = Field(default=None, ge=1, le=MAX_ROUNDS)
     byzantine_f: int = Field(default=0, ge=0, le=1000)
     bootstrap_peers: tuple[str, ...] = Field(default=(), max_length=64)
+    membership: Membership = "open"
     creator_pubkey: str | None = Field(default=None, pattern=PUBKEY_PATTERN)
     signature: str | None = Field(default=None, pattern=r"^[0-9a-f]{128}$")
 

@@ -166,6 +166,11 @@ def trust_loaded(
             "sign it (`quinkgl manifest create ... --sign-with creator.key`), or pass --trust-policy open to use it"
             " unsigned for local tests",
         )
+    if manifest.membership == "certified" and not signed:
+        raise TrustError(
+            f"{source} declares a certified swarm but is unsigned: nobody could sign its certificates",
+            "create it with --sign-with creator.key",
+        )
     if chosen == "pinned" and not signed:
         raise TrustError(
             f"{source} is unsigned and --trust-policy pinned accepts only manifests signed by a --trusted-pubkey",

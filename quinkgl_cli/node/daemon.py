@@ -33,6 +33,7 @@ from typing import Any
 from quinkgl_cli.errors import ExitCode, NodeConfigError, QuinkglError, TrustError, UsageError
 from quinkgl_cli.events import emit
 from quinkgl_cli.manifest.trust import check_expiry
+from quinkgl_cli.node.admission import check_certificate_expiry
 from quinkgl_cli.node.core import NodeConfig, NodeState, RoundMetrics
 from quinkgl_cli.node.logs import LogContext, setup_logging
 from quinkgl_cli.node.nodelog import one_line
@@ -79,7 +80,7 @@ class Daemon:
         bootstrap = o.network.bootstrap_peers or list(prepared.trusted.manifest.bootstrap_peers)
         # The manifest's expires_at is checked against this clock before every round (tests move it).
         self.utc_now: Callable[[], datetime] = lambda: datetime.now(UTC)
-        self.expired: TrustError | None = None  # set when the manifest expired during the run
+        self.expired: tuple[str, TrustError] | None = None  # (event, error) once the manifest or certificate expired
         self.loop = RoundLoop(self.node, schedule, self.waiter, context, bootstrap, self.started_at,
                               self._after_round, may_continue=self._manifest_valid)
         self.observer = observer  # told the state at start, after each round, on a stop request and at the end
@@ -102,13 +103,19 @@ class Daemon:
         self.train_stop.set()
 
     def _manifest_valid(self) -> bool:
-        """False (and the run stops as on a signal, exit 4) once the manifest's ``expires_at`` has passed: a peer
-        must not train on in a swarm its creator ended. The last completed round's checkpoint is kept."""
+        """False (and the run stops as on a signal, exit 4) once the manifest's ``expires_at`` has passed, or this
+        node's certificate's: a peer must not train on in a swarm its creator ended or no longer admits it to.
+        The last completed round's checkpoint is kept."""
+        event = "manifest-expired"
         try:
-            check_expiry(self.prepared.trusted.manifest, self.utc_now())
+            now = self.utc_now()
+            check_expiry(self.prepared.trusted.manifest, now)
+            event = "certificate-expired"
+            if self.prepared.admission is not None:
+                check_certificate_expiry(self.prepared.admission, now)
         except TrustError as exc:
-            self.expired = exc
-            emit(log, logging.WARNING, "manifest-expired", error=exc.message, hint=exc.hint)
+            self.expired = (event, exc)
+            emit(log, logging.WARNING, event, error=exc.message, hint=exc.hint)
             self.waiter.stop_event.set()
             self.train_stop.set()
             return False
@@ -161,7 +168,7 @@ class Daemon:
         finally:
             await self._stop_transport()
         if self.expired is not None:
-            emit(log, logging.WARNING, "stopped", completed_round=node.completed_round, reason="manifest-expired",
+            emit(log, logging.WARNING, "stopped", completed_round=node.completed_round, reason=self.expired[0],
                  checkpoint=self.files.newest_checkpoint())
             return int(ExitCode.TRUST)
         if self.waiter.stopping and not node.finished():

@@ -48,7 +48,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def digits_manifest(workdir: Path, name: str = "digits-demo", rounds: int | None = None,
-                    training: dict[str, str] | None = None, script: Path = DIGITS_SCRIPT) -> tuple[Path, Path, str, str]:
+                    training: dict[str, str] | None = None, script: Path = DIGITS_SCRIPT,
+                    membership: str = "open") -> tuple[Path, Path, str, str]:
     """Key + signed manifest for the digits script in ``workdir``: (manifest, key, public key, swarm id)."""
     from quinkgl_cli import keys
     from quinkgl_cli.manifest.arch_hash import compute_arch_hash
@@ -77,6 +78,7 @@ def digits_manifest(workdir: Path, name: str = "digits-demo", rounds: int | None
         round_limit=rounds,
         training_params=training or {"local_epochs": "1", "final_consensus_steps": "1"},
         description="handwritten digits (scikit-learn), MLP 64-32-10",
+        membership=membership,
     )
     path = workdir / f"{name}.qgl"
     write_manifest(path, sign_manifest(manifest, key), overwrite=True)

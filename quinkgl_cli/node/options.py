@@ -22,6 +22,8 @@ class TrustOptions:
     trust_policy: str | None = None
     trusted_pubkeys: list[str] = field(default_factory=list)
     strict_manifest: bool = True
+    certificate: Path | None = None  # this node's admission certificate (certified swarms)
+    revocations: Path | None = None  # the creator's revocation list, read again when it changes
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`quinkgl run`'s start-up: everything checked and loaded before the daemon's loop starts.
 
 In order, each failure a one-line error with its exit code (`prepare`):
-  1. manifest loaded and trusted under the policy (2 / 1 / 3 / 4),
+  1. manifest loaded and trusted under the policy (2 / 1 / 3 / 4), then this node's admission: its certificate in
+     a certified swarm, the revocation list (`quinkgl_cli.node.admission`; 2 / 1 / 3 / 4),
   2. peer script loaded, required hooks present (2 / 7),
   3. model built, its arch hash compared with the manifest's (5 under --strict-manifest, else a warning),
   4. loaders built (the optimizer comes from ``build_optimizer(manifest, model)`` when the node is wired,
@@ -44,6 +45,7 @@ class Prepared:
     resume_state: Any | None  # NodeState
     resume_file: Path | None
     seed: int
+    admission: Any = None  # quinkgl_cli.transport.admission.AdmissionSettings
     locks: list[HeldDirectory] = field(default_factory=list)  # held for the process's life (node/dirlock.py)
 
     def abandon_directories(self) -> None:
@@ -64,9 +66,13 @@ def default_checkpoint_dir(options: DaemonOptions, swarm_id: str) -> Path:
 def node_state_dir(options: DaemonOptions) -> Path:
     """The node's own state (its IPv8 identity key): one per node id, so several peers on one machine never share
     a key."""
+    return node_state_path(options.state_dir, options.node_id)
+
+
+def node_state_path(state_dir: Path | None, node_id: str) -> Path:
     from quinkgl_cli.paths import state_home
 
-    return state_home(options.state_dir) / "nodes" / options.node_id
+    return state_home(state_dir) / "nodes" / node_id
 
 
 def swarm_seed(swarm_id: str) -> int:
@@ -97,6 +103,10 @@ def prepare(options: DaemonOptions) -> Prepared:
     trusted = load_trusted(options.manifest, trust.trust_policy, tuple(trust.trusted_pubkeys), options.state_dir)
     manifest = trusted.manifest
 
+    from quinkgl_cli.node.admission import prepare_admission
+
+    admission = prepare_admission(trusted, options.node_id, node_state_dir(options), trust.certificate, trust.revocations)
+
     from quinkgl_cli.node.script import load_script
 
     script = load_script(options.script)
@@ -125,7 +135,7 @@ def prepare(options: DaemonOptions) -> Prepared:
     ckpt = options.checkpoints
     checkpoint_dir = Path(ckpt.checkpoint_dir) if ckpt.checkpoint_dir else default_checkpoint_dir(options, trusted.swarm_id)
     prepared = Prepared(options, trusted, script, model, arch_hash, train_loader, val_loader, checkpoint_dir,
-                        None, None, seed)
+                        None, None, seed, admission)
     if options.dry_run:
         return prepared
     prepared.locks = lock_node_dirs(options, checkpoint_dir)
@@ -184,5 +194,6 @@ def make_ipv8_transport(prepared: Prepared) -> Any:
         # Refuse offers far larger than this model can ever be: a peer cannot make us buffer gigabytes.
         max_model_bytes=wire.max_blob_bytes(shared_specs(prepared.model)) * 2,
         rendezvous=rendezvous,
+        admission=prepared.admission,
         **net.transport_options,
     )

@@ -7,6 +7,10 @@ Everything goes through a `MemoryNetwork` hub that queues deliveries. Two ways t
 * asyncio (the daemon loop, contract tests): with ``auto_deliver=True`` (the default) a send made while a loop is
   running schedules a drain with ``loop.call_soon``, so events arrive on the loop as they would from IPv8.
 
+Admission: given an `Admission`, a transport refuses the hello of a peer its certificate (or the revocation list)
+does not admit, as the IPv8 transport does; revocation lists do not spread here (that is the IPv8 transport's
+gossip).
+
 Fault injection (``loss``, ``block``, ``partition``, ``corrupt``, ``kill``) mirrors what the IPv8 transport meets
 on a real network, and the receiver-side checks (size limit, digest, duplicate and out-of-date offers, swarm and
 architecture mismatch) are the same ones, logged once per peer and reason on ``quinkgl.transport``.
@@ -37,6 +41,7 @@ from typing import Any
 
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.events import emit
+from quinkgl_cli.transport.admission import Admission
 from quinkgl_cli.transport.base import (
     ModelReceived,
     OutgoingUpdate,
@@ -253,6 +258,8 @@ class MemoryTransport(RuledTransport):
         protocol_version: int = PROTOCOL_VERSION,
         max_peers: int = DEFAULT_MAX_PEERS,
         seek: int | None = None,
+        admission: Admission | None = None,
+        public_key: str | None = None,
     ) -> None:
         if not node_id:
             raise NetworkError("node id must not be empty")
@@ -269,7 +276,9 @@ class MemoryTransport(RuledTransport):
         self.protocol_version = protocol_version
         self.max_peers = max_peers
         self.seek = seek
-        self.public_key = hashlib.sha256(f"memory-key:{node_id}".encode()).hexdigest()
+        # hex of the node's key; a test of a certified swarm gives real node keys, certified by ``admission``'s creator
+        self.public_key = public_key or hashlib.sha256(f"memory-key:{node_id}".encode()).hexdigest()
+        self.admission = admission
         self._last_digest: tuple[bytes, bytes] | None = None
         self.stats = TransportStats()
         self._events: TransportEvents | None = None
@@ -351,6 +360,13 @@ class MemoryTransport(RuledTransport):
             self.drops.once("peer-refused", other.node_id, "arch_mismatch", theirs=other.arch_hash)
             self.network._unlink(self.node_id, other.node_id)
             return
+        if self.admission is not None:  # as the IPv8 transport: before the peer is known at all
+            theirs = other.admission.certificate if other.admission is not None else b""
+            refused = self.admission.refusal(other.node_id, bytes.fromhex(other.public_key), theirs)
+            if refused is not None:
+                self.drops.once("peer-refused", f"key:{other.public_key[-16:]}", refused, claims=other.node_id)
+                self.network._unlink(self.node_id, other.node_id)
+                return
         known = other.node_id in self._peers
         now = self.network.clock()
         info = PeerInfo(other.node_id, other.public_key, None, now)

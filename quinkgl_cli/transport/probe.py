@@ -142,14 +142,14 @@ def _throttle(rate: float) -> None:
     """
     from quinkgl_cli.transport.ipv8 import stream
 
-    def slow(sock: socket.socket, header: bytes, payload: Any, budget: float) -> None:
+    def slow(sock: socket.socket, header: bytes, payload: Any, budget: float, sealer: Any) -> None:
         _emit({"event": "serving", "bytes": len(payload)})
         sock.settimeout(budget)
         sock.sendall(header)
-        view = memoryview(payload)
+        sealed = memoryview(b"".join(sealer.frames(payload)))
         chunk = max(1024, min(256 * 1024, int(rate / 20)))
-        for start in range(0, view.nbytes, chunk):
-            sock.sendall(view[start : start + chunk])
+        for start in range(0, sealed.nbytes, chunk):
+            sock.sendall(sealed[start : start + chunk])
             time.sleep(chunk / rate)  # a worker thread: sleeping here holds up nothing else
 
     stream.send_blob = slow

@@ -26,6 +26,7 @@ from quinkgl_cli.transport.ipv8.payloads import (
     HelloHead,
     HelloPayload,
     OfferPayload,
+    RevocationPayload,
 )
 
 LOGGER_NAME = "quinkgl.transport.ipv8"
@@ -61,6 +62,8 @@ class CommunityHandlers(Protocol):
 
     def on_decline(self, key: bytes, source: tuple[str, int], payload: DeclinePayload) -> None: ...
 
+    def on_revocations(self, key: bytes, source: tuple[str, int], payload: RevocationPayload) -> None: ...
+
 
 class SwarmSettings(CommunitySettings):
     handlers: CommunityHandlers
@@ -89,6 +92,7 @@ class SwarmCommunity(Community):
         self.add_message_handler(ControlPayload, self._on_control)
         self.add_message_handler(ByePayload, self._on_bye)
         self.add_message_handler(DeclinePayload, self._on_decline)
+        self.add_message_handler(RevocationPayload, self._on_revocations)
 
     # -- keep IPv8 away from the host's LAN addresses unless LAN discovery was asked for -----------------------
     async def discover_lan_addresses(self) -> None:
@@ -173,6 +177,10 @@ class SwarmCommunity(Community):
     def _on_decline(self, source: Any, data: bytes) -> None:
         key, payload = self._unpack_signed(DeclinePayload, data)
         self.handlers.on_decline(key, _addr(source), payload)
+
+    def _on_revocations(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(RevocationPayload, data)
+        self.handlers.on_revocations(key, _addr(source), payload)
 
     def _unpack_signed(self, cls: Any, data: bytes) -> tuple[bytes, Any]:
         key, body = self._verified(data)

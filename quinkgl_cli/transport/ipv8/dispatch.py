@@ -21,6 +21,7 @@ from quinkgl_cli.transport.ipv8.payloads import (
     HelloHead,
     HelloPayload,
     OfferPayload,
+    RevocationPayload,
 )
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents
 
@@ -71,6 +72,10 @@ class Dispatch:
     def on_bye(self, key: bytes, source: tuple[str, int], payload: ByePayload) -> None:
         if self._routes is not None:
             self._routes.membership.on_bye(key, source, payload)
+
+    def on_revocations(self, key: bytes, source: tuple[str, int], payload: RevocationPayload) -> None:
+        if self._routes is not None:
+            self._routes.membership.on_revocations(key, source, payload)
 
     def on_offer(self, key: bytes, source: tuple[str, int], payload: OfferPayload) -> None:
         if self._routes is None:

@@ -5,7 +5,7 @@ bound concurrent downloads. Every bound holds whatever the sender does: offers b
 ignored, accepted fetches wait in a queue bounded per sender and overall (an offer that finds it full is
 declined), a sender has one download running at a time, and a download that stops keeping pace is abandoned
 (`stream.Progress`). A model reaches the node only when its bytes match the size and sha256 of the offer its
-sender signed.
+sender signed; its bytes travel encrypted (`channel`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ipv8.keyvault.crypto import default_eccrypto
 from quinkgl_cli.events import emit
 from quinkgl_cli.transport.base import ModelReceived, TransportStats
 from quinkgl_cli.transport.common import MAX_ENCODING, MAX_META_BYTES, DropLog, OfferBook, decode_body, digest
-from quinkgl_cli.transport.ipv8 import stream
+from quinkgl_cli.transport.ipv8 import channel, stream
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
 from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD
@@ -187,23 +187,32 @@ class Fetcher:
                 stream.tune(sock)
                 await asyncio.wait_for(loop.sock_connect(sock, (rec.address[0], p.tcp_port)), s.connect_timeout)
                 challenge = await stream.recv_exact(loop, sock, stream.CHALLENGE.size, s.connect_timeout)
-                magic, version, nonce = stream.CHALLENGE.unpack(challenge)
-                if magic != stream.CHALLENGE_MAGIC or version != stream.PROTOCOL:
-                    raise stream.FetchError("malformed_challenge")
-                statement = stream.fetch_statement(self.community_id, p.offer_id, nonce, rec.key_bin)
+                magic, version, nonce, theirs = stream.CHALLENGE.unpack(challenge)
+                if magic != stream.CHALLENGE_MAGIC or version != stream.PROTOCOL:  # no cleartext fallback, ever
+                    raise stream.FetchError("malformed_challenge" if magic != stream.CHALLENGE_MAGIC else "channel_version")
+                ephemeral = channel.Ephemeral()
+                statement = stream.fetch_statement(self.community_id, p.offer_id, nonce, rec.key_bin, theirs, ephemeral.public)
                 signature = default_eccrypto.create_signature(self.key, statement)
-                await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, p.offer_id, len(signature)) + signature)
+                await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, p.offer_id, ephemeral.public,
+                                                                       len(signature)) + signature)
                 status, size = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, s.fetch_timeout))
                 if status != stream.OK:
                     raise stream.FetchError(f"refused_{stream.STATUS_REASONS.get(status, 'unknown')}")
                 if size != p.size:
                     raise stream.FetchError("size_mismatch", f"offered {p.size}, sent {size}")
-                progress = stream.Progress(s.limits.stall_window, s.limits.stall_rate, size, loop.time())
+                opener = channel.Opener(ephemeral.derive(theirs, nonce, channel.context(self.community_id, p.offer_id, theirs,
+                                                                                       ephemeral.public)))
+                wire = channel.sealed_size(size)
+                progress = stream.Progress(s.limits.stall_window, s.limits.stall_rate, wire, loop.time())
                 if size > HASH_IN_THREAD:
-                    return await loop.run_in_executor(self.pool, stream.receive_blob, sock, size, s.fetch_timeout, deadline, progress)
-                buf = bytearray(size)
-                await stream.recv_into(loop, sock, memoryview(buf), s.fetch_timeout, progress)
+                    return await loop.run_in_executor(self.pool, stream.receive_blob, sock, size, s.fetch_timeout, deadline,
+                                                      opener, progress)
+                sealed = bytearray(wire)
+                await stream.recv_into(loop, sock, memoryview(sealed), s.fetch_timeout, progress)
+                buf = opener.open_all(sealed, size)
                 return buf, digest(buf)
+        except channel.ChannelError as exc:
+            self.drops("fetch-failed", rec.node_id, exc.reason, offer_round=p.round)
         except stream.FetchError as exc:
             reason = "sender_vanished" if exc.reason == "truncated" else exc.reason
             self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round)

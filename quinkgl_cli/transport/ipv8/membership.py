@@ -1,7 +1,9 @@
 """Who is in the swarm, as this node sees it: hellos and goodbyes, discovery walks and heartbeats, silence.
 
 Owns the peer table's admission and loss decisions, the seeds to walk to and the replay checks every signed message passes (`fresh`).
-Other parts ask it for the sender of a message; only it adds peers to the table or removes them.
+Other parts ask it for the sender of a message; only it adds peers to the table or removes them. A hello is first
+put to `transport.admission` (certificate, revocation) before anything else is done with it; then a node id held
+by another key, or still held for a lost peer's key (`peers`), is refused.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from ipv8.peerdiscovery.discovery import RandomWalk
 from quinkgl_cli import validation
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.events import emit
+from quinkgl_cli.transport.admission import Admission
 from quinkgl_cli.transport.common import DropLog
 from quinkgl_cli.transport.ipv8.community import SwarmCommunity
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
-from quinkgl_cli.transport.ipv8.payloads import ByePayload, HelloHead, HelloPayload
+from quinkgl_cli.transport.ipv8.payloads import ByePayload, HelloHead, HelloPayload, RevocationPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable
 from quinkgl_cli.transport.ipv8.replay import ReplayGuard
+from quinkgl_cli.transport.ipv8.revocations import RevocationGossip
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents
 from quinkgl_cli.transport.ipv8.settings import TransportSettings, label
 
@@ -47,6 +51,7 @@ class Membership:
         tcp_port: int,
         seeds: list[tuple[str, int]],
         on_lost: Callable[[str], None],
+        admission: Admission,
         local_seeds: Callable[[], list[tuple[str, int]]] | None = None,
     ) -> None:
         self.settings = settings
@@ -58,6 +63,9 @@ class Membership:
         self.tcp_port = tcp_port
         self.seeds = seeds
         self.on_lost = on_lost
+        self.admission = admission
+        self.gossip = RevocationGossip(settings, admission, table, courier, community.my_peer.public_key.key_to_bin(),
+                                       self.lose, drops)
         self.replay = ReplayGuard()
         self.walker = RandomWalk(community, timeout=3.0, window_size=5, reset_chance=30)
         self._seed_walked: dict[tuple[str, int], float] = {}
@@ -78,6 +86,7 @@ class Membership:
             if seed not in known and now - self._seed_walked.get(seed, 0.0) >= max(1.0, s.walk_interval):
                 self._seed_walked[seed] = now
                 self.community.walk_to(seed)
+        self.gossip.tick()
         if self.community.bootstrappers and not self.community.get_peers():
             self.community.bootstrap()
         self.walker.take_step()
@@ -98,7 +107,7 @@ class Membership:
         self.table.mark_hello(key, now)
         s = self.settings
         self.courier.send(address, HelloPayload(s.swarm_id, s.node_id, s.arch_hash, s.protocol_version, *self.courier.stamp(),
-                                                self.tcp_port, want_reply))
+                                                self.tcp_port, want_reply, self.admission.certificate))
 
     def say_goodbye(self) -> None:
         for rec in self.table:
@@ -121,6 +130,10 @@ class Membership:
         if not validation.is_node_id(node_id):
             self.drops("peer-refused", who, "bad_node_id")
             return
+        refused = self.admission.refusal(node_id, key, p.certificate)
+        if refused is not None:
+            self._refuse_key(key, who, refused)
+            return
         if p.swarm_id != s.swarm_id:
             self.drops("peer-refused", who, "swarm_mismatch", theirs=p.swarm_id[:80])
             return
@@ -136,6 +149,10 @@ class Membership:
             return
         if holder is not None and holder.key_bin != key:
             self.drops("peer-refused", who, "node_id_taken", holder=holder.key_bin.hex()[-16:])
+            return
+        owner = self.table.released_to(node_id, time.monotonic(), s.limits.id_hold) if holder is None else None
+        if owner is not None and owner != key:
+            self.drops("peer-refused", who, "node_id_taken", holder=owner.hex()[-16:], detail="held for its lost owner")
             return
         if not self._admit(key, p.session, p.counter, "peer-refused", who, source):
             return  # a captured hello sent again: it must not move the peer's address or restart it
@@ -153,12 +170,30 @@ class Membership:
             emit(log, logging.DEBUG, "peer-discovered", context={"node": s.node_id}, peer=node_id,
                  address=f"{source[0]}:{source[1]}", key=key.hex()[-16:])
             self.events.peer_discovered(rec.info())
+            self.gossip.share_with(rec)
         else:
             holder.address = source
             holder.tcp_port = p.tcp_port
             holder.last_seen = now
         if p.want_reply or holder is None:  # first sight: tell the peer our session before it sends us anything
             self.hello(key, source, want_reply=False, min_gap=0.0)
+
+    def _refuse_key(self, key: bytes, who: str, reason: str) -> None:
+        """A key that may not be a peer (no valid certificate, revoked): logged once per key and reason, dropped
+        from the table if it was in it (a certificate that expired, a revocation), and forgotten by IPv8 so that
+        we stop greeting it."""
+        self.drops("peer-refused", f"key:{key.hex()[-16:]}", reason, claims=who)
+        known = self.table.node_of(key)
+        if known is not None:
+            self.lose(known, reason)
+        peer = self.community.network.get_verified_by_public_key_bin(key)
+        if peer is not None:
+            self.community.network.remove_peer(peer)
+
+    def on_revocations(self, key: bytes, source: tuple[str, int], p: RevocationPayload) -> None:
+        rec = self.fresh(key, source, p.session, p.counter, "revocations-refused")
+        if rec is not None:
+            self.gossip.on_message(rec, p)
 
     def _evict_for(self, newcomer: str) -> bool:
         """Make room in the full table for ``newcomer`` by evicting an unproven peer past its grace; False if none."""
@@ -208,7 +243,9 @@ class Membership:
         return False
 
     def lose(self, node_id: str, reason: str) -> None:
-        rec = self.table.remove(node_id)
+        # Its key keeps the node id a while (a restart, a moment's silence), unless the key was revoked.
+        freed = reason in ("revoked", "certificate_revoked")
+        rec = self.table.remove(node_id, released_at=None if freed else time.monotonic())
         if rec is None:
             return
         self.on_lost(node_id)

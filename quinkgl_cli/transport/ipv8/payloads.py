@@ -26,12 +26,13 @@ class HelloPayload(VariablePayload):
     """Who I am and what I run; ``want_reply`` on first contact so the other side answers at once.
 
     A newer ``session`` than the one known for a key means the peer restarted (its round numbers may go back to a
-    checkpoint's): it is reported lost and rediscovered rather than taken for the same run.
+    checkpoint's): it is reported lost and rediscovered rather than taken for the same run. ``certificate`` is the
+    sender's admission certificate (JSON, `quinkgl_cli.manifest.admission`) in a certified swarm, else empty.
     """
 
     msg_id = 1
-    format_list = ["varlenHutf8", "varlenHutf8", "varlenHutf8", "H", "Q", "Q", "H", "?"]
-    names = ["swarm_id", "node_id", "arch_hash", "protocol", "session", "counter", "tcp_port", "want_reply"]
+    format_list = ["varlenHutf8", "varlenHutf8", "varlenHutf8", "H", "Q", "Q", "H", "?", "varlenH"]
+    names = ["swarm_id", "node_id", "arch_hash", "protocol", "session", "counter", "tcp_port", "want_reply", "certificate"]
 
 
 @vp_compile
@@ -96,3 +97,13 @@ class DeclinePayload(VariablePayload):
     msg_id = 5
     format_list = ["varlenHutf8", "Q", "Q", "20s", "varlenHutf8"]
     names = ["swarm_id", "session", "counter", "offer_id", "reason"]
+
+
+@vp_compile
+class RevocationPayload(VariablePayload):
+    """The creator-signed revocation list a peer holds (JSON, `quinkgl_cli.manifest.admission`), passed on to every
+    peer when a newer version is adopted and to each newly met peer."""
+
+    msg_id = 6
+    format_list = ["varlenHutf8", "Q", "Q", "varlenH"]
+    names = ["swarm_id", "session", "counter", "body"]

@@ -6,10 +6,15 @@ A peer proves itself by taking part: it delivered a model whose bytes matched it
 ours with its key. Keys cost nothing, so a full table keeps proven peers and makes room by evicting an unproven
 one that has had its grace period (the newest such, so long-lived peers stay), rather than refusing a late
 honest peer; and an unproven peer that left several of our offers unfetched gets no more.
+
+A node id belongs to the key that holds it, and stays that key's for a while after the peer is lost (``hold``
+seconds, see `released_to`): another key claiming it meanwhile is refused, so a squatter cannot take the id of a
+peer that restarts, drops off for a moment or said goodbye. Only a revocation frees it at once.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +52,7 @@ class PeerTable:
         self._by_node: dict[str, PeerRecord] = {}
         self._node_by_key: dict[bytes, str] = {}
         self._contact_hello: dict[bytes, float] = {}  # when we last greeted keys that are not peers (yet)
+        self._released: OrderedDict[str, tuple[bytes, float]] = OrderedDict()  # node id -> its key, when it was lost
 
     def __len__(self) -> int:
         return len(self._by_node)
@@ -70,13 +76,30 @@ class PeerTable:
     def add(self, rec: PeerRecord) -> None:
         self._by_node[rec.node_id] = rec
         self._node_by_key[rec.key_bin] = rec.node_id
+        self._released.pop(rec.node_id, None)
         rec.hello_sent = self._contact_hello.pop(rec.key_bin, rec.hello_sent)
 
-    def remove(self, node_id: str) -> PeerRecord | None:
+    def remove(self, node_id: str, released_at: float | None = None) -> PeerRecord | None:
+        """Forget ``node_id``; with ``released_at`` (the clock now) its key keeps the id for a while."""
         rec = self._by_node.pop(node_id, None)
         if rec is not None:
             self._node_by_key.pop(rec.key_bin, None)
+            if released_at is not None:
+                self._released.pop(node_id, None)
+                self._released[node_id] = (rec.key_bin, released_at)
+                while len(self._released) > 4 * self.capacity:  # only admitted peers get here: bounded by churn
+                    self._released.popitem(last=False)
         return rec
+
+    def released_to(self, node_id: str, now: float, hold: float) -> bytes | None:
+        """The key a lost peer's ``node_id`` is still held for, or None once ``hold`` seconds have passed."""
+        entry = self._released.get(node_id)
+        if entry is None:
+            return None
+        if now - entry[1] >= hold:
+            del self._released[node_id]
+            return None
+        return entry[0]
 
     def eviction_candidate(self, now: float, grace: float) -> PeerRecord | None:
         """The unproven peer to give way to a newcomer: past its grace period, the newest of those; None if every
@@ -105,3 +128,4 @@ class PeerTable:
         self._by_node.clear()
         self._node_by_key.clear()
         self._contact_hello.clear()
+        self._released.clear()

@@ -1,8 +1,8 @@
 """Serving our offers over TCP: the listening socket, the accept loop, and the slots that bound concurrent sends.
 
 Owns the listening socket, the connections still proving themselves, and the serve slots. A connection gets the
-offer's bytes only after it signs our fresh challenge with the key of the peer the offer was made to (see
-`stream`). Until it has, it holds no serve slot: it only waits, briefly (``handshake_timeout``), among a bounded
+offer's bytes only after it signs our fresh challenge and both ephemeral keys with the key of the peer the offer
+was made to (see `stream`), and then only encrypted with the key that exchange agreed (`channel`). Until it has, it holds no serve slot: it only waits, briefly (``handshake_timeout``), among a bounded
 set of pending handshakes where the oldest gives way to a newcomer, so idle or trickling connections, however
 many, cannot keep a real recipient out. A recipient holds at most ``serve_slots_per_peer`` slots.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,7 +22,7 @@ from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.events import emit
 from quinkgl_cli.transport.base import TransportStats
 from quinkgl_cli.transport.common import DropLog
-from quinkgl_cli.transport.ipv8 import stream
+from quinkgl_cli.transport.ipv8 import channel, stream
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
 from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD, Outbox, Outgoing
 from quinkgl_cli.transport.ipv8.runtime import TaskRegistry
@@ -73,6 +74,7 @@ class FetchServer:
         tasks: TaskRegistry,
         drops: DropLog,
         stats: TransportStats,
+        revoked: Callable[[bytes], bool],
     ) -> None:
         self.settings = settings
         self.lsock = lsock
@@ -84,6 +86,7 @@ class FetchServer:
         self.tasks = tasks
         self.drops = drops
         self.stats = stats
+        self.revoked = revoked
         self.slots = asyncio.Semaphore(settings.limits.serve_slots)
         self.pending: dict[socket.socket, asyncio.Task[Any]] = {}  # in arrival order: the oldest gives way first
         self.serving: dict[str, int] = {}  # recipient -> slots it holds
@@ -124,7 +127,7 @@ class FetchServer:
         who = addr[0]  # the source port of a TCP connection is random: it names nobody
         try:
             try:
-                out = await self._authenticate(loop, conn)
+                out, sealer = await self._authenticate(loop, conn)
             finally:
                 self.pending.pop(conn, None)
             who = out.recipient
@@ -134,10 +137,10 @@ class FetchServer:
                 raise stream.FetchError("peer_busy")
             self.serving[who] = self.serving.get(who, 0) + 1
             try:
-                await self._serve_in_slot(loop, conn, out)
+                await self._serve_in_slot(loop, conn, out, sealer)
             finally:
                 self._release(who)
-        except stream.FetchError as exc:
+        except (stream.FetchError, channel.ChannelError) as exc:
             self.drops("fetch-refused", who, exc.reason)
         except (TimeoutError, OSError) as exc:
             self.drops("serve-failed", who, "timeout" if isinstance(exc, TimeoutError) else "recipient_vanished")
@@ -153,16 +156,18 @@ class FetchServer:
         else:
             self.serving.pop(who, None)
 
-    async def _authenticate(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> Outgoing:
-        """The offer this connection may fetch: it named one of our offers and signed our challenge with the
-        recipient's key, all within the handshake deadline however slowly it trickled in; else FetchError."""
+    async def _authenticate(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[Outgoing, channel.Sealer]:
+        """The offer this connection may fetch and the sealer for its bytes: it named one of our offers and signed
+        our challenge and both ephemeral keys with the recipient's key, all within the handshake deadline however
+        slowly it trickled in; else FetchError."""
         timeout = min(self.settings.connect_timeout, self.settings.limits.handshake_timeout)
         stream.tune(conn)
         nonce = stream.new_nonce()
+        ephemeral = channel.Ephemeral()
         async with asyncio.timeout(timeout):
-            await loop.sock_sendall(conn, stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, nonce))
+            await loop.sock_sendall(conn, stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, nonce, ephemeral.public))
             head = await stream.recv_exact(loop, conn, stream.REQUEST_HEAD.size, timeout)
-            magic, offer_id, sig_len = stream.REQUEST_HEAD.unpack(head)
+            magic, offer_id, theirs, sig_len = stream.REQUEST_HEAD.unpack(head)
             if magic != stream.REQUEST_MAGIC or not 0 < sig_len <= stream.MAX_SIGNATURE:
                 raise stream.FetchError("malformed_request")
             signature = await stream.recv_exact(loop, conn, sig_len, timeout)
@@ -170,13 +175,19 @@ class FetchServer:
         if out is None:
             await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.UNKNOWN_OFFER, 0))
             raise stream.FetchError("unknown_offer")
-        statement = stream.fetch_statement(self.community_id, offer_id, nonce, self.key.pub().key_to_bin())
+        statement = stream.fetch_statement(self.community_id, offer_id, nonce, self.key.pub().key_to_bin(), ephemeral.public, theirs)
         if not default_eccrypto.is_valid_signature(out.recipient_key, statement, signature):
             await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.NOT_RECIPIENT, 0))
             raise stream.FetchError("not_recipient")
-        return out
+        if self.revoked(out.recipient_key.key_to_bin()):  # offered before the revocation arrived
+            self.outbox.offers.pop(offer_id, None)
+            await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.NOT_RECIPIENT, 0))
+            raise stream.FetchError("revoked")
+        key = ephemeral.derive(theirs, nonce, channel.context(self.community_id, offer_id, ephemeral.public, theirs))
+        return out, channel.Sealer(key)
 
-    async def _serve_in_slot(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Outgoing) -> None:
+    async def _serve_in_slot(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Outgoing,
+                             sealer: channel.Sealer) -> None:
         """Wait (briefly) for a serve slot, then send the offer's bytes; the offer is done once they are out."""
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
@@ -189,18 +200,18 @@ class FetchServer:
                 await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.BUSY, 0))
                 raise stream.FetchError("already_fetching")
             out.serving = True
-            await self._send(loop, conn, out)
+            await self._send(loop, conn, out, sealer)
             self.stats.models_sent += 1
             self.stats.bytes_sent += out.size
             self.outbox.served(out)
         finally:
             self.slots.release()
 
-    async def _send(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Outgoing) -> None:
+    async def _send(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Outgoing, sealer: channel.Sealer) -> None:
         budget = self.settings.fetch_timeout + out.size / self.settings.limits.min_rate
         header = stream.RESPONSE.pack(stream.OK, out.size)
         if out.size > HASH_IN_THREAD:
-            await loop.run_in_executor(self.pool, stream.send_blob, conn, header, out.payload, budget)
+            await loop.run_in_executor(self.pool, stream.send_blob, conn, header, out.payload, budget, sealer)
         else:
             async with asyncio.timeout(budget):
-                await loop.sock_sendall(conn, header + bytes(out.payload))
+                await loop.sock_sendall(conn, header + b"".join(sealer.frames(out.payload)))

@@ -50,6 +50,7 @@ class Limits:
     grace: float = 30.0  # seconds a new peer has to prove itself before it may be evicted from a full table
     probation_offers: int = 4  # offers an unproven peer may leave unfetched before it gets no more
     stop_grace: float = 2.0  # seconds a stopping transport waits for peers to fetch what it offered them
+    id_hold: float = 120.0  # seconds a lost peer's node id stays its key's: nobody else may claim it meanwhile
 
 
 @dataclass(frozen=True)

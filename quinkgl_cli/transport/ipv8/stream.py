@@ -2,13 +2,14 @@
 
 Per connection (the fetcher connects to the offering peer)::
 
-    server -> client   b"QGLF" u8 version  32-byte random challenge
-    client -> server   b"QGLR" 20-byte offer id  u16 sig_len  signature
-    server -> client   u8 status  u64 size   then exactly ``size`` bytes when status is OK
+    server -> client   b"QGLF" u8 version  32-byte random challenge  32-byte X25519 ephemeral key
+    client -> server   b"QGLR" 20-byte offer id  32-byte X25519 ephemeral key  u16 sig_len  signature
+    server -> client   u8 status  u64 size   then, when status is OK, ``size`` bytes sealed in frames (`channel`)
 
 The signature is the intended recipient's, over a domain tag, the swarm's community id, the offer id, the
-challenge and the server's public key: it proves the fetcher holds the recipient's key, and a captured request
-cannot be replayed on another connection (fresh challenge) or against another peer (server key inside).
+challenge, the server's public key and both ephemeral keys: it proves the fetcher holds the recipient's key and
+is the other end of the key exchange, and a captured request cannot be replayed on another connection (fresh
+challenge and keys) or against another peer (server key inside).
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ import struct
 import time
 from dataclasses import dataclass
 
-PROTOCOL = 1
+from quinkgl_cli.transport.ipv8.channel import FRAME, TAG, Opener, Sealer, sealed_size
+
+PROTOCOL = 2  # 2: the bytes are encrypted (`channel`); 1 (cleartext) is refused
 CHALLENGE_MAGIC = b"QGLF"
 REQUEST_MAGIC = b"QGLR"
 NONCE_BYTES = 32
 OFFER_ID_BYTES = 20
-CHALLENGE = struct.Struct(f"<4sB{NONCE_BYTES}s")
-REQUEST_HEAD = struct.Struct(f"<4s{OFFER_ID_BYTES}sH")
+EPHEMERAL_BYTES = 32
+CHALLENGE = struct.Struct(f"<4sB{NONCE_BYTES}s{EPHEMERAL_BYTES}s")
+REQUEST_HEAD = struct.Struct(f"<4s{OFFER_ID_BYTES}s{EPHEMERAL_BYTES}sH")
 RESPONSE = struct.Struct("<BQ")
 MAX_SIGNATURE = 512
 
@@ -71,8 +75,9 @@ class Progress:
         self.mark_time, self.mark_got = now, got
 
 
-def fetch_statement(community_id: bytes, offer_id: bytes, nonce: bytes, server_key_bin: bytes) -> bytes:
-    return b"quinkgl-fetch/1\0" + community_id + offer_id + nonce + server_key_bin
+def fetch_statement(community_id: bytes, offer_id: bytes, nonce: bytes, server_key_bin: bytes, server_ephemeral: bytes,
+                    client_ephemeral: bytes) -> bytes:
+    return b"quinkgl-fetch/2\0" + community_id + offer_id + nonce + server_key_bin + server_ephemeral + client_ephemeral
 
 
 def new_nonce() -> bytes:
@@ -130,62 +135,77 @@ async def recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: in
     return bytes(buf)
 
 
-HASH_STRIDE = 8 * 1024 * 1024
+def receive_blob(sock: socket.socket, size: int, idle: float, deadline: float, opener: Opener,
+                 progress: Progress | None = None) -> tuple[bytearray, bytes]:
+    """Blocking (run it in a worker thread): read ``size`` bytes of plaintext, sealed in frames, into a buffer
+    allocated once, opening and hashing each frame as it arrives so that the digest is ready with the last one.
+    Each stretch without progress may last ``idle`` s, the bytes must keep ``progress``'s pace (counted on the
+    wire), and the whole read must end by ``deadline`` (`time.monotonic`), however steadily the bytes trickle in.
 
-
-def receive_blob(sock: socket.socket, size: int, idle: float, deadline: float, progress: Progress | None = None) -> tuple[bytearray, bytes]:
-    """Blocking (run it in a worker thread): read exactly ``size`` bytes into a buffer allocated once, hashing as
-    they arrive so that the digest is ready with the last byte. Each stretch without progress may last ``idle`` s,
-    the bytes must keep ``progress``'s pace, and the whole read must end by ``deadline`` (`time.monotonic`),
-    however steadily the bytes trickle in.
-
-    A thread rather than the event loop: one syscall per chunk with no loop round trip, and sha256 releases the GIL,
-    so a large transfer costs the loop nothing.
+    A thread rather than the event loop: one syscall per chunk with no loop round trip, and sha256 and the cipher
+    release the GIL, so a large transfer costs the loop nothing.
     """
     buf = bytearray(size)
-    view = memoryview(buf)
+    frame = memoryview(bytearray(FRAME + TAG))
     hasher = hashlib.sha256()
-    got = hashed = 0
-    last = time.monotonic()
-    try:
-        while got < size:
-            now = time.monotonic()
-            left = deadline - now
-            if left <= 0:
-                raise TimeoutError(f"transfer not done by its deadline: {got} of {size} bytes")
-            wait = min(idle - (now - last), left)
-            if progress is not None:
-                wait = min(wait, progress.window_left(now))
-            sock.settimeout(max(wait, 0.0) + 0.001)
-            try:
-                n = sock.recv_into(view[got:], min(size - got, RECV_CHUNK))
-            except TimeoutError:
-                now = time.monotonic()
-                if progress is not None:
-                    progress.check(got, now)
-                if now - last >= idle:
-                    raise TimeoutError(f"no data for {idle}s after {got} of {size} bytes") from None
-                continue
-            if n == 0:
-                raise FetchError("truncated", f"connection closed after {got} of {size} bytes")
-            got += n
-            last = time.monotonic()
-            if progress is not None:
-                progress.check(got, last)
-            if got - hashed >= HASH_STRIDE:
-                hasher.update(view[hashed:got])
-                hashed = got
-        hasher.update(view[hashed:got])
-    finally:
-        view.release()
+    reader = _Reader(sock, sealed_size(size), idle, deadline, progress)
+    for start in range(0, size, FRAME):
+        n = min(FRAME, size - start)
+        reader.fill(frame[: n + TAG])
+        plain = opener.open(frame[: n + TAG])
+        buf[start : start + n] = plain
+        hasher.update(plain)
     return buf, hasher.digest()
 
 
-def send_blob(sock: socket.socket, header: bytes, payload: bytes | bytearray | memoryview, budget: float) -> None:
-    """Blocking (run it in a worker thread): the response header and the payload, within ``budget`` seconds."""
+class _Reader:
+    """Blocking exact reads from one socket under an idle timeout, a pace and an overall deadline."""
+
+    def __init__(self, sock: socket.socket, total: int, idle: float, deadline: float, progress: Progress | None) -> None:
+        self.sock = sock
+        self.total = total
+        self.idle = idle
+        self.deadline = deadline
+        self.progress = progress
+        self.got = 0
+        self.last = time.monotonic()
+
+    def fill(self, view: memoryview) -> None:
+        filled = 0
+        while filled < view.nbytes:
+            now = time.monotonic()
+            left = self.deadline - now
+            if left <= 0:
+                raise TimeoutError(f"transfer not done by its deadline: {self.got} of {self.total} bytes")
+            wait = min(self.idle - (now - self.last), left)
+            if self.progress is not None:
+                wait = min(wait, self.progress.window_left(now))
+            self.sock.settimeout(max(wait, 0.0) + 0.001)
+            try:
+                n = self.sock.recv_into(view[filled:], min(view.nbytes - filled, RECV_CHUNK))
+            except TimeoutError:
+                now = time.monotonic()
+                if self.progress is not None:
+                    self.progress.check(self.got, now)
+                if now - self.last >= self.idle:
+                    raise TimeoutError(f"no data for {self.idle}s after {self.got} of {self.total} bytes") from None
+                continue
+            if n == 0:
+                raise FetchError("truncated", f"connection closed after {self.got} of {self.total} bytes")
+            filled += n
+            self.got += n
+            self.last = time.monotonic()
+            if self.progress is not None:
+                self.progress.check(self.got, self.last)
+
+
+def send_blob(sock: socket.socket, header: bytes, payload: bytes | bytearray | memoryview, budget: float,
+              sealer: Sealer) -> None:
+    """Blocking (run it in a worker thread): the response header and the sealed payload, within ``budget`` seconds."""
     sock.settimeout(budget)
     try:
         sock.sendall(header)
-        sock.sendall(payload)
+        for frame in sealer.frames(payload):
+            sock.sendall(frame)
     except TimeoutError as exc:
         raise TimeoutError(f"sending took longer than {budget:.0f}s") from exc

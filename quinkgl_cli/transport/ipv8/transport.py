@@ -26,6 +26,7 @@ from ipv8.peerdiscovery.network import Network
 
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.events import emit
+from quinkgl_cli.transport.admission import Admission, AdmissionSettings
 from quinkgl_cli.transport.base import OutgoingUpdate, PeerInfo, TransportEvents, TransportStats
 from quinkgl_cli.transport.common import PROTOCOL_VERSION, DropLog, RuledTransport
 from quinkgl_cli.transport.ipv8.community import LOGGER_NAME, SwarmCommunity, SwarmSettings, community_class
@@ -115,6 +116,7 @@ class IPv8Transport(RuledTransport):
         protocol_version: int = PROTOCOL_VERSION,
         limits: Limits | None = None,
         rendezvous: Rendezvous | None = None,
+        admission: AdmissionSettings | None = None,
     ) -> None:
         self.settings = TransportSettings(
             node_id=node_id, swarm_id=swarm_id, arch_hash=arch_hash, state_dir=Path(state_dir), listen_host=listen_host,
@@ -136,6 +138,8 @@ class IPv8Transport(RuledTransport):
         # Same-host discovery: announced once bound, read for seeds while running, withdrawn at stop.
         self.rendezvous = rendezvous
         self._dispatch = Dispatch(swarm_id, node_id, self.drops)
+        # Open and unsigned unless told otherwise: nobody's certificate is asked for, nothing can be revoked.
+        self.admission = Admission(admission or AdmissionSettings(swarm_id, None), node_id)
 
     # -- identity and addresses ------------------------------------------------------------------------------------
     @property
@@ -215,8 +219,9 @@ class IPv8Transport(RuledTransport):
         outbox = Outbox(s, table, courier, drops, self.tcp_port)
         fetcher = Fetcher(s, key, community.community_id, courier, self.guard, pool, tasks, node_events, drops, self.stats)
         membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, fetcher.forget,
-                                local_seeds=self._local_seeds if self.rendezvous is not None else None)
-        server = FetchServer(s, lsock, outbox, key, community.community_id, self.guard, pool, tasks, drops, self.stats)
+                                self.admission, local_seeds=self._local_seeds if self.rendezvous is not None else None)
+        server = FetchServer(s, lsock, outbox, key, community.community_id, self.guard, pool, tasks, drops, self.stats,
+                             self.admission.revoked)
         self._dispatch.attach(Routes(membership, outbox, fetcher, node_events))
         return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, tasks, pool)
 

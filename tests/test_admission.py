@@ -1,0 +1,317 @@
+"""Admission (issue 12 items 7 and 8): certificates, revocation lists, node-id ownership.
+
+Documents are checked as data here; the swarm tests run real IPv8 transports on loopback in one process (the
+real daemons are in test_admission_e2e.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from quinkgl_cli import keys
+from quinkgl_cli.errors import CryptoError, TrustError, UsageError
+from quinkgl_cli.manifest import admission as docs
+from quinkgl_cli.manifest.io import load_manifest
+from quinkgl_cli.manifest.trust import load_trusted
+from quinkgl_cli.node.admission import prepare_admission
+from quinkgl_cli.transport.admission import AdmissionSettings
+from quinkgl_cli.transport.ipv8.identity import load_or_create_key
+from quinkgl_cli.transport.ipv8.settings import Limits
+from tests.helpers_manifest import make_manifest, write, write_obj
+from tests.test_transport_contract import Cluster, Recorder, _upd, run_cluster, wait_until
+
+SWARM = "sha256:" + "ab" * 32  # the contract tests' cluster swarm
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def _cert(creator, node_key_hex: str, node_id: str, swarm: str = SWARM, expires: datetime | None = None,
+          issued: datetime | None = None) -> docs.Signed:
+    return docs.sign(docs.Certificate(swarm_id=swarm, node_id=node_id, node_key=node_key_hex, issued_at=issued or NOW,
+                                      expires_at=expires), creator)
+
+
+def _revocations(creator, node_keys: list[str], version: int, swarm: str = SWARM) -> docs.Signed:
+    return docs.sign(docs.RevocationList(swarm_id=swarm, version=version, issued_at=NOW,
+                                         revoked=tuple(docs.fingerprint(k) for k in node_keys)), creator)
+
+
+def _node_key(state_dir: Path) -> str:
+    return load_or_create_key(state_dir).pub().key_to_bin().hex()
+
+
+# -- manifest and documents -------------------------------------------------------------------------------------------
+def test_membership_round_trips_and_old_manifests_stay_open(tmp_path):
+    creator = keys.generate()
+    path = write(tmp_path / "c.qgl", make_manifest("certed", key=creator, membership="certified"))
+    loaded = load_manifest(path)
+    assert loaded.manifest.membership == "certified" and loaded.raw["membership"] == "certified"
+    trusted = load_trusted(path, "open")
+    assert trusted.swarm_id == loaded.swarm_id
+    # A manifest written before the field existed: open, and its swarm id (over the file as written) unchanged.
+    raw = dict(load_manifest(write(tmp_path / "o.qgl", make_manifest("old"))).raw)
+    del raw["membership"]
+    old = load_manifest(write_obj(tmp_path / "old.qgl", raw))
+    assert old.manifest.membership == "open" and "membership" not in old.raw
+
+
+def test_a_certified_manifest_must_be_signed(tmp_path):
+    path = write(tmp_path / "u.qgl", make_manifest("unsigned", membership="certified"))
+    with pytest.raises(TrustError, match="certified swarm but is unsigned"):
+        load_trusted(path, "open")
+    with pytest.raises(UsageError, match="--membership 'closed' is not open or certified"):
+        make_manifest("x", membership="closed")
+
+
+def test_certificate_checks_name_each_problem(tmp_path):
+    creator, other = keys.generate(), keys.generate()
+    creator_pub = keys.public_key_text(creator)
+    key = _node_key(tmp_path / "n")
+    other_key = _node_key(tmp_path / "m")
+    swarm_b = "sha256:" + "ef" * 32
+
+    def problem(signed, node_key=key, node_id="n", revoked=frozenset(), now=NOW):
+        again = docs.parse(signed.text(), docs.Certificate, "cert")  # through its file form, as peers receive it
+        return docs.certificate_problem(again, swarm_id=SWARM, creator_pubkey=creator_pub, node_key=node_key,
+                                        node_id=node_id, now=now, revoked=revoked)
+
+    good = _cert(creator, key, "n", expires=NOW + timedelta(days=1))
+    assert problem(good) is None
+    assert problem(_cert(creator, key, "n", swarm=swarm_b)) == "wrong_swarm"
+    assert problem(_cert(other, key, "n")) == "wrong_creator"
+    assert problem(good, node_key=other_key) == "wrong_key"
+    assert problem(good, node_id="m") == "wrong_node_id"
+    assert problem(good, now=NOW + timedelta(days=2)) == "expired"
+    assert problem(_cert(creator, key, "n", issued=NOW + timedelta(days=1))) == "not_yet_valid"
+    assert problem(good, revoked=frozenset({docs.fingerprint(key)})) == "revoked"
+    tampered = dict(good.raw, node_id="m")
+    assert problem(docs.Signed(good.document, tampered, docs.canonical_bytes(tampered)), node_id="m") == "bad_signature"
+    forged = dict(good.raw, creator_pubkey=keys.public_key_text(other))  # claims the creator, signed by another key
+    forged_signed = docs.parse(docs.Signed(good.document, forged, b"").text(), docs.Certificate, "cert")
+    assert docs.certificate_problem(forged_signed, swarm_id=SWARM, creator_pubkey=keys.public_key_text(other),
+                                    node_key=key, node_id="n", now=NOW) == "bad_signature"
+    # One kind never passes for another.
+    with pytest.raises(UsageError, match="field kind"):
+        docs.parse(_revocations(creator, [key], 1).text(), docs.Certificate, "cert")
+
+
+def test_node_refuses_to_start_without_a_valid_certificate(tmp_path):
+    creator = keys.generate()
+    path = write(tmp_path / "c.qgl", make_manifest("certed", key=creator, membership="certified"))
+    trusted = load_trusted(path, "open")
+    state = tmp_path / "state"
+    key = _node_key(state)
+
+    def start(cert: Path | None, node_id: str = "n", revocations: Path | None = None):
+        return prepare_admission(trusted, node_id, state, cert, revocations)
+
+    with pytest.raises(TrustError, match="admits only certified nodes") as err:
+        start(None)
+    assert err.value.code == 4 and "quinkgl node-key --node-id n" in err.value.one_line()
+    good = tmp_path / "good.cert"
+    good.write_bytes(_cert(creator, key, "n", swarm=trusted.swarm_id).text())
+    settings = start(good)
+    assert settings.certified and settings.certificate and settings.creator_pubkey == keys.public_key_text(creator)
+    for name, doc, code, words in [
+        ("expired", _cert(creator, key, "n", swarm=trusted.swarm_id, issued=NOW - timedelta(days=2),
+                          expires=NOW - timedelta(days=1)), 4, "expired"),
+        ("wrong-swarm", _cert(creator, key, "n"), 4, "another swarm"),
+        ("stranger", _cert(keys.generate(), key, "n", swarm=trusted.swarm_id), 4, "another key than the manifest's creator"),
+    ]:
+        p = tmp_path / f"{name}.cert"
+        p.write_bytes(doc.text())
+        with pytest.raises((TrustError, CryptoError), match=words) as err:
+            start(p)
+        assert err.value.code == code, name
+    with pytest.raises(TrustError, match="another --node-id"):
+        start(good, node_id="m")
+    tampered = tmp_path / "tampered.cert"
+    tampered.write_bytes(good.read_bytes().replace(b'"node_id":"n"', b'"node_id":"m"'))
+    with pytest.raises(CryptoError, match="signature is not valid"):
+        start(tampered, node_id="m")
+    revoked = tmp_path / "rev.json"
+    revoked.write_bytes(_revocations(creator, [key], 1, swarm=trusted.swarm_id).text())
+    with pytest.raises(TrustError, match="revoked this node's key"):
+        start(good, revocations=revoked)
+
+
+# -- a certified swarm on loopback ----------------------------------------------------------------------------------
+class Swarm:
+    """Certified IPv8 transports of one swarm: certificates issued by ``creator`` for each node's own key."""
+
+    def __init__(self, cluster: Cluster, tmp_path: Path) -> None:
+        self.c = cluster
+        self.tmp = tmp_path
+        self.creator = keys.generate()
+        self.pub = keys.public_key_text(self.creator)
+        self.watch = tmp_path / "revocations.json"
+
+    def settings(self, name: str, cert: docs.Signed | None | str = "valid", watch: bool = False) -> AdmissionSettings:
+        key = _node_key(self.tmp / name)
+        if cert == "valid":
+            cert = _cert(self.creator, key, name)
+        text = cert.text() if isinstance(cert, docs.Signed) else b""
+        return AdmissionSettings(SWARM, self.pub, certified=True, certificate=text, store=self.tmp / name / "rev.json",
+                                 watch=self.watch if watch else None)
+
+    async def add(self, name: str, cert: docs.Signed | None | str = "valid", watch: bool = False, **kw):
+        return await self.c.add(name, admission=self.settings(name, cert, watch), **kw)
+
+
+def _refusals(caplog, reason: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage().startswith("peer-refused") and f"reason={reason}" in r.getMessage()]
+
+
+def test_a_certified_swarm_refuses_every_node_without_a_valid_certificate(tmp_path, caplog):
+    """Issue 12 item 7: an observer that knows the swarm's address joins nothing and receives no model."""
+
+    async def body(c: Cluster):
+        s = Swarm(c, tmp_path)
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            a, _ = await s.add("a")
+            b, rb = await s.add("b")
+            await c.meet(["a", "b"])
+            intruders = {
+                "none": None,
+                "expired": _cert(s.creator, _node_key(tmp_path / "expired"), "expired", issued=NOW - timedelta(days=2),
+                                 expires=NOW - timedelta(days=1)),
+                "elsewhere": _cert(s.creator, _node_key(tmp_path / "elsewhere"), "elsewhere", swarm="sha256:" + "ef" * 32),
+                "borrowed": _cert(s.creator, _node_key(tmp_path / "a"), "borrowed"),  # a's certificate terms, not its key
+                "forged": _cert(keys.generate(), _node_key(tmp_path / "forged"), "forged"),
+            }
+            recorders = {}
+            for name, cert in intruders.items():
+                _, recorders[name] = await s.add(name, cert=cert)
+            await wait_until(lambda: len({r.getMessage().split("reason=")[1].split()[0] for r in
+                                          caplog.records if r.getMessage().startswith("peer-refused")}) >= 5,
+                             what="every intruder refused")
+            for _ in range(3):
+                a.send_model("b", _upd(round_=1, payload=b"weights" * 100))
+                await wait_until(lambda: rb.models, what="b's model")
+                for name in intruders:
+                    a.send_model(name, _upd(round_=1))  # refused at send: an intruder is never a peer
+            await asyncio.sleep(1.0)  # heartbeats go round: refusals stay refusals
+        assert {p.node_id for p in a.peers()} == {"b"} and {p.node_id for p in b.peers()} == {"a"}
+        assert all(not r.models for r in recorders.values())
+        reasons = {"certificate_missing", "certificate_expired", "certificate_wrong_swarm", "certificate_wrong_key",
+                   "certificate_wrong_creator"}
+        for reason in reasons:
+            lines = [r for r in _refusals(caplog, reason) if getattr(r, "node", None) == "a"]
+            assert len(lines) >= 1, reason
+        # Logged once per key and reason, however many hellos it sent.
+        seen = [(getattr(r, "node", None), r.qgl_fields["peer"], r.qgl_fields["reason"]) for r in caplog.records
+                if r.getMessage().startswith("peer-refused") and r.levelno == logging.WARNING]
+        assert len(seen) == len(set(seen))
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_revocation_spreads_and_drops_the_revoked_peer_within_seconds(tmp_path, caplog):
+    async def body(c: Cluster):
+        s = Swarm(c, tmp_path)
+        a, _ = await s.add("a", watch=True)  # the operator's node: it reads the file
+        b, rb = await s.add("b")
+        m, rm = await s.add("m")
+        await c.meet(["a", "b", "m"])
+        m_key = _node_key(tmp_path / "m")
+        with caplog.at_level(logging.INFO, logger="quinkgl.transport"):
+            s.watch.write_bytes(_revocations(s.creator, [m_key], 1).text())
+            await wait_until(lambda: all("m" not in {p.node_id for p in t.peers()} for t in (a, b)), timeout=8,
+                             what="the revoked peer dropped everywhere")
+            assert b.admission.version == 1  # b heard it from a, by gossip
+            b.send_model("m", _upd(round_=2))
+            await asyncio.sleep(1.5)  # m keeps sending hellos: they are refused now
+        assert {p.node_id for p in b.peers()} == {"a"} and not rm.models
+        assert _refusals(caplog, "certificate_revoked")
+        # The list survives a restart of the node that adopted it.
+        stored = docs.parse((tmp_path / "b" / "rev.json").read_bytes(), docs.RevocationList, "stored")
+        assert stored.document.version == 1
+        # An older or forged list changes nothing.
+        assert b.admission.consider(_revocations(s.creator, [], 1).text(), "x") == "known"
+        assert b.admission.consider(_revocations(keys.generate(), [], 9).text(), "x") == "wrong_creator"
+        assert b.admission.version == 1
+        a.send_model("b", _upd(round_=3))
+        await wait_until(lambda: rb.models, what="the honest peers carry on")
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+# -- node ids belong to keys (open swarms too) ----------------------------------------------------------------------
+def test_a_squatter_cannot_take_a_live_or_briefly_absent_peers_node_id(tmp_path, caplog):
+    """Issue 12 item 8: a fresh key claiming peer-2's id is refused while peer-2 is alive, and while it restarts;
+    peer-2 comes back under its own key; only a long absence frees the id."""
+    from quinkgl_cli.transport.ipv8 import IPv8Transport
+
+    hold = 3.0
+
+    def make(name: str, state: str) -> IPv8Transport:
+        return IPv8Transport(node_id=name, swarm_id=SWARM, arch_hash="sha256:" + "cd" * 32, state_dir=tmp_path / state,
+                             bootstrap=[c_seed[0]], walk_interval=0.2, silence_timeout=3.0, limits=Limits(id_hold=hold))
+
+    c_seed: list[tuple[str, int]] = []
+
+    async def body(c: Cluster):
+        a, ra = await c.add("peer-1", limits=Limits(id_hold=hold))
+        c_seed.append(a.address)
+        owner = make("peer-2", "owner")
+        squatter = make("peer-2", "squatter")
+        rs = Recorder()
+        try:
+            with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+                await owner.start(Recorder())
+                await wait_until(lambda: a.knows("peer-2"), what="peer-2 known")
+                await squatter.start(rs)
+                await wait_until(lambda: _refusals(caplog, "node_id_taken"), what="the squatter refused")
+                a.send_model("peer-2", _upd(round_=1))
+                await owner.stop()  # a goodbye: peer-2 is lost at once, its id held for its key
+                await wait_until(lambda: not a.knows("peer-2"), what="peer-2 gone")
+                await asyncio.sleep(1.0)  # the squatter greets again meanwhile
+                assert not a.knows("peer-2")
+                back = make("peer-2", "owner")  # the same key, a new session
+                await back.start(Recorder())
+                await wait_until(lambda: a.knows("peer-2"), what="the owner back")
+                assert a.parts.table.get("peer-2").key_bin == back.parts.key.pub().key_to_bin()
+                await back.stop()
+                # Gone for longer than the hold: the id is free for whoever claims it next.
+                await wait_until(lambda: a.knows("peer-2"), timeout=hold + 6, what="the id freed after the hold")
+                assert a.parts.table.get("peer-2").key_bin == squatter.parts.key.pub().key_to_bin()
+        finally:
+            await squatter.stop()
+        assert not rs.models  # the model offered while the owner was here went to the owner only
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_the_memory_twin_refuses_uncertified_peers_the_same_way(tmp_path, caplog):
+    """A certified swarm on the in-memory transport (the simulator's): the same `Admission` decides at hello."""
+    from quinkgl_cli.transport.admission import Admission
+    from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
+
+    creator = keys.generate()
+    pub = keys.public_key_text(creator)
+    net = MemoryNetwork(auto_deliver=False)
+    transports, recorders = {}, {}
+    certs = {"a": "valid", "b": "valid", "c": None,
+             "d": _cert(creator, _node_key(tmp_path / "d"), "d", issued=NOW - timedelta(days=2), expires=NOW - timedelta(days=1))}
+    for name, cert in certs.items():
+        key = _node_key(tmp_path / name)
+        signed = _cert(creator, key, name) if cert == "valid" else cert
+        admission = Admission(AdmissionSettings(SWARM, pub, certified=True, certificate=signed.text() if signed else b""), name)
+        transports[name] = MemoryTransport(net, name, swarm_id=SWARM, admission=admission, public_key=key)
+        recorders[name] = Recorder()
+        transports[name].start_sync(recorders[name])
+    with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+        net.deliver_all()
+        for name in ("b", "c", "d"):
+            transports["a"].send_model(name, _upd(round_=1))
+        transports["c"].send_model("a", _upd(round_=1))
+        net.deliver_all()
+    assert {p.node_id for p in transports["a"].peers()} == {"b"}
+    assert len(recorders["b"].models) == 1 and not recorders["c"].models and not recorders["d"].models
+    assert not recorders["a"].models  # c's offer: a never admitted it
+    assert {r.qgl_fields["reason"] for r in caplog.records if getattr(r, "node", None) == "a"
+            and r.getMessage().startswith("peer-refused")} == {"certificate_missing", "certificate_expired"}
