@@ -28,7 +28,8 @@ from quinkgl_cli.node import localswarm as ls
 
 ROOT = Path(__file__).resolve().parent
 SCENARIOS = ("none", "poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero",
-             "observer", "squatter")
+             "observer", "squatter", "none-certified", "hello-flood-certified")
+CERTIFIED = ("observer", "none-certified", "hello-flood-certified")  # run in the certified twin of the swarm
 PEERS = 3
 
 
@@ -181,20 +182,20 @@ def certify(workdir: Path, manifest: Path, creator: Path) -> list[tuple[str, ...
 
 def run_scenario(scenario: str, workdir: Path, manifest: Path, rounds: int, interval: float,
                  certified: tuple[Path, Path] | None = None) -> Outcome:
-    """``certified``: (manifest, creator key) of the certified twin of ``manifest``, used by ``observer``."""
+    """``certified``: (manifest, creator key) of the certified twin of ``manifest``, for the scenarios in CERTIFIED."""
     ports = [ls.free_port() for _ in range(PEERS)]
     extra: list[tuple[str, ...]] = [()] * PEERS
-    if scenario == "observer" and certified is not None:
+    if scenario in CERTIFIED and certified is not None:
         manifest = certified[0]
         extra = certify(workdir, manifest, certified[1])
-    late = scenario == "hello-flood"  # the honest peer that arrives after the flood
+    late = scenario.startswith("hello-flood")  # the honest peer that arrives after the flood
     started = time.monotonic()
     attacker = None
     lines: list[str] = []
     with RssWatch() as rss:
         # The attacker first, pointed at the honest ports picked above: it is in place before their first round.
-        if scenario != "none":
-            attacker = start_attacker(scenario, workdir, manifest, ports[:PEERS - late])
+        if not scenario.startswith("none"):
+            attacker = start_attacker(scenario.removesuffix("-certified"), workdir, manifest, ports[:PEERS - late])
         peers = [start_peer(workdir, manifest, i, ports, rounds, interval, rss, extra[i]) for i in range(PEERS - late)]
         try:
             ls.ensure_started(peers, retries=0)
@@ -224,11 +225,14 @@ def run_scenario(scenario: str, workdir: Path, manifest: Path, rounds: int, inte
 
 
 def report(outcomes: list[Outcome], rounds: int) -> list[dict[str, object]]:
-    base = next((o for o in outcomes if o.scenario == "none"), None)  # a second ``none`` shows run-to-run noise
+    # A second ``none`` shows run-to-run noise; certified scenarios compare with ``none-certified`` when it ran.
+    plain = next((o for o in outcomes if o.scenario == "none"), None)
+    certified = next((o for o in outcomes if o.scenario == "none-certified"), plain)
     rows = []
     print(f"{'scenario':<12} {'acc':>6} {'d_acc':>6} {'late':>6} {'d_late':>6} {'honest/rd':>10} {'rss MB':>7} {'d_rss':>6} {'exits':>8} "
           f"{'wall s':>7}  attacker")
     for o in outcomes:
+        base = certified if o.scenario in CERTIFIED else plain
         acc = o.accuracy
         d_acc = None if acc is None or base is None or base.accuracy is None else round(100 * (acc - base.accuracy), 1)
         late = o.late_accuracy
@@ -244,7 +248,7 @@ def report(outcomes: list[Outcome], rounds: int) -> list[dict[str, object]]:
               f"{o.attacker}", flush=True)
         rows.append({**asdict(o), "accuracy": acc, "delta_accuracy_points": d_acc,
                      "late_accuracy": late, "delta_late_accuracy_points": d_late, "aggregations_per_round": per_round,
-                     "peak_rss_mb": o.peak_rss_mb, "delta_rss_mb": d_rss, "meets_goal": ok if o is not base else None})
+                     "peak_rss_mb": o.peak_rss_mb, "delta_rss_mb": d_rss, "meets_goal": ok if not o.scenario.startswith("none") else None})
     return rows
 
 
@@ -264,7 +268,7 @@ def main() -> None:
         root = args.workdir or Path(tmp)
         manifest, _key, _pub, _swarm = ls.digits_manifest(root / "manifest", rounds=args.rounds)
         certified = None
-        if "observer" in chosen:  # the same swarm, certified: only the honest peers hold certificates
+        if set(chosen) & set(CERTIFIED):  # the same swarm, certified: only the honest peers hold certificates
             cert_manifest, cert_key, _p, _s = ls.digits_manifest(root / "manifest-certified", rounds=args.rounds,
                                                                  membership="certified")
             certified = (cert_manifest, cert_key)
