@@ -117,9 +117,11 @@ def test_run_flags_reach_the_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path) -
     assert (o.checkpoints.checkpoint_every, o.checkpoints.keep_checkpoints) == (3, 4)  # type: ignore[attr-defined]
     assert o.checkpoints.final_model == tmp_path / "out" / "model.safetensors"  # type: ignore[attr-defined]
     assert o.network.bootstrap_peers == ["127.0.0.1:7002"] and o.script_args == {"shard": "1"}  # type: ignore[attr-defined]
-    assert o.network.transport_options == {"enable_public_bootstrap": False, "enable_lan_discovery": False}  # type: ignore[attr-defined]
-    on = cli_options(["--public-bootstrap", "--lan-discovery", "--listen", "0.0.0.0"], monkeypatch, tmp_path)
-    assert on.network.transport_options == {"enable_public_bootstrap": True, "enable_lan_discovery": True}  # type: ignore[attr-defined]
+    assert o.network.transport_options == {"enable_public_bootstrap": False, "enable_lan_discovery": False,  # type: ignore[attr-defined]
+                                           "relay": False}
+    on = cli_options(["--public-bootstrap", "--lan-discovery", "--relay", "--listen", "0.0.0.0"], monkeypatch, tmp_path)
+    assert on.network.transport_options == {"enable_public_bootstrap": True, "enable_lan_discovery": True,  # type: ignore[attr-defined]
+                                            "relay": True, "relay_rate": 50_000_000}
     defaults = cli_options([], monkeypatch, tmp_path)
     assert (defaults.schedule.local_epochs, defaults.schedule.local_steps, defaults.checkpoints.checkpoint_every,  # type: ignore[attr-defined]
             defaults.checkpoints.final_model) == (None, None, 1, None)  # type: ignore[attr-defined]
@@ -138,6 +140,8 @@ def test_run_count_flags_must_be_positive(flag: str, tmp_path, capsys: pytest.Ca
         (["--node-id", "x" * 65], "--node-id"),
         (["--bootstrap-peer", "10.0.0.1:7001"], "not on loopback"),
         (["--lan-discovery"], "non-loopback listen"),
+        (["--relay"], "--relay needs a reachable listen address"),
+        (["--relay-rate", "0"], "--relay-rate 0.0 must be positive"),
     ],
 )
 def test_run_refuses_what_the_transport_would_refuse_before_loading_anything(

@@ -130,6 +130,13 @@ def run(
     lan_discovery: Annotated[
         bool, typer.Option("--lan-discovery/--no-lan-discovery", help="Discover peers on the local network (off by default).")
     ] = False,
+    relay: Annotated[
+        bool, typer.Option("--relay/--no-relay",
+                           help="Relay model transfers between peers that cannot connect to each other (NAT); needs a reachable --listen address.")
+    ] = False,
+    relay_rate: Annotated[
+        float, typer.Option("--relay-rate", metavar="MB_PER_S", help="With --relay: megabytes per second relayed, all transfers together.")
+    ] = 50.0,
     rendezvous: Annotated[
         bool, typer.Option("--rendezvous/--no-rendezvous",
                            help="Find daemons of the same swarm on this host through the state directory (on by default; no network traffic).")
@@ -168,6 +175,11 @@ def run(
     validation.listen_port(port)
     peers = [validation.peer_address(b) for b in bootstrap_peer or []]
     validation.reachable_peers(listen, peers, lan_discovery=lan_discovery, public_bootstrap=public_bootstrap)
+    if not relay_rate > 0:
+        raise UsageError(f"--relay-rate {relay_rate} must be positive", "e.g. --relay-rate 20 (megabytes per second)")
+    if relay and validation.is_loopback(listen):
+        raise UsageError("--relay needs a reachable listen address: peers behind NATs must connect to the relay",
+                         "add --listen 0.0.0.0 (or this host's address)")
     if rounds is not None and rounds < 1:
         raise UsageError(f"--rounds {rounds} must be at least 1")
     if not gossip_interval > 0:
@@ -217,7 +229,8 @@ def run(
         torch_threads=torch_threads,
         min_peers=min_peers,
         min_peers_timeout=min_peers_timeout,
-        transport_options={"enable_public_bootstrap": public_bootstrap, "enable_lan_discovery": lan_discovery},
+        transport_options={"enable_public_bootstrap": public_bootstrap, "enable_lan_discovery": lan_discovery, "relay": relay,
+                           **({"relay_rate": int(relay_rate * 1_000_000)} if relay else {})},
         rendezvous=rendezvous,
         log_file=log_file,
         log_max_bytes=log_max_bytes,

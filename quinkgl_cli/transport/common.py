@@ -195,10 +195,12 @@ class OfferBook:
         state = self._senders.get(sender)
         if state is None:
             return None
-        if round_ < state.latest_round:
-            return "out_of_date"
+        # A resend of an offer already taken is a duplicate even when newer rounds were taken since: declining it
+        # would withdraw an offer whose fetch may still be queued (a slow path, a busy sender).
         if state.recent is not None and key in state.recent:
             return "duplicate"
+        if round_ < state.latest_round:
+            return "out_of_date"
         return None
 
     def take(self, sender: str, round_: int, key: bytes) -> None:

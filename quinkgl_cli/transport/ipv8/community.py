@@ -26,7 +26,9 @@ from quinkgl_cli.transport.ipv8.payloads import (
     HelloHead,
     HelloPayload,
     OfferPayload,
+    PathRequestPayload,
     RevocationPayload,
+    ServicesPayload,
 )
 
 LOGGER_NAME = "quinkgl.transport.ipv8"
@@ -64,6 +66,10 @@ class CommunityHandlers(Protocol):
 
     def on_revocations(self, key: bytes, source: tuple[str, int], payload: RevocationPayload) -> None: ...
 
+    def on_services(self, key: bytes, source: tuple[str, int], payload: ServicesPayload) -> None: ...
+
+    def on_path_request(self, key: bytes, source: tuple[str, int], payload: PathRequestPayload) -> None: ...
+
 
 class SwarmSettings(CommunitySettings):
     handlers: CommunityHandlers
@@ -93,6 +99,8 @@ class SwarmCommunity(Community):
         self.add_message_handler(ByePayload, self._on_bye)
         self.add_message_handler(DeclinePayload, self._on_decline)
         self.add_message_handler(RevocationPayload, self._on_revocations)
+        self.add_message_handler(ServicesPayload, self._on_services)
+        self.add_message_handler(PathRequestPayload, self._on_path_request)
 
     # -- keep IPv8 away from the host's LAN addresses unless LAN discovery was asked for -----------------------
     async def discover_lan_addresses(self) -> None:
@@ -181,6 +189,14 @@ class SwarmCommunity(Community):
     def _on_revocations(self, source: Any, data: bytes) -> None:
         key, payload = self._unpack_signed(RevocationPayload, data)
         self.handlers.on_revocations(key, _addr(source), payload)
+
+    def _on_services(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(ServicesPayload, data)
+        self.handlers.on_services(key, _addr(source), payload)
+
+    def _on_path_request(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(PathRequestPayload, data)
+        self.handlers.on_path_request(key, _addr(source), payload)
 
     def _unpack_signed(self, cls: Any, data: bytes) -> tuple[bytes, Any]:
         key, body = self._verified(data)

@@ -12,6 +12,7 @@ from typing import Any
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.transport.common import DropLog, check_kind, decode_body
 from quinkgl_cli.transport.ipv8.fetcher import Fetcher
+from quinkgl_cli.transport.ipv8.links import Links
 from quinkgl_cli.transport.ipv8.membership import Membership
 from quinkgl_cli.transport.ipv8.outbox import Outbox
 from quinkgl_cli.transport.ipv8.payloads import (
@@ -21,9 +22,12 @@ from quinkgl_cli.transport.ipv8.payloads import (
     HelloHead,
     HelloPayload,
     OfferPayload,
+    PathRequestPayload,
     RevocationPayload,
+    ServicesPayload,
 )
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents
+from quinkgl_cli.transport.ipv8.services import Services
 
 
 @dataclass
@@ -32,6 +36,8 @@ class Routes:
     outbox: Outbox
     fetcher: Fetcher
     events: NodeEvents
+    services: Services
+    links: Links
 
 
 class Dispatch:
@@ -91,6 +97,22 @@ class Dispatch:
         rec = r.membership.fresh(key, source, payload.session, payload.counter, "decline-refused")
         if rec is not None and payload.swarm_id == self._swarm_id:
             r.outbox.on_decline(rec, payload.offer_id, payload.reason)
+
+    def on_services(self, key: bytes, source: tuple[str, int], payload: ServicesPayload) -> None:
+        r = self._routes
+        if r is None or r.membership.table.node_of(key) is None:
+            return  # a report from a stranger: nothing to learn from it
+        rec = r.membership.fresh(key, source, payload.session, payload.counter, "services-refused")
+        if rec is not None:
+            r.services.on_services(rec, payload)
+
+    def on_path_request(self, key: bytes, source: tuple[str, int], payload: PathRequestPayload) -> None:
+        r = self._routes
+        if r is None:
+            return
+        rec = r.membership.fresh(key, source, payload.session, payload.counter, "path-refused")
+        if rec is not None:
+            r.links.on_path_request(rec, payload)
 
     def on_control(self, key: bytes, source: tuple[str, int], p: ControlPayload) -> None:
         r = self._routes

@@ -26,7 +26,9 @@ from quinkgl_cli.transport.common import MAX_ENCODING, MAX_META_BYTES, DropLog, 
 from quinkgl_cli.transport.ipv8 import channel, stream
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
+from quinkgl_cli.transport.ipv8.links import Links, RouteFailed
 from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD
+from quinkgl_cli.transport.ipv8.paths import RELAY, Route
 from quinkgl_cli.transport.ipv8.payloads import DeclinePayload, OfferPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents, TaskRegistry
@@ -64,6 +66,7 @@ class Fetcher:
         key: Any,
         community_id: bytes,
         courier: Courier,
+        links: Links,
         guard: DestinationGuard,
         pool: ThreadPoolExecutor,
         tasks: TaskRegistry,
@@ -76,6 +79,7 @@ class Fetcher:
         self.my_mid = hashlib.sha1(key.pub().key_to_bin()).digest()
         self.community_id = community_id
         self.courier = courier
+        self.links = links
         self.guard = guard
         self.pool = pool
         self.tasks = tasks
@@ -93,6 +97,7 @@ class Fetcher:
         """A lost peer that comes back starts afresh."""
         self.book.forget(sender)
         self.rate.forget(sender)
+        self.links.forget(sender)
 
     def on_offer(self, rec: PeerRecord, p: OfferPayload) -> None:
         """A signed offer from a known peer (its freshness already checked): fetch it, or say why not."""
@@ -174,18 +179,31 @@ class Fetcher:
             return await self._download(rec, p)
 
     async def _download(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | None:
-        """The offered bytes and their sha256, or None with the failure reported."""
+        """The offered bytes and their sha256, or None with the failure reported. The routes to the sender are
+        raced in `links`' order (`Links.connect_any`); a transfer that fails once connected is not tried again."""
+        routes = self.links.routes(rec)
+        try:
+            sock, route = await self.links.connect_any(rec, p, routes)
+        except RouteFailed as exc:
+            reason = exc.reason if len(routes) == 1 else "no_path"
+            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, tried=[str(r) for r in routes])
+            return None
+        started = time.monotonic()
+        got = await self._exchange(rec, p, sock, route)
+        self.links.done(rec, route, got is not None, p.size, time.monotonic() - started)
+        return got
+
+    async def _exchange(self, rec: PeerRecord, p: OfferPayload, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | None:
+        """The fetch exchange on a connection to the sender (or to a relay joined to it)."""
         s = self.settings
         loop = asyncio.get_running_loop()
         # An overall budget besides the idle timeouts: a sender that trickles bytes must not hold a slot forever.
         # (loop.time() is time.monotonic(), the clock receive_blob reads.)
         started = loop.time()
         deadline = started + s.connect_timeout + s.fetch_timeout + p.size / s.limits.min_rate
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        path = route.path
         try:
             async with asyncio.timeout_at(deadline):
-                stream.tune(sock)
-                await asyncio.wait_for(loop.sock_connect(sock, (rec.address[0], p.tcp_port)), s.connect_timeout)
                 challenge = await stream.recv_exact(loop, sock, stream.CHALLENGE.size, s.connect_timeout)
                 magic, version, nonce, theirs = stream.CHALLENGE.unpack(challenge)
                 if magic != stream.CHALLENGE_MAGIC or version != stream.PROTOCOL:  # no cleartext fallback, ever
@@ -214,14 +232,16 @@ class Fetcher:
         except channel.ChannelError as exc:
             self.drops("fetch-failed", rec.node_id, exc.reason, offer_round=p.round)
         except stream.FetchError as exc:
-            reason = "sender_vanished" if exc.reason == "truncated" else exc.reason
-            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round)
+            reason = exc.reason
+            if reason == "truncated":  # through a relay, either the relay or the sender went
+                reason = "relay_or_sender_lost" if path == RELAY else "sender_vanished"
+            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, path=path)
         except TimeoutError:
             reason = "too_slow" if loop.time() >= deadline else "timeout"
-            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, budget_s=round(deadline - started, 1))
+            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, budget_s=round(deadline - started, 1), path=path)
         except OSError as exc:
             reason = "connection_refused" if isinstance(exc, ConnectionRefusedError) else "sender_vanished"
-            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round)
+            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, path=path)
         finally:
             close_socket(sock)
         return None

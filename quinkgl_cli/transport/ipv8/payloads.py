@@ -107,3 +107,23 @@ class RevocationPayload(VariablePayload):
     msg_id = 6
     format_list = ["varlenHutf8", "Q", "Q", "varlenH"]
     names = ["swarm_id", "session", "counter", "body"]
+
+
+@vp_compile
+class ServicesPayload(VariablePayload):
+    """What a peer tells each of its peers now and then: whether it relays transfers (see `relay`) and the address
+    it sees that peer's datagrams come from (how a node learns it sits behind a NAT, and which kind)."""
+
+    msg_id = 7
+    format_list = ["varlenHutf8", "Q", "Q", "?", "varlenHutf8", "H"]
+    names = ["swarm_id", "session", "counter", "relay", "seen_host", "seen_port"]
+
+
+@vp_compile
+class PathRequestPayload(VariablePayload):
+    """From the recipient of an offer it cannot fetch directly, to its sender: bring the offer's bytes by ``path``
+    (``reverse``: connect out to the recipient's ``tcp_port``; ``relay``: meet it at the relay peer ``relay``)."""
+
+    msg_id = 8
+    format_list = ["varlenHutf8", "Q", "Q", "20s", "varlenHutf8", "varlenHutf8", "H"]
+    names = ["swarm_id", "session", "counter", "offer_id", "path", "relay", "tcp_port"]

@@ -27,6 +27,7 @@ from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
 from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD, Outbox, Outgoing
 from quinkgl_cli.transport.ipv8.runtime import TaskRegistry
 from quinkgl_cli.transport.ipv8.settings import TransportSettings
+from quinkgl_cli.validation import is_loopback
 
 log = logging.getLogger("quinkgl.transport")
 
@@ -91,6 +92,9 @@ class FetchServer:
         self.pending: dict[socket.socket, asyncio.Task[Any]] = {}  # in arrival order: the oldest gives way first
         self.serving: dict[str, int] = {}  # recipient -> slots it holds
         self.open = True
+        self.inbound_served = 0  # offers served over connections peers made to us from off this host (TCP reachable)
+        # Takes an announced connection (`stream.announce`): (magic, offer id, socket, address) -> taken?
+        self.divert: Callable[[bytes, bytes, socket.socket, tuple[str, int]], bool] | None = None
 
     @property
     def port(self) -> int:
@@ -121,15 +125,22 @@ class FetchServer:
                 self.drops("fetch-refused", str(addr[0]), "handshake_crowded")
             self.pending[conn] = self.tasks.spawn(self.serve(conn, (str(addr[0]), int(addr[1]))), "serve")
 
-    async def serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+    async def serve(self, conn: socket.socket, addr: tuple[str, int], inbound: bool = True) -> None:
+        """Serve one fetch on ``conn``: accepted from a peer (``inbound``), or made by us towards a recipient or a
+        relay when the recipient could not connect to us (see `links`)."""
         loop = asyncio.get_running_loop()
         out: Outgoing | None = None
         who = addr[0]  # the source port of a TCP connection is random: it names nobody
+        handed_over = False
         try:
             try:
-                out, sealer = await self._authenticate(loop, conn)
+                got = await self._authenticate(loop, conn, addr)
             finally:
                 self.pending.pop(conn, None)
+            if got is None:
+                handed_over = True
+                return
+            out, sealer = got
             who = out.recipient
             if self.serving.get(who, 0) >= self.settings.limits.serve_slots_per_peer:
                 await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.BUSY, 0))
@@ -138,6 +149,8 @@ class FetchServer:
             self.serving[who] = self.serving.get(who, 0) + 1
             try:
                 await self._serve_in_slot(loop, conn, out, sealer)
+                if inbound and not is_loopback(addr[0]):
+                    self.inbound_served += 1
             finally:
                 self._release(who)
         except (stream.FetchError, channel.ChannelError) as exc:
@@ -147,7 +160,8 @@ class FetchServer:
             if out is not None:
                 self.outbox.offers.pop(out.offer_id, None)
         finally:
-            close_socket(conn)
+            if not handed_over:
+                close_socket(conn)
 
     def _release(self, who: str) -> None:
         left = self.serving.get(who, 0) - 1
@@ -156,10 +170,12 @@ class FetchServer:
         else:
             self.serving.pop(who, None)
 
-    async def _authenticate(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> tuple[Outgoing, channel.Sealer]:
+    async def _authenticate(self, loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                            addr: tuple[str, int]) -> tuple[Outgoing, channel.Sealer] | None:
         """The offer this connection may fetch and the sealer for its bytes: it named one of our offers and signed
         our challenge and both ephemeral keys with the recipient's key, all within the handshake deadline however
-        slowly it trickled in; else FetchError."""
+        slowly it trickled in; else FetchError. None: the connection was announced for someone else
+        (`stream.announce`) and handed over."""
         timeout = min(self.settings.connect_timeout, self.settings.limits.handshake_timeout)
         stream.tune(conn)
         nonce = stream.new_nonce()
@@ -168,6 +184,10 @@ class FetchServer:
             await loop.sock_sendall(conn, stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, nonce, ephemeral.public))
             head = await stream.recv_exact(loop, conn, stream.REQUEST_HEAD.size, timeout)
             magic, offer_id, theirs, sig_len = stream.REQUEST_HEAD.unpack(head)
+            if magic in (stream.REVERSE_MAGIC, stream.RELAY_MAGIC) and sig_len == 0:
+                if self.divert is not None and self.divert(magic, offer_id, conn, addr):
+                    return None
+                raise stream.FetchError("not_expected")
             if magic != stream.REQUEST_MAGIC or not 0 < sig_len <= stream.MAX_SIGNATURE:
                 raise stream.FetchError("malformed_request")
             signature = await stream.recv_exact(loop, conn, sig_len, timeout)

@@ -30,6 +30,17 @@ def parse_address(value: str | tuple[str, int]) -> tuple[str, int]:
 
 
 @dataclass(frozen=True)
+class RelayLimits:
+    """What this node relays for peers that cannot connect to each other: nothing unless it volunteers."""
+
+    volunteer: bool = False  # --relay
+    pairs: int = 8  # transfers carried at once
+    waiting: int = 32  # connections waiting for the other end of their transfer
+    wait: float = 5.0  # seconds one waits before the relay gives up on its partner
+    rate: int = 50_000_000  # bytes/s carried, all transfers together (--relay-rate, in MB/s)
+
+
+@dataclass(frozen=True)
 class Limits:
     """Resource bounds. Each one caps what a single sender, or all senders together, can make us hold."""
 
@@ -51,6 +62,8 @@ class Limits:
     probation_offers: int = 4  # offers an unproven peer may leave unfetched before it gets no more
     stop_grace: float = 2.0  # seconds a stopping transport waits for peers to fetch what it offered them
     id_hold: float = 120.0  # seconds a lost peer's node id stays its key's: nobody else may claim it meanwhile
+    path_retry_after: float = 300.0  # seconds before a way to a peer that failed is tried again
+    relay: RelayLimits = field(default_factory=lambda: RelayLimits())
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,12 @@ The signature is the intended recipient's, over a domain tag, the swarm's commun
 challenge, the server's public key and both ephemeral keys: it proves the fetcher holds the recipient's key and
 is the other end of the key exchange, and a captured request cannot be replayed on another connection (fresh
 challenge and keys) or against another peer (server key inside).
+
+When the recipient cannot connect to the sender (see `reverse` and `relay`), a connection is first *announced* to
+the server it reaches: after the challenge, the client sends ``REVERSE_MAGIC`` or ``RELAY_MAGIC``, the offer id
+and a zero signature length, and the connection changes hands (to the recipient's waiting fetch, or to a relay's
+splice). The exchange above then runs over it unchanged, the sender always in the server's role: so the bytes
+are still checked against the signed offer, and only the holder of the recipient's key gets them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from quinkgl_cli.transport.ipv8.channel import FRAME, TAG, Opener, Sealer, seale
 PROTOCOL = 2  # 2: the bytes are encrypted (`channel`); 1 (cleartext) is refused
 CHALLENGE_MAGIC = b"QGLF"
 REQUEST_MAGIC = b"QGLR"
+REVERSE_MAGIC = b"QGLV"  # a sender connecting out to a recipient, to serve it an offer
+RELAY_MAGIC = b"QGLY"  # either end of an offer's transfer, joining the other at a relay
 NONCE_BYTES = 32
 OFFER_ID_BYTES = 20
 EPHEMERAL_BYTES = 32
@@ -78,6 +86,15 @@ class Progress:
 def fetch_statement(community_id: bytes, offer_id: bytes, nonce: bytes, server_key_bin: bytes, server_ephemeral: bytes,
                     client_ephemeral: bytes) -> bytes:
     return b"quinkgl-fetch/2\0" + community_id + offer_id + nonce + server_key_bin + server_ephemeral + client_ephemeral
+
+
+async def announce(loop: asyncio.AbstractEventLoop, sock: socket.socket, magic: bytes, offer_id: bytes, idle: float) -> None:
+    """Hand a connection over to what ``magic`` names (on a server that speaks this protocol), for ``offer_id``."""
+    magic_in, version, _nonce, _ephemeral = CHALLENGE.unpack(await recv_exact(loop, sock, CHALLENGE.size, idle))
+    if magic_in != CHALLENGE_MAGIC or version != PROTOCOL:
+        raise FetchError("malformed_challenge")
+    # No key exchange with whoever takes the connection over: the sender and the recipient run theirs through it.
+    await loop.sock_sendall(sock, REQUEST_HEAD.pack(magic, offer_id, bytes(EPHEMERAL_BYTES), 0))
 
 
 def new_nonce() -> bytes:

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +35,16 @@ from quinkgl_cli.transport.ipv8.dispatch import Dispatch, Routes
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint
 from quinkgl_cli.transport.ipv8.fetcher import Fetcher
 from quinkgl_cli.transport.ipv8.identity import load_or_create_key, next_session
+from quinkgl_cli.transport.ipv8.links import Links
 from quinkgl_cli.transport.ipv8.membership import Membership, add_bootstrappers, resolve_seeds
 from quinkgl_cli.transport.ipv8.outbox import Outbox
 from quinkgl_cli.transport.ipv8.payloads import ControlPayload
 from quinkgl_cli.transport.ipv8.peers import PeerTable
+from quinkgl_cli.transport.ipv8.reach import Reachability
+from quinkgl_cli.transport.ipv8.relay import Relay
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents, TaskRegistry
 from quinkgl_cli.transport.ipv8.server import FetchServer, listen_tcp
+from quinkgl_cli.transport.ipv8.services import Services
 from quinkgl_cli.transport.ipv8.settings import (
     DEFAULT_MAX_MODEL_BYTES,
     DEFAULT_MAX_PEERS,
@@ -88,8 +92,24 @@ class Parts:
     outbox: Outbox
     server: FetchServer
     fetcher: Fetcher
+    services: Services
+    relay: Relay
+    links: Links
+    reach: Reachability
     tasks: TaskRegistry
     pool: ThreadPoolExecutor
+
+
+def _with_relay(limits: Limits, volunteer: bool, rate: int | None) -> Limits:
+    """``limits`` with the relay switched on (``--relay``) and its rate set (``--relay-rate``), when asked."""
+    relay = limits.relay
+    if volunteer:
+        relay = replace(relay, volunteer=True)
+    if rate is not None:
+        if rate <= 0:
+            raise NetworkError(f"relay rate must be positive, not {rate}")
+        relay = replace(relay, rate=rate)
+    return replace(limits, relay=relay)
 
 
 class IPv8Transport(RuledTransport):
@@ -105,6 +125,8 @@ class IPv8Transport(RuledTransport):
         max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
         enable_public_bootstrap: bool = False,
         enable_lan_discovery: bool = False,
+        relay: bool = False,
+        relay_rate: int | None = None,
         walk_interval: float = 0.5,
         heartbeat_interval: float = 2.0,
         silence_timeout: float = 12.0,
@@ -124,7 +146,8 @@ class IPv8Transport(RuledTransport):
             enable_public_bootstrap=enable_public_bootstrap, enable_lan_discovery=enable_lan_discovery,
             walk_interval=walk_interval, heartbeat_interval=heartbeat_interval, silence_timeout=silence_timeout,
             connect_timeout=connect_timeout, fetch_timeout=fetch_timeout, offer_ttl=offer_ttl, max_peers=max_peers,
-            max_concurrent_fetches=max_concurrent_fetches, protocol_version=protocol_version, limits=limits or Limits(),
+            max_concurrent_fetches=max_concurrent_fetches, protocol_version=protocol_version,
+            limits=_with_relay(limits or Limits(), relay, relay_rate),
         )
         self.node_id = node_id
         self.swarm_id = swarm_id
@@ -204,7 +227,7 @@ class IPv8Transport(RuledTransport):
         self.parts.tasks.spawn(self._tick_loop(), "tick")
         emit(log, logging.INFO, "transport-started", context={"node": self.node_id}, kind="ipv8", swarm=s.swarm_id,
              udp=f"{s.listen_host}:{udp_port}", tcp=self.tcp_port, key=self.public_key[-16:], bootstrap=len(s.bootstrap),
-             lan_discovery=s.enable_lan_discovery, public_bootstrap=s.enable_public_bootstrap,
+             lan_discovery=s.enable_lan_discovery, public_bootstrap=s.enable_public_bootstrap, relay=s.limits.relay.volunteer,
              rendezvous=self.rendezvous.directory if self.rendezvous is not None else None)
 
     def _assemble(self, loop: asyncio.AbstractEventLoop, events: TransportEvents, key: Any, session: int,
@@ -217,13 +240,23 @@ class IPv8Transport(RuledTransport):
         courier = Courier(community, endpoint, session)
         table = PeerTable(s.max_peers)
         outbox = Outbox(s, table, courier, drops, self.tcp_port)
-        fetcher = Fetcher(s, key, community.community_id, courier, self.guard, pool, tasks, node_events, drops, self.stats)
-        membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, fetcher.forget,
-                                self.admission, local_seeds=self._local_seeds if self.rendezvous is not None else None)
         server = FetchServer(s, lsock, outbox, key, community.community_id, self.guard, pool, tasks, drops, self.stats,
                              self.admission.revoked)
-        self._dispatch.attach(Routes(membership, outbox, fetcher, node_events))
-        return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, tasks, pool)
+        services = Services(s, table, courier, int(endpoint.get_address()[1]))
+        relay = Relay(s, table, tasks, drops)
+        links = Links(s, courier, services, relay, outbox, server, self.guard, tasks, drops)
+        fetcher = Fetcher(s, key, community.community_id, courier, links, self.guard, pool, tasks, node_events, drops, self.stats)
+
+        def lost(node_id: str) -> None:
+            fetcher.forget(node_id)
+            services.forget(node_id)
+
+        membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, lost,
+                                self.admission, local_seeds=self._local_seeds if self.rendezvous is not None else None)
+        self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links))
+        reach = Reachability(self.node_id, s.listen_host, services.bound, self.tcp_port, services, links, s.limits.relay.volunteer)
+        return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, services, relay, links,
+                     reach, tasks, pool)
 
     def _local_seeds(self) -> list[tuple[str, int]]:
         """The other daemons of this swarm on this host, from the rendezvous directory, where we may send."""
@@ -261,6 +294,7 @@ class IPv8Transport(RuledTransport):
         parts.fetcher.active = False
         await parts.tasks.cancel_all()
         parts.server.close()
+        parts.relay.close()
         await parts.community.unload()
         parts.endpoint.close()
         await asyncio.sleep(0)  # the datagram transport releases its socket on the next loop pass
@@ -284,10 +318,16 @@ class IPv8Transport(RuledTransport):
         now = time.monotonic()
         self.parts.membership.tick(now)
         self.parts.outbox.tick(now)
+        self.parts.services.tick(now)
+        self.parts.reach.tick()
 
     # -- Transport interface ---------------------------------------------------------------------------------------
     def peers(self) -> list[PeerInfo]:
         return [p.info() for p in self.parts.table] if self.parts is not None else []
+
+    def reachability(self) -> dict[str, object]:
+        """How peers see this node (NAT type, TCP reachability, relays, the way each sender's models come)."""
+        return self.parts.reach.view() if self.parts is not None else {}
 
     def knows(self, peer_id: str) -> bool:
         return self.parts is not None and self.parts.table.get(peer_id) is not None

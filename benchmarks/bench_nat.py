@@ -1,0 +1,94 @@
+"""Model transfers between peers behind NATs, in the NAT lab (Linux namespaces; needs root, iproute2, iptables).
+
+    sudo python benchmarks/bench_nat.py [--bytes N] [--repeats N] [--relay-rate B] [--daemons] [--json PATH]
+
+Four ways a 10 MB model can travel, measured in one lab run from the sender's `send_model` to the recipient's
+verified `on_model` (transport probes, no torch): ``direct`` (public to public), ``direct_via_nat`` (a NATed
+recipient fetching from a public sender), ``reverse`` (a NATed sender connecting out to a public recipient) and
+``relay`` (two peers behind port-restricted NATs, through a public peer running with ``--relay``). For each: the
+first transfer (which includes finding the way: a direct attempt that times out), then the median of the repeats
+over the remembered way, and its throughput as a ratio to ``direct``. The lab's virtual links have no latency or
+bandwidth limit of their own: the ratios show what the extra hop and handshakes cost, not a WAN; the relay's
+own bound (``--relay-rate``, 50 MB/s by default) caps the relayed figure unless raised (``--relay-rate``).
+
+``--daemons`` also runs four real `quinkgl run` daemons with 11.4 MB models (benchmarks/scripts/digits_wide.py,
+4 rounds, 3 s interval), once with three of them behind a port-restricted, a full-cone and a symmetric NAT (the
+public seed relaying), once all public: for each peer, the seconds from its `started` line to its first
+aggregated model (process start-up, which depends on the machine's load, is left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def scenario(name: str, env: dict[str, str]) -> dict[str, Any] | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        done = subprocess.run([sys.executable, str(ROOT / "tests" / "natlab_scenarios.py"), name, str(out)],
+                              capture_output=True, text=True, env=env, timeout=600)
+        if done.returncode != 0:
+            print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
+            return None
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bytes", type=int, default=10_000_000)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--relay-rate", type=int, default=None, help="the relay's bytes/s (default: the transport's, 50 MB/s)")
+    p.add_argument("--daemons", action="store_true", help="also time real daemons to their first aggregation")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "nat.json")
+    args = p.parse_args()
+    sys.path.insert(0, str(ROOT / "tests"))
+    import natlab
+
+    reason = natlab.unavailable()
+    if reason is not None:
+        print(f"NAT lab unavailable: {reason}", file=sys.stderr)
+        return 2
+    env = {**os.environ, "QGL_BENCH_BYTES": str(args.bytes), "QGL_BENCH_REPEATS": str(args.repeats)}
+    if args.relay_rate:
+        env["QGL_BENCH_RELAY_RATE"] = str(args.relay_rate)
+    result = scenario("bench", env)
+    if result is None:
+        return 1
+    print(f"{args.bytes / 1e6:g} MB models, {args.repeats} repeats, relay rate {result['relay_rate']}; "
+          f"peers met {result['met_after_s']} s after start")
+    print(f"{'way':16} {'path':12} {'first s':>8} {'median s':>9} {'MB/s':>7} {'vs direct':>9}")
+    for name in ("direct", "direct_via_nat", "reverse", "relay"):
+        r = result[name]
+        print(f"{name:16} {r['path']:12} {r['first_s']:8.3f} {r['median_s']:9.4f} {r['mb_per_s']:7.1f} "
+              f"{r.get('ratio_to_direct', 1.0):9.2f}")
+    if args.daemons:
+        result["daemons"] = {}
+        for label, nat in (("nat", "1"), ("public", "0")):
+            run = scenario("daemons_bench", {**os.environ, "QGL_LAB_NAT": nat})
+            if run is None:
+                return 1
+            result["daemons"][label] = run["peers"]
+            firsts = {name: round(p["first_aggregation_s"] - p["started_s"], 2) for name, p in run["peers"].items()
+                      if p["first_aggregation_s"] is not None}
+            print(f"daemons, {label:6}: started -> first aggregation (s) {firsts}; final val_accuracy "
+                  f"{ {n: p['val_accuracy'] for n, p in run['peers'].items()} }")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp_json = args.json.with_suffix(".tmp")
+    tmp_json.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    tmp_json.replace(args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

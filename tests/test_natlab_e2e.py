@@ -1,0 +1,75 @@
+"""Peers behind NATs, in the NAT lab (`natlab`: Linux network namespaces inside ``unshare --net --mount``, the
+private range 10.201.0.0/16 only in there). Each test runs one scenario of `natlab_scenarios` in a fresh lab; the
+scenario asserts what it expects and also checks that no namespace sent a packet outside the test range and
+loopback (iptables counters) and that no probe connected anywhere else (the probes' socket audit).
+
+Skipped, with the reason, where namespaces cannot be made (not root, no iproute2 or iptables)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import natlab
+
+pytestmark = pytest.mark.e2e
+SCENARIOS = Path(__file__).resolve().parent / "natlab_scenarios.py"
+_REASON: list[str | None] = []
+
+
+def _lab(name: str, tmp_path: Path) -> dict[str, Any]:
+    if not _REASON:
+        _REASON.append(natlab.unavailable())
+    if _REASON[0] is not None:
+        pytest.skip(_REASON[0])
+    out = tmp_path / "result.json"
+    done = subprocess.run([sys.executable, str(SCENARIOS), name, str(out)], capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
+    result: dict[str, Any] = json.loads(out.read_text())
+    assert result["leaks"] and all(n == 0 for n in result["leaks"].values())
+    return result
+
+
+def test_introductions_punch_through_cone_nats_but_not_symmetric_to_restricted(tmp_path: Path) -> None:
+    r = _lab("discovery", tmp_path)
+    met = r["met"]
+    assert met["full1-rest1"] and met["rest1-rest2"] and met["full1-sym1"] and met["seed-sym1"], met
+    assert not met["rest1-sym1"] and not met["rest2-sym1"], met  # a symmetric NAT cannot be punched from a restricted one
+    # Without a relay, a NATed sender still reaches a public recipient (reverse), never another NATed peer.
+    assert [t["arrived"] for t in r["transfers"]] == [True, True, False, False], r["transfers"]
+
+
+def test_each_transfer_takes_the_way_the_nats_leave_and_keeps_it(tmp_path: Path) -> None:
+    r = _lab("paths", tmp_path)
+    ways = {(t["from"], t["to"]): t["path"] for t in r["again"]}
+    assert ways[("rest1", "seed")] == "reverse" and ways[("blocked", "seed")] == "reverse"  # TCP in closed: reverse
+    assert ways[("rest1", "rest2")] == "relay:seed" and ways[("full1", "sym1")] == "relay:seed"  # both closed: relay
+    # The way is remembered: the second model does not wait for the direct attempt to time out again.
+    assert all(t["seconds"] < 2.0 for t in r["again"]), r["again"]
+
+
+def test_a_relay_leaving_mid_transfer_fails_fast_and_the_next_model_takes_another_relay(tmp_path: Path) -> None:
+    r = _lab("relay_leaves", tmp_path)
+    assert "path=relay" in r["failure"]["log"] and r["failure"]["after_s"] < 10
+    assert r["retry"]["arrived"] and r["retry"]["path"] != f"relay:{r['failure']['relay']}"
+
+
+def test_real_daemons_behind_nats_form_one_swarm(tmp_path: Path) -> None:
+    r = _lab("daemons", tmp_path)
+    assert all(p["aggregations"] > 0 for p in r["peers"].values()), r["peers"]
+    assert {"rest1=reverse", "full1=reverse", "sym1=reverse"} <= set(r["peers"]["seed"]["paths"])
+    assert "sym1=relay:seed" in r["peers"]["full1"]["paths"]
+
+
+def test_the_lab_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where a tool is missing the lab's tests skip with this reason: they never pass without running.
+    monkeypatch.setattr(natlab, "_tool", lambda name: None if name == "iptables" else f"/usr/bin/{name}")
+    reason = natlab.unavailable()
+    assert reason is not None and "iptables" in reason
