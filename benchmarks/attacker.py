@@ -236,6 +236,11 @@ class Attack:
         await self._impostors(["peer-4"], ready)
 
     async def squatter(self, ready: asyncio.Event) -> None:
+        # Item 8 is about ids of live peers: claim them once the honest peers are up and have met (a scout, an
+        # identity of its own, sees them), not before they exist (an open swarm's first-come rule, see README).
+        _, heard = await self.member("scout")
+        await self.wait_for_peers(heard, len(self.seeds))
+        await asyncio.sleep(3.0)
         await self._impostors(["peer-2", "peer-3"], ready)
 
     async def _impostors(self, names: list[str], ready: asyncio.Event) -> None:
