@@ -495,6 +495,7 @@ def test_ipv8_crashed_and_restarted_peer_is_seen_anew(tmp_path):
         await again.start(c.nodes["b"][1])
         await wait_until(lambda: ra.discovered == ["b", "b"], what="rediscovery")
         assert ra.lost == ["b"]
+        await wait_until(lambda: again.knows("a"), what="the restarted peer hearing a's hello back")
         again.send_model("a", _upd(round_=4, payload=b"from the checkpoint"))  # not 'out of date': a new run
         await wait_until(lambda: len(ra.models) == 2, what="round 4 after restart")
 
