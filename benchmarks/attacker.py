@@ -238,9 +238,11 @@ class Attack:
     async def squatter(self, ready: asyncio.Event) -> None:
         # Item 8 is about ids of live peers: claim them once the honest peers are up and have met (a scout, an
         # identity of its own, sees them), not before they exist (an open swarm's first-come rule, see README).
-        _, heard = await self.member("scout")
+        scout, heard = await self.member("scout")
         await self.wait_for_peers(heard, len(self.seeds))
         await asyncio.sleep(3.0)
+        self.transports.remove(scout)  # gone before the attack: it neither counts nor stays a peer
+        await scout.stop()
         await self._impostors(["peer-2", "peer-3"], ready)
 
     async def _impostors(self, names: list[str], ready: asyncio.Event) -> None:
