@@ -17,7 +17,8 @@ Scenarios (issue 12's numbering):
 - ``round-zero`` (9): five identities taking turns, each sending one copied update claiming round 0.
 - ``observer`` (7): the benchmark runs a certified swarm; a node that knows the swarm id, the arch hash and every
   peer's address, but holds no certificate, says hello and offers models the whole run.
-- ``squatter`` (8): fresh keys claim the honest peers' node ids (peer-2, peer-3) and offer models under them.
+- ``squatter`` (8): fresh keys claim the honest peers' node ids (peer-2, peer-3) and offer models under them,
+  from the start (before the owners may have arrived); ``squatter-live``: the same once the owners are up and met.
 ``attack-stats`` counts the honest models the attacker's identities received (``models``).
 """
 
@@ -45,7 +46,7 @@ from quinkgl_cli.transport.ipv8 import IPv8Transport, stream
 from quinkgl_cli.transport.ipv8.payloads import OfferPayload
 
 SCENARIOS = ("poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero", "observer",
-             "squatter")
+             "squatter", "squatter-live")
 
 
 class Listener:
@@ -236,8 +237,11 @@ class Attack:
         await self._impostors(["peer-4"], ready)
 
     async def squatter(self, ready: asyncio.Event) -> None:
-        # Item 8 is about ids of live peers: claim them once the honest peers are up and have met (a scout, an
-        # identity of its own, sees them), not before they exist (an open swarm's first-come rule, see README).
+        await self._impostors(["peer-2", "peer-3"], ready)
+
+    async def squatter_live(self, ready: asyncio.Event) -> None:
+        # The ids of live peers: claimed once the honest peers are up and have met (a scout, an identity of its
+        # own, sees them), not before they exist as in ``squatter`` (an open swarm's first-come rule, see README).
         scout, heard = await self.member("scout")
         await self.wait_for_peers(heard, len(self.seeds))
         await asyncio.sleep(3.0)
