@@ -315,3 +315,16 @@ def test_the_memory_twin_refuses_uncertified_peers_the_same_way(tmp_path, caplog
     assert not recorders["a"].models  # c's offer: a never admitted it
     assert {r.qgl_fields["reason"] for r in caplog.records if getattr(r, "node", None) == "a"
             and r.getMessage().startswith("peer-refused")} == {"certificate_missing", "certificate_expired"}
+
+
+def test_a_running_nodes_own_certificate_expiry_is_checked_before_each_round(tmp_path):
+    from quinkgl_cli.node.admission import check_certificate_expiry
+
+    creator = keys.generate()
+    cert = _cert(creator, _node_key(tmp_path / "n"), "n", expires=NOW + timedelta(hours=1))
+    settings = AdmissionSettings(SWARM, keys.public_key_text(creator), certified=True, certificate=cert.text())
+    check_certificate_expiry(settings, NOW)
+    with pytest.raises(TrustError, match="certificate expired") as err:
+        check_certificate_expiry(settings, NOW + timedelta(hours=2))
+    assert err.value.code == 4
+    check_certificate_expiry(AdmissionSettings(SWARM, None), NOW + timedelta(days=999))  # open swarm: no certificate
