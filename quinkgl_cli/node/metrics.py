@@ -31,6 +31,9 @@ class RoundMetrics:
     accuracy: float | None = None
     val_loss: float | None = None
     val_accuracy: float | None = None
+    own_accuracy: float | None = None  # the personal model on this peer's own label distribution (`node.owneval`)
+    personal_val_accuracy: float | None = None  # APFL's personal model on the validation set
+    alpha: float | None = None  # APFL's mixing weight
     peers: int = 0  # distinct remote peers aggregated this round
     peer_ids: list[str] = field(default_factory=list)
     samples: int = 0  # local training samples
@@ -46,6 +49,14 @@ class RoundMetrics:
     duration: float = 0.0
     sharing: dict[str, Any] = field(default_factory=dict)  # compression and privacy counters (SharingPipeline)
     spectral: dict[str, Any] = field(default_factory=dict)  # the latest analysis of the observed gossip graph
+
+    def personal_fields(self) -> dict[str, Any]:
+        """What ``round-end`` reports of the personal model: its own-distribution accuracy, and under APFL its
+        validation accuracy and mixing weight."""
+        fields: dict[str, Any] = {"own_accuracy": self.own_accuracy}
+        if self.personal_val_accuracy is not None:
+            fields.update(personal_val_accuracy=self.personal_val_accuracy, alpha=self.alpha)
+        return fields
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -115,6 +126,9 @@ class RoundRecorder:
             accuracy=train.accuracy if train else None,
             val_loss=ev.val_loss if ev else None,
             val_accuracy=ev.val_accuracy if ev else None,
+            own_accuracy=ev.own_accuracy if ev else None,
+            personal_val_accuracy=ev.personal_val_accuracy if ev else None,
+            alpha=ev.alpha if ev else None,
             peers=len(self.peers),
             peer_ids=list(self.peers),
             samples=train.samples if train else sample_count,
