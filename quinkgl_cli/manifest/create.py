@@ -193,8 +193,9 @@ def personalization_spec(mode: str, params: Mapping[str, str] | None) -> Persona
     if chosen not in MODES:
         raise UsageError(f"--personalization {mode!r} is not a personalization mode", f"valid: {', '.join(MODES)}")
     values = _coerced(params)
-    if "head_prefixes" in values and not isinstance(values["head_prefixes"], str):
-        values["head_prefixes"] = str((params or {})["head_prefixes"])  # a prefix that reads as a number stays text
+    if "head_prefixes" in values:  # comma-separated on the command line; a prefix that reads as a number stays text
+        text = str((params or {})["head_prefixes"])
+        values["head_prefixes"] = tuple(p.strip() for p in text.split(",") if p.strip())
     spec: PersonalizationSpec = _spec(PersonalizationSpec, {**values, "mode": chosen}, "--personalization-param")
     idle = spec.idle_tuning(tuple(values))
     if idle:

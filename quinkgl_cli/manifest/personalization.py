@@ -13,7 +13,7 @@ like compression knobs while compression is off: it would do nothing and mislead
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -32,14 +32,6 @@ class PersonalizationSpec(BaseModel):
     alpha_lr: float = Field(default=0.01, ge=0.0, le=10.0)  # APFL: step of alpha's gradient descent (0: fixed)
     head_prefixes: tuple[str, ...] = Field(default=(), max_length=64)  # FedRep: the personal head's names
     head_epochs: int = Field(default=2, ge=1, le=1000)  # FedRep: passes over the data training the head
-
-    @field_validator("head_prefixes", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        # `--personalization-param head_prefixes=fc3,out` on the command line: comma-separated.
-        if isinstance(value, str):
-            return tuple(p.strip() for p in value.split(",") if p.strip())
-        return value
 
     @field_validator("head_prefixes")
     @classmethod

@@ -148,7 +148,7 @@ class Node:
         agg = self.aggregator
         self.serving = ServingModel(shared, isinstance(agg, FedAvg),
                                     agg.params.max_weight_ratio if isinstance(agg, FedAvg) else 1.0)
-        self.fingerprint = own_fingerprint(manifest, train_loader, model, self.trainer.loss_fn, config.noise_seed,
+        self.fingerprint = own_fingerprint(manifest, train_loader, shared, self.trainer.loss_fn, config.noise_seed,
                                            self.log)
         self.exchange.label_entropy = self.fingerprint.label_entropy
         if self.fingerprint.body is not None:

@@ -161,6 +161,11 @@ class FedRep(Shared):
         if all(k in head for k in floats):
             raise NodeConfigError(f"FedRep head prefixes {', '.join(prefixes)} cover the whole model: nothing left to share",
                                   hint)
+        storage = {t.untyped_storage().data_ptr() for k, t in state.items() if k not in head and t.numel()}
+        tied = sorted(k for k in head if state[k].numel() and state[k].untyped_storage().data_ptr() in storage)
+        if tied:
+            raise NodeConfigError(f"FedRep head entry {tied[0]} shares its tensor with the backbone (tied weights): "
+                                  "it would leave the device with the backbone", hint)
         self.prefixes = prefixes
         self.head_epochs = spec.head_epochs
         self.head_names = head
