@@ -422,3 +422,65 @@ def test_none_is_the_whole_model_unchanged() -> None:
     model = mlp()
     policy = build_personal(manifest().personalization, model, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
     assert type(policy) is Shared and policy.shared is model and policy.personal_model(model) is model
+
+
+# ---------------------------------------------------------------------------------------------- quinkgl run
+
+
+@pytest.mark.parametrize("mode", ["apfl", "fedrep"])
+def test_daemons_run_resume_and_report_personal_models(mode: str, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from quinkgl_cli.node import localswarm as ls
+    from quinkgl_cli.node.checkpoint import load_final_model
+    from quinkgl_cli.node.daemon import Daemon, DaemonOptions, Prepared, prepare
+    from quinkgl_cli.node.logs import LogContext
+    from quinkgl_cli.manifest.io import write_manifest
+
+    script = load_script(ls.DIGITS_SCRIPT)
+    m = build_manifest(name="daemon-personal", task_type="class", input_shape="64", output_shape="10",
+                       label_type="integer", framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)),
+                       aggregation="FedAvg", topology="FullTopology", personalization=mode,
+                       training_params={"local_epochs": "1", "local_steps": "3", "final_consensus_steps": "1"})
+    path = tmp_path / "m.qgl"
+    write_manifest(path, m)
+    net = MemoryNetwork()
+
+    def make(p: Prepared) -> MemoryTransport:
+        return MemoryTransport(net, p.options.node_id, swarm_id=p.trusted.swarm_id,
+                               arch_hash=p.trusted.manifest.model.arch_hash)
+
+    def daemon(i: int) -> Daemon:
+        opts = DaemonOptions.from_flags(manifest=path, script=ls.DIGITS_SCRIPT, node_id=f"p{i}", trust_policy="open",
+                                        rounds=2, gossip_interval=0.2, checkpoint_dir=tmp_path / f"p{i}", min_peers=1,
+                                        script_args={"shard": str(i), "num_shards": "2", "partition": "shards:5"})
+        return Daemon(prepare(opts), LogContext(f"p{i}"), make)
+
+    async def both(ds: list[Daemon]) -> list[int]:
+        return list(await asyncio.gather(*(d.run() for d in ds)))
+
+    daemons = [daemon(0), daemon(1)]
+    with caplog.at_level(logging.INFO, logger="quinkgl"):
+        assert asyncio.run(both(daemons)) == [0, 0]
+    finished = [getattr(r, FIELDS_ATTR) for r in caplog.records if r.getMessage().startswith("finished ")]
+    assert len(finished) == 2 and all(0.0 <= f["own_accuracy"] <= 1.0 for f in finished)
+    assert all(("alpha" in f) == (mode == "apfl") for f in finished)
+    tensors, _ = load_final_model(tmp_path / "p0" / "final_model.safetensors")
+    assert {"2.weight", "2.bias", "0.weight"} <= set(tensors)  # the personal model, head included
+    for d in daemons:  # a daemon holds its directories for its process's life; the restart below needs them
+        for lock in d.prepared.locks:
+            lock.release()
+    personal = daemons[0].node.trainer.personal
+    again = daemon(0)  # a restart resumes the personal state from the checkpoint, then finds the run finished
+    assert asyncio.run(both([again])) == [0]
+    for lock in again.prepared.locks:
+        lock.release()
+    assert again.node.completed_round == 2
+    if isinstance(personal, APFL):
+        restored = again.node.trainer.personal
+        assert isinstance(restored, APFL) and restored.alpha == personal.alpha
+        assert torch.equal(flatten(restored.local), flatten(personal.local))
+    else:
+        assert torch.equal(again.node.trainer.model.state_dict()["2.weight"],
+                           daemons[0].node.trainer.model.state_dict()["2.weight"])
