@@ -1,16 +1,16 @@
 """Personalized models (issue 14): accuracy on each peer's own label distribution and on the global validation set,
 for local-only training, the shared gossip model (personalization none), APFL and FedRep.
 
-    python benchmarks/bench_personal.py --split dirichlet:0.3            # seeds 7, 1, 2; 20 rounds
-    python benchmarks/bench_personal.py --split shards:2 --seeds 7       # one seed
+    python benchmarks/bench_personal.py                 # dirichlet:0.3 and shards:2, seeds 7, 1, 2, 20 rounds
+    python benchmarks/bench_personal.py --quick         # one seed, 8 rounds
 
 20 peers on scikit-learn's digits (the bundled script: MLP 64-32-10, SGD momentum 0.9), the swarm defaults
 otherwise (FedAvg, random fanout 3, 4 local epochs, 6 averaging-only exchanges after the last round). Per run:
 ``own``: each peer's personal model on its own label distribution (`quinkgl_cli.node.owneval`), mean and worst
 peer, after the last training round and after the final merge; ``global``: the served shared model on the validation
 set (FedRep: the served backbone under each peer's own head; local: each peer's own model); APFL's personal model on
-the validation set and its learned alphas; model bytes sent per peer per training round. Each split writes
-``benchmarks/results/personal_<split>.json`` and a PNG of the own-distribution curves, and prints a markdown table.
+the validation set and its learned alphas; model bytes sent per peer per training round. Writes ``benchmarks/results/personal.json`` (``--json``) and, beside
+it, a PNG of the own-distribution curves; prints a markdown table per split.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from simkit import RESULTS, digits_manifest, digits_script, pct, quiet  # noqa: E402
+from simkit import RESULTS, digits_manifest, digits_script, pct, quiet
 
-from quinkgl_cli.atomic import atomic_write_bytes  # noqa: E402
-from quinkgl_cli.sim.report import Curve, communication, plot_panels  # noqa: E402
-from quinkgl_cli.sim.simulator import Overrides, SimConfig, SimResult, Simulator  # noqa: E402
+from quinkgl_cli.atomic import atomic_write_bytes
+from quinkgl_cli.sim.report import Curve, communication, plot_panels
+from quinkgl_cli.sim.simulator import Overrides, SimConfig, SimResult, Simulator
 
 VARIANTS = {  # name: (simulator mode, personalization)
     "local only": ("local", "none"),
@@ -68,44 +68,66 @@ def mean(values: list[float | None]) -> float | None:
     return statistics.mean(xs) if xs else None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--split", default="dirichlet:0.3")
-    ap.add_argument("--seeds", default="7,1,2")
-    ap.add_argument("--rounds", type=int, default=20)
-    args = ap.parse_args()
-    quiet()
-    seeds = [int(s) for s in args.seeds.split(",")]
+def split_table(split: str, seeds: list[int], rounds: int) -> tuple[dict[str, Any], str, list[Curve]]:
+    """Every variant on one split: (summary and runs, its markdown table, own-distribution curves)."""
     runs: dict[str, list[dict[str, Any]]] = {}
     for name, (mode, personalization) in VARIANTS.items():
         for seed in seeds:
-            r = one(mode, personalization, args.split, seed, args.rounds)
+            r = one(mode, personalization, split, seed, rounds)
             runs.setdefault(name, []).append({"seed": seed, **r})
-            print(f"{args.split} {name} seed={seed} own={pct(r['own_final'])} (worst {pct(r['own_final_worst'])}) "
+            print(f"{split} {name} seed={seed} own={pct(r['own_final'])} (worst {pct(r['own_final_worst'])}) "
                   f"global={pct(r['global_final'])} {r['seconds']:.0f}s", flush=True)
-    summary = {name: {k: mean([r[k] for r in rs]) for k in ("own_last", "own_final", "global_last", "global_final",
-                                                             "personal_global_final", "alpha_mean",
-                                                             "bytes_per_peer_per_round", "mb_sent")}
+    keys = ("own_last", "own_final", "global_last", "global_final", "personal_global_final", "alpha_mean",
+            "bytes_per_peer_per_round", "mb_sent")
+    summary = {name: {k: mean([r[k] for r in rs]) for k in keys}
                | {"own_final_worst": min(r["own_final_worst"] for r in rs),
                   "own_last_worst": min(r["own_last_worst"] for r in rs)}
                for name, rs in runs.items()}
-    print(f"\n20 peers, digits, {args.split}, {args.rounds} rounds, seeds {args.seeds} (mean; worst: lowest over seeds)\n")
-    print("| training | own distribution: after last round (worst peer) | after final merge (worst peer) | "
-          "validation set, shared model | bytes / peer / round |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    lines = [f"20 peers, digits, {split}, {rounds} rounds, seeds {', '.join(map(str, seeds))} "
+             "(mean; worst peer: the lowest over seeds)", "",
+             "| training | own distribution, after the last round (worst peer) | after the final merge (worst peer) | "
+             "validation set | bytes / peer / round |", "| --- | ---: | ---: | ---: | ---: |"]
     for name, s in summary.items():
-        extra = f" (APFL personal model: {pct(s['personal_global_final'])})" if s["personal_global_final"] else ""
-        print(f"| {name} | {pct(s['own_last'])} ({pct(s['own_last_worst'])}) | {pct(s['own_final'])} "
-              f"({pct(s['own_final_worst'])}) | {pct(s['global_final'])}{extra} | {s['bytes_per_peer_per_round']:,.0f} |")
-    tag = args.split.replace(":", "")
-    out = {"split": args.split, "peers": 20, "rounds": args.rounds, "seeds": seeds, "summary": summary, "runs": runs}
-    atomic_write_bytes(RESULTS / f"personal_{tag}.json", (json.dumps(out, indent=2) + "\n").encode())
-    rounds = list(range(1, args.rounds + 1))
-    curves = [Curve(name, rounds, [mean([r["own_curve"][i] for r in rs]) for i in range(args.rounds)],
-                    final=summary[name]["own_final"] if name != "local only" else None) for name, rs in runs.items()]
-    plot_panels([(f"personal model, own label distribution ({args.split}, 20 peers, mean of {len(seeds)} seeds)",
-                  curves)], RESULTS / f"personal_{tag}.png", ylabel="accuracy on own label distribution")
-    print(f"\nwrote {RESULTS / f'personal_{tag}.json'} and personal_{tag}.png")
+        extra = f" (personal model {pct(s['personal_global_final'])})" if s["personal_global_final"] else ""
+        lines.append(f"| {name} | {pct(s['own_last'])} ({pct(s['own_last_worst'])}) | {pct(s['own_final'])} "
+                     f"({pct(s['own_final_worst'])}) | {pct(s['global_final'])}{extra} | "
+                     f"{s['bytes_per_peer_per_round']:,.0f} |")
+    xs = list(range(1, rounds + 1))
+    curves = [Curve(name, xs, [mean([r["own_curve"][i] for r in rs]) for i in range(rounds)],
+                    final=summary[name]["own_final"] if VARIANTS[name][0] == "gossip" else None)
+              for name, rs in runs.items()]
+    return {"summary": summary, "runs": runs}, "\n".join(lines), curves
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--splits", default="dirichlet:0.3,shards:2")
+    ap.add_argument("--seeds", default="7,1,2")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--quick", action="store_true", help="one seed, 8 rounds")
+    ap.add_argument("--json", type=Path, default=RESULTS / "personal.json")
+    args = ap.parse_args()
+    quiet()
+    seeds = [7] if args.quick else [int(s) for s in args.seeds.split(",")]
+    rounds = 8 if args.quick else args.rounds
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    tables: list[str] = []
+    panels: list[tuple[str, list[Curve]]] = []
+    for split in args.splits.split(","):
+        data, table, curves = split_table(split, seeds, rounds)
+        results[split] = data
+        tables.append(table)
+        panels.append((f"{split}: personal model on its peer's own label distribution", curves))
+        print("\n" + table + "\n", flush=True)
+    headline = {f"{split}_{key}_{name.split()[0].lower()}": results[split]["summary"][name][metric]
+                for split in results for name in VARIANTS for key, metric in (("own", "own_final"),)}
+    out = {"peers": 20, "rounds": rounds, "seeds": seeds, "splits": results, "headline": headline,
+           "markdown": "\n\n".join(tables), "seconds": time.perf_counter() - started, "quick": args.quick}
+    atomic_write_bytes(args.json, (json.dumps(out, indent=2) + "\n").encode())
+    png = args.json.with_suffix(".png")
+    plot_panels(panels, png, ylabel="accuracy on own label distribution")
+    print(f"wrote {args.json} and {png}")
 
 
 if __name__ == "__main__":

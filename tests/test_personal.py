@@ -432,11 +432,11 @@ def test_daemons_run_resume_and_report_personal_models(mode: str, tmp_path: Path
                                                        caplog: pytest.LogCaptureFixture) -> None:
     import asyncio
 
+    from quinkgl_cli.manifest.io import write_manifest
     from quinkgl_cli.node import localswarm as ls
     from quinkgl_cli.node.checkpoint import load_final_model
     from quinkgl_cli.node.daemon import Daemon, DaemonOptions, Prepared, prepare
     from quinkgl_cli.node.logs import LogContext
-    from quinkgl_cli.manifest.io import write_manifest
 
     script = load_script(ls.DIGITS_SCRIPT)
     m = build_manifest(name="daemon-personal", task_type="class", input_shape="64", output_shape="10",
