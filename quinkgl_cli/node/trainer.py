@@ -1,14 +1,17 @@
 """Local training and evaluation: the only part of a node that runs off the driver's thread (the daemon runs
 `Trainer.train` and `Trainer.evaluate` in a worker thread while its event loop keeps serving the network).
 
-Owns the model, the training and validation loaders, the optimizer, the loss function and the sample count this
-peer reports (the size of its training set, or what one pass counted when the loader has no sized dataset), and the
-last good model: the model as the last training that kept a finite loss left it. A non-finite loss (a poisoned
-aggregate that slipped past the aggregator's bounds) rolls the model back to it and trains the round again from
-there; only when that fails too, or there is no good model yet, does training stop the node. Also
-owns the model's and optimizer's part of a checkpoint (`state_dict` / `load_state_dict`). The aggregator's training
-hooks (FedProx's proximal term, SCAFFOLD's control variates) and local DP's clip-and-noise are called here, around
-the optimizer steps, because they must see every step.
+Owns the model, the personalization policy (`node.personal`: which part of the model is shared, the peer's own
+model; FedRep's head phase runs here before the usual training, APFL's local step after each of its steps), the
+training and validation loaders, the optimizer, the loss function, the label shares that score the personal model
+on this peer's own distribution (`node.owneval`), the sample count this peer reports (the size of its training
+set, or what one pass counted when the loader has no sized dataset), and the last good model: the model as the last
+training that kept a finite loss left it. A non-finite loss (a poisoned aggregate that slipped past the
+aggregator's bounds) rolls the model back to it and trains the round again from there; only when that fails too,
+or there is no good model yet, does training stop the node. Also owns the model's, optimizer's and
+personalization's part of a checkpoint (`state_dict` / `load_state_dict`). The aggregator's training hooks
+(FedProx's proximal term, SCAFFOLD's control variates) and local DP's clip-and-noise are called here, around the
+optimizer steps, because they must see every step; they and DP see only the shared part.
 """
 
 from __future__ import annotations
