@@ -36,6 +36,7 @@ from quinkgl_cli.node.state import load_optimizer_state, optimizer_state
 
 HEAD_ATTRIBUTE = "quinkgl_head"  # a model's own choice of head prefixes (FedRep), below the manifest's
 PREFIX = "personal."
+LOCAL_PREFIX = f"{PREFIX}local."  # APFL's local model in a checkpoint
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -166,7 +167,6 @@ class FedRep(Shared):
         if tied:
             raise NodeConfigError(f"FedRep head entry {tied[0]} shares its tensor with the backbone (tied weights): "
                                   "it would leave the device with the backbone", hint)
-        self.prefixes = prefixes
         self.head_epochs = spec.head_epochs
         self.head_names = head
         self.shared = SharedPart(model, head)
@@ -189,7 +189,6 @@ class FedRep(Shared):
                     if name in self.head_names:
                         t.copy_(own[name])
         return whole
-
 
 
 class APFL(Shared):
@@ -239,7 +238,7 @@ class APFL(Shared):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``personal.local.*`` (v) and ``personal.optim.*`` tensors; alpha and v's optimizer groups in JSON."""
-        tensors = {f"{PREFIX}local.{k}": t.detach().cpu().contiguous() for k, t in self.local.state_dict().items()}
+        tensors = {f"{LOCAL_PREFIX}{k}": t.detach().cpu().contiguous() for k, t in self.local.state_dict().items()}
         opt_tensors, opt_meta = optimizer_state(self.optimizer, f"{PREFIX}optim.")
         tensors.update(opt_tensors)
         return tensors, {"mode": self.mode, "alpha": self.alpha, "optimizer": opt_meta}
@@ -250,7 +249,7 @@ class APFL(Shared):
         alpha = float(meta["alpha"])
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"checkpoint APFL alpha {alpha} is outside [0, 1]")
-        local = {k[len(PREFIX) + 6:]: v for k, v in tensors.items() if k.startswith(f"{PREFIX}local.")}
+        local = {k[len(LOCAL_PREFIX):]: v for k, v in tensors.items() if k.startswith(LOCAL_PREFIX)}
         missing, unexpected = self.local.load_state_dict(local, strict=False)
         if missing or unexpected or not all(bool(torch.isfinite(t).all()) for t in local.values() if t.is_floating_point()):
             raise ValueError("checkpoint APFL local model does not fit the model or is not finite")
