@@ -117,6 +117,7 @@ def test_the_section_is_signed_round_trips_and_changes_the_swarm(tmp_path: Path)
     ("apfl", {"alpha": "1.5"}, "alpha"),
     ("fedrep", {"head_epochs": "0"}, "head_epochs"),
     ("ditto", {}, "not a personalization mode"),
+    ("apfl", {"mode": "fedrep"}, "mode=... is not a parameter"),
 ])
 def test_bad_or_idle_settings_are_one_line_usage_errors(mode: str, params: dict[str, str], needle: str) -> None:
     with pytest.raises(UsageError, match=needle):
@@ -484,3 +485,24 @@ def test_daemons_run_resume_and_report_personal_models(mode: str, tmp_path: Path
     else:
         assert torch.equal(again.node.trainer.model.state_dict()["2.weight"],
                            daemons[0].node.trainer.model.state_dict()["2.weight"])
+
+
+def test_run_dry_run_checks_the_split_and_names_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def dry(prefixes: str, name: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / f"{name}.qgl"
+        result = subprocess.run([sys.executable, "-m", "quinkgl_cli", "manifest", "create", "--name", name, "--data",
+                                 "digits", "--task-type", "class", "--label-type", "integer", "--aggregation", "FedAvg",
+                                 "--topology", "RandomTopology", "--personalization", "fedrep", "--personalization-param",
+                                 f"head_prefixes={prefixes}", "--output", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        return subprocess.run([sys.executable, "-m", "quinkgl_cli", "run", "--manifest", str(path), "--data", "digits",
+                               "--node-id", name, "--trust-policy", "open", "--dry-run", "--state-dir",
+                               str(tmp_path / "state")], capture_output=True, text=True)
+
+    ok = dry("2", "good")
+    assert ok.returncode == 0 and "personalization=fedrep shared_params=2080" in ok.stdout, ok.stdout + ok.stderr
+    bad = dry("nope", "bad")
+    assert bad.returncode == 7 and "FedRep head prefixes nope match none" in bad.stdout + bad.stderr

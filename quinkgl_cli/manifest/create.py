@@ -193,6 +193,8 @@ def personalization_spec(mode: str, params: Mapping[str, str] | None) -> Persona
     if chosen not in MODES:
         raise UsageError(f"--personalization {mode!r} is not a personalization mode", f"valid: {', '.join(MODES)}")
     values = _coerced(params)
+    if "mode" in values:
+        raise UsageError("--personalization-param mode=... is not a parameter", f"use --personalization {values['mode']}")
     if "head_prefixes" in values:  # comma-separated on the command line; a prefix that reads as a number stays text
         text = str((params or {})["head_prefixes"])
         values["head_prefixes"] = tuple(p.strip() for p in text.split(",") if p.strip())
