@@ -32,6 +32,7 @@ BENCHMARKS: tuple[tuple[str, str], ...] = (
     ("daemon", "daemon start-up, RSS and per-round overhead"),
     ("sim", "simulator scale and the learning table"),
     ("tutorial", "gossip vs FedAvg under local DP (the tutorial's experiment)"),
+    ("personal", "personalized models: APFL and FedRep vs local-only and the shared model"),
 )
 TAIL_LINES = 15
 

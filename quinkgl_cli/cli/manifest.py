@@ -81,6 +81,12 @@ def create(
         str, typer.Option("--membership", metavar="MODE",
                           help="open (any node holding the manifest) | certified (only nodes with a `quinkgl admit` certificate; needs --sign-with).")
     ] = "open",
+    personalization: Annotated[
+        str, typer.Option("--personalization", metavar="MODE", help="none | apfl (local model mixed with the shared one) | fedrep (personal head, shared backbone).")
+    ] = "none",
+    personalization_param: Annotated[
+        list[str] | None, typer.Option("--personalization-param", help="apfl: alpha, alpha_lr; fedrep: head_prefixes, head_epochs (repeatable).", metavar=_KV)
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --output file.")] = False,
 ) -> None:
     """Create a swarm manifest, signed with --sign-with (peers under tofu/pinned refuse unsigned ones)."""
@@ -140,6 +146,8 @@ def create(
         compression_params=parse_kv(compression_param, "--compression-param"),
         privacy_params=privacy,
         membership=membership,
+        personalization=personalization,
+        personalization_params=parse_kv(personalization_param, "--personalization-param"),
     )
     if manifest.membership == "certified" and key is None:
         raise UsageError("--membership certified needs --sign-with", "certificates are signed with the manifest's creator key")

@@ -25,7 +25,8 @@ def _line(summary: Any) -> str:
     tag = f"round={summary.round:03d}" if summary.phase == "train" else f"consensus after_round={summary.round:03d}"
     return (
         f"{tag} mean_accuracy={_fmt(summary.mean_accuracy)} min_accuracy={_fmt(summary.min_accuracy)} "
-        f"max_accuracy={_fmt(summary.max_accuracy)} model_sends={summary.model_sends} bytes_sent={summary.bytes_sent} "
+        f"max_accuracy={_fmt(summary.max_accuracy)} own_accuracy={_fmt(summary.mean_own_accuracy)} "
+        f"model_sends={summary.model_sends} bytes_sent={summary.bytes_sent} "
         f"seconds={summary.seconds:.2f}"
     )
 
@@ -56,6 +57,10 @@ def simulate(
         list[str] | None, typer.Option("--compression-param", metavar=_KV, help="top_k_ratio, quantize_bits, error_feedback, ... (repeatable).")
     ] = None,
     byzantine_f: Annotated[int | None, typer.Option("--byzantine-f", metavar="N", help="Override the manifest's byzantine_f.")] = None,
+    personalization: Annotated[str | None, typer.Option("--personalization", metavar="MODE", help="Override the manifest's personalization: none | apfl | fedrep.")] = None,
+    personalization_param: Annotated[
+        list[str] | None, typer.Option("--personalization-param", metavar=_KV, help="apfl: alpha, alpha_lr; fedrep: head_prefixes, head_epochs (repeatable).")
+    ] = None,
     clients_per_round: Annotated[
         int | None, typer.Option("--clients-per-round", metavar="N", help="fedavg mode: clients sampled per round (default: 10, at most --peers).")
     ] = None,
@@ -103,7 +108,8 @@ def simulate(
             topology=topology, topology_params=parse_kv(topology_param, "--topology-param"), fanout=fanout,
             training_params=parse_kv(training_param, "--training-param"),
             compression_params=parse_kv(compression_param, "--compression-param"),
-            dp_epsilon=dp_epsilon, byzantine_f=byzantine_f,
+            dp_epsilon=dp_epsilon, byzantine_f=byzantine_f, personalization=personalization,
+            personalization_params=parse_kv(personalization_param, "--personalization-param"),
         ),
     )
 
@@ -134,7 +140,8 @@ def simulate(
     steps = result.consensus_steps
     source = f"after {steps} consensus step{'s' if steps != 1 else ''}" if result.consensus else "after the last round"
     typer.echo(f"final mean_accuracy={_fmt(final.mean_accuracy)} min_accuracy={_fmt(final.min_accuracy)} "
-               f"max_accuracy={_fmt(final.max_accuracy)} ({source})")
+               f"max_accuracy={_fmt(final.max_accuracy)} own_accuracy={_fmt(final.mean_own_accuracy)} "
+               f"min_own_accuracy={_fmt(final.min_own_accuracy)} ({source})")
     if config.mode == "gossip":
         typer.echo(f"setup aggregation={m.aggregation.name} topology={m.topology.name} "
                    f"fanout={_fanout(m)} local_epochs={m.training.local_epochs} "

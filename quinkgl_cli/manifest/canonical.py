@@ -23,8 +23,14 @@ _DATA_SCHEMA_VERSION = 1
 
 
 def manifest_object(manifest: Manifest) -> dict[str, Any]:
-    """The JSON object of ``manifest`` as a `.qgl` file holds it (every field, signature included)."""
-    return manifest.model_dump(mode="json")
+    """The JSON object of ``manifest`` as a `.qgl` file holds it (every field, signature included).
+
+    A swarm without personalization leaves that section out, so manifests made before it existed keep their
+    bytes, signatures and swarm ids."""
+    obj = manifest.model_dump(mode="json")
+    if not manifest.personalization.enabled:
+        obj.pop("personalization", None)
+    return obj
 
 
 def canonical_bytes(manifest: Manifest | Mapping[str, Any]) -> bytes:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.manifest import catalogue
 from quinkgl_cli.manifest.canonical import data_schema_hash
+from quinkgl_cli.manifest.personalization import MODES, PersonalizationSpec, idle_message
 from quinkgl_cli.manifest.schema import (
     DP_TUNING,
     CompressionSpec,
@@ -186,6 +187,24 @@ def _privacy(params: Mapping[str, Any] | None) -> PrivacySpec:
     return _spec(PrivacySpec, values, "--privacy-param")
 
 
+def personalization_spec(mode: str, params: Mapping[str, str] | None) -> PersonalizationSpec:
+    """The personalization section from ``--personalization`` and its ``k=v`` params (`manifest create`, `simulate`)."""
+    chosen = mode.strip().lower()
+    if chosen not in MODES:
+        raise UsageError(f"--personalization {mode!r} is not a personalization mode", f"valid: {', '.join(MODES)}")
+    values = _coerced(params)
+    if "mode" in values:
+        raise UsageError("--personalization-param mode=... is not a parameter", f"use --personalization {values['mode']}")
+    if "head_prefixes" in values:  # comma-separated on the command line; a prefix that reads as a number stays text
+        text = str((params or {})["head_prefixes"])
+        values["head_prefixes"] = tuple(p.strip() for p in text.split(",") if p.strip())
+    spec: PersonalizationSpec = _spec(PersonalizationSpec, {**values, "mode": chosen}, "--personalization-param")
+    idle = spec.idle_tuning(tuple(values))
+    if idle:
+        raise UsageError(f"--personalization-param {idle_message(idle, chosen)}", "drop those settings, or choose their mode")
+    return spec
+
+
 def _strategy(kind: str, name: str, params: Mapping[str, str] | None) -> StrategySpec:
     entry = catalogue.resolve(kind, name)  # type: ignore[arg-type]
     typed = catalogue.validate_params(entry, dict(params or {}))
@@ -214,6 +233,8 @@ def build_manifest(
     compression_params: Mapping[str, str] | None = None,
     privacy_params: Mapping[str, Any] | None = None,
     membership: str = "open",
+    personalization: str = "none",
+    personalization_params: Mapping[str, str] | None = None,
     now: datetime | None = None,
 ) -> Manifest:
     """An unsigned manifest, ``created_at`` = ``now`` (the clock, to the second). Bad input: UsageError (1).
@@ -239,6 +260,7 @@ def build_manifest(
             training=_spec(TrainingSpec, _coerced(training_params), "--training-param"),
             compression=_compression(compression_params),
             privacy=_privacy(privacy_params),
+            personalization=personalization_spec(personalization, personalization_params),
             round_limit=round_limit,
             byzantine_f=byzantine_f,
             bootstrap_peers=peers,

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from quinkgl_cli.errors import UsageError
+from quinkgl_cli.manifest.personalization import PersonalizationSpec
 from quinkgl_cli.validation import peer_address
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -167,6 +168,7 @@ class Manifest(Strict):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
     privacy: PrivacySpec = Field(default_factory=PrivacySpec)
+    personalization: PersonalizationSpec = Field(default_factory=PersonalizationSpec)
     round_limit: int | None = Field(default=None, ge=1, le=MAX_ROUNDS)
     byzantine_f: int = Field(default=0, ge=0, le=1000)
     bootstrap_peers: tuple[str, ...] = Field(default=(), max_length=64)

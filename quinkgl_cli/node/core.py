@@ -48,6 +48,7 @@ from quinkgl_cli.node.metrics import AggregationOutcome, RoundMetrics, RoundReco
 from quinkgl_cli.node.nodelog import Hooks, NodeLog, NoHooks, one_line
 from quinkgl_cli.node.ownfingerprint import own_fingerprint
 from quinkgl_cli.node.peerclock import PacePlan, PeerClock
+from quinkgl_cli.node.personal import Shared
 from quinkgl_cli.node.serving import ServingModel
 from quinkgl_cli.node.state import NodeState
 from quinkgl_cli.node.trainer import LossFn, Trainer, TrainStats
@@ -114,7 +115,8 @@ class Node:
                  train_loader: Iterable[Any], val_loader: Iterable[Any] | None, optimizer: torch.optim.Optimizer,
                  transport: Transport, hooks: Hooks | None = None, clock: Callable[[], float] = time.monotonic,
                  loss_fn: LossFn | None = None, aggregator: Aggregator | None = None,
-                 topology: Topology | None = None, policies: NodePolicies = DEFAULT_POLICIES) -> None:
+                 topology: Topology | None = None, policies: NodePolicies = DEFAULT_POLICIES,
+                 personal: Shared | None = None) -> None:
         self.node_id = config.node_id
         self.manifest = manifest
         self.swarm_id = swarm_id
@@ -133,9 +135,10 @@ class Node:
         self.trainer = Trainer(manifest, model, train_loader, val_loader, optimizer, loss_fn,
                                config.local_epochs or training.local_epochs,
                                config.local_steps if config.local_steps is not None else training.local_steps,
-                               policies.reported_samples, policies.fresh_optimizer)
+                               policies.reported_samples, policies.fresh_optimizer, personal)
+        shared = self.trainer.shared  # only this part of the model is sent, aggregated and served (`node.personal`)
         self.graph = GraphWatch(self.node_id, config.spectral_every, config.spectral_window, self.log)
-        self.exchange = Exchange(self.node_id, manifest, model, transport, self.aggregator,
+        self.exchange = Exchange(self.node_id, manifest, shared, transport, self.aggregator,
                                  topology or build_topology(manifest, self.node_id, self.rng), self.graph, self.log,
                                  config.max_update_bytes, config.noise_seed, policies.tamper)
         self.inbox = Inbox(training.max_staleness, self.log)
@@ -143,16 +146,16 @@ class Node:
         self.recorder = RoundRecorder()
         # Serving averages models, so only under averaging rules (robust ones serve the model they hold).
         agg = self.aggregator
-        self.serving = ServingModel(model, isinstance(agg, FedAvg),
+        self.serving = ServingModel(shared, isinstance(agg, FedAvg),
                                     agg.params.max_weight_ratio if isinstance(agg, FedAvg) else 1.0)
-        self.fingerprint = own_fingerprint(manifest, train_loader, model, self.trainer.loss_fn, config.noise_seed,
+        self.fingerprint = own_fingerprint(manifest, train_loader, shared, self.trainer.loss_fn, config.noise_seed,
                                            self.log)
         self.exchange.label_entropy = self.fingerprint.label_entropy
         if self.fingerprint.body is not None:
             self.exchange.topology.observe_fingerprint(self.node_id, dict(self.fingerprint.body))
 
     # ----------------------------------------------------------------- what drivers and tests read
-    model = property(lambda self: self.trainer.model)
+    model = property(lambda self: self.trainer.shared)  # the shared part (FedRep: the backbone)
     optimizer = property(lambda self: self.trainer.optimizer)
     train_loader = property(lambda self: self.trainer.train_loader)
     sample_count = property(lambda self: self.trainer.sample_count)
@@ -261,13 +264,14 @@ class Node:
         return stats
 
     def served_model(self) -> nn.Module:
-        """The model this peer serves now (`ServingModel`): what evaluation, metrics and the final model show."""
-        return self.serving.model(self.round)
+        """The model this peer serves now: its personal model (`node.personal`) over the shared model of
+        `ServingModel`; what the final model holds."""
+        return self.trainer.personal.personal_model(self.serving.model(self.round))
 
     def evaluate(self) -> tuple[float | None, float | None]:
-        """(val_loss, val_accuracy) of the served model on the validation loader; (None, None) when there is none
-        or it is empty."""
-        result = self.trainer.evaluate(self.served_model())
+        """(val_loss, val_accuracy) of the served shared model on the validation loader (the personal model's are
+        recorded too); (None, None) when there is none or it is empty."""
+        result = self.trainer.evaluate(self.serving.model(self.round))
         if result is None:
             return (None, None)
         self.recorder.eval = result
@@ -346,7 +350,7 @@ class Node:
         d = metrics.as_dict()
         self.recorder.history.append(d)
         self.log(logging.INFO, "round-end", loss=metrics.loss, accuracy=metrics.accuracy, val_loss=metrics.val_loss,
-                 val_accuracy=metrics.val_accuracy, peers=metrics.peers, samples=metrics.samples,
+                 val_accuracy=metrics.val_accuracy, **metrics.personal_fields(), peers=metrics.peers, samples=metrics.samples,
                  bytes_sent=metrics.bytes_sent, bytes_received=metrics.bytes_received, seconds=metrics.duration,
                  **self.exchange.sharing.log_fields(metrics.sharing))
         self.log.hook("on_round_end", self.round, dict(d))
@@ -379,7 +383,7 @@ class Node:
 
         CPU tensors are views of the live state, not copies (the daemon serializes them at once, one memcpy):
         serialize or clone them before the node trains again."""
-        tensors, optimizer = self.trainer.state_dict()
+        tensors, trainer_meta = self.trainer.state_dict()
         tensors.update(node_state.aggregator_tensors(self.aggregator))
         exchange_tensors, topology = self.exchange.state_dict()
         tensors.update(exchange_tensors)
@@ -388,14 +392,14 @@ class Node:
         serving_tensors, serving = self.serving.state_dict()
         tensors.update(serving_tensors)
         meta = {"node_id": self.node_id, "swarm_id": self.swarm_id, "round": self.completed_round,
-                "sample_count": int(self.trainer.sample_count), "optimizer": optimizer, "topology": topology,
+                "sample_count": int(self.trainer.sample_count), **trainer_meta, "topology": topology,
                 "rng": rng, "serving": serving, **self.recorder.state_dict(self.transport.stats)}
         return NodeState(tensors=tensors, meta=meta)
 
     def load_state_dict(self, state: NodeState) -> None:
         """Restore a node saved by `state_dict`; the model and optimizer must be the same shapes."""
         t, meta = state.tensors, state.meta
-        self.trainer.load_state_dict(t, meta["optimizer"], int(meta.get("sample_count", 0)))
+        self.trainer.load_state_dict(t, meta, int(meta.get("sample_count", 0)))
         node_state.load_aggregator(self.aggregator, t)
         self.exchange.load_state_dict(t, dict(meta.get("topology") or {}))
         node_state.load_rng_state(self.rng, t, meta.get("rng", {}))

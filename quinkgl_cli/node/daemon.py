@@ -40,6 +40,7 @@ from quinkgl_cli.node.nodelog import one_line
 from quinkgl_cli.node.observed import SnapshotMaker
 from quinkgl_cli.node.options import DaemonOptions, default_node_id
 from quinkgl_cli.node.persistence import RunFiles
+from quinkgl_cli.node.personal import build_personal
 from quinkgl_cli.node.process import process_started_at, tune_allocator
 from quinkgl_cli.node.runloop import RoundLoop, Waiter
 from quinkgl_cli.node.startup import Prepared, make_ipv8_transport, node_seed, prepare
@@ -219,10 +220,12 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
 def _dry_run(prepared: Prepared) -> None:
     m = prepared.trusted.manifest
     optimizer = prepared.script.build_optimizer(m, prepared.model)  # checked as the node will build it
+    personal = build_personal(m.personalization, prepared.model, lambda local: prepared.script.build_optimizer(m, local))
     emit(log, logging.INFO, "dry-run-ok", manifest=m.name, swarm=prepared.trusted.swarm_id, policy=prepared.trusted.policy,
          arch_hash=prepared.arch_hash, arch_match=prepared.arch_hash == m.model.arch_hash,
          params=sum(p.numel() for p in prepared.model.parameters()), train_batches=_len_or_dash(prepared.train_loader),
-         optimizer=type(optimizer).__name__, strategy=m.aggregation.name, topology=m.topology.name)
+         optimizer=type(optimizer).__name__, strategy=m.aggregation.name, topology=m.topology.name,
+         personalization=m.personalization.mode, shared_params=sum(p.numel() for p in personal.shared.parameters()))
 
 
 def _len_or_dash(loader: Any) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 from quinkgl_cli.node.trainer import EvalStats, TrainStats
 from quinkgl_cli.transport.base import TransportStats
 
+PERSONAL_FIELDS = ("own_accuracy", "personal_val_accuracy", "alpha")  # what `RoundMetrics.personal_fields` may hold
+
 
 @dataclass
 class AggregationOutcome:
@@ -31,8 +33,7 @@ class RoundMetrics:
     accuracy: float | None = None
     val_loss: float | None = None
     val_accuracy: float | None = None
-    peers: int = 0  # distinct remote peers aggregated this round
-    peer_ids: list[str] = field(default_factory=list)
+    peer_ids: list[str] = field(default_factory=list)  # distinct remote peers aggregated this round
     samples: int = 0  # local training samples
     aggregated_samples: int = 0
     known_peers: int = 0
@@ -46,9 +47,22 @@ class RoundMetrics:
     duration: float = 0.0
     sharing: dict[str, Any] = field(default_factory=dict)  # compression and privacy counters (SharingPipeline)
     spectral: dict[str, Any] = field(default_factory=dict)  # the latest analysis of the observed gossip graph
+    # The personal model (`node.personal`): ``own_accuracy`` on this peer's own label distribution (`node.owneval`);
+    # under APFL also ``personal_val_accuracy`` (on the validation set) and ``alpha`` (its mixing weight).
+    personal: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peers(self) -> int:
+        return len(self.peer_ids)
+
+    def personal_fields(self) -> dict[str, Any]:
+        """What ``round-end``, ``final-consensus`` and ``finished`` report of the personal model."""
+        return dict(self.personal)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["peers"] = self.peers
+        d.update(d.pop("personal"))
         d.update(d.pop("sharing"))
         d.update({f"spectral_{k}": v for k, v in d.pop("spectral").items()})
         return d
@@ -74,6 +88,15 @@ class Counters:
     def plus(self, other: Counters) -> Counters:
         return Counters(self.bytes_sent + other.bytes_sent, self.bytes_received + other.bytes_received,
                         self.models_sent + other.models_sent, self.models_received + other.models_received)
+
+
+def _personal(ev: EvalStats | None) -> dict[str, Any]:
+    if ev is None:
+        return {}
+    fields: dict[str, Any] = {"own_accuracy": ev.own_accuracy}
+    if ev.personal_val_accuracy is not None:
+        fields.update(personal_val_accuracy=ev.personal_val_accuracy, alpha=ev.alpha)
+    return fields
 
 
 class RoundRecorder:
@@ -115,7 +138,6 @@ class RoundRecorder:
             accuracy=train.accuracy if train else None,
             val_loss=ev.val_loss if ev else None,
             val_accuracy=ev.val_accuracy if ev else None,
-            peers=len(self.peers),
             peer_ids=list(self.peers),
             samples=train.samples if train else sample_count,
             aggregated_samples=self.aggregated_samples,
@@ -130,6 +152,7 @@ class RoundRecorder:
             duration=now - self.started,
             sharing=sharing,
             spectral=spectral,
+            personal=_personal(ev),
         )
 
     def recent_durations(self, rounds: int) -> list[float]:

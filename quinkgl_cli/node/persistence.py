@@ -23,6 +23,7 @@ from quinkgl_cli.errors import QuinkglError
 from quinkgl_cli.events import emit
 from quinkgl_cli.node.checkpoint import FINAL_MODEL_NAME, CheckpointStore, save_final_model
 from quinkgl_cli.node.core import Node, RoundMetrics
+from quinkgl_cli.node.metrics import PERSONAL_FIELDS
 from quinkgl_cli.node.process import peak_rss_mb
 from quinkgl_cli.node.startup import Prepared
 
@@ -114,15 +115,15 @@ class RunFiles:
              final_model=self.final_model, final_model_restored=restored,
              hint="nothing to train; raise --rounds to train further, or pass --no-resume to start over")
 
-    async def finish(self, final_eval: tuple[float | None, float | None] | None, started_at: float) -> None:
+    async def finish(self, final_eval: dict[str, Any] | None, started_at: float) -> None:
         node = self.node
         last = node.recorder.last()
-        if final_eval is not None:
-            last["val_loss"], last["val_accuracy"] = final_eval
+        last.update(final_eval or {})
         await self.save(self.snapshot(final_metrics=last), reason="final")
         path = await self.write_final_model(last)
         totals = node.totals()
         emit(log, logging.INFO, "finished", rounds=node.completed_round, loss=last.get("loss"),
-             val_loss=last.get("val_loss"), val_accuracy=last.get("val_accuracy"), peers_met=totals["peers_met"],
+             val_loss=last.get("val_loss"), val_accuracy=last.get("val_accuracy"),
+             **{k: last[k] for k in PERSONAL_FIELDS if last.get(k) is not None}, peers_met=totals["peers_met"],
              bytes_sent=totals["bytes_sent"], bytes_received=totals["bytes_received"],
              seconds=round(time.monotonic() - started_at, 1), peak_rss_mb=round(peak_rss_mb(), 1), final_model=path)

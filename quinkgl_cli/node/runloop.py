@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from quinkgl_cli.events import emit
 from quinkgl_cli.node.core import Node, RoundMetrics
@@ -85,7 +86,7 @@ class RoundLoop:
         self.started_at = started_at
         self.after_round = after_round
         self.first_round_at: float | None = None
-        self.final_eval: tuple[float | None, float | None] | None = None  # after final consensus, if any
+        self.final_eval: dict[str, Any] | None = None  # evaluation metrics after final consensus, if any
         self._noted: dict[str, float] = {}  # reminder -> when last printed
 
     def _due(self, reminder: str) -> bool:
@@ -202,6 +203,5 @@ class RoundLoop:
             node.aggregate()
         await asyncio.to_thread(node.evaluate)
         metrics = node.end_consensus()
-        self.final_eval = (metrics.val_loss, metrics.val_accuracy)
-        emit(log, logging.INFO, "final-consensus", steps=node.final_consensus_steps, val_loss=metrics.val_loss,
-             val_accuracy=metrics.val_accuracy)
+        self.final_eval = {"val_loss": metrics.val_loss, "val_accuracy": metrics.val_accuracy, **metrics.personal_fields()}
+        emit(log, logging.INFO, "final-consensus", steps=node.final_consensus_steps, **self.final_eval)

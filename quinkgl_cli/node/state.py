@@ -1,7 +1,7 @@
 """A node's checkpoint state: the `NodeState` a checkpoint holds, built from the parts that own each piece, and the
 random number generators' states (Python's, the node's own, NumPy's, torch's) as tensors and JSON.
 
-Owns the layout: ``model.*`` and ``optim.*`` (the trainer), ``aggregator.*``, ``sharing.*`` and ``topology.*`` (the
+Owns the layout: ``model.*``, ``optim.*`` and ``personal.*`` (the trainer and its personalization policy), ``aggregator.*``, ``sharing.*`` and ``topology.*`` (the
 exchange), ``rng.*`` tensors; JSON meta with node and swarm id, the completed round, the sample count, the history
 and run totals (the recorder), optimizer groups, topology JSON and RNG states. Never pickled
 (`quinkgl_cli.node.checkpoint` writes it as safetensors).
@@ -71,3 +71,41 @@ def _py_rng_to_json(state: tuple[Any, ...]) -> list[Any]:
 def _py_rng_from_json(data: Sequence[Any]) -> tuple[Any, ...]:
     version, internal, gauss = data
     return (int(version), tuple(int(v) for v in internal), gauss)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimizer as (``<prefix><param>.<key>`` tensors, JSON of its param groups and non-tensor state)."""
+    opt = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, pstate in opt["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = json_scalar(value)
+    return tensors, {"param_groups": [{k: json_scalar(v) for k, v in g.items()} for g in opt["param_groups"]],
+                     "scalars": scalars}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                         prefix: str) -> None:
+    """Restore what `optimizer_state` saved under ``prefix``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            idx, name = key[len(prefix):].split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, scalars in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(scalars)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def json_scalar(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [json_scalar(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise ValueError(f"optimizer state value of type {type(value).__name__} cannot be checkpointed")

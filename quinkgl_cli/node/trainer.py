@@ -1,21 +1,24 @@
 """Local training and evaluation: the only part of a node that runs off the driver's thread (the daemon runs
 `Trainer.train` and `Trainer.evaluate` in a worker thread while its event loop keeps serving the network).
 
-Owns the model, the training and validation loaders, the optimizer, the loss function and the sample count this
-peer reports (the size of its training set, or what one pass counted when the loader has no sized dataset), and the
-last good model: the model as the last training that kept a finite loss left it. A non-finite loss (a poisoned
-aggregate that slipped past the aggregator's bounds) rolls the model back to it and trains the round again from
-there; only when that fails too, or there is no good model yet, does training stop the node. Also
-owns the model's and optimizer's part of a checkpoint (`state_dict` / `load_state_dict`). The aggregator's training
-hooks (FedProx's proximal term, SCAFFOLD's control variates) and local DP's clip-and-noise are called here, around
-the optimizer steps, because they must see every step.
+Owns the model, the personalization policy (`node.personal`: which part of the model is shared, the peer's own
+model; FedRep's head phase runs here before the usual training, APFL's local step after each of its steps), the
+training and validation loaders, the optimizer, the loss function, the label shares that score the personal model
+on this peer's own distribution (`node.owneval`), the sample count this peer reports (the size of its training
+set, or what one pass counted when the loader has no sized dataset), and the last good model: the model as the last
+training that kept a finite loss left it. A non-finite loss (a poisoned aggregate that slipped past the
+aggregator's bounds) rolls the model back to it and trains the round again from there; only when that fails too,
+or there is no good model yet, does training stop the node. Also owns the model's, optimizer's and
+personalization's part of a checkpoint (`state_dict` / `load_state_dict`). The aggregator's training hooks
+(FedProx's proximal term, SCAFFOLD's control variates) and local DP's clip-and-noise are called here, around the
+optimizer steps, because they must see every step; they and DP see only the shared part.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +27,12 @@ from torch import nn
 
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.owneval import class_hits, label_shares, weighted_accuracy
+from quinkgl_cli.node.personal import LossFn, Shared
+from quinkgl_cli.node.state import load_optimizer_state, optimizer_state
 from quinkgl_cli.strategies.base import Aggregator
 from quinkgl_cli.strategies.sharing import SharingPipeline
 from quinkgl_cli.tensors import flatten, load_flat
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -52,6 +56,9 @@ class EvalStats:
     val_loss: float | None
     val_accuracy: float | None
     duration: float
+    own_accuracy: float | None = None  # the personal model on this peer's label distribution (`node.owneval`)
+    personal_val_accuracy: float | None = None  # the personal model on the validation set
+    alpha: float | None = None  # APFL's mixing weight
 
 
 def default_loss(manifest: Manifest) -> LossFn:
@@ -70,8 +77,11 @@ class Trainer:
     def __init__(self, manifest: Manifest, model: nn.Module, train_loader: Iterable[Any],
                  val_loader: Iterable[Any] | None, optimizer: torch.optim.Optimizer, loss_fn: LossFn | None,
                  local_epochs: int, local_steps: int | None, reported_samples: int | None = None,
-                 fresh_optimizer: bool = False) -> None:
+                 fresh_optimizer: bool = False, personal: Shared | None = None) -> None:
         self.model = model
+        # What is shared (the model, or FedRep's backbone): aggregator hooks, DP and the exchange see only this.
+        self.personal = personal or Shared(model)
+        self.shared = self.personal.shared
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.optimizer = optimizer
@@ -83,6 +93,7 @@ class Trainer:
         self.device = first.device if first is not None else torch.device("cpu")
         self.fresh_optimizer = fresh_optimizer
         self.sample_count = reported_samples if reported_samples is not None else _dataset_size(train_loader)
+        self.own_shares = label_shares(train_loader) if self.classification and val_loader is not None else None
         # Set by a driver: ends local training at the next batch (a daemon asked to stop).
         self.stop_flag: threading.Event | None = None
         # The model (shared state, flat) after the last training that kept a finite loss; None before the first.
@@ -116,35 +127,56 @@ class Trainer:
         stats.rolled_back_from = rolled_back_from
         return stats
 
-    def _train_pass(self, aggregator: Aggregator, sharing: SharingPipeline) -> TrainStats:
-        """One round's training from the current model; `_NonFiniteLoss` before a non-finite loss is stepped on."""
-        started = time.perf_counter()
-        model = self.model
-        model.train()
-        lr = self.lr()
-        aggregator.begin_training(model, lr)
-        if sharing.dp.enabled:
-            sharing.begin_training(flatten(model))
-        total_loss = 0.0
-        correct = 0
-        seen = 0
+    def _batches(self, epochs: int) -> Iterator[tuple[int, Any, Any]]:
+        """(epoch, inputs, targets) for ``epochs`` passes, ending after ``local_steps`` batches or at a stop."""
         steps = 0
-        samples_first_epoch = 0
-        done = False
-        for epoch in range(self.local_epochs):
+        for epoch in range(epochs):
             for batch in self.train_loader:
                 x, y = _split_batch(batch, self.device)
-                self.optimizer.zero_grad(set_to_none=True)
-                out = model(x)
-                loss = self.loss_fn(out, y)
-                extra = aggregator.loss_term(model)
-                if extra is not None:
-                    loss = loss + extra
-                if not torch.isfinite(loss):
-                    raise _NonFiniteLoss(float(loss.item()))
-                loss.backward()
-                aggregator.after_backward(model)
+                yield epoch, x, y
+                steps += 1
+                if (self.local_steps is not None and steps >= self.local_steps) or (
+                    self.stop_flag is not None and self.stop_flag.is_set()
+                ):
+                    return
+
+    def _step(self, x: Any, y: Any, extra: Callable[[], torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on a batch; (outputs, loss). `_NonFiniteLoss` before a non-finite loss is stepped on."""
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.model(x)
+        loss = self.loss_fn(out, y)
+        term = extra()
+        if term is not None:
+            loss = loss + term
+        if not torch.isfinite(loss):
+            raise _NonFiniteLoss(float(loss.item()))
+        loss.backward()
+        return out, loss
+
+    def _train_pass(self, aggregator: Aggregator, sharing: SharingPipeline) -> TrainStats:
+        """One round's training from the current model; `_NonFiniteLoss` before a non-finite loss is stepped on.
+
+        FedRep trains its personal head first (backbone frozen), then the backbone (head frozen); only the
+        backbone's training sees the aggregator's hooks and DP, as only it is shared."""
+        started = time.perf_counter()
+        model, shared, personal = self.model, self.shared, self.personal
+        model.train()
+        with personal.head_only():
+            for _, x, y in self._batches(personal.head_epochs):
+                self._step(x, y, lambda: None)
                 self.optimizer.step()
+        lr = self.lr()
+        total_loss = 0.0
+        correct = seen = steps = samples_first_epoch = 0
+        with personal.backbone_only():
+            aggregator.begin_training(shared, lr)
+            if sharing.dp.enabled:
+                sharing.begin_training(flatten(shared))
+            for epoch, x, y in self._batches(self.local_epochs):
+                out, loss = self._step(x, y, lambda: aggregator.loss_term(shared))
+                aggregator.after_backward(shared)
+                self.optimizer.step()
+                personal.after_step(x, y, self.loss_fn)
                 n = _batch_len(y)
                 total_loss += float(loss.detach()) * n
                 seen += n
@@ -154,18 +186,11 @@ class Trainer:
                 if hits is not None:
                     correct += hits
                 steps += 1
-                if (self.local_steps is not None and steps >= self.local_steps) or (
-                    self.stop_flag is not None and self.stop_flag.is_set()
-                ):
-                    done = True
-                    break
-            if done:
-                break
-        aggregator.end_training(model, steps, lr)
+            aggregator.end_training(shared, steps, lr)
         if sharing.dp.enabled:
-            noised = sharing.end_training(flatten(model))  # clip + noise the round's update, keep it
+            noised = sharing.end_training(flatten(shared))  # clip + noise the round's update, keep it
             if noised is not None:
-                load_flat(model, noised)
+                load_flat(shared, noised)
         if self.sample_count <= 0:
             self.sample_count = samples_first_epoch
         return TrainStats(
@@ -177,18 +202,29 @@ class Trainer:
         )
 
     def evaluate(self, model: nn.Module | None = None) -> EvalStats | None:
-        """Loss and accuracy of ``model`` (default: the trained one) on the validation loader; None when there is no
-        validation loader."""
+        """Loss and accuracy of ``model`` (default: the shared one) on the validation loader, and of this peer's
+        personal model (`Shared.personal_model`) on the validation set and on its own label distribution
+        (`quinkgl_cli.node.owneval`); None when there is no validation loader."""
         if self.val_loader is None:
             return None
         started = time.perf_counter()
-        model = self.model if model is None else model
+        served = self.shared if model is None else model
+        personal = self.personal.personal_model(served)  # first: FedRep puts this peer's head under ``served``
+        loss, accuracy, hits = self._eval_pass(served, self.val_loader)
+        personal_accuracy = None
+        if self.personal.separate:
+            _, personal_accuracy, hits = self._eval_pass(personal, self.val_loader)
+        own = weighted_accuracy(*hits, self.own_shares) if hits is not None and self.own_shares else None
+        return EvalStats(loss, accuracy, time.perf_counter() - started, own, personal_accuracy, self.personal.mixing())
+
+    def _eval_pass(self, model: nn.Module, loader: Iterable[Any]) -> tuple[float | None, float | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(loss, accuracy, per-class hits) of ``model`` on ``loader``."""
         model.eval()
         total = 0.0
-        correct = 0
-        seen = 0
+        correct = seen = 0
+        per_class: tuple[torch.Tensor, torch.Tensor] | None = None
         with torch.no_grad():
-            for batch in self.val_loader:
+            for batch in loader:
                 x, y = _split_batch(batch, self.device)
                 out = model(x)
                 n = _batch_len(y)
@@ -197,8 +233,10 @@ class Trainer:
                 if hits is not None:
                     correct += hits
                 seen += n
-        return EvalStats(total / seen if seen else None, correct / seen if seen and self.classification else None,
-                         time.perf_counter() - started)
+                by_class = class_hits(out, y) if self.own_shares else None
+                if by_class is not None:
+                    per_class = by_class if per_class is None else _add_hits(per_class, by_class)
+        return (total / seen if seen else None, correct / seen if seen and self.classification else None, per_class)
 
     def model_replaced(self) -> None:
         """An aggregation loaded a new model."""
@@ -207,53 +245,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Model and optimizer as (tensors, JSON): ``model.*`` and ``optim.<param>.<key>`` tensors, the optimizer's
-        param groups and non-tensor state in JSON. CPU tensors are views of the live state, not copies."""
-        tensors: dict[str, torch.Tensor] = {}
-        for name, t in self.model.state_dict().items():
-            tensors[f"model.{name}"] = t.detach().cpu().contiguous()
-        opt = self.optimizer.state_dict()
-        opt_scalars: dict[str, dict[str, Any]] = {}
-        for idx, pstate in opt["state"].items():
-            for key, value in pstate.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim.{idx}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    opt_scalars.setdefault(str(idx), {})[key] = json_scalar(value)
-        meta = {"param_groups": [{k: json_scalar(v) for k, v in g.items()} for g in opt["param_groups"]],
-                "scalars": opt_scalars}
-        return tensors, meta
+        """Model, optimizer and personalization as (tensors, JSON): ``model.*``, ``optim.<param>.<key>`` and
+        ``personal.*`` tensors; ``optimizer`` (param groups, non-tensor state) and ``personal`` JSON. CPU tensors
+        are views of the live state, not copies."""
+        tensors = {f"model.{name}": t.detach().cpu().contiguous() for name, t in self.model.state_dict().items()}
+        opt_tensors, optimizer = optimizer_state(self.optimizer, "optim.")
+        personal_tensors, personal = self.personal.state_dict()
+        return {**tensors, **opt_tensors, **personal_tensors}, {"optimizer": optimizer, "personal": personal}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], sample_count: int) -> None:
-        """Restore what `state_dict` saved; the model and optimizer must be the same shapes."""
+        """Restore what `state_dict` saved (``meta`` holds its JSON); the model and optimizer must be the same shapes."""
         model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         missing, unexpected = self.model.load_state_dict(model_state, strict=False)
         if missing or unexpected:
             raise ValueError(f"checkpoint does not fit the model (missing {len(missing)}, unexpected {len(unexpected)} entries)")
-        opt_state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, idx, name = key.split(".", 2)
-                opt_state.setdefault(int(idx), {})[name] = value
-        for idx, scalars in meta["scalars"].items():
-            opt_state.setdefault(int(idx), {}).update(scalars)
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+        load_optimizer_state(self.optimizer, tensors, meta["optimizer"], "optim.")
+        self.personal.load_state_dict(tensors, meta.get("personal"))
         if sample_count > 0 and self.sample_count <= 0:
             self.sample_count = sample_count
 
 
 def _diverged(loss: float, round_: int) -> NodeConfigError:
     return NodeConfigError(f"training loss became {loss} in round {round_}", "lower the learning rate in build_optimizer")
-
-
-def json_scalar(value: Any) -> Any:
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [json_scalar(v) for v in value]
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    raise ValueError(f"optimizer state value of type {type(value).__name__} cannot be checkpointed")
 
 
 def _dataset_size(loader: Any) -> int:
@@ -279,6 +292,15 @@ def _split_batch(batch: Any, device: torch.device) -> tuple[Any, Any]:
         x = x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
         y = y.to(device, non_blocking=True) if isinstance(y, torch.Tensor) else y
     return x, y
+
+
+def _add_hits(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(a[0].numel(), b[0].numel())
+    return (_padded(a[0], n) + _padded(b[0], n), _padded(a[1], n) + _padded(b[1], n))
+
+
+def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, n - t.numel()))
 
 
 def _batch_len(y: Any) -> int:

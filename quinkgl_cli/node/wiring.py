@@ -17,6 +17,7 @@ from torch import nn
 
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import DEFAULT_POLICIES, Hooks, Node, NodeConfig, NodePolicies
+from quinkgl_cli.node.personal import build_personal
 from quinkgl_cli.node.script import PeerScript
 from quinkgl_cli.strategies.base import Aggregator, Topology
 from quinkgl_cli.transport.base import Transport
@@ -28,7 +29,10 @@ def build_node(script: PeerScript, manifest: Manifest, swarm_id: str, config: No
                aggregator: Aggregator | None = None, topology: Topology | None = None,
                policies: NodePolicies = DEFAULT_POLICIES) -> Node:
     """A node for ``model``: its optimizer from the script's ``build_optimizer(manifest, model)``, its loss from the
-    script's ``loss_fn``; ``hooks`` (usually the script itself) are called by the node, None calls none."""
+    script's ``loss_fn``, its personalization policy from the manifest (APFL's local model gets its own
+    ``build_optimizer``); ``hooks`` (usually the script itself) are called by the node, None calls none."""
     optimizer = script.build_optimizer(manifest, model)
+    personal = build_personal(manifest.personalization, model, lambda local: script.build_optimizer(manifest, local))
     return Node(config, manifest, swarm_id, model, train_loader, val_loader, optimizer, transport, hooks=hooks,
-                clock=clock, loss_fn=script.loss_fn, aggregator=aggregator, topology=topology, policies=policies)
+                clock=clock, loss_fn=script.loss_fn, aggregator=aggregator, topology=topology, policies=policies,
+                personal=personal)

@@ -4,7 +4,8 @@ Metrics (all labelled ``node`` and ``swarm``): ``quinkgl_info`` (1, with ``manif
 ``quinkgl_round``, ``quinkgl_round_target`` (absent when unlimited), ``quinkgl_known_peers``,
 ``quinkgl_round_peers`` (peers aggregated in the last round), ``quinkgl_last_aggregation_round`` and
 ``..._timestamp_seconds``, ``quinkgl_train_loss``, ``quinkgl_train_accuracy``, ``quinkgl_val_loss``,
-``quinkgl_val_accuracy`` (absent until known), ``quinkgl_sent_bytes_total`` and ``quinkgl_received_bytes_total``
+``quinkgl_val_accuracy`` (absent until known), ``quinkgl_own_accuracy`` (the personal model on the peer's own
+label distribution) and ``quinkgl_apfl_alpha`` (APFL only), ``quinkgl_sent_bytes_total`` and ``quinkgl_received_bytes_total``
 (the whole run, a resumed run's earlier processes included), ``quinkgl_dp_epsilon_spent`` (absent without differential privacy) and
 ``quinkgl_start_time_seconds``. The collector reads the snapshot at scrape time; it keeps no counters of its own.
 """
@@ -73,6 +74,12 @@ class SnapshotCollector:
         yield from gauge("quinkgl_train_accuracy", "Training accuracy of the last round.", s.accuracy)
         yield from gauge("quinkgl_val_loss", "Validation loss after the last round.", s.val_loss)
         yield from gauge("quinkgl_val_accuracy", "Validation accuracy after the last round.", s.val_accuracy)
+        own = s.round_metrics.get("own_accuracy")
+        yield from gauge("quinkgl_own_accuracy", "Accuracy of this peer's personal model on its own label distribution.",
+                         own if isinstance(own, float) else None)
+        alpha = s.round_metrics.get("alpha")
+        yield from gauge("quinkgl_apfl_alpha", "APFL's mixing weight of the local model.",
+                         alpha if isinstance(alpha, float) else None)
         yield from counter("quinkgl_sent_bytes", "Model bytes sent over the whole run.", s.bytes_sent)
         yield from counter("quinkgl_received_bytes", "Model bytes received over the whole run.",
                            s.bytes_received)

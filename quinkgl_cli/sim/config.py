@@ -31,7 +31,8 @@ class Overrides:
     compression_params: Mapping[str, str] = field(default_factory=dict)
     dp_epsilon: float | None = None
     byzantine_f: int | None = None
-
+    personalization: str | None = None  # none | apfl | fedrep; its params replace the manifest's
+    personalization_params: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,11 @@ def apply_overrides(manifest: Manifest, ov: Overrides) -> Manifest:
         data["privacy"] = {**data["privacy"], "dp_epsilon": ov.dp_epsilon}
     if ov.byzantine_f is not None:
         data["byzantine_f"] = ov.byzantine_f
+    if ov.personalization is not None or ov.personalization_params:
+        from quinkgl_cli.manifest.create import personalization_spec
+
+        mode = ov.personalization or manifest.personalization.mode
+        data["personalization"] = personalization_spec(mode, ov.personalization_params).model_dump(mode="python")
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:

@@ -1,7 +1,9 @@
 """What a simulation leaves behind: a JSON document of every metric and PNG accuracy curves.
 
 JSON layout (``SCHEMA``): top level ``rounds`` is a list of objects, one per training round, each with ``round``,
-``mean_accuracy``, ``min_accuracy``, ``max_accuracy`` (over honest peers) and ``peers`` (per-peer numbers); beside it
+``mean_accuracy``, ``min_accuracy``, ``max_accuracy`` (over honest peers), ``mean_own_accuracy`` and
+``min_own_accuracy`` (each peer's personal model on its own label distribution), ``mean_personal_val_accuracy``
+(APFL) and ``peers`` (per-peer numbers); beside it
 ``consensus`` (the averaging-only phase after the last round, or null), ``final`` (what the swarm ends with),
 ``communication``, ``memory``, ``timing``, ``config`` and the effective ``manifest`` settings.
 """
@@ -72,6 +74,7 @@ def to_json(result: SimResult) -> dict[str, Any]:
             "compression": m.compression.model_dump(),
             "privacy": m.privacy.model_dump(),
             "byzantine_f": m.byzantine_f,
+            "personalization": m.personalization.model_dump(mode="json"),
         },
         "attackers": result.attackers,
         "rounds": [_round_json(r) for r in result.rounds],
@@ -82,6 +85,9 @@ def to_json(result: SimResult) -> dict[str, Any]:
             "min_accuracy": final.min_accuracy,
             "max_accuracy": final.max_accuracy,
             "mean_val_loss": final.mean_val_loss,
+            "mean_own_accuracy": final.mean_own_accuracy,
+            "min_own_accuracy": final.min_own_accuracy,
+            "mean_personal_val_accuracy": final.mean_personal_val_accuracy,
         },
         "communication": communication(result),
         "memory": result.memory,
@@ -108,6 +114,18 @@ class Curve:
     low: list[float | None] | None = None
     high: list[float | None] | None = None
     final: float | None = None
+
+
+def own_curve_of(result: SimResult, label: str) -> Curve:
+    """Personal models on their peers' own label distributions: mean, band from the worst peer."""
+    return Curve(
+        label=label,
+        rounds=[r.round for r in result.rounds],
+        mean=[r.mean_own_accuracy for r in result.rounds],
+        low=[r.min_own_accuracy for r in result.rounds],
+        high=[r.mean_own_accuracy for r in result.rounds],
+        final=result.consensus.mean_own_accuracy if result.consensus else None,
+    )
 
 
 def curve_of(result: SimResult, label: str) -> Curve:
@@ -193,8 +211,13 @@ def plot_result(result: SimResult, path: Path) -> None:
             "local": "local only"}[cfg.mode]
     if cfg.attackers:
         what += f", {cfg.attackers} {cfg.attack} attackers"
+    if m.personalization.enabled:
+        what += f", personalization {m.personalization.mode}"
     label = "mean (band: min..max)" + (", * after consensus" if result.consensus else "")
-    plot_curves([curve_of(result, label)], path, f"{what} ({where})")
+    curves = [curve_of(result, f"validation set: {label}")]
+    if any(r.mean_own_accuracy is not None for r in result.rounds):
+        curves.append(own_curve_of(result, "own label distribution, personal model (band: worst peer..mean)"))
+    plot_curves(curves, path, f"{what} ({where})", ylabel="accuracy")
 
 
 def plot_xy(series: dict[str, tuple[Sequence[float], Sequence[float | None]]], path: Path, title: str,

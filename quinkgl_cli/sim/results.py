@@ -27,6 +27,9 @@ class PeerRound:
     bytes_received: int
     updates_sent: int
     attacker: bool = False
+    own_accuracy: float | None = None  # the personal model on the peer's own label distribution
+    personal_val_accuracy: float | None = None  # APFL: the personal model on the validation set
+    alpha: float | None = None  # APFL's mixing weight
 
 
 @dataclass
@@ -41,6 +44,9 @@ class RoundSummary:
     model_sends: int
     seconds: float
     peers: list[PeerRound]
+    mean_own_accuracy: float | None = None  # personal models on their peers' own label distributions
+    min_own_accuracy: float | None = None
+    mean_personal_val_accuracy: float | None = None  # APFL: personal models on the validation set
 
 
 @dataclass
@@ -79,10 +85,15 @@ def summarize(round_idx: int, phase: str, started: float, reporting: Iterable[An
             bytes_received=int(m.get("bytes_received", 0)),
             updates_sent=int(m.get("updates_sent", 0)),
             attacker=node.node_id in attackers,
+            own_accuracy=m.get("own_accuracy"),
+            personal_val_accuracy=m.get("personal_val_accuracy"),
+            alpha=m.get("alpha"),
         ))
     honest = [p for p in peers if not p.attacker]
     accs = [p.val_accuracy for p in honest if p.val_accuracy is not None]
     losses = [p.val_loss for p in honest if p.val_loss is not None]
+    own = [p.own_accuracy for p in honest if p.own_accuracy is not None]
+    personal = [p.personal_val_accuracy for p in honest if p.personal_val_accuracy is not None]
     every = list(every)
     sent = sum(int(metrics.get(n.node_id, {}).get("bytes_sent", 0)) for n in every)
     sends = sum(int(metrics.get(n.node_id, {}).get("updates_sent", 0)) for n in every)
@@ -91,6 +102,8 @@ def summarize(round_idx: int, phase: str, started: float, reporting: Iterable[An
         mean_accuracy=_mean(accs), min_accuracy=min(accs) if accs else None, max_accuracy=max(accs) if accs else None,
         mean_val_loss=_mean(losses), bytes_sent=sent, model_sends=sends,
         seconds=time.perf_counter() - started, peers=peers,
+        mean_own_accuracy=_mean(own), min_own_accuracy=min(own) if own else None,
+        mean_personal_val_accuracy=_mean(personal),
     )
 
 

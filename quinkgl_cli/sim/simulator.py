@@ -120,6 +120,11 @@ class Simulator:
         self.config = config
         self.progress = progress
         self.manifest = apply_overrides(manifest, config.overrides)
+        if config.mode == "fedavg" and self.manifest.personalization.enabled:
+            raise UsageError(
+                f"--mode fedavg cannot report personalization {self.manifest.personalization.mode}: only its server's "
+                "global model is evaluated, and the personal models live on the clients",
+                "use --mode gossip, pairwise or local, or --personalization none")
         from quinkgl_cli.manifest.canonical import swarm_id
 
         self.swarm_id = swarm_id(self.manifest)
