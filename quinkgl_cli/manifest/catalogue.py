@@ -45,6 +45,7 @@ _ENTRIES: tuple[StrategyEntry, ...] = (
     StrategyEntry("topology", "CyclonTopology", p.CyclonParams, f"{_TOPO}:CyclonTopology", "partial view with age-based shuffles"),
     StrategyEntry("topology", "AffinityTopology", p.AffinityParams, f"{_TOPO}:AffinityTopology", "fingerprint similarity with exploration"),
     StrategyEntry("topology", "RingTopology", p.TopologyParams, f"{_TOPO}:RingTopology", "fixed ring by node id (experiments)"),
+    StrategyEntry("topology", "ExpanderTopology", p.TopologyParams, f"{_TOPO}:ExpanderTopology", "fixed random graph: union of hashed rings"),
     StrategyEntry("topology", "FullTopology", p.TopologyParams, f"{_TOPO}:FullTopology", "every known peer (experiments)"),
 )
 

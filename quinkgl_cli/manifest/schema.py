@@ -77,7 +77,13 @@ class TrainingSpec(Strict):
 # Settings that only tune a stage that is on: set while it is off, they do nothing, and a manifest that
 # carries them misleads whoever reads it, so they are refused. `manifest create` refuses them as soon as they
 # are given, even with their default value; a file is judged by its values (for DP, see PrivacySpec).
-COMPRESSION_TUNING = ("delta", "error_feedback", "ef21_momentum", "residual_norm_cap", "block_size")
+COMPRESSION_TUNING = ("delta", "error_feedback", "ef21_momentum", "residual_norm_cap", "block_size", "mode",
+                      "consensus_step")
+# CHOCO gossip (`strategies.choco`) replaces the averaging of whole models by a consensus step on public estimates:
+# rules that need whole models (robust ones), keep their own state of the average (FedAvgM's momentum, Scaffold's
+# variates) or whose recipients change every round would break its estimates or its step.
+CHOCO_AGGREGATIONS = ("FedAvg", "FedProx", "EntropyWeightedAvg", "StalenessWeightedFedAvg")
+CHOCO_TOPOLOGIES = ("ExpanderTopology", "RingTopology", "FullTopology")
 DP_TUNING = ("dp_delta", "dp_clip_norm", "dp_total_epsilon")
 
 
@@ -85,6 +91,8 @@ class CompressionSpec(Strict):
     """delta -> sparsify -> quantize -> serialize -> lossless, with error feedback. Off by default.
 
     Off means no top_k_ratio, quantize_bits or qsgd_levels and lossless "none": updates go out uncompressed.
+    ``mode``: "reconstruct" (each receiver rebuilds the sender's model from deltas and averages it) or "choco"
+    (CHOCO gossip on public estimates, `strategies.choco`, with step ``consensus_step``, default 0.5).
     """
 
     delta: bool = True
@@ -96,6 +104,8 @@ class CompressionSpec(Strict):
     ef21_momentum: float | None = Field(default=None, gt=0.0, le=1.0)
     residual_norm_cap: float | None = Field(default=None, gt=0.0)
     block_size: int = Field(default=256, ge=8, le=1 << 20)  # values per quantization scale / QSGD bucket
+    mode: Literal["reconstruct", "choco"] = "reconstruct"
+    consensus_step: float | None = Field(default=None, gt=0.0, le=1.0)  # CHOCO's gamma
 
     @model_validator(mode="after")
     def _coherent(self) -> CompressionSpec:
@@ -106,7 +116,22 @@ class CompressionSpec(Strict):
         idle = self.idle_tuning()
         if idle:
             raise ValueError(idle_compression_message(idle))
+        if self.mode == "choco":
+            self._choco_coherent()
+        elif self.consensus_step is not None:
+            raise ValueError("consensus_step is CHOCO's step size: it needs mode=choco")
         return self
+
+    def _choco_coherent(self) -> None:
+        if self.top_k_ratio is None and self.quantize_bits is None and self.qsgd_levels is None:
+            raise ValueError("mode=choco needs a lossy compressor (top_k_ratio, quantize_bits or qsgd_levels):"
+                             " without one it is plain gossip with a smaller step")
+        # The estimate is CHOCO's own error feedback: these settings of the reconstruct mode would change nothing.
+        unused = [k for k in ("ef21_momentum", "residual_norm_cap") if getattr(self, k) is not None]
+        unused += [k for k in ("delta", "error_feedback") if not getattr(self, k)]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to mode=choco"
+                             " (its public estimate carries what compression dropped); drop them")
 
     @property
     def enabled(self) -> bool:
@@ -183,6 +208,20 @@ class Manifest(Strict):
                 "aggregation Scaffold cannot be combined with local DP (dp_epsilon): its control variate is the raw"
                 " mean gradient, shared without the DP noise; choose another aggregation or drop DP"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _choco_fits(self) -> Manifest:
+        if self.compression.mode == "choco":
+            if self.aggregation.name not in CHOCO_AGGREGATIONS:
+                raise ValueError(
+                    f"compression mode choco cannot run with aggregation {self.aggregation.name}: its consensus step"
+                    f" averages estimate differences, so it needs an averaging rule ({', '.join(CHOCO_AGGREGATIONS)})")
+            if self.topology.name not in CHOCO_TOPOLOGIES:
+                raise ValueError(
+                    f"compression mode choco cannot run with topology {self.topology.name}: the peers that hold a"
+                    " node's estimate must receive every increment, so recipients must stay the same from round to"
+                    f" round ({', '.join(CHOCO_TOPOLOGIES)})")
         return self
 
     @field_validator("created_at", "expires_at")

@@ -55,6 +55,7 @@ from quinkgl_cli.node.trainer import LossFn, Trainer, TrainStats
 from quinkgl_cli.strategies import registry
 from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY, FedAvg
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
+from quinkgl_cli.strategies.choco import DEFAULT_STEP, ConsensusStep
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
 from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED_ENCODING
 from quinkgl_cli.tensors import all_finite, flatten, load_flat
@@ -99,7 +100,10 @@ DEFAULT_POLICIES = NodePolicies()
 def build_aggregator(manifest: Manifest) -> Aggregator:
     entry = registry.resolve("aggregation", manifest.aggregation.name)
     params = registry.build_params(entry, dict(manifest.aggregation.params))
-    return registry.load(entry)(params, byzantine_f=manifest.byzantine_f)  # type: ignore[no-any-return]
+    rule: Aggregator = registry.load(entry)(params, byzantine_f=manifest.byzantine_f)
+    if manifest.compression.mode == "choco":
+        return ConsensusStep(rule, manifest.compression.consensus_step or DEFAULT_STEP)
+    return rule
 
 
 def build_topology(manifest: Manifest, node_id: str, rng: random.Random) -> Topology:
@@ -145,7 +149,7 @@ class Node:
         self.peer_clock = PeerClock(training.max_staleness, clock)
         self.recorder = RoundRecorder()
         # Serving averages models, so only under averaging rules (robust ones serve the model they hold).
-        agg = self.aggregator
+        agg = self.aggregator.inner if isinstance(self.aggregator, ConsensusStep) else self.aggregator
         self.serving = ServingModel(shared, isinstance(agg, FedAvg),
                                     agg.params.max_weight_ratio if isinstance(agg, FedAvg) else 1.0)
         self.fingerprint = own_fingerprint(manifest, train_loader, shared, self.trainer.loss_fn, config.noise_seed,

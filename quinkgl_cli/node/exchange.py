@@ -2,7 +2,8 @@
 
 Owns the model's shared tensor specs and the receive size limit, the sharing pipeline (local DP and per-peer delta
 compression, `strategies.sharing`) and the topology (who to send to, its control messages, fingerprints it is
-told). `share` is the one send path and `decode` the one place an incoming update becomes a flat vector. An
+told). `share` is the one send path and `decode` the one place an incoming update becomes a flat vector (under
+CHOCO gossip, `strategies.choco`: the guess ``x + (x̂_sender - x̂_self)`` the consensus step averages). An
 optional ``tamper`` (the simulator's attackers) replaces the weights for the duration of a send; the node's own
 model stays honest. Checkpointed: the sharing pipeline's and the topology's state (`state_dict`).
 """
@@ -51,7 +52,7 @@ def build_sharing(manifest: Manifest, model: nn.Module, specs: Sequence[TensorSp
                 "with persistent=False, or turn DP off")
         dp_mask = trainable_mask(model)
     return SharingPipeline(manifest.compression, manifest.privacy, sum(s.numel for s in specs),
-                           noise_seed=noise_seed, dp_mask=dp_mask)
+                           noise_seed=noise_seed, dp_mask=dp_mask, start=flatten(model))
 
 
 class Exchange:
@@ -148,6 +149,8 @@ class Exchange:
         flat = flatten(self.model)
         extras = self.aggregator.extras_to_send()
         meta = self._meta(step, targets)
+        if self.sharing.choco is not None:
+            return self._share_choco(round_, samples, targets, flat, meta)
         sizes = []
         for peer_id in targets:
             enc = self.sharing.encode(peer_id, flat, extras, meta)
@@ -157,11 +160,28 @@ class Exchange:
         self._log(logging.DEBUG, "shared", to=targets, bytes=sum(sizes), step=step, compressed=True)
         return targets
 
+    def _share_choco(self, round_: int, samples: int, targets: list[str], flat: torch.Tensor,
+                     meta: dict[str, Any]) -> list[str]:
+        """One CHOCO increment for every recipient (its estimate in full to one that does not hold it)."""
+        choco = self.sharing.choco
+        assert choco is not None
+        for peer_id in choco.evict(round_):
+            self._log(logging.INFO, "choco-estimate-dropped", peer=peer_id, hint="not heard for too long")
+        choco.advance(flat, round_)
+        sizes = []
+        for peer_id in targets:
+            payload, _ = choco.encode(peer_id, meta)
+            self.transport.send_model(peer_id, OutgoingUpdate(round=round_, payload=payload, sample_count=samples,
+                                                              encoding=COMPRESSED_ENCODING, meta=meta))
+            sizes.append(len(payload))
+        self._log(logging.DEBUG, "shared", to=targets, bytes=sum(sizes), step=meta["step"], compressed=True)
+        return targets
+
     # ------------------------------------------------------------------ receive path
     def receive_compressed(self, update: ModelReceived, drop: Callable[[str, int, str], None]) -> dict[str, Any] | None:
         """Apply a compressed update to the sender's reconstruction; its meta, or None when dropped (``drop``)."""
         try:
-            return self.sharing.receive(update.sender, update.payload, self.max_update_bytes)
+            return self.sharing.receive(update.sender, update.payload, self.max_update_bytes, update.round)
         except StaleBase as exc:
             drop(update.sender, update.round, exc.message)
             self.transport.send_message(update.sender, RESYNC_KIND, {"round": update.round})
@@ -173,9 +193,9 @@ class Exchange:
         """The one place an incoming update becomes a flat vector: decompression hooks in here. Raises on bad input."""
         samples = int(msg.sample_count)
         if msg.encoding == COMPRESSED_ENCODING:
-            held = self.sharing.model_of(msg.sender)  # reconstructed on arrival (`receive_compressed`)
+            held = self._held(msg.sender)
             if held is None:
-                raise ValueError("no reconstructed model for this sender (its state was evicted)")
+                raise ValueError("no reconstructed model or estimate for this sender (its state was evicted)")
             flat, extras = held
             if samples <= 0:
                 raise ValueError(f"sample count {samples} is not positive")
@@ -193,6 +213,14 @@ class Exchange:
             raise ValueError(f"sample count {samples} is not positive")
         return PeerUpdate(peer_id=msg.sender, round=msg.round, flat=flat, sample_count=min(samples, MAX_REPORTED_SAMPLES),
                           meta={**msg.meta, **meta}, extras=extras)
+
+    def _held(self, sender: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+        """What a compressed update stands for: the reconstructed model, or under CHOCO the guess of the sender's
+        model from estimates, ``x + (x̂_sender - x̂_self)`` (both applied on arrival, `receive_compressed`)."""
+        if self.sharing.choco is None:
+            return self.sharing.model_of(sender)
+        diff = self.sharing.choco.difference(sender)
+        return None if diff is None else (flatten(self.model) + diff, {})
 
     def on_message(self, sender: str, kind: str, body: dict[str, Any]) -> None:
         """A control message: a compression resync request, a peer's fingerprint, or the topology's own."""

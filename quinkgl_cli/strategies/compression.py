@@ -345,6 +345,49 @@ def is_compressed(payload: bytes | bytearray | memoryview) -> bool:
     return header.encoding == ENCODING
 
 
+@dataclass(frozen=True)
+class Payload:
+    """A validated compressed update: its layout, version tokens, the vector it carries, extras and meta."""
+
+    layout: Layout
+    ver: str
+    base: str
+    idx: torch.Tensor | None  # None: dense
+    values: torch.Tensor
+    extras: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+def read_payload(payload: bytes | bytearray | memoryview, numel: int, max_bytes: int, mode: str) -> Payload:
+    """Unwrap, parse and validate one compressed update for a model of ``numel`` values; raises WireError.
+
+    ``mode`` is the receiver's (`CompressionSpec.mode`): a payload of the other mode is refused, since its
+    version chain means something else (a reconstruction versus a public estimate)."""
+    blob = lossless_unwrap(payload, max_bytes)
+    tensors, meta, encoding = wire.decode_full(blob, max_entries=64, max_bytes=max_bytes)
+    if encoding != ENCODING:
+        raise WireError(f"update encoding is {encoding!r}, this swarm compresses updates ({ENCODING})")
+    desc = meta.pop(META_KEY, None)
+    if not isinstance(desc, dict):
+        raise WireError("compressed update lacks its description")
+    got_mode = desc.get("mode", "reconstruct")
+    if got_mode != mode:
+        raise WireError(f"compressed update is of mode {got_mode!r}, this node runs {mode!r}",
+                        "the peers run different compression settings")
+    layout = parse_layout(desc, numel)
+    ver, base = desc.get("ver"), desc.get("base")
+    if not isinstance(ver, str) or not _TOKEN.match(ver):
+        raise WireError("compressed update has a malformed version token")
+    if not isinstance(base, str):
+        raise WireError("compressed update has a malformed base token")
+    extras = {k[len(EXTRA_PREFIX):]: t for k, t in tensors.items() if k.startswith(EXTRA_PREFIX)}
+    for name, t in extras.items():
+        wire.check_finite(name, t)
+    body = {k: t for k, t in tensors.items() if not k.startswith(EXTRA_PREFIX)}
+    idx, values = decompress_vector(body, layout)
+    return Payload(layout, ver, base, idx, values, extras, meta)
+
+
 # ---------------------------------------------------------------------------------------------- stateful codec
 @dataclass
 class _TxPeer:
@@ -504,22 +547,9 @@ class UpdateCodec:
     # ------------------------------------------------------------------ receiver
     def receive(self, sender: str, payload: bytes | bytearray | memoryview, max_bytes: int) -> Received:
         """Validate a payload and apply it to ``sender``'s reconstructed model. Raises WireError / StaleBase."""
-        blob = lossless_unwrap(payload, max_bytes)
-        tensors, meta, encoding = wire.decode_full(blob, max_entries=64, max_bytes=max_bytes)
-        if encoding != ENCODING:
-            raise WireError(f"update encoding is {encoding!r}, this swarm compresses updates ({ENCODING})")
-        desc = meta.pop(META_KEY, None)
-        if not isinstance(desc, dict):
-            raise WireError("compressed update lacks its description")
-        layout = parse_layout(desc, self.numel)
-        ver, base = desc.get("ver"), desc.get("base")
-        if not isinstance(ver, str) or not _TOKEN.match(ver):
-            raise WireError("compressed update has a malformed version token")
-        extras = {k[len(EXTRA_PREFIX):]: t for k, t in tensors.items() if k.startswith(EXTRA_PREFIX)}
-        for name, t in extras.items():
-            wire.check_finite(name, t)
-        body = {k: t for k, t in tensors.items() if not k.startswith(EXTRA_PREFIX)}
-        idx, values = decompress_vector(body, layout)
+        got = read_payload(payload, self.numel, max_bytes, mode="reconstruct")
+        layout, ver, base, idx, values, extras, meta = (got.layout, got.ver, got.base, got.idx, got.values,
+                                                         got.extras, got.meta)
         with self._rx_lock:
             state = self._rx.get(sender)
             if layout.kind == "full":

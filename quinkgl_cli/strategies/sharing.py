@@ -6,6 +6,10 @@ arriving update (even ones it will not aggregate: delta chains must not skip a l
 aggregating. Receiving follows the payload, not this node's settings (``is_compressed``): a peer that sends
 uncompressed (the simulator's FedAvg server) and one that compresses can talk to each other. A refused delta (``StaleBase``) is answered with a ``RESYNC_KIND`` message, whose arrival at the
 sender calls ``resync``. Counters for logs and round metrics come from ``round_metrics``.
+
+Under ``compression.mode = "choco"`` the update codec is replaced by `strategies.choco.ChocoGossip` (``choco``):
+one increment per exchange (``advance``), then ``encode_choco`` per recipient; ``receive`` applies increments to
+the senders' estimates and ``model_of`` is not used (the exchange asks ``choco.difference``).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 
 from quinkgl_cli.manifest.schema import CompressionSpec, PrivacySpec
+from quinkgl_cli.strategies.choco import ChocoGossip
 from quinkgl_cli.strategies.compression import (
     ENCODING,
     RESYNC_KIND,
@@ -39,8 +44,13 @@ class SharingPipeline:
     """
 
     def __init__(self, compression: CompressionSpec, privacy: PrivacySpec, numel: int, noise_seed: int | None = None,
-                 max_peers: int = 64, dp_mask: torch.Tensor | None = None) -> None:
+                 max_peers: int = 64, dp_mask: torch.Tensor | None = None, start: torch.Tensor | None = None) -> None:
         self.codec = UpdateCodec(compression, numel, max_peers=max_peers, seed=noise_seed)
+        self.choco: ChocoGossip | None = None
+        if compression.mode == "choco":
+            if start is None:
+                raise ValueError("CHOCO gossip needs the initial model its estimates start from")
+            self.choco = ChocoGossip(compression, start, max_peers=max_peers, seed=noise_seed)
         self.compress_sends = compression.enabled
         self.dp = LocalDP(privacy, seed=noise_seed)
         self._dp_mask = dp_mask
@@ -73,21 +83,27 @@ class SharingPipeline:
     def is_compressed(payload: bytes | bytearray | memoryview) -> bool:
         return is_compressed(payload)
 
-    def receive(self, sender: str, payload: bytes | bytearray | memoryview, max_bytes: int) -> dict[str, Any]:
-        """Apply an update to ``sender``'s reconstruction and return its meta; raises WireError (StaleBase: resync)."""
+    def receive(self, sender: str, payload: bytes | bytearray | memoryview, max_bytes: int, round_: int = 0) -> dict[str, Any]:
+        """Apply an update to ``sender``'s reconstruction (or CHOCO estimate) and return its meta; raises WireError
+        (StaleBase: resync)."""
+        if self.choco is not None:
+            return self.choco.receive(sender, payload, max_bytes, round_)
         return self.codec.receive(sender, payload, max_bytes).meta
 
     def model_of(self, sender: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         return self.codec.model_of(sender)
 
     def resync(self, peer_id: str) -> None:
-        self.codec.reset_peer(peer_id)
+        if self.choco is not None:
+            self.choco.reset_peer(peer_id)
+        else:
+            self.codec.reset_peer(peer_id)
 
     # ------------------------------------------------------------------ metrics and checkpoints
     def round_metrics(self) -> dict[str, Any]:
         """Counters since the previous call (compression) and the cumulative privacy spent."""
         out: dict[str, Any] = {}
-        now = self.codec.stats.snapshot()
+        now = self._stats()
         if self.compress_sends or now[6] or now[7]:  # this node compresses, or receives compressed updates
             d = [a - b for a, b in zip(now, self._mark, strict=True)]
             raw_sent, wire_sent, raw_recv, wire_recv, full, delta, received, rejected, resyncs = d
@@ -101,6 +117,9 @@ class SharingPipeline:
             out["sharing_stopped"] = True
         return out
 
+    def _stats(self) -> tuple[int, ...]:
+        return (self.choco.stats if self.choco is not None else self.codec.stats).snapshot()
+
     @staticmethod
     def log_fields(metrics: Mapping[str, Any]) -> dict[str, Any]:
         """``round_metrics`` as log fields: delta in %g (fixed-point would print 1e-05 as 0.0000)."""
@@ -110,6 +129,8 @@ class SharingPipeline:
         out = {f"dp.{k}": v for k, v in self.dp.state_dict().items()}
         out["sharing_stopped"] = torch.tensor(self.sharing_stopped)
         out.update({f"codec.{k}": v for k, v in self.codec.state_dict().items()})
+        if self.choco is not None:
+            out.update({f"choco.{k}": v for k, v in self.choco.state_dict().items()})
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -119,4 +140,9 @@ class SharingPipeline:
         stopped = state.get("sharing_stopped")
         self.sharing_stopped = bool(stopped) if stopped is not None else False
         self.codec.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("codec.")})
-        self._mark = self.codec.stats.snapshot()
+        choco = {k[6:]: v for k, v in state.items() if k.startswith("choco.")}
+        if self.choco is not None:
+            self.choco.load_state_dict(choco)
+        elif choco:
+            raise ValueError("the checkpoint holds CHOCO estimates but this swarm does not run CHOCO gossip")
+        self._mark = self._stats()

@@ -6,6 +6,7 @@ lists peers does not matter: they are sorted first), and never select the node i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -74,6 +75,33 @@ class RingTopology(Topology):
                 if peer != self.self_id and peer not in chosen and len(chosen) < self.params.fanout:
                     chosen.append(peer)
             step += 1
+        return chosen
+
+
+class ExpanderTopology(Topology):
+    """A fixed sparse random graph: the union of ceil(fanout / 2) rings, each ordering the node ids by a hash.
+
+    Each ring gives a node its two neighbours in that ring's order, so the degree is at most 2 * ceil(fanout / 2).
+    Every node that knows the same peers computes the same graph: edges are symmetric and stay put from round to
+    round (CHOCO gossip needs that: the peers holding a node's public estimate hear every increment), and a peer
+    that joins or leaves changes only its ring neighbours' edges. Unions of random cycles are expanders with high
+    probability (Friedman, 2008), so the graph mixes far faster than RingTopology's id-ordered ring.
+    """
+
+    name = "ExpanderTopology"
+    params: p.TopologyParams
+
+    def select(self, peers: Sequence[str], round_idx: int) -> list[str]:
+        nodes = sorted(set(peers) | {self.self_id})
+        if len(nodes) <= 1:
+            return []
+        chosen: list[str] = []
+        for ring_idx in range((self.params.fanout + 1) // 2):
+            ring = sorted(nodes, key=lambda pid: hashlib.sha256(f"{ring_idx}:{pid}".encode()).digest())
+            me = ring.index(self.self_id)
+            for peer in (ring[(me + 1) % len(ring)], ring[me - 1]):
+                if peer != self.self_id and peer not in chosen:
+                    chosen.append(peer)
         return chosen
 
 
