@@ -10,7 +10,15 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.manifest.personalization import PersonalizationSpec
@@ -132,6 +140,16 @@ class CompressionSpec(Strict):
         if unused:
             raise ValueError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to mode=choco"
                              " (its public estimate carries what compression dropped); drop them")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Written only when used: manifests made before CHOCO keep their canonical bytes, signatures and swarm ids.
+        data: dict[str, Any] = handler(self)
+        if self.mode == "reconstruct":
+            data.pop("mode", None)
+        if self.consensus_step is None:
+            data.pop("consensus_step", None)
+        return data
 
     @property
     def enabled(self) -> bool:

@@ -127,6 +127,9 @@ class Simulator:
                 "use --mode gossip, pairwise or local, or --personalization none")
         from quinkgl_cli.manifest.canonical import swarm_id
 
+        if self.manifest.compression.mode == "choco" and config.mode in ("fedavg", "pairwise"):
+            raise UsageError(f"compression mode choco cannot run in --mode {config.mode}: its estimates need every"
+                             " increment to reach the same neighbours each step", "use --mode gossip")
         self.swarm_id = swarm_id(self.manifest)
         # The manifest's round_limit is the swarm's maximum, here as in the daemon: --rounds may ask for fewer.
         limit = self.manifest.round_limit

@@ -200,6 +200,17 @@ class ChocoGossip:
             held = self._peers.get(sender)
             return None if held is None else held.vec - self._own.vec
 
+    def estimate(self, sender: str) -> torch.Tensor | None:
+        """A copy of this node's estimate of ``sender``'s model, or None."""
+        with self._lock:
+            held = self._peers.get(sender)
+            return None if held is None else held.vec.clone()
+
+    def own_estimate(self) -> torch.Tensor:
+        """A copy of this node's public estimate of its own model (what its neighbours hold of it)."""
+        with self._lock:
+            return self._own.vec.clone()
+
     def evict(self, round_: int) -> list[str]:
         """Drop the estimates of peers not heard for more than ``max_age`` rounds; returns them."""
         with self._lock:
