@@ -14,12 +14,12 @@ from quinkgl_cli.errors import UsageError
 from quinkgl_cli.manifest.arch_hash import compute_arch_hash
 from quinkgl_cli.manifest.create import build_manifest
 from quinkgl_cli.manifest.schema import CompressionSpec, Manifest
+from quinkgl_cli.manifest.strategy_params import TopologyParams
 from quinkgl_cli.node.script import load_script
 from quinkgl_cli.sim.simulator import Overrides, SimConfig, Simulator, apply_overrides
 from quinkgl_cli.strategies.choco import ChocoGossip, start_version
 from quinkgl_cli.strategies.compression import StaleBase, compress_vector, decompress_vector
 from quinkgl_cli.strategies.topology import ExpanderTopology
-from quinkgl_cli.manifest.strategy_params import TopologyParams
 from quinkgl_cli.wire import WireError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "peer_scripts" / "digits_peer_script.py"
@@ -30,7 +30,7 @@ TOPK = CompressionSpec(top_k_ratio=0.1, mode="choco")
 def expander(n: int, fanout: int = 4) -> list[list[int]]:
     ids = [f"n{i:02d}" for i in range(n)]
     graph = []
-    for i, me in enumerate(ids):
+    for me in ids:
         chosen = ExpanderTopology(TopologyParams(fanout=fanout), me, random.Random(0)).select(ids, 1)
         graph.append(sorted(ids.index(pid) for pid in chosen))
     assert all(i in graph[j] for i in range(n) for j in graph[i]), "the graph must be symmetric"

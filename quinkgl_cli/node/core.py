@@ -55,7 +55,7 @@ from quinkgl_cli.node.trainer import LossFn, Trainer, TrainStats
 from quinkgl_cli.strategies import registry
 from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY, FedAvg
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
-from quinkgl_cli.strategies.choco import DEFAULT_STEP, ConsensusStep
+from quinkgl_cli.strategies.choco import ConsensusStep, default_step
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
 from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED_ENCODING
 from quinkgl_cli.tensors import all_finite, flatten, load_flat
@@ -102,7 +102,7 @@ def build_aggregator(manifest: Manifest) -> Aggregator:
     params = registry.build_params(entry, dict(manifest.aggregation.params))
     rule: Aggregator = registry.load(entry)(params, byzantine_f=manifest.byzantine_f)
     if manifest.compression.mode == "choco":
-        return ConsensusStep(rule, manifest.compression.consensus_step or DEFAULT_STEP)
+        return ConsensusStep(rule, default_step(manifest.compression))
     return rule
 
 
