@@ -287,3 +287,32 @@ def test_simulator_refuses_choco_outside_gossip_mode() -> None:
     with pytest.raises(UsageError, match="choco"):
         Simulator(script, manifest(top_k_ratio="0.1", mode="choco"), SimConfig(peers=3, rounds=1, mode="pairwise"))
     assert apply_overrides(manifest(top_k_ratio="0.1", mode="choco"), Overrides()).compression.mode == "choco"
+
+
+def test_node_checkpoint_carries_the_estimates_and_a_restarted_peer_continues_its_chains(tmp_path: Path) -> None:
+    from quinkgl_cli.node.checkpoint import CheckpointStore
+    from tests.test_sharing import make_node, run_round, swarm
+    from tests.test_sharing import manifest as sharing_manifest
+
+    m = sharing_manifest({"top_k_ratio": 0.2, "mode": "choco"})
+    net, nodes, hooks = swarm(m)
+    for _ in range(3):
+        run_round(net, nodes)
+    state = nodes[0].state_dict()
+    assert {"sharing.choco.own/vec", "sharing.choco.peer/p1/vec", "sharing.choco.sent/p1"} <= set(state.tensors)
+    # Through the checkpoint's own bytes (safetensors + JSON), as a daemon writes and reads it.
+    store = CheckpointStore(tmp_path)
+    store.save(state)
+    latest = store.latest()
+    assert latest is not None
+    state = latest[1]
+    nodes[0].transport.stop_sync()
+    restarted = make_node(net, "p0", m, 0, seed=0, hooks=hooks[0])
+    restarted.load_state_dict(state)
+    assert restarted.sharing.choco is not None and nodes[1].sharing.choco is not None
+    assert torch.equal(restarted.sharing.choco.own_estimate(), nodes[1].sharing.choco.estimate("p0"))  # type: ignore[arg-type]
+    net.deliver_all()
+    nodes[0] = restarted
+    run_round(net, nodes)
+    assert hooks[0].rounds[-1]["delta_updates_sent"] == 2 and hooks[0].rounds[-1]["full_updates_sent"] == 0
+    assert all(h.rounds[-1]["updates_rejected"] == 0 for h in hooks)
