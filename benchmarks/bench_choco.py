@@ -1,7 +1,8 @@
 """CHOCO gossip against uncompressed gossip and the reconstruct mode: accuracy and megabytes on the 20-peer digits
 benchmark (shards:2, 20 rounds, manifest defaults otherwise: 4 local epochs, 6 final averaging-only exchanges).
 
-    python benchmarks/bench_choco.py [--families digits-mlp-sgdm,logreg-sgd] [--seeds 0,1] [--rounds 20] [--json PATH]
+    python benchmarks/bench_choco.py [--families digits-mlp-sgdm,logreg-sgd] [--seeds 0,1] [--rounds 20]
+        [--settings 'A;B'] [--training-param local_steps=4] [--json PATH]
 
 Two model families (the bundled digits script's MLP with SGD momentum, and logistic regression with plain SGD from
 benchmarks/scripts) and two seeds by default. Settings: uncompressed gossip on the default RandomTopology (fanout 3)
@@ -44,7 +45,7 @@ SETTINGS: dict[str, tuple[str, dict[str, str]]] = {
 BASELINE = "uncompressed, random fanout 3"
 
 
-def run(family: str, label: str, seed: int, rounds: int) -> dict[str, Any]:
+def run(family: str, label: str, seed: int, rounds: int, training: dict[str, str]) -> dict[str, Any]:
     script = load_script(FAMILIES[family])
     topology, compression = SETTINGS[label]
     manifest = build_manifest(
@@ -52,11 +53,12 @@ def run(family: str, label: str, seed: int, rounds: int) -> dict[str, Any]:
         framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)), aggregation="FedAvg",
         topology=topology)
     cfg = SimConfig(peers=20, rounds=rounds, partition="shards:2", seed=seed,
-                    overrides=Overrides(compression_params=compression))
+                    overrides=Overrides(compression_params=compression, training_params=training))
     r = row(simulate(script, manifest, cfg))
     print(f"family={family} setting={label!r} seed={seed} final={pct(r['final_mean_accuracy'])} "
           f"worst={pct(r['final_min_accuracy'])} MB={r['mb_sent']:.3f} ({r['run_s']:.0f} s)", flush=True)
-    return {"family": family, "setting": label, "seed": seed, "topology": topology, "compression": compression, **r}
+    return {"family": family, "setting": label, "seed": seed, "topology": topology, "compression": compression,
+            "training": training, **r}
 
 
 def table(cells: list[dict[str, Any]], families: list[str]) -> str:
@@ -85,6 +87,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--settings", default=";".join(SETTINGS), help="semicolon-separated subset of the settings")
+    ap.add_argument("--training-param", action="append", default=[], metavar="K=V",
+                    help="manifest training override (repeatable), e.g. local_steps=4")
     ap.add_argument("--json", type=Path, default=RESULTS / "choco.json")
     args = ap.parse_args()
     quiet()
@@ -97,8 +101,11 @@ def main() -> None:
         if label not in SETTINGS:
             raise SystemExit(f"unknown setting {label!r}; known: {', '.join(SETTINGS)}")
     started = time.perf_counter()
-    cells = [run(f, label, int(seed), args.rounds) for f in families for label in labels for seed in args.seeds.split(",")]
+    training = dict(kv.split("=", 1) for kv in args.training_param)
+    cells = [run(f, label, int(seed), args.rounds, training)
+             for f in families for label in labels for seed in args.seeds.split(",")]
     result = {"benchmark": "choco", "peers": 20, "partition": "shards:2", "rounds": args.rounds, "seeds": args.seeds,
+              "training": training,
               "cells": cells, "markdown": table(cells, families), "seconds": time.perf_counter() - started}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
