@@ -41,18 +41,22 @@ def metropolis(graph: list[list[int]]) -> list[dict[int, float]]:
     return [{j: 1.0 / (1 + max(len(graph[i]), len(graph[j]))) for j in graph[i]} for i in range(len(graph))]
 
 
-def consensus_error(x: list[torch.Tensor]) -> float:
-    mean = torch.stack(x).mean(0)
+def consensus_error(x: list[torch.Tensor], target: torch.Tensor | None = None) -> float:
+    """Squared distance of the nodes from their mean, or from ``target`` (the starting mean: CHOCO keeps it)."""
+    mean = torch.stack(x).mean(0) if target is None else target
     return float(sum(torch.sum((v - mean) ** 2) for v in x))
 
 
 def run_choco(x0: list[torch.Tensor], graph: list[list[int]], spec: CompressionSpec, gamma: float, steps: int) -> list[float]:
-    """CHOCO-gossip on real payloads: increments encoded, sent through the wire format and applied by receivers."""
+    """CHOCO-gossip on real payloads: increments encoded, sent through the wire format and applied by receivers.
+    The error is the distance from the starting mean: the nodes must agree, and on the average they started with
+    (a symmetric graph keeps it), not on any common point."""
     n = len(x0)
     x = [v.clone() for v in x0]
     nodes = [ChocoGossip(spec, torch.zeros_like(x0[0]), seed=i) for i in range(n)]
     w = metropolis(graph)
-    errors = [consensus_error(x)]
+    target = torch.stack(x0).mean(0)
+    errors = [consensus_error(x, target)]
     for step in range(steps):
         for i in range(n):
             nodes[i].advance(x[i], step)
@@ -64,7 +68,7 @@ def run_choco(x0: list[torch.Tensor], graph: list[list[int]], spec: CompressionS
         for i in range(n):
             diffs = {j: nodes[i].difference(f"n{j}") for j in graph[i]}
             x[i] = x[i] + gamma * sum(w[i][j] * diffs[j] for j in graph[i])  # type: ignore[operator]
-        errors.append(consensus_error(x))
+        errors.append(consensus_error(x, target))
     return errors
 
 
