@@ -8,7 +8,7 @@ uncompressed (the simulator's FedAvg server) and one that compresses can talk to
 sender calls ``resync``. Counters for logs and round metrics come from ``round_metrics``.
 
 Under ``compression.mode = "choco"`` the update codec is replaced by `strategies.choco.ChocoGossip` (``choco``):
-one increment per exchange (``advance``), then ``encode_choco`` per recipient; ``receive`` applies increments to
+one increment per exchange (``choco.advance``), then ``choco.encode`` per recipient; ``receive`` applies increments to
 the senders' estimates and ``model_of`` is not used (the exchange asks ``choco.difference``).
 """
 
