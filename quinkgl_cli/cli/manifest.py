@@ -71,11 +71,19 @@ def create(
     privacy_param: Annotated[
         list[str] | None, typer.Option("--privacy-param", help="fingerprint, fingerprint_noise, gradient_moments (repeatable).", metavar=_KV)
     ] = None,
-    dp_epsilon: Annotated[float | None, typer.Option("--dp-epsilon", metavar="X", help="Local DP epsilon per shared update (unset: DP off).")] = None,
+    dp_epsilon: Annotated[float | None, typer.Option("--dp-epsilon", metavar="X", help="Local DP epsilon per shared update (local_update; unset: DP off).")] = None,
     dp_delta: Annotated[float | None, typer.Option("--dp-delta", metavar="X", help="Local DP delta (default 1e-5).")] = None,
     dp_clip_norm: Annotated[float | None, typer.Option("--dp-clip-norm", metavar="X", help="L2 clip of each shared update (default 1.0).")] = None,
     dp_total_epsilon: Annotated[
-        float | None, typer.Option("--dp-total-epsilon", metavar="X", help="Privacy budget; a peer stops sharing once it is spent.")
+        float | None, typer.Option("--dp-total-epsilon", metavar="X", help="Whole-run privacy budget per peer (dp_sgd: its target); a peer stops once it is spent.")
+    ] = None,
+    privacy_mode: Annotated[
+        str | None, typer.Option("--privacy-mode", metavar="MODE",
+                                 help="local_update (default: DP of each shared update) | dp_sgd (DP-SGD, whole-run budget).")
+    ] = None,
+    dp_max_noise_multiplier: Annotated[
+        float | None, typer.Option("--dp-max-noise-multiplier", metavar="X",
+                                   help="dp_sgd: refuse runs whose budget needs more noise than this (default 30).")
     ] = None,
     membership: Annotated[
         str, typer.Option("--membership", metavar="MODE",
@@ -119,7 +127,11 @@ def create(
         raise UsageError(f"manifest create needs {', '.join(missing)}", "pass them, or --from-script peer_script.py to fill them")
 
     privacy: dict[str, Any] = dict(parse_kv(privacy_param, "--privacy-param"))
-    for field, value in (("dp_epsilon", dp_epsilon), ("dp_delta", dp_delta), ("dp_clip_norm", dp_clip_norm), ("dp_total_epsilon", dp_total_epsilon)):
+    if privacy_mode is not None and privacy_mode.strip().lower() not in ("local_update", "dp_sgd"):
+        raise UsageError(f"--privacy-mode {privacy_mode!r} is not a privacy mode", "valid: local_update, dp_sgd")
+    for field, value in (("mode", privacy_mode.strip().lower() if privacy_mode else None), ("dp_epsilon", dp_epsilon),
+                         ("dp_delta", dp_delta), ("dp_clip_norm", dp_clip_norm), ("dp_total_epsilon", dp_total_epsilon),
+                         ("max_noise_multiplier", dp_max_noise_multiplier)):
         if value is not None:
             if field in privacy:
                 raise UsageError(f"{field} given twice", f"use --{field.replace('_', '-')} or --privacy-param {field}=..., not both")
@@ -292,7 +304,7 @@ def _render(swarm_id: str, status: str, m: Any) -> None:
         ("Topology", f"{m.topology.name} ({params(m.topology.params)})"),
         ("Training", spec(m.training)),
         ("Compression", spec(m.compression) if m.compression.enabled else "off"),
-        ("Privacy", spec(m.privacy) if m.privacy.dp_epsilon is not None else f"DP off; {spec(m.privacy)}"),
+        ("Privacy", spec(m.privacy) if m.privacy.any_dp else f"DP off; {spec(m.privacy)}"),
         ("Round limit", str(m.round_limit) if m.round_limit else "none"),
         ("Byzantine f", str(m.byzantine_f)),
         ("Bootstrap", ", ".join(m.bootstrap_peers) or "-"),

@@ -178,8 +178,33 @@ def _compression(params: Mapping[str, str] | None) -> CompressionSpec:
     return spec
 
 
+# `manifest create`'s DP flags and what they set under privacy mode dp_sgd (its `dp_sgd` section).
+DP_SGD_FLAGS = {"dp_total_epsilon": "epsilon", "dp_delta": "delta", "dp_clip_norm": "clip_norm",
+                "max_noise_multiplier": "max_noise_multiplier"}
+
+
+def _dp_sgd_privacy(values: dict[str, Any]) -> PrivacySpec:
+    """Privacy mode dp_sgd: ``--dp-total-epsilon`` is the run's budget; fingerprints stay home unless asked for
+    (and then the schema refuses them)."""
+    if values.get("dp_epsilon") is not None:
+        raise UsageError("--dp-epsilon is the per-round epsilon of privacy mode local_update",
+                         "under --privacy-mode dp_sgd give the whole run's budget with --dp-total-epsilon")
+    if values.get("dp_total_epsilon") is None:
+        raise UsageError("--privacy-mode dp_sgd needs --dp-total-epsilon (the whole run's epsilon per peer)",
+                         "e.g. --dp-total-epsilon 8 --dp-delta 1e-5")
+    section = {DP_SGD_FLAGS[k]: values.pop(k) for k in list(values) if k in DP_SGD_FLAGS}
+    values.setdefault("fingerprint", False)
+    values.setdefault("gradient_moments", False)
+    values["dp_sgd"] = section
+    return _spec(PrivacySpec, values, "--privacy-param")  # type: ignore[no-any-return]
+
+
 def _privacy(params: Mapping[str, Any] | None) -> PrivacySpec:
     values = _coerced(params)
+    if values.get("mode") == "dp_sgd":
+        return _dp_sgd_privacy(values)
+    if values.get("max_noise_multiplier") is not None:
+        raise UsageError("--dp-max-noise-multiplier applies to --privacy-mode dp_sgd only", "drop it, or use dp_sgd")
     idle = [k for k in DP_TUNING if k in values] if values.get("dp_epsilon") is None else []
     if idle:
         flags = ["--" + k.replace("_", "-") for k in idle]

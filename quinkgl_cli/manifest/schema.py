@@ -170,9 +170,33 @@ def idle_compression_message(idle: list[str]) -> str:
     )
 
 
-class PrivacySpec(Strict):
-    """Local differential privacy of shared updates and fingerprint privacy. DP is off when epsilon is unset."""
+PrivacyMode = Literal["local_update", "dp_sgd"]
+DEFAULT_MAX_NOISE_MULTIPLIER = 30.0
 
+
+class DpSgdSpec(Strict):
+    """Sample-level DP of local training (DP-SGD): a total (epsilon, delta) per peer for the whole run.
+
+    Every local step samples each training example independently with probability q (Poisson sampling; q = the
+    training loader's batch size / the peer's training-set size), clips each example's gradient to ``clip_norm``
+    and adds Gaussian noise of standard deviation sigma * ``clip_norm``; a Renyi accountant composes every step
+    of the run. Sigma is derived from the budget before the run starts; a run that needs more noise than
+    ``max_noise_multiplier`` (the noise would drown every gradient) is refused.
+    """
+
+    epsilon: float = Field(gt=0.0)  # total, per peer, for the whole run
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    clip_norm: float = Field(default=1.0, gt=0.0)  # L2 bound of one example's gradient
+    sampling: Literal["poisson"] = "poisson"  # what the accountant assumes and the trainer does
+    max_noise_multiplier: float = Field(default=DEFAULT_MAX_NOISE_MULTIPLIER, gt=0.0)
+
+
+class PrivacySpec(Strict):
+    """Differential privacy and fingerprint privacy. ``mode`` ``local_update``: DP of the shared update per round,
+    off while ``dp_epsilon`` is unset; ``dp_sgd``: DP-SGD under the ``dp_sgd`` section's whole-run budget."""
+
+    mode: PrivacyMode = "local_update"
+    dp_sgd: DpSgdSpec | None = None
     dp_epsilon: float | None = Field(default=None, gt=0.0)
     dp_delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
     dp_clip_norm: float = Field(default=1.0, gt=0.0)
@@ -185,9 +209,27 @@ class PrivacySpec(Strict):
     def _coherent(self) -> PrivacySpec:
         # By value only the budget: dp_delta and dp_clip_norm are kept by manifests derived with DP turned off
         # (the simulator's FedAvg server), where their values are harmless. `manifest create` refuses all three.
+        if self.mode == "dp_sgd":
+            if self.dp_sgd is None:
+                raise ValueError("privacy mode dp_sgd needs its dp_sgd section (epsilon, delta, clip_norm)")
+            local = [k for k in ("dp_epsilon", "dp_total_epsilon") if getattr(self, k) is not None]
+            if local:
+                raise ValueError(f"{', '.join(local)} belong to privacy mode local_update; under dp_sgd the budget is"
+                                 " dp_sgd.epsilon")
+            if self.fingerprint or self.gradient_moments:
+                raise ValueError("privacy mode dp_sgd keeps data-derived fingerprints home: set fingerprint and"
+                                 " gradient_moments to false (their statistics are not covered by the DP-SGD budget)")
+            return self
+        if self.dp_sgd is not None:
+            raise ValueError("a dp_sgd section needs privacy mode dp_sgd")
         if self.dp_epsilon is None and self.dp_total_epsilon is not None:
             raise ValueError(idle_dp_message(["dp_total_epsilon"]))
         return self
+
+    @property
+    def any_dp(self) -> bool:
+        """True when some differential privacy is on (either mode)."""
+        return self.dp_epsilon is not None or self.dp_sgd is not None
 
 
 def idle_dp_message(idle: list[str], epsilon: str = "dp_epsilon") -> str:
@@ -222,9 +264,9 @@ class Manifest(Strict):
 
     @model_validator(mode="after")
     def _private(self) -> Manifest:
-        if self.aggregation.name.lower() == "scaffold" and self.privacy.dp_epsilon is not None:
+        if self.aggregation.name.lower() == "scaffold" and self.privacy.any_dp:
             raise ValueError(
-                "aggregation Scaffold cannot be combined with local DP (dp_epsilon): its control variate is the raw"
+                "aggregation Scaffold cannot be combined with local DP (dp_epsilon) or dp_sgd: its control variate is the raw"
                 " mean gradient, shared without the DP noise; choose another aggregation or drop DP"
             )
         return self

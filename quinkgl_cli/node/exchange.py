@@ -24,6 +24,7 @@ from quinkgl_cli.node.gossipgraph import GOSSIP_TO_KEY, GraphWatch, gossip_to
 from quinkgl_cli.node.nodelog import NodeLog
 from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
+from quinkgl_cli.strategies.dp_accountant import SampleAccountant
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
 from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED_ENCODING
 from quinkgl_cli.strategies.sharing import RESYNC_KIND, SharingPipeline, StaleBase
@@ -38,7 +39,8 @@ EXTRA_PREFIX = "extra."
 Tamper = Callable[[torch.Tensor], torch.Tensor]  # honest flat weights -> the weights actually sent
 
 
-def build_sharing(manifest: Manifest, model: nn.Module, specs: Sequence[TensorSpec], noise_seed: int | None) -> SharingPipeline:
+def build_sharing(manifest: Manifest, model: nn.Module, specs: Sequence[TensorSpec], noise_seed: int | None,
+                  sample_dp: SampleAccountant | None = None) -> SharingPipeline:
     """The node's sharing pipeline; refuses local DP for a model with floating-point buffers (they would leak)."""
     dp_mask = None
     if manifest.privacy.dp_epsilon is not None:
@@ -52,13 +54,14 @@ def build_sharing(manifest: Manifest, model: nn.Module, specs: Sequence[TensorSp
                 "with persistent=False, or turn DP off")
         dp_mask = trainable_mask(model)
     return SharingPipeline(manifest.compression, manifest.privacy, sum(s.numel for s in specs),
-                           noise_seed=noise_seed, dp_mask=dp_mask, start=flatten(model))
+                           noise_seed=noise_seed, dp_mask=dp_mask, start=flatten(model), sample_dp=sample_dp)
 
 
 class Exchange:
     def __init__(self, node_id: str, manifest: Manifest, model: nn.Module, transport: Transport,
                  aggregator: Aggregator, topology: Topology, graph: GraphWatch, log: NodeLog,
-                 max_update_bytes: int | None, noise_seed: int | None, tamper: Tamper | None = None) -> None:
+                 max_update_bytes: int | None, noise_seed: int | None, tamper: Tamper | None = None,
+                 sample_dp: SampleAccountant | None = None) -> None:
         self.node_id = node_id
         self.manifest = manifest
         self.model = model
@@ -69,7 +72,7 @@ class Exchange:
         self._log = log
         self.specs: list[TensorSpec] = shared_specs(model)
         self.max_update_bytes = max_update_bytes or wire.max_blob_bytes(self.specs) * 2
-        self.sharing = build_sharing(manifest, model, self.specs, noise_seed)
+        self.sharing = build_sharing(manifest, model, self.specs, noise_seed, sample_dp)
         self.tamper = tamper
         self.label_entropy: float | None = None  # rides on every update when the manifest allows fingerprints
         self._sharing_stop_logged = False
@@ -79,6 +82,12 @@ class Exchange:
             log(logging.INFO, "dp-enabled", epsilon_per_round=spec.dp_epsilon, delta=spec.dp_delta,
                 clip_norm=spec.dp_clip_norm, sigma=round(dp.sigma, 6), total_epsilon=spec.dp_total_epsilon,
                 affordable_rounds=dp.max_releases)
+        if sample_dp is not None and manifest.privacy.dp_sgd is not None:
+            sgd = manifest.privacy.dp_sgd
+            log(logging.INFO, "dp-sgd-enabled", total_epsilon=sgd.epsilon, delta=sgd.delta, clip_norm=sgd.clip_norm,
+                sampling=sgd.sampling, sampling_rate=round(sample_dp.sampling_rate, 6),
+                noise_multiplier=round(sample_dp.noise_multiplier, 4), affordable_steps=sample_dp.max_steps,
+                spent=round(sample_dp.spent(), 4))
 
     # ------------------------------------------------------------------ send path
     def encode_update(self, round_: int, samples: int, step: int = 0, targets: Sequence[str] = ()) -> OutgoingUpdate:
@@ -119,10 +128,7 @@ class Exchange:
         if self.sharing.sharing_stopped:
             if not self._sharing_stop_logged:
                 self._sharing_stop_logged = True
-                eps, delta = self.sharing.dp.spent()
-                self._log(logging.WARNING, "dp-budget-exhausted", releases=self.sharing.dp.releases,
-                          epsilon_spent=round(eps, 4), delta=delta,
-                          total=self.manifest.privacy.dp_total_epsilon, hint="this node no longer shares its model")
+                self._log(logging.WARNING, "dp-budget-exhausted", **self.sharing.budget_fields())
             return []
         known_set = set(peers)
         try:

@@ -11,7 +11,9 @@ aggregator's bounds) rolls the model back to it and trains the round again from 
 or there is no good model yet, does training stop the node. Also owns the model's, optimizer's and
 personalization's part of a checkpoint (`state_dict` / `load_state_dict`). The aggregator's training hooks
 (FedProx's proximal term, SCAFFOLD's control variates) and local DP's clip-and-noise are called here, around the
-optimizer steps, because they must see every step; they and DP see only the shared part.
+optimizer steps, because they must see every step; they and DP see only the shared part. Under privacy mode
+dp_sgd a round's pass is DP-SGD's (`node.dpsgd`, planned when the trainer is built; no personalization); its
+accountant is charged for every step.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import nn
 
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
 from quinkgl_cli.node.owneval import class_hits, label_shares, weighted_accuracy
 from quinkgl_cli.node.personal import LossFn, Shared
 from quinkgl_cli.node.state import load_optimizer_state, optimizer_state
@@ -77,7 +80,8 @@ class Trainer:
     def __init__(self, manifest: Manifest, model: nn.Module, train_loader: Iterable[Any],
                  val_loader: Iterable[Any] | None, optimizer: torch.optim.Optimizer, loss_fn: LossFn | None,
                  local_epochs: int, local_steps: int | None, reported_samples: int | None = None,
-                 fresh_optimizer: bool = False, personal: Shared | None = None) -> None:
+                 fresh_optimizer: bool = False, personal: Shared | None = None, rounds: int | None = None,
+                 noise_seed: int | None = None) -> None:
         self.model = model
         # What is shared (the model, or FedRep's backbone): aggregator hooks, DP and the exchange see only this.
         self.personal = personal or Shared(model)
@@ -98,6 +102,13 @@ class Trainer:
         self.stop_flag: threading.Event | None = None
         # The model (shared state, flat) after the last training that kept a finite loss; None before the first.
         self.last_good: torch.Tensor | None = None
+        # Privacy mode dp_sgd: planned (and refused when its budget cannot cover the run) before the run starts.
+        self.dpsgd = build_dpsgd(manifest, model, train_loader, self.loss_fn, local_epochs, local_steps, rounds,
+                                 noise_seed)
+        if self.dpsgd is not None and self.personal.mode != "none":
+            # A personal head or model trains on the data outside DP-SGD's accountant.
+            raise NodeConfigError(f"privacy mode dp_sgd cannot be combined with personalization {self.personal.mode}",
+                                  "drop personalization from the manifest, or use privacy mode local_update")
 
     def lr(self) -> float:
         groups = self.optimizer.param_groups
@@ -161,6 +172,10 @@ class Trainer:
         started = time.perf_counter()
         model, shared, personal = self.model, self.shared, self.personal
         model.train()
+        if self.dpsgd is not None:
+            lr = self.lr()
+            aggregator.begin_training(model, lr)
+            return self._dpsgd_pass(self.dpsgd, aggregator, sharing, lr, started)
         with personal.head_only():
             for _, x, y in self._batches(personal.head_epochs):
                 self._step(x, y, lambda: None)
@@ -200,6 +215,21 @@ class Trainer:
             steps=steps,
             duration=time.perf_counter() - started,
         )
+
+    def _dpsgd_pass(self, engine: DpSgdTraining, aggregator: Aggregator, sharing: SharingPipeline, lr: float,
+                    started: float) -> TrainStats:
+        """DP-SGD steps (`node.dpsgd`); a budget that cannot afford one more step stops training and sharing."""
+        if engine.accountant.exhausted:
+            sharing.sharing_stopped = True
+        result = PassResult() if sharing.sharing_stopped else engine.run_pass(
+            self.model, self.optimizer, self.loss_fn, aggregator, self.stop_flag)
+        if result.nonfinite is not None:
+            raise _NonFiniteLoss(result.nonfinite)
+        aggregator.end_training(self.model, result.steps, lr)
+        seen = result.seen
+        return TrainStats(loss=result.loss_sum / seen if seen else None,
+                          accuracy=result.correct / seen if seen and result.classified and self.classification else None,
+                          samples=self.sample_count, steps=result.steps, duration=time.perf_counter() - started)
 
     def evaluate(self, model: nn.Module | None = None) -> EvalStats | None:
         """Loss and accuracy of ``model`` (default: the shared one) on the validation loader, and of this peer's

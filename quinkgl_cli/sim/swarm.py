@@ -80,7 +80,8 @@ class SwarmBuilder:
         """The FedAvg server's view: it broadcasts the global model as is (no DP noise, no compression), as the
         tutorial's server does; the clients' uploads keep the swarm's privacy and compression settings."""
         data = self.manifest.model_dump(mode="python")
-        data["privacy"] = {**data["privacy"], "dp_epsilon": None, "dp_total_epsilon": None}
+        data["privacy"] = {**data["privacy"], "mode": "local_update", "dp_sgd": None, "dp_epsilon": None,
+                           "dp_total_epsilon": None}
         data["compression"] = {}
         return Manifest.model_validate(data)
 

@@ -1,4 +1,5 @@
-"""What happens to a node's model between local training and the wire: local DP, then compression.
+"""What happens to a node's model between local training and the wire: local DP, then compression; and the
+privacy ledger a node reports and checkpoints (local DP's releases, or DP-SGD's accountant under mode dp_sgd).
 
 The node calls, in a round: ``begin_training`` (the model before training), ``end_training`` (sanitize: the node
 continues from the noised model), ``encode`` once per recipient, and on the receive side ``receive`` for every
@@ -30,6 +31,7 @@ from quinkgl_cli.strategies.compression import (
     is_compressed,
     ratio,
 )
+from quinkgl_cli.strategies.dp_accountant import SampleAccountant
 from quinkgl_cli.strategies.privacy import LocalDP
 
 __all__ = ["ENCODING", "RESYNC_KIND", "SharingPipeline", "StaleBase", "is_compressed"]
@@ -44,7 +46,8 @@ class SharingPipeline:
     """
 
     def __init__(self, compression: CompressionSpec, privacy: PrivacySpec, numel: int, noise_seed: int | None = None,
-                 max_peers: int = 64, dp_mask: torch.Tensor | None = None, start: torch.Tensor | None = None) -> None:
+                 max_peers: int = 64, dp_mask: torch.Tensor | None = None, start: torch.Tensor | None = None,
+                 sample_dp: SampleAccountant | None = None) -> None:
         self.codec = UpdateCodec(compression, numel, max_peers=max_peers, seed=noise_seed)
         self.choco: ChocoGossip | None = None
         if compression.mode == "choco":
@@ -53,6 +56,8 @@ class SharingPipeline:
             self.choco = ChocoGossip(compression, start, max_peers=max_peers, seed=noise_seed)
         self.compress_sends = compression.enabled
         self.dp = LocalDP(privacy, seed=noise_seed)
+        # DP-SGD's accountant (privacy mode dp_sgd): the trainer charges it, this reports and checkpoints it.
+        self.sample_dp = sample_dp
         self._dp_mask = dp_mask
         self.sharing_stopped = False  # set for good once the privacy budget cannot afford a round
         self._start: torch.Tensor | None = None
@@ -113,6 +118,8 @@ class SharingPipeline:
                        full_updates_sent=full, delta_updates_sent=delta, updates_rejected=rejected, resyncs=resyncs)
         self._mark = now
         out.update(self.dp.metrics())
+        if self.sample_dp is not None:
+            out.update(self.sample_dp.metrics())
         if self.sharing_stopped:
             out["sharing_stopped"] = True
         return out
@@ -125,8 +132,20 @@ class SharingPipeline:
         """``round_metrics`` as log fields: delta in %g (fixed-point would print 1e-05 as 0.0000)."""
         return {k: (f"{v:g}" if k == "dp_delta" else v) for k, v in metrics.items()}
 
+    def budget_fields(self) -> dict[str, Any]:
+        """What the ``dp-budget-exhausted`` line says: the releases or steps taken and the epsilon they spent."""
+        if self.sample_dp is not None:
+            return {"steps": self.sample_dp.metrics()["dp_steps"], "epsilon_spent": round(self.sample_dp.spent(), 4),
+                    "delta": self.sample_dp.delta, "total": self.sample_dp.target,
+                    "hint": "this node no longer trains or shares its model"}
+        eps, delta = self.dp.spent()
+        return {"releases": self.dp.releases, "epsilon_spent": round(eps, 4), "delta": delta,
+                "total": self.dp.spec.dp_total_epsilon, "hint": "this node no longer shares its model"}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"dp.{k}": v for k, v in self.dp.state_dict().items()}
+        if self.sample_dp is not None:
+            out.update({f"dpsgd.{k}": v for k, v in self.sample_dp.state_dict().items()})
         out["sharing_stopped"] = torch.tensor(self.sharing_stopped)
         out.update({f"codec.{k}": v for k, v in self.codec.state_dict().items()})
         if self.choco is not None:
@@ -137,6 +156,11 @@ class SharingPipeline:
         dp_state = {k[3:]: v for k, v in state.items() if k.startswith("dp.")}
         if dp_state or self.dp.enabled:  # a DP node must never restart with its budget unspent
             self.dp.load_state_dict(dp_state)
+        sgd_state = {k[6:]: v for k, v in state.items() if k.startswith("dpsgd.")}
+        if self.sample_dp is not None:
+            self.sample_dp.load_state_dict(sgd_state)  # refuses a checkpoint without it: the budget stays spent
+        elif sgd_state:
+            raise ValueError("the checkpoint holds a DP-SGD budget, and this manifest's privacy mode is not dp_sgd")
         stopped = state.get("sharing_stopped")
         self.sharing_stopped = bool(stopped) if stopped is not None else False
         self.codec.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("codec.")})
