@@ -176,6 +176,9 @@ def test_exporter_serves_the_latest_snapshot_on_loopback() -> None:
         assert "quinkgl_round" not in _scrape(port)  # nothing before the first snapshot
         exporter.update(snap(5, dp_epsilon_spent=1.5))
         got = _scrape(port)
+        assert "quinkgl_dp_epsilon_remaining" not in got  # only privacy mode dp_sgd has a whole-run remainder
+        exporter.update(snap(5, dp_epsilon_spent=1.5, round_metrics={"round": 5, "dp_epsilon_remaining": 6.5}))
+        assert _scrape(port)["quinkgl_dp_epsilon_remaining"] == 6.5
     finally:
         exporter.close()
     assert got["quinkgl_round"] == 5 and got["quinkgl_round_target"] == 10 and got["quinkgl_known_peers"] == 1

@@ -6,7 +6,8 @@ Metrics (all labelled ``node`` and ``swarm``): ``quinkgl_info`` (1, with ``manif
 ``..._timestamp_seconds``, ``quinkgl_train_loss``, ``quinkgl_train_accuracy``, ``quinkgl_val_loss``,
 ``quinkgl_val_accuracy`` (absent until known), ``quinkgl_own_accuracy`` (the personal model on the peer's own
 label distribution) and ``quinkgl_apfl_alpha`` (APFL only), ``quinkgl_sent_bytes_total`` and ``quinkgl_received_bytes_total``
-(the whole run, a resumed run's earlier processes included), ``quinkgl_dp_epsilon_spent`` (absent without differential privacy) and
+(the whole run, a resumed run's earlier processes included), ``quinkgl_dp_epsilon_spent`` (absent without differential privacy), ``quinkgl_dp_epsilon_remaining`` (privacy
+mode dp_sgd only) and
 ``quinkgl_start_time_seconds``. The collector reads the snapshot at scrape time; it keeps no counters of its own.
 """
 
@@ -84,6 +85,9 @@ class SnapshotCollector:
         yield from counter("quinkgl_received_bytes", "Model bytes received over the whole run.",
                            s.bytes_received)
         yield from gauge("quinkgl_dp_epsilon_spent", "Differential-privacy epsilon spent so far.", s.dp_epsilon_spent)
+        remaining = s.round_metrics.get("dp_epsilon_remaining")
+        yield from gauge("quinkgl_dp_epsilon_remaining", "DP-SGD epsilon left of the whole run's budget.",
+                         remaining if isinstance(remaining, (int, float)) else None)
         yield from gauge("quinkgl_start_time_seconds", "When this process started (unix time).", s.started_at)
 
 
