@@ -4,6 +4,7 @@
     python benchmarks/bench_privacy.py                                   # eps 1 2 4 8 16 inf, both splits, seed 0
     python benchmarks/bench_privacy.py --epsilons 8 --seeds 1 2          # more seeds at one budget
     python benchmarks/bench_privacy.py --family logreg --epsilons 8      # another model family
+    python benchmarks/bench_privacy.py --report-only                     # table and plot from the JSON
 
 Every run: 20 peers, 20 rounds, gossip with the manifest defaults (FedAvg, random fanout 3, 4 local epochs, final
 averaging-only exchanges), the digits script's own optimizer (SGD lr 0.05 momentum 0.9, batch 32). A budget is
@@ -14,7 +15,9 @@ the total (epsilon, delta = 1e-5) per peer for the whole run:
   clip 1.0 (the manifest default), the total also set as ``dp_total_epsilon``;
 - ``inf``: no DP at all (one run per split, shown in both series).
 Aim (issue 15): dp_sgd at epsilon 8 reaches >= 75% mean accuracy on IID and >= 60% on shards:2.
-Writes JSON (default ``benchmarks/results/privacy.json``, updated after every run) and prints a markdown table.
+Writes JSON (default ``benchmarks/results/privacy.json``, updated after every run; runs of other seeds, budgets and
+families already in it are kept), prints a markdown table (means over seeds) and draws
+``benchmarks/results/privacy_vs_epsilon.png``.
 """
 
 from __future__ import annotations
@@ -116,6 +119,26 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+EPS_AXIS = ("1", "2", "4", "8", "16", "inf")
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """Mean final accuracy against the budget, one line per (family, split, mode); inf drawn at the right end."""
+    from quinkgl_cli.sim.report import plot_xy
+
+    series: dict[str, tuple[list[float], list[float | None]]] = {}
+    for fam, part, mode in sorted({(r["family"], r["partition"], r["mode"]) for r in runs if r["mode"] != "none"}):
+        ys: list[float | None] = []
+        for e in EPS_AXIS:
+            vals = [r["final_mean_accuracy"] for r in runs if r["family"] == fam and r["partition"] == part
+                    and r["epsilon"] == e and (r["mode"] == mode or e == "inf")]
+            ys.append(statistics.mean(vals) if vals else None)
+        if sum(y is not None for y in ys) > 1:
+            series[f"{fam} {part} {mode}"] = (list(range(len(EPS_AXIS))), ys)
+    plot_xy(series, path, f"{PEERS} peers, {ROUNDS} rounds, delta {DELTA:g}: accuracy against the run's total epsilon",
+            "total epsilon per peer (whole run)", "final mean accuracy", xticklabels=list(EPS_AXIS), ylim=(0.0, 1.0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=sorted(FAMILIES), default="digits-mlp")
@@ -124,7 +147,11 @@ def main() -> None:
     ap.add_argument("--partitions", nargs="+", default=["iid", "shards:2"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--json", type=Path, default=RESULTS / "privacy.json")
+    ap.add_argument("--plot", type=Path, default=RESULTS / "privacy_vs_epsilon.png")
+    ap.add_argument("--report-only", action="store_true", help="table and plot from the JSON, no runs")
     args = ap.parse_args()
+    if args.report_only:
+        args.seeds = []
     quiet()
     script = load_script(FAMILIES[args.family])
     doc: dict[str, Any] = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
@@ -150,6 +177,7 @@ def main() -> None:
                           f"{100 * res.final.mean_accuracy:.1f}% (min {100 * res.final.min_accuracy:.1f}%) "
                           f"{entry['run_s']} s", flush=True)
     print(table(doc["runs"]))
+    plot(doc["runs"], args.plot)
     hits = [r for r in doc["runs"] if r["mode"] == "dp_sgd" and r["epsilon"] == "8" and r["family"] == "digits-mlp"]
     for part, aim in AIM.items():
         vals = [r["final_mean_accuracy"] for r in hits if r["partition"] == part]
