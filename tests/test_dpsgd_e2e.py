@@ -68,3 +68,18 @@ def test_simulated_swarm_with_a_fedavg_server_trains_under_dp_sgd(tmp_path: Path
         assert sim.server is None or sim.server.trainer.dpsgd is None
         spent = [n.history[-1]["dp_epsilon_spent"] for n in clients]
         assert all(0 <= e <= 4.0 for e in spent) and max(spent) > 0, spent  # fedavg: a client not drawn spent none
+
+
+@pytest.mark.e2e
+def test_run_refuses_a_budget_that_cannot_cover_its_rounds_with_exit_7(tmp_path: Path) -> None:
+    import subprocess
+
+    manifest = dp_sgd_manifest(tmp_path / "m", 0.01)
+    cmd = ls.run_command(manifest, ls.DIGITS_SCRIPT, "peer-1", ls.free_port(), 1000, 1.0, [], tmp_path / "ckpt",
+                         {})
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ls.child_env(tmp_path / "home"), timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 7, done.stderr[-2000:]
+    error = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(error) == 1 and "DP-SGD budget cannot cover the run: epsilon 0.01" in error[0]
+    assert "1000 rounds x" in error[0] and "started" not in done.stdout
