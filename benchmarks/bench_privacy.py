@@ -104,8 +104,10 @@ def label(eps: float) -> str:
 
 def table(runs: list[dict[str, Any]]) -> str:
     cells: dict[tuple[str, str, str, str], list[float]] = {}
+    present = {(r["family"], r["partition"], r["mode"]) for r in runs}
     for r in runs:
-        modes = ("dp_sgd", "local_update") if r["epsilon"] == "inf" else (r["mode"],)
+        modes = [m for m in ("dp_sgd", "local_update") if (r["family"], r["partition"], m) in present] \
+            if r["epsilon"] == "inf" else [r["mode"]]
         for mode in modes:
             cells.setdefault((r["family"], r["partition"], mode, r["epsilon"]), []).append(r["final_mean_accuracy"])
     lines = ["| family | split | mode | " + " | ".join(f"eps {e}" for e in ("1", "2", "4", "8", "16", "inf")) + " |",
