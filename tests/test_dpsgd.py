@@ -219,6 +219,22 @@ def test_batchnorm_models_are_refused(layer: nn.Module) -> None:
     assert "GroupNorm or LayerNorm" in (exc.value.hint or "")
 
 
+class _DataDependent(nn.Module):
+    """Branches on a value of its input: fine for plain training, impossible to take apart per example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) if float(x.sum()) > -1e9 else -self.fc(x)
+
+
+def test_a_model_per_example_gradients_cannot_handle_is_refused_at_build() -> None:
+    with pytest.raises(NodeConfigError, match="DP-SGD cannot take per-example gradients of this model"):
+        make_node(MemoryNetwork(), "p0", dp_manifest(), 0, model=_DataDependent())
+
+
 def test_layernorm_and_dropout_models_train() -> None:
     model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.Dropout(0.1), nn.ReLU(), nn.Linear(16, 3))
     assert unsupported_layers(model) == []
