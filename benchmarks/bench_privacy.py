@@ -137,6 +137,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
             ys.append(statistics.mean(vals) if vals else None)
         if sum(y is not None for y in ys) > 1:
             series[f"{fam} {part} {mode}"] = (list(range(len(EPS_AXIS))), ys)
+    if not series:  # a single budget (e.g. only inf) has no curve to draw
+        return
     plot_xy(series, path, f"{PEERS} peers, {ROUNDS} rounds, delta {DELTA:g}: accuracy against the run's total epsilon",
             "total epsilon per peer (whole run)", "final mean accuracy", xticklabels=list(EPS_AXIS), ylim=(0.0, 1.0))
 
