@@ -235,6 +235,20 @@ def test_a_model_per_example_gradients_cannot_handle_is_refused_at_build() -> No
         make_node(MemoryNetwork(), "p0", dp_manifest(), 0, model=_DataDependent())
 
 
+def test_personalization_is_refused_under_dp_sgd() -> None:
+    doc = dp_manifest().model_dump(mode="json")
+    doc["personalization"] = {"mode": "apfl"}
+    from quinkgl_cli.node.personal import build_personal
+
+    m = Manifest.model_validate(doc)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    personal = build_personal(m.personalization, model, lambda local: torch.optim.SGD(local.parameters(), lr=0.1))
+    transport = MemoryTransport(MemoryNetwork(), "p0", swarm_id="s", arch_hash=H)
+    with pytest.raises(NodeConfigError, match="dp_sgd cannot be combined with personalization apfl"):
+        Node(NodeConfig("p0", rounds=3), m, "sha256:swarm", model, data(0), None,
+             torch.optim.SGD(model.parameters(), lr=0.1), transport, personal=personal)
+
+
 def test_layernorm_and_dropout_models_train() -> None:
     model = nn.Sequential(nn.Linear(4, 16), nn.LayerNorm(16), nn.Dropout(0.1), nn.ReLU(), nn.Linear(16, 3))
     assert unsupported_layers(model) == []

@@ -137,16 +137,14 @@ class Node:
         self.completed_round = 0
         self.known_peers: dict[str, PeerInfo] = {}
         self.trainer = Trainer(manifest, model, train_loader, val_loader, optimizer, loss_fn,
-                               config.local_epochs or training.local_epochs,
-                               config.local_steps if config.local_steps is not None else training.local_steps,
-                               policies.reported_samples, policies.fresh_optimizer, personal, self.rounds,
-                               config.noise_seed)
+                               config.local_epochs or training.local_epochs, config.local_steps if config.local_steps
+                               is not None else training.local_steps, policies.reported_samples,
+                               policies.fresh_optimizer, personal, self.rounds, config.noise_seed)
         shared = self.trainer.shared  # only this part of the model is sent, aggregated and served (`node.personal`)
         self.graph = GraphWatch(self.node_id, config.spectral_every, config.spectral_window, self.log)
         self.exchange = Exchange(self.node_id, manifest, shared, transport, self.aggregator,
                                  topology or build_topology(manifest, self.node_id, self.rng), self.graph, self.log,
-                                 config.max_update_bytes, config.noise_seed, policies.tamper,
-                                 self.trainer.dpsgd.accountant if self.trainer.dpsgd else None)
+                                 config.max_update_bytes, config.noise_seed, policies.tamper, self.trainer.sample_dp)
         self.inbox = Inbox(training.max_staleness, self.log)
         self.peer_clock = PeerClock(training.max_staleness, clock)
         self.recorder = RoundRecorder()

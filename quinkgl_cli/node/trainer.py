@@ -34,6 +34,7 @@ from quinkgl_cli.node.owneval import class_hits, label_shares, weighted_accuracy
 from quinkgl_cli.node.personal import LossFn, Shared
 from quinkgl_cli.node.state import load_optimizer_state, optimizer_state
 from quinkgl_cli.strategies.base import Aggregator
+from quinkgl_cli.strategies.dp_accountant import SampleAccountant
 from quinkgl_cli.strategies.sharing import SharingPipeline
 from quinkgl_cli.tensors import flatten, load_flat
 
@@ -109,6 +110,11 @@ class Trainer:
             # A personal head or model trains on the data outside DP-SGD's accountant.
             raise NodeConfigError(f"privacy mode dp_sgd cannot be combined with personalization {self.personal.mode}",
                                   "drop personalization from the manifest, or use privacy mode local_update")
+
+    @property
+    def sample_dp(self) -> SampleAccountant | None:
+        """DP-SGD's accountant (privacy mode dp_sgd), which the sharing pipeline reports and checkpoints."""
+        return self.dpsgd.accountant if self.dpsgd is not None else None
 
     def lr(self) -> float:
         groups = self.optimizer.param_groups
