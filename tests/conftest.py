@@ -27,3 +27,12 @@ def _no_daemon_log_handlers_left() -> Iterator[None]:
         if isinstance(handler, (FlushingHandler, RotatingLogFile)):
             root.removeHandler(handler)
             handler.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n auto --dist loadgroup`, the README's test command), the tests that start real daemon
+    processes run one after another on one worker while the others take the rest: two swarms at once on 2 cores
+    would turn their pacing and accuracy checks into load tests."""
+    for item in items:
+        if item.get_closest_marker("e2e") is not None:
+            item.add_marker(pytest.mark.xdist_group("daemons"))
