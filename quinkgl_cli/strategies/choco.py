@@ -49,7 +49,6 @@ from quinkgl_cli import wire
 from quinkgl_cli.manifest.schema import CompressionSpec
 from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate
 from quinkgl_cli.strategies.compression import (
-    _TOKEN,
     ENCODING,
     META_KEY,
     CodecStats,
@@ -59,10 +58,13 @@ from quinkgl_cli.strategies.compression import (
     layout_meta,
     lossless_wrap,
     read_payload,
+    token_str,
+    token_tensor,
 )
 from quinkgl_cli.tensors import all_finite
 
 MODE = "choco"
+_OWNER = "CHOCO state"  # how checkpoint errors name this state
 
 
 def default_step(spec: CompressionSpec) -> float:
@@ -242,14 +244,14 @@ class ChocoGossip:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Initial model, own estimate and each neighbour's, with versions (uint8 ASCII) and rounds heard."""
         with self._lock:
-            out = {"start": self._start.clone(), "own/vec": self._own.vec.clone(), "own/ver": _token(self._own.ver),
+            out = {"start": self._start.clone(), "own/vec": self._own.vec.clone(), "own/ver": token_tensor(self._own.ver),
                    "own/heard": torch.tensor(self._own.heard, dtype=torch.int64)}
             for pid, e in self._peers.items():
                 out[f"peer/{pid}/vec"] = e.vec.clone()
-                out[f"peer/{pid}/ver"] = _token(e.ver)
+                out[f"peer/{pid}/ver"] = token_tensor(e.ver)
                 out[f"peer/{pid}/heard"] = torch.tensor(e.heard, dtype=torch.int64)
             for pid, ver in self._sent.items():
-                out[f"sent/{pid}"] = _token(ver)
+                out[f"sent/{pid}"] = token_tensor(ver)
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -257,7 +259,7 @@ class ChocoGossip:
         if not state:
             return
         start = self._vector(state.get("start"), "start")
-        own = _Estimate(self._vector(state.get("own/vec"), "own/vec"), _token_str(state.get("own/ver"), "own"),
+        own = _Estimate(self._vector(state.get("own/vec"), "own/vec"), token_str(state.get("own/ver"), "own", _OWNER),
                         _round(state.get("own/heard"), "own"))
         peers: dict[str, dict[str, torch.Tensor]] = {}
         sent: OrderedDict[str, str] = OrderedDict()
@@ -266,7 +268,7 @@ class ChocoGossip:
                 continue
             side, _, rest = key.partition("/")
             if side == "sent" and rest:
-                sent[rest] = _token_str(t, key)
+                sent[rest] = token_str(t, key, _OWNER)
                 continue
             pid, _, name = rest.rpartition("/")
             if side != "peer" or not pid or name not in ("vec", "ver", "heard"):
@@ -274,7 +276,7 @@ class ChocoGossip:
             peers.setdefault(pid, {})[name] = t
         loaded: OrderedDict[str, _Estimate] = OrderedDict()
         for pid, g in sorted(peers.items(), key=lambda item: _round(item[1].get("heard"), item[0])):
-            loaded[pid] = _Estimate(self._vector(g.get("vec"), f"peer/{pid}/vec"), _token_str(g.get("ver"), pid),
+            loaded[pid] = _Estimate(self._vector(g.get("vec"), f"peer/{pid}/vec"), token_str(g.get("ver"), pid, _OWNER),
                                     _round(g.get("heard"), pid))
         with self._lock:
             self._start, self._start_ver, self._own = start, start_version(start), own
@@ -288,17 +290,6 @@ class ChocoGossip:
         return t.clone()
 
 
-def _token(token: str) -> torch.Tensor:
-    return torch.tensor(list(token.encode("ascii")), dtype=torch.uint8)
-
-
-def _token_str(t: torch.Tensor | None, where: str) -> str:
-    if t is None or t.dtype != torch.uint8 or t.dim() != 1:
-        raise ValueError(f"CHOCO state {where} lacks a version token")
-    token = bytes(t.tolist()).decode("ascii", errors="replace")
-    if not _TOKEN.match(token):
-        raise ValueError(f"CHOCO state {where} has a malformed version token")
-    return token
 
 
 def _round(t: torch.Tensor | None, where: str) -> int:

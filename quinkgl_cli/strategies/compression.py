@@ -596,7 +596,7 @@ class UpdateCodec:
         with self._tx_lock:
             for peer, tx in self._tx.items():
                 out[f"tx/{peer}/ref"] = tx.ref.clone()
-                out[f"tx/{peer}/ver"] = _token_tensor(tx.ver)
+                out[f"tx/{peer}/ver"] = token_tensor(tx.ver)
                 if tx.residual is not None:
                     out[f"tx/{peer}/residual"] = tx.residual.clone()
                 if tx.last is not None:
@@ -604,7 +604,7 @@ class UpdateCodec:
         with self._rx_lock:
             for peer, rx in self._rx.items():
                 out[f"rx/{peer}/model"] = rx.model.clone()
-                out[f"rx/{peer}/ver"] = _token_tensor(rx.ver)
+                out[f"rx/{peer}/ver"] = token_tensor(rx.ver)
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -619,7 +619,7 @@ class UpdateCodec:
         tx: OrderedDict[str, _TxPeer] = OrderedDict()
         rx: OrderedDict[str, _RxPeer] = OrderedDict()
         for (side, peer), g in groups.items():
-            ver = _token_str(g.get("ver"), f"{side}/{peer}")
+            ver = token_str(g.get("ver"), f"{side}/{peer}")
             if side == "tx":
                 tx[peer] = _TxPeer(self._vector(g, "ref", peer), ver,
                                    self._vector(g, "residual", peer) if self.spec.error_feedback else None,
@@ -640,14 +640,16 @@ class UpdateCodec:
         return t.clone()
 
 
-def _token_tensor(token: str) -> torch.Tensor:
+def token_tensor(token: str) -> torch.Tensor:
+    """A version token as checkpoint tensor (state is tensors only: never pickle)."""
     return torch.tensor(list(token.encode("ascii")), dtype=torch.uint8)
 
 
-def _token_str(t: torch.Tensor | None, where: str) -> str:
+def token_str(t: torch.Tensor | None, where: str, owner: str = "compression state") -> str:
+    """The version token a checkpoint tensor holds; ValueError naming ``owner`` and ``where`` if it holds none."""
     if t is None or t.dtype != torch.uint8 or t.dim() != 1:
-        raise ValueError(f"compression state {where} lacks a version token")
+        raise ValueError(f"{owner} {where} lacks a version token")
     token = bytes(t.tolist()).decode("ascii", errors="replace")
     if not _TOKEN.match(token):
-        raise ValueError(f"compression state {where} has a malformed version token")
+        raise ValueError(f"{owner} {where} has a malformed version token")
     return token
