@@ -74,10 +74,10 @@ def _pair(made: list[socket.socket]) -> tuple[socket.socket, socket.socket]:
 
 def _relay(tmp_path: Path, **relay: object) -> tuple[Relay, TransportStats]:
     limits = Limits(relay=replace(RelayLimits(volunteer=True), **relay))  # type: ignore[arg-type]
-    settings = TransportSettings("relay", "swarm", "arch", tmp_path, listen_host="10.201.0.10", limits=limits,
+    settings = TransportSettings("relay", "swarm", "arch", tmp_path, listen_host="127.0.0.10", limits=limits,
                                  max_model_bytes=1 << 20)
     table = PeerTable(8)
-    table.add(PeerRecord("peer", b"k", b"m", ("10.201.0.11", 7001), 7001, 0.0, 1))
+    table.add(PeerRecord("peer", b"k", b"m", ("127.0.0.11", 7001), 7001, 0.0, 1))
     stats = TransportStats()
     return Relay(settings, table, TaskRegistry(asyncio.get_running_loop(), "relay"), DropLog(stats, "relay", logging.getLogger("t"))), stats
 
@@ -96,7 +96,7 @@ async def _recv(sock: socket.socket, n: int) -> bytes:
 
 async def _the_relay_splices_two_ends_of_one_offer_and_refuses_strangers(tmp_path: Path, pairs: list[socket.socket]) -> None:
     relay, stats = _relay(tmp_path)
-    peer = ("10.201.0.11", 40000)
+    peer = ("127.0.0.11", 40000)
     (s_far, s_near), (r_far, r_near) = _pair(pairs), _pair(pairs)
     assert relay.join(b"o" * 20, s_near, peer) is True
     assert relay.join(b"o" * 20, r_near, peer) is True
@@ -109,12 +109,12 @@ async def _the_relay_splices_two_ends_of_one_offer_and_refuses_strangers(tmp_pat
     assert await _recv(r_far, 1) == b""
     assert relay.carried == 18 and relay.pairs == 0
     stranger, _ = _pair(pairs)
-    assert relay.join(b"x" * 20, stranger, ("10.201.9.9", 1)) is False and stats.dropped == 1
+    assert relay.join(b"x" * 20, stranger, ("127.0.9.9", 1)) is False and stats.dropped == 1
 
 
 async def _the_relay_bounds_waiting_ends_pairs_and_waiting_time(tmp_path: Path, pairs: list[socket.socket]) -> None:
     relay, _ = _relay(tmp_path, waiting=1, pairs=0, wait=0.05)
-    peer = ("10.201.0.11", 40000)
+    peer = ("127.0.0.11", 40000)
     first = _pair(pairs)[1]
     assert relay.join(b"a" * 20, first, peer) is True
     assert relay.join(b"b" * 20, _pair(pairs)[1], peer) is False  # one may wait, not two
@@ -130,7 +130,7 @@ async def _the_relay_bounds_waiting_ends_pairs_and_waiting_time(tmp_path: Path, 
 
 async def _a_node_that_does_not_volunteer_relays_nothing(tmp_path: Path, pairs: list[socket.socket]) -> None:
     relay, _ = _relay(tmp_path, volunteer=False)
-    assert relay.join(b"o" * 20, _pair(pairs)[1], ("10.201.0.11", 1)) is False
+    assert relay.join(b"o" * 20, _pair(pairs)[1], ("127.0.0.11", 1)) is False
 
 
 def test_the_relay_splices_two_ends_of_one_offer_and_refuses_strangers(tmp_path: Path, pairs: list[socket.socket]) -> None:
