@@ -56,7 +56,7 @@ if sys.argv[1] == "full":
     from quinkgl_cli.node.script import load_script
     script = load_script(Path(sys.argv[2]))
     model = script.build_model(None)
-    train, val = script.build_loaders(None, shard="0", num_shards="3", partition="shards:3")
+    train, val, _ = script.build_loaders(None, shard="0", num_shards="3", partition="shards:3")
     optimizer = script.build_optimizer(None, model)
     for x, y in train:
         torch.nn.functional.cross_entropy(model(x), y).backward()

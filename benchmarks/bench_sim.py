@@ -54,7 +54,7 @@ CENTRALIZED_CASE = "centralized training (1 node, all data)"
 
 def bare_training_seconds(script: PeerScript, peers: int, rounds: int, epochs: int, seed: int) -> float:
     """The same SGD work as the nodes, in a plain loop: the floor any simulator of this swarm pays."""
-    train, _ = script.build_loaders(None)
+    train, _, _ = script.build_loaders(None)
     x, y = train.dataset.tensors
     parts = partition_indices(y.numpy(), peers, "iid", seed)
     batch = train.batch_size

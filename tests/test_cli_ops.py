@@ -44,16 +44,17 @@ def test_status_table_json_and_watch(state_dir: Path, capsys: pytest.CaptureFixt
         assert out.splitlines()[1].split()[1:] == ["starting"]  # no snapshot yet
         code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "--json"], capsys)
         assert json.loads(out) == [{"socket": str(server.path), "error": "starting"}]
-        server.update(snap(4, dp_epsilon_spent=0.25))
+        server.update(snap(4, dp_epsilon_spent=0.25, round_metrics={"own_accuracy": 0.9375}))
         code, out, _ = run_cli(["status", "--state-dir", str(state_dir)], capsys)
         assert code == 0
         header, row, peer = out.splitlines()
-        assert header.split()[:4] == ["NODE", "STATE", "ROUND", "PEERS"]
+        assert header.split()[:4] == ["NODE", "STATE", "ROUND", "PEERS"] and "OWN ACC" in header
         assert row.split()[:4] == ["peer-1", "running", "4/10", "1"]
         assert "round 4," in row and "0.7900" in row and "4.0 kB" in row and "0.2500" in row and "127.0.0.1:7001" in row
+        assert row.index("0.9375") == header.index("OWN ACC")
         assert peer.strip().startswith("peer peer-2 at 127.0.0.1:7002, heard from")
         code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "--json"], capsys)
-        assert json.loads(out) == [snap(4, dp_epsilon_spent=0.25).to_json()]
+        assert json.loads(out) == [snap(4, dp_epsilon_spent=0.25, round_metrics={"own_accuracy": 0.9375}).to_json()]
         code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "--json", "--watch", "--count", "2",
                                 "--interval", "0.01"], capsys)
         frames = [json.loads(line) for line in out.splitlines()]
@@ -73,9 +74,10 @@ def test_status_count_needs_watch(state_dir: Path, capsys: pytest.CaptureFixture
 def test_report_summary_plot_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     metrics = tmp_path / "m.jsonl"
     metrics.write_text("".join(json.dumps({"node": "peer-1", "swarm": "sha256:ab", "round": r, "val_accuracy": r / 10,
-                                           "bytes_sent": 10}) + "\n" for r in range(1, 4)))
+                                           "own_accuracy": r / 4, "bytes_sent": 10}) + "\n" for r in range(1, 4)))
     code, out, _ = run_cli(["report", str(metrics), "--plot", str(tmp_path / "c.png")], capsys)
     assert code == 0 and out.splitlines()[0].startswith("peer-1: rounds 1-3 (3 on file), val_accuracy final 0.3000")
+    assert "own_accuracy final 0.7500" in out.splitlines()[0]
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     code, out, _ = run_cli(["report", str(metrics), "--json"], capsys)
     assert json.loads(out)[0]["best_val_accuracy"] == pytest.approx(0.3)

@@ -53,7 +53,7 @@ def test_validation_split_takes_a_fifth_of_every_class_and_is_the_same_everywher
 
 def test_loaders_do_not_import_scikit_learn() -> None:
     code = ("import sys; from pathlib import Path; from quinkgl_cli.node.script import load_script\n"
-            "train, val = load_script(Path(sys.argv[1])).build_loaders(None, shard='1', num_shards='3', partition='shards:3')\n"
+            "train, val, _ = load_script(Path(sys.argv[1])).build_loaders(None, shard='1', num_shards='3', partition='shards:3')\n"
             "print(len(train.dataset), len(val.dataset), 'sklearn' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "peer_scripts" / "digits_peer_script.py")],
                          capture_output=True, text=True, timeout=120, check=True)

@@ -59,7 +59,7 @@ def test_cifar10_shards_the_training_set_and_keeps_the_whole_test_set(monkeypatc
     model = script.build_model(None)
     shards = []
     for shard in range(3):
-        train, val = script.build_loaders(None, shard=str(shard), num_shards="3", partition="iid", download="yes")
+        train, val, _ = script.build_loaders(None, shard=str(shard), num_shards="3", partition="iid", download="yes")
         labels = [int(y) for _, ys in train for y in ys]
         shards.append(set(train.dataset.indices))
         assert len(labels) == 20 and sorted(set(labels)) == list(range(10)) and len(val.dataset) == 20

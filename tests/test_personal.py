@@ -367,6 +367,66 @@ def test_own_accuracy_is_reported_in_round_end_hooks_and_history(caplog: pytest.
     assert any(getattr(r, FIELDS_ATTR, {}).get("own_accuracy") == 1.0 for r in ends)
 
 
+def test_own_test_data_from_the_script_replaces_the_reweighted_estimate() -> None:
+    """A third loader is scored as is: Always(0) on own test data of class 1 only is 0.0, where the label-share
+    estimate (its training labels are all class 0) would say 1.0."""
+    net = MemoryNetwork(auto_deliver=False)
+    m = manifest()
+    model = Always(0)
+    train, val = loaders([0])
+    own = DataLoader(TensorDataset(torch.randn(8, 4), torch.ones(8, dtype=torch.int64)), batch_size=4)
+    transport = MemoryTransport(net, "a", swarm_id="s", arch_hash=H)
+    n = Node(NodeConfig("a", rounds=1, seed=0), m, "sha256:swarm", model, train, val,
+             torch.optim.SGD(model.parameters(), lr=0.0), transport, clock=lambda: 0.0, own_loader=own)
+    transport.start_sync(n)
+    stats = n.trainer.evaluate()
+    assert stats is not None and stats.own_accuracy == 0.0 and stats.val_accuracy == pytest.approx(1 / 3)
+    n.trainer.own_loader = None
+    n.trainer.own_shares = label_shares(train)
+    reweighted = n.trainer.evaluate()
+    assert reweighted is not None and reweighted.own_accuracy == 1.0
+
+
+def test_digits_own_holdout_is_a_slice_of_the_peers_own_classes() -> None:
+    from quinkgl_cli.peer_scripts import digits_peer_script as digits
+
+    script = load_script(Path(digits.__file__))
+    args = {"shard": "3", "num_shards": "20", "partition": "shards:2"}
+    whole = script.build_loaders(None, **args)
+    held = script.build_loaders(None, **args, own_holdout="0.25")
+    assert whole.own is None and held.own is not None
+    own_y = held.own.dataset.tensors[1]
+    train_x, train_y = held.train.dataset.tensors
+    assert set(own_y.tolist()) == set(train_y.tolist()) == set(whole.train.dataset.tensors[1].tolist())
+    assert len(own_y) + len(train_y) == len(whole.train.dataset)
+    own_rows = {tuple(r.tolist()) for r in held.own.dataset.tensors[0]}
+    assert not own_rows & {tuple(r.tolist()) for r in train_x}  # held out, not trained on
+    with pytest.raises(NodeConfigError, match="own_holdout"):
+        script.build_loaders(None, **args, own_holdout="1")
+
+
+def test_simulator_scores_own_accuracy_on_the_scripts_own_test_data(tmp_path: Path) -> None:
+    from quinkgl_cli.peer_scripts import digits_peer_script as digits
+
+    script = load_script(Path(digits.__file__))
+    m = build_manifest(
+        name="digits-own", task_type="classification", input_shape="64", output_shape="10", label_type="integer",
+        framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
+        personalization="apfl", now=datetime(2026, 1, 1, tzinfo=UTC))
+    args = {"partition": "shards:2", "own_holdout": "0.3"}
+    cfg = SimConfig(peers=4, rounds=2, partition="script", seed=1, script_args=args)
+    result = Simulator(script, m, cfg).run()
+    held = [script.build_loaders(None, **args, shard=str(i), num_shards="4").own for i in range(4)]
+    peers = result.rounds[-1].peers
+    assert all(p.own_accuracy is not None for p in peers)
+    # Each peer's figure is a fraction of its own held-out images, not of the 360 validation images.
+    for p, own in zip(peers, held, strict=True):
+        assert own is not None
+        count = len(own.dataset)
+        assert p.own_accuracy * count == pytest.approx(round(p.own_accuracy * count), abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def blobs(tmp_path_factory: pytest.TempPathFactory) -> PeerScript:
     from tests.test_learning import BLOBS_SCRIPT

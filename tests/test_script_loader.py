@@ -31,7 +31,7 @@ def test_good_script_hooks_and_default_optimizer(tmp_path: Path) -> None:
     script = load_script(write(tmp_path, GOOD))
     model = script.build_model(None, d="3")
     assert isinstance(model, torch.nn.Linear) and model.in_features == 3
-    train, val = script.build_loaders(None)
+    train, val, _ = script.build_loaders(None)
     assert len(train) == 1 and val == []
     opt = script.build_optimizer(None, model)
     assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == DEFAULT_LR
@@ -202,7 +202,7 @@ def test_torchvision_script_shards_the_training_set(monkeypatch: pytest.MonkeyPa
     script = load_script(SCRIPTS / "mnist_peer_script.py")
     seen: list[set[int]] = []
     for shard in range(2):
-        train, val = script.build_loaders(None, shard=str(shard), num_shards="2", partition="shards:5", download="true")
+        train, val, _ = script.build_loaders(None, shard=str(shard), num_shards="2", partition="shards:5", download="true")
         labels = {int(y) for _, ys in train for y in ys}
         seen.append(labels)
         assert len(train.dataset) == 30 and len(val.dataset) == 20

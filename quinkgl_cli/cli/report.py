@@ -32,8 +32,9 @@ def report(
         for s in summaries:
             final = "-" if s.final_val_accuracy is None else f"{s.final_val_accuracy:.4f}"
             best = "-" if s.best_val_accuracy is None else f"{s.best_val_accuracy:.4f}"
+            own = "" if s.final_own_accuracy is None else f", own_accuracy final {s.final_own_accuracy:.4f}"
             typer.echo(f"{s.node}: rounds {s.first_round}-{s.last_round} ({s.rounds} on file), val_accuracy final "
-                       f"{final} best {best}, {s.bytes_sent} bytes sent, swarm {s.swarm}")
+                       f"{final} best {best}{own}, {s.bytes_sent} bytes sent, swarm {s.swarm}")
     if plot is not None:
         plot_runs(runs, plot)
         if not as_json:

@@ -72,7 +72,7 @@ class Daemon:
                             local_steps=schedule.local_steps, seed=node_seed(prepared.seed, o.node_id))
         self.node = build_node(prepared.script, prepared.trusted.manifest, prepared.trusted.swarm_id, config,
                                prepared.model, prepared.train_loader, prepared.val_loader, self.transport,
-                               hooks=prepared.script, clock=time.monotonic)
+                               hooks=prepared.script, clock=time.monotonic, own_loader=prepared.own_loader)
         self.node.trainer.stop_flag = self.train_stop
         self.files = RunFiles(self.node, prepared)
         self.waiter = Waiter()

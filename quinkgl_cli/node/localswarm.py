@@ -113,7 +113,7 @@ def train_alone(manifest_path: Path, script: Path, script_args: dict[str, str], 
     transport = MemoryTransport(MemoryNetwork(auto_deliver=False), node_id)
     node = build_node(prepared.script, prepared.trusted.manifest, prepared.trusted.swarm_id,
                       NodeConfig(node_id, rounds=rounds), prepared.model, prepared.train_loader, prepared.val_loader,
-                      transport)
+                      transport, own_loader=prepared.own_loader)
     transport.start_sync(node)
     while not node.finished():
         node.begin_round()

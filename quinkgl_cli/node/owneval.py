@@ -1,10 +1,11 @@
-"""Accuracy on a peer's own data distribution, measured on the shared validation set.
+"""Accuracy on a peer's own data distribution, estimated on the shared validation set.
 
-A peer's users care first about the classes its own data holds. Holding out part of every peer's training data
-would shrink what it learns from (on 20-peer digits a peer holds about 70 images), so the measure reweights the
-global validation set instead: the accuracy of each class on the validation set, weighted by that class's share of
-the peer's training labels (``own_accuracy``). That is the expected accuracy on test data drawn from the peer's
-label distribution; it sees label skew, not a shift of the inputs themselves.
+A peer's users care first about the classes its own data holds. A script may give the peer its own test data (the
+third loader of ``build_loaders``, `node.script.Loaders`); without it, this estimate stands in: the accuracy of
+each class on the validation set, weighted by that class's share of the peer's training labels
+(``own_accuracy``). That is the expected accuracy on test data drawn from the peer's label distribution, at no cost
+in training data (on 20-peer digits a peer holds about 70 images); it sees label skew, not a shift of the inputs
+themselves.
 
 Owns no state: `label_shares` reads the labels once at start, `class_hits` counts one batch's hits per class.
 """

@@ -3,7 +3,7 @@
 A peer script is a plain Python file with two required hooks and four optional ones (the guide's contract):
 
     build_model(manifest, **script_args) -> nn.Module
-    build_loaders(manifest, **script_args) -> (train_loader, val_loader)
+    build_loaders(manifest, **script_args) -> (train_loader, val_loader[, own_loader])
     build_optimizer(manifest, model) -> torch.optim.Optimizer              (optional)
     loss_fn(outputs, targets) -> loss tensor                               (optional)
     on_round_end(round_idx, metrics)                                       (optional)
@@ -17,6 +17,10 @@ When ``build_optimizer`` is absent the node uses SGD with lr 0.05 and momentum 0
 exactly that; it is a sound default for the small classifiers federated peers usually train); without
 ``loss_fn``, cross-entropy (mean squared error for regression). Both are used the same way wherever a node is
 built (`quinkgl_cli.node.wiring`).
+
+``own_loader``, when a script returns one, is test data drawn from this peer's own distribution (say, a held-out
+slice of its own data): the personal model's ``own_accuracy`` is measured on it. Without it, ``own_accuracy`` is
+estimated on the validation set, reweighted to the peer's label shares (`quinkgl_cli.node.owneval`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from quinkgl_cli.errors import IOFailure, NodeConfigError
 
@@ -80,27 +84,30 @@ class PeerScript:
             self._task_checked = True
         return model
 
-    def build_loaders(self, manifest: Any, **script_args: str) -> tuple[Any, Any]:
-        """Call ``build_loaders``; it must return ``(train_loader, val_loader)``, iterables of (x, y) batches.
+    def build_loaders(self, manifest: Any, **script_args: str) -> Loaders:
+        """Call ``build_loaders``; it must return ``(train_loader, val_loader)`` or ``(train_loader, val_loader,
+        own_loader)``, iterables of (x, y) batches.
 
-        ``val_loader`` may be None (no validation data: the round's val_loss / val_accuracy stay empty)."""
+        ``val_loader`` may be None (no validation data: the round's val_loss / val_accuracy stay empty), and so may
+        ``own_loader`` (``own_accuracy`` is then estimated on the validation set)."""
         with _hook(f"build_loaders in {self.path.name}", "fix the peer script or its --script-arg values"):
             result = self.build_loaders_fn(manifest, **script_args)
-        if not isinstance(result, (tuple, list)) or len(result) != 2:
+        if not isinstance(result, (tuple, list)) or len(result) not in (2, 3):
             raise NodeConfigError(
-                f"build_loaders in {self.path.name} must return (train_loader, val_loader), got {type(result).__name__}",
-                "return a 2-tuple of loaders",
+                f"build_loaders in {self.path.name} must return (train_loader, val_loader) or (train_loader, "
+                f"val_loader, own_loader), got {_shape(result)}",
+                "return a 2-tuple (or a 3-tuple with the peer's own test data) of loaders",
             )
-        train, val = result
-        for label, loader in (("train_loader", train), ("val_loader", val)):
-            if loader is None and label == "val_loader":
-                continue  # no validation data: the val_* metrics stay empty
+        loaders = Loaders(*result)
+        for label, loader in zip(Loaders._fields, loaders, strict=True):
+            if loader is None and label != "train":
+                continue  # no validation (or own test) data: those metrics stay empty or are estimated
             if loader is None or not hasattr(loader, "__iter__"):
                 raise NodeConfigError(
-                    f"build_loaders in {self.path.name}: {label} is not iterable ({type(loader).__name__})",
+                    f"build_loaders in {self.path.name}: {label}_loader is not iterable ({type(loader).__name__})",
                     "return torch DataLoaders or any iterables of (inputs, targets) batches",
                 )
-        return train, val
+        return loaders
 
     def build_optimizer(self, manifest: Any, model: Any) -> Any:
         """The script's optimizer for ``model``, or SGD(lr=0.05, momentum=0.9) when the hook is absent."""
@@ -116,6 +123,21 @@ class PeerScript:
                 "return an optimizer built on model.parameters()",
             )
         return optimizer
+
+
+class Loaders(NamedTuple):
+    """What ``build_loaders`` returned: training data, the swarm's validation data, this peer's own test data."""
+
+    train: Any
+    val: Any
+    own: Any = None
+
+
+def _shape(result: Any) -> str:
+    """A wrong return value, named for the error: its type, and its length when it is a sequence."""
+    if isinstance(result, (tuple, list)):
+        return f"a {type(result).__name__} of {len(result)}"
+    return type(result).__name__
 
 
 @contextmanager

@@ -41,6 +41,7 @@ class Prepared:
     arch_hash: str
     train_loader: Any
     val_loader: Any
+    own_loader: Any  # this peer's own test data, when the script returns it (`node.script.Loaders`)
     checkpoint_dir: Path
     resume_state: Any | None  # NodeState
     resume_file: Path | None
@@ -130,11 +131,11 @@ def prepare(options: DaemonOptions) -> Prepared:
             )
         emit(log, logging.WARNING, "arch-mismatch", model=arch_hash, manifest=manifest.model.arch_hash, strict="false")
 
-    train_loader, val_loader = script.build_loaders(manifest, **options.script_args)
+    loaders = script.build_loaders(manifest, **options.script_args)
 
     ckpt = options.checkpoints
     checkpoint_dir = Path(ckpt.checkpoint_dir) if ckpt.checkpoint_dir else default_checkpoint_dir(options, trusted.swarm_id)
-    prepared = Prepared(options, trusted, script, model, arch_hash, train_loader, val_loader, checkpoint_dir,
+    prepared = Prepared(options, trusted, script, model, arch_hash, loaders.train, loaders.val, loaders.own, checkpoint_dir,
                         None, None, seed, admission)
     if options.dry_run:
         return prepared

@@ -60,7 +60,7 @@ class EvalStats:
     val_loss: float | None
     val_accuracy: float | None
     duration: float
-    own_accuracy: float | None = None  # the personal model on this peer's label distribution (`node.owneval`)
+    own_accuracy: float | None = None  # the personal model on this peer's own test data, or its label distribution
     personal_val_accuracy: float | None = None  # the personal model on the validation set
     alpha: float | None = None  # APFL's mixing weight
 
@@ -82,7 +82,7 @@ class Trainer:
                  val_loader: Iterable[Any] | None, optimizer: torch.optim.Optimizer, loss_fn: LossFn | None,
                  local_epochs: int, local_steps: int | None, reported_samples: int | None = None,
                  fresh_optimizer: bool = False, personal: Shared | None = None, rounds: int | None = None,
-                 noise_seed: int | None = None) -> None:
+                 noise_seed: int | None = None, own_loader: Iterable[Any] | None = None) -> None:
         self.model = model
         # What is shared (the model, or FedRep's backbone): aggregator hooks, DP and the exchange see only this.
         self.personal = personal or Shared(model)
@@ -98,7 +98,10 @@ class Trainer:
         self.device = first.device if first is not None else torch.device("cpu")
         self.fresh_optimizer = fresh_optimizer
         self.sample_count = reported_samples if reported_samples is not None else _dataset_size(train_loader)
-        self.own_shares = label_shares(train_loader) if self.classification and val_loader is not None else None
+        self.own_loader = own_loader
+        # Without the peer's own test data, its label shares reweight the validation set (`node.owneval`).
+        self.own_shares = (label_shares(train_loader) if self.classification and val_loader is not None
+                           and own_loader is None else None)
         # Set by a driver: ends local training at the next batch (a daemon asked to stop).
         self.stop_flag: threading.Event | None = None
         # The model (shared state, flat) after the last training that kept a finite loss; None before the first.
@@ -239,18 +242,22 @@ class Trainer:
 
     def evaluate(self, model: nn.Module | None = None) -> EvalStats | None:
         """Loss and accuracy of ``model`` (default: the shared one) on the validation loader, and of this peer's
-        personal model (`Shared.personal_model`) on the validation set and on its own label distribution
-        (`quinkgl_cli.node.owneval`); None when there is no validation loader."""
-        if self.val_loader is None:
+        personal model (`Shared.personal_model`) on the validation set and on its own distribution: its own test
+        data when the script gave some, else the validation set reweighted to its label shares
+        (`quinkgl_cli.node.owneval`); None when there is neither validation nor own test data."""
+        if self.val_loader is None and self.own_loader is None:
             return None
         started = time.perf_counter()
         served = self.shared if model is None else model
         personal = self.personal.personal_model(served)  # first: FedRep puts this peer's head under ``served``
-        loss, accuracy, hits = self._eval_pass(served, self.val_loader)
-        personal_accuracy = None
-        if self.personal.separate:
-            _, personal_accuracy, hits = self._eval_pass(personal, self.val_loader)
-        own = weighted_accuracy(*hits, self.own_shares) if hits is not None and self.own_shares else None
+        loss = accuracy = personal_accuracy = own = None
+        if self.val_loader is not None:
+            loss, accuracy, hits = self._eval_pass(served, self.val_loader)
+            if self.personal.separate:
+                _, personal_accuracy, hits = self._eval_pass(personal, self.val_loader)
+            own = weighted_accuracy(*hits, self.own_shares) if hits is not None and self.own_shares else None
+        if self.own_loader is not None:
+            _, own, _ = self._eval_pass(personal, self.own_loader)
         return EvalStats(loss, accuracy, time.perf_counter() - started, own, personal_accuracy, self.personal.mixing())
 
     def _eval_pass(self, model: nn.Module, loader: Iterable[Any]) -> tuple[float | None, float | None, tuple[torch.Tensor, torch.Tensor] | None]:

@@ -11,9 +11,10 @@ from typing import Any
 from quinkgl_cli.atomic import atomic_write_bytes
 from quinkgl_cli.ops.metrics_file import MetricsRun
 
-# (title, y label, metric keys drawn in it): validation solid, training dashed.
+# (title, y label, metric keys drawn in it): validation solid, training dashed, the personal model on the peer's own
+# distribution (personalized swarms) dotted.
 PANELS = (
-    ("accuracy", "accuracy", ("val_accuracy", "accuracy")),
+    ("accuracy", "accuracy", ("val_accuracy", "accuracy", "own_accuracy")),
     ("loss", "loss", ("val_loss", "loss")),
     ("peers aggregated", "peers", ("peers",)),
     ("model bytes per round", "bytes", ("bytes_sent", "bytes_received")),
@@ -30,6 +31,7 @@ class NodeSummary:
     final_val_accuracy: float | None
     best_val_accuracy: float | None
     bytes_sent: int
+    final_own_accuracy: float | None = None  # personalized swarms: the personal model on the peer's own distribution
 
 
 def _number(value: Any) -> float | None:
@@ -42,7 +44,8 @@ def summarize(run: MetricsRun) -> NodeSummary:
     accs = [a for a in (_number(r.get("val_accuracy")) for r in run.rows) if a is not None]
     sent = sum(int(v) for v in (_number(r.get("bytes_sent")) for r in run.rows) if v is not None)
     return NodeSummary(run.node, run.swarm, len(run.rows), run.rows[0]["round"], run.rows[-1]["round"],
-                       _number(run.rows[-1].get("val_accuracy")), max(accs) if accs else None, sent)
+                       _number(run.rows[-1].get("val_accuracy")), max(accs) if accs else None, sent,
+                       _number(run.rows[-1].get("own_accuracy")))
 
 
 def plot_runs(runs: list[MetricsRun], path: Path) -> None:
@@ -57,7 +60,7 @@ def plot_runs(runs: list[MetricsRun], path: Path) -> None:
     try:
         for ax, (title, ylabel, keys) in zip(axes.flat, PANELS, strict=True):
             for run in runs:
-                for style, key in zip(("-", "--"), keys, strict=False):
+                for style, key in zip(("-", "--", ":"), keys, strict=False):
                     pts = [(r["round"], v) for r in run.rows if (v := _number(r.get(key))) is not None]
                     if pts:
                         label = key if len(runs) == 1 else f"{run.node} {key}"

@@ -10,6 +10,9 @@ every peer so accuracies compare) and trains on its own part of the rest. Script
     seed=S             seed of the split (must be the same on every peer) and of the shuffling, default 0
     batch_size=B       default 32
     lr=LR              SGD learning rate, default 0.05 (momentum 0.9)
+    own_holdout=F      hold out this fraction of each of this peer's classes (0 <= F < 1, default 0) as its own
+                       test data: the third loader, on which a personal model's own_accuracy is measured
+                       (without it, own_accuracy is estimated on the validation set)
 
 Example: five peers, each with two digit classes:
     quinkgl run ... --script peer_scripts/digits_peer_script.py \
@@ -101,18 +104,27 @@ def build_loaders(manifest, **kwargs):
     seed = int(kwargs.get("seed", 0))
     batch_size = int(kwargs.get("batch_size", 32))
     _settings["lr"] = float(kwargs.get("lr", 0.05))
+    own_holdout = float(kwargs.get("own_holdout", 0))
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard={shard} is outside 0..{num_shards - 1}")
+    if not 0 <= own_holdout < 1:
+        raise ValueError(f"own_holdout={own_holdout} is outside [0, 1)")
     x_train, x_val, y_train, y_val = _split()
     if num_shards > 1:
         idx = partition_indices(y_train, num_shards, partition, seed)[shard]
         x_train, y_train = x_train[idx], y_train[idx]
+    own_loader = None
+    if own_holdout > 0:
+        keep, held = validation_split(y_train, own_holdout, seed * 100_003 + shard)
+        own_ds = TensorDataset(torch.from_numpy(x_train[held]), torch.from_numpy(y_train[held]))
+        own_loader = DataLoader(own_ds, batch_size=512, shuffle=False)
+        x_train, y_train = x_train[keep], y_train[keep]
     train_ds = TensorDataset(torch.from_numpy(x_train), torch.from_numpy(y_train))
     val_ds = TensorDataset(torch.from_numpy(x_val), torch.from_numpy(y_val))
     shuffle = torch.Generator().manual_seed(seed * 100_003 + shard)
     train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, generator=shuffle)
     val_loader = DataLoader(val_ds, batch_size=512, shuffle=False)
-    return train_loader, val_loader
+    return (train_loader, val_loader) if own_loader is None else (train_loader, val_loader, own_loader)
 
 
 def build_optimizer(manifest, model):

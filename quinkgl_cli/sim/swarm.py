@@ -66,7 +66,7 @@ class SwarmBuilder:
 
     def shared_data(self) -> tuple[Any, Any, int]:
         args = dict(self.config.script_args)
-        train_loader, val_loader = self.script.build_loaders(self.manifest, **args)
+        train_loader, val_loader, _ = self.script.build_loaders(self.manifest, **args)
         dataset = getattr(train_loader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise NodeConfigError(
@@ -86,7 +86,7 @@ class SwarmBuilder:
         return Manifest.model_validate(data)
 
     def node(self, node_id: str, train: Any, val: Any, seed: int, manifest: Manifest | None = None,
-              max_peers: int | None = None, seek: int | None = None, **strategies: Any) -> Node:
+              max_peers: int | None = None, seek: int | None = None, own: Any = None, **strategies: Any) -> Node:
         manifest = manifest or self.manifest
         # Every peer starts from the same weights, as daemons do (they seed model initialisation from the swarm id,
         # or --seed); then each peer's own stream, so that what it draws while training is its own.
@@ -99,29 +99,32 @@ class SwarmBuilder:
         # noise_seed: the simulator wants reproducible DP noise; a daemon never sets it (its noise must be secret).
         config = NodeConfig(node_id, rounds=self.rounds, seed=seed, noise_seed=seed)
         node = build_node(self.script, manifest, self.swarm_id, config, model, train, val, transport, clock=self.clock,
-                          **strategies)
+                          own_loader=own, **strategies)
         transport.start_sync(node)
         # Its introductions now, not all at the end: queued, every node's hellos and fingerprints would be held
         # at once (peers * view size of them), a peak the process keeps long after they are delivered.
         self.network.deliver_all()
         return node
 
-    def script_shards(self) -> tuple[list[Any], list[Any]]:
-        """Per peer, the training loader and the materialized validation batches of the script's own split."""
-        trains, vals = [], []
+    def script_shards(self) -> tuple[list[Any], list[Any], list[Any]]:
+        """Per peer, the training loader and the materialized validation and own test batches of the script's own
+        split (None where the script gives none)."""
+        trains, vals, owns = [], [], []
         for i in range(self.config.peers):
             args = {**self.config.script_args, "shard": str(i), "num_shards": str(self.config.peers)}
-            train_loader, val_loader = self.script.build_loaders(self.manifest, **args)
-            trains.append(train_loader)
-            vals.append(materialize(val_loader) if val_loader is not None else None)
-        return trains, vals
+            loaders = self.script.build_loaders(self.manifest, **args)
+            trains.append(loaders.train)
+            vals.append(materialize(loaders.val) if loaders.val is not None else None)
+            owns.append(materialize(loaders.own) if loaders.own is not None else None)
+        return trains, vals, owns
 
-    def split(self) -> tuple[list[Any], list[Any], Any, int]:
-        """(training loader per peer, validation batches per peer, the server's validation batches, training samples)."""
+    def split(self) -> tuple[list[Any], list[Any], list[Any], Any, int]:
+        """(training loader per peer, validation batches per peer, own test batches per peer (None: estimated from
+        the validation set), the server's validation batches, training samples)."""
         cfg = self.config
         if cfg.partition == SCRIPT_PARTITION:
-            trains, vals = self.script_shards()
-            return trains, vals, vals[0], sum(_loader_size(t) for t in trains)
+            trains, vals, owns = self.script_shards()
+            return trains, vals, owns, vals[0], sum(_loader_size(t) for t in trains)
         dataset, val_loader, batch_size = self.shared_data()
         scheme = parse_scheme(cfg.partition)
         try:
@@ -136,14 +139,14 @@ class SwarmBuilder:
         parts = partition_indices(labels, cfg.peers, scheme, cfg.seed)
         trains = [peer_loader(dataset, idx, batch_size, torch.Generator().manual_seed(cfg.seed * 100_003 + i))
                   for i, idx in enumerate(parts)]
-        return trains, [val_loader] * cfg.peers, val_loader, len(dataset)
+        return trains, [val_loader] * cfg.peers, [None] * cfg.peers, val_loader, len(dataset)
 
     def build(self, rng: random.Random, memory: dict[str, float]) -> Swarm:
         """Every node, joined to the network; ``rng`` draws the attackers (and goes on to drive the rounds);
         ``memory`` receives the build's memory figures."""
         cfg = self.config
         swarm = Swarm()
-        trains, vals, val_loader, total_samples = self.split()
+        trains, vals, owns, val_loader, total_samples = self.split()
         # One throwaway model and optimizer first: lazy imports (torch.optim pulls in much of torch) would
         # otherwise count as the first peer's memory.
         warm = self.script.build_model(self.manifest, **dict(cfg.script_args))
@@ -165,7 +168,7 @@ class SwarmBuilder:
             )
         attackers = sorted(rng.sample(range(cfg.peers), cfg.attackers)) if cfg.attackers else []
         swarm.attackers = [ids[i] for i in attackers]
-        for i, (node_id, train, val) in enumerate(zip(ids, trains, vals, strict=True)):
+        for i, (node_id, train, val, own) in enumerate(zip(ids, trains, vals, owns, strict=True)):
             seed = cfg.seed * 100_003 + i
             strategies: dict[str, Any] = {}
             if cfg.mode == "fedavg":
@@ -177,7 +180,7 @@ class SwarmBuilder:
             if i in attackers:
                 policies = strategies.get("policies", NodePolicies())
                 strategies["policies"] = dataclasses.replace(policies, tamper=tamper_for(cfg.attack, cfg.seed * 7919 + i))
-            swarm.nodes.append(self.node(node_id, train, val, seed, **strategies))
+            swarm.nodes.append(self.node(node_id, train, val, seed, own=own, **strategies))
         if cfg.mode == "pairwise":
             swarm.edges = self.graph_edges(swarm.nodes)
         memory["rss_after_build_mb"] = rss_mb()
