@@ -515,7 +515,8 @@ def test_daemons_run_resume_and_report_personal_models(mode: str, tmp_path: Path
     def daemon(i: int) -> Daemon:
         opts = DaemonOptions.from_flags(manifest=path, script=ls.DIGITS_SCRIPT, node_id=f"p{i}", trust_policy="open",
                                         rounds=2, gossip_interval=0.2, checkpoint_dir=tmp_path / f"p{i}", min_peers=1,
-                                        script_args={"shard": str(i), "num_shards": "2", "partition": "shards:5"})
+                                        script_args={"shard": str(i), "num_shards": "2", "partition": "shards:5",
+                                                     **({"own_holdout": "0.2"} if mode == "fedrep" else {})})
         return Daemon(prepare(opts), LogContext(f"p{i}"), make)
 
     async def both(ds: list[Daemon]) -> list[int]:
@@ -527,6 +528,8 @@ def test_daemons_run_resume_and_report_personal_models(mode: str, tmp_path: Path
     finished = [getattr(r, FIELDS_ATTR) for r in caplog.records if r.getMessage().startswith("finished ")]
     assert len(finished) == 2 and all(0.0 <= f["own_accuracy"] <= 1.0 for f in finished)
     assert all(("alpha" in f) == (mode == "apfl") for f in finished)
+    # FedRep's peers were started with their own test data (a third loader), APFL's without (the estimate).
+    assert all((d.node.trainer.own_loader is not None) == (mode == "fedrep") for d in daemons)
     tensors, _ = load_final_model(tmp_path / "p0" / "final_model.safetensors")
     assert {"2.weight", "2.bias", "0.weight"} <= set(tensors)  # the personal model, head included
     for d in daemons:  # a daemon holds its directories for its process's life; the restart below needs them
