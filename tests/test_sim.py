@@ -390,7 +390,7 @@ def test_script_partition_gives_each_peer_its_own_build_loaders_call(script: Pee
     sim.build()
     assert calls == [{**args, "shard": str(i), "num_shards": "5"} for i in range(5)]
     for i, node in enumerate(sim.nodes):  # exactly the split a daemon run with these script arguments trains on
-        daemon_train, daemon_val = build(None, **calls[i])
+        daemon_train, daemon_val, _ = build(None, **calls[i])
         assert torch.equal(node.train_loader.dataset.tensors[1], daemon_train.dataset.tensors[1])
         assert len(set(node.train_loader.dataset.tensors[1].tolist())) == 2
         assert [torch.equal(a[0], b[0]) for a, b in zip(node.trainer.val_loader, daemon_val, strict=True)] == [True]
