@@ -85,3 +85,14 @@ def test_small_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     # and logged by design; it is not the demo's doing, so only the demo's own warnings count.
     assert not [line for text in logs for line in text.splitlines()
                 if ("WARNING" in line or "ERROR" in line) and "reason=other_swarm" not in line]
+
+
+def test_local_swarm_children_get_an_absolute_pythonpath(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo's peers run in their own working directories, where a relative entry would name another directory."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["src", str(tmp_path / "abs")]))
+    env = ls.child_env(tmp_path / "home")
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "src"), str(tmp_path / "abs")]
+    assert env["QUINKGL_HOME"] == str(tmp_path / "home")

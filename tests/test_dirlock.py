@@ -27,3 +27,16 @@ def test_second_holder_is_refused_until_the_first_lets_go(tmp_path: Path) -> Non
         lock_directory(target, "checkpoint directory", "hint")
     held.release()
     lock_directory(target, "checkpoint directory", "hint").release()
+
+
+def test_an_abandoned_directory_takes_the_empty_parents_it_made_with_it(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    held = lock_directory(tmp_path / "home" / "checkpoints" / "swarm" / "peer-1", "checkpoint directory", "hint")
+    held.abandon()
+    assert list((tmp_path / "home").iterdir()) == []  # checkpoints/ and swarm/ were made by this start: gone
+    kept = lock_directory(tmp_path / "home" / "checkpoints" / "swarm" / "peer-1", "checkpoint directory", "hint")
+    other = lock_directory(tmp_path / "home" / "checkpoints" / "swarm" / "peer-2", "checkpoint directory", "hint")
+    kept.abandon()
+    assert [p.name for p in (tmp_path / "home" / "checkpoints" / "swarm").iterdir()] == ["peer-2"]
+    other.release()
+

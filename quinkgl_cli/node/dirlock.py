@@ -22,12 +22,14 @@ class HeldDirectory:
     path: Path
     lock: Any  # filelock.FileLock, held
     created: bool  # this process made the directory
+    made_parents: tuple[Path, ...] = ()  # the parents it made on the way, nearest first
 
     def release(self) -> None:
         self.lock.release()
 
     def abandon(self) -> None:
-        """Release the lock; remove the directory when this process created it and left nothing in it."""
+        """Release the lock; remove the directory when this process created it and left nothing in it, and then
+        each parent it created on the way that is left empty (``checkpoints/<swarm>`` of a failed first start)."""
         self.release()
         if not self.created:
             return
@@ -35,6 +37,10 @@ class HeldDirectory:
         if {p.name for p in self.path.iterdir()} <= {LOCK_NAME}:
             lock_file.unlink(missing_ok=True)
             self.path.rmdir()
+            for parent in self.made_parents:
+                if any(parent.iterdir()):
+                    break  # another node's directory, made meanwhile
+                parent.rmdir()
 
 
 def lock_directory(directory: Path, what: str, hint: str) -> HeldDirectory:
@@ -45,6 +51,7 @@ def lock_directory(directory: Path, what: str, hint: str) -> HeldDirectory:
     if directory.exists() and not directory.is_dir():
         raise IOFailure(f"{what} {directory} is not a directory", "remove or rename that file, or choose another path")
     created = not directory.exists()
+    made_parents = tuple(p for p in directory.parents if not p.exists())
     try:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
@@ -57,4 +64,4 @@ def lock_directory(directory: Path, what: str, hint: str) -> HeldDirectory:
         raise NodeConfigError(f"{what} {directory} is in use by another running daemon", hint) from exc
     except OSError as exc:
         raise IOFailure(f"cannot lock {what} {directory}: {exc.strerror}", "choose a directory this user can write to") from exc
-    return HeldDirectory(directory, lock, created)
+    return HeldDirectory(directory, lock, created, made_parents)

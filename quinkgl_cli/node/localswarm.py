@@ -194,6 +194,9 @@ def run_command(manifest: Path, script: Path, node_id: str, port: int, rounds: i
 
 def child_env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
+    if env.get("PYTHONPATH"):
+        # The peers run in their own working directories: a relative entry would name another directory there.
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(entry or ".").resolve()) for entry in env["PYTHONPATH"].split(os.pathsep))
     env["QUINKGL_HOME"] = str(home)
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONUNBUFFERED"] = "1"
