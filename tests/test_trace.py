@@ -1,13 +1,16 @@
-"""The trace format (`quinkgl_cli.node.trace`): records survive a round trip; bad files fail naming the line."""
+"""The trace format (`quinkgl_cli.node.trace`): records survive a round trip; bad files fail naming the line; the
+daemon's writer (`quinkgl_cli.node.tracer`) appends sessions and refuses files that are not its own."""
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from quinkgl_cli.errors import ExitCode, UsageError
+from quinkgl_cli.errors import ExitCode, IOFailure, UsageError
+from quinkgl_cli.node.metrics import RoundMetrics
 from quinkgl_cli.node.trace import (
     Header,
     NodeStart,
@@ -20,6 +23,8 @@ from quinkgl_cli.node.trace import (
     read_trace,
     sessions,
 )
+from quinkgl_cli.node.tracer import Tracer
+from quinkgl_cli.transport.base import TransferDone
 
 HEADER = Header(swarm="sha256:" + "ab" * 32, node="peer-1", started_at=datetime(2026, 12, 3, 15, 0, tzinfo=UTC), torch_threads=1)
 EVENTS = [
@@ -101,3 +106,56 @@ def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe\x00")
     with pytest.raises(UsageError, match="not a UTF-8 trace"):
         read_trace(path)
+
+
+# ---------------------------------------------------------------- the daemon's writer
+def test_tracer_writes_a_session_and_a_restart_appends_another(tmp_path: Path) -> None:
+    path = tmp_path / "peer-1.trace"
+    for run in (1, 2):
+        tracer = Tracer.open(path, HEADER.swarm, "peer-1", torch_threads=2)
+        tracer.node_started(run - 1)
+        tracer.arrived("peer-2")
+        tracer.arrived("peer-2")  # told again (a second hello): one arrival
+        tracer.transfer(TransferDone("receive", "peer-2", run, 10_088, 0.0123456789, "direct", True))
+        tracer.round_trained(RoundMetrics(round=run, train_time=0.25, samples=480))
+        tracer.departed("peer-2")
+        tracer.departed("peer-2")
+        tracer.node_stopped(run, "signal" if run == 1 else "finished")
+        tracer.transfer(TransferDone("send", "peer-2", run, 1, 0.1, "direct", False))  # after the stop: no session's
+    got = sessions(read_trace(path))
+    assert [(s.header.node, s.header.torch_threads) for s in got] == [("peer-1", 2), ("peer-1", 2)]
+    assert [[e.kind for e in s.events] for s in got] == [
+        ["node-start", "peer-arrival", "transfer", "train", "peer-departure", "node-stop"]] * 2
+    transfer = got[1].events[2]
+    assert isinstance(transfer, Transfer) and (transfer.round, transfer.bytes, transfer.seconds) == (2, 10_088, 0.012346)
+    assert [s.events[-1] for s in got][1].round == 2
+
+
+def test_tracer_refuses_other_files_and_other_nodes_traces(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    with pytest.raises(UsageError, match="exists and is not a trace file"):
+        Tracer.open(notes, HEADER.swarm, "peer-1", None)
+    assert notes.read_text() == "mine\n"
+    with pytest.raises(UsageError, match="is not a file"):
+        Tracer.open(tmp_path, HEADER.swarm, "peer-1", None)
+    theirs = write(tmp_path / "theirs.trace", [encode_record(HEADER)])
+    with pytest.raises(UsageError, match="holds node peer-1's trace"):
+        Tracer.open(theirs, HEADER.swarm, "peer-9", None)
+    with pytest.raises(UsageError, match="holds node peer-1's trace"):
+        Tracer.open(theirs, "sha256:" + "cd" * 32, "peer-1", None)
+    with pytest.raises(IOFailure) as caught:
+        Tracer.open(tmp_path / "missing" / "x.trace", HEADER.swarm, "peer-1", None)
+    assert caught.value.code == ExitCode.IO
+
+
+def test_a_write_failing_in_a_transport_callback_stops_the_daemon_at_its_next_write(tmp_path: Path) -> None:
+    tracer = Tracer.open(tmp_path / "t.trace", HEADER.swarm, "peer-1", None)
+    tracer.close()
+    tracer._fd = os.open(os.devnull, os.O_RDONLY)  # writes now fail as on a full or vanished disk
+    try:
+        tracer.arrived("peer-2")  # the transport's callback: must not raise into the transport
+        with pytest.raises(IOFailure, match="cannot append to --trace"):
+            tracer.round_trained(RoundMetrics(round=1))
+    finally:
+        tracer.close()

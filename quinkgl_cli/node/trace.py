@@ -2,7 +2,8 @@
 
 Format (``quinkgl-trace``, version 1): UTF-8 JSON lines, one object per line, one line per event, appended and
 flushed as the run goes. Every object has a ``kind``; unknown kinds and unknown fields are refused. Times ``t`` are
-seconds (float, >= 0) on the daemon's monotonic clock since its session's ``header``; sizes are bytes.
+seconds (float, >= 0, to the microsecond) on the daemon's monotonic clock since its session's ``header``; sizes
+are bytes.
 
 ``header``          ``version`` (1), ``swarm`` (sha256:...), ``node`` (node id), ``started_at`` (UTC, ISO 8601),
                     ``torch_threads`` (int, or null when torch chose). First line of every session: a restarted
@@ -10,13 +11,14 @@ seconds (float, >= 0) on the daemon's monotonic clock since its session's ``head
 ``node-start``      ``t``, ``round``: the last completed round the node starts from (0 fresh, N when resumed).
 ``node-stop``       ``t``, ``round`` (last completed round), ``reason`` (``finished``, ``signal``, ``expired``,
                     ``error``).
-``train``           ``t`` (when training ended), ``round``, ``seconds`` (wall time of the round's local training),
-                    ``samples`` (training samples seen).
-``transfer``        ``t`` (when it ended), ``direction`` (``send``: a peer fetched this node's model; ``receive``:
-                    this node fetched a peer's), ``peer`` (node id), ``round`` (the model's round), ``bytes`` (model
-                    bytes moved), ``seconds`` (from the start of the fetch to its end), ``path`` (how the bytes went:
-                    ``direct``, ``reverse``, ``relay``, or ``memory`` in-process), ``ok`` (false: it failed; ``bytes``
-                    is then what had moved).
+``train``           ``t`` (when the round ended), ``round``, ``seconds`` (wall time of the round's local
+                    training), ``samples`` (training samples seen).
+``transfer``        ``t`` (when it ended), ``direction`` (``send``: a peer fetched this node's update;
+                    ``receive``: this node fetched a peer's), ``peer`` (node id), ``round`` (the update's round),
+                    ``bytes`` (the update's encoded size), ``seconds`` (the exchange: from the connection to the last
+                    byte; a receive that never connected: the connecting), ``path`` (how the bytes went: ``direct``,
+                    ``reverse``, ``relay``, or ``memory`` in-process), ``ok`` (false: it failed part way, or never
+                    connected).
 ``peer-arrival``    ``t``, ``peer``: a peer became known (its first hello, or its return after being lost).
 ``peer-departure``  ``t``, ``peer``: a known peer was lost (timed out or said goodbye).
 
