@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from quinkgl_cli.node import localswarm as ls
@@ -26,9 +27,11 @@ ROOT = Path(__file__).resolve().parent
 _ROUND_END = re.compile(r"\bround=(\d+) round-end .*?\bval_accuracy=([0-9.]+)")
 
 
-def daemons(root: Path, manifest: Path, peers: int, rounds: int, interval: float, partition: str) -> dict[str, object]:
+def daemons(root: Path, manifest: Path, peers: int, rounds: int, interval: float, partition: str,
+            script: Path = ls.DIGITS_SCRIPT, extra_for: Callable[[str], Sequence[str]] = lambda name: ()) -> dict[str, object]:
+    """Real daemons' per-round mean validation accuracy and final mean (``extra_for(name)``: one peer's own flags)."""
     started = time.monotonic()
-    procs = ls.start_swarm(root / "daemons", manifest, peers, rounds, interval, partition)
+    procs = ls.start_swarm(root / "daemons", manifest, peers, rounds, interval, partition, script=script, extra_for=extra_for)
     try:
         ls.ensure_started(procs)
         codes = ls.wait_all(procs, timeout=120 + rounds * interval * 20)
@@ -51,11 +54,13 @@ def daemons(root: Path, manifest: Path, peers: int, rounds: int, interval: float
     }
 
 
-def simulator(root: Path, manifest: Path, peers: int, rounds: int, partition: str) -> dict[str, object]:
+def simulator(root: Path, manifest: Path, peers: int, rounds: int, partition: str,
+              script: Path = ls.DIGITS_SCRIPT, extra: Sequence[str] = ()) -> dict[str, object]:
+    """`quinkgl simulate --partition script` on the same split; ``extra``: more simulate flags (field conditions)."""
     out = root / "sim.json"
     cmd = [sys.executable, "-m", "quinkgl_cli", "simulate", "--manifest", str(manifest), "--script",
-           str(ls.DIGITS_SCRIPT), "--peers", str(peers), "--rounds", str(rounds), "--partition", "script",
-           "--script-arg", f"partition={partition}", "--json", str(out)]
+           str(script), "--peers", str(peers), "--rounds", str(rounds), "--partition", "script",
+           "--script-arg", f"partition={partition}", "--json", str(out), *extra]
     started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, env=ls.child_env(root / "sim-home"))
     if done.returncode != 0:
@@ -67,6 +72,24 @@ def simulator(root: Path, manifest: Path, peers: int, rounds: int, partition: st
         "per_round": {int(r["round"]): r["mean_accuracy"] for r in data["rounds"] if r["mean_accuracy"] is not None},
         "final": (consensus or data["rounds"][-1])["mean_accuracy"],
     }
+
+
+def compare(real: dict[str, object], sim: dict[str, object]) -> dict[str, object]:
+    """Print daemons against simulator round by round; the largest per-round and the final difference, in points."""
+    real_rounds: dict[int, float] = real["per_round"]  # type: ignore[assignment]
+    sim_rounds: dict[int, float] = sim["per_round"]  # type: ignore[assignment]
+    print(f"{'round':>5} {'daemons':>8} {'simulator':>9} {'diff':>6}")
+    diffs = []
+    for r in sorted(set(real_rounds) & set(sim_rounds)):
+        d = 100 * (real_rounds[r] - sim_rounds[r])
+        diffs.append(abs(d))
+        print(f"{r:>5} {100 * real_rounds[r]:>8.1f} {100 * sim_rounds[r]:>9.1f} {d:>+6.1f}")
+    final_diff = (None if real["final"] is None or sim["final"] is None
+                  else round(100 * (real["final"] - sim["final"]), 1))  # type: ignore[operator]
+    print(f"final {100 * real['final']:>8.1f} {100 * sim['final']:>9.1f} {final_diff:>+6}"  # type: ignore[operator]
+          if final_diff is not None else "final: missing")
+    return {"max_round_diff_points": round(max(diffs), 1) if diffs else None, "final_diff_points": final_diff,
+            "rounds_compared": len(diffs)}
 
 
 def main() -> None:
@@ -83,23 +106,11 @@ def main() -> None:
         manifest, _key, _pub, _swarm = ls.digits_manifest(root / "manifest", rounds=args.rounds)
         real = daemons(root, manifest, args.peers, args.rounds, args.interval, args.partition)
         sim = simulator(root, manifest, args.peers, args.rounds, args.partition)
-    real_rounds: dict[int, float] = real["per_round"]  # type: ignore[assignment]
-    sim_rounds: dict[int, float] = sim["per_round"]  # type: ignore[assignment]
-    print(f"{'round':>5} {'daemons':>8} {'simulator':>9} {'diff':>6}")
-    diffs = []
-    for r in sorted(set(real_rounds) & set(sim_rounds)):
-        d = 100 * (real_rounds[r] - sim_rounds[r])
-        diffs.append(abs(d))
-        print(f"{r:>5} {100 * real_rounds[r]:>8.1f} {100 * sim_rounds[r]:>9.1f} {d:>+6.1f}")
-    final_diff = (None if real["final"] is None or sim["final"] is None
-                  else round(100 * (real["final"] - sim["final"]), 1))  # type: ignore[operator]
-    print(f"final {100 * real['final']:>8.1f} {100 * sim['final']:>9.1f} {final_diff:>+6}"  # type: ignore[operator]
-          if final_diff is not None else "final: missing")
+    diff = compare(real, sim)
     summary = {"peers": args.peers, "rounds": args.rounds, "partition": args.partition, "interval": args.interval,
-               "daemons": real, "simulator": sim, "max_round_diff_points": round(max(diffs), 1) if diffs else None,
-               "final_diff_points": final_diff, "rounds_compared": len(diffs), "daemon_exit_codes": real["exit_codes"]}
-    print(f"max per-round difference {summary['max_round_diff_points']} points over {len(diffs)} rounds; "
-          f"final {final_diff}; daemon exits {real['exit_codes']}")
+               "daemons": real, "simulator": sim, **diff, "daemon_exit_codes": real["exit_codes"]}
+    print(f"max per-round difference {summary['max_round_diff_points']} points over {diff['rounds_compared']} rounds; "
+          f"final {diff['final_diff_points']}; daemon exits {real['exit_codes']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -104,7 +104,8 @@ def test_config_supplies_flags_and_given_flags_win(tmp_path: Path, monkeypatch: 
     conf.parent.mkdir()
     conf.write_text('manifest = "swarm.qgl"\nscript = "../peer.py"\nnode-id = "from-file"\nport = 7005\n'
                     'gossip-interval = 2\nscript-arg = ["shard=0", "num_shards=2"]\nresume = false\n'
-                    'strict-manifest = false\ntrusted-pubkey = ["keys/creator.pub", "ed25519:' + "ab" * 32 + '"]\n')
+                    'strict-manifest = false\ntrusted-pubkey = ["keys/creator.pub", "ed25519:' + "ab" * 32 + '"]\n'
+                    'trace = "traces/peer.trace"\n')
     code, _, err = run_cli(["run", "--config", str(conf), "--port", "7006", "--script-arg", "shard=1"], capsys)
     assert code == 0, err
     (o,) = seen
@@ -114,6 +115,7 @@ def test_config_supplies_flags_and_given_flags_win(tmp_path: Path, monkeypatch: 
     assert o.script_args == {"shard": "1"}  # a repeatable flag given replaces the file's list
     assert o.trust.trusted_pubkeys == [str(tmp_path / "conf" / "keys" / "creator.pub"), "ed25519:" + "ab" * 32]
     assert o.trust.trust_policy == "pinned"
+    assert o.trace == tmp_path / "conf" / "traces" / "peer.trace"
 
 
 @pytest.mark.parametrize(("text", "code", "message"), [

@@ -162,6 +162,11 @@ def run(
         int, typer.Option("--log-max-bytes", metavar="BYTES", help="Rotate --log-file when it would grow past this many bytes.")
     ] = 10_000_000,
     log_backups: Annotated[int, typer.Option("--log-backups", metavar="N", help="Rotated --log-file copies to keep.")] = 5,
+    trace: Annotated[
+        Path | None,
+        typer.Option("--trace", metavar="FILE",
+                     help="Append this run's trace (training times, transfers, peers coming and going; JSON lines) for `simulate` to replay."),
+    ] = None,
 ) -> None:
     """Join the swarm of a trusted manifest and train with your peer script, gossiping with peers."""
     from quinkgl_cli.node.daemon import DaemonOptions, default_node_id, run_daemon
@@ -236,6 +241,7 @@ def run(
         log_max_bytes=log_max_bytes,
         log_backups=log_backups,
         ops=OpsSettings(metrics_port=metrics_port, metrics_listen=metrics_listen, metrics_file=metrics_file),
+        trace=trace,
     )
     code = run_daemon(options)
     if code:

@@ -6,6 +6,9 @@ After the last round: ``final_consensus_steps`` averaging-only exchanges, a chec
 one summary line, exit 0. Started again on that finished checkpoint (same or lower round target), the daemon says
 ``already-finished`` and exits 0 without training or touching the final model (it writes it only if it is missing).
 
+``--trace FILE`` (`quinkgl_cli.node.tracer`): the file is checked when the daemon is built and a session appended
+as it runs: node start and stop (with why), each round's training, every model transfer, peers coming and going.
+
 SIGTERM / SIGINT: training stops at the next batch and the round in progress is abandoned: the checkpoint on disk
 is the end-of-round state of the last completed round (written now when ``--checkpoint-every`` had skipped it), so
 a resumed daemon runs that round again from the state it started from, and the final model file gets the model the
@@ -30,6 +33,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import torch
+
 from quinkgl_cli.errors import ExitCode, NodeConfigError, QuinkglError, TrustError, UsageError
 from quinkgl_cli.events import emit
 from quinkgl_cli.manifest.trust import check_expiry
@@ -44,6 +49,7 @@ from quinkgl_cli.node.personal import build_personal
 from quinkgl_cli.node.process import process_started_at, tune_allocator
 from quinkgl_cli.node.runloop import RoundLoop, Waiter
 from quinkgl_cli.node.startup import Prepared, make_ipv8_transport, node_seed, prepare
+from quinkgl_cli.node.tracer import TracedEvents, Tracer
 from quinkgl_cli.node.wiring import build_node
 from quinkgl_cli.ops.observer import open_observer
 from quinkgl_cli.ops.snapshot import Observer
@@ -54,6 +60,7 @@ log = logging.getLogger("quinkgl.daemon")
 __all__ = ["Daemon", "DaemonOptions", "Prepared", "default_node_id", "make_ipv8_transport", "prepare", "run_daemon"]
 
 STOP_GRACE_S = 5.0
+_STOP_REASONS: dict[int, str] = {int(ExitCode.OK): "finished", int(ExitCode.INTERRUPTED): "signal", int(ExitCode.TRUST): "expired"}
 
 
 class Daemon:
@@ -86,12 +93,18 @@ class Daemon:
                               self._after_round, may_continue=self._manifest_valid)
         self.observer = observer  # told the state at start, after each round, on a stop request and at the end
         self.observed: SnapshotMaker | None = None  # once the transport listens
+        self.tracer: Tracer | None = None
+        if o.trace is not None:
+            self.tracer = Tracer.open(o.trace, prepared.trusted.swarm_id, o.node_id, torch.get_num_threads())
+            self.transport.on_transfer = self.tracer.transfer
 
     def _publish(self, state: str) -> None:
         if self.observer is not None and self.observed is not None:
             self.observer.update(self.observed(state))
 
     async def _after_round(self, metrics: RoundMetrics) -> None:
+        if self.tracer is not None:
+            self.tracer.round_trained(metrics)
         await self.files.after_round(metrics)
         self._publish("running")
 
@@ -133,6 +146,21 @@ class Daemon:
         self.context.round = self.node.completed_round
 
     async def run(self) -> int:
+        """The whole run; its exit code. With a trace, its session ends with the node's stop and why."""
+        if self.tracer is None:
+            return await self._run()
+        try:
+            code = await self._run()
+        except BaseException:
+            try:
+                self.tracer.node_stopped(self.node.completed_round, "error")
+            except QuinkglError as trace_exc:  # the run's own failure is the one to report; this one is logged
+                emit(log, logging.ERROR, "trace-failed", error=trace_exc.message)
+            raise
+        self.tracer.node_stopped(self.node.completed_round, _STOP_REASONS.get(code, "error"))
+        return code
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         # Transports may deliver from their own threads: wake the waiting round through the loop, safely.
         self.node.inbox.listener = lambda: loop.call_soon_threadsafe(self.waiter.inbox_event.set)
@@ -141,12 +169,15 @@ class Daemon:
         node, o, resumed = self.node, self.options, self.prepared.resume_state
         if resumed is not None:
             self._resume(resumed)
+        if self.tracer is not None:
+            self.tracer.node_started(node.completed_round)
+        if resumed is not None:
             if node.finished() and resumed.meta.get("final"):
                 await self.files.already_finished()
                 return int(ExitCode.OK)
             # "resumed from" stays grep-able: the line reads ``resumed from_round=N checkpoint=...``.
             emit(log, logging.INFO, "resumed", from_round=node.completed_round, checkpoint=self.prepared.resume_file)
-        await self.transport.start(node)
+        await self.transport.start(node if self.tracer is None else TracedEvents(node, self.tracer))
         address = getattr(self.transport, "address", None)
         manifest = self.prepared.trusted.manifest
         listen = f"{address[0]}:{address[1]}" if address else f"{o.network.listen}:{o.network.port}"

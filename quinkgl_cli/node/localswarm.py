@@ -204,8 +204,10 @@ def child_env(home: Path) -> dict[str, str]:
 
 
 def start_swarm(workdir: Path, manifest: Path, n: int, rounds: int, interval: float, partition: str,
-                script: Path = DIGITS_SCRIPT, extra: Sequence[str] = (), home: Path | None = None) -> list[PeerProcess]:
-    """Start ``n`` `quinkgl run` processes on loopback, each with its own non-IID shard; logs go to files."""
+                script: Path = DIGITS_SCRIPT, extra: Sequence[str] = (), home: Path | None = None,
+                extra_for: Callable[[str], Sequence[str]] = lambda name: ()) -> list[PeerProcess]:
+    """Start ``n`` `quinkgl run` processes on loopback, each with its own non-IID shard; logs go to files.
+    ``extra`` flags go to every peer, ``extra_for(name)`` to that one (its own ``--trace`` file, say)."""
     ports = [free_port() for _ in range(n)]
     peers: list[PeerProcess] = []
     env = child_env(home or workdir / "home")
@@ -215,7 +217,7 @@ def start_swarm(workdir: Path, manifest: Path, n: int, rounds: int, interval: fl
         log_path = workdir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = run_command(manifest, script, name, ports[i], rounds, interval, [p for p in ports if p != ports[i]],
-                          workdir / "ckpt" / name, args, ["--min-peers", str(n - 1), "--min-peers-timeout", "60", *extra])
+                          workdir / "ckpt" / name, args, ["--min-peers", str(n - 1), "--min-peers-timeout", "60", *extra, *extra_for(name)])
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
         peers.append(PeerProcess(name, ports[i], log_path, proc, args, cmd, env, workdir))

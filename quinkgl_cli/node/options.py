@@ -78,6 +78,7 @@ class DaemonOptions:
     log_max_bytes: int = 10_000_000
     log_backups: int = 5
     ops: OpsSettings = field(default_factory=OpsSettings)  # metrics endpoint and file; the status socket is always on
+    trace: Path | None = None  # the run's trace file (`quinkgl_cli.node.trace`), appended as it goes
 
     @classmethod
     def from_flags(cls, **flags: Any) -> DaemonOptions:

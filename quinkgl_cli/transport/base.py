@@ -7,8 +7,9 @@ Model bytes are opaque here: the node encodes them (`quinkgl_cli.wire`) and the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 ControlValue = str | int | float | bool | None
 
@@ -57,6 +58,24 @@ class TransportEvents(Protocol):
     def on_message(self, sender: str, kind: str, body: dict[str, ControlValue]) -> None: ...
 
 
+@dataclass(frozen=True)
+class TransferDone:
+    """One model transfer that ended, well or not, as the transport saw it (what `Transport.on_transfer` gets).
+
+    ``send``: a peer fetched this node's update; ``receive``: this node fetched a peer's. ``size`` is the update's
+    size in bytes, ``seconds`` the exchange's wall time, ``path`` how the bytes went (``direct``, ``reverse``,
+    ``relay``; ``memory`` in-process).
+    """
+
+    direction: Literal["send", "receive"]
+    peer: str  # node id
+    round: int
+    size: int
+    seconds: float
+    path: Literal["direct", "reverse", "relay", "memory"]
+    ok: bool
+
+
 @dataclass
 class TransportStats:
     bytes_sent: int = 0
@@ -69,6 +88,13 @@ class TransportStats:
 class Transport(ABC):
     node_id: str
     stats: TransportStats
+    # Told of every model transfer that ends, on the event loop; must not block or raise. Set before `start`
+    # (`quinkgl run --trace` does); the transport never needs it.
+    on_transfer: Callable[[TransferDone], None] | None = None
+
+    def report_transfer(self, done: TransferDone) -> None:
+        if self.on_transfer is not None:
+            self.on_transfer(done)
 
     @abstractmethod
     async def start(self, events: TransportEvents) -> None:

@@ -15,20 +15,21 @@ import hashlib
 import logging
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ipv8.keyvault.crypto import default_eccrypto
 
 from quinkgl_cli.events import emit
-from quinkgl_cli.transport.base import ModelReceived, TransportStats
+from quinkgl_cli.transport.base import ModelReceived, TransferDone, TransportStats
 from quinkgl_cli.transport.common import MAX_ENCODING, MAX_META_BYTES, DropLog, OfferBook, decode_body, digest
 from quinkgl_cli.transport.ipv8 import channel, stream
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
 from quinkgl_cli.transport.ipv8.links import Links, RouteFailed
 from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD
-from quinkgl_cli.transport.ipv8.paths import RELAY, Route
+from quinkgl_cli.transport.ipv8.paths import RELAY, Route, path_name
 from quinkgl_cli.transport.ipv8.payloads import DeclinePayload, OfferPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents, TaskRegistry
@@ -73,6 +74,7 @@ class Fetcher:
         events: NodeEvents,
         drops: DropLog,
         stats: TransportStats,
+        report: Callable[[TransferDone], None],
     ) -> None:
         self.settings = settings
         self.key = key
@@ -86,6 +88,7 @@ class Fetcher:
         self.events = events
         self.drops = drops
         self.stats = stats
+        self.report = report  # each transfer that ends (`Transport.report_transfer`)
         self.book = OfferBook()
         self.rate = RateLimit(settings.limits.offers_per_second, settings.limits.offer_burst)
         self.slots = asyncio.Semaphore(settings.max_concurrent_fetches)
@@ -182,15 +185,21 @@ class Fetcher:
         """The offered bytes and their sha256, or None with the failure reported. The routes to the sender are
         raced in `links`' order (`Links.connect_any`); a transfer that fails once connected is not tried again."""
         routes = self.links.routes(rec)
+        connecting = time.monotonic()
         try:
             sock, route = await self.links.connect_any(rec, p, routes)
         except RouteFailed as exc:
             reason = exc.reason if len(routes) == 1 else "no_path"
             self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, tried=[str(r) for r in routes])
+            if routes:  # the transfer never started: reported on the way tried first, its time the connecting
+                self.report(TransferDone("receive", rec.node_id, p.round, p.size, time.monotonic() - connecting,
+                                         path_name(routes[0].path), False))
             return None
         started = time.monotonic()
         got = await self._exchange(rec, p, sock, route)
-        self.links.done(rec, route, got is not None, p.size, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        self.links.done(rec, route, got is not None, p.size, seconds)
+        self.report(TransferDone("receive", rec.node_id, p.round, p.size, seconds, path_name(route.path), got is not None))
         return got
 
     async def _exchange(self, rec: PeerRecord, p: OfferPayload, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | None:

@@ -252,7 +252,7 @@ class Links:
                 close_socket(sock)
                 self.drops("push-failed", rec.node_id, getattr(exc, "reason", "unreachable"), path=path)
                 return
-            await self.server.serve(sock, target, inbound=False)  # the usual exchange, we serving; it closes sock
+            await self.server.serve(sock, target, path)  # the usual exchange, we serving; it closes sock
         finally:
             self.pushing.discard(offer_id)
 

@@ -38,6 +38,7 @@ class Outgoing:
     last_sent: float
     sends: int = 1
     serving: bool = False
+    round: int = 0  # the update's round (also in ``fields``), for the transfer report
 
 
 class DigestCache:
@@ -97,7 +98,8 @@ class Outbox:
         offer_id = os.urandom(stream.OFFER_ID_BYTES)
         fields = (offer_id, round_, self.settings.node_id, rec.node_id, rec.mid, len(payload), dig, encoding,
                   sample_count, meta, self.tcp_port)
-        self.offers[offer_id] = Outgoing(offer_id, rec.node_id, rec.public_key, payload, len(payload), fields, rec.address, now, now)
+        self.offers[offer_id] = Outgoing(offer_id, rec.node_id, rec.public_key, payload, len(payload), fields, rec.address, now, now,
+                                         round=round_)
         pending = [o for o in self.offers.values() if o.recipient == rec.node_id and not o.serving]
         for stale in pending[: -self.settings.limits.pending_offers_per_peer]:
             del self.offers[stale.offer_id]  # a peer that never fetches must not pin every update we ever offered it

@@ -10,9 +10,17 @@ unless nothing else is left, so a sender whose NAT or firewall changed is found 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 DIRECT, REVERSE, RELAY = "direct", "reverse", "relay"
+PathName = Literal["direct", "reverse", "relay"]
+_NAMES: dict[str, PathName] = {DIRECT: "direct", REVERSE: "reverse", RELAY: "relay"}
 MAX_RELAYS_TRIED = 2  # relays tried for one transfer: each failure costs a wait
+
+
+def path_name(path: str) -> PathName:
+    """One of the three ways, typed as transfer reports carry it (every `Route` has one of them)."""
+    return _NAMES[path]
 
 
 @dataclass(frozen=True)

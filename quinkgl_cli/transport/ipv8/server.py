@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,11 +21,12 @@ from ipv8.keyvault.crypto import default_eccrypto
 
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.events import emit
-from quinkgl_cli.transport.base import TransportStats
+from quinkgl_cli.transport.base import TransferDone, TransportStats
 from quinkgl_cli.transport.common import DropLog
 from quinkgl_cli.transport.ipv8 import channel, stream
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
 from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD, Outbox, Outgoing
+from quinkgl_cli.transport.ipv8.paths import DIRECT, path_name
 from quinkgl_cli.transport.ipv8.runtime import TaskRegistry
 from quinkgl_cli.transport.ipv8.settings import TransportSettings
 from quinkgl_cli.validation import is_loopback
@@ -76,6 +78,7 @@ class FetchServer:
         drops: DropLog,
         stats: TransportStats,
         revoked: Callable[[bytes], bool],
+        report: Callable[[TransferDone], None],
     ) -> None:
         self.settings = settings
         self.lsock = lsock
@@ -88,6 +91,7 @@ class FetchServer:
         self.drops = drops
         self.stats = stats
         self.revoked = revoked
+        self.report = report  # each transfer that ends (`Transport.report_transfer`)
         self.slots = asyncio.Semaphore(settings.limits.serve_slots)
         self.pending: dict[socket.socket, asyncio.Task[Any]] = {}  # in arrival order: the oldest gives way first
         self.serving: dict[str, int] = {}  # recipient -> slots it holds
@@ -125,9 +129,9 @@ class FetchServer:
                 self.drops("fetch-refused", str(addr[0]), "handshake_crowded")
             self.pending[conn] = self.tasks.spawn(self.serve(conn, (str(addr[0]), int(addr[1]))), "serve")
 
-    async def serve(self, conn: socket.socket, addr: tuple[str, int], inbound: bool = True) -> None:
-        """Serve one fetch on ``conn``: accepted from a peer (``inbound``), or made by us towards a recipient or a
-        relay when the recipient could not connect to us (see `links`)."""
+    async def serve(self, conn: socket.socket, addr: tuple[str, int], path: str = DIRECT) -> None:
+        """Serve one fetch on ``conn``: accepted from a peer (``direct``), or made by us towards a recipient
+        (``reverse``) or a relay (``relay``) when the recipient could not connect to us (see `links`)."""
         loop = asyncio.get_running_loop()
         out: Outgoing | None = None
         who = addr[0]  # the source port of a TCP connection is random: it names nobody
@@ -148,8 +152,8 @@ class FetchServer:
                 raise stream.FetchError("peer_busy")
             self.serving[who] = self.serving.get(who, 0) + 1
             try:
-                await self._serve_in_slot(loop, conn, out, sealer)
-                if inbound and not is_loopback(addr[0]):
+                await self._serve_in_slot(loop, conn, out, sealer, path)
+                if path == DIRECT and not is_loopback(addr[0]):
                     self.inbound_served += 1
             finally:
                 self._release(who)
@@ -207,7 +211,7 @@ class FetchServer:
         return out, channel.Sealer(key)
 
     async def _serve_in_slot(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Outgoing,
-                             sealer: channel.Sealer) -> None:
+                             sealer: channel.Sealer, path: str) -> None:
         """Wait (briefly) for a serve slot, then send the offer's bytes; the offer is done once they are out."""
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
@@ -220,12 +224,21 @@ class FetchServer:
                 await loop.sock_sendall(conn, stream.RESPONSE.pack(stream.BUSY, 0))
                 raise stream.FetchError("already_fetching")
             out.serving = True
-            await self._send(loop, conn, out, sealer)
+            started, ok = time.monotonic(), False
+            try:
+                await self._send(loop, conn, out, sealer)
+                ok = True
+            finally:
+                self._report(out, path, started, ok)
             self.stats.models_sent += 1
             self.stats.bytes_sent += out.size
             self.outbox.served(out)
         finally:
             self.slots.release()
+
+    def _report(self, out: Outgoing, path: str, started: float, ok: bool) -> None:
+        self.report(TransferDone("send", out.recipient, out.round, out.size, time.monotonic() - started,
+                                 path_name(path), ok))
 
     async def _send(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, out: Outgoing, sealer: channel.Sealer) -> None:
         budget = self.settings.fetch_timeout + out.size / self.settings.limits.min_rate

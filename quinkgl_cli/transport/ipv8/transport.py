@@ -241,11 +241,12 @@ class IPv8Transport(RuledTransport):
         table = PeerTable(s.max_peers)
         outbox = Outbox(s, table, courier, drops, self.tcp_port)
         server = FetchServer(s, lsock, outbox, key, community.community_id, self.guard, pool, tasks, drops, self.stats,
-                             self.admission.revoked)
+                             self.admission.revoked, self.report_transfer)
         services = Services(s, table, courier, int(endpoint.get_address()[1]))
         relay = Relay(s, table, tasks, drops)
         links = Links(s, courier, services, relay, outbox, server, self.guard, tasks, drops)
-        fetcher = Fetcher(s, key, community.community_id, courier, links, self.guard, pool, tasks, node_events, drops, self.stats)
+        fetcher = Fetcher(s, key, community.community_id, courier, links, self.guard, pool, tasks, node_events, drops, self.stats,
+                          self.report_transfer)
 
         def lost(node_id: str) -> None:
             fetcher.forget(node_id)

@@ -1,0 +1,128 @@
+"""Does a simulated straggler run agree with real daemons that have one? (issue 16)
+
+N real `quinkgl run` daemons on loopback (`--torch-threads 1`, each with its own `--trace`), one of them (the last)
+slowed by its peer script: `benchmarks/scripts/digits_slowed.py` with `sleep_per_batch=S`, the digits script
+sleeping before each training batch. Their traces say how long each peer's training took per round. Then
+`quinkgl simulate --partition script` on the same manifest, script and split, in virtual time with the same
+gossip interval and the same straggler: the traces replayed (`simulate --trace`) when the simulator has it, else
+each peer's measured training time through `--speed`. Per-round and final mean validation accuracy side by side,
+compared as `bench_agreement` does. Aim: within 3 points per round and at the end.
+
+    python benchmarks/bench_straggler.py                        # 4 peers, classes:3, 12 rounds, 0.2 s per batch
+    python benchmarks/bench_straggler.py --sleep-per-batch 0.1 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench_agreement import compare, daemons, simulator
+
+from quinkgl_cli.node import localswarm as ls
+from quinkgl_cli.node.trace import PeerArrival, Train, Transfer, read_trace, sessions
+
+ROOT = Path(__file__).resolve().parent
+SLOWED_SCRIPT = ROOT / "scripts" / "digits_slowed.py"
+
+
+def trace_summary(traces: list[Path]) -> dict[str, dict[str, object]]:
+    """Per peer, from its trace: training seconds per round (median, min, max), rounds, transfers, arrivals."""
+    out: dict[str, dict[str, object]] = {}
+    for path in traces:
+        for session in sessions(read_trace(path)):
+            events = session.events
+            train = [e.seconds for e in events if isinstance(e, Train)]
+            moved = [e for e in events if isinstance(e, Transfer)]
+            out[session.header.node] = {
+                "rounds_trained": len(train),
+                "train_s_median": round(statistics.median(train), 4) if train else None,
+                "train_s_min": round(min(train), 4) if train else None,
+                "train_s_max": round(max(train), 4) if train else None,
+                "transfers_ok": sum(e.ok for e in moved),
+                "transfers_failed": sum(not e.ok for e in moved),
+                "update_bytes": sorted({e.bytes for e in moved if e.ok}),
+                "arrivals": sorted({e.peer for e in events if isinstance(e, PeerArrival)}),
+            }
+    return out
+
+
+def simulate_flags() -> set[str]:
+    """The field flags this build's `quinkgl simulate` knows, of those this benchmark can use."""
+    done = subprocess.run([sys.executable, "-m", "quinkgl_cli", "simulate", "--help"], capture_output=True, text=True,
+                          env={**ls.child_env(Path(tempfile.gettempdir())), "COLUMNS": "200"})
+    return {flag for flag in ("--trace", "--speed", "--gossip-interval") if flag in done.stdout}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--partition", default="classes:3")
+    p.add_argument("--interval", type=float, default=1.5)
+    p.add_argument("--sleep-per-batch", type=float, default=0.2, help="the straggler's added seconds per batch")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "straggler.json")
+    p.add_argument("--workdir", type=Path, default=None, help="keep logs and traces here (default: a temp dir)")
+    args = p.parse_args()
+    straggler = f"peer-{args.peers}"
+    with tempfile.TemporaryDirectory(prefix="qgl-straggler-") as tmp:
+        root = args.workdir or Path(tmp)
+        traces = root / "traces"
+        traces.mkdir(parents=True, exist_ok=True)
+        manifest, _key, _pub, _swarm = ls.digits_manifest(root / "manifest", rounds=args.rounds, script=SLOWED_SCRIPT)
+
+        def extra_for(name: str) -> list[str]:
+            slow = ["--script-arg", f"sleep_per_batch={args.sleep_per_batch}"] if name == straggler else []
+            return ["--trace", str(traces / f"{name}.trace"), *slow]
+
+        real = daemons(root, manifest, args.peers, args.rounds, args.interval, args.partition,
+                       script=SLOWED_SCRIPT, extra_for=extra_for)
+        files = [traces / f"peer-{i + 1}.trace" for i in range(args.peers)]
+        peers = trace_summary(files)
+        speeds = [peers[f"peer-{i + 1}"]["train_s_median"] for i in range(args.peers)]
+        fast = statistics.median(s for s in speeds[:-1] if isinstance(s, float))
+        factor = round(speeds[-1] / fast, 2) if isinstance(speeds[-1], float) and fast else None
+        print(f"training seconds per round (median): {dict(zip(peers, speeds, strict=True))}; straggler x{factor}")
+        swarm_trace = root / "swarm.trace"
+        swarm_trace.write_text("".join(f.read_text() for f in files))  # sessions in peer order: shard i's first
+        known = simulate_flags()
+        sim: dict[str, object] | None = None
+        missing = None
+        if "--trace" in known:
+            sim = simulator(root, manifest, args.peers, args.rounds, args.partition, script=SLOWED_SCRIPT,
+                            extra=["--trace", str(swarm_trace), "--gossip-interval", str(args.interval)])
+        elif "--speed" in known and "--gossip-interval" in known and factor is not None:
+            spec = f"straggler:{fast}:{1 / args.peers}:{factor}"
+            missing = f"no simulate --trace: the straggler given as --speed {spec} (drawn per peer, not placed)"
+            sim = simulator(root, manifest, args.peers, args.rounds, args.partition, script=SLOWED_SCRIPT,
+                            extra=["--speed", spec, "--gossip-interval", str(args.interval)])
+        else:
+            missing = "this build's quinkgl simulate has neither --trace nor --speed: the simulator half is not run"
+    summary: dict[str, object] = {
+        "peers": args.peers, "rounds": args.rounds, "partition": args.partition, "interval": args.interval,
+        "straggler": straggler, "sleep_per_batch": args.sleep_per_batch, "straggler_factor": factor,
+        "traces": peers, "daemons": real, "simulator": sim, "simulator_flags": sorted(known), "missing": missing,
+        "daemon_exit_codes": real["exit_codes"],
+    }
+    if sim is not None:
+        summary.update(compare(real, sim))
+        print(f"max per-round difference {summary['max_round_diff_points']} points over {summary['rounds_compared']} "
+              f"rounds; final {summary['final_diff_points']}")
+    else:
+        per_round: dict[int, float] = real["per_round"]  # type: ignore[assignment]
+        for r, a in per_round.items():
+            print(f"round {r:>3} daemons {100 * a:5.1f}")
+        print(f"final daemons {100 * real['final']:.1f}; {missing}")  # type: ignore[operator]
+    print(f"daemon exits {real['exit_codes']}, wall {real['wall_s']} s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
