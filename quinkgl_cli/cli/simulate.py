@@ -15,6 +15,7 @@ _KV = "K=V"
 _MODES = ("gossip", "fedavg", "pairwise", "local")
 _F_RULES = ("Krum", "MultiKrum", "TrimmedMean")  # robust rules that discard exactly f updates
 DEFAULT_CLIENTS_PER_ROUND = 10
+_DIST = "X | uniform:LO:HI | lognormal:MEDIAN:SIGMA | straggler:BASE:P:FACTOR"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -75,6 +76,15 @@ def simulate(
     trusted_pubkey: Annotated[list[str] | None, typer.Option("--trusted-pubkey", metavar="KEY", help="Creator key for pinned (repeatable).")] = None,
     threads: Annotated[int, typer.Option("--threads", metavar="N", help="torch threads (peers run in turn; 1 suits small models).")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show every node's log lines (warnings are always shown).")] = False,
+    latency: Annotated[str | None, typer.Option("--latency", metavar="DIST", help=f"Field: seconds each message takes, drawn per message: {_DIST}.")] = None,
+    bandwidth: Annotated[str | None, typer.Option("--bandwidth", metavar="DIST", help=f"Field: bytes/s of each peer's link, drawn per peer (a transfer takes size / the slower end's): {_DIST}.")] = None,
+    drop: Annotated[float | None, typer.Option("--drop", metavar="P", help="Field: probability that a message is lost (0..1).")] = None,
+    churn: Annotated[float | None, typer.Option("--churn", metavar="SHARE", help="Field: share of online peers leaving at each round interval (0..<1); they come back later.")] = None,
+    churn_away: Annotated[float | None, typer.Option("--churn-away", metavar="ROUNDS", help="Field: rounds a leaving peer stays away, on average (default 2).")] = None,
+    churn_fresh: Annotated[float | None, typer.Option("--churn-fresh", metavar="SHARE", help="Field: share of returning peers that lost their checkpoint (start at round 0; default 0).")] = None,
+    late_join: Annotated[float | None, typer.Option("--late-join", metavar="SHARE", help="Field: share of peers first joining mid-run, from scratch (0..<1).")] = None,
+    speed: Annotated[str | None, typer.Option("--speed", metavar="DIST", help=f"Field: virtual seconds one round's training takes, drawn per peer (default 1): {_DIST}.")] = None,
+    gossip_interval: Annotated[float | None, typer.Option("--gossip-interval", metavar="SECONDS", help="Field: virtual seconds between round starts, as the daemon's flag (default 10).")] = None,
 ) -> None:
     """Run a whole swarm of real nodes in one process, in virtual time (no waiting), deterministic for --seed."""
     import logging
@@ -82,8 +92,9 @@ def simulate(
     from quinkgl_cli.manifest.trust import load_trusted
     from quinkgl_cli.node.script import load_script
     from quinkgl_cli.sim.attacks import parse_attackers
+    from quinkgl_cli.sim.fieldconf import field_config
     from quinkgl_cli.sim.report import communication, plot_result, write_json
-    from quinkgl_cli.sim.simulator import Overrides, SimConfig, Simulator
+    from quinkgl_cli.sim.simulator import Overrides, SimConfig, make_simulator
     from quinkgl_cli.transport.memory import DEFAULT_MAX_PEERS
 
     if mode not in _MODES:
@@ -91,6 +102,7 @@ def simulate(
     if threads < 1:
         raise UsageError(f"--threads {threads} must be at least 1", "use --threads 1")
     count, kind = parse_attackers(attackers)
+    conditions = field_config(latency, bandwidth, drop, churn, churn_away, churn_fresh, late_join, speed, gossip_interval)
     for path, flag in ((json_out, "--json"), (plot, "--plot")):
         if path is not None and not path.parent.resolve().is_dir():
             raise IOFailure(f"{flag} {path}: directory {path.parent} does not exist", "create it or choose another path")
@@ -111,6 +123,7 @@ def simulate(
             dp_epsilon=dp_epsilon, byzantine_f=byzantine_f, personalization=personalization,
             personalization_params=parse_kv(personalization_param, "--personalization-param"),
         ),
+        conditions=conditions,
     )
 
     node_log = logging.getLogger("quinkgl")
@@ -122,7 +135,7 @@ def simulate(
     node_log.setLevel(logging.INFO if verbose else logging.WARNING)
     node_log.propagate = False
     try:
-        sim = Simulator(peer_script, trusted.manifest, config)
+        sim = make_simulator(peer_script, trusted.manifest, config)
         weak = _undefended(sim.manifest, count)
         if weak:
             typer.echo(f"warning: {weak}", err=True)

@@ -10,7 +10,10 @@ deadlines still waits a little for each step (`min_gossip_wait`): without it, it
 previous round's updates. After the last round: the node's final consensus exchanges.
 
 Owns the waiting (`Waiter`: the stop request and the wake-up on arrivals), the start-up and first-round timing,
-the reminders it prints at most every `REMINDER_S` seconds, and the final consensus's evaluation.
+the reminders it prints at most every `REMINDER_S` seconds (loop time), and the final consensus's evaluation.
+Every wait reads the event loop's clock, and the CPU-heavy steps run through `Work`: the daemon's loop runs in real
+time with training and evaluation in a worker thread; the simulator's field driver (`quinkgl_cli.sim.field`) runs
+this same loop for every peer on one virtual-time event loop, training in place and charged a modelled duration.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from quinkgl_cli.events import emit
@@ -37,6 +41,15 @@ MIN_GOSSIP_WAIT_CAP_S = 5.0
 def min_gossip_wait(interval: float, steps: int) -> float:
     """The least time one gossip step waits for updates, even when the round is already past its deadline."""
     return min(MIN_GOSSIP_WAIT_FRACTION * interval, MIN_GOSSIP_WAIT_CAP_S) / max(steps, 1)
+
+
+@dataclass(frozen=True)
+class Work:
+    """How the loop runs a node's CPU-heavy steps (each given as a no-argument call): by default in a worker thread,
+    so that the network stays served while the node trains."""
+
+    train: Callable[[Callable[[], Any]], Awaitable[Any]] = asyncio.to_thread
+    evaluate: Callable[[Callable[[], Any]], Awaitable[Any]] = asyncio.to_thread
 
 
 class Waiter:
@@ -76,8 +89,9 @@ class RoundLoop:
     def __init__(self, node: Node, schedule: ScheduleOptions, waiter: Waiter, context: LogContext,
                  bootstrap: list[str], started_at: float,
                  after_round: Callable[[RoundMetrics], Awaitable[None]],
-                 may_continue: Callable[[], bool] = lambda: True) -> None:
+                 may_continue: Callable[[], bool] = lambda: True, work: Work = Work()) -> None:
         self.node = node
+        self.work = work
         self.may_continue = may_continue  # asked before every round (the daemon checks the manifest's expiry)
         self.schedule = schedule
         self.waiter = waiter
@@ -90,7 +104,7 @@ class RoundLoop:
         self._noted: dict[str, float] = {}  # reminder -> when last printed
 
     def _due(self, reminder: str) -> bool:
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         if now - self._noted.get(reminder, -1e9) < REMINDER_S:
             return False
         self._noted[reminder] = now
@@ -131,7 +145,7 @@ class RoundLoop:
                 self.first_round_at = time.monotonic()
                 # From the process's start: what a user waits for after launching `quinkgl run`.
                 emit(log, logging.INFO, "first-round", seconds_since_start=round(self.first_round_at - self.started_at, 3))
-            await asyncio.to_thread(node.train_round)
+            await self.work.train(node.train_round)
             if waiter.stopping:
                 return
             if not node.known_peers:
@@ -150,7 +164,7 @@ class RoundLoop:
                 outcome = node.aggregate()
                 if outcome is None and node.known_peers:
                     emit(log, logging.DEBUG, "no-updates", known=len(node.known_peers))
-            await asyncio.to_thread(node.evaluate)
+            await self.work.evaluate(node.evaluate)
             metrics = node.end_round()
             await self.after_round(metrics)
             if loop.time() > next_start and self._due("behind-schedule"):
@@ -201,7 +215,7 @@ class RoundLoop:
             node.share(step)
             await self.waiter.sleep_until(loop.time() + self.schedule.gossip_interval, until=node.has_fresh_update_from_all)
             node.aggregate()
-        await asyncio.to_thread(node.evaluate)
+        await self.work.evaluate(node.evaluate)
         metrics = node.end_consensus()
         self.final_eval = {"val_loss": metrics.val_loss, "val_accuracy": metrics.val_accuracy, **metrics.personal_fields()}
         emit(log, logging.INFO, "final-consensus", steps=node.final_consensus_steps, **self.final_eval)

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.sim.fieldconf import FieldConfig
 from quinkgl_cli.transport.memory import DEFAULT_MAX_PEERS
 
 Mode = Literal["gossip", "fedavg", "pairwise", "local"]
@@ -50,6 +51,7 @@ class SimConfig:
     threads: int = 1  # torch intra-op threads: peers run one after another, so tiny models do best on one
     script_args: Mapping[str, str] = field(default_factory=dict)
     overrides: Overrides = field(default_factory=Overrides)
+    conditions: FieldConfig | None = None  # field conditions: run by `quinkgl_cli.sim.field` in virtual time; None: lockstep
 
 
 

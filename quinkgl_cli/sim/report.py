@@ -5,7 +5,7 @@ JSON layout (``SCHEMA``): top level ``rounds`` is a list of objects, one per tra
 ``min_own_accuracy`` (each peer's personal model on its own label distribution), ``mean_personal_val_accuracy``
 (APFL) and ``peers`` (per-peer numbers); beside it
 ``consensus`` (the averaging-only phase after the last round, or null), ``final`` (what the swarm ends with),
-``communication``, ``memory``, ``timing``, ``config`` and the effective ``manifest`` settings.
+``communication``, ``memory``, ``timing``, ``conditions`` (the field conditions, empty in lockstep), ``config`` and the effective ``manifest`` settings.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def to_json(result: SimResult) -> dict[str, Any]:
         "communication": communication(result),
         "memory": result.memory,
         "timing": result.timing,
+        "conditions": result.conditions,
     }
 
 

@@ -9,7 +9,7 @@ import os
 import resource
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from quinkgl_cli.manifest.schema import Manifest
@@ -62,6 +62,7 @@ class SimResult:
     gossip_steps: int
     memory: dict[str, float]
     timing: dict[str, float]
+    conditions: dict[str, Any] = field(default_factory=dict)  # field conditions and what they did (`sim.field`)
 
     @property
     def final(self) -> RoundSummary:

@@ -1,4 +1,5 @@
-"""A whole swarm in one process: N real `Node`s over the in-memory transport, in lockstep virtual time.
+"""A whole swarm in one process: N real `Node`s over the in-memory transport, in lockstep virtual time (under
+field conditions, `make_simulator` gives the field driver instead, `quinkgl_cli.sim.field`).
 
 Every node is the daemon's own `quinkgl_cli.node.core.Node` (training, topology, encoding, validation,
 aggregation), wired by the same `quinkgl_cli.node.wiring.build_node` (the script's ``build_optimizer`` and
@@ -69,7 +70,7 @@ log = logging.getLogger("quinkgl.sim")
 
 # What `quinkgl simulate`, reports and benchmarks import from here.
 __all__ = ["MODES", "Mode", "Overrides", "PeerRound", "RoundSummary", "SimConfig", "SimResult", "Simulator",
-           "apply_overrides", "simulate"]
+           "apply_overrides", "make_simulator", "simulate"]
 
 ROUND_SECONDS = 10.0  # virtual seconds a round takes (only timestamps see it)
 
@@ -257,6 +258,11 @@ class Simulator:
         consensus = self._consensus()
         if consensus is not None and self.progress is not None:
             self.progress(consensus)
+        return self._result(summaries, consensus, started)
+
+    def _result(self, summaries: list[RoundSummary], consensus: RoundSummary | None, started: float) -> SimResult:
+        """The run's result once its rounds are summarized: timing and memory figures, every transport stopped."""
+        cfg = self.config
         self.timing["run_s"] = time.perf_counter() - started
         self.timing["seconds_per_round"] = self.timing["run_s"] / self.rounds
         self.memory["rss_end_mb"] = rss_mb()
@@ -276,7 +282,16 @@ class Simulator:
 
 def simulate(script: PeerScript, manifest: Manifest, config: SimConfig,
              progress: Callable[[RoundSummary], None] | None = None) -> SimResult:
-    """Build and run one simulation."""
-    sim = Simulator(script, manifest, config, progress)
-    return sim.run()
+    """Build and run one simulation: in lockstep, or under ``config.conditions`` by the field driver."""
+    return make_simulator(script, manifest, config, progress).run()
+
+
+def make_simulator(script: PeerScript, manifest: Manifest, config: SimConfig,
+                   progress: Callable[[RoundSummary], None] | None = None) -> Simulator:
+    """The lockstep `Simulator`, or the field driver (`quinkgl_cli.sim.field`) when ``config.conditions`` is set."""
+    if config.conditions is None:
+        return Simulator(script, manifest, config, progress)
+    from quinkgl_cli.sim.field import FieldSimulator  # it builds on this module
+
+    return FieldSimulator(script, manifest, config, progress)
 

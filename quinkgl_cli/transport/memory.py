@@ -126,6 +126,11 @@ class MemoryNetwork:
         """Run only the deliveries queued before this call (one hop of every message in flight)."""
         return self.deliver_all(limit=len(self._queue))
 
+    def _transfer(self, src: str, dst: str, size: int, action: Callable[[], None]) -> None:
+        """Carry one message of ``size`` bytes from ``src`` to ``dst`` (``action`` delivers it): queued here; the
+        simulator's field network (`quinkgl_cli.sim.fieldnet`) delays it by latency and bandwidth, or loses it."""
+        self._enqueue(action)
+
     def _enqueue(self, action: Callable[[], None]) -> None:
         self._queue.append(action)
         if not self.auto_deliver:
@@ -337,14 +342,15 @@ class MemoryTransport(RuledTransport):
             return
         target = self.network._transports.get(peer_id)
         if target is not None:
-            self.network._enqueue(lambda: target._offer_from(self, offer))
+            self.network._transfer(self.node_id, peer_id, offer.size, lambda: target._offer_from(self, offer))
 
     def _deliver(self, peer_id: str, kind: str, data: bytes) -> None:
         if not self.network._link_ok(self.node_id, peer_id):
             return
         target = self.network._transports.get(peer_id)
         if target is not None:
-            self.network._enqueue(lambda: target._message_from(self.node_id, kind, data))
+            self.network._transfer(self.node_id, peer_id, len(data),
+                                   lambda: target._message_from(self.node_id, kind, data))
 
     # -- receiving -----------------------------------------------------------------------------------------
     def _hello_from(self, other: MemoryTransport) -> None:

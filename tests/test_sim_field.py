@@ -1,0 +1,198 @@
+"""The field driver: the daemon's round loop for every peer on one virtual-time event loop, under latency,
+bandwidth, loss, churn, late joiners and slow peers; deterministic for a seed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from quinkgl_cli.cli.app import app
+from quinkgl_cli.errors import UsageError
+from quinkgl_cli.manifest.arch_hash import compute_arch_hash
+from quinkgl_cli.manifest.create import build_manifest
+from quinkgl_cli.manifest.io import write_manifest
+from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.script import PeerScript, load_script
+from quinkgl_cli.sim.dist import parse_dist
+from quinkgl_cli.sim.field import FieldSimulator
+from quinkgl_cli.sim.fieldconf import field_config
+from quinkgl_cli.sim.simulator import SimConfig, Simulator, make_simulator
+from quinkgl_cli.sim.vloop import VirtualTimeDeadlock, VirtualTimeLoop
+
+SCRIPT = Path(__file__).resolve().parent.parent / "peer_scripts" / "digits_peer_script.py"
+
+
+@pytest.fixture(scope="module")
+def script() -> PeerScript:
+    return load_script(SCRIPT)
+
+
+def manifest(script: PeerScript, **training: Any) -> Manifest:
+    training = {"local_epochs": 1, "final_consensus_steps": 1, **training}
+    return build_manifest(
+        name="digits-field", task_type="classification", input_shape="64", output_shape="10", label_type="integer",
+        framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={k: str(v) for k, v in training.items()},
+    )
+
+
+def run(script: PeerScript, m: Manifest, peers: int = 5, rounds: int = 4, seed: int = 3, **flags: Any) -> FieldSimulator:
+    sim = make_simulator(script, m, SimConfig(peers=peers, rounds=rounds, partition="shards:2", seed=seed,
+                                              conditions=field_config(**flags)))
+    assert isinstance(sim, FieldSimulator)
+    sim.result = sim.run()  # type: ignore[attr-defined]
+    return sim
+
+
+class _Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_virtual_loop_jumps_to_the_next_timer_and_refuses_a_deadlock() -> None:
+    clock = _Clock()
+
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        seen: list[float] = []
+        loop.call_later(7.5, lambda: seen.append(loop.time()))
+        await asyncio.sleep(3600)
+        seen.append(loop.time())
+        return seen
+
+    assert VirtualTimeLoop(clock).run_virtual(main()) == [7.5, 3600.0]
+
+    async def stuck() -> None:
+        await asyncio.Event().wait()
+
+    with pytest.raises(VirtualTimeDeadlock):
+        VirtualTimeLoop(_Clock()).run_virtual(stuck())
+
+
+def test_same_seed_same_curve_under_field_conditions(script: PeerScript) -> None:
+    m = manifest(script)
+    flags = dict(latency="uniform:0.01:0.3", bandwidth="lognormal:200000:0.5", drop=0.1, churn=0.2,
+                 churn_fresh=0.5, speed="straggler:1:0.3:6", gossip_interval=5.0)
+    a = run(script, m, **flags).result  # type: ignore[attr-defined]
+    b = run(script, m, **flags).result  # type: ignore[attr-defined]
+    c = run(script, m, seed=4, **flags).result  # type: ignore[attr-defined]
+    curve = [[(p.peer, p.val_accuracy) for p in r.peers] for r in a.rounds]
+    assert curve == [[(p.peer, p.val_accuracy) for p in r.peers] for r in b.rounds]
+    assert a.final.mean_accuracy == b.final.mean_accuracy and a.timing["virtual_s"] == b.timing["virtual_s"]
+    assert a.conditions == b.conditions
+    assert a.conditions["messages_lost"] > 0 and a.conditions["departures"] > 0
+    assert (a.conditions, a.final.mean_accuracy) != (c.conditions, c.final.mean_accuracy)
+
+
+def test_drop_everything_and_nobody_aggregates(script: PeerScript) -> None:
+    sim = run(script, manifest(script), drop=1.0)
+    assert sim.network.lost > 0 and sim.network.carried == 0  # type: ignore[attr-defined]
+    rounds = [m for p in sim.peers for m in p.rounds.values()]
+    assert len(rounds) == 5 * 4 and all(m["peers"] == 0 and m["bytes_received"] == 0 for m in rounds)
+    # and without loss the same swarm does aggregate, so the check above can fail
+    ideal = run(script, manifest(script), drop=0.0)
+    assert all(m["peers"] > 0 for p in ideal.peers for m in p.rounds.values())
+
+
+def test_a_straggler_takes_longer_and_its_late_updates_meet_the_staleness_rule(script: PeerScript) -> None:
+    sim = run(script, manifest(script, max_staleness=0), peers=4, rounds=5, seed=9,
+              speed="straggler:1:0.4:20", gossip_interval=5.0)
+    slow = [p for p in sim.peers if p.train_seconds == 20.0]
+    fast = [p for p in sim.peers if p.train_seconds == 1.0]
+    assert len(slow) == 1 and fast, "seed 9 draws one straggler"
+    # a round of the straggler lasts its training (20 s) at least; the others keep near the 5 s interval
+    assert min(m["duration"] for p in slow for m in p.rounds.values()) >= 20.0
+    assert max(m["duration"] for p in fast for m in p.rounds.values()) < 20.0
+    # with max_staleness 0 the others drop its updates of past rounds as stale on arrival
+    assert sum(m["updates_dropped"] for p in fast for m in p.rounds.values()) > 0
+    # a fast peer finishes far ahead of it in virtual time
+    result = sim.result  # type: ignore[attr-defined]
+    assert result.timing["virtual_s"] >= 5 * 20.0
+
+
+def test_a_straggler_is_paced_for_under_a_looser_staleness_bound(script: PeerScript,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="quinkgl.daemon"):
+        run(script, manifest(script, max_staleness=1), peers=4, rounds=8, seed=9, speed="straggler:1:0.4:8",
+            gossip_interval=4.0)
+    assert any(r.getMessage().startswith("paced") for r in caplog.records)
+
+
+def test_churned_peers_return_with_or_without_their_checkpoints(script: PeerScript,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG, logger="quinkgl.sim"):
+        kept = run(script, manifest(script), peers=6, rounds=6, churn=0.3, gossip_interval=5.0)
+    joined = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sim-peer-joined")]
+    c = kept.result.conditions  # type: ignore[attr-defined]
+    assert c["departures"] > 0 and c["returns_from_checkpoint"] == c["departures"] and c["returns_from_scratch"] == 0
+    assert joined and all("from_round=0" not in line for line in joined)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="quinkgl.sim"):
+        fresh = run(script, manifest(script), peers=6, rounds=6, churn=0.3, churn_fresh=1.0, gossip_interval=5.0)
+    joined = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sim-peer-joined")]
+    c = fresh.result.conditions  # type: ignore[attr-defined]
+    assert c["returns_from_scratch"] == c["departures"] > 0 and c["returns_from_checkpoint"] == 0
+    assert joined and all("from_round=0" in line for line in joined)
+    # every peer still ends the run, its last incarnation having completed the last round
+    assert all(p.node.completed_round == 6 for p in fresh.peers)
+
+
+def test_late_joiners_arrive_mid_run_from_scratch(script: PeerScript) -> None:
+    sim = run(script, manifest(script), peers=8, rounds=6, late_join=0.25, gossip_interval=5.0)
+    late = [p for p in sim.peers if p.fresh]
+    assert sim.result.conditions["late_joins"] == len(late) == 2  # type: ignore[attr-defined]
+    # they did not run the first round with the others; they still finish
+    assert all(1 not in p.rounds or p.rounds[1]["duration"] >= 0 for p in late)
+    assert all(p.node.completed_round == 6 for p in sim.peers)
+    first_seen = [min(p.rounds) for p in late]
+    on_time = [min(p.rounds) for p in sim.peers if not p.fresh]
+    assert on_time == [1] * 6 and len(first_seen) == 2
+
+
+@pytest.mark.parametrize(("flag", "value", "needle"), [
+    ("--latency", "uniform:0.2:0.1", "LO <= HI"),
+    ("--latency", "-1", "0 or more"),
+    ("--bandwidth", "0", "above 0"),
+    ("--speed", "pareto:1", "unknown distribution"),
+    ("--speed", "straggler:1:0.1", "takes 3 numbers"),
+    ("--drop", "1.5", "share"),
+    ("--churn", "1", "share"),
+    ("--gossip-interval", "0", "above 0"),
+])
+def test_bad_field_flags_are_one_line_usage_errors(script: PeerScript, tmp_path: Path, flag: str, value: str,
+                                                   needle: str) -> None:
+    qgl = tmp_path / "swarm.qgl"
+    write_manifest(qgl, manifest(script))
+    res = CliRunner().invoke(app, ["simulate", "--manifest", str(qgl), "--script", str(SCRIPT), "--peers", "3",
+                                   "--rounds", "1", flag, value])
+    assert res.exit_code == 1, res.output
+    message = str(res.exception) if isinstance(res.exception, UsageError) else res.output
+    assert needle in message and flag in message and "\n" not in message.strip()
+
+
+def test_field_flags_need_gossip_mode_and_none_keeps_lockstep(script: PeerScript) -> None:
+    with pytest.raises(UsageError, match="--mode gossip"):
+        make_simulator(script, manifest(script), SimConfig(peers=3, rounds=1, mode="local",
+                                                           conditions=field_config(drop=0.1)))
+    assert type(make_simulator(script, manifest(script), SimConfig(peers=3, rounds=1))) is Simulator
+    assert field_config() is None
+    with pytest.raises(UsageError, match="FACTOR"):
+        parse_dist("--speed", "straggler:1:0.1:0", "s")
+
+
+def test_cli_runs_under_field_conditions(script: PeerScript, tmp_path: Path) -> None:
+    qgl = tmp_path / "swarm.qgl"
+    write_manifest(qgl, manifest(script))
+    res = CliRunner().invoke(app, ["simulate", "--manifest", str(qgl), "--script", str(SCRIPT), "--peers", "4",
+                                   "--rounds", "3", "--latency", "0.05", "--drop", "0.1", "--speed",
+                                   "straggler:1:0.25:10", "--churn", "0.25"])
+    assert res.exit_code == 0, res.output
+    assert sum(1 for ln in res.output.splitlines() if ln.startswith("round=")) == 3
+    assert "final mean_accuracy=" in res.output
