@@ -160,8 +160,15 @@ class FieldSimulator(Simulator):
             peer.checkpoint = _clone(peer.node.state_dict())
 
     def _ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self._failures.append(task.exception())  # type: ignore[arg-type]
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            self._failed(error)
+        else:
+            self._check_idle()
+
+    def _failed(self, exc: BaseException) -> None:
+        """A delivery or a peer's loop raised: the run stops and raises it (errors are never swallowed)."""
+        self._failures.append(exc)
         self._check_idle()
 
     def _check_idle(self) -> None:
@@ -232,7 +239,7 @@ class FieldSimulator(Simulator):
             self.build()
         started = time.perf_counter()
         loop = VirtualTimeLoop(self.clock)
-        loop.set_exception_handler(lambda _loop, context: self._failures.append(
+        loop.set_exception_handler(lambda _loop, context: self._failed(
             context.get("exception") or RuntimeError(str(context.get("message")))))
         loop.run_virtual(self._swarm())
         if self._failures:
