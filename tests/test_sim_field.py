@@ -196,3 +196,66 @@ def test_cli_runs_under_field_conditions(script: PeerScript, tmp_path: Path) -> 
     assert res.exit_code == 0, res.output
     assert sum(1 for ln in res.output.splitlines() if ln.startswith("round=")) == 3
     assert "final mean_accuracy=" in res.output
+
+
+def write_trace(path: Path) -> Path:
+    """Three daemons: peer-a trains fast; peer-b trains 8 s a round, is stopped by a signal at 12 s and resumes at
+    25 s; peer-c joins at 15 s and never gets peer-a's models (every fetch from it failed)."""
+    from datetime import UTC, datetime, timedelta
+
+    from quinkgl_cli.node.trace import Header, NodeStart, NodeStop, Train, Transfer, encode_record
+
+    t0 = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
+
+    def header(node: str, after: float) -> Header:
+        return Header(swarm="sha256:" + "0" * 64, node=node, started_at=t0 + timedelta(seconds=after))
+
+    records: list[Any] = [header("peer-a", 0), NodeStart(t=0.0, round=0)]
+    records += [Train(t=5.0 * r, round=r, seconds=1.0, samples=100) for r in range(1, 7)]
+    records += [NodeStop(t=40.0, round=6, reason="finished")]
+    records += [header("peer-b", 0), NodeStart(t=0.0, round=0), Train(t=9.0, round=1, seconds=8.0, samples=100),
+                NodeStop(t=12.0, round=1, reason="signal"),
+                header("peer-b", 25), NodeStart(t=0.0, round=1)]
+    records += [Train(t=8.0 * r, round=r, seconds=8.0, samples=100) for r in range(2, 7)]
+    records += [NodeStop(t=60.0, round=6, reason="finished")]
+    records += [header("peer-c", 15), NodeStart(t=0.0, round=0)]
+    records += [Transfer(t=1.0 + r, direction="receive", peer="peer-a", round=r, bytes=1000, seconds=0.2,
+                         path="direct", ok=False) for r in range(0, 7)]
+    records += [Transfer(t=1.0 + r, direction="receive", peer="peer-b", round=r, bytes=1000, seconds=0.3,
+                         path="direct", ok=True) for r in range(0, 7)]
+    records += [Train(t=5.0 * r, round=r, seconds=1.0, samples=100) for r in range(1, 7)]
+    path.write_text("".join(encode_record(r) for r in records))
+    return path
+
+
+def test_a_recorded_trace_replays_training_times_transfers_and_presence(script: PeerScript, tmp_path: Path) -> None:
+    trace = write_trace(tmp_path / "swarm.trace")
+    sim = run(script, manifest(script), peers=3, rounds=6, trace=trace, gossip_interval=5.0)
+    a, b, c = sim.peers
+    result = sim.result  # type: ignore[attr-defined]
+    cond = result.conditions
+    assert cond["departures"] == 1 and cond["returns_from_checkpoint"] == 1 and cond["late_joins"] == 1
+    assert b.left == 1 and b.resumed == 1 and c.fresh == 1 and a.left == 0
+    # peer-b's rounds last its recorded 8 s of training at least; peer-a's do not
+    assert min(m["duration"] for m in b.rounds.values()) >= 8.0
+    assert max(m["duration"] for m in a.rounds.values()) < 8.0
+    # every model of peer-a's to peer-c is lost, as its fetches were; peer-c still aggregates peer-b's
+    assert cond["messages_lost"] > 0
+    assert all(a.node.node_id not in m["peer_ids"] for m in c.rounds.values())
+    assert any(b.node.node_id in m["peer_ids"] for m in c.rounds.values())
+    # peer-c was not there for the first rounds, and joined from scratch
+    assert 1 not in c.rounds or c.rounds[1]["duration"] >= 0
+    again = run(script, manifest(script), peers=3, rounds=6, trace=trace, gossip_interval=5.0)
+    assert again.result.final.mean_accuracy == result.final.mean_accuracy  # type: ignore[attr-defined]
+
+
+def test_a_trace_must_fit_the_swarm_and_replaces_drawn_conditions(script: PeerScript, tmp_path: Path) -> None:
+    trace = write_trace(tmp_path / "swarm.trace")
+    with pytest.raises(UsageError, match="holds 3 nodes"):
+        run(script, manifest(script), peers=4, rounds=2, trace=trace)
+    with pytest.raises(UsageError, match="--speed cannot be added"):
+        field_config(trace=trace, speed="2")
+    bad = tmp_path / "bad.trace"
+    bad.write_text('{"kind": "train"}\n')
+    with pytest.raises(UsageError, match="bad.trace:1"):
+        run(script, manifest(script), peers=3, rounds=2, trace=bad)

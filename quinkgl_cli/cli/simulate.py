@@ -85,6 +85,7 @@ def simulate(
     late_join: Annotated[float | None, typer.Option("--late-join", metavar="SHARE", help="Field: share of peers first joining mid-run, from scratch (0..<1).")] = None,
     speed: Annotated[str | None, typer.Option("--speed", metavar="DIST", help=f"Field: virtual seconds one round's training takes, drawn per peer (default 1): {_DIST}.")] = None,
     gossip_interval: Annotated[float | None, typer.Option("--gossip-interval", metavar="SECONDS", help="Field: virtual seconds between round starts, as the daemon's flag (default 10).")] = None,
+    trace: Annotated[Path | None, typer.Option("--trace", metavar="FILE", help="Field: replay a trace of real daemons (quinkgl run --trace; concatenated files): training times, transfers, arrivals and departures; --peers = its node count.")] = None,
 ) -> None:
     """Run a whole swarm of real nodes in one process, in virtual time (no waiting), deterministic for --seed."""
     import logging
@@ -102,7 +103,8 @@ def simulate(
     if threads < 1:
         raise UsageError(f"--threads {threads} must be at least 1", "use --threads 1")
     count, kind = parse_attackers(attackers)
-    conditions = field_config(latency, bandwidth, drop, churn, churn_away, churn_fresh, late_join, speed, gossip_interval)
+    conditions = field_config(latency, bandwidth, drop, churn, churn_away, churn_fresh, late_join, speed, gossip_interval,
+                              trace)
     for path, flag in ((json_out, "--json"), (plot, "--plot")):
         if path is not None and not path.parent.resolve().is_dir():
             raise IOFailure(f"{flag} {path}: directory {path.parent} does not exist", "create it or choose another path")

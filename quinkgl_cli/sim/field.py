@@ -51,6 +51,7 @@ from quinkgl_cli.node.state import NodeState
 from quinkgl_cli.sim.config import SimConfig
 from quinkgl_cli.sim.fieldconf import FieldConfig
 from quinkgl_cli.sim.fieldnet import FieldNetwork
+from quinkgl_cli.sim.replay import TraceReplay
 from quinkgl_cli.sim.results import RoundSummary, SimResult, summarize
 from quinkgl_cli.sim.simulator import Simulator
 from quinkgl_cli.sim.swarm import SwarmBuilder
@@ -83,10 +84,11 @@ async def _in_place(step: Callable[[], Any]) -> Any:
     return step()
 
 
-def _charged(seconds: float) -> Callable[[Callable[[], Any]], Awaitable[Any]]:
+def _charged(seconds: Callable[[], float]) -> Callable[[Callable[[], Any]], Awaitable[Any]]:
+    """Training in place, then ``seconds()`` of virtual time (read when the round's training is done)."""
     async def train(step: Callable[[], Any]) -> Any:
         result = step()
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(seconds())
         return result
     return train
 
@@ -106,6 +108,9 @@ class FieldSimulator(Simulator):
                              f" not {config.mode}", "drop the field flags or use --mode gossip")
         self.field: FieldConfig = config.conditions or FieldConfig()
         f = self.field
+        self.replay = TraceReplay(f.trace) if f.trace is not None else None
+        if self.replay is not None:
+            self.replay.check_peers(config.peers)
         self.network = FieldNetwork(self.clock, config.seed, f.latency, f.bandwidth, f.drop)
         self.peers: list[Peer] = []
         self._builder: SwarmBuilder | None = None
@@ -123,6 +128,16 @@ class FieldSimulator(Simulator):
         for i, node in enumerate(self.nodes):
             seconds = speed.draw(random.Random(f"speed:{self.config.seed}:{node.node_id}"))
             self.peers.append(Peer(i, node, seconds))
+        replay = self.replay
+        if replay is not None:
+            index = {p.node.node_id: p.index for p in self.peers}
+            assert isinstance(self.network, FieldNetwork)
+            self.network.replay = lambda src, dst, round_: replay.transfer_seconds(index[src], index[dst], round_)
+
+    def _train_seconds(self, peer: Peer) -> float:
+        if self.replay is None:
+            return peer.train_seconds
+        return self.replay.nodes[peer.index].train_seconds(peer.node.round)
 
     # ------------------------------------------------------------------------------------- incarnations
     def _rebuild(self, peer: Peer) -> Node:
@@ -141,7 +156,7 @@ class FieldSimulator(Simulator):
         schedule = ScheduleOptions(rounds=self.rounds, gossip_interval=self.field.gossip_interval)
         loop = RoundLoop(node, schedule, waiter, LogContext(node.node_id), [], time.monotonic(),
                          lambda m: self._after_round(peer, m),
-                         work=Work(train=_charged(peer.train_seconds), evaluate=_in_place))
+                         work=Work(train=_charged(lambda: self._train_seconds(peer)), evaluate=_in_place))
         peer.task = asyncio.get_running_loop().create_task(self._run_peer(peer, node, loop))
         peer.task.add_done_callback(self._ended)
 
@@ -156,7 +171,7 @@ class FieldSimulator(Simulator):
 
     async def _after_round(self, peer: Peer, metrics: RoundMetrics) -> None:
         peer.rounds[metrics.round] = metrics.as_dict()
-        if self.field.churn > 0 and self.field.churn_fresh < 1:
+        if self.replay is not None or (self.field.churn > 0 and self.field.churn_fresh < 1):
             peer.checkpoint = _clone(peer.node.state_dict())
 
     def _ended(self, task: asyncio.Task[None]) -> None:
@@ -181,25 +196,36 @@ class FieldSimulator(Simulator):
         share = self.field.churn * len(online)
         count = int(share) + (1 if self._churn_rng.random() < share - int(share) else 0)
         for peer in self._churn_rng.sample(online, min(count, len(online))):
-            self._leave(peer)
+            away = self._churn_rng.uniform(0.5, 1.5) * self.field.churn_away * self.field.gossip_interval
+            self._leave(peer, away)
 
-    def _leave(self, peer: Peer) -> None:
+    def _leave(self, peer: Peer, away: float | None) -> None:
+        """``peer`` stops abruptly; it returns after ``away`` seconds (None: as its trace says, or never)."""
+        if not peer.online or peer.node.finished():
+            return
         assert peer.task is not None
         peer.task.cancel()  # the round in progress is abandoned, as under a signal
         peer.node.transport.stop_sync()  # type: ignore[attr-defined]
         peer.left += 1
         self._counts["left"] += 1
-        away = self._churn_rng.uniform(0.5, 1.5) * self.field.churn_away * self.field.gossip_interval
-        emit(log, logging.DEBUG, "sim-peer-left", peer=peer.node.node_id, away_s=round(away, 3))
-        self._schedule_join(peer, away, late=False)
+        emit(log, logging.DEBUG, "sim-peer-left", peer=peer.node.node_id, away_s=None if away is None else round(away, 3))
+        if away is not None:
+            self._schedule_join(peer, away, late=False)
 
-    def _schedule_join(self, peer: Peer, delay: float, late: bool) -> None:
+    def _schedule_join(self, peer: Peer, delay: float, late: bool, fresh: bool | None = None) -> None:
         self._pending += 1
-        asyncio.get_running_loop().call_later(delay, self._join, peer, late)
+        asyncio.get_running_loop().call_later(delay, self._join, peer, late, fresh)
 
-    def _join(self, peer: Peer, late: bool) -> None:
+    def _join(self, peer: Peer, late: bool, fresh: bool | None) -> None:
+        """``peer`` (back) in the swarm: from scratch when ``late``, ``fresh`` or without a checkpoint; when
+        ``fresh`` is None, from scratch for a share ``churn_fresh`` of returns."""
         self._pending -= 1
-        fresh = late or peer.checkpoint is None or self._churn_rng.random() < self.field.churn_fresh
+        if peer.online or (not late and peer.final is not None):  # it never left, or it already ended its run
+            self._check_idle()
+            return
+        if fresh is None:
+            fresh = self._churn_rng.random() < self.field.churn_fresh
+        fresh = late or fresh or peer.checkpoint is None
         node = self._rebuild(peer)
         if fresh:
             peer.fresh += 1
@@ -219,8 +245,10 @@ class FieldSimulator(Simulator):
         f, interval = self.field, self.field.gossip_interval
         late_rng = random.Random(f"late:{self.config.seed}")
         late = set(late_rng.sample(range(len(self.peers)), int(round(f.late_join * len(self.peers)))))
+        if self.replay is not None:
+            late = self._replay_presence()
         for peer in self.peers:
-            if peer.index in late:
+            if peer.index in late and self.replay is None:
                 peer.node.transport.stop_sync()  # type: ignore[attr-defined]
                 self._schedule_join(peer, late_rng.uniform(0.0, self.rounds * interval / 2), late=True)
         for peer in self.peers:
@@ -233,6 +261,23 @@ class FieldSimulator(Simulator):
         for peer in self.peers:  # after a failure: stop the others' loops
             if peer.task is not None and not peer.task.done():
                 peer.task.cancel()
+
+    def _replay_presence(self) -> set[int]:
+        """Schedule the trace's arrivals and departures; the peers that join after the start."""
+        assert self.replay is not None
+        loop = asyncio.get_running_loop()
+        late: set[int] = set()
+        for peer, trace in zip(self.peers, self.replay.nodes, strict=True):
+            for i, stay in enumerate(trace.presence):
+                if i == 0 and stay.start > 0:
+                    late.add(peer.index)
+                    peer.node.transport.stop_sync()  # type: ignore[attr-defined]
+                    self._schedule_join(peer, stay.start, late=True)
+                elif i > 0:
+                    self._schedule_join(peer, stay.start, late=False, fresh=not stay.resumed)
+                if stay.stop is not None:
+                    loop.call_at(stay.stop, self._leave, peer, None)
+        return late
 
     def _run(self) -> SimResult:
         if not self.nodes:
@@ -272,6 +317,7 @@ class FieldSimulator(Simulator):
             "latency": f.latency.spec, "bandwidth": f.bandwidth.spec if f.bandwidth else None, "drop": f.drop,
             "churn": f.churn, "churn_away": f.churn_away, "churn_fresh": f.churn_fresh, "late_join": f.late_join,
             "speed": f.speed.spec, "gossip_interval": f.gossip_interval,
+            "trace": str(f.trace) if f.trace is not None else None,
             "messages_lost": net.lost, "messages_carried": net.carried, "departures": self._counts["left"],
             "returns_from_checkpoint": self._counts["resumed"], "returns_from_scratch": self._counts["fresh"],
             "late_joins": self._counts["late"],

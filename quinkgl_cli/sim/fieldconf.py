@@ -1,5 +1,6 @@
 """The field conditions of a simulation (`FieldConfig`): latency, bandwidth, message loss, churn, late joiners and
-training speeds, in virtual seconds, and their parsing from `quinkgl simulate`'s flags (`field_config`).
+training speeds, in virtual seconds, or a recorded trace to replay instead, and their parsing from `quinkgl
+simulate`'s flags (`field_config`).
 
 Owns these settings and their validation only; `quinkgl_cli.sim.field` runs them.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.node.options import DEFAULT_GOSSIP_INTERVAL
@@ -34,6 +36,7 @@ class FieldConfig:
     late_join: float = 0.0  # share of the peers that first join mid-run (in the run's first half), from scratch
     speed: Dist = field(default_factory=lambda: _fixed(DEFAULT_TRAIN_SECONDS))  # seconds per round of training, per peer
     gossip_interval: float = DEFAULT_GOSSIP_INTERVAL  # virtual seconds between round starts (the daemon's flag)
+    trace: Path | None = None  # a recorded trace replayed instead of speed, transfers and churn (`sim.replay`)
 
 
 def _share(flag: str, value: float | None, allow_one: bool = True) -> float:
@@ -49,10 +52,16 @@ def _share(flag: str, value: float | None, allow_one: bool = True) -> float:
 def field_config(latency: str | None = None, bandwidth: str | None = None, drop: float | None = None,
                  churn: float | None = None, churn_away: float | None = None, churn_fresh: float | None = None,
                  late_join: float | None = None, speed: str | None = None,
-                 gossip_interval: float | None = None) -> FieldConfig | None:
+                 gossip_interval: float | None = None, trace: Path | None = None) -> FieldConfig | None:
     """The field conditions the flags ask for, validated; None when no field flag was given (the lockstep driver)."""
-    given = (latency, bandwidth, drop, churn, churn_away, churn_fresh, late_join, speed, gossip_interval)
-    if all(v is None for v in given):
+    drawn = {"--latency": latency, "--bandwidth": bandwidth, "--drop": drop, "--churn": churn,
+             "--churn-away": churn_away, "--churn-fresh": churn_fresh, "--late-join": late_join, "--speed": speed}
+    if trace is not None:
+        clash = [flag for flag, value in drawn.items() if value is not None]
+        if clash:
+            raise UsageError(f"--trace replays training times, transfers and arrivals: {clash[0]} cannot be added",
+                             f"drop {clash[0]}, or drop --trace")
+    if all(v is None for v in (*drawn.values(), gossip_interval, trace)):
         return None
     if gossip_interval is not None and not (math.isfinite(gossip_interval) and gossip_interval > 0):
         raise UsageError(f"--gossip-interval {gossip_interval}: must be above 0 (virtual seconds)",
@@ -69,4 +78,5 @@ def field_config(latency: str | None = None, bandwidth: str | None = None, drop:
         late_join=_share("--late-join", late_join, allow_one=False),
         speed=parse_dist("--speed", speed, "seconds per round") if speed is not None else _fixed(DEFAULT_TRAIN_SECONDS),
         gossip_interval=gossip_interval if gossip_interval is not None else DEFAULT_GOSSIP_INTERVAL,
+        trace=trace,
     )

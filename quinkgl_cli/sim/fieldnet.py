@@ -7,8 +7,9 @@ instantaneous and lossless: what is simulated is the traffic of rounds, not disc
 (while the swarm is built) messages are queued for `MemoryNetwork.deliver_all` as in the lockstep simulator.
 
 Each concern draws from its own seeded stream (loss, latency; per-peer bandwidth from a stream of the peer's own),
-so turning one condition on does not change the draws of another. Owns the draws, the delivery scheduling and the
-count of messages lost.
+so turning one condition on does not change the draws of another. When a trace is replayed (`quinkgl_cli.sim.replay`)
+its recorded transfer times and failures take the place of all three for models. Owns the draws, the delivery
+scheduling and the count of messages lost.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class FieldNetwork(MemoryNetwork):
         self._drop_rng = random.Random(f"drop:{seed}")
         self._latency_rng = random.Random(f"latency:{seed}")
         self._bandwidths: dict[str, float] = {}
-        self.lost = 0  # messages lost to ``drop``
+        # A recorded trace's transfers instead of the draws: (sender, recipient, round) -> seconds, None when lost.
+        self.replay: Callable[[str, str, int], float | None] | None = None
+        self.lost = 0  # messages lost (to ``drop``, or as the trace lost them)
         self.carried = 0  # messages delivered after a delay
 
     def peer_bandwidth(self, node_id: str) -> float | None:
@@ -51,14 +54,20 @@ class FieldNetwork(MemoryNetwork):
             seconds += size / min(rates)
         return seconds
 
-    def _transfer(self, src: str, dst: str, size: int, action: Callable[[], None]) -> None:
+    def _transfer(self, src: str, dst: str, size: int, action: Callable[[], None], round_: int | None = None) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._enqueue(action)  # building: no virtual time passes yet
             return
-        if self.drop > 0 and self._drop_rng.random() < self.drop:
+        if self.replay is not None:
+            seconds = self.replay(src, dst, round_) if round_ is not None else 0.0
+        elif self.drop > 0 and self._drop_rng.random() < self.drop:
+            seconds = None
+        else:
+            seconds = self.transfer_seconds(src, dst, size)
+        if seconds is None:
             self.lost += 1
             return
         self.carried += 1
-        loop.call_later(self.transfer_seconds(src, dst, size), action)
+        loop.call_later(seconds, action)

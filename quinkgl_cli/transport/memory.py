@@ -126,9 +126,10 @@ class MemoryNetwork:
         """Run only the deliveries queued before this call (one hop of every message in flight)."""
         return self.deliver_all(limit=len(self._queue))
 
-    def _transfer(self, src: str, dst: str, size: int, action: Callable[[], None]) -> None:
-        """Carry one message of ``size`` bytes from ``src`` to ``dst`` (``action`` delivers it): queued here; the
-        simulator's field network (`quinkgl_cli.sim.fieldnet`) delays it by latency and bandwidth, or loses it."""
+    def _transfer(self, src: str, dst: str, size: int, action: Callable[[], None], round_: int | None = None) -> None:
+        """Carry one message of ``size`` bytes (a model of ``round_``, or a control message) from ``src`` to ``dst``
+        (``action`` delivers it): queued here; the simulator's field network (`quinkgl_cli.sim.fieldnet`) delays it
+        by latency and bandwidth, or loses it."""
         self._enqueue(action)
 
     def _enqueue(self, action: Callable[[], None]) -> None:
@@ -342,7 +343,8 @@ class MemoryTransport(RuledTransport):
             return
         target = self.network._transports.get(peer_id)
         if target is not None:
-            self.network._transfer(self.node_id, peer_id, offer.size, lambda: target._offer_from(self, offer))
+            self.network._transfer(self.node_id, peer_id, offer.size, lambda: target._offer_from(self, offer),
+                                   offer.round)
 
     def _deliver(self, peer_id: str, kind: str, data: bytes) -> None:
         if not self.network._link_ok(self.node_id, peer_id):
