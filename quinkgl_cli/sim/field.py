@@ -321,5 +321,7 @@ class FieldSimulator(Simulator):
             "messages_lost": net.lost, "messages_carried": net.carried, "departures": self._counts["left"],
             "returns_from_checkpoint": self._counts["resumed"], "returns_from_scratch": self._counts["fresh"],
             "late_joins": self._counts["late"],
-            "train_seconds": {p.node.node_id: p.train_seconds for p in self.peers},
+            # per peer: its drawn training seconds, or under a trace the median of those it recorded
+            "train_seconds": {p.node.node_id: p.train_seconds if self.replay is None
+                              else self.replay.nodes[p.index].typical_train_seconds for p in self.peers},
         }

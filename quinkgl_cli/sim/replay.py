@@ -47,10 +47,12 @@ class NodeTrace:
     received: dict[tuple[str, int], tuple[float, bool]] = field(default_factory=dict)  # (sender, round) -> (s, ok)
     presence: list[Presence] = field(default_factory=list)
 
-    def train_seconds(self, round_: int) -> float:
-        if round_ in self.train:
-            return self.train[round_]
+    @property
+    def typical_train_seconds(self) -> float:
         return statistics.median(self.train.values()) if self.train else 0.0
+
+    def train_seconds(self, round_: int) -> float:
+        return self.train.get(round_, self.typical_train_seconds)
 
     def receive_seconds(self, sender: str, round_: int) -> float | None:
         """Seconds the update of ``sender`` for ``round_`` takes to reach this node; None: it is lost."""
