@@ -71,6 +71,7 @@ class Peer:
     checkpoint: NodeState | None = None  # the end of its last completed round
     rounds: dict[int, dict[str, Any]] = field(default_factory=dict)  # round -> metrics of the incarnation that ran it
     final: dict[str, Any] | None = None
+    joined_at: list[float] = field(default_factory=list)  # virtual time of each incarnation's start
     left: int = 0
     resumed: int = 0
     fresh: int = 0
@@ -151,6 +152,7 @@ class FieldSimulator(Simulator):
 
     def _start(self, peer: Peer, node: Node) -> None:
         peer.node = node
+        peer.joined_at.append(self.clock.now)
         waiter = Waiter()
         node.inbox.listener = waiter.inbox_event.set
         schedule = ScheduleOptions(rounds=self.rounds, gossip_interval=self.field.gossip_interval)
