@@ -260,3 +260,17 @@ def test_a_trace_must_fit_the_swarm_and_replaces_drawn_conditions(script: PeerSc
     bad.write_text('{"kind": "train"}\n')
     with pytest.raises(UsageError, match="bad.trace:1"):
         run(script, manifest(script), peers=3, rounds=2, trace=bad)
+
+
+def test_ideal_conditions_on_a_full_topology_reproduce_the_lockstep_run(script: PeerScript) -> None:
+    """Every peer hears from every other each step, so no wait runs to its deadline and nobody paces: the daemon's
+    loop in virtual time must then give exactly the lockstep simulator's numbers."""
+    m = manifest(script)
+    cfg = dict(peers=5, rounds=3, partition="shards:2", seed=3)
+    lockstep = make_simulator(script, m, SimConfig(**cfg)).run()
+    field = run(script, m, peers=5, rounds=3, seed=3, gossip_interval=10.0).result  # type: ignore[attr-defined]
+    assert [[p.val_accuracy for p in r.peers] for r in field.rounds] == \
+        [[p.val_accuracy for p in r.peers] for r in lockstep.rounds]
+    assert field.final.mean_accuracy == lockstep.final.mean_accuracy
+    # one interval per round but the last, which ends once every update arrived (1 s of training after its start)
+    assert field.timing["virtual_s"] == 2 * 10.0 + 1.0
