@@ -12,12 +12,15 @@ stale updates, and jumps ahead when a quorum of peers is far ahead. What the dri
 - messages travel through `FieldNetwork`: lost with probability ``drop``, else delivered ``latency + size /
   bandwidth`` virtual seconds later;
 - churn: in the middle of each interval from the second to the one before last, a share ``churn`` of the peers
-  online leaves abruptly (its round in progress abandoned, as a daemon stopped by a signal), and comes back ``churn_away`` intervals later on average
-  (drawn between half and one and a half times that). It comes back as a daemon restarted from its last checkpoint
-  (the end of its last completed round, kept in memory), or, for a share ``churn_fresh`` (and any peer that never
-  completed a round), from scratch at round 0, to catch up through the node's quorum rule;
+  online leaves abruptly (its round in progress abandoned, as a daemon stopped by a signal), and comes back
+  ``churn_away`` intervals later on average (drawn between half and one and a half times that). It comes back as a
+  daemon restarted from its last checkpoint (the end of its last completed round, kept in memory), or, for a share
+  ``churn_fresh`` (and any peer that never completed a round), from scratch at round 0, to catch up through the
+  node's quorum rule;
 - late joiners: a share ``late_join`` of the peers first joins at a random time in the first half of the run, from
-  scratch.
+  scratch;
+- or, with a trace (`quinkgl_cli.sim.replay`), each peer's recorded training times, transfers, arrivals and
+  departures instead of the drawn ones.
 
 Every concern draws from its own stream seeded by ``--seed`` (churn, late joiners, per-peer speed, and the network's
 loss, latency and bandwidth), so a run is repeatable and turning one condition on does not reshuffle another.
