@@ -17,8 +17,11 @@ Scenarios (issue 12's numbering):
 - ``round-zero`` (9): five identities taking turns, each sending one copied update claiming round 0.
 - ``observer`` (7): the benchmark runs a certified swarm; a node that knows the swarm id, the arch hash and every
   peer's address, but holds no certificate, says hello and offers models the whole run.
-- ``squatter`` (8): fresh keys claim the honest peers' node ids (peer-2, peer-3) and offer models under them,
-  from the start (before the owners may have arrived); ``squatter-live``: the same once the owners are up and met.
+- ``squatter`` (8): fresh keys claim the honest peers' node ids (peer-2, peer-3) and offer models under them
+  (copies of honest ones), from the start (before the owners may have arrived); ``squatter-live``: the same once the
+  owners are up and met.
+- ``junk`` (not in issue 12's list): one member offers the untrained initial model (finite, right shapes, inside the
+  poison bounds) every second: what a member that contributes nothing costs, apart from any id it claims.
 ``attack-stats`` counts the honest models the attacker's identities received (``models``).
 """
 
@@ -46,7 +49,7 @@ from quinkgl_cli.transport.ipv8 import IPv8Transport, stream
 from quinkgl_cli.transport.ipv8.payloads import OfferPayload
 
 SCENARIOS = ("poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero", "observer",
-             "squatter", "squatter-live")
+             "squatter", "squatter-live", "junk")
 
 
 class Listener:
@@ -251,14 +254,27 @@ class Attack:
 
     async def _impostors(self, names: list[str], ready: asyncio.Event) -> None:
         """Identities that say hello under ``names`` and offer a model to whoever they know each second (refused
-        peers know nobody: then the offer goes nowhere, which is the point)."""
+        peers know nobody: then the offer goes nowhere, which is the point). What they offer is the newest honest
+        model they heard (the initial one until then): an impostor's aim is the id and the models it brings, and
+        what a member's junk updates cost is measured on its own (``junk``)."""
         members = [await self.member(name) for name in names]
         await asyncio.sleep(3.0)  # several hellos each way: refused by then, or in
         ready.set()
-        blob = self.payload(None)
+        initial = self.payload(None)
         while True:
+            copied = next((h.latest for _, h in members if h.latest is not None), None)
+            blob = bytes(copied.payload) if copied is not None else initial
             for t, heard in members:
                 self.send(t, heard.peers, OutgoingUpdate(round=max(heard.max_round, 1), payload=blob, sample_count=100))
+            await asyncio.sleep(1.0)
+
+    async def junk(self, ready: asyncio.Event) -> None:
+        t, heard = await self.member("junk")
+        await self.wait_for_peers(heard, len(self.seeds))
+        ready.set()
+        blob = self.payload(None)
+        while True:
+            self.send(t, heard.peers, OutgoingUpdate(round=max(heard.max_round, 1), payload=blob, sample_count=100))
             await asyncio.sleep(1.0)
 
 

@@ -28,7 +28,7 @@ from quinkgl_cli.node import localswarm as ls
 
 ROOT = Path(__file__).resolve().parent
 SCENARIOS = ("none", "poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero",
-             "observer", "squatter", "squatter-live", "none-certified", "hello-flood-certified")
+             "observer", "squatter", "squatter-live", "junk", "none-certified", "hello-flood-certified")
 CERTIFIED = ("observer", "none-certified", "hello-flood-certified")  # run in the certified twin of the swarm
 PEERS = 3
 
@@ -101,8 +101,18 @@ class RssWatch:
         self._thread.join()
 
 
-def honest_models(text: str) -> int:
-    return sum(len(re.findall(r"\bpeer-\d+\b", m)) for m in re.findall(r"aggregated models .*?from=\[([^\]]*)\]", text))
+def own_key(text: str) -> str:
+    """The key a daemon says it runs with (last 16 hex, as its log lines name keys)."""
+    found = re.search(r" transport-started .*?\bkey=([0-9a-f]+)", text)
+    return found.group(1) if found else ""
+
+
+def honest_models(text: str, honest_keys: set[str]) -> int:
+    """Models from honest peers in this peer's aggregations: senders named as it discovered them, told apart by key
+    (a squatter may hold an honest peer's node id, and the honest peer an alias)."""
+    keys = {name.strip('"'): key for name, key in re.findall(r" peer-discovered peer=(\S+) .*?\bkey=([0-9a-f]+)", text)}
+    return sum(keys.get(name.strip('"')) in honest_keys
+               for m in re.findall(r"aggregated models .*?from=\[([^\]]*)\]", text) for name in m.split(",") if name)
 
 
 def late_accuracy(text: str, rounds: int) -> float | None:
@@ -215,11 +225,12 @@ def run_scenario(scenario: str, workdir: Path, manifest: Path, rounds: int, inte
     wall = time.monotonic() - started
     stats = next((ln for ln in reversed(lines) if ln.startswith("attack-stats")), "")
     outcome = Outcome(scenario, round(wall, 1), stats)
+    honest_keys = {own_key(p.text()) for p in peers}
     for p, code in zip(peers, codes, strict=True):
         text = p.text()
         outcome.peers.append(PeerOutcome(
             name=p.name, exit_code=code, rounds=text.count(" round-end "),
-            aggregations=text.count("aggregated models"), honest_models=honest_models(text), caught_up=text.count("caught-up"),
+            aggregations=text.count("aggregated models"), honest_models=honest_models(text, honest_keys), caught_up=text.count("caught-up"),
             accuracy=p.finished_accuracy(), late_accuracy=late_accuracy(text, rounds), peak_rss_mb=round(rss.peak[p.proc.pid], 1)))
     return outcome
 

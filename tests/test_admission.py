@@ -240,48 +240,118 @@ def test_a_revocation_spreads_and_drops_the_revoked_peer_within_seconds(tmp_path
     run_cluster("ipv8", tmp_path, body)
 
 
-# -- node ids belong to keys (open swarms too) ----------------------------------------------------------------------
-def test_a_squatter_cannot_take_a_live_or_briefly_absent_peers_node_id(tmp_path, caplog):
-    """Issue 12 item 8: a fresh key claiming peer-2's id is refused while peer-2 is alive, and while it restarts;
-    peer-2 comes back under its own key; only a long absence frees the id."""
+# -- node ids name keys: a key that claims another's id gains nothing (issue 12 item 8) ------------------------------
+def _squat_cluster(tmp_path, hold: float):
+    """A seed transport's factory for two more keys claiming one node id, in an open swarm."""
     from quinkgl_cli.transport.ipv8 import IPv8Transport
 
-    hold = 3.0
+    seeds: list[tuple[str, int]] = []
 
     def make(name: str, state: str) -> IPv8Transport:
         return IPv8Transport(node_id=name, swarm_id=SWARM, arch_hash="sha256:" + "cd" * 32, state_dir=tmp_path / state,
-                             bootstrap=[c_seed[0]], walk_interval=0.2, silence_timeout=3.0, limits=Limits(id_hold=hold))
+                             bootstrap=[seeds[0]], walk_interval=0.2, silence_timeout=3.0, limits=Limits(id_hold=hold))
 
-    c_seed: list[tuple[str, int]] = []
+    return seeds, make
+
+
+def _key(t) -> bytes:
+    return t.parts.key.pub().key_to_bin()
+
+
+def _name_of(t, key: bytes) -> str | None:
+    rec = t.parts.table.by_key(key)
+    return rec.node_id if rec is not None else None
+
+
+def test_a_squatter_that_comes_first_does_not_keep_the_owner_out(tmp_path):
+    """A fresh key claims peer-2 before peer-2 arrives: the real peer-2 is met anyway (under an alias: the squatter
+    came first), models sent to it reach it and not the squatter, and its own models arrive as its own."""
+    seeds, make = _squat_cluster(tmp_path, hold=120.0)
 
     async def body(c: Cluster):
-        a, ra = await c.add("peer-1", limits=Limits(id_hold=hold))
-        c_seed.append(a.address)
-        owner = make("peer-2", "owner")
-        squatter = make("peer-2", "squatter")
-        rs = Recorder()
+        a, ra = await c.add("peer-1")
+        seeds.append(a.address)
+        squatter, owner = make("peer-2", "squatter"), make("peer-2", "owner")
+        rs, ro = Recorder(), Recorder()
         try:
-            with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
-                await owner.start(Recorder())
-                await wait_until(lambda: a.knows("peer-2"), what="peer-2 known")
-                await squatter.start(rs)
-                await wait_until(lambda: _refusals(caplog, "node_id_taken"), what="the squatter refused")
-                a.send_model("peer-2", _upd(round_=1))
-                await owner.stop()  # a goodbye: peer-2 is lost at once, its id held for its key
-                await wait_until(lambda: not a.knows("peer-2"), what="peer-2 gone")
-                await asyncio.sleep(1.0)  # the squatter greets again meanwhile
-                assert not a.knows("peer-2")
-                back = make("peer-2", "owner")  # the same key, a new session
-                await back.start(Recorder())
-                await wait_until(lambda: a.knows("peer-2"), what="the owner back")
-                assert a.parts.table.get("peer-2").key_bin == back.parts.key.pub().key_to_bin()
-                await back.stop()
-                # Gone for longer than the hold: the id is free for whoever claims it next.
-                await wait_until(lambda: a.knows("peer-2"), timeout=hold + 6, what="the id freed after the hold")
-                assert a.parts.table.get("peer-2").key_bin == squatter.parts.key.pub().key_to_bin()
+            await squatter.start(rs)
+            await wait_until(lambda: a.knows("peer-2"), what="the squatter in first")
+            await owner.start(ro)
+            await wait_until(lambda: _name_of(a, _key(owner)) is not None, what="the owner met too")
+            name = _name_of(a, _key(owner))
+            assert name == f"peer-2~{_key(owner).hex()[-16:]}" and _name_of(a, _key(squatter)) == "peer-2"
+            assert {p.node_id for p in a.peers()} == {"peer-2", name}
+            a.send_model(name, _upd(round_=1, payload=b"owner" * 20))
+            await wait_until(lambda: ro.models, what="the owner's model")
+            assert ro.models[0].payload == b"owner" * 20 and ro.models[0].sender == "peer-1"
+            owner.send_model("peer-1", _upd(round_=1, payload=b"from owner" * 10))
+            a.send_message(name, "hi", {"to": "owner"})
+            await wait_until(lambda: ra.models and ro.messages, what="the owner's update and our message")
+            assert ra.models[0].sender == name and ra.models[0].payload == b"from owner" * 10
+            assert ro.messages == [("peer-1", "hi", {"to": "owner"})]
+            await asyncio.sleep(0.5)
+            assert not rs.models and not rs.messages
         finally:
             await squatter.stop()
-        assert not rs.models  # the model offered while the owner was here went to the owner only
+            await owner.stop()
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_squatter_after_the_owner_lives_under_an_alias_and_the_owner_keeps_its_id(tmp_path):
+    """The owner first: a fresh key claiming its id is told apart (an alias), while the owner is alive and while it
+    restarts; the owner comes back under its own id and key; models go to whom they are addressed."""
+    seeds, make = _squat_cluster(tmp_path, hold=3.0)
+
+    async def body(c: Cluster):
+        a, ra = await c.add("peer-1", limits=Limits(id_hold=3.0))
+        seeds.append(a.address)
+        owner, squatter = make("peer-2", "owner"), make("peer-2", "squatter")
+        rs, ro = Recorder(), Recorder()
+        try:
+            await owner.start(ro)
+            await wait_until(lambda: a.knows("peer-2"), what="peer-2 known")
+            await squatter.start(rs)
+            alias = f"peer-2~{_key(squatter).hex()[-16:]}"
+            await wait_until(lambda: a.knows(alias), what="the squatter under its alias")
+            a.send_model("peer-2", _upd(round_=1))
+            await wait_until(lambda: ro.models, what="the owner's model")
+            await owner.stop()  # a goodbye: peer-2 is lost at once, its id held for its key
+            await wait_until(lambda: not a.knows("peer-2"), what="peer-2 gone")
+            await asyncio.sleep(1.0)  # the squatter greets again meanwhile: it keeps its alias
+            assert not a.knows("peer-2") and a.knows(alias)
+            back = make("peer-2", "owner")  # the same key, a new session
+            await back.start(Recorder())
+            await wait_until(lambda: a.knows("peer-2"), what="the owner back")
+            assert a.parts.table.get("peer-2").key_bin == _key(back)
+            await back.stop()
+        finally:
+            await squatter.stop()
+        assert not rs.models  # the model offered to peer-2 went to its owner only
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_certified_swarm_still_refuses_a_second_key_for_one_id(tmp_path, caplog):
+    """Certificates bind an id to one key: two certified keys for one id (a re-keyed node) are not both admitted."""
+    from quinkgl_cli.transport.ipv8 import IPv8Transport
+
+    async def body(c: Cluster):
+        s = Swarm(c, tmp_path)
+        a, _ = await s.add("a")
+        b, _ = await s.add("b")
+        await c.meet(["a", "b"])
+        cert = _cert(s.creator, _node_key(tmp_path / "b2"), "b")
+        b2 = IPv8Transport(node_id="b", swarm_id=SWARM, arch_hash="sha256:" + "cd" * 32, state_dir=tmp_path / "b2",
+                           bootstrap=[a.address], walk_interval=0.2,
+                           admission=AdmissionSettings(SWARM, s.pub, certified=True, certificate=cert.text()))
+        try:
+            with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+                await b2.start(Recorder())
+                await wait_until(lambda: _refusals(caplog, "node_id_taken"), what="the second key refused")
+            assert [p.node_id for p in a.peers()] == ["b"] and a.parts.table.get("b").key_bin == _key(b)
+        finally:
+            await b2.stop()
 
     run_cluster("ipv8", tmp_path, body)
 

@@ -184,7 +184,8 @@ class Node:
             return
         self.recorder.met.add(peer.node_id)
         address = f"{peer.address[0]}:{peer.address[1]}" if peer.address else None
-        self.log(logging.INFO, "peer-discovered", peer=peer.node_id, address=address, known=len(self.known_peers))
+        self.log(logging.INFO, "peer-discovered", peer=peer.node_id, address=address, key=peer.public_key[-16:],
+                 known=len(self.known_peers))
         self.log.hook("on_peer_discovered", peer.node_id)
 
     def on_peer_lost(self, peer: PeerInfo) -> None:

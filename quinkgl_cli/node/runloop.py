@@ -110,22 +110,26 @@ class RoundLoop:
         self._noted[reminder] = now
         return True
 
+    def trusted_peers(self) -> int:
+        """Known peers the transport has a reason to count (`PeerInfo.trusted`): fresh keys cost nothing, so a crowd
+        of them must not start our rounds before the peers we would learn with are here."""
+        return sum(p.trusted for p in self.node.transport.peers())
+
     async def wait_for_peers(self, want: int, timeout: float) -> None:
         loop = asyncio.get_running_loop()
-        node = self.node
         deadline = loop.time() + timeout
         next_note = loop.time()
-        while len(node.known_peers) < want and not self.waiter.stopping:
+        while (have := self.trusted_peers()) < want and not self.waiter.stopping:
             now = loop.time()
             if now >= deadline:
-                emit(log, logging.WARNING, "min-peers-timeout", have=len(node.known_peers), want=want,
-                     seconds=round(timeout), note="starting anyway")
+                emit(log, logging.WARNING, "min-peers-timeout", have=have, want=want, seconds=round(timeout),
+                     note="starting anyway")
                 return
             if now >= next_note:
-                emit(log, logging.INFO, "waiting-for-peers", have=len(node.known_peers), want=want)
+                emit(log, logging.INFO, "waiting-for-peers", have=have, want=want)
                 next_note = now + 5.0
             await self.waiter.sleep_until(min(deadline, now + 0.05))
-        emit(log, logging.INFO, "peers-ready", have=len(node.known_peers), want=want)
+        emit(log, logging.INFO, "peers-ready", have=have, want=want)
 
     async def rounds(self) -> None:
         loop = asyncio.get_running_loop()

@@ -20,6 +20,9 @@ class PeerInfo:
     public_key: str  # hex of the peer's transport public key: its identity
     address: tuple[str, int] | None
     last_seen: float  # transport clock (monotonic seconds, virtual in the simulator)
+    # Whether the transport has a reason to count this peer beyond its word (see `transport.ipv8.peers`):
+    # `--min-peers` counts these only. The in-memory twin has no strangers: every peer is.
+    trusted: bool = True
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ class Fetcher:
         if not self.rate.allow(rec.node_id, time.monotonic()):
             self.drops("offer-refused", rec.node_id, "rate_limited")
             return
-        if p.swarm_id != s.swarm_id or p.sender != rec.node_id:
+        if p.swarm_id != s.swarm_id or p.sender != rec.claimed:
             self.drops("offer-refused", rec.node_id, "wrong_sender")
             return
         if p.recipient != s.node_id or p.recipient_mid != self.my_mid:

@@ -86,6 +86,9 @@ class Membership:
             if seed not in known and now - self._seed_walked.get(seed, 0.0) >= max(1.0, s.walk_interval):
                 self._seed_walked[seed] = now
                 self.community.walk_to(seed)
+                # Also greet it directly: a seed whose IPv8 peer list is crowded (a flood of fresh keys) drops the
+                # walk's introduction request, but it still hears a hello, and admits us as vouched if we are its seed.
+                self._send_hello(seed, want_reply=True)
         self.gossip.tick()
         if self.community.bootstrappers and not self.community.get_peers():
             self.community.bootstrap()
@@ -94,7 +97,10 @@ class Membership:
             key = peer.public_key.key_to_bin()
             if self.table.node_of(key) is None:
                 self.hello(key, _addr(peer.address), want_reply=True, min_gap=2.0)
+        named = {*self.seeds, *self._local}
         for rec in self.table:
+            if not rec.vouched and rec.address in named and self._vouched(rec.address):
+                rec.vouched = True  # it said hello before we read its rendezvous entry
             if now - rec.last_seen > s.silence_timeout:
                 self.lose(rec.node_id, "silence")
             elif now - self.table.hello_sent(rec.key_bin) >= s.heartbeat_interval:
@@ -105,6 +111,9 @@ class Membership:
         if now - self.table.hello_sent(key) < min_gap:
             return
         self.table.mark_hello(key, now)
+        self._send_hello(address, want_reply)
+
+    def _send_hello(self, address: tuple[str, int], want_reply: bool) -> None:
         s = self.settings
         self.courier.send(address, HelloPayload(s.swarm_id, s.node_id, s.arch_hash, s.protocol_version, *self.courier.stamp(),
                                                 self.tcp_port, want_reply, self.admission.certificate))
@@ -143,31 +152,31 @@ class Membership:
         if node_id == s.node_id:
             self.drops("peer-refused", who, "node_id_taken", detail="same as ours")
             return
-        holder = self.table.get(node_id)
-        if holder is None and self.table.full() and not self._evict_for(who):
+        now = time.monotonic()
+        holder = self.table.by_key(key)
+        renamed = holder if holder is not None and holder.claimed != node_id else None
+        if renamed is not None:
+            holder = None
+        name = holder.node_id if holder is not None else self._name(node_id, key, who, now)
+        if name is None:
+            return
+        vouched = holder.vouched if holder is not None else self._vouched(source)
+        if holder is None and renamed is None and self.table.full() and not self._evict_for(who, vouched):
             self.drops("peer-refused", who, "peer_limit", limit=self.table.capacity)
-            return
-        if holder is not None and holder.key_bin != key:
-            self.drops("peer-refused", who, "node_id_taken", holder=holder.key_bin.hex()[-16:])
-            return
-        owner = self.table.released_to(node_id, time.monotonic(), s.limits.id_hold) if holder is None else None
-        if owner is not None and owner != key:
-            self.drops("peer-refused", who, "node_id_taken", holder=owner.hex()[-16:], detail="held for its lost owner")
             return
         if not self._admit(key, p.session, p.counter, "peer-refused", who, source):
             return  # a captured hello sent again: it must not move the peer's address or restart it
-        previous = self.table.node_of(key)
-        if previous is not None and previous != node_id:
-            self.lose(previous, "renamed")
+        if renamed is not None:
+            self.lose(renamed.node_id, "renamed")
         if holder is not None and holder.session != p.session:
-            self.lose(node_id, "restarted")
+            self.lose(name, "restarted")
             holder = None
-        now = time.monotonic()
+            name = self.table.name_for(node_id, key, now, s.limits.id_hold)  # its own id again, held for its key
         if holder is None:
-            rec = PeerRecord(node_id, key, hashlib.sha1(key).digest(), source, p.tcp_port, now, p.session,
-                             default_eccrypto.key_from_public_bin(key), first_seen=now)
+            rec = PeerRecord(name, key, hashlib.sha1(key).digest(), source, p.tcp_port, now, p.session,
+                             default_eccrypto.key_from_public_bin(key), first_seen=now, claimed=node_id, vouched=vouched)
             self.table.add(rec)
-            emit(log, logging.DEBUG, "peer-discovered", context={"node": s.node_id}, peer=node_id,
+            emit(log, logging.DEBUG, "peer-discovered", context={"node": s.node_id}, peer=name,
                  address=f"{source[0]}:{source[1]}", key=key.hex()[-16:])
             self.events.peer_discovered(rec.info())
             self.gossip.share_with(rec)
@@ -177,6 +186,22 @@ class Membership:
             holder.last_seen = now
         if p.want_reply or holder is None:  # first sight: tell the peer our session before it sends us anything
             self.hello(key, source, want_reply=False, min_gap=0.0)
+
+    def _name(self, node_id: str, key: bytes, who: str, now: float) -> str | None:
+        """The name a new peer ``key`` claiming ``node_id`` is known by, or None (refused, logged). In an open swarm a
+        taken id gives the newcomer an alias (see `peers`); in a certified one the certificate binds the id to one
+        key, so two keys claiming it means a re-keyed node or a creator's mistake: the one already here keeps it."""
+        name = self.table.name_for(node_id, key, now, self.settings.limits.id_hold)
+        if name == node_id:
+            return name
+        if self.admission.settings.certified:
+            self.drops("peer-refused", who, "node_id_taken")
+            return None
+        taken = self.table.get(name)
+        if taken is not None and taken.key_bin != key:  # 64 bits of two keys alike: not by chance
+            self.drops("peer-refused", who, "node_id_taken", detail="alias taken")
+            return None
+        return name
 
     def _refuse_key(self, key: bytes, who: str, reason: str) -> None:
         """A key that may not be a peer (no valid certificate, revoked): logged once per key and reason, dropped
@@ -195,19 +220,29 @@ class Membership:
         if rec is not None:
             self.gossip.on_message(rec, p)
 
-    def _evict_for(self, newcomer: str) -> bool:
-        """Make room in the full table for ``newcomer`` by evicting an unproven peer past its grace; False if none."""
-        victim = self.table.eviction_candidate(time.monotonic(), self.settings.limits.grace)
+    def _vouched(self, source: tuple[str, int]) -> bool:
+        """Whether a new peer at ``source`` is vouched for (see `peers`): certified, or at an address the operator
+        named that no other vouched peer holds (a forged source address gains one entry at most)."""
+        if self.admission.settings.certified:
+            return True
+        if source not in self.seeds and source not in self._local:
+            return False
+        return not any(rec.vouched and rec.address == source for rec in self.table)
+
+    def _evict_for(self, newcomer: str, vouched: bool = False) -> bool:
+        """Make room in the full table for ``newcomer`` by evicting an untrusted peer past its grace (any untrusted
+        peer for a vouched newcomer); False if none."""
+        victim = self.table.eviction_candidate(time.monotonic(), self.settings.limits.grace, vouched)
         if victim is None:
             return False
         emit(log, logging.DEBUG, "peer-evicted", context={"node": self.settings.node_id}, peer=victim.node_id,
-             reason="unproven", newcomer=newcomer)
+             reason="untrusted", newcomer=newcomer)
         self.lose(victim.node_id, "evicted")
         return True
 
     def make_room(self) -> bool:
         """IPv8's own peer list is full (introductions beyond it are dropped): forget the keys it holds that are
-        not our peers (refused, evicted, or never said hello), else evict one unproven peer. True if room was made."""
+        not our peers (refused, evicted, or never said hello), else evict one untrusted peer. True if room was made."""
         network = self.community.network
         strangers = [p for p in network.verified_peers if self.table.node_of(p.public_key.key_to_bin()) is None]
         for peer in strangers:
@@ -218,7 +253,7 @@ class Membership:
         if self.table.node_of(key) is None:
             return  # a goodbye from a peer already lost (or never met): nothing to do, nothing to report
         rec = self.fresh(key, source, p.session, p.counter, "bye-refused")
-        if rec is not None and p.node_id == rec.node_id and p.swarm_id == self.settings.swarm_id:
+        if rec is not None and p.node_id == rec.claimed and p.swarm_id == self.settings.swarm_id:
             self.lose(rec.node_id, "bye")
 
     def fresh(self, key: bytes, source: tuple[str, int], session: int, counter: int, event: str) -> PeerRecord | None:

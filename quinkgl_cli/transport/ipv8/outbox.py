@@ -1,8 +1,10 @@
 """Our offers: each update we announced to a peer and keep until it is fetched, declined or expires.
 
 Owns the offers waiting to be served (bounded per recipient), their resends (an offer's datagram may be lost),
-the digest cache that hashes a model going to several peers once, and the rule that an unproven peer gets only
-a few offers it leaves unfetched (see `peers`).
+the digest cache that hashes a model going to several peers once, and what untrusted peers get (see `peers`):
+only a few offers they leave unfetched, and, once there are more than ``untrusted_free`` of them, offers at
+``untrusted_offer_rate`` per second among them all, each in turn (a crowd of fresh keys that fetch everything
+cannot take our uploads from the peers we learn with).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable
 from quinkgl_cli.transport.ipv8.settings import TransportSettings
 
 HASH_IN_THREAD = 256 * 1024  # hashing more than this on the event loop would stall it noticeably
+UNTRUSTED_RECOUNT = 0.25  # seconds a count of untrusted peers is reused: a round's offers go out within it
 
 
 @dataclass
@@ -78,15 +81,28 @@ class Outbox:
         self.tcp_port = tcp_port
         self.digests = DigestCache()
         self.offers: dict[bytes, Outgoing] = {}
+        self._untrusted = (float("-inf"), 0)  # (when counted, how many): counted at most every UNTRUSTED_RECOUNT s
 
-    def may_offer(self, rec: PeerRecord) -> bool:
-        """Whether ``rec`` may get another offer: a proven peer always, an unproven one until several of our offers
-        to it went unfetched (expired, declined, or pushed out by newer ones)."""
-        return rec.proven or rec.unanswered < self.settings.limits.probation_offers
+    def refusal(self, rec: PeerRecord, now: float) -> str | None:
+        """Why ``rec`` may not get another offer now, or None: a trusted peer always may; an untrusted one not once
+        several of our offers to it went unfetched (expired, declined, or pushed out by newer ones), nor sooner
+        than its turn when many untrusted peers share the budget."""
+        if rec.trusted:
+            return None
+        limits = self.settings.limits
+        if rec.unanswered >= limits.probation_offers:
+            return "unproven"
+        counted_at, untrusted = self._untrusted
+        if now - counted_at >= UNTRUSTED_RECOUNT:
+            untrusted = self.table.untrusted()
+            self._untrusted = (now, untrusted)
+        if now - rec.last_offer < max(0, untrusted - limits.untrusted_free) / limits.untrusted_offer_rate:
+            return "untrusted_budget"
+        return None
 
     def _unfetched(self, out: Outgoing) -> None:
         rec = self.table.get(out.recipient)
-        if rec is not None and rec.public_key is out.recipient_key and not rec.proven:
+        if rec is not None and rec.public_key is out.recipient_key and not rec.trusted:
             rec.unanswered += 1
 
     async def offer(self, rec: PeerRecord, round_: int, payload: bytes | bytearray | memoryview, encoding: str,
@@ -96,7 +112,7 @@ class Outbox:
             return  # lost (or restarted) while we hashed
         now = time.monotonic()
         offer_id = os.urandom(stream.OFFER_ID_BYTES)
-        fields = (offer_id, round_, self.settings.node_id, rec.node_id, rec.mid, len(payload), dig, encoding,
+        fields = (offer_id, round_, self.settings.node_id, rec.claimed, rec.mid, len(payload), dig, encoding,
                   sample_count, meta, self.tcp_port)
         self.offers[offer_id] = Outgoing(offer_id, rec.node_id, rec.public_key, payload, len(payload), fields, rec.address, now, now,
                                          round=round_)

@@ -1,11 +1,22 @@
-"""The peer table: who we know (node id <-> key), where they are, which session they run, when we last heard
+"""The peer table: who we know (name <-> key), where they are, which session they run, when we last heard
 from them or said hello to them, and what each has proved. Pure bookkeeping, no I/O: `membership` decides who
 gets in and who is lost.
 
-A peer proves itself by taking part: it delivered a model whose bytes matched its signed offer, or fetched one of
-ours with its key. Keys cost nothing, so a full table keeps proven peers and makes room by evicting an unproven
-one that has had its grace period (the newest such, so long-lived peers stay), rather than refusing a late
-honest peer; and an unproven peer that left several of our offers unfetched gets no more.
+Peers are keyed by their public key; the name the node sees is the node id the key claims, or, when another key
+already holds that id (or it is held for a lost peer's key), an alias: the claimed id, ``~`` and the last 16 hex
+of the key (`alias`). ``~`` is not allowed in a node id, so no key can claim an alias. In an open swarm a key that
+claims another's id therefore gains nothing: both live, each under its own name, and each gets its own models
+(on the wire a peer is still addressed by the id it claims, and by its key).
+
+Keys cost nothing, so a peer is *trusted* only for a reason beyond its word: it is vouched for (it answers from
+an address the operator named, a bootstrap peer or a same-host rendezvous entry, or it holds a certificate in a
+certified swarm), or it proved itself by delivering a model whose bytes matched its signed offer. Fetching our
+models proves nothing (anyone can). A full table keeps trusted peers: it makes room by evicting an untrusted one
+that has had its grace period (the newest such, so long-lived peers stay), or any untrusted one for a vouched
+newcomer, rather than refusing a late honest peer. Untrusted peers get offers only within a budget shared by all
+of them (`outbox`), an untrusted peer that left several of our offers unfetched gets no more, and `--min-peers`
+counts trusted peers only (`PeerInfo.trusted`): a crowd of fresh keys can neither fill the table for good, nor
+soak up our uploads, nor start our rounds.
 
 A node id belongs to the key that holds it, and stays that key's for a while after the peer is lost (``hold``
 seconds, see `released_to`): another key claiming it meanwhile is refused, so a squatter cannot take the id of a
@@ -21,10 +32,17 @@ from typing import Any
 
 from quinkgl_cli.transport.base import PeerInfo
 
+ALIAS_MARK = "~"  # not allowed in a node id (`validation.is_node_id`): an alias can never be claimed
+
+
+def alias(node_id: str, key: bytes) -> str:
+    """The name of a key that claims ``node_id`` while another key holds it."""
+    return f"{node_id}{ALIAS_MARK}{key.hex()[-16:]}"
+
 
 @dataclass
 class PeerRecord:
-    node_id: str
+    node_id: str  # the name the node knows this peer by: the id it claims, or its alias
     key_bin: bytes
     mid: bytes
     address: tuple[str, int]
@@ -37,13 +55,24 @@ class PeerRecord:
     fetched: int = 0  # offers of ours it fetched
     unanswered: int = 0  # offers of ours it left unfetched (expired, declined, superseded) while unproven
     hello_sent: float = 0.0
+    vouched: bool = False  # at an address the operator named, or certified
+    last_offer: float = float("-inf")  # when we last offered it a model
+    claimed: str = ""  # the node id it says it is (what goes on the wire to it); its name unless aliased
+
+    def __post_init__(self) -> None:
+        if not self.claimed:
+            self.claimed = self.node_id
 
     @property
     def proven(self) -> bool:
-        return self.delivered > 0 or self.fetched > 0
+        return self.delivered > 0
+
+    @property
+    def trusted(self) -> bool:
+        return self.vouched or self.proven
 
     def info(self) -> PeerInfo:
-        return PeerInfo(self.node_id, self.key_bin.hex(), self.address, self.last_seen)
+        return PeerInfo(self.node_id, self.key_bin.hex(), self.address, self.last_seen, trusted=self.trusted)
 
 
 class PeerTable:
@@ -65,6 +94,13 @@ class PeerTable:
 
     def node_of(self, key: bytes) -> str | None:
         return self._node_by_key.get(key)
+
+    def name_for(self, node_id: str, key: bytes, now: float, hold: float) -> str:
+        """The name ``key`` gets when it claims ``node_id``: the id itself, unless another key holds it (in the table,
+        or still held for it after it was lost), then the key's alias."""
+        holder = self._by_node.get(node_id)
+        owner = holder.key_bin if holder is not None else self.released_to(node_id, now, hold)
+        return node_id if owner is None or owner == key else alias(node_id, key)
 
     def by_key(self, key: bytes) -> PeerRecord | None:
         node = self._node_by_key.get(key)
@@ -101,11 +137,14 @@ class PeerTable:
             return None
         return entry[0]
 
-    def eviction_candidate(self, now: float, grace: float) -> PeerRecord | None:
-        """The unproven peer to give way to a newcomer: past its grace period, the newest of those; None if every
-        peer is proven or still within its grace."""
-        idle = [p for p in self._by_node.values() if not p.proven and now - p.first_seen >= grace]
+    def eviction_candidate(self, now: float, grace: float, vouched: bool = False) -> PeerRecord | None:
+        """The untrusted peer to give way to a newcomer: past its grace period (any, for a ``vouched`` newcomer),
+        the newest of those; None if every peer is trusted or still within its grace."""
+        idle = [p for p in self._by_node.values() if not p.trusted and (vouched or now - p.first_seen >= grace)]
         return max(idle, key=lambda p: p.first_seen, default=None)
+
+    def untrusted(self) -> int:
+        return sum(not p.trusted for p in self._by_node.values())
 
     def addresses(self) -> set[tuple[str, int]]:
         return {p.address for p in self._by_node.values()}

@@ -59,7 +59,9 @@ class Limits:
     offer_resends: int = 3
     offer_resend_after: float = 1.5  # seconds without a fetch before an offer is sent again (a datagram may be lost)
     grace: float = 30.0  # seconds a new peer has to prove itself before it may be evicted from a full table
-    probation_offers: int = 4  # offers an unproven peer may leave unfetched before it gets no more
+    probation_offers: int = 4  # offers an untrusted peer may leave unfetched before it gets no more
+    untrusted_free: int = 16  # untrusted peers (see `peers`) that get offers as trusted ones do
+    untrusted_offer_rate: float = 8.0  # beyond that many, offers per second to all untrusted peers together
     stop_grace: float = 2.0  # seconds a stopping transport waits for peers to fetch what it offered them
     id_hold: float = 120.0  # seconds a lost peer's node id stays its key's: nobody else may claim it meanwhile
     path_retry_after: float = 300.0  # seconds before a way to a peer that failed is tried again

@@ -338,9 +338,12 @@ class IPv8Transport(RuledTransport):
         p = self.parts
         rec = p.table.get(peer_id)
         assert rec is not None
-        if not p.outbox.may_offer(rec):
-            self.drops("send-failed", peer_id, "unproven", unanswered=rec.unanswered)
+        now = time.monotonic()
+        refused = p.outbox.refusal(rec, now)
+        if refused is not None:
+            self.drops("send-failed", peer_id, refused, unanswered=rec.unanswered)
             return
+        rec.last_offer = now
         p.tasks.spawn(p.outbox.offer(rec, update.round, update.payload, update.encoding, update.sample_count, meta), f"offer-{peer_id}")
 
     def _deliver(self, peer_id: str, kind: str, data: bytes) -> None:
@@ -348,4 +351,4 @@ class IPv8Transport(RuledTransport):
         p = self.parts
         rec = p.table.get(peer_id)
         assert rec is not None
-        p.courier.send(rec.address, ControlPayload(self.swarm_id, *p.courier.stamp(), peer_id, kind, data))
+        p.courier.send(rec.address, ControlPayload(self.swarm_id, *p.courier.stamp(), rec.claimed, kind, data))
