@@ -124,14 +124,14 @@ def late_accuracy(text: str, rounds: int) -> float | None:
 
 
 def start_peer(workdir: Path, manifest: Path, index: int, ports: list[int], rounds: int, interval: float,
-               rss: RssWatch, extra: tuple[str, ...] = ()) -> ls.PeerProcess:
+               rss: RssWatch, extra: tuple[str, ...] = (), log_level: str = "info") -> ls.PeerProcess:
     name = f"peer-{index + 1}"
     args = {"shard": str(index), "num_shards": str(PEERS), "partition": "shards:3"}
     log_path = workdir / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = ls.run_command(manifest, ls.DIGITS_SCRIPT, name, ports[index], rounds, interval,
                          [p for p in ports if p != ports[index]], workdir / "ckpt" / name, args,
-                         ["--min-peers", str(PEERS - 1), "--min-peers-timeout", "120", "--log-level", "info", *extra])
+                         ["--min-peers", str(PEERS - 1), "--min-peers-timeout", "120", "--log-level", log_level, *extra])
     env = ls.child_env(workdir / "home")
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir)
@@ -191,7 +191,7 @@ def certify(workdir: Path, manifest: Path, creator: Path) -> list[tuple[str, ...
 
 
 def run_scenario(scenario: str, workdir: Path, manifest: Path, rounds: int, interval: float,
-                 certified: tuple[Path, Path] | None = None) -> Outcome:
+                 certified: tuple[Path, Path] | None = None, log_level: str = "info") -> Outcome:
     """``certified``: (manifest, creator key) of the certified twin of ``manifest``, for the scenarios in CERTIFIED."""
     ports = [ls.free_port() for _ in range(PEERS)]
     extra: list[tuple[str, ...]] = [()] * PEERS
@@ -206,13 +206,15 @@ def run_scenario(scenario: str, workdir: Path, manifest: Path, rounds: int, inte
         # The attacker first, pointed at the honest ports picked above: it is in place before their first round.
         if not scenario.startswith("none"):
             attacker = start_attacker(scenario.removesuffix("-certified"), workdir, manifest, ports[:PEERS - late])
-        peers = [start_peer(workdir, manifest, i, ports, rounds, interval, rss, extra[i]) for i in range(PEERS - late)]
+        peers = [start_peer(workdir, manifest, i, ports, rounds, interval, rss, extra[i], log_level)
+                 for i in range(PEERS - late)]
         try:
             ls.ensure_started(peers, retries=0)
             if attacker is not None:
                 lines = wait_ready(attacker, timeout=300)
             if late:
-                peers.append(start_peer(workdir, manifest, PEERS - 1, ports, rounds, interval, rss, extra[PEERS - 1]))
+                peers.append(start_peer(workdir, manifest, PEERS - 1, ports, rounds, interval, rss, extra[PEERS - 1],
+                                        log_level))
             codes = ls.wait_all(peers, timeout=60 + rounds * interval * 10)
         finally:
             ls.stop_all(peers)
@@ -270,6 +272,7 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "attacks.json")
     p.add_argument("--workdir", type=Path, default=None, help="keep every daemon's log here (default: a temp dir)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info"), help="the honest daemons' log level")
     args = p.parse_args()
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SCENARIOS))
@@ -286,7 +289,7 @@ def main() -> None:
         outcomes = []
         for i, scenario in enumerate(chosen):
             outcomes.append(run_scenario(scenario, root / f"{i}-{scenario}", manifest, args.rounds, args.interval,
-                                         certified))
+                                         certified, args.log_level))
             print(f"scenario={scenario} done wall_s={outcomes[-1].wall_s}", flush=True)
     rows = report(outcomes, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)

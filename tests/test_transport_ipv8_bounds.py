@@ -242,3 +242,36 @@ def test_one_recipient_holds_at_most_its_share_of_the_serve_slots(tmp_path):
                 sock.close()
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_seed_gets_into_a_table_full_of_fresh_keys_and_only_it_counts_as_trusted(tmp_path):
+    """Issue 12 item 6: fresh keys fill the table first, all within their grace; a late peer at an address we were
+    told to seek (a bootstrap peer) still gets in at once, both ways, and only it is trusted (`--min-peers`)."""
+    from quinkgl_cli.node.localswarm import free_port
+    from quinkgl_cli.transport.ipv8 import IPv8Transport
+    from tests.test_transport_contract import Recorder
+
+    late_port = free_port()
+
+    async def body(c: Cluster):
+        a, ra = await c.add("a", max_peers=4, limits=Limits(grace=60.0, untrusted_free=2))
+        a.parts.membership.seeds.append(("127.0.0.1", late_port))  # as if started with --bootstrap-peer
+        for i in range(6):
+            await c.add(f"s{i}")
+        await wait_until(lambda: len(a.peers()) == 4, what="the table full of fresh keys")
+        assert not any(p.trusted for p in a.peers())  # more strangers than untrusted_free: none counts
+        h = IPv8Transport(node_id="h", swarm_id=a.swarm_id, arch_hash=a.arch_hash, state_dir=tmp_path / "h",
+                          port=late_port, bootstrap=[a.address], walk_interval=0.2, silence_timeout=3.0)
+        rh = Recorder()
+        await h.start(rh)
+        try:
+            await wait_until(lambda: a.knows("h") and h.knows("a"), timeout=10, what="the seed admitted both ways")
+            trusted = {p.node_id for p in a.peers() if p.trusted}
+            assert trusted == {"h"} and len(a.peers()) == 4
+            assert {p.node_id for p in h.peers() if p.trusted} == {"a"}
+            a.send_model("h", _upd(round_=1, payload=b"to the seed"))
+            await wait_until(lambda: rh.models, what="its model")
+        finally:
+            await h.stop()
+
+    run_cluster("ipv8", tmp_path, body)

@@ -99,3 +99,13 @@ def test_a_small_swarm_of_newcomers_is_not_held_back():
         rec.last_offer = 5.0
     out = _outbox(table, limits)
     assert all(out.refusal(rec, now=5.0) is None for rec in peers)  # several gossip steps in one round
+
+
+def test_a_few_strangers_all_count_for_min_peers_a_crowd_does_not():
+    table = PeerTable(16)
+    table.add(_rec("seed", b"s" * 8, vouched=True))
+    for i in range(3):
+        table.add(_rec(f"u{i}", bytes([i]) * 8))
+    assert all(p.trusted for p in table.infos(free=3))  # peers met through introductions start a swarm as before
+    table.add(_rec("u3", b"\x03" * 8))
+    assert {p.node_id for p in table.infos(free=3) if p.trusted} == {"seed"}

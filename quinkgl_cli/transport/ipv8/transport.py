@@ -324,7 +324,7 @@ class IPv8Transport(RuledTransport):
 
     # -- Transport interface ---------------------------------------------------------------------------------------
     def peers(self) -> list[PeerInfo]:
-        return [p.info() for p in self.parts.table] if self.parts is not None else []
+        return self.parts.table.infos(self.settings.limits.untrusted_free) if self.parts is not None else []
 
     def reachability(self) -> dict[str, object]:
         """How peers see this node (NAT type, TCP reachability, relays, the way each sender's models come)."""
