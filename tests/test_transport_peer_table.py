@@ -101,11 +101,21 @@ def test_a_small_swarm_of_newcomers_is_not_held_back():
     assert all(out.refusal(rec, now=5.0) is None for rec in peers)  # several gossip steps in one round
 
 
-def test_a_few_strangers_all_count_for_min_peers_a_crowd_does_not():
-    table = PeerTable(16)
-    table.add(_rec("seed", b"s" * 8, vouched=True))
-    for i in range(3):
-        table.add(_rec(f"u{i}", bytes([i]) * 8))
-    assert all(p.trusted for p in table.infos(free=3))  # peers met through introductions start a swarm as before
-    table.add(_rec("u3", b"\x03" * 8))
-    assert {p.node_id for p in table.infos(free=3) if p.trusted} == {"seed"}
+
+def test_min_peers_waits_for_trusted_peers_once_enough_were_named():
+    from types import SimpleNamespace
+
+    from quinkgl_cli.node.runloop import RoundLoop
+    from quinkgl_cli.transport.base import PeerInfo
+
+    peers = [PeerInfo("seed", "aa", None, 0.0, trusted=True)] + [
+        PeerInfo(f"sybil-{i}", f"{i:02x}", None, 0.0, trusted=False) for i in range(50)]
+
+    def ready(named: int, want: int) -> int:
+        transport = SimpleNamespace(peers=lambda: peers, named_peers=lambda: named)
+        loop = RoundLoop.__new__(RoundLoop)  # only its node is asked
+        loop.node = SimpleNamespace(transport=transport)  # type: ignore[assignment]
+        return loop.ready_peers(want)
+
+    assert ready(named=2, want=2) == 1  # two seeds named: fifty strangers do not start our rounds
+    assert ready(named=1, want=2) == 51  # peers meet through introductions: any peer counts, as before

@@ -110,16 +110,20 @@ class RoundLoop:
         self._noted[reminder] = now
         return True
 
-    def trusted_peers(self) -> int:
-        """Known peers the transport has a reason to count (`PeerInfo.trusted`): fresh keys cost nothing, so a crowd
-        of them must not start our rounds before the peers we would learn with are here."""
-        return sum(p.trusted for p in self.node.transport.peers())
+    def ready_peers(self, want: int) -> int:
+        """The peers that count towards ``want``. Fresh keys cost nothing, so once the operator named at least
+        ``want`` peers (seeds, rendezvous entries) only trusted ones count (`PeerInfo.trusted`): a crowd of strangers
+        must not start our rounds before the peers we learn with are here. With fewer named, peers can only meet
+        through introductions, and any peer counts."""
+        transport = self.node.transport
+        peers = transport.peers()
+        return sum(p.trusted for p in peers) if transport.named_peers() >= want else len(peers)
 
     async def wait_for_peers(self, want: int, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         next_note = loop.time()
-        while (have := self.trusted_peers()) < want and not self.waiter.stopping:
+        while (have := self.ready_peers(want)) < want and not self.waiter.stopping:
             now = loop.time()
             if now >= deadline:
                 emit(log, logging.WARNING, "min-peers-timeout", have=have, want=want, seconds=round(timeout),

@@ -20,8 +20,8 @@ class PeerInfo:
     public_key: str  # hex of the peer's transport public key: its identity
     address: tuple[str, int] | None
     last_seen: float  # transport clock (monotonic seconds, virtual in the simulator)
-    # Whether the transport has a reason to count this peer beyond its word (see `transport.ipv8.peers`):
-    # `--min-peers` counts these only. The in-memory twin has no strangers: every peer is.
+    # Whether the transport has a reason to count this peer beyond its word (see `transport.ipv8.peers`): when
+    # enough peers were named, `--min-peers` counts these only. The in-memory twin has no strangers: every peer is.
     trusted: bool = True
 
 
@@ -114,6 +114,11 @@ class Transport(ABC):
     @abstractmethod
     def send_model(self, peer_id: str, update: OutgoingUpdate) -> None:
         """Queue ``update`` for ``peer_id`` and return at once; failures are logged and counted, never raised."""
+
+    def named_peers(self) -> int:
+        """How many peers the operator named to this transport (seeds), whose arrival `--min-peers` can wait for
+        instead of counting any peer; 0 where every peer is trusted anyway."""
+        return 0
 
     @abstractmethod
     def send_message(self, peer_id: str, kind: str, body: dict[str, ControlValue]) -> None:

@@ -220,6 +220,10 @@ class Membership:
         if rec is not None:
             self.gossip.on_message(rec, p)
 
+    def named(self) -> int:
+        """How many peer addresses the operator named (bootstrap peers, rendezvous entries on this host)."""
+        return len({*self.seeds, *self._local})
+
     def _vouched(self, source: tuple[str, int]) -> bool:
         """Whether a new peer at ``source`` is vouched for (see `peers`): certified, or at an address the operator
         named that no other vouched peer holds (a forged source address gains one entry at most)."""

@@ -15,9 +15,8 @@ models proves nothing (anyone can). A full table keeps trusted peers: it makes r
 that has had its grace period (the newest such, so long-lived peers stay), or any untrusted one for a vouched
 newcomer, rather than refusing a late honest peer. Untrusted peers get offers only within a budget shared by all
 of them (`outbox`), an untrusted peer that left several of our offers unfetched gets no more, and `--min-peers`
-counts trusted peers only (`PeerInfo.trusted`): a crowd of fresh keys can neither fill the table for good, nor
-soak up our uploads, nor start our rounds. A few strangers are no crowd: while at most ``free`` peers are
-untrusted (`infos`) every peer counts, so a swarm whose peers meet through introductions starts as before.
+counts trusted peers only (`PeerInfo.trusted`) when the operator named enough peers to wait for: a crowd of
+fresh keys can neither fill the table for good, nor soak up our uploads, nor start our rounds.
 
 A node id belongs to the key that holds it, and stays that key's for a while after the peer is lost (``hold``
 seconds, see `released_to`): another key claiming it meanwhile is refused, so a squatter cannot take the id of a
@@ -147,11 +146,6 @@ class PeerTable:
     def untrusted(self) -> int:
         return sum(not p.trusted for p in self._by_node.values())
 
-    def infos(self, free: int) -> list[PeerInfo]:
-        """Every peer as the node sees it; all count as trusted while no more than ``free`` are not."""
-        crowd = self.untrusted() > free
-        return [PeerInfo(p.node_id, p.key_bin.hex(), p.address, p.last_seen, trusted=p.trusted or not crowd)
-                for p in self._by_node.values()]
 
     def addresses(self) -> set[tuple[str, int]]:
         return {p.address for p in self._by_node.values()}

@@ -324,7 +324,10 @@ class IPv8Transport(RuledTransport):
 
     # -- Transport interface ---------------------------------------------------------------------------------------
     def peers(self) -> list[PeerInfo]:
-        return self.parts.table.infos(self.settings.limits.untrusted_free) if self.parts is not None else []
+        return [p.info() for p in self.parts.table] if self.parts is not None else []
+
+    def named_peers(self) -> int:
+        return self.parts.membership.named() if self.parts is not None else 0
 
     def reachability(self) -> dict[str, object]:
         """How peers see this node (NAT type, TCP reachability, relays, the way each sender's models come)."""
