@@ -625,3 +625,41 @@ def test_a_checkpoint_path_that_is_a_file_is_named_as_such(manifest: Path, tmp_p
     with pytest.raises(IOFailure) as err:
         prepare(options(manifest, tmp_path, "p0", checkpoint_dir=path))
     assert "is not a directory" in err.value.one_line() and "other daemon" not in err.value.one_line()
+
+
+def test_a_node_that_learns_its_key_is_revoked_stops_before_its_next_round(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 12: a revoked node must not train on alone: once its transport adopts a list naming its own key, the
+    daemon stops as on an expiry (``key-revoked``, exit 4), keeping its last checkpoint."""
+    from datetime import UTC, datetime
+
+    from quinkgl_cli import keys
+    from quinkgl_cli.manifest import admission as docs
+    from quinkgl_cli.transport.admission import Admission, AdmissionSettings
+
+    path, creator_key, pub, swarm = ls.digits_manifest(tmp_path / "m", name="revoke-test",
+                                                   training={"local_epochs": "1", "local_steps": "3"})
+    prepared = prepare(options(path, tmp_path, "p0", rounds=10, gossip_interval=0.05))
+    transport = MemoryTransport(MemoryNetwork(), "p0", swarm_id=swarm, arch_hash=prepared.trusted.manifest.model.arch_hash,
+                                admission=Admission(AdmissionSettings(swarm, pub), "p0"))
+    d = Daemon(prepared, LogContext("p0"), lambda _p: transport)
+    listed = docs.sign(docs.RevocationList(swarm_id=swarm, version=1, issued_at=datetime.now(UTC).replace(microsecond=0),
+                                           revoked=(docs.fingerprint(transport.public_key),)),
+                       keys.load_private_key(creator_key))
+    clock = d.utc_now
+
+    def now() -> datetime:  # asked before every round: the list arrives (by gossip, in the IPv8 transport) after round 2
+        if d.node.completed_round >= 2 and not transport.revoked():
+            assert transport.admission is not None and transport.admission.consider(listed.text(), "peer") == "adopted"
+        return clock()
+
+    d.utc_now = now
+    with caplog.at_level(logging.INFO):
+        code = asyncio.run(asyncio.wait_for(d.run(), timeout=60))
+    _release(d)
+    assert code == ExitCode.TRUST == 4
+    events = {getattr(r, "qgl_event", ""): r for r in caplog.records}
+    assert "revocation list" in events["key-revoked"].qgl_fields["error"]  # type: ignore[attr-defined]
+    stopped = events["stopped"].qgl_fields  # type: ignore[attr-defined]
+    assert stopped["reason"] == "key-revoked" and stopped["completed_round"] == 2
+    assert CheckpointStore(tmp_path / "p0").files()[-1].round == 2

@@ -275,3 +275,29 @@ def test_a_seed_gets_into_a_table_full_of_fresh_keys_and_only_it_counts_as_trust
             await h.stop()
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_untrusted_peers_packets_are_budgeted_before_their_signatures_are_checked(tmp_path, caplog):
+    """Issue 12 items 3 and 6: a peer that proved nothing gets a packet budget, checked before the signature (a
+    flood costs a lookup per packet); a peer that delivered a model has none."""
+    limits = Limits(untrusted_packets=5.0)
+
+    async def body(c: Cluster):
+        a, ra = await c.add("a", limits=limits)
+        m, _ = await c.add("m")
+        h, _ = await c.add("h")
+        await c.meet(["a", "m", "h"])
+        h.send_model("a", _upd(round_=1))
+        await wait_until(lambda: ra.models, what="h's model: h is trusted now")
+        with caplog.at_level(logging.WARNING, logger="quinkgl.transport"):
+            for i in range(150):
+                m.send_message("a", "flood", {"i": i})
+                h.send_message("a", "work", {"i": i})
+                if i % 25 == 0:
+                    await asyncio.sleep(0.01)  # both senders' datagrams fit the receive buffer
+            await wait_until(lambda: sum(s == "h" for s, _, _ in ra.messages) == 150, what="all of h's messages")
+        from_m = sum(s == "m" for s, _, _ in ra.messages)
+        assert 0 < from_m <= 40, from_m  # a burst of 10, then 5 a second
+        assert "packet-refused peer=m reason=rate_limited sender=untrusted" in caplog.text
+
+    run_cluster("ipv8", tmp_path, body)

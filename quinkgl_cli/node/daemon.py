@@ -14,7 +14,8 @@ is the end-of-round state of the last completed round (written now when ``--chec
 a resumed daemon runs that round again from the state it started from, and the final model file gets the model the
 peer serves (`quinkgl_cli.node.serving`). The transport stops, exit 130. A manifest
 whose ``expires_at`` passes during the run stops the daemon the same way before the next round (``manifest-expired``),
-exit 4. Any other
+exit 4; so does this node's certificate expiring (``certificate-expired``) or its key being revoked (``key-revoked``:
+the transport adopted a revocation list naming it). Any other
 failure of the loop is logged with its traceback and exits non-zero; nothing is saved then (the model may be what
 broke). A start-up that fails before the first round (a port in use, say) gives back the directories it took,
 removing those it created empty.
@@ -118,8 +119,8 @@ class Daemon:
 
     def _manifest_valid(self) -> bool:
         """False (and the run stops as on a signal, exit 4) once the manifest's ``expires_at`` has passed, or this
-        node's certificate's: a peer must not train on in a swarm its creator ended or no longer admits it to.
-        The last completed round's checkpoint is kept."""
+        node's certificate's, or the transport learnt that this node's key is revoked: a peer must not train on in
+        a swarm its creator ended or no longer admits it to. The last completed round's checkpoint is kept."""
         event = "manifest-expired"
         try:
             now = self.utc_now()
@@ -127,6 +128,10 @@ class Daemon:
             event = "certificate-expired"
             if self.prepared.admission is not None:
                 check_certificate_expiry(self.prepared.admission, now)
+            event = "key-revoked"
+            if self.transport.revoked():
+                raise TrustError("this node's key is on the swarm's revocation list: its peers refuse it",
+                                 "ask the swarm's creator; a new key needs a new certificate (certified swarms)")
         except TrustError as exc:
             self.expired = (event, exc)
             emit(log, logging.WARNING, event, error=exc.message, hint=exc.hint)

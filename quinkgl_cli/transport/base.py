@@ -115,6 +115,11 @@ class Transport(ABC):
     def send_model(self, peer_id: str, update: OutgoingUpdate) -> None:
         """Queue ``update`` for ``peer_id`` and return at once; failures are logged and counted, never raised."""
 
+    def revoked(self) -> bool:
+        """Whether this node's own key is on the swarm's revocation list in force: its peers refuse it, and the
+        daemon stops. False where nothing can be revoked."""
+        return False
+
     def named_peers(self) -> int:
         """How many peers the operator named to this transport (seeds), whose arrival `--min-peers` can wait for
         instead of counting any peer; 0 where every peer is trusted anyway."""

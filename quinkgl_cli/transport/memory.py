@@ -319,6 +319,9 @@ class MemoryTransport(RuledTransport):
     def peers(self) -> list[PeerInfo]:
         return list(self._peers.values())
 
+    def revoked(self) -> bool:
+        return self.admission is not None and self.admission.revoked(bytes.fromhex(self.public_key))
+
     def knows(self, peer_id: str) -> bool:
         return peer_id in self._peers
 

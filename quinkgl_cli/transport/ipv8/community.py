@@ -49,6 +49,9 @@ class CommunityHandlers(Protocol):
 
     def on_bad_packet(self, source: tuple[str, int], reason: str, **fields: Any) -> None: ...
 
+    def admits(self, source: tuple[str, int], signer: bytes) -> bool:
+        """Whether to spend a signature check on a packet that says ``signer`` signed it (unchecked yet)."""
+
     def on_crowded(self) -> bool:
         """IPv8's peer list is full: make room if possible; True if there is room now."""
 
@@ -148,6 +151,8 @@ class SwarmCommunity(Community):
             known.last_response = time.time()
         if data[:22] != self._prefix or len(data) < 23:
             return
+        if not self.handlers.admits(_addr(source), _signer(data)):
+            return  # before the signature check: a flood costs us a dictionary lookup per packet, not a verify
         handler = self.decode_map[data[22]]
         if handler is None:
             self.handlers.on_bad_packet(_addr(source), "unknown_message")
@@ -217,6 +222,14 @@ class SwarmCommunity(Community):
 
 def _addr(source: Any) -> tuple[str, int]:
     return str(source[0]), int(source[1])
+
+
+def _signer(data: bytes) -> bytes:
+    """The public key a signed packet names (its BinMemberAuthenticationPayload at offset 23: a 2-byte length,
+    then the key), unchecked; empty if there is none."""
+    if len(data) < 25:
+        return b""
+    return data[25 : 25 + int.from_bytes(data[23:25], "big")]
 
 
 def community_class(swarm_id: str) -> type[SwarmCommunity]:

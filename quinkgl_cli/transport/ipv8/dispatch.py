@@ -60,6 +60,9 @@ class Dispatch:
     def on_bad_packet(self, source: tuple[str, int], reason: str, **fields: Any) -> None:
         self._drops("packet-refused", f"{source[0]}:{source[1]}", reason, **fields)
 
+    def admits(self, source: tuple[str, int], signer: bytes) -> bool:
+        return self._routes is not None and self._routes.membership.admits(source, signer)
+
     def on_crowded(self) -> bool:
         return self._routes is not None and self._routes.membership.make_room()
 

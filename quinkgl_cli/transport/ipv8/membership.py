@@ -28,6 +28,7 @@ from quinkgl_cli.transport.common import DropLog
 from quinkgl_cli.transport.ipv8.community import SwarmCommunity
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
+from quinkgl_cli.transport.ipv8.fetcher import RateLimit
 from quinkgl_cli.transport.ipv8.payloads import ByePayload, HelloHead, HelloPayload, RevocationPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable
 from quinkgl_cli.transport.ipv8.replay import ReplayGuard
@@ -72,6 +73,10 @@ class Membership:
         self.local_seeds = local_seeds  # re-read every LOCAL_SEED_POLL seconds: daemons come and go
         self._local: list[tuple[str, int]] = []
         self._local_read = float("-inf")
+        self._named: frozenset[tuple[str, int]] = frozenset(seeds)  # seeds and rendezvous entries, as of the last tick
+        limits = settings.limits
+        self._strangers = RateLimit(limits.stranger_packets, int(2 * limits.stranger_packets))
+        self._untrusted = RateLimit(limits.untrusted_packets, int(2 * limits.untrusted_packets))
         self.active = True  # False once the transport stops: nothing more is reported to the node
 
     # -- periodic work -----------------------------------------------------------------------------------------
@@ -82,6 +87,7 @@ class Membership:
         if self.local_seeds is not None and now - self._local_read >= LOCAL_SEED_POLL:
             self._local_read = now
             self._local = self.local_seeds()
+            self._named = frozenset({*self.seeds, *self._local})
         for seed in [*self.seeds, *self._local]:
             if seed not in known and now - self._seed_walked.get(seed, 0.0) >= max(1.0, s.walk_interval):
                 self._seed_walked[seed] = now
@@ -222,7 +228,23 @@ class Membership:
 
     def named(self) -> int:
         """How many peer addresses the operator named (bootstrap peers, rendezvous entries on this host)."""
-        return len({*self.seeds, *self._local})
+        return len(self._named)
+
+    def admits(self, source: tuple[str, int], signer: bytes) -> bool:
+        """Whether a packet is worth its signature check (see `community`): from a trusted peer or a named address
+        always; from an untrusted peer or a stranger (a key not in the table), within a packet budget (per peer,
+        and one for all strangers together), so a flood of fresh keys or of one member's offers is dropped at the
+        cost of a lookup and cannot back up the datagrams of the peers we learn with."""
+        now = time.monotonic()
+        rec = self.table.by_key(signer)
+        if rec is not None:
+            if rec.trusted or self._untrusted.allow(rec.node_id, now):
+                return True
+        elif source in self._named or self._strangers.allow("-", now):
+            return True
+        self.drops("packet-refused", "-" if rec is None else rec.node_id, "rate_limited",
+                   sender="stranger" if rec is None else "untrusted")
+        return False
 
     def _vouched(self, source: tuple[str, int]) -> bool:
         """Whether a new peer at ``source`` is vouched for (see `peers`): certified, or at an address the operator
@@ -287,6 +309,7 @@ class Membership:
         rec = self.table.remove(node_id, released_at=None if freed else time.monotonic())
         if rec is None:
             return
+        self._untrusted.forget(node_id)
         self.on_lost(node_id)
         known = self.community.network.get_verified_by_public_key_bin(rec.key_bin)
         if known is not None:

@@ -68,4 +68,4 @@ class RevocationGossip:
         if self.admission.revoked(self.own_key) and not self._own_revoked_said:
             self._own_revoked_said = True
             emit(log, logging.ERROR, "own-key-revoked", context={"node": self.settings.node_id},
-                 version=self.admission.version, hint="peers refuse this node from now on; ask the swarm's creator")
+                 version=self.admission.version, hint="peers refuse this node from now on: it stops before its next round; ask the swarm's creator")

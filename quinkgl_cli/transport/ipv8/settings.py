@@ -62,6 +62,8 @@ class Limits:
     probation_offers: int = 4  # offers an untrusted peer may leave unfetched before it gets no more
     untrusted_free: int = 16  # untrusted peers (see `peers`) that get offers as trusted ones do
     untrusted_offer_rate: float = 8.0  # beyond that many, offers per second to all untrusted peers together
+    stranger_packets: float = 100.0  # packets per second from keys we do not know, all together, that we verify
+    untrusted_packets: float = 50.0  # and from one untrusted peer (trusted peers and seeds: no limit)
     stop_grace: float = 2.0  # seconds a stopping transport waits for peers to fetch what it offered them
     id_hold: float = 120.0  # seconds a lost peer's node id stays its key's: nobody else may claim it meanwhile
     path_retry_after: float = 300.0  # seconds before a way to a peer that failed is tried again

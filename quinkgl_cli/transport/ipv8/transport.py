@@ -326,6 +326,9 @@ class IPv8Transport(RuledTransport):
     def peers(self) -> list[PeerInfo]:
         return [p.info() for p in self.parts.table] if self.parts is not None else []
 
+    def revoked(self) -> bool:
+        return self.parts is not None and self.admission.revoked(self.parts.key.pub().key_to_bin())
+
     def named_peers(self) -> int:
         return self.parts.membership.named() if self.parts is not None else 0
 
