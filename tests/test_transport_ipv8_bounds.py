@@ -14,7 +14,7 @@ import time
 
 from quinkgl_cli.transport.ipv8 import stream
 from quinkgl_cli.transport.ipv8.payloads import OfferPayload
-from quinkgl_cli.transport.ipv8.settings import Limits
+from quinkgl_cli.transport.ipv8.settings import Limits, StrangerLimits
 from tests.test_transport_contract import Cluster, _upd, run_cluster, wait_until
 
 
@@ -136,14 +136,14 @@ def test_a_stalling_sender_cannot_starve_the_fetch_slots(tmp_path, caplog):
 def test_a_full_peer_table_makes_room_for_a_late_honest_peer(tmp_path, caplog):
     """Issue 12 item 6: identities that proved nothing fill the table first; a late peer still gets in (an
     unproven entry past its grace gives way) and, once it has delivered a model, stays while they churn."""
-    limits = Limits(grace=1.0)
+    limits = Limits(strangers=StrangerLimits(grace=1.0))
 
     async def body(c: Cluster):
         a, ra = await c.add("a", max_peers=3, limits=limits)
         for name in ("s1", "s2", "s3"):
             await c.add(name)
         await c.meet(["a", "s1", "s2", "s3"])
-        await asyncio.sleep(limits.grace)  # the fillers have had their chance to prove something
+        await asyncio.sleep(limits.strangers.grace)  # the fillers have had their chance to prove something
         h, rh = await c.add("h")
         with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
             await wait_until(lambda: "h" in {p.node_id for p in a.peers()} and "a" in {p.node_id for p in h.peers()},
@@ -161,7 +161,7 @@ def test_a_full_peer_table_makes_room_for_a_late_honest_peer(tmp_path, caplog):
 
 def test_a_peer_that_never_fetches_gets_only_its_probation_offers(tmp_path, caplog):
     """Issue 12 item 6: we stop offering to a peer that never proved anything (it left every offer unfetched)."""
-    limits = Limits(probation_offers=3, pending_offers_per_peer=2)
+    limits = Limits(strangers=StrangerLimits(probation_offers=3), pending_offers_per_peer=2)
 
     async def body(c: Cluster):
         a, _ = await c.add("a", limits=limits)
@@ -188,7 +188,7 @@ def test_a_crowded_ipv8_peer_list_still_answers_a_newcomer(tmp_path):
     we refused stay on it. A newcomer must still be answered: the strangers make room."""
 
     async def body(c: Cluster):
-        a, _ = await c.add("a", max_peers=2, limits=Limits(grace=60.0))  # nobody may be evicted in this test
+        a, _ = await c.add("a", max_peers=2, limits=Limits(strangers=StrangerLimits(grace=60.0)))  # nobody may be evicted in this test
         await c.add("s1")
         await c.add("s2")
         await c.meet(["a", "s1", "s2"])
@@ -254,12 +254,12 @@ def test_a_seed_gets_into_a_table_full_of_fresh_keys_and_only_it_counts_as_trust
     late_port = free_port()
 
     async def body(c: Cluster):
-        a, ra = await c.add("a", max_peers=4, limits=Limits(grace=60.0, untrusted_free=2))
+        a, ra = await c.add("a", max_peers=4, limits=Limits(strangers=StrangerLimits(grace=60.0, free=2)))
         a.parts.membership.seeds.append(("127.0.0.1", late_port))  # as if started with --bootstrap-peer
         for i in range(6):
             await c.add(f"s{i}")
         await wait_until(lambda: len(a.peers()) == 4, what="the table full of fresh keys")
-        assert not any(p.trusted for p in a.peers())  # more strangers than untrusted_free: none counts
+        assert not any(p.trusted for p in a.peers())  # more strangers than StrangerLimits.free: none counts
         h = IPv8Transport(node_id="h", swarm_id=a.swarm_id, arch_hash=a.arch_hash, state_dir=tmp_path / "h",
                           port=late_port, bootstrap=[a.address], walk_interval=0.2, silence_timeout=3.0)
         rh = Recorder()
@@ -280,7 +280,7 @@ def test_a_seed_gets_into_a_table_full_of_fresh_keys_and_only_it_counts_as_trust
 def test_untrusted_peers_packets_are_budgeted_before_their_signatures_are_checked(tmp_path, caplog):
     """Issue 12 items 3 and 6: a peer that proved nothing gets a packet budget, checked before the signature (a
     flood costs a lookup per packet); a peer that delivered a model has none."""
-    limits = Limits(untrusted_packets=5.0)
+    limits = Limits(strangers=StrangerLimits(packets_per_peer=5.0))
 
     async def body(c: Cluster):
         a, ra = await c.add("a", limits=limits)

@@ -11,7 +11,7 @@ from quinkgl_cli.transport.base import TransportStats
 from quinkgl_cli.transport.common import DropLog
 from quinkgl_cli.transport.ipv8.outbox import Outbox
 from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable, alias
-from quinkgl_cli.transport.ipv8.settings import Limits, TransportSettings
+from quinkgl_cli.transport.ipv8.settings import Limits, StrangerLimits, TransportSettings
 
 HOLD = 120.0
 
@@ -68,7 +68,7 @@ def _outbox(table: PeerTable, limits: Limits) -> Outbox:
 
 
 def test_untrusted_peers_share_an_offer_budget_and_trusted_ones_are_never_held_back():
-    limits = Limits(untrusted_free=2, untrusted_offer_rate=2.0, probation_offers=3)
+    limits = Limits(strangers=StrangerLimits(free=2, offer_rate=2.0, probation_offers=3))
     table = PeerTable(16)
     crowd = [_rec(f"u{i}", bytes([i]) * 8) for i in range(6)]
     for rec in crowd:
@@ -93,7 +93,7 @@ def test_untrusted_peers_share_an_offer_budget_and_trusted_ones_are_never_held_b
 def test_a_small_swarm_of_newcomers_is_not_held_back():
     limits = Limits()
     table = PeerTable(256)
-    peers = [_rec(f"p{i}", bytes([i]) * 8) for i in range(limits.untrusted_free)]
+    peers = [_rec(f"p{i}", bytes([i]) * 8) for i in range(limits.strangers.free)]
     for rec in peers:
         table.add(rec)
         rec.last_offer = 5.0
@@ -119,3 +119,41 @@ def test_min_peers_waits_for_trusted_peers_once_enough_were_named():
 
     assert ready(named=2, want=2) == 1  # two seeds named: fifty strangers do not start our rounds
     assert ready(named=1, want=2) == 51  # peers meet through introductions: any peer counts, as before
+
+
+def test_the_packet_gate_sheds_strangers_while_we_fall_behind_never_trusted_peers_or_seeds():
+    from quinkgl_cli.transport.ipv8.gate import PacketGate
+
+    table = PeerTable(8)
+    table.add(_rec("friend", b"f" * 8, delivered=1))
+    table.add(_rec("newbie", b"n" * 8))
+    queue = [0.0]
+    gate = PacketGate(Limits(strangers=StrangerLimits(packets=1000.0)), table, DropLog(TransportStats(), "me"),
+                      named=frozenset({("127.0.0.1", 7001)}), backlog=lambda: queue[0])
+    seed, other = ("127.0.0.1", 7001), ("127.0.0.1", 7002)
+    assert gate.admits(other, b"stranger") and gate.admits(other, b"n" * 8)
+    queue[0] = 0.9  # we read slower than datagrams come: a flood is queueing up
+    gate._behind = (float("-inf"), False)  # the next packet reads the queue again
+    assert not gate.admits(other, b"stranger") and not gate.admits(other, b"n" * 8)
+    assert gate.admits(other, b"f" * 8) and gate.admits(seed, b"stranger")  # a seed's first hello too
+
+
+def test_a_real_endpoint_reports_its_receive_backlog(tmp_path):
+    import asyncio
+    import socket
+
+    from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint
+
+    async def main() -> float:
+        endpoint = GuardedUDPEndpoint("127.0.0.1", 0, DestinationGuard("127.0.0.1"))
+        await endpoint.open()
+        try:
+            assert endpoint.backlog() == 0.0
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for _ in range(200):
+                    s.sendto(b"x" * 1000, endpoint.get_address())
+            return endpoint.backlog()  # nothing read yet: the loop has not run
+        finally:
+            endpoint.close()
+
+    assert asyncio.run(main()) > 0.05

@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from quinkgl_cli.transport.common import OnceLog
 from quinkgl_cli.validation import is_loopback
 
 log = logging.getLogger("quinkgl.transport")
+SO_MEMINFO = 55  # Linux: the socket's memory counters, the receive queue's bytes first and its limit second
 
 
 class DestinationGuard:
@@ -62,6 +64,18 @@ class GuardedUDPEndpoint(UDPEndpoint):
             self.on_foreign(packet[0], packet[1])
             return
         super().notify_listeners(packet)
+
+    def backlog(self) -> float:
+        """How full our receive queue is (0 to about 1): datagrams the kernel holds that we have not read yet.
+        0 where the system does not say (SO_MEMINFO is Linux's)."""
+        sock = self._transport.get_extra_info("socket") if self._running and self._transport is not None else None
+        if sock is None:
+            return 0.0
+        try:
+            used, limit = struct.unpack("2I", sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 8))
+        except (OSError, struct.error):
+            return 0.0
+        return used / limit if limit else 0.0
 
     async def open(self) -> bool:
         """Bind exactly ``(ip, port)`` or raise NetworkError; never walk to another port."""

@@ -28,7 +28,7 @@ from quinkgl_cli.transport.common import DropLog
 from quinkgl_cli.transport.ipv8.community import SwarmCommunity
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
-from quinkgl_cli.transport.ipv8.fetcher import RateLimit
+from quinkgl_cli.transport.ipv8.gate import PacketGate
 from quinkgl_cli.transport.ipv8.payloads import ByePayload, HelloHead, HelloPayload, RevocationPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable
 from quinkgl_cli.transport.ipv8.replay import ReplayGuard
@@ -54,6 +54,7 @@ class Membership:
         on_lost: Callable[[str], None],
         admission: Admission,
         local_seeds: Callable[[], list[tuple[str, int]]] | None = None,
+        backlog: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.settings = settings
         self.table = table
@@ -73,10 +74,7 @@ class Membership:
         self.local_seeds = local_seeds  # re-read every LOCAL_SEED_POLL seconds: daemons come and go
         self._local: list[tuple[str, int]] = []
         self._local_read = float("-inf")
-        self._named: frozenset[tuple[str, int]] = frozenset(seeds)  # seeds and rendezvous entries, as of the last tick
-        limits = settings.limits
-        self._strangers = RateLimit(limits.stranger_packets, int(2 * limits.stranger_packets))
-        self._untrusted = RateLimit(limits.untrusted_packets, int(2 * limits.untrusted_packets))
+        self.gate = PacketGate(settings.limits, table, drops, frozenset(seeds), backlog)
         self.active = True  # False once the transport stops: nothing more is reported to the node
 
     # -- periodic work -----------------------------------------------------------------------------------------
@@ -87,7 +85,7 @@ class Membership:
         if self.local_seeds is not None and now - self._local_read >= LOCAL_SEED_POLL:
             self._local_read = now
             self._local = self.local_seeds()
-            self._named = frozenset({*self.seeds, *self._local})
+            self.gate.named = frozenset({*self.seeds, *self._local})
         for seed in [*self.seeds, *self._local]:
             if seed not in known and now - self._seed_walked.get(seed, 0.0) >= max(1.0, s.walk_interval):
                 self._seed_walked[seed] = now
@@ -228,23 +226,10 @@ class Membership:
 
     def named(self) -> int:
         """How many peer addresses the operator named (bootstrap peers, rendezvous entries on this host)."""
-        return len(self._named)
+        return len(self.gate.named)
 
     def admits(self, source: tuple[str, int], signer: bytes) -> bool:
-        """Whether a packet is worth its signature check (see `community`): from a trusted peer or a named address
-        always; from an untrusted peer or a stranger (a key not in the table), within a packet budget (per peer,
-        and one for all strangers together), so a flood of fresh keys or of one member's offers is dropped at the
-        cost of a lookup and cannot back up the datagrams of the peers we learn with."""
-        now = time.monotonic()
-        rec = self.table.by_key(signer)
-        if rec is not None:
-            if rec.trusted or self._untrusted.allow(rec.node_id, now):
-                return True
-        elif source in self._named or self._strangers.allow("-", now):
-            return True
-        self.drops("packet-refused", "-" if rec is None else rec.node_id, "rate_limited",
-                   sender="stranger" if rec is None else "untrusted")
-        return False
+        return self.gate.admits(source, signer)
 
     def _vouched(self, source: tuple[str, int]) -> bool:
         """Whether a new peer at ``source`` is vouched for (see `peers`): certified, or at an address the operator
@@ -258,7 +243,7 @@ class Membership:
     def _evict_for(self, newcomer: str, vouched: bool = False) -> bool:
         """Make room in the full table for ``newcomer`` by evicting an untrusted peer past its grace (any untrusted
         peer for a vouched newcomer); False if none."""
-        victim = self.table.eviction_candidate(time.monotonic(), self.settings.limits.grace, vouched)
+        victim = self.table.eviction_candidate(time.monotonic(), self.settings.limits.strangers.grace, vouched)
         if victim is None:
             return False
         emit(log, logging.DEBUG, "peer-evicted", context={"node": self.settings.node_id}, peer=victim.node_id,
@@ -309,7 +294,7 @@ class Membership:
         rec = self.table.remove(node_id, released_at=None if freed else time.monotonic())
         if rec is None:
             return
-        self._untrusted.forget(node_id)
+        self.gate.forget(node_id)
         self.on_lost(node_id)
         known = self.community.network.get_verified_by_public_key_bin(rec.key_bin)
         if known is not None:

@@ -2,8 +2,8 @@
 
 Owns the offers waiting to be served (bounded per recipient), their resends (an offer's datagram may be lost),
 the digest cache that hashes a model going to several peers once, and what untrusted peers get (see `peers`):
-only a few offers they leave unfetched, and, once there are more than ``untrusted_free`` of them, offers at
-``untrusted_offer_rate`` per second among them all, each in turn (a crowd of fresh keys that fetch everything
+only a few offers they leave unfetched, and, once there are more than `StrangerLimits.free` of them, offers at
+``offer_rate`` per second among them all, each in turn (a crowd of fresh keys that fetch everything
 cannot take our uploads from the peers we learn with).
 """
 
@@ -89,14 +89,14 @@ class Outbox:
         than its turn when many untrusted peers share the budget."""
         if rec.trusted:
             return None
-        limits = self.settings.limits
+        limits = self.settings.limits.strangers
         if rec.unanswered >= limits.probation_offers:
             return "unproven"
         counted_at, untrusted = self._untrusted
         if now - counted_at >= UNTRUSTED_RECOUNT:
             untrusted = self.table.untrusted()
             self._untrusted = (now, untrusted)
-        if now - rec.last_offer < max(0, untrusted - limits.untrusted_free) / limits.untrusted_offer_rate:
+        if now - rec.last_offer < max(0, untrusted - limits.free) / limits.offer_rate:
             return "untrusted_budget"
         return None
 

@@ -253,7 +253,8 @@ class IPv8Transport(RuledTransport):
             services.forget(node_id)
 
         membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, lost,
-                                self.admission, local_seeds=self._local_seeds if self.rendezvous is not None else None)
+                                self.admission, local_seeds=self._local_seeds if self.rendezvous is not None else None,
+                                backlog=endpoint.backlog)
         self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links))
         reach = Reachability(self.node_id, s.listen_host, services.bound, self.tcp_port, services, links, s.limits.relay.volunteer)
         return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, services, relay, links,
