@@ -52,8 +52,8 @@ class StrangerLimits:
     # untrusted peer; trusted peers and named addresses have no limit. A flood beyond these is dropped at the cost of
     # a lookup (`gate`), so it cannot back up our UDP receive queue, where it would delay every honest datagram by
     # tens of seconds (measured with 300 fresh keys).
-    packets: float = 200.0
-    packets_per_peer: float = 50.0
+    packets: float = 100.0
+    packets_per_peer: float = 20.0
 
 
 @dataclass(frozen=True)
