@@ -38,6 +38,7 @@ from quinkgl_cli.transport.ipv8.settings import TransportSettings, label
 
 log = logging.getLogger("quinkgl.transport")
 LOCAL_SEED_POLL = 2.0  # seconds between reads of the rendezvous directory (a few small files)
+CROWDED_HEARTBEAT = 3  # heartbeats to untrusted peers this many times further apart when they crowd the table
 
 
 class Membership:
@@ -97,17 +98,22 @@ class Membership:
         if self.community.bootstrappers and not self.community.get_peers():
             self.community.bootstrap()
         self.walker.take_step()
-        for peer in self.community.get_peers():
-            key = peer.public_key.key_to_bin()
-            if self.table.node_of(key) is None:
-                self.hello(key, _addr(peer.address), want_reply=True, min_gap=2.0)
+        if not self.table.full():  # else a stranger could not get in: it greets us itself if it may (a seed)
+            for peer in self.community.get_peers():
+                key = peer.public_key.key_to_bin()
+                if self.table.node_of(key) is None:
+                    self.hello(key, _addr(peer.address), want_reply=True, min_gap=2.0)
         named = {*self.seeds, *self._local}
+        # Among a crowd of untrusted peers (a flood of fresh keys), greet them less often: still within their silence
+        # timeout, but the signatures go to the peers we learn with.
+        crowded = self.table.untrusted() > s.limits.strangers.free
         for rec in self.table:
             if not rec.vouched and rec.address in named and self._vouched(rec.address):
                 rec.vouched = True  # it said hello before we read its rendezvous entry
+            every = s.heartbeat_interval * (CROWDED_HEARTBEAT if crowded and not rec.trusted else 1)
             if now - rec.last_seen > s.silence_timeout:
                 self.lose(rec.node_id, "silence")
-            elif now - self.table.hello_sent(rec.key_bin) >= s.heartbeat_interval:
+            elif now - self.table.hello_sent(rec.key_bin) >= every:
                 self.hello(rec.key_bin, rec.address, want_reply=False, min_gap=0.0)
 
     def hello(self, key: bytes, address: tuple[str, int], want_reply: bool, min_gap: float) -> None:
@@ -129,7 +135,7 @@ class Membership:
     # -- incoming ----------------------------------------------------------------------------------------------
     def on_contact(self, peer: Any) -> None:
         key = peer.public_key.key_to_bin()
-        if self.table.node_of(key) is None:
+        if self.table.node_of(key) is None and not self.table.full():
             self.hello(key, _addr(peer.address), want_reply=True, min_gap=1.0)
 
     def on_other_protocol(self, source: tuple[str, int], head: HelloHead) -> None:
