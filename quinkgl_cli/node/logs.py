@@ -4,7 +4,7 @@ Text (default), one event per line, flushed at once::
 
     2026-11-23T18:30:01.123Z INFO peer-1 round=3 aggregated models peers=2 samples=300 from=[peer-2,peer-3] strategy=FedAvg
     2026-11-23T18:30:01.130Z INFO peer-1 round=3 round-end loss=0.4012 accuracy=0.88 val_loss=0.5011 ...
-    2026-11-23T18:29:50.002Z INFO peer-1 round=0 peer-discovered peer=peer-2 address=127.0.0.1:7002 known=1
+    2026-11-23T18:29:50.002Z INFO peer-1 round=0 peer-discovered peer=peer-2 address=127.0.0.1:7002 key=d37a7e4db10d33e3 known=1
     2026-11-23T18:29:49.871Z INFO peer-1 round=0 alone bootstrap=none hint="no peers found yet, training locally"
 
 Fields: UTC time with milliseconds, level, node id, ``round=N`` (the round in progress, 0 before the first), then
