@@ -13,6 +13,7 @@ from quinkgl_cli.errors import IOFailure, UsageError
 
 _KV = "K=V"
 _MODES = ("gossip", "fedavg", "pairwise", "local")
+_BACKENDS = ("local", "ray")
 _F_RULES = ("Krum", "MultiKrum", "TrimmedMean")  # robust rules that discard exactly f updates
 DEFAULT_CLIENTS_PER_ROUND = 10
 _DIST = "X | uniform:LO:HI | lognormal:MEDIAN:SIGMA | straggler:BASE:P:FACTOR"
@@ -86,6 +87,14 @@ def simulate(
     speed: Annotated[str | None, typer.Option("--speed", metavar="DIST", help=f"Field: virtual seconds one round's training takes, drawn per peer (default 1): {_DIST}.")] = None,
     gossip_interval: Annotated[float | None, typer.Option("--gossip-interval", metavar="SECONDS", help="Field: virtual seconds between round starts, as the daemon's flag (default 10).")] = None,
     trace: Annotated[Path | None, typer.Option("--trace", metavar="FILE", help="Field: replay a trace of real daemons (quinkgl run --trace; concatenated files): training times, transfers, arrivals and departures; --peers = its node count.")] = None,
+    backend: Annotated[str, typer.Option("--backend", metavar="NAME", help="local (one process) | ray (peers on Ray actors; pip install 'quinkgl-cli[ray]'). Same results for a seed.")] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option("--ray-address", metavar="HOST:PORT", help="--backend ray: join this Ray cluster (its GCS address) instead of starting a private one on 127.0.0.1.")
+    ] = None,
+    ray_allow_remote: Annotated[bool, typer.Option("--ray-allow-remote", help="Allow a --ray-address off loopback (a Ray cluster trusts its members: only on your own network).")] = False,
+    peers_per_actor: Annotated[
+        int | None, typer.Option("--peers-per-actor", metavar="N", help="--backend ray: peers per actor (default: as many actors as the cluster has CPUs).")
+    ] = None,
 ) -> None:
     """Run a whole swarm of real nodes in one process, in virtual time (no waiting), deterministic for --seed."""
     import logging
@@ -102,6 +111,7 @@ def simulate(
         raise UsageError(f"--mode {mode!r} is not one of {', '.join(_MODES)}", "use --mode gossip, fedavg, pairwise or local")
     if threads < 1:
         raise UsageError(f"--threads {threads} must be at least 1", "use --threads 1")
+    address = _backend_flags(backend, ray_address, ray_allow_remote, peers_per_actor)
     count, kind = parse_attackers(attackers)
     conditions = field_config(latency, bandwidth, drop, churn, churn_away, churn_fresh, late_join, speed, gossip_interval,
                               trace)
@@ -143,7 +153,12 @@ def simulate(
             typer.echo(f"warning: {weak}", err=True)
         if sim.rounds < rounds:
             typer.echo(f"note: the manifest's round_limit caps --rounds {rounds} to {sim.rounds}", err=True)
-        result = _run(sim, sim.rounds)
+        if backend == "ray":
+            from quinkgl_cli.sim.raybackend import RaySimulation
+
+            result = _run(RaySimulation(sim, address, peers_per_actor), sim.rounds)
+        else:
+            result = _run(sim, sim.rounds)
     finally:
         node_log.removeHandler(handler)
         node_log.setLevel(level)
@@ -175,6 +190,25 @@ def simulate(
     if plot is not None:
         plot_result(result, plot)
         typer.echo(f"wrote {plot}")
+
+
+def _backend_flags(backend: str, ray_address: str | None, allow_remote: bool, peers_per_actor: int | None) -> str | None:
+    """The Ray cluster's address to join (None: start a private one), after checking the backend's flags."""
+    from quinkgl_cli import validation
+
+    if backend not in _BACKENDS:
+        raise UsageError(f"--backend {backend!r} is not one of {', '.join(_BACKENDS)}", "use --backend local or --backend ray")
+    if backend != "ray" and (ray_address is not None or peers_per_actor is not None or allow_remote):
+        raise UsageError("--ray-address, --ray-allow-remote and --peers-per-actor need --backend ray", "add --backend ray")
+    if peers_per_actor is not None and peers_per_actor < 1:
+        raise UsageError(f"--peers-per-actor {peers_per_actor} must be at least 1", "use --peers-per-actor 1 or more")
+    if ray_address is None:
+        return None
+    host, port = validation.peer_address(ray_address, "--ray-address")
+    if not validation.is_loopback(host) and not allow_remote:
+        raise UsageError(f"--ray-address {ray_address} is not on loopback",
+                         "add --ray-allow-remote to join a Ray cluster on another machine (your own network only)")
+    return f"{host}:{port}"
 
 
 def _undefended(manifest: Any, attackers: int) -> str | None:

@@ -45,6 +45,16 @@ def _loader_size(loader: Any) -> int:
         return 0
 
 
+def peer_ids(peers: int) -> list[str]:
+    width = max(3, len(str(peers - 1)))
+    return [f"peer-{i:0{width}d}" for i in range(peers)]
+
+
+def attacker_indices(config: SimConfig, rng: random.Random) -> list[int]:
+    """Which peers attack: the first draw of the run's random stream (``rng``)."""
+    return sorted(rng.sample(range(config.peers), config.attackers)) if config.attackers else []
+
+
 @dataclass
 class Swarm:
     nodes: list[Node] = field(default_factory=list)
@@ -54,6 +64,9 @@ class Swarm:
 
 
 class SwarmBuilder:
+    # The Ray backend's shards replace it with a transport that hands messages for other shards' peers to Ray.
+    transport_class: type[MemoryTransport] = MemoryTransport
+
     def __init__(self, script: PeerScript, manifest: Manifest, swarm_id: str, config: SimConfig, rounds: int,
                  network: MemoryNetwork, clock: Any) -> None:
         self.script = script
@@ -94,7 +107,7 @@ class SwarmBuilder:
         args = dict(self.config.script_args)
         model = self.script.build_model(manifest, **args)
         torch.manual_seed(seed)
-        transport = MemoryTransport(self.network, node_id, swarm_id=self.swarm_id, arch_hash=manifest.model.arch_hash,
+        transport = self.transport_class(self.network, node_id, swarm_id=self.swarm_id, arch_hash=manifest.model.arch_hash,
                                     max_peers=max_peers or self.config.max_peers, seek=seek)
         # noise_seed: the simulator wants reproducible DP noise; a daemon never sets it (its noise must be secret).
         config = NodeConfig(node_id, rounds=self.rounds, seed=seed, noise_seed=seed)
@@ -153,8 +166,7 @@ class SwarmBuilder:
         self.script.build_optimizer(self.manifest, warm)
         del warm
         memory["rss_before_build_mb"] = rss_mb()
-        width = max(3, len(str(cfg.peers - 1)))
-        ids = [f"peer-{i:0{width}d}" for i in range(cfg.peers)]
+        ids = peer_ids(cfg.peers)
         if cfg.mode == "fedavg":
             # The star: the server joins first and takes every client; each client, allowed one peer, takes it.
             # The server holds only the validation set (it evaluates the global model there and never trains).
@@ -166,21 +178,10 @@ class SwarmBuilder:
                 # only check that it is positive, and adopt it).
                 policies=NodePolicies(reported_samples=total_samples),
             )
-        attackers = sorted(rng.sample(range(cfg.peers), cfg.attackers)) if cfg.attackers else []
+        attackers = attacker_indices(cfg, rng)
         swarm.attackers = [ids[i] for i in attackers]
         for i, (node_id, train, val, own) in enumerate(zip(ids, trains, vals, owns, strict=True)):
-            seed = cfg.seed * 100_003 + i
-            strategies: dict[str, Any] = {}
-            if cfg.mode == "fedavg":
-                # A fresh local optimizer per participation, as FedAvg clients start from the global model anew.
-                strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": SelectedTargets(node_id, [SERVER_ID]),
-                              "max_peers": 1, "seek": 1, "policies": NodePolicies(fresh_optimizer=True)}
-            elif cfg.mode == "pairwise":
-                strategies = {"topology": SelectedTargets(node_id)}
-            if i in attackers:
-                policies = strategies.get("policies", NodePolicies())
-                strategies["policies"] = dataclasses.replace(policies, tamper=tamper_for(cfg.attack, cfg.seed * 7919 + i))
-            swarm.nodes.append(self.node(node_id, train, val, seed, own=own, **strategies))
+            swarm.nodes.append(self.peer(i, node_id, train, val, own, i in attackers))
         if cfg.mode == "pairwise":
             swarm.edges = self.graph_edges(swarm.nodes)
         memory["rss_after_build_mb"] = rss_mb()
@@ -192,6 +193,22 @@ class SwarmBuilder:
                            known_peers_min=float(min(views)), known_peers_mean=sum(views) / len(views),
                            known_peers_max=float(max(views)))
         return swarm
+
+    def peer(self, i: int, node_id: str, train: Any, val: Any, own: Any, attacker: bool) -> Node:
+        """Peer ``i`` of the swarm (not the FedAvg server), built and joined to the network."""
+        cfg = self.config
+        seed = cfg.seed * 100_003 + i
+        strategies: dict[str, Any] = {}
+        if cfg.mode == "fedavg":
+            # A fresh local optimizer per participation, as FedAvg clients start from the global model anew.
+            strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": SelectedTargets(node_id, [SERVER_ID]),
+                          "max_peers": 1, "seek": 1, "policies": NodePolicies(fresh_optimizer=True)}
+        elif cfg.mode == "pairwise":
+            strategies = {"topology": SelectedTargets(node_id)}
+        if attacker:
+            policies = strategies.get("policies", NodePolicies())
+            strategies["policies"] = dataclasses.replace(policies, tamper=tamper_for(cfg.attack, cfg.seed * 7919 + i))
+        return self.node(node_id, train, val, seed, own=own, **strategies)
 
     def graph_edges(self, nodes: list[Node]) -> list[tuple[int, int]]:
         """The undirected graph of the manifest's topology: each node's choice over its known peers, once."""

@@ -1,0 +1,159 @@
+"""The sharded schedule: `quinkgl_cli.sim.simulator`'s lockstep rounds with the swarm split among shard workers
+(`quinkgl_cli.sim.shardworker`), which an executor runs (Ray actors: `quinkgl_cli.sim.raybackend`).
+
+Each step the local simulator runs for all nodes, every shard runs for its own, in the swarm's order; between
+steps the driver settles the network: it hands each shard's batches to their shards, wave after wave, until no
+delivery is left (`quinkgl_cli.sim.shard` says why this delivers as one process does). The driver only counts:
+the batches go from worker to worker without being read here. Metrics come back as JSON and are summarized as
+the local simulator summarizes them, so a seed gives the same `SimResult` curves.
+
+Modes ``gossip`` and ``local``; ``fedavg`` and ``pairwise`` draw their clients and pairs centrally each round and
+are refused. Owns the driver's loop only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from quinkgl_cli.errors import UsageError
+from quinkgl_cli.events import emit
+from quinkgl_cli.sim.results import RoundSummary, SimResult, peak_rss_mb, rss_mb, summarize
+from quinkgl_cli.sim.simulator import ROUND_SECONDS, Simulator
+from quinkgl_cli.sim.swarm import attacker_indices, peer_ids
+
+log = logging.getLogger("quinkgl.sim")
+SHARDED_MODES = ("gossip", "local")
+
+
+class Executor(Protocol):
+    """Runs `ShardWorker` calls: ``submit`` returns ``returns`` handles (values or futures) that may be passed on
+    as arguments of later calls; ``get`` waits for handles' values."""
+
+    shards: int
+
+    def submit(self, shard: int, method: str, args: Sequence[Any], returns: int) -> list[Any]: ...
+
+    def get(self, handles: list[Any]) -> list[Any]: ...
+
+
+@dataclass(frozen=True)
+class PeerView:
+    """What `summarize` reads of a node."""
+
+    node_id: str
+    sample_count: int
+
+
+def check_mode(sim: Simulator, backend: str) -> None:
+    if sim.config.mode not in SHARDED_MODES:
+        raise UsageError(f"--mode {sim.config.mode} does not run on the {backend} backend yet: it draws clients or "
+                         "pairs for the whole swarm each round", f"use --mode {' or '.join(SHARDED_MODES)}, or --backend local")
+
+
+def worker_args(sim: Simulator, shard: int, shards: int) -> list[Any]:
+    """The `ShardWorker` constructor's arguments: plain data only."""
+    from quinkgl_cli.sim.shardworker import config_to_data
+
+    return [str(sim.script.path.resolve()), sim.manifest.model_dump(mode="json"), sim.swarm_id,
+            config_to_data(sim.config), sim.rounds, shard, shards]
+
+
+class ShardedRun:
+    def __init__(self, sim: Simulator, executor: Executor, backend: str,
+                 progress: Callable[[RoundSummary], None] | None = None) -> None:
+        check_mode(sim, backend)
+        self.sim = sim
+        self.ex = executor
+        self.n = executor.shards
+        self.progress = progress
+        self.timing: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------ plumbing
+    def _all(self, method: str, *args: Any) -> list[list[Any]]:
+        return [self.ex.submit(i, method, args, self.n + 1) for i in range(self.n)]
+
+    def _settle(self, outs: list[list[Any]]) -> None:
+        """Waves until nothing is left to deliver: shard i gets every shard's batch for i."""
+        while any(self.ex.get([out[0] for out in outs])):
+            outs = [self.ex.submit(i, "wave", [out[1 + i] for out in outs], self.n + 1) for i in range(self.n)]
+
+    def _metrics(self, method: str, *args: Any) -> tuple[list[PeerView], dict[str, dict[str, Any]]]:
+        parts = self.ex.get([self.ex.submit(i, method, args, 1)[0] for i in range(self.n)])
+        views: list[PeerView] = []
+        metrics: dict[str, dict[str, Any]] = {}
+        for part in parts:  # shards hold consecutive blocks: this is the swarm's order
+            for node_id, (m, samples) in json.loads(part).items():
+                views.append(PeerView(node_id, samples))
+                metrics[node_id] = m
+        return views, metrics
+
+    # ------------------------------------------------------------------------------------------ the run
+    def _exchanges(self, first: Callable[[int | None], list[list[Any]]], steps: Sequence[int]) -> None:
+        """``first`` (a step that shares at ``steps[0]``, or at None), then share / settle / aggregate per step."""
+        self._settle(first(steps[0] if steps else None))
+        for k in range(len(steps)):
+            self._settle(self._all("aggregate", steps[k + 1] if k + 1 < len(steps) else None))
+
+    def run(self) -> SimResult:
+        sim, cfg = self.sim, self.sim.config
+        attackers = set(peer_ids(cfg.peers)[i] for i in attacker_indices(cfg, random.Random(cfg.seed)))
+        started = time.perf_counter()
+        self._settle(self._all("build"))
+        self.timing["build_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        steps = list(range(sim.manifest.training.gossip_steps)) if cfg.mode == "gossip" else []
+        summaries: list[RoundSummary] = []
+        now = 0.0
+        for r in range(1, sim.rounds + 1):
+            round_started = time.perf_counter()
+            now += ROUND_SECONDS
+            self._exchanges(lambda step: self._all("train", now, step), steps)  # noqa: B023 (called at once)
+            views, metrics = self._metrics("finish_round", True)
+            summary = summarize(r, "train", round_started, views, views, attackers, metrics)
+            summaries.append(summary)
+            emit(log, logging.INFO, "sim-round", mean_accuracy=summary.mean_accuracy, min_accuracy=summary.min_accuracy,
+                 context={"round": r})
+            if self.progress is not None:
+                self.progress(summary)
+        consensus = self._consensus(attackers)
+        if consensus is not None and self.progress is not None:
+            self.progress(consensus)
+        self.timing["run_s"] = time.perf_counter() - started
+        self.timing["seconds_per_round"] = self.timing["run_s"] / sim.rounds
+        memory = self._memory()
+        return SimResult(
+            config=cfg, manifest=sim.manifest, swarm_id=sim.swarm_id, node_ids=peer_ids(cfg.peers),
+            attackers=sorted(attackers), rounds=summaries, consensus=consensus,
+            consensus_steps=sim.manifest.training.final_consensus_steps if consensus is not None else 0,
+            gossip_steps=sim.manifest.training.gossip_steps if cfg.mode == "gossip" else 0,
+            memory=memory, timing=dict(self.timing),
+        )
+
+    def _consensus(self, attackers: set[str]) -> RoundSummary | None:
+        training = self.sim.manifest.training
+        if self.sim.config.mode != "gossip" or training.final_consensus_steps == 0:
+            return None
+        started = time.perf_counter()
+        steps = list(range(training.gossip_steps, training.gossip_steps + training.final_consensus_steps))
+        self._exchanges(lambda step: self._all("begin_consensus", step), steps)
+        views, metrics = self._metrics("finish_consensus")
+        return summarize(self.sim.rounds, "consensus", started, views, views, attackers, metrics)
+
+    def _memory(self) -> dict[str, float]:
+        """The shards' memory figures added up (each shard is a process), with the driver's own at the end."""
+        parts = [json.loads(p) for p in self.ex.get([self.ex.submit(i, "resources", (), 1)[0] for i in range(self.n)])]
+        total = {k: sum(float(p[k]) for p in parts) for k in ("rss_before_build_mb", "rss_after_build_mb", "rss_end_mb",
+                                                              "process_peak_rss_mb")}
+        peers = self.sim.config.peers
+        views = [v for p in parts for v in p["known_peers"]]
+        return {**total, "shards": float(self.n), "driver_rss_mb": rss_mb(), "driver_peak_rss_mb": peak_rss_mb(),
+                "per_peer_kb_build": (total["rss_after_build_mb"] - total["rss_before_build_mb"]) * 1024.0 / peers,
+                "per_peer_kb": (total["rss_end_mb"] - total["rss_before_build_mb"]) * 1024.0 / peers,
+                "max_peers": float(self.sim.config.max_peers), "known_peers_min": float(min(views)),
+                "known_peers_mean": sum(views) / len(views), "known_peers_max": float(max(views))}
