@@ -53,6 +53,11 @@ def connect(ray: ModuleType, address: str | None) -> bool:
         return False
     if address is None:
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+        outward = sorted({n["NodeManagerAddress"] for n in ray.nodes()} - {"127.0.0.1"})
+        if outward:  # Ray was imported before `import_ray` could keep it on loopback
+            ray.shutdown()
+            raise UsageError(f"the private Ray instance came up on {', '.join(outward)}, not 127.0.0.1",
+                             "set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is first imported")
         return True
     ray.init(address=address, configure_logging=False)
     return False

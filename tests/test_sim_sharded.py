@@ -1,0 +1,118 @@
+"""The sharded schedule behind `simulate --backend ray`, run in this process (no Ray needed): the same results as
+the local simulator for a seed, whatever the split into shards; the shard wire format; the backend's flags."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from quinkgl_cli.errors import UsageError
+from quinkgl_cli.sim import shardwire
+from quinkgl_cli.sim.config import Overrides, SimConfig
+from quinkgl_cli.sim.shard import owners_of
+from quinkgl_cli.sim.sharded import ShardedRun
+from quinkgl_cli.sim.simulator import Simulator
+from quinkgl_cli.transport.memory import _Offer
+from tests.helpers_manifest import write
+from tests.helpers_sharded import SCRIPT, InProcess, differences, digits
+
+
+def run_cli(*args: str) -> int:
+    from quinkgl_cli.cli.app import main
+
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    return int(done.value.code or 0)
+
+
+@pytest.mark.parametrize(
+    ("config", "shards"),
+    [
+        # every peer knows every other; fingerprints at discovery, one gossip step a round, a consensus phase
+        (SimConfig(peers=9, rounds=2, partition="shards:2", seed=3), 3),
+        # partial views (a random graph of at most 4 known peers each) and Cyclon's shuffles: control messages
+        # answered by control messages, several waves deep
+        (SimConfig(peers=12, rounds=2, partition="iid", seed=5, max_peers=4,
+                   overrides=Overrides(topology="CyclonTopology", training_params={"gossip_steps": "2"})), 4),
+        # attackers, top-k compression with error feedback (per-peer delta chains), one shard holding most peers
+        (SimConfig(peers=7, rounds=2, partition="dirichlet:0.5", seed=1, attackers=2,
+                   overrides=Overrides(compression_params={"top_k_ratio": "0.1", "error_feedback": "true"})), 2),
+        (SimConfig(peers=6, rounds=2, seed=2, mode="local"), 3),
+    ],
+    ids=["full-view", "cyclon-partial-views", "attackers-compression", "local-mode"],
+)
+def test_a_sharded_run_gives_the_local_simulators_results(config: SimConfig, shards: int) -> None:
+    script, manifest = digits()
+    local = Simulator(script, manifest, config).run()
+    sim = Simulator(script, manifest, config)
+    sharded = ShardedRun(sim, InProcess(sim, shards), "test").run()
+    assert local.rounds[-1].mean_accuracy is not None
+    assert differences(local, sharded) == []
+    assert sharded.node_ids == local.node_ids and sharded.attackers == local.attackers
+    assert sharded.memory["shards"] == shards
+    assert sharded.memory["known_peers_mean"] == local.memory["known_peers_mean"]
+
+
+def test_sharded_runs_refuse_modes_that_draw_for_the_whole_swarm() -> None:
+    script, manifest = digits()
+    for mode in ("fedavg", "pairwise"):
+        sim = Simulator(script, manifest, SimConfig(peers=4, rounds=1, mode=mode, clients_per_round=2))  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match=f"--mode {mode} does not run on the ray backend"):
+            ShardedRun(sim, InProcess.__new__(InProcess), "ray")
+
+
+def test_owners_are_contiguous_blocks_in_join_order() -> None:
+    ids = [f"p{i}" for i in range(10)]
+    owners = owners_of(ids, 3)
+    assert [owners[i] for i in ids] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert set(owners_of(ids[:2], 3).values()) == {0, 1}
+
+
+def test_a_shard_batch_round_trips_as_bytes_and_refuses_garbage() -> None:
+    offer = _Offer(sender="a", recipient="b", round=3, size=4, digest=b"\x01" * 32, nonce=9, encoding="qgl-tensors/1",
+                   sample_count=12, meta={"label_entropy": 1.5, "gossip_to": ["b", "c"]}, payload=b"\x00\xffab")
+    batch = shardwire.Batch(offers=[((4, 0), offer)],
+                            messages=[((2, 1, 0), shardwire.Message("c", "b", "fingerprint", b'{"x":1}'))],
+                            acks={"a": (100, 2)})
+    back = shardwire.decode(shardwire.encode(batch))
+    assert back == batch
+    assert shardwire.decode(b"") == shardwire.Batch()
+    for bad in (b"\x00\x00\x00\x05{}", b"\x00\x00\x00\x02{}\x00\x00\x00\x00", shardwire.encode(batch)[:-1]):
+        with pytest.raises(ValueError, match="shard batch"):
+            shardwire.decode(bad)
+
+
+def test_backend_ray_without_ray_installed_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    for name in ("RAY_USAGE_STATS_ENABLED", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        monkeypatch.setenv(name, "0")  # restored afterwards: the backend sets them before importing Ray
+    manifest = write(tmp_path / "swarm.qgl", digits()[1])
+    code = run_cli("simulate", "--manifest", str(manifest), "--script", str(SCRIPT), "--peers", "2", "--rounds", "1",
+                   "--backend", "ray")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("error: --backend ray needs Ray, which is not installed")
+    assert "pip install 'quinkgl-cli[ray]'" in err[-1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--backend", "spark"], "--backend 'spark' is not one of local, ray"),
+        (["--ray-address", "127.0.0.1:6379"], "need --backend ray"),
+        (["--backend", "ray", "--ray-address", "10.1.2.3:6379"], "--ray-address 10.1.2.3:6379 is not on loopback"),
+        (["--backend", "ray", "--ray-address", "127.0.0.1"], "is not HOST:PORT"),
+        (["--backend", "ray", "--peers-per-actor", "0"], "--peers-per-actor 0 must be at least 1"),
+    ],
+)
+def test_backend_flags_are_checked_before_anything_loads(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The manifest does not exist: a flag refused first never reaches it.
+    code = run_cli("simulate", "--manifest", "absent.qgl", "--script", str(SCRIPT), *extra)
+    assert code == 1
+    assert message in capsys.readouterr().err
