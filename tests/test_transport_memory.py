@@ -309,3 +309,17 @@ def test_bad_bounds_are_refused():
         MemoryTransport(net, "a", max_peers=0)
     with pytest.raises(NetworkError, match="seek"):
         MemoryTransport(net, "a", max_peers=4, seek=5)
+
+
+def test_stop_all_stops_everyone_at_once_without_queuing_losses():
+    net, nodes, _ = _swarm(4)
+    net.deliver_all()
+    nodes["p0"][0].send_model("p1", _upd())  # still queued: dropped with the network
+    net.stop_all()
+    assert net.pending == 0
+    assert all(not t.running and t.peers() == [] for t, _ in nodes.values())
+    net.deliver_all()
+    assert all(r.lost == [] for _, r in nodes.values()) and nodes["p1"][1].models == []
+    again = MemoryTransport(net, "p0", swarm_id="s", arch_hash="a")  # the id is free again
+    again.start_sync(Recorder())
+    assert again.running

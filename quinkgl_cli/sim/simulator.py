@@ -268,8 +268,7 @@ class Simulator:
         self.memory["rss_end_mb"] = rss_mb()
         self.memory["per_peer_kb"] = (self.memory["rss_end_mb"] - self.memory["rss_before_build_mb"]) * 1024.0 / cfg.peers
         self.memory["process_peak_rss_mb"] = peak_rss_mb()
-        for node in self._every():
-            node.transport.stop_sync()  # type: ignore[attr-defined]
+        self.network.stop_all()
         return SimResult(
             config=cfg, manifest=self.manifest, swarm_id=self.swarm_id,
             node_ids=[n.node_id for n in self.nodes], attackers=list(self.attackers),

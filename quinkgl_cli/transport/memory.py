@@ -187,6 +187,17 @@ class MemoryNetwork:
         """Flip one byte in the next ``count`` model transfers from ``src`` to ``dst`` (the digest check catches it)."""
         self._faults.corrupt[(src, dst)] = self._faults.corrupt.get((src, dst), 0) + count
 
+    def stop_all(self) -> None:
+        """Stop every transport at once (a simulation's end). With nobody left running, no loss is reported to
+        anyone: one pass, where stopping them one by one scans the network once per transport."""
+        for t in self._transports.values():
+            if t.running:
+                t.running = False
+                t._peers.clear()
+                emit(log, logging.DEBUG, "transport-stopped", context=t._context, kind="memory")
+        self._links.clear()
+        self._queue.clear()
+
     def kill(self, node_id: str) -> None:
         """Stop ``node_id`` abruptly: no goodbye; its queued offers fail as 'sender vanished' at their recipients."""
         t = self._transports.get(node_id)
