@@ -323,3 +323,29 @@ def test_stop_all_stops_everyone_at_once_without_queuing_losses():
     again = MemoryTransport(net, "p0", swarm_id="s", arch_hash="a")  # the id is free again
     again.start_sync(Recorder())
     assert again.running
+
+
+def _graph_with_churn(scan: bool, n: int, max_peers: int, seed: int) -> list[tuple[str, list[str]]]:
+    net = MemoryNetwork(auto_deliver=False, seed=seed)
+    if scan:
+        net.block("nobody", "none")  # any fault takes the scanning path; this one touches no transport
+    nodes = {}
+    for i in range(n):
+        t = MemoryTransport(net, f"p{i:03d}", swarm_id="s" if i % 7 else "other", arch_hash="a", max_peers=max_peers)
+        rec = Recorder()
+        t.start_sync(rec)
+        nodes[t.node_id] = (t, rec)
+        net.deliver_all()
+        if i % 11 == 10:  # losses and a rejoin refill views: the index must follow links as they go
+            net.kill(f"p{i - 5:03d}")
+            net.deliver_all()
+            again = MemoryTransport(net, f"p{i - 5:03d}", swarm_id="s", arch_hash="a", max_peers=max_peers)
+            again.start_sync(Recorder())
+            net.deliver_all()
+    return [(name, [p.node_id for p in t.peers()]) for name, (t, _) in nodes.items()] + sorted(
+        (k, sorted(v)) for k, v in net._links.items())
+
+
+@pytest.mark.parametrize(("n", "max_peers", "seed"), [(40, 6, 1), (150, 8, 2), (90, 64, 3), (30, 256, 4)])
+def test_introductions_from_the_room_index_are_the_scans(n, max_peers, seed):
+    assert _graph_with_churn(False, n, max_peers, seed) == _graph_with_churn(True, n, max_peers, seed)

@@ -59,6 +59,7 @@ from quinkgl_cli.transport.common import (
     decode_body,
     digest,
 )
+from quinkgl_cli.transport.roomindex import RoomIndex
 
 log = logging.getLogger("quinkgl.transport")
 
@@ -104,6 +105,7 @@ class MemoryNetwork:
         # Who was introduced to whom and has not been lost since (the hellos may still be queued): the room a
         # transport has left is counted on this, so introductions made before a delivery respect the bounds too.
         self._links: dict[str, set[str]] = {}
+        self._room: RoomIndex[MemoryTransport] = RoomIndex()  # who has room, in join order, without a scan
         self._queue: deque[Callable[[], None]] = deque()
         self._faults = _Faults()
         self._drain_loop: asyncio.AbstractEventLoop | None = None
@@ -194,6 +196,7 @@ class MemoryNetwork:
             if t.running:
                 t.running = False
                 t._peers.clear()
+                self._room.mark(t, False)
                 emit(log, logging.DEBUG, "transport-stopped", context=t._context, kind="memory")
         self._links.clear()
         self._queue.clear()
@@ -216,7 +219,15 @@ class MemoryNetwork:
             raise NetworkError(f"node id {t.node_id!r} is already running on this memory network")
         self._transports[t.node_id] = t
         self._links[t.node_id] = set()
+        self._room.place(t)
+        self._mark(t.node_id)
         self._fill(t)
+
+    def _mark(self, node_id: str) -> None:
+        """Tell the room index whether ``node_id`` may be introduced to one more peer."""
+        t = self._transports.get(node_id)
+        if t is not None:
+            self._room.mark(t, t.running and len(self._links.get(node_id, ())) < t.max_peers)
 
     def _fill(self, t: MemoryTransport) -> None:
         """Introduce ``t`` to random peers of its swarm with room, until it has ``t.seek`` (IPv8's walk)."""
@@ -224,30 +235,42 @@ class MemoryNetwork:
         need = t.seek - len(mine)
         if need <= 0 or not t.running:
             return
-        candidates = [
-            o for o in self._transports.values()
-            if o is not t and o.running and o.swarm_id == t.swarm_id and o.node_id not in mine
-            and len(self._links.get(o.node_id, ())) < o.max_peers
-            and self._link_ok(t.node_id, o.node_id) and self._link_ok(o.node_id, t.node_id)
-        ]
-        if need < len(candidates):
-            picked = set(self._intro_rng.sample(range(len(candidates)), need))
-            candidates = [o for i, o in enumerate(candidates) if i in picked]  # join order: deterministic events
+        if self.loss > 0 or self._faults.blocked:  # links are checked (and loss drawn) candidate by candidate
+            candidates = [
+                o for o in self._transports.values()
+                if o is not t and o.running and o.swarm_id == t.swarm_id and o.node_id not in mine
+                and len(self._links.get(o.node_id, ())) < o.max_peers
+                and self._link_ok(t.node_id, o.node_id) and self._link_ok(o.node_id, t.node_id)
+            ]
+            if need < len(candidates):
+                picked = set(self._intro_rng.sample(range(len(candidates)), need))
+                candidates = [o for i, o in enumerate(candidates) if i in picked]  # join order: deterministic events
+        else:  # the same picks from the room index, in O(need log n) instead of a scan of the network
+            skip = sorted(self._room.slot[p] for p in (*mine, t.node_id) if self._room.has_room(p, t.swarm_id))
+            total = self._room.count(t.swarm_id) - len(skip)
+            ranks = range(total) if need >= total else sorted(self._intro_rng.sample(range(total), need))
+            candidates = [self._room.select(t.swarm_id, k, skip) for k in ranks]
         for other in candidates:
             mine.add(other.node_id)
             self._links[other.node_id].add(t.node_id)
+            self._mark(other.node_id)
             self._enqueue(functools.partial(t._hello_from, other))
             self._enqueue(functools.partial(other._hello_from, t))
+        self._mark(t.node_id)
 
     def _unlink(self, a: str, b: str) -> None:
         self._links.get(a, set()).discard(b)
         self._links.get(b, set()).discard(a)
+        self._mark(a)
+        self._mark(b)
 
     def _leave(self, t: MemoryTransport) -> None:
         linked = self._links.pop(t.node_id, set())
+        self._mark(t.node_id)
         for other in self._transports.values():
             if other is not t and other.running and (other.node_id in linked or t.node_id in other._peers):
                 self._links[other.node_id].discard(t.node_id)
+                self._mark(other.node_id)
                 self._enqueue(functools.partial(other._lose, t.node_id))
 
     def _next_nonce(self) -> int:
