@@ -102,12 +102,17 @@ def one(backend: str, peers: int, rounds: int) -> dict[str, Any]:
     config = SimConfig(peers=peers, rounds=rounds, partition="iid", seed=1)
     started = time.perf_counter()
     with TreeMeter() as meter:
-        sim = Simulator(script, manifest, config)
+
+        def progress(summary: Any) -> None:  # on stderr, so that a point cut short still tells how far it got
+            print(f"{backend} peers={peers} {summary.phase} round={summary.round} seconds={summary.seconds:.1f} "
+                  f"wall_s={time.perf_counter() - started:.0f} cpu_s={meter.cpu_s:.0f} tree_mb={meter.peak_mb:.0f} "
+                  f"mean_accuracy={summary.mean_accuracy:.3f}", file=sys.stderr, flush=True)
+
+        sim = Simulator(script, manifest, config, progress)
         if backend == "ray":
             from quinkgl_cli.sim.raybackend import RaySimulation
 
-            runner = RaySimulation(sim)
-            result = runner.run()
+            result = RaySimulation(sim, progress=progress).run()
             meter.sample()  # the actors are gone; Ray's own processes stop with the interpreter
         else:
             result = sim.run()
