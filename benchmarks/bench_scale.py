@@ -5,7 +5,9 @@
     python benchmarks/bench_scale.py --one ray 1000 20               # one point, JSON on stdout (what the above runs)
 
 Every point runs in a fresh process (the earlier points' memory would otherwise count), with the default manifest
-on an IID split, seed 1, the simulator's defaults (peer views of at most 256). The Ray backend starts a private
+on an IID split, seed 1, the simulator's defaults (peer views of at most 256). Digits has 1,438 training samples:
+beyond that many peers the training set is repeated 7 times (`scripts/digits_tiled.py`, the same MLP), so every
+peer holds one; each point records its ``data``. The Ray backend starts a private
 Ray on 127.0.0.1 with one actor per CPU. Measured for the whole process tree (the driver and, for Ray, every Ray
 process: GCS, raylet, workers), sampled every 0.5 s from /proc: the peak resident memory of the tree and the CPU
 seconds it used (user + system). Wall time is what a user waits; on a shared, loaded machine it mostly measures
@@ -26,13 +28,17 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from simkit import RESULTS, digits_manifest, digits_script, quiet
 
+from quinkgl_cli.node.script import load_script
 from quinkgl_cli.sim.simulator import SimConfig, Simulator
 
 OUT = RESULTS / "scale.json"
+TILED = Path(__file__).resolve().parent / "scripts" / "digits_tiled.py"
+DIGITS_TRAIN = 1438  # digits' training samples: beyond this many peers, some would hold none
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -95,11 +101,12 @@ class TreeMeter:
         return sum(self.cpu.values())
 
 
-def one(backend: str, peers: int, rounds: int) -> dict[str, Any]:
+def one(backend: str, peers: int, rounds: int, repeat: int) -> dict[str, Any]:
     quiet()
-    script = digits_script()
+    script = digits_script() if repeat == 1 else load_script(TILED)
     manifest = digits_manifest(script)
-    config = SimConfig(peers=peers, rounds=rounds, partition="iid", seed=1)
+    config = SimConfig(peers=peers, rounds=rounds, partition="iid", seed=1,
+                       script_args={"repeat": str(repeat)} if repeat > 1 else {})
     started = time.perf_counter()
     with TreeMeter() as meter:
 
@@ -118,7 +125,7 @@ def one(backend: str, peers: int, rounds: int) -> dict[str, Any]:
             result = sim.run()
             meter.sample()
     return {
-        "backend": backend, "peers": peers, "rounds": rounds,
+        "backend": backend, "peers": peers, "rounds": rounds, "data": "digits" if repeat == 1 else f"digits x{repeat}",
         "wall_s": time.perf_counter() - started, "build_s": result.timing["build_s"], "run_s": result.timing["run_s"],
         "cpu_s": meter.cpu_s, "peak_mb": meter.peak_mb, "peak_mb_per_peer": meter.peak_mb / peers,
         "shards": result.memory.get("shards", 1.0),
@@ -129,8 +136,12 @@ def one(backend: str, peers: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def measure(backend: str, peers: int, rounds: int, timeout: float | None) -> dict[str, Any] | None:
-    cmd = [sys.executable, __file__, "--one", backend, str(peers), str(rounds)]
+def repeat_for(peers: int) -> int:
+    return 1 if peers <= DIGITS_TRAIN else 7
+
+
+def measure(backend: str, peers: int, rounds: int, repeat: int, timeout: float | None) -> dict[str, Any] | None:
+    cmd = [sys.executable, __file__, "--one", backend, str(peers), str(rounds), "--repeat", str(repeat)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -175,16 +186,19 @@ def main() -> None:
     ap.add_argument("--backends", default="local,ray")
     ap.add_argument("--timeout", type=float, default=None, help="seconds one point may take before it is left out")
     ap.add_argument("--one", nargs=3, metavar=("BACKEND", "PEERS", "ROUNDS"))
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="repeat digits' training set this many times (default: 1, or 7 above 1,400 peers: each "
+                         "peer needs a sample)")
     args = ap.parse_args()
     if args.one:
         backend, peers, rounds = args.one
-        print(json.dumps(one(backend, int(peers), int(rounds))))
+        print(json.dumps(one(backend, int(peers), int(rounds), args.repeat or repeat_for(int(peers)))))
         return
     kept = json.loads(OUT.read_text())["points"] if OUT.exists() else []
     points = {(p["backend"], p["peers"], p["rounds"]): p for p in kept}
     for peers in (int(s) for s in args.sizes.split(",")):
         for backend in args.backends.split(","):
-            entry = measure(backend, peers, args.rounds, args.timeout)
+            entry = measure(backend, peers, args.rounds, args.repeat or repeat_for(peers), args.timeout)
             if entry is not None:
                 points[(backend, peers, args.rounds)] = entry
                 rows = list(points.values())
