@@ -63,6 +63,17 @@ def test_sharded_runs_refuse_modes_that_draw_for_the_whole_swarm() -> None:
             ShardedRun(sim, InProcess.__new__(InProcess), "ray")
 
 
+def test_settings_the_sharded_schedule_does_not_know_are_refused_unless_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quinkgl_cli.sim import sharded
+
+    script, manifest = digits()
+    # As a setting added to SimConfig later (field conditions) would be: here --threads stands in for one.
+    monkeypatch.setattr(sharded, "SHARDED_SETTINGS", tuple(s for s in sharded.SHARDED_SETTINGS if s != "threads"))
+    with pytest.raises(UsageError, match="the ray backend does not simulate threads yet"):
+        sharded.check_mode(Simulator(script, manifest, SimConfig(peers=2, rounds=1, threads=2)), "ray")
+    sharded.check_mode(Simulator(script, manifest, SimConfig(peers=2, rounds=1)), "ray")  # at its default: runs
+
+
 def test_owners_are_contiguous_blocks_in_join_order() -> None:
     ids = [f"p{i}" for i in range(10)]
     owners = owners_of(ids, 3)

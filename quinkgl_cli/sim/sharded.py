@@ -18,17 +18,21 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.events import emit
+from quinkgl_cli.sim.config import SimConfig
 from quinkgl_cli.sim.results import RoundSummary, SimResult, peak_rss_mb, rss_mb, summarize
 from quinkgl_cli.sim.simulator import ROUND_SECONDS, Simulator
 from quinkgl_cli.sim.swarm import attacker_indices, peer_ids
 
 log = logging.getLogger("quinkgl.sim")
 SHARDED_MODES = ("gossip", "local")
+# The settings a shard worker is given (`shardworker.config_to_data`); any other must be at its default.
+SHARDED_SETTINGS = ("peers", "rounds", "partition", "seed", "mode", "attackers", "attack", "clients_per_round",
+                    "pairs_per_round", "max_peers", "threads", "script_args", "overrides")
 
 
 class Executor(Protocol):
@@ -51,9 +55,16 @@ class PeerView:
 
 
 def check_mode(sim: Simulator, backend: str) -> None:
+    """Refuse what the sharded schedule does not simulate: the central modes, and any setting added to `SimConfig`
+    after it (field conditions, ...) unless left at its default."""
     if sim.config.mode not in SHARDED_MODES:
         raise UsageError(f"--mode {sim.config.mode} does not run on the {backend} backend yet: it draws clients or "
                          "pairs for the whole swarm each round", f"use --mode {' or '.join(SHARDED_MODES)}, or --backend local")
+    default = SimConfig()
+    unknown = [f.name for f in fields(SimConfig) if f.name not in SHARDED_SETTINGS
+               and getattr(sim.config, f.name) != getattr(default, f.name)]
+    if unknown:
+        raise UsageError(f"the {backend} backend does not simulate {', '.join(unknown)} yet", "use --backend local")
 
 
 def worker_args(sim: Simulator, shard: int, shards: int) -> list[Any]:
@@ -61,7 +72,7 @@ def worker_args(sim: Simulator, shard: int, shards: int) -> list[Any]:
     from quinkgl_cli.sim.shardworker import config_to_data
 
     return [str(sim.script.path.resolve()), sim.manifest.model_dump(mode="json"), sim.swarm_id,
-            config_to_data(sim.config), sim.rounds, shard, shards]
+            config_to_data(sim.config, SHARDED_SETTINGS), sim.rounds, shard, shards]
 
 
 class ShardedRun:

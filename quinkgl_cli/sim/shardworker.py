@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,12 @@ from quinkgl_cli.sim.swarm import SwarmBuilder, attacker_indices, peer_ids
 Out = list[Any]  # [count, bytes per shard]
 
 
-def config_to_data(config: SimConfig) -> dict[str, Any]:
-    """``config`` as plain data for a worker (`config_from_data` reads it back)."""
+def config_to_data(config: SimConfig, settings: Sequence[str]) -> dict[str, Any]:
+    """``config``'s ``settings`` as plain data for a worker (`config_from_data` reads it back; the others keep
+    their defaults)."""
     from dataclasses import asdict
 
-    data = asdict(config)
+    data = {k: v for k, v in asdict(config).items() if k in settings}
     data["script_args"] = dict(config.script_args)
     return data
 
