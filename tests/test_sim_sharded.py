@@ -127,3 +127,18 @@ def test_backend_flags_are_checked_before_anything_loads(
     code = run_cli("simulate", "--manifest", "absent.qgl", "--script", str(SCRIPT), *extra)
     assert code == 1
     assert message in capsys.readouterr().err
+
+
+def test_a_ray_cluster_that_cannot_be_joined_is_a_network_error() -> None:
+    from types import SimpleNamespace
+
+    from quinkgl_cli.errors import NetworkError
+    from quinkgl_cli.sim.raybackend import connect
+
+    def refuse(**kwargs: object) -> None:
+        raise ConnectionError("Failed to connect to Ray cluster at 127.0.0.1:1")
+
+    fake = SimpleNamespace(is_initialized=lambda: False, init=refuse)
+    with pytest.raises(NetworkError, match="cannot join the Ray cluster at 127.0.0.1:1") as caught:
+        connect(fake, "127.0.0.1:1")  # type: ignore[arg-type]
+    assert "RAY_AUTH_MODE=token" in caught.value.hint

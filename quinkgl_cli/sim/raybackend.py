@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
-from quinkgl_cli.errors import UsageError
+from quinkgl_cli.errors import NetworkError, UsageError
 from quinkgl_cli.sim.results import RoundSummary, SimResult
 from quinkgl_cli.sim.sharded import ShardedRun, check_mode, worker_args
 from quinkgl_cli.sim.simulator import Simulator
@@ -59,7 +59,12 @@ def connect(ray: ModuleType, address: str | None) -> bool:
             raise UsageError(f"the private Ray instance came up on {', '.join(outward)}, not 127.0.0.1",
                              "set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before Ray is first imported")
         return True
-    ray.init(address=address, configure_logging=False)
+    try:
+        ray.init(address=address, configure_logging=False)
+    except ConnectionError as exc:
+        raise NetworkError(f"cannot join the Ray cluster at {address}: {exc}",
+                           "check the address; a cluster with token authentication (ray start's default) also needs "
+                           "RAY_AUTH_MODE=token and its token (~/.ray/auth_token or RAY_AUTH_TOKEN)") from exc
     return False
 
 
