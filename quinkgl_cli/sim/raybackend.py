@@ -52,7 +52,8 @@ def connect(ray: ModuleType, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+        # "local": always a new instance, never one a `ray start` left a pointer to in the temp directory
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
         outward = sorted({n["NodeManagerAddress"] for n in ray.nodes()} - {"127.0.0.1"})
         if outward:  # Ray was imported before `import_ray` could keep it on loopback
             ray.shutdown()
