@@ -74,6 +74,17 @@ def test_settings_the_sharded_schedule_does_not_know_are_refused_unless_default(
     sharded.check_mode(Simulator(script, manifest, SimConfig(peers=2, rounds=1)), "ray")  # at its default: runs
 
 
+def test_field_conditions_on_the_ray_backend_are_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write(tmp_path / "swarm.qgl", digits()[1])
+    code = run_cli("simulate", "--manifest", str(manifest), "--script", str(SCRIPT), "--peers", "2", "--rounds", "1",
+                   "--backend", "ray", "--drop", "0.1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err[-1].startswith("error: the ray backend does not simulate field conditions (--latency")
+
+
 def test_owners_are_contiguous_blocks_in_join_order() -> None:
     ids = [f"p{i}" for i in range(10)]
     owners = owners_of(ids, 3)

@@ -31,6 +31,8 @@ from quinkgl_cli.sim.swarm import attacker_indices, peer_ids
 log = logging.getLogger("quinkgl.sim")
 SHARDED_MODES = ("gossip", "local")
 # The settings a shard worker is given (`shardworker.config_to_data`); any other must be at its default.
+_SETTING_NAMES = {"conditions": "field conditions (--latency, --bandwidth, --drop, --churn, --late-join, --speed, "
+                                 "--gossip-interval, --trace)"}
 SHARDED_SETTINGS = ("peers", "rounds", "partition", "seed", "mode", "attackers", "attack", "clients_per_round",
                     "pairs_per_round", "max_peers", "threads", "script_args", "overrides")
 
@@ -64,7 +66,8 @@ def check_mode(sim: Simulator, backend: str) -> None:
     unknown = [f.name for f in fields(SimConfig) if f.name not in SHARDED_SETTINGS
                and getattr(sim.config, f.name) != getattr(default, f.name)]
     if unknown:
-        raise UsageError(f"the {backend} backend does not simulate {', '.join(unknown)} yet", "use --backend local")
+        named = ", ".join(_SETTING_NAMES.get(name, name) for name in unknown)
+        raise UsageError(f"the {backend} backend does not simulate {named} yet", "use --backend local")
 
 
 def worker_args(sim: Simulator, shard: int, shards: int) -> list[Any]:
