@@ -40,6 +40,7 @@ from quinkgl_cli.transport.ipv8.membership import Membership, add_bootstrappers,
 from quinkgl_cli.transport.ipv8.outbox import Outbox
 from quinkgl_cli.transport.ipv8.payloads import ControlPayload
 from quinkgl_cli.transport.ipv8.peers import PeerTable
+from quinkgl_cli.transport.ipv8.probes import Probes
 from quinkgl_cli.transport.ipv8.reach import Reachability
 from quinkgl_cli.transport.ipv8.relay import Relay
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents, TaskRegistry
@@ -95,6 +96,7 @@ class Parts:
     services: Services
     relay: Relay
     links: Links
+    probes: Probes
     reach: Reachability
     tasks: TaskRegistry
     pool: ThreadPoolExecutor
@@ -244,7 +246,8 @@ class IPv8Transport(RuledTransport):
                              self.admission.revoked, self.report_transfer)
         services = Services(s, table, courier, int(endpoint.get_address()[1]))
         relay = Relay(s, table, tasks, drops)
-        links = Links(s, courier, services, relay, outbox, server, self.guard, tasks, drops)
+        probes = Probes(s, courier, self.guard, tasks, drops)
+        links = Links(s, courier, services, relay, outbox, server, self.guard, tasks, drops, probes)
         fetcher = Fetcher(s, key, community.community_id, courier, links, self.guard, pool, tasks, node_events, drops, self.stats,
                           self.report_transfer)
 
@@ -255,10 +258,10 @@ class IPv8Transport(RuledTransport):
         membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, lost,
                                 self.admission, local_seeds=self._local_seeds if self.rendezvous is not None else None,
                                 backlog=endpoint.backlog)
-        self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links))
+        self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links, probes))
         reach = Reachability(self.node_id, s.listen_host, services.bound, self.tcp_port, services, links, s.limits.relay.volunteer)
         return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, services, relay, links,
-                     reach, tasks, pool)
+                     probes, reach, tasks, pool)
 
     def _local_seeds(self) -> list[tuple[str, int]]:
         """The other daemons of this swarm on this host, from the rendezvous directory, where we may send."""
@@ -336,6 +339,28 @@ class IPv8Transport(RuledTransport):
     def reachability(self) -> dict[str, object]:
         """How peers see this node (NAT type, TCP reachability, relays, the way each sender's models come)."""
         return self.parts.reach.view() if self.parts is not None else {}
+
+    async def probe_tcp(self, peer_id: str) -> tuple[bool, str] | None:
+        """Whether ``peer_id`` reaches our TCP port when asked to, and whether we reach its (``open`` or why not);
+        None when it is not a peer (any more)."""
+        p = self.parts
+        rec = p.table.get(peer_id) if p is not None else None
+        if p is None or rec is None:
+            return None
+        reached, out = await asyncio.gather(p.probes.inbound(rec, self.tcp_port), p.probes.outbound(rec))
+        return reached, out
+
+    def peer_view(self, peer_id: str) -> dict[str, Any] | None:
+        """What we know of how ``peer_id`` and we reach each other: its address, where it sees our datagrams come
+        from, whether it relays, and the ways its models would come, in the order they are tried (`paths`)."""
+        p = self.parts
+        rec = p.table.get(peer_id) if p is not None else None
+        if p is None or rec is None:
+            return None
+        seen = p.services.seen_by.get(peer_id)
+        return {"address": f"{rec.address[0]}:{rec.address[1]}", "tcp_port": rec.tcp_port,
+                "seen_as": f"{seen[0]}:{seen[1]}" if seen else None, "relay": peer_id in p.services.relays,
+                "routes": [str(r) for r in p.links.routes(rec)]}
 
     def knows(self, peer_id: str) -> bool:
         return self.parts is not None and self.parts.table.get(peer_id) is not None
