@@ -355,8 +355,47 @@ def bench(lab: natlab.Lab, work: Path) -> dict[str, Any]:
     return result
 
 
+def _run_doctor(lab: natlab.Lab, host: natlab.Host, manifest: Path, env: dict[str, str], seeds: list[natlab.Host]) -> dict[str, Any]:
+    """`quinkgl doctor --json` in ``host``'s namespace, as its operator would run it there: its exit code and report."""
+    cmd = [natlab._tool("ip") or "ip", "netns", "exec", host.name, sys.executable, "-m", "quinkgl_cli", "doctor",
+           "--manifest", str(manifest), "--node-id", host.name, "--listen", host.address, "--port", str(PORT),
+           "--trust-policy", "tofu", "--no-rendezvous", "--json", "--timeout", "25"]
+    for seed in seeds:
+        cmd += ["--bootstrap-peer", f"{seed.address}:{PORT}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=90, cwd=ROOT)
+    report = json.loads(done.stdout) if done.stdout.strip() else {"stderr": done.stderr[-3000:]}
+    return {"exit": done.returncode, **report}
+
+
+def doctor(lab: natlab.Lab, work: Path) -> dict[str, Any]:
+    """`quinkgl doctor` behind a symmetric NAT, among two public peers: it sees two mappings, says relay is
+    needed and, with no relay among its peers, to run one; once a relay joins, it names it. Behind a port-restricted
+    NAT it sees one mapping and says which ports to forward."""
+    sys.path.insert(0, str(ROOT))
+    from quinkgl_cli.node import localswarm as ls
+
+    manifest, _key, _pub, swarm = ls.digits_manifest(work / "m")
+    arch = json.loads(manifest.read_text())["model"]["arch_hash"]
+    env = ls.child_env(work / "home")
+    env["PYTHONPATH"] = str(ROOT)
+    seed, pub2 = lab.public("seed"), lab.public("pub2")
+    sym, rest = lab.natted("sym1", "symmetric"), lab.natted("rest1", "restricted")
+    swarm_args = ("--swarm", swarm, "--arch", arch)
+    probes = [Probe(lab, seed, work, *swarm_args), Probe(lab, pub2, work, *swarm_args, bootstrap=seed)]
+    result: dict[str, Any] = {"without_relay": _run_doctor(lab, sym, manifest, env, [seed, pub2])}
+    probes.append(Probe(lab, lab.public("relay1"), work, *swarm_args, "--relay", bootstrap=seed))
+    deadline = time.monotonic() + 20
+    while "relay1" not in probes[0].ask({"cmd": "paths"}, "paths")["relays"]:  # the seed has heard it relays
+        assert time.monotonic() < deadline, "the relay never said it relays"
+        time.sleep(0.2)
+    result["with_relay"] = _run_doctor(lab, sym, manifest, env, [seed, pub2])
+    result["restricted"] = _run_doctor(lab, rest, manifest, env, [seed, pub2])
+    _finish(lab, probes, result)
+    return result
+
+
 SCENARIOS: dict[str, Callable[[natlab.Lab, Path], dict[str, Any]]] = {
-    "bench": bench, "daemons_bench": daemons_bench,
+    "bench": bench, "daemons_bench": daemons_bench, "doctor": doctor,
     "discovery": discovery, "paths": paths, "relay_leaves": relay_leaves, "daemons": daemons}
 
 

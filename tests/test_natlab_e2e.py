@@ -68,6 +68,25 @@ def test_real_daemons_behind_nats_form_one_swarm(tmp_path: Path) -> None:
     assert "sym1=relay:seed" in r["peers"]["full1"]["paths"]
 
 
+def test_doctor_behind_a_symmetric_nat_says_a_relay_is_needed(tmp_path: Path) -> None:
+    r = _lab("doctor", tmp_path)
+    alone, relayed, rest = r["without_relay"], r["with_relay"], r["restricted"]
+    for report in (alone, relayed):
+        assert report["exit"] == 8 and report["verdict"] == "not_reachable", report
+        assert report["nat"] == "symmetric" and report["udp_state"] == "relay_only" and report["tcp_state"] == "closed"
+        assert len(report["seen_as"]) >= 2  # each public peer saw another mapping
+        # It reaches the public peers' TCP ports (their models come direct), they never reach its (ours go reverse).
+        assert {(p["node_id"], p["receive"], p["send"]) for p in report["peers"]} >= {("seed", "direct", "reverse"),
+                                                                                    ("pub2", "direct", "reverse")}
+    assert any("symmetric NAT" in p and "run a reachable peer with --relay" in p for p in alone["problems"]), alone
+    assert alone["relays"] == [] and relayed["relays"] == ["relay1"]
+    assert any("symmetric NAT" in p and "only through a relay" in p for p in relayed["problems"]), relayed
+    assert not any("run a reachable peer with --relay" in p for p in relayed["problems"]), relayed
+    # Behind a port-restricted NAT: one mapping seen by every peer, the ports to forward named.
+    assert rest["exit"] == 8 and rest["nat"] == "mapped" and rest["udp_state"] == "punch" and len(rest["seen_as"]) == 1
+    assert any("forward TCP 7001 and UDP 7001" in p for p in rest["problems"]), rest
+
+
 def test_the_lab_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # Where a tool is missing the lab's tests skip with this reason: they never pass without running.
     monkeypatch.setattr(natlab, "_tool", lambda name: None if name == "iptables" else f"/usr/bin/{name}")

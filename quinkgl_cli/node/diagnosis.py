@@ -140,7 +140,7 @@ def _problems(o: Observed, d: Diagnosis, tcp: str, usable: list[str]) -> None:
     elif o.nat == "mapped":
         d.notes.append(f"behind a NAT (peers see {', '.join(o.seen_as)}): peers behind other NATs reach this node after "
                        "introductions punch a way")
-        if len({p.seen_as for p in o.peers if p.seen_as}) < 2:
+        if sum(1 for p in o.peers if p.seen_as) < 2:
             d.notes.append("only one peer reported where it sees this node: a symmetric NAT cannot be told apart; "
                            "meet two peers (two --bootstrap-peer) to know")
     elif o.nat == "unknown":
