@@ -52,7 +52,7 @@ class Membership:
         drops: DropLog,
         tcp_port: int,
         seeds: list[tuple[str, int]],
-        on_lost: Callable[[str], None],
+        on_lost: Callable[[str, tuple[str, int], str], None],  # node id, its address, why it was lost
         admission: Admission,
         local_seeds: Callable[[], list[tuple[str, int]]] | None = None,
         backlog: Callable[[], float] = lambda: 0.0,
@@ -301,7 +301,7 @@ class Membership:
         if rec is None:
             return
         self.gate.forget(node_id)
-        self.on_lost(node_id)
+        self.on_lost(node_id, rec.address, reason)
         known = self.community.network.get_verified_by_public_key_bin(rec.key_bin)
         if known is not None:
             self.community.network.remove_peer(known)

@@ -42,6 +42,7 @@ from quinkgl_cli.transport.ipv8.payloads import ControlPayload
 from quinkgl_cli.transport.ipv8.peers import PeerTable
 from quinkgl_cli.transport.ipv8.probes import Probes
 from quinkgl_cli.transport.ipv8.reach import Reachability
+from quinkgl_cli.transport.ipv8.rejoin import Rejoin
 from quinkgl_cli.transport.ipv8.relay import Relay
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents, TaskRegistry
 from quinkgl_cli.transport.ipv8.server import FetchServer, listen_tcp
@@ -97,6 +98,7 @@ class Parts:
     relay: Relay
     links: Links
     probes: Probes
+    rejoin: Rejoin
     reach: Reachability
     tasks: TaskRegistry
     pool: ThreadPoolExecutor
@@ -251,9 +253,12 @@ class IPv8Transport(RuledTransport):
         fetcher = Fetcher(s, key, community.community_id, courier, links, self.guard, pool, tasks, node_events, drops, self.stats,
                           self.report_transfer)
 
-        def lost(node_id: str) -> None:
+        rejoin = Rejoin(community, table, self.guard)
+
+        def lost(node_id: str, address: tuple[str, int], reason: str) -> None:
             fetcher.forget(node_id)
             services.forget(node_id)
+            rejoin.forget_peer(node_id, address, reason, time.monotonic())
 
         membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, lost,
                                 self.admission, local_seeds=self._local_seeds if self.rendezvous is not None else None,
@@ -261,7 +266,7 @@ class IPv8Transport(RuledTransport):
         self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links, probes))
         reach = Reachability(self.node_id, s.listen_host, services.bound, self.tcp_port, services, links, s.limits.relay.volunteer)
         return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, services, relay, links,
-                     probes, reach, tasks, pool)
+                     probes, rejoin, reach, tasks, pool)
 
     def _local_seeds(self) -> list[tuple[str, int]]:
         """The other daemons of this swarm on this host, from the rendezvous directory, where we may send."""
@@ -324,6 +329,7 @@ class IPv8Transport(RuledTransport):
         self.parts.membership.tick(now)
         self.parts.outbox.tick(now)
         self.parts.services.tick(now)
+        self.parts.rejoin.tick(now)
         self.parts.reach.tick()
 
     # -- Transport interface ---------------------------------------------------------------------------------------
@@ -361,6 +367,12 @@ class IPv8Transport(RuledTransport):
         return {"address": f"{rec.address[0]}:{rec.address[1]}", "tcp_port": rec.tcp_port,
                 "seen_as": f"{seen[0]}:{seen[1]}" if seen else None, "relay": peer_id in p.services.relays,
                 "routes": [str(r) for r in p.links.routes(rec)]}
+
+    def cut_off(self) -> list[str]:
+        return self.parts.rejoin.cut_off(time.monotonic()) if self.parts is not None else []
+
+    def rejoin(self) -> int:
+        return self.parts.rejoin.knock(time.monotonic()) if self.parts is not None else 0
 
     def knows(self, peer_id: str) -> bool:
         return self.parts is not None and self.parts.table.get(peer_id) is not None
