@@ -80,6 +80,21 @@ def test_a_partition_is_said_once_and_its_healing_too(caplog: pytest.LogCaptureF
     assert peers["a"].transport.cut_off() == [] and set(peers["a"].known_peers) == {"b", "c", "d"}
 
 
+def test_the_split_heals_when_each_part_cut_off_has_a_peer_back(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="quinkgl.daemon")
+    net, peers = _swarm()
+    watch = SplitWatch(peers["a"], [])  # type: ignore[arg-type]
+    net.partition(["a", "b"], ["c", "d"])
+    net.deliver_all()
+    watch.check(2)
+    net.kill("d")  # gone while the swarm was apart: a never hears of it
+    net.heal()
+    net.deliver_all()
+    watch.check(3)
+    (healed,) = _lines(caplog, "swarm-healed")
+    assert "rejoined=[c]" in healed and "not_back=[d]" in healed, healed
+
+
 def test_peers_that_say_goodbye_do_not_split_the_swarm(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="quinkgl.daemon")
     net, peers = _swarm()

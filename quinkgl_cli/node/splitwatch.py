@@ -6,16 +6,16 @@ observes (`GossipGraphMonitor.edges`: its exchanges and its neighbours' over the
 every peer known now, without the edges that joined a peer cut off to this side, and with the peers cut off kept
 as nodes. When that graph is disconnected (algebraic connectivity zero: a component cut off), the node says so
 once (``swarm-split``, WARNING: the peers cut off, the components, the seeds) and asks its transport to reach out
-to its seeds and the peers it lost (`Transport.rejoin`), again after every round while the split lasts. When no
-peer is cut off any more, it says how it ended: ``swarm-healed`` (some or all came back) or
-``swarm-split-given-up`` (none came back before the transport forgot them). A peer that said goodbye is not cut
+to its seeds and the peers it lost (`Transport.rejoin`), again after every round while the split lasts. It says
+``swarm-healed`` once every component cut off has a peer back (the graph is one again: a peer of that part that
+left meanwhile is named ``not_back``), or ``swarm-split-given-up`` when the transport forgot the peers cut off
+before that. A peer that said goodbye is not cut
 off: a swarm whose peers finish their runs does not split.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
 
 from quinkgl_cli.events import emit
 from quinkgl_cli.node.core import Node
@@ -28,7 +28,7 @@ class SplitWatch:
     def __init__(self, node: Node, seeds: list[str]) -> None:
         self.node = node
         self.seeds = seeds
-        self.cut: set[str] = set()  # peers cut off since the split began (empty: no split)
+        self.parts: list[set[str]] = []  # the components cut off (empty: no split)
         self.since = 0  # the round the split was seen in
 
     def graph(self, cut: list[str], round_: int) -> tuple[list[tuple[str, str]], set[str]]:
@@ -42,29 +42,34 @@ class SplitWatch:
     def check(self, round_: int) -> None:
         node = self.node
         cut = [p for p in node.transport.cut_off() if p not in node.known_peers]
-        if not self.cut:
+        if not self.parts:
             if cut:
                 self._split(cut, round_)
             return
-        if cut:
-            self.cut.update(cut)
-            node.transport.rejoin()
+        self.parts += [{p} for p in cut if not any(p in part for part in self.parts)]
+        known = node.known_peers.keys()
+        every = set().union(*self.parts)
+        back = sorted(every & known)
+        if all(part & known for part in self.parts) or not cut:
+            # Each part cut off has a peer back, so the graph is one again; or the transport forgot them all.
+            healed = all(part & known for part in self.parts)
+            emit(log, logging.INFO if healed else logging.WARNING, "swarm-healed" if healed else "swarm-split-given-up",
+                 rejoined=back, not_back=sorted(every.difference(back)), rounds=round_ - self.since, known=len(known))
+            self.parts = []
             return
-        back = sorted(p for p in self.cut if p in node.known_peers)
-        gone = sorted(self.cut.difference(back))
-        emit(log, logging.INFO if back else logging.WARNING, "swarm-healed" if back else "swarm-split-given-up",
-             rejoined=back, not_back=gone, rounds=round_ - self.since, known=len(node.known_peers))
-        self.cut = set()
+        node.transport.rejoin()
 
     def _split(self, cut: list[str], round_: int) -> None:
         edges, nodes = self.graph(cut, round_)
         report = analyze_edges(edges, nodes)
         if report.is_connected:
             return
-        parts: list[set[Hashable]] = components(edges, nodes)
-        self.cut, self.since = set(cut), round_
+        parts = components(edges, nodes)
+        me = self.node.node_id
+        self.parts = [{str(n) for n in part} for part in parts if me not in part]
+        self.since = round_
         knocking = self.node.transport.rejoin()
         emit(log, logging.WARNING, "swarm-split", cut_off=sorted(cut), components=len(parts),
-             component=len(next(p for p in parts if self.node.node_id in p)), lambda2=round(report.algebraic_connectivity, 4),
+             component=len(next(p for p in parts if me in p)), lambda2=round(report.algebraic_connectivity, 4),
              known=len(self.node.known_peers), seeds=len(self.seeds), knocking=knocking,
              hint="reconnecting through the seeds and the peers lost; check the network between the parts")
