@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -394,8 +395,76 @@ def doctor(lab: natlab.Lab, work: Path) -> dict[str, Any]:
     return result
 
 
+def _log_events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(errors="replace").splitlines() if line.startswith("{")]
+
+
+def _await_event(path: Path, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str, start: int = 0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = next((e for e in _log_events(path)[start:] if pred(e)), None)
+        if found is not None:
+            return found
+        assert time.monotonic() < deadline, f"no {what} within {timeout}s in {path.name}: {path.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def split(lab: natlab.Lab, work: Path) -> dict[str, Any]:
+    """Real daemons, all public: p2 is cut off from the seed and p1 (iptables in its namespace), each side says
+    ``swarm-split``; the seed stops while the network is apart (p2 never hears its goodbye); the network heals.
+    With its only seed gone, p2 finds p1 again only by knocking at the peer it lost: each says ``swarm-healed``
+    and models flow between them again."""
+    sys.path.insert(0, str(ROOT))
+    from quinkgl_cli.node import localswarm as ls
+
+    manifest, _key, _pub, _swarm = ls.digits_manifest(work / "m")
+    seed, p1, p2 = lab.public("seed"), lab.public("p1"), lab.public("p2")
+    env = ls.child_env(work / "home")
+    env["PYTHONPATH"] = str(ROOT)
+    logs, procs = {}, {}
+    for i, host in enumerate((seed, p1, p2)):
+        extra = ["--listen", host.address, "--no-rendezvous", "--min-peers", "2", "--min-peers-timeout", "60",
+                 "--log-format", "json", "--checkpoint-every", "1000"]
+        extra += [] if host is seed else ["--bootstrap-peer", f"{seed.address}:{PORT}"]
+        cmd = ls.run_command(manifest, ls.DIGITS_SCRIPT, host.name, PORT, 1000, 1.0, [], work / f"ck-{host.name}",
+                             {"shard": str(i), "num_shards": "3"}, extra)
+        logs[host.name] = work / f"{host.name}.log"
+        procs[host.name] = lab.spawn(host.name, cmd, logs[host.name], env)
+    aggregated = lambda e: e.get("event") == "aggregated models" and e.get("peers", 0) >= 2  # noqa: E731
+    for name in logs:
+        _await_event(logs[name], aggregated, 100, "aggregation with both peers")
+    others = (seed.address, p1.address)
+    rules = [(chain, flag, addr) for addr in others for chain, flag in (("INPUT", "-s"), ("OUTPUT", "-d"))]
+    for chain, flag, addr in rules:
+        natlab.sh("iptables", "-I", chain, flag, addr, "-j", "DROP", ns="p2")
+    cut_at = time.monotonic()
+    result: dict[str, Any] = {}
+    result["p2_split"] = _await_event(logs["p2"], lambda e: e.get("event") == "swarm-split", 40, "p2's swarm-split")
+    result["p1_split"] = _await_event(logs["p1"], lambda e: e.get("event") == "swarm-split", 40, "p1's swarm-split")
+    result["split_after_s"] = round(time.monotonic() - cut_at, 1)
+    procs["seed"].send_signal(signal.SIGTERM)
+    procs["seed"].wait(timeout=30)
+    for chain, flag, addr in rules:
+        natlab.sh("iptables", "-D", chain, flag, addr, "-j", "DROP", ns="p2")
+    healed_at = time.monotonic()
+    result["p2_healed"] = _await_event(logs["p2"], lambda e: e.get("event") == "swarm-healed", 40, "p2's swarm-healed")
+    result["p1_healed"] = _await_event(logs["p1"], lambda e: e.get("event") == "swarm-healed", 40, "p1's swarm-healed")
+    result["healed_after_s"] = round(time.monotonic() - healed_at, 1)
+    since = len(_log_events(logs["p2"]))
+    _await_event(logs["p2"], lambda e: e.get("event") == "aggregated models" and "p1" in (e.get("from") or []), 30,
+                 "a model from p1 after the heal", start=since)
+    result["models_after_heal"] = True
+    for name in ("p1", "p2"):
+        procs[name].send_signal(signal.SIGTERM)
+        procs[name].wait(timeout=30)
+    result["exit"] = {name: proc.returncode for name, proc in procs.items()}
+    result["leaks"] = lab.leaks()
+    assert all(v == 0 for v in result["leaks"].values()), result["leaks"]
+    return result
+
+
 SCENARIOS: dict[str, Callable[[natlab.Lab, Path], dict[str, Any]]] = {
-    "bench": bench, "daemons_bench": daemons_bench, "doctor": doctor,
+    "bench": bench, "daemons_bench": daemons_bench, "doctor": doctor, "split": split,
     "discovery": discovery, "paths": paths, "relay_leaves": relay_leaves, "daemons": daemons}
 
 

@@ -87,6 +87,17 @@ def test_doctor_behind_a_symmetric_nat_says_a_relay_is_needed(tmp_path: Path) ->
     assert any("forward TCP 7001 and UDP 7001" in p for p in rest["problems"]), rest
 
 
+def test_daemons_split_by_the_network_say_so_and_find_each_other_again_without_their_seed(tmp_path: Path) -> None:
+    r = _lab("split", tmp_path)
+    assert r["p2_split"]["cut_off"] == ["seed"] or set(r["p2_split"]["cut_off"]) == {"seed", "p1"}, r["p2_split"]
+    assert r["p1_split"]["cut_off"] == ["p2"] and r["p1_split"]["lambda2"] == 0.0, r["p1_split"]
+    # The seed left while the network was apart (p2 never heard its goodbye): only knocking at the peer each lost
+    # brings p1 and p2 together again.
+    assert r["p2_healed"]["rejoined"] == ["p1"] and r["p2_healed"]["not_back"] == ["seed"], r["p2_healed"]
+    assert r["p1_healed"]["rejoined"] == ["p2"], r["p1_healed"]
+    assert r["models_after_heal"] and r["healed_after_s"] < 40
+
+
 def test_the_lab_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # Where a tool is missing the lab's tests skip with this reason: they never pass without running.
     monkeypatch.setattr(natlab, "_tool", lambda name: None if name == "iptables" else f"/usr/bin/{name}")

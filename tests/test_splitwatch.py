@@ -80,7 +80,7 @@ def test_a_partition_is_said_once_and_its_healing_too(caplog: pytest.LogCaptureF
     assert peers["a"].transport.cut_off() == [] and set(peers["a"].known_peers) == {"b", "c", "d"}
 
 
-def test_the_split_heals_when_each_part_cut_off_has_a_peer_back(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_split_heals_when_a_peer_from_across_the_cut_is_back(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="quinkgl.daemon")
     net, peers = _swarm()
     watch = SplitWatch(peers["a"], [])  # type: ignore[arg-type]
@@ -93,6 +93,27 @@ def test_the_split_heals_when_each_part_cut_off_has_a_peer_back(caplog: pytest.L
     watch.check(3)
     (healed,) = _lines(caplog, "swarm-healed")
     assert "rejoined=[c]" in healed and "not_back=[d]" in healed, healed
+
+
+def test_peers_falling_silent_one_after_another_are_one_split(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="quinkgl.daemon")
+    net, peers = _swarm()
+    watch = SplitWatch(peers["a"], [])  # type: ignore[arg-type]
+    net.partition(["a", "b"], ["c"])
+    net.deliver_all()
+    watch.check(2)  # c alone so far
+    net.partition(["a", "b"], ["d"])
+    net.deliver_all()
+    watch.check(3)  # d too: the same split, not a second one
+    net.kill("d")
+    net.heal()
+    net.deliver_all()
+    watch.check(4)
+    assert len(_lines(caplog, "swarm-split")) == 1
+    (healed,) = _lines(caplog, "swarm-healed")
+    assert "rejoined=[c]" in healed and "not_back=[d]" in healed, healed
+    watch.check(5)  # d stays missing: knocked at on, no new split line
+    assert len(_lines(caplog, "swarm-split")) == 1
 
 
 def test_peers_that_say_goodbye_do_not_split_the_swarm(caplog: pytest.LogCaptureFixture) -> None:
