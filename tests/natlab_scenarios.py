@@ -463,8 +463,29 @@ def split(lab: natlab.Lab, work: Path) -> dict[str, Any]:
     return result
 
 
+def lan(lab: natlab.Lab, work: Path) -> dict[str, Any]:
+    """Three peers on one segment with --lan-discovery and no seed find each other through multicast beacons; a
+    fourth without it, on the same bridge, is found by nobody and finds nobody."""
+    lab.lan_beacon = True
+    hosts = [lab.public(f"lan{i}") for i in (1, 2, 3)]
+    allow = ("--audit-allow", f"{natlab.LAN_GROUP}/32")
+    probes = [Probe(lab, h, work, "--lan-discovery", *allow) for h in hosts]
+    quiet = Probe(lab, lab.public("quiet"), work)
+    names = [h.name for h in hosts]
+    started = time.monotonic()
+    result: dict[str, Any] = {"met": _meet(probes, [(a, b) for i, a in enumerate(names) for b in names[i + 1:]], 30)}
+    result["met_after_s"] = round(time.monotonic() - started, 2)
+    time.sleep(6)  # a beacon interval more: time for anyone to find the quiet peer, if anything could
+    result["quiet_met"] = sorted(quiet.discovered())
+    result["met_quiet"] = sorted(p.name for p in probes if "quiet" in p.discovered())
+    _finish(lab, [*probes, quiet], result)
+    assert all(result["met"].values()), result["met"]
+    assert result["quiet_met"] == [] and result["met_quiet"] == [], result
+    return result
+
+
 SCENARIOS: dict[str, Callable[[natlab.Lab, Path], dict[str, Any]]] = {
-    "bench": bench, "daemons_bench": daemons_bench, "doctor": doctor, "split": split,
+    "bench": bench, "daemons_bench": daemons_bench, "doctor": doctor, "split": split, "lan": lan,
     "discovery": discovery, "paths": paths, "relay_leaves": relay_leaves, "daemons": daemons}
 
 

@@ -98,6 +98,12 @@ def test_daemons_split_by_the_network_say_so_and_find_each_other_again_without_t
     assert r["models_after_heal"] and r["healed_after_s"] < 40
 
 
+def test_lan_discovery_finds_peers_on_the_segment_and_only_those_that_turned_it_on(tmp_path: Path) -> None:
+    r = _lab("lan", tmp_path)
+    assert all(r["met"].values()), r["met"]  # no seed, no rendezvous: beacons only
+    assert r["quiet_met"] == [] and r["met_quiet"] == []
+
+
 def test_the_lab_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # Where a tool is missing the lab's tests skip with this reason: they never pass without running.
     monkeypatch.setattr(natlab, "_tool", lambda name: None if name == "iptables" else f"/usr/bin/{name}")

@@ -316,16 +316,12 @@ def _addr(address: Any) -> tuple[str, int]:
 
 
 def add_bootstrappers(community: SwarmCommunity, settings: TransportSettings) -> None:
-    """IPv8's own discovery, only when asked for: public bootstrap servers, LAN broadcast."""
+    """IPv8's public bootstrap servers, only when asked for (LAN discovery is ours: `lan`)."""
     if settings.enable_public_bootstrap:
         from ipv8.bootstrapping.dispersy.bootstrapper import DispersyBootstrapper
         from ipv8.configuration import DISPERSY_BOOTSTRAPPER
 
         community.bootstrappers.append(DispersyBootstrapper(**DISPERSY_BOOTSTRAPPER["init"]))
-    if settings.enable_lan_discovery:
-        from ipv8.bootstrapping.udpbroadcast.bootstrapper import UDPBroadcastBootstrapper
-
-        community.bootstrappers.append(UDPBroadcastBootstrapper())
 
 
 async def resolve_seeds(settings: TransportSettings, guard: DestinationGuard, udp_port: int) -> list[tuple[str, int]]:

@@ -35,6 +35,7 @@ from quinkgl_cli.transport.ipv8.dispatch import Dispatch, Routes
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint
 from quinkgl_cli.transport.ipv8.fetcher import Fetcher
 from quinkgl_cli.transport.ipv8.identity import load_or_create_key, next_session
+from quinkgl_cli.transport.ipv8.lan import LanBeacon
 from quinkgl_cli.transport.ipv8.links import Links
 from quinkgl_cli.transport.ipv8.membership import Membership, add_bootstrappers, resolve_seeds
 from quinkgl_cli.transport.ipv8.outbox import Outbox
@@ -68,8 +69,6 @@ _IPV8_LOGGERS = (
     "GuardedUDPEndpoint",
     "Network",
     "DispersyBootstrapper",
-    "UDPBroadcastBootstrapper",
-    "BroadcastBootstrapEndpoint",
 )
 
 
@@ -99,6 +98,7 @@ class Parts:
     links: Links
     probes: Probes
     rejoin: Rejoin
+    lan: LanBeacon | None  # --lan-discovery
     reach: Reachability
     tasks: TaskRegistry
     pool: ThreadPoolExecutor
@@ -193,8 +193,7 @@ class IPv8Transport(RuledTransport):
         s = self.settings
         loop = asyncio.get_running_loop()
         _quiet_ipv8_logging()
-        if not s.enable_lan_discovery:
-            get_providers().clear()  # nothing in this process may go looking for the host's LAN addresses
+        get_providers().clear()  # nothing in this process may go looking for the host's LAN addresses
         key = load_or_create_key(s.state_dir)
         session = next_session(s.state_dir)
         endpoint = GuardedUDPEndpoint(s.listen_host, s.port, self.guard)
@@ -202,19 +201,25 @@ class IPv8Transport(RuledTransport):
         await endpoint.open()
         lsock = None
         community: SwarmCommunity | None = None
+        lan: LanBeacon | None = None
         try:
             udp_port = int(endpoint.get_address()[1])
             lsock = listen_tcp(s.listen_host, udp_port, s.port)
             cls = community_class(s.swarm_id)
             community = cls(SwarmSettings(
                 my_peer=Peer(key), endpoint=endpoint, network=Network(), max_peers=s.max_peers, handlers=self._dispatch,
-                protocol_version=s.protocol_version, lan_discovery=s.enable_lan_discovery, bound=(s.listen_host, udp_port),
+                protocol_version=s.protocol_version, bound=(s.listen_host, udp_port),
             ))
             if community.community_id != cls.community_id or community.get_prefix()[2:] != cls.community_id:
                 raise NetworkError("IPv8 community id did not take", "pyipv8 changed: check the pinned version")
             add_bootstrappers(community, s)
             seeds = await resolve_seeds(s, self.guard, udp_port)
+            if s.enable_lan_discovery:
+                lan = LanBeacon(community, s.listen_host, udp_port, self.guard, self.node_id)
+                await lan.open()
         except BaseException:
+            if lan is not None:
+                lan.close()
             if lsock is not None:
                 lsock.close()
             if community is not None:
@@ -223,7 +228,7 @@ class IPv8Transport(RuledTransport):
             await asyncio.sleep(0)  # the datagram transport releases its socket on the next loop pass
             raise
         self.tcp_port = int(lsock.getsockname()[1])
-        self.parts = self._assemble(loop, events, key, session, endpoint, community, lsock, seeds)
+        self.parts = self._assemble(loop, events, key, session, endpoint, community, lsock, seeds, lan)
         if self.rendezvous is not None:
             self.rendezvous.announce(s.listen_host, udp_port)
         self.running = True
@@ -235,7 +240,8 @@ class IPv8Transport(RuledTransport):
              rendezvous=self.rendezvous.directory if self.rendezvous is not None else None)
 
     def _assemble(self, loop: asyncio.AbstractEventLoop, events: TransportEvents, key: Any, session: int,
-                  endpoint: GuardedUDPEndpoint, community: SwarmCommunity, lsock: Any, seeds: list[tuple[str, int]]) -> Parts:
+                  endpoint: GuardedUDPEndpoint, community: SwarmCommunity, lsock: Any, seeds: list[tuple[str, int]],
+                  lan: LanBeacon | None) -> Parts:
         """The parts of a started transport, wired to each other; no I/O."""
         s, drops = self.settings, self.drops
         node_events = NodeEvents(events, drops.once)
@@ -266,7 +272,7 @@ class IPv8Transport(RuledTransport):
         self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links, probes))
         reach = Reachability(self.node_id, s.listen_host, services.bound, self.tcp_port, services, links, s.limits.relay.volunteer)
         return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, services, relay, links,
-                     probes, rejoin, reach, tasks, pool)
+                     probes, rejoin, lan, reach, tasks, pool)
 
     def _local_seeds(self) -> list[tuple[str, int]]:
         """The other daemons of this swarm on this host, from the rendezvous directory, where we may send."""
@@ -305,6 +311,8 @@ class IPv8Transport(RuledTransport):
         await parts.tasks.cancel_all()
         parts.server.close()
         parts.relay.close()
+        if parts.lan is not None:
+            parts.lan.close()
         await parts.community.unload()
         parts.endpoint.close()
         await asyncio.sleep(0)  # the datagram transport releases its socket on the next loop pass
@@ -330,6 +338,8 @@ class IPv8Transport(RuledTransport):
         self.parts.outbox.tick(now)
         self.parts.services.tick(now)
         self.parts.rejoin.tick(now)
+        if self.parts.lan is not None:
+            self.parts.lan.tick(now)
         self.parts.reach.tick()
 
     # -- Transport interface ---------------------------------------------------------------------------------------
