@@ -8,8 +8,7 @@ would use), then the IPv8 transport started with the node's own key and flags. E
 met is probed, has told us where it sees our datagrams, and no new peer came for ``SETTLE`` seconds, or at the
 timeout. `node.diagnosis` turns what was seen into the verdict and advice.
 
-Owns the options of a doctor run and the sink that stands in for a node (models offered meanwhile are fetched,
-checked and dropped).
+Owns the options of a doctor run and the sink that stands in for a node.
 """
 
 from __future__ import annotations
@@ -39,19 +38,17 @@ class DoctorOptions:
 
 
 class _Sink:
-    """The transport's event sink: a doctor has no node, so it only counts what it hears."""
-
-    def __init__(self) -> None:
-        self.models = 0
+    """The transport's event sink: a doctor has no node; peers are read from the transport's table, and a model a
+    peer offers meanwhile is fetched (its path is then known) and dropped."""
 
     def on_peer_discovered(self, peer: PeerInfo) -> None:
-        return None  # peers are read from the transport's table
+        return None
 
     def on_peer_lost(self, peer: PeerInfo) -> None:
         return None
 
     def on_model(self, update: ModelReceived) -> None:
-        self.models += 1
+        return None
 
     def on_message(self, sender: str, kind: str, body: dict[str, ControlValue]) -> None:
         return None
