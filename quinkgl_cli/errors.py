@@ -17,6 +17,8 @@ class ExitCode(IntEnum):
     ARCH = 5  # architecture / hash mismatch
     NETWORK = 6  # network or wire-format failure
     NODE = 7  # peer script or node configuration
+    NOT_REACHABLE = 8  # `quinkgl doctor`: peers met, but they cannot reach this node's ports (NAT, firewall)
+    NO_PEERS = 9  # `quinkgl doctor`: no peer met within --timeout
     INTERRUPTED = 130
 
 

@@ -43,6 +43,7 @@ TEST_RANGE = "10.201.0.0/16"
 BRIDGE = "inet0"
 NAT_KINDS = ("full", "restricted", "symmetric")
 LEAK_CHAIN = "QGL_LEAK"
+LAN_GROUP, LAN_PORT = "239.255.70.71", 47001  # quinkgl_cli.transport.ipv8.lan (the lab stays independent of quinkgl)
 
 
 def _tool(name: str) -> str | None:
@@ -93,6 +94,7 @@ class Host:
 class Lab:
     hosts: dict[str, Host] = field(default_factory=dict)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    lan_beacon: bool = False  # let LAN discovery's multicast beacons (and IGMP) through the leak guard of hosts made after
     _count: int = 0
 
     def __post_init__(self) -> None:
@@ -108,7 +110,7 @@ class Lab:
     def _ns(self, name: str) -> None:
         sh("ip", "netns", "add", name)
         sh("ip", "link", "set", "lo", "up", ns=name)
-        _guard_leaks(name)
+        _guard_leaks(name, self.lan_beacon)
 
     def _wire_to_bridge(self, ns: str, address: str) -> None:
         self._count += 1
@@ -192,9 +194,12 @@ class Lab:
                 proc.wait()
 
 
-def _guard_leaks(ns: str) -> None:
+def _guard_leaks(ns: str, lan_beacon: bool = False) -> None:
     sh("iptables", "-N", LEAK_CHAIN, ns=ns)
     sh("iptables", "-A", LEAK_CHAIN, "-d", TEST_RANGE, "-j", "RETURN", ns=ns)
+    if lan_beacon:  # quinkgl's LAN discovery group, and the IGMP reports that join it: on the lab's bridge only
+        sh("iptables", "-A", LEAK_CHAIN, "-d", LAN_GROUP, "-p", "udp", "--dport", str(LAN_PORT), "-o", "wan", "-j", "RETURN", ns=ns)
+        sh("iptables", "-A", LEAK_CHAIN, "-p", "igmp", "-o", "wan", "-j", "RETURN", ns=ns)
     sh("iptables", "-A", LEAK_CHAIN, "-o", "lo", "-j", "RETURN", ns=ns)
     sh("iptables", "-A", LEAK_CHAIN, "-j", "DROP", ns=ns)
     sh("iptables", "-A", "OUTPUT", "-j", LEAK_CHAIN, ns=ns)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -355,8 +356,136 @@ def bench(lab: natlab.Lab, work: Path) -> dict[str, Any]:
     return result
 
 
+def _run_doctor(lab: natlab.Lab, host: natlab.Host, manifest: Path, env: dict[str, str], seeds: list[natlab.Host]) -> dict[str, Any]:
+    """`quinkgl doctor --json` in ``host``'s namespace, as its operator would run it there: its exit code and report."""
+    cmd = [natlab._tool("ip") or "ip", "netns", "exec", host.name, sys.executable, "-m", "quinkgl_cli", "doctor",
+           "--manifest", str(manifest), "--node-id", host.name, "--listen", host.address, "--port", str(PORT),
+           "--trust-policy", "tofu", "--no-rendezvous", "--json", "--timeout", "25"]
+    for seed in seeds:
+        cmd += ["--bootstrap-peer", f"{seed.address}:{PORT}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=90, cwd=ROOT)
+    report = json.loads(done.stdout) if done.stdout.strip() else {"stderr": done.stderr[-3000:]}
+    return {"exit": done.returncode, **report}
+
+
+def doctor(lab: natlab.Lab, work: Path) -> dict[str, Any]:
+    """`quinkgl doctor` behind a symmetric NAT, among two public peers: it sees two mappings, says relay is
+    needed and, with no relay among its peers, to run one; once a relay joins, it names it. Behind a port-restricted
+    NAT it sees one mapping and says which ports to forward."""
+    sys.path.insert(0, str(ROOT))
+    from quinkgl_cli.node import localswarm as ls
+
+    manifest, _key, _pub, swarm = ls.digits_manifest(work / "m")
+    arch = json.loads(manifest.read_text())["model"]["arch_hash"]
+    env = ls.child_env(work / "home")
+    env["PYTHONPATH"] = str(ROOT)
+    seed, pub2 = lab.public("seed"), lab.public("pub2")
+    sym, rest = lab.natted("sym1", "symmetric"), lab.natted("rest1", "restricted")
+    swarm_args = ("--swarm", swarm, "--arch", arch)
+    probes = [Probe(lab, seed, work, *swarm_args), Probe(lab, pub2, work, *swarm_args, bootstrap=seed)]
+    result: dict[str, Any] = {"without_relay": _run_doctor(lab, sym, manifest, env, [seed, pub2])}
+    probes.append(Probe(lab, lab.public("relay1"), work, *swarm_args, "--relay", bootstrap=seed))
+    deadline = time.monotonic() + 20
+    while "relay1" not in probes[0].ask({"cmd": "paths"}, "paths")["relays"]:  # the seed has heard it relays
+        assert time.monotonic() < deadline, "the relay never said it relays"
+        time.sleep(0.2)
+    result["with_relay"] = _run_doctor(lab, sym, manifest, env, [seed, pub2])
+    result["restricted"] = _run_doctor(lab, rest, manifest, env, [seed, pub2])
+    _finish(lab, probes, result)
+    return result
+
+
+def _log_events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(errors="replace").splitlines() if line.startswith("{")]
+
+
+def _await_event(path: Path, pred: Callable[[dict[str, Any]], bool], timeout: float, what: str, start: int = 0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = next((e for e in _log_events(path)[start:] if pred(e)), None)
+        if found is not None:
+            return found
+        assert time.monotonic() < deadline, f"no {what} within {timeout}s in {path.name}: {path.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+def split(lab: natlab.Lab, work: Path) -> dict[str, Any]:
+    """Real daemons, all public: p2 is cut off from the seed and p1 (iptables in its namespace), each side says
+    ``swarm-split``; the seed stops while the network is apart (p2 never hears its goodbye); the network heals.
+    With its only seed gone, p2 finds p1 again only by knocking at the peer it lost: each says ``swarm-healed``
+    and models flow between them again."""
+    sys.path.insert(0, str(ROOT))
+    from quinkgl_cli.node import localswarm as ls
+
+    manifest, _key, _pub, _swarm = ls.digits_manifest(work / "m")
+    seed, p1, p2 = lab.public("seed"), lab.public("p1"), lab.public("p2")
+    env = ls.child_env(work / "home")
+    env["PYTHONPATH"] = str(ROOT)
+    logs, procs = {}, {}
+    for i, host in enumerate((seed, p1, p2)):
+        extra = ["--listen", host.address, "--no-rendezvous", "--min-peers", "2", "--min-peers-timeout", "60",
+                 "--log-format", "json", "--checkpoint-every", "1000"]
+        extra += [] if host is seed else ["--bootstrap-peer", f"{seed.address}:{PORT}"]
+        cmd = ls.run_command(manifest, ls.DIGITS_SCRIPT, host.name, PORT, 1000, 1.0, [], work / f"ck-{host.name}",
+                             {"shard": str(i), "num_shards": "3"}, extra)
+        logs[host.name] = work / f"{host.name}.log"
+        procs[host.name] = lab.spawn(host.name, cmd, logs[host.name], env)
+    aggregated = lambda e: e.get("event") == "aggregated models" and e.get("peers", 0) >= 2  # noqa: E731
+    for name in logs:
+        _await_event(logs[name], aggregated, 100, "aggregation with both peers")
+    others = (seed.address, p1.address)
+    rules = [(chain, flag, addr) for addr in others for chain, flag in (("INPUT", "-s"), ("OUTPUT", "-d"))]
+    for chain, flag, addr in rules:
+        natlab.sh("iptables", "-I", chain, flag, addr, "-j", "DROP", ns="p2")
+    cut_at = time.monotonic()
+    result: dict[str, Any] = {}
+    result["p2_split"] = _await_event(logs["p2"], lambda e: e.get("event") == "swarm-split", 40, "p2's swarm-split")
+    result["p1_split"] = _await_event(logs["p1"], lambda e: e.get("event") == "swarm-split", 40, "p1's swarm-split")
+    result["split_after_s"] = round(time.monotonic() - cut_at, 1)
+    procs["seed"].send_signal(signal.SIGTERM)
+    procs["seed"].wait(timeout=30)
+    for chain, flag, addr in rules:
+        natlab.sh("iptables", "-D", chain, flag, addr, "-j", "DROP", ns="p2")
+    healed_at = time.monotonic()
+    result["p2_healed"] = _await_event(logs["p2"], lambda e: e.get("event") == "swarm-healed", 40, "p2's swarm-healed")
+    result["p1_healed"] = _await_event(logs["p1"], lambda e: e.get("event") == "swarm-healed", 40, "p1's swarm-healed")
+    result["healed_after_s"] = round(time.monotonic() - healed_at, 1)
+    since = len(_log_events(logs["p2"]))
+    _await_event(logs["p2"], lambda e: e.get("event") == "aggregated models" and "p1" in (e.get("from") or []), 30,
+                 "a model from p1 after the heal", start=since)
+    result["models_after_heal"] = True
+    for name in ("p1", "p2"):
+        procs[name].send_signal(signal.SIGTERM)
+        procs[name].wait(timeout=30)
+    result["exit"] = {name: proc.returncode for name, proc in procs.items()}
+    result["leaks"] = lab.leaks()
+    assert all(v == 0 for v in result["leaks"].values()), result["leaks"]
+    return result
+
+
+def lan(lab: natlab.Lab, work: Path) -> dict[str, Any]:
+    """Three peers on one segment with --lan-discovery and no seed find each other through multicast beacons; a
+    fourth without it, on the same bridge, is found by nobody and finds nobody."""
+    lab.lan_beacon = True
+    hosts = [lab.public(f"lan{i}") for i in (1, 2, 3)]
+    allow = ("--audit-allow", f"{natlab.LAN_GROUP}/32")
+    probes = [Probe(lab, h, work, "--lan-discovery", *allow) for h in hosts]
+    quiet = Probe(lab, lab.public("quiet"), work)
+    names = [h.name for h in hosts]
+    started = time.monotonic()
+    result: dict[str, Any] = {"met": _meet(probes, [(a, b) for i, a in enumerate(names) for b in names[i + 1:]], 30)}
+    result["met_after_s"] = round(time.monotonic() - started, 2)
+    time.sleep(6)  # a beacon interval more: time for anyone to find the quiet peer, if anything could
+    result["quiet_met"] = sorted(quiet.discovered())
+    result["met_quiet"] = sorted(p.name for p in probes if "quiet" in p.discovered())
+    _finish(lab, [*probes, quiet], result)
+    assert all(result["met"].values()), result["met"]
+    assert result["quiet_met"] == [] and result["met_quiet"] == [], result
+    return result
+
+
 SCENARIOS: dict[str, Callable[[natlab.Lab, Path], dict[str, Any]]] = {
-    "bench": bench, "daemons_bench": daemons_bench,
+    "bench": bench, "daemons_bench": daemons_bench, "doctor": doctor, "split": split, "lan": lan,
     "discovery": discovery, "paths": paths, "relay_leaves": relay_leaves, "daemons": daemons}
 
 

@@ -16,8 +16,10 @@ from quinkgl_cli.errors import ExitCode
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 UNIT = DEPLOY / "quinkgl@.service"
 DOCKERFILE = DEPLOY / "Dockerfile"
-# Exit codes a restart cannot fix (README, "Exit codes"): everything but network trouble, OK and a requested stop.
-NO_RESTART = {int(c) for c in ExitCode} - {ExitCode.OK, ExitCode.NETWORK, ExitCode.INTERRUPTED}
+# Exit codes a restart cannot fix (README, "Exit codes"): everything but network trouble, OK and a requested stop,
+# among those `run` exits with (8 and 9 are `quinkgl doctor`'s verdicts).
+NO_RESTART = {int(c) for c in ExitCode} - {ExitCode.OK, ExitCode.NETWORK, ExitCode.INTERRUPTED, ExitCode.NOT_REACHABLE,
+                                           ExitCode.NO_PEERS}
 
 
 def _unit_settings() -> dict[str, str]:

@@ -68,6 +68,42 @@ def test_real_daemons_behind_nats_form_one_swarm(tmp_path: Path) -> None:
     assert "sym1=relay:seed" in r["peers"]["full1"]["paths"]
 
 
+def test_doctor_behind_a_symmetric_nat_says_a_relay_is_needed(tmp_path: Path) -> None:
+    r = _lab("doctor", tmp_path)
+    alone, relayed, rest = r["without_relay"], r["with_relay"], r["restricted"]
+    for report in (alone, relayed):
+        assert report["exit"] == 8 and report["verdict"] == "not_reachable", report
+        assert report["nat"] == "symmetric" and report["udp_state"] == "relay_only" and report["tcp_state"] == "closed"
+        assert len(report["seen_as"]) >= 2  # each public peer saw another mapping
+        # It reaches the public peers' TCP ports (their models come direct), they never reach its (ours go reverse).
+        assert {(p["node_id"], p["receive"], p["send"]) for p in report["peers"]} >= {("seed", "direct", "reverse"),
+                                                                                    ("pub2", "direct", "reverse")}
+    assert any("symmetric NAT" in p and "run a reachable peer with --relay" in p for p in alone["problems"]), alone
+    assert alone["relays"] == [] and relayed["relays"] == ["relay1"]
+    assert any("symmetric NAT" in p and "only through a relay" in p for p in relayed["problems"]), relayed
+    assert not any("run a reachable peer with --relay" in p for p in relayed["problems"]), relayed
+    # Behind a port-restricted NAT: one mapping seen by every peer, the ports to forward named.
+    assert rest["exit"] == 8 and rest["nat"] == "mapped" and rest["udp_state"] == "punch" and len(rest["seen_as"]) == 1
+    assert any("forward TCP 7001 and UDP 7001" in p for p in rest["problems"]), rest
+
+
+def test_daemons_split_by_the_network_say_so_and_find_each_other_again_without_their_seed(tmp_path: Path) -> None:
+    r = _lab("split", tmp_path)
+    assert r["p2_split"]["cut_off"] == ["seed"] or set(r["p2_split"]["cut_off"]) == {"seed", "p1"}, r["p2_split"]
+    assert r["p1_split"]["cut_off"] == ["p2"] and r["p1_split"]["lambda2"] == 0.0, r["p1_split"]
+    # The seed left while the network was apart (p2 never heard its goodbye): only knocking at the peer each lost
+    # brings p1 and p2 together again.
+    assert r["p2_healed"]["rejoined"] == ["p1"] and r["p2_healed"]["not_back"] == ["seed"], r["p2_healed"]
+    assert r["p1_healed"]["rejoined"] == ["p2"], r["p1_healed"]
+    assert r["models_after_heal"] and r["healed_after_s"] < 40
+
+
+def test_lan_discovery_finds_peers_on_the_segment_and_only_those_that_turned_it_on(tmp_path: Path) -> None:
+    r = _lab("lan", tmp_path)
+    assert all(r["met"].values()), r["met"]  # no seed, no rendezvous: beacons only
+    assert r["quiet_met"] == [] and r["met_quiet"] == []
+
+
 def test_the_lab_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
     # Where a tool is missing the lab's tests skip with this reason: they never pass without running.
     monkeypatch.setattr(natlab, "_tool", lambda name: None if name == "iptables" else f"/usr/bin/{name}")

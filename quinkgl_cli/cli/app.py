@@ -59,7 +59,7 @@ def _root(
 # Each module registers its own commands (module name = command name); a command's heavy imports happen
 # inside it, when it runs.
 _COMMAND_MODULES = ("keygen", "manifest", "run", "simulate", "demo", "info", "init", "status", "report", "admit", "revoke",
-                    "node_key")
+                    "node_key", "doctor")
 
 
 def build_app(commands: tuple[str, ...] = _COMMAND_MODULES) -> typer.Typer:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from quinkgl_cli import validation
+from quinkgl_cli.cli import netflags as nf
 from quinkgl_cli.cli.output import parse_kv
 from quinkgl_cli.errors import UsageError
 
@@ -47,7 +48,7 @@ def _apply_config(ctx: typer.Context, value: Path | None) -> Path | None:
 
 
 def run(
-    manifest: Annotated[Path, typer.Option("--manifest", "-m", help="Swarm manifest (.qgl) to join.", metavar="FILE")],
+    manifest: nf.Manifest,
     script: Annotated[
         Path | None, typer.Option("--script", "-s", help="Peer script with build_model and build_loaders (mode B).", metavar="FILE")
     ] = None,
@@ -56,32 +57,19 @@ def run(
         typer.Option("--data", metavar="NAME", help="Mode A, instead of --script: a shipped model and data set, digits "
                      "(offline), mnist or cifar10 (torchvision; --script-arg data_root=DIR, download=true)."),
     ] = None,
-    node_id: Annotated[
-        str | None, typer.Option("--node-id", metavar="NAME", help="This peer's name in logs and to other peers (default: host name).")
-    ] = None,
-    port: Annotated[int, typer.Option("--port", metavar="PORT", help="UDP port for IPv8 (0: any free port).")] = 0,
-    listen: Annotated[str, typer.Option("--listen", help="Address to bind (default loopback only).", metavar="ADDR")] = "127.0.0.1",
+    node_id: nf.NodeId = None,
+    port: nf.Port = 0,
+    listen: nf.Listen = "127.0.0.1",
     rounds: Annotated[
         int | None, typer.Option("--rounds", metavar="N", help="Rounds to run (default: the manifest's round limit, else until stopped).")
     ] = None,
     gossip_interval: Annotated[
         float, typer.Option("--gossip-interval", metavar="SECONDS", help="Seconds between round starts (a late round starts at once).")
     ] = 10.0,
-    trust_policy: Annotated[
-        str | None,
-        typer.Option("--trust-policy", metavar="POLICY", help="open | tofu | pinned (default: pinned with --trusted-pubkey, else tofu)."),
-    ] = None,
-    trusted_pubkey: Annotated[
-        list[str] | None, typer.Option("--trusted-pubkey", metavar="KEY", help="Creator key ed25519:<hex> or key file (repeatable).")
-    ] = None,
-    certificate: Annotated[
-        Path | None,
-        typer.Option("--certificate", metavar="FILE", help="This node's admission certificate (`quinkgl admit`); required in certified swarms."),
-    ] = None,
-    revocations: Annotated[
-        Path | None,
-        typer.Option("--revocations", metavar="FILE", help="The creator's revocation list (`quinkgl revoke`); read again when it changes, spread to peers."),
-    ] = None,
+    trust_policy: nf.TrustPolicy = None,
+    trusted_pubkey: nf.TrustedPubkey = None,
+    certificate: nf.Certificate = None,
+    revocations: nf.Revocations = None,
     script_arg: Annotated[
         list[str] | None, typer.Option("--script-arg", help="k=v handed to build_model/build_loaders (repeatable).", metavar=_KV)
     ] = None,
@@ -89,9 +77,7 @@ def run(
         Path | None,
         typer.Option("--checkpoint-dir", help="Where checkpoints go (default: $QUINKGL_HOME/checkpoints/<swarm>/<node-id>).", metavar="DIR"),
     ] = None,
-    bootstrap_peer: Annotated[
-        list[str] | None, typer.Option("--bootstrap-peer", metavar="HOST:PORT", help="HOST:PORT of a peer to contact first (repeatable).")
-    ] = None,
+    bootstrap_peer: nf.BootstrapPeer = None,
     strict_manifest: Annotated[
         str, typer.Option("--strict-manifest", metavar="true|false", help="true: refuse a model whose arch hash differs from the manifest's; false: warn.")
     ] = "true",
@@ -103,9 +89,7 @@ def run(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Verify the manifest, load the script, build the model, check the hash, exit.")
     ] = False,
-    state_dir: Annotated[
-        Path | None, typer.Option("--state-dir", help="TOFU store and node keys (default: $QUINKGL_HOME).", metavar="DIR")
-    ] = None,
+    state_dir: nf.StateDir = None,
     local_epochs: Annotated[int | None, typer.Option("--local-epochs", metavar="N", help="Override the manifest's local epochs per round.")] = None,
     local_steps: Annotated[int | None, typer.Option("--local-steps", metavar="N", help="Override the manifest's cap on optimizer steps per round.")] = None,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", metavar="N", help="Save a checkpoint every N rounds.")] = 1,
@@ -124,23 +108,11 @@ def run(
     min_peers_timeout: Annotated[
         float, typer.Option("--min-peers-timeout", metavar="SECONDS", help="Seconds to wait for --min-peers before starting anyway.")
     ] = 60.0,
-    public_bootstrap: Annotated[
-        bool, typer.Option("--public-bootstrap/--no-public-bootstrap", help="Also ask IPv8's public bootstrap servers (off by default).")
-    ] = False,
-    lan_discovery: Annotated[
-        bool, typer.Option("--lan-discovery/--no-lan-discovery", help="Discover peers on the local network (off by default).")
-    ] = False,
-    relay: Annotated[
-        bool, typer.Option("--relay/--no-relay",
-                           help="Relay model transfers between peers that cannot connect to each other (NAT); needs a reachable --listen address.")
-    ] = False,
-    relay_rate: Annotated[
-        float, typer.Option("--relay-rate", metavar="MB_PER_S", help="With --relay: megabytes per second relayed, all transfers together.")
-    ] = 50.0,
-    rendezvous: Annotated[
-        bool, typer.Option("--rendezvous/--no-rendezvous",
-                           help="Find daemons of the same swarm on this host through the state directory (on by default; no network traffic).")
-    ] = True,
+    public_bootstrap: nf.PublicBootstrap = False,
+    lan_discovery: nf.LanDiscovery = False,
+    relay: nf.Relay = False,
+    relay_rate: nf.RelayRate = 50.0,
+    rendezvous: nf.Rendezvous = True,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="TOML file of these flags (keys without dashes); flags given here win.",
@@ -176,15 +148,8 @@ def run(
     args = parse_kv(script_arg, "--script-arg")
     strict = _bool_flag(strict_manifest, "--strict-manifest")
     nid = validation.node_id(node_id if node_id is not None else default_node_id())
-    listen = validation.listen_address(listen)
-    validation.listen_port(port)
-    peers = [validation.peer_address(b) for b in bootstrap_peer or []]
-    validation.reachable_peers(listen, peers, lan_discovery=lan_discovery, public_bootstrap=public_bootstrap)
-    if not relay_rate > 0:
-        raise UsageError(f"--relay-rate {relay_rate} must be positive", "e.g. --relay-rate 20 (megabytes per second)")
-    if relay and validation.is_loopback(listen):
-        raise UsageError("--relay needs a reachable listen address: peers behind NATs must connect to the relay",
-                         "add --listen 0.0.0.0 (or this host's address)")
+    network = nf.network_options(listen=listen, port=port, bootstrap_peer=bootstrap_peer, public_bootstrap=public_bootstrap,
+                                 lan_discovery=lan_discovery, relay=relay, relay_rate=relay_rate, rendezvous=rendezvous)
     if rounds is not None and rounds < 1:
         raise UsageError(f"--rounds {rounds} must be at least 1")
     if not gossip_interval > 0:
@@ -208,8 +173,6 @@ def run(
         manifest=manifest,
         script=peer_script,
         node_id=nid,
-        port=port,
-        listen=listen,
         rounds=rounds,
         gossip_interval=gossip_interval,
         trust_policy=policy,
@@ -218,7 +181,6 @@ def run(
         revocations=revocations,
         script_args=args,
         checkpoint_dir=checkpoint_dir,
-        bootstrap_peers=[f"{host}:{p}" for host, p in peers],
         strict_manifest=strict,
         resume=resume,
         log_format=log_format,
@@ -234,9 +196,7 @@ def run(
         torch_threads=torch_threads,
         min_peers=min_peers,
         min_peers_timeout=min_peers_timeout,
-        transport_options={"enable_public_bootstrap": public_bootstrap, "enable_lan_discovery": lan_discovery, "relay": relay,
-                           **({"relay_rate": int(relay_rate * 1_000_000)} if relay else {})},
-        rendezvous=rendezvous,
+        **network,
         log_file=log_file,
         log_max_bytes=log_max_bytes,
         log_backups=log_backups,

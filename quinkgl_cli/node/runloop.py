@@ -14,6 +14,7 @@ the reminders it prints at most every `REMINDER_S` seconds (loop time), and the 
 Every wait reads the event loop's clock, and the CPU-heavy steps run through `Work`: the daemon's loop runs in real
 time with training and evaluation in a worker thread; the simulator's field driver (`quinkgl_cli.sim.field`) runs
 this same loop for every peer on one virtual-time event loop, training in place and charged a modelled duration.
+After each round it asks its `SplitWatch` whether the swarm fell apart (and has it reconnect).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from quinkgl_cli.events import emit
 from quinkgl_cli.node.core import Node, RoundMetrics
 from quinkgl_cli.node.logs import LogContext
 from quinkgl_cli.node.options import ScheduleOptions
+from quinkgl_cli.node.splitwatch import SplitWatch
 
 log = logging.getLogger("quinkgl.daemon")
 
@@ -102,6 +104,7 @@ class RoundLoop:
         self.first_round_at: float | None = None
         self.final_eval: dict[str, Any] | None = None  # evaluation metrics after final consensus, if any
         self._noted: dict[str, float] = {}  # reminder -> when last printed
+        self.split = SplitWatch(node, bootstrap)  # says when the swarm falls apart, and reconnects
 
     def _due(self, reminder: str) -> bool:
         now = asyncio.get_running_loop().time()
@@ -174,6 +177,7 @@ class RoundLoop:
                     emit(log, logging.DEBUG, "no-updates", known=len(node.known_peers))
             await self.work.evaluate(node.evaluate)
             metrics = node.end_round()
+            self.split.check(node.round)
             await self.after_round(metrics)
             if loop.time() > next_start and self._due("behind-schedule"):
                 emit(log, logging.INFO, "behind-schedule", round_seconds=round(metrics.duration, 2),

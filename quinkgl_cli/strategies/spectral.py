@@ -94,6 +94,14 @@ def analyze_edges(edges: Iterable[tuple[Hashable, Hashable]], nodes: Iterable[Ha
     return analyze_adjacency(nx.to_numpy_array(graph, nodelist=order) if order else np.zeros((0, 0)))
 
 
+def components(edges: Iterable[tuple[Hashable, Hashable]], nodes: Iterable[Hashable] = ()) -> list[set[Hashable]]:
+    """The connected components of the undirected graph of ``edges`` plus ``nodes``, largest first."""
+    graph = nx.Graph()
+    graph.add_nodes_from(nodes)
+    graph.add_edges_from((u, v) for u, v in edges if u != v)
+    return sorted((set(c) for c in nx.connected_components(graph)), key=lambda c: (-len(c), sorted(map(str, c))))
+
+
 def ring_adjacency(n: int) -> np.ndarray:
     a = np.zeros((n, n))
     for i in range(n):
@@ -147,6 +155,11 @@ class GossipGraphMonitor:
         oldest = round_idx - self.window
         self._edges = {k: r for k, r in self._edges.items() if r > oldest}
         self._nodes = {k: r for k, r in self._nodes.items() if r > oldest}
+
+    def edges(self, round_idx: int) -> list[tuple[str, str]]:
+        """The exchanges seen in the window ending at ``round_idx`` (without forgetting older ones)."""
+        oldest = round_idx - self.window
+        return [k for k, r in self._edges.items() if r > oldest]
 
     def report(self, round_idx: int) -> SpectralReport:
         self._trim(round_idx)

@@ -128,3 +128,13 @@ class Transport(ABC):
     @abstractmethod
     def send_message(self, peer_id: str, kind: str, body: dict[str, ControlValue]) -> None:
         """Send a small signed control message (fingerprints, shuffles, announcements); never blocks."""
+
+    @abstractmethod
+    def cut_off(self) -> list[str]:
+        """Peers lost without a goodbye (gone silent: a network split, a crash) and not back, that the transport
+        still remembers."""
+
+    @abstractmethod
+    def rejoin(self) -> int:
+        """Reach out again, for a while, to the seeds and the peers cut off (the swarm fell apart); returns how
+        many peers it knocks at. Never blocks."""

@@ -175,8 +175,8 @@ class MemoryNetwork:
                 self.block(x, y, both_ways=True)
                 tx, ty = self._transports.get(x), self._transports.get(y)
                 if tx and ty:
-                    self._enqueue(functools.partial(tx._lose, y))
-                    self._enqueue(functools.partial(ty._lose, x))
+                    self._enqueue(functools.partial(tx._lose, y, True))
+                    self._enqueue(functools.partial(ty._lose, x, True))
 
     def heal(self) -> None:
         """Remove every block; peers below their ``seek`` are introduced to peers they can see again."""
@@ -205,7 +205,7 @@ class MemoryNetwork:
         """Stop ``node_id`` abruptly: no goodbye; its queued offers fail as 'sender vanished' at their recipients."""
         t = self._transports.get(node_id)
         if t is not None:
-            t._halt()
+            t._halt(silent=True)
 
     # -- internals used by transports ----------------------------------------------------------------------
     def _link_ok(self, src: str, dst: str) -> bool:
@@ -264,14 +264,14 @@ class MemoryNetwork:
         self._mark(a)
         self._mark(b)
 
-    def _leave(self, t: MemoryTransport) -> None:
+    def _leave(self, t: MemoryTransport, silent: bool = False) -> None:
         linked = self._links.pop(t.node_id, set())
         self._mark(t.node_id)
         for other in self._transports.values():
             if other is not t and other.running and (other.node_id in linked or t.node_id in other._peers):
                 self._links[other.node_id].discard(t.node_id)
                 self._mark(other.node_id)
-                self._enqueue(functools.partial(other._lose, t.node_id))
+                self._enqueue(functools.partial(other._lose, t.node_id, silent))
 
     def _next_nonce(self) -> int:
         self._nonce += 1
@@ -324,6 +324,7 @@ class MemoryTransport(RuledTransport):
         self._events: TransportEvents | None = None
         self.running = False
         self._peers: dict[str, PeerInfo] = {}
+        self._cut: dict[str, None] = {}  # peers lost without a goodbye (a partition, a kill), in loss order
         self._book = OfferBook()
         self.drops = DropLog(self.stats, node_id)
         self._context = {"node": node_id}
@@ -358,6 +359,14 @@ class MemoryTransport(RuledTransport):
 
     def knows(self, peer_id: str) -> bool:
         return peer_id in self._peers
+
+    def cut_off(self) -> list[str]:
+        return list(self._cut)
+
+    def rejoin(self) -> int:
+        """The hub's walk again: peers it can see (no partition between) are introduced until ``seek``."""
+        self.network._fill(self)
+        return len(self._cut)
 
     def _offer(self, peer_id: str, update: OutgoingUpdate, meta: bytes) -> None:
         payload = bytes(update.payload)
@@ -413,6 +422,7 @@ class MemoryTransport(RuledTransport):
                 self.network._unlink(self.node_id, other.node_id)
                 return
         known = other.node_id in self._peers
+        self._cut.pop(other.node_id, None)
         now = self.network.clock()
         info = PeerInfo(other.node_id, other.public_key, None, now)
         self._peers[other.node_id] = info
@@ -420,8 +430,11 @@ class MemoryTransport(RuledTransport):
             emit(log, logging.DEBUG, "peer-discovered", context=self._context, peer=other.node_id)
             self._events.on_peer_discovered(info)
 
-    def _lose(self, peer_id: str) -> None:
+    def _lose(self, peer_id: str, silent: bool = False) -> None:
         info = self._peers.pop(peer_id, None)
+        self._cut.pop(peer_id, None)
+        if silent and info is not None:
+            self._cut[peer_id] = None
         self._book.forget(peer_id)
         linked = peer_id in self.network._links.get(self.node_id, ())
         self.network._unlink(self.node_id, peer_id)
@@ -484,9 +497,9 @@ class MemoryTransport(RuledTransport):
         if self._events is not None:
             self._events.on_message(sender, kind, decode_body(data))
 
-    def _halt(self) -> None:
+    def _halt(self, silent: bool = False) -> None:
         if not self.running:
             return
         self.running = False
-        self.network._leave(self)
+        self.network._leave(self, silent)
         self._peers.clear()

@@ -178,6 +178,7 @@ async def main(args: argparse.Namespace, audit: Audit | None) -> int:
         connect_timeout=args.connect_timeout,
         relay=args.relay,
         relay_rate=args.relay_rate,
+        enable_lan_discovery=args.lan_discovery,
     )
     tampered: dict[int, bytes] = {}
     from quinkgl_cli.transport.ipv8.outbox import DigestCache
@@ -269,6 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fetch-timeout", type=float, default=3.0)
     p.add_argument("--connect-timeout", type=float, default=3.0)
     p.add_argument("--relay", action="store_true", help="relay transfers between peers that cannot connect")
+    p.add_argument("--lan-discovery", action="store_true", help="multicast beacons to find peers on the segment")
     p.add_argument("--relay-rate", type=int, default=None, help="bytes/s a relay carries (default: the transport's)")
     p.add_argument("--serve-rate", type=float, default=0.0, help="throttle large sends to this many bytes/s")
     p.add_argument("--audit", action="store_true")

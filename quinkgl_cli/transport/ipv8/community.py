@@ -77,7 +77,6 @@ class CommunityHandlers(Protocol):
 class SwarmSettings(CommunitySettings):
     handlers: CommunityHandlers
     protocol_version: int
-    lan_discovery: bool = False
     bound: tuple[str, int] = ("127.0.0.1", 0)
 
 
@@ -85,7 +84,6 @@ class SwarmCommunity(Community):
     community_id = b"\0" * 20  # replaced per swarm by community_class()
 
     def __init__(self, settings: SwarmSettings) -> None:
-        self._lan_discovery = settings.lan_discovery
         self._bound = settings.bound
         self.handlers: CommunityHandlers = settings.handlers
         self._protocol_version = settings.protocol_version
@@ -93,9 +91,8 @@ class SwarmCommunity(Community):
         quiet = logging.getLogger(LOGGER_NAME)
         self.logger = quiet
         self._logger = quiet
-        if not self._lan_discovery:
-            self.my_estimated_lan = self._bound
-            self.my_estimated_wan = self._bound
+        self.my_estimated_lan = self._bound
+        self.my_estimated_wan = self._bound
         self.add_message_handler(HelloPayload, self._on_hello)
         self.add_message_handler(OfferPayload, self._on_offer)
         self.add_message_handler(ControlPayload, self._on_control)
@@ -105,27 +102,20 @@ class SwarmCommunity(Community):
         self.add_message_handler(ServicesPayload, self._on_services)
         self.add_message_handler(PathRequestPayload, self._on_path_request)
 
-    # -- keep IPv8 away from the host's LAN addresses unless LAN discovery was asked for -----------------------
+    # -- keep IPv8 away from the host's LAN addresses: it looks them up (a DNS query for the host name, a UDP socket
+    # towards a TEST-NET address) and peers would send to them; LAN discovery is ours (`lan`), by beacon sources ----
     async def discover_lan_addresses(self) -> None:
-        if self._lan_discovery:
-            await super().discover_lan_addresses()
+        return None
 
     def address_is_lan(self, address: str) -> bool:
-        if self._lan_discovery:
-            return super().address_is_lan(address)
         return address == self._bound[0]
 
     def _get_lan_address(self, bootstrap: bool = False) -> tuple[str, int]:
-        if self._lan_discovery:
-            return super()._get_lan_address(bootstrap)
         return self._bound[0], (0 if bootstrap else self._bound[1])
 
     def on_introduction_request(self, peer, dist, payload) -> None:  # type: ignore[no-untyped-def]
-        """As IPv8's, except that without LAN discovery a peer is answered where its packet came from,
-        never at the LAN address it claims (that claim is how packets leak off loopback)."""
-        if self._lan_discovery:
-            super().on_introduction_request(peer, dist, payload)
-            return
+        """As IPv8's, except that a peer is answered where its packet came from, never at the LAN address it claims
+        (that claim is how packets leak off loopback)."""
         if 0 <= self.max_peers < len(self.get_peers()) and not self.handlers.on_crowded():
             return
         self.network.add_verified_peer(peer)

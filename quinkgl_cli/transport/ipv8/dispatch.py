@@ -26,6 +26,7 @@ from quinkgl_cli.transport.ipv8.payloads import (
     RevocationPayload,
     ServicesPayload,
 )
+from quinkgl_cli.transport.ipv8.probes import PROBE, Probes
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents
 from quinkgl_cli.transport.ipv8.services import Services
 
@@ -38,6 +39,7 @@ class Routes:
     events: NodeEvents
     services: Services
     links: Links
+    probes: Probes
 
 
 class Dispatch:
@@ -114,7 +116,11 @@ class Dispatch:
         if r is None:
             return
         rec = r.membership.fresh(key, source, payload.session, payload.counter, "path-refused")
-        if rec is not None:
+        if rec is None:
+            return
+        if payload.path == PROBE:
+            r.probes.on_request(rec, payload)
+        else:
             r.links.on_path_request(rec, payload)
 
     def on_control(self, key: bytes, source: tuple[str, int], p: ControlPayload) -> None:

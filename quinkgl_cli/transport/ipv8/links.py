@@ -25,6 +25,7 @@ from quinkgl_cli.transport.ipv8.outbox import Outbox
 from quinkgl_cli.transport.ipv8.paths import DIRECT, RELAY, REVERSE, PathBook, Route
 from quinkgl_cli.transport.ipv8.payloads import OfferPayload, PathRequestPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord
+from quinkgl_cli.transport.ipv8.probes import Probes
 from quinkgl_cli.transport.ipv8.relay import Relay
 from quinkgl_cli.transport.ipv8.runtime import TaskRegistry
 from quinkgl_cli.transport.ipv8.server import FetchServer, close_socket
@@ -60,8 +61,9 @@ class RouteFailed(Exception):
 
 class Links:
     def __init__(self, settings: TransportSettings, courier: Courier, services: Services, relay: Relay, outbox: Outbox,
-                 server: FetchServer, guard: DestinationGuard, tasks: TaskRegistry, drops: DropLog) -> None:
+                 server: FetchServer, guard: DestinationGuard, tasks: TaskRegistry, drops: DropLog, probes: Probes) -> None:
         self.settings = settings
+        self.probes = probes
         self.courier = courier
         self.services = services
         self.relay = relay
@@ -187,7 +189,10 @@ class Links:
                 answered.cancel()
 
     def take(self, magic: bytes, offer_id: bytes, conn: socket.socket, addr: tuple[str, int]) -> bool:
-        """An announced connection our server accepted: a sender we asked for a reverse connection, or a relay's."""
+        """An announced connection our server accepted: a sender we asked for a reverse connection, a relay's, or
+        a reachability probe."""
+        if magic == stream.PROBE_MAGIC:
+            return self.probes.take(offer_id, conn, addr)
         if magic == stream.RELAY_MAGIC:
             return self.relay.join(offer_id, conn, addr)
         waiter = self.waiting.pop(offer_id, None)

@@ -52,7 +52,7 @@ class Membership:
         drops: DropLog,
         tcp_port: int,
         seeds: list[tuple[str, int]],
-        on_lost: Callable[[str], None],
+        on_lost: Callable[[str, tuple[str, int], str], None],  # node id, its address, why it was lost
         admission: Admission,
         local_seeds: Callable[[], list[tuple[str, int]]] | None = None,
         backlog: Callable[[], float] = lambda: 0.0,
@@ -301,7 +301,7 @@ class Membership:
         if rec is None:
             return
         self.gate.forget(node_id)
-        self.on_lost(node_id)
+        self.on_lost(node_id, rec.address, reason)
         known = self.community.network.get_verified_by_public_key_bin(rec.key_bin)
         if known is not None:
             self.community.network.remove_peer(known)
@@ -316,16 +316,12 @@ def _addr(address: Any) -> tuple[str, int]:
 
 
 def add_bootstrappers(community: SwarmCommunity, settings: TransportSettings) -> None:
-    """IPv8's own discovery, only when asked for: public bootstrap servers, LAN broadcast."""
+    """IPv8's public bootstrap servers, only when asked for (LAN discovery is ours: `lan`)."""
     if settings.enable_public_bootstrap:
         from ipv8.bootstrapping.dispersy.bootstrapper import DispersyBootstrapper
         from ipv8.configuration import DISPERSY_BOOTSTRAPPER
 
         community.bootstrappers.append(DispersyBootstrapper(**DISPERSY_BOOTSTRAPPER["init"]))
-    if settings.enable_lan_discovery:
-        from ipv8.bootstrapping.udpbroadcast.bootstrapper import UDPBroadcastBootstrapper
-
-        community.bootstrappers.append(UDPBroadcastBootstrapper())
 
 
 async def resolve_seeds(settings: TransportSettings, guard: DestinationGuard, udp_port: int) -> list[tuple[str, int]]:

@@ -188,7 +188,7 @@ class FetchServer:
             await loop.sock_sendall(conn, stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, nonce, ephemeral.public))
             head = await stream.recv_exact(loop, conn, stream.REQUEST_HEAD.size, timeout)
             magic, offer_id, theirs, sig_len = stream.REQUEST_HEAD.unpack(head)
-            if magic in (stream.REVERSE_MAGIC, stream.RELAY_MAGIC) and sig_len == 0:
+            if magic in (stream.REVERSE_MAGIC, stream.RELAY_MAGIC, stream.PROBE_MAGIC) and sig_len == 0:
                 if self.divert is not None and self.divert(magic, offer_id, conn, addr):
                     return None
                 raise stream.FetchError("not_expected")

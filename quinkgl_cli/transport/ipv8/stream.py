@@ -15,7 +15,8 @@ When the recipient cannot connect to the sender (see `reverse` and `relay`), a c
 the server it reaches: after the challenge, the client sends ``REVERSE_MAGIC`` or ``RELAY_MAGIC``, the offer id
 and a zero signature length, and the connection changes hands (to the recipient's waiting fetch, or to a relay's
 splice). The exchange above then runs over it unchanged, the sender always in the server's role: so the bytes
-are still checked against the signed offer, and only the holder of the recipient's key gets them.
+are still checked against the signed offer, and only the holder of the recipient's key gets them. A connection
+announced with ``PROBE_MAGIC`` only shows that its maker reaches the server's port (`probes`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ CHALLENGE_MAGIC = b"QGLF"
 REQUEST_MAGIC = b"QGLR"
 REVERSE_MAGIC = b"QGLV"  # a sender connecting out to a recipient, to serve it an offer
 RELAY_MAGIC = b"QGLY"  # either end of an offer's transfer, joining the other at a relay
+PROBE_MAGIC = b"QGLP"  # a reachability probe (`probes`): taken and closed, nothing is served
 NONCE_BYTES = 32
 OFFER_ID_BYTES = 20
 EPHEMERAL_BYTES = 32

@@ -35,12 +35,15 @@ from quinkgl_cli.transport.ipv8.dispatch import Dispatch, Routes
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint
 from quinkgl_cli.transport.ipv8.fetcher import Fetcher
 from quinkgl_cli.transport.ipv8.identity import load_or_create_key, next_session
+from quinkgl_cli.transport.ipv8.lan import LanBeacon
 from quinkgl_cli.transport.ipv8.links import Links
 from quinkgl_cli.transport.ipv8.membership import Membership, add_bootstrappers, resolve_seeds
 from quinkgl_cli.transport.ipv8.outbox import Outbox
 from quinkgl_cli.transport.ipv8.payloads import ControlPayload
 from quinkgl_cli.transport.ipv8.peers import PeerTable
+from quinkgl_cli.transport.ipv8.probes import Probes
 from quinkgl_cli.transport.ipv8.reach import Reachability
+from quinkgl_cli.transport.ipv8.rejoin import Rejoin
 from quinkgl_cli.transport.ipv8.relay import Relay
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents, TaskRegistry
 from quinkgl_cli.transport.ipv8.server import FetchServer, listen_tcp
@@ -66,8 +69,6 @@ _IPV8_LOGGERS = (
     "GuardedUDPEndpoint",
     "Network",
     "DispersyBootstrapper",
-    "UDPBroadcastBootstrapper",
-    "BroadcastBootstrapEndpoint",
 )
 
 
@@ -95,6 +96,9 @@ class Parts:
     services: Services
     relay: Relay
     links: Links
+    probes: Probes
+    rejoin: Rejoin
+    lan: LanBeacon | None  # --lan-discovery
     reach: Reachability
     tasks: TaskRegistry
     pool: ThreadPoolExecutor
@@ -189,8 +193,7 @@ class IPv8Transport(RuledTransport):
         s = self.settings
         loop = asyncio.get_running_loop()
         _quiet_ipv8_logging()
-        if not s.enable_lan_discovery:
-            get_providers().clear()  # nothing in this process may go looking for the host's LAN addresses
+        get_providers().clear()  # nothing in this process may go looking for the host's LAN addresses
         key = load_or_create_key(s.state_dir)
         session = next_session(s.state_dir)
         endpoint = GuardedUDPEndpoint(s.listen_host, s.port, self.guard)
@@ -198,19 +201,25 @@ class IPv8Transport(RuledTransport):
         await endpoint.open()
         lsock = None
         community: SwarmCommunity | None = None
+        lan: LanBeacon | None = None
         try:
             udp_port = int(endpoint.get_address()[1])
             lsock = listen_tcp(s.listen_host, udp_port, s.port)
             cls = community_class(s.swarm_id)
             community = cls(SwarmSettings(
                 my_peer=Peer(key), endpoint=endpoint, network=Network(), max_peers=s.max_peers, handlers=self._dispatch,
-                protocol_version=s.protocol_version, lan_discovery=s.enable_lan_discovery, bound=(s.listen_host, udp_port),
+                protocol_version=s.protocol_version, bound=(s.listen_host, udp_port),
             ))
             if community.community_id != cls.community_id or community.get_prefix()[2:] != cls.community_id:
                 raise NetworkError("IPv8 community id did not take", "pyipv8 changed: check the pinned version")
             add_bootstrappers(community, s)
             seeds = await resolve_seeds(s, self.guard, udp_port)
+            if s.enable_lan_discovery:
+                lan = LanBeacon(community, s.listen_host, udp_port, self.guard, self.node_id)
+                await lan.open()
         except BaseException:
+            if lan is not None:
+                lan.close()
             if lsock is not None:
                 lsock.close()
             if community is not None:
@@ -219,7 +228,7 @@ class IPv8Transport(RuledTransport):
             await asyncio.sleep(0)  # the datagram transport releases its socket on the next loop pass
             raise
         self.tcp_port = int(lsock.getsockname()[1])
-        self.parts = self._assemble(loop, events, key, session, endpoint, community, lsock, seeds)
+        self.parts = self._assemble(loop, events, key, session, endpoint, community, lsock, seeds, lan)
         if self.rendezvous is not None:
             self.rendezvous.announce(s.listen_host, udp_port)
         self.running = True
@@ -231,7 +240,8 @@ class IPv8Transport(RuledTransport):
              rendezvous=self.rendezvous.directory if self.rendezvous is not None else None)
 
     def _assemble(self, loop: asyncio.AbstractEventLoop, events: TransportEvents, key: Any, session: int,
-                  endpoint: GuardedUDPEndpoint, community: SwarmCommunity, lsock: Any, seeds: list[tuple[str, int]]) -> Parts:
+                  endpoint: GuardedUDPEndpoint, community: SwarmCommunity, lsock: Any, seeds: list[tuple[str, int]],
+                  lan: LanBeacon | None) -> Parts:
         """The parts of a started transport, wired to each other; no I/O."""
         s, drops = self.settings, self.drops
         node_events = NodeEvents(events, drops.once)
@@ -244,21 +254,25 @@ class IPv8Transport(RuledTransport):
                              self.admission.revoked, self.report_transfer)
         services = Services(s, table, courier, int(endpoint.get_address()[1]))
         relay = Relay(s, table, tasks, drops)
-        links = Links(s, courier, services, relay, outbox, server, self.guard, tasks, drops)
+        probes = Probes(s, courier, self.guard, tasks, drops)
+        links = Links(s, courier, services, relay, outbox, server, self.guard, tasks, drops, probes)
         fetcher = Fetcher(s, key, community.community_id, courier, links, self.guard, pool, tasks, node_events, drops, self.stats,
                           self.report_transfer)
 
-        def lost(node_id: str) -> None:
+        rejoin = Rejoin(community, table, self.guard)
+
+        def lost(node_id: str, address: tuple[str, int], reason: str) -> None:
             fetcher.forget(node_id)
             services.forget(node_id)
+            rejoin.forget_peer(node_id, address, reason, time.monotonic())
 
         membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, lost,
                                 self.admission, local_seeds=self._local_seeds if self.rendezvous is not None else None,
                                 backlog=endpoint.backlog)
-        self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links))
+        self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links, probes))
         reach = Reachability(self.node_id, s.listen_host, services.bound, self.tcp_port, services, links, s.limits.relay.volunteer)
         return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, services, relay, links,
-                     reach, tasks, pool)
+                     probes, rejoin, lan, reach, tasks, pool)
 
     def _local_seeds(self) -> list[tuple[str, int]]:
         """The other daemons of this swarm on this host, from the rendezvous directory, where we may send."""
@@ -297,6 +311,8 @@ class IPv8Transport(RuledTransport):
         await parts.tasks.cancel_all()
         parts.server.close()
         parts.relay.close()
+        if parts.lan is not None:
+            parts.lan.close()
         await parts.community.unload()
         parts.endpoint.close()
         await asyncio.sleep(0)  # the datagram transport releases its socket on the next loop pass
@@ -321,6 +337,9 @@ class IPv8Transport(RuledTransport):
         self.parts.membership.tick(now)
         self.parts.outbox.tick(now)
         self.parts.services.tick(now)
+        self.parts.rejoin.tick(now)
+        if self.parts.lan is not None:
+            self.parts.lan.tick(now)
         self.parts.reach.tick()
 
     # -- Transport interface ---------------------------------------------------------------------------------------
@@ -336,6 +355,34 @@ class IPv8Transport(RuledTransport):
     def reachability(self) -> dict[str, object]:
         """How peers see this node (NAT type, TCP reachability, relays, the way each sender's models come)."""
         return self.parts.reach.view() if self.parts is not None else {}
+
+    async def probe_tcp(self, peer_id: str) -> tuple[bool, str] | None:
+        """Whether ``peer_id`` reaches our TCP port when asked to, and whether we reach its (``open`` or why not);
+        None when it is not a peer (any more)."""
+        p = self.parts
+        rec = p.table.get(peer_id) if p is not None else None
+        if p is None or rec is None:
+            return None
+        reached, out = await asyncio.gather(p.probes.inbound(rec, self.tcp_port), p.probes.outbound(rec))
+        return reached, out
+
+    def peer_view(self, peer_id: str) -> dict[str, Any] | None:
+        """What we know of how ``peer_id`` and we reach each other: its address, where it sees our datagrams come
+        from, whether it relays, and the ways its models would come, in the order they are tried (`paths`)."""
+        p = self.parts
+        rec = p.table.get(peer_id) if p is not None else None
+        if p is None or rec is None:
+            return None
+        seen = p.services.seen_by.get(peer_id)
+        return {"address": f"{rec.address[0]}:{rec.address[1]}", "tcp_port": rec.tcp_port,
+                "seen_as": f"{seen[0]}:{seen[1]}" if seen else None, "relay": peer_id in p.services.relays,
+                "routes": [str(r) for r in p.links.routes(rec)]}
+
+    def cut_off(self) -> list[str]:
+        return self.parts.rejoin.cut_off(time.monotonic()) if self.parts is not None else []
+
+    def rejoin(self) -> int:
+        return self.parts.rejoin.knock(time.monotonic()) if self.parts is not None else 0
 
     def knows(self, peer_id: str) -> bool:
         return self.parts is not None and self.parts.table.get(peer_id) is not None
