@@ -249,6 +249,7 @@ def _daemons(lab: natlab.Lab, work: Path, script: Path | None, natted: bool, rou
     from datetime import datetime
 
     from quinkgl_cli.node import localswarm as ls
+    from quinkgl_cli.node.trace import Transfer, read_trace
 
     script = script or ls.DIGITS_SCRIPT
     manifest, _key, _pub, _swarm = ls.digits_manifest(work / "m", script=script)
@@ -263,7 +264,7 @@ def _daemons(lab: natlab.Lab, work: Path, script: Path | None, natted: bool, rou
     spawned = time.time()
     for i, host in enumerate(hosts):
         extra = ["--listen", host.address, "--no-rendezvous", "--min-peers", "2", "--min-peers-timeout", "40",
-                 "--log-format", "json"]
+                 "--log-format", "json", "--trace", str(work / f"{host.name}.trace")]
         extra += ["--relay"] if host is seed else ["--bootstrap-peer", f"{seed.address}:{PORT}"]
         cmd = ls.run_command(manifest, script, host.name, PORT, rounds, interval, [], work / f"ck-{host.name}",
                              {"shard": str(i), "num_shards": str(len(hosts)), "partition": "shards:3"}, extra)
@@ -290,6 +291,9 @@ def _daemons(lab: natlab.Lab, work: Path, script: Path | None, natted: bool, rou
             "paths": sorted({f"{e.get('peer')}={e.get('path')}" + (f":{e['relay']}" if e.get("relay") else "")
                              for e in events if e.get("event") == "transfer"}),
             "fetch_failed": [e for e in events if e.get("event") == "fetch-failed"][:3],
+            # The ways its own trace recorded (`run --trace`): direction:peer=path of each transfer that went through.
+            "traced": sorted({f"{r.direction}:{r.peer}={r.path}" for r in read_trace(work / f"{name}.trace")
+                              if isinstance(r, Transfer) and r.ok}),
             "reachability": [{k: e.get(k) for k in ("nat", "tcp", "relays", "advice")}
                              for e in events if e.get("event") == "reachability"],
         }

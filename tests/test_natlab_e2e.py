@@ -66,6 +66,11 @@ def test_real_daemons_behind_nats_form_one_swarm(tmp_path: Path) -> None:
     assert all(p["aggregations"] > 0 for p in r["peers"].values()), r["peers"]
     assert {"rest1=reverse", "full1=reverse", "sym1=reverse"} <= set(r["peers"]["seed"]["paths"])
     assert "sym1=relay:seed" in r["peers"]["full1"]["paths"]
+    # Each end's trace names the way the bytes took: the fetcher's receive and the server's send.
+    traced = {name: set(peer["traced"]) for name, peer in r["peers"].items()}
+    assert {"receive:rest1=reverse", "receive:sym1=reverse"} <= traced["seed"], traced
+    assert "send:seed=reverse" in traced["rest1"] and "send:full1=relay" in traced["sym1"], traced
+    assert "receive:sym1=relay" in traced["full1"], traced
 
 
 def test_doctor_behind_a_symmetric_nat_says_a_relay_is_needed(tmp_path: Path) -> None:
