@@ -55,14 +55,15 @@ def daemons(root: Path, manifest: Path, peers: int, rounds: int, interval: float
 
 
 def simulator(root: Path, manifest: Path, peers: int, rounds: int, partition: str,
-              script: Path = ls.DIGITS_SCRIPT, extra: Sequence[str] = ()) -> dict[str, object]:
-    """`quinkgl simulate --partition script` on the same split; ``extra``: more simulate flags (field conditions)."""
+              script: Path = ls.DIGITS_SCRIPT, extra: Sequence[str] = (), timeout: float | None = None) -> dict[str, object]:
+    """`quinkgl simulate --partition script` on the same split; ``extra``: more simulate flags (field conditions);
+    a run past ``timeout`` seconds raises `subprocess.TimeoutExpired`."""
     out = root / "sim.json"
     cmd = [sys.executable, "-m", "quinkgl_cli", "simulate", "--manifest", str(manifest), "--script",
            str(script), "--peers", str(peers), "--rounds", str(rounds), "--partition", "script",
            "--script-arg", f"partition={partition}", "--json", str(out), *extra]
     started = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=ls.child_env(root / "sim-home"))
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ls.child_env(root / "sim-home"), timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"simulate exited {done.returncode}: {done.stdout[-1500:]} {done.stderr[-1500:]}")
     data = json.loads(out.read_text())

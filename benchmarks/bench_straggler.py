@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--partition", default="classes:3")
     p.add_argument("--interval", type=float, default=1.5)
     p.add_argument("--sleep-per-batch", type=float, default=0.2, help="the straggler's added seconds per batch")
+    p.add_argument("--sim-timeout", type=float, default=600.0, help="seconds the simulator may take")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "straggler.json")
     p.add_argument("--workdir", type=Path, default=None, help="keep logs and traces here (default: a temp dir)")
     args = p.parse_args()
@@ -93,16 +94,21 @@ def main() -> None:
         known = simulate_flags()
         sim: dict[str, object] | None = None
         missing = None
+        extra: list[str] = []
         if "--trace" in known:
-            sim = simulator(root, manifest, args.peers, args.rounds, args.partition, script=SLOWED_SCRIPT,
-                            extra=["--trace", str(swarm_trace), "--gossip-interval", str(args.interval)])
+            extra = ["--trace", str(swarm_trace), "--gossip-interval", str(args.interval)]
         elif "--speed" in known and "--gossip-interval" in known and factor is not None:
             spec = f"straggler:{fast}:{1 / args.peers}:{factor}"
             missing = f"no simulate --trace: the straggler given as --speed {spec} (drawn per peer, not placed)"
-            sim = simulator(root, manifest, args.peers, args.rounds, args.partition, script=SLOWED_SCRIPT,
-                            extra=["--speed", spec, "--gossip-interval", str(args.interval)])
+            extra = ["--speed", spec, "--gossip-interval", str(args.interval)]
         else:
             missing = "this build's quinkgl simulate has neither --trace nor --speed: the simulator half is not run"
+        if extra:
+            try:
+                sim = simulator(root, manifest, args.peers, args.rounds, args.partition, script=SLOWED_SCRIPT,
+                                extra=extra, timeout=args.sim_timeout)
+            except subprocess.TimeoutExpired:
+                missing = f"quinkgl simulate {' '.join(extra)} did not finish within {args.sim_timeout:.0f} s"
     summary: dict[str, object] = {
         "peers": args.peers, "rounds": args.rounds, "partition": args.partition, "interval": args.interval,
         "straggler": straggler, "sleep_per_batch": args.sleep_per_batch, "straggler_factor": factor,
