@@ -9,7 +9,7 @@ each peer's measured training time through `--speed`. Per-round and final mean v
 compared as `bench_agreement` does. Aim: within 3 points per round and at the end.
 
     python benchmarks/bench_straggler.py                        # 4 peers, classes:3, 12 rounds, 0.2 s per batch
-    python benchmarks/bench_straggler.py --sleep-per-batch 0.1 --rounds 10
+    python benchmarks/bench_straggler.py --repeats 3               # three runs, each compared, and their means
 """
 
 from __future__ import annotations
@@ -59,6 +59,63 @@ def simulate_flags() -> set[str]:
     return {flag for flag in ("--trace", "--speed", "--gossip-interval") if flag in done.stdout}
 
 
+def simulate_extra(known: set[str], swarm_trace: Path, interval: float, fast: float,
+                   factor: float | None, peers: int) -> tuple[list[str], str | None]:
+    """The simulate flags for this straggler run, and what falls short of the replay (None: nothing)."""
+    if "--trace" in known:
+        return ["--trace", str(swarm_trace), "--gossip-interval", str(interval)], None
+    if "--speed" in known and "--gossip-interval" in known and factor is not None:
+        spec = f"straggler:{fast}:{1 / peers}:{factor}"
+        return (["--speed", spec, "--gossip-interval", str(interval)],
+                f"no simulate --trace: the straggler given as --speed {spec} (drawn per peer, not placed)")
+    return [], "this build's quinkgl simulate has neither --trace nor --speed: the simulator half is not run"
+
+
+def one_run(root: Path, args: argparse.Namespace, known: set[str]) -> dict[str, object]:
+    """Daemons with one straggler, their traces, and the simulator on them."""
+    straggler = f"peer-{args.peers}"
+    traces = root / "traces"
+    traces.mkdir(parents=True, exist_ok=True)
+    manifest, _key, _pub, _swarm = ls.digits_manifest(root / "manifest", rounds=args.rounds, script=SLOWED_SCRIPT)
+
+    def extra_for(name: str) -> list[str]:
+        slow = ["--script-arg", f"sleep_per_batch={args.sleep_per_batch}"] if name == straggler else []
+        return ["--trace", str(traces / f"{name}.trace"), *slow]
+
+    real = daemons(root, manifest, args.peers, args.rounds, args.interval, args.partition,
+                   script=SLOWED_SCRIPT, extra_for=extra_for)
+    files = [traces / f"peer-{i + 1}.trace" for i in range(args.peers)]
+    peers = trace_summary(files)
+    speeds = [peers[f"peer-{i + 1}"]["train_s_median"] for i in range(args.peers)]
+    fast = statistics.median(s for s in speeds[:-1] if isinstance(s, float))
+    factor = round(speeds[-1] / fast, 2) if isinstance(speeds[-1], float) and fast else None
+    print(f"training seconds per round (median): {dict(zip(peers, speeds, strict=True))}; straggler x{factor}")
+    swarm_trace = root / "swarm.trace"
+    swarm_trace.write_text("".join(f.read_text() for f in files))  # sessions in peer order: shard i's first
+    extra, missing = simulate_extra(known, swarm_trace, args.interval, fast, factor, args.peers)
+    sim: dict[str, object] | None = None
+    if extra:
+        try:
+            sim = simulator(root, manifest, args.peers, args.rounds, args.partition, script=SLOWED_SCRIPT,
+                            extra=extra, timeout=args.sim_timeout)
+        except subprocess.TimeoutExpired:
+            missing = f"quinkgl simulate {' '.join(extra)} did not finish within {args.sim_timeout:.0f} s"
+    run: dict[str, object] = {"straggler_factor": factor, "traces": peers, "daemons": real, "simulator": sim,
+                              "missing": missing}
+    if sim is not None:
+        run.update(compare(real, sim))
+    return run
+
+
+def mean_of(runs: list[dict[str, object]]) -> dict[str, object] | None:
+    """Per-round and final accuracy averaged over ``runs`` (the rounds all of them have); None if any is missing."""
+    if not runs or any(r is None or r["final"] is None for r in runs):
+        return None
+    rounds = set.intersection(*(set(r["per_round"]) for r in runs))  # type: ignore[call-overload]
+    return {"per_round": {k: statistics.fmean(r["per_round"][k] for r in runs) for k in sorted(rounds)},  # type: ignore[index]
+            "final": statistics.fmean(r["final"] for r in runs)}  # type: ignore[misc]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peers", type=int, default=4)
@@ -66,65 +123,42 @@ def main() -> None:
     p.add_argument("--partition", default="classes:3")
     p.add_argument("--interval", type=float, default=1.5)
     p.add_argument("--sleep-per-batch", type=float, default=0.2, help="the straggler's added seconds per batch")
+    p.add_argument("--repeats", type=int, default=1, help="runs of the whole check; their means are compared too")
     p.add_argument("--sim-timeout", type=float, default=600.0, help="seconds the simulator may take")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "straggler.json")
     p.add_argument("--workdir", type=Path, default=None, help="keep logs and traces here (default: a temp dir)")
     args = p.parse_args()
-    straggler = f"peer-{args.peers}"
+    known = simulate_flags()
+    runs = []
     with tempfile.TemporaryDirectory(prefix="qgl-straggler-") as tmp:
-        root = args.workdir or Path(tmp)
-        traces = root / "traces"
-        traces.mkdir(parents=True, exist_ok=True)
-        manifest, _key, _pub, _swarm = ls.digits_manifest(root / "manifest", rounds=args.rounds, script=SLOWED_SCRIPT)
-
-        def extra_for(name: str) -> list[str]:
-            slow = ["--script-arg", f"sleep_per_batch={args.sleep_per_batch}"] if name == straggler else []
-            return ["--trace", str(traces / f"{name}.trace"), *slow]
-
-        real = daemons(root, manifest, args.peers, args.rounds, args.interval, args.partition,
-                       script=SLOWED_SCRIPT, extra_for=extra_for)
-        files = [traces / f"peer-{i + 1}.trace" for i in range(args.peers)]
-        peers = trace_summary(files)
-        speeds = [peers[f"peer-{i + 1}"]["train_s_median"] for i in range(args.peers)]
-        fast = statistics.median(s for s in speeds[:-1] if isinstance(s, float))
-        factor = round(speeds[-1] / fast, 2) if isinstance(speeds[-1], float) and fast else None
-        print(f"training seconds per round (median): {dict(zip(peers, speeds, strict=True))}; straggler x{factor}")
-        swarm_trace = root / "swarm.trace"
-        swarm_trace.write_text("".join(f.read_text() for f in files))  # sessions in peer order: shard i's first
-        known = simulate_flags()
-        sim: dict[str, object] | None = None
-        missing = None
-        extra: list[str] = []
-        if "--trace" in known:
-            extra = ["--trace", str(swarm_trace), "--gossip-interval", str(args.interval)]
-        elif "--speed" in known and "--gossip-interval" in known and factor is not None:
-            spec = f"straggler:{fast}:{1 / args.peers}:{factor}"
-            missing = f"no simulate --trace: the straggler given as --speed {spec} (drawn per peer, not placed)"
-            extra = ["--speed", spec, "--gossip-interval", str(args.interval)]
-        else:
-            missing = "this build's quinkgl simulate has neither --trace nor --speed: the simulator half is not run"
-        if extra:
-            try:
-                sim = simulator(root, manifest, args.peers, args.rounds, args.partition, script=SLOWED_SCRIPT,
-                                extra=extra, timeout=args.sim_timeout)
-            except subprocess.TimeoutExpired:
-                missing = f"quinkgl simulate {' '.join(extra)} did not finish within {args.sim_timeout:.0f} s"
+        for i in range(args.repeats):
+            print(f"-- run {i + 1} of {args.repeats}")
+            runs.append(one_run((args.workdir or Path(tmp)) / f"run-{i + 1}", args, known))
     summary: dict[str, object] = {
         "peers": args.peers, "rounds": args.rounds, "partition": args.partition, "interval": args.interval,
-        "straggler": straggler, "sleep_per_batch": args.sleep_per_batch, "straggler_factor": factor,
-        "traces": peers, "daemons": real, "simulator": sim, "simulator_flags": sorted(known), "missing": missing,
-        "daemon_exit_codes": real["exit_codes"],
+        "straggler": f"peer-{args.peers}", "sleep_per_batch": args.sleep_per_batch, "repeats": args.repeats,
+        "simulator_flags": sorted(known), "runs": runs,
     }
-    if sim is not None:
-        summary.update(compare(real, sim))
-        print(f"max per-round difference {summary['max_round_diff_points']} points over {summary['rounds_compared']} "
-              f"rounds; final {summary['final_diff_points']}")
-    else:
-        per_round: dict[int, float] = real["per_round"]  # type: ignore[assignment]
-        for r, a in per_round.items():
-            print(f"round {r:>3} daemons {100 * a:5.1f}")
-        print(f"final daemons {100 * real['final']:.1f}; {missing}")  # type: ignore[operator]
-    print(f"daemon exits {real['exit_codes']}, wall {real['wall_s']} s")
+    real_mean = mean_of([r["daemons"] for r in runs])  # type: ignore[misc]
+    sim_mean = mean_of([r["simulator"] for r in runs])  # type: ignore[misc]
+    if args.repeats > 1 and real_mean is not None and sim_mean is not None:
+        print(f"-- mean of {args.repeats} runs")
+        summary["mean"] = {"daemons": real_mean, "simulator": sim_mean, **compare(real_mean, sim_mean)}
+    for i, run in enumerate(runs, 1):
+        real: dict[str, object] = run["daemons"]  # type: ignore[assignment]
+        if run["simulator"] is not None:
+            print(f"run {i}: max per-round difference {run['max_round_diff_points']} points over "
+                  f"{run['rounds_compared']} rounds; final {run['final_diff_points']}")
+        else:
+            per_round: dict[int, float] = real["per_round"]  # type: ignore[assignment]
+            print(f"run {i}: daemons per round " + " ".join(f"{100 * a:.1f}" for a in per_round.values())
+                  + f"; final {100 * real['final']:.1f}")  # type: ignore[operator]
+        if run["missing"]:
+            print(f"run {i}: {run['missing']}")
+        print(f"run {i}: daemon exits {real['exit_codes']}, wall {real['wall_s']} s")
+    if "mean" in summary:
+        m: dict[str, object] = summary["mean"]  # type: ignore[assignment]
+        print(f"mean: max per-round difference {m['max_round_diff_points']} points; final {m['final_diff_points']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")
