@@ -174,9 +174,6 @@ class Daemon:
         node, o, resumed = self.node, self.options, self.prepared.resume_state
         if resumed is not None:
             self._resume(resumed)
-        if self.tracer is not None:
-            self.tracer.node_started(node.completed_round)
-        if resumed is not None:
             if node.finished() and resumed.meta.get("final"):
                 await self.files.already_finished()
                 return int(ExitCode.OK)
@@ -196,6 +193,9 @@ class Daemon:
         try:
             if o.schedule.min_peers and node.completed_round == 0:
                 await self.loop.wait_for_peers(o.schedule.min_peers, o.schedule.min_peers_timeout)
+            if self.tracer is not None and not self.waiter.stopping:
+                # When its rounds begin (after --min-peers): what a replay must start the node at.
+                self.tracer.node_started(node.completed_round)
             await self.loop.rounds()
             if not self.waiter.stopping and node.final_consensus_steps:
                 await self.loop.final_consensus()

@@ -8,7 +8,9 @@ are bytes.
 ``header``          ``version`` (1), ``swarm`` (sha256:...), ``node`` (node id), ``started_at`` (UTC, ISO 8601),
                     ``torch_threads`` (int, or null when torch chose). First line of every session: a restarted
                     daemon appends a new header to the same file, and each header restarts ``t`` at 0.
-``node-start``      ``t``, ``round``: the last completed round the node starts from (0 fresh, N when resumed).
+``node-start``      ``t``, ``round``: the node's round loop starts (after ``--min-peers`` was waited for), from
+                    the last completed round ``round`` (0 fresh, N when resumed). A session without one trained
+                    nothing (start-up failed or was stopped, or the run had finished before).
 ``node-stop``       ``t``, ``round`` (last completed round), ``reason`` (``finished``, ``signal``, ``expired``,
                     ``error``).
 ``train``           ``t`` (when the round ended), ``round``, ``seconds`` (wall time of the round's local
