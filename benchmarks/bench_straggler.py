@@ -116,6 +116,17 @@ def mean_of(runs: list[dict[str, object]]) -> dict[str, object] | None:
             "final": statistics.fmean(r["final"] for r in runs)}  # type: ignore[misc]
 
 
+def spread(runs: list[dict[str, object]]) -> dict[str, float] | None:
+    """How far runs of the same side differ from each other (the largest per-round and the final max - min, in
+    points): the noise a comparison with the other side cannot get below."""
+    if len(runs) < 2 or mean_of(runs) is None:
+        return None
+    rounds = set.intersection(*(set(r["per_round"]) for r in runs))  # type: ignore[call-overload]
+    per = [max(r["per_round"][k] for r in runs) - min(r["per_round"][k] for r in runs) for k in rounds]  # type: ignore[index]
+    finals = [r["final"] for r in runs]
+    return {"max_round_points": round(100 * max(per), 1), "final_points": round(100 * (max(finals) - min(finals)), 1)}  # type: ignore[type-var, operator]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peers", type=int, default=4)
@@ -144,6 +155,8 @@ def main() -> None:
     if args.repeats > 1 and real_mean is not None and sim_mean is not None:
         print(f"-- mean of {args.repeats} runs")
         summary["mean"] = {"daemons": real_mean, "simulator": sim_mean, **compare(real_mean, sim_mean)}
+    summary["spread"] = {"daemons": spread([r["daemons"] for r in runs]),  # type: ignore[misc]
+                         "simulator": spread([r["simulator"] for r in runs if r["simulator"] is not None])}  # type: ignore[misc]
     for i, run in enumerate(runs, 1):
         real: dict[str, object] = run["daemons"]  # type: ignore[assignment]
         if run["simulator"] is not None:
@@ -159,6 +172,8 @@ def main() -> None:
     if "mean" in summary:
         m: dict[str, object] = summary["mean"]  # type: ignore[assignment]
         print(f"mean: max per-round difference {m['max_round_diff_points']} points; final {m['final_diff_points']}")
+    print(f"between runs (max - min): daemons {summary['spread']['daemons']}, "  # type: ignore[index]
+          f"simulator {summary['spread']['simulator']}")  # type: ignore[index]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")
