@@ -53,8 +53,13 @@ from quinkgl_cli.node.serving import ServingModel
 from quinkgl_cli.node.state import NodeState
 from quinkgl_cli.node.trainer import LossFn, Trainer, TrainStats
 from quinkgl_cli.strategies import registry
-from quinkgl_cli.strategies.aggregation import (LABEL_ENTROPY_KEY, EntropyWeightedAvg, FedAvg, FedProx,
-                                                StalenessWeightedFedAvg)
+from quinkgl_cli.strategies.aggregation import (
+    LABEL_ENTROPY_KEY,
+    EntropyWeightedAvg,
+    FedAvg,
+    FedProx,
+    StalenessWeightedFedAvg,
+)
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
 from quinkgl_cli.strategies.choco import ConsensusStep, default_step
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
