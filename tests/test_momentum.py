@@ -25,14 +25,22 @@ def fedavg() -> FedAvg:
     return FedAvg(registry.build_params(entry, {}))
 
 
+def warm_up(agg: SlowMomentum) -> None:
+    """Two exchanges: the first joins (v = 0), the second moves the mean by (1, 1), so v = (1, 1)."""
+    agg.aggregate(upd("a", [0, 0], local=True), [upd("b", [2, 2])], 1)
+    agg.aggregate(upd("a", [1, 1], local=True), [upd("b", [3, 3])], 2)
+
+
 def test_velocity_accumulates_the_averaged_change() -> None:
     agg = SlowMomentum(fedavg(), beta=0.5)
-    # No training reference yet: the local model is the reference. Mean (1,1), delta (1,1), v = (1,1).
+    # The first aggregation joins the swarm: the plain mean, v = 0.
     first = agg.aggregate(upd("a", [0, 0], local=True), [upd("b", [2, 2])], 1).flat
     assert torch.allclose(first, torch.tensor([1.0, 1.0]))
-    # Next exchange from the previous result (1,1): mean (2,2), delta (1,1), v = 0.5 (1,1) + (1,1).
+    # Next exchanges from the previous result: mean (2,2), delta (1,1), v = (1,1); then mean (3,3), v = 0.5 v + (1,1).
     second = agg.aggregate(upd("a", [1, 1], local=True), [upd("b", [3, 3])], 2).flat
-    assert torch.allclose(second, torch.tensor([2.5, 2.5]))
+    assert torch.allclose(second, torch.tensor([2.0, 2.0]))
+    third = agg.aggregate(upd("a", [2, 2], local=True), [upd("b", [4, 4])], 3).flat
+    assert torch.allclose(third, torch.tensor([3.5, 3.5]))
     zero = SlowMomentum(fedavg(), beta=0.0)
     for _ in range(2):  # beta 0 is the rule itself, exchange after exchange
         assert torch.allclose(zero.aggregate(upd("a", [1, 1], local=True), [upd("b", [3, 5])], 1).flat,
@@ -43,10 +51,11 @@ def test_velocity_accumulates_the_averaged_change() -> None:
 
 def test_the_merge_only_averages() -> None:
     agg = SlowMomentum(fedavg(), beta=0.5)
-    agg.aggregate(upd("a", [0, 0], local=True), [upd("b", [2, 2])], 1)
+    warm_up(agg)
+    assert agg.state_dict()[STATE_KEY].abs().sum() > 0
     agg.begin_consensus()
-    assert torch.allclose(agg.aggregate(upd("a", [1, 1], local=True), [upd("b", [3, 3])], 2).flat,
-                          torch.tensor([2.0, 2.0]))
+    assert torch.allclose(agg.aggregate(upd("a", [5, 5], local=True), [upd("b", [7, 7])], 3).flat,
+                          torch.tensor([6.0, 6.0]))
     assert STATE_KEY not in agg.state_dict()
     fedavgm = build_aggregator(make_manifest(aggregation="FedAvgM"))
     fedavgm.aggregate(upd("a", [0, 0], local=True), [upd("b", [2, 2])], 1)
@@ -57,11 +66,11 @@ def test_the_merge_only_averages() -> None:
 
 def test_velocity_survives_a_checkpoint() -> None:
     agg = SlowMomentum(fedavg())
-    agg.aggregate(upd("a", [0, 0], local=True), [upd("b", [2, 2])], 1)
+    warm_up(agg)
     restored = SlowMomentum(fedavg())
     restored.load_state_dict(agg.state_dict())
-    a = agg.aggregate(upd("a", [1, 1], local=True), [upd("b", [3, 3])], 2).flat
-    assert torch.equal(restored.aggregate(upd("a", [1, 1], local=True), [upd("b", [3, 3])], 2).flat, a)
+    a = agg.aggregate(upd("a", [2, 2], local=True), [upd("b", [4, 4])], 3).flat
+    assert torch.equal(restored.aggregate(upd("a", [2, 2], local=True), [upd("b", [4, 4])], 3).flat, a)
     with pytest.raises(ValueError):
         restored.load_state_dict({STATE_KEY: torch.tensor([float("inf"), 0.0])})
     with pytest.raises(ValueError):  # what is not the velocity goes to the rule, which keeps no state

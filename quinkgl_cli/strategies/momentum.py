@@ -2,7 +2,8 @@
 
 ``delta = rule(updates) - reference``, where the reference is the model this node held when its local training
 began (between gossip steps of one round: the previous aggregation's result); ``v = beta v + delta``; the new model
-is ``reference + v``. With ``beta = 0`` this is the rule itself.
+is ``reference + v``. With ``beta = 0`` this is the rule itself, and so is a node's first aggregation (v starts at
+zero there).
 
 Why a node default (`node.core.build_aggregator` wraps the plain averaging rules in it, ``BETA``): on label-skewed
 splits every exchange averages a few models that each drifted toward their own classes, so the swarm's progress per
@@ -54,9 +55,12 @@ class SlowMomentum(Aggregator):
             ref = local.flat.to(torch.float32)
         delta = result.flat - ref
         if self._velocity is None or self._velocity.numel() != delta.numel():
+            # The first aggregation only joins the swarm: its change is mostly this peer's distance to the others
+            # (a late joiner, peers started from different weights), which carried on would push it past them.
             self._velocity = torch.zeros_like(delta)
-        self._velocity.mul_(self.beta).add_(delta)
-        result.flat = ref + self._velocity
+        else:
+            self._velocity.mul_(self.beta).add_(delta)
+            result.flat = ref + self._velocity
         self._reference = result.flat.clone()
         return result
 
