@@ -66,23 +66,30 @@ class Lever:
     name: str
     training: dict[str, str] = field(default_factory=dict)
     aggregation: str | None = None
+    aggregation_params: dict[str, str] = field(default_factory=dict)
     fanout: int | None = None
     node: dict[str, Any] = field(default_factory=dict)
 
 
 LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("defaults"),
+    # Plain averaging (no slow momentum, `strategies.momentum`): FedAvgM with momentum 0 is FedAvg exactly.
+    Lever("no-momentum", aggregation="FedAvgM", aggregation_params={"server_momentum": "0"}),
     Lever("no-serving", node={"serving": False}),
     Lever("scaffold", aggregation="Scaffold"),
     Lever("scaffold-no-serving", aggregation="Scaffold", node={"serving": False}),
     Lever("scaffold-fanout1", aggregation="Scaffold", fanout=1),
     Lever("fanout2", fanout=2),
+    # The same 3 sends per peer per round as fanout 3, spent as 3 exchanges of one send each (3 hops of mixing).
+    Lever("fanout1-steps3", fanout=1, training={"gossip_steps": "3"}),
     Lever("epochs1", training={"local_epochs": "1"}),
     Lever("epochs2", training={"local_epochs": "2"}),
+    Lever("epochs8", training={"local_epochs": "8"}),
     Lever("steps16", training={"local_steps": "16"}),
     Lever("reset-momentum", node={"reset": "momentum"}),
     Lever("reset-all", node={"reset": "all"}),
     Lever("fedavgm", aggregation="FedAvgM"),
+    Lever("fedavgm-0.5", aggregation="FedAvgM", aggregation_params={"server_momentum": "0.5"}),
     Lever("no-merge", training={"final_consensus_steps": "0"}),
 )}
 
@@ -124,7 +131,8 @@ def anytime(result: SimResult, from_round: int) -> dict[str, Any]:
 def run_gossip(script: PeerScript, manifest: Manifest, split: str, peers: int, rounds: int, seed: int,
                lever: Lever, patch: Callable[[Lever], Any]) -> SimResult:
     cfg = SimConfig(peers=peers, rounds=rounds, partition=split, seed=seed,
-                    overrides=Overrides(aggregation=lever.aggregation, training_params=lever.training,
+                    overrides=Overrides(aggregation=lever.aggregation, aggregation_params=lever.aggregation_params,
+                                        training_params=lever.training,
                                         fanout=lever.fanout))
     with patch(lever):
         return simulate(script, manifest, cfg)

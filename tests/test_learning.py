@@ -1,6 +1,7 @@
 """Learning at every round: a label-disjoint toy swarm keeps each peer's accuracy within the stability bound from
-round to round, the served model survives a checkpoint, and a seed fixes the whole curve. Small and fast; the
-measured numbers live in benchmarks/LEARNING.md."""
+round to round, the default slow momentum at aggregation makes a slow swarm learn faster than plain averaging, the
+served model survives a checkpoint, and a seed fixes the whole curve. Small and fast; the measured numbers live in
+benchmarks/LEARNING.md."""
 
 from __future__ import annotations
 
@@ -51,18 +52,25 @@ def blobs(tmp_path_factory: pytest.TempPathFactory) -> PeerScript:
     return load_script(path)
 
 
-def blobs_manifest(script: PeerScript, **training: Any) -> Manifest:
+# The node's behaviour before the default slow momentum (`strategies.momentum`): FedAvgM without momentum is plain
+# averaging, and the node does not wrap it.
+PLAIN_AVERAGING = {"aggregation": "FedAvgM", "aggregation_params": {"server_momentum": "0"}}
+
+
+def blobs_manifest(script: PeerScript, plain: bool = False, **training: Any) -> Manifest:
+    rule: dict[str, Any] = PLAIN_AVERAGING if plain else {"aggregation": "FedAvg"}
     return build_manifest(
         name="blobs", task_type="classification", input_shape="6", output_shape="4", label_type="integer",
-        framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)), aggregation="FedAvg",
-        topology="RandomTopology",
-        training_params={"local_epochs": "2", "final_consensus_steps": "0", **training},
+        framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)), topology="RandomTopology",
+        training_params={"local_epochs": "2", "final_consensus_steps": "0", **training}, **rule,
     )
 
 
-def swarm(script: PeerScript, serving: bool = True, seed: int = 1, rounds: int = 12) -> Simulator:
+def swarm(script: PeerScript, serving: bool = True, seed: int = 1, rounds: int = 12, plain: bool = False,
+          **training: Any) -> Simulator:
     # 8 peers, one class each (every class on two peers), each sending to 3 random peers a round (the default).
-    sim = Simulator(script, blobs_manifest(script), SimConfig(peers=8, rounds=rounds, partition="classes:1", seed=seed))
+    sim = Simulator(script, blobs_manifest(script, plain, **training),
+                    SimConfig(peers=8, rounds=rounds, partition="classes:1", seed=seed))
     sim.build()
     for node in sim.nodes:
         node.serving.enabled = serving
@@ -85,8 +93,25 @@ def test_label_disjoint_swarm_stays_within_the_stability_bound(blobs: PeerScript
     assert largest_drop(served.rounds) <= STABILITY_BOUND
     last = served.rounds[-1]
     assert last.min_accuracy is not None and last.min_accuracy > 0.9
-    if seed != 2:  # the bound is a real one: the models the peers hold break it on these swarms
-        assert largest_drop(swarm(blobs, serving=False, seed=seed).run().rounds) > STABILITY_BOUND
+    if seed != 2:  # the bound is a real one: with plain averaging, the models the peers hold break it here
+        assert largest_drop(swarm(blobs, serving=False, seed=seed, plain=True).run().rounds) > STABILITY_BOUND
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_slow_momentum_learns_faster_than_plain_averaging(tmp_path: Path, seed: int) -> None:
+    # Plain SGD with a small step and one epoch a round: every peer's progress per round is small, where momentum
+    # on the aggregated change helps most (measured: +15 to +25 points at round 8 on these swarms).
+    path = tmp_path / "blobs_slow.py"
+    path.write_text(BLOBS_SCRIPT.replace("lr=0.1, momentum=0.9", "lr=0.02"))
+    slow = load_script(path)
+
+    def run(plain: bool) -> list[RoundSummary]:
+        return swarm(slow, seed=seed, rounds=8, plain=plain, local_epochs="1").run().rounds
+
+    default, plain = run(False), run(True)
+    assert default[-1].mean_accuracy is not None and plain[-1].mean_accuracy is not None
+    assert default[-1].mean_accuracy >= plain[-1].mean_accuracy + 0.10
+    assert largest_drop(default) <= STABILITY_BOUND
 
 
 def test_same_seed_same_curve(blobs: PeerScript) -> None:

@@ -53,10 +53,17 @@ from quinkgl_cli.node.serving import ServingModel
 from quinkgl_cli.node.state import NodeState
 from quinkgl_cli.node.trainer import LossFn, Trainer, TrainStats
 from quinkgl_cli.strategies import registry
-from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY, FedAvg
+from quinkgl_cli.strategies.aggregation import (
+    LABEL_ENTROPY_KEY,
+    EntropyWeightedAvg,
+    FedAvg,
+    FedProx,
+    StalenessWeightedFedAvg,
+)
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
 from quinkgl_cli.strategies.choco import ConsensusStep, default_step
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
+from quinkgl_cli.strategies.momentum import SlowMomentum
 from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED_ENCODING
 from quinkgl_cli.tensors import all_finite, flatten, load_flat
 from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, PeerInfo, Transport
@@ -95,6 +102,9 @@ class NodePolicies:
 
 
 DEFAULT_POLICIES = NodePolicies()
+# Plain averaging rules get slow momentum on the aggregated change (`strategies.momentum`); rules with their own
+# state of the average (FedAvgM, Scaffold), robust rules and CHOCO's consensus step are left as they are.
+SLOW_MOMENTUM_RULES = (FedAvg, FedProx, StalenessWeightedFedAvg, EntropyWeightedAvg)
 
 
 def build_aggregator(manifest: Manifest) -> Aggregator:
@@ -103,6 +113,8 @@ def build_aggregator(manifest: Manifest) -> Aggregator:
     rule: Aggregator = registry.load(entry)(params, byzantine_f=manifest.byzantine_f)
     if manifest.compression.mode == "choco":
         return ConsensusStep(rule, default_step(manifest.compression))
+    if type(rule) in SLOW_MOMENTUM_RULES:
+        return SlowMomentum(rule)
     return rule
 
 
@@ -149,7 +161,7 @@ class Node:
         self.peer_clock = PeerClock(training.max_staleness, clock)
         self.recorder = RoundRecorder()
         # Serving averages models, so only under averaging rules (robust ones serve the model they hold).
-        agg = self.aggregator.inner if isinstance(self.aggregator, ConsensusStep) else self.aggregator
+        agg = self.aggregator.inner if isinstance(self.aggregator, ConsensusStep | SlowMomentum) else self.aggregator
         self.serving = ServingModel(shared, isinstance(agg, FedAvg),
                                     agg.params.max_weight_ratio if isinstance(agg, FedAvg) else 1.0)
         self.fingerprint = own_fingerprint(manifest, train_loader, shared, self.trainer.loss_fn, config.noise_seed,
@@ -367,6 +379,7 @@ class Node:
         self.recorder.begin(self.clock(), self.transport.stats)
         self.inbox.begin_round()
         self.serving.merged()
+        self.aggregator.begin_consensus()
         return range(self.gossip_steps, self.gossip_steps + self.final_consensus_steps)
 
     def end_consensus(self) -> RoundMetrics:

@@ -71,6 +71,10 @@ class Aggregator(ABC):
     def end_training(self, model: nn.Module, steps: int, lr: float) -> None:
         """Called after local training (Scaffold updates its control variate here)."""
 
+    def begin_consensus(self) -> None:
+        """The end-of-run averaging-only exchanges begin: from now on only pull the peers together (momentum
+        rules drop their velocity)."""
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
 

@@ -331,6 +331,9 @@ class ConsensusStep(Aggregator):
     def end_training(self, model: torch.nn.Module, steps: int, lr: float) -> None:
         self.inner.end_training(model, steps, lr)
 
+    def begin_consensus(self) -> None:
+        self.inner.begin_consensus()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.inner.state_dict()
 
