@@ -124,6 +124,13 @@ def build_topology(manifest: Manifest, node_id: str, rng: random.Random) -> Topo
     return registry.load(entry)(params, node_id, rng)  # type: ignore[no-any-return]
 
 
+def serving_model(aggregator: Aggregator, shared: nn.Module) -> ServingModel:
+    """The served model: it averages models, so only under averaging rules (robust ones serve the model they hold);
+    a wrapper (CHOCO's consensus step, slow momentum) is seen through to the rule it wraps."""
+    rule = aggregator.inner if isinstance(aggregator, ConsensusStep | SlowMomentum) else aggregator
+    return ServingModel(shared, isinstance(rule, FedAvg), rule.params.max_weight_ratio if isinstance(rule, FedAvg) else 1.0)
+
+
 class Node:
     """One peer. See the module docstring for the order in which drivers call the steps."""
 
@@ -160,10 +167,7 @@ class Node:
         self.inbox = Inbox(training.max_staleness, self.log)
         self.peer_clock = PeerClock(training.max_staleness, clock)
         self.recorder = RoundRecorder()
-        # Serving averages models, so only under averaging rules (robust ones serve the model they hold).
-        agg = self.aggregator.inner if isinstance(self.aggregator, ConsensusStep | SlowMomentum) else self.aggregator
-        self.serving = ServingModel(shared, isinstance(agg, FedAvg),
-                                    agg.params.max_weight_ratio if isinstance(agg, FedAvg) else 1.0)
+        self.serving = serving_model(self.aggregator, shared)
         self.fingerprint = own_fingerprint(manifest, train_loader, shared, self.trainer.loss_fn, config.noise_seed,
                                            self.log)
         self.exchange.label_entropy = self.fingerprint.label_entropy
