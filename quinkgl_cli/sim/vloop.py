@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import selectors
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVarTuple
+
+_Ts = TypeVarTuple("_Ts")
 
 
 class VirtualClock(Protocol):
@@ -65,12 +68,12 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self._virtual.now
 
-    def call_at(self, when: float, callback: Callable[..., object], *args: Any,
+    def call_at(self, when: float, callback: Callable[[*_Ts], object], *args: *_Ts,
                 context: contextvars.Context | None = None) -> asyncio.TimerHandle:
         # The loop runs a timer due within its clock resolution of now without waiting; the clock must still reach
         # the timer's time, or a sleep shorter than the resolution would end without time passing and a caller
         # sleeping "until the deadline" would sleep again, forever.
-        return super().call_at(when, _at, self._virtual, when, callback, *args, context=context)
+        return super().call_at(when, functools.partial(_at, self._virtual, when, callback, *args), context=context)
 
     def run_virtual(self, main: Any) -> Any:
         """Run the coroutine ``main`` to its end on this loop (set as the current loop meanwhile), then close it."""
