@@ -302,3 +302,26 @@ def test_ideal_conditions_on_a_full_topology_reproduce_the_lockstep_run(script: 
     assert field.final.mean_accuracy == lockstep.final.mean_accuracy
     # one interval per round but the last, which ends once every update arrived (1 s of training after its start)
     assert field.timing["virtual_s"] == 2 * 10.0 + 1.0
+
+
+def test_a_sleep_shorter_than_the_clock_resolution_still_lets_time_pass() -> None:
+    """A round loop sleeps 'until the deadline' again while time is short of it: a timer that ran without moving
+    the clock (due within the loop's resolution) would make that loop spin forever."""
+    async def busy() -> None:  # another peer with work ready at that moment: the loop does not block meanwhile
+        await asyncio.sleep(3.0)
+        for _ in range(50):
+            await asyncio.sleep(0)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        other = asyncio.ensure_future(busy())
+        deadline = loop.time() + 3.0 + 4e-10
+        await asyncio.sleep(3.0)
+        sleeps = 0
+        while loop.time() < deadline:
+            await asyncio.sleep(deadline - loop.time())
+            sleeps += 1
+        await other
+        return sleeps
+
+    assert VirtualTimeLoop(_Clock()).run_virtual(main()) <= 2

@@ -2,10 +2,11 @@
 
 The field driver (`quinkgl_cli.sim.field`) runs the daemon's round loop for every simulated peer on one such loop,
 so ``asyncio.sleep``, ``asyncio.wait(timeout=...)`` and ``call_later`` keep their meaning in virtual seconds and
-a run never waits in real time. The loop is a standard `asyncio.SelectorEventLoop`; only two things change:
-``time()`` reads a `VirtualClock`, and the selector, asked to block for ``timeout`` seconds, first looks (without
+a run never waits in real time. The loop is a standard `asyncio.SelectorEventLoop`; only three things change:
+``time()`` reads a `VirtualClock`; the selector, asked to block for ``timeout`` seconds, first looks (without
 blocking) for real events (the loop's own wake-up pipe) and otherwise moves the clock forward by ``timeout`` and
-reports nothing, which makes the loop run the timers now due. Asked to block with no timer at all, nothing could
+reports nothing, which makes the loop run the timers now due; and a timer run moves the clock to its own time if
+that is still ahead (one due within the clock's resolution runs at once). Asked to block with no timer at all, nothing could
 ever happen again: that is a deadlock, raised as an error instead of hanging.
 
 Everything is deterministic for a seed as long as no real thread or socket takes part: the simulated peers train
@@ -17,8 +18,13 @@ Owns the clock's advance and the selector wrapper only.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import selectors
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVarTuple
+
+_Ts = TypeVarTuple("_Ts")
 
 
 class VirtualClock(Protocol):
@@ -46,6 +52,12 @@ class _VirtualSelector(selectors.DefaultSelector):
         return []
 
 
+def _at(clock: VirtualClock, when: float, callback: Callable[..., object], *args: Any) -> None:
+    if clock.now < when:
+        clock.now = when
+    callback(*args)
+
+
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self, clock: VirtualClock) -> None:
         self._virtual = clock
@@ -55,6 +67,13 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return self._virtual.now
+
+    def call_at(self, when: float, callback: Callable[[*_Ts], object], *args: *_Ts,
+                context: contextvars.Context | None = None) -> asyncio.TimerHandle:
+        # The loop runs a timer due within its clock resolution of now without waiting; the clock must still reach
+        # the timer's time, or a sleep shorter than the resolution would end without time passing and a caller
+        # sleeping "until the deadline" would sleep again, forever.
+        return super().call_at(when, functools.partial(_at, self._virtual, when, callback, *args), context=context)
 
     def run_virtual(self, main: Any) -> Any:
         """Run the coroutine ``main`` to its end on this loop (set as the current loop meanwhile), then close it."""
