@@ -38,9 +38,6 @@ REMINDER_S = 30.0  # how often a peer with no peers (or behind schedule, or paci
 # A late round still waits this share of the interval (at most the cap) across its gossip steps for peers' updates.
 MIN_GOSSIP_WAIT_FRACTION = 0.25
 MIN_GOSSIP_WAIT_CAP_S = 5.0
-# A deadline closer than this counts as reached: a loop fires a timer due within its clock resolution without
-# its clock moving, so under the simulator's virtual clock a wait for less than that would never end.
-DEADLINE_SLACK_S = 1e-6
 
 
 def min_gossip_wait(interval: float, steps: int) -> float:
@@ -75,7 +72,7 @@ class Waiter:
             if until is not None and until():
                 return
             left = deadline - loop.time()
-            if left <= DEADLINE_SLACK_S:
+            if left <= 0:
                 return
             self.inbox_event.clear()
             waiters = [asyncio.ensure_future(self.stop_event.wait())]
