@@ -12,7 +12,7 @@ from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
 OURS = b"c" * 20
 
 
-def _beacon(walks: list[tuple[str, int]], listen: str = "10.9.0.1") -> lan.LanBeacon:
+def _beacon(walks: list[tuple[str, int]], listen: str = "127.0.0.1") -> lan.LanBeacon:
     community = SimpleNamespace(community_id=OURS, walk_to=walks.append)
     return lan.LanBeacon(community, listen, 7001, DestinationGuard(listen), "me")
 
@@ -21,9 +21,9 @@ def test_a_beacon_of_our_swarm_is_walked_to_at_its_port_once_per_gap() -> None:
     walks: list[tuple[str, int]] = []
     b = _beacon(walks)
     datagram = lan.BEACON.pack(lan.MAGIC, lan.VERSION, OURS, 7002, b"t" * 8)
-    b.datagram_received(datagram, ("10.9.0.2", lan.PORT))
-    b.datagram_received(datagram, ("10.9.0.2", lan.PORT))  # within WALK_GAP: not again
-    assert walks == [("10.9.0.2", 7002)]
+    b.datagram_received(datagram, ("127.0.0.2", lan.PORT))
+    b.datagram_received(datagram, ("127.0.0.2", lan.PORT))  # within WALK_GAP: not again
+    assert walks == [("127.0.0.2", 7002)]
 
 
 def test_beacons_of_other_swarms_versions_ourselves_or_garbage_are_ignored() -> None:
@@ -35,14 +35,15 @@ def test_beacons_of_other_swarms_versions_ourselves_or_garbage_are_ignored() -> 
                      lan.BEACON.pack(lan.MAGIC, lan.VERSION, OURS, 0, b"t" * 8),
                      b.beacon,  # our own, back through the loop
                      b"short"):
-        b.datagram_received(datagram, ("10.9.0.2", lan.PORT))
+        b.datagram_received(datagram, ("127.0.0.2", lan.PORT))
     assert walks == []
 
 
 def test_a_loopback_daemon_never_walks_off_loopback_whatever_a_beacon_says() -> None:
     walks: list[tuple[str, int]] = []
     b = _beacon(walks, listen="127.0.0.1")
-    b.datagram_received(lan.BEACON.pack(lan.MAGIC, lan.VERSION, OURS, 7002, b"t" * 8), ("10.9.0.2", lan.PORT))
+    # A documentation address (RFC 5737), never sent to: the guard refuses it before any walk.
+    b.datagram_received(lan.BEACON.pack(lan.MAGIC, lan.VERSION, OURS, 7002, b"t" * 8), ("192.0.2.2", lan.PORT))
     assert walks == []
 
 
@@ -50,5 +51,5 @@ def test_the_sources_remembered_are_bounded() -> None:
     walks: list[tuple[str, int]] = []
     b = _beacon(walks)
     for i in range(lan.MAX_SOURCES + 50):
-        b.datagram_received(lan.BEACON.pack(lan.MAGIC, lan.VERSION, OURS, 1000 + i, b"t" * 8), ("10.9.0.2", lan.PORT))
+        b.datagram_received(lan.BEACON.pack(lan.MAGIC, lan.VERSION, OURS, 1000 + i, b"t" * 8), ("127.0.0.2", lan.PORT))
     assert len(walks) == lan.MAX_SOURCES + 50 and len(b.heard) == lan.MAX_SOURCES
