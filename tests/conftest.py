@@ -31,8 +31,11 @@ def _no_daemon_log_handlers_left() -> Iterator[None]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`-n auto --dist loadgroup`, the README's test command), the tests that start real daemon
-    processes run one after another on one worker while the others take the rest: two swarms at once on 2 cores
-    would turn their pacing and accuracy checks into load tests."""
+    processes on loopback run one after another on one worker while the others take the rest: two loopback swarms
+    at once on 2 cores would turn their pacing and accuracy checks into load tests. The NAT lab's daemons, in their
+    own namespaces and checking paths rather than accuracy, are a second such queue beside it."""
     for item in items:
-        if item.get_closest_marker("e2e") is not None:
+        if item.get_closest_marker("natlab") is not None:
+            item.add_marker(pytest.mark.xdist_group("natlab"))
+        elif item.get_closest_marker("e2e") is not None:
             item.add_marker(pytest.mark.xdist_group("daemons"))

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import natlab
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.natlab]
 SCENARIOS = Path(__file__).resolve().parent / "natlab_scenarios.py"
 _REASON: list[str | None] = []
 
