@@ -37,17 +37,14 @@ def _bytes(n: int) -> str:
     return f"{value / 1000:.1f} GB"
 
 
-def _number(value: object) -> float | None:
-    """A round metric as a number; None for what is not one (absent, or NaN written as a string)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
 def render(replies: list[Reply], now: float) -> str:
     """The text table: a line per daemon, then one indented line per peer it knows (its reachability)."""
+    from quinkgl_cli.ops.snapshot import metric_number  # pydantic: not on `quinkgl --help`'s path
+
     header = ("NODE", "STATE", "ROUND", "PEERS", "LAST AGGREGATION", "VAL ACC", "OWN ACC", "SENT", "RECEIVED", "EPSILON", "LISTEN")
     rows: list[tuple[str, ...]] = [header]
     details: dict[int, list[str]] = {}
@@ -62,7 +59,7 @@ def render(replies: list[Reply], now: float) -> str:
         rows.append((
             s.node_id, s.state, f"{s.round}/{s.rounds}" if s.rounds is not None else str(s.round), str(len(s.peers)),
             (f"round {agg.round}, {_ago(now - agg.at) if agg.at is not None else 'before restart'}" if agg
-             else "none yet"), _num(s.val_accuracy), _num(_number(s.round_metrics.get("own_accuracy"))),
+             else "none yet"), _num(s.val_accuracy), _num(metric_number(s.round_metrics.get("own_accuracy"))),
             _bytes(s.bytes_sent), _bytes(s.bytes_received), _num(s.dp_epsilon_spent), s.listen,
         ))
         details[len(rows) - 1] = [

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from quinkgl_cli.atomic import atomic_write_bytes
 from quinkgl_cli.ops.metrics_file import MetricsRun
+from quinkgl_cli.ops.snapshot import metric_number
 
 # (title, y label, metric keys drawn in it): validation solid, training dashed, the personal model on the peer's own
 # distribution (personalized swarms) dotted.
@@ -34,18 +33,12 @@ class NodeSummary:
     final_own_accuracy: float | None = None  # personalized swarms: the personal model on the peer's own distribution
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def summarize(run: MetricsRun) -> NodeSummary:
-    accs = [a for a in (_number(r.get("val_accuracy")) for r in run.rows) if a is not None]
-    sent = sum(int(v) for v in (_number(r.get("bytes_sent")) for r in run.rows) if v is not None)
+    accs = [a for a in (metric_number(r.get("val_accuracy")) for r in run.rows) if a is not None]
+    sent = sum(int(v) for v in (metric_number(r.get("bytes_sent")) for r in run.rows) if v is not None)
     return NodeSummary(run.node, run.swarm, len(run.rows), run.rows[0]["round"], run.rows[-1]["round"],
-                       _number(run.rows[-1].get("val_accuracy")), max(accs) if accs else None, sent,
-                       _number(run.rows[-1].get("own_accuracy")))
+                       metric_number(run.rows[-1].get("val_accuracy")), max(accs) if accs else None, sent,
+                       metric_number(run.rows[-1].get("own_accuracy")))
 
 
 def plot_runs(runs: list[MetricsRun], path: Path) -> None:
@@ -61,7 +54,7 @@ def plot_runs(runs: list[MetricsRun], path: Path) -> None:
         for ax, (title, ylabel, keys) in zip(axes.flat, PANELS, strict=True):
             for run in runs:
                 for style, key in zip(("-", "--", ":"), keys, strict=False):
-                    pts = [(r["round"], v) for r in run.rows if (v := _number(r.get(key))) is not None]
+                    pts = [(r["round"], v) for r in run.rows if (v := metric_number(r.get(key))) is not None]
                     if pts:
                         label = key if len(runs) == 1 else f"{run.node} {key}"
                         ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, linewidth=1.6)

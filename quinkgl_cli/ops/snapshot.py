@@ -64,6 +64,14 @@ class DaemonSnapshot:
         return json_safe(asdict(self))
 
 
+def metric_number(value: Any) -> float | None:
+    """A round metric as a finite number; None for anything else (absent, a flag, NaN or infinity, which the
+    snapshot and the metrics file carry as strings)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
