@@ -5,7 +5,8 @@ reverse connections it waits for, and the choice of routes (`paths.PathBook`); o
 connections it makes out when a recipient asks (`PathRequestPayload`): to the recipient's TCP port (reverse) or to
 a relay. The fetch exchange then runs over the connection unchanged (`fetcher`, `server.serve`), so every way
 carries the same checks. A sender connects only where the request's signer is (its own address) or to a relay
-among its own peers: a request cannot point it at anyone else.
+among its own peers: a request cannot point it at anyone else; a peer met through a relay (`forward`), whose
+address only the relay vouches for, gets no reverse connection.
 """
 
 from __future__ import annotations
@@ -229,6 +230,9 @@ class Links:
         if out.serving or p.offer_id in self.pushing or len(self.pushing) >= self.settings.limits.serve_slots:
             return  # already on its way (a repeated request), or we are busy enough
         if p.path == REVERSE:
+            if rec.via is not None:  # its address is only what a relay told us: connect nowhere on its word
+                self.drops("path-refused", rec.node_id, "relayed_peer")
+                return
             target, magic = (rec.address[0], p.tcp_port), stream.REVERSE_MAGIC
         elif p.path == RELAY:
             relay = self.services.relay_address(p.relay)
