@@ -1,6 +1,7 @@
 """Model transfers between peers behind NATs, in the NAT lab (Linux namespaces; needs root, iproute2, iptables).
 
     sudo python benchmarks/bench_nat.py [--bytes N] [--repeats N] [--relay-rate B] [--daemons] [--json PATH]
+    sudo python benchmarks/bench_nat.py --learning [--seeds 0 1] [--rounds N] [--json PATH]
 
 Four ways a 10 MB model can travel, measured in one lab run from the sender's `send_model` to the recipient's
 verified `on_model` (transport probes, no torch): ``direct`` (public to public), ``direct_via_nat`` (a NATed
@@ -15,6 +16,12 @@ own bound (``--relay-rate``, 50 MB/s by default) caps the relayed figure unless 
 4 rounds, 3 s interval), once with three of them behind a port-restricted, a full-cone and a symmetric NAT (the
 public seed relaying), once all public: for each peer, the seconds from its `started` line to its first
 aggregated model (process start-up, which depends on the machine's load, is left out).
+
+``--learning`` instead compares learning: six real daemons train digits (non-IID, ``shards:2``, 12 rounds) in the
+lab, two public (the seed relaying) and four behind two NATs, two behind one port-restricted router and two behind
+one symmetric router (a symmetric and a restricted peer meet only through the relay; two peers behind one router
+too, as it does not hairpin), then the same six on loopback; for each split seed, the peers' mean final validation
+accuracy in both, and the difference (the aim: within 2 points). Written to ``nat_learning.json`` by default.
 """
 
 from __future__ import annotations
@@ -43,14 +50,51 @@ def scenario(name: str, env: dict[str, str]) -> dict[str, Any] | None:
         return result
 
 
+def learning(seeds: list[int], rounds: int, out: Path) -> int:
+    runs: list[dict[str, Any]] = []
+    for seed in seeds:
+        row: dict[str, Any] = {"seed": seed}
+        for label, nat in (("nat", "1"), ("loopback", "0")):
+            run = scenario("learning", {**os.environ, "QGL_LAB_NAT": nat, "QGL_LAB_SEED": str(seed),
+                                        "QGL_LAB_ROUNDS": str(rounds)})
+            if run is None:
+                return 1
+            row[label] = {"mean_val_accuracy": run["mean_val_accuracy"],
+                          "peers": {n: {k: p[k] for k in ("val_accuracy", "peers_met", "aggregations", "paths")}
+                                    for n, p in run["peers"].items()}}
+        row["difference_points"] = round(100 * (row["nat"]["mean_val_accuracy"] - row["loopback"]["mean_val_accuracy"]), 2)
+        print(f"seed {seed}: mean final val_accuracy behind NATs {row['nat']['mean_val_accuracy']:.4f}, on loopback "
+              f"{row['loopback']['mean_val_accuracy']:.4f}: {row['difference_points']:+.2f} points")
+        runs.append(row)
+    worst = max(abs(r["difference_points"]) for r in runs)
+    result = {"rounds": rounds, "partition": "shards:2", "runs": runs, "largest_difference_points": worst,
+              "within_2_points": worst <= 2.0}
+    print(f"largest difference {worst:.2f} points: {'within' if worst <= 2.0 else 'NOT within'} 2 points")
+    _write(out, result)
+    return 0
+
+
+def _write(path: Path, result: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_json = path.with_suffix(".tmp")
+    tmp_json.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    tmp_json.replace(path)
+    print(f"wrote {path}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bytes", type=int, default=10_000_000)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--relay-rate", type=int, default=None, help="the relay's bytes/s (default: the transport's, 50 MB/s)")
     p.add_argument("--daemons", action="store_true", help="also time real daemons to their first aggregation")
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "nat.json")
+    p.add_argument("--learning", action="store_true", help="compare learning behind NATs with loopback instead")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="data split seeds for --learning")
+    p.add_argument("--rounds", type=int, default=12, help="rounds for --learning")
+    p.add_argument("--json", type=Path, default=None, help="where to write (default benchmarks/results/nat.json, "
+                   "or nat_learning.json with --learning)")
     args = p.parse_args()
+    results = ROOT / "benchmarks" / "results"
     sys.path.insert(0, str(ROOT / "tests"))
     import natlab
 
@@ -58,6 +102,8 @@ def main() -> int:
     if reason is not None:
         print(f"NAT lab unavailable: {reason}", file=sys.stderr)
         return 2
+    if args.learning:
+        return learning(args.seeds, args.rounds, args.json or results / "nat_learning.json")
     env = {**os.environ, "QGL_BENCH_BYTES": str(args.bytes), "QGL_BENCH_REPEATS": str(args.repeats)}
     if args.relay_rate:
         env["QGL_BENCH_RELAY_RATE"] = str(args.relay_rate)
@@ -82,11 +128,7 @@ def main() -> int:
                       if p["first_aggregation_s"] is not None}
             print(f"daemons, {label:6}: started -> first aggregation (s) {firsts}; final val_accuracy "
                   f"{ {n: p['val_accuracy'] for n, p in run['peers'].items()} }")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp_json = args.json.with_suffix(".tmp")
-    tmp_json.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    tmp_json.replace(args.json)
-    print(f"wrote {args.json}")
+    _write(args.json or results / "nat.json", result)
     return 0
 
 

@@ -5,7 +5,8 @@ Owns three things. On a relay volunteer (``--relay``): passing on `RelayedPayloa
 per peer and overall (`settings.RelayLimits`), and telling each peer, now and then, some of its other peers
 (`RosterPayload`: names and keys). On every node: opening a `ForwardedPayload` (where the relay sees its sender, and
 the route for our replies, kept by the `Courier`), and, behind a NAT, greeting through the relay a peer a roster
-named that has not reached us directly within ``introduce_after`` seconds.
+named that has not reached us directly within ``introduce_after`` seconds (up to ``relayed_peers`` such peers: each
+costs its relay our heartbeats).
 
 A relayed message is a whole datagram its sender signed for us, with its own session and counter: the relay cannot
 forge, alter or replay one (the signature and the replay check fail), only drop it. A peer met this way
@@ -135,12 +136,13 @@ class Forwarder:
 
     def _greet(self, now: float) -> None:
         """Greet, through their relay, the peers rosters named that never reached us directly."""
-        after = self.settings.limits.introduce_after
+        limits = self.settings.limits
+        room = not self.table.full() and sum(rec.via is not None for rec in self.table) < limits.relayed_peers
         for key, c in list(self.candidates.items()):
             relay = self.table.get(c.relay)
             if self.table.by_key(key) is not None or now - c.last_listed > FORGET or relay is None or relay.via is not None:
                 del self.candidates[key]  # met, gone from its relay, or the relay is gone
-            elif not self.table.full() and now - c.listed >= after and now - c.greeted >= RETRY:
+            elif room and now - c.listed >= limits.introduce_after and now - c.greeted >= RETRY:
                 c.greeted = now
                 self.courier.send_relayed(relay.address, c.name, self.hello())
 

@@ -377,7 +377,8 @@ class IPv8Transport(RuledTransport):
 
     def peer_view(self, peer_id: str) -> dict[str, Any] | None:
         """What we know of how ``peer_id`` and we reach each other: its address, where it sees our datagrams come
-        from, whether it relays, and the ways its models would come, in the order they are tried (`paths`)."""
+        from, whether it relays, the relay our datagrams to it go through (``via``, None when direct), and the ways
+        its models would come, in the order they are tried (`paths`)."""
         p = self.parts
         rec = p.table.get(peer_id) if p is not None else None
         if p is None or rec is None:
@@ -385,7 +386,7 @@ class IPv8Transport(RuledTransport):
         seen = p.services.seen_by.get(peer_id)
         return {"address": f"{rec.address[0]}:{rec.address[1]}", "tcp_port": rec.tcp_port,
                 "seen_as": f"{seen[0]}:{seen[1]}" if seen else None, "relay": peer_id in p.services.relays,
-                "routes": [str(r) for r in p.links.routes(rec)]}
+                "via": rec.via, "routes": [str(r) for r in p.links.routes(rec)]}
 
     def cut_off(self) -> list[str]:
         return self.parts.rejoin.cut_off(time.monotonic()) if self.parts is not None else []
