@@ -37,7 +37,12 @@ class Courier:
         route = self._routes.get(address)
         if route is not None:
             self.send_relayed(route[0], route[1], payload)
-        elif self._endpoint.is_open():
+        else:
+            self.send_direct(address, payload)
+
+    def send_direct(self, address: tuple[str, int], payload: Any) -> None:
+        """Straight to ``address``, whatever route it has (an attempt to punch a way to a relayed peer)."""
+        if self._endpoint.is_open():
             self._community.send_signed(address, payload)
 
     def send_relayed(self, relay: tuple[str, int], target: str, payload: Any) -> None:

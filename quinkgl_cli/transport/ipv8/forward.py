@@ -11,7 +11,10 @@ costs its relay our heartbeats).
 A relayed message is a whole datagram its sender signed for us, with its own session and counter: the relay cannot
 forge, alter or replay one (the signature and the replay check fail), only drop it. A peer met this way
 (`PeerRecord.via`) is never asked to connect anywhere by the address the relay gave (no reverse connection), is no
-relay for us, and turns into a direct peer the moment a datagram of its own reaches us straight.
+relay for us, and turns into a direct peer the moment a datagram of its own reaches us straight. To that end both
+ends send each other a hello straight to the address their relay sees every ``PUNCH_EVERY`` seconds: through
+endpoint-independent NATs that opens a direct way (punching, without waiting for IPv8 to introduce them), through a
+symmetric one it costs a datagram.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ ROSTER_EVERY = 10.0  # seconds between a relay's rosters to one peer (the first 
 ROSTER_SIZE = 16  # peers named in one roster; the next one names the next ones
 RETRY = 5.0  # seconds between relayed greetings to one peer that has not answered
 FORGET = 3 * ROSTER_EVERY  # a candidate no roster named for this long has left its relay
+PUNCH_EVERY = 2.0  # seconds between hellos straight to a relayed peer
 
 
 @dataclass
@@ -68,6 +72,7 @@ class Forwarder:
         relay = settings.limits.relay
         self._per_peer = RateLimit(relay.messages, int(2 * relay.messages))
         self._all = RateLimit(relay.messages_total, int(2 * relay.messages_total))
+        self._punched: dict[str, float] = {}  # relayed peer -> when we last sent it a hello straight
         self._rostered: dict[str, tuple[float, int]] = {}  # peer -> (when we last sent it a roster, where the next starts)
         self.candidates: OrderedDict[bytes, _Candidate] = OrderedDict()  # key -> a peer to meet through a relay
         self.forwarded = 0  # messages passed on for our peers
@@ -102,6 +107,10 @@ class Forwarder:
                     self._roster(rec, [o for o in direct if o is not rec], start, now)
         if self.services.behind_nat():
             self._greet(now)
+        for rec in self.table:
+            if rec.via is not None and now - self._punched.get(rec.node_id, float("-inf")) >= PUNCH_EVERY:
+                self._punched[rec.node_id] = now
+                self.courier.send_direct(rec.address, self.hello())
 
     def _roster(self, rec: PeerRecord, others: list[PeerRecord], start: int, now: float) -> None:
         self._rostered[rec.node_id] = (now, start + ROSTER_SIZE)
@@ -113,6 +122,7 @@ class Forwarder:
 
     def forget(self, node_id: str) -> None:
         self._rostered.pop(node_id, None)
+        self._punched.pop(node_id, None)
         self._per_peer.forget(node_id)
 
     # -- as a peer of a relay --------------------------------------------------------------------------------------
