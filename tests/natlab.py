@@ -144,7 +144,8 @@ class Lab:
         router, wan, lan = f"r-{name}", f"10.201.0.{100 + index}", f"10.201.{index + 1}"
         self._ns(router)
         self._wire_to_bridge(router, wan)
-        sh("ip", "link", "add", "lan", "type", "bridge", ns=router)  # the home network: one or more hosts
+        # The home network, one or more hosts. Without snooping the bridge sends no IGMP of its own (off the range).
+        sh("ip", "link", "add", "lan", "type", "bridge", "mcast_snooping", "0", ns=router)
         sh("ip", "addr", "add", f"{lan}.1/24", "dev", "lan", ns=router)
         sh("ip", "link", "set", "lan", "up", ns=router)
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=router)

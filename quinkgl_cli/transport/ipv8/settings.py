@@ -81,7 +81,7 @@ class Limits:
     path_retry_after: float = 300.0  # seconds before a way to a peer that failed is tried again
     # Seconds a peer a relay told us of (`forward`) has to reach us directly (punching takes an introduction or two)
     # before we greet it through the relay instead; only a node behind a NAT does.
-    introduce_after: float = 3.0
+    introduce_after: float = 2.0
     relayed_peers: int = 8  # peers we reach only through a relay, at most: each costs the relay our heartbeats
     relay: RelayLimits = field(default_factory=lambda: RelayLimits())
     strangers: StrangerLimits = field(default_factory=lambda: StrangerLimits())
