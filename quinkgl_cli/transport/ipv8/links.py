@@ -84,8 +84,9 @@ class Links:
         """Ways to try for an offer from ``rec``: on loopback only direct (no NAT there)."""
         if is_loopback(rec.address[0]):
             return [Route(DIRECT)]
+        relayed = rec.via is not None  # its datagrams come only through a relay: so will its bytes
         return self.book.routes(rec.node_id, time.monotonic(), self.services.relay_candidates(rec.node_id),
-                                reverse=not self.services.behind_nat())
+                                reverse=not self.services.behind_nat() and not relayed, direct=not relayed)
 
     async def connect_any(self, rec: PeerRecord, p: OfferPayload, routes: list[Route]) -> tuple[socket.socket, Route]:
         """The first of ``routes`` to connect, each started ``STAGGER`` seconds after the one before unless that
