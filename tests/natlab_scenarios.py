@@ -259,13 +259,14 @@ Place = tuple[str, natlab.Host, str, int]  # node id, the lab host it runs in, w
 
 def _run_daemons(lab: natlab.Lab, work: Path, script: Path | None, places: list[Place], rounds: int, interval: float,
                  script_args: dict[str, str], min_peers: int, timeout: float) -> dict[str, Any]:
-    """Real `quinkgl run` daemons, one per place, the first one the seed (relaying) the others bootstrap from, each
-    with its shard of the script's data; what each logged."""
+    """Real `quinkgl run` daemons, one per place, the first one the seed the others bootstrap from (relaying, unless
+    on loopback), each with its shard of the script's data; what each logged."""
     sys.path.insert(0, str(ROOT))
     from datetime import datetime
 
     from quinkgl_cli.node import localswarm as ls
     from quinkgl_cli.node.trace import Transfer, read_trace
+    from quinkgl_cli.validation import is_loopback
 
     script = script or ls.DIGITS_SCRIPT
     manifest, _key, _pub, _swarm = ls.digits_manifest(work / "m", script=script)
@@ -277,7 +278,10 @@ def _run_daemons(lab: natlab.Lab, work: Path, script: Path | None, places: list[
     for i, (name, host, listen, port) in enumerate(places):
         extra = ["--listen", listen, "--no-rendezvous", "--min-peers", str(min_peers), "--min-peers-timeout", "40",
                  "--log-format", "json", "--trace", str(work / f"{name}.trace")]
-        extra += ["--relay"] if i == 0 else ["--bootstrap-peer", seed_at]
+        if i > 0:
+            extra += ["--bootstrap-peer", seed_at]
+        elif not is_loopback(listen):  # on loopback there is no NAT, and nothing to relay for
+            extra += ["--relay"]
         cmd = ls.run_command(manifest, script, name, port, rounds, interval, [], work / f"ck-{name}",
                              {"shard": str(i), "num_shards": str(len(places)), **script_args}, extra)
         logs[name] = work / f"{name}.log"
