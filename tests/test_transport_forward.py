@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from quinkgl_cli.transport.ipv8.payloads import ControlPayload, ForwardedPayload
-from quinkgl_cli.transport.ipv8.settings import Limits, RelayLimits
+from quinkgl_cli.transport.ipv8.settings import ForwardLimits, Limits, RelayLimits
 from tests.test_transport_contract import Cluster, _upd, run_cluster, wait_until
 
 
@@ -24,7 +24,7 @@ def _cut(t: Any, blocked: set[tuple[str, int]]) -> None:
 async def _apart(c: Cluster, relay: RelayLimits | None = None, blocked: set[tuple[str, int]] | None = None
                  ) -> tuple[Any, Any, Any, Any]:
     """A relay ``r`` and two peers ``a`` and ``b`` that cannot send each other a datagram (while ``blocked``)."""
-    limits = Limits(introduce_after=0.2, relay=relay or RelayLimits())
+    limits = Limits(forward=ForwardLimits(introduce_after=0.2), relay=relay or RelayLimits())
     r, _ = await c.add("r", relay=True, limits=limits)
     blocked = set() if blocked is None else blocked
     a, _ = await c.add("a", limits=limits)

@@ -147,12 +147,12 @@ class Forwarder:
     def _greet(self, now: float) -> None:
         """Greet, through their relay, the peers rosters named that never reached us directly."""
         limits = self.settings.limits
-        room = not self.table.full() and sum(rec.via is not None for rec in self.table) < limits.relayed_peers
+        room = not self.table.full() and sum(rec.via is not None for rec in self.table) < limits.forward.relayed_peers
         for key, c in list(self.candidates.items()):
             relay = self.table.get(c.relay)
             if self.table.by_key(key) is not None or now - c.last_listed > FORGET or relay is None or relay.via is not None:
                 del self.candidates[key]  # met, gone from its relay, or the relay is gone
-            elif room and now - c.listed >= limits.introduce_after and now - c.greeted >= RETRY:
+            elif room and now - c.listed >= limits.forward.introduce_after and now - c.greeted >= RETRY:
                 c.greeted = now
                 self.courier.send_relayed(relay.address, c.name, self.hello())
 

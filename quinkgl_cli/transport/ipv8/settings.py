@@ -43,6 +43,16 @@ class RelayLimits:
 
 
 @dataclass(frozen=True)
+class ForwardLimits:
+    """Which peers a node behind a NAT meets through a relay (`forward`), when they cannot reach it directly."""
+
+    # Seconds a peer a relay told us of has to reach us directly (punching takes an introduction or two) before we
+    # greet it through the relay instead.
+    introduce_after: float = 2.0
+    relayed_peers: int = 8  # peers we reach only through a relay, at most: each costs the relay our heartbeats
+
+
+@dataclass(frozen=True)
 class StrangerLimits:
     """What peers we have no reason to trust (untrusted peers and keys not in the table, see `peers`) may take."""
 
@@ -79,10 +89,7 @@ class Limits:
     stop_grace: float = 2.0  # seconds a stopping transport waits for peers to fetch what it offered them
     id_hold: float = 120.0  # seconds a lost peer's node id stays its key's: nobody else may claim it meanwhile
     path_retry_after: float = 300.0  # seconds before a way to a peer that failed is tried again
-    # Seconds a peer a relay told us of (`forward`) has to reach us directly (punching takes an introduction or two)
-    # before we greet it through the relay instead; only a node behind a NAT does.
-    introduce_after: float = 2.0
-    relayed_peers: int = 8  # peers we reach only through a relay, at most: each costs the relay our heartbeats
+    forward: ForwardLimits = field(default_factory=lambda: ForwardLimits())
     relay: RelayLimits = field(default_factory=lambda: RelayLimits())
     strangers: StrangerLimits = field(default_factory=lambda: StrangerLimits())
 
