@@ -10,11 +10,11 @@ costs its relay our heartbeats).
 
 A relayed message is a whole datagram its sender signed for us, with its own session and counter: the relay cannot
 forge, alter or replay one (the signature and the replay check fail), only drop it. A peer met this way
-(`PeerRecord.via`) is never asked to connect anywhere by the address the relay gave (no reverse connection), is no
-relay for us, and turns into a direct peer the moment a datagram of its own reaches us straight. To that end both
-ends send each other a hello straight to the address their relay sees every ``PUNCH_EVERY`` seconds: through
-endpoint-independent NATs that opens a direct way (punching, without waiting for IPv8 to introduce them), through a
-symmetric one it costs a datagram.
+(`PeerRecord.via`) is no relay for us, and is never asked to connect anywhere by the address the relay gave (no
+reverse connection, no probe): all that goes there is a hello every ``PUNCH_EVERY`` seconds (for at most
+``relayed_peers`` peers), which is how it turns into a direct peer the moment a datagram of its own reaches us
+straight: through endpoint-independent NATs both ends' hellos open a direct way (punching, without waiting for IPv8
+to introduce them); through a symmetric one they cost a datagram each.
 """
 
 from __future__ import annotations
