@@ -139,6 +139,8 @@ class Forwarder:
             if known is not None and known.relay == rec.node_id:
                 known.last_listed, known.name = now, name
                 continue
+            if known is not None and self.table.get(known.relay) is not None:
+                continue  # another relay of ours named it first: its clock keeps running
             self.candidates.pop(key, None)
             self.candidates[key] = _Candidate(name, rec.node_id, now, now)
         while len(self.candidates) > 4 * self.table.capacity:
