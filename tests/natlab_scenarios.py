@@ -242,7 +242,8 @@ def relay_leaves(lab: natlab.Lab, work: Path) -> dict[str, Any]:
     return result
 
 
-def _daemons(lab: natlab.Lab, work: Path, script: Path | None, natted: bool, rounds: int, interval: float) -> dict[str, Any]:
+def _daemons(lab: natlab.Lab, work: Path, script: Path | None, natted: bool, rounds: int, interval: float,
+             min_peers: int = 2) -> dict[str, Any]:
     """Four real `quinkgl run` daemons, the seed public and relaying, the others behind a port-restricted, a
     full-cone and a symmetric NAT (``natted``) or all public; what each logged."""
     seed = lab.public("seed")
@@ -251,7 +252,7 @@ def _daemons(lab: natlab.Lab, work: Path, script: Path | None, natted: bool, rou
     else:
         hosts = [seed, lab.public("rest1"), lab.public("full1"), lab.public("sym1")]
     return _run_daemons(lab, work, script, [(h.name, h, h.address, PORT) for h in hosts], rounds, interval,
-                        {"partition": "shards:3"}, min_peers=2, timeout=150)
+                        {"partition": "shards:3"}, min_peers=min_peers, timeout=150)
 
 
 Place = tuple[str, natlab.Host, str, int]  # node id, the lab host it runs in, where it listens, its port
@@ -354,8 +355,9 @@ def daemons(lab: natlab.Lab, work: Path) -> dict[str, Any]:
     """Real `quinkgl run` daemons: a public seed that relays and three peers behind NATs form one swarm, and every
     peer aggregates models from the others. The symmetric NAT and the port-restricted one cannot punch a way to each
     other: they meet through the relay (its roster, then their control messages through it) and their models come
-    through it too."""
-    result = _daemons(lab, work, None, True, 6, 1.0)
+    through it too. Each starts its rounds once it met the three others (those two meet a few seconds after the
+    rest), so that all of them overlap whatever the order they started in."""
+    result = _daemons(lab, work, None, True, 6, 1.0, min_peers=3)
     for name, peer in result["peers"].items():
         assert peer["aggregations"] > 0 and peer["peers_met"] == 3, (name, peer)
     nat = {name: peer["reachability"][-1]["nat"] for name, peer in result["peers"].items()}
