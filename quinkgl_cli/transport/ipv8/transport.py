@@ -267,10 +267,12 @@ class IPv8Transport(RuledTransport):
         def lost(node_id: str, address: tuple[str, int], reason: str) -> None:
             fetcher.forget(node_id)
             services.forget(node_id)
+            relayed = courier.relayed(address)
             courier.unroute(address)
             if forwarder is not None:
                 forwarder.forget(node_id)
-            rejoin.forget_peer(node_id, address, reason, time.monotonic())
+            if not relayed:  # a relay's word for where a peer sits is no address to knock at after a split
+                rejoin.forget_peer(node_id, address, reason, time.monotonic())
 
         membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, lost,
                                 self.admission, local_seeds=self._local_seeds if self.rendezvous is not None else None,
