@@ -10,6 +10,7 @@ Layout (``Lab``)::
       public host  NAME   10.201.0.<10+i>      on the bridge; reachable by everyone
       router       r-NAME 10.201.0.<100+i>     wan on the bridge; lan 10.201.<i+1>.1/24; does the NAT
       NATed host   NAME   10.201.<i+1>.2       behind its router, default route through it
+      (`behind`)   NAME2  10.201.<i+1>.3, ...  more hosts on that router's home network
 
 NAT kinds (iptables in the router's namespace; filtering is conntrack's, so an inbound packet passes only when
 it answers what went out, unless a forward says otherwise):
@@ -142,14 +143,11 @@ class Lab:
         index = len(self.hosts)
         router, wan, lan = f"r-{name}", f"10.201.0.{100 + index}", f"10.201.{index + 1}"
         self._ns(router)
-        self._ns(name)
         self._wire_to_bridge(router, wan)
-        sh("ip", "link", "add", "lan", "netns", router, "type", "veth", "peer", "name", "eth0", "netns", name)
+        # The home network, one or more hosts. Without snooping the bridge sends no IGMP of its own (off the range).
+        sh("ip", "link", "add", "lan", "type", "bridge", "mcast_snooping", "0", ns=router)
         sh("ip", "addr", "add", f"{lan}.1/24", "dev", "lan", ns=router)
         sh("ip", "link", "set", "lan", "up", ns=router)
-        sh("ip", "addr", "add", f"{lan}.2/24", "dev", "eth0", ns=name)
-        sh("ip", "link", "set", "eth0", "up", ns=name)
-        sh("ip", "route", "add", "default", "via", f"{lan}.1", ns=name)
         sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=router)
         masquerade = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "wan", "-j", "MASQUERADE"]
         sh(*masquerade, *(["--random-fully"] if kind == "symmetric" else []), ns=router)
@@ -161,7 +159,28 @@ class Lab:
             sh("iptables", "-A", chain, "-i", "wan", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED,DNAT",
                "-j", "ACCEPT", ns=router)
             sh("iptables", "-A", chain, "-i", "wan", "-j", "DROP", ns=router)
-        host = Host(name, f"{lan}.2", kind, router=router, public_address=wan)
+        return self._home(name, kind, router, wan, lan)
+
+    def behind(self, name: str, other: str) -> Host:
+        """Another host on ``other``'s home network, behind the same router (no hairpinning: the two reach each
+        other only by their own addresses, which nobody outside knows)."""
+        first = self.hosts[other]
+        if first.router is None or first.public_address is None:
+            raise ValueError(f"{other} is not behind a NAT")
+        return self._home(name, first.kind, first.router, first.public_address, first.address.rsplit(".", 1)[0])
+
+    def _home(self, name: str, kind: str, router: str, wan: str, lan: str) -> Host:
+        """Host ``name`` on ``router``'s home network ``lan``.0/24, at the next free address from .2 up."""
+        address = f"{lan}.{2 + sum(h.router == router for h in self.hosts.values())}"
+        self._ns(name)
+        self._count += 1
+        leg = f"h{self._count}"
+        sh("ip", "link", "add", leg, "netns", router, "type", "veth", "peer", "name", "eth0", "netns", name)
+        sh("ip", "link", "set", leg, "master", "lan", "up", ns=router)
+        sh("ip", "addr", "add", f"{address}/24", "dev", "eth0", ns=name)
+        sh("ip", "link", "set", "eth0", "up", ns=name)
+        sh("ip", "route", "add", "default", "via", f"{lan}.1", ns=name)
+        host = Host(name, address, kind, router=router, public_address=wan)
         self.hosts[name] = host
         return host
 
@@ -176,7 +195,7 @@ class Lab:
     def leaks(self) -> dict[str, int]:
         """Packets each namespace tried to send outside the test range and loopback (all dropped)."""
         out: dict[str, int] = {}
-        for ns in [*self.hosts, *(h.router for h in self.hosts.values() if h.router)]:
+        for ns in dict.fromkeys([*self.hosts, *(h.router for h in self.hosts.values() if h.router)]):
             assert ns is not None
             text = sh("iptables", "-L", LEAK_CHAIN, "-v", "-n", "-x", ns=ns)
             out[ns] = sum(int(line.split()[0]) for line in text.splitlines()[2:] if "DROP" in line)

@@ -242,38 +242,55 @@ def relay_leaves(lab: natlab.Lab, work: Path) -> dict[str, Any]:
     return result
 
 
-def _daemons(lab: natlab.Lab, work: Path, script: Path | None, natted: bool, rounds: int, interval: float) -> dict[str, Any]:
+def _daemons(lab: natlab.Lab, work: Path, script: Path | None, natted: bool, rounds: int, interval: float,
+             min_peers: int = 2) -> dict[str, Any]:
     """Four real `quinkgl run` daemons, the seed public and relaying, the others behind a port-restricted, a
     full-cone and a symmetric NAT (``natted``) or all public; what each logged."""
-    sys.path.insert(0, str(ROOT))
-    from datetime import datetime
-
-    from quinkgl_cli.node import localswarm as ls
-    from quinkgl_cli.node.trace import Transfer, read_trace
-
-    script = script or ls.DIGITS_SCRIPT
-    manifest, _key, _pub, _swarm = ls.digits_manifest(work / "m", script=script)
     seed = lab.public("seed")
     if natted:
         hosts = [seed, lab.natted("rest1", "restricted"), lab.natted("full1", "full", PORT), lab.natted("sym1", "symmetric")]
     else:
         hosts = [seed, lab.public("rest1"), lab.public("full1"), lab.public("sym1")]
+    return _run_daemons(lab, work, script, [(h.name, h, h.address, PORT) for h in hosts], rounds, interval,
+                        {"partition": "shards:3"}, min_peers=min_peers, timeout=150)
+
+
+Place = tuple[str, natlab.Host, str, int]  # node id, the lab host it runs in, where it listens, its port
+
+
+def _run_daemons(lab: natlab.Lab, work: Path, script: Path | None, places: list[Place], rounds: int, interval: float,
+                 script_args: dict[str, str], min_peers: int, timeout: float) -> dict[str, Any]:
+    """Real `quinkgl run` daemons, one per place, the first one the seed the others bootstrap from (relaying, unless
+    on loopback), each with its shard of the script's data; what each logged."""
+    sys.path.insert(0, str(ROOT))
+    from datetime import datetime
+
+    from quinkgl_cli.node import localswarm as ls
+    from quinkgl_cli.node.trace import Transfer, read_trace
+    from quinkgl_cli.validation import is_loopback
+
+    script = script or ls.DIGITS_SCRIPT
+    manifest, _key, _pub, _swarm = ls.digits_manifest(work / "m", script=script)
     env = ls.child_env(work / "home")
     env["PYTHONPATH"] = str(ROOT)
-    logs = {}
+    logs, procs = {}, {}
     spawned = time.time()
-    for i, host in enumerate(hosts):
-        extra = ["--listen", host.address, "--no-rendezvous", "--min-peers", "2", "--min-peers-timeout", "40",
-                 "--log-format", "json", "--trace", str(work / f"{host.name}.trace")]
-        extra += ["--relay"] if host is seed else ["--bootstrap-peer", f"{seed.address}:{PORT}"]
-        cmd = ls.run_command(manifest, script, host.name, PORT, rounds, interval, [], work / f"ck-{host.name}",
-                             {"shard": str(i), "num_shards": str(len(hosts)), "partition": "shards:3"}, extra)
-        logs[host.name] = work / f"{host.name}.log"
-        lab.spawn(host.name, cmd, logs[host.name], env)
-    deadline = time.monotonic() + 150
-    for proc in lab.procs:
+    seed_at = f"{places[0][2]}:{places[0][3]}"
+    for i, (name, host, listen, port) in enumerate(places):
+        extra = ["--listen", listen, "--no-rendezvous", "--min-peers", str(min_peers), "--min-peers-timeout", "40",
+                 "--log-format", "json", "--trace", str(work / f"{name}.trace")]
+        if i > 0:
+            extra += ["--bootstrap-peer", seed_at]
+        elif not is_loopback(listen):  # on loopback there is no NAT, and nothing to relay for
+            extra += ["--relay"]
+        cmd = ls.run_command(manifest, script, name, port, rounds, interval, [], work / f"ck-{name}",
+                             {"shard": str(i), "num_shards": str(len(places)), **script_args}, extra)
+        logs[name] = work / f"{name}.log"
+        procs[name] = lab.spawn(host.name, cmd, logs[name], env)
+    deadline = time.monotonic() + timeout
+    for proc in procs.values():
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    result: dict[str, Any] = {"exit": {h.name: p.returncode for h, p in zip(hosts, lab.procs, strict=True)}, "peers": {}}
+    result: dict[str, Any] = {"exit": {name: p.returncode for name, p in procs.items()}, "peers": {}}
 
     def since_spawn(e: dict[str, Any]) -> float:
         return round(datetime.fromisoformat(e["ts"].replace("Z", "+00:00")).timestamp() - spawned, 2)
@@ -285,6 +302,7 @@ def _daemons(lab: natlab.Lab, work: Path, script: Path | None, natted: bool, rou
         result["peers"][name] = {
             "peers_met": finished.get("peers_met"),
             "val_accuracy": finished.get("val_accuracy"),
+            "val_accuracy_by_round": [e.get("val_accuracy") for e in events if e.get("event") == "round-end"],
             "aggregations": len(aggregated),
             "first_aggregation_s": since_spawn(aggregated[0]) if aggregated else None,
             "started_s": next((since_spawn(e) for e in events if e.get("event") == "started"), None),
@@ -303,13 +321,45 @@ def _daemons(lab: natlab.Lab, work: Path, script: Path | None, natted: bool, rou
     return result
 
 
+LEARNERS = ("seed", "pub2", "a1", "a2", "s1", "s2")
+LAST = 5  # rounds whose validation accuracy the learning comparison averages
+
+
+def learning(lab: natlab.Lab, work: Path) -> dict[str, Any]:
+    """Figures (benchmarks/bench_nat.py --learning): six real daemons learning digits, non-IID (``shards:2``),
+    either in the lab, two public (the seed relaying) and four behind two NATs, two behind a port-restricted one
+    (a1, a2) and two behind a symmetric one (s1, s2), or (QGL_LAB_NAT=0) the same six on loopback in one namespace.
+    QGL_LAB_SEED sets the data split's seed, QGL_LAB_ROUNDS the rounds (20, 1 s apart)."""
+    rounds = int(os.environ.get("QGL_LAB_ROUNDS", "20"))
+    args = {"partition": "shards:2", "seed": os.environ.get("QGL_LAB_SEED", "0")}
+    if os.environ.get("QGL_LAB_NAT", "1") == "1":
+        seed, pub2 = lab.public("seed"), lab.public("pub2")
+        a1, s1 = lab.natted("a1", "restricted"), lab.natted("s1", "symmetric")
+        a2, s2 = lab.behind("a2", "a1"), lab.behind("s2", "s1")
+        places = [(h.name, h, h.address, PORT) for h in (seed, pub2, a1, a2, s1, s2)]
+    else:
+        lo = lab.public("lo")
+        places = [(name, lo, "127.0.0.1", PORT + i) for i, name in enumerate(LEARNERS)]
+    result = _run_daemons(lab, work, None, places, rounds, 1.0, args, min_peers=len(places) - 1, timeout=400)
+    finals = [p["val_accuracy"] for p in result["peers"].values()]
+    # A non-IID swarm's accuracy swings from round to round: the mean of the last LAST rounds says more than the last.
+    lasts = [p["val_accuracy_by_round"][-LAST:] for p in result["peers"].values()]
+    assert None not in finals and all(len(x) == LAST and None not in x for x in lasts), result["peers"]
+    result["mean_val_accuracy"] = round(sum(finals) / len(finals), 4)
+    result["mean_val_accuracy_last"] = round(sum(sum(x) / LAST for x in lasts) / len(lasts), 4)
+    result["settings"] = {"rounds": rounds, "last": LAST, **args}
+    return result
+
+
 def daemons(lab: natlab.Lab, work: Path) -> dict[str, Any]:
     """Real `quinkgl run` daemons: a public seed that relays and three peers behind NATs form one swarm, and every
-    peer aggregates models from the others. (The symmetric NAT and the port-restricted one cannot punch a way
-    to each other: each of them meets the seed and the full-cone peer.)"""
-    result = _daemons(lab, work, None, True, 6, 1.0)
+    peer aggregates models from the others. The symmetric NAT and the port-restricted one cannot punch a way to each
+    other: they meet through the relay (its roster, then their control messages through it) and their models come
+    through it too. Each starts its rounds once it met the three others (those two meet a few seconds after the
+    rest), so that all of them overlap whatever the order they started in."""
+    result = _daemons(lab, work, None, True, 6, 1.0, min_peers=3)
     for name, peer in result["peers"].items():
-        assert peer["aggregations"] > 0 and peer["peers_met"] >= 2, (name, peer)
+        assert peer["aggregations"] > 0 and peer["peers_met"] == 3, (name, peer)
     nat = {name: peer["reachability"][-1]["nat"] for name, peer in result["peers"].items()}
     assert nat == {"seed": "none", "rest1": "mapped", "full1": "mapped", "sym1": "symmetric"}, result["peers"]
     assert result["peers"]["seed"]["reachability"][0]["nat"] == "unknown"  # the line at start, before any report
@@ -490,13 +540,14 @@ def lan(lab: natlab.Lab, work: Path) -> dict[str, Any]:
 
 SCENARIOS: dict[str, Callable[[natlab.Lab, Path], dict[str, Any]]] = {
     "bench": bench, "daemons_bench": daemons_bench, "doctor": doctor, "split": split, "lan": lan,
-    "discovery": discovery, "paths": paths, "relay_leaves": relay_leaves, "daemons": daemons}
+    "discovery": discovery, "paths": paths, "relay_leaves": relay_leaves, "daemons": daemons, "learning": learning}
+LONG = {"learning": 480}  # a scenario's time in its sandbox, when more than the default
 
 
 def main(argv: list[str]) -> int:
     name, out = argv[0], Path(argv[1])
     if os.environ.get("QGL_NATLAB") != "1":
-        done = natlab.sandbox([sys.executable, __file__, *argv], 170, env={**os.environ, "QGL_NATLAB": "1"})
+        done = natlab.sandbox([sys.executable, __file__, *argv], LONG.get(name, 170), env={**os.environ, "QGL_NATLAB": "1"})
         sys.stdout.write(done.stdout[-20000:])
         sys.stderr.write(done.stderr[-20000:])
         return done.returncode

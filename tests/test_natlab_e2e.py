@@ -66,6 +66,10 @@ def test_real_daemons_behind_nats_form_one_swarm(tmp_path: Path) -> None:
     assert all(p["aggregations"] > 0 for p in r["peers"].values()), r["peers"]
     assert {"rest1=reverse", "full1=reverse", "sym1=reverse"} <= set(r["peers"]["seed"]["paths"])
     assert "sym1=relay:seed" in r["peers"]["full1"]["paths"]
+    # A symmetric and a port-restricted NAT: no datagram passes between them; they meet, and trade models, through
+    # the relay (control messages and bytes alike).
+    assert all(p["peers_met"] == 3 for p in r["peers"].values()), r["peers"]
+    assert "sym1=relay:seed" in r["peers"]["rest1"]["paths"] and "rest1=relay:seed" in r["peers"]["sym1"]["paths"], r["peers"]
     # Each end's trace names the way the bytes took: the fetcher's receive and the server's send.
     traced = {name: set(peer["traced"]) for name, peer in r["peers"].items()}
     assert {"receive:rest1=reverse", "receive:sym1=reverse"} <= traced["seed"], traced

@@ -55,6 +55,13 @@ def test_a_lost_peer_starts_afresh_and_the_snapshot_names_the_way_per_peer() -> 
     assert book.routes("a", 0.0, [], reverse=True) == [Route(DIRECT), Route(REVERSE)]
 
 
+def test_a_peer_met_through_a_relay_gets_relays_only_and_a_failed_relay_is_tried_again() -> None:
+    book = PathBook(retry_after=300.0)
+    assert book.routes("a", 0.0, ["r"], reverse=False, direct=False) == [Route(RELAY, "r")]
+    book.failed("a", Route(RELAY, "r"), 1.0)  # busy once: still the only way, not skipped for direct
+    assert book.routes("a", 2.0, ["r"], reverse=False, direct=False) == [Route(RELAY, "r")]
+
+
 # -- the relay -----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def pairs() -> Iterator[list[socket.socket]]:
@@ -128,6 +135,20 @@ async def _the_relay_bounds_waiting_ends_pairs_and_waiting_time(tmp_path: Path, 
     assert late.fileno() == -1  # its partner never came: closed after the wait
 
 
+async def _a_pair_beyond_the_running_ones_waits_its_turn(tmp_path: Path, pairs: list[socket.socket]) -> None:
+    relay, stats = _relay(tmp_path, pairs=1, wait=2.0)
+    peer = ("127.0.0.11", 40000)
+    (s1, s1_near), (r1, r1_near), (s2, s2_near), (r2, r2_near) = (_pair(pairs) for _ in range(4))
+    for offer, near in ((b"a", s1_near), (b"a", r1_near), (b"b", s2_near), (b"b", r2_near)):
+        assert relay.join(offer * 20, near, peer) is True
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(s2, b"second")
+    await loop.sock_sendall(s1, b"first")
+    assert await _recv(r1, 5) == b"first" and relay.queued == 1  # one runs, the other waits
+    s1.close()  # the first transfer ends: the second one starts, its bytes already there
+    assert await _recv(r2, 6) == b"second" and stats.dropped == 0
+
+
 async def _a_node_that_does_not_volunteer_relays_nothing(tmp_path: Path, pairs: list[socket.socket]) -> None:
     relay, _ = _relay(tmp_path, volunteer=False)
     assert relay.join(b"o" * 20, _pair(pairs)[1], ("127.0.0.11", 1)) is False
@@ -141,3 +162,6 @@ def test_the_relay_bounds_waiting_ends_pairs_and_waiting_time(tmp_path: Path, pa
 
 def test_a_node_that_does_not_volunteer_relays_nothing(tmp_path: Path, pairs: list[socket.socket]) -> None:
     asyncio.run(_a_node_that_does_not_volunteer_relays_nothing(tmp_path, pairs))
+
+def test_a_pair_beyond_the_running_ones_waits_its_turn(tmp_path: Path, pairs: list[socket.socket]) -> None:
+    asyncio.run(_a_pair_beyond_the_running_ones_waits_its_turn(tmp_path, pairs))

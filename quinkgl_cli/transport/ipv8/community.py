@@ -23,16 +23,23 @@ from quinkgl_cli.transport.ipv8.payloads import (
     ByePayload,
     ControlPayload,
     DeclinePayload,
+    ForwardedPayload,
     HelloHead,
     HelloPayload,
     OfferPayload,
     PathRequestPayload,
+    RelayedPayload,
     RevocationPayload,
+    RosterPayload,
     ServicesPayload,
 )
 
 LOGGER_NAME = "quinkgl.transport.ipv8"
 COMMUNITY_TAG = b"quinkgl-swarm/1\0"
+# The messages a relay may bring us from another peer (`forward`): never a relayed message again (no chains), a
+# roster, or IPv8's own introductions and punctures (those are about direct ways only).
+RELAYABLE = frozenset(cls.msg_id for cls in (HelloPayload, OfferPayload, ControlPayload, ByePayload, DeclinePayload,
+                                             RevocationPayload, ServicesPayload, PathRequestPayload))
 
 
 def community_id_for(swarm_id: str) -> bytes:
@@ -73,6 +80,12 @@ class CommunityHandlers(Protocol):
 
     def on_path_request(self, key: bytes, source: tuple[str, int], payload: PathRequestPayload) -> None: ...
 
+    def on_relayed(self, key: bytes, source: tuple[str, int], payload: RelayedPayload) -> None: ...
+
+    def on_forwarded(self, key: bytes, source: tuple[str, int], payload: ForwardedPayload) -> None: ...
+
+    def on_roster(self, key: bytes, source: tuple[str, int], payload: RosterPayload) -> None: ...
+
 
 class SwarmSettings(CommunitySettings):
     handlers: CommunityHandlers
@@ -101,6 +114,9 @@ class SwarmCommunity(Community):
         self.add_message_handler(RevocationPayload, self._on_revocations)
         self.add_message_handler(ServicesPayload, self._on_services)
         self.add_message_handler(PathRequestPayload, self._on_path_request)
+        self.add_message_handler(RelayedPayload, self._on_relayed)
+        self.add_message_handler(ForwardedPayload, self._on_forwarded)
+        self.add_message_handler(RosterPayload, self._on_roster)
 
     # -- keep IPv8 away from the host's LAN addresses: it looks them up (a DNS query for the host name, a UDP socket
     # towards a TEST-NET address) and peers would send to them; LAN discovery is ours (`lan`), by beacon sources ----
@@ -139,9 +155,20 @@ class SwarmCommunity(Community):
         known = self.network.get_verified_by_address(source)
         if known:
             known.last_response = time.time()
+        self._dispatch(source, data, None)
+
+    def on_relayed_packet(self, source: tuple[str, int], data: bytes) -> None:
+        """A packet another peer signed, brought by a relay (`forward`): checked and handled as if it came from
+        ``source`` (where the relay sees that peer), if it is one of the `RELAYABLE` messages."""
+        self._dispatch(source, data, RELAYABLE)
+
+    def _dispatch(self, source: Any, data: bytes, only: frozenset[int] | None) -> None:
         if data[:22] != self._prefix or len(data) < 23:
             return
-        if not self.handlers.admits(_addr(source), _signer(data)):
+        if only is not None and data[22] not in only:
+            self.handlers.on_bad_packet(_addr(source), "not_relayable")
+            return
+        if not self.handlers.admits(_addr(source), signer(data)):
             return  # before the signature check: a flood costs us a dictionary lookup per packet, not a verify
         handler = self.decode_map[data[22]]
         if handler is None:
@@ -193,6 +220,18 @@ class SwarmCommunity(Community):
         key, payload = self._unpack_signed(PathRequestPayload, data)
         self.handlers.on_path_request(key, _addr(source), payload)
 
+    def _on_relayed(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(RelayedPayload, data)
+        self.handlers.on_relayed(key, _addr(source), payload)
+
+    def _on_forwarded(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(ForwardedPayload, data)
+        self.handlers.on_forwarded(key, _addr(source), payload)
+
+    def _on_roster(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(RosterPayload, data)
+        self.handlers.on_roster(key, _addr(source), payload)
+
     def _unpack_signed(self, cls: Any, data: bytes) -> tuple[bytes, Any]:
         key, body = self._verified(data)
         payload, _ = self.serializer.unpack_serializable(cls, body, offset=23)
@@ -209,12 +248,16 @@ class SwarmCommunity(Community):
     def send_signed(self, address: tuple[str, int], payload: Any) -> None:
         self._ez_senda(UDPv4Address(*address), payload)
 
+    def pack_signed(self, payload: Any) -> bytes:
+        """The datagram `send_signed` would send: what a relay carries for us, signed end to end."""
+        return self.ezr_pack(payload.msg_id, payload)
+
 
 def _addr(source: Any) -> tuple[str, int]:
     return str(source[0]), int(source[1])
 
 
-def _signer(data: bytes) -> bytes:
+def signer(data: bytes) -> bytes:
     """The public key a signed packet names (its BinMemberAuthenticationPayload at offset 23: a 2-byte length,
     then the key), unchecked; empty if there is none."""
     if len(data) < 25:

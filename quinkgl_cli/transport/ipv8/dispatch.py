@@ -1,7 +1,8 @@
 """The community's handlers: which part of the transport deals with each kind of datagram.
 
-Owns only the routing and the moment it starts and stops: before the parts are attached, and after the transport
-stops, everything heard is ignored. Control messages are small enough to be handled here.
+Owns only the routing, the moment it starts and stops (before the parts are attached, and after the transport
+stops, everything heard is ignored) and, while a relayed packet is handled, which relay brought it (`forward`).
+Control messages are small enough to be handled here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Any
 
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.transport.common import DropLog, check_kind, decode_body
+from quinkgl_cli.transport.ipv8.community import SwarmCommunity
 from quinkgl_cli.transport.ipv8.fetcher import Fetcher
+from quinkgl_cli.transport.ipv8.forward import Forwarder
 from quinkgl_cli.transport.ipv8.links import Links
 from quinkgl_cli.transport.ipv8.membership import Membership
 from quinkgl_cli.transport.ipv8.outbox import Outbox
@@ -19,11 +22,14 @@ from quinkgl_cli.transport.ipv8.payloads import (
     ByePayload,
     ControlPayload,
     DeclinePayload,
+    ForwardedPayload,
     HelloHead,
     HelloPayload,
     OfferPayload,
     PathRequestPayload,
+    RelayedPayload,
     RevocationPayload,
+    RosterPayload,
     ServicesPayload,
 )
 from quinkgl_cli.transport.ipv8.probes import PROBE, Probes
@@ -40,6 +46,8 @@ class Routes:
     services: Services
     links: Links
     probes: Probes
+    forwarder: Forwarder
+    community: SwarmCommunity
 
 
 class Dispatch:
@@ -50,6 +58,7 @@ class Dispatch:
         self._node_id = node_id
         self._drops = drops
         self._routes: Routes | None = None
+        self._via: str | None = None  # while a relayed packet is handled: the relay peer that brought it
 
     def attach(self, routes: Routes | None) -> None:
         """Start routing to ``routes``; None stops (the transport is stopping)."""
@@ -78,7 +87,7 @@ class Dispatch:
 
     def on_hello(self, key: bytes, source: tuple[str, int], payload: HelloPayload) -> None:
         if self._routes is not None:
-            self._routes.membership.on_hello(key, source, payload)
+            self._routes.membership.on_hello(key, source, payload, via=self._via)
 
     def on_bye(self, key: bytes, source: tuple[str, int], payload: ByePayload) -> None:
         if self._routes is not None:
@@ -122,6 +131,34 @@ class Dispatch:
             r.probes.on_request(rec, payload)
         else:
             r.links.on_path_request(rec, payload)
+
+    def on_relayed(self, key: bytes, source: tuple[str, int], p: RelayedPayload) -> None:
+        r = self._routes
+        rec = r.membership.fresh(key, source, p.session, p.counter, "relay-refused") if r is not None else None
+        if r is not None and rec is not None:
+            r.forwarder.on_relayed(rec, p)
+
+    def on_roster(self, key: bytes, source: tuple[str, int], p: RosterPayload) -> None:
+        r = self._routes
+        rec = r.membership.fresh(key, source, p.session, p.counter, "roster-refused") if r is not None else None
+        if r is not None and rec is not None:
+            r.forwarder.on_roster(rec, p)
+
+    def on_forwarded(self, key: bytes, source: tuple[str, int], p: ForwardedPayload) -> None:
+        """A packet another peer signed, brought by its relay: handled as that peer's own (its signature and replay
+        checks included), knowing which relay brought it."""
+        r = self._routes
+        if r is None or self._via is not None:
+            return
+        relay = r.membership.fresh(key, source, p.session, p.counter, "forward-refused")
+        origin = r.forwarder.open(relay, p) if relay is not None else None
+        if relay is None or origin is None:
+            return
+        self._via = relay.node_id
+        try:
+            r.community.on_relayed_packet(origin, p.packet)
+        finally:
+            self._via = None
 
     def on_control(self, key: bytes, source: tuple[str, int], p: ControlPayload) -> None:
         r = self._routes

@@ -5,7 +5,8 @@ reverse connections it waits for, and the choice of routes (`paths.PathBook`); o
 connections it makes out when a recipient asks (`PathRequestPayload`): to the recipient's TCP port (reverse) or to
 a relay. The fetch exchange then runs over the connection unchanged (`fetcher`, `server.serve`), so every way
 carries the same checks. A sender connects only where the request's signer is (its own address) or to a relay
-among its own peers: a request cannot point it at anyone else.
+among its own peers: a request cannot point it at anyone else; a peer met through a relay (`forward`), whose
+address only the relay vouches for, gets no reverse connection.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ class Links:
         """Ways to try for an offer from ``rec``: on loopback only direct (no NAT there)."""
         if is_loopback(rec.address[0]):
             return [Route(DIRECT)]
+        relayed = rec.via is not None  # its datagrams come only through a relay: so will its bytes
         return self.book.routes(rec.node_id, time.monotonic(), self.services.relay_candidates(rec.node_id),
-                                reverse=not self.services.behind_nat())
+                                reverse=not self.services.behind_nat() and not relayed, direct=not relayed)
 
     async def connect_any(self, rec: PeerRecord, p: OfferPayload, routes: list[Route]) -> tuple[socket.socket, Route]:
         """The first of ``routes`` to connect, each started ``STAGGER`` seconds after the one before unless that
@@ -229,6 +231,9 @@ class Links:
         if out.serving or p.offer_id in self.pushing or len(self.pushing) >= self.settings.limits.serve_slots:
             return  # already on its way (a repeated request), or we are busy enough
         if p.path == REVERSE:
+            if rec.via is not None:  # its address is only what a relay told us: connect nowhere on its word
+                self.drops("path-refused", rec.node_id, "relayed_peer")
+                return
             target, magic = (rec.address[0], p.tcp_port), stream.REVERSE_MAGIC
         elif p.path == RELAY:
             relay = self.services.relay_address(p.relay)

@@ -124,9 +124,12 @@ class Membership:
         self._send_hello(address, want_reply)
 
     def _send_hello(self, address: tuple[str, int], want_reply: bool) -> None:
+        self.courier.send(address, self.hello_payload(want_reply))
+
+    def hello_payload(self, want_reply: bool) -> HelloPayload:
         s = self.settings
-        self.courier.send(address, HelloPayload(s.swarm_id, s.node_id, s.arch_hash, s.protocol_version, *self.courier.stamp(),
-                                                self.tcp_port, want_reply, self.admission.certificate))
+        return HelloPayload(s.swarm_id, s.node_id, s.arch_hash, s.protocol_version, *self.courier.stamp(), self.tcp_port,
+                            want_reply, self.admission.certificate)
 
     def say_goodbye(self) -> None:
         for rec in self.table:
@@ -135,14 +138,19 @@ class Membership:
     # -- incoming ----------------------------------------------------------------------------------------------
     def on_contact(self, peer: Any) -> None:
         key = peer.public_key.key_to_bin()
-        if self.table.node_of(key) is None and not self.table.full():
+        rec = self.table.by_key(key)
+        if rec is None and not self.table.full():
             self.hello(key, _addr(peer.address), want_reply=True, min_gap=1.0)
+        elif rec is not None and rec.via is not None:  # a peer we reach through a relay reached us directly: go direct
+            self.courier.unroute(_addr(peer.address))
+            self._send_hello(_addr(peer.address), want_reply=True)
 
     def on_other_protocol(self, source: tuple[str, int], head: HelloHead) -> None:
         self.drops("peer-refused", label(head.node_id, source), "protocol_mismatch", theirs=head.protocol,
                    ours=self.settings.protocol_version)
 
-    def on_hello(self, key: bytes, source: tuple[str, int], p: HelloPayload) -> None:
+    def on_hello(self, key: bytes, source: tuple[str, int], p: HelloPayload, via: str | None = None) -> None:
+        """``via``: the relay peer that brought it (`forward`); None when it came straight from ``source``."""
         s = self.settings
         node_id = p.node_id
         who = label(node_id, source)
@@ -170,7 +178,8 @@ class Membership:
         name = holder.node_id if holder is not None else self._name(node_id, key, who, now)
         if name is None:
             return
-        vouched = holder.vouched if holder is not None else self._vouched(source)
+        # A relay says where it sees the peer: no address it names vouches for anyone.
+        vouched = holder.vouched if holder is not None else self._vouched(source) and via is None
         if holder is None and renamed is None and self.table.full() and not self._evict_for(who, vouched):
             self.drops("peer-refused", who, "peer_limit", limit=self.table.capacity)
             return
@@ -184,16 +193,22 @@ class Membership:
             name = self.table.name_for(node_id, key, now, s.limits.id_hold)  # its own id again, held for its key
         if holder is None:
             rec = PeerRecord(name, key, hashlib.sha1(key).digest(), source, p.tcp_port, now, p.session,
-                             default_eccrypto.key_from_public_bin(key), first_seen=now, claimed=node_id, vouched=vouched)
+                             default_eccrypto.key_from_public_bin(key), first_seen=now, claimed=node_id, vouched=vouched,
+                             via=via)
             self.table.add(rec)
             emit(log, logging.DEBUG, "peer-discovered", context={"node": s.node_id}, peer=name,
                  address=f"{source[0]}:{source[1]}", key=key.hex()[-16:])
             self.events.peer_discovered(rec.info())
             self.gossip.share_with(rec)
         else:
-            holder.address = source
+            if via is None or holder.via is not None:  # a relayed hello never moves a peer we reach directly
+                if via is None and holder.via is not None:
+                    self.courier.unroute(holder.address)
+                holder.address, holder.via = source, via
             holder.tcp_port = p.tcp_port
             holder.last_seen = now
+        if via is None:
+            self.courier.unroute(source)  # it answers straight from there: nothing for that address needs a relay
         if p.want_reply or holder is None:  # first sight: tell the peer our session before it sends us anything
             self.hello(key, source, want_reply=False, min_gap=0.0)
 

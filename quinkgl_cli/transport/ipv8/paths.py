@@ -43,11 +43,13 @@ class PathBook:
         self.retry_after = retry_after
         self._peers: dict[str, _Memory] = {}
 
-    def routes(self, peer: str, now: float, relays: list[str], reverse: bool) -> list[Route]:
+    def routes(self, peer: str, now: float, relays: list[str], reverse: bool, direct: bool = True) -> list[Route]:
         """The routes to try for ``peer``, best first. ``relays``: relay peers to consider (best first);
-        ``reverse``: whether the sender could connect to us (False when we know we sit behind a NAT)."""
+        ``reverse``: whether the sender could connect to us (False when we know we sit behind a NAT); ``direct``:
+        whether to try its TCP port (False for a peer whose datagrams reach us only through a relay: its bytes
+        will too, and a relay that failed once is tried again rather than a way that cannot work)."""
         memory = self._peers.get(peer, _Memory())
-        candidates = [Route(DIRECT)]
+        candidates = [Route(DIRECT)] if direct else []
         if reverse:
             candidates.append(Route(REVERSE))
         candidates += [Route(RELAY, r) for r in relays if r != peer]

@@ -127,3 +127,33 @@ class PathRequestPayload(VariablePayload):
     msg_id = 8
     format_list = ["varlenHutf8", "Q", "Q", "20s", "varlenHutf8", "varlenHutf8", "H"]
     names = ["swarm_id", "session", "counter", "offer_id", "path", "relay", "tcp_port"]
+
+
+@vp_compile
+class RelayedPayload(VariablePayload):
+    """To a relay volunteer (``--relay``): pass ``packet`` on to the peer it knows as ``target``. ``packet`` is a
+    whole message of ours (hello, offer, control, ...) signed for that peer: the relay can drop it, never alter it."""
+
+    msg_id = 9
+    format_list = ["varlenHutf8", "Q", "Q", "varlenHutf8", "varlenH"]
+    names = ["swarm_id", "session", "counter", "target", "packet"]
+
+
+@vp_compile
+class ForwardedPayload(VariablePayload):
+    """From a relay: ``packet``, signed by the peer the relay knows as ``origin`` (its replies go back through the
+    relay under that name), whose datagrams the relay sees come from ``seen_host:seen_port``."""
+
+    msg_id = 10
+    format_list = ["varlenHutf8", "Q", "Q", "varlenHutf8", "varlenHutf8", "H", "varlenH"]
+    names = ["swarm_id", "session", "counter", "origin", "seen_host", "seen_port", "packet"]
+
+
+@vp_compile
+class RosterPayload(VariablePayload):
+    """From a relay volunteer: some of its peers, by the names it knows them by and their keys, so that peers that
+    cannot reach each other directly (a symmetric NAT and a port-restricted one) can meet through it."""
+
+    msg_id = 11
+    format_list = ["varlenHutf8", "Q", "Q", "varlenH-list", "varlenH-list"]
+    names = ["swarm_id", "session", "counter", "peer_names", "peer_keys"]

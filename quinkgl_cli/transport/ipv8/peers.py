@@ -58,6 +58,7 @@ class PeerRecord:
     vouched: bool = False  # at an address the operator named, or certified
     last_offer: float = float("-inf")  # when we last offered it a model
     claimed: str = ""  # the node id it says it is (what goes on the wire to it); its name unless aliased
+    via: str | None = None  # the relay peer its datagrams travel through (`forward`); None: straight to ``address``
 
     def __post_init__(self) -> None:
         if not self.claimed:

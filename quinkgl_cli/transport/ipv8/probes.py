@@ -104,8 +104,8 @@ class Probes:
 
     # -- answering -------------------------------------------------------------------------------------------------
     def on_request(self, rec: PeerRecord, p: PathRequestPayload) -> None:
-        if p.swarm_id != self.settings.swarm_id:
-            self.drops("path-refused", rec.node_id, "wrong_swarm")
+        if p.swarm_id != self.settings.swarm_id or rec.via is not None:  # a relayed peer's address is the relay's word
+            self.drops("path-refused", rec.node_id, "wrong_swarm" if rec.via is None else "relayed_peer")
             return
         if rec.node_id in self.answering or len(self.answering) >= MAX_ANSWERING:
             return  # a repeat of the request we are answering, or busy enough

@@ -6,8 +6,9 @@ the sender and recipient then run the usual fetch exchange through the relay. Th
 cannot alter a model (the recipient checks the bytes against the sender's signed offer) nor fetch one (the
 sender serves only the holder of the recipient's key).
 
-Bounds: only hosts of current peers may connect; at most ``waiting`` connections wait, each for ``wait`` seconds;
-at most ``pairs`` transfers run at once; all of them together carry at most ``rate`` bytes a second
+Bounds: only hosts of current peers may connect; at most ``waiting`` connections wait, each for ``wait`` seconds
+(for its partner, or, both ends there, for one of the ``pairs`` transfers that run at once to end: a round's burst
+of transfers queues instead of failing); all of them together carry at most ``rate`` bytes a second
 (`settings.RelayLimits`); one pair carries at most ``max_model_bytes`` plus headers.
 """
 
@@ -56,6 +57,8 @@ class Relay:
         self.drops = drops
         self.waiting: OrderedDict[bytes, tuple[socket.socket, asyncio.Task[Any]]] = OrderedDict()
         self.pairs = 0
+        self.queued = 0  # pairs whose two ends are here, waiting for a transfer to end
+        self._freed = asyncio.Event()  # set when a transfer ends
         self.budget = RateBudget(settings.limits.relay.rate)
         self.carried = 0  # bytes relayed since start
 
@@ -70,15 +73,13 @@ class Relay:
         partner = self.waiting.pop(offer_id, None)
         if partner is not None:
             partner[1].cancel()
-            if self.pairs >= limits.pairs:
+            if self.pairs >= limits.pairs and len(self.waiting) + 2 * (self.queued + 1) > limits.waiting:
                 close_socket(partner[0])
-                self.drops("relay-refused", addr[0], "busy", pairs=self.pairs)
+                self.drops("relay-refused", addr[0], "busy", pairs=self.pairs, queued=self.queued)
                 return False
-            self.pairs += 1
-            emit(log, logging.DEBUG, "relay-started", context={"node": self.settings.node_id}, pairs=self.pairs)
-            self.tasks.spawn(self._splice(partner[0], conn), "relay")
+            self.tasks.spawn(self._when_free(partner[0], conn), "relay")
             return True
-        if len(self.waiting) >= limits.waiting:
+        if len(self.waiting) + 2 * self.queued >= limits.waiting:
             self.drops("relay-refused", addr[0], "crowded", waiting=len(self.waiting))
             return False
         self.waiting[offer_id] = (conn, self.tasks.spawn(self._expire(offer_id, conn), "relay-wait"))
@@ -90,6 +91,34 @@ class Relay:
             del self.waiting[offer_id]
             close_socket(conn)
             self.drops("relay-refused", "-", "partner_missing")
+
+    async def _when_free(self, a: socket.socket, b: socket.socket) -> None:
+        """Splice ``a`` and ``b`` once fewer than ``pairs`` transfers run, within ``wait`` seconds; else close both."""
+        limits = self.settings.limits.relay
+        deadline = time.monotonic() + limits.wait
+        self.queued += 1
+        try:
+            while self.pairs >= limits.pairs:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    close_socket(a)
+                    close_socket(b)
+                    self.drops("relay-refused", "-", "busy", pairs=self.pairs, queued=self.queued)
+                    return
+                self._freed.clear()
+                try:
+                    await asyncio.wait_for(self._freed.wait(), left)
+                except TimeoutError:
+                    pass  # looked at again above: the wait is over
+        except BaseException:
+            close_socket(a)
+            close_socket(b)
+            raise
+        finally:
+            self.queued -= 1
+        self.pairs += 1
+        emit(log, logging.DEBUG, "relay-started", context={"node": self.settings.node_id}, pairs=self.pairs)
+        await self._splice(a, b)
 
     async def _splice(self, a: socket.socket, b: socket.socket) -> None:
         cap = self.settings.max_model_bytes + HEADROOM
@@ -107,6 +136,7 @@ class Relay:
                  seconds=round(time.monotonic() - started, 3))
         finally:
             self.pairs -= 1
+            self._freed.set()
             close_socket(a)
             close_socket(b)
 

@@ -38,8 +38,10 @@ class Services:
 
     def tell(self, rec: PeerRecord, now: float | None = None) -> None:
         self._told[rec.node_id] = time.monotonic() if now is None else now
+        # A peer we reach through a relay: we never saw its datagrams, so we say nothing of where they come from.
+        seen = ("", 0) if rec.via is not None else rec.address
         self.courier.send(rec.address, ServicesPayload(self.settings.swarm_id, *self.courier.stamp(), self.settings.limits.relay.volunteer,
-                                                       rec.address[0], rec.address[1]))
+                                                       *seen))
 
     def on_services(self, rec: PeerRecord, p: ServicesPayload) -> None:
         if p.swarm_id != self.settings.swarm_id:
@@ -67,8 +69,8 @@ class Services:
             del self.seen_by[next(iter(self.seen_by))]
 
     def relay_candidates(self, exclude: str) -> list[str]:
-        """Relay volunteers among our current peers, other than ``exclude``."""
-        return [n for n in self.relays if n != exclude and self.table.get(n) is not None]
+        """Relay volunteers among our current peers that we reach directly, other than ``exclude``."""
+        return [n for n in self.relays if n != exclude and (rec := self.table.get(n)) is not None and rec.via is None]
 
     def relay_address(self, node_id: str) -> tuple[str, int] | None:
         rec = self.table.get(node_id)

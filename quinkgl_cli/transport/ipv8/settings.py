@@ -38,6 +38,18 @@ class RelayLimits:
     waiting: int = 32  # connections waiting for the other end of their transfer
     wait: float = 5.0  # seconds one waits before the relay gives up on its partner
     rate: int = 50_000_000  # bytes/s carried, all transfers together (--relay-rate, in MB/s)
+    messages: float = 50.0  # control messages a second passed on for one peer (`forward`), sustained
+    messages_total: float = 500.0  # and for all peers together
+
+
+@dataclass(frozen=True)
+class ForwardLimits:
+    """Which peers a node behind a NAT meets through a relay (`forward`), when they cannot reach it directly."""
+
+    # Seconds a peer a relay told us of has to reach us directly (punching takes an introduction or two) before we
+    # greet it through the relay instead.
+    introduce_after: float = 2.0
+    relayed_peers: int = 8  # peers we reach only through a relay, at most: each costs the relay our heartbeats
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,7 @@ class Limits:
     stop_grace: float = 2.0  # seconds a stopping transport waits for peers to fetch what it offered them
     id_hold: float = 120.0  # seconds a lost peer's node id stays its key's: nobody else may claim it meanwhile
     path_retry_after: float = 300.0  # seconds before a way to a peer that failed is tried again
+    forward: ForwardLimits = field(default_factory=lambda: ForwardLimits())
     relay: RelayLimits = field(default_factory=lambda: RelayLimits())
     strangers: StrangerLimits = field(default_factory=lambda: StrangerLimits())
 

@@ -34,6 +34,7 @@ from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.dispatch import Dispatch, Routes
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint
 from quinkgl_cli.transport.ipv8.fetcher import Fetcher
+from quinkgl_cli.transport.ipv8.forward import Forwarder
 from quinkgl_cli.transport.ipv8.identity import load_or_create_key, next_session
 from quinkgl_cli.transport.ipv8.lan import LanBeacon
 from quinkgl_cli.transport.ipv8.links import Links
@@ -97,6 +98,7 @@ class Parts:
     relay: Relay
     links: Links
     probes: Probes
+    forwarder: Forwarder
     rejoin: Rejoin
     lan: LanBeacon | None  # --lan-discovery
     reach: Reachability
@@ -247,7 +249,7 @@ class IPv8Transport(RuledTransport):
         node_events = NodeEvents(events, drops.once)
         tasks = TaskRegistry(loop, self.node_id)
         pool = ThreadPoolExecutor(max_workers=s.limits.serve_slots + s.max_concurrent_fetches, thread_name_prefix="quinkgl-transfer")
-        courier = Courier(community, endpoint, session)
+        courier = Courier(community, endpoint, session, s.swarm_id)
         table = PeerTable(s.max_peers)
         outbox = Outbox(s, table, courier, drops, self.tcp_port)
         server = FetchServer(s, lsock, outbox, key, community.community_id, self.guard, pool, tasks, drops, self.stats,
@@ -260,19 +262,27 @@ class IPv8Transport(RuledTransport):
                           self.report_transfer)
 
         rejoin = Rejoin(community, table, self.guard)
+        forwarder: Forwarder | None = None
 
         def lost(node_id: str, address: tuple[str, int], reason: str) -> None:
             fetcher.forget(node_id)
             services.forget(node_id)
-            rejoin.forget_peer(node_id, address, reason, time.monotonic())
+            relayed = courier.relayed(address)
+            courier.unroute(address)
+            if forwarder is not None:
+                forwarder.forget(node_id)
+            if not relayed:  # a relay's word for where a peer sits is no address to knock at after a split
+                rejoin.forget_peer(node_id, address, reason, time.monotonic())
 
         membership = Membership(s, table, courier, community, node_events, drops, self.tcp_port, seeds, lost,
                                 self.admission, local_seeds=self._local_seeds if self.rendezvous is not None else None,
                                 backlog=endpoint.backlog)
-        self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links, probes))
+        forwarder = Forwarder(s, table, courier, services, drops, key.pub().key_to_bin(),
+                              lambda: membership.hello_payload(want_reply=True))
+        self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links, probes, forwarder, community))
         reach = Reachability(self.node_id, s.listen_host, services.bound, self.tcp_port, services, links, s.limits.relay.volunteer)
         return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, services, relay, links,
-                     probes, rejoin, lan, reach, tasks, pool)
+                     probes, forwarder, rejoin, lan, reach, tasks, pool)
 
     def _local_seeds(self) -> list[tuple[str, int]]:
         """The other daemons of this swarm on this host, from the rendezvous directory, where we may send."""
@@ -337,6 +347,7 @@ class IPv8Transport(RuledTransport):
         self.parts.membership.tick(now)
         self.parts.outbox.tick(now)
         self.parts.services.tick(now)
+        self.parts.forwarder.tick(now)
         self.parts.rejoin.tick(now)
         if self.parts.lan is not None:
             self.parts.lan.tick(now)
@@ -368,7 +379,8 @@ class IPv8Transport(RuledTransport):
 
     def peer_view(self, peer_id: str) -> dict[str, Any] | None:
         """What we know of how ``peer_id`` and we reach each other: its address, where it sees our datagrams come
-        from, whether it relays, and the ways its models would come, in the order they are tried (`paths`)."""
+        from, whether it relays, the relay our datagrams to it go through (``via``, None when direct), and the ways
+        its models would come, in the order they are tried (`paths`)."""
         p = self.parts
         rec = p.table.get(peer_id) if p is not None else None
         if p is None or rec is None:
@@ -376,7 +388,7 @@ class IPv8Transport(RuledTransport):
         seen = p.services.seen_by.get(peer_id)
         return {"address": f"{rec.address[0]}:{rec.address[1]}", "tcp_port": rec.tcp_port,
                 "seen_as": f"{seen[0]}:{seen[1]}" if seen else None, "relay": peer_id in p.services.relays,
-                "routes": [str(r) for r in p.links.routes(rec)]}
+                "via": rec.via, "routes": [str(r) for r in p.links.routes(rec)]}
 
     def cut_off(self) -> list[str]:
         return self.parts.rejoin.cut_off(time.monotonic()) if self.parts is not None else []
