@@ -117,6 +117,17 @@ def test_a_straggler_takes_longer_and_its_late_updates_meet_the_staleness_rule(s
     assert result.timing["virtual_s"] >= 5 * 20.0
 
 
+def test_a_straggler_left_alone_at_its_end_still_counts_in_the_final_mean(script: PeerScript) -> None:
+    """The straggler ends after every other peer has left, so its final consensus is skipped; like the daemon's
+    ``finished`` line, the final reports its last round's evaluation instead of leaving it out."""
+    sim = run(script, manifest(script), peers=3, rounds=3, seed=6, speed="straggler:1:0.4:20", gossip_interval=5.0)
+    result = sim.result  # type: ignore[attr-defined]
+    slow = next(p for p in sim.peers if p.train_seconds == 20.0)
+    assert not slow.node.known_peers, "every other peer left before the straggler's last round ended"
+    assert [p.peer for p in result.consensus.peers] == [p.node.node_id for p in sim.peers]
+    assert slow.final is not None and slow.final["val_accuracy"] == slow.rounds[3]["val_accuracy"]
+
+
 def test_a_straggler_is_paced_for_under_a_looser_staleness_bound(script: PeerScript,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="quinkgl.daemon"):

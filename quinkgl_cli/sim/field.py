@@ -27,8 +27,10 @@ loss, latency and bandwidth), so a run is repeatable and turning one condition o
 
 Reported per round: the metrics of each peer that completed that round (its last incarnation to do so), so the
 curve's peers differ between rounds when peers leave or skip rounds by catching up; the final line is each peer's
-evaluation after its final consensus (or its last round). Progress lines come at the end, in round order, as peers
-finish rounds at different virtual times. Owns the peers' incarnations, the churn schedule and these summaries.
+evaluation after its final consensus, or, when that was skipped (every other peer had left, as a straggler finds at
+its end), of its last round, as the daemon's ``finished`` line reports. Progress lines come at the end, in round
+order, as peers finish rounds at different virtual times. Owns the peers' incarnations, the churn schedule and these
+summaries.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from quinkgl_cli.events import emit
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import Node, NodePolicies, RoundMetrics
 from quinkgl_cli.node.logs import LogContext
+from quinkgl_cli.node.metrics import PERSONAL_FIELDS
 from quinkgl_cli.node.options import ScheduleOptions
 from quinkgl_cli.node.runloop import RoundLoop, Waiter, Work
 from quinkgl_cli.node.script import PeerScript
@@ -95,6 +98,12 @@ def _charged(seconds: Callable[[], float]) -> Callable[[Callable[[], Any]], Awai
         await asyncio.sleep(seconds())
         return result
     return train
+
+
+def _last_evaluation(node: Node) -> dict[str, Any]:
+    """The evaluation of ``node``'s last round (the final line of a peer whose final consensus was skipped)."""
+    last = node.recorder.last()
+    return {k: last[k] for k in ("val_loss", "val_accuracy", *PERSONAL_FIELDS) if last.get(k) is not None}
 
 
 def _clone(state: NodeState) -> NodeState:
@@ -170,7 +179,7 @@ class FieldSimulator(Simulator):
             await loop.rounds()
             if node.final_consensus_steps:
                 await loop.final_consensus()
-            peer.final = loop.final_eval
+            peer.final = loop.final_eval if loop.final_eval is not None else _last_evaluation(node)
         finally:
             node.transport.stop_sync()  # type: ignore[attr-defined]
 
