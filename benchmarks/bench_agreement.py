@@ -5,6 +5,10 @@ Real `quinkgl run` daemons on loopback, each given its shard through the script'
 arguments: per-round mean validation accuracy of the peers and the final mean, side by side, with the largest
 per-round difference. Aim: within 3 points per round and at the end.
 
+Both sides start from the same initial weights (`--seed`, 0 by default, given to every daemon and to the simulator):
+a daemon otherwise draws them from the swarm id, new with every run's manifest, and two starting points alone move the
+first rounds by ten points and more, which says nothing about the simulator.
+
     python benchmarks/bench_agreement.py                       # 4 peers, classes:3, 12 rounds
     python benchmarks/bench_agreement.py --peers 4 --partition shards:2 --rounds 10
 """
@@ -28,10 +32,13 @@ _ROUND_END = re.compile(r"\bround=(\d+) round-end .*?\bval_accuracy=([0-9.]+)")
 
 
 def daemons(root: Path, manifest: Path, peers: int, rounds: int, interval: float, partition: str,
-            script: Path = ls.DIGITS_SCRIPT, extra_for: Callable[[str], Sequence[str]] = lambda name: ()) -> dict[str, object]:
-    """Real daemons' per-round mean validation accuracy and final mean (``extra_for(name)``: one peer's own flags)."""
+            script: Path = ls.DIGITS_SCRIPT, extra_for: Callable[[str], Sequence[str]] = lambda name: (),
+            seed: int = 0) -> dict[str, object]:
+    """Real daemons' per-round mean validation accuracy and final mean (``extra_for(name)``: one peer's own flags;
+    ``seed``: every daemon's ``--seed``, the initial weights the simulator's ``--seed`` gives too)."""
     started = time.monotonic()
-    procs = ls.start_swarm(root / "daemons", manifest, peers, rounds, interval, partition, script=script, extra_for=extra_for)
+    procs = ls.start_swarm(root / "daemons", manifest, peers, rounds, interval, partition, script=script,
+                           extra=["--seed", str(seed)], extra_for=extra_for)
     try:
         ls.ensure_started(procs)
         codes = ls.wait_all(procs, timeout=120 + rounds * interval * 20)
@@ -55,13 +62,14 @@ def daemons(root: Path, manifest: Path, peers: int, rounds: int, interval: float
 
 
 def simulator(root: Path, manifest: Path, peers: int, rounds: int, partition: str,
-              script: Path = ls.DIGITS_SCRIPT, extra: Sequence[str] = (), timeout: float | None = None) -> dict[str, object]:
+              script: Path = ls.DIGITS_SCRIPT, extra: Sequence[str] = (), timeout: float | None = None,
+              seed: int = 0) -> dict[str, object]:
     """`quinkgl simulate --partition script` on the same split; ``extra``: more simulate flags (field conditions);
     a run past ``timeout`` seconds raises `subprocess.TimeoutExpired`."""
     out = root / "sim.json"
     cmd = [sys.executable, "-m", "quinkgl_cli", "simulate", "--manifest", str(manifest), "--script",
            str(script), "--peers", str(peers), "--rounds", str(rounds), "--partition", "script",
-           "--script-arg", f"partition={partition}", "--json", str(out), *extra]
+           "--script-arg", f"partition={partition}", "--seed", str(seed), "--json", str(out), *extra]
     started = time.monotonic()
     done = subprocess.run(cmd, capture_output=True, text=True, env=ls.child_env(root / "sim-home"), timeout=timeout)
     if done.returncode != 0:

@@ -261,6 +261,30 @@ def test_a_recorded_trace_replays_training_times_transfers_and_presence(script: 
     assert again.result.final.mean_accuracy == result.final.mean_accuracy  # type: ignore[attr-defined]
 
 
+def test_a_replay_charges_each_rounds_recorded_evaluation_and_saving(script: PeerScript, tmp_path: Path) -> None:
+    """A daemon's round loop waits for its evaluation and its end-of-round checkpoint too: a straggler that runs
+    its rounds back to back is slower by them than its training alone says, and so must its replay be."""
+    from datetime import UTC, datetime
+
+    from quinkgl_cli.node.trace import Header, NodeStart, NodeStop, Train, encode_record
+
+    def header(node: str) -> Header:
+        return Header(swarm="sha256:" + "0" * 64, node=node, started_at=datetime(2026, 12, 3, 12, 0, tzinfo=UTC))
+
+    records: list[Any] = [header("fast"), NodeStart(t=0.0, round=0)]
+    records += [Train(t=5.0 * r, round=r, seconds=1.0, samples=100) for r in range(1, 4)]
+    records += [NodeStop(t=20.0, round=3, reason="finished"), header("slow"), NodeStart(t=0.0, round=0)]
+    records += [Train(t=11.0 * r, round=r, seconds=8.0, samples=100, eval_seconds=1.0, save_seconds=2.0)
+                for r in range(1, 4)]
+    records += [NodeStop(t=33.0, round=3, reason="finished")]
+    trace = tmp_path / "swarm.trace"
+    trace.write_text("".join(encode_record(r) for r in records))
+    sim = run(script, manifest(script), peers=2, rounds=3, trace=trace, gossip_interval=5.0)
+    slow = sim.peers[1]
+    assert min(m["duration"] for m in slow.rounds.values()) >= 8.0 + 1.0  # training, then its evaluation
+    assert sim.result.timing["virtual_s"] >= 3 * (8.0 + 1.0 + 2.0)  # type: ignore[attr-defined]
+
+
 def test_a_trace_must_fit_the_swarm_and_replaces_drawn_conditions(script: PeerScript, tmp_path: Path) -> None:
     trace = write_trace(tmp_path / "swarm.trace")
     with pytest.raises(UsageError, match="holds 3 nodes"):

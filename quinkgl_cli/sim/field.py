@@ -20,7 +20,8 @@ stale updates, and jumps ahead when a quorum of peers is far ahead. What the dri
 - late joiners: a share ``late_join`` of the peers first joins at a random time in the first half of the run, from
   scratch;
 - or, with a trace (`quinkgl_cli.sim.replay`), each peer's recorded training times, transfers, arrivals and
-  departures instead of the drawn ones.
+  departures instead of the drawn ones, and its recorded evaluation and end-of-round saving times (charged after
+  the round's last exchange, as the daemon spends them; without a trace they cost no virtual time).
 
 Every concern draws from its own stream seeded by ``--seed`` (churn, late joiners, per-peer speed, and the network's
 loss, latency and bandwidth), so a run is repeatable and turning one condition on does not reshuffle another.
@@ -168,9 +169,11 @@ class FieldSimulator(Simulator):
         waiter = Waiter()
         node.inbox.listener = waiter.inbox_event.set
         schedule = ScheduleOptions(rounds=self.rounds, gossip_interval=self.field.gossip_interval)
+        replay = self.replay
+        evaluate = _in_place if replay is None else _charged(lambda: replay.nodes[peer.index].eval_seconds(peer.node.round))
         loop = RoundLoop(node, schedule, waiter, LogContext(node.node_id), [], time.monotonic(),
                          lambda m: self._after_round(peer, m),
-                         work=Work(train=_charged(lambda: self._train_seconds(peer)), evaluate=_in_place))
+                         work=Work(train=_charged(lambda: self._train_seconds(peer)), evaluate=evaluate))
         peer.task = asyncio.get_running_loop().create_task(self._run_peer(peer, node, loop))
         peer.task.add_done_callback(self._ended)
 
@@ -187,6 +190,8 @@ class FieldSimulator(Simulator):
         peer.rounds[metrics.round] = metrics.as_dict()
         if self.replay is not None or (self.field.churn > 0 and self.field.churn_fresh < 1):
             peer.checkpoint = _clone(peer.node.state_dict())
+        if self.replay is not None:
+            await asyncio.sleep(self.replay.nodes[peer.index].save_seconds(metrics.round))
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         error = None if task.cancelled() else task.exception()
