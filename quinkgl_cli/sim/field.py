@@ -8,7 +8,7 @@ stale updates, and jumps ahead when a quorum of peers is far ahead. What the dri
 
 - training runs in place (the loop is single-threaded, so a run is deterministic) and is then charged the peer's
   virtual duration: one draw of ``speed`` per peer (its hardware), e.g. ``straggler:1:0.1:10`` for a 10x tail;
-  evaluation costs no virtual time;
+  evaluation costs no virtual time (under a trace, its recorded seconds, and the end-of-round checkpoint's);
 - messages travel through `FieldNetwork`: lost with probability ``drop``, else delivered ``latency + size /
   bandwidth`` virtual seconds later;
 - churn: in the middle of each interval from the second to the one before last, a share ``churn`` of the peers
