@@ -6,7 +6,8 @@ sleeping before each training batch. Their traces say how long each peer's train
 `quinkgl simulate --partition script` on the same manifest, script and split, in virtual time with the same
 gossip interval and the same straggler: the traces replayed (`simulate --trace`) when the simulator has it, else
 each peer's measured training time through `--speed`. Per-round and final mean validation accuracy side by side,
-compared as `bench_agreement` does. Aim: within 3 points per round and at the end.
+compared as `bench_agreement` does (both sides from the same initial weights: run i gives `--seed i` to the daemons
+and the simulator). Aim: within 3 points per round and at the end.
 
     python benchmarks/bench_straggler.py                        # 4 peers, classes:3, 12 rounds, 0.2 s per batch
     python benchmarks/bench_straggler.py --repeats 3               # three runs, each compared, and their means
@@ -22,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_agreement import compare, daemons, simulator
+from bench_agreement import compare, daemons, load_average, mean_of, simulator, spread
 
 from quinkgl_cli.node import localswarm as ls
 from quinkgl_cli.node.trace import PeerArrival, Train, Transfer, read_trace, sessions
@@ -44,6 +45,9 @@ def trace_summary(traces: list[Path]) -> dict[str, dict[str, object]]:
                 "train_s_median": round(statistics.median(train), 4) if train else None,
                 "train_s_min": round(min(train), 4) if train else None,
                 "train_s_max": round(max(train), 4) if train else None,
+                # what the round loop also waits for: evaluation and the end-of-round checkpoint (replayed too)
+                "eval_save_s_median": round(statistics.median(e.eval_seconds + e.save_seconds for e in events
+                                                              if isinstance(e, Train)), 4) if train else None,
                 "transfers_ok": sum(e.ok for e in moved),
                 "transfers_failed": sum(not e.ok for e in moved),
                 "update_bytes": sorted({e.bytes for e in moved if e.ok}),
@@ -71,8 +75,8 @@ def simulate_extra(known: set[str], swarm_trace: Path, interval: float, fast: fl
     return [], "this build's quinkgl simulate has neither --trace nor --speed: the simulator half is not run"
 
 
-def one_run(root: Path, args: argparse.Namespace, known: set[str]) -> dict[str, object]:
-    """Daemons with one straggler, their traces, and the simulator on them."""
+def one_run(root: Path, args: argparse.Namespace, known: set[str], seed: int) -> dict[str, object]:
+    """Daemons with one straggler, their traces, and the simulator on them; both sides with ``--seed seed``."""
     straggler = f"peer-{args.peers}"
     traces = root / "traces"
     traces.mkdir(parents=True, exist_ok=True)
@@ -82,8 +86,10 @@ def one_run(root: Path, args: argparse.Namespace, known: set[str]) -> dict[str, 
         slow = ["--script-arg", f"sleep_per_batch={args.sleep_per_batch}"] if name == straggler else []
         return ["--trace", str(traces / f"{name}.trace"), *slow]
 
+    load_before = load_average()
     real = daemons(root, manifest, args.peers, args.rounds, args.interval, args.partition,
-                   script=SLOWED_SCRIPT, extra_for=extra_for)
+                   script=SLOWED_SCRIPT, extra_for=extra_for, seed=seed)
+    load_after = load_average()
     files = [traces / f"peer-{i + 1}.trace" for i in range(args.peers)]
     peers = trace_summary(files)
     speeds = [peers[f"peer-{i + 1}"]["train_s_median"] for i in range(args.peers)]
@@ -97,34 +103,14 @@ def one_run(root: Path, args: argparse.Namespace, known: set[str]) -> dict[str, 
     if extra:
         try:
             sim = simulator(root, manifest, args.peers, args.rounds, args.partition, script=SLOWED_SCRIPT,
-                            extra=extra, timeout=args.sim_timeout)
+                            extra=extra, timeout=args.sim_timeout, seed=seed)
         except subprocess.TimeoutExpired:
             missing = f"quinkgl simulate {' '.join(extra)} did not finish within {args.sim_timeout:.0f} s"
-    run: dict[str, object] = {"straggler_factor": factor, "traces": peers, "daemons": real, "simulator": sim,
-                              "missing": missing}
+    run: dict[str, object] = {"seed": seed, "load_average": [load_before, load_after], "straggler_factor": factor,
+                              "traces": peers, "daemons": real, "simulator": sim, "missing": missing}
     if sim is not None:
         run.update(compare(real, sim))
     return run
-
-
-def mean_of(runs: list[dict[str, object]]) -> dict[str, object] | None:
-    """Per-round and final accuracy averaged over ``runs`` (the rounds all of them have); None if any is missing."""
-    if not runs or any(r is None or r["final"] is None for r in runs):
-        return None
-    rounds = set.intersection(*(set(r["per_round"]) for r in runs))  # type: ignore[call-overload]
-    return {"per_round": {k: statistics.fmean(r["per_round"][k] for r in runs) for k in sorted(rounds)},  # type: ignore[index]
-            "final": statistics.fmean(r["final"] for r in runs)}  # type: ignore[misc]
-
-
-def spread(runs: list[dict[str, object]]) -> dict[str, float] | None:
-    """How far runs of the same side differ from each other (the largest per-round and the final max - min, in
-    points): the noise a comparison with the other side cannot get below."""
-    if len(runs) < 2 or mean_of(runs) is None:
-        return None
-    rounds = set.intersection(*(set(r["per_round"]) for r in runs))  # type: ignore[call-overload]
-    per = [max(r["per_round"][k] for r in runs) - min(r["per_round"][k] for r in runs) for k in rounds]  # type: ignore[index]
-    finals = [r["final"] for r in runs]
-    return {"max_round_points": round(100 * max(per), 1), "final_points": round(100 * (max(finals) - min(finals)), 1)}  # type: ignore[type-var, operator]
 
 
 def main() -> None:
@@ -143,8 +129,8 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory(prefix="qgl-straggler-") as tmp:
         for i in range(args.repeats):
-            print(f"-- run {i + 1} of {args.repeats}")
-            runs.append(one_run((args.workdir or Path(tmp)) / f"run-{i + 1}", args, known))
+            print(f"-- run {i + 1} of {args.repeats} (--seed {i})")
+            runs.append(one_run((args.workdir or Path(tmp)) / f"run-{i + 1}", args, known, seed=i))
     summary: dict[str, object] = {
         "peers": args.peers, "rounds": args.rounds, "partition": args.partition, "interval": args.interval,
         "straggler": f"peer-{args.peers}", "sleep_per_batch": args.sleep_per_batch, "repeats": args.repeats,
@@ -168,7 +154,7 @@ def main() -> None:
                   + f"; final {100 * real['final']:.1f}")  # type: ignore[operator]
         if run["missing"]:
             print(f"run {i}: {run['missing']}")
-        print(f"run {i}: daemon exits {real['exit_codes']}, wall {real['wall_s']} s")
+        print(f"run {i}: daemon exits {real['exit_codes']}, wall {real['wall_s']} s, load average {run['load_average']}")
     if "mean" in summary:
         m: dict[str, object] = summary["mean"]  # type: ignore[assignment]
         print(f"mean: max per-round difference {m['max_round_diff_points']} points; final {m['final_diff_points']}")

@@ -117,6 +117,17 @@ def test_a_straggler_takes_longer_and_its_late_updates_meet_the_staleness_rule(s
     assert result.timing["virtual_s"] >= 5 * 20.0
 
 
+def test_a_straggler_left_alone_at_its_end_still_counts_in_the_final_mean(script: PeerScript) -> None:
+    """The straggler ends after every other peer has left, so its final consensus is skipped; like the daemon's
+    ``finished`` line, the final reports its last round's evaluation instead of leaving it out."""
+    sim = run(script, manifest(script), peers=3, rounds=3, seed=6, speed="straggler:1:0.4:20", gossip_interval=5.0)
+    result = sim.result  # type: ignore[attr-defined]
+    slow = next(p for p in sim.peers if p.train_seconds == 20.0)
+    assert not slow.node.known_peers, "every other peer left before the straggler's last round ended"
+    assert [p.peer for p in result.consensus.peers] == [p.node.node_id for p in sim.peers]
+    assert slow.final is not None and slow.final["val_accuracy"] == slow.rounds[3]["val_accuracy"]
+
+
 def test_a_straggler_is_paced_for_under_a_looser_staleness_bound(script: PeerScript,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG, logger="quinkgl.daemon"):
@@ -248,6 +259,30 @@ def test_a_recorded_trace_replays_training_times_transfers_and_presence(script: 
     assert a.joined_at == [0.0] and b.joined_at == [0.0, 25.0] and c.joined_at == [15.0]
     again = run(script, manifest(script), peers=3, rounds=6, trace=trace, gossip_interval=5.0)
     assert again.result.final.mean_accuracy == result.final.mean_accuracy  # type: ignore[attr-defined]
+
+
+def test_a_replay_charges_each_rounds_recorded_evaluation_and_saving(script: PeerScript, tmp_path: Path) -> None:
+    """A daemon's round loop waits for its evaluation and its end-of-round checkpoint too: a straggler that runs
+    its rounds back to back is slower by them than its training alone says, and so must its replay be."""
+    from datetime import UTC, datetime
+
+    from quinkgl_cli.node.trace import Header, NodeStart, NodeStop, Train, encode_record
+
+    def header(node: str) -> Header:
+        return Header(swarm="sha256:" + "0" * 64, node=node, started_at=datetime(2026, 12, 3, 12, 0, tzinfo=UTC))
+
+    records: list[Any] = [header("fast"), NodeStart(t=0.0, round=0)]
+    records += [Train(t=5.0 * r, round=r, seconds=1.0, samples=100) for r in range(1, 4)]
+    records += [NodeStop(t=20.0, round=3, reason="finished"), header("slow"), NodeStart(t=0.0, round=0)]
+    records += [Train(t=11.0 * r, round=r, seconds=8.0, samples=100, eval_seconds=1.0, save_seconds=2.0)
+                for r in range(1, 4)]
+    records += [NodeStop(t=33.0, round=3, reason="finished")]
+    trace = tmp_path / "swarm.trace"
+    trace.write_text("".join(encode_record(r) for r in records))
+    sim = run(script, manifest(script), peers=2, rounds=3, trace=trace, gossip_interval=5.0)
+    slow = sim.peers[1]
+    assert min(m["duration"] for m in slow.rounds.values()) >= 8.0 + 1.0  # training, then its evaluation
+    assert sim.result.timing["virtual_s"] >= 3 * (8.0 + 1.0 + 2.0)  # type: ignore[attr-defined]
 
 
 def test_a_trace_must_fit_the_swarm_and_replaces_drawn_conditions(script: PeerScript, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from quinkgl_cli.node.trace import (
     Train,
     Transfer,
     encode_record,
+    parse_line,
     read_trace,
     sessions,
 )
@@ -63,6 +64,11 @@ def test_concatenated_traces_split_into_sessions(tmp_path: Path) -> None:
 def test_a_line_is_one_json_object(tmp_path: Path) -> None:
     line = encode_record(EVENTS[3])
     assert line.endswith("\n") and line.count("\n") == 1 and line.startswith('{"kind":"transfer"')
+
+
+def test_a_train_record_without_evaluation_and_saving_times_reads_them_as_zero() -> None:
+    old = parse_line('{"kind":"train","t":1,"round":1,"seconds":1.5,"samples":3}')
+    assert isinstance(old, Train) and (old.eval_seconds, old.save_seconds) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize(("bad", "names"), [
@@ -117,7 +123,7 @@ def test_tracer_writes_a_session_and_a_restart_appends_another(tmp_path: Path) -
         tracer.arrived("peer-2")
         tracer.arrived("peer-2")  # told again (a second hello): one arrival
         tracer.transfer(TransferDone("receive", "peer-2", run, 10_088, 0.0123456789, "direct", True))
-        tracer.round_trained(RoundMetrics(round=run, train_time=0.25, samples=480))
+        tracer.round_trained(RoundMetrics(round=run, train_time=0.25, eval_time=0.03, samples=480), 0.125)
         tracer.departed("peer-2")
         tracer.departed("peer-2")
         tracer.node_stopped(run, "signal" if run == 1 else "finished")
@@ -129,6 +135,8 @@ def test_tracer_writes_a_session_and_a_restart_appends_another(tmp_path: Path) -
     transfer = got[1].events[2]
     assert isinstance(transfer, Transfer) and (transfer.round, transfer.bytes, transfer.seconds) == (2, 10_088, 0.012346)
     assert [s.events[-1] for s in got][1].round == 2
+    train = got[1].events[3]  # what the round loop waited for besides training: a replay charges it too
+    assert isinstance(train, Train) and (train.seconds, train.eval_seconds, train.save_seconds) == (0.25, 0.03, 0.125)
 
 
 def test_tracer_refuses_other_files_and_other_nodes_traces(tmp_path: Path) -> None:
@@ -156,6 +164,6 @@ def test_a_write_failing_in_a_transport_callback_stops_the_daemon_at_its_next_wr
     try:
         tracer.arrived("peer-2")  # the transport's callback: must not raise into the transport
         with pytest.raises(IOFailure, match="cannot append to --trace"):
-            tracer.round_trained(RoundMetrics(round=1))
+            tracer.round_trained(RoundMetrics(round=1), 0.0)
     finally:
         tracer.close()

@@ -72,6 +72,8 @@ def test_each_daemon_traces_training_transfers_and_arrivals(tmp_path: Path, caps
         trained = [e for e in events if isinstance(e, Train)]
         assert [e.round for e in trained] == list(range(1, ROUNDS + 1))
         assert all(e.seconds > 0 and e.samples > 0 for e in trained)
+        # what the round loop waited for besides training: the evaluation, the checkpoint it writes every round
+        assert all(e.eval_seconds > 0 and e.save_seconds > 0 for e in trained)
         assert {e.peer for e in events if isinstance(e, PeerArrival)} == names - {p.name}
         by_peer: dict[str, int] = defaultdict(int)
         for e in events:

@@ -104,10 +104,11 @@ class Daemon:
             self.observer.update(self.observed(state))
 
     async def _after_round(self, metrics: RoundMetrics) -> None:
-        if self.tracer is not None:
-            self.tracer.round_trained(metrics)
+        started = time.monotonic()
         await self.files.after_round(metrics)
         self._publish("running")
+        if self.tracer is not None:
+            self.tracer.round_trained(metrics, time.monotonic() - started)
 
     def _request_stop(self, signame: str) -> None:
         if self.stop_signal is None:

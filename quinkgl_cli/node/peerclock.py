@@ -126,11 +126,14 @@ class PeerClock:
         """Known peers to wait for before the next round, with how many rounds they lag.
 
         Two signals: an update that arrived ``pace_lag`` or more rounds behind ours (noted on arrival), and, for a
-        peer sending regularly (its round period known, heard from within three periods), a newest round more than
-        ``pace_lag`` behind the round about to begin: between that peer's updates a faster node would otherwise
-        race ahead again. A peer that sends rarely (a sparse topology) is not active and is never waited for, nor is
-        one that has not shown progress (no round period yet): identities taking turns, each claiming an old round
-        once, would otherwise each buy one wait."""
+        peer sending regularly (its round period known, heard from within three periods), the round it has reached
+        by now more than ``pace_lag`` behind the round about to begin: between that peer's updates a faster node
+        would otherwise race ahead again. The round it has reached is its newest round plus the periods since that
+        arrived: on a sparse topology a peer in step with us sends to us only now and then, and its newest round to
+        us is rounds old without it being late (taken as its round, it had every node wait for partners that were
+        not behind at all). A peer that sends rarely is not active and is never waited for, nor is one that has not
+        shown progress (no round period yet): identities taking turns, each claiming an old round once, would
+        otherwise each buy one wait."""
         now = self.clock()
         upcoming = completed_round + 1
         out: dict[str, int] = {}
@@ -141,7 +144,8 @@ class PeerClock:
                 lag = self._lagging.get(p)
                 last, period = self._last_arrival.get(p), self._round_period.get(p)
                 if last is not None and period is not None and now - last[0] <= 3 * period:
-                    behind = upcoming - last[1]
+                    reached = last[1] + (int((now - last[0]) / period) if period > 0 else 0)
+                    behind = upcoming - reached
                     if behind > self.pace_lag:
                         lag = max(lag or 0, behind)
                 if lag is not None:

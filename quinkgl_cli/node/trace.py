@@ -13,8 +13,12 @@ are bytes.
                     nothing (start-up failed or was stopped, or the run had finished before).
 ``node-stop``       ``t``, ``round`` (last completed round), ``reason`` (``finished``, ``signal``, ``expired``,
                     ``error``).
-``train``           ``t`` (when the round ended), ``round``, ``seconds`` (wall time of the round's local
-                    training), ``samples`` (training samples seen).
+``train``           ``t`` (when the round's work ended), ``round``, ``seconds`` (wall time of the round's local
+                    training), ``samples`` (training samples seen), ``eval_seconds`` (the evaluation of the served
+                    model after the round's last exchange) and ``save_seconds`` (the end-of-round bookkeeping:
+                    the checkpoint, what the status socket and metrics file get). The round loop waits for all
+                    three, so a peer that starts its rounds back to back (a straggler) runs on their sum; the last
+                    two are optional (0 when absent, as in traces written before they were recorded).
 ``transfer``        ``t`` (when it ended), ``direction`` (``send``: a peer fetched this node's update;
                     ``receive``: this node fetched a peer's), ``peer`` (node id), ``round`` (the update's round),
                     ``bytes`` (the update's encoded size), ``seconds`` (the exchange: from the connection to the last
@@ -85,6 +89,8 @@ class Train(_Record):
     round: Annotated[int, Field(ge=1)]
     seconds: Seconds
     samples: Count
+    eval_seconds: Seconds = 0.0  # absent in traces written before these were recorded: read as 0
+    save_seconds: Seconds = 0.0
 
 
 class Transfer(_Record):

@@ -110,8 +110,10 @@ class Tracer:
     def node_started(self, completed_round: int) -> None:
         self._write(NodeStart(t=self._t(), round=completed_round))
 
-    def round_trained(self, metrics: RoundMetrics) -> None:
-        self._write(Train(t=self._t(), round=metrics.round, seconds=_us(metrics.train_time), samples=metrics.samples))
+    def round_trained(self, metrics: RoundMetrics, save_seconds: float) -> None:
+        """The round's record, once its work is done: ``save_seconds`` is what the daemon spent after it (checkpoint)."""
+        self._write(Train(t=self._t(), round=metrics.round, seconds=_us(metrics.train_time), samples=metrics.samples,
+                          eval_seconds=_us(metrics.eval_time), save_seconds=_us(save_seconds)))
 
     def node_stopped(self, completed_round: int, reason: str) -> None:
         """The session's last record; the file is closed after it, and a write error still surfaces here."""

@@ -8,7 +8,7 @@ stale updates, and jumps ahead when a quorum of peers is far ahead. What the dri
 
 - training runs in place (the loop is single-threaded, so a run is deterministic) and is then charged the peer's
   virtual duration: one draw of ``speed`` per peer (its hardware), e.g. ``straggler:1:0.1:10`` for a 10x tail;
-  evaluation costs no virtual time;
+  evaluation costs no virtual time (under a trace, its recorded seconds, and the end-of-round checkpoint's);
 - messages travel through `FieldNetwork`: lost with probability ``drop``, else delivered ``latency + size /
   bandwidth`` virtual seconds later;
 - churn: in the middle of each interval from the second to the one before last, a share ``churn`` of the peers
@@ -20,15 +20,18 @@ stale updates, and jumps ahead when a quorum of peers is far ahead. What the dri
 - late joiners: a share ``late_join`` of the peers first joins at a random time in the first half of the run, from
   scratch;
 - or, with a trace (`quinkgl_cli.sim.replay`), each peer's recorded training times, transfers, arrivals and
-  departures instead of the drawn ones.
+  departures instead of the drawn ones, and its recorded evaluation and end-of-round saving times (charged after
+  the round's last exchange, as the daemon spends them; without a trace they cost no virtual time).
 
 Every concern draws from its own stream seeded by ``--seed`` (churn, late joiners, per-peer speed, and the network's
 loss, latency and bandwidth), so a run is repeatable and turning one condition on does not reshuffle another.
 
 Reported per round: the metrics of each peer that completed that round (its last incarnation to do so), so the
 curve's peers differ between rounds when peers leave or skip rounds by catching up; the final line is each peer's
-evaluation after its final consensus (or its last round). Progress lines come at the end, in round order, as peers
-finish rounds at different virtual times. Owns the peers' incarnations, the churn schedule and these summaries.
+evaluation after its final consensus, or, when that was skipped (every other peer had left, as a straggler finds at
+its end), of its last round, as the daemon's ``finished`` line reports. Progress lines come at the end, in round
+order, as peers finish rounds at different virtual times. Owns the peers' incarnations, the churn schedule and these
+summaries.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from quinkgl_cli.events import emit
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import Node, NodePolicies, RoundMetrics
 from quinkgl_cli.node.logs import LogContext
+from quinkgl_cli.node.metrics import PERSONAL_FIELDS
 from quinkgl_cli.node.options import ScheduleOptions
 from quinkgl_cli.node.runloop import RoundLoop, Waiter, Work
 from quinkgl_cli.node.script import PeerScript
@@ -95,6 +99,12 @@ def _charged(seconds: Callable[[], float]) -> Callable[[Callable[[], Any]], Awai
         await asyncio.sleep(seconds())
         return result
     return train
+
+
+def _last_evaluation(node: Node) -> dict[str, Any]:
+    """The evaluation of ``node``'s last round (the final line of a peer whose final consensus was skipped)."""
+    last = node.recorder.last()
+    return {k: last[k] for k in ("val_loss", "val_accuracy", *PERSONAL_FIELDS) if last.get(k) is not None}
 
 
 def _clone(state: NodeState) -> NodeState:
@@ -159,9 +169,11 @@ class FieldSimulator(Simulator):
         waiter = Waiter()
         node.inbox.listener = waiter.inbox_event.set
         schedule = ScheduleOptions(rounds=self.rounds, gossip_interval=self.field.gossip_interval)
+        replay = self.replay
+        evaluate = _in_place if replay is None else _charged(lambda: replay.nodes[peer.index].eval_seconds(peer.node.round))
         loop = RoundLoop(node, schedule, waiter, LogContext(node.node_id), [], time.monotonic(),
                          lambda m: self._after_round(peer, m),
-                         work=Work(train=_charged(lambda: self._train_seconds(peer)), evaluate=_in_place))
+                         work=Work(train=_charged(lambda: self._train_seconds(peer)), evaluate=evaluate))
         peer.task = asyncio.get_running_loop().create_task(self._run_peer(peer, node, loop))
         peer.task.add_done_callback(self._ended)
 
@@ -170,7 +182,7 @@ class FieldSimulator(Simulator):
             await loop.rounds()
             if node.final_consensus_steps:
                 await loop.final_consensus()
-            peer.final = loop.final_eval
+            peer.final = loop.final_eval if loop.final_eval is not None else _last_evaluation(node)
         finally:
             node.transport.stop_sync()  # type: ignore[attr-defined]
 
@@ -178,6 +190,8 @@ class FieldSimulator(Simulator):
         peer.rounds[metrics.round] = metrics.as_dict()
         if self.replay is not None or (self.field.churn > 0 and self.field.churn_fresh < 1):
             peer.checkpoint = _clone(peer.node.state_dict())
+        if self.replay is not None:
+            await asyncio.sleep(self.replay.nodes[peer.index].save_seconds(metrics.round))
 
     def _ended(self, task: asyncio.Task[None]) -> None:
         error = None if task.cancelled() else task.exception()

@@ -7,7 +7,9 @@ sessions are put on one axis by their headers' ``started_at`` (the earliest is v
 ``t``. What is replayed:
 
 - training: a round's recorded ``train.seconds`` (the last session's, for a round run twice); a round the trace does
-  not hold takes the node's median;
+  not hold takes the node's median. So do the round's evaluation and end-of-round saving (``eval_seconds``,
+  ``save_seconds``): the daemon's round loop waits for them before its next round, and a peer that runs its rounds
+  back to back (a straggler) is slower by them than its training alone says (a tenth, measured on loopback);
 - transfers: a model going to a peer takes the ``seconds`` of the recipient's ``receive`` of that sender's update of
   that round, and is lost when that fetch failed (``ok`` false); one the trace does not hold takes the recipient's
   median successful receive (0 when it has none); control messages arrive at once. Sizes are not rescaled: the
@@ -44,6 +46,8 @@ class Presence:
 class NodeTrace:
     node: str
     train: dict[int, float] = field(default_factory=dict)  # round -> training seconds
+    evaluate: dict[int, float] = field(default_factory=dict)  # round -> seconds of its evaluation
+    save: dict[int, float] = field(default_factory=dict)  # round -> seconds of its end-of-round saving
     received: dict[tuple[str, int], tuple[float, bool]] = field(default_factory=dict)  # (sender, round) -> (s, ok)
     presence: list[Presence] = field(default_factory=list)
 
@@ -54,6 +58,12 @@ class NodeTrace:
     def train_seconds(self, round_: int) -> float:
         return self.train.get(round_, self.typical_train_seconds)
 
+    def eval_seconds(self, round_: int) -> float:
+        return _recorded(self.evaluate, round_)
+
+    def save_seconds(self, round_: int) -> float:
+        return _recorded(self.save, round_)
+
     def receive_seconds(self, sender: str, round_: int) -> float | None:
         """Seconds the update of ``sender`` for ``round_`` takes to reach this node; None: it is lost."""
         hit = self.received.get((sender, round_))
@@ -61,6 +71,14 @@ class NodeTrace:
             return hit[0] if hit[1] else None
         ok = [s for s, good in self.received.values() if good]
         return statistics.median(ok) if ok else 0.0
+
+
+def _recorded(seconds: dict[int, float], round_: int) -> float:
+    """``round_``'s recorded seconds, or the median of the node's rounds (0 with none)."""
+    hit = seconds.get(round_)
+    if hit is not None:
+        return hit
+    return statistics.median(seconds.values()) if seconds else 0.0
 
 
 class TraceReplay:
@@ -83,6 +101,8 @@ class TraceReplay:
             for ev in session.events:
                 if isinstance(ev, Train):
                     trace.train[ev.round] = ev.seconds
+                    trace.evaluate[ev.round] = ev.eval_seconds
+                    trace.save[ev.round] = ev.save_seconds
                 elif isinstance(ev, Transfer) and ev.direction == "receive":
                     trace.received[(ev.peer, ev.round)] = (ev.seconds, ev.ok)
                 elif isinstance(ev, NodeStart) and start is None:
