@@ -69,6 +69,7 @@ class Lever:
     aggregation_params: dict[str, str] = field(default_factory=dict)
     fanout: int | None = None
     node: dict[str, Any] = field(default_factory=dict)
+    topology: str | None = None
 
 
 LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
@@ -91,6 +92,20 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("fedavgm", aggregation="FedAvgM"),
     Lever("fedavgm-0.5", aggregation="FedAvgM", aggregation_params={"server_momentum": "0.5"}),
     Lever("no-merge", training={"final_consensus_steps": "0"}),
+    # Levers measured against the random topology (benchmarks/LEARNING.md, "Levers tried with the served model"):
+    # horizon-free decay of the local learning rate, a moving average of the served model over rounds, training
+    # from a mix of the held and served models, served entries weighted by age.
+    Lever("lr-h2", topology="RandomTopology", node={"lr_halflife": 2}),
+    Lever("lr-h5", topology="RandomTopology", node={"lr_halflife": 5}),
+    Lever("lr-h10", topology="RandomTopology", node={"lr_halflife": 10}),
+    Lever("serve-ema0.5", topology="RandomTopology", node={"serve_ema": 0.5}),
+    Lever("serve-ema0.7", topology="RandomTopology", node={"serve_ema": 0.7}),
+    Lever("mix0.5", topology="RandomTopology", node={"mix_start": 0.5}),
+    Lever("serve-age0.8", topology="RandomTopology", node={"serve_age": 0.8}),
+    # The default before RotationTopology: uniform random picks of fanout known peers each round.
+    Lever("random-topology", topology="RandomTopology"),
+    Lever("shuffle", topology="RandomTopology", node={"topology": "shuffle"}),
+    Lever("rotation+ema0.5", node={"serve_ema": 0.5}),
 )}
 
 
@@ -98,7 +113,7 @@ def manifest_for(script: PeerScript, input_shape: str) -> Manifest:
     return build_manifest(
         name="learning-bench", task_type="classification", input_shape=input_shape, output_shape="10",
         label_type="integer", framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)),
-        aggregation="FedAvg", topology="RandomTopology",
+        aggregation="FedAvg", topology="RotationTopology",
     )
 
 
@@ -133,7 +148,7 @@ def run_gossip(script: PeerScript, manifest: Manifest, split: str, peers: int, r
     cfg = SimConfig(peers=peers, rounds=rounds, partition=split, seed=seed,
                     overrides=Overrides(aggregation=lever.aggregation, aggregation_params=lever.aggregation_params,
                                         training_params=lever.training,
-                                        fanout=lever.fanout))
+                                        fanout=lever.fanout, topology=lever.topology))
     with patch(lever):
         return simulate(script, manifest, cfg)
 

@@ -224,4 +224,4 @@ def test_example_manifest_verifies_and_fits_the_digits_script() -> None:
 
     m = trusted.manifest
     assert (m.training, m.compression, m.privacy) == (TrainingSpec(), CompressionSpec(), PrivacySpec())
-    assert (m.aggregation.name, m.topology.name, m.topology.params) == ("FedAvg", "RandomTopology", {})
+    assert (m.aggregation.name, m.topology.name, m.topology.params) == ("FedAvg", "RotationTopology", {})

@@ -23,7 +23,8 @@ def make(name: str, self_id: str = "n00", seed: int = 0, **params: object) -> To
     return registry.load(entry)(registry.build_params(entry, dict(params)), self_id, random.Random(seed))
 
 
-@pytest.mark.parametrize("name", ["RandomTopology", "CyclonTopology", "AffinityTopology", "RingTopology"])
+@pytest.mark.parametrize("name", ["RandomTopology", "CyclonTopology", "AffinityTopology", "RingTopology",
+                                  "RotationTopology"])
 def test_selection_is_deterministic_bounded_and_excludes_self(name: str) -> None:
     a = make(name, fanout=3, seed=7)
     b = make(name, fanout=3, seed=7)
@@ -41,6 +42,26 @@ def test_random_topology_is_uniform() -> None:
     counts = Counter(p for r in range(1100) for p in topo.select(PEERS, r))
     assert set(counts) == set(PEERS) - {"n00"}
     assert max(counts.values()) < 1.3 * min(counts.values())
+
+
+@pytest.mark.parametrize(("n", "fanout"), [(20, 3), (12, 5), (7, 6), (5, 1)])
+def test_rotation_topology_balances_receivers_and_covers_every_peer(n: int, fanout: int) -> None:
+    ids = [f"peer-{i:03d}" for i in range(n)]
+    topos = {me: make("RotationTopology", self_id=me, fanout=fanout) for me in ids}
+    cycle = -(-(n - 1) // fanout)  # ceil((n - 1) / fanout)
+    for start in (1, 4):
+        heard: dict[str, set[str]] = {me: set() for me in ids}
+        for r in range(start, start + cycle):
+            received = Counter()
+            for me in ids:
+                chosen = topos[me].select([p for p in reversed(ids) if p != me], r)
+                assert len(chosen) == fanout and len(set(chosen)) == fanout and me not in chosen
+                received.update(chosen)
+                for peer in chosen:
+                    heard[peer].add(me)
+            assert set(received.values()) == {fanout}  # every peer receives exactly fanout models a round
+        assert all(heard[me] == set(ids) - {me} for me in ids)  # ... and hears from every peer within a cycle
+    assert make("RotationTopology", self_id="a").select(["b"], 0) == ["b"]
 
 
 def test_full_topology_selects_everyone() -> None:

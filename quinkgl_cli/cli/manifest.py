@@ -27,7 +27,7 @@ def create(
     name: Annotated[str, typer.Option("--name", metavar="NAME", help="Swarm name (letters, digits, . _ -); TOFU remembers its creator.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Manifest file to write (.qgl).", metavar="FILE")],
     aggregation: Annotated[str, typer.Option("--aggregation", metavar="NAME", help="Aggregation strategy, e.g. FedAvg, Krum, TrimmedMean.")],
-    topology: Annotated[str, typer.Option("--topology", metavar="NAME", help="Peer selection, e.g. RandomTopology, CyclonTopology.")],
+    topology: Annotated[str, typer.Option("--topology", metavar="NAME", help="Peer selection, e.g. RotationTopology (the default the guides use), RandomTopology, CyclonTopology.")],
     task_type: Annotated[str, typer.Option("--task-type", metavar="TYPE", help="class | regr | seg | det (long forms accepted).")],
     label_type: Annotated[str, typer.Option("--label-type", metavar="TYPE", help="integer | float | one_hot.")],
     input_shape: Annotated[

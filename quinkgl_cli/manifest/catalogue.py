@@ -42,6 +42,7 @@ _ENTRIES: tuple[StrategyEntry, ...] = (
     StrategyEntry("aggregation", "StalenessWeightedFedAvg", p.StalenessWeightedParams, f"{_AGG}:StalenessWeightedFedAvg", "exponential penalty on old updates"),
     StrategyEntry("aggregation", "Scaffold", p.ScaffoldParams, f"{_AGG}:Scaffold", "gossip SCAFFOLD with control variates"),
     StrategyEntry("topology", "RandomTopology", p.TopologyParams, f"{_TOPO}:RandomTopology", "uniform fanout of known peers"),
+    StrategyEntry("topology", "RotationTopology", p.TopologyParams, f"{_TOPO}:RotationTopology", "every known peer in turn, fanout a round, on a shared schedule"),
     StrategyEntry("topology", "CyclonTopology", p.CyclonParams, f"{_TOPO}:CyclonTopology", "partial view with age-based shuffles"),
     StrategyEntry("topology", "AffinityTopology", p.AffinityParams, f"{_TOPO}:AffinityTopology", "fingerprint similarity with exploration"),
     StrategyEntry("topology", "RingTopology", p.TopologyParams, f"{_TOPO}:RingTopology", "fixed ring by node id (experiments)"),

@@ -69,7 +69,7 @@ def create(directory: Path, name: str, arch_hash: str, key: Ed25519PrivateKey, w
         raise IOFailure(f"{taken[0]} already exists", "quinkgl init writes into a new or empty directory")
     manifest = build_manifest(
         name=name, task_type="classification", input_shape=(64,), output_shape=(10,), label_type="integer",
-        framework="pytorch", arch_hash=arch_hash, aggregation="FedAvg", topology="RandomTopology",
+        framework="pytorch", arch_hash=arch_hash, aggregation="FedAvg", topology="RotationTopology",
         description="scaffolded by quinkgl init: handwritten digits (scikit-learn), MLP 64-32-10",
     )
     try:
