@@ -116,7 +116,8 @@ def table(runs: list[dict[str, Any]]) -> str:
         row = []
         for e in ("1", "2", "4", "8", "16", "inf"):
             vals = cells.get((fam, part, mode, e))
-            row.append("-" if not vals else f"{100 * statistics.mean(vals):.1f}%" + (f" (n={len(vals)})" if len(vals) > 1 else ""))
+            row.append("-" if not vals else f"{100 * statistics.mean(vals):.1f}%" + (
+                f" (n={len(vals)}, {100 * min(vals):.1f}-{100 * max(vals):.1f})" if len(vals) > 1 else ""))
         lines.append(f"| {fam} | {part} | {mode} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -182,11 +183,13 @@ def main() -> None:
                           f"{entry['run_s']} s", flush=True)
     print(table(doc["runs"]))
     plot(doc["runs"], args.plot)
-    hits = [r for r in doc["runs"] if r["mode"] == "dp_sgd" and r["epsilon"] == "8" and r["family"] == "digits-mlp"]
-    for part, aim in AIM.items():
-        vals = [r["final_mean_accuracy"] for r in hits if r["partition"] == part]
-        if vals:
-            print(f"aim {part} eps 8 >= {100 * aim:.0f}%: {100 * statistics.mean(vals):.1f}% over {len(vals)} seed(s)")
+    hits = [r for r in doc["runs"] if r["mode"] == "dp_sgd" and r["epsilon"] == "8"]
+    for family in sorted({r["family"] for r in hits}):
+        for part, aim in AIM.items():
+            vals = [r["final_mean_accuracy"] for r in hits if r["partition"] == part and r["family"] == family]
+            if vals:
+                print(f"aim {family} {part} eps 8 >= {100 * aim:.0f}%: {100 * statistics.mean(vals):.1f}% "
+                      f"over {len(vals)} seed(s)")
 
 
 if __name__ == "__main__":
