@@ -9,7 +9,8 @@ Two model families (the bundled digits script's MLP with SGD momentum, and logis
 benchmarks/scripts) and three seeds (0, 1, 2) by default. Settings: uncompressed gossip on the default RandomTopology
 (fanout 3) and on ExpanderTopology (fanout 3: two hashed rings, degree 4, the graph CHOCO runs on), the reconstruct mode with
 top-k 1% + error feedback on RandomTopology (what compression did before CHOCO), and CHOCO with top-k 1%, top-k
-10%, int8 and QSGD (15 levels) on ExpanderTopology, each at its default consensus step. ``final``: the mean and worst
+10%, int8 and QSGD (15 levels) on ExpanderTopology, each at its default consensus step (top-1% also at 0.05, the
+former default, and 0.5). ``final``: the mean and worst
 peer accuracy of the served models after the run; ``MB``: every byte the peers sent. ``headline`` (for
 benchmarks/run_all.py): per family, the mean final accuracy of each setting and its bytes against the baseline.
 """
@@ -40,6 +41,8 @@ SETTINGS: dict[str, tuple[str, dict[str, str]]] = {
     "uncompressed, expander": ("ExpanderTopology", {}),
     "reconstruct top-k 1% + EF, random": ("RandomTopology", {"top_k_ratio": "0.01"}),
     "choco top-k 1%": ("ExpanderTopology", {**CHOCO, "top_k_ratio": "0.01"}),
+    "choco top-k 1%, step 0.05": ("ExpanderTopology", {**CHOCO, "top_k_ratio": "0.01", "consensus_step": "0.05"}),
+    "choco top-k 1%, step 0.5": ("ExpanderTopology", {**CHOCO, "top_k_ratio": "0.01", "consensus_step": "0.5"}),
     "choco top-k 10%": ("ExpanderTopology", {**CHOCO, "top_k_ratio": "0.1"}),
     "choco int8": ("ExpanderTopology", {**CHOCO, "quantize_bits": "8"}),
     "choco QSGD 15": ("ExpanderTopology", {**CHOCO, "qsgd_levels": "15"}),
