@@ -71,6 +71,8 @@ def table(cells: list[dict[str, Any]], families: list[str]) -> str:
     lines = ["| setting | " + " | ".join(f"{f}: final (worst) | MB | x fewer bytes" for f in families) + " |",
              "|---|" + "---:|---:|---:|" * len(families)]
     for label in SETTINGS:
+        if not any(c["setting"] == label for c in cells):
+            continue
         out = []
         for f in families:
             mine = [c for c in cells if c["family"] == f and c["setting"] == label]
