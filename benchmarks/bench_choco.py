@@ -1,15 +1,18 @@
 """CHOCO gossip against uncompressed gossip and the reconstruct mode: accuracy and megabytes on the 20-peer digits
 benchmark (shards:2, 20 rounds, manifest defaults otherwise: 4 local epochs, 6 final averaging-only exchanges).
 
-    python benchmarks/bench_choco.py [--families digits-mlp-sgdm,logreg-sgd] [--seeds 0,1] [--rounds 20]
+    python benchmarks/bench_choco.py [--families digits-mlp-sgdm,logreg-sgd] [--seeds 0,1,2] [--rounds 20]
         [--settings 'A;B'] [--training-param local_steps=4] [--json PATH]
+    python benchmarks/bench_choco.py --quick     # logistic regression, seed 0, 6 rounds, three settings (< 1 min)
 
 Two model families (the bundled digits script's MLP with SGD momentum, and logistic regression with plain SGD from
-benchmarks/scripts) and two seeds by default. Settings: uncompressed gossip on the default RandomTopology (fanout 3)
-and on ExpanderTopology (fanout 3: two hashed rings, degree 4, the graph CHOCO runs on), the reconstruct mode with
+benchmarks/scripts) and three seeds (0, 1, 2) by default. Settings: uncompressed gossip on the default RandomTopology
+(fanout 3) and on ExpanderTopology (fanout 3: two hashed rings, degree 4, the graph CHOCO runs on), the reconstruct mode with
 top-k 1% + error feedback on RandomTopology (what compression did before CHOCO), and CHOCO with top-k 1%, top-k
-10%, int8 and QSGD (15 levels) on ExpanderTopology, each at its default consensus step. ``final``: the mean and worst
-peer accuracy of the served models after the run; ``MB``: every byte the peers sent.
+10%, int8 and QSGD (15 levels) on ExpanderTopology, each at its default consensus step (top-1% also at 0.05, the
+former default, and 0.5). ``final``: the mean and worst
+peer accuracy of the served models after the run; ``MB``: every byte the peers sent. ``headline`` (for
+benchmarks/run_all.py): per family, the mean final accuracy of each setting and its bytes against the baseline.
 """
 
 from __future__ import annotations
@@ -38,11 +41,14 @@ SETTINGS: dict[str, tuple[str, dict[str, str]]] = {
     "uncompressed, expander": ("ExpanderTopology", {}),
     "reconstruct top-k 1% + EF, random": ("RandomTopology", {"top_k_ratio": "0.01"}),
     "choco top-k 1%": ("ExpanderTopology", {**CHOCO, "top_k_ratio": "0.01"}),
+    "choco top-k 1%, step 0.05": ("ExpanderTopology", {**CHOCO, "top_k_ratio": "0.01", "consensus_step": "0.05"}),
+    "choco top-k 1%, step 0.5": ("ExpanderTopology", {**CHOCO, "top_k_ratio": "0.01", "consensus_step": "0.5"}),
     "choco top-k 10%": ("ExpanderTopology", {**CHOCO, "top_k_ratio": "0.1"}),
     "choco int8": ("ExpanderTopology", {**CHOCO, "quantize_bits": "8"}),
     "choco QSGD 15": ("ExpanderTopology", {**CHOCO, "qsgd_levels": "15"}),
 }
 BASELINE = "uncompressed, random fanout 3"
+QUICK_SETTINGS = ("uncompressed, random fanout 3", "choco top-k 10%", "choco int8")
 
 
 def run(family: str, label: str, seed: int, rounds: int, training: dict[str, str]) -> dict[str, Any]:
@@ -65,6 +71,8 @@ def table(cells: list[dict[str, Any]], families: list[str]) -> str:
     lines = ["| setting | " + " | ".join(f"{f}: final (worst) | MB | x fewer bytes" for f in families) + " |",
              "|---|" + "---:|---:|---:|" * len(families)]
     for label in SETTINGS:
+        if not any(c["setting"] == label for c in cells):
+            continue
         out = []
         for f in families:
             mine = [c for c in cells if c["family"] == f and c["setting"] == label]
@@ -81,16 +89,36 @@ def table(cells: list[dict[str, Any]], families: list[str]) -> str:
     return "\n".join(lines)
 
 
+def headline(cells: list[dict[str, Any]], families: list[str]) -> dict[str, float]:
+    """Flat numbers for run_all's summary: ``<family> <setting> acc`` and, against the baseline, ``x fewer``."""
+    out: dict[str, float] = {}
+    for f in families:
+        base = [c["mb_sent"] for c in cells if c["family"] == f and c["setting"] == BASELINE]
+        for label in SETTINGS:
+            mine = [c for c in cells if c["family"] == f and c["setting"] == label]
+            if not mine:
+                continue
+            out[f"{f} {label} acc"] = round(statistics.fmean(c["final_mean_accuracy"] for c in mine), 4)
+            if base and label != BASELINE:
+                out[f"{f} {label} x fewer"] = round(statistics.fmean(base) / statistics.fmean(c["mb_sent"] for c in mine), 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default=",".join(FAMILIES))
-    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--settings", default=";".join(SETTINGS), help="semicolon-separated subset of the settings")
+    ap.add_argument("--quick", action="store_true",
+                    help="logistic regression, seed 0, 6 rounds, uncompressed / CHOCO top-k 10% / CHOCO int8")
     ap.add_argument("--training-param", action="append", default=[], metavar="K=V",
                     help="manifest training override (repeatable), e.g. local_steps=4")
-    ap.add_argument("--json", type=Path, default=RESULTS / "choco.json")
+    ap.add_argument("--json", type=Path, default=None, help="default benchmarks/results/choco.json (quick: results/quick/)")
     args = ap.parse_args()
+    if args.quick:
+        args.families, args.seeds, args.rounds, args.settings = "logreg-sgd", "0", 6, ";".join(QUICK_SETTINGS)
+    args.json = args.json or RESULTS / ("quick" if args.quick else "") / "choco.json"
     quiet()
     families = [f for f in args.families.split(",") if f]
     labels = [s for s in args.settings.split(";") if s]
@@ -104,8 +132,8 @@ def main() -> None:
     training = dict(kv.split("=", 1) for kv in args.training_param)
     cells = [run(f, label, int(seed), args.rounds, training)
              for f in families for label in labels for seed in args.seeds.split(",")]
-    result = {"benchmark": "choco", "peers": 20, "partition": "shards:2", "rounds": args.rounds, "seeds": args.seeds,
-              "training": training,
+    result = {"benchmark": "choco", "quick": args.quick, "peers": 20, "partition": "shards:2", "rounds": args.rounds,
+              "seeds": args.seeds, "training": training, "headline": headline(cells, families),
               "cells": cells, "markdown": table(cells, families), "seconds": time.perf_counter() - started}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -5,6 +5,7 @@
     python benchmarks/bench_privacy.py --epsilons 8 --seeds 1 2          # more seeds at one budget
     python benchmarks/bench_privacy.py --family logreg --epsilons 8      # another model family
     python benchmarks/bench_privacy.py --report-only                     # table and plot from the JSON
+    python benchmarks/bench_privacy.py --family cnn --epsilons 8 --modes dp_sgd --variant 'clip 3'   # one lever
 
 Every run: 20 peers, 20 rounds, gossip with the manifest defaults (FedAvg, random fanout 3, 4 local epochs, final
 averaging-only exchanges), the digits script's own optimizer (SGD lr 0.05 momentum 0.9, batch 32). A budget is
@@ -15,6 +16,8 @@ the total (epsilon, delta = 1e-5) per peer for the whole run:
   clip 1.0 (the manifest default), the total also set as ``dp_total_epsilon``;
 - ``inf``: no DP at all (one run per split, shown in both series).
 Aim (issue 15): dp_sgd at epsilon 8 reaches >= 75% mean accuracy on IID and >= 60% on shards:2.
+``--variant`` runs one lever against those defaults (a clip norm, plain averaging instead of the slow-momentum
+default, fewer local epochs, a batch as large as a peer's data); its rows carry the variant's name.
 Writes JSON (default ``benchmarks/results/privacy.json``, updated after every run; runs of other seeds, budgets and
 families already in it are kept), prints a markdown table (means over seeds) and draws
 ``benchmarks/results/privacy_vs_epsilon.png``.
@@ -36,7 +39,7 @@ from simkit import RESULTS, ROOT, digits_manifest, quiet
 
 from quinkgl_cli.atomic import atomic_write_bytes
 from quinkgl_cli.node.script import PeerScript, load_script
-from quinkgl_cli.sim.simulator import SimConfig, SimResult, simulate
+from quinkgl_cli.sim.simulator import Overrides, SimConfig, SimResult, simulate
 from quinkgl_cli.strategies.dp_accountant import plan_noise_multiplier
 from quinkgl_cli.strategies.privacy import gaussian_sigma, rdp_epsilon
 
@@ -51,6 +54,17 @@ FAMILIES = {
 }
 INPUT_SHAPES = {"digits-mlp": "64", "logreg": "64", "cnn": "1,8,8"}
 AIM = {"iid": 0.75, "shards:2": 0.60}
+DEFAULT = "default"
+# Levers against the defaults, none of them a default: what each changes of the run.
+VARIANTS: dict[str, dict[str, Any]] = {
+    DEFAULT: {},
+    "clip 0.3": {"clip": 0.3},
+    "clip 3": {"clip": 3.0},
+    "plain averaging": {"overrides": Overrides(aggregation="FedAvgM", aggregation_params={"server_momentum": "0"})},
+    "2 local epochs": {"overrides": Overrides(training_params={"local_epochs": "2"})},
+    "batch 72": {"script_args": {"batch_size": "72"}},  # q = 1 on a peer of 72 examples or fewer
+}
+KEY = ("family", "partition", "mode", "epsilon", "seed", "variant")
 
 
 def local_epsilon_per_round(total: float, rounds: int) -> float:
@@ -63,13 +77,13 @@ def local_epsilon_per_round(total: float, rounds: int) -> float:
     return lo
 
 
-def privacy_of(mode: str, eps: float) -> dict[str, Any]:
+def privacy_of(mode: str, eps: float, clip: float = CLIP) -> dict[str, Any]:
     if math.isinf(eps):
         return {}
     if mode == "dp_sgd":
-        return {"mode": "dp_sgd", "dp_total_epsilon": eps, "dp_delta": DELTA, "dp_clip_norm": CLIP}
+        return {"mode": "dp_sgd", "dp_total_epsilon": eps, "dp_delta": DELTA, "dp_clip_norm": clip}
     return {"dp_epsilon": local_epsilon_per_round(eps, ROUNDS), "dp_total_epsilon": eps, "dp_delta": DELTA,
-            "dp_clip_norm": CLIP}
+            "dp_clip_norm": clip}
 
 
 def typical_noise(mode: str, eps: float, peer_samples: float) -> float | None:
@@ -83,18 +97,22 @@ def typical_noise(mode: str, eps: float, peer_samples: float) -> float | None:
     return plan_noise_multiplier(eps, DELTA, rate, ROUNDS * steps, 30.0)
 
 
-def run(script: PeerScript, family: str, mode: str, eps: float, partition: str, seed: int) -> SimResult:
+def run(script: PeerScript, family: str, mode: str, eps: float, partition: str, seed: int,
+        variant: str = DEFAULT) -> SimResult:
     from quinkgl_cli.manifest.arch_hash import compute_arch_hash
     from quinkgl_cli.manifest.create import build_manifest
 
+    lever = VARIANTS[variant]
+    privacy = privacy_of(mode, eps, lever.get("clip", CLIP))
     if family == "digits-mlp":
-        manifest = digits_manifest(script, privacy=privacy_of(mode, eps))
+        manifest = digits_manifest(script, privacy=privacy)
     else:
         manifest = build_manifest(
             name="privacy-bench", task_type="classification", input_shape=INPUT_SHAPES[family], output_shape="10",
             label_type="integer", framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)),
-            aggregation="FedAvg", topology="RandomTopology", privacy_params=privacy_of(mode, eps))
-    cfg = SimConfig(peers=PEERS, rounds=ROUNDS, partition=partition, seed=seed)
+            aggregation="FedAvg", topology="RandomTopology", privacy_params=privacy)
+    cfg = SimConfig(peers=PEERS, rounds=ROUNDS, partition=partition, seed=seed,
+                    script_args=lever.get("script_args", {}), overrides=lever.get("overrides", Overrides()))
     return simulate(script, manifest, cfg)
 
 
@@ -107,7 +125,7 @@ def table(runs: list[dict[str, Any]]) -> str:
     present = {(r["family"], r["partition"], r["mode"]) for r in runs}
     for r in runs:
         modes = [m for m in ("dp_sgd", "local_update") if (r["family"], r["partition"], m) in present] \
-            if r["epsilon"] == "inf" else [r["mode"]]
+            if r["epsilon"] == "inf" else [_mode_label(r)]
         for mode in modes:
             cells.setdefault((r["family"], r["partition"], mode, r["epsilon"]), []).append(r["final_mean_accuracy"])
     lines = ["| family | split | mode | " + " | ".join(f"eps {e}" for e in ("1", "2", "4", "8", "16", "inf")) + " |",
@@ -116,7 +134,8 @@ def table(runs: list[dict[str, Any]]) -> str:
         row = []
         for e in ("1", "2", "4", "8", "16", "inf"):
             vals = cells.get((fam, part, mode, e))
-            row.append("-" if not vals else f"{100 * statistics.mean(vals):.1f}%" + (f" (n={len(vals)})" if len(vals) > 1 else ""))
+            row.append("-" if not vals else f"{100 * statistics.mean(vals):.1f}%" + (
+                f" (n={len(vals)}, {100 * min(vals):.1f}-{100 * max(vals):.1f})" if len(vals) > 1 else ""))
         lines.append(f"| {fam} | {part} | {mode} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -124,16 +143,22 @@ def table(runs: list[dict[str, Any]]) -> str:
 EPS_AXIS = ("1", "2", "4", "8", "16", "inf")
 
 
+def _mode_label(r: dict[str, Any]) -> str:
+    variant = r.get("variant", DEFAULT)
+    return r["mode"] if variant == DEFAULT else f"{r['mode']}, {variant}"
+
+
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
     """Mean final accuracy against the budget, one line per (family, split, mode); inf drawn at the right end."""
     from quinkgl_cli.sim.report import plot_xy
 
     series: dict[str, tuple[list[float], list[float | None]]] = {}
-    for fam, part, mode in sorted({(r["family"], r["partition"], r["mode"]) for r in runs if r["mode"] != "none"}):
+    for fam, part, mode in sorted({(r["family"], r["partition"], r["mode"]) for r in runs
+                                   if r["mode"] != "none" and r.get("variant", DEFAULT) == DEFAULT}):
         ys: list[float | None] = []
         for e in EPS_AXIS:
             vals = [r["final_mean_accuracy"] for r in runs if r["family"] == fam and r["partition"] == part
-                    and r["epsilon"] == e and (r["mode"] == mode or e == "inf")]
+                    and r["epsilon"] == e and (r["mode"] == mode or e == "inf") and r.get("variant", DEFAULT) == DEFAULT]
             ys.append(statistics.mean(vals) if vals else None)
         if sum(y is not None for y in ys) > 1:
             series[f"{fam} {part} {mode}"] = (list(range(len(EPS_AXIS))), ys)
@@ -150,6 +175,7 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=["dp_sgd", "local_update"], choices=["dp_sgd", "local_update"])
     ap.add_argument("--partitions", nargs="+", default=["iid", "shards:2"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--variant", choices=list(VARIANTS), default=DEFAULT, help="one lever against the defaults")
     ap.add_argument("--json", type=Path, default=RESULTS / "privacy.json")
     ap.add_argument("--plot", type=Path, default=RESULTS / "privacy_vs_epsilon.png")
     ap.add_argument("--report-only", action="store_true", help="table and plot from the JSON, no runs")
@@ -166,27 +192,28 @@ def main() -> None:
             for eps in args.epsilons:
                 for mode in (["none"] if math.isinf(eps) else args.modes):
                     started = time.perf_counter()
-                    res = run(script, args.family, mode, eps, partition, seed)
+                    res = run(script, args.family, mode, eps, partition, seed, args.variant)
                     entry = {"family": args.family, "partition": partition, "mode": mode, "epsilon": label(eps),
-                             "seed": seed, "final_mean_accuracy": res.final.mean_accuracy,
+                             "seed": seed, "variant": args.variant, "final_mean_accuracy": res.final.mean_accuracy,
                              "final_min_accuracy": res.final.min_accuracy,
                              "curve": [r.mean_accuracy for r in res.rounds],
                              "noise_multiplier_typical_peer": None if mode == "none" else typical_noise(mode, eps, peer_samples),
                              "run_s": round(time.perf_counter() - started, 1)}
-                    doc["runs"] = [r for r in doc["runs"] if {k: r[k] for k in ("family", "partition", "mode", "epsilon", "seed")}
-                                   != {k: entry[k] for k in ("family", "partition", "mode", "epsilon", "seed")}]
+                    doc["runs"] = [r for r in doc["runs"] if {k: r.get(k, DEFAULT) for k in KEY} != {k: entry[k] for k in KEY}]
                     doc["runs"].append(entry)
                     atomic_write_bytes(args.json, (json.dumps(doc, indent=1) + "\n").encode())
-                    print(f"{args.family} {partition} {mode} eps={label(eps)} seed={seed}: "
+                    print(f"{args.family} {partition} {mode} eps={label(eps)} seed={seed} {args.variant}: "
                           f"{100 * res.final.mean_accuracy:.1f}% (min {100 * res.final.min_accuracy:.1f}%) "
                           f"{entry['run_s']} s", flush=True)
     print(table(doc["runs"]))
     plot(doc["runs"], args.plot)
-    hits = [r for r in doc["runs"] if r["mode"] == "dp_sgd" and r["epsilon"] == "8" and r["family"] == "digits-mlp"]
-    for part, aim in AIM.items():
-        vals = [r["final_mean_accuracy"] for r in hits if r["partition"] == part]
-        if vals:
-            print(f"aim {part} eps 8 >= {100 * aim:.0f}%: {100 * statistics.mean(vals):.1f}% over {len(vals)} seed(s)")
+    hits = [r for r in doc["runs"] if r["mode"] == "dp_sgd" and r["epsilon"] == "8" and r.get("variant", DEFAULT) == DEFAULT]
+    for family in sorted({r["family"] for r in hits}):
+        for part, aim in AIM.items():
+            vals = [r["final_mean_accuracy"] for r in hits if r["partition"] == part and r["family"] == family]
+            if vals:
+                print(f"aim {family} {part} eps 8 >= {100 * aim:.0f}%: {100 * statistics.mean(vals):.1f}% "
+                      f"over {len(vals)} seed(s)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ BENCHMARKS: tuple[tuple[str, str], ...] = (
     ("transfer", "model transfer between daemons vs raw TCP"),
     ("aggregation", "aggregation per strategy vs one stacked mean"),
     ("compression", "encode/decode vs a memory copy, bytes on the wire, accuracy under compression (simulator)"),
+    ("choco", "CHOCO compressed gossip vs uncompressed gossip: accuracy and megabytes (simulator)"),
     ("daemon", "daemon start-up, RSS and per-round overhead"),
     ("sim", "simulator scale and the learning table"),
     ("tutorial", "gossip vs FedAvg under local DP (the tutorial's experiment)"),

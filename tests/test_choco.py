@@ -252,6 +252,24 @@ def test_manifest_round_trip_and_refusals() -> None:
             Manifest.model_validate(data)
 
 
+def test_default_step_grows_with_the_kept_fraction_and_the_manifest_overrides_it() -> None:
+    """2 sqrt(ratio) under top-k, capped at 0.5 (bench_choco: 0.05 at top-1% left every peer at local training's
+    accuracy), 1 with quantizers alone; the step the consensus aggregator takes is the one the manifest resolves to."""
+    from quinkgl_cli.node.core import build_aggregator
+    from quinkgl_cli.strategies.choco import ConsensusStep, default_step
+
+    def step(**kw: object) -> float:
+        return default_step(CompressionSpec(mode="choco", **kw))  # type: ignore[arg-type]
+
+    assert step(top_k_ratio=0.01) == pytest.approx(0.2)
+    assert step(top_k_ratio=0.04) == pytest.approx(0.4)
+    assert step(top_k_ratio=0.1) == step(top_k_ratio=0.5) == 0.5
+    assert step(quantize_bits=8) == step(qsgd_levels=15) == 1.0
+    assert step(top_k_ratio=0.01, consensus_step=0.05) == 0.05
+    agg = build_aggregator(manifest(top_k_ratio="0.01", mode="choco"))
+    assert isinstance(agg, ConsensusStep) and agg.gamma == pytest.approx(0.2)
+
+
 def test_a_plain_manifest_keeps_its_canonical_bytes() -> None:
     """Manifests that do not use CHOCO serialize as before: their signatures and swarm ids do not change."""
     dumped = manifest(top_k_ratio="0.1").model_dump(mode="json")["compression"]

@@ -102,7 +102,7 @@ class CompressionSpec(Strict):
     Off means no top_k_ratio, quantize_bits or qsgd_levels and lossless "none": updates go out uncompressed.
     ``mode``: "reconstruct" (each receiver rebuilds the sender's model from deltas and averages it) or "choco"
     (CHOCO gossip on public estimates, `strategies.choco`, with step ``consensus_step``; default 1 without
-    top-k, min(0.5, 5 * top_k_ratio) with it: `strategies.choco.default_step`).
+    top-k, min(0.5, 2 * sqrt(top_k_ratio)) with it: `strategies.choco.default_step`).
     """
 
     delta: bool = True
