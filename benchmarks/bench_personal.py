@@ -34,19 +34,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from simkit import DIGITS, RESULTS, digits_manifest, pct, quiet
+from simkit import DIGITS, RESULTS, pct, quiet
 
 from quinkgl_cli.atomic import atomic_write_bytes
-from quinkgl_cli.node.script import load_script
+from quinkgl_cli.manifest.arch_hash import compute_arch_hash
+from quinkgl_cli.manifest.create import build_manifest
+from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.script import PeerScript, load_script
 from quinkgl_cli.sim.report import Curve, communication, plot_panels
 from quinkgl_cli.sim.simulator import Overrides, SimConfig, SimResult, Simulator
 
 PEERS = 20
 HOLDOUT = "0.3"
-FAMILIES = {
-    "mlp": DIGITS,
-    "cnn": Path(__file__).resolve().parent / "scripts" / "digits_cnn_sgdm.py",
-    "logreg": Path(__file__).resolve().parent / "scripts" / "digits_logreg_sgd.py",
+FAMILIES = {  # name: (peer script, the manifest's input shape)
+    "mlp": (DIGITS, "64"),
+    "cnn": (Path(__file__).resolve().parent / "scripts" / "digits_cnn_sgdm.py", "1,8,8"),
+    "logreg": (Path(__file__).resolve().parent / "scripts" / "digits_logreg_sgd.py", "64"),
 }
 VARIANTS = {  # name: (simulator mode, personalization)
     "local only": ("local", "none"),
@@ -58,14 +61,15 @@ BASELINES = ("local only", "shared (none)")
 
 
 def one(family: str, mode: str, personalization: str, split: str, seed: int, rounds: int) -> dict[str, Any]:
-    script = load_script(FAMILIES[family])
-    if str(FAMILIES[family].parent) not in sys.path:
-        sys.path.insert(0, str(FAMILIES[family].parent))  # the benchmark scripts import their data half
+    path, input_shape = FAMILIES[family]
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # the benchmark scripts import their data half
+    script = load_script(path)
     cfg = SimConfig(peers=PEERS, rounds=rounds, partition="script", seed=seed, mode=mode,  # type: ignore[arg-type]
                     script_args={"partition": split, "seed": str(seed), "own_holdout": HOLDOUT},
                     overrides=Overrides(personalization=personalization))
     started = time.perf_counter()
-    result: SimResult = Simulator(script, digits_manifest(script), cfg).run()
+    result: SimResult = Simulator(script, manifest(script, input_shape), cfg).run()
     last, final = result.rounds[-1], result.final
     comm = communication(result)
     alphas = [p.alpha for p in final.peers if p.alpha is not None]
@@ -82,6 +86,14 @@ def one(family: str, mode: str, personalization: str, split: str, seed: int, rou
         "mb_sent": comm["bytes_sent_total"] / 1e6,
         "seconds": time.perf_counter() - started,
     }
+
+
+def manifest(script: PeerScript, input_shape: str) -> Manifest:
+    """What `quinkgl manifest create --from-script` makes for the family's script, the swarm defaults."""
+    return build_manifest(
+        name="digits-bench", task_type="classification", input_shape=input_shape, output_shape="10",
+        label_type="integer", framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)),
+        aggregation="FedAvg", topology="RandomTopology")
 
 
 def mean(values: list[float | None]) -> float | None:
