@@ -11,7 +11,8 @@ epochs, the served model, 6 averaging-only exchanges after the last round), 20 r
 script's own split (``--partition script``) with ``own_holdout=0.3``: 30% of each of the peer's classes never trains
 and is its own test set, the third loader of ``build_loaders``, on which ``own_accuracy`` is measured. Families:
 ``mlp`` (the bundled digits script: MLP 64-32-10, SGD momentum 0.9) and ``cnn`` (benchmarks/scripts/digits_cnn_sgdm:
-conv 16, two linear layers, SGD momentum 0.9), ``logreg`` (one linear layer, plain SGD; FedRep has no backbone there).
+conv 16, two linear layers, SGD momentum 0.9), ``logreg`` (one linear layer, plain SGD; FedRep refuses it, having no
+backbone to share: leave FedRep out of ``--variants``).
 
 Per run: ``own``: the personal model on its peer's own test data, mean and worst peer, after the last training
 round and after the final merge; ``global``: the served shared model on the validation set (FedRep: the served
