@@ -283,6 +283,38 @@ def test_apfl_alpha_steps_along_its_gradient() -> None:
     assert abs(grad) > 1e-3  # the test would notice an alpha that did not move
 
 
+def test_apfl_steps_v_and_alpha_from_the_w_the_batch_saw_not_the_w_that_stepped_on_it() -> None:
+    torch.manual_seed(0)
+    w = mlp()
+    apfl = APFL(w, manifest("apfl", alpha="0.4", alpha_lr="0.5").personalization,
+                lambda local: torch.optim.SGD(local.parameters(), lr=0.0))
+    with torch.no_grad():
+        for p in apfl.local.parameters():
+            p.add_(torch.randn_like(p))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    loss_fn = nn.CrossEntropyLoss()
+
+    def alpha_grad() -> float:  # d loss(alpha*v + (1-alpha)*w) / d alpha at 0.4, for the current w
+        def at(alpha: float) -> float:
+            apfl.alpha = alpha
+            with torch.no_grad():
+                return float(loss_fn(apfl.personal_model(w)(x), y))
+        return (at(0.4 + 1e-3) - at(0.4 - 1e-3)) / 2e-3
+
+    before = alpha_grad()
+    apfl.alpha = 0.4
+    apfl.before_step()  # as the trainer calls it: then w's own step on the batch, then APFL's
+    opt = torch.optim.SGD(w.parameters(), lr=2.0)
+    opt.zero_grad()
+    loss_fn(w(x), y).backward()
+    opt.step()
+    after = alpha_grad()
+    assert abs(before - after) > 0.05  # w's step changed the gradient enough for the test to tell them apart
+    apfl.alpha = 0.4
+    apfl.after_step(x, y, loss_fn)
+    assert apfl.alpha == pytest.approx(min(1.0, max(0.0, 0.4 - 0.5 * before)), abs=1e-3)
+
+
 def test_apfl_trains_v_on_the_mixture_shares_only_w_and_serves_the_mixture() -> None:
     net = MemoryNetwork(auto_deliver=False)
     m = manifest("apfl", alpha="0.5", alpha_lr="0.05")

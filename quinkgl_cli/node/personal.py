@@ -13,8 +13,9 @@ compresses or serves the shared model:
   the manifest's ``head_prefixes``, else the prefixes in the model's ``quinkgl_head`` attribute (set by the peer
   script's ``build_model``), else the last layer that has parameters.
 - `APFL` (Deng et al. 2020): a local model v beside the shared model w. w trains as usual and alone is shared;
-  after each of w's steps v takes one on the loss of the mixture alpha*v + (1-alpha)*w (w held fixed, so v's
-  gradient is alpha times the mixture's), and alpha one step of its own gradient, clipped to [0, 1]. The peer's
+  after each of w's steps v takes one on the loss of the mixture alpha*v + (1-alpha)*w on the same batch, with w
+  as that batch found it (before its step, as in the paper's algorithm) and held fixed, so v's gradient is alpha
+  times the mixture's; alpha takes one step of its own gradient, clipped to [0, 1]. The peer's
   personal model is alpha*v + (1-alpha)*w, with w the shared model the peer serves.
 """
 
@@ -103,6 +104,9 @@ class Shared:
 
     def backbone_only(self) -> AbstractContextManager[None]:
         return nullcontext()
+
+    def before_step(self) -> None:
+        """Called before each optimizer step of the shared model: its weights are still the ones the batch saw."""
 
     def after_step(self, x: Any, y: Any, loss_fn: LossFn) -> None:
         """Called after each optimizer step of the shared model, with that step's batch."""
@@ -203,12 +207,20 @@ class APFL(Shared):
         self.alpha = float(spec.alpha)
         self.alpha_lr = float(spec.alpha_lr)
         self._mixed: nn.Module | None = None
+        self._w_before: dict[str, torch.Tensor] | None = None
+
+    def before_step(self) -> None:
+        self._w_before = {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
     def after_step(self, x: Any, y: Any, loss_fn: LossFn) -> None:
         first = next(iter(self.local.parameters()))
         alpha = torch.tensor(self.alpha, device=first.device, dtype=first.dtype, requires_grad=True)
-        w = dict(self.model.named_parameters())
-        mixed = {n: alpha * v + (1.0 - alpha) * w[n].detach() for n, v in self.local.named_parameters()}
+        # The paper's step: v and alpha move from the same iterate as w, the w this batch's forward pass used.
+        # Mixing in the w that has just stepped on this very batch favours w in alpha's gradient (on label-skewed
+        # digits alpha fell from 0.5 to 0.3, and to 0.04 with alpha_lr 0.1, below what serves the peer best).
+        w = self._w_before if self._w_before is not None else {n: p.detach() for n, p in self.model.named_parameters()}
+        self._w_before = None
+        mixed = {n: alpha * v + (1.0 - alpha) * w[n] for n, v in self.local.named_parameters()}
         self.local.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(functional_call(self.local, mixed, (x,)), y)

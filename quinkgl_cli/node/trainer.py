@@ -199,6 +199,7 @@ class Trainer:
             for epoch, x, y in self._batches(self.local_epochs):
                 out, loss = self._step(x, y, lambda: aggregator.loss_term(shared))
                 aggregator.after_backward(shared)
+                personal.before_step()
                 self.optimizer.step()
                 personal.after_step(x, y, self.loss_fn)
                 n = _batch_len(y)
