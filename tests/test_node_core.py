@@ -196,6 +196,26 @@ def test_the_served_model_averages_clipped_updates_never_the_raw_ones() -> None:
     assert float(served.max()) < 3.0, "the raw x50 model leaked into the served average"
 
 
+def test_a_peer_whose_update_is_refused_leaves_the_served_model() -> None:
+    """A model an aggregation used stays in the served average for rounds, unless the peer's next update is refused
+    (an untrained or zeroed model after a poisoned one): then it leaves at once."""
+    net = MemoryNetwork(auto_deliver=False)
+    node = make_node(net, "me", manifest(), 0)
+    node.begin_round()
+    d = flatten(node.model).numel()
+    load_flat(node.model, torch.ones(d))
+    node.share()
+    for name, value in (("h1", 1.01), ("h2", 0.99), ("x", 3.0)):  # x: clipped to one norm away, used
+        node.on_model(forged(node, name, 1, torch.full((d,), value), 30))
+    assert "x" in node.aggregate().peers  # type: ignore[union-attr]
+    assert float(flatten(node.served_model()).max()) > 1.1
+    for name, value in (("h1", 1.0), ("h2", 1.0), ("x", 0.0)):  # zeros: far below the round's norms
+        node.on_model(forged(node, name, 1, torch.full((d,), value), 30))
+    outcome = node.aggregate()
+    assert outcome is not None and outcome.rejected == ["x"]
+    assert float(flatten(node.served_model()).max()) < 1.05, "the refused peer's older model is still served"
+
+
 def test_newest_update_per_sender_wins() -> None:
     net = MemoryNetwork(auto_deliver=False)
     node = make_node(net, "me", manifest(), 0)

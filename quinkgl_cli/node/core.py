@@ -353,6 +353,7 @@ class Node:
         for u in others:
             if u.peer_id in used:
                 self.graph.observe(u, self.known_peers, self.round)
+        self.serving.forget(result.rejected)
         self.serving.note_peers([u for u in result.combined if not u.is_local and u.peer_id in used])
         self.recorder.aggregated(used, samples)
         fields: dict[str, Any] = {"peers": len(used), "samples": samples, "from": used, "strategy": name}

@@ -86,6 +86,12 @@ class ServingModel:
         while len(self._peers) > self.max_models:
             del self._peers[next(iter(self._peers))]
 
+    def forget(self, peers: list[str]) -> None:
+        """``peers`` sent an update an aggregation refused (poison, an untrained model, a copy): the models of theirs
+        an earlier aggregation used leave the served average too, instead of staying for ``max_age`` rounds."""
+        for peer in peers:
+            self._peers.pop(peer, None)
+
     def model(self, current_round: int) -> nn.Module:
         """The module to serve: the scratch copy holding the served weights, or the node's model when there is
         nothing to average (serving off, or nothing trained and received yet)."""
