@@ -22,6 +22,7 @@ training model), and the merged model the peer holds is what it serves from then
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,10 +74,14 @@ class ServingModel:
             oldest = round_ - self.max_age
             self._peers = {p: e for p, e in self._peers.items() if e.round >= oldest}
 
-    def note_peers(self, updates: list[PeerUpdate]) -> None:
-        """Updates an aggregation used: each becomes its sender's latest model (a newer round wins)."""
+    def note_peers(self, updates: list[PeerUpdate], refused: Sequence[str] = ()) -> None:
+        """Updates an aggregation used: each becomes its sender's latest model (a newer round wins). The senders of
+        updates it ``refused`` (poison, an untrained model) leave the served average at once, instead of being
+        served their older models for ``max_age`` rounds."""
         if not self.enabled:
             return
+        for peer in refused:
+            self._peers.pop(peer, None)
         for u in updates:
             held = self._peers.get(u.peer_id)
             if held is not None and held.round > u.round:
@@ -85,12 +90,6 @@ class ServingModel:
             self._peers[u.peer_id] = _Entry(u.round, u.flat, max(int(u.sample_count), 1))
         while len(self._peers) > self.max_models:
             del self._peers[next(iter(self._peers))]
-
-    def forget(self, peers: list[str]) -> None:
-        """``peers`` sent an update an aggregation refused (poison, an untrained model, a copy): the models of theirs
-        an earlier aggregation used leave the served average too, instead of staying for ``max_age`` rounds."""
-        for peer in peers:
-            self._peers.pop(peer, None)
 
     def model(self, current_round: int) -> nn.Module:
         """The module to serve: the scratch copy holding the served weights, or the node's model when there is
