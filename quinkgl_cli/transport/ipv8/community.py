@@ -132,7 +132,9 @@ class SwarmCommunity(Community):
     def on_introduction_request(self, peer, dist, payload) -> None:  # type: ignore[no-untyped-def]
         """As IPv8's, except that a peer is answered where its packet came from, never at the LAN address it claims
         (that claim is how packets leak off loopback)."""
-        if 0 <= self.max_peers < len(self.get_peers()) and not self.handlers.on_crowded():
+        # The network holds this community's peers only (one per transport): its size, not get_peers()'s scan of
+        # every peer's key, which each stranger's introduction request paid.
+        if 0 <= self.max_peers < len(self.network.verified_peers) and not self.handlers.on_crowded():
             return
         self.network.add_verified_peer(peer)
         self.network.discover_services(peer, [self.community_id])
