@@ -50,7 +50,7 @@ MIN_RMS = 0.1
 # cannot see it: it lies about one model norm from every model, as far as an honest peer after a local epoch of a
 # small network (the digits MLP: honest peers 0.7-0.9 norms apart, a fresh initialisation 0.75), yet every average
 # it joins is pulled toward zero or noise. Honest models of one round start from the previous averages and differ
-# little in norm (bench_learning's four families on its three splits: the smallest was 0.79 of the median), so
+# little in norm (bench_learning's four families on its three splits: the smallest was 0.75 of the median), so
 # "far below" is both under the median / SHRINK_RATIO and more than SHRINK_SPREAD median absolute deviations under
 # the median (a swarm whose models legitimately spread in norm, near zero or at different stages, refuses
 # nothing). It needs three norms, the local model's and two updates', so that one update cannot set the median.
