@@ -20,6 +20,7 @@ from quinkgl_cli.strategies.aggregation import (
     coordinate_median,
     distance,
     krum_scores,
+    norm_floor,
     pairwise_sq_distances,
     trimmed_mean,
 )
@@ -351,6 +352,32 @@ def test_every_aggregator_refuses_huge_finite_updates(name: str, value: float) -
     alone = make(name, f=0).aggregate(honest[0], [honest[1], poison[0]], 1)
     assert bool(torch.isfinite(alone.flat).all()) and alone.rejected == ["z0"], name
     assert distance(alone.flat, honest[0].flat) <= distance(honest[1].flat, honest[0].flat)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_aggregator_refuses_untrained_and_zeroed_models(name: str) -> None:
+    # A member sending an untrained initialisation (an unrelated direction, half the honest norm) or zeros: neither
+    # is far by distance (both lie about one model norm from every model), both are far below the round's norms.
+    honest = _honest()
+    g = torch.Generator().manual_seed(5)
+    init = torch.randn(D, generator=g)
+    init *= 0.5 * float(honest[0].flat.norm()) / float(init.norm())
+    junk = [PeerUpdate("init", 1, init, 100), PeerUpdate("zero", 1, torch.zeros(D), 100)]
+    clean = make(name, f=2).aggregate(honest[0], honest[1:], 1)
+    out = make(name, f=2).aggregate(honest[0], [*honest[1:], *junk], 1)
+    assert set(out.rejected) == {"init", "zero"} and "rejected init:norm" in out.note, out.note
+    assert torch.allclose(out.flat, clean.flat), name
+
+
+def test_the_norm_floor_refuses_nothing_where_honest_norms_spread() -> None:
+    assert norm_floor([6.0, 3.0]) == -math.inf  # two norms: nothing to take a median from
+    assert norm_floor([6.0, 6.1, 5.9, 6.0]) == pytest.approx(6.0 / 1.5)
+    # A late joiner (its own model still the small initial one) refuses none of the trained models it hears ...
+    late = PeerUpdate("a", 1, torch.full((D,), 0.2), 100, is_local=True)
+    trained = [PeerUpdate(f"t{i}", 1, torch.full((D,), 1.0 + 0.01 * i), 100) for i in range(3)]
+    assert make("FedAvg").aggregate(late, trained, 1).rejected == []
+    # ... and models spread in norm as widely as their distances (near zero, at different stages) are all kept.
+    assert norm_floor([0.0, 1.0, 2.0, 3.0, 4.0]) < 0.0
 
 
 def test_refused_and_clipped_updates_are_logged(caplog: pytest.LogCaptureFixture) -> None:

@@ -17,7 +17,7 @@ from quinkgl_cli.events import FIELDS_ATTR
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import Node, NodeConfig, NodeState
 from quinkgl_cli.tensors import flatten, load_flat
-from quinkgl_cli.transport.base import ModelReceived
+from quinkgl_cli.transport.base import ModelReceived, PeerInfo
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 
 H = "sha256:" + "0" * 64
@@ -194,6 +194,50 @@ def test_the_served_model_averages_clipped_updates_never_the_raw_ones() -> None:
     assert outcome is not None and "x50" in outcome.peers
     served = flatten(node.served_model())
     assert float(served.max()) < 3.0, "the raw x50 model leaked into the served average"
+
+
+def test_a_peer_whose_update_is_refused_leaves_the_served_model() -> None:
+    """A model an aggregation used stays in the served average for rounds, unless the peer's next update is refused
+    (an untrained or zeroed model after a poisoned one): then it leaves at once."""
+    net = MemoryNetwork(auto_deliver=False)
+    node = make_node(net, "me", manifest(), 0)
+    node.begin_round()
+    d = flatten(node.model).numel()
+    load_flat(node.model, torch.ones(d))
+    node.share()
+    for name, value in (("h1", 1.01), ("h2", 0.99), ("x", 3.0)):  # x: clipped to one norm away, used
+        node.on_model(forged(node, name, 1, torch.full((d,), value), 30))
+    assert "x" in node.aggregate().peers  # type: ignore[union-attr]
+    assert float(flatten(node.served_model()).max()) > 1.1
+    for name, value in (("h1", 1.0), ("h2", 1.0), ("x", 0.0)):  # zeros: far below the round's norms
+        node.on_model(forged(node, name, 1, torch.full((d,), value), 30))
+    outcome = node.aggregate()
+    assert outcome is not None and outcome.rejected == ["x"]
+    assert float(flatten(node.served_model()).max()) < 1.05, "the refused peer's older model is still served"
+
+
+def test_copies_echoes_and_replays_are_dropped_on_arrival() -> None:
+    """Identities cost nothing: one that forwards an honest peer's model, sends this node its own model back, or
+    sends the same model round after round adds no training, only weight (`node.copies`)."""
+    net = MemoryNetwork(auto_deliver=False)
+    node = make_node(net, "me", manifest(), 0)
+    node.on_peer_discovered(PeerInfo("h1", "00", None, 0.0))
+    sent: list[Any] = []
+    node.transport.send_model = lambda peer, update: sent.append(update)  # type: ignore[method-assign]
+    node.begin_round()
+    node.share()
+    d = flatten(node.model).numel()
+    honest = forged(node, "h1", 1, torch.full((d,), 0.5), 30)
+    node.on_model(forged(node, "sq", 1, torch.zeros(d), 30, payload=bytes(sent[0].payload)))  # our own model back
+    node.on_model(honest)
+    node.on_model(forged(node, "sq2", 1, torch.zeros(d), 30, payload=bytes(honest.payload)))  # h1's, forwarded
+    node.on_model(forged(node, "h1", 1, torch.zeros(d), 30, payload=bytes(honest.payload)))  # a resend: kept
+    assert node.pending_senders() == {"h1"} and node.inbox.dropped == 2
+    node.aggregate()
+    node.end_round()
+    node.begin_round()
+    node.on_model(forged(node, "h1", 2, torch.zeros(d), 30, payload=bytes(honest.payload)))  # round 1's, again
+    assert node.pending_senders() == set() and node.inbox.dropped == 1
 
 
 def test_newest_update_per_sender_wins() -> None:
@@ -421,12 +465,16 @@ def test_peer_far_behind_catches_up_with_the_swarm_majority(caplog: pytest.LogCa
     net.deliver_all()
     late = nodes[0]
     model = flatten(late.model)
+
+    def trained(peer: int, r: int) -> torch.Tensor:  # each peer's model of each round its own (copies are dropped)
+        return model + 1e-4 * (peer + 4 * r)
+
     # Peers count for the quorum once they delivered valid updates in HISTORY_ROUNDS (3) rounds of ours.
     for r in range(3):
         assert late.begin_round() == r + 1
-        late.on_model(forged(late, "p1", 20 + r, model, 30))
-        late.on_model(forged(late, "p2", 21 + r, model, 30))
-        late.on_model(forged(late, "p3", 10_000, model, 30))  # one peer lying about its round
+        late.on_model(forged(late, "p1", 20 + r, trained(1, r), 30))
+        late.on_model(forged(late, "p2", 21 + r, trained(2, r), 30))
+        late.on_model(forged(late, "p3", 10_000, trained(3, r), 30))  # one peer lying about its round
         late.aggregate()  # rounds count once the updates decoded and validated
         late.end_round()
     with caplog.at_level(logging.INFO, logger="quinkgl.node"):
@@ -435,9 +483,9 @@ def test_peer_far_behind_catches_up_with_the_swarm_majority(caplog: pytest.LogCa
     assert any(r.getMessage().startswith("caught-up from_round=4 to_round=22") for r in caplog.records)
     # A minority ahead does not move it.
     other = nodes[1]
-    for _ in range(3):
+    for r in range(3):
         other.begin_round()
-        other.on_model(forged(other, "p3", 10_000, model, 30))
+        other.on_model(forged(other, "p3", 10_000, trained(3, r), 30))
         other.aggregate()
         other.end_round()
     assert other.begin_round() == 4

@@ -27,10 +27,12 @@ def test_fresh_keys_claiming_round_a_million_cannot_end_training(caplog: pytest.
         for expected in range(1, 13):
             assert me.begin_round() == expected
             copy = flatten(me.model)
-            for honest in ("h1", "h2"):
-                me.on_model(forged(me, honest, expected, copy, 30))
-            for sybil in ("s1", "s2", "s3"):
-                me.on_model(forged(me, sybil, 1_000_000, copy, 30))
+            # Each a little apart, every round: byte-equal copies would be dropped on arrival (`node.copies`) and
+            # this test is about the round clock.
+            for k, honest in enumerate(("h1", "h2")):
+                me.on_model(forged(me, honest, expected, copy + 1e-4 * (k + 8 * expected), 30))
+            for k, sybil in enumerate(("s1", "s2", "s3"), start=2):
+                me.on_model(forged(me, sybil, 1_000_000, copy + 1e-4 * (k + 8 * expected), 30))
             assert me.aggregate() is not None
             me.end_round()
     assert not [r for r in caplog.records if r.getMessage().startswith("caught-up")]

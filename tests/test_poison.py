@@ -54,7 +54,7 @@ def test_huge_finite_updates_are_refused_and_the_default_node_keeps_training(cap
     huge = torch.full_like(flatten(node.model), 1e30)
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
-            _round(node, [("evil-1", huge), ("evil-2", huge)])
+            _round(node, [("evil-1", huge), ("evil-2", 2 * huge)])  # the same bytes twice: a copy, dropped earlier
     assert {r.qgl_fields["peer"] for r in _events(caplog, "update-refused")} == {"evil-1", "evil-2"}  # type: ignore[attr-defined]
     assert not _events(caplog, "training-rolled-back")
     assert bool(torch.isfinite(flatten(node.model)).all()) and float(flatten(node.model).abs().max()) < 100

@@ -50,6 +50,24 @@ def test_newest_model_per_peer_wins_and_old_ones_age_out() -> None:
     assert meta["peers"] == [] and list(tensors) == ["serving.own"]  # no longer held, nor checkpointed
 
 
+def test_a_claimed_future_round_ages_out_like_the_current_one() -> None:
+    # A peer claiming round 1,000,000 (issue 12 item 2): its model was served for good, never old enough to drop.
+    s = ServingModel(model_at(0.0), enabled=True, max_weight_ratio=10.0, max_age=3)
+    s.note_own(5, samples=10)
+    s.note_peers([update("liar", 1_000_000, 4.0)], current_round=5)
+    assert served(s, 5) == pytest.approx([2.0] * 3)
+    s.note_own(9, samples=10)
+    assert served(s, 9) == pytest.approx([0.0] * 3)
+
+
+def test_refused_peers_leave_the_served_model() -> None:
+    s = ServingModel(model_at(0.0), enabled=True, max_weight_ratio=10.0)
+    s.note_own(1, samples=10)
+    s.note_peers([update("a", 1, 4.0), update("b", 1, 0.0)])
+    s.note_peers([], refused=["a"])
+    assert served(s, 1) == pytest.approx([0.0] * 3)
+
+
 def test_a_peer_claiming_huge_counts_gets_a_bounded_share() -> None:
     s = ServingModel(model_at(0.0), enabled=True, max_weight_ratio=2.0)
     s.note_own(1, samples=10)

@@ -231,7 +231,9 @@ class Node:
         if self.inbox.too_old(update.round, self.round):
             self.inbox.drop_stale(update.sender, update.round)
             return
-        self.inbox.put(update)
+        copied = self.exchange.copy_refusal(update, self.round)
+        self.inbox.put(update, refused=copied)
+        self.serving.note_peers([], [update.sender] if copied else [])  # a copier's earlier model is not served
 
     def on_message(self, sender: str, kind: str, body: dict[str, Any]) -> None:
         self.exchange.on_message(sender, kind, body)
@@ -353,7 +355,7 @@ class Node:
         for u in others:
             if u.peer_id in used:
                 self.graph.observe(u, self.known_peers, self.round)
-        self.serving.note_peers([u for u in result.combined if not u.is_local and u.peer_id in used])
+        self.serving.note_peers([u for u in result.combined if u.peer_id in used], result.rejected, self.round)
         self.recorder.aggregated(used, samples)
         fields: dict[str, Any] = {"peers": len(used), "samples": samples, "from": used, "strategy": name}
         if result.note:

@@ -20,6 +20,7 @@ from torch import nn
 from quinkgl_cli import wire
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.copies import CopyGuard, digest
 from quinkgl_cli.node.gossipgraph import GOSSIP_TO_KEY, GraphWatch, gossip_to
 from quinkgl_cli.node.nodelog import NodeLog
 from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY
@@ -74,6 +75,9 @@ class Exchange:
         self.max_update_bytes = max_update_bytes or wire.max_blob_bytes(self.specs) * 2
         self.sharing = build_sharing(manifest, model, self.specs, noise_seed, sample_dp)
         self.tamper = tamper
+        # Received updates that are copies, echoes or replays (`node.copies`); rounds kept: as far back as an update
+        # may still be used, and two more.
+        self.copies = CopyGuard(manifest.training.max_staleness + 2)
         self.label_entropy: float | None = None  # rides on every update when the manifest allows fingerprints
         self._sharing_stop_logged = False
         dp = self.sharing.dp
@@ -145,6 +149,7 @@ class Exchange:
         if self.sharing.compress_sends:
             return self._share_compressed(round_, samples, targets, step)
         update = self.encode_update(round_, samples, step, targets)
+        self.copies.note_own(round_, update.payload)
         for peer_id in targets:
             self.transport.send_model(peer_id, update)
         self._log(logging.DEBUG, "shared", to=targets, bytes=len(update.payload), step=step)
@@ -194,6 +199,14 @@ class Exchange:
         except Exception as exc:
             drop(update.sender, update.round, f"{type(exc).__name__}: {exc}")
         return None
+
+    def copy_refusal(self, update: ModelReceived, current_round: int) -> str | None:
+        """Why a full-weight ``update`` carries nothing new (a copy, an echo, a replay: `node.copies`), or None;
+        None for a compressed one (deltas are not screened)."""
+        if update.encoding == COMPRESSED_ENCODING:
+            return None
+        self.copies.prune(current_round)
+        return self.copies.refusal(update.sender, update.round, update.digest or digest(update.payload))
 
     def decode(self, msg: ModelReceived) -> PeerUpdate:
         """The one place an incoming update becomes a flat vector: decompression hooks in here. Raises on bad input."""

@@ -31,8 +31,12 @@ class Inbox:
     def too_old(self, update_round: int, current_round: int) -> bool:
         return update_round < current_round - self.max_staleness
 
-    def put(self, update: ModelReceived) -> None:
-        """Hold ``update`` unless one from the same sender that is newer (round, then gossip step) is held."""
+    def put(self, update: ModelReceived, refused: str | None = None) -> None:
+        """Hold ``update`` unless one from the same sender that is newer (round, then gossip step) is held, or the
+        caller ``refused`` it (the reason: a copy, an echo, a replay)."""
+        if refused is not None:
+            self.drop(update.sender, update.round, refused)
+            return
         with self._lock:
             old = self._updates.get(update.sender)
             if old is not None and _order(old) > _order(update):

@@ -22,6 +22,7 @@ training model), and the merged model the peer holds is what it serves from then
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,16 +74,22 @@ class ServingModel:
             oldest = round_ - self.max_age
             self._peers = {p: e for p, e in self._peers.items() if e.round >= oldest}
 
-    def note_peers(self, updates: list[PeerUpdate]) -> None:
-        """Updates an aggregation used: each becomes its sender's latest model (a newer round wins)."""
+    def note_peers(self, updates: list[PeerUpdate], refused: Sequence[str] = (), current_round: int | None = None) -> None:
+        """Updates an aggregation used: each becomes its sender's latest model (a newer round wins). The senders of
+        updates it ``refused`` (poison, an untrained model, a copy) leave the served average at once, instead of
+        being served their older models for ``max_age`` rounds. A round claimed past ``current_round`` counts as
+        ``current_round``: a claim of round 1,000,000 would otherwise keep its model served for good."""
         if not self.enabled:
             return
+        for peer in refused:
+            self._peers.pop(peer, None)
         for u in updates:
+            round_ = u.round if current_round is None else min(u.round, current_round)
             held = self._peers.get(u.peer_id)
-            if held is not None and held.round > u.round:
+            if held is not None and held.round > round_:
                 continue
             self._peers.pop(u.peer_id, None)
-            self._peers[u.peer_id] = _Entry(u.round, u.flat, max(int(u.sample_count), 1))
+            self._peers[u.peer_id] = _Entry(round_, u.flat, max(int(u.sample_count), 1))
         while len(self._peers) > self.max_models:
             del self._peers[next(iter(self._peers))]
 

@@ -1,8 +1,9 @@
 """Aggregation strategies over flat float32 model vectors.
 
 Every aggregator validates what it receives first (wrong length, non-finite values, bad sample counts, duplicate
-or self-echoed peer ids are listed in ``AggregationResult.rejected``), bounds poisoned updates (`bound_outliers`:
-an update too far from the local model is refused, one far beyond the round's typical distance is clipped), then
+or self-echoed peer ids are listed in ``AggregationResult.rejected``), refuses models far smaller in norm than the
+round's (`norm_floor`: an untrained or zeroed model), bounds poisoned updates (`bound_outliers`: an update too far
+from the local model is refused, one far beyond the round's typical distance is clipped), then
 combines the survivors in one
 vectorized pass over whole flat vectors (weighted sums accumulate one update at a time, Krum's distances come from
 one Gram matrix product, median and trimmed mean sort cache-sized column blocks with a vectorized sorting
@@ -44,6 +45,17 @@ REFUSE_RATIO = 100.0
 CLIP_RATIO = 4.0
 CLIP_FLOOR = 1.0
 MIN_RMS = 0.1
+# A model whose norm lies far below the round's (the median over the local model and the updates) did not train with
+# the swarm: an untrained initialisation sent as a contribution, a zeroed or shrunken copy. The distance bounds
+# cannot see it: it lies about one model norm from every model, as far as an honest peer after a local epoch of a
+# small network (the digits MLP: honest peers 0.7-0.9 norms apart, a fresh initialisation 0.75), yet every average
+# it joins is pulled toward zero or noise. Honest models of one round start from the previous averages and differ
+# little in norm (bench_learning's four families on its three splits: the smallest was 0.75 of the median), so
+# "far below" is both under the median / SHRINK_RATIO and more than SHRINK_SPREAD median absolute deviations under
+# the median (a swarm whose models legitimately spread in norm, near zero or at different stages, refuses
+# nothing). It needs three norms, the local model's and two updates', so that one update cannot set the median.
+SHRINK_RATIO = 1.5
+SHRINK_SPREAD = 4.0
 
 
 @dataclass
@@ -107,8 +119,36 @@ def screen(local: PeerUpdate, others: Sequence[PeerUpdate]) -> _Screened:
             kept.append(update)
     screened = _Screened(kept, rejected, reasons)
     if kept and kept[0].is_local:
+        _refuse_shrunken(screened)
         _bound_updates(screened)
     return screened
+
+
+def norm_floor(norms: Sequence[float]) -> float:
+    """The norm below which a model is far outside the round's ``norms`` (see SHRINK_RATIO); -inf with fewer than
+    three."""
+    if len(norms) < 3:
+        return -math.inf
+    median = sorted(norms)[len(norms) // 2]
+    spread = sorted(abs(n - median) for n in norms)[len(norms) // 2]
+    return min(median / SHRINK_RATIO, median - SHRINK_SPREAD * spread)
+
+
+def _refuse_shrunken(s: _Screened) -> None:
+    """Refuse the remote updates of ``s`` whose norm is far below the round's (see SHRINK_RATIO), logging each."""
+    norms = [float(torch.linalg.vector_norm(u.flat, dtype=torch.float64)) for u in s.updates]
+    floor = norm_floor(norms)
+    if min(norms[1:], default=math.inf) >= floor:
+        return
+    kept = [s.updates[0]]
+    for update, norm in zip(s.updates[1:], norms[1:], strict=True):
+        if norm >= floor:
+            kept.append(update)
+            continue
+        s.rejected.append(update.peer_id)
+        s.reasons.append(f"{update.peer_id}:norm {norm:.3g}<{floor:.3g}")
+        emit(log, logging.WARNING, "update-refused", peer=update.peer_id, norm=norm, limit=floor)
+    s.updates = kept
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -47,6 +47,7 @@ class ModelReceived:
     encoding: str
     meta: dict[str, ControlValue]
     received_at: float
+    digest: bytes = b""  # sha256 of ``payload`` when the transport has it (IPv8: the signed offer's, checked)
 
 
 class TransportEvents(Protocol):

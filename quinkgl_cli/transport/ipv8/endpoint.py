@@ -22,6 +22,7 @@ from quinkgl_cli.transport.common import OnceLog
 from quinkgl_cli.validation import is_loopback
 
 log = logging.getLogger("quinkgl.transport")
+VERDICTS_KEPT = 4096  # hosts whose verdict is remembered (peers' addresses: a bounded, slowly changing set)
 SO_MEMINFO = 55  # Linux: the socket's memory counters, the receive queue's bytes first and its limit second
 
 
@@ -32,8 +33,18 @@ class DestinationGuard:
         self.loopback_only = is_loopback(listen_host)
         self.blocked = 0
         self._once = OnceLog(log)
+        # Every datagram we send asks: parsing the address each time was a tenth of a flooded daemon's send path.
+        self._verdicts: dict[str, bool] = {}
 
     def allows(self, host: Any) -> bool:
+        verdict = self._verdicts.get(host) if isinstance(host, str) else None
+        if verdict is None:
+            verdict = self._judge(host)
+            if isinstance(host, str) and len(self._verdicts) < VERDICTS_KEPT:
+                self._verdicts[host] = verdict
+        return verdict
+
+    def _judge(self, host: Any) -> bool:
         try:
             addr = ipaddress.ip_address(host)
         except (ValueError, TypeError):

@@ -170,7 +170,8 @@ class Fetcher:
         rec.last_seen = time.monotonic()
         rec.delivered += 1
         self.events.model(ModelReceived(sender=rec.node_id, round=p.round, payload=buf, sample_count=p.sample_count,
-                                        encoding=p.encoding, meta=meta, received_at=time.monotonic()))
+                                        encoding=p.encoding, meta=meta, received_at=time.monotonic(),
+                                        digest=bytes(p.digest)))
 
     async def _fetch_in_turn(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | None:
         host = rec.address[0]
