@@ -5,7 +5,7 @@
     python benchmarks/bench_field.py --size 200 --all-strategies   # ... and the four others too (5x longer)
     python benchmarks/bench_field.py --size 200 --strategies Scaffold,Median   # only these (names as in --aggregation)
 
-Each size and seed is one invocation (5-40 minutes on this project's loaded 2-core machine); all go into one
+Each size and seed is one invocation (10-120 minutes on this project's loaded 2-core machine); all go into one
 file, a run's rows (size, seed, strategy, condition) replaced when it runs again, and the table averages over the
 seeds run. Invocations may run at once: each merges its rows into the file under a lock.
 
@@ -26,7 +26,7 @@ in virtual time with the daemon's round loop for every peer (rounds start every 
 - stragglers 10x: 10% of the peers (drawn per peer) train ten times slower (10 s a round: a whole interval).
 
 The 200-peer swarm runs 6 rounds (not 20) and, unless ``--all-strategies``, only the defaults, to stay within the
-time the machine gives a benchmark (one 200-peer run takes one to two minutes there); its rows compare with its own
+time the machine gives a benchmark (one 200-peer run takes 2-10 minutes there, by load); its rows compare with its own
 ideal row. Reported: the mean and worst peer's final accuracy (after the final consensus), and the
 final mean's difference from the ideal row of the same strategy and size, in points; also the virtual seconds the
 run took and the messages lost, departures and returns. Writes benchmarks/results/field.json after every run (a
