@@ -74,15 +74,30 @@ def test_settings_the_sharded_schedule_does_not_know_are_refused_unless_default(
     sharded.check_mode(Simulator(script, manifest, SimConfig(peers=2, rounds=1)), "ray")  # at its default: runs
 
 
-def test_field_conditions_on_the_ray_backend_are_a_one_line_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--drop", "0.1"], "the ray backend does not simulate field conditions (--latency"),
+        (["--gossip-interval", "5"], "the ray backend does not simulate field conditions (--latency"),
+        (["--mode", "fedavg"], "--mode fedavg does not run on the ray backend yet: it draws clients or pairs"),
+        (["--mode", "pairwise"], "--mode pairwise does not run on the ray backend yet: it draws clients or pairs"),
+    ],
+    ids=["drop", "gossip-interval", "fedavg", "pairwise"],
+)
+def test_what_the_ray_backend_does_not_simulate_is_a_one_line_error_before_ray_is_imported(
+    extra: list[str], message: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # Without Ray: the reason comes first, whether Ray is installed or not, and no Ray is started for it.
+    monkeypatch.setitem(sys.modules, "ray", None)
+    for name in ("RAY_USAGE_STATS_ENABLED", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        monkeypatch.setenv(name, "0")
     manifest = write(tmp_path / "swarm.qgl", digits()[1])
     code = run_cli("simulate", "--manifest", str(manifest), "--script", str(SCRIPT), "--peers", "2", "--rounds", "1",
-                   "--backend", "ray", "--drop", "0.1")
-    err = capsys.readouterr().err.strip().splitlines()
+                   "--backend", "ray", *extra)
+    err = capsys.readouterr().err
     assert code == 1
-    assert err[-1].startswith("error: the ray backend does not simulate field conditions (--latency")
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"error: {message}")
 
 
 def test_owners_are_contiguous_blocks_in_join_order() -> None:

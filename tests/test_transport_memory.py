@@ -349,3 +349,16 @@ def _graph_with_churn(scan: bool, n: int, max_peers: int, seed: int) -> list[tup
 @pytest.mark.parametrize(("n", "max_peers", "seed"), [(40, 6, 1), (150, 8, 2), (90, 64, 3), (30, 256, 4)])
 def test_introductions_from_the_room_index_are_the_scans(n, max_peers, seed):
     assert _graph_with_churn(False, n, max_peers, seed) == _graph_with_churn(True, n, max_peers, seed)
+
+
+def test_a_stop_reaches_every_peer_that_knows_the_stopped_one_even_without_a_link():
+    net, nodes, _ = _swarm(3, auto_deliver=False)
+    net.deliver_all()
+    net.block("p1", "p0")  # p1's walk cannot take p0 back
+    nodes["p1"][0]._lose("p0")  # p1 drops p0 (as after a silence): the link is gone, p0 still knows p1
+    net.deliver_all()
+    assert [p.node_id for p in nodes["p0"][0].peers()] == ["p1", "p2"] and "p0" not in net._links["p1"]
+    nodes["p1"][0].stop_sync()
+    net.deliver_all()
+    assert nodes["p0"][1].lost == ["p1"] and nodes["p2"][1].lost == ["p1"]
+    assert [p.node_id for p in nodes["p0"][0].peers()] == ["p2"]

@@ -105,6 +105,9 @@ class MemoryNetwork:
         # Who was introduced to whom and has not been lost since (the hellos may still be queued): the room a
         # transport has left is counted on this, so introductions made before a delivery respect the bounds too.
         self._links: dict[str, set[str]] = {}
+        # node id -> the ids of the transports whose peer table holds it: who must hear that it left, without a
+        # scan of the whole network at every stop (a swarm's end stopped every transport: O(N^2))
+        self._known_by: dict[str, set[str]] = {}
         self._room: RoomIndex[MemoryTransport] = RoomIndex()  # who has room, in join order, without a scan
         self._queue: deque[Callable[[], None]] = deque()
         self._faults = _Faults()
@@ -199,6 +202,7 @@ class MemoryNetwork:
                 self._room.mark(t, False)
                 emit(log, logging.DEBUG, "transport-stopped", context=t._context, kind="memory")
         self._links.clear()
+        self._known_by.clear()
         self._queue.clear()
 
     def kill(self, node_id: str) -> None:
@@ -267,7 +271,11 @@ class MemoryNetwork:
     def _leave(self, t: MemoryTransport, silent: bool = False) -> None:
         linked = self._links.pop(t.node_id, set())
         self._mark(t.node_id)
-        for other in self._transports.values():
+        for known in t._peers:
+            self._known_by.get(known, set()).discard(t.node_id)
+        # In join order, as a scan of the network would meet them: the losses are queued deterministically.
+        for node_id in sorted(linked | self._known_by.get(t.node_id, set()), key=self._room.slot.__getitem__):
+            other = self._transports[node_id]
             if other is not t and other.running and (other.node_id in linked or t.node_id in other._peers):
                 self._links[other.node_id].discard(t.node_id)
                 self._mark(other.node_id)
@@ -426,12 +434,15 @@ class MemoryTransport(RuledTransport):
         now = self.network.clock()
         info = PeerInfo(other.node_id, other.public_key, None, now)
         self._peers[other.node_id] = info
+        self.network._known_by.setdefault(other.node_id, set()).add(self.node_id)
         if not known and self._events is not None:
             emit(log, logging.DEBUG, "peer-discovered", context=self._context, peer=other.node_id)
             self._events.on_peer_discovered(info)
 
     def _lose(self, peer_id: str, silent: bool = False) -> None:
         info = self._peers.pop(peer_id, None)
+        if info is not None:
+            self.network._known_by.get(peer_id, set()).discard(self.node_id)
         self._cut.pop(peer_id, None)
         if silent and info is not None:
             self._cut[peer_id] = None
