@@ -124,6 +124,20 @@ def spread(runs: list[dict[str, object]]) -> dict[str, float] | None:
     return {"max_round_points": round(100 * max(per), 1), "final_points": round(100 * (max(finals) - min(finals)), 1)}  # type: ignore[type-var, operator]
 
 
+def summarize(summary: dict[str, object], runs: list[dict[str, object]], repeats: int) -> None:
+    """Adds to ``summary`` the runs' mean curves compared side by side (with more than one run) and each side's
+    run-to-run spread. A run whose simulator side is missing leaves the means uncompared (they would average
+    different runs) and counts for the daemons' spread only."""
+    real = [r["daemons"] for r in runs]
+    sims = [r["simulator"] for r in runs if r["simulator"] is not None]
+    real_mean = mean_of(real)  # type: ignore[arg-type]
+    sim_mean = mean_of([r["simulator"] for r in runs])  # type: ignore[misc]
+    if repeats > 1 and real_mean is not None and sim_mean is not None:
+        print(f"-- mean of {repeats} runs")
+        summary["mean"] = {"daemons": real_mean, "simulator": sim_mean, **compare(real_mean, sim_mean)}
+    summary["spread"] = {"daemons": spread(real), "simulator": spread(sims)}  # type: ignore[arg-type]
+
+
 def load_average() -> float:
     """The machine's 1-minute load average: daemons' timing (and so which updates they aggregate) depends on it."""
     return round(os.getloadavg()[0], 2)
@@ -153,13 +167,7 @@ def main() -> None:
                          **compare(real, sim)})
     summary: dict[str, object] = {"peers": args.peers, "rounds": args.rounds, "partition": args.partition,
                                   "interval": args.interval, "repeats": args.repeats, "runs": runs}
-    real_mean = mean_of([r["daemons"] for r in runs])  # type: ignore[misc]
-    sim_mean = mean_of([r["simulator"] for r in runs])  # type: ignore[misc]
-    if args.repeats > 1 and real_mean is not None and sim_mean is not None:
-        print(f"-- mean of {args.repeats} runs")
-        summary["mean"] = {"daemons": real_mean, "simulator": sim_mean, **compare(real_mean, sim_mean)}
-    summary["spread"] = {"daemons": spread([r["daemons"] for r in runs]),  # type: ignore[misc]
-                         "simulator": spread([r["simulator"] for r in runs])}  # type: ignore[misc]
+    summarize(summary, runs, args.repeats)
     for run in runs:
         real = run["daemons"]  # type: ignore[assignment]
         print(f"seed {run['seed']}: max per-round difference {run['max_round_diff_points']} points over "

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_agreement import compare, daemons, load_average, mean_of, simulator, spread
+from bench_agreement import compare, daemons, load_average, simulator, summarize
 
 from quinkgl_cli.node import localswarm as ls
 from quinkgl_cli.node.trace import PeerArrival, Train, Transfer, read_trace, sessions
@@ -136,13 +136,7 @@ def main() -> None:
         "straggler": f"peer-{args.peers}", "sleep_per_batch": args.sleep_per_batch, "repeats": args.repeats,
         "simulator_flags": sorted(known), "runs": runs,
     }
-    real_mean = mean_of([r["daemons"] for r in runs])  # type: ignore[misc]
-    sim_mean = mean_of([r["simulator"] for r in runs])  # type: ignore[misc]
-    if args.repeats > 1 and real_mean is not None and sim_mean is not None:
-        print(f"-- mean of {args.repeats} runs")
-        summary["mean"] = {"daemons": real_mean, "simulator": sim_mean, **compare(real_mean, sim_mean)}
-    summary["spread"] = {"daemons": spread([r["daemons"] for r in runs]),  # type: ignore[misc]
-                         "simulator": spread([r["simulator"] for r in runs if r["simulator"] is not None])}  # type: ignore[misc]
+    summarize(summary, runs, args.repeats)
     for i, run in enumerate(runs, 1):
         real: dict[str, object] = run["daemons"]  # type: ignore[assignment]
         if run["simulator"] is not None:
