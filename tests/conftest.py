@@ -29,34 +29,27 @@ def _no_daemon_log_handlers_left() -> Iterator[None]:
             handler.close()
 
 
-QUEUES = ("daemons", "natlab")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`-n 3 --dist loadgroup --no-loadscope-reorder`, the README's test command), the tests
-    that start real daemon processes on loopback run one after another on one worker: two loopback swarms at once on
-    2 cores would turn their pacing and accuracy checks into load tests. The NAT lab's daemons, in their own
-    namespaces and checking paths rather than accuracy, are a second such queue. Both queues mostly wait on their
-    daemons' rounds and are the suite's longest units, so they are handed out first, each to its own worker, while
-    a third worker starts on the rest, the largest modules first: left to xdist's own order (by test count) they
-    started minutes late and a CI run took over 10 minutes."""
-    queue_of: dict[str, str] = {}
-    for item in items:
-        if item.get_closest_marker("natlab") is not None:
-            queue_of[item.nodeid] = "natlab"
-        elif item.get_closest_marker("e2e") is not None:
-            queue_of[item.nodeid] = "daemons"
-        if item.nodeid in queue_of:
-            item.add_marker(pytest.mark.xdist_group(queue_of[item.nodeid]))
+    """The tests that start real daemon processes (marked ``e2e``, then the NAT lab's, ``natlab``) run first, the
+    rest after them, the largest modules first. Under the README's test command (`-n 4 --dist loadgroup
+    --no-loadscope-reorder`: no test is grouped, so every test is its own unit, handed out in this order) the
+    daemon tests, which mostly wait on their daemons' rounds, then overlap with each other and with the CPU-bound
+    rest instead of arriving last: in alphabetical order a CI run took over 10 minutes.
+
+    An earlier version put them in `xdist_group` queues to keep two loopback swarms from running at once; those
+    markers came after xdist had read the groups and never took effect, and the daemon tests have always passed
+    side by side (their timing checks poll with deadlines sized for a loaded machine)."""
     module_size: dict[str, int] = {}
     for item in items:
-        module_size[item.nodeid.split("::")[0]] = module_size.get(item.nodeid.split("::")[0], 0) + 1
+        module = item.nodeid.split("::")[0]
+        module_size[module] = module_size.get(module, 0) + 1
 
     def rank(item: pytest.Item) -> tuple[int, int, str]:
-        queue = queue_of.get(item.nodeid)
-        if queue is not None:
-            return (QUEUES.index(queue), 0, "")
+        if item.get_closest_marker("natlab") is not None:
+            return (1, 0, "")
+        if item.get_closest_marker("e2e") is not None:
+            return (0, 0, "")
         module = item.nodeid.split("::")[0]
-        return (len(QUEUES), -module_size[module], module)
+        return (2, -module_size[module], module)
 
     items.sort(key=rank)
