@@ -96,3 +96,12 @@ def test_local_swarm_children_get_an_absolute_pythonpath(tmp_path: Path, monkeyp
     env = ls.child_env(tmp_path / "home")
     assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "src"), str(tmp_path / "abs")]
     assert env["QUINKGL_HOME"] == str(tmp_path / "home")
+
+
+def test_free_port_stays_below_the_ephemeral_range() -> None:
+    """Ports the kernel hands to outgoing connections must not be picked: one taken between the probe and the
+    daemon's bind made a daemon exit 6 in CI."""
+    low = ls._ephemeral_low()
+    ports = {ls.free_port() for _ in range(20)}
+    assert all(1024 <= p < low for p in ports), ports
+    assert len(ports) > 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -30,13 +31,22 @@ _STARTED = re.compile(r'(?:^|\s)started swarm=|"event": ?"started"', re.M)
 _FINAL_MODEL = re.compile(r'(?:^|\s)finished rounds=.*?\bfinal_model=("(?:[^"\\]|\\.)*"|\S+)', re.M)
 BIND_RETRIES = 3
 START_POLL = 0.1  # seconds between looks at the peers' logs while they start
+_OWN_PORTS = 12000  # free_port picks from this many ports just below the ephemeral range
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free for both UDP (IPv8) and TCP (model transfers use the same number)."""
-    for _ in range(100):
+    """A port free for both UDP (IPv8) and TCP (model transfers use the same number), chosen below the kernel's
+    ephemeral range: a port the kernel handed out for the probe can go to any process's outgoing connection before
+    the daemon binds it (seen in CI: a daemon exiting 6 with four test workers making connections)."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(low - _OWN_PORTS, low) if low - _OWN_PORTS >= 1024 else 0
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind((host, 0))
+            try:
+                udp.bind((host, port))
+            except OSError:
+                continue
             port = udp.getsockname()[1]
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
                 try:
@@ -45,6 +55,13 @@ def free_port(host: str = "127.0.0.1") -> int:
                     continue
                 return int(port)
     raise OSError("no free port pair found on loopback")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; elsewhere (macOS: 49152) a lower pick is still outside the range
 
 
 def digits_manifest(workdir: Path, name: str = "digits-demo", rounds: int | None = None,
