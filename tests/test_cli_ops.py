@@ -151,6 +151,33 @@ def test_every_run_flag_has_a_config_key() -> None:
     assert set(keys) == longs and {"node-id", "script-arg", "resume", "metrics-port", "log-file"} <= set(keys)
 
 
+def test_doctor_reads_the_run_config_and_leaves_run_only_keys_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from quinkgl_cli.errors import UsageError
+    from quinkgl_cli.node import doctor
+
+    seen: list[Any] = []
+
+    def fake_diagnose(options: Any) -> Any:
+        seen.append(options)
+        raise UsageError("diagnosed")  # stands in for the transport: the options are what is tested
+
+    monkeypatch.setattr(doctor, "diagnose", fake_diagnose)
+    conf = tmp_path / "conf" / "peer.toml"
+    conf.parent.mkdir()
+    conf.write_text('manifest = "swarm.qgl"\nscript = "peer.py"\nrounds = 5\nnode-id = "from-file"\nport = 7005\n'
+                    'rendezvous = false\nbootstrap-peer = ["localhost:7001"]\ncertificate = "node.cert"\n')
+    code, _, err = run_cli(["doctor", "--config", str(conf), "--port", "7006"], capsys)
+    assert (code, err) == (1, "error: diagnosed\n")
+    (o,) = seen
+    assert (o.manifest, o.node_id, o.network.port, o.network.rendezvous, o.network.bootstrap_peers) == (
+        tmp_path / "conf" / "swarm.qgl", "from-file", 7006, False, ["127.0.0.1:7001"])
+    assert o.trust.certificate == tmp_path / "conf" / "node.cert"
+    conf.write_text('manifest = "swarm.qgl"\ntimeout = 3\n')  # a doctor flag, but not run's: not a run config
+    code, _, err = run_cli(["doctor", "--config", str(conf)], capsys)
+    assert code == 1 and "unknown key 'timeout'" in err and len(seen) == 1
+
+
 # ---------------------------------------------------------------- init
 def test_init_scaffolds_a_swarm_that_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:

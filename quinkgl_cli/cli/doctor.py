@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -44,6 +45,19 @@ def render(d: Diagnosis) -> str:
     return "\n".join(lines)
 
 
+def _apply_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    # The node's own `run --config` file, so the doctor checks the ports and flags the daemon will use: keys are
+    # checked against run's flags, and the ones only run has (script, rounds, ...) are not the doctor's business.
+    if value is not None:
+        from quinkgl_cli.cli.config_file import config_defaults
+        from quinkgl_cli.cli.run import config_flags
+
+        own = {param.name for param in ctx.command.params}
+        defaults = config_defaults(value, config_flags())
+        ctx.default_map = {**(ctx.default_map or {}), **{k: v for k, v in defaults.items() if k in own}}
+    return value
+
+
 def doctor(
     manifest: nf.Manifest,
     node_id: nf.NodeId = None,
@@ -60,6 +74,11 @@ def doctor(
     relay: nf.Relay = False,
     relay_rate: nf.RelayRate = 50.0,
     rendezvous: nf.Rendezvous = True,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", metavar="FILE", is_eager=True, callback=_apply_config,
+                     help="The node's `quinkgl run --config` file: its network and trust keys apply; flags given here win."),
+    ] = None,
     timeout: Annotated[
         float, typer.Option("--timeout", metavar="SECONDS", help="Give up waiting for peers (and their answers) after this long.")
     ] = 15.0,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -11,6 +11,9 @@ from quinkgl_cli import validation
 from quinkgl_cli.cli import netflags as nf
 from quinkgl_cli.cli.output import parse_kv
 from quinkgl_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from quinkgl_cli.cli.config_file import Flag
 
 _KV = "K=V"
 
@@ -45,6 +48,17 @@ def _apply_config(ctx: typer.Context, value: Path | None) -> Path | None:
 
         ctx.default_map = {**(ctx.default_map or {}), **config_defaults(value, flags_of(ctx.command.params, run))}
     return value
+
+
+def config_flags() -> dict[str, Flag]:
+    """The keys a `run --config` file may hold: run's flags, from its option parser (also `doctor --config`'s)."""
+    from quinkgl_cli.cli.app import build_app
+    from quinkgl_cli.cli.config_file import flags_of
+
+    group = typer.main.get_command(build_app(("run",)))
+    if not isinstance(group, typer.core.TyperGroup):
+        raise TypeError("build_app's app should be a command group")
+    return flags_of(group.commands["run"].params, run)
 
 
 def run(
