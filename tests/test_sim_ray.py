@@ -39,9 +39,13 @@ def ray() -> Iterator[ModuleType]:
             ray.shutdown()
 
 
-def test_the_ray_backend_gives_the_local_backends_curve(ray: ModuleType) -> None:
+@pytest.mark.parametrize("config", [
+    SimConfig(peers=8, rounds=3, partition="shards:2", seed=7),
+    SimConfig(peers=8, rounds=2, partition="shards:2", seed=7, mode="fedavg", clients_per_round=4),
+    SimConfig(peers=8, rounds=2, partition="shards:2", seed=7, mode="pairwise", pairs_per_round=5),
+], ids=["gossip", "fedavg", "pairwise"])
+def test_the_ray_backend_gives_the_local_backends_curve(ray: ModuleType, config: SimConfig) -> None:
     script, manifest = digits()
-    config = SimConfig(peers=8, rounds=3, partition="shards:2", seed=7)
     local = Simulator(script, manifest, config).run()
     run = RaySimulation(Simulator(script, manifest, config), peers_per_actor=3)
     on_ray = run.run()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from quinkgl_cli.errors import UsageError
+from quinkgl_cli.errors import NodeConfigError, UsageError
 from quinkgl_cli.sim import shardwire
 from quinkgl_cli.sim.config import Overrides, SimConfig
 from quinkgl_cli.sim.shard import owners_of
@@ -40,8 +40,13 @@ def run_cli(*args: str) -> int:
         (SimConfig(peers=7, rounds=2, partition="dirichlet:0.5", seed=1, attackers=2,
                    overrides=Overrides(compression_params={"top_k_ratio": "0.1", "error_feedback": "true"})), 2),
         (SimConfig(peers=6, rounds=2, seed=2, mode="local"), 3),
+        # the star: the server (first shard) broadcasts to clients drawn by the driver, some on every shard
+        (SimConfig(peers=8, rounds=3, partition="shards:2", seed=4, mode="fedavg", clients_per_round=5), 3),
+        # drawn edges whose ends sit on different shards; partial views make the graph sparse
+        (SimConfig(peers=10, rounds=2, partition="shards:2", seed=6, mode="pairwise", pairs_per_round=7,
+                   max_peers=3, attackers=1), 3),
     ],
-    ids=["full-view", "cyclon-partial-views", "attackers-compression", "local-mode"],
+    ids=["full-view", "cyclon-partial-views", "attackers-compression", "local-mode", "fedavg", "pairwise"],
 )
 def test_a_sharded_run_gives_the_local_simulators_results(config: SimConfig, shards: int) -> None:
     script, manifest = digits()
@@ -55,12 +60,15 @@ def test_a_sharded_run_gives_the_local_simulators_results(config: SimConfig, sha
     assert sharded.memory["known_peers_mean"] == local.memory["known_peers_mean"]
 
 
-def test_sharded_runs_refuse_modes_that_draw_for_the_whole_swarm() -> None:
+def test_a_sharded_pairwise_run_without_edges_is_refused_as_the_local_one_is() -> None:
     script, manifest = digits()
-    for mode in ("fedavg", "pairwise"):
-        sim = Simulator(script, manifest, SimConfig(peers=4, rounds=1, mode=mode, clients_per_round=2))  # type: ignore[arg-type]
-        with pytest.raises(UsageError, match=f"--mode {mode} does not run on the ray backend"):
-            ShardedRun(sim, InProcess.__new__(InProcess), "ray")
+    config = SimConfig(peers=1, rounds=1, mode="pairwise")
+    with pytest.raises(NodeConfigError, match="gives the peers no edge to average over") as local:
+        Simulator(script, manifest, config).run()
+    sim = Simulator(script, manifest, config)
+    with pytest.raises(NodeConfigError, match="gives the peers no edge to average over") as sharded:
+        ShardedRun(sim, InProcess(sim, 1), "test").run()
+    assert str(sharded.value) == str(local.value)
 
 
 def test_settings_the_sharded_schedule_does_not_know_are_refused_unless_default(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,10 +87,8 @@ def test_settings_the_sharded_schedule_does_not_know_are_refused_unless_default(
     [
         (["--drop", "0.1"], "the ray backend does not simulate field conditions (--latency"),
         (["--gossip-interval", "5"], "the ray backend does not simulate field conditions (--latency"),
-        (["--mode", "fedavg"], "--mode fedavg does not run on the ray backend yet: it draws clients or pairs"),
-        (["--mode", "pairwise"], "--mode pairwise does not run on the ray backend yet: it draws clients or pairs"),
     ],
-    ids=["drop", "gossip-interval", "fedavg", "pairwise"],
+    ids=["drop", "gossip-interval"],
 )
 def test_what_the_ray_backend_does_not_simulate_is_a_one_line_error_before_ray_is_imported(
     extra: list[str], message: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -7,8 +7,9 @@ delivery is left (`quinkgl_cli.sim.shard` says why this delivers as one process 
 the batches go from worker to worker without being read here. Metrics come back as JSON and are summarized as
 the local simulator summarizes them, so a seed gives the same `SimResult` curves.
 
-Modes ``gossip`` and ``local``; ``fedavg`` and ``pairwise`` draw their clients and pairs centrally each round and
-are refused. Owns the driver's loop only.
+Every mode: ``fedavg`` and ``pairwise`` draw their clients and pairs here, from the run's random stream as the local
+simulator does (attackers first, then each round's draw), and the shards holding the drawn peers act on them; the
+pairwise graph is the union of the edges each shard's peers choose. Owns the driver's loop only.
 """
 
 from __future__ import annotations
@@ -23,13 +24,13 @@ from typing import Any, Protocol
 
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.events import emit
+from quinkgl_cli.sim.baseline import SERVER_ID
 from quinkgl_cli.sim.config import SimConfig
 from quinkgl_cli.sim.results import RoundSummary, SimResult, peak_rss_mb, rss_mb, summarize
 from quinkgl_cli.sim.simulator import ROUND_SECONDS, Simulator
-from quinkgl_cli.sim.swarm import attacker_indices, peer_ids
+from quinkgl_cli.sim.swarm import attacker_indices, graph_or_refuse, peer_ids
 
 log = logging.getLogger("quinkgl.sim")
-SHARDED_MODES = ("gossip", "local")
 # The settings a shard worker is given (`shardworker.config_to_data`); any other must be at its default.
 _SETTING_NAMES = {"conditions": "field conditions (--latency, --bandwidth, --drop, --churn, --late-join, --speed, "
                                  "--gossip-interval, --trace)"}
@@ -57,11 +58,8 @@ class PeerView:
 
 
 def check_mode(sim: Simulator, backend: str) -> None:
-    """Refuse what the sharded schedule does not simulate: the central modes, and any setting added to `SimConfig`
-    after it (field conditions, ...) unless left at its default."""
-    if sim.config.mode not in SHARDED_MODES:
-        raise UsageError(f"--mode {sim.config.mode} does not run on the {backend} backend yet: it draws clients or "
-                         "pairs for the whole swarm each round", f"use --mode {' or '.join(SHARDED_MODES)}, or --backend local")
+    """Refuse what the sharded schedule does not simulate: any setting added to `SimConfig` after it (field
+    conditions, ...) unless left at its default."""
     default = SimConfig()
     unknown = [f.name for f in fields(SimConfig) if f.name not in SHARDED_SETTINGS
                and getattr(sim.config, f.name) != getattr(default, f.name)]
@@ -116,20 +114,30 @@ class ShardedRun:
 
     def run(self) -> SimResult:
         sim, cfg = self.sim, self.sim.config
-        attackers = set(peer_ids(cfg.peers)[i] for i in attacker_indices(cfg, random.Random(cfg.seed)))
+        rng = random.Random(cfg.seed)  # as the local simulator's: the attackers, then each round's draw
+        ids = peer_ids(cfg.peers)
+        attackers = set(ids[i] for i in attacker_indices(cfg, rng))
         started = time.perf_counter()
         self._settle(self._all("build"))
+        edges = self._edges() if cfg.mode == "pairwise" else []
         self.timing["build_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        steps = list(range(sim.manifest.training.gossip_steps)) if cfg.mode == "gossip" else []
         summaries: list[RoundSummary] = []
         now = 0.0
         for r in range(1, sim.rounds + 1):
             round_started = time.perf_counter()
             now += ROUND_SECONDS
-            self._exchanges(lambda step: self._all("train", now, step), steps)  # noqa: B023 (called at once)
-            views, metrics = self._metrics("finish_round", True)
-            summary = summarize(r, "train", round_started, views, views, attackers, metrics)
+            if cfg.mode == "fedavg":
+                self._fedavg_round(now, rng, ids)
+            elif cfg.mode == "pairwise":
+                self._pairwise_round(now, rng, ids, edges)
+            else:
+                steps = list(range(sim.manifest.training.gossip_steps)) if cfg.mode == "gossip" else []
+                self._exchanges(lambda step: self._all("train", now, step), steps)  # noqa: B023 (called at once)
+            views, metrics = self._metrics("finish_round", cfg.mode != "fedavg")
+            # FedAvg: the server's global model is what the run reports; traffic counts every node.
+            reporting = [v for v in views if v.node_id == SERVER_ID] if cfg.mode == "fedavg" else views
+            summary = summarize(r, "train", round_started, reporting, views, attackers, metrics)
             summaries.append(summary)
             emit(log, logging.INFO, "sim-round", mean_accuracy=summary.mean_accuracy, min_accuracy=summary.min_accuracy,
                  context={"round": r})
@@ -149,6 +157,26 @@ class ShardedRun:
             memory=memory, timing=dict(self.timing),
         )
 
+    def _edges(self) -> list[tuple[int, int]]:
+        parts = self.ex.get([self.ex.submit(i, "edges", (), 1)[0] for i in range(self.n)])
+        return graph_or_refuse(self.sim.manifest, {(int(a), int(b)) for part in parts for a, b in json.loads(part)})
+
+    def _fedavg_round(self, now: float, rng: random.Random, ids: list[str]) -> None:
+        """`Simulator._fedavg_round`: the server broadcasts to the sampled clients, which adopt, train, upload."""
+        self._settle(self._all("begin_round", now))
+        sampled = sorted(rng.sample(range(len(ids)), self.sim.config.clients_per_round))
+        self._settle(self._all("broadcast", [ids[i] for i in sampled]))
+        self._settle(self._all("participate", sampled))
+        self._settle(self._all("server_aggregate"))
+
+    def _pairwise_round(self, now: float, rng: random.Random, ids: list[str], edges: list[tuple[int, int]]) -> None:
+        """`Simulator._pairwise_round`: every peer trains, then each drawn edge's two ends average."""
+        self._settle(self._all("train", now, None))
+        for step in range(self.sim.config.pairs_per_round):
+            a, b = rng.choice(edges)
+            self._settle(self._all("share_to", step, [[a, ids[b]], [b, ids[a]]]))
+            self._settle(self._all("aggregate_only", [a, b]))
+
     def _consensus(self, attackers: set[str]) -> RoundSummary | None:
         training = self.sim.manifest.training
         if self.sim.config.mode != "gossip" or training.final_consensus_steps == 0:
@@ -166,8 +194,9 @@ class ShardedRun:
                                                               "process_peak_rss_mb")}
         peers = self.sim.config.peers
         views = [v for p in parts for v in p["known_peers"]]
+        max_peers = 1 if self.sim.config.mode == "fedavg" else self.sim.config.max_peers  # as the local simulator
         return {**total, "shards": float(self.n), "driver_rss_mb": rss_mb(), "driver_peak_rss_mb": peak_rss_mb(),
                 "per_peer_kb_build": (total["rss_after_build_mb"] - total["rss_before_build_mb"]) * 1024.0 / peers,
                 "per_peer_kb": (total["rss_end_mb"] - total["rss_before_build_mb"]) * 1024.0 / peers,
-                "max_peers": float(self.sim.config.max_peers), "known_peers_min": float(min(views)),
+                "max_peers": float(max_peers), "known_peers_min": float(min(views)),
                 "known_peers_mean": sum(views) / len(views), "known_peers_max": float(max(views))}

@@ -22,6 +22,7 @@ from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import Node
 from quinkgl_cli.node.script import load_script
 from quinkgl_cli.sim import shardwire
+from quinkgl_cli.sim.baseline import SERVER_ID
 from quinkgl_cli.sim.config import Overrides, SimConfig
 from quinkgl_cli.sim.results import peak_rss_mb, rss_mb
 from quinkgl_cli.sim.shard import GhostTransport, ShardNetwork, ShardTransport, owners_of
@@ -29,6 +30,8 @@ from quinkgl_cli.sim.simulator import VirtualClock
 from quinkgl_cli.sim.swarm import SwarmBuilder, attacker_indices, peer_ids
 
 Out = list[Any]  # [count, bytes per shard]
+# The FedAvg server's place in the delivery order: it joins, and sends, before every client (its shard: the first).
+SERVER_INDEX = -1
 
 
 def config_to_data(config: SimConfig, settings: Sequence[str]) -> dict[str, Any]:
@@ -67,30 +70,40 @@ class ShardWorker:
         self.network: ShardNetwork = self.builder.network  # type: ignore[assignment]
         self.ids = peer_ids(self.config.peers)
         self.network.owners.update(owners_of(self.ids, shards))
+        self.network.owners[SERVER_ID] = 0
         self.nodes: list[tuple[int, Node]] = []  # (global index, node), in the swarm's order
+        self.server: Node | None = None  # fedavg mode, in the first shard
         self.memory: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------ steps
     def build(self) -> Out:
         """Build this shard's nodes and join every peer in the swarm's order (the others as ghosts)."""
         cfg = self.config
-        trains, vals, owns, _, _ = self.builder.split()
+        trains, vals, owns, server_val, total = self.builder.split()
         warm = self.script.build_model(self.manifest, **dict(cfg.script_args))  # imports, as `SwarmBuilder.build`
         self.script.build_optimizer(self.manifest, warm)
         del warm
         self.memory["rss_before_build_mb"] = rss_mb()
+        if cfg.mode == "fedavg":
+            self.network.begin(SERVER_INDEX)
+            if self.shard == 0:
+                self.server = self.builder.server(server_val, total)
+            else:
+                self._ghost(SERVER_ID)
         attackers = set(attacker_indices(cfg, random.Random(cfg.seed)))
         for i, node_id in enumerate(self.ids):
             self.network.begin(i)
             if self.network.owners[node_id] == self.shard:
                 self.nodes.append((i, self.builder.peer(i, node_id, trains[i], vals[i], owns[i], i in attackers)))
             else:
-                GhostTransport(self.network, node_id, swarm_id=self.builder.swarm_id,
-                               arch_hash=self.manifest.model.arch_hash, max_peers=cfg.max_peers).join()
-                self.network.deliver_all()
+                self._ghost(node_id)
             trains[i] = vals[i] = owns[i] = None  # another shard's data: let it go
         self.memory["rss_after_build_mb"] = rss_mb()
         return self._seal()
+
+    def edges(self) -> bytes:
+        """Pairwise mode: the graph's edges this shard's peers choose (`SwarmBuilder.graph_edges`), JSON."""
+        return json.dumps(sorted(self.builder.graph_edges(self.nodes, self.ids))).encode()
 
     def train(self, now: float, share_step: int | None) -> Out:
         self.clock.now = now
@@ -112,13 +125,68 @@ class ShardWorker:
             node.aggregate()
         return self._share(share_step)
 
+    def begin_round(self, now: float) -> Out:
+        """FedAvg mode: every node (the server first) starts the round; only the sampled clients train."""
+        self.clock.now = now
+        if self.server is not None:
+            self.server.begin_round()
+        for _, node in self.nodes:
+            node.begin_round()
+        return self._share(None)
+
+    def broadcast(self, clients: list[str]) -> Out:
+        """FedAvg mode: the server sends the global model to the round's ``clients``."""
+        if self.server is not None:
+            self.network.begin(SERVER_INDEX)
+            self.server.share(0, to=clients)
+        return self._share(None)
+
+    def participate(self, clients: list[int]) -> Out:
+        """FedAvg mode: each sampled client of this shard adopts the broadcast, trains and uploads."""
+        chosen = set(clients)
+        for i, node in self.nodes:
+            if i in chosen:
+                self.network.begin(i)
+                node.aggregate()
+                node.train_round()
+                node.share(0)
+        return self._share(None)
+
+    def server_aggregate(self) -> Out:
+        if self.server is not None:
+            self.network.begin(SERVER_INDEX)
+            self.server.aggregate()
+        return self._share(None)
+
+    def share_to(self, step: int, sends: list[list[Any]]) -> Out:
+        """Pairwise mode: ``sends`` is ``[[global index, recipient id], ...]``; this shard's senders send."""
+        by_index = dict(self.nodes)
+        for i, recipient in sends:
+            if i in by_index:
+                self.network.begin(i)
+                by_index[i].share(step, to=[recipient])
+        return self._share(None)
+
+    def aggregate_only(self, indices: list[int]) -> Out:
+        """Pairwise mode: the peers at ``indices`` (this shard's among them) aggregate what they received."""
+        chosen = set(indices)
+        for i, node in self.nodes:
+            if i in chosen:
+                self.network.begin(i)
+                node.aggregate()
+        return self._share(None)
+
     def finish_round(self, evaluate: bool = True) -> bytes:
-        """Evaluate and close the round; JSON ``{node id: [metrics, sample count]}``."""
+        """Evaluate (the peers when ``evaluate``; the FedAvg server always) and close the round; JSON ``{node id:
+        [metrics, sample count]}``."""
         out = {}
         for _, node in self.nodes:
             if evaluate:
                 node.evaluate()
             out[node.node_id] = [node.end_round().as_dict(), int(node.sample_count)]
+        if self.server is not None:
+            self.server.evaluate()
+            out[SERVER_ID] = [self.server.end_round().as_dict(), int(self.server.sample_count)]
         return json.dumps(out).encode()
 
     def begin_consensus(self, share_step: int) -> Out:
@@ -146,6 +214,13 @@ class ShardWorker:
                 self.network.begin(i)
                 node.share(step)
         return self._out(*self.network.take())
+
+    def _ghost(self, node_id: str) -> None:
+        """``node_id`` of another shard joins here as a ghost, with its transport's limits, and is introduced."""
+        max_peers, seek = self.builder.limits(node_id)
+        GhostTransport(self.network, node_id, swarm_id=self.builder.swarm_id, arch_hash=self.manifest.model.arch_hash,
+                       max_peers=max_peers, seek=seek).join()
+        self.network.deliver_all()
 
     def _seal(self) -> Out:
         return self._out(*self.network.seal())

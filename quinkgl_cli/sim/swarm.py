@@ -168,22 +168,13 @@ class SwarmBuilder:
         memory["rss_before_build_mb"] = rss_mb()
         ids = peer_ids(cfg.peers)
         if cfg.mode == "fedavg":
-            # The star: the server joins first and takes every client; each client, allowed one peer, takes it.
-            # The server holds only the validation set (it evaluates the global model there and never trains).
-            swarm.server = self.node(
-                SERVER_ID, val_loader if val_loader is not None else [], val_loader, cfg.seed * 100_003 + cfg.peers,
-                manifest=self.server_manifest(), max_peers=cfg.peers, seek=cfg.peers,
-                aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
-                # The server trains on nothing; its broadcast carries the whole training set's weight (clients
-                # only check that it is positive, and adopt it).
-                policies=NodePolicies(reported_samples=total_samples),
-            )
+            swarm.server = self.server(val_loader, total_samples)
         attackers = attacker_indices(cfg, rng)
         swarm.attackers = [ids[i] for i in attackers]
         for i, (node_id, train, val, own) in enumerate(zip(ids, trains, vals, owns, strict=True)):
             swarm.nodes.append(self.peer(i, node_id, train, val, own, i in attackers))
         if cfg.mode == "pairwise":
-            swarm.edges = self.graph_edges(swarm.nodes)
+            swarm.edges = graph_or_refuse(self.manifest, self.graph_edges(list(enumerate(swarm.nodes)), ids))
         memory["rss_after_build_mb"] = rss_mb()
         memory["per_peer_kb_build"] = (
             (memory["rss_after_build_mb"] - memory["rss_before_build_mb"]) * 1024.0 / cfg.peers
@@ -194,6 +185,28 @@ class SwarmBuilder:
                            known_peers_max=float(max(views)))
         return swarm
 
+    def server(self, val_loader: Any, total_samples: int) -> Node:
+        """The FedAvg star's server, joined before every client: it takes every client, each client (allowed one
+        peer) takes it. It holds only the validation set (it evaluates the global model there and never trains)."""
+        cfg = self.config
+        max_peers, seek = self.limits(SERVER_ID)
+        return self.node(
+            SERVER_ID, val_loader if val_loader is not None else [], val_loader, cfg.seed * 100_003 + cfg.peers,
+            manifest=self.server_manifest(), max_peers=max_peers, seek=seek,
+            aggregator=ServerMean(), topology=SelectedTargets(SERVER_ID),
+            # The server trains on nothing; its broadcast carries the whole training set's weight (clients only
+            # check that it is positive, and adopt it).
+            policies=NodePolicies(reported_samples=total_samples),
+        )
+
+    def limits(self, node_id: str) -> tuple[int, int | None]:
+        """(peer-table size, peers it seeks) of ``node_id``'s transport in this mode: a sharded run's ghosts join
+        with the same, so that every shard draws the same introductions."""
+        cfg = self.config
+        if cfg.mode != "fedavg":
+            return cfg.max_peers, None
+        return (cfg.peers, cfg.peers) if node_id == SERVER_ID else (1, 1)
+
     def peer(self, i: int, node_id: str, train: Any, val: Any, own: Any, attacker: bool) -> Node:
         """Peer ``i`` of the swarm (not the FedAvg server), built and joined to the network."""
         cfg = self.config
@@ -201,8 +214,9 @@ class SwarmBuilder:
         strategies: dict[str, Any] = {}
         if cfg.mode == "fedavg":
             # A fresh local optimizer per participation, as FedAvg clients start from the global model anew.
+            max_peers, seek = self.limits(node_id)
             strategies = {"aggregator": AdoptGlobal(SERVER_ID), "topology": SelectedTargets(node_id, [SERVER_ID]),
-                          "max_peers": 1, "seek": 1, "policies": NodePolicies(fresh_optimizer=True)}
+                          "max_peers": max_peers, "seek": seek, "policies": NodePolicies(fresh_optimizer=True)}
         elif cfg.mode == "pairwise":
             strategies = {"topology": SelectedTargets(node_id)}
         if attacker:
@@ -210,16 +224,22 @@ class SwarmBuilder:
             strategies["policies"] = dataclasses.replace(policies, tamper=tamper_for(cfg.attack, cfg.seed * 7919 + i))
         return self.node(node_id, train, val, seed, own=own, **strategies)
 
-    def graph_edges(self, nodes: list[Node]) -> list[tuple[int, int]]:
-        """The undirected graph of the manifest's topology: each node's choice over its known peers, once."""
-        index = {n.node_id: i for i, n in enumerate(nodes)}
+    def graph_edges(self, nodes: list[tuple[int, Node]], ids: list[str]) -> set[tuple[int, int]]:
+        """The undirected edges the manifest's topology gives ``nodes`` (global index, node) over their known peers;
+        ``ids``: every peer's id in the swarm's order. A sharded run unites its shards' edges."""
+        index = {node_id: i for i, node_id in enumerate(ids)}
         edges: set[tuple[int, int]] = set()
-        for i, node in enumerate(nodes):
+        for i, node in nodes:
             topo = build_topology(self.manifest, node.node_id, random.Random(self.config.seed * 1_000_003 + i))
             for peer in topo.select(sorted(node.known_peers), 1):
                 j = index[peer]
                 edges.add((min(i, j), max(i, j)))
-        if not edges:
-            raise NodeConfigError(f"{self.manifest.topology.name} gives the peers no edge to average over",
-                                  "use more peers or another topology")
-        return sorted(edges)
+        return edges
+
+
+def graph_or_refuse(manifest: Manifest, edges: set[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The pairwise graph's edges in order, or a one-line error when the topology gave none."""
+    if not edges:
+        raise NodeConfigError(f"{manifest.topology.name} gives the peers no edge to average over",
+                              "use more peers or another topology")
+    return sorted(edges)
