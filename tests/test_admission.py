@@ -16,6 +16,7 @@ import pytest
 from quinkgl_cli import keys
 from quinkgl_cli.errors import CryptoError, TrustError, UsageError
 from quinkgl_cli.manifest import admission as docs
+from quinkgl_cli.manifest import swarmkey
 from quinkgl_cli.manifest.io import load_manifest
 from quinkgl_cli.manifest.trust import load_trusted
 from quinkgl_cli.node.admission import prepare_admission
@@ -113,9 +114,16 @@ def test_node_refuses_to_start_without_a_valid_certificate(tmp_path):
         start(None)
     assert err.value.code == 4 and "quinkgl node-key --node-id n" in err.value.one_line()
     good = tmp_path / "good.cert"
-    good.write_bytes(_cert(creator, key, "n", swarm=trusted.swarm_id).text())
+    swarm_key = swarmkey.certified(creator, trusted.swarm_id)
+    good.write_bytes(docs.certificate_file(_cert(creator, key, "n", swarm=trusted.swarm_id), swarm_key))
     settings = start(good)
     assert settings.certified and settings.certificate and settings.creator_pubkey == keys.public_key_text(creator)
+    assert settings.swarm_key == swarm_key and swarm_key.hex().encode() not in settings.certificate
+    keyless = tmp_path / "keyless.cert"  # made before `admit` issued swarm keys
+    keyless.write_bytes(_cert(creator, key, "n", swarm=trusted.swarm_id).text())
+    with pytest.raises(TrustError, match="holds no swarm key") as err:
+        start(keyless)
+    assert err.value.code == 4
     for name, doc, code, words in [
         ("expired", _cert(creator, key, "n", swarm=trusted.swarm_id, issued=NOW - timedelta(days=2),
                           expires=NOW - timedelta(days=1)), 4, "expired"),

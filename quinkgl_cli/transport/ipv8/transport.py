@@ -47,6 +47,7 @@ from quinkgl_cli.transport.ipv8.reach import Reachability
 from quinkgl_cli.transport.ipv8.rejoin import Rejoin
 from quinkgl_cli.transport.ipv8.relay import Relay
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents, TaskRegistry
+from quinkgl_cli.transport.ipv8.seal import DatagramSeal
 from quinkgl_cli.transport.ipv8.server import FetchServer, listen_tcp
 from quinkgl_cli.transport.ipv8.services import Services
 from quinkgl_cli.transport.ipv8.settings import (
@@ -198,7 +199,7 @@ class IPv8Transport(RuledTransport):
         get_providers().clear()  # nothing in this process may go looking for the host's LAN addresses
         key = load_or_create_key(s.state_dir)
         session = next_session(s.state_dir)
-        endpoint = GuardedUDPEndpoint(s.listen_host, s.port, self.guard)
+        endpoint = GuardedUDPEndpoint(s.listen_host, s.port, self.guard, DatagramSeal(self.admission.settings.sealing_key()))
         endpoint.on_foreign = self._dispatch.on_foreign
         await endpoint.open()
         lsock = None
@@ -207,7 +208,7 @@ class IPv8Transport(RuledTransport):
         try:
             udp_port = int(endpoint.get_address()[1])
             lsock = listen_tcp(s.listen_host, udp_port, s.port)
-            cls = community_class(s.swarm_id)
+            cls = community_class(self.admission.settings.sealing_key())
             community = cls(SwarmSettings(
                 my_peer=Peer(key), endpoint=endpoint, network=Network(), max_peers=s.max_peers, handlers=self._dispatch,
                 protocol_version=s.protocol_version, bound=(s.listen_host, udp_port),
@@ -217,7 +218,7 @@ class IPv8Transport(RuledTransport):
             add_bootstrappers(community, s)
             seeds = await resolve_seeds(s, self.guard, udp_port)
             if s.enable_lan_discovery:
-                lan = LanBeacon(community, s.listen_host, udp_port, self.guard, self.node_id)
+                lan = LanBeacon(community, endpoint.seal, s.listen_host, udp_port, self.guard, self.node_id)
                 await lan.open()
         except BaseException:
             if lan is not None:
