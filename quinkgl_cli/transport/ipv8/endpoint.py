@@ -87,7 +87,8 @@ class GuardedUDPEndpoint(UDPEndpoint):
     def notify_listeners(self, packet: tuple[Any, bytes]) -> None:
         """IPv8 drops a packet no community claims without a word; we tell the owner."""
         if packet[1][: self.prefixlen] not in self._prefix_map and self.on_foreign is not None:
-            self.on_foreign(packet[0], "other_community")
+            if self._prefix_map:  # none at all: our community is not loaded yet or unloaded (stopping)
+                self.on_foreign(packet[0], "other_community")
             return
         super().notify_listeners(packet)
 
