@@ -41,10 +41,13 @@ def swarm(tmp_path: Path, capsys, monkeypatch) -> dict[str, Path]:
 
 def test_node_key_then_admit_gives_a_certificate_for_that_key(swarm, capsys):
     d = swarm["dir"]
-    code, out, _ = _run(capsys, "node-key", "--node-id", "peer-1", "--output", str(d / "p1.pub"))
+    m = ["--manifest", str(swarm["manifest"])]
+    code, out, _ = _run(capsys, "node-key", "--node-id", "peer-1", *m, "--output", str(d / "p1.pub"))
     node_key = out.strip()
     assert code == 0 and node_key == (d / "p1.pub").read_text().strip()
-    assert _run(capsys, "node-key", "--node-id", "peer-1")[1].strip() == node_key  # the same key every time
+    assert _run(capsys, "node-key", "--node-id", "peer-1", *m)[1].strip() == node_key  # the same key every time
+    # Another swarm, another key: peers of two swarms cannot link one node's memberships by its key.
+    assert _run(capsys, "node-key", "--node-id", "peer-1", "-m", str(swarm["open"]))[1].strip() not in ("", node_key)
     code, out, err = _run(capsys, "admit", "-m", str(swarm["manifest"]), "--node-key", str(d / "p1.pub"), "--node-id", "peer-1",
                           "--sign-with", str(swarm["creator"]), "--expires-at", "2099-01-01", "-o", str(d / "p1.cert"))
     assert code == 0, err
@@ -76,8 +79,8 @@ def test_node_key_then_admit_gives_a_certificate_for_that_key(swarm, capsys):
 
 def test_revoke_builds_on_the_previous_list(swarm, capsys):
     d = swarm["dir"]
-    k1 = _run(capsys, "node-key", "--node-id", "a")[1].strip()
-    k2 = _run(capsys, "node-key", "--node-id", "b")[1].strip()
+    k1 = _run(capsys, "node-key", "--node-id", "a", "-m", str(swarm["manifest"]))[1].strip()
+    k2 = _run(capsys, "node-key", "--node-id", "b", "-m", str(swarm["manifest"]))[1].strip()
     common = ["revoke", "-m", str(swarm["manifest"]), "--sign-with", str(swarm["creator"])]
     assert _run(capsys, *common, "--node-key", k1, "-o", str(d / "r1.json"))[0] == 0
     assert _run(capsys, *common, "--previous", str(d / "r1.json"), "--node-key", k2, "-o", str(d / "r2.json"))[0] == 0

@@ -90,7 +90,7 @@ def test_certified_daemons_refuse_an_intruder_and_uncertified_daemons_do_not_sta
     wire = Forwarder(ports[0])
     procs: list[tuple[str, subprocess.Popen, Path]] = []
     for i, name in enumerate(["peer-1", "peer-2"]):
-        node_key = _cli(env, "node-key", "--node-id", name).strip()
+        node_key = _cli(env, "node-key", "--node-id", name, "--manifest", str(manifest)).strip()
         cert = tmp_path / f"{name}.cert"
         _cli(env, "admit", "-m", str(manifest), "--node-key", node_key, "--node-id", name, "--sign-with", str(creator_path),
              "-o", str(cert))
@@ -103,7 +103,7 @@ def test_certified_daemons_refuse_an_intruder_and_uncertified_daemons_do_not_sta
                                              env=env), tmp_path / f"{name}.log"))
     # Daemons that must not start: no certificate, and an expired one (made as `admit` would, dated in the past).
     creator = keys.load_private_key(creator_path)
-    stale_key = _cli(env, "node-key", "--node-id", "stale").strip()
+    stale_key = _cli(env, "node-key", "--node-id", "stale", "-m", str(manifest)).strip()
     expired = tmp_path / "stale.cert"
     expired.write_bytes(docs.sign(docs.Certificate(
         swarm_id=swarm_id, node_id="stale", node_key=stale_key, issued_at=datetime.now(UTC) - timedelta(days=2),

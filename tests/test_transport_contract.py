@@ -314,6 +314,15 @@ def test_ipv8_identity_is_private_and_survives_restart(tmp_path):
         await again.start(Recorder())
         assert again.public_key == first
         await again.stop()
+        # The same node in another swarm shows another key (its memberships cannot be linked by key), and the same
+        # one again at its next start there.
+        elsewhere = []
+        for _ in range(2):
+            other = _ipv8(tmp_path, "a", swarm_id="sha256:" + "ef" * 32)
+            await other.start(Recorder())
+            elsewhere.append(other.public_key)
+            await other.stop()
+        assert elsewhere[0] == elsewhere[1] not in ("", first)
         os.chmod(key_file, 0o644)
         with pytest.raises(CryptoError, match="readable by others"):
             await _ipv8(tmp_path, "a").start(Recorder())

@@ -112,7 +112,7 @@ def normalize_node_key(text: str) -> str:
     value = text.strip().lower()
     if not re.match(NODE_KEY_PATTERN, value):
         raise UsageError(f"{text.strip()[:40]!r}... is not a node key" if len(text.strip()) > 40 else f"{text.strip()!r} is not a node key",
-                         "give the hex line `quinkgl node-key --node-id ID` prints on the node (or a file holding it)")
+                         "give the hex line `quinkgl node-key --node-id ID --manifest MANIFEST` prints on the node (or a file holding it)")
     return value
 
 
@@ -225,7 +225,7 @@ _EXPLAINED = {
     "wrong_swarm": "it was issued for another swarm (another manifest)",
     "wrong_creator": "it was signed by another key than the manifest's creator",
     "bad_signature": "its signature is not valid (altered, or not made by `quinkgl admit`)",
-    "wrong_key": "it names another node key than this node's (see `quinkgl node-key --node-id ID`)",
+    "wrong_key": "it names another node key than this node's (see `quinkgl node-key --node-id ID --manifest MANIFEST`)",
     "wrong_node_id": "it was issued for another --node-id",
     "not_yet_valid": "it is dated more than an hour after this machine's clock",
     "expired": "it has expired",

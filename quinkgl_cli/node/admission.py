@@ -45,7 +45,7 @@ def read_document(path: Path, what: str) -> bytes:
 def prepare_admission(trusted: TrustedManifest, node_id: str, state_dir: Path, certificate: Path | None,
                       revocations: Path | None, node_key: Any = None) -> AdmissionSettings:
     """The transport's admission settings; raises QuinkglError when this node may not join. ``node_key``: this
-    node's transport key (loaded from ``state_dir`` when None and needed). The swarm key comes from the
+    node's transport key in this swarm (derived from ``state_dir``'s key file when None and needed). The swarm key comes from the
     certificate file in a certified swarm, from the manifest in an open one (`manifest.swarmkey`)."""
     manifest = trusted.manifest
     creator = manifest.creator_pubkey if trusted.signed else None
@@ -58,15 +58,15 @@ def prepare_admission(trusted: TrustedManifest, node_id: str, state_dir: Path, c
         if certificate is None:
             raise TrustError(
                 f"swarm {manifest.name!r} admits only certified nodes and no --certificate was given",
-                f"send the output of `quinkgl node-key --node-id {node_id}` to the swarm's creator, who runs `quinkgl admit`;"
+                f"send the output of `quinkgl node-key --node-id {node_id} --manifest MANIFEST` to the swarm's creator, who runs `quinkgl admit`;"
                 " then pass --certificate FILE",
             )
         assert creator is not None  # trust refuses an unsigned certified manifest
         signed, issued = docs.parse_certificate_file(read_document(certificate, "certificate"), f"certificate {certificate}")
         if node_key is None:
-            from quinkgl_cli.transport.ipv8.identity import load_or_create_key
+            from quinkgl_cli.transport.ipv8.identity import swarm_identity
 
-            node_key = load_or_create_key(state_dir)
+            node_key = swarm_identity(state_dir, trusted.swarm_id)
         problem = docs.certificate_problem(signed, swarm_id=trusted.swarm_id, creator_pubkey=creator,
                                            node_key=node_key.pub().key_to_bin().hex(), node_id=node_id,
                                            now=_now(), revoked=revoked)

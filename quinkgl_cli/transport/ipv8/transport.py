@@ -35,7 +35,7 @@ from quinkgl_cli.transport.ipv8.dispatch import Dispatch, Routes
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint
 from quinkgl_cli.transport.ipv8.fetcher import Fetcher
 from quinkgl_cli.transport.ipv8.forward import Forwarder
-from quinkgl_cli.transport.ipv8.identity import load_or_create_key, next_session
+from quinkgl_cli.transport.ipv8.identity import next_session, swarm_identity
 from quinkgl_cli.transport.ipv8.lan import LanBeacon
 from quinkgl_cli.transport.ipv8.links import Links
 from quinkgl_cli.transport.ipv8.membership import Membership, add_bootstrappers, resolve_seeds
@@ -197,7 +197,7 @@ class IPv8Transport(RuledTransport):
         loop = asyncio.get_running_loop()
         _quiet_ipv8_logging()
         get_providers().clear()  # nothing in this process may go looking for the host's LAN addresses
-        key = load_or_create_key(s.state_dir)
+        key = swarm_identity(s.state_dir, s.swarm_id)
         session = next_session(s.state_dir)
         endpoint = GuardedUDPEndpoint(s.listen_host, s.port, self.guard, DatagramSeal(self.admission.settings.sealing_key()))
         endpoint.on_foreign = self._dispatch.on_foreign
