@@ -1,7 +1,8 @@
 """One hostile participant for `bench_attacks.py`: plays one numbered attack of issue 12 against real daemons.
 
 Run as its own process (``python benchmarks/attacker.py SCENARIO --manifest M --seed-port P ...``); it uses the
-project's own IPv8 transport (a member's view: same swarm id, arch hash and wire format) or raw sockets, on loopback
+project's own IPv8 transport (a member's view: same swarm id, arch hash, wire format and the swarm key the manifest
+gives, see `manifest.swarmkey`) or raw sockets, on loopback
 only, and prints one ``ready`` line once the attack is in place, then ``attack-stats k=v ...`` when it stops (on
 SIGTERM or after ``--duration`` seconds).
 
@@ -15,8 +16,9 @@ Scenarios (issue 12's numbering):
 - ``hello-flood`` (6): 300 fresh keys say hello (the peer table holds 256); the benchmark starts a late honest peer
   once they are in.
 - ``round-zero`` (9): five identities taking turns, each sending one copied update claiming round 0.
-- ``observer`` (7): the benchmark runs a certified swarm; a node that knows the swarm id, the arch hash and every
-  peer's address, but holds no certificate, says hello and offers models the whole run.
+- ``observer`` (7): the benchmark runs a certified swarm; a node that holds the manifest and knows every peer's
+  address, but holds no certificate (so not the swarm key: its datagrams are sealed with the key the manifest
+  alone gives), says hello and offers models the whole run.
 - ``squatter`` (8): fresh keys claim the honest peers' node ids (peer-2, peer-3) and offer models under them
   (copies of honest ones), from the start (before the owners may have arrived); ``squatter-live``: the same once the
   owners are up and met.
@@ -41,9 +43,11 @@ from typing import Any
 import torch
 
 from quinkgl_cli import wire
+from quinkgl_cli.manifest import swarmkey
 from quinkgl_cli.manifest.trust import load_trusted
 from quinkgl_cli.node.script import load_script
 from quinkgl_cli.tensors import shared_specs
+from quinkgl_cli.transport.admission import AdmissionSettings
 from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, PeerInfo
 from quinkgl_cli.transport.ipv8 import IPv8Transport, stream
 from quinkgl_cli.transport.ipv8.payloads import OfferPayload
@@ -80,6 +84,8 @@ class Attack:
         trusted = load_trusted(Path(args.manifest), "open", [], state_dir=Path(args.workdir) / "verify")
         self.swarm_id = trusted.swarm_id
         self.arch_hash = trusted.manifest.model.arch_hash
+        # What holding the manifest gives: an open swarm's key (a certified swarm's comes with a certificate only).
+        self.swarm_key = swarmkey.open_swarm(trusted.canonical, trusted.manifest.signature if trusted.signed else None)
         model = load_script(Path(args.script)).build_model(trusted.manifest)
         self.specs = shared_specs(model)
         self.state = {s.name: model.state_dict()[s.name] for s in self.specs}
@@ -89,6 +95,7 @@ class Attack:
         self.stats: dict[str, int] = {"sent": 0, "connections": 0, "identities": 0}
 
     async def member(self, name: str, **options: Any) -> tuple[IPv8Transport, Listener]:
+        options.setdefault("admission", AdmissionSettings(self.swarm_id, None, swarm_key=self.swarm_key))
         t = IPv8Transport(node_id=name, swarm_id=self.swarm_id, arch_hash=self.arch_hash,
                           state_dir=Path(self.args.workdir) / name, bootstrap=self.seeds, walk_interval=0.5, **options)
         listener = Listener()

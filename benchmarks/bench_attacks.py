@@ -173,19 +173,21 @@ def certify(workdir: Path, manifest: Path, creator: Path) -> list[tuple[str, ...
 
     from quinkgl_cli import keys
     from quinkgl_cli.manifest import admission as docs
+    from quinkgl_cli.manifest import swarmkey
     from quinkgl_cli.manifest.io import load_manifest
-    from quinkgl_cli.transport.ipv8.identity import load_or_create_key
+    from quinkgl_cli.transport.ipv8.identity import swarm_identity
 
     swarm = load_manifest(manifest).swarm_id
     key = keys.load_private_key(creator)
     flags = []
     for i in range(PEERS):
         name = f"peer-{i + 1}"
-        node_key = load_or_create_key(workdir / "home" / "nodes" / name).pub().key_to_bin().hex()
+        node_key = swarm_identity(workdir / "home" / "nodes" / name, swarm).pub().key_to_bin().hex()
         cert = docs.sign(docs.Certificate(swarm_id=swarm, node_id=name, node_key=node_key,
                                           issued_at=datetime.now(UTC).replace(microsecond=0)), key)
         path = workdir / f"{name}.cert"
-        path.write_bytes(cert.text())
+        path.touch(mode=0o600)  # it holds the swarm key, as `admit`'s does
+        path.write_bytes(docs.certificate_file(cert, swarmkey.certified(key, swarm)))
         flags.append(("--certificate", str(path)))
     return flags
 

@@ -27,6 +27,7 @@ RESULTS = HERE / "results"
 BENCHMARKS: tuple[tuple[str, str], ...] = (
     ("cli", "CLI start-up: --help, keygen, manifest verify"),
     ("transfer", "model transfer between daemons vs raw TCP"),
+    ("seal", "sealing every datagram: per-datagram cost vs the signature check, control messages/s sealed vs clear"),
     ("aggregation", "aggregation per strategy vs one stacked mean"),
     ("compression", "encode/decode vs a memory copy, bytes on the wire, accuracy under compression (simulator)"),
     ("choco", "CHOCO compressed gossip vs uncompressed gossip: accuracy and megabytes (simulator)"),

@@ -427,15 +427,20 @@ def doctor(lab: natlab.Lab, work: Path) -> dict[str, Any]:
     needed and, with no relay among its peers, to run one; once a relay joins, it names it. Behind a port-restricted
     NAT it sees one mapping and says which ports to forward."""
     sys.path.insert(0, str(ROOT))
+    from quinkgl_cli.manifest import swarmkey
+    from quinkgl_cli.manifest.io import load_manifest
     from quinkgl_cli.node import localswarm as ls
 
     manifest, _key, _pub, swarm = ls.digits_manifest(work / "m")
-    arch = json.loads(manifest.read_text())["model"]["arch_hash"]
+    loaded = load_manifest(manifest)
+    arch = loaded.manifest.model.arch_hash
     env = ls.child_env(work / "home")
     env["PYTHONPATH"] = str(ROOT)
     seed, pub2 = lab.public("seed"), lab.public("pub2")
     sym, rest = lab.natted("sym1", "symmetric"), lab.natted("rest1", "restricted")
-    swarm_args = ("--swarm", swarm, "--arch", arch)
+    # The probes hold the manifest's key, as its daemons do (`manifest.swarmkey`), so doctor meets them.
+    swarm_args = ("--swarm", swarm, "--arch", arch, "--swarm-key",
+                  swarmkey.open_swarm(loaded.canonical, loaded.manifest.signature).hex())
     probes = [Probe(lab, seed, work, *swarm_args), Probe(lab, pub2, work, *swarm_args, bootstrap=seed)]
     result: dict[str, Any] = {"without_relay": _run_doctor(lab, sym, manifest, env, [seed, pub2])}
     probes.append(Probe(lab, lab.public("relay1"), work, *swarm_args, "--relay", bootstrap=seed))

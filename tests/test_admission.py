@@ -16,11 +16,12 @@ import pytest
 from quinkgl_cli import keys
 from quinkgl_cli.errors import CryptoError, TrustError, UsageError
 from quinkgl_cli.manifest import admission as docs
+from quinkgl_cli.manifest import swarmkey
 from quinkgl_cli.manifest.io import load_manifest
 from quinkgl_cli.manifest.trust import load_trusted
 from quinkgl_cli.node.admission import prepare_admission
 from quinkgl_cli.transport.admission import AdmissionSettings
-from quinkgl_cli.transport.ipv8.identity import load_or_create_key
+from quinkgl_cli.transport.ipv8.identity import swarm_identity
 from quinkgl_cli.transport.ipv8.settings import Limits
 from tests.helpers_manifest import make_manifest, write, write_obj
 from tests.test_transport_contract import Cluster, Recorder, _upd, run_cluster, wait_until
@@ -40,8 +41,9 @@ def _revocations(creator, node_keys: list[str], version: int, swarm: str = SWARM
                                          revoked=tuple(docs.fingerprint(k) for k in node_keys)), creator)
 
 
-def _node_key(state_dir: Path) -> str:
-    return load_or_create_key(state_dir).pub().key_to_bin().hex()
+def _node_key(state_dir: Path, swarm: str = SWARM) -> str:
+    """The transport key a node with this state directory has in ``swarm``."""
+    return swarm_identity(state_dir, swarm).pub().key_to_bin().hex()
 
 
 # -- manifest and documents -------------------------------------------------------------------------------------------
@@ -104,18 +106,25 @@ def test_node_refuses_to_start_without_a_valid_certificate(tmp_path):
     path = write(tmp_path / "c.qgl", make_manifest("certed", key=creator, membership="certified"))
     trusted = load_trusted(path, "open")
     state = tmp_path / "state"
-    key = _node_key(state)
+    key = _node_key(state, trusted.swarm_id)
 
     def start(cert: Path | None, node_id: str = "n", revocations: Path | None = None):
         return prepare_admission(trusted, node_id, state, cert, revocations)
 
     with pytest.raises(TrustError, match="admits only certified nodes") as err:
         start(None)
-    assert err.value.code == 4 and "quinkgl node-key --node-id n" in err.value.one_line()
+    assert err.value.code == 4 and "quinkgl node-key --node-id n --manifest" in err.value.one_line()
     good = tmp_path / "good.cert"
-    good.write_bytes(_cert(creator, key, "n", swarm=trusted.swarm_id).text())
+    swarm_key = swarmkey.certified(creator, trusted.swarm_id)
+    good.write_bytes(docs.certificate_file(_cert(creator, key, "n", swarm=trusted.swarm_id), swarm_key))
     settings = start(good)
     assert settings.certified and settings.certificate and settings.creator_pubkey == keys.public_key_text(creator)
+    assert settings.swarm_key == swarm_key and swarm_key.hex().encode() not in settings.certificate
+    keyless = tmp_path / "keyless.cert"  # made before `admit` issued swarm keys
+    keyless.write_bytes(_cert(creator, key, "n", swarm=trusted.swarm_id).text())
+    with pytest.raises(TrustError, match="holds no swarm key") as err:
+        start(keyless)
+    assert err.value.code == 4
     for name, doc, code, words in [
         ("expired", _cert(creator, key, "n", swarm=trusted.swarm_id, issued=NOW - timedelta(days=2),
                           expires=NOW - timedelta(days=1)), 4, "expired"),

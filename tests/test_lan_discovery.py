@@ -8,19 +8,25 @@ from types import SimpleNamespace
 
 from quinkgl_cli.transport.ipv8 import lan
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
+from quinkgl_cli.transport.ipv8.seal import DatagramSeal
 
-OURS = b"c" * 20
+OURS = DatagramSeal(b"c" * 32)
+THEIRS = DatagramSeal(b"x" * 32)
 
 
 def _beacon(walks: list[tuple[str, int]], listen: str = "127.0.0.1") -> lan.LanBeacon:
-    community = SimpleNamespace(community_id=OURS, walk_to=walks.append)
-    return lan.LanBeacon(community, listen, 7001, DestinationGuard(listen), "me")
+    community = SimpleNamespace(walk_to=walks.append)
+    return lan.LanBeacon(community, OURS, listen, 7001, DestinationGuard(listen), "me")
+
+
+def _sealed(magic: bytes = lan.MAGIC, version: int = lan.VERSION, port: int = 7002, seal: DatagramSeal = OURS) -> bytes:
+    return seal.seal(lan.BEACON.pack(magic, version, port, b"t" * 8))
 
 
 def test_a_beacon_of_our_swarm_is_walked_to_at_its_port_once_per_gap() -> None:
     walks: list[tuple[str, int]] = []
     b = _beacon(walks)
-    datagram = lan.BEACON.pack(lan.MAGIC, lan.VERSION, OURS, 7002, b"t" * 8)
+    datagram = _sealed()
     b.datagram_received(datagram, ("127.0.0.2", lan.PORT))
     b.datagram_received(datagram, ("127.0.0.2", lan.PORT))  # within WALK_GAP: not again
     assert walks == [("127.0.0.2", 7002)]
@@ -29,11 +35,17 @@ def test_a_beacon_of_our_swarm_is_walked_to_at_its_port_once_per_gap() -> None:
 def test_beacons_of_other_swarms_versions_ourselves_or_garbage_are_ignored() -> None:
     walks: list[tuple[str, int]] = []
     b = _beacon(walks)
-    for datagram in (lan.BEACON.pack(lan.MAGIC, lan.VERSION, b"x" * 20, 7002, b"t" * 8),
-                     lan.BEACON.pack(lan.MAGIC, lan.VERSION + 1, OURS, 7002, b"t" * 8),
-                     lan.BEACON.pack(b"XXXX", lan.VERSION, OURS, 7002, b"t" * 8),
-                     lan.BEACON.pack(lan.MAGIC, lan.VERSION, OURS, 0, b"t" * 8),
-                     b.beacon,  # our own, back through the loop
+    clear = lan.BEACON.pack(lan.MAGIC, lan.VERSION, 7002, b"t" * 8)
+    tampered = bytearray(_sealed())
+    tampered[-1] ^= 1
+    for datagram in (_sealed(seal=THEIRS),  # another swarm's key
+                     clear,  # unsealed
+                     clear + bytes(28),
+                     bytes(tampered),
+                     _sealed(version=lan.VERSION + 1),
+                     _sealed(magic=b"XXXX"),
+                     _sealed(port=0),
+                     OURS.seal(b.beacon),  # our own, back through the loop
                      b"short"):
         b.datagram_received(datagram, ("127.0.0.2", lan.PORT))
     assert walks == []
@@ -43,7 +55,7 @@ def test_a_loopback_daemon_never_walks_off_loopback_whatever_a_beacon_says() -> 
     walks: list[tuple[str, int]] = []
     b = _beacon(walks, listen="127.0.0.1")
     # A documentation address (RFC 5737), never sent to: the guard refuses it before any walk.
-    b.datagram_received(lan.BEACON.pack(lan.MAGIC, lan.VERSION, OURS, 7002, b"t" * 8), ("192.0.2.2", lan.PORT))
+    b.datagram_received(_sealed(), ("192.0.2.2", lan.PORT))
     assert walks == []
 
 
@@ -51,5 +63,5 @@ def test_the_sources_remembered_are_bounded() -> None:
     walks: list[tuple[str, int]] = []
     b = _beacon(walks)
     for i in range(lan.MAX_SOURCES + 50):
-        b.datagram_received(lan.BEACON.pack(lan.MAGIC, lan.VERSION, OURS, 1000 + i, b"t" * 8), ("127.0.0.2", lan.PORT))
+        b.datagram_received(_sealed(port=1000 + i), ("127.0.0.2", lan.PORT))
     assert len(walks) == lan.MAX_SOURCES + 50 and len(b.heard) == lan.MAX_SOURCES

@@ -314,6 +314,15 @@ def test_ipv8_identity_is_private_and_survives_restart(tmp_path):
         await again.start(Recorder())
         assert again.public_key == first
         await again.stop()
+        # The same node in another swarm shows another key (its memberships cannot be linked by key), and the same
+        # one again at its next start there.
+        elsewhere = []
+        for _ in range(2):
+            other = _ipv8(tmp_path, "a", swarm_id="sha256:" + "ef" * 32)
+            await other.start(Recorder())
+            elsewhere.append(other.public_key)
+            await other.stop()
+        assert elsewhere[0] == elsewhere[1] not in ("", first)
         os.chmod(key_file, 0o644)
         with pytest.raises(CryptoError, match="readable by others"):
             await _ipv8(tmp_path, "a").start(Recorder())
@@ -361,17 +370,20 @@ def test_ipv8_refuses_off_loopback_configuration(tmp_path):
         _ipv8(tmp_path, "a", listen_host="ip6-localhost")
 
 
-def test_ipv8_community_id_comes_from_the_swarm(tmp_path):
+def test_ipv8_community_id_comes_from_the_swarm_key(tmp_path):
+    from quinkgl_cli.manifest import swarmkey
+    from quinkgl_cli.transport.admission import AdmissionSettings
     from quinkgl_cli.transport.ipv8.community import community_id_for
 
     async def main():
         a = _ipv8(tmp_path, "a", swarm_id="sha256:" + "11" * 32)
-        b = _ipv8(tmp_path, "b", swarm_id="sha256:" + "22" * 32)
+        b = _ipv8(tmp_path, "b", swarm_id="sha256:" + "22" * 32,
+                  admission=AdmissionSettings("sha256:" + "22" * 32, None, swarm_key=b"k" * 32))
         await a.start(Recorder())
         await b.start(Recorder())
         try:
-            assert a.community_id == community_id_for("sha256:" + "11" * 32)
-            assert b.community_id == community_id_for("sha256:" + "22" * 32)
+            assert a.community_id == community_id_for(swarmkey.for_swarm_id("sha256:" + "11" * 32))
+            assert b.community_id == community_id_for(b"k" * 32)
             assert a.community_id != b.community_id
             assert a.parts.community.get_prefix()[2:] == a.community_id
         finally:
@@ -414,20 +426,24 @@ def test_ipv8_malformed_packets_are_logged_once_and_ignored(tmp_path, caplog):
         b, rb = await c.add("b")
         await c.meet(["a", "b"])
         prefix = a.parts.community.get_prefix()
+        seal = a.parts.endpoint.seal  # junk from a holder of the swarm key, which gets past the seal
         junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         junk.bind(("127.0.0.1", 0))
         try:
             with caplog.at_level(logging.DEBUG):
                 for msg_id in (1, 2, 3, 4, 5, 99):
                     for _ in range(3):
-                        junk.sendto(prefix + bytes([msg_id]) + os.urandom(40), a.address)
-                junk.sendto(b"not ipv8 at all", a.address)
-                await wait_until(lambda: a.stats.dropped >= 19, what="junk to be counted")
+                        junk.sendto(seal.seal(prefix + bytes([msg_id]) + os.urandom(40)), a.address)
+                junk.sendto(seal.seal(b"not ipv8 at all"), a.address)
+                junk.sendto(prefix + bytes([1]) + os.urandom(40), a.address)  # cleartext: an older version's
+                junk.sendto(b"not sealed at all", a.address)
+                await wait_until(lambda: a.stats.dropped >= 21, what="junk to be counted")
         finally:
             junk.close()
         refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("packet-refused") and r.levelno >= logging.WARNING]
         reasons = sorted(m.split("reason=")[1].split()[0] for m in refused)
-        assert reasons == ["malformed", "not_ipv8", "unknown_message"], refused  # once per (source, reason)
+        # once per (source, reason)
+        assert reasons == ["cleartext", "malformed", "other_community", "other_swarm", "unknown_message"], refused
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
         a.send_model("b", _upd(round_=1))
         await wait_until(lambda: rb.models, what="model after junk")

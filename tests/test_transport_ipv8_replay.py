@@ -10,16 +10,20 @@ import asyncio
 import logging
 import socket
 import time
+from typing import Any
 
 import pytest
 
 from quinkgl_cli.errors import IOFailure
+from quinkgl_cli.manifest import swarmkey
 from quinkgl_cli.transport.base import OutgoingUpdate
 from quinkgl_cli.transport.ipv8 import identity
 from quinkgl_cli.transport.ipv8.replay import WINDOW, ReplayGuard
+from quinkgl_cli.transport.ipv8.seal import DatagramSeal
 from tests.test_transport_contract import Cluster, Recorder, _ipv8, run_cluster, wait_until
 
 HELLO, OFFER, CONTROL, BYE = 1, 2, 3, 4
+SWARM = "sha256:" + "ab" * 32  # `_ipv8`'s
 
 
 def capture(t) -> list[tuple[tuple[str, int], bytes]]:
@@ -43,11 +47,25 @@ def warnings(caplog, needle: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if needle in r.getMessage() and r.levelno >= logging.WARNING]
 
 
-def attacker() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.setblocking(False)
-    return sock
+class Attacker:
+    """A loopback UDP socket of someone holding the swarm key (a member, or whoever captured its datagrams and the
+    key): what it sends is sealed (`seal`), so the checks behind the seal are what these tests reach."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setblocking(False)
+        self.seal = DatagramSeal(swarmkey.for_swarm_id(SWARM))
+
+    def sendto(self, packet: bytes, address: tuple[str, int]) -> None:
+        self.sock.sendto(self.seal.seal(packet), address)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def attacker() -> Attacker:
+    return Attacker()
 
 
 def test_replayed_hello_and_control_from_another_socket_are_dropped(tmp_path, caplog):

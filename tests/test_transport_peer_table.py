@@ -143,9 +143,10 @@ def test_a_real_endpoint_reports_its_receive_backlog(tmp_path):
     import socket
 
     from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint
+    from quinkgl_cli.transport.ipv8.seal import DatagramSeal
 
     async def main() -> float:
-        endpoint = GuardedUDPEndpoint("127.0.0.1", 0, DestinationGuard("127.0.0.1"))
+        endpoint = GuardedUDPEndpoint("127.0.0.1", 0, DestinationGuard("127.0.0.1"), DatagramSeal(bytes(32)))
         await endpoint.open()
         try:
             assert endpoint.backlog() == 0.0

@@ -66,6 +66,7 @@ def admit(
     from quinkgl_cli import validation
     from quinkgl_cli.atomic import atomic_write_bytes
     from quinkgl_cli.manifest import admission as docs
+    from quinkgl_cli.manifest import swarmkey
     from quinkgl_cli.manifest.create import parse_expires
 
     nid = validation.node_id(node_id)
@@ -78,8 +79,10 @@ def admit(
     expiry = parse_expires(expires_at, now) if expires_at is not None else None
     cert = docs.Certificate(swarm_id=loaded.swarm_id, node_id=nid, node_key=key_hex, issued_at=now, expires_at=expiry)
     signed = docs.sign(cert, key)
-    atomic_write_bytes(output, signed.text() + b"\n", mode=0o644, overwrite=force)
-    typer.echo(f"Certificate for node {nid} written to {output}")
+    # 0600: the file holds the swarm key, which reads and writes the swarm's traffic
+    atomic_write_bytes(output, docs.certificate_file(signed, swarmkey.certified(key, loaded.swarm_id)), mode=0o600,
+                       overwrite=force)
+    typer.echo(f"Certificate for node {nid} written to {output} (it holds the swarm's key: send it to that node only)")
     typer.echo(f"Swarm ID: {loaded.swarm_id}")
     typer.echo(f"Node key: {docs.fingerprint(key_hex)}")
     typer.echo(f"Expires: {expiry.isoformat().replace('+00:00', 'Z') if expiry else 'never (revoke with `quinkgl revoke`)'}")

@@ -48,7 +48,7 @@ def revoke(
     for text in node_key or []:
         revoked.append(docs.fingerprint(node_key_text(text)))
     for path in certificate or []:
-        cert = docs.parse(read_document(path, "certificate"), docs.Certificate, f"certificate {path}")
+        cert, _key = docs.parse_certificate_file(read_document(path, "certificate"), f"certificate {path}")
         revoked.append(docs.fingerprint(cert.document.node_key))
     revoked = list(dict.fromkeys(revoked))
     if not node_key and not certificate:

@@ -37,6 +37,7 @@ FINGERPRINT_PATTERN = r"^sha256:[0-9a-f]{64}$"
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_DOCUMENT_BYTES = 48 * 1024  # a revocation list travels in one datagram
 MAX_REVOKED = 512  # ~38 KB of fingerprints: fits one datagram with IPv8's headers
+SWARM_KEY_FIELD = "swarm_key"  # in a certificate file only (`certificate_file`), never in what a hello carries
 CLOCK_SKEW = timedelta(hours=1)  # how far in our future an ``issued_at`` may lie (clocks drift)
 
 
@@ -111,7 +112,7 @@ def normalize_node_key(text: str) -> str:
     value = text.strip().lower()
     if not re.match(NODE_KEY_PATTERN, value):
         raise UsageError(f"{text.strip()[:40]!r}... is not a node key" if len(text.strip()) > 40 else f"{text.strip()!r} is not a node key",
-                         "give the hex line `quinkgl node-key --node-id ID` prints on the node (or a file holding it)")
+                         "give the hex line `quinkgl node-key --node-id ID --manifest MANIFEST` prints on the node (or a file holding it)")
     return value
 
 
@@ -143,6 +144,29 @@ def parse(data: bytes, cls: type[Certificate] | type[RevocationList], source: st
         where = ".".join(str(x) for x in err["loc"]) or "(top level)"
         raise UsageError(f"{source}: field {where}: {error_text(err)}", f"is this a {what} made by `quinkgl admit`/`revoke`?") from exc
     return Signed(document, raw, canonical_bytes(raw))
+
+
+def certificate_file(signed: Signed, swarm_key: bytes) -> bytes:
+    """What `quinkgl admit` writes: the signed certificate's fields and the swarm key (hex, ``SWARM_KEY_FIELD``),
+    which its signature does not cover. The key stays on the node: a hello carries `Signed.text()`, without it, and
+    a certificate that arrives with one is refused as malformed."""
+    raw = {**signed.raw, SWARM_KEY_FIELD: swarm_key.hex()}
+    return json.dumps(raw, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def parse_certificate_file(data: bytes, source: str) -> tuple[Signed, bytes | None]:
+    """A certificate file: the certificate, and the swarm key it holds (None in a file made before keys were
+    issued); UsageError (1) naming what is wrong."""
+    try:
+        raw = loads_strict(data[: MAX_DOCUMENT_BYTES + 1].decode("utf-8"))
+    except ValueError:
+        raw = None  # `parse` says what is wrong with it
+    if not isinstance(raw, dict) or SWARM_KEY_FIELD not in raw:
+        return parse(data, Certificate, source), None
+    text = raw.pop(SWARM_KEY_FIELD)
+    if not isinstance(text, str) or not re.match(r"^[0-9a-f]{64}$", text):
+        raise UsageError(f"{source}: field {SWARM_KEY_FIELD}: not 64 hex digits", "is this a certificate made by `quinkgl admit`?")
+    return parse(json.dumps(raw, ensure_ascii=False).encode("utf-8"), Certificate, source), bytes.fromhex(text)
 
 
 def signature_valid(signed: Signed, creator_pubkey: str) -> bool:
@@ -201,7 +225,7 @@ _EXPLAINED = {
     "wrong_swarm": "it was issued for another swarm (another manifest)",
     "wrong_creator": "it was signed by another key than the manifest's creator",
     "bad_signature": "its signature is not valid (altered, or not made by `quinkgl admit`)",
-    "wrong_key": "it names another node key than this node's (see `quinkgl node-key --node-id ID`)",
+    "wrong_key": "it names another node key than this node's (see `quinkgl node-key --node-id ID --manifest MANIFEST`)",
     "wrong_node_id": "it was issued for another --node-id",
     "not_yet_valid": "it is dated more than an hour after this machine's clock",
     "expired": "it has expired",

@@ -17,6 +17,7 @@ from typing import Any
 from quinkgl_cli.errors import IOFailure, TrustError
 from quinkgl_cli.events import emit
 from quinkgl_cli.manifest import admission as docs
+from quinkgl_cli.manifest import swarmkey
 from quinkgl_cli.manifest.trust import TrustedManifest
 from quinkgl_cli.transport.admission import AdmissionSettings
 
@@ -44,37 +45,43 @@ def read_document(path: Path, what: str) -> bytes:
 def prepare_admission(trusted: TrustedManifest, node_id: str, state_dir: Path, certificate: Path | None,
                       revocations: Path | None, node_key: Any = None) -> AdmissionSettings:
     """The transport's admission settings; raises QuinkglError when this node may not join. ``node_key``: this
-    node's transport key (loaded from ``state_dir`` when None and needed)."""
+    node's transport key in this swarm (derived from ``state_dir``'s key file when None and needed). The swarm key comes from the
+    certificate file in a certified swarm, from the manifest in an open one (`manifest.swarmkey`)."""
     manifest = trusted.manifest
     creator = manifest.creator_pubkey if trusted.signed else None
     newest = _newest_revocations(trusted, creator, state_dir, revocations)
     revoked = frozenset(newest.document.revoked) if newest is not None else frozenset()
     certified = manifest.membership == "certified"
     cert_text = b""
+    swarm_key = swarmkey.open_swarm(trusted.canonical, manifest.signature if trusted.signed else None)
     if certified:
         if certificate is None:
             raise TrustError(
                 f"swarm {manifest.name!r} admits only certified nodes and no --certificate was given",
-                f"send the output of `quinkgl node-key --node-id {node_id}` to the swarm's creator, who runs `quinkgl admit`;"
+                f"send the output of `quinkgl node-key --node-id {node_id} --manifest MANIFEST` to the swarm's creator, who runs `quinkgl admit`;"
                 " then pass --certificate FILE",
             )
         assert creator is not None  # trust refuses an unsigned certified manifest
-        signed = docs.parse(read_document(certificate, "certificate"), docs.Certificate, f"certificate {certificate}")
+        signed, issued = docs.parse_certificate_file(read_document(certificate, "certificate"), f"certificate {certificate}")
         if node_key is None:
-            from quinkgl_cli.transport.ipv8.identity import load_or_create_key
+            from quinkgl_cli.transport.ipv8.identity import swarm_identity
 
-            node_key = load_or_create_key(state_dir)
+            node_key = swarm_identity(state_dir, trusted.swarm_id)
         problem = docs.certificate_problem(signed, swarm_id=trusted.swarm_id, creator_pubkey=creator,
                                            node_key=node_key.pub().key_to_bin().hex(), node_id=node_id,
                                            now=_now(), revoked=revoked)
         if problem is not None:
             raise docs.problem_error(problem, f"certificate {certificate}")
+        if issued is None:
+            raise TrustError(f"certificate {certificate} holds no swarm key (it was made before swarms were encrypted)",
+                             "ask the swarm's creator for a new one, made with `quinkgl admit`")
+        swarm_key = issued
         cert_text = signed.text()
         emit(log, logging.INFO, "certificate-ok", node_id=node_id, expires=_iso(signed.document.expires_at))
     elif certificate is not None:
         emit(log, logging.WARNING, "certificate-ignored", reason="open swarm", certificate=certificate)
     return AdmissionSettings(trusted.swarm_id, creator, certified, cert_text, newest,
-                             store=store_path(state_dir, trusted.swarm_id), watch=revocations)
+                             store=store_path(state_dir, trusted.swarm_id), watch=revocations, swarm_key=swarm_key)
 
 
 def _newest_revocations(trusted: TrustedManifest, creator: str | None, state_dir: Path,

@@ -19,9 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from quinkgl_cli.atomic import atomic_write_bytes
-from quinkgl_cli.errors import QuinkglError
+from quinkgl_cli.errors import NetworkError, QuinkglError
 from quinkgl_cli.events import emit
 from quinkgl_cli.manifest import admission as docs
+from quinkgl_cli.manifest import swarmkey
 
 log = logging.getLogger("quinkgl.transport")
 MAX_CERTIFICATE_BYTES = 4096  # a certificate is ~600 bytes; more in a hello is not one
@@ -37,6 +38,17 @@ class AdmissionSettings:
     revocations: docs.Signed | None = None  # the newest list known at start
     store: Path | None = None  # where the newest adopted list is written
     watch: Path | None = None  # the operator's revocation file, read again when it changes
+    # What every datagram is sealed with (`manifest.swarmkey`); None: keyed by the swarm id alone (a transport run
+    # without a manifest, as tests do; it hides nothing from whoever knows the id).
+    swarm_key: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.swarm_key is not None and len(self.swarm_key) != swarmkey.KEY_BYTES:
+            raise NetworkError(f"a swarm key has {swarmkey.KEY_BYTES} bytes, not {len(self.swarm_key)}")
+
+    def sealing_key(self) -> bytes:
+        """The key every datagram of the swarm is sealed with (`transport.ipv8.seal`)."""
+        return self.swarm_key or swarmkey.for_swarm_id(self.swarm_id)
 
 
 class Admission:

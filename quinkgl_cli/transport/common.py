@@ -20,8 +20,9 @@ from quinkgl_cli.transport.base import ControlValue, OutgoingUpdate, Transport, 
 log = logging.getLogger("quinkgl.transport")
 
 # 2: every signed datagram carries the sender's session and counter (replay protection); 3: hellos carry an
-# admission certificate, revocation lists travel by gossip
-PROTOCOL_VERSION = 3
+# admission certificate, revocation lists travel by gossip; 4: every datagram is sealed with the swarm key (a peer
+# of an older version is never read, its cleartext datagrams are refused as ``cleartext``)
+PROTOCOL_VERSION = 4
 MAX_MESSAGE_BYTES = 32 * 1024  # a control message must fit one UDP datagram with IPv8's headers and signature
 MAX_META_BYTES = 4 * 1024
 DEFAULT_MAX_MODEL_BYTES = 1024**3

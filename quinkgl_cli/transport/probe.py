@@ -157,6 +157,7 @@ def _throttle(rate: float) -> None:
 
 
 async def main(args: argparse.Namespace, audit: Audit | None) -> int:
+    from quinkgl_cli.transport.admission import AdmissionSettings
     from quinkgl_cli.transport.ipv8 import IPv8Transport
 
     loop = asyncio.get_running_loop()
@@ -179,6 +180,7 @@ async def main(args: argparse.Namespace, audit: Audit | None) -> int:
         relay=args.relay,
         relay_rate=args.relay_rate,
         enable_lan_discovery=args.lan_discovery,
+        admission=AdmissionSettings(args.swarm, None, swarm_key=bytes.fromhex(args.swarm_key)) if args.swarm_key else None,
     )
     tampered: dict[int, bytes] = {}
     from quinkgl_cli.transport.ipv8.outbox import DigestCache
@@ -259,6 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--node-id", required=True)
     p.add_argument("--swarm", required=True)
     p.add_argument("--arch", default="sha256:" + "0" * 64)
+    p.add_argument("--swarm-key", default="", help="hex of the swarm key (default: the one the swarm id alone gives)")
     p.add_argument("--state-dir", required=True)
     p.add_argument("--listen", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)

@@ -2,13 +2,13 @@
 
 Owns packet dispatch only: each verified message goes to the `CommunityHandlers` it was given, and nothing here
 knows the transport. The community id is a class attribute in pyipv8 (a constructor argument is silently
-ignored), so each swarm gets its own subclass carrying an id derived from the swarm id; `community_class` checks
-it took.
+ignored), so each swarm gets its own subclass carrying an id derived from the swarm key; `community_class` checks
+it took. The id travels only inside sealed datagrams (`seal`); derived from the key, not the swarm id, it names
+nothing a non-member could look up (the LAN beacon and the fetch statements carry it too).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 import time
@@ -19,6 +19,7 @@ from ipv8.lazy_community import PacketDecodingError
 from ipv8.messaging.interfaces.udp.endpoint import UDPv4Address
 from ipv8.messaging.payload_headers import BinMemberAuthenticationPayload
 
+from quinkgl_cli.manifest import swarmkey
 from quinkgl_cli.transport.ipv8.payloads import (
     ByePayload,
     ControlPayload,
@@ -35,16 +36,16 @@ from quinkgl_cli.transport.ipv8.payloads import (
 )
 
 LOGGER_NAME = "quinkgl.transport.ipv8"
-COMMUNITY_TAG = b"quinkgl-swarm/1\0"
+COMMUNITY_ID_BYTES = 20
 # The messages a relay may bring us from another peer (`forward`): never a relayed message again (no chains), a
 # roster, or IPv8's own introductions and punctures (those are about direct ways only).
 RELAYABLE = frozenset(cls.msg_id for cls in (HelloPayload, OfferPayload, ControlPayload, ByePayload, DeclinePayload,
                                              RevocationPayload, ServicesPayload, PathRequestPayload))
 
 
-def community_id_for(swarm_id: str) -> bytes:
-    """20 bytes naming the swarm's overlay: peers of another manifest never share a prefix with us."""
-    return hashlib.sha1(COMMUNITY_TAG + swarm_id.encode("utf-8"), usedforsecurity=False).digest()
+def community_id_for(swarm_key: bytes) -> bytes:
+    """20 bytes naming the swarm's overlay: peers of another swarm never share a prefix with us."""
+    return swarmkey.derive(swarm_key, b"community id", COMMUNITY_ID_BYTES)
 
 
 class CommunityHandlers(Protocol):
@@ -273,9 +274,9 @@ def signer(data: bytes) -> bytes:
     return data[25 : 25 + int.from_bytes(data[23:25], "big")]
 
 
-def community_class(swarm_id: str) -> type[SwarmCommunity]:
-    cid = community_id_for(swarm_id)
+def community_class(swarm_key: bytes) -> type[SwarmCommunity]:
+    cid = community_id_for(swarm_key)
     cls: type[SwarmCommunity] = type(f"SwarmCommunity_{cid.hex()[:12]}", (SwarmCommunity,), {"community_id": cid})
-    if cls.community_id != cid or len(cid) != 20:
+    if cls.community_id != cid or len(cid) != COMMUNITY_ID_BYTES:
         raise RuntimeError("community id did not take")
     return cls

@@ -64,9 +64,10 @@ class Dispatch:
         """Start routing to ``routes``; None stops (the transport is stopping)."""
         self._routes = routes
 
-    def on_foreign(self, source: Any, data: bytes) -> None:
-        # b"\0\2" starts every IPv8 community packet: this one belongs to another swarm (or another IPv8 app).
-        self.on_bad_packet((str(source[0]), int(source[1])), "other_swarm" if data[:2] == b"\x00\x02" else "not_ipv8")
+    def on_foreign(self, source: Any, reason: str) -> None:
+        """A datagram the endpoint did not open with our swarm key (``cleartext``: an older version's or another
+        IPv8 application's; ``other_swarm``: sealed with another key, or noise), or one of another community."""
+        self.on_bad_packet((str(source[0]), int(source[1])), reason)
 
     def on_bad_packet(self, source: tuple[str, int], reason: str, **fields: Any) -> None:
         self._drops("packet-refused", f"{source[0]}:{source[1]}", reason, **fields)

@@ -1,8 +1,12 @@
-"""A UDP endpoint that binds exactly where it is told and refuses to send where it must not.
+"""A UDP endpoint that binds exactly where it is told, refuses to send where it must not, and seals what it sends.
 
 IPv8's own endpoint silently moves to the next free port when the asked one is taken, and happily sends to
 whatever address a peer claims (its LAN address, a puncture target). Bound to loopback, this endpoint drops
 every datagram for a non-loopback destination, so nothing ever leaves the machine.
+
+Every datagram passes here, whoever built it (our messages, IPv8's introductions and punctures), so this is where
+the swarm key seals them on the way out and opens them on the way in (`seal`); one that does not open is reported
+to ``on_foreign`` and read no further.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from ipv8.messaging.interfaces.udp.endpoint import UDPEndpoint
 
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.transport.common import OnceLog
+from quinkgl_cli.transport.ipv8.seal import DatagramSeal
 from quinkgl_cli.validation import is_loopback
 
 log = logging.getLogger("quinkgl.transport")
 VERDICTS_KEPT = 4096  # hosts whose verdict is remembered (peers' addresses: a bounded, slowly changing set)
 SO_MEMINFO = 55  # Linux: the socket's memory counters, the receive queue's bytes first and its limit second
+IPV8_PREFIX = b"\x00\x02"  # starts every cleartext IPv8 community packet (an older quinkgl's, another application's)
 
 
 class DestinationGuard:
@@ -63,16 +69,26 @@ class GuardedUDPEndpoint(UDPEndpoint):
     _running: bool
     _port: int
 
-    def __init__(self, listen_host: str, port: int, guard: DestinationGuard) -> None:
+    def __init__(self, listen_host: str, port: int, guard: DestinationGuard, seal: DatagramSeal) -> None:
         super().__init__(port=port, ip=listen_host)
         self.guard = guard
+        self.seal = seal
         self._logger = logging.getLogger("quinkgl.transport.ipv8")
-        self.on_foreign: Callable[[Any, bytes], None] | None = None
+        self.on_foreign: Callable[[Any, str], None] | None = None  # (source, reason) of a datagram not for us
+
+    def datagram_received(self, datagram: bytes, addr: Any) -> None:
+        packet = self.seal.open(datagram)
+        if packet is None:
+            if self._running and self.on_foreign is not None:
+                self.on_foreign(addr, "cleartext" if datagram[:2] == IPV8_PREFIX else "other_swarm")
+            return
+        super().datagram_received(packet, addr)
 
     def notify_listeners(self, packet: tuple[Any, bytes]) -> None:
-        """IPv8 drops a packet no community claims without a word; we tell the owner (another swarm's peer?)."""
+        """IPv8 drops a packet no community claims without a word; we tell the owner."""
         if packet[1][: self.prefixlen] not in self._prefix_map and self.on_foreign is not None:
-            self.on_foreign(packet[0], packet[1])
+            if self._prefix_map:  # none at all: our community is not loaded yet or unloaded (stopping)
+                self.on_foreign(packet[0], "other_community")
             return
         super().notify_listeners(packet)
 
@@ -120,4 +136,4 @@ class GuardedUDPEndpoint(UDPEndpoint):
             return
         if not self._running:
             return
-        super().send(socket_address, packet)
+        super().send(socket_address, self.seal.seal(packet))

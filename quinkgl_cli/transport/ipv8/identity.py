@@ -1,4 +1,6 @@
-"""The node's IPv8 key: created once in the state directory (mode 0600), reused on every restart.
+"""The node's IPv8 keys: one secret created once in the state directory (mode 0600), reused on every restart, and
+from it one transport key per swarm (`swarm_identity`), so one node id shows an unrelated key in each swarm it
+joins and peers of two swarms cannot link its memberships by key.
 
 Beside it, the last session number the key signed with: each start takes a larger one, so peers can tell a
 restart (newer session) from a replayed packet of an earlier run (older session).
@@ -11,6 +13,8 @@ import stat
 import time
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ipv8.keyvault.crypto import default_eccrypto
 from ipv8.keyvault.keys import PrivateKey
 
@@ -20,6 +24,7 @@ from quinkgl_cli.paths import ensure_private_dir
 
 KEY_FILE = "transport_key.bin"
 SESSION_FILE = "transport_session"
+SECRET_KEY_PREFIX = b"LibNaCLSK:"  # IPv8's private curve25519 key: this, then the X25519 key and the Ed25519 seed
 
 
 def load_or_create_key(state_dir: Path) -> PrivateKey:
@@ -49,9 +54,18 @@ def load_or_create_key(state_dir: Path) -> PrivateKey:
     return key
 
 
+def swarm_identity(state_dir: Path, swarm_id: str) -> PrivateKey:
+    """This node's transport key in the swarm ``swarm_id``: derived (HKDF-SHA256) from the key file and the swarm id,
+    the same at every start, unrelated between swarms (what `quinkgl node-key --manifest` prints)."""
+    secret = load_or_create_key(state_dir).key_to_bin()
+    seed = HKDF(algorithm=hashes.SHA256(), length=64, salt=swarm_id.encode("utf-8"),
+                info=b"quinkgl transport key/1").derive(secret)
+    return default_eccrypto.key_from_private_bin(SECRET_KEY_PREFIX + seed)
+
+
 def next_session(state_dir: Path) -> int:
     """A session number larger than any this node used before: the wall clock in microseconds, or one more than
-    the last one when the clock went back since. Call it after `load_or_create_key` (which creates the directory)."""
+    the last one when the clock went back since. Call it after `swarm_identity` (which creates the directory)."""
     path = Path(state_dir) / SESSION_FILE
     last = 0
     if path.exists():

@@ -35,7 +35,7 @@ from quinkgl_cli.transport.ipv8.dispatch import Dispatch, Routes
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint
 from quinkgl_cli.transport.ipv8.fetcher import Fetcher
 from quinkgl_cli.transport.ipv8.forward import Forwarder
-from quinkgl_cli.transport.ipv8.identity import load_or_create_key, next_session
+from quinkgl_cli.transport.ipv8.identity import next_session, swarm_identity
 from quinkgl_cli.transport.ipv8.lan import LanBeacon
 from quinkgl_cli.transport.ipv8.links import Links
 from quinkgl_cli.transport.ipv8.membership import Membership, add_bootstrappers, resolve_seeds
@@ -47,6 +47,7 @@ from quinkgl_cli.transport.ipv8.reach import Reachability
 from quinkgl_cli.transport.ipv8.rejoin import Rejoin
 from quinkgl_cli.transport.ipv8.relay import Relay
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents, TaskRegistry
+from quinkgl_cli.transport.ipv8.seal import DatagramSeal
 from quinkgl_cli.transport.ipv8.server import FetchServer, listen_tcp
 from quinkgl_cli.transport.ipv8.services import Services
 from quinkgl_cli.transport.ipv8.settings import (
@@ -196,9 +197,9 @@ class IPv8Transport(RuledTransport):
         loop = asyncio.get_running_loop()
         _quiet_ipv8_logging()
         get_providers().clear()  # nothing in this process may go looking for the host's LAN addresses
-        key = load_or_create_key(s.state_dir)
+        key = swarm_identity(s.state_dir, s.swarm_id)
         session = next_session(s.state_dir)
-        endpoint = GuardedUDPEndpoint(s.listen_host, s.port, self.guard)
+        endpoint = GuardedUDPEndpoint(s.listen_host, s.port, self.guard, DatagramSeal(self.admission.settings.sealing_key()))
         endpoint.on_foreign = self._dispatch.on_foreign
         await endpoint.open()
         lsock = None
@@ -207,7 +208,7 @@ class IPv8Transport(RuledTransport):
         try:
             udp_port = int(endpoint.get_address()[1])
             lsock = listen_tcp(s.listen_host, udp_port, s.port)
-            cls = community_class(s.swarm_id)
+            cls = community_class(self.admission.settings.sealing_key())
             community = cls(SwarmSettings(
                 my_peer=Peer(key), endpoint=endpoint, network=Network(), max_peers=s.max_peers, handlers=self._dispatch,
                 protocol_version=s.protocol_version, bound=(s.listen_host, udp_port),
@@ -217,7 +218,7 @@ class IPv8Transport(RuledTransport):
             add_bootstrappers(community, s)
             seeds = await resolve_seeds(s, self.guard, udp_port)
             if s.enable_lan_discovery:
-                lan = LanBeacon(community, s.listen_host, udp_port, self.guard, self.node_id)
+                lan = LanBeacon(community, endpoint.seal, s.listen_host, udp_port, self.guard, self.node_id)
                 await lan.open()
         except BaseException:
             if lan is not None:
