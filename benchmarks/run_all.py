@@ -35,6 +35,7 @@ BENCHMARKS: tuple[tuple[str, str], ...] = (
     ("sim", "simulator scale and the learning table"),
     ("tutorial", "gossip vs FedAvg under local DP (the tutorial's experiment)"),
     ("personal", "personalized models: APFL and FedRep vs local-only and the shared model"),
+    ("byzantine", "the defaults against 10% Byzantine peers (sign flip, noise, scale), four model families (simulator)"),
 )
 TAIL_LINES = 15
 
