@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
@@ -41,6 +42,20 @@ from quinkgl_cli.sim.simulator import Overrides, SimConfig, SimResult, simulate 
 LATE_ROUNDS = 5
 
 
+class Refusals(logging.Handler):
+    """Counts the honest peers' `update-refused` lines by what refused the update (cosine, norm, distance)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("update-refused"):
+            kind = next((k for k in ("cosine", "norm", "distance") if f" {k}=" in message), "other")
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+
+
 def late(result: SimResult) -> dict[str, Any]:
     rounds = result.rounds[-LATE_ROUNDS:]
     means = [r.mean_accuracy for r in rounds if r.mean_accuracy is not None]
@@ -57,8 +72,19 @@ def run(family: str, split: str, attack: str, attackers: int, peers: int, rounds
     extra: dict[str, Any] = {} if attack == "none" else {"attackers": attackers, "attack": attack}
     started = time.perf_counter()
     config = SimConfig(peers=peers, rounds=rounds, partition=split, seed=seed, overrides=overrides, **extra)
-    result = simulate(script, manifest, config)
-    return {"family": family, "split": split, "attack": attack, "seed": seed, **late(result),
+    refusals = Refusals()
+    strategies = logging.getLogger("quinkgl.strategies")
+    level, propagate = strategies.level, strategies.propagate
+    strategies.addHandler(refusals)
+    strategies.setLevel(logging.WARNING)
+    strategies.propagate = False  # counted here, not printed (`simkit.quiet`)
+    try:
+        result = simulate(script, manifest, config)
+    finally:
+        strategies.removeHandler(refusals)
+        strategies.setLevel(level)
+        strategies.propagate = propagate
+    return {"family": family, "split": split, "attack": attack, "seed": seed, **late(result), "refused": refusals.counts,
             "attackers": result.attackers, "seconds": round(time.perf_counter() - started, 1)}
 
 

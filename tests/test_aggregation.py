@@ -18,6 +18,7 @@ from quinkgl_cli.strategies.aggregation import (
     bound_limits,
     bounded_weights,
     coordinate_median,
+    cosine,
     distance,
     krum_scores,
     norm_floor,
@@ -322,7 +323,7 @@ def test_robust_rules_stay_in_the_honest_range(name: str, kind: str) -> None:
         assert set(out.rejected) == {"z0", "z1"}
 
 
-@pytest.mark.parametrize("kind", ["sign_flip", "scaled", "random"])
+@pytest.mark.parametrize("kind", ["scaled", "random"])
 def test_fedavg_is_pulled_out_of_the_honest_range(kind: str) -> None:
     honest = _honest()
     h = torch.stack([u.flat for u in honest])
@@ -333,6 +334,41 @@ def test_fedavg_is_pulled_out_of_the_honest_range(kind: str) -> None:
     # ... but only by the clipped attackers' share of the clip limit (4 x the median distance), never by 100x.
     limit = bound_limits(honest[0].flat, [distance(u.flat, honest[0].flat) for u in honest[1:]]).clip
     assert distance(out.flat, honest[0].flat) <= limit
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_aggregator_refuses_models_pointing_away_from_the_local_one(
+    name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A sign flip is as far as honest peers are from each other once clipped; its direction gives it away.
+    honest = _honest()
+    flipped = [PeerUpdate(f"z{i}", 1, -1.0 * u.flat, 100) for i, u in enumerate(honest[1:3])]
+    clean = make(name, f=2).aggregate(honest[0], honest[1:], 1)
+    with caplog.at_level(logging.WARNING, logger="quinkgl.strategies"):
+        out = make(name, f=2).aggregate(honest[0], [*honest[1:], *flipped], 1)
+    assert set(out.rejected) == {"z0", "z1"} and "rejected z0:cosine" in out.note, out.note
+    assert torch.allclose(out.flat, clean.flat), name
+    refused = [r.qgl_fields for r in caplog.records if r.qgl_event == "update-refused"]  # type: ignore[attr-defined]
+    assert [f["peer"] for f in refused] == ["z0", "z1"] and all(f["cosine"] < -0.99 for f in refused)
+
+
+def test_a_peer_aligned_with_none_of_its_partners_joins_them_instead_of_refusing_them() -> None:
+    # The local model started elsewhere (other initial weights, or zero and other classes): every partner points
+    # away from it, none is aligned with it, so none is refused and the average pulls it into the swarm.
+    honest = _honest()
+    odd = PeerUpdate("odd", 1, -1.0 * honest[0].flat, 100, is_local=True)
+    out = make("FedAvg").aggregate(odd, honest[1:], 1)
+    assert out.rejected == [] and set(out.used) >= {u.peer_id for u in honest[1:]}
+    assert cosine(out.flat, honest[1].flat) > 0.5
+    # One aligned partner is enough to tell the odd one out among the others.
+    mixed = make("FedAvg").aggregate(honest[0], [honest[1], PeerUpdate("z", 1, -1.0 * honest[2].flat, 100)], 1)
+    assert mixed.rejected == ["z"]
+
+
+def test_cosine_survives_huge_values_and_zero_vectors() -> None:
+    a = torch.full((D,), 3e38)
+    assert cosine(a, a) == pytest.approx(1.0) and cosine(a, -a) == pytest.approx(-1.0)
+    assert cosine(torch.zeros(D), a) == 0.0
 
 
 HUGE = [1e30, -1e30, 3e38]  # finite float32 values; 3e38 minus the local model overflows to inf
