@@ -18,6 +18,7 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -148,18 +149,25 @@ def norm_floor(norms: Sequence[float]) -> float:
 
 def _refuse_shrunken(s: _Screened) -> None:
     """Refuse the remote updates of ``s`` whose norm is far below the round's (see SHRINK_RATIO), logging each."""
-    norms = [float(torch.linalg.vector_norm(u.flat, dtype=torch.float64)) for u in s.updates]
+    norms = [_norm(u.flat) for u in s.updates]
     floor = norm_floor(norms)
     if min(norms[1:], default=math.inf) >= floor:
         return
+    _refuse_below(s, norms[1:], "norm", floor)
+
+
+def _refuse_below(s: _Screened, values: Sequence[float | None], measure: str, limit: float) -> None:
+    """Refuse, and log, each remote update of ``s`` whose ``measure`` (``values``, one per remote update; None:
+    not judged) lies below ``limit``."""
     kept = [s.updates[0]]
-    for update, norm in zip(s.updates[1:], norms[1:], strict=True):
-        if norm >= floor:
+    for update, value in zip(s.updates[1:], values, strict=True):
+        if value is None or value >= limit:
             kept.append(update)
             continue
         s.rejected.append(update.peer_id)
-        s.reasons.append(f"{update.peer_id}:norm {norm:.3g}<{floor:.3g}")
-        emit(log, logging.WARNING, "update-refused", peer=update.peer_id, norm=norm, limit=floor)
+        s.reasons.append(f"{update.peer_id}:{measure} {value:.3g}<{limit:.3g}")
+        fields: dict[str, Any] = {measure: value, "limit": limit}  # the line reads norm=... or cosine=...
+        emit(log, logging.WARNING, "update-refused", peer=update.peer_id, **fields)
     s.updates = kept
 
 
@@ -189,17 +197,8 @@ def _refuse_opposed(s: _Screened) -> None:
     norms = [_norm(u.flat) for u in remote]
     cosines = [cosine(local.flat, u.flat, local_norm, n) if n <= far else None for u, n in zip(remote, norms, strict=True)]
     known = [c for c in cosines if c is not None]
-    if not known or max(known) < ALIGNED_COS or min(known) >= OPPOSED_COS:
-        return
-    kept = [local]
-    for update, cos in zip(remote, cosines, strict=True):
-        if cos is None or cos >= OPPOSED_COS:
-            kept.append(update)
-            continue
-        s.rejected.append(update.peer_id)
-        s.reasons.append(f"{update.peer_id}:cosine {cos:.3g}<{OPPOSED_COS:g}")
-        emit(log, logging.WARNING, "update-refused", peer=update.peer_id, cosine=cos, limit=OPPOSED_COS)
-    s.updates = kept
+    if known and max(known) >= ALIGNED_COS and min(known) < OPPOSED_COS:
+        _refuse_below(s, cosines, "cosine", OPPOSED_COS)
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:
