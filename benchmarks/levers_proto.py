@@ -103,6 +103,34 @@ class ProtoNode(core.Node):
             self.serving.model = ema  # type: ignore[method-assign]
 
     def train_round(self) -> Any:
+        if "qgm" in self.knobs:
+            self._ref_params = [p.detach().clone() for g in self.optimizer.param_groups for p in g["params"]]
+            stats = self._train_round()
+            self._steps = max(int(stats.steps), 1)
+            return stats
+        return self._train_round()
+
+    def _qgm(self, mix: float, adaptive_only: bool) -> None:
+        """Quasi-global momentum at aggregation: the first moments become (a mix with) the round's displacement of
+        the model (training + aggregation) per step, in the units the optimizer steps with."""
+        refs = iter(self._ref_params)
+        for group in self.optimizer.param_groups:
+            lr = float(group["lr"])
+            for p in group["params"]:
+                ref = next(refs)
+                st = self.optimizer.state.get(p)
+                if not st:
+                    continue
+                per_step = (ref - p.detach()) / (lr * self._steps)
+                if "exp_avg" in st and "exp_avg_sq" in st:
+                    t = float(st["step"])
+                    b1, b2 = group["betas"]
+                    denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + group["eps"]
+                    st["exp_avg"].mul_(mix).add_(per_step * denom * (1 - b1 ** t), alpha=1 - mix)
+                elif not adaptive_only and isinstance(st.get("momentum_buffer"), torch.Tensor):
+                    st["momentum_buffer"].mul_(mix).add_(per_step, alpha=1 - mix)
+
+    def _train_round(self) -> Any:
         halflife = self.knobs.get("lr_halflife")
         if halflife is not None:
             scale = (1 + (self.round - 1) / float(halflife)) ** -0.5
@@ -117,6 +145,8 @@ class ProtoNode(core.Node):
     def aggregate(self) -> Any:
         outcome = super().aggregate()
         reset = self.knobs.get("reset", "keep")
+        if outcome is not None and "qgm" in self.knobs:
+            self._qgm(float(self.knobs["qgm"]), bool(self.knobs.get("adaptive_only")))
         if outcome is not None and reset == "all":
             self.optimizer.state.clear()
         elif outcome is not None and reset == "momentum":
@@ -124,6 +154,35 @@ class ProtoNode(core.Node):
                 state.pop("momentum_buffer", None)
                 if "exp_avg" in state:
                     state["exp_avg"].zero_()
+        elif outcome is not None and reset != "keep":
+            share = max(int(self.trainer.sample_count), 1) / max(outcome.samples, 1)
+            adaptive = any("exp_avg_sq" in st for st in self.optimizer.state.values())
+            for state in self.optimizer.state.values():
+                if reset == "adam-all" and adaptive:
+                    state.clear()
+                elif reset == "adam-m" and "exp_avg" in state:
+                    state["exp_avg"].zero_()
+                elif reset.startswith("vfloor") and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+                    v = state["exp_avg_sq"]
+                    scale = float(reset.removeprefix("vfloor") or 1.0)
+                    v.clamp_(min=float(v.mean()) * scale)
+                elif reset == "vmax" and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+                    state["exp_avg_sq"].fill_(float(state["exp_avg_sq"].max()))
+                elif reset == "adam-v" and "exp_avg_sq" in state:
+                    state["exp_avg_sq"].zero_()
+                elif reset == "scale-m":
+                    for key in ("exp_avg", "momentum_buffer"):
+                        if isinstance(state.get(key), torch.Tensor):
+                            state[key].mul_(share)
+                elif reset == "adam-scale-m" and "exp_avg" in state:
+                    state["exp_avg"].mul_(share)
+                elif reset == "adam-step0" and "exp_avg_sq" in state:
+                    # m and v kept, bias correction restarted: v is rescaled so v_hat stays what it was at step 1
+                    t = float(state["step"])
+                    b1, b2 = self.optimizer.param_groups[0]["betas"]
+                    state["exp_avg_sq"].mul_((1 - b2) / (1 - b2 ** t))
+                    state["exp_avg"].mul_((1 - b1) / (1 - b1 ** t))
+                    state["step"].fill_(1.0) if isinstance(state["step"], torch.Tensor) else None
         return outcome
 
 
