@@ -89,6 +89,10 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("steps16", training={"local_steps": "16"}),
     Lever("reset-momentum", node={"reset": "momentum"}),
     Lever("reset-all", node={"reset": "all"}),
+    # The optimizer's state after an aggregation: the default floors Adam's second moments at their median
+    # (`node.moments`); "no-floor" is the node before it, the rest replace it (screened on mlp-adam, LEARNING.md):
+    # vfloorS floors at S times the mean, vqQ at the Q-quantile.
+    Lever("no-floor", node={"floor": False}),
     Lever("adam-all", node={"reset": "adam-all"}),
     Lever("adam-m", node={"reset": "adam-m"}),
     Lever("adam-v", node={"reset": "adam-v"}),
@@ -98,9 +102,15 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("qgm", node={"qgm": 0.0}),
     Lever("vfloor", node={"reset": "vfloor"}),
     Lever("vfloor0.1", node={"reset": "vfloor0.1"}),
+    Lever("vfloor0.3", node={"reset": "vfloor0.3"}),
+    Lever("vfloor0.5", node={"reset": "vfloor0.5"}),
     Lever("vfloor2", node={"reset": "vfloor2"}),
+    Lever("vfloor-dim0", node={"reset": "vfloor-dim0"}),
+    Lever("vq0.5", node={"reset": "vq0.5"}),
+    Lever("vq0.75", node={"reset": "vq0.75"}),
+    Lever("vq0.9", node={"reset": "vq0.9"}),
+    Lever("floor+qgm0.5", node={"qgm": 0.5, "adaptive_only": True}),
     Lever("vfloor4", node={"reset": "vfloor4"}),
-    Lever("vfloor+qgm", node={"reset": "vfloor", "qgm": 0.0}),
     Lever("vmax", node={"reset": "vmax"}),
     Lever("qgm0.5", node={"qgm": 0.5}),
     Lever("qgm0.9", node={"qgm": 0.9}),

@@ -14,6 +14,16 @@ Knobs (``Lever.node``):
   offsets drawn anew each round, the same on every peer: balanced in-degree like `RotationTopology`, but random
   coverage.
 - ``serve_age``: g: served entries weigh ``g ** age`` (rounds) on top of their sample counts.
+- ``floor: False``: Adam's second moments are not floored at aggregation (the node's behaviour before
+  `quinkgl_cli.node.moments`).
+- ``reset`` also takes rules for the optimizer's state after an aggregation (the node's floor off):
+  ``adam-all`` / ``adam-m`` / ``adam-v`` clear an Adam-type optimizer's state / first moments / second moments,
+  ``scale-m`` / ``adam-scale-m`` scale first moments (SGD's too / Adam's only) by this peer's sample share of the
+  aggregation, ``adam-step0`` restarts the bias correction at step 1 keeping the corrected moments,
+  ``vfloorS`` raises each second-moment tensor to at least S times its mean, ``vmax`` fills it with its maximum.
+- ``qgm``: mu: quasi-global momentum at aggregation: first moments (SGD momentum buffers, Adam's ``exp_avg`` in
+  its own units) become ``mu * own + (1 - mu) *`` the round's model displacement per step (``adaptive_only``:
+  Adam's only).
 """
 
 from __future__ import annotations
@@ -55,6 +65,11 @@ class ProtoNode(core.Node):
         super().__init__(*args, **kwargs)
         if self.knobs.get("serving") is False:
             self.serving.enabled = False
+        reset = str(self.knobs.get("reset", ""))
+        if self.knobs.get("floor") is False or reset.startswith(("vfloor", "vq", "vmax", "adam-", "scale-m")):
+            # The node's own floor on Adam's second moments (`node.moments`) is off: measured without it, or
+            # replaced by the knob's own rule.
+            self.trainer.floor_moments = False
         if "topology" in self.knobs:
             old = self.exchange.topology
             self.exchange.topology = Shuffle(old.params, old.self_id, old.rng)
@@ -162,6 +177,14 @@ class ProtoNode(core.Node):
                     state.clear()
                 elif reset == "adam-m" and "exp_avg" in state:
                     state["exp_avg"].zero_()
+                elif reset.startswith("vq") and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+                    v = state["exp_avg_sq"]
+                    if v.numel() > 1:
+                        v.clamp_(min=float(torch.quantile(v.flatten().float(), float(reset[2:]))))
+                elif reset == "vfloor-dim0" and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+                    v = state["exp_avg_sq"]
+                    floor = v.mean(dim=0, keepdim=True) if v.dim() > 1 else v.mean()
+                    v.copy_(torch.maximum(v, floor))
                 elif reset.startswith("vfloor") and isinstance(state.get("exp_avg_sq"), torch.Tensor):
                     v = state["exp_avg_sq"]
                     scale = float(reset.removeprefix("vfloor") or 1.0)

@@ -150,3 +150,69 @@ def test_served_model_survives_checkpoint_and_resume(blobs: PeerScript) -> None:
     fresh.load_state_dict(NodeState({k: v.clone() for k, v in state.tensors.items()}, dict(state.meta)))
     assert torch.equal(flatten(fresh.served_model()), served)
     assert fresh.evaluate() == node.evaluate()
+
+
+# Ten overlapping classes in 16 dimensions, an MLP trained with Adam: on 4 peers holding 3 classes each, the peers
+# that lack a class push it down with Adam's full-size steps on their tiny gradients (`node.moments`).
+ADAM_SCRIPT = """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+def _blobs(n, seed):
+    centers = torch.randn(10, 16, generator=torch.Generator().manual_seed(7))
+    y = torch.arange(n) % 10
+    return TensorDataset(centers[y] + torch.randn(n, 16, generator=torch.Generator().manual_seed(seed)), y)
+
+def build_model(manifest, **kw):
+    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+
+def build_loaders(manifest, **kw):
+    return DataLoader(_blobs(600, 0), batch_size=32, shuffle=True), DataLoader(_blobs(500, 1), batch_size=500)
+
+def build_optimizer(manifest, model):
+    return torch.optim.Adam(model.parameters(), lr=3e-3)
+"""
+
+
+def adam_swarm(tmp_path: Path, seed: int, floor: bool, rounds: int = 8) -> Simulator:
+    path = tmp_path / "adam_blobs.py"
+    path.write_text(ADAM_SCRIPT)
+    script = load_script(path)
+    manifest = build_manifest(
+        name="adam-blobs", task_type="classification", input_shape="16", output_shape="10", label_type="integer",
+        framework="pytorch", arch_hash=compute_arch_hash(script.build_model(None)), aggregation="FedAvg",
+        topology="RotationTopology", training_params={"local_epochs": "4", "final_consensus_steps": "0"})
+    sim = Simulator(script, manifest, SimConfig(peers=4, rounds=rounds, partition="classes:3", seed=seed))
+    sim.build()
+    for node in sim.nodes:
+        node.trainer.floor_moments = floor
+    return sim
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_floored_second_moments_lift_a_label_skewed_adam_swarm(tmp_path: Path, seed: int) -> None:
+    # Measured at round 8: 81-86% with the floor, 76-80% without, in each of these seeds.
+    floored, plain = adam_swarm(tmp_path, seed, True), adam_swarm(tmp_path, seed, False)
+    with_floor, without = floored.run().rounds[-1].mean_accuracy, plain.run().rounds[-1].mean_accuracy
+    assert with_floor is not None and without is not None
+    assert with_floor >= without + 0.04
+    # The run ended with an aggregation: every Adam second moment of every peer sits at or above its median.
+    for node in floored.nodes:
+        for state in node.optimizer.state.values():
+            v = state["exp_avg_sq"]
+            assert float(v.min()) >= float(v.flatten().median())
+
+
+def test_floored_moments_survive_checkpoint_and_resume(tmp_path: Path) -> None:
+    # The floor keeps no state of its own: the floored moments are the optimizer's, which the checkpoint holds.
+    sim = adam_swarm(tmp_path, 1, True, rounds=2)
+    sim.run()
+    node = sim.nodes[0]
+    state = node.state_dict()
+    fresh = adam_swarm(tmp_path, 1, True, rounds=2).nodes[0]
+    assert not fresh.optimizer.state
+    fresh.load_state_dict(NodeState({k: v.clone() for k, v in state.tensors.items()}, dict(state.meta)))
+    params = list(node.model.parameters())
+    for mine, theirs in zip(params, fresh.model.parameters(), strict=True):
+        assert torch.equal(fresh.optimizer.state[theirs]["exp_avg_sq"], node.optimizer.state[mine]["exp_avg_sq"])
+        assert float(fresh.optimizer.state[theirs]["step"]) == float(node.optimizer.state[mine]["step"])

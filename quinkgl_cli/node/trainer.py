@@ -30,6 +30,7 @@ from torch import nn
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
+from quinkgl_cli.node.moments import floor_second_moments
 from quinkgl_cli.node.owneval import class_hits, label_shares, weighted_accuracy
 from quinkgl_cli.node.personal import LossFn, Shared
 from quinkgl_cli.node.state import load_optimizer_state, optimizer_state
@@ -97,6 +98,8 @@ class Trainer:
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self.fresh_optimizer = fresh_optimizer
+        # Adam's second moments floored after each aggregation (`node.moments`); off only to measure against.
+        self.floor_moments = True
         self.sample_count = reported_samples if reported_samples is not None else _dataset_size(train_loader)
         self.own_loader = own_loader
         # Without the peer's own test data, its label shares reweight the validation set (`node.owneval`).
@@ -283,9 +286,12 @@ class Trainer:
         return (total / seen if seen else None, correct / seen if seen and self.classification else None, per_class)
 
     def model_replaced(self) -> None:
-        """An aggregation loaded a new model."""
+        """An aggregation loaded a new model: the optimizer's state starts anew (``fresh_optimizer``), or the
+        second moments of an Adam-type optimizer are floored at their median (`node.moments`)."""
         if self.fresh_optimizer:
             self.optimizer.state.clear()
+        elif self.floor_moments:
+            floor_second_moments(self.optimizer, self.shared.parameters())
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
