@@ -294,7 +294,12 @@ def plot(cells: list[dict[str, Any]], levers: list[Lever], path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation accuracy")
-    axes[0][0].legend(fontsize=7, loc="lower right")
+    handles: dict[str, Any] = {}  # every setting once, also those run only for some families (one legend)
+    for row in axes:
+        for ax in row:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, handle)
+    axes[0][0].legend(list(handles.values()), list(handles), fontsize=7, loc="lower right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
