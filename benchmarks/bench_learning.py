@@ -115,6 +115,7 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("qgm0.5", node={"qgm": 0.5}),
     Lever("qgm0.9", node={"qgm": 0.9}),
     Lever("adam-qgm", node={"qgm": 0.0, "adaptive_only": True}),
+    Lever("sgd-qgm", node={"qgm": 0.0, "sgd_only": True}),
     Lever("adam-qgm0.5", node={"qgm": 0.5, "adaptive_only": True}),
     Lever("fedavgm", aggregation="FedAvgM"),
     Lever("fedavgm-0.5", aggregation="FedAvgM", aggregation_params={"server_momentum": "0.5"}),

@@ -23,7 +23,7 @@ Knobs (``Lever.node``):
   ``vfloorS`` raises each second-moment tensor to at least S times its mean, ``vmax`` fills it with its maximum.
 - ``qgm``: mu: quasi-global momentum at aggregation: first moments (SGD momentum buffers, Adam's ``exp_avg`` in
   its own units) become ``mu * own + (1 - mu) *`` the round's model displacement per step (``adaptive_only``:
-  Adam's only).
+  Adam's only; ``sgd_only``: SGD's momentum buffers only).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class ProtoNode(core.Node):
             return stats
         return self._train_round()
 
-    def _qgm(self, mix: float, adaptive_only: bool) -> None:
+    def _qgm(self, mix: float, adaptive_only: bool, sgd_only: bool = False) -> None:
         """Quasi-global momentum at aggregation: the first moments become (a mix with) the round's displacement of
         the model (training + aggregation) per step, in the units the optimizer steps with."""
         refs = iter(self._ref_params)
@@ -137,7 +137,7 @@ class ProtoNode(core.Node):
                 if not st:
                     continue
                 per_step = (ref - p.detach()) / (lr * self._steps)
-                if "exp_avg" in st and "exp_avg_sq" in st:
+                if "exp_avg" in st and "exp_avg_sq" in st and not sgd_only:
                     t = float(st["step"])
                     b1, b2 = group["betas"]
                     denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + group["eps"]
@@ -161,7 +161,7 @@ class ProtoNode(core.Node):
         outcome = super().aggregate()
         reset = self.knobs.get("reset", "keep")
         if outcome is not None and "qgm" in self.knobs:
-            self._qgm(float(self.knobs["qgm"]), bool(self.knobs.get("adaptive_only")))
+            self._qgm(float(self.knobs["qgm"]), bool(self.knobs.get("adaptive_only")), bool(self.knobs.get("sgd_only")))
         if outcome is not None and reset == "all":
             self.optimizer.state.clear()
         elif outcome is not None and reset == "momentum":
