@@ -93,6 +93,8 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     # (`node.moments`); "no-floor" is the node before it, the rest replace it (screened on mlp-adam, LEARNING.md):
     # vfloorS floors at S times the mean, vqQ at the Q-quantile.
     Lever("no-floor", node={"floor": False}),
+    Lever("no-global-momentum", node={"global_momentum": False}),
+    Lever("no-moment-rules", node={"floor": False, "global_momentum": False}),
     Lever("adam-all", node={"reset": "adam-all"}),
     Lever("adam-m", node={"reset": "adam-m"}),
     Lever("adam-v", node={"reset": "adam-v"}),
@@ -116,6 +118,7 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("qgm0.9", node={"qgm": 0.9}),
     Lever("adam-qgm", node={"qgm": 0.0, "adaptive_only": True}),
     Lever("sgd-qgm", node={"qgm": 0.0, "sgd_only": True}),
+    Lever("sgd-qgm0.5", node={"qgm": 0.5, "sgd_only": True}),
     Lever("adam-qgm0.5", node={"qgm": 0.5, "adaptive_only": True}),
     Lever("fedavgm", aggregation="FedAvgM"),
     Lever("fedavgm-0.5", aggregation="FedAvgM", aggregation_params={"server_momentum": "0.5"}),

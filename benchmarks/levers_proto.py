@@ -14,8 +14,8 @@ Knobs (``Lever.node``):
   offsets drawn anew each round, the same on every peer: balanced in-degree like `RotationTopology`, but random
   coverage.
 - ``serve_age``: g: served entries weigh ``g ** age`` (rounds) on top of their sample counts.
-- ``floor: False``: Adam's second moments are not floored at aggregation (the node's behaviour before
-  `quinkgl_cli.node.moments`).
+- ``floor: False``: Adam's second moments are not floored at aggregation; ``global_momentum: False``: SGD's
+  momentum buffers are kept at aggregation (the node's behaviours before `quinkgl_cli.node.moments`).
 - ``reset`` also takes rules for the optimizer's state after an aggregation (the node's floor off):
   ``adam-all`` / ``adam-m`` / ``adam-v`` clear an Adam-type optimizer's state / first moments / second moments,
   ``scale-m`` / ``adam-scale-m`` scale first moments (SGD's too / Adam's only) by this peer's sample share of the
@@ -69,7 +69,10 @@ class ProtoNode(core.Node):
         if self.knobs.get("floor") is False or reset.startswith(("vfloor", "vq", "vmax", "adam-", "scale-m")):
             # The node's own floor on Adam's second moments (`node.moments`) is off: measured without it, or
             # replaced by the knob's own rule.
-            self.trainer.floor_moments = False
+            self.trainer.moments.floor = False
+        if self.knobs.get("global_momentum") is False or reset in ("momentum", "scale-m") or "qgm" in self.knobs:
+            # The same for the node's quasi-global momentum on SGD's buffers.
+            self.trainer.moments.global_momentum = False
         if "topology" in self.knobs:
             old = self.exchange.topology
             self.exchange.topology = Shuffle(old.params, old.self_id, old.rng)

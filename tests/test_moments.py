@@ -1,6 +1,7 @@
-"""Adam's second moments floored at their median after each aggregation (`quinkgl_cli.node.moments`): exactly the
-rule on Adam, AdamW and AMSGrad's state, nothing else touched, other optimizers left alone, and floors of successive
-aggregations do not compound."""
+"""What an aggregation does to the optimizer's state (`quinkgl_cli.node.moments`): Adam's second moments floored
+at their median (exactly the rule on Adam, AdamW and AMSGrad's state, nothing else touched, floors of successive
+aggregations do not compound) and SGD's momentum buffers mixed with the round's movement per step; other
+optimizers left alone by both."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from quinkgl_cli.node.moments import floor_second_moments
+from quinkgl_cli.node.moments import MIX, MomentRules, floor_second_moments, global_momentum
 
 
 def trained(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer], steps: int = 3) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -79,3 +80,50 @@ def test_only_the_given_parameters_are_floored() -> None:
     before = {id(p): opt.state[p]["exp_avg_sq"].clone() for p in head}
     assert floor_second_moments(opt, model[0].parameters()) == 2
     assert all(torch.equal(opt.state[p]["exp_avg_sq"], before[id(p)]) for p in head)
+
+
+def test_sgd_buffers_become_half_the_rounds_movement_per_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rules = MomentRules()
+    rules.training_begins(opt, model.parameters())
+    start = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(16, 6), torch.arange(16) % 4
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    rules.training_ended(3)
+    with torch.no_grad():  # the aggregation moves the model on
+        for p in model.parameters():
+            p.add_(0.01)
+    own = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    rules.model_replaced(opt, model.parameters())
+    for p, before, buf in zip(model.parameters(), start, own, strict=True):
+        expected = MIX * buf + (1 - MIX) * (before - p.detach()) / (0.05 * 3)
+        assert torch.allclose(opt.state[p]["momentum_buffer"], expected, atol=1e-7)
+        assert not torch.allclose(opt.state[p]["momentum_buffer"], buf)
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1),  # no momentum: no buffer, and no copy of the model kept
+    lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.9),  # a buffer of that name, another optimizer
+    lambda ps: torch.optim.Adam(ps, lr=1e-3),
+])
+def test_global_momentum_leaves_other_optimizers_alone(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> None:
+    model, opt = trained(make)
+    start = {p: p.detach().clone() + 0.1 for p in model.parameters()}
+    before = snapshot(opt)
+    assert global_momentum(opt, start, steps=3) == 0
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, snapshot(opt), strict=True) for k in a)
+
+
+def test_no_training_no_global_momentum() -> None:
+    # An aggregation before any local step of the round (a late joiner's first round): the buffer is kept.
+    model, opt = trained(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    rules = MomentRules()
+    rules.training_begins(opt, model.parameters())
+    before = snapshot(opt)
+    rules.model_replaced(opt, model.parameters())
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, snapshot(opt), strict=True) for k in a)
