@@ -3,7 +3,7 @@ tensor's median, SGD's momentum buffers become the round's movement of the model
 
 An aggregation replaces the model; the optimizer the peer script built keeps its state, which describes this
 peer's data and this peer's path only. Measured with `benchmarks/bench_learning.py` (benchmarks/LEARNING.md,
-"Adam's second moments at aggregation" and "SGD's momentum buffers at aggregation"); zero traffic each.
+"The optimizer's state at aggregation"); zero traffic each.
 
 Adam-type optimizers step by ``m / sqrt(v)`` per coordinate. On label-skewed data the coordinates a peer's data
 barely touches (the output rows of classes it does not hold) have tiny ``v``, so Adam takes full-size steps on
