@@ -127,3 +127,20 @@ def test_no_training_no_global_momentum() -> None:
     before = snapshot(opt)
     rules.model_replaced(opt, model.parameters())
     assert all(torch.equal(a[k], b[k]) for a, b in zip(before, snapshot(opt), strict=True) for k in a)
+
+
+def test_an_untrusted_aggregation_leaves_the_buffers_their_own() -> None:
+    # The node passes trusted=False when the poison guard refused or clipped an update (tests/test_sim.py's
+    # sign-flip swarm: with the buffers taking that movement in, FedAvg fell from 0.77 to 0.39).
+    model, opt = trained(lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9))
+    rules = MomentRules()
+    rules.training_begins(opt, model.parameters())
+    rules.training_ended(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    before = snapshot(opt)
+    rules.model_replaced(opt, model.parameters(), trusted=False)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, snapshot(opt), strict=True) for k in a)
+    rules.model_replaced(opt, model.parameters(), trusted=True)
+    assert not all(torch.equal(a[k], b[k]) for a, b in zip(before, snapshot(opt), strict=True) for k in a)

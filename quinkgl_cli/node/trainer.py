@@ -287,13 +287,14 @@ class Trainer:
                     per_class = by_class if per_class is None else _add_hits(per_class, by_class)
         return (total / seen if seen else None, correct / seen if seen and self.classification else None, per_class)
 
-    def model_replaced(self) -> None:
+    def model_replaced(self, trusted: bool = True) -> None:
         """An aggregation loaded a new model: the optimizer's state starts anew (``fresh_optimizer``), or Adam's
-        second moments are floored and SGD's momentum buffers set to the round's movement (`node.moments`)."""
+        second moments are floored and, after a ``trusted`` aggregation (nothing refused or clipped), SGD's momentum
+        buffers take in the round's movement (`node.moments`)."""
         if self.fresh_optimizer:
             self.optimizer.state.clear()
         else:
-            self.moments.model_replaced(self.optimizer, self.shared.parameters())
+            self.moments.model_replaced(self.optimizer, self.shared.parameters(), trusted)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
