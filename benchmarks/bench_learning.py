@@ -89,9 +89,11 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("steps16", training={"local_steps": "16"}),
     Lever("reset-momentum", node={"reset": "momentum"}),
     Lever("reset-all", node={"reset": "all"}),
-    # The optimizer's state after an aggregation: the default floors Adam's second moments at their median
-    # (`node.moments`); "no-floor" is the node before it, the rest replace it (screened on mlp-adam, LEARNING.md):
-    # vfloorS floors at S times the mean, vqQ at the Q-quantile.
+    # The optimizer's state after an aggregation (`node.moments`): the defaults floor Adam's second moments at their
+    # median and mix SGD's momentum buffers half and half with the round's movement (= "sgd-qgm0.5"); "no-floor",
+    # "no-global-momentum" and "no-moment-rules" are the node without them; the rest replace the rule they touch
+    # (LEARNING.md, "The optimizer's state at aggregation"): vfloorS floors at S times the mean, vqQ at the
+    # Q-quantile, qgmMU keeps MU of the own first moments (adam-/sgd-: that optimizer's only).
     Lever("no-floor", node={"floor": False}),
     Lever("no-global-momentum", node={"global_momentum": False}),
     Lever("no-moment-rules", node={"floor": False, "global_momentum": False}),
@@ -111,7 +113,7 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("vq0.5", node={"reset": "vq0.5"}),
     Lever("vq0.75", node={"reset": "vq0.75"}),
     Lever("vq0.9", node={"reset": "vq0.9"}),
-    Lever("floor+qgm0.5", node={"qgm": 0.5, "adaptive_only": True}),
+    Lever("floor+qgm0.5", node={"reset": "vfloor", "qgm": 0.5, "adaptive_only": True}),
     Lever("vfloor4", node={"reset": "vfloor4"}),
     Lever("vmax", node={"reset": "vmax"}),
     Lever("qgm0.5", node={"qgm": 0.5}),
