@@ -89,6 +89,39 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("steps16", training={"local_steps": "16"}),
     Lever("reset-momentum", node={"reset": "momentum"}),
     Lever("reset-all", node={"reset": "all"}),
+    # The optimizer's state after an aggregation (`node.moments`): the defaults floor Adam's second moments at their
+    # median and mix SGD's momentum buffers half and half with the round's movement (= "sgd-qgm0.5"); "no-floor",
+    # "no-global-momentum" and "no-moment-rules" are the node without them; the rest replace the rule they touch
+    # (LEARNING.md, "The optimizer's state at aggregation"): vfloorS floors at S times the mean, vqQ at the
+    # Q-quantile, qgmMU keeps MU of the own first moments (adam-/sgd-: that optimizer's only).
+    Lever("no-floor", node={"floor": False}),
+    Lever("no-global-momentum", node={"global_momentum": False}),
+    Lever("no-moment-rules", node={"floor": False, "global_momentum": False}),
+    Lever("adam-all", node={"reset": "adam-all"}),
+    Lever("adam-m", node={"reset": "adam-m"}),
+    Lever("adam-v", node={"reset": "adam-v"}),
+    Lever("scale-m", node={"reset": "scale-m"}),
+    Lever("adam-scale-m", node={"reset": "adam-scale-m"}),
+    Lever("adam-step0", node={"reset": "adam-step0"}),
+    Lever("qgm", node={"qgm": 0.0}),
+    Lever("vfloor", node={"reset": "vfloor"}),
+    Lever("vfloor0.1", node={"reset": "vfloor0.1"}),
+    Lever("vfloor0.3", node={"reset": "vfloor0.3"}),
+    Lever("vfloor0.5", node={"reset": "vfloor0.5"}),
+    Lever("vfloor2", node={"reset": "vfloor2"}),
+    Lever("vfloor-dim0", node={"reset": "vfloor-dim0"}),
+    Lever("vq0.5", node={"reset": "vq0.5"}),
+    Lever("vq0.75", node={"reset": "vq0.75"}),
+    Lever("vq0.9", node={"reset": "vq0.9"}),
+    Lever("floor+qgm0.5", node={"reset": "vfloor", "qgm": 0.5, "adaptive_only": True}),
+    Lever("vfloor4", node={"reset": "vfloor4"}),
+    Lever("vmax", node={"reset": "vmax"}),
+    Lever("qgm0.5", node={"qgm": 0.5}),
+    Lever("qgm0.9", node={"qgm": 0.9}),
+    Lever("adam-qgm", node={"qgm": 0.0, "adaptive_only": True}),
+    Lever("sgd-qgm", node={"qgm": 0.0, "sgd_only": True}),
+    Lever("sgd-qgm0.5", node={"qgm": 0.5, "sgd_only": True}),
+    Lever("adam-qgm0.5", node={"qgm": 0.5, "adaptive_only": True}),
     Lever("fedavgm", aggregation="FedAvgM"),
     Lever("fedavgm-0.5", aggregation="FedAvgM", aggregation_params={"server_momentum": "0.5"}),
     Lever("no-merge", training={"final_consensus_steps": "0"}),
@@ -267,7 +300,12 @@ def plot(cells: list[dict[str, Any]], levers: list[Lever], path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation accuracy")
-    axes[0][0].legend(fontsize=7, loc="lower right")
+    handles: dict[str, Any] = {}  # every setting once, also those run only for some families (one legend)
+    for row in axes:
+        for ax in row:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(label, handle)
+    axes[0][0].legend(list(handles.values()), list(handles), fontsize=7, loc="lower right")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

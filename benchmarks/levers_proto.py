@@ -14,6 +14,16 @@ Knobs (``Lever.node``):
   offsets drawn anew each round, the same on every peer: balanced in-degree like `RotationTopology`, but random
   coverage.
 - ``serve_age``: g: served entries weigh ``g ** age`` (rounds) on top of their sample counts.
+- ``floor: False``: Adam's second moments are not floored at aggregation; ``global_momentum: False``: SGD's
+  momentum buffers are kept at aggregation (the node's behaviours before `quinkgl_cli.node.moments`).
+- ``reset`` also takes rules for the optimizer's state after an aggregation (the node's floor off):
+  ``adam-all`` / ``adam-m`` / ``adam-v`` clear an Adam-type optimizer's state / first moments / second moments,
+  ``scale-m`` / ``adam-scale-m`` scale first moments (SGD's too / Adam's only) by this peer's sample share of the
+  aggregation, ``adam-step0`` restarts the bias correction at step 1 keeping the corrected moments,
+  ``vfloorS`` raises each second-moment tensor to at least S times its mean, ``vmax`` fills it with its maximum.
+- ``qgm``: mu: quasi-global momentum at aggregation: first moments (SGD momentum buffers, Adam's ``exp_avg`` in
+  its own units) become ``mu * own + (1 - mu) *`` the round's model displacement per step (``adaptive_only``:
+  Adam's only; ``sgd_only``: SGD's momentum buffers only).
 """
 
 from __future__ import annotations
@@ -55,6 +65,14 @@ class ProtoNode(core.Node):
         super().__init__(*args, **kwargs)
         if self.knobs.get("serving") is False:
             self.serving.enabled = False
+        reset = str(self.knobs.get("reset", ""))
+        if self.knobs.get("floor") is False or reset.startswith(("vfloor", "vq", "vmax", "adam-", "scale-m")):
+            # The node's own floor on Adam's second moments (`node.moments`) is off: measured without it, or
+            # replaced by the knob's own rule.
+            self.trainer.moments.floor = False
+        if self.knobs.get("global_momentum") is False or reset in ("momentum", "scale-m") or "qgm" in self.knobs:
+            # The same for the node's quasi-global momentum on SGD's buffers.
+            self.trainer.moments.global_momentum = False
         if "topology" in self.knobs:
             old = self.exchange.topology
             self.exchange.topology = Shuffle(old.params, old.self_id, old.rng)
@@ -103,6 +121,34 @@ class ProtoNode(core.Node):
             self.serving.model = ema  # type: ignore[method-assign]
 
     def train_round(self) -> Any:
+        if "qgm" in self.knobs:
+            self._ref_params = [p.detach().clone() for g in self.optimizer.param_groups for p in g["params"]]
+            stats = self._train_round()
+            self._steps = max(int(stats.steps), 1)
+            return stats
+        return self._train_round()
+
+    def _qgm(self, mix: float, adaptive_only: bool, sgd_only: bool = False) -> None:
+        """Quasi-global momentum at aggregation: the first moments become (a mix with) the round's displacement of
+        the model (training + aggregation) per step, in the units the optimizer steps with."""
+        refs = iter(self._ref_params)
+        for group in self.optimizer.param_groups:
+            lr = float(group["lr"])
+            for p in group["params"]:
+                ref = next(refs)
+                st = self.optimizer.state.get(p)
+                if not st:
+                    continue
+                per_step = (ref - p.detach()) / (lr * self._steps)
+                if "exp_avg" in st and "exp_avg_sq" in st and not sgd_only:
+                    t = float(st["step"])
+                    b1, b2 = group["betas"]
+                    denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt() + group["eps"]
+                    st["exp_avg"].mul_(mix).add_(per_step * denom * (1 - b1 ** t), alpha=1 - mix)
+                elif not adaptive_only and isinstance(st.get("momentum_buffer"), torch.Tensor):
+                    st["momentum_buffer"].mul_(mix).add_(per_step, alpha=1 - mix)
+
+    def _train_round(self) -> Any:
         halflife = self.knobs.get("lr_halflife")
         if halflife is not None:
             scale = (1 + (self.round - 1) / float(halflife)) ** -0.5
@@ -117,6 +163,8 @@ class ProtoNode(core.Node):
     def aggregate(self) -> Any:
         outcome = super().aggregate()
         reset = self.knobs.get("reset", "keep")
+        if outcome is not None and "qgm" in self.knobs:
+            self._qgm(float(self.knobs["qgm"]), bool(self.knobs.get("adaptive_only")), bool(self.knobs.get("sgd_only")))
         if outcome is not None and reset == "all":
             self.optimizer.state.clear()
         elif outcome is not None and reset == "momentum":
@@ -124,6 +172,43 @@ class ProtoNode(core.Node):
                 state.pop("momentum_buffer", None)
                 if "exp_avg" in state:
                     state["exp_avg"].zero_()
+        elif outcome is not None and reset != "keep":
+            share = max(int(self.trainer.sample_count), 1) / max(outcome.samples, 1)
+            adaptive = any("exp_avg_sq" in st for st in self.optimizer.state.values())
+            for state in self.optimizer.state.values():
+                if reset == "adam-all" and adaptive:
+                    state.clear()
+                elif reset == "adam-m" and "exp_avg" in state:
+                    state["exp_avg"].zero_()
+                elif reset.startswith("vq") and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+                    v = state["exp_avg_sq"]
+                    if v.numel() > 1:
+                        v.clamp_(min=float(torch.quantile(v.flatten().float(), float(reset[2:]))))
+                elif reset == "vfloor-dim0" and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+                    v = state["exp_avg_sq"]
+                    floor = v.mean(dim=0, keepdim=True) if v.dim() > 1 else v.mean()
+                    v.copy_(torch.maximum(v, floor))
+                elif reset.startswith("vfloor") and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+                    v = state["exp_avg_sq"]
+                    scale = float(reset.removeprefix("vfloor") or 1.0)
+                    v.clamp_(min=float(v.mean()) * scale)
+                elif reset == "vmax" and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+                    state["exp_avg_sq"].fill_(float(state["exp_avg_sq"].max()))
+                elif reset == "adam-v" and "exp_avg_sq" in state:
+                    state["exp_avg_sq"].zero_()
+                elif reset == "scale-m":
+                    for key in ("exp_avg", "momentum_buffer"):
+                        if isinstance(state.get(key), torch.Tensor):
+                            state[key].mul_(share)
+                elif reset == "adam-scale-m" and "exp_avg" in state:
+                    state["exp_avg"].mul_(share)
+                elif reset == "adam-step0" and "exp_avg_sq" in state:
+                    # m and v kept, bias correction restarted: v is rescaled so v_hat stays what it was at step 1
+                    t = float(state["step"])
+                    b1, b2 = self.optimizer.param_groups[0]["betas"]
+                    state["exp_avg_sq"].mul_((1 - b2) / (1 - b2 ** t))
+                    state["exp_avg"].mul_((1 - b1) / (1 - b1 ** t))
+                    state["step"].fill_(1.0) if isinstance(state["step"], torch.Tensor) else None
         return outcome
 
 

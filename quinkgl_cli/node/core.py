@@ -60,7 +60,7 @@ from quinkgl_cli.strategies.aggregation import (
     FedProx,
     StalenessWeightedFedAvg,
 )
-from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
+from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate, Topology
 from quinkgl_cli.strategies.choco import ConsensusStep, default_step
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
 from quinkgl_cli.strategies.momentum import SlowMomentum
@@ -105,6 +105,14 @@ DEFAULT_POLICIES = NodePolicies()
 # Plain averaging rules get slow momentum on the aggregated change (`strategies.momentum`); rules with their own
 # state of the average (FedAvgM, Scaffold), robust rules and CHOCO's consensus step are left as they are.
 SLOW_MOMENTUM_RULES = (FedAvg, FedProx, StalenessWeightedFedAvg, EntropyWeightedAvg)
+
+
+def _untouched(result: AggregationResult, local: PeerUpdate, others: list[PeerUpdate]) -> bool:
+    """Whether the poison guard refused nothing and combined every update as it arrived (a clipped one is a new
+    object): only then does quasi-global momentum take the aggregation's movement for the swarm's direction
+    (`node.moments`); momentum would carry an attacker's pull on through local training."""
+    given = {id(u) for u in (local, *others)}
+    return not result.rejected and all(id(u) in given for u in result.combined)
 
 
 def build_aggregator(manifest: Manifest) -> Aggregator:
@@ -343,7 +351,7 @@ class Node:
                 self.inbox.drop(u.peer_id, u.round, f"aggregation failed: {one_line(exc)}")
             self.log(logging.ERROR, "aggregation-failed", strategy=name, error=one_line(exc))
             return None
-        self.trainer.model_replaced()
+        self.trainer.model_replaced(trusted=_untouched(result, local, others))
         used = [p for p in result.used if p != self.node_id]
         samples = int(local.sample_count) + sum(u.sample_count for u in others if u.peer_id in used)
         for pid in result.rejected:

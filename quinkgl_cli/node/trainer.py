@@ -30,6 +30,7 @@ from torch import nn
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
+from quinkgl_cli.node.moments import MomentRules
 from quinkgl_cli.node.owneval import class_hits, label_shares, weighted_accuracy
 from quinkgl_cli.node.personal import LossFn, Shared
 from quinkgl_cli.node.state import load_optimizer_state, optimizer_state
@@ -97,6 +98,8 @@ class Trainer:
         first = next(iter(model.parameters()), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self.fresh_optimizer = fresh_optimizer
+        # What an aggregation does to the optimizer's state (`node.moments`).
+        self.moments = MomentRules()
         self.sample_count = reported_samples if reported_samples is not None else _dataset_size(train_loader)
         self.own_loader = own_loader
         # Without the peer's own test data, its label shares reweight the validation set (`node.owneval`).
@@ -130,6 +133,7 @@ class Trainer:
         bad steps fed) and trains the round once more; a second one, or one before any good round, is an error."""
         started = time.perf_counter()
         rolled_back_from: float | None = None
+        self.moments.training_begins(self.optimizer, self.shared.parameters())
         try:
             stats = self._train_pass(aggregator, sharing)
         except _NonFiniteLoss as bad:
@@ -143,6 +147,7 @@ class Trainer:
             except _NonFiniteLoss as again:
                 raise _diverged(again.loss, round_) from None
         self.last_good = flatten(self.model)
+        self.moments.training_ended(stats.steps)
         stats.duration = time.perf_counter() - started
         stats.rolled_back_from = rolled_back_from
         return stats
@@ -282,10 +287,14 @@ class Trainer:
                     per_class = by_class if per_class is None else _add_hits(per_class, by_class)
         return (total / seen if seen else None, correct / seen if seen and self.classification else None, per_class)
 
-    def model_replaced(self) -> None:
-        """An aggregation loaded a new model."""
+    def model_replaced(self, trusted: bool = True) -> None:
+        """An aggregation loaded a new model: the optimizer's state starts anew (``fresh_optimizer``), or Adam's
+        second moments are floored and, after a ``trusted`` aggregation (nothing refused or clipped), SGD's momentum
+        buffers take in the round's movement (`node.moments`)."""
         if self.fresh_optimizer:
             self.optimizer.state.clear()
+        else:
+            self.moments.model_replaced(self.optimizer, self.shared.parameters(), trusted)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
