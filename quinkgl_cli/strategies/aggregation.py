@@ -3,7 +3,7 @@
 Every aggregator validates what it receives first (wrong length, non-finite values, bad sample counts, duplicate
 or self-echoed peer ids are listed in ``AggregationResult.rejected``), refuses models far smaller in norm than the
 round's (`norm_floor`: an untrained or zeroed model), refuses models pointing away from the local one
-(`OPPOSED_COS`: a sign flip, noise), bounds poisoned updates (`bound_outliers`: an update too far
+(`OPPOSED_COS`: a sign flip), bounds poisoned updates (`bound_outliers`: an update too far
 from the local model is refused, one far beyond the round's typical distance is clipped), then
 combines the survivors in one
 vectorized pass over whole flat vectors (weighted sums accumulate one update at a time, Krum's distances come from
