@@ -352,6 +352,22 @@ def test_every_aggregator_refuses_models_pointing_away_from_the_local_one(
     assert [f["peer"] for f in refused] == ["z0", "z1"] and all(f["cosine"] < -0.99 for f in refused)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_every_aggregator_refuses_huge_noise_but_not_a_boosted_honest_model(name: str) -> None:
+    # N(0, 1) weights: far larger than the model and pointing nowhere. x10 of an honest model: as large, but it
+    # keeps the honest direction and is left to the distance bounds.
+    honest = _honest()
+    g = torch.Generator().manual_seed(11)
+    noise = [PeerUpdate(f"z{i}", 1, 10.0 * torch.randn(D, generator=g), 100) for i in range(2)]
+    boosted = PeerUpdate("boost", 1, 10.0 * honest[1].flat, 100)
+    out = make(name, f=2).aggregate(honest[0], [*honest[1:], *noise, boosted], 1)
+    assert {"z0", "z1"} <= set(out.rejected) and "rejected z0:norm" in out.note, out.note
+    assert "boost" not in out.rejected or "boost:distance" in out.note, out.note
+    # Without an aligned partner (the local model is the odd one out) nothing is judged by direction.
+    odd = PeerUpdate("odd", 1, torch.randn(D, generator=g), 100, is_local=True)
+    assert make("FedAvg").aggregate(odd, noise, 1).rejected == []
+
+
 def test_a_model_slightly_against_the_local_one_is_kept() -> None:
     # Honest models of tiny networks on one class per peer start slightly anti-aligned (cosine down to -0.17 in
     # tests/test_learning.py's swarms): only clear opposition is refused.

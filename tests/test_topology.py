@@ -283,7 +283,7 @@ def _updates() -> tuple[PeerUpdate, list[PeerUpdate]]:
     local = PeerUpdate("n00", 1, centre + 0.1 * torch.randn(32, generator=g), 100, is_local=True)
     near = [PeerUpdate(f"n0{i}", 1, centre + 0.1 * torch.randn(32, generator=g), 100) for i in (1, 2, 3)]
     closest = PeerUpdate("n04", 1, centre.clone(), 100)
-    far = PeerUpdate("n05", 1, centre + 5.0, 100)
+    far = PeerUpdate("n05", 1, centre * 6.0, 100)  # far, but along the honest direction: used, not refused
     broken = PeerUpdate("n06", 1, torch.full((32,), float("nan")), 100)
     return local, [*near, closest, far, broken]
 

@@ -70,6 +70,13 @@ SHRINK_SPREAD = 4.0
 # partners instead of refusing them all.
 OPPOSED_COS = -0.3
 ALIGNED_COS = 0.5
+# Noise has no direction to give away, but it is far larger than any honest model (N(0, 1) weights: about ten
+# times the digits MLP's norm, while honest norms of a round stay within 0.75-1.33 of its median): a model at least
+# GROW_RATIO times the round's median norm (three norms at least) that is not aligned with the local one either
+# (cosine below UNALIGNED_COS) is refused under the same condition. A boosted copy of an honest model (weights
+# x100) keeps its direction and is left to the distance bounds.
+GROW_RATIO = 3.0
+UNALIGNED_COS = 0.2
 
 
 @dataclass
@@ -191,16 +198,34 @@ def cosine(a: torch.Tensor, b: torch.Tensor, norm_a: float | None = None, norm_b
 
 
 def _refuse_opposed(s: _Screened) -> None:
-    """Refuse the remote updates of ``s`` that point away from the local model, when another is aligned with it
-    (see OPPOSED_COS), logging each. Updates too far for any direction to matter are left to the distance bound."""
+    """Refuse the remote updates of ``s`` that point away from the local model, or are huge and unaligned with it,
+    when another is aligned with it (see OPPOSED_COS and GROW_RATIO), logging each. Updates too far for any
+    direction to matter are left to the distance bound."""
     local, remote = s.updates[0], s.updates[1:]
     local_norm = _norm(local.flat)
     far = REFUSE_RATIO * max(local_norm, MIN_RMS * math.sqrt(local.flat.numel())) + local_norm
     norms = [_norm(u.flat) for u in remote]
     cosines = [cosine(local.flat, u.flat, local_norm, n) if n <= far else None for u, n in zip(remote, norms, strict=True)]
     known = [c for c in cosines if c is not None]
-    if known and max(known) >= ALIGNED_COS and min(known) < OPPOSED_COS:
+    if not known or max(known) < ALIGNED_COS:
+        return
+    if min(known) < OPPOSED_COS:
         _refuse_below(s, cosines, "cosine", OPPOSED_COS)
+    every = sorted([local_norm, *norms])
+    if len(every) < 3:
+        return
+    huge = GROW_RATIO * every[len(every) // 2]
+    judged = dict(zip((id(u) for u in remote), zip(cosines, norms, strict=True), strict=True))
+    kept = [s.updates[0]]
+    for update in s.updates[1:]:
+        cos, norm = judged[id(update)]
+        if cos is None or cos >= UNALIGNED_COS or norm < huge:
+            kept.append(update)
+            continue
+        s.rejected.append(update.peer_id)
+        s.reasons.append(f"{update.peer_id}:norm {norm:.3g}>={huge:.3g} cosine {cos:.3g}<{UNALIGNED_COS:g}")
+        emit(log, logging.WARNING, "update-refused", peer=update.peer_id, norm=norm, limit=huge, cosine=cos)
+    s.updates = kept
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:
