@@ -559,7 +559,10 @@ def test_back_to_back_rounds_pace_on_a_slower_peer(manifest: Path, tmp_path: Pat
         assert asyncio.run(asyncio.wait_for(both(), timeout=60)) == [0, 0]
     messages = [r.getMessage() for r in caplog.records]
     first_wait = next(i for i, m in enumerate(messages) if m.startswith("paced "))
-    assert "caught_up=true" in messages[first_wait], messages[first_wait]
+    # A wait may run out on a loaded machine (its patience comes from the rounds measured so far); p0 must still
+    # catch p1 up by waiting, and from its first wait on drop nothing of p1's as stale.
+    waits = [m for m in messages[first_wait:] if m.startswith("paced ")]
+    assert any("caught_up=true" in m for m in waits), waits
     # p0's drops name p1 (p1's own drops name p0).
     assert not [m for m in messages[first_wait:] if m.startswith("update-dropped peer=p1") and "stale" in m]
     assert sum(h["peers"] for h in d0.node.history[-10:]) >= 4, [h["peers"] for h in d0.node.history]
