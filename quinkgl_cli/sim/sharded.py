@@ -122,6 +122,7 @@ class ShardedRun:
         edges = self._edges() if cfg.mode == "pairwise" else []
         self.timing["build_s"] = time.perf_counter() - started
         started = time.perf_counter()
+        steps = list(range(sim.manifest.training.gossip_steps)) if cfg.mode == "gossip" else []
         summaries: list[RoundSummary] = []
         now = 0.0
         for r in range(1, sim.rounds + 1):
@@ -132,7 +133,6 @@ class ShardedRun:
             elif cfg.mode == "pairwise":
                 self._pairwise_round(now, rng, ids, edges)
             else:
-                steps = list(range(sim.manifest.training.gossip_steps)) if cfg.mode == "gossip" else []
                 self._exchanges(lambda step: self._all("train", now, step), steps)  # noqa: B023 (called at once)
             views, metrics = self._metrics("finish_round", cfg.mode != "fedavg")
             # FedAvg: the server's global model is what the run reports; traffic counts every node.

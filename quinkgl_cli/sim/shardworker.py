@@ -72,6 +72,7 @@ class ShardWorker:
         self.network.owners.update(owners_of(self.ids, shards))
         self.network.owners[SERVER_ID] = 0
         self.nodes: list[tuple[int, Node]] = []  # (global index, node), in the swarm's order
+        self._by_index: dict[int, Node] = {}
         self.server: Node | None = None  # fedavg mode, in the first shard
         self.memory: dict[str, float] = {}
 
@@ -95,6 +96,7 @@ class ShardWorker:
             self.network.begin(i)
             if self.network.owners[node_id] == self.shard:
                 self.nodes.append((i, self.builder.peer(i, node_id, trains[i], vals[i], owns[i], i in attackers)))
+                self._by_index[i] = self.nodes[-1][1]
             else:
                 self._ghost(node_id)
             trains[i] = vals[i] = owns[i] = None  # another shard's data: let it go
@@ -143,13 +145,11 @@ class ShardWorker:
 
     def participate(self, clients: list[int]) -> Out:
         """FedAvg mode: each sampled client of this shard adopts the broadcast, trains and uploads."""
-        chosen = set(clients)
-        for i, node in self.nodes:
-            if i in chosen:
-                self.network.begin(i)
-                node.aggregate()
-                node.train_round()
-                node.share(0)
+        for i, node in self._own(clients):
+            self.network.begin(i)
+            node.aggregate()
+            node.train_round()
+            node.share(0)
         return self._share(None)
 
     def server_aggregate(self) -> Out:
@@ -160,20 +160,17 @@ class ShardWorker:
 
     def share_to(self, step: int, sends: list[list[Any]]) -> Out:
         """Pairwise mode: ``sends`` is ``[[global index, recipient id], ...]``; this shard's senders send."""
-        by_index = dict(self.nodes)
         for i, recipient in sends:
-            if i in by_index:
+            if i in self._by_index:
                 self.network.begin(i)
-                by_index[i].share(step, to=[recipient])
+                self._by_index[i].share(step, to=[recipient])
         return self._share(None)
 
     def aggregate_only(self, indices: list[int]) -> Out:
         """Pairwise mode: the peers at ``indices`` (this shard's among them) aggregate what they received."""
-        chosen = set(indices)
-        for i, node in self.nodes:
-            if i in chosen:
-                self.network.begin(i)
-                node.aggregate()
+        for i, node in self._own(indices):
+            self.network.begin(i)
+            node.aggregate()
         return self._share(None)
 
     def finish_round(self, evaluate: bool = True) -> bytes:
@@ -214,6 +211,10 @@ class ShardWorker:
                 self.network.begin(i)
                 node.share(step)
         return self._out(*self.network.take())
+
+    def _own(self, indices: list[int]) -> list[tuple[int, Node]]:
+        """This shard's peers among the global ``indices``, in the swarm's order (the local simulator's)."""
+        return [(i, self._by_index[i]) for i in sorted(set(indices)) if i in self._by_index]
 
     def _ghost(self, node_id: str) -> None:
         """``node_id`` of another shard joins here as a ghost, with its transport's limits, and is introduced."""

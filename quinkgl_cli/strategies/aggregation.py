@@ -140,8 +140,9 @@ def screen(local: PeerUpdate, others: Sequence[PeerUpdate]) -> _Screened:
             kept.append(update)
     screened = _Screened(kept, rejected, reasons)
     if kept and kept[0].is_local:
-        _refuse_shrunken(screened)
-        _refuse_opposed(screened)
+        norms = {id(u): _norm(u.flat) for u in kept}  # one pass each, for both norm-based screens
+        _refuse_shrunken(screened, norms)
+        _refuse_opposed(screened, norms)
         _bound_updates(screened)
     return screened
 
@@ -156,9 +157,10 @@ def norm_floor(norms: Sequence[float]) -> float:
     return min(median / SHRINK_RATIO, median - SHRINK_SPREAD * spread)
 
 
-def _refuse_shrunken(s: _Screened) -> None:
-    """Refuse the remote updates of ``s`` whose norm is far below the round's (see SHRINK_RATIO), logging each."""
-    norms = [_norm(u.flat) for u in s.updates]
+def _refuse_shrunken(s: _Screened, norm_of: dict[int, float]) -> None:
+    """Refuse the remote updates of ``s`` whose norm (``norm_of``, by update id) is far below the round's (see
+    SHRINK_RATIO), logging each."""
+    norms = [norm_of[id(u)] for u in s.updates]
     floor = norm_floor(norms)
     if min(norms[1:], default=math.inf) >= floor:
         return
@@ -197,14 +199,14 @@ def cosine(a: torch.Tensor, b: torch.Tensor, norm_a: float | None = None, norm_b
     return dot / (na * nb)
 
 
-def _refuse_opposed(s: _Screened) -> None:
+def _refuse_opposed(s: _Screened, norm_of: dict[int, float]) -> None:
     """Refuse the remote updates of ``s`` that point away from the local model, or are huge and unaligned with it,
     when another is aligned with it (see OPPOSED_COS and GROW_RATIO), logging each. Updates too far for any
-    direction to matter are left to the distance bound."""
+    direction to matter are left to the distance bound. ``norm_of``: each update's norm, by id."""
     local, remote = s.updates[0], s.updates[1:]
-    local_norm = _norm(local.flat)
+    local_norm = norm_of[id(local)]
     far = REFUSE_RATIO * max(local_norm, MIN_RMS * math.sqrt(local.flat.numel())) + local_norm
-    norms = [_norm(u.flat) for u in remote]
+    norms = [norm_of[id(u)] for u in remote]
     cosines = [cosine(local.flat, u.flat, local_norm, n) if n <= far else None for u, n in zip(remote, norms, strict=True)]
     known = [c for c in cosines if c is not None]
     if not known or max(known) < ALIGNED_COS:
@@ -215,10 +217,10 @@ def _refuse_opposed(s: _Screened) -> None:
     if len(every) < 3:
         return
     huge = GROW_RATIO * every[len(every) // 2]
-    judged = dict(zip((id(u) for u in remote), zip(cosines, norms, strict=True), strict=True))
+    cosine_of = {id(u): c for u, c in zip(remote, cosines, strict=True)}
     kept = [s.updates[0]]
     for update in s.updates[1:]:
-        cos, norm = judged[id(update)]
+        cos, norm = cosine_of[id(update)], norm_of[id(update)]
         if cos is None or cos >= UNALIGNED_COS or norm < huge:
             kept.append(update)
             continue
