@@ -272,8 +272,7 @@ def test_gpu_models_share_with_dp_and_compression(aggregation: str) -> None:
     m = manifest({"top_k_ratio": 0.2, "quantize_bits": 8}, {"dp_epsilon": 4.0}, aggregation=aggregation)
     net, nodes, _ = swarm(m, count=2)
     for n in nodes:
-        n.model.cuda()
-        n.device = torch.device("cuda")
+        n.model.cuda()  # after the node was built: it trains where the model now lives
         assert flatten(n.model).device.type == "cpu"
     for _ in range(2):
         run_round(net, nodes)

@@ -95,8 +95,6 @@ class Trainer:
         self.local_epochs = local_epochs
         self.local_steps = local_steps
         self.classification = manifest.task.type in ("classification", "segmentation")
-        first = next(iter(model.parameters()), None)
-        self.device = first.device if first is not None else torch.device("cpu")
         self.fresh_optimizer = fresh_optimizer
         # What an aggregation does to the optimizer's state (`node.moments`).
         self.moments = MomentRules()
@@ -121,6 +119,13 @@ class Trainer:
     def sample_dp(self) -> SampleAccountant | None:
         """DP-SGD's accountant (privacy mode dp_sgd), which the sharing pipeline reports and checkpoints."""
         return self.dpsgd.accountant if self.dpsgd is not None else None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are now: batches go there. Read each time, so a model the script (or a hook)
+        moves after the node was built trains where it lives."""
+        first = next(iter(self.model.parameters()), None)
+        return first.device if first is not None else torch.device("cpu")
 
     def lr(self) -> float:
         groups = self.optimizer.param_groups
