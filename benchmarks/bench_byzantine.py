@@ -43,7 +43,8 @@ LATE_ROUNDS = 5
 
 
 class Refusals(logging.Handler):
-    """Counts the honest peers' `update-refused` lines by what refused the update (cosine, norm, distance)."""
+    """Counts the peers' `update-refused` lines by what refused the update (cosine, norm, distance), and their
+    `update-scaled` lines (boosted models scaled down) as ``scaled``."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -51,7 +52,9 @@ class Refusals(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        if message.startswith("update-refused"):
+        if message.startswith("update-scaled"):
+            self.counts["scaled"] = self.counts.get("scaled", 0) + 1
+        elif message.startswith("update-refused"):
             kind = next((k for k in ("cosine", "norm", "distance") if f" {k}=" in message), "other")
             self.counts[kind] = self.counts.get(kind, 0) + 1
 

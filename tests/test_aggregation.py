@@ -15,7 +15,6 @@ from quinkgl_cli.strategies import registry
 from quinkgl_cli.strategies.aggregation import (
     CONTROL_VARIATE_KEY,
     LABEL_ENTROPY_KEY,
-    bound_limits,
     bounded_weights,
     coordinate_median,
     cosine,
@@ -39,9 +38,10 @@ def upd(pid: str, values: list[float], samples: int = 10, round_: int = 1, local
 
 LOCAL = upd("a", [0.0, 0.0], local=True)
 LINE = [upd(pid, [float(i), -float(i)]) for i, pid in enumerate("bcd", start=1)]  # (1,-1) (2,-2) (3,-3)
-# Far outside the honest points, yet inside the refusal bound (100 x the 0.1-per-coordinate floor: 14.1 from the
-# origin), so the robust rules see it (clipped to 4 x the median distance when two or more remotes arrive).
-FAR = upd("x", [9.0, 9.0])
+# Far outside the honest points, yet inside every bound (the refusal at 100 x the 0.1-per-coordinate floor: 14.1
+# from the origin; the norm cap at 3 x the round's lower median norm: 8.5; the clip at 4 x the median distance), so
+# the robust rules see it as it is.
+FAR = upd("x", [5.5, 5.5])
 ALL = [e.name for e in catalogue._ENTRIES if e.kind == "aggregation"]
 
 
@@ -323,17 +323,21 @@ def test_robust_rules_stay_in_the_honest_range(name: str, kind: str) -> None:
         assert set(out.rejected) == {"z0", "z1"}
 
 
-def test_fedavg_is_pulled_out_of_the_honest_range_by_scaled_models() -> None:
-    # Sign flips and noise are refused by their direction; a scaled model keeps the honest direction.
+def test_fedavg_scales_boosted_models_down_to_the_honest_size() -> None:
+    # Sign flips and noise are refused by their direction; a boosted model keeps the honest direction, and the
+    # distance clip alone would leave it a model norm of pull (over half the coordinates outside the honest range).
     honest = _honest()
     h = torch.stack([u.flat for u in honest])
     lo, hi = h.min(0).values, h.max(0).values
     out = make("FedAvg").aggregate(honest[0], [*honest[1:], *_attackers("scaled", honest)], 1)
-    outside = (out.flat < lo) | (out.flat > hi)
-    assert float(outside.float().mean()) > 0.5
-    # ... but only by the clipped attackers' share of the clip limit (4 x the median distance), never by 100x.
-    limit = bound_limits(honest[0].flat, [distance(u.flat, honest[0].flat) for u in honest[1:]]).clip
-    assert distance(out.flat, honest[0].flat) <= limit
+    assert "clipped z0:norm" in out.note and "z1:norm" in out.note and not out.rejected, out.note
+    outside = (out.flat < lo - 1e-4) | (out.flat > hi + 1e-4)
+    assert float(outside.float().mean()) < 0.1
+    norms = [float(u.flat.norm()) for u in honest]
+    assert min(norms) <= float(out.flat.norm()) <= max(norms)
+    # A peer whose own model is still small (a late joiner) keeps its partners' larger models whole.
+    small = PeerUpdate("late", 1, 0.1 * honest[0].flat, 100, is_local=True)
+    assert "clipped" not in make("FedAvg").aggregate(small, honest[1:], 1).note
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -450,15 +454,19 @@ def test_the_norm_floor_refuses_nothing_where_honest_norms_spread() -> None:
 def test_refused_and_clipped_updates_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     honest = _honest()
     mean = torch.stack([u.flat for u in honest]).mean(0)
-    scaled = PeerUpdate("s", 1, 50.0 * mean, 100)  # ~50 norms away: inside the refusal bound, clipped
+    scaled = PeerUpdate("s", 1, 2.5 * mean, 100)  # 1.5 norms away, under the norm cap: clipped by distance
+    boosted = PeerUpdate("b", 1, 50.0 * mean, 100)  # ~50 norms away: inside the refusal bound, scaled down
     huge = PeerUpdate("z", 1, torch.full((D,), 1e30), 100)
     with caplog.at_level(logging.WARNING, logger="quinkgl.strategies"):
-        out = make("FedAvg").aggregate(honest[0], [*honest[1:], scaled, huge], 1)
+        out = make("FedAvg").aggregate(honest[0], [*honest[1:], scaled, boosted, huge], 1)
     events = {r.qgl_event: r.qgl_fields for r in caplog.records}  # type: ignore[attr-defined]
     assert events["update-refused"]["peer"] == "z" and events["update-clipped"]["peer"] == "s"
     clipped = events["update-clipped"]
-    assert clipped["distance"] > clipped["limit"] and "clipped s:distance" in out.note and "s" in out.used
+    assert clipped["distance"] > clipped["limit"] and "s:distance" in out.note and "s" in out.used
     assert distance(out.flat, honest[0].flat) < clipped["limit"]
+    capped = events["update-scaled"]
+    assert capped["peer"] == "b" and capped["norm"] >= capped["limit"] == pytest.approx(3 * capped["to"])
+    assert "clipped b:norm" in out.note and "b" in out.used
 
 
 def test_honest_updates_are_neither_clipped_nor_refused() -> None:

@@ -3,9 +3,9 @@
 Every aggregator validates what it receives first (wrong length, non-finite values, bad sample counts, duplicate
 or self-echoed peer ids are listed in ``AggregationResult.rejected``), refuses models far smaller in norm than the
 round's (`norm_floor`: an untrained or zeroed model), refuses models pointing away from the local one
-(`OPPOSED_COS`: a sign flip), bounds poisoned updates (`bound_outliers`: an update too far
-from the local model is refused, one far beyond the round's typical distance is clipped), then
-combines the survivors in one
+(`OPPOSED_COS`: a sign flip), scales models far larger in norm down (`norm_reference`: a boosted model), bounds
+poisoned updates (`bound_outliers`: an update too far from the local model is refused, one far beyond the round's
+typical distance is clipped), then combines the survivors in one
 vectorized pass over whole flat vectors (weighted sums accumulate one update at a time, Krum's distances come from
 one Gram matrix product, median and trimmed mean sort cache-sized column blocks with a vectorized sorting
 network), so cost does not grow with the number of parameter tensors. None of them raises for too few updates: the robust ones fall back to the
@@ -77,6 +77,13 @@ ALIGNED_COS = 0.5
 # x100) keeps its direction and is left to the distance bounds.
 GROW_RATIO = 3.0
 UNALIGNED_COS = 0.2
+# A model that keeps its direction but not its size (an honest model boosted x100) passes the direction check, and
+# the distance clip leaves it a model norm of pull (its floor, CLIP_FLOOR: honest models lie that far apart), so a
+# clipped x100 model still doubles a partner's model, every round, and the inflated partners then pass it on. A
+# remote model at least GROW_RATIO times the reference norm is scaled down to that norm, keeping its direction: the
+# reference is the larger of the local model's norm and the round's lower median norm (three norms at least, as for
+# the norm floor), so a peer whose own model is still small (a late joiner, a zero initialisation) keeps its
+# partners' trained models whole. Honest norms of a round stay within 0.75-1.33 of its median: none was scaled.
 
 
 @dataclass
@@ -143,6 +150,7 @@ def screen(local: PeerUpdate, others: Sequence[PeerUpdate]) -> _Screened:
         norms = {id(u): _norm(u.flat) for u in kept}  # one pass each, for both norm-based screens
         _refuse_shrunken(screened, norms)
         _refuse_opposed(screened, norms)
+        _cap_norms(screened, norms)
         _bound_updates(screened)
     return screened
 
@@ -205,7 +213,7 @@ def _refuse_opposed(s: _Screened, norm_of: dict[int, float]) -> None:
     direction to matter are left to the distance bound. ``norm_of``: each update's norm, by id."""
     local, remote = s.updates[0], s.updates[1:]
     local_norm = norm_of[id(local)]
-    far = REFUSE_RATIO * max(local_norm, MIN_RMS * math.sqrt(local.flat.numel())) + local_norm
+    far = _refusal_norm(local.flat, local_norm)
     norms = [norm_of[id(u)] for u in remote]
     cosines = [cosine(local.flat, u.flat, local_norm, n) if n <= far else None for u, n in zip(remote, norms, strict=True)]
     known = [c for c in cosines if c is not None]
@@ -227,6 +235,41 @@ def _refuse_opposed(s: _Screened, norm_of: dict[int, float]) -> None:
         s.rejected.append(update.peer_id)
         s.reasons.append(f"{update.peer_id}:norm {norm:.3g}>={huge:.3g} cosine {cos:.3g}<{UNALIGNED_COS:g}")
         emit(log, logging.WARNING, "update-refused", peer=update.peer_id, norm=norm, limit=huge, cosine=cos)
+    s.updates = kept
+
+
+def norm_reference(norms: Sequence[float]) -> float:
+    """The norm a round's remote models are capped against (see GROW_RATIO): the larger of the local model's norm
+    (``norms[0]``) and the round's lower median norm; infinite with fewer than three norms, where nothing tells
+    a boosted remote model from a local one that is still small."""
+    if len(norms) < 3:
+        return math.inf
+    return max(norms[0], sorted(norms)[(len(norms) - 1) // 2])
+
+
+def _refusal_norm(local: torch.Tensor, local_norm: float) -> float:
+    """The norm beyond which a model lies farther from ``local`` than the distance refusal allows, whatever its
+    direction: such models are left to that refusal."""
+    return REFUSE_RATIO * max(local_norm, MIN_RMS * math.sqrt(local.numel())) + local_norm
+
+
+def _cap_norms(s: _Screened, norm_of: dict[int, float]) -> None:
+    """Scale each remote update of ``s`` at least GROW_RATIO times the reference norm down to it, logging each;
+    updates too far for any scaling to matter are left to the distance refusal."""
+    norms = [norm_of[id(u)] for u in s.updates]
+    reference = norm_reference(norms)
+    limit = GROW_RATIO * reference
+    if reference <= 0.0 or max(norms[1:], default=0.0) < limit:
+        return
+    far = _refusal_norm(s.updates[0].flat, norms[0])
+    kept = [s.updates[0]]
+    for update, norm in zip(s.updates[1:], norms[1:], strict=True):
+        if norm < limit or norm > far:
+            kept.append(update)
+            continue
+        s.clipped.append(f"{update.peer_id}:norm {norm:.3g}>={limit:.3g}")
+        emit(log, logging.WARNING, "update-scaled", peer=update.peer_id, norm=norm, limit=limit, to=reference)
+        kept.append(replace(update, flat=update.flat * (reference / norm)))
     s.updates = kept
 
 
