@@ -29,15 +29,14 @@ def _finite_float(text: str) -> float:
 
 def depth(value: Any) -> int:
     """Nesting depth of arrays and objects (a scalar is 0), without recursion."""
-    if not isinstance(value, (dict, list)):
-        return 0
+    level: list[Any] = [value] if isinstance(value, (dict, list)) else []
     deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, level + 1) for child in children if isinstance(child, (dict, list)))
+    while level:  # one level of containers at a time: the depth is the number of levels
+        deepest += 1
+        below: list[Any] = []
+        for item in level:
+            below += [c for c in (item.values() if isinstance(item, dict) else item) if isinstance(c, (dict, list))]
+        level = below
     return deepest
 
 

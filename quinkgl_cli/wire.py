@@ -228,22 +228,23 @@ def decode_full(
     if body.readonly:
         body = memoryview(bytearray(body))
     tensors: dict[str, torch.Tensor] = {}
-    for entry in header.entries:
-        dtype = DTYPES[entry.dtype]
-        if entry.nbytes == 0:
-            tensors[entry.name] = torch.empty(entry.shape, dtype=dtype)
-            continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # torch warns that the buffer is writable: the tensors are meant to view it
+        warnings.simplefilter("ignore")
+        for entry in header.entries:
+            dtype = DTYPES[entry.dtype]
+            if entry.nbytes == 0:
+                tensors[entry.name] = torch.empty(entry.shape, dtype=dtype)
+                continue
             raw = torch.frombuffer(body, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)
-        if sys.byteorder != "little" and _ITEMSIZE[entry.dtype] > 1:
-            raw = raw.reshape(-1, _ITEMSIZE[entry.dtype]).flip(1).reshape(-1).contiguous()
-        tensors[entry.name] = raw.view(dtype).reshape(entry.shape)
+            if sys.byteorder != "little" and _ITEMSIZE[entry.dtype] > 1:
+                raw = raw.reshape(-1, _ITEMSIZE[entry.dtype]).flip(1).reshape(-1).contiguous()
+            tensors[entry.name] = raw.view(dtype).reshape(entry.shape)
     return tensors, dict(header.meta), header.encoding
 
 
-def check_against(tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec], check_dtype: bool = True) -> None:
-    """Refuse tensors that do not match the local model's shared entries exactly, or hold NaN/Inf."""
+def check_against(tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec], check_dtype: bool = True,
+                  finite: bool = True) -> None:
+    """Refuse tensors that do not match the local model's shared entries exactly, or (``finite``) hold NaN/Inf."""
     expected = {s.name: s for s in specs}
     missing = [n for n in expected if n not in tensors]
     if missing:
@@ -257,7 +258,8 @@ def check_against(tensors: Mapping[str, torch.Tensor], specs: list[TensorSpec], 
             raise WireError(f"entry {name!r} has shape {list(t.shape)}, model expects {list(spec.shape)}")
         if check_dtype and t.dtype != spec.dtype:
             raise WireError(f"entry {name!r} has dtype {t.dtype}, model expects {spec.dtype}")
-        check_finite(name, t)
+        if finite:
+            check_finite(name, t)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ from quinkgl_cli.strategies.dp_accountant import SampleAccountant
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
 from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED_ENCODING
 from quinkgl_cli.strategies.sharing import RESYNC_KIND, SharingPipeline, StaleBase
-from quinkgl_cli.tensors import TensorSpec, flatten, float_buffers, load_flat, shared_specs, trainable_mask
+from quinkgl_cli.tensors import TensorSpec, all_finite, flatten, float_buffers, load_flat, shared_specs, trainable_mask
 from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, Transport
 
 # Cap on a self-reported sample count before the aggregator's own bound (max_weight_ratio) applies: keeps
@@ -223,11 +223,14 @@ class Exchange:
         tensors, meta = wire.decode(msg.payload, max_entries=len(self.specs) + 64, max_bytes=self.max_update_bytes)
         model_tensors = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
         extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
-        wire.check_against(model_tensors, self.specs)
+        wire.check_against(model_tensors, self.specs, finite=False)
         for name, t in extras.items():
             wire.check_finite(name, t)
         flat = (torch.cat([model_tensors[s.name].reshape(-1).to(torch.float32) for s in self.specs])
                 if self.specs else torch.empty(0))
+        if not all_finite(flat):  # one check for the whole model; the entries are searched only to name the culprit
+            for s in self.specs:
+                wire.check_finite(s.name, model_tensors[s.name])
         if samples <= 0:
             raise ValueError(f"sample count {samples} is not positive")
         return PeerUpdate(peer_id=msg.sender, round=msg.round, flat=flat, sample_count=min(samples, MAX_REPORTED_SAMPLES),
