@@ -101,7 +101,7 @@ class Transfer(_Record):
     round: Count
     bytes: Count
     seconds: Seconds
-    path: Literal["direct", "reverse", "relay", "memory"]
+    path: Literal["direct", "reverse", "relay", "udp", "memory"]
     ok: bool
 
 

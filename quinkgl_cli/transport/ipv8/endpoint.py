@@ -6,7 +6,8 @@ every datagram for a non-loopback destination, so nothing ever leaves the machin
 
 Every datagram passes here, whoever built it (our messages, IPv8's introductions and punctures), so this is where
 the swarm key seals them on the way out and opens them on the way in (`seal`); one that does not open is reported
-to ``on_foreign`` and read no further.
+to ``on_foreign`` and read no further. An opened packet that starts with `udpwire.MAGIC` is a model transfer's
+datagram (`udpway`): it goes to ``on_transfer`` instead of IPv8, which never parses it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ipv8.messaging.interfaces.udp.endpoint import UDPEndpoint
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.transport.common import OnceLog
 from quinkgl_cli.transport.ipv8.seal import DatagramSeal
+from quinkgl_cli.transport.ipv8.udpwire import MAGIC
 from quinkgl_cli.validation import is_loopback
 
 log = logging.getLogger("quinkgl.transport")
@@ -75,12 +77,17 @@ class GuardedUDPEndpoint(UDPEndpoint):
         self.seal = seal
         self._logger = logging.getLogger("quinkgl.transport.ipv8")
         self.on_foreign: Callable[[Any, str], None] | None = None  # (source, reason) of a datagram not for us
+        self.on_transfer: Callable[[Any, bytes], None] | None = None  # (source, packet) of a UDP transfer's datagram
 
     def datagram_received(self, datagram: bytes, addr: Any) -> None:
         packet = self.seal.open(datagram)
         if packet is None:
             if self._running and self.on_foreign is not None:
                 self.on_foreign(addr, "cleartext" if datagram[:2] == IPV8_PREFIX else "other_swarm")
+            return
+        if packet[:4] == MAGIC:
+            if self._running and self.on_transfer is not None:
+                self.on_transfer(addr, packet)
             return
         super().datagram_received(packet, addr)
 
@@ -103,6 +110,13 @@ class GuardedUDPEndpoint(UDPEndpoint):
         except (OSError, struct.error):
             return 0.0
         return used / limit if limit else 0.0
+
+    def queued(self) -> int:
+        """Bytes of datagrams waiting in our send queue (asyncio's, once the kernel's is full)."""
+        if not self._running or self._transport is None:
+            return 0
+        size = getattr(self._transport, "get_write_buffer_size", None)  # asyncio's transports have it, the base class not
+        return int(size()) if size is not None else 0
 
     async def open(self) -> bool:
         """Bind exactly ``(ip, port)`` or raise NetworkError; never walk to another port."""
