@@ -394,17 +394,19 @@ def daemons_bench(lab: natlab.Lab, work: Path) -> dict[str, Any]:
 
 def bench(lab: natlab.Lab, work: Path) -> dict[str, Any]:
     """Figures (benchmarks/bench_nat.py): 10 MB models by each way; the first transfer of each pair includes
-    finding the way (a direct attempt that times out), the next ones take the remembered way at once."""
+    finding the way (a direct attempt that times out), the next ones take the remembered way at once. ``udp``: two
+    peers behind port-restricted NATs whose firewalls drop all TCP (the relay cannot help them either)."""
     size, repeats = int(os.environ.get("QGL_BENCH_BYTES", 10_000_000)), int(os.environ.get("QGL_BENCH_REPEATS", 5))
     started = time.monotonic()
     seed = lab.public("seed")
-    hosts = [lab.public("pub"), lab.natted("rest1", "restricted"), lab.natted("rest2", "restricted")]
+    hosts = [lab.public("pub"), lab.natted("rest1", "restricted"), lab.natted("rest2", "restricted"),
+             lab.natted("udp1", "restricted", tcp_blocked=True), lab.natted("udp2", "restricted", tcp_blocked=True)]
     rate = os.environ.get("QGL_BENCH_RELAY_RATE")
     probes = [Probe(lab, seed, work, "--relay", *(["--relay-rate", rate] if rate else []))]
     probes += [Probe(lab, h, work, bootstrap=seed) for h in hosts]
     by = {p.name: p for p in probes}
     cases = {"direct": ("pub", "seed"), "direct_via_nat": ("seed", "rest1"), "reverse": ("rest1", "seed"),
-             "relay": ("rest1", "rest2")}
+             "relay": ("rest1", "rest2"), "udp": ("udp1", "udp2")}
     result: dict[str, Any] = {"bytes": size, "repeats": repeats, "relay_rate": rate or "default", "met": _meet(probes, list(cases.values()), 30)}
     result["met_after_s"] = round(time.monotonic() - started, 2)
     counter = 0
@@ -423,7 +425,9 @@ def bench(lab: natlab.Lab, work: Path) -> dict[str, Any]:
         result[name] = {"from": a, "to": b, "path": _path_of(by[b], a), "first_s": first["seconds"],
                         "first_after_start_s": round(time.monotonic() - started, 2) if counter == 1 + repeats else None,
                         "median_s": median, "runs_s": runs, "mb_per_s": round(size / median / 1e6, 1)}
-    for name in ("direct_via_nat", "reverse", "relay"):
+        if name == "udp":  # how the window behaved: datagrams, resent, final window, per transfer
+            result[name]["sends"] = [m.split("udp-sent ", 1)[-1] for m in by[a].logs("udp-sent")]
+    for name in ("direct_via_nat", "reverse", "relay", "udp"):
         result[name]["ratio_to_direct"] = round(result["direct"]["median_s"] / result[name]["median_s"], 3)
     _finish(lab, probes, result)
     return result

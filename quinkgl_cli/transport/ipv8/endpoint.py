@@ -32,6 +32,8 @@ log = logging.getLogger("quinkgl.transport")
 VERDICTS_KEPT = 4096  # hosts whose verdict is remembered (peers' addresses: a bounded, slowly changing set)
 SO_MEMINFO = 55  # Linux: the socket's memory counters, the receive queue's bytes first and its limit second
 IPV8_PREFIX = b"\x00\x02"  # starts every cleartext IPv8 community packet (an older quinkgl's, another application's)
+DRAIN = 64  # datagrams read at once after a transfer's datagram, without a turn of the event loop each
+RECV_MAX = 65536
 
 
 class DestinationGuard:
@@ -78,18 +80,39 @@ class GuardedUDPEndpoint(UDPEndpoint):
         self._logger = logging.getLogger("quinkgl.transport.ipv8")
         self.on_foreign: Callable[[Any, str], None] | None = None  # (source, reason) of a datagram not for us
         self.on_transfer: Callable[[Any, bytes], None] | None = None  # (source, packet) of a UDP transfer's datagram
+        self._sock: socket.socket | None = None
 
     def datagram_received(self, datagram: bytes, addr: Any) -> None:
+        if self._take(datagram, addr):
+            self._drain()
+
+    def _take(self, datagram: bytes, addr: Any) -> bool:
+        """Handle one datagram; True when it was a transfer's (more are likely queued behind it)."""
         packet = self.seal.open(datagram)
         if packet is None:
             if self._running and self.on_foreign is not None:
                 self.on_foreign(addr, "cleartext" if datagram[:2] == IPV8_PREFIX else "other_swarm")
-            return
+            return False
         if packet[:4] == MAGIC:
             if self._running and self.on_transfer is not None:
                 self.on_transfer(addr, packet)
-            return
+            return True
         super().datagram_received(packet, addr)
+        return False
+
+    def _drain(self) -> None:
+        """Read what is queued behind a transfer's datagram at once: asyncio reads one datagram per turn of the
+        loop, which cost a UDP transfer a third of its receiving time."""
+        for _ in range(DRAIN):
+            if self._sock is None or not self._running:
+                return
+            try:
+                datagram, addr = self._sock.recvfrom(RECV_MAX)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # asyncio's reader meets the same error on its next turn and reports it
+            self._take(datagram, addr)
 
     def notify_listeners(self, packet: tuple[Any, bytes]) -> None:
         """IPv8 drops a packet no community claims without a word; we tell the owner."""
@@ -140,6 +163,7 @@ class GuardedUDPEndpoint(UDPEndpoint):
             raise NetworkError(f"asked for UDP port {self._port} but got {bound[1]}")
         self._port = bound[1]
         self._transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        self._sock = sock
         self._running = True
         return True
 
