@@ -75,6 +75,10 @@ class Wire:
     def send(self, address: tuple[str, int], packet: bytes) -> None:
         self.net.deliver(self.me, address, packet)
 
+    def send_many(self, address: tuple[str, int], packets: list[bytes]) -> None:
+        for packet in packets:
+            self.send(address, packet)
+
     def queued(self) -> int:
         return 0
 

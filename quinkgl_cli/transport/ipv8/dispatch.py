@@ -75,7 +75,7 @@ class Dispatch:
     def on_transfer(self, source: Any, packet: bytes) -> None:
         """A datagram of a model transfer over UDP (`udpway`), opened by the endpoint; IPv8 never sees those."""
         if self._routes is not None:
-            self._routes.udp.on_datagram((str(source[0]), int(source[1])), packet)
+            self._routes.udp.on_datagram(source, packet)  # (host, port), as the socket gave it
 
     def on_bad_packet(self, source: tuple[str, int], reason: str, **fields: Any) -> None:
         self._drops("packet-refused", f"{source[0]}:{source[1]}", reason, **fields)

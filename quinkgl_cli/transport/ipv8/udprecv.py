@@ -29,12 +29,13 @@ from quinkgl_cli.transport.ipv8.channel import ChannelError, Ephemeral
 from quinkgl_cli.transport.ipv8.udpsend import Wire
 from quinkgl_cli.transport.ipv8.udpwire import CHUNK, WINDOW, TransferKeys, WireError
 
-ACK_EVERY = 8
+ACK_EVERY = 16  # a 32nd of the largest window: the sender hears often enough to keep it full
 ACK_DELAY = 0.01
 ASK_EVERY = 0.5
 LINGER = 5.0  # seconds an ended transfer is still acknowledged
 LINGER_KEPT = 64
 HASH_IN_THREAD = 256 * 1024
+_EMPTY = bytes(udpwire.BITMAP_BYTES)
 
 
 class Receiving:
@@ -115,7 +116,10 @@ class Receiving:
         if self.keys is None:
             return
         self.unanswered = 0
-        bitmap = udpwire.bits(self.have[self.cum + 1 : self.cum + 1 + WINDOW]).to_bytes(udpwire.BITMAP_BYTES, "little")
+        if self.got == self.cum:  # nothing beyond the first gap: the bitmap is empty
+            bitmap = _EMPTY
+        else:
+            bitmap = udpwire.bits(self.have[self.cum + 1 : self.cum + 1 + WINDOW]).to_bytes(udpwire.BITMAP_BYTES, "little")
         self.wire.send(self.address, self.keys.ack(self.tid, self.cum, bitmap))
 
     def abort(self) -> None:

@@ -40,6 +40,9 @@ class Wire(Protocol):
 
     def send(self, address: tuple[str, int], packet: bytes) -> None: ...
 
+    def send_many(self, address: tuple[str, int], packets: list[bytes]) -> None:
+        """Several datagrams to one address, in order (in one system call where the system can)."""
+
     def queued(self) -> int:
         """Bytes of datagrams still waiting to leave."""
 
@@ -252,20 +255,26 @@ class Sending:
 
     def _pump(self, now: float) -> float:
         """Send what the window allows; how long to wait before looking again."""
-        flight, sent = self.flight, 0
-        while len(flight.inflight) < self.congestion.window:
-            if sent >= BURST:
-                return 0.0  # more to send at once: let the loop read acknowledgements first
-            if self.wire.queued() > MAX_QUEUED:
-                return 0.002  # our socket's queue is full: let it drain
+        flight = self.flight
+        packets: list[bytes] = []
+        wait: float | None = None
+        if self.wire.queued() > MAX_QUEUED:
+            wait = 0.002  # our socket's queue is full: let it drain
+        while wait is None and len(flight.inflight) < self.congestion.window:
+            if len(packets) >= BURST:
+                wait = 0.0  # more to send at once: let the loop read acknowledgements first
+                break
             nxt = flight.next()
             if nxt is None:
                 break
             seq, resent = nxt
             start, end = udpwire.chunk_span(seq, self.view.nbytes)
-            self.wire.send(self.address, self.keys.data(self.tid, seq, self.view[start:end]))
+            packets.append(self.keys.data(self.tid, seq, self.view[start:end]))
             flight.sent(seq, now, resent)
-            sent += 1
+        if packets:
+            self.wire.send_many(self.address, packets)
+        if wait is not None:
+            return wait
         return max(0.0, self.heard + self.rtt.rto - now) if flight.inflight else self.rtt.rto
 
     async def _sleep(self, loop: asyncio.AbstractEventLoop, wait: float) -> None:
