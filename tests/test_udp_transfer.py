@@ -24,7 +24,7 @@ from quinkgl_cli.transport.ipv8.payloads import OfferPayload, UdpPullPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable
 from quinkgl_cli.transport.ipv8.runtime import TaskRegistry
 from quinkgl_cli.transport.ipv8.settings import Limits, TransportSettings
-from quinkgl_cli.transport.ipv8.udprecv import Receiving
+from quinkgl_cli.transport.ipv8.udprecv import ACK_EVERY, Receiving
 from quinkgl_cli.transport.ipv8.udpsend import DUPTHRESH, MIN_WINDOW, Congestion, Flight
 from quinkgl_cli.transport.ipv8.udpway import SENDS, UdpWay
 from quinkgl_cli.transport.ipv8.udpwire import CHUNK, WINDOW, TransferKeys, WireError
@@ -170,7 +170,7 @@ def test_a_model_crosses_in_chunks_and_the_sender_reports_it(tmp_path: Path) -> 
         await _settled(a)
         assert [(r.direction, r.path, r.ok) for r in a.reports] == [("send", "udp", True)]
         assert a.outbox.offers == {} and a.stats.models_sent == 1
-        data = [p for s, _d, p in net.sent if s == A and p[4] == udpwire.DATA]
+        data = [p for s, _d, p in net.sent if s == A and p[4] in (udpwire.DATA, udpwire.PUSH)]
         assert len(data) == udpwire.chunks(300_000)  # nothing lost, nothing sent twice
         assert all(len(p) <= udpwire.HEAD.size + 4 + CHUNK + 16 for p in data)
         assert not any(payload[:64] in p for p in data)  # the chunks travel encrypted
@@ -184,7 +184,7 @@ def test_lost_datagrams_are_sent_again(tmp_path: Path) -> None:
         assert bytes(buf) == payload and digest == hashlib.sha256(payload).digest()
         await _settled(a)
         assert [(r.path, r.ok) for r in a.reports] == [("udp", True)]
-        data = [p for s, _d, p in net.sent if s == A and p[4] == udpwire.DATA]
+        data = [p for s, _d, p in net.sent if s == A and p[4] in (udpwire.DATA, udpwire.PUSH)]
         assert len(data) > udpwire.chunks(400_000) * 1.05  # the lost ones went again
     asyncio.run(run())
 
@@ -411,3 +411,22 @@ def test_congestion_halves_once_per_loss_event_and_collapses_on_timeout() -> Non
     assert c.window == 29
     c.timed_out(latest_tx=500)
     assert c.window == MIN_WINDOW
+
+
+def test_the_last_chunk_of_a_burst_is_acknowledged_at_once_the_others_in_groups() -> None:
+    async def run() -> None:
+        sender_keys, _ = _keys()
+        net = Net()
+        r = Receiving(b"t" * 8, A, 40 * CHUNK, Ephemeral(), b"", net.wire(B))
+        r.keys = sender_keys
+        acks = lambda: [p for _s, _d, p in net.sent if p[4] == udpwire.ACK]  # noqa: E731
+        for seq in range(3):
+            r.on_data(sender_keys.data(b"t" * 8, seq, b"x" * CHUNK))
+        assert acks() == [] and r.timer is not None  # in order, fewer than ACK_EVERY: the delayed ack waits
+        r.on_data(sender_keys.data(b"t" * 8, 3, b"x" * CHUNK, push=True))
+        assert len(acks()) == 1 and r.timer is None  # a burst's end: at once (a small window must not wait)
+        for seq in range(4, 4 + ACK_EVERY):
+            r.on_data(sender_keys.data(b"t" * 8, seq, b"x" * CHUNK))
+        assert len(acks()) == 2  # ACK_EVERY in order: one acknowledgement
+        r.close()
+    asyncio.run(run())

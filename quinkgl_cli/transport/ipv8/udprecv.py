@@ -4,8 +4,9 @@
 taken only from the sender's address, only once the keys are agreed, only for a chunk of the offered size inside
 the window, and only when it opens under the transfer's key; a chunk already in hand is counted as a duplicate and
 answered with an acknowledgement (the sender may have missed ours). An acknowledgement goes every ``ACK_EVERY``
-chunks (every other one while chunks are missing, so the sender learns of a gap fast), or ``ACK_DELAY`` seconds
-after a chunk that none answered yet.
+chunks (every other one while chunks are missing, so the sender learns of a gap fast), at the last chunk of each
+burst the sender sends (PUSH: a small window is not left waiting), or ``ACK_DELAY`` seconds after a chunk that
+none answered yet.
 
 `UdpReceiver` asks for transfers (`fetch`: a signed `UdpPullPayload`, again every ``ASK_EVERY`` seconds until the
 sender's START comes, for ``connect_timeout`` seconds at most), holds those under way, and keeps the ones that
@@ -104,7 +105,7 @@ class Receiving:
             self.ack()
             if not self.finished.done():
                 self.finished.set_result(None)
-        elif self.unanswered >= (2 if gap or self.cum < seq else ACK_EVERY):
+        elif packet[4] == udpwire.PUSH or self.unanswered >= (2 if gap or self.cum < seq else ACK_EVERY):
             self.ack()
         elif self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(ACK_DELAY, self.ack)

@@ -256,22 +256,26 @@ class Sending:
     def _pump(self, now: float) -> float:
         """Send what the window allows; how long to wait before looking again."""
         flight = self.flight
-        packets: list[bytes] = []
+        seqs: list[int] = []
         wait: float | None = None
         if self.wire.queued() > MAX_QUEUED:
             wait = 0.002  # our socket's queue is full: let it drain
         while wait is None and len(flight.inflight) < self.congestion.window:
-            if len(packets) >= BURST:
+            if len(seqs) >= BURST:
                 wait = 0.0  # more to send at once: let the loop read acknowledgements first
                 break
             nxt = flight.next()
             if nxt is None:
                 break
             seq, resent = nxt
-            start, end = udpwire.chunk_span(seq, self.view.nbytes)
-            packets.append(self.keys.data(self.tid, seq, self.view[start:end]))
+            seqs.append(seq)
             flight.sent(seq, now, resent)
-        if packets:
+        if seqs:
+            size, last = self.view.nbytes, seqs[-1]
+            packets = []
+            for seq in seqs:  # the burst's last asks to be acknowledged at once
+                start, end = udpwire.chunk_span(seq, size)
+                packets.append(self.keys.data(self.tid, seq, self.view[start:end], push=seq == last))
             self.wire.send_many(self.address, packets)
         if wait is not None:
             return wait

@@ -60,7 +60,7 @@ class UdpWay:
     def on_datagram(self, address: tuple[str, int], packet: bytes) -> None:
         try:
             kind, tid = udpwire.head(packet)
-            if kind in (udpwire.START, udpwire.DATA):
+            if kind in (udpwire.START, udpwire.DATA, udpwire.PUSH):
                 r = self.receiver.find(tid)
                 if r is None or r.address != address:
                     raise WireError("unknown_transfer")

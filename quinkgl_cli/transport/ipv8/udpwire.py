@@ -6,6 +6,7 @@ pass the NATs as the control messages do), every datagram sealed again by the en
 
     START  b"QGLU" 0x01  tid(8)  sender's ephemeral X25519 key (32)
     DATA   b"QGLU" 0x02  tid(8)  seq u32  ChaCha20-Poly1305(k_data, nonce=seq, chunk, ad=header)
+           (kind 0x05, PUSH, for the last datagram of a burst: acknowledge at once)
     ACK    b"QGLU" 0x03  tid(8)  ChaCha20-Poly1305(k_ack, nonce=counter u64, cum u32 || bitmap, ad=header+counter)
     ABORT  b"QGLU" 0x04  tid(8)  ChaCha20-Poly1305(k_ack, nonce=counter u64, b"", ad=header+counter)
 
@@ -30,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from quinkgl_cli.transport.ipv8.channel import KEY_BYTES, ChannelError, Ephemeral
 
 MAGIC = b"QGLU"
-START, DATA, ACK, ABORT = 1, 2, 3, 4
+START, DATA, ACK, ABORT, PUSH = 1, 2, 3, 4, 5
 TID_BYTES = 8
 HEAD = struct.Struct(f"<4sB{TID_BYTES}s")  # magic, kind, transfer id
 SEQ = struct.Struct("<I")
@@ -68,7 +69,7 @@ def head(packet: bytes) -> tuple[int, bytes]:
     if len(packet) < HEAD.size:
         raise WireError("short")
     magic, kind, tid = HEAD.unpack_from(packet)
-    if magic != MAGIC or kind not in (START, DATA, ACK, ABORT):
+    if magic != MAGIC or kind not in (START, DATA, ACK, ABORT, PUSH):
         raise WireError("malformed")
     return kind, tid
 
@@ -96,8 +97,8 @@ class TransferKeys:
         return cls(mine.derive_bytes(theirs, tid, context, 2 * KEY_BYTES, _INFO))
 
     # -- data (sender -> recipient) ------------------------------------------------------------------------------
-    def data(self, tid: bytes, seq: int, chunk: bytes | bytearray | memoryview) -> bytes:
-        header = HEAD.pack(MAGIC, DATA, tid) + SEQ.pack(seq)
+    def data(self, tid: bytes, seq: int, chunk: bytes | bytearray | memoryview, push: bool = False) -> bytes:
+        header = HEAD.pack(MAGIC, PUSH if push else DATA, tid) + SEQ.pack(seq)
         return header + self._data.encrypt(_nonce(seq), bytes(chunk), header)
 
     def open_data(self, packet: bytes) -> tuple[int, bytes]:
