@@ -2,7 +2,7 @@
 
 `Receiving` is one transfer: the offered size's buffer, allocated once, and which chunks are in it. A datagram is
 taken only from the sender's address, only once the keys are agreed, only for a chunk of the offered size inside
-the window, and only when it opens under the transfer's key; a chunk already in hand is counted as a duplicate and
+the window, and only when it opens under the transfer's key; a chunk already in hand is only
 answered with an acknowledgement (the sender may have missed ours). An acknowledgement goes every ``ACK_EVERY``
 chunks (every other one while chunks are missing, so the sender learns of a gap fast), at the last chunk of each
 burst the sender sends (PUSH: a small window is not left waiting), or ``ACK_DELAY`` seconds after a chunk that
@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 from quinkgl_cli.transport.ipv8 import stream, udpwire
 from quinkgl_cli.transport.ipv8.channel import ChannelError, Ephemeral
+from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD
 from quinkgl_cli.transport.ipv8.udpsend import Wire
 from quinkgl_cli.transport.ipv8.udpwire import CHUNK, WINDOW, TransferKeys, WireError
 
@@ -35,7 +36,6 @@ ACK_DELAY = 0.01
 ASK_EVERY = 0.5
 LINGER = 5.0  # seconds an ended transfer is still acknowledged
 LINGER_KEPT = 64
-HASH_IN_THREAD = 256 * 1024
 _EMPTY = bytes(udpwire.BITMAP_BYTES)
 
 
@@ -60,7 +60,6 @@ class Receiving:
         self.heard = time.monotonic()  # the last datagram that opened
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.refused: dict[str, int] = {}  # reason -> datagrams of this transfer refused
 
     @property
     def complete(self) -> bool:
@@ -91,7 +90,6 @@ class Receiving:
             raise WireError("wrong_length")
         self.heard = time.monotonic()
         if self.have[seq]:
-            self.refused["duplicate"] = self.refused.get("duplicate", 0) + 1
             self.ack()
             return
         self.buf[start:end] = chunk
