@@ -6,12 +6,17 @@ the recipient consider UDP as it does off loopback. The NAT lab runs the real ca
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import socket
 import time
 
 from quinkgl_cli.transport.base import TransferDone
+from quinkgl_cli.transport.ipv8 import udpwire
+from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint
 from quinkgl_cli.transport.ipv8.paths import UDP, Route
+from quinkgl_cli.transport.ipv8.seal import DatagramSeal
 from tests.test_transport_contract import Cluster, _upd, run_cluster, wait_until
 
 
@@ -90,3 +95,37 @@ def test_chunks_go_in_segmented_sends_and_one_by_one_where_the_system_refuses(tm
         assert plain.calls == 1 and not endpoint._segmenting  # asked once, then never again
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_the_datagrams_queued_behind_a_transfers_are_read_in_one_turn_and_others_go_to_ipv8():
+    async def run() -> None:
+        seal = DatagramSeal(bytes(range(32)))
+        endpoint = GuardedUDPEndpoint("127.0.0.1", 0, DestinationGuard("127.0.0.1"), seal)
+        await endpoint.open()
+        got: list[bytes] = []
+        endpoint.on_transfer = lambda source, packet: got.append(packet)
+        turns = 0
+        take = endpoint.datagram_received
+
+        def counted(datagram: bytes, addr: tuple[str, int]) -> None:  # what asyncio calls, once per turn of the loop
+            nonlocal turns
+            turns += 1
+            take(datagram, addr)
+
+        endpoint.datagram_received = counted  # type: ignore[method-assign]
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for seq in range(10):
+                sender.sendto(seal.seal(udpwire.HEAD.pack(udpwire.MAGIC, udpwire.DATA, bytes(8)) + bytes([seq])),
+                              endpoint.get_address())
+            await wait_until(lambda: len(got) == 10, timeout=5, what="the transfer datagrams")
+            assert turns == 1 and [p[-1] for p in got] == list(range(10))
+            sender.sendto(seal.seal(b"\x00\x02not a transfer"), endpoint.get_address())  # an IPv8 packet: not ours
+            await wait_until(lambda: turns == 2, timeout=5, what="the IPv8 packet")
+            assert len(got) == 10
+        finally:
+            sender.close()
+            endpoint.close()
+            await asyncio.sleep(0)
+
+    asyncio.run(run())
