@@ -231,6 +231,31 @@ def test_a_stranger_replaying_or_forging_datagrams_changes_nothing(tmp_path: Pat
     asyncio.run(run())
 
 
+def test_a_lost_last_acknowledgement_costs_one_probe_not_the_window_again(tmp_path: Path) -> None:
+    async def run() -> None:
+        net = Net()
+        a, b, rec_a, rec_b = _pair(net, tmp_path)
+        real = net.handlers[A]
+        acks = 0
+
+        def drop_the_data_ack(src: tuple[str, int], packet: bytes) -> None:
+            nonlocal acks
+            if packet[4] == udpwire.ACK:
+                acks += 1
+                if acks == 2:  # the first answers the START, the second all ten chunks
+                    return
+            real(src, packet)
+
+        net.handlers[A] = drop_the_data_ack
+        payload = os.urandom(10 * CHUNK)
+        buf, _digest = await asyncio.wait_for(b.way.fetch(rec_a, _offer(a, rec_b, payload)), 5)
+        assert bytes(buf) == payload
+        await _settled(a)  # the ended transfer still answers the probe
+        data = [p for s, _d, p in net.sent if s == A and p[4] in (udpwire.DATA, udpwire.PUSH)]
+        assert len(data) == 11 and [(r.path, r.ok) for r in a.reports] == [("udp", True)]  # not 20: no timeout
+    asyncio.run(run())
+
+
 # -- ends that go away -----------------------------------------------------------------------------------------
 def test_a_sender_that_vanishes_mid_transfer_fails_the_fetch_within_a_stall_window(tmp_path: Path) -> None:
     async def run() -> None:
@@ -395,6 +420,15 @@ def test_selective_acknowledgements_declare_a_chunk_lost_after_three_later_ones_
     newly, _sample, lost = flight.on_ack(1, 0b111, 6.0)  # 4 too: three after 1 arrived
     assert newly == 1 and lost == 1 and list(flight.lost) == [1] and DUPTHRESH == 3
     assert flight.next() == (1, True)  # the lost chunk goes again before any new one
+
+
+def test_with_few_chunks_out_a_missing_one_is_lost_once_the_others_arrived() -> None:
+    flight = Flight(3)
+    for t in range(3):
+        seq, resent = flight.next() or (-1, False)
+        flight.sent(seq, float(t), resent)
+    _newly, _sample, lost = flight.on_ack(0, 0b11, 5.0)  # 1 and 2 arrived, 0 did not: no third one will ever come
+    assert lost == 0 and list(flight.lost) == [0]
 
 
 def test_congestion_halves_once_per_loss_event_and_collapses_on_timeout() -> None:

@@ -26,6 +26,7 @@ INITIAL_RTO = 0.25
 MIN_RTO = 0.1  # above the recipient's delayed acknowledgement (`udprecv.ACK_DELAY`)
 MAX_RTO = 2.0
 BURST = 64  # chunks sent in one go before the event loop gets a turn
+MIN_PROBE = 0.01  # a tail loss probe waits at least this long, and twice the smoothed round trip
 MAX_QUEUED = 256 * 1024  # bytes waiting in our socket's send queue beyond which we wait for it to drain
 
 
@@ -83,6 +84,7 @@ class Flight:
         """Take an acknowledgement: (chunks it newly acknowledged, a round-trip sample or None, the latest
         transmission it declared lost, -1 if none)."""
         cum = min(cum, self.next_new)  # nothing unsent can have arrived
+        outstanding = len(self.inflight)
         newly, best, sample = 0, -1, None
         for seq in range(self.cum, cum):
             if not self.acked[seq]:
@@ -102,7 +104,8 @@ class Flight:
         while self.cum < self.count and self.acked[self.cum]:
             self.cum += 1
         self.high_tx = max(self.high_tx, best)
-        return newly, sample, self._judge()
+        # Early retransmit (RFC 5827): with fewer than four chunks out, three later arrivals may never come.
+        return newly, sample, self._judge(min(DUPTHRESH, max(1, outstanding - 1)))
 
     def _mark(self, seq: int, now: float, best: int, sample: float | None) -> tuple[int, float | None]:
         self.acked[seq] = 1
@@ -112,12 +115,12 @@ class Flight:
         tx, at, resent = entry
         return tx, (None if resent else now - at)  # Karn: a resent chunk's arrival times neither transmission
 
-    def _judge(self) -> int:
-        """Chunks sent ``DUPTHRESH`` transmissions before one that arrived, and still missing, are lost."""
+    def _judge(self, threshold: int) -> int:
+        """Chunks sent ``threshold`` transmissions before one that arrived, and still missing, are lost."""
         latest = -1
         while self.inflight:
             seq, (tx, _at, _resent) = next(iter(self.inflight.items()))
-            if tx + DUPTHRESH > self.high_tx:
+            if tx + threshold > self.high_tx:
                 break
             self.inflight.popitem(last=False)
             self.lost.append(seq)
@@ -196,6 +199,7 @@ class Sending:
         self.aborted = False
         self.heard = 0.0  # when an acknowledgement last moved the transfer on, or the timer last ran out
         self.moved = 0.0  # when an acknowledgement last moved the transfer on
+        self.probed = False  # a tail loss probe went since the transfer last moved on
         self._waiter: asyncio.Future[None] | None = None
 
     def resend_start(self) -> None:
@@ -218,6 +222,7 @@ class Sending:
             if newly:
                 self.congestion.grew(newly)
                 self.heard = self.moved = now
+                self.probed = False
         self._wake()
 
     def _wake(self) -> None:
@@ -249,7 +254,9 @@ class Sending:
                     self.flight.expire()
                     self.congestion.timed_out(self.flight.tx - 1)
                     self.rtt.backoff()
-                    self.heard = now
+                    self.heard, self.probed = now, False
+                elif self.flight.inflight and not self.probed and now - self.heard >= self._probe_after():
+                    self._probe()
                 wait = self._pump(now)
             await self._sleep(loop, wait)
 
@@ -279,7 +286,22 @@ class Sending:
             self.wire.send_many(self.address, packets)
         if wait is not None:
             return wait
-        return max(0.0, self.heard + self.rtt.rto - now) if flight.inflight else self.rtt.rto
+        if not flight.inflight:
+            return self.rtt.rto
+        return max(0.0, self.heard + (self.rtt.rto if self.probed else self._probe_after()) - now)
+
+    def _probe_after(self) -> float:
+        """Seconds without news after which one chunk goes again to draw an acknowledgement (a tail loss probe)."""
+        return min(self.rtt.rto, max(MIN_PROBE, 2 * (self.rtt.srtt if self.rtt.srtt is not None else MIN_PROBE)))
+
+    def _probe(self) -> None:
+        """The last chunk sent, again, asking for an acknowledgement: a lost acknowledgement or a lost last chunk
+        costs a probe, not a retransmission timeout (a window's worth sent again)."""
+        seq = next(reversed(self.flight.inflight))
+        start, end = udpwire.chunk_span(seq, self.view.nbytes)
+        self.wire.send(self.address, self.keys.data(self.tid, seq, self.view[start:end], push=True))
+        self.flight.resent += 1
+        self.probed = True
 
     async def _sleep(self, loop: asyncio.AbstractEventLoop, wait: float) -> None:
         """Until an acknowledgement comes or ``wait`` seconds pass."""
