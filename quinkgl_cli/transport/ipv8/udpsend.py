@@ -2,12 +2,14 @@
 
 `Flight` is the bookkeeping (pure): the chunks in flight in the order they were sent, what the recipient's
 selective acknowledgements say arrived, which chunks count as lost (three sent after one arrived while it did not,
-or the retransmission timer ran out) and go again before any new one. `Congestion` is the rate rule, AIMD as TCP's
+fewer when fewer are out, or the retransmission timer ran out) and go again before any new one. `Congestion` is the rate rule, AIMD as TCP's
 Reno: the window starts at 16 chunks, doubles every round trip until the first loss, then grows by one chunk a
 round trip and halves at each loss (once per round trip of losses); a timeout drops it to 4. The window never
 passes `udpwire.WINDOW`, what an acknowledgement can describe. `Rtt` keeps the retransmission timeout (RFC 6298's
 estimator, 0.1 s to 2 s, doubled after each timeout). `Sending` runs one transfer on these, clocked by the
-acknowledgements, and gives up (`SendFailed`) when the recipient says so, falls silent or the time is spent.
+acknowledgements (after two round trips without one it sends the last chunk again to draw one: a tail loss probe,
+so a lost acknowledgement does not cost a timeout), and gives up (`SendFailed`) when the recipient says so, falls
+silent or the time is spent.
 """
 
 from __future__ import annotations
