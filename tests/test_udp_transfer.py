@@ -256,6 +256,21 @@ def test_a_lost_last_acknowledgement_costs_one_probe_not_the_window_again(tmp_pa
     asyncio.run(run())
 
 
+def test_stragglers_of_a_transfer_that_ended_are_dropped_without_a_word(tmp_path: Path) -> None:
+    async def run() -> None:
+        net = Net()
+        a, b, rec_a, rec_b = _pair(net, tmp_path)
+        await b.way.fetch(rec_a, _offer(a, rec_b, os.urandom(5 * CHUNK)))
+        await _settled(a)
+        (tid,) = a.way.sent
+        late_ack = udpwire.HEAD.pack(udpwire.MAGIC, udpwire.ACK, tid) + bytes(60)
+        a.way.on_datagram(B, late_ack)  # an acknowledgement still on its way when the sender finished
+        assert a.way.refused == 0 and a.stats.dropped == 0
+        a.way.on_datagram(B, udpwire.HEAD.pack(udpwire.MAGIC, udpwire.ACK, b"x" * 8) + bytes(60))
+        assert a.way.refused == 1  # for no transfer we ran: refused and counted
+    asyncio.run(run())
+
+
 # -- ends that go away -----------------------------------------------------------------------------------------
 def test_a_sender_that_vanishes_mid_transfer_fails_the_fetch_within_a_stall_window(tmp_path: Path) -> None:
     async def run() -> None:
@@ -279,6 +294,10 @@ def test_a_sender_that_vanishes_mid_transfer_fails_the_fetch_within_a_stall_wind
             await asyncio.wait_for(b.way.fetch(rec_a, _offer(a, rec_b, payload)), 10)
         assert failed.value.reason == "sender_vanished" and loop.time() - started < 3
         assert b.way.receiver.active == {} and b.way.receiver.ended == {}  # nothing kept of a failed transfer
+        (tid,) = b.way.receiver.failed
+        refused = b.way.refused
+        b.way.on_datagram(A, udpwire.HEAD.pack(udpwire.MAGIC, udpwire.DATA, tid) + bytes(40))  # sent before it went
+        assert b.way.refused == refused
     asyncio.run(run())
 
 

@@ -142,6 +142,7 @@ class UdpReceiver:
         self.limit = limit  # transfers under way at once
         self.active: dict[bytes, Receiving] = {}
         self.ended: OrderedDict[bytes, tuple[float, Receiving]] = OrderedDict()
+        self.failed: OrderedDict[bytes, None] = OrderedDict()  # recent transfers that failed: stragglers expected
 
     def find(self, tid: bytes) -> Receiving | None:
         r = self.active.get(tid)
@@ -182,6 +183,8 @@ class UdpReceiver:
                 self.ended[tid] = (time.monotonic(), r)
                 while len(self.ended) > LINGER_KEPT:
                     self.ended.popitem(last=False)
+            else:
+                remember(self.failed, tid)
 
     async def _started(self, r: Receiving, ask: Callable[[bytes, bytes], None], public: bytes, by: float) -> None:
         while True:
@@ -206,6 +209,13 @@ class UdpReceiver:
             if now - r.heard >= self.stall_window:
                 raise stream.FetchError("sender_vanished")
             progress.check(min(r.got * CHUNK, r.size), now)
+
+
+def remember(recent: OrderedDict[bytes, None], tid: bytes) -> None:
+    """``tid`` among the ``LINGER_KEPT`` transfers that ended last."""
+    recent[tid] = None
+    while len(recent) > LINGER_KEPT:
+        recent.popitem(last=False)
 
 
 def _sha256(buf: bytearray) -> bytes:

@@ -7,7 +7,8 @@ transfers under way and which one each transfer datagram belongs to (`udpwire`):
 of our offers to the peer that signed it. The sender serves at most ``SENDS`` transfers at once and an offer once
 (whichever way takes it first); a peer we reach only through a relay (`forward`) gets none (its datagrams do not
 come to us directly). A transfer datagram from any address but the other end's, for a transfer we do not run, or
-that does not open under its key is refused and counted (``udp-refused``), never acted on.
+that does not open under its key is refused and counted (``udp-refused``), never acted on; stragglers of a transfer
+that ended lately (an acknowledgement still on its way, chunks sent before a failure) are dropped without a word.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 from quinkgl_cli.events import emit
@@ -29,7 +31,7 @@ from quinkgl_cli.transport.ipv8.payloads import OfferPayload, UdpPullPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord
 from quinkgl_cli.transport.ipv8.runtime import TaskRegistry
 from quinkgl_cli.transport.ipv8.settings import TransportSettings
-from quinkgl_cli.transport.ipv8.udprecv import UdpReceiver
+from quinkgl_cli.transport.ipv8.udprecv import UdpReceiver, remember
 from quinkgl_cli.transport.ipv8.udpsend import SendFailed, Sending, Wire
 from quinkgl_cli.transport.ipv8.udpwire import WireError
 
@@ -54,6 +56,7 @@ class UdpWay:
         limits = settings.limits
         self.receiver = UdpReceiver(wire, limits.stall_window, limits.stall_rate, settings.max_concurrent_fetches)
         self.sending: dict[bytes, Sending] = {}
+        self.sent: OrderedDict[bytes, None] = OrderedDict()  # transfers we sent lately, ended well or not
         self.refused = 0  # transfer datagrams refused (foreign, altered, out of window, for no transfer of ours)
 
     # -- every transfer datagram, from the endpoint -----------------------------------------------------------
@@ -62,6 +65,8 @@ class UdpWay:
             kind, tid = udpwire.head(packet)
             if kind in (udpwire.START, udpwire.DATA, udpwire.PUSH):
                 r = self.receiver.find(tid)
+                if r is None and tid in self.receiver.failed:
+                    return
                 if r is None or r.address != address:
                     raise WireError("unknown_transfer")
                 if kind == udpwire.START:
@@ -70,6 +75,8 @@ class UdpWay:
                     r.on_data(packet)
             else:
                 s = self.sending.get(tid)
+                if s is None and tid in self.sent:
+                    return
                 if s is None or s.address != address:
                     raise WireError("unknown_transfer")
                 s.on_packet(kind, packet, asyncio.get_running_loop().time())
@@ -138,6 +145,7 @@ class UdpWay:
             self.drops("serve-failed", out.recipient, exc.reason, path=UDP)
         finally:
             del self.sending[sending.tid]
+            remember(self.sent, sending.tid)
             self.report(TransferDone("send", out.recipient, out.round, out.size, time.monotonic() - started, "udp", ok))
         if not ok:
             self.outbox.offers.pop(out.offer_id, None)
