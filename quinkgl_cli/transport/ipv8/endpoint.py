@@ -83,7 +83,7 @@ class GuardedUDPEndpoint(UDPEndpoint):
         self.on_foreign: Callable[[Any, str], None] | None = None  # (source, reason) of a datagram not for us
         self.on_transfer: Callable[[Any, bytes], None] | None = None  # (source, packet) of a UDP transfer's datagram
         self._sock: socket.socket | None = None
-        self._segmenting = hasattr(socket, "SOL_UDP")  # off for good once the system refuses it
+        self._segmenting = hasattr(socket, "SOL_UDP") and hasattr(socket.socket, "sendmsg")  # off once refused
 
     def datagram_received(self, datagram: bytes, addr: Any) -> None:
         if self._take(datagram, addr):
