@@ -3,10 +3,11 @@
     sudo python benchmarks/bench_nat.py [--bytes N] [--repeats N] [--relay-rate B] [--daemons] [--json PATH]
     sudo python benchmarks/bench_nat.py --learning [--seeds 0 1] [--rounds N] [--json PATH]
 
-Four ways a 10 MB model can travel, measured in one lab run from the sender's `send_model` to the recipient's
+Five ways a 10 MB model can travel, measured in one lab run from the sender's `send_model` to the recipient's
 verified `on_model` (transport probes, no torch): ``direct`` (public to public), ``direct_via_nat`` (a NATed
-recipient fetching from a public sender), ``reverse`` (a NATed sender connecting out to a public recipient) and
-``relay`` (two peers behind port-restricted NATs, through a public peer running with ``--relay``). For each: the
+recipient fetching from a public sender), ``reverse`` (a NATed sender connecting out to a public recipient),
+``relay`` (two peers behind port-restricted NATs, through a public peer running with ``--relay``) and ``udp`` (two
+peers behind port-restricted NATs whose firewalls drop all TCP: over the punched UDP way). For each: the
 first transfer (which includes finding the way: a direct attempt that times out), then the median of the repeats
 over the remembered way, and its throughput as a ratio to ``direct``. The lab's virtual links have no latency or
 bandwidth limit of their own: the ratios show what the extra hop and handshakes cost, not a WAN; the relay's
@@ -125,7 +126,7 @@ def main() -> int:
     print(f"{args.bytes / 1e6:g} MB models, {args.repeats} repeats, relay rate {result['relay_rate']}; "
           f"peers met {result['met_after_s']} s after start")
     print(f"{'way':16} {'path':12} {'first s':>8} {'median s':>9} {'MB/s':>7} {'vs direct':>9}")
-    for name in ("direct", "direct_via_nat", "reverse", "relay"):
+    for name in ("direct", "direct_via_nat", "reverse", "relay", "udp"):
         r = result[name]
         print(f"{name:16} {r['path']:12} {r['first_s']:8.3f} {r['median_s']:9.4f} {r['mb_per_s']:7.1f} "
               f"{r.get('ratio_to_direct', 1.0):9.2f}")

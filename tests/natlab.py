@@ -134,8 +134,9 @@ class Lab:
         self.hosts[name] = host
         return host
 
-    def natted(self, name: str, kind: str, udp_port: int = 0) -> Host:
-        """A host behind its own router doing ``kind`` NAT (``full`` forwards ``udp_port`` to it)."""
+    def natted(self, name: str, kind: str, udp_port: int = 0, tcp_blocked: bool = False) -> Host:
+        """A host behind its own router doing ``kind`` NAT (``full`` forwards ``udp_port`` to it); ``tcp_blocked``:
+        its firewall drops every TCP packet in and out (off loopback), so only UDP gets through."""
         if kind not in NAT_KINDS:
             raise ValueError(f"NAT kind {kind!r}: one of {NAT_KINDS}")
         if kind == "full" and not udp_port:
@@ -159,7 +160,11 @@ class Lab:
             sh("iptables", "-A", chain, "-i", "wan", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED,DNAT",
                "-j", "ACCEPT", ns=router)
             sh("iptables", "-A", chain, "-i", "wan", "-j", "DROP", ns=router)
-        return self._home(name, kind, router, wan, lan)
+        host = self._home(name, kind, router, wan, lan)
+        if tcp_blocked:
+            sh("iptables", "-A", "OUTPUT", "-p", "tcp", "!", "-o", "lo", "-j", "DROP", ns=name)
+            sh("iptables", "-A", "INPUT", "-p", "tcp", "!", "-i", "lo", "-j", "DROP", ns=name)
+        return host
 
     def behind(self, name: str, other: str) -> Host:
         """Another host on ``other``'s home network, behind the same router (no hairpinning: the two reach each

@@ -54,6 +54,16 @@ def test_a_symmetric_nat_without_a_relay_says_to_run_one() -> None:
     assert any("no way for models from and to natted" in p for p in d.problems), d.problems
 
 
+def test_two_nats_with_a_punched_way_and_no_relay_trade_models_over_udp() -> None:
+    peers = [_peer("seed", True, "open"), _peer("natted", False, "timeout", routes=("direct", "udp"))]
+    d = assess(_observed("mapped", peers, seen=("198.51.100.7:4000",)))
+    natted = next(p for p in d.peers if p.node_id == "natted")
+    assert (natted.receive, natted.send) == ("udp", "udp")
+    assert not any("no way for models" in p for p in d.problems), d.problems
+    relayed = assess(_observed("mapped", [_peer("natted", False, "timeout", routes=("relay:r",))])).peers[0]
+    assert (relayed.receive, relayed.send) == ("none", "none")  # met through a relay: no UDP way of its own
+
+
 def test_a_relay_we_reach_carries_models_between_nats() -> None:
     seen = ("198.51.100.7:4000", "198.51.100.7:4999")
     peers = [_peer("relay", False, "open", relay=True, seen=seen[0]),

@@ -42,8 +42,10 @@ def test_introductions_punch_through_cone_nats_but_not_symmetric_to_restricted(t
     met = r["met"]
     assert met["full1-rest1"] and met["rest1-rest2"] and met["full1-sym1"] and met["seed-sym1"], met
     assert not met["rest1-sym1"] and not met["rest2-sym1"], met  # a symmetric NAT cannot be punched from a restricted one
-    # Without a relay, a NATed sender still reaches a public recipient (reverse), never another NATed peer.
-    assert [t["arrived"] for t in r["transfers"]] == [True, True, False, False], r["transfers"]
+    # Without a relay, a NATed sender still reaches a public recipient (reverse), and another NATed peer it punched
+    # a way to over that UDP way (no TCP way connects between two NATs).
+    assert [t["arrived"] for t in r["transfers"]] == [True, True, True, True], r["transfers"]
+    assert all(any("path=udp" in line for line in t["paths"]) for t in r["transfers"][2:]), r["transfers"]
 
 
 def test_each_transfer_takes_the_way_the_nats_leave_and_keeps_it(tmp_path: Path) -> None:
@@ -75,6 +77,15 @@ def test_real_daemons_behind_nats_form_one_swarm(tmp_path: Path) -> None:
     assert {"receive:rest1=reverse", "receive:sym1=reverse"} <= traced["seed"], traced
     assert "send:seed=reverse" in traced["rest1"] and "send:full1=relay" in traced["sym1"], traced
     assert "receive:sym1=relay" in traced["full1"], traced
+
+
+def test_peers_whose_tcp_is_blocked_behind_nats_trade_models_over_the_punched_udp_way(tmp_path: Path) -> None:
+    r = _lab("udp_daemons", tmp_path)
+    # No relay and no TCP anywhere between them: every model went over UDP, both ends say so, and all aggregated.
+    for name, peer in r["peers"].items():
+        assert peer["aggregations"] > 0 and peer["peers_met"] == 2, (name, peer)
+        assert peer["paths"] and all(p.endswith("=udp") for p in peer["paths"]), (name, peer["paths"])
+        assert any(t.startswith("send:") and t.endswith("=udp") for t in peer["traced"]), (name, peer["traced"])
 
 
 def test_doctor_behind_a_symmetric_nat_says_a_relay_is_needed(tmp_path: Path) -> None:

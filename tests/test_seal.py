@@ -34,6 +34,11 @@ def test_every_seal_takes_a_fresh_nonce() -> None:
     sealed = [seal.seal(PACKET) for _ in range(2000)]
     assert len({s[:NONCE_BYTES] for s in sealed}) == 2000
     assert len(set(sealed)) == 2000  # the same packet never looks the same twice
+    other = DatagramSeal(KEY)  # another process of the swarm: another random prefix
+    assert other.seal(PACKET)[:NONCE_BYTES] not in {s[:NONCE_BYTES] for s in sealed}
+    seal._count = (1 << 32) - 1  # the counter's last value, then a fresh prefix rather than a repeat
+    last, after = seal.seal(PACKET), seal.seal(PACKET)
+    assert last[:8] == sealed[0][:8] and after[:8] != last[:8] and after[8:NONCE_BYTES] == bytes(4)
 
 
 def test_a_tampered_datagram_does_not_open() -> None:

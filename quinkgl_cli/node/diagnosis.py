@@ -50,7 +50,7 @@ class PeerPaths:
     tcp_in: bool | None
     tcp_out: str
     relay: bool
-    receive: str  # the way its models come to us: direct | reverse | relay:<id> | none
+    receive: str  # the way its models come to us: direct | reverse | relay:<id> | udp | none
     send: str  # the way ours go to it
     tries: list[str]  # the transport's order for receiving (`paths`)
 
@@ -97,17 +97,22 @@ def _receive(peer: PeerObserved, usable_relays: list[str]) -> str:
             return route
         if route.startswith("relay:") and route.split(":", 1)[1] in usable_relays:
             return route
+        if route == "udp":  # offered only for a peer whose datagrams reach us directly
+            return route
     return NONE
 
 
 def _send(peer: PeerObserved, usable_relays: list[str]) -> str:
-    """How our models reach ``peer``: it connects to us, we connect out to it, or both meet at a relay."""
+    """How our models reach ``peer``: it connects to us, we connect out to it, both meet at a relay, or, last,
+    over the UDP way we exchange datagrams on (when its datagrams reach us directly, ours reach it)."""
     if peer.tcp_in:
         return "direct"
     if peer.tcp_out == "open":
         return "reverse"
     others = [r for r in usable_relays if r != peer.node_id]
-    return f"relay:{others[0]}" if others else NONE
+    if others:
+        return f"relay:{others[0]}"
+    return "udp" if "udp" in peer.routes else NONE
 
 
 def assess(o: Observed) -> Diagnosis:
@@ -149,12 +154,13 @@ def _problems(o: Observed, d: Diagnosis, tcp: str, usable: list[str]) -> None:
         if o.nat in ("mapped", "symmetric"):
             d.problems.append(f"TCP port {port} is not reachable from peers (behind NAT): forward TCP {port} and UDP "
                               f"{o.udp.rsplit(':', 1)[1]} on the router to this host for direct transfers; until then "
-                              "models come by reverse or relayed transfers")
+                              "models come by reverse, relayed or UDP transfers")
         else:
             d.problems.append(f"TCP port {port} is not reachable from peers though its UDP port is (a firewall?): allow "
-                              f"inbound TCP {port} for direct transfers; until then models come by reverse or relayed transfers")
+                              f"inbound TCP {port} for direct transfers; until then models come by reverse, relayed or UDP "
+                              "transfers")
     for p in d.peers:
         if p.receive == NONE or p.send == NONE:
             which = " and ".join(w for w, way in (("from", p.receive), ("to", p.send)) if way == NONE)
-            d.problems.append(f"no way for models {which} {p.node_id} (neither end reaches the other's TCP port and no "
-                              "relay reachable by both): run a reachable peer with --relay")
+            d.problems.append(f"no way for models {which} {p.node_id} (neither end reaches the other's TCP port, no "
+                              "relay reachable by both, no direct UDP way): run a reachable peer with --relay")

@@ -23,7 +23,7 @@ are bytes.
                     ``receive``: this node fetched a peer's), ``peer`` (node id), ``round`` (the update's round),
                     ``bytes`` (the update's encoded size), ``seconds`` (the exchange: from the connection to the last
                     byte; a receive that never connected: the connecting), ``path`` (how the bytes went: ``direct``,
-                    ``reverse``, ``relay``, or ``memory`` in-process), ``ok`` (false: it failed part way, or never
+                    ``reverse``, ``relay``, ``udp``, or ``memory`` in-process), ``ok`` (false: it failed part way, or never
                     connected).
 ``peer-arrival``    ``t``, ``peer``: a peer became known (its first hello, or its return after being lost).
 ``peer-departure``  ``t``, ``peer``: a known peer was lost (timed out or said goodbye).
@@ -101,7 +101,7 @@ class Transfer(_Record):
     round: Count
     bytes: Count
     seconds: Seconds
-    path: Literal["direct", "reverse", "relay", "memory"]
+    path: Literal["direct", "reverse", "relay", "udp", "memory"]
     ok: bool
 
 

@@ -68,7 +68,7 @@ class TransferDone:
 
     ``send``: a peer fetched this node's update; ``receive``: this node fetched a peer's. ``size`` is the update's
     size in bytes, ``seconds`` the exchange's wall time, ``path`` how the bytes went (``direct``, ``reverse``,
-    ``relay``; ``memory`` in-process).
+    ``relay``, ``udp``; ``memory`` in-process).
     """
 
     direction: Literal["send", "receive"]
@@ -76,7 +76,7 @@ class TransferDone:
     round: int
     size: int
     seconds: float
-    path: Literal["direct", "reverse", "relay", "memory"]
+    path: Literal["direct", "reverse", "relay", "udp", "memory"]
     ok: bool
 
 

@@ -31,6 +31,9 @@ def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
+VERDICTS_KEPT = 4096  # hosts whose audit verdict is remembered
+
+
 class Audit:
     """Wraps the socket calls that send or connect; anything aimed off loopback is refused and recorded."""
 
@@ -41,8 +44,19 @@ class Audit:
         self.lookups = 0
         self.non_loopback: list[str] = []
         self._lock = threading.Lock()
+        # Every datagram asks: parsing the address each time made a UDP transfer's sends several times dearer here
+        # than in a daemon (which remembers its own verdicts, `endpoint.DestinationGuard`).
+        self._verdicts: dict[str, bool] = {}
 
     def _loopback(self, host: Any) -> bool:
+        verdict = self._verdicts.get(host) if isinstance(host, str) else None
+        if verdict is None:
+            verdict = self._judge(host)
+            if isinstance(host, str) and len(self._verdicts) < VERDICTS_KEPT:
+                self._verdicts[host] = verdict
+        return verdict
+
+    def _judge(self, host: Any) -> bool:
         try:
             address = ipaddress.ip_address(host)
         except (ValueError, TypeError):

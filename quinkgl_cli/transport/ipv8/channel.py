@@ -56,11 +56,15 @@ class Ephemeral:
 
     def derive(self, peer_public: bytes, salt: bytes, context: bytes) -> bytes:
         """The fetch's key from our private half and the peer's public key; ``context`` names what it is for."""
+        return self.derive_bytes(peer_public, salt, context, KEY_BYTES, _INFO)
+
+    def derive_bytes(self, peer_public: bytes, salt: bytes, context: bytes, length: int, info: bytes) -> bytes:
+        """``length`` bytes of key from the exchange, for the use ``info`` names (a UDP transfer takes two keys)."""
         try:
             shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
         except ValueError as exc:  # a low-order point gives an all-zero secret: refused by the library
             raise ChannelError("bad_key_exchange") from exc
-        return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt, info=_INFO + context).derive(shared)
+        return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info + context).derive(shared)
 
 
 def context(community_id: bytes, offer_id: bytes, server_public: bytes, client_public: bytes) -> bytes:

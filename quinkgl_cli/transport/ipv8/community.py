@@ -33,6 +33,7 @@ from quinkgl_cli.transport.ipv8.payloads import (
     RevocationPayload,
     RosterPayload,
     ServicesPayload,
+    UdpPullPayload,
 )
 
 LOGGER_NAME = "quinkgl.transport.ipv8"
@@ -87,6 +88,8 @@ class CommunityHandlers(Protocol):
 
     def on_roster(self, key: bytes, source: tuple[str, int], payload: RosterPayload) -> None: ...
 
+    def on_udp_pull(self, key: bytes, source: tuple[str, int], payload: UdpPullPayload) -> None: ...
+
 
 class SwarmSettings(CommunitySettings):
     handlers: CommunityHandlers
@@ -118,6 +121,7 @@ class SwarmCommunity(Community):
         self.add_message_handler(RelayedPayload, self._on_relayed)
         self.add_message_handler(ForwardedPayload, self._on_forwarded)
         self.add_message_handler(RosterPayload, self._on_roster)
+        self.add_message_handler(UdpPullPayload, self._on_udp_pull)
 
     # -- keep IPv8 away from the host's LAN addresses: it looks them up (a DNS query for the host name, a UDP socket
     # towards a TEST-NET address) and peers would send to them; LAN discovery is ours (`lan`), by beacon sources ----
@@ -240,6 +244,10 @@ class SwarmCommunity(Community):
     def _on_roster(self, source: Any, data: bytes) -> None:
         key, payload = self._unpack_signed(RosterPayload, data)
         self.handlers.on_roster(key, _addr(source), payload)
+
+    def _on_udp_pull(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(UdpPullPayload, data)
+        self.handlers.on_udp_pull(key, _addr(source), payload)
 
     def _unpack_signed(self, cls: Any, data: bytes) -> tuple[bytes, Any]:
         key, body = self._verified(data)

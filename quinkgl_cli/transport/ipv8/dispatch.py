@@ -31,10 +31,12 @@ from quinkgl_cli.transport.ipv8.payloads import (
     RevocationPayload,
     RosterPayload,
     ServicesPayload,
+    UdpPullPayload,
 )
 from quinkgl_cli.transport.ipv8.probes import PROBE, Probes
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents
 from quinkgl_cli.transport.ipv8.services import Services
+from quinkgl_cli.transport.ipv8.udpway import UdpWay
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Routes:
     probes: Probes
     forwarder: Forwarder
     community: SwarmCommunity
+    udp: UdpWay
 
 
 class Dispatch:
@@ -68,6 +71,11 @@ class Dispatch:
         """A datagram the endpoint did not open with our swarm key (``cleartext``: an older version's or another
         IPv8 application's; ``other_swarm``: sealed with another key, or noise), or one of another community."""
         self.on_bad_packet((str(source[0]), int(source[1])), reason)
+
+    def on_transfer(self, source: Any, packet: bytes) -> None:
+        """A datagram of a model transfer over UDP (`udpway`), opened by the endpoint; IPv8 never sees those."""
+        if self._routes is not None:
+            self._routes.udp.on_datagram(source, packet)  # (host, port), as the socket gave it
 
     def on_bad_packet(self, source: tuple[str, int], reason: str, **fields: Any) -> None:
         self._drops("packet-refused", f"{source[0]}:{source[1]}", reason, **fields)
@@ -132,6 +140,12 @@ class Dispatch:
             r.probes.on_request(rec, payload)
         else:
             r.links.on_path_request(rec, payload)
+
+    def on_udp_pull(self, key: bytes, source: tuple[str, int], payload: UdpPullPayload) -> None:
+        r = self._routes
+        rec = r.membership.fresh(key, source, payload.session, payload.counter, "pull-refused") if r is not None else None
+        if r is not None and rec is not None:
+            r.udp.on_pull(rec, payload)
 
     def on_relayed(self, key: bytes, source: tuple[str, int], p: RelayedPayload) -> None:
         r = self._routes

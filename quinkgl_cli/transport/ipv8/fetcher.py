@@ -5,7 +5,8 @@ bound concurrent downloads. Every bound holds whatever the sender does: offers b
 ignored, accepted fetches wait in a queue bounded per sender and overall (an offer that finds it full is
 declined), a sender has one download running at a time, and a download that stops keeping pace is abandoned
 (`stream.Progress`). A model reaches the node only when its bytes match the size and sha256 of the offer its
-sender signed; its bytes travel encrypted (`channel`).
+sender signed; its bytes travel encrypted (`channel`). When no TCP way connects, the bytes come over the UDP way
+(`udpway`), if the sender's datagrams reach us directly; once that worked, it is tried first for that sender.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
 from quinkgl_cli.transport.ipv8.links import Links, RouteFailed
 from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD
-from quinkgl_cli.transport.ipv8.paths import RELAY, Route, path_name
+from quinkgl_cli.transport.ipv8.paths import RELAY, UDP, Route, path_name
 from quinkgl_cli.transport.ipv8.payloads import DeclinePayload, OfferPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents, TaskRegistry
 from quinkgl_cli.transport.ipv8.server import close_socket
 from quinkgl_cli.transport.ipv8.settings import TransportSettings
+from quinkgl_cli.transport.ipv8.udpway import UdpWay
 
 log = logging.getLogger("quinkgl.transport")
 
@@ -68,6 +70,7 @@ class Fetcher:
         community_id: bytes,
         courier: Courier,
         links: Links,
+        udp: UdpWay,
         guard: DestinationGuard,
         pool: ThreadPoolExecutor,
         tasks: TaskRegistry,
@@ -82,6 +85,7 @@ class Fetcher:
         self.community_id = community_id
         self.courier = courier
         self.links = links
+        self.udp = udp
         self.guard = guard
         self.pool = pool
         self.tasks = tasks
@@ -183,13 +187,21 @@ class Fetcher:
             return await self._download(rec, p)
 
     async def _download(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | None:
-        """The offered bytes and their sha256, or None with the failure reported. The routes to the sender are
-        raced in `links`' order (`Links.connect_any`); a transfer that fails once connected is not tried again."""
+        """The offered bytes and their sha256, or None with the failure reported. The TCP routes to the sender are
+        raced in `links`' order (`Links.connect_any`), then UDP if none connects, or UDP first when it is the way
+        that worked last; a transfer that fails once connected (or once UDP was tried) is not tried again."""
         routes = self.links.routes(rec)
+        streams = [r for r in routes if r.path != UDP]
+        if routes and routes[0].path == UDP:
+            return await self._by_udp(rec, p)
         connecting = time.monotonic()
         try:
-            sock, route = await self.links.connect_any(rec, p, routes)
+            if not streams:
+                raise RouteFailed("no_path")
+            sock, route = await self.links.connect_any(rec, p, streams)
         except RouteFailed as exc:
+            if len(streams) < len(routes):
+                return await self._by_udp(rec, p)
             reason = exc.reason if len(routes) == 1 else "no_path"
             self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, tried=[str(r) for r in routes])
             if routes:  # the transfer never started: reported on the way tried first, its time the connecting
@@ -201,6 +213,19 @@ class Fetcher:
         seconds = time.monotonic() - started
         self.links.done(rec, route, got is not None, p.size, seconds)
         self.report(TransferDone("receive", rec.node_id, p.round, p.size, seconds, path_name(route.path), got is not None))
+        return got
+
+    async def _by_udp(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | None:
+        route = Route(UDP)
+        started = time.monotonic()
+        got: tuple[bytearray, bytes] | None = None
+        try:
+            got = await self.udp.fetch(rec, p)
+        except stream.FetchError as exc:
+            self.drops("fetch-failed", rec.node_id, exc.reason, offer_round=p.round, path=UDP)
+        seconds = time.monotonic() - started
+        self.links.done(rec, route, got is not None, p.size, seconds)
+        self.report(TransferDone("receive", rec.node_id, p.round, p.size, seconds, path_name(UDP), got is not None))
         return got
 
     async def _exchange(self, rec: PeerRecord, p: OfferPayload, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | None:

@@ -1,6 +1,7 @@
 """The connection an offer's bytes travel over, whatever NAT sits between sender and recipient.
 
-Owns, on the recipient's side, the opening of a connection by a `paths.Route` (direct, reverse, relay), the
+Owns, on the recipient's side, the opening of a connection by a `paths.Route` (direct, reverse, relay; the fourth
+way, ``udp``, is no connection: `udpway` runs it when these fail), the
 reverse connections it waits for, and the choice of routes (`paths.PathBook`); on the sender's side, the
 connections it makes out when a recipient asks (`PathRequestPayload`): to the recipient's TCP port (reverse) or to
 a relay. The fetch exchange then runs over the connection unchanged (`fetcher`, `server.serve`), so every way
@@ -86,7 +87,7 @@ class Links:
             return [Route(DIRECT)]
         relayed = rec.via is not None  # its datagrams come only through a relay: so will its bytes
         return self.book.routes(rec.node_id, time.monotonic(), self.services.relay_candidates(rec.node_id),
-                                reverse=not self.services.behind_nat() and not relayed, direct=not relayed)
+                                reverse=not self.services.behind_nat() and not relayed, direct=not relayed, udp=not relayed)
 
     async def connect_any(self, rec: PeerRecord, p: OfferPayload, routes: list[Route]) -> tuple[socket.socket, Route]:
         """The first of ``routes`` to connect, each started ``STAGGER`` seconds after the one before unless that

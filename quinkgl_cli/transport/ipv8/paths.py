@@ -1,8 +1,9 @@
 """Which way an offer's bytes come to us from each sender: the order to try them in, and what worked before.
 
-Pure bookkeeping, no I/O (`links` opens the connections). Three ways, tried in this order unless memory says
-otherwise: ``direct`` (we connect to the sender's TCP port), ``reverse`` (the sender connects out to ours: it sits
-behind a NAT, we do not) and ``relay`` (both ends connect out to a peer that volunteered to relay). The way that
+Pure bookkeeping, no I/O (`links` opens the connections, `udpway` runs UDP transfers). Four ways, tried in this
+order unless memory says otherwise: ``direct`` (we connect to the sender's TCP port), ``reverse`` (the sender
+connects out to ours: it sits behind a NAT, we do not), ``relay`` (both ends connect out to a peer that volunteered
+to relay) and, last, ``udp`` (the bytes come over the UDP way we already exchange datagrams on). The way that
 last worked for a sender is tried first next time; a way that failed is skipped for ``retry_after`` seconds
 unless nothing else is left, so a sender whose NAT or firewall changed is found again.
 """
@@ -12,14 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-DIRECT, REVERSE, RELAY = "direct", "reverse", "relay"
-PathName = Literal["direct", "reverse", "relay"]
-_NAMES: dict[str, PathName] = {DIRECT: "direct", REVERSE: "reverse", RELAY: "relay"}
+DIRECT, REVERSE, RELAY, UDP = "direct", "reverse", "relay", "udp"
+PathName = Literal["direct", "reverse", "relay", "udp"]
+_NAMES: dict[str, PathName] = {DIRECT: "direct", REVERSE: "reverse", RELAY: "relay", UDP: "udp"}
 MAX_RELAYS_TRIED = 2  # relays tried for one transfer: each failure costs a wait
 
 
 def path_name(path: str) -> PathName:
-    """One of the three ways, typed as transfer reports carry it (every `Route` has one of them)."""
+    """One of the four ways, typed as transfer reports carry it (every `Route` has one of them)."""
     return _NAMES[path]
 
 
@@ -43,16 +44,20 @@ class PathBook:
         self.retry_after = retry_after
         self._peers: dict[str, _Memory] = {}
 
-    def routes(self, peer: str, now: float, relays: list[str], reverse: bool, direct: bool = True) -> list[Route]:
+    def routes(self, peer: str, now: float, relays: list[str], reverse: bool, direct: bool = True,
+               udp: bool = False) -> list[Route]:
         """The routes to try for ``peer``, best first. ``relays``: relay peers to consider (best first);
         ``reverse``: whether the sender could connect to us (False when we know we sit behind a NAT); ``direct``:
         whether to try its TCP port (False for a peer whose datagrams reach us only through a relay: its bytes
-        will too, and a relay that failed once is tried again rather than a way that cannot work)."""
+        will too, and a relay that failed once is tried again rather than a way that cannot work); ``udp``:
+        whether its datagrams come to us directly (a UDP transfer is then possible, the last way tried)."""
         memory = self._peers.get(peer, _Memory())
         candidates = [Route(DIRECT)] if direct else []
         if reverse:
             candidates.append(Route(REVERSE))
         candidates += [Route(RELAY, r) for r in relays if r != peer]
+        if udp:
+            candidates.append(Route(UDP))
         fresh = [r for r in candidates if now - memory.failed.get(r, float("-inf")) >= self.retry_after]
         stale = sorted((r for r in candidates if r not in fresh), key=lambda r: memory.failed[r])
         ordered = fresh or stale  # when every way failed lately, the one that failed longest ago goes first

@@ -157,3 +157,14 @@ class RosterPayload(VariablePayload):
     msg_id = 11
     format_list = ["varlenHutf8", "Q", "Q", "varlenH-list", "varlenH-list"]
     names = ["swarm_id", "session", "counter", "peer_names", "peer_keys"]
+
+
+@vp_compile
+class UdpPullPayload(VariablePayload):
+    """From the recipient of an offer no TCP way reaches, to its sender: send the offer's bytes over the UDP way we
+    already exchange datagrams on (`udpway`), as transfer ``transfer_id``, encrypted to the key agreed with
+    ``ephemeral`` (the recipient's X25519 key, vouched for by this message's signature)."""
+
+    msg_id = 12
+    format_list = ["varlenHutf8", "Q", "Q", "20s", "Q", "32s"]  # the transfer id as a little-endian u64
+    names = ["swarm_id", "session", "counter", "offer_id", "transfer_id", "ephemeral"]

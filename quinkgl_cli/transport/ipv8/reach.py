@@ -24,7 +24,7 @@ def advice(nat: str, tcp: str, relays: int, volunteer: bool, listen: str) -> str
     if nat == "symmetric" and not relays:
         return "symmetric NAT and no relay among your peers: ask a reachable peer to run with --relay"
     if nat in ("mapped", "symmetric"):
-        return "behind NAT: models reach you through public peers and relays; forwarding the port helps"
+        return "behind NAT: models reach you through public peers, relays or punched UDP ways; forwarding the port helps"
     if tcp == "closed":
         return "TCP port unreachable (firewall?): peers use reverse or relayed transfers; open it for direct ones"
     if nat == "none" and tcp == "open" and not volunteer:

@@ -57,6 +57,7 @@ from quinkgl_cli.transport.ipv8.settings import (
     TransportSettings,
     parse_address,
 )
+from quinkgl_cli.transport.ipv8.udpway import UdpWay
 from quinkgl_cli.transport.rendezvous import Rendezvous
 
 log = logging.getLogger("quinkgl.transport")
@@ -100,6 +101,7 @@ class Parts:
     links: Links
     probes: Probes
     forwarder: Forwarder
+    udp: UdpWay
     rejoin: Rejoin
     lan: LanBeacon | None  # --lan-discovery
     reach: Reachability
@@ -200,7 +202,7 @@ class IPv8Transport(RuledTransport):
         key = swarm_identity(s.state_dir, s.swarm_id)
         session = next_session(s.state_dir)
         endpoint = GuardedUDPEndpoint(s.listen_host, s.port, self.guard, DatagramSeal(self.admission.settings.sealing_key()))
-        endpoint.on_foreign = self._dispatch.on_foreign
+        endpoint.on_foreign, endpoint.on_transfer = self._dispatch.on_foreign, self._dispatch.on_transfer
         await endpoint.open()
         lsock = None
         community: SwarmCommunity | None = None
@@ -259,9 +261,9 @@ class IPv8Transport(RuledTransport):
         relay = Relay(s, table, tasks, drops)
         probes = Probes(s, courier, self.guard, tasks, drops)
         links = Links(s, courier, services, relay, outbox, server, self.guard, tasks, drops, probes)
-        fetcher = Fetcher(s, key, community.community_id, courier, links, self.guard, pool, tasks, node_events, drops, self.stats,
-                          self.report_transfer)
-
+        udp = UdpWay(s, community.community_id, courier, outbox, endpoint, tasks, drops, self.stats, server.revoked, self.report_transfer)
+        fetcher = Fetcher(s, key, community.community_id, courier, links, udp, self.guard, pool, tasks, node_events, drops,
+                          self.stats, self.report_transfer)
         rejoin = Rejoin(community, table, self.guard)
         forwarder: Forwarder | None = None
 
@@ -280,10 +282,10 @@ class IPv8Transport(RuledTransport):
                                 backlog=endpoint.backlog)
         forwarder = Forwarder(s, table, courier, services, drops, key.pub().key_to_bin(),
                               lambda: membership.hello_payload(want_reply=True))
-        self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links, probes, forwarder, community))
+        self._dispatch.attach(Routes(membership, outbox, fetcher, node_events, services, links, probes, forwarder, community, udp))
         reach = Reachability(self.node_id, s.listen_host, services.bound, self.tcp_port, services, links, s.limits.relay.volunteer)
         return Parts(key, endpoint, community, courier, table, membership, outbox, server, fetcher, services, relay, links,
-                     probes, forwarder, rejoin, lan, reach, tasks, pool)
+                     probes, forwarder, udp, rejoin, lan, reach, tasks, pool)
 
     def _local_seeds(self) -> list[tuple[str, int]]:
         """The other daemons of this swarm on this host, from the rendezvous directory, where we may send."""
