@@ -9,6 +9,7 @@ import logging
 import re
 from abc import abstractmethod
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,25 @@ KIND_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
 def digest(payload: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(payload).digest()
+
+
+class HostVerdicts:
+    """``judge(host)``, remembered for up to ``kept`` string hosts (peers' addresses: a bounded, slowly changing
+    set). Every datagram sent asks; parsing the address each time was a tenth of a flooded daemon's send path and
+    several times a UDP transfer's sending cost."""
+
+    def __init__(self, judge: Callable[[Any], bool], kept: int = 4096) -> None:
+        self._judge = judge
+        self._kept = kept
+        self._verdicts: dict[str, bool] = {}
+
+    def __call__(self, host: Any) -> bool:
+        verdict = self._verdicts.get(host) if isinstance(host, str) else None
+        if verdict is None:
+            verdict = self._judge(host)
+            if isinstance(host, str) and len(self._verdicts) < self._kept:
+                self._verdicts[host] = verdict
+        return verdict
 
 
 def encode_body(body: dict[str, Any], limit: int = MAX_MESSAGE_BYTES, what: str = "message body") -> bytes:

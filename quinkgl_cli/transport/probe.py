@@ -24,14 +24,12 @@ import time
 from typing import Any
 
 from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, PeerInfo
+from quinkgl_cli.transport.common import HostVerdicts
 
 
 def _emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
     sys.stdout.flush()
-
-
-VERDICTS_KEPT = 4096  # hosts whose audit verdict is remembered
 
 
 class Audit:
@@ -44,17 +42,7 @@ class Audit:
         self.lookups = 0
         self.non_loopback: list[str] = []
         self._lock = threading.Lock()
-        # Every datagram asks: parsing the address each time made a UDP transfer's sends several times dearer here
-        # than in a daemon (which remembers its own verdicts, `endpoint.DestinationGuard`).
-        self._verdicts: dict[str, bool] = {}
-
-    def _loopback(self, host: Any) -> bool:
-        verdict = self._verdicts.get(host) if isinstance(host, str) else None
-        if verdict is None:
-            verdict = self._judge(host)
-            if isinstance(host, str) and len(self._verdicts) < VERDICTS_KEPT:
-                self._verdicts[host] = verdict
-        return verdict
+        self._loopback = HostVerdicts(self._judge)
 
     def _judge(self, host: Any) -> bool:
         try:

@@ -23,13 +23,12 @@ from typing import Any
 from ipv8.messaging.interfaces.udp.endpoint import UDPEndpoint
 
 from quinkgl_cli.errors import NetworkError
-from quinkgl_cli.transport.common import OnceLog
+from quinkgl_cli.transport.common import HostVerdicts, OnceLog
 from quinkgl_cli.transport.ipv8.seal import DatagramSeal
 from quinkgl_cli.transport.ipv8.udpwire import MAGIC
 from quinkgl_cli.validation import is_loopback
 
 log = logging.getLogger("quinkgl.transport")
-VERDICTS_KEPT = 4096  # hosts whose verdict is remembered (peers' addresses: a bounded, slowly changing set)
 SO_MEMINFO = 55  # Linux: the socket's memory counters, the receive queue's bytes first and its limit second
 IPV8_PREFIX = b"\x00\x02"  # starts every cleartext IPv8 community packet (an older quinkgl's, another application's)
 DRAIN = 64  # datagrams read at once after a transfer's datagram, without a turn of the event loop each
@@ -45,16 +44,7 @@ class DestinationGuard:
         self.loopback_only = is_loopback(listen_host)
         self.blocked = 0
         self._once = OnceLog(log)
-        # Every datagram we send asks: parsing the address each time was a tenth of a flooded daemon's send path.
-        self._verdicts: dict[str, bool] = {}
-
-    def allows(self, host: Any) -> bool:
-        verdict = self._verdicts.get(host) if isinstance(host, str) else None
-        if verdict is None:
-            verdict = self._judge(host)
-            if isinstance(host, str) and len(self._verdicts) < VERDICTS_KEPT:
-                self._verdicts[host] = verdict
-        return verdict
+        self.allows = HostVerdicts(self._judge)
 
     def _judge(self, host: Any) -> bool:
         try:
