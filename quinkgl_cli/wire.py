@@ -177,6 +177,31 @@ def read_header(data: bytes | bytearray | memoryview, max_entries: int = DEFAULT
     return header, _align(head_end)
 
 
+_CANONICAL_START = b'{"encoding":"'
+
+
+def declared_encoding(data: bytes | bytearray | memoryview) -> str | None:
+    """The encoding a blob's header names, read off its first bytes where the header begins as `encode` writes it
+    (``{"encoding":"<name>"``); None where it does not (another writer's key order or escapes, not a blob): only
+    `read_header` can tell then. A routing hint that costs no parse: the header is still read and validated whole
+    before anything in it is used."""
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    if view.nbytes < PREFIX.size:
+        return None
+    magic, version, header_len = PREFIX.unpack_from(view, 0)
+    if magic != MAGIC or version != VERSION:
+        return None
+    start = len(_CANONICAL_START)
+    head = bytes(view[PREFIX.size : PREFIX.size + min(header_len, start + 65)])  # never past the header
+    end = head.find(b'"', start)
+    if not head.startswith(_CANONICAL_START) or end <= start:
+        return None
+    name = head[start:end]
+    return None if b"\\" in name or not name.isascii() else name.decode("ascii")
+
+
 def decode(
     data: bytes | bytearray | memoryview,
     max_entries: int = DEFAULT_MAX_ENTRIES,

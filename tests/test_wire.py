@@ -242,3 +242,24 @@ def test_control_bodies_and_offer_meta_refuse_what_headers_refuse(body):
     with pytest.raises(ValueError):
         decode_body(body)
     assert decode_body(b'{"step":1e308,"round":3}') == {"step": 1e308, "round": 3}
+
+
+def test_declared_encoding_reads_what_the_header_says_or_nothing() -> None:
+    from quinkgl_cli.wire import DEFAULT_ENCODING, MAGIC, PREFIX, VERSION, declared_encoding, read_header
+
+    t = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    for encoding in (DEFAULT_ENCODING, "qgl-compressed/1", "x"):
+        for meta in ({}, {"round": 3, "k": [1, 2]}, {"encoding": "other"}):
+            blob = encode(t, meta, encoding=encoding)
+            assert declared_encoding(blob) == read_header(blob)[0].encoding == encoding
+            assert declared_encoding(bytearray(blob)) == declared_encoding(memoryview(blob)) == encoding
+
+    def blob_with(header: bytes) -> bytes:
+        return PREFIX.pack(MAGIC, VERSION, len(header)) + header
+
+    # Another writer's key order, an escaped name, no name, or not a blob at all: no answer (read the header).
+    assert declared_encoding(blob_with(b'{"entries":[],"encoding":"x","meta":{}}')) is None
+    assert declared_encoding(blob_with(b'{"encoding":"q\\u0067l","entries":[],"meta":{}}')) is None
+    assert declared_encoding(blob_with(b'{"encoding":"","entries":[]}')) is None
+    assert declared_encoding(blob_with(b'{"encoding":"x')) is None  # the name runs past the header's end
+    assert declared_encoding(b"QGL") is None and declared_encoding(b"junk" * 8) is None

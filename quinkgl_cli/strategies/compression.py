@@ -338,6 +338,9 @@ def is_compressed(payload: bytes | bytearray | memoryview) -> bool:
     view = memoryview(payload)
     if bytes(view[:4]) == LOSSLESS_MAGIC:
         return True
+    declared = wire.declared_encoding(view)  # every update is asked on arrival: most answer without a parse
+    if declared is not None:
+        return declared == ENCODING
     try:
         header, _ = wire.read_header(view, max_entries=64)
     except WireError:
