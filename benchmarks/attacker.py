@@ -24,6 +24,8 @@ Scenarios (issue 12's numbering):
   owners are up and met.
 - ``junk`` (not in issue 12's list): one member offers the untrained initial model (finite, right shapes, inside the
   poison bounds) every second: what a member that contributes nothing costs, apart from any id it claims.
+- ``boost`` (not in issue 12's list): one member offers the newest honest model it heard with every weight x100,
+  every second: the honest direction (no direction check refuses it) at the wrong size (the norm cap's case).
 ``attack-stats`` counts the honest models the attacker's identities received (``models``).
 """
 
@@ -53,7 +55,7 @@ from quinkgl_cli.transport.ipv8 import IPv8Transport, stream
 from quinkgl_cli.transport.ipv8.payloads import OfferPayload
 
 SCENARIOS = ("poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero", "observer",
-             "squatter", "squatter-live", "junk")
+             "squatter", "squatter-live", "junk", "boost")
 
 
 class Listener:
@@ -282,6 +284,19 @@ class Attack:
         blob = self.payload(None)
         while True:
             self.send(t, heard.peers, OutgoingUpdate(round=max(heard.max_round, 1), payload=blob, sample_count=100))
+            await asyncio.sleep(1.0)
+
+
+    async def boost(self, ready: asyncio.Event) -> None:
+        t, heard = await self.member("booster")
+        await self.wait_for_peers(heard, len(self.seeds))
+        ready.set()
+        while True:
+            if heard.latest is not None:
+                tensors, meta = wire.decode(bytes(heard.latest.payload))
+                boosted = {n: v * 100.0 if v.is_floating_point() else v for n, v in tensors.items()}
+                blob = wire.encode(boosted, meta=meta)
+                self.send(t, heard.peers, OutgoingUpdate(round=max(heard.max_round, 1), payload=blob, sample_count=100))
             await asyncio.sleep(1.0)
 
 
