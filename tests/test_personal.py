@@ -253,6 +253,20 @@ def test_fedrep_head_trains_on_the_merged_backbone_after_the_final_merge(mode: s
         assert moved == set()  # nothing to fit: the whole model is the shared one
 
 
+def test_fedrep_head_fit_on_a_broken_merged_backbone_keeps_the_head_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    a = node(net, "a", manifest("fedrep", head_epochs="2"), [0, 1], seed=1)
+    run_round(net, [a])
+    with torch.no_grad():
+        a.trainer.model[0].weight.fill_(float("inf"))  # a merge that left the backbone non-finite
+    before = {k: v.clone() for k, v in a.trainer.model.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="quinkgl"):
+        evaluate_merged(a)
+    assert [r for r in caplog.records if r.getMessage().startswith("head-fit-rolled-back ")]
+    after = a.trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in ("2.weight", "2.bias"))
+
+
 def test_simulator_fits_the_head_after_the_final_merge(blobs: PeerScript,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from quinkgl_cli.node.trainer import Trainer
