@@ -24,7 +24,7 @@ from quinkgl_cli.manifest.canonical import manifest_object, swarm_id
 from quinkgl_cli.manifest.create import build_manifest
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.manifest.trust import load_trusted
-from quinkgl_cli.node.core import Node, NodeConfig, NodeState
+from quinkgl_cli.node.core import Node, NodeConfig, NodeState, evaluate_merged
 from quinkgl_cli.node.owneval import label_shares, weighted_accuracy
 from quinkgl_cli.node.personal import APFL, FedRep, Shared, build_personal
 from quinkgl_cli.node.script import PeerScript, load_script
@@ -216,6 +216,73 @@ def test_fedrep_trains_the_head_first_then_the_backbone_with_the_head_frozen() -
     assert all(torch.equal(s[2], body_phase[0][2]) for s in body_phase)  # head untouched while the backbone trains
     assert not torch.equal(body_phase[0][3], probe.body.weight)  # ... and the backbone did train
     assert probe.head.weight.requires_grad and probe.body.weight.requires_grad  # flags restored
+
+
+def test_fedrep_head_defaults_to_many_passes_per_backbone_pass() -> None:
+    # The paper's schedule: many cheap head updates for each update of the representation (10 head epochs).
+    assert manifest("fedrep").personalization.head_epochs == 10
+
+
+def _head_loss(n: Node) -> float:
+    model = n.trainer.model
+    with torch.no_grad():
+        return sum(float(n.trainer.loss_fn(model(x), y)) for x, y in n.trainer.train_loader)
+
+
+@pytest.mark.parametrize("mode", ["none", "fedrep"])
+def test_fedrep_head_trains_on_the_merged_backbone_after_the_final_merge(mode: str) -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    m = manifest(mode, **({"head_epochs": "3"} if mode == "fedrep" else {}))
+    a, b = node(net, "a", m, [0, 1], seed=1), node(net, "b", m, [2], seed=2)
+    run_round(net, [a, b])
+    for n in (a, b):
+        n.begin_consensus()
+        n.share(1)
+    net.deliver_all()
+    for n in (a, b):
+        n.aggregate()  # the merge moves the backbone under a's head
+    before = {k: v.clone() for k, v in a.trainer.model.state_dict().items()}
+    loss = _head_loss(a)
+    evaluate_merged(a)
+    after = a.trainer.model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    if mode == "fedrep":
+        assert moved == {"2.weight", "2.bias"}  # the head only: the merged backbone stays as the swarm made it
+        assert _head_loss(a) < loss
+    else:
+        assert moved == set()  # nothing to fit: the whole model is the shared one
+
+
+def test_fedrep_head_fit_on_a_broken_merged_backbone_keeps_the_head_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    net = MemoryNetwork(auto_deliver=False)
+    a = node(net, "a", manifest("fedrep", head_epochs="2"), [0, 1], seed=1)
+    run_round(net, [a])
+    with torch.no_grad():
+        a.trainer.model[0].weight.fill_(float("inf"))  # a merge that left the backbone non-finite
+    before = {k: v.clone() for k, v in a.trainer.model.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="quinkgl"):
+        evaluate_merged(a)
+    assert [r for r in caplog.records if r.getMessage().startswith("head-fit-rolled-back ")]
+    after = a.trainer.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in ("2.weight", "2.bias"))
+
+
+def test_simulator_fits_the_head_after_the_final_merge(blobs: PeerScript,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from quinkgl_cli.node.trainer import Trainer
+
+    calls: list[int] = []
+    fit = Trainer.fit_head
+
+    def counted(self: Trainer) -> float | None:
+        calls.append(self.personal.head_epochs)
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit_head", counted)
+    cfg = SimConfig(peers=4, rounds=1, partition="classes:1", seed=1,
+                    overrides=Overrides(personalization="fedrep", personalization_params={"head_epochs": "1"}))
+    Simulator(blobs, _blobs_manifest(blobs), cfg).run()
+    assert calls == [1] * 4  # once per peer, after the consensus exchanges
 
 
 def test_fedrep_head_choice_manifest_then_model_attribute_then_last_layer() -> None:
@@ -521,8 +588,8 @@ def test_none_is_the_whole_model_unchanged() -> None:
 
 
 @pytest.mark.parametrize("mode", ["apfl", "fedrep"])
-def test_daemons_run_resume_and_report_personal_models(mode: str, tmp_path: Path,
-                                                       caplog: pytest.LogCaptureFixture) -> None:
+def test_daemons_run_resume_and_report_personal_models(mode: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
     from quinkgl_cli.manifest.io import write_manifest
@@ -554,9 +621,20 @@ def test_daemons_run_resume_and_report_personal_models(mode: str, tmp_path: Path
     async def both(ds: list[Daemon]) -> list[int]:
         return list(await asyncio.gather(*(d.run() for d in ds)))
 
+    from quinkgl_cli.node.trainer import Trainer
+
+    fits: list[str] = []
+    fit = Trainer.fit_head
+
+    def counted(self: Trainer) -> float | None:
+        fits.append(self.personal.mode)
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit_head", counted)
     daemons = [daemon(0), daemon(1)]
     with caplog.at_level(logging.INFO, logger="quinkgl"):
         assert asyncio.run(both(daemons)) == [0, 0]
+    assert fits == [mode, mode]  # each daemon, after its final consensus (FedRep's head fits the merged backbone)
     finished = [getattr(r, FIELDS_ATTR) for r in caplog.records if r.getMessage().startswith("finished ")]
     assert len(finished) == 2 and all(0.0 <= f["own_accuracy"] <= 1.0 for f in finished)
     assert all(("alpha" in f) == (mode == "apfl") for f in finished)

@@ -439,3 +439,13 @@ class Node:
         self.completed_round = int(meta["round"])
         self.round = self.completed_round
         self.recorder.load_state_dict(meta)
+
+
+def evaluate_merged(node: Node) -> tuple[float | None, float | None]:
+    """`Node.evaluate` after the final merge's exchanges (every driver's last evaluation); FedRep's head first trains
+    on the merged backbone (`Trainer.fit_head`), so that the head the peer keeps and serves fits it."""
+    bad = node.trainer.fit_head()
+    if bad is not None:
+        node.log(logging.WARNING, "head-fit-rolled-back", loss=bad,
+                 hint="a non-finite loss training the head on the merged backbone: the head was kept as it was")
+    return node.evaluate()

@@ -9,7 +9,8 @@ compresses or serves the shared model:
 - `FedRep` (Collins et al. 2021): the model splits by parameter name into a shared backbone and a personal head.
   ``shared`` is a `SharedPart`, a view whose state holds only the backbone, so the head is never flattened, so it
   never reaches the wire, an aggregator, DP or the codec; each round trains the head first (``head_epochs`` passes,
-  backbone frozen), then the backbone (head frozen) with the aggregator's hooks and DP. The head is, in order:
+  backbone frozen), then the backbone (head frozen) with the aggregator's hooks and DP; after the final merge the
+  head trains once more, on the merged backbone (`Trainer.fit_head`, the paper's last round). The head is, in order:
   the manifest's ``head_prefixes``, else the prefixes in the model's ``quinkgl_head`` attribute (set by the peer
   script's ``build_model``), else the last layer that has parameters.
 - `APFL` (Deng et al. 2020): a local model v beside the shared model w. w trains as usual and alone is shared;

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quinkgl_cli.events import emit
-from quinkgl_cli.node.core import Node, RoundMetrics
+from quinkgl_cli.node.core import Node, RoundMetrics, evaluate_merged
 from quinkgl_cli.node.logs import LogContext
 from quinkgl_cli.node.options import ScheduleOptions
 from quinkgl_cli.node.splitwatch import SplitWatch
@@ -227,7 +227,7 @@ class RoundLoop:
             node.share(step)
             await self.waiter.sleep_until(loop.time() + self.schedule.gossip_interval, until=node.has_fresh_update_from_all)
             node.aggregate()
-        await self.work.evaluate(node.evaluate)
+        await self.work.evaluate(lambda: evaluate_merged(node))
         metrics = node.end_consensus()
         self.final_eval = {"val_loss": metrics.val_loss, "val_accuracy": metrics.val_accuracy, **metrics.personal_fields()}
         emit(log, logging.INFO, "final-consensus", steps=node.final_consensus_steps, **self.final_eval)

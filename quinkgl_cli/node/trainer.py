@@ -195,10 +195,7 @@ class Trainer:
             lr = self.lr()
             aggregator.begin_training(model, lr)
             return self._dpsgd_pass(self.dpsgd, aggregator, sharing, lr, started)
-        with personal.head_only():
-            for _, x, y in self._batches(personal.head_epochs):
-                self._step(x, y, lambda: None)
-                self.optimizer.step()
+        self._head_pass()
         lr = self.lr()
         total_loss = 0.0
         correct = seen = steps = samples_first_epoch = 0
@@ -235,6 +232,29 @@ class Trainer:
             steps=steps,
             duration=time.perf_counter() - started,
         )
+
+    def _head_pass(self) -> None:
+        """The personal head's passes with the rest of the model frozen (FedRep; none under the other modes)."""
+        with self.personal.head_only():
+            for _, x, y in self._batches(self.personal.head_epochs):
+                self._step(x, y, lambda: None)
+                self.optimizer.step()
+
+    def fit_head(self) -> float | None:
+        """After the final merge: the personal head's passes on the merged backbone (FedRep, as the paper's last
+        round does; nothing under the other modes), so that the head the peer keeps and serves fits the backbone it
+        is served under: the merge moved that backbone after the head last trained. A non-finite loss puts the
+        head back as it was and is returned; else None."""
+        if not self.personal.head_epochs:
+            return None
+        before = flatten(self.model)
+        self.model.train()
+        try:
+            self._head_pass()
+        except _NonFiniteLoss as bad:
+            load_flat(self.model, before)
+            return bad.loss
+        return None
 
     def _dpsgd_pass(self, engine: DpSgdTraining, aggregator: Aggregator, sharing: SharingPipeline, lr: float,
                     started: float) -> TrainStats:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from quinkgl_cli.manifest.schema import Manifest
-from quinkgl_cli.node.core import Node
+from quinkgl_cli.node.core import Node, evaluate_merged
 from quinkgl_cli.node.script import load_script
 from quinkgl_cli.sim import shardwire
 from quinkgl_cli.sim.baseline import SERVER_ID
@@ -194,7 +194,7 @@ class ShardWorker:
     def finish_consensus(self) -> bytes:
         out = {}
         for _, node in self.nodes:
-            node.evaluate()
+            evaluate_merged(node)
             out[node.node_id] = [node.end_consensus().as_dict(), int(node.sample_count)]
         return json.dumps(out).encode()
 

@@ -58,7 +58,7 @@ import torch
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.events import emit
 from quinkgl_cli.manifest.schema import Manifest
-from quinkgl_cli.node.core import Node
+from quinkgl_cli.node.core import Node, evaluate_merged
 from quinkgl_cli.node.script import PeerScript
 from quinkgl_cli.sim.config import MODES, Mode, Overrides, SimConfig, apply_overrides
 from quinkgl_cli.sim.partition import parse_scheme
@@ -219,7 +219,7 @@ class Simulator:
             self._exchange(self.nodes, step)
         metrics: dict[str, dict[str, Any]] = {}
         for node in self.nodes:
-            node.evaluate()
+            evaluate_merged(node)
             metrics[node.node_id] = node.end_consensus().as_dict()
         return self._summarize(self.rounds, "consensus", started, self.nodes, metrics)
 
