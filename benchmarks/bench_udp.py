@@ -33,7 +33,7 @@ async def one(size: int, loss: float, seed: int) -> dict[str, Any]:
         _a, _b, payload, (buf, _digest) = await _transfer(net, Path(tmp), size, stall_window=5.0)
         seconds = time.monotonic() - started
         assert bytes(buf) == payload
-        sent = sum(1 for src, _dst, p in net.sent if p[4] in (udpwire.DATA, udpwire.PUSH))
+        sent = sum(1 for src, _dst, p in net.sent if p[:4] != udpwire.MAGIC)
         return {"seconds": round(seconds, 4), "chunks_sent": sent, "chunks": udpwire.chunks(size)}
 
 

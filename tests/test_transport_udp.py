@@ -14,9 +14,11 @@ import time
 
 from quinkgl_cli.transport.base import TransferDone
 from quinkgl_cli.transport.ipv8 import udpwire
+from quinkgl_cli.transport.ipv8.channel import Ephemeral
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard, GuardedUDPEndpoint
 from quinkgl_cli.transport.ipv8.paths import UDP, Route
 from quinkgl_cli.transport.ipv8.seal import DatagramSeal
+from quinkgl_cli.transport.ipv8.udprecv import Receiving, UdpReceiver
 from tests.test_transport_contract import Cluster, _upd, run_cluster, wait_until
 
 
@@ -102,8 +104,20 @@ def test_the_datagrams_queued_behind_a_transfers_are_read_in_one_turn_and_others
         seal = DatagramSeal(bytes(range(32)))
         endpoint = GuardedUDPEndpoint("127.0.0.1", 0, DestinationGuard("127.0.0.1"), seal)
         await endpoint.open()
-        got: list[bytes] = []
-        endpoint.on_transfer = lambda source, packet: got.append(packet)
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.bind(("127.0.0.1", 0))
+        source = sender.getsockname()
+        keys, _ = _keys()
+        size = 10 * udpwire.CHUNK
+        r = Receiving(b"t" * 8, source, size, Ephemeral(), b"", _NoWire())
+        r.keys = keys  # as agreed by a START
+        receiver = UdpReceiver(_NoWire(), 1.0, 1, 4)
+        receiver.active[r.tid], receiver.keyed[source] = r, [r]
+        endpoint.on_chunk = lambda addr, datagram: receiver.take(addr, datagram)
+        controls: list[bytes] = []
+        endpoint.on_transfer = lambda addr, packet: controls.append(packet)
+        to_ipv8: list[bytes] = []
+        endpoint.notify_listeners = lambda packet: to_ipv8.append(packet[1])  # type: ignore[method-assign]
         turns = 0
         take = endpoint.datagram_received
 
@@ -113,19 +127,40 @@ def test_the_datagrams_queued_behind_a_transfers_are_read_in_one_turn_and_others
             take(datagram, addr)
 
         endpoint.datagram_received = counted  # type: ignore[method-assign]
-        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        payload = os.urandom(size)
         try:
-            for seq in range(10):
-                sender.sendto(seal.seal(udpwire.HEAD.pack(udpwire.MAGIC, udpwire.DATA, bytes(8)) + bytes([seq])),
-                              endpoint.get_address())
-            await wait_until(lambda: len(got) == 10, timeout=5, what="the transfer datagrams")
-            assert turns == 1 and [p[-1] for p in got] == list(range(10))
-            sender.sendto(seal.seal(b"\x00\x02not a transfer"), endpoint.get_address())  # an IPv8 packet: not ours
-            await wait_until(lambda: turns == 2, timeout=5, what="the IPv8 packet")
-            assert len(got) == 10
+            for seq in range(10):  # sealed under the transfer's key only, as a sender sends them
+                sender.sendto(keys.data(seq, payload[seq * udpwire.CHUNK:(seq + 1) * udpwire.CHUNK]), endpoint.get_address())
+            await wait_until(lambda: r.got == 10, timeout=5, what="the chunks")
+            assert turns == 1 and bytes(r.buf) == payload  # read in one turn, decrypted into place
+            # From the transfer's own address, but not its chunks: on to the swarm seal, then IPv8 or the UDP way
+            sender.sendto(seal.seal(b"\x00\x02an IPv8 packet"), endpoint.get_address())
+            await wait_until(lambda: to_ipv8 == [b"\x00\x02an IPv8 packet"], timeout=5, what="the IPv8 packet")
+            start = udpwire.start(b"t" * 8, bytes(32))
+            sender.sendto(seal.seal(start), endpoint.get_address())
+            await wait_until(lambda: controls == [start], timeout=5, what="the control datagram")
+            assert r.got == 10 and len(to_ipv8) == 1
         finally:
             sender.close()
             endpoint.close()
+            r.close()
             await asyncio.sleep(0)
 
     asyncio.run(run())
+
+
+class _NoWire:
+    def send(self, address: tuple[str, int], packet: bytes) -> None:
+        pass
+
+    def send_sealed(self, address: tuple[str, int], datagrams: list[bytes]) -> None:
+        pass
+
+    def queued(self) -> int:
+        return 0
+
+
+def _keys() -> tuple[udpwire.TransferKeys, udpwire.TransferKeys]:
+    mine, theirs = Ephemeral(), Ephemeral()
+    return (udpwire.TransferKeys.derive(mine, theirs.public, b"ctx", b"t" * 8),
+            udpwire.TransferKeys.derive(theirs, mine.public, b"ctx", b"t" * 8))

@@ -1,6 +1,8 @@
 """Model transfers over the punched UDP way (`udpway`, `udpsend`, `udprecv`, `udpwire`), in memory: two ends
 joined by a network that loses, reorders, duplicates and corrupts datagrams on demand, and a stranger injecting
-its own. The real endpoints and the NAT lab run the same parts (`test_natlab_e2e.py`)."""
+its own. Each end takes what arrives as its endpoint does: a chunk of one of its transfers first (sealed under the
+transfer's key), a control datagram next; anything else is foreign (the swarm seal would refuse it). The real
+endpoints and the NAT lab run the same parts (`test_natlab_e2e.py`)."""
 
 from __future__ import annotations
 
@@ -75,9 +77,9 @@ class Wire:
     def send(self, address: tuple[str, int], packet: bytes) -> None:
         self.net.deliver(self.me, address, packet)
 
-    def send_many(self, address: tuple[str, int], packets: list[bytes]) -> None:
-        for packet in packets:
-            self.send(address, packet)
+    def send_sealed(self, address: tuple[str, int], datagrams: list[bytes]) -> None:
+        for datagram in datagrams:
+            self.send(address, datagram)
 
     def queued(self) -> int:
         return 0
@@ -123,7 +125,24 @@ class End:
         self.way = UdpWay(self.settings, CID, self.courier, self.outbox, net.wire(address),  # type: ignore[arg-type]
                           TaskRegistry(asyncio.get_running_loop(), name), drops, self.stats, lambda k: False,
                           self.reports.append)
-        net.handlers[address] = self.way.on_datagram
+        self.foreign = 0  # datagrams that were neither a chunk of ours nor a control datagram
+        net.handlers[address] = self.receive
+
+    def receive(self, src: tuple[str, int], datagram: bytes) -> None:
+        if self.way.take(src, datagram):
+            return
+        if datagram[:4] == udpwire.MAGIC:
+            self.way.on_datagram(src, datagram)
+        else:
+            self.foreign += 1
+
+
+def _is_chunk(packet: bytes) -> bool:
+    return packet[:4] != udpwire.MAGIC
+
+
+def _is_ack(packet: bytes) -> bool:
+    return packet[:4] == udpwire.MAGIC and packet[4] == udpwire.ACK
 
 
 def _record(name: str, address: tuple[str, int], via: str | None = None) -> PeerRecord:
@@ -170,9 +189,9 @@ def test_a_model_crosses_in_chunks_and_the_sender_reports_it(tmp_path: Path) -> 
         await _settled(a)
         assert [(r.direction, r.path, r.ok) for r in a.reports] == [("send", "udp", True)]
         assert a.outbox.offers == {} and a.stats.models_sent == 1
-        data = [p for s, _d, p in net.sent if s == A and p[4] in (udpwire.DATA, udpwire.PUSH)]
+        data = [p for s, _d, p in net.sent if s == A and _is_chunk(p)]
         assert len(data) == udpwire.chunks(300_000)  # nothing lost, nothing sent twice
-        assert all(len(p) <= udpwire.HEAD.size + 4 + CHUNK + 16 for p in data)
+        assert all(len(p) <= CHUNK + udpwire.DATA_OVERHEAD for p in data)
         assert not any(payload[:64] in p for p in data)  # the chunks travel encrypted
     asyncio.run(run())
 
@@ -184,7 +203,7 @@ def test_lost_datagrams_are_sent_again(tmp_path: Path) -> None:
         assert bytes(buf) == payload and digest == hashlib.sha256(payload).digest()
         await _settled(a)
         assert [(r.path, r.ok) for r in a.reports] == [("udp", True)]
-        data = [p for s, _d, p in net.sent if s == A and p[4] in (udpwire.DATA, udpwire.PUSH)]
+        data = [p for s, _d, p in net.sent if s == A and _is_chunk(p)]
         assert len(data) > udpwire.chunks(400_000) * 1.05  # the lost ones went again
     asyncio.run(run())
 
@@ -201,7 +220,7 @@ def test_altered_datagrams_are_refused_and_the_model_still_arrives_intact(tmp_pa
     async def run() -> None:
         net = Net(seed=3, corrupt=0.05)
         _a, b, payload, (buf, digest) = await _transfer(net, tmp_path, 250_000, stall_window=2.0)
-        assert net.altered > 0 and b.way.refused > 0
+        assert net.altered > 0 and b.foreign > 0  # an altered chunk opens under no key: not ours
         assert bytes(buf) == payload and digest == hashlib.sha256(payload).digest()
     asyncio.run(run())
 
@@ -212,22 +231,26 @@ def test_a_stranger_replaying_or_forging_datagrams_changes_nothing(tmp_path: Pat
         a, b, rec_a, rec_b = _pair(net, tmp_path)
         payload = os.urandom(120_000)
         injected = 0
+        other, _ = _keys()  # another transfer's key
 
         def stranger(src: tuple[str, int], packet: bytes) -> None:  # sees a's datagrams and sends its own
             nonlocal injected
-            if packet[4] == udpwire.DATA and injected < 20:
+            if _is_chunk(packet) and injected < 20:
                 injected += 1
-                b.way.on_datagram(STRANGER, packet)  # a's own datagram, from another address
-                forged = packet[: udpwire.HEAD.size + 4] + os.urandom(len(packet) - udpwire.HEAD.size - 4)
-                b.way.on_datagram(A, forged)  # from a's address, but not sealed with the transfer's key
+                assert not b.way.take(STRANGER, packet)  # a's own chunk, from another address: no transfer from there
+                forged = packet[:udpwire.NONCE_BYTES] + os.urandom(len(packet) - udpwire.NONCE_BYTES)
+                assert not b.way.take(A, forged)  # from a's address, but not sealed with the transfer's key
+                assert not b.way.take(A, other.data(3, os.urandom(CHUNK)))  # under another key
+                assert not b.way.take(A, packet[:udpwire.DATA_OVERHEAD - 1])  # too short to be a chunk
 
         real = net.handlers[B]
         net.handlers[B] = lambda src, p: (stranger(src, p), real(src, p))  # type: ignore[func-returns-value]
         buf, _digest = await asyncio.wait_for(b.way.fetch(rec_a, _offer(a, rec_b, payload)), 20)
         assert bytes(buf) == payload
-        assert injected == 20 and b.way.refused == 40
+        assert injected == 20 and b.way.refused == 0
         b.way.on_datagram(A, b"QGLU\x09" + b"x" * 30)  # not a transfer datagram at all
-        assert b.way.refused == 41
+        b.way.on_datagram(A, udpwire.HEAD.pack(udpwire.MAGIC, 2, b"t" * 8) + bytes(40))  # a chunk sealed the old way
+        assert b.way.refused == 2
     asyncio.run(run())
 
 
@@ -240,7 +263,7 @@ def test_a_lost_last_acknowledgement_costs_one_probe_not_the_window_again(tmp_pa
 
         def drop_the_data_ack(src: tuple[str, int], packet: bytes) -> None:
             nonlocal acks
-            if packet[4] == udpwire.ACK:
+            if _is_ack(packet):
                 acks += 1
                 if acks == 2:  # the first answers the START, the second all ten chunks
                     return
@@ -251,7 +274,7 @@ def test_a_lost_last_acknowledgement_costs_one_probe_not_the_window_again(tmp_pa
         buf, _digest = await asyncio.wait_for(b.way.fetch(rec_a, _offer(a, rec_b, payload)), 5)
         assert bytes(buf) == payload
         await _settled(a)  # the ended transfer still answers the probe
-        data = [p for s, _d, p in net.sent if s == A and p[4] in (udpwire.DATA, udpwire.PUSH)]
+        data = [p for s, _d, p in net.sent if s == A and _is_chunk(p)]
         assert len(data) == 11 and [(r.path, r.ok) for r in a.reports] == [("udp", True)]  # not 20: no timeout
     asyncio.run(run())
 
@@ -295,8 +318,10 @@ def test_a_sender_that_vanishes_mid_transfer_fails_the_fetch_within_a_stall_wind
         assert failed.value.reason == "sender_vanished" and loop.time() - started < 3
         assert b.way.receiver.active == {} and b.way.receiver.ended == {}  # nothing kept of a failed transfer
         (tid,) = b.way.receiver.failed
+        (failed_r,) = b.way.receiver.keyed[A]
         refused = b.way.refused
-        b.way.on_datagram(A, udpwire.HEAD.pack(udpwire.MAGIC, udpwire.DATA, tid) + bytes(40))  # sent before it went
+        assert failed_r.keys is not None and failed_r.tid == tid
+        assert b.way.take(A, failed_r.keys.data(5, b"x" * CHUNK))  # a chunk sent before it went: dropped quietly
         assert b.way.refused == refused
     asyncio.run(run())
 
@@ -408,12 +433,42 @@ def test_the_receiver_refuses_chunks_outside_the_offer_or_the_window_or_of_the_w
         for seq, chunk, reason in ((WINDOW + 11, b"x" * CHUNK, "out_of_window"), (WINDOW, b"x" * CHUNK, "out_of_window"),
                                    (0, b"x" * (CHUNK + 1), "wrong_length"), (WINDOW + 10, b"x" * CHUNK, "out_of_window")):
             with pytest.raises(WireError) as refused:
-                r.on_data(sender_keys.data(b"t" * 8, seq, chunk))
+                r.take(sender_keys.data(seq, chunk))
             assert refused.value.reason == reason
         assert len(r.buf) == size and r.got == 0  # the buffer never grows past the offered size
-        r.on_data(sender_keys.data(b"t" * 8, 1, b"y" * CHUNK))
+        assert r.take(sender_keys.data(1, b"y" * CHUNK))
         assert r.got == 1 and r.cum == 0 and bytes(r.buf[CHUNK:2 * CHUNK]) == b"y" * CHUNK
+        r.close()
     asyncio.run(run())
+
+
+def test_a_chunk_under_the_wrong_key_or_altered_is_not_taken_and_its_place_stays_open() -> None:
+    async def run() -> None:
+        sender_keys, _ = _keys()
+        other, _ = _keys()
+        r = Receiving(b"t" * 8, A, 4 * CHUNK, Ephemeral(), b"", Net().wire(B))
+        r.keys = sender_keys
+        good = sender_keys.data(2, b"z" * CHUNK)
+        moved = good[:udpwire.PREFIX_BYTES + 4] + (1).to_bytes(4, "little") + good[udpwire.NONCE_BYTES:]
+        altered = good[:-1] + bytes([good[-1] ^ 1])
+        for wrong in (other.data(2, b"w" * CHUNK), moved, altered):
+            assert not r.take(wrong)  # not ours: it goes on to the swarm seal
+        assert r.got == 0 and not r.have[1] and not r.have[2]
+        assert r.take(good) and bytes(r.buf[2 * CHUNK:3 * CHUNK]) == b"z" * CHUNK and r.got == 1
+        assert r.take(good) and r.got == 1  # again: only acknowledged
+        r.close()
+        assert r.view is None and r.take(good)  # ended well: a repeated chunk is still acknowledged, nothing written
+    asyncio.run(run())
+
+
+def test_chunk_nonces_never_repeat_even_for_a_chunk_sent_again() -> None:
+    sender_keys, _ = _keys()
+    datagrams = [sender_keys.data(0, b"a" * CHUNK), sender_keys.data(0, b"a" * CHUNK, push=True),
+                 sender_keys.data(0, b"a" * CHUNK)]
+    nonces = {d[:udpwire.NONCE_BYTES] for d in datagrams}
+    assert len(nonces) == 3 and len({d[udpwire.NONCE_BYTES:] for d in datagrams}) == 3
+    assert [udpwire.data_tail(d) for d in datagrams] == [(False, 0), (True, 0), (False, 0)]
+    assert b"a" * 64 not in b"".join(datagrams)
 
 
 def test_an_acknowledgement_replayed_or_overtaken_is_refused() -> None:
@@ -472,14 +527,14 @@ def test_the_last_chunk_of_a_burst_is_acknowledged_at_once_the_others_in_groups(
         net = Net()
         r = Receiving(b"t" * 8, A, 40 * CHUNK, Ephemeral(), b"", net.wire(B))
         r.keys = sender_keys
-        acks = lambda: [p for _s, _d, p in net.sent if p[4] == udpwire.ACK]  # noqa: E731
+        acks = lambda: [p for _s, _d, p in net.sent if _is_ack(p)]  # noqa: E731
         for seq in range(3):
-            r.on_data(sender_keys.data(b"t" * 8, seq, b"x" * CHUNK))
+            r.take(sender_keys.data(seq, b"x" * CHUNK))
         assert acks() == [] and r.timer is not None  # in order, fewer than ACK_EVERY: the delayed ack waits
-        r.on_data(sender_keys.data(b"t" * 8, 3, b"x" * CHUNK, push=True))
+        r.take(sender_keys.data(3, b"x" * CHUNK, push=True))
         assert len(acks()) == 1 and r.timer is None  # a burst's end: at once (a small window must not wait)
         for seq in range(4, 4 + ACK_EVERY):
-            r.on_data(sender_keys.data(b"t" * 8, seq, b"x" * CHUNK))
+            r.take(sender_keys.data(seq, b"x" * CHUNK))
         assert len(acks()) == 2  # ACK_EVERY in order: one acknowledgement
         r.close()
     asyncio.run(run())

@@ -7,6 +7,7 @@ Control messages are small enough to be handled here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +77,14 @@ class Dispatch:
         """A datagram of a model transfer over UDP (`udpway`), opened by the endpoint; IPv8 never sees those."""
         if self._routes is not None:
             self._routes.udp.on_datagram(source, packet)  # (host, port), as the socket gave it
+
+    def foreign_transfer_chunk(self) -> tuple[Callable[[Any, str], None], Callable[[Any, bytes], None], Callable[[Any, bytes], bool]]:
+        """The endpoint's three hooks, in its order (`endpoint.GuardedUDPEndpoint`)."""
+        return self.on_foreign, self.on_transfer, self.on_chunk
+
+    def on_chunk(self, source: Any, datagram: bytes) -> bool:
+        """A datagram as it came, before the swarm seal: True when it is a chunk of one of our UDP transfers."""
+        return self._routes is not None and self._routes.udp.take(source, datagram)
 
     def on_bad_packet(self, source: tuple[str, int], reason: str, **fields: Any) -> None:
         self._drops("packet-refused", f"{source[0]}:{source[1]}", reason, **fields)

@@ -7,7 +7,10 @@ every datagram for a non-loopback destination, so nothing ever leaves the machin
 Every datagram passes here, whoever built it (our messages, IPv8's introductions and punctures), so this is where
 the swarm key seals them on the way out and opens them on the way in (`seal`); one that does not open is reported
 to ``on_foreign`` and read no further. An opened packet that starts with `udpwire.MAGIC` is a model transfer's
-datagram (`udpway`): it goes to ``on_transfer`` instead of IPv8, which never parses it.
+control datagram (`udpway`): it goes to ``on_transfer`` instead of IPv8, which never parses it. A model's chunks
+are sealed under their transfer's own key instead of the swarm key (`udpwire`): they leave as they are
+(`send_sealed`), and every datagram that comes in is first offered to ``on_chunk``, which opens it if it is a chunk
+of a transfer from its source address; only what it does not take goes on to the swarm seal.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ IPV8_PREFIX = b"\x00\x02"  # starts every cleartext IPv8 community packet (an ol
 DRAIN = 64  # datagrams read at once after a transfer's datagram, without a turn of the event loop each
 RECV_MAX = 65536
 UDP_SEGMENT = 103  # Linux's UDP generic segmentation offload (socket.UDP_SEGMENT from Python 3.12)
-SEGMENTS = 48  # datagrams per segmented send: the whole must stay under 64 KiB (48 * 1,261 bytes does)
+SEGMENTS = 48  # datagrams per segmented send: the whole must stay under 64 KiB (48 * 1,260 bytes does)
 
 
 class DestinationGuard:
@@ -72,6 +75,7 @@ class GuardedUDPEndpoint(UDPEndpoint):
         self._logger = logging.getLogger("quinkgl.transport.ipv8")
         self.on_foreign: Callable[[Any, str], None] | None = None  # (source, reason) of a datagram not for us
         self.on_transfer: Callable[[Any, bytes], None] | None = None  # (source, packet) of a UDP transfer's datagram
+        self.on_chunk: Callable[[Any, bytes], bool] | None = None  # (source, datagram): True when a transfer's chunk
         self._sock: socket.socket | None = None
         self._segmenting = hasattr(socket, "SOL_UDP") and hasattr(socket.socket, "sendmsg")  # off once refused
 
@@ -81,6 +85,8 @@ class GuardedUDPEndpoint(UDPEndpoint):
 
     def _take(self, datagram: bytes, addr: Any) -> bool:
         """Handle one datagram; True when it was a transfer's (more are likely queued behind it)."""
+        if self._running and self.on_chunk is not None and self.on_chunk(addr, datagram):
+            return True
         packet = self.seal.open(datagram)
         if packet is None:
             if self._running and self.on_foreign is not None:
@@ -127,18 +133,17 @@ class GuardedUDPEndpoint(UDPEndpoint):
             return 0.0
         return used / limit if limit else 0.0
 
-    def send_many(self, socket_address: tuple[str, int], packets: list[bytes]) -> None:
-        """Several datagrams to one address, each sealed on its own as `send` seals it. Where the system segments
-        UDP (Linux), datagrams of one size go in one system call and the kernel cuts them apart: a model's chunks,
-        one call for every ``SEGMENTS`` instead of one each (receivers see ordinary datagrams)."""
+    def send_sealed(self, socket_address: tuple[str, int], datagrams: list[bytes]) -> None:
+        """Datagrams sealed already (a transfer's chunks, under its own key), sent as they are. Where the system
+        segments UDP (Linux), datagrams of one size go in one system call and the kernel cuts them apart: a model's
+        chunks, one call for every ``SEGMENTS`` instead of one each (receivers see ordinary datagrams)."""
         if not self.guard.allows(socket_address[0]):
             self.guard.refuse(socket_address[0], "udp")
             return
         if not self._running:
             return
-        sealed = [self.seal.seal(p) for p in packets]
-        for start in range(0, len(sealed), SEGMENTS):
-            batch = sealed[start : start + SEGMENTS]
+        for start in range(0, len(datagrams), SEGMENTS):
+            batch = datagrams[start : start + SEGMENTS]
             if not self._segmented(socket_address, batch):
                 for datagram in batch:
                     super().send(socket_address, datagram)

@@ -12,6 +12,11 @@ no seal repeats its own nonces, and two seals (two processes of a swarm) share o
 meet, a chance of about s^2 / 2^65 for ``s`` prefixes ever drawn in the swarm. A repeat would expose two
 plaintexts' XOR, not the key, and forging still needs a peer's signature. (A random nonce per datagram was one
 system call each: a tenth of a UDP transfer's sending cost, `udpway`.) Seal on one thread only (the event loop's).
+
+The one kind of datagram this seal does not wrap is a model's chunk sent over UDP (`udpwire`): it is sealed under
+its transfer's own key instead (only the two ends hold it), in the same shape, a 12-byte nonce and
+ChaCha20-Poly1305 ciphertext, so nothing is in clear there either and an outsider can neither read nor forge one;
+sealing it twice cost a third of each end's per-datagram cryptography and hid nothing more.
 """
 
 from __future__ import annotations

@@ -202,7 +202,7 @@ class IPv8Transport(RuledTransport):
         key = swarm_identity(s.state_dir, s.swarm_id)
         session = next_session(s.state_dir)
         endpoint = GuardedUDPEndpoint(s.listen_host, s.port, self.guard, DatagramSeal(self.admission.settings.sealing_key()))
-        endpoint.on_foreign, endpoint.on_transfer = self._dispatch.on_foreign, self._dispatch.on_transfer
+        endpoint.on_foreign, endpoint.on_transfer, endpoint.on_chunk = self._dispatch.foreign_transfer_chunk()
         await endpoint.open()
         lsock = None
         community: SwarmCommunity | None = None

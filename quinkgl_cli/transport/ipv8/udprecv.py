@@ -1,9 +1,9 @@
 """The receiving end of a transfer over the punched UDP way: asking for it, the buffer, the acknowledgements.
 
-`Receiving` is one transfer: the offered size's buffer, allocated once, and which chunks are in it. A datagram is
+`Receiving` is one transfer: the offered size's buffer, allocated once, and which chunks are in it. A chunk is
 taken only from the sender's address, only once the keys are agreed, only for a chunk of the offered size inside
-the window, and only when it opens under the transfer's key; a chunk already in hand is only
-answered with an acknowledgement (the sender may have missed ours). An acknowledgement goes every ``ACK_EVERY``
+the window, and only when it opens under the transfer's key (decrypted straight into its place in the buffer); a
+chunk already in hand is only answered with an acknowledgement (the sender may have missed ours). An acknowledgement goes every ``ACK_EVERY``
 chunks (every other one while chunks are missing, so the sender learns of a gap fast), at the last chunk of each
 burst the sender sends (PUSH: a small window is not left waiting), or ``ACK_DELAY`` seconds after a chunk that
 none answered yet.
@@ -11,7 +11,9 @@ none answered yet.
 `UdpReceiver` asks for transfers (`fetch`: a signed `UdpPullPayload`, again every ``ASK_EVERY`` seconds until the
 sender's START comes, for ``connect_timeout`` seconds at most), holds those under way, and keeps the ones that
 ended well for ``LINGER`` seconds to acknowledge them again should the sender have missed the last
-acknowledgement. A fetch ends with the bytes and their sha256, or `stream.FetchError`: ``sender_silent`` (no
+acknowledgement (and the ones that failed, to drop their stragglers quietly). `take` is asked first about every
+datagram the endpoint receives: chunks are sealed under their transfer's key only (`udpwire`), so it tries the keys
+of the transfers from the datagram's source address; one that none opens goes on to the swarm seal. A fetch ends with the bytes and their sha256, or `stream.FetchError`: ``sender_silent`` (no
 START: the way does not work), ``sender_vanished`` (nothing heard for a stall window), ``stalled`` (too slow over
 a stall window, as for TCP) or ``too_slow`` (the overall budget).
 """
@@ -48,6 +50,7 @@ class Receiving:
         self.size = size
         self.count = udpwire.chunks(size)
         self.buf = bytearray(size)
+        self.view: memoryview | None = memoryview(self.buf)  # None once closed: nothing is written any more
         self.have = bytearray(self.count)
         self.cum = 0
         self.got = 0
@@ -58,6 +61,7 @@ class Receiving:
         self.unanswered = 0  # chunks taken since our last acknowledgement
         self.timer: asyncio.TimerHandle | None = None
         self.heard = time.monotonic()  # the last datagram that opened
+        self.closed_at = float("inf")
         self.started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -79,20 +83,39 @@ class Receiving:
         self.heard = time.monotonic()
         self.ack()  # also for a repeated START: our acknowledgement was lost
 
-    def on_data(self, packet: bytes) -> None:
-        if self.keys is None:
-            raise WireError("before_start")
-        seq, chunk = self.keys.open_data(packet)  # before the index is trusted: only the sender's key opens it
+    def take(self, datagram: bytes) -> bool:
+        """A chunk's datagram, if it opens under this transfer's key: True when it did (taken, acknowledged or, for
+        a transfer that failed, dropped), False when it is not ours; WireError for one of ours out of place."""
+        keys = self.keys
+        tail = None if keys is None else udpwire.data_tail(datagram)
+        if tail is None:
+            return False
+        assert keys is not None
+        push, seq = tail
+        start = seq * CHUNK
+        end = min(start + CHUNK, self.size)
+        if (self.view is not None and seq < self.count and seq < self.cum + WINDOW and not self.have[seq]
+                and len(datagram) - udpwire.DATA_OVERHEAD == end - start):
+            # A place no chunk filled yet: a datagram that does not open leaves garbage only there.
+            if not keys.open_data_into(datagram, self.view[start:end]):
+                return False
+            self._took(seq, push)
+            return True
+        chunk = keys.open_data(datagram)
+        if chunk is None:
+            return False
+        if self.view is None and not self.complete:
+            return True  # a straggler of a transfer that failed
         if seq >= self.count or seq >= self.cum + WINDOW:
             raise WireError("out_of_window")
-        start, end = udpwire.chunk_span(seq, self.size)
         if len(chunk) != end - start:
             raise WireError("wrong_length")
         self.heard = time.monotonic()
-        if self.have[seq]:
-            self.ack()
-            return
-        self.buf[start:end] = chunk
+        self.ack()  # a chunk already in hand: the sender may have missed our acknowledgement
+        return True
+
+    def _took(self, seq: int, push: bool) -> None:
+        self.heard = time.monotonic()
         self.have[seq] = 1
         self.got += 1
         gap = seq != self.cum
@@ -103,7 +126,7 @@ class Receiving:
             self.ack()
             if not self.finished.done():
                 self.finished.set_result(None)
-        elif packet[4] == udpwire.PUSH or self.unanswered >= (2 if gap or self.cum < seq else ACK_EVERY):
+        elif push or self.unanswered >= (2 if gap or self.cum < seq else ACK_EVERY):
             self.ack()
         elif self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(ACK_DELAY, self.ack)
@@ -130,6 +153,10 @@ class Receiving:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self.closed_at = time.monotonic()
+        if self.view is not None:
+            self.view.release()  # the buffer is whoever took it's, free to resize
+            self.view = None
         self.buf = bytearray()
         self.ephemeral = None
 
@@ -143,6 +170,26 @@ class UdpReceiver:
         self.active: dict[bytes, Receiving] = {}
         self.ended: OrderedDict[bytes, tuple[float, Receiving]] = OrderedDict()
         self.failed: OrderedDict[bytes, None] = OrderedDict()  # recent transfers that failed: stragglers expected
+        self.keyed: dict[tuple[str, int], list[Receiving]] = {}  # by sender: transfers whose chunks may still come
+
+    def take(self, address: tuple[str, int], datagram: bytes) -> bool:
+        """Whether ``datagram`` from ``address`` is a chunk of one of our transfers from there (see `Receiving.take`)."""
+        for r in self.keyed.get(address, ()):
+            if r.take(datagram):
+                return True
+        return False
+
+    def _forget(self) -> None:
+        """Transfers whose chunks are no longer expected leave `keyed`: those neither under way nor ended within
+        ``LINGER`` seconds (each costs a failed decryption to every other datagram from its sender)."""
+        now = time.monotonic()
+        kept = {*self.active, *self.ended, *self.failed}
+        for address in list(self.keyed):
+            live = [r for r in self.keyed[address] if r.tid in kept and now - r.closed_at <= LINGER]
+            if live:
+                self.keyed[address] = live
+            else:
+                del self.keyed[address]
 
     def find(self, tid: bytes) -> Receiving | None:
         r = self.active.get(tid)
@@ -153,6 +200,7 @@ class UdpReceiver:
             return None
         if time.monotonic() - ended[0] > LINGER:
             del self.ended[tid]
+            self._forget()
             return None
         return ended[1]
 
@@ -166,6 +214,7 @@ class UdpReceiver:
         ephemeral = Ephemeral()
         r = Receiving(tid, address, size, ephemeral, context, self.wire)
         self.active[tid] = r
+        self.keyed[address] = [r, *self.keyed.get(address, ())]  # the newest first: its chunks are the ones coming
         try:
             await self._started(r, ask, ephemeral.public, min(deadline, time.monotonic() + connect_timeout))
             await self._finished(r, deadline)
@@ -185,6 +234,7 @@ class UdpReceiver:
                     self.ended.popitem(last=False)
             else:
                 remember(self.failed, tid)
+            self._forget()
 
     async def _started(self, r: Receiving, ask: Callable[[bytes, bytes], None], public: bytes, by: float) -> None:
         while True:

@@ -39,12 +39,14 @@ class SendFailed(Exception):
 
 
 class Wire(Protocol):
-    """Where a transfer's datagrams go: the endpoint (sealed with the swarm key there), or a test's network."""
+    """Where a transfer's datagrams go: the endpoint, or a test's network."""
 
-    def send(self, address: tuple[str, int], packet: bytes) -> None: ...
+    def send(self, address: tuple[str, int], packet: bytes) -> None:
+        """A control datagram, sealed with the swarm key on its way out."""
 
-    def send_many(self, address: tuple[str, int], packets: list[bytes]) -> None:
-        """Several datagrams to one address, in order (in one system call where the system can)."""
+    def send_sealed(self, address: tuple[str, int], datagrams: list[bytes]) -> None:
+        """Chunks' datagrams, sealed under their transfer's key already: sent as they are, in order (in one system
+        call where the system can)."""
 
     def queued(self) -> int:
         """Bytes of datagrams still waiting to leave."""
@@ -284,8 +286,8 @@ class Sending:
             packets = []
             for seq in seqs:  # the burst's last asks to be acknowledged at once
                 start, end = udpwire.chunk_span(seq, size)
-                packets.append(self.keys.data(self.tid, seq, self.view[start:end], push=seq == last))
-            self.wire.send_many(self.address, packets)
+                packets.append(self.keys.data(seq, self.view[start:end], push=seq == last))
+            self.wire.send_sealed(self.address, packets)
         if wait is not None:
             return wait
         if not flight.inflight:
@@ -301,7 +303,7 @@ class Sending:
         costs a probe, not a retransmission timeout (a window's worth sent again)."""
         seq = next(reversed(self.flight.inflight))
         start, end = udpwire.chunk_span(seq, self.view.nbytes)
-        self.wire.send(self.address, self.keys.data(self.tid, seq, self.view[start:end], push=True))
+        self.wire.send_sealed(self.address, [self.keys.data(seq, self.view[start:end], push=True)])
         self.flight.resent += 1
         self.probed = True
 

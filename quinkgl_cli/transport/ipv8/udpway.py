@@ -6,8 +6,10 @@ transfers under way and which one each transfer datagram belongs to (`udpwire`):
 `udprecv.UdpReceiver`, the sender's the `udpsend.Sending` it runs for each signed `UdpPullPayload` that names one
 of our offers to the peer that signed it. The sender serves at most ``SENDS`` transfers at once and an offer once
 (whichever way takes it first); a peer we reach only through a relay (`forward`) gets none (its datagrams do not
-come to us directly). A transfer datagram from any address but the other end's, for a transfer we do not run, or
-that does not open under its key is refused and counted (``udp-refused``), never acted on; stragglers of a transfer
+come to us directly). A control datagram from any address but the other end's, for a transfer we do not run, or
+that does not open under its key is refused and counted (``udp-refused``), never acted on, as is a chunk that
+opens under a transfer's key but lies outside its window or size; a datagram from the sender's address that opens
+under no transfer's key is no chunk and goes on to the swarm seal and IPv8; stragglers of a transfer
 that ended lately (an acknowledgement still on its way, chunks sent before a failure) are dropped without a word.
 """
 
@@ -60,19 +62,26 @@ class UdpWay:
         self.refused = 0  # transfer datagrams refused (foreign, altered, out of window, for no transfer of ours)
 
     # -- every transfer datagram, from the endpoint -----------------------------------------------------------
+    def take(self, address: tuple[str, int], datagram: bytes) -> bool:
+        """A datagram as it came (before the swarm seal): True when it is a chunk of one of our transfers from
+        ``address``, sealed under that transfer's key (`udpwire`); False sends it on to the swarm seal and IPv8."""
+        try:
+            return self.receiver.take(address, datagram)
+        except WireError as exc:
+            self._refuse(address, exc)
+            return True
+
     def on_datagram(self, address: tuple[str, int], packet: bytes) -> None:
+        """A control datagram (START, ACK, ABORT), opened by the endpoint with the swarm key."""
         try:
             kind, tid = udpwire.head(packet)
-            if kind in (udpwire.START, udpwire.DATA, udpwire.PUSH):
+            if kind == udpwire.START:
                 r = self.receiver.find(tid)
                 if r is None and tid in self.receiver.failed:
                     return
                 if r is None or r.address != address:
                     raise WireError("unknown_transfer")
-                if kind == udpwire.START:
-                    r.on_start(packet)
-                else:
-                    r.on_data(packet)
+                r.on_start(packet)
             else:
                 s = self.sending.get(tid)
                 if s is None and tid in self.sent:
@@ -81,8 +90,11 @@ class UdpWay:
                     raise WireError("unknown_transfer")
                 s.on_packet(kind, packet, asyncio.get_running_loop().time())
         except WireError as exc:
-            self.refused += 1
-            self.drops("udp-refused", f"{address[0]}:{address[1]}", exc.reason)
+            self._refuse(address, exc)
+
+    def _refuse(self, address: tuple[str, int], exc: WireError) -> None:
+        self.refused += 1
+        self.drops("udp-refused", f"{address[0]}:{address[1]}", exc.reason)
 
     # -- recipient --------------------------------------------------------------------------------------------
     async def fetch(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes]:
@@ -141,7 +153,7 @@ class UdpWay:
             await sending.run(loop.time() + s.connect_timeout + s.fetch_timeout + out.size / s.limits.min_rate,
                               s.fetch_timeout)
             ok = True
-        except SendFailed as exc:
+        except (SendFailed, WireError) as exc:  # WireError: the transfer key's nonces ran out
             self.drops("serve-failed", out.recipient, exc.reason, path=UDP)
         finally:
             del self.sending[sending.tid]
