@@ -145,6 +145,21 @@ def _is_ack(packet: bytes) -> bool:
     return packet[:4] == udpwire.MAGIC and packet[4] == udpwire.ACK
 
 
+def _cut_after(net: Net, count: int, host: tuple[str, int]) -> None:
+    """Cut ``host`` off the network once ``count`` datagrams have reached B (a peer that vanishes mid-transfer)."""
+    real = net.handlers[B]
+    seen = 0
+
+    def counting(src: tuple[str, int], packet: bytes) -> None:
+        nonlocal seen
+        seen += 1
+        if seen == count:
+            net.cut.add(host)
+        real(src, packet)
+
+    net.handlers[B] = counting
+
+
 def _record(name: str, address: tuple[str, int], via: str | None = None) -> PeerRecord:
     rec = PeerRecord(name, f"key-{name}".encode(), b"m" * 20, address, 0, 0.0, 1, public_key=Key(f"key-{name}".encode()))
     rec.via = via
@@ -300,17 +315,7 @@ def test_a_sender_that_vanishes_mid_transfer_fails_the_fetch_within_a_stall_wind
         net = Net()
         a, b, rec_a, rec_b = _pair(net, tmp_path, stall_window=0.3)
         payload = os.urandom(2_000_000)
-        real = net.handlers[B]
-        seen = 0
-
-        def vanish_after_some(src: tuple[str, int], packet: bytes) -> None:
-            nonlocal seen
-            seen += 1
-            if seen == 200:
-                net.cut.add(A)
-            real(src, packet)
-
-        net.handlers[B] = vanish_after_some
+        _cut_after(net, 200, A)
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(stream.FetchError) as failed:
@@ -360,17 +365,7 @@ def test_a_recipient_that_falls_silent_fails_the_send(tmp_path: Path) -> None:
         net = Net()
         a, b, rec_a, rec_b = _pair(net, tmp_path, fetch_timeout=0.5)
         offer = _offer(a, rec_b, os.urandom(2_000_000))
-        real = net.handlers[B]
-        seen = 0
-
-        def vanish(src: tuple[str, int], packet: bytes) -> None:
-            nonlocal seen
-            seen += 1
-            if seen == 100:
-                net.cut.add(B)  # b is gone: no abort, nothing
-            real(src, packet)
-
-        net.handlers[B] = vanish
+        _cut_after(net, 100, B)  # b is gone: no abort, nothing
         task = asyncio.ensure_future(b.way.fetch(rec_a, offer))
         async with asyncio.timeout(5):
             while not a.way.sending:
