@@ -53,6 +53,13 @@ def trainable_mask(model: nn.Module) -> torch.Tensor | None:
     return None if bool(mask.all()) else mask
 
 
+def still_mask(model: nn.Module) -> torch.Tensor | None:
+    """A bool vector over ``flatten(model)``: True on entries no optimizer step moves (floating-point buffers such
+    as BatchNorm's running statistics, frozen parameters). None when every shared entry trains."""
+    mask = trainable_mask(model)
+    return None if mask is None else ~mask
+
+
 def flatten(model: nn.Module) -> torch.Tensor:
     """One float32 CPU vector of the shared state (a copy), wherever the model lives.
 

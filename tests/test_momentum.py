@@ -13,6 +13,7 @@ from quinkgl_cli.strategies.aggregation import FedAvg
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate
 from quinkgl_cli.strategies.choco import ConsensusStep
 from quinkgl_cli.strategies.momentum import STATE_KEY, SlowMomentum
+from quinkgl_cli.tensors import load_flat
 from tests.helpers_manifest import make_manifest
 
 
@@ -91,3 +92,37 @@ def test_choco_keeps_its_consensus_step() -> None:
     manifest = make_manifest(compression_params={"top_k_ratio": "0.1", "mode": "choco"}, topology="RingTopology")
     agg = build_aggregator(manifest)
     assert isinstance(agg, ConsensusStep) and not isinstance(agg.inner, SlowMomentum)
+
+
+def bn_model() -> torch.nn.Module:
+    """Flat layout: linear weight (4), bias (2), BatchNorm weight (2), bias (2), running mean (2), running var (2);
+    a frozen parameter too: the first Linear's bias."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("momentum", ["slow", "FedAvgM"])
+def test_momentum_moves_only_what_training_moves(momentum: str) -> None:
+    """Running statistics and frozen parameters take the plain average: momentum would carry a falling running
+    variance past the average (and, exchange after exchange, below zero: NaN at every evaluation)."""
+    agg: Aggregator = (SlowMomentum(fedavg(), beta=0.9) if momentum == "slow"
+                       else build_aggregator(make_manifest(aggregation="FedAvgM")))
+    model = bn_model()
+    still = torch.tensor([False] * 4 + [True] * 2 + [False] * 4 + [True] * 4)
+
+    def flat(level: float, var: float) -> torch.Tensor:
+        return torch.tensor([level] * 12 + [var] * 2)
+
+    load_flat(model, flat(0, 1.0))
+    agg.begin_training(model, 0.1)
+    out = torch.empty(0)
+    for step, (level, var, other_var) in enumerate([(0, 1.0, 0.2), (1, 0.6, 0.2), (2, 0.4, 0.0)], start=1):
+        out = agg.aggregate(upd("a", flat(level, var).tolist(), local=True),
+                            [upd("b", flat(level + 2, other_var).tolist())], step).flat
+    plain = flat(3, 0.2)  # the last exchange's mean
+    assert torch.allclose(out[still], plain[still])
+    assert bool((out[~still] > plain[~still] + 0.5).all())  # momentum still carries the trained entries on
+    state = agg.state_dict()
+    velocity = state.get(STATE_KEY, state.get("momentum"))
+    assert velocity is not None and bool((velocity[still] == 0).all())

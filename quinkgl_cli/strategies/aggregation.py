@@ -26,7 +26,8 @@ from torch import nn
 from quinkgl_cli.events import emit
 from quinkgl_cli.manifest import strategy_params as p
 from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate
-from quinkgl_cli.tensors import flatten
+from quinkgl_cli.strategies.momentum import hold_still
+from quinkgl_cli.tensors import flatten, still_mask
 
 # Scaffold ships its control variate under this extras key.
 CONTROL_VARIATE_KEY = "scaffold_c"
@@ -493,10 +494,12 @@ class FedAvgM(FedAvg):
         super().__init__(params, byzantine_f)
         self._momentum: torch.Tensor | None = None
         self._reference: torch.Tensor | None = None
+        self._still: torch.Tensor | None = None
         self._merging = False
 
     def begin_training(self, model: nn.Module, lr: float) -> None:
         self._reference = flatten(model)
+        self._still = still_mask(model)
 
     def begin_consensus(self) -> None:
         # A velocity carried into the merge would move every peer the same way several times over (measured:
@@ -516,6 +519,7 @@ class FedAvgM(FedAvg):
             self._momentum = torch.zeros_like(delta)
         self._momentum.mul_(self.params.server_momentum).add_(delta)
         new = ref + self.params.server_lr * self._momentum
+        hold_still(new, result.flat, self._momentum, self._still)  # as slow momentum does: `strategies.momentum`
         self._reference = new.clone()
         return AggregationResult(new, used=result.used, rejected=result.rejected, note=result.note,
                                  combined=result.combined)
