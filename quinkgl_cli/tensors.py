@@ -60,6 +60,19 @@ def still_mask(model: nn.Module) -> torch.Tensor | None:
     return None if mask is None else ~mask
 
 
+def variance_mask(model: nn.Module) -> torch.Tensor | None:
+    """A bool vector over ``flatten(model)``: True on running variances (state entries named ``running_var``, as
+    BatchNorm's and InstanceNorm's are). None when the model keeps none."""
+    parts = []
+    found = False
+    for name, t in model.state_dict().items():
+        if t.is_floating_point():
+            is_var = name.rsplit(".", 1)[-1] == "running_var"
+            found = found or is_var
+            parts.append(torch.full((t.numel(),), is_var, dtype=torch.bool))
+    return torch.cat(parts) if found else None
+
+
 def flatten(model: nn.Module) -> torch.Tensor:
     """One float32 CPU vector of the shared state (a copy), wherever the model lives.
 

@@ -5,17 +5,20 @@ stopping the node."""
 from __future__ import annotations
 
 import logging
+from copy import deepcopy as copy_module
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from quinkgl_cli import wire
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.node.core import Node, NodeConfig
 from quinkgl_cli.sim.baseline import AdoptGlobal
 from quinkgl_cli.strategies.base import Aggregator
-from quinkgl_cli.tensors import flatten
+from quinkgl_cli.tensors import flatten, load_flat
+from quinkgl_cli.transport.base import ModelReceived
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
 from tests.test_node_core import H, data, forged, manifest
 
@@ -91,3 +94,40 @@ def test_training_that_diverges_again_after_the_rollback_still_stops_the_node() 
     with pytest.raises(NodeConfigError, match="training loss became nan in round 1") as exc:
         fresh.train_round()
     assert exc.value.hint is not None and "lower the learning rate" in exc.value.hint
+
+
+def test_a_model_with_a_negative_running_variance_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """Averaged in, a negative BatchNorm variance makes every evaluation NaN while training looks healthy: such a
+    model (here a noise attacker's) is no trained model and is dropped on arrival; a sound one is still taken."""
+    net = MemoryNetwork(auto_deliver=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    train, val = data(0)
+    transport = MemoryTransport(net, "me", swarm_id="s", arch_hash=H)
+    node = Node(NodeConfig("me", rounds=10, seed=0), manifest(), "sha256:swarm", model, train, val,
+                torch.optim.SGD(model.parameters(), lr=0.05), transport, clock=lambda: 0.0)
+    transport.start_sync(node)
+    _round(node)
+    sound = flatten(node.model)
+    noisy = sound.clone()
+    floats = [(name, t.numel()) for name, t in node.model.state_dict().items() if t.is_floating_point()]
+    offset = sum(n for _, n in floats[:[name for name, _ in floats].index("1.running_var")])
+    noisy[offset] = -0.5  # one entry of 1.running_var
+
+    def sent(flat: torch.Tensor) -> bytes:
+        copy = copy_module(node.model)
+        load_flat(copy, flat)
+        return wire.encode({s.name: copy.state_dict()[s.name] for s in node.specs}, meta={"step": 0})
+
+    node.begin_round()
+    node.train_round()
+    for sender, flat in (("noisy", noisy), ("sound", sound + 0.01)):
+        node.on_model(ModelReceived(sender, node.round, sent(flat), 30, "qgl-tensors/1", {"step": 0}, 0.0))
+    with caplog.at_level(logging.INFO):
+        node.aggregate()
+    dropped = _events(caplog, "update-dropped")
+    assert [r.qgl_fields["peer"] for r in dropped] == ["noisy"]  # type: ignore[attr-defined]
+    assert "1.running_var holds a negative variance" in dropped[0].qgl_fields["reason"]  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("aggregated")] == [
+        "aggregated models peers=1 samples=60 from=[sound] strategy=FedAvg"]
+    assert bool((node.model[1].running_var >= 0).all())

@@ -29,7 +29,16 @@ from quinkgl_cli.strategies.dp_accountant import SampleAccountant
 from quinkgl_cli.strategies.fingerprint import MESSAGE_KIND as FINGERPRINT_KIND
 from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED_ENCODING
 from quinkgl_cli.strategies.sharing import RESYNC_KIND, SharingPipeline, StaleBase
-from quinkgl_cli.tensors import TensorSpec, all_finite, flatten, float_buffers, load_flat, shared_specs, trainable_mask
+from quinkgl_cli.tensors import (
+    TensorSpec,
+    all_finite,
+    flatten,
+    float_buffers,
+    load_flat,
+    shared_specs,
+    trainable_mask,
+    variance_mask,
+)
 from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, Transport
 
 # Cap on a self-reported sample count before the aggregator's own bound (max_weight_ratio) applies: keeps
@@ -72,6 +81,9 @@ class Exchange:
         self.graph = graph
         self._log = log
         self.specs: list[TensorSpec] = shared_specs(model)
+        # A running variance below zero is no trained model's: averaged in, it turns every evaluation into NaN
+        # (BatchNorm takes its square root), while training, on batch statistics, carries on as if nothing happened.
+        self._variances = variance_mask(model)
         self.max_update_bytes = max_update_bytes or wire.max_blob_bytes(self.specs) * 2
         self.sharing = build_sharing(manifest, model, self.specs, noise_seed, sample_dp)
         self.tamper = tamper
@@ -231,6 +243,10 @@ class Exchange:
         if not all_finite(flat):  # one check for the whole model; the entries are searched only to name the culprit
             for s in self.specs:
                 wire.check_finite(s.name, model_tensors[s.name])
+        if self._variances is not None and bool((flat[self._variances] < 0).any()):
+            culprit = next(s.name for s in self.specs
+                           if s.name.endswith("running_var") and bool((model_tensors[s.name] < 0).any()))
+            raise ValueError(f"{culprit} holds a negative variance")
         if samples <= 0:
             raise ValueError(f"sample count {samples} is not positive")
         return PeerUpdate(peer_id=msg.sender, round=msg.round, flat=flat, sample_count=min(samples, MAX_REPORTED_SAMPLES),
