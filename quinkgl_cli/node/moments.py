@@ -1,5 +1,6 @@
-"""What an aggregation does to the state of the user's optimizer: Adam's second moments are floored at their
-tensor's median, SGD's momentum buffers become the round's movement of the model (quasi-global momentum).
+"""What an aggregation does to the state of the user's optimizer: Adam's (RMSprop's, Adagrad's) second moments
+are floored at their tensor's median, SGD's momentum buffers become the round's movement of the model
+(quasi-global momentum).
 
 An aggregation replaces the model; the optimizer the peer script built keeps its state, which describes this
 peer's data and this peer's path only. Measured with `benchmarks/bench_learning.py` (benchmarks/LEARNING.md,
@@ -24,9 +25,14 @@ points of final accuracy on shards:2 and a 5.3-point drop between rounds. Not af
 guard refused or clipped an update: momentum would carry the attacker's pull on through local training (FedAvg
 under two sign-flipping peers of ten: 0.39 final accuracy with it, 0.77 without).
 
-Only PyTorch's Adam family (``exp_avg_sq`` of Adam, AdamW, NAdam and RAdam, and AMSGrad's ``max_exp_avg_sq``) and
-`torch.optim.SGD` (and its subclasses) with momentum are touched; any other optimizer (RMSprop, Adagrad, a user's
-own) keeps its state as it is: not measured. The rules keep no state across rounds (the round's starting point and
+RMSprop (``square_avg``) and Adagrad (``sum``) step by ``g / sqrt(v)`` too, and lose classes the same way; their
+second moments are floored alike since 2026-12-05 (written as an outside user would, after the rule was chosen:
+`benchmarks/scripts/digits_mlp_rmsprop.py` and `digits_mlp_adagrad.py`: with the floor their served models gain
+on every split, three seeds each; `benchmarks/LEARNING.md`).
+
+Only those (PyTorch's Adam family: ``exp_avg_sq`` of Adam, AdamW, NAdam and RAdam, and AMSGrad's
+``max_exp_avg_sq``; RMSprop; Adagrad) and `torch.optim.SGD` (and its subclasses) with momentum are touched; any
+other optimizer (Adadelta, Adamax, a user's own) keeps its state as it is: not measured. The rules keep no state across rounds (the round's starting point and
 step count live from training to that round's aggregations); what they change is the optimizer's state, which
 checkpoints hold.
 """
@@ -38,7 +44,18 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")
+SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq")  # the Adam family's, whatever the class
+# Names other optimizers also use for other things (Adadelta's ``square_avg``): only on these classes.
+SECOND_MOMENTS_OF: tuple[tuple[type[torch.optim.Optimizer], tuple[str, ...]], ...] = (
+    (torch.optim.RMSprop, ("square_avg",)),
+    (torch.optim.Adagrad, ("sum",)),
+)
+
+
+def second_moment_keys(optimizer: torch.optim.Optimizer) -> tuple[str, ...]:
+    """The state entries of ``optimizer`` that the floor raises."""
+    extra = tuple(key for cls, keys in SECOND_MOMENTS_OF if isinstance(optimizer, cls) for key in keys)
+    return SECOND_MOMENTS + extra
 MIX = 0.5  # the share of its own buffer an SGD momentum buffer keeps at an aggregation
 
 
@@ -46,11 +63,12 @@ def floor_second_moments(optimizer: torch.optim.Optimizer, params: Iterable[nn.P
     """Raise every second-moment tensor of ``params`` in ``optimizer``'s state to at least its median; how many
     tensors there were. Tensors that are not shaped like their parameter (a factored or scalar state) are left."""
     floored = 0
+    keys = second_moment_keys(optimizer)
     for p in params:
         state = optimizer.state.get(p)
         if not state:
             continue
-        for key in SECOND_MOMENTS:
+        for key in keys:
             v = state.get(key)
             if isinstance(v, torch.Tensor) and v.shape == p.shape and v.is_floating_point() and v.numel() > 1:
                 with torch.no_grad():
@@ -82,7 +100,7 @@ def global_momentum(optimizer: torch.optim.Optimizer, start: dict[nn.Parameter, 
 
 
 class MomentRules:
-    """The two rules above for one trainer: ``floor`` (Adam) and ``global_momentum`` (SGD), both on by default and
+    """The two rules above for one trainer: ``floor`` (Adam, RMSprop, Adagrad) and ``global_momentum`` (SGD), both on by default and
     off only to measure against; the round's starting point of the shared parameters, while SGD has momentum."""
 
     def __init__(self) -> None:
