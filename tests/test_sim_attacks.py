@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from quinkgl_cli.manifest.arch_hash import compute_arch_hash
 from quinkgl_cli.manifest.create import build_manifest
-from quinkgl_cli.manifest.strategy_params import FedAvgParams
 from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.manifest.strategy_params import FedAvgParams
 from quinkgl_cli.node.script import PeerScript, load_script
 from quinkgl_cli.sim.attacks import (
     ALIE_Z,
