@@ -49,8 +49,9 @@ LATE_ROUNDS = 5
 
 
 class Refusals(logging.Handler):
-    """Counts the peers' `update-refused` lines by what refused the update (cosine, norm, distance), and their
-    `update-scaled` lines (boosted models scaled down) as ``scaled``."""
+    """Counts the peers' `update-refused` lines by what refused the update (cosine, norm, distance), their
+    `update-scaled` lines (boosted models scaled down) as ``scaled`` and their `update-clipped` lines (models
+    pulled back to the distance limit) as ``clipped``."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -60,6 +61,8 @@ class Refusals(logging.Handler):
         message = record.getMessage()
         if message.startswith("update-scaled"):
             self.counts["scaled"] = self.counts.get("scaled", 0) + 1
+        elif message.startswith("update-clipped"):
+            self.counts["clipped"] = self.counts.get("clipped", 0) + 1
         elif message.startswith("update-refused"):
             kind = next((k for k in ("cosine", "norm", "distance") if f" {k}=" in message), "other")
             self.counts[kind] = self.counts.get(kind, 0) + 1
