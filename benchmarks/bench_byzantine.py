@@ -3,11 +3,17 @@
     python benchmarks/bench_byzantine.py                       # 4 families, shards:2, 2 of 20 attackers, 2 seeds
     python benchmarks/bench_byzantine.py --families mlp-adam --attacks none,signflip --seeds 0
     python benchmarks/bench_byzantine.py --aggregation MultiKrum --byzantine-f 2     # a robust rule instead
+    python benchmarks/bench_byzantine.py --attacks none,alie,ipm,labelflip --splits shards:2,dirichlet:0.1 \
+        --out benchmarks/results/byzantine_outside.json                                # the literature's attacks
 
 Each run is `quinkgl simulate` with the manifest defaults (FedAvg with its poison bounds, slow momentum, the
 rotation topology, the served model) on one of `bench_learning.py`'s model families, with ``--attackers`` peers
 sharing corrupted models every round (`quinkgl_cli.sim.attacks`: ``signflip`` sends its weights times -4,
-``gaussian`` N(0, 1) noise, ``scale`` its weights times 100; they train and aggregate honestly otherwise).
+``gaussian`` N(0, 1) noise, ``scale`` its weights times 100; they train and aggregate honestly otherwise). The
+literature's attacks, from the models the attacker received (``--attacks none,alie,ipm,labelflip``, written to
+``byzantine_outside.json``): ``alie`` the known models' mean minus one standard deviation per coordinate, ``ipm``
+its own model moved 4 times the honest mean's last movement backwards, ``labelflip`` a model trained on labels
+read as C - 1 - y.
 Per cell: the honest peers' mean accuracy over the last five training rounds (what they serve, no end-of-run merge),
 the worst honest peer over those rounds, the mean after the merge, and the change of the late mean against the
 same family, split and seed without attackers. Issue 12's goal for attacks: within 2 points of no attack.
@@ -36,15 +42,16 @@ from simkit import RESULTS, quiet  # noqa: E402
 
 from quinkgl_cli.atomic import atomic_write_bytes  # noqa: E402
 from quinkgl_cli.node.script import load_script  # noqa: E402
-from quinkgl_cli.sim.attacks import ATTACKS  # noqa: E402
+from quinkgl_cli.sim.attacks import MODEL_ATTACKS  # noqa: E402
 from quinkgl_cli.sim.simulator import Overrides, SimConfig, SimResult, simulate  # noqa: E402
 
 LATE_ROUNDS = 5
 
 
 class Refusals(logging.Handler):
-    """Counts the peers' `update-refused` lines by what refused the update (cosine, norm, distance), and their
-    `update-scaled` lines (boosted models scaled down) as ``scaled``."""
+    """Counts the peers' `update-refused` lines by what refused the update (cosine, norm, distance), their
+    `update-scaled` lines (boosted models scaled down) as ``scaled`` and their `update-clipped` lines (models
+    pulled back to the distance limit) as ``clipped``."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -54,6 +61,8 @@ class Refusals(logging.Handler):
         message = record.getMessage()
         if message.startswith("update-scaled"):
             self.counts["scaled"] = self.counts.get("scaled", 0) + 1
+        elif message.startswith("update-clipped"):
+            self.counts["clipped"] = self.counts.get("clipped", 0) + 1
         elif message.startswith("update-refused"):
             kind = next((k for k in ("cosine", "norm", "distance") if f" {k}=" in message), "other")
             self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -122,7 +131,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", default="digits-mlp-sgdm,mlp-adam,cnn-sgdm,logreg-sgd")
     ap.add_argument("--splits", default="shards:2")
-    ap.add_argument("--attacks", default="none," + ",".join(ATTACKS))
+    ap.add_argument("--attacks", default="none," + ",".join(MODEL_ATTACKS),
+                    help="none and any of signflip, gaussian, scale (default), alie, ipm, labelflip")
     ap.add_argument("--attackers", type=int, default=2, help="attacking peers (default 2 of 20)")
     ap.add_argument("--peers", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=12)

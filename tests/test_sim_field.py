@@ -18,6 +18,7 @@ from quinkgl_cli.manifest.create import build_manifest
 from quinkgl_cli.manifest.io import write_manifest
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.script import PeerScript, load_script
+from quinkgl_cli.sim.attacks import Eavesdrop
 from quinkgl_cli.sim.dist import parse_dist
 from quinkgl_cli.sim.field import FieldSimulator
 from quinkgl_cli.sim.fieldconf import field_config
@@ -332,3 +333,18 @@ def test_a_sleep_shorter_than_the_clock_resolution_still_lets_time_pass() -> Non
         return sleeps
 
     assert VirtualTimeLoop(_Clock()).run_virtual(main()) <= 2
+
+
+def test_a_churned_attacker_keeps_what_it_heard(script: PeerScript) -> None:
+    sim = make_simulator(script, manifest(script), SimConfig(
+        peers=6, rounds=6, partition="shards:2", seed=3, attackers=2, attack="alie",
+        conditions=field_config(churn=0.3, churn_fresh=1.0, gossip_interval=5.0)))
+    assert isinstance(sim, FieldSimulator)
+    sim.run()
+    attackers = [p for p in sim.peers if p.node.node_id in sim.attackers]
+    assert any(len(p.joined_at) > 1 for p in attackers)  # an attacker left and came back, rebuilt
+    for p in sim.peers:
+        heard = p.node.aggregator
+        assert isinstance(heard, Eavesdrop) == (p in attackers)
+        if isinstance(heard, Eavesdrop):
+            assert heard.received and p.node.exchange.tamper is not None

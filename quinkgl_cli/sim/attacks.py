@@ -1,26 +1,59 @@
-"""Byzantine peers for the simulator: an honest node whose outgoing model is replaced on the way out.
+"""Byzantine peers for the simulator: an honest node whose outgoing model, or training data, is corrupted.
 
-The attacker trains and aggregates like everyone else; only what it shares is corrupted. The corruption is the
+The attacker trains and aggregates like everyone else; only what it shares is corrupted. Model attacks are the
 node's injected ``tamper`` policy: its exchange swaps the model's weights for the malicious ones while it encodes
 and sends them and restores them afterwards, so they go through exactly the node's own send path (compression,
-privacy, wire).
+privacy, wire). The data attack changes only the attacker's training loader; its model is then shared as is.
+
+The crude attacks:
+
+- ``signflip``: every shared weight negated and amplified by SIGNFLIP_FACTOR, so one attacker outweighs the honest
+  models it is averaged with (a plain negation is mostly absorbed by an average);
+- ``gaussian``: the weights replaced by N(0, GAUSSIAN_STD^2) noise;
+- ``scale``: the weights multiplied by SCALE_FACTOR.
+
+The attacks of the robust-aggregation literature, as a gossip attacker can run them: it knows what an honest peer
+knows, the models its partners sent it (`Eavesdrop`: those of its last aggregation, its fellow attackers' left out,
+as colluding attackers would) and its own honestly trained model, not every honest model of the round as the
+papers assume. Models, not gradients, cross the network, so the gradient attacks are applied to models:
+
+- ``alie`` ("A little is enough", Baruch et al. 2019): the per-coordinate mean of the models it knows minus
+  ALIE_Z standard deviations. The paper's z for n peers and f attackers (`alie_z`) is 0.13 for 2 of 20 and aims to
+  stay inside the spread a median or Krum accepts; averaging with distance and direction screens accepts more, so
+  the simulator uses a fixed ALIE_Z = 1.0. Before its first aggregation the attacker knows only its own model and
+  sends it.
+- ``ipm`` (inner product manipulation, Xie et al. 2020): the paper sends -epsilon times the honest gradients'
+  mean. A model sent as such would point against every model (the direction check refuses it); the honest
+  gradient's counterpart in model exchange is the honest mean's movement between rounds, so the attacker sends its
+  own honest model moved IPM_EPSILON times that movement backwards: ``w - IPM_EPSILON * (mean_t - mean_{t-1})``,
+  with mean_t the mean of the models it knew at its last aggregation (its own included). Large epsilon (IPM_EPSILON
+  = 4, beyond the (n - f) / f = 3 at which one attacker in a gossip aggregation of four models turns the average's
+  movement around), rather than the paper's 0.1 aimed at Krum. Honest until it has seen two aggregations.
+- ``labelflip`` (data poisoning): the attacker trains honestly on its own data with every label y replaced by
+  C - 1 - y (C classes of the training set) and shares that model untouched (`FlippedLabels`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from statistics import NormalDist
+from typing import Any
 
 import torch
+from torch import nn
 
 from quinkgl_cli.errors import UsageError
+from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate
 
-# signflip: every shared weight negated and amplified by SIGNFLIP_FACTOR, so one attacker outweighs the honest
-# models it is averaged with (a plain negation is mostly absorbed by an average);
-# gaussian: weights replaced by N(0, GAUSSIAN_STD^2) noise; scale: weights multiplied by SCALE_FACTOR.
-ATTACKS = ("signflip", "gaussian", "scale")
+ATTACKS = ("signflip", "gaussian", "scale", "alie", "ipm", "labelflip")
+MODEL_ATTACKS = ("signflip", "gaussian", "scale")  # from the attacker's own weights alone
+KNOWING_ATTACKS = ("alie", "ipm")  # from the models the attacker received (`Eavesdrop`)
+DATA_ATTACKS = ("labelflip",)  # the attacker's training data changed, its model shared as is
 SIGNFLIP_FACTOR = 4.0
 GAUSSIAN_STD = 1.0
 SCALE_FACTOR = 100.0
+ALIE_Z = 1.0
+IPM_EPSILON = 4.0
 
 
 def parse_attackers(text: str | None) -> tuple[int, str]:
@@ -41,6 +74,13 @@ def parse_attackers(text: str | None) -> tuple[int, str]:
     return count, kind
 
 
+def alie_z(n: int, f: int) -> float:
+    """Baruch et al.'s z for ``f`` attackers among ``n`` peers: the quantile that leaves ``n - s`` of them, with
+    s = floor(n / 2 + 1) - f supporters needed, on the attackers' side."""
+    s = n // 2 + 1 - f
+    return NormalDist().inv_cdf((n - s) / n)
+
+
 def corrupt(kind: str, flat: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     if kind == "signflip":
         return flat * -SIGNFLIP_FACTOR
@@ -51,9 +91,109 @@ def corrupt(kind: str, flat: torch.Tensor, generator: torch.Generator) -> torch.
     raise ValueError(f"unknown attack {kind!r}")
 
 
-def tamper_for(kind: str, seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The weights an attacker of ``kind`` sends in place of its honest ``flat`` ones (`NodePolicies.tamper`)."""
-    if kind not in ATTACKS:
-        raise ValueError(f"unknown attack {kind!r}")
-    generator = torch.Generator().manual_seed(seed)
-    return lambda flat: corrupt(kind, flat, generator)
+class Eavesdrop(Aggregator):
+    """The attacker's own aggregation rule, run unchanged, noting what it learns of the honest models: at each
+    aggregation the flat models its partners sent (``colluders`` left out) and the mean of those and its own."""
+
+    def __init__(self, inner: Aggregator, colluders: frozenset[str]) -> None:
+        super().__init__(inner.params, inner.byzantine_f)
+        self.inner = inner
+        self.name = inner.name
+        self.colluders = colluders
+        self.received: list[torch.Tensor] = []  # the honest models of the last aggregation
+        self.means: list[torch.Tensor] = []  # the honest mean of the last two aggregations, oldest first
+
+    def aggregate(self, local: PeerUpdate, others: Sequence[PeerUpdate], current_round: int) -> AggregationResult:
+        honest = [u.flat.detach().clone() for u in others if u.peer_id not in self.colluders]
+        if honest:
+            self.received = honest
+            self.means = [*self.means[-1:], torch.stack([local.flat.detach(), *honest]).mean(dim=0)]
+        return self.inner.aggregate(local, others, current_round)
+
+    def extras_to_send(self) -> dict[str, torch.Tensor]:
+        return self.inner.extras_to_send()
+
+    def begin_training(self, model: nn.Module, lr: float) -> None:
+        self.inner.begin_training(model, lr)
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        return self.inner.loss_term(model)
+
+    def after_backward(self, model: nn.Module) -> None:
+        self.inner.after_backward(model)
+
+    def end_training(self, model: nn.Module, steps: int, lr: float) -> None:
+        self.inner.end_training(model, steps, lr)
+
+    def begin_consensus(self) -> None:
+        self.inner.begin_consensus()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def alie(own: torch.Tensor, received: Sequence[torch.Tensor], z: float = ALIE_Z) -> torch.Tensor:
+    """mean - z * std per coordinate over ``own`` and ``received`` (``own`` alone: itself)."""
+    if not received:
+        return own
+    known = torch.stack([own, *received])
+    return known.mean(dim=0) - z * known.std(dim=0, unbiased=False)
+
+
+def ipm(own: torch.Tensor, means: Sequence[torch.Tensor], epsilon: float = IPM_EPSILON) -> torch.Tensor:
+    """``own`` moved ``epsilon`` times the honest mean's last movement backwards (fewer than two means: ``own``)."""
+    if len(means) < 2:
+        return own
+    return own - epsilon * (means[-1] - means[-2])
+
+
+def tamper_for(kind: str, seed: int, heard: Eavesdrop | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The weights an attacker of ``kind`` sends in place of its honest ``flat`` ones (`NodePolicies.tamper`);
+    ``heard``: the attacker's `Eavesdrop`, which ``alie`` and ``ipm`` need."""
+    if kind in MODEL_ATTACKS:
+        generator = torch.Generator().manual_seed(seed)
+        return lambda flat: corrupt(kind, flat, generator)
+    if kind in KNOWING_ATTACKS:
+        if heard is None:
+            raise ValueError(f"attack {kind!r} needs the attacker's Eavesdrop")
+        if kind == "alie":
+            return lambda flat: alie(flat, heard.received)
+        return lambda flat: ipm(flat, heard.means)
+    raise ValueError(f"attack {kind!r} does not tamper with the model")
+
+
+class FlippedDataset:
+    """``dataset`` with every label y (item 1) read as ``classes - 1 - y``."""
+
+    def __init__(self, dataset: Any, classes: int) -> None:
+        self.dataset = dataset
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        x, y, *rest = self.dataset[index]
+        return (x, self.classes - 1 - y, *rest)
+
+
+class FlippedLabels:
+    """A training loader whose batches carry the labels y as ``classes - 1 - y`` (the ``labelflip`` attacker's);
+    its ``dataset`` is flipped too, for whatever samples from the dataset itself (DP-SGD's Poisson sampling)."""
+
+    def __init__(self, loader: Any, classes: int) -> None:
+        self.loader = loader
+        self.classes = classes
+        dataset = getattr(loader, "dataset", None)
+        self.dataset = FlippedDataset(dataset, classes) if dataset is not None else None
+        self.batch_size = getattr(loader, "batch_size", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        for x, y, *rest in self.loader:
+            yield [x, self.classes - 1 - y, *rest]

@@ -48,13 +48,14 @@ from typing import Any
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.events import emit
 from quinkgl_cli.manifest.schema import Manifest
-from quinkgl_cli.node.core import Node, NodePolicies, RoundMetrics
+from quinkgl_cli.node.core import Node, NodePolicies, RoundMetrics, build_aggregator
 from quinkgl_cli.node.logs import LogContext
 from quinkgl_cli.node.metrics import PERSONAL_FIELDS
 from quinkgl_cli.node.options import ScheduleOptions
 from quinkgl_cli.node.runloop import RoundLoop, Waiter, Work
 from quinkgl_cli.node.script import PeerScript
 from quinkgl_cli.node.state import NodeState
+from quinkgl_cli.sim.attacks import Eavesdrop
 from quinkgl_cli.sim.config import SimConfig
 from quinkgl_cli.sim.fieldconf import FieldConfig
 from quinkgl_cli.sim.fieldnet import FieldNetwork
@@ -160,6 +161,10 @@ class FieldSimulator(Simulator):
         old = peer.node
         tamper = old.exchange.tamper
         extra: dict[str, Any] = {"policies": NodePolicies(tamper=tamper)} if tamper is not None else {}
+        if isinstance(old.aggregator, Eavesdrop):
+            # An attacker keeps what it learnt across a restart; its aggregation rule starts afresh, as a daemon's.
+            old.aggregator.inner = build_aggregator(self._builder.manifest)
+            extra["aggregator"] = old.aggregator
         seed = self.config.seed * 100_003 + peer.index
         return self._builder.node(old.node_id, old.trainer.train_loader, old.trainer.val_loader, seed, **extra)
 

@@ -8,7 +8,8 @@ validates on exactly that, as a daemon started with those script arguments would
 weights, as daemons of one swarm do. Simulator
 modes get what they need injected at build: the FedAvg server (`ServerMean`, the whole training set's weight) and
 clients (`AdoptGlobal`, a fresh optimizer per participation), the pairwise graph's `SelectedTargets`, and the
-attackers' ``tamper`` (`quinkgl_cli.sim.attacks`). Owns nothing after `build` returns the `Swarm`.
+attackers' ``tamper``, `Eavesdrop` aggregator or flipped training labels (`quinkgl_cli.sim.attacks`). Owns nothing
+after `build` returns the `Swarm`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import torch
 
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import Manifest
-from quinkgl_cli.node.core import Node, NodeConfig, NodePolicies, build_topology
+from quinkgl_cli.node.core import Node, NodeConfig, NodePolicies, build_aggregator, build_topology
 from quinkgl_cli.node.script import PeerScript
 from quinkgl_cli.node.wiring import build_node
-from quinkgl_cli.sim.attacks import tamper_for
+from quinkgl_cli.sim.attacks import DATA_ATTACKS, KNOWING_ATTACKS, Eavesdrop, FlippedLabels, tamper_for
 from quinkgl_cli.sim.baseline import SERVER_ID, AdoptGlobal, SelectedTargets, ServerMean
 from quinkgl_cli.sim.config import SimConfig
 from quinkgl_cli.sim.data import materialize, peer_loader
@@ -76,6 +77,7 @@ class SwarmBuilder:
         self.rounds = rounds
         self.network = network
         self.clock = clock
+        self.classes: int | None = None  # of the split's class labels (`split`); None: the script's split, or none
 
     def shared_data(self) -> tuple[Any, Any, int]:
         args = dict(self.config.script_args)
@@ -149,6 +151,8 @@ class SwarmBuilder:
                     f"has none usable ({exc})", "use --partition iid for regression or unlabelled data",
                 ) from exc
             labels = np.zeros(len(dataset), dtype=np.int64)  # one pseudo-class: iid becomes an even random split
+        else:
+            self.classes = int(labels.max()) + 1 if len(labels) else None
         parts = partition_indices(labels, cfg.peers, scheme, cfg.seed)
         trains = [peer_loader(dataset, idx, batch_size, torch.Generator().manual_seed(cfg.seed * 100_003 + i))
                   for i, idx in enumerate(parts)]
@@ -219,9 +223,21 @@ class SwarmBuilder:
                           "max_peers": max_peers, "seek": seek, "policies": NodePolicies(fresh_optimizer=True)}
         elif cfg.mode == "pairwise":
             strategies = {"topology": SelectedTargets(node_id)}
-        if attacker:
+        if attacker and cfg.attack in DATA_ATTACKS:
+            if self.classes is None:
+                raise NodeConfigError(f"--attackers {cfg.attack} flips class labels, and this split has none",
+                                      "use --partition iid, shards:K, classes:K or dirichlet:A on labelled data")
+            train = FlippedLabels(train, self.classes)
+        elif attacker:
+            heard = None
+            if cfg.attack in KNOWING_ATTACKS:
+                ids = peer_ids(cfg.peers)
+                colluders = frozenset(ids[j] for j in attacker_indices(cfg, random.Random(cfg.seed)))
+                heard = Eavesdrop(strategies.get("aggregator") or build_aggregator(self.manifest), colluders)
+                strategies["aggregator"] = heard
             policies = strategies.get("policies", NodePolicies())
-            strategies["policies"] = dataclasses.replace(policies, tamper=tamper_for(cfg.attack, cfg.seed * 7919 + i))
+            tamper = tamper_for(cfg.attack, cfg.seed * 7919 + i, heard)
+            strategies["policies"] = dataclasses.replace(policies, tamper=tamper)
         return self.node(node_id, train, val, seed, own=own, **strategies)
 
     def graph_edges(self, nodes: list[tuple[int, Node]], ids: list[str]) -> set[tuple[int, int]]:
