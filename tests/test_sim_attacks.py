@@ -53,7 +53,7 @@ def _fedavg() -> FedAvg:
     return FedAvg(FedAvgParams())
 
 
-@pytest.mark.parametrize("kind", ["alie", "ipm", "labelflip"])
+@pytest.mark.parametrize("kind", ["alie", "ipm", "labelflip", "silent"])
 def test_the_new_attacks_are_attacker_kinds(kind: str) -> None:
     assert parse_attackers(f"2:{kind}") == (2, kind)
 
@@ -147,3 +147,17 @@ def test_alie_attackers_hear_their_partners_and_not_each_other(script: PeerScrip
         assert (node.exchange.tamper is not None) == (node.node_id in attackers)
     spies = [n.aggregator for n in sim.nodes if isinstance(n.aggregator, Eavesdrop)]
     assert all(spy.received and len(spy.means) == 2 and spy.colluders == frozenset(attackers) for spy in spies)
+
+
+def test_silent_members_take_models_and_send_none(script: PeerScript) -> None:
+    sim = Simulator(script, manifest(script), SimConfig(peers=6, rounds=2, partition="shards:2", seed=2, attackers=2,
+                                                        attack="silent"))
+    result = sim.run()
+    attackers = set(sim.attackers)
+    assert len(attackers) == 2
+    for peer in result.rounds[-1].peers:
+        if peer.peer in attackers:
+            assert peer.updates_sent == 0 and peer.bytes_sent == 0 and peer.bytes_received > 0
+        else:
+            assert peer.updates_sent > 0
+    assert all(node.exchange.tamper is None for node in sim.nodes)

@@ -44,7 +44,7 @@ def simulate(
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the split, initialisations and choices.")] = 0,
     mode: Annotated[str, typer.Option("--mode", metavar="MODE", help="gossip (the manifest) | fedavg (central server baseline) | pairwise (the DP tutorial's pair averaging over the topology's edges) | local (no sharing).")] = "gossip",
     attackers: Annotated[
-        str | None, typer.Option("--attackers", metavar="N:KIND", help="N Byzantine peers sharing corrupted models: signflip | gaussian | scale | alie | ipm | labelflip.")
+        str | None, typer.Option("--attackers", metavar="N:KIND", help="N Byzantine peers sharing corrupted models: signflip | gaussian | scale | alie | ipm | labelflip; or silent (sending nothing: a baseline).")
     ] = None,
     dp_epsilon: Annotated[float | None, typer.Option("--dp-epsilon", metavar="X", help="Override the manifest's local DP epsilon.")] = None,
     aggregation: Annotated[str | None, typer.Option("--aggregation", metavar="NAME", help="Override the aggregation strategy.")] = None,

@@ -31,6 +31,11 @@ papers assume. Models, not gradients, cross the network, so the gradient attacks
   movement around), rather than the paper's 0.1 aimed at Krum. Honest until it has seen two aggregations.
 - ``labelflip`` (data poisoning): the attacker trains honestly on its own data with every label y replaced by
   C - 1 - y (C classes of the training set) and shares that model untouched (`FlippedLabels`).
+
+And a baseline rather than an attack: ``silent`` members train and take the models sent to them but send none (a
+free rider, or an attacker whose every model is refused): what the swarm loses with their data and with the sends
+spent on them, whatever a defence does. An attack costing no more than ``silent`` is stopped as well as screening
+can stop it.
 """
 
 from __future__ import annotations
@@ -45,10 +50,11 @@ from torch import nn
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate
 
-ATTACKS = ("signflip", "gaussian", "scale", "alie", "ipm", "labelflip")
+ATTACKS = ("signflip", "gaussian", "scale", "alie", "ipm", "labelflip", "silent")
 MODEL_ATTACKS = ("signflip", "gaussian", "scale")  # from the attacker's own weights alone
 KNOWING_ATTACKS = ("alie", "ipm")  # from the models the attacker received (`Eavesdrop`)
 DATA_ATTACKS = ("labelflip",)  # the attacker's training data changed, its model shared as is
+SILENT = "silent"  # sends nothing: the baseline for the members an attack costs
 SIGNFLIP_FACTOR = 4.0
 GAUSSIAN_STD = 1.0
 SCALE_FACTOR = 100.0

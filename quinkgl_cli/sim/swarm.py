@@ -27,7 +27,7 @@ from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import Node, NodeConfig, NodePolicies, build_aggregator, build_topology
 from quinkgl_cli.node.script import PeerScript
 from quinkgl_cli.node.wiring import build_node
-from quinkgl_cli.sim.attacks import DATA_ATTACKS, KNOWING_ATTACKS, Eavesdrop, FlippedLabels, tamper_for
+from quinkgl_cli.sim.attacks import DATA_ATTACKS, KNOWING_ATTACKS, SILENT, Eavesdrop, FlippedLabels, tamper_for
 from quinkgl_cli.sim.baseline import SERVER_ID, AdoptGlobal, SelectedTargets, ServerMean
 from quinkgl_cli.sim.config import SimConfig
 from quinkgl_cli.sim.data import materialize, peer_loader
@@ -228,6 +228,8 @@ class SwarmBuilder:
                 raise NodeConfigError(f"--attackers {cfg.attack} flips class labels, and this split has none",
                                       "use --partition iid, shards:K, classes:K or dirichlet:A on labelled data")
             train = FlippedLabels(train, self.classes)
+        elif attacker and cfg.attack == SILENT:
+            strategies["topology"] = SelectedTargets(node_id)  # no targets: it never sends
         elif attacker:
             heard = None
             if cfg.attack in KNOWING_ATTACKS:
