@@ -5,6 +5,7 @@ stopping the node."""
 from __future__ import annotations
 
 import logging
+import math
 from copy import deepcopy as copy_module
 
 import pytest
@@ -16,7 +17,7 @@ from quinkgl_cli import wire
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.node.core import Node, NodeConfig
 from quinkgl_cli.sim.baseline import AdoptGlobal
-from quinkgl_cli.strategies.base import Aggregator
+from quinkgl_cli.strategies.base import Aggregator, PeerUpdate
 from quinkgl_cli.tensors import flatten, load_flat
 from quinkgl_cli.transport.base import ModelReceived
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
@@ -131,3 +132,32 @@ def test_a_model_with_a_negative_running_variance_is_dropped(caplog: pytest.LogC
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("aggregated")] == [
         "aggregated models peers=1 samples=60 from=[sound] strategy=FedAvg"]
     assert bool((node.model[1].running_var >= 0).all())
+
+
+def test_a_served_average_that_evaluates_to_nan_gives_way_to_the_held_model(caplog: pytest.LogCaptureFixture) -> None:
+    """Every entry of the served average is a finite model, yet their mean need not work (a running variance gone
+    negative): such a round serves the model the node holds, says so, and the next round averages again."""
+    net = MemoryNetwork(auto_deliver=False)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    train, val = data(0)
+    transport = MemoryTransport(net, "me", swarm_id="s", arch_hash=H)
+    node = Node(NodeConfig("me", rounds=10, seed=0), manifest(), "sha256:swarm", model, train, val,
+                torch.optim.SGD(model.parameters(), lr=0.05), transport, clock=lambda: 0.0)
+    transport.start_sync(node)
+    _round(node)
+    node.begin_round()
+    node.train_round()
+    node.share()  # notes the node's own model for serving
+    broken = flatten(node.model)
+    floats = [(name, t.numel()) for name, t in node.model.state_dict().items() if t.is_floating_point()]
+    start = sum(n for _, n in floats[:[name for name, _ in floats].index("1.running_var")])
+    broken[start:start + 8] = -50.0  # averaged with the own model's variances: still below zero
+    node.serving.note_peers([PeerUpdate("other", node.round, broken, 30)], current_round=node.round)
+    assert node.serving.model(node.round) is not node.model
+    with caplog.at_level(logging.WARNING):
+        loss, accuracy = node.evaluate()
+    assert loss is not None and math.isfinite(loss) and accuracy is not None
+    assert len(_events(caplog, "served-model-unusable")) == 1
+    assert node.serving.model(node.round) is node.model
+    assert node.serving.model(node.round + 1) is not node.model  # the next round averages again

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -105,6 +106,10 @@ DEFAULT_POLICIES = NodePolicies()
 # Plain averaging rules get slow momentum on the aggregated change (`strategies.momentum`); rules with their own
 # state of the average (FedAvgM, Scaffold), robust rules and CHOCO's consensus step are left as they are.
 SLOW_MOMENTUM_RULES = (FedAvg, FedProx, StalenessWeightedFedAvg, EntropyWeightedAvg)
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
 
 
 def _untouched(result: AggregationResult, local: PeerUpdate, others: list[PeerUpdate]) -> bool:
@@ -302,7 +307,14 @@ class Node:
     def evaluate(self) -> tuple[float | None, float | None]:
         """(val_loss, val_accuracy) of the served shared model on the validation loader (the personal model's are
         recorded too); (None, None) when there is none or it is empty."""
-        result = self.trainer.evaluate(self.serving.model(self.round))
+        served = self.serving.model(self.round)
+        result = self.trainer.evaluate(served)
+        if result is not None and served is not self.model and not _finite(result.val_loss):
+            self.log(logging.WARNING, "served-model-unusable", loss=result.val_loss,
+                     hint="the average of the peers' latest models gives a non-finite validation loss: this round "
+                          "serves the model this node holds")
+            self.serving.unusable(self.round)
+            result = self.trainer.evaluate(self.model)
         if result is None:
             return (None, None)
         self.recorder.eval = result

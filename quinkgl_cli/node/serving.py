@@ -58,6 +58,7 @@ class ServingModel:
         self._scratch: nn.Module | None = None
         self._own: _Entry | None = None
         self._peers: dict[str, _Entry] = {}  # insertion order = least recently heard first
+        self._unusable_round: int | None = None  # the round whose average evaluated to a non-finite loss
 
     def merged(self) -> None:
         """The end-of-run merge began: serve the held model from now on."""
@@ -93,6 +94,13 @@ class ServingModel:
         while len(self._peers) > self.max_models:
             del self._peers[next(iter(self._peers))]
 
+    def unusable(self, current_round: int) -> None:
+        """The average evaluated to a non-finite loss this round: serve the held model until the next round (the
+        node's call, which logs it). Every entry is a finite model, yet their mean need not be a working one: a model
+        keeping state that averaging breaks (a running variance gone negative) returns NaN while training looks
+        healthy."""
+        self._unusable_round = current_round
+
     def model(self, current_round: int) -> nn.Module:
         """The module to serve: the scratch copy holding the served weights, or the node's model when there is
         nothing to average (serving off, or nothing trained and received yet)."""
@@ -108,7 +116,7 @@ class ServingModel:
         return self._scratch
 
     def _recent(self, current_round: int) -> list[_Entry]:
-        if not self.enabled or self._own is None:
+        if not self.enabled or self._own is None or current_round == self._unusable_round:
             return []
         oldest = current_round - self.max_age
         return [self._own] + [e for e in self._peers.values() if e.round >= oldest]
