@@ -56,18 +56,25 @@ def trainable_mask(model: nn.Module) -> torch.Tensor | None:
 def still_mask(model: nn.Module) -> torch.Tensor | None:
     """A bool vector over ``flatten(model)``: True on entries no optimizer step moves (floating-point buffers such
     as BatchNorm's running statistics, frozen parameters). None when every shared entry trains."""
+    if all(p.requires_grad for p in model.parameters()) and not any(b.is_floating_point() for b in model.buffers()):
+        return None  # the common case, asked once a round: no mask to build
     mask = trainable_mask(model)
     return None if mask is None else ~mask
 
 
+def is_running_variance(name: str) -> bool:
+    """Whether the state entry ``name`` is a running variance, as BatchNorm's and InstanceNorm's are named."""
+    return name.rsplit(".", 1)[-1] == "running_var"
+
+
 def variance_mask(model: nn.Module) -> torch.Tensor | None:
-    """A bool vector over ``flatten(model)``: True on running variances (state entries named ``running_var``, as
-    BatchNorm's and InstanceNorm's are). None when the model keeps none."""
+    """A bool vector over ``flatten(model)``: True on running variances (`is_running_variance`). None when the
+    model keeps none."""
     parts = []
     found = False
     for name, t in model.state_dict().items():
         if t.is_floating_point():
-            is_var = name.rsplit(".", 1)[-1] == "running_var"
+            is_var = is_running_variance(name)
             found = found or is_var
             parts.append(torch.full((t.numel(),), is_var, dtype=torch.bool))
     return torch.cat(parts) if found else None

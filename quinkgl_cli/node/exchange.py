@@ -34,6 +34,7 @@ from quinkgl_cli.tensors import (
     all_finite,
     flatten,
     float_buffers,
+    is_running_variance,
     load_flat,
     shared_specs,
     trainable_mask,
@@ -245,7 +246,7 @@ class Exchange:
                 wire.check_finite(s.name, model_tensors[s.name])
         if self._variances is not None and bool((flat[self._variances] < 0).any()):
             culprit = next(s.name for s in self.specs
-                           if s.name.endswith("running_var") and bool((model_tensors[s.name] < 0).any()))
+                           if is_running_variance(s.name) and bool((model_tensors[s.name] < 0).any()))
             raise ValueError(f"{culprit} holds a negative variance")
         if samples <= 0:
             raise ValueError(f"sample count {samples} is not positive")
