@@ -30,11 +30,11 @@ second moments are floored alike since 2026-12-05 (written as an outside user wo
 `benchmarks/scripts/digits_mlp_rmsprop.py` and `digits_mlp_adagrad.py`: with the floor their served models gain
 on every split, three seeds each; `benchmarks/LEARNING.md`).
 
-Only those (PyTorch's Adam family: ``exp_avg_sq`` of Adam, AdamW, NAdam and RAdam, and AMSGrad's
-``max_exp_avg_sq``; RMSprop; Adagrad) and `torch.optim.SGD` (and its subclasses) with momentum are touched; any
-other optimizer (Adadelta, Adamax, a user's own) keeps its state as it is: not measured. The rules keep no state across rounds (the round's starting point and
-step count live from training to that round's aggregations); what they change is the optimizer's state, which
-checkpoints hold.
+Only those (PyTorch's Adam family: ``exp_avg_sq`` of Adam, AdamW, NAdam and RAdam, and AMSGrad's ``max_exp_avg_sq``;
+RMSprop; Adagrad) and `torch.optim.SGD` (and its subclasses) with momentum are touched; any other optimizer
+(Adadelta, Adamax, a user's own) keeps its state as it is: not measured. The rules keep no state across rounds (the
+round's starting point and step count live from training to that round's aggregations); what they change is the
+optimizer's state, which checkpoints hold.
 """
 
 from __future__ import annotations
@@ -100,8 +100,8 @@ def global_momentum(optimizer: torch.optim.Optimizer, start: dict[nn.Parameter, 
 
 
 class MomentRules:
-    """The two rules above for one trainer: ``floor`` (Adam, RMSprop, Adagrad) and ``global_momentum`` (SGD), both on by default and
-    off only to measure against; the round's starting point of the shared parameters, while SGD has momentum."""
+    """The two rules above for one trainer: ``floor`` (Adam, RMSprop, Adagrad) and ``global_momentum`` (SGD), both
+    on by default and off only to measure against; the round's starting point of the shared parameters, while SGD has momentum."""
 
     def __init__(self) -> None:
         self.floor = True
