@@ -101,7 +101,8 @@ def global_momentum(optimizer: torch.optim.Optimizer, start: dict[nn.Parameter, 
 
 class MomentRules:
     """The two rules above for one trainer: ``floor`` (Adam, RMSprop, Adagrad) and ``global_momentum`` (SGD), both
-    on by default and off only to measure against; the round's starting point of the shared parameters, while SGD has momentum."""
+    on by default and off only to measure against; the round's starting point of the shared parameters, while SGD
+    has momentum."""
 
     def __init__(self) -> None:
         self.floor = True
