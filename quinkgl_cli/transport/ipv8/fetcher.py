@@ -5,8 +5,9 @@ bound concurrent downloads. Every bound holds whatever the sender does: offers b
 ignored, accepted fetches wait in a queue bounded per sender and overall (an offer that finds it full is
 declined), a sender has one download running at a time, and a download that stops keeping pace is abandoned
 (`stream.Progress`). A model reaches the node only when its bytes match the size and sha256 of the offer its
-sender signed; its bytes travel encrypted (`channel`). When no TCP way connects, the bytes come over the UDP way
-(`udpway`), if the sender's datagrams reach us directly; once that worked, it is tried first for that sender.
+sender signed; its bytes travel encrypted (`channel`). When the sender's datagrams reach us directly, the UDP way
+(`udpway`) joins the race of the TCP ways once they all had their start and none connected (`Fetcher._race`);
+once it worked, it is tried first for that sender.
 """
 
 from __future__ import annotations
@@ -229,7 +230,7 @@ class Fetcher:
             return None
 
     async def _race(self, rec: PeerRecord, p: OfferPayload, streams: list[Route], udp: bool) -> list[_Outcome]:
-        """What the ways that carried (or tried to carry) the bytes came to, the one that delivered last; RouteFailed
+        """What the ways that ran came to: the one that delivered, alone, or else each one that failed; RouteFailed
         when no TCP route connected and UDP was not to be tried. A TCP route that connects before UDP starts has
         the transfer to itself. Once UDP started, a TCP route that connects later runs beside it: the sender serves
         an offer once, by whichever request reaches it first, and refuses the other (`server`, `udpway`); the first
