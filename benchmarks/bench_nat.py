@@ -2,6 +2,7 @@
 
     sudo python benchmarks/bench_nat.py [--bytes N] [--repeats N] [--relay-rate B] [--daemons] [--json PATH]
     sudo python benchmarks/bench_nat.py --learning [--seeds 0 1] [--rounds N] [--json PATH]
+    sudo python benchmarks/bench_nat.py --udp-first N [--json PATH]
 
 Five ways a 10 MB model can travel, measured in one lab run from the sender's `send_model` to the recipient's
 verified `on_model` (transport probes, no torch): ``direct`` (public to public), ``direct_via_nat`` (a NATed
@@ -25,6 +26,12 @@ router too, as it does not hairpin), then the same six on loopback; for each spl
 validation accuracy over the last 5 rounds (and the final one) in both, then the means over the seeds and their
 difference (the aim: within 2 points). A single run's figure swings by several points (non-IID gossip), so the
 comparison is over seeds. Written to ``nat_learning.json`` by default.
+
+``--udp-first N`` instead runs the ``udp_daemons`` scenario N times (three daemons, two behind port-restricted NATs
+whose firewalls drop all TCP, no relay: every model comes over UDP) and gives, for each peer, the seconds from its
+`started` line to its first aggregated model, then the median over all peers and runs: what the first UDP
+transfer of each pair costs (rounds 1 s apart, so the figure moves in steps of about a second). Written to
+``nat_udp_first.json`` by default.
 """
 
 from __future__ import annotations
@@ -32,9 +39,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +97,28 @@ def learning(seeds: list[int], rounds: int, out: Path) -> int:
     return 0
 
 
+def udp_first(runs: int, out: Path) -> int:
+    wall = time.monotonic()
+    firsts: list[float] = []
+    per_run: list[dict[str, float]] = []
+    for _ in range(runs):
+        run = scenario("udp_daemons", dict(os.environ))
+        if run is None:
+            return 1
+        row = {name: round(p["first_aggregation_s"] - p["started_s"], 2) for name, p in sorted(run["peers"].items())}
+        print(f"started -> first aggregation (s) {row}")
+        per_run.append(row)
+        firsts += row.values()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = {"runs": per_run, "median_s": round(statistics.median(firsts), 2), "range_s": [min(firsts), max(firsts)],
+              "wall_s": round(time.monotonic() - wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+              "load_average": [round(x, 2) for x in os.getloadavg()]}
+    print(f"over {runs} runs: median {result['median_s']} s, range {result['range_s']}; wall {result['wall_s']} s, "
+          f"cpu {result['cpu_s']} s, load average {result['load_average']}")
+    _write(out, result)
+    return 0
+
+
 def _write(path: Path, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_json = path.with_suffix(".tmp")
@@ -104,8 +136,10 @@ def main() -> int:
     p.add_argument("--learning", action="store_true", help="compare learning behind NATs with loopback instead")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="data split seeds for --learning")
     p.add_argument("--rounds", type=int, default=20, help="rounds for --learning")
+    p.add_argument("--udp-first", type=int, default=0, metavar="N",
+                   help="instead time the first UDP transfers of real daemons (the udp_daemons scenario), N runs")
     p.add_argument("--json", type=Path, default=None, help="where to write (default benchmarks/results/nat.json, "
-                   "or nat_learning.json with --learning)")
+                   "nat_learning.json with --learning, nat_udp_first.json with --udp-first)")
     args = p.parse_args()
     results = ROOT / "benchmarks" / "results"
     sys.path.insert(0, str(ROOT / "tests"))
@@ -117,6 +151,8 @@ def main() -> int:
         return 2
     if args.learning:
         return learning(args.seeds, args.rounds, args.json or results / "nat_learning.json")
+    if args.udp_first:
+        return udp_first(args.udp_first, args.json or results / "nat_udp_first.json")
     env = {**os.environ, "QGL_BENCH_BYTES": str(args.bytes), "QGL_BENCH_REPEATS": str(args.repeats)}
     if args.relay_rate:
         env["QGL_BENCH_RELAY_RATE"] = str(args.relay_rate)

@@ -15,7 +15,7 @@ import pytest
 
 from quinkgl_cli.transport.base import TransportStats
 from quinkgl_cli.transport.common import DropLog
-from quinkgl_cli.transport.ipv8.paths import DIRECT, RELAY, REVERSE, PathBook, Route
+from quinkgl_cli.transport.ipv8.paths import DIRECT, RELAY, REVERSE, UDP, UDP_RETRY_AFTER, PathBook, Route
 from quinkgl_cli.transport.ipv8.peers import PeerRecord, PeerTable
 from quinkgl_cli.transport.ipv8.relay import Relay
 from quinkgl_cli.transport.ipv8.runtime import TaskRegistry
@@ -44,6 +44,16 @@ def test_the_way_that_worked_goes_first_and_a_failed_one_waits_its_turn() -> Non
     book.failed("s", Route(REVERSE), 12.0)
     book.failed("s", Route(RELAY, "r1"), 13.0)
     assert book.routes("s", 20.0, ["r1", "r2"], reverse=True)[:2] == [Route(DIRECT), Route(RELAY, "r2")]
+
+
+def test_a_failed_udp_way_waits_seconds_not_the_minutes_a_tcp_way_waits() -> None:
+    book = PathBook(retry_after=300.0)
+    book.succeeded("s", Route(UDP))
+    book.failed("s", Route(UDP), 10.0)  # a busy sender ignored the request
+    book.failed("s", Route(DIRECT), 10.0)
+    assert book.routes("s", 11.0, [], reverse=True, udp=True) == [Route(REVERSE)]
+    assert book.routes("s", 10.0 + UDP_RETRY_AFTER, [], reverse=True, udp=True) == [Route(REVERSE), Route(UDP)]
+    assert UDP_RETRY_AFTER <= 10.0
 
 
 def test_a_lost_peer_starts_afresh_and_the_snapshot_names_the_way_per_peer() -> None:

@@ -5,8 +5,9 @@ bound concurrent downloads. Every bound holds whatever the sender does: offers b
 ignored, accepted fetches wait in a queue bounded per sender and overall (an offer that finds it full is
 declined), a sender has one download running at a time, and a download that stops keeping pace is abandoned
 (`stream.Progress`). A model reaches the node only when its bytes match the size and sha256 of the offer its
-sender signed; its bytes travel encrypted (`channel`). When no TCP way connects, the bytes come over the UDP way
-(`udpway`), if the sender's datagrams reach us directly; once that worked, it is tried first for that sender.
+sender signed; its bytes travel encrypted (`channel`). When the sender's datagrams reach us directly, the UDP way
+(`udpway`) joins the race of the TCP ways once they all had their start and none connected (`Fetcher._race`);
+once it worked, it is tried first for that sender.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from ipv8.keyvault.crypto import default_eccrypto
@@ -28,7 +30,7 @@ from quinkgl_cli.transport.common import MAX_ENCODING, MAX_META_BYTES, DropLog, 
 from quinkgl_cli.transport.ipv8 import channel, stream
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
-from quinkgl_cli.transport.ipv8.links import Links, RouteFailed
+from quinkgl_cli.transport.ipv8.links import STAGGER, Links, RouteFailed
 from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD
 from quinkgl_cli.transport.ipv8.paths import RELAY, UDP, Route, path_name
 from quinkgl_cli.transport.ipv8.payloads import DeclinePayload, OfferPayload
@@ -60,6 +62,25 @@ class RateLimit:
 
     def forget(self, sender: str) -> None:
         self._buckets.pop(sender, None)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """Why a way did not deliver, logged (``fetch-failed``) only when no other way did."""
+
+    reason: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    route: Route
+    got: tuple[bytearray, bytes] | _Failure
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not isinstance(self.got, _Failure)
 
 
 class Fetcher:
@@ -188,48 +209,96 @@ class Fetcher:
 
     async def _download(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | None:
         """The offered bytes and their sha256, or None with the failure reported. The TCP routes to the sender are
-        raced in `links`' order (`Links.connect_any`), then UDP if none connects, or UDP first when it is the way
-        that worked last; a transfer that fails once connected (or once UDP was tried) is not tried again."""
+        raced in `links`' order (`Links.connect_any`); UDP, when possible, joins the race ``STAGGER`` seconds after
+        the last TCP route could have started, or at once when they all failed (`_race`); UDP alone when it is
+        the way that worked last. A transfer that fails once connected (or once UDP was tried) is not tried again."""
         routes = self.links.routes(rec)
-        streams = [r for r in routes if r.path != UDP]
         if routes and routes[0].path == UDP:
-            return await self._by_udp(rec, p)
+            return self._settle(rec, p, [await self._by_udp(rec, p)])
+        streams = [r for r in routes if r.path != UDP]
         connecting = time.monotonic()
         try:
             if not streams:
                 raise RouteFailed("no_path")
-            sock, route = await self.links.connect_any(rec, p, streams)
+            return self._settle(rec, p, await self._race(rec, p, streams, udp=len(streams) < len(routes)))
         except RouteFailed as exc:
-            if len(streams) < len(routes):
-                return await self._by_udp(rec, p)
             reason = exc.reason if len(routes) == 1 else "no_path"
             self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, tried=[str(r) for r in routes])
             if routes:  # the transfer never started: reported on the way tried first, its time the connecting
                 self.report(TransferDone("receive", rec.node_id, p.round, p.size, time.monotonic() - connecting,
                                          path_name(routes[0].path), False))
             return None
+
+    async def _race(self, rec: PeerRecord, p: OfferPayload, streams: list[Route], udp: bool) -> list[_Outcome]:
+        """What the ways that ran came to: the one that delivered, alone, or else each one that failed; RouteFailed
+        when no TCP route connected and UDP was not to be tried. A TCP route that connects before UDP starts has
+        the transfer to itself. Once UDP started, a TCP route that connects later runs beside it: the sender serves
+        an offer once, by whichever request reaches it first, and refuses the other (`server`, `udpway`); the first
+        to deliver wins and the other is cancelled (its socket closed, its UDP transfer aborted)."""
+        connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        tcp = asyncio.ensure_future(self._by_stream(rec, p, streams, connected))
+        ways = [tcp]
+        outcomes: list[_Outcome] = []
+        failed: RouteFailed | None = None
+        try:
+            if udp:
+                first: list[asyncio.Future[Any]] = [tcp, connected]
+                await asyncio.wait(first, timeout=len(streams) * STAGGER, return_when=asyncio.FIRST_COMPLETED)
+                if not connected.done():
+                    ways.append(asyncio.ensure_future(self._by_udp(rec, p)))
+            pending = set(ways)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if isinstance(exc, RouteFailed):
+                        failed = exc
+                        continue
+                    if exc is not None:
+                        raise exc
+                    outcome = task.result()
+                    if outcome.ok:
+                        return [outcome]
+                    outcomes.append(outcome)
+            if not outcomes:
+                raise failed or RouteFailed("no_path")
+            return outcomes
+        finally:
+            if not connected.done():
+                connected.cancel()
+            for task in ways:
+                task.cancel()
+            await asyncio.gather(*ways, return_exceptions=True)
+
+    async def _by_stream(self, rec: PeerRecord, p: OfferPayload, streams: list[Route],
+                         connected: asyncio.Future[None]) -> _Outcome:
+        sock, route = await self.links.connect_any(rec, p, streams)
+        if not connected.done():
+            connected.set_result(None)
         started = time.monotonic()
         got = await self._exchange(rec, p, sock, route)
-        seconds = time.monotonic() - started
-        self.links.done(rec, route, got is not None, p.size, seconds)
-        self.report(TransferDone("receive", rec.node_id, p.round, p.size, seconds, path_name(route.path), got is not None))
-        return got
+        return _Outcome(route, got, time.monotonic() - started)
 
-    async def _by_udp(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | None:
-        route = Route(UDP)
+    async def _by_udp(self, rec: PeerRecord, p: OfferPayload) -> _Outcome:
         started = time.monotonic()
-        got: tuple[bytearray, bytes] | None = None
         try:
-            got = await self.udp.fetch(rec, p)
+            return _Outcome(Route(UDP), await self.udp.fetch(rec, p), time.monotonic() - started)
         except stream.FetchError as exc:
-            self.drops("fetch-failed", rec.node_id, exc.reason, offer_round=p.round, path=UDP)
-        seconds = time.monotonic() - started
-        self.links.done(rec, route, got is not None, p.size, seconds)
-        self.report(TransferDone("receive", rec.node_id, p.round, p.size, seconds, path_name(UDP), got is not None))
-        return got
+            return _Outcome(Route(UDP), _Failure(exc.reason, {"path": UDP}), time.monotonic() - started)
 
-    async def _exchange(self, rec: PeerRecord, p: OfferPayload, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | None:
-        """The fetch exchange on a connection to the sender (or to a relay joined to it)."""
+    def _settle(self, rec: PeerRecord, p: OfferPayload, outcomes: list[_Outcome]) -> tuple[bytearray, bytes] | None:
+        """Remember and report what the race came to: the way that delivered, or else each way that failed (the
+        last one reported as the transfer). A way that lost to another is neither remembered nor logged."""
+        for outcome in outcomes:
+            if isinstance(outcome.got, _Failure):
+                self.drops("fetch-failed", rec.node_id, outcome.got.reason, offer_round=p.round, **outcome.got.fields)
+            self.links.done(rec, outcome.route, outcome.ok, p.size, outcome.seconds)
+        last = outcomes[-1]
+        self.report(TransferDone("receive", rec.node_id, p.round, p.size, last.seconds, path_name(last.route.path), last.ok))
+        return None if isinstance(last.got, _Failure) else last.got
+
+    async def _exchange(self, rec: PeerRecord, p: OfferPayload, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | _Failure:
+        """The fetch exchange on a connection to the sender (or to a relay joined to it); it closes ``sock``."""
         s = self.settings
         loop = asyncio.get_running_loop()
         # An overall budget besides the idle timeouts: a sender that trickles bytes must not hold a slot forever.
@@ -265,18 +334,17 @@ class Fetcher:
                 buf = opener.open_all(sealed, size)
                 return buf, digest(buf)
         except channel.ChannelError as exc:
-            self.drops("fetch-failed", rec.node_id, exc.reason, offer_round=p.round)
+            return _Failure(exc.reason, {})
         except stream.FetchError as exc:
             reason = exc.reason
             if reason == "truncated":  # through a relay, either the relay or the sender went
                 reason = "relay_or_sender_lost" if path == RELAY else "sender_vanished"
-            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, path=path)
+            return _Failure(reason, {"path": path})
         except TimeoutError:
             reason = "too_slow" if loop.time() >= deadline else "timeout"
-            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, budget_s=round(deadline - started, 1), path=path)
+            return _Failure(reason, {"budget_s": round(deadline - started, 1), "path": path})
         except OSError as exc:
-            reason = "connection_refused" if isinstance(exc, ConnectionRefusedError) else "sender_vanished"
-            self.drops("fetch-failed", rec.node_id, reason, offer_round=p.round, path=path)
+            return _Failure("connection_refused" if isinstance(exc, ConnectionRefusedError) else "sender_vanished",
+                            {"path": path})
         finally:
             close_socket(sock)
-        return None

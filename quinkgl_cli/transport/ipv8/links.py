@@ -1,7 +1,7 @@
 """The connection an offer's bytes travel over, whatever NAT sits between sender and recipient.
 
 Owns, on the recipient's side, the opening of a connection by a `paths.Route` (direct, reverse, relay; the fourth
-way, ``udp``, is no connection: `udpway` runs it when these fail), the
+way, ``udp``, is no connection: `udpway` runs it, raced against these by `fetcher`), the
 reverse connections it waits for, and the choice of routes (`paths.PathBook`); on the sender's side, the
 connections it makes out when a recipient asks (`PathRequestPayload`): to the recipient's TCP port (reverse) or to
 a relay. The fetch exchange then runs over the connection unchanged (`fetcher`, `server.serve`), so every way

@@ -5,7 +5,8 @@ order unless memory says otherwise: ``direct`` (we connect to the sender's TCP p
 connects out to ours: it sits behind a NAT, we do not), ``relay`` (both ends connect out to a peer that volunteered
 to relay) and, last, ``udp`` (the bytes come over the UDP way we already exchange datagrams on). The way that
 last worked for a sender is tried first next time; a way that failed is skipped for ``retry_after`` seconds
-unless nothing else is left, so a sender whose NAT or firewall changed is found again.
+unless nothing else is left, so a sender whose NAT or firewall changed is found again; ``udp`` for
+``UDP_RETRY_AFTER`` seconds only.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ DIRECT, REVERSE, RELAY, UDP = "direct", "reverse", "relay", "udp"
 PathName = Literal["direct", "reverse", "relay", "udp"]
 _NAMES: dict[str, PathName] = {DIRECT: "direct", REVERSE: "reverse", RELAY: "relay", UDP: "udp"}
 MAX_RELAYS_TRIED = 2  # relays tried for one transfer: each failure costs a wait
+# Seconds a failed UDP way waits. It joins a transfer only once the TCP ways had their start (`fetcher`), so trying
+# it again costs them nothing, and its usual failure is a sender busy with its UDP sends, which drops the request
+# without a word (`udpway.SENDS`): over within a transfer's time, not minutes.
+UDP_RETRY_AFTER = 5.0
 
 
 def path_name(path: str) -> PathName:
@@ -40,8 +45,9 @@ class _Memory:
 
 
 class PathBook:
-    def __init__(self, retry_after: float) -> None:
+    def __init__(self, retry_after: float, udp_retry_after: float = UDP_RETRY_AFTER) -> None:
         self.retry_after = retry_after
+        self.udp_retry_after = udp_retry_after
         self._peers: dict[str, _Memory] = {}
 
     def routes(self, peer: str, now: float, relays: list[str], reverse: bool, direct: bool = True,
@@ -58,7 +64,7 @@ class PathBook:
         candidates += [Route(RELAY, r) for r in relays if r != peer]
         if udp:
             candidates.append(Route(UDP))
-        fresh = [r for r in candidates if now - memory.failed.get(r, float("-inf")) >= self.retry_after]
+        fresh = [r for r in candidates if now - memory.failed.get(r, float("-inf")) >= self._wait(r)]
         stale = sorted((r for r in candidates if r not in fresh), key=lambda r: memory.failed[r])
         ordered = fresh or stale  # when every way failed lately, the one that failed longest ago goes first
         if memory.good in ordered:
@@ -73,6 +79,9 @@ class PathBook:
                     continue
             kept.append(route)
         return kept
+
+    def _wait(self, route: Route) -> float:
+        return self.udp_retry_after if route.path == UDP else self.retry_after
 
     def succeeded(self, peer: str, route: Route) -> bool:
         """Remember ``route`` for ``peer``; True when it is not the way used last time."""

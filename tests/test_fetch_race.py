@@ -1,0 +1,211 @@
+"""The UDP way joins the race of the TCP ways (`Fetcher._race`) instead of waiting for all of them to fail.
+
+The ways are fakes held open by futures the test releases: the real `Links.connect_any`, `PathBook` and
+`Fetcher` decide, no network is touched and nothing waits on a timer beyond a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from ipv8.keyvault.crypto import default_eccrypto
+
+from quinkgl_cli.transport.base import TransferDone
+from quinkgl_cli.transport.common import digest
+from quinkgl_cli.transport.ipv8 import fetcher as fetcher_module
+from quinkgl_cli.transport.ipv8 import links as links_module
+from quinkgl_cli.transport.ipv8.fetcher import Fetcher, _Failure
+from quinkgl_cli.transport.ipv8.links import Links
+from quinkgl_cli.transport.ipv8.paths import DIRECT, REVERSE, UDP, PathBook, Route
+from quinkgl_cli.transport.ipv8.peers import PeerRecord
+from quinkgl_cli.transport.ipv8.settings import TransportSettings
+
+DEADLINE = 5.0  # seconds a race may take here before the test calls it hung
+PAYLOAD = bytearray(b"model bytes")
+GOT = (PAYLOAD, digest(PAYLOAD))
+
+
+class FakeLinks(Links):
+    """The real race of TCP routes (`connect_any`) and path memory, over routes that connect when told to."""
+
+    def __init__(self, settings: TransportSettings, routes: list[Route]) -> None:
+        self.settings = settings
+        self.book = PathBook(300.0)
+        self._routes = routes
+        self.gates: dict[str, asyncio.Future[None]] = {}
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+        self.socks: list[socket.socket] = []
+
+    def routes(self, rec: PeerRecord) -> list[Route]:
+        return list(self._routes)
+
+    async def open(self, route: Route, rec: PeerRecord, p: Any) -> socket.socket:
+        self.started.append(route.path)
+        gate = self.gates.setdefault(route.path, asyncio.get_running_loop().create_future())
+        try:
+            await gate
+        except asyncio.CancelledError:
+            self.cancelled.append(route.path)
+            raise
+        ours, theirs = socket.socketpair()
+        theirs.close()
+        self.socks.append(ours)
+        return ours
+
+
+class FakeUdp:
+    def __init__(self) -> None:
+        self.result: asyncio.Future[tuple[bytearray, bytes]] | None = None
+        self.cancelled = False
+
+    async def fetch(self, rec: PeerRecord, p: Any) -> tuple[bytearray, bytes]:
+        self.result = asyncio.get_running_loop().create_future()
+        try:
+            return await self.result
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+class Race:
+    def __init__(self, tmp_path: Path, routes: list[Route]) -> None:
+        settings = TransportSettings("me", "swarm", "arch", tmp_path)
+        self.links = FakeLinks(settings, routes)
+        self.udp = FakeUdp()
+        self.drops: list[tuple[str, str]] = []
+        self.reports: list[TransferDone] = []
+        self.exchange: asyncio.Future[tuple[bytearray, bytes] | _Failure] | None = None
+        self.fetcher = Fetcher(settings, default_eccrypto.generate_key("curve25519"), b"c" * 20, None,  # type: ignore[arg-type]
+                               self.links, self.udp, None, None, None, None,  # type: ignore[arg-type]
+                               lambda event, peer, reason, **_: self.drops.append((event, reason)), None,  # type: ignore[arg-type]
+                               self.reports.append)
+        self.fetcher._exchange = self._exchange  # type: ignore[method-assign]
+        self.rec = PeerRecord("peer", b"key", b"mid", ("10.0.0.2", 7000), 7001, 0.0, 0)
+        self.offer = SimpleNamespace(size=len(PAYLOAD), round=1, offer_id=b"o" * 16)
+
+    async def _exchange(self, rec: PeerRecord, p: Any, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | _Failure:
+        self.exchange = asyncio.get_running_loop().create_future()
+        try:
+            return await self.exchange
+        finally:
+            sock.close()
+
+    def start(self) -> asyncio.Task[tuple[bytearray, bytes] | None]:
+        return asyncio.ensure_future(asyncio.wait_for(self.fetcher._download(self.rec, self.offer), DEADLINE))
+
+
+async def until(check: Any) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while not check():
+        assert loop.time() < deadline, "not reached before the deadline"
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture(autouse=True)
+def quick_stagger(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetcher_module, "STAGGER", 0.02)
+    monkeypatch.setattr(links_module, "STAGGER", 0.02)
+
+
+async def _udp_starts_while_tcp_hangs_and_wins(tmp_path: Path) -> None:
+    race = Race(tmp_path, [Route(DIRECT), Route(REVERSE), Route(UDP)])
+    task = race.start()
+    await until(lambda: race.udp.result is not None)
+    assert race.links.started == [DIRECT, REVERSE]  # both TCP ways under way, neither answered
+    assert race.udp.result is not None
+    race.udp.result.set_result(GOT)
+    assert await task == GOT
+    assert sorted(race.links.cancelled) == [DIRECT, REVERSE]
+    assert race.links.socks == []
+    assert race.links.book.current("peer") == Route(UDP)
+    assert race.links.book.routes("peer", 0.0, [], reverse=True, udp=True)[:3] == [Route(UDP), Route(DIRECT), Route(REVERSE)]
+    assert [(r.path, r.ok) for r in race.reports] == [("udp", True)]
+    assert race.drops == []
+
+
+async def _tcp_connecting_first_has_the_transfer_to_itself(tmp_path: Path) -> None:
+    race = Race(tmp_path, [Route(DIRECT), Route(UDP)])
+    race.links.gates[DIRECT] = asyncio.get_running_loop().create_future()
+    race.links.gates[DIRECT].set_result(None)
+    task = race.start()
+    await until(lambda: race.exchange is not None)
+    assert race.exchange is not None
+    race.exchange.set_result(GOT)
+    assert await task == GOT
+    assert race.udp.result is None  # never asked
+    assert all(s.fileno() == -1 for s in race.links.socks) and len(race.links.socks) == 1
+    assert race.links.book.current("peer") == Route(DIRECT)
+    assert [(r.path, r.ok) for r in race.reports] == [("direct", True)]
+
+
+async def _tcp_connecting_after_udp_started_runs_beside_it_and_the_first_to_deliver_wins(tmp_path: Path) -> None:
+    race = Race(tmp_path, [Route(DIRECT), Route(UDP)])
+    task = race.start()
+    await until(lambda: race.udp.result is not None)
+    race.links.gates[DIRECT].set_result(None)
+    await until(lambda: race.exchange is not None)
+    assert race.exchange is not None and race.udp.result is not None
+    race.exchange.set_result(_Failure("refused_busy", {"path": DIRECT}))  # the sender took the UDP request first
+    race.udp.result.set_result(GOT)
+    assert await task == GOT
+    assert all(s.fileno() == -1 for s in race.links.socks) and len(race.links.socks) == 1
+    assert race.links.book.current("peer") == Route(UDP)
+    assert race.links.book.routes("peer", 0.0, [], reverse=False, udp=True) == [Route(UDP), Route(DIRECT)]  # not failed
+    assert [(r.path, r.ok) for r in race.reports] == [("udp", True)]
+    assert race.drops == []
+
+
+async def _tcp_delivering_first_cancels_the_udp_transfer(tmp_path: Path) -> None:
+    race = Race(tmp_path, [Route(DIRECT), Route(UDP)])
+    task = race.start()
+    await until(lambda: race.udp.result is not None)
+    race.links.gates[DIRECT].set_result(None)
+    await until(lambda: race.exchange is not None)
+    assert race.exchange is not None
+    race.exchange.set_result(GOT)
+    assert await task == GOT
+    assert race.udp.cancelled
+    assert race.links.book.current("peer") == Route(DIRECT)
+    assert [(r.path, r.ok) for r in race.reports] == [("direct", True)]
+
+
+async def _both_failing_log_each_way_and_report_the_transfer_once(tmp_path: Path) -> None:
+    race = Race(tmp_path, [Route(DIRECT), Route(UDP)])
+    task = race.start()
+    await until(lambda: race.udp.result is not None)
+    race.links.gates[DIRECT].set_result(None)
+    await until(lambda: race.exchange is not None)
+    assert race.exchange is not None and race.udp.result is not None
+    race.exchange.set_result(_Failure("sender_vanished", {"path": DIRECT}))
+    race.udp.result.set_exception(fetcher_module.stream.FetchError("sender_silent"))
+    assert await task is None
+    assert sorted(race.drops) == [("fetch-failed", "sender_silent"), ("fetch-failed", "sender_vanished")]
+    assert race.links.book.current("peer") is None
+    assert len(race.reports) == 1 and not race.reports[0].ok
+
+
+def test_udp_starts_while_tcp_hangs_and_wins(tmp_path: Path) -> None:
+    asyncio.run(_udp_starts_while_tcp_hangs_and_wins(tmp_path))
+
+
+def test_tcp_connecting_first_has_the_transfer_to_itself(tmp_path: Path) -> None:
+    asyncio.run(_tcp_connecting_first_has_the_transfer_to_itself(tmp_path))
+
+
+def test_tcp_connecting_after_udp_started_runs_beside_it_and_the_first_to_deliver_wins(tmp_path: Path) -> None:
+    asyncio.run(_tcp_connecting_after_udp_started_runs_beside_it_and_the_first_to_deliver_wins(tmp_path))
+
+
+def test_tcp_delivering_first_cancels_the_udp_transfer(tmp_path: Path) -> None:
+    asyncio.run(_tcp_delivering_first_cancels_the_udp_transfer(tmp_path))
+
+
+def test_both_failing_log_each_way_and_report_the_transfer_once(tmp_path: Path) -> None:
+    asyncio.run(_both_failing_log_each_way_and_report_the_transfer_once(tmp_path))
