@@ -153,7 +153,7 @@ def test_a_served_average_that_evaluates_to_nan_gives_way_to_the_held_model(capl
     floats = [(name, t.numel()) for name, t in node.model.state_dict().items() if t.is_floating_point()]
     start = sum(n for _, n in floats[:[name for name, _ in floats].index("1.running_var")])
     broken[start:start + 8] = -50.0  # averaged with the own model's variances: still below zero
-    node.serving.note_peers([PeerUpdate("other", node.round, broken, 30)], current_round=node.round)
+    node.serving.note_peers([PeerUpdate("other", node.round, broken, 30)])  # heard outside this round's aggregation
     assert node.serving.model(node.round) is not node.model
     with caplog.at_level(logging.WARNING):
         loss, accuracy = node.evaluate()

@@ -53,9 +53,10 @@ def test_newest_model_per_peer_wins_and_old_ones_age_out() -> None:
 def test_a_claimed_future_round_ages_out_like_the_current_one() -> None:
     # A peer claiming round 1,000,000 (issue 12 item 2): its model was served for good, never old enough to drop.
     s = ServingModel(model_at(0.0), enabled=True, max_weight_ratio=10.0, max_age=3)
+    s.note_peers([update("quiet", 4, 0.0)], current_round=4)
     s.note_own(5, samples=10)
     s.note_peers([update("liar", 1_000_000, 4.0)], current_round=5)
-    assert served(s, 5) == pytest.approx([2.0] * 3)
+    assert served(s, 5) == pytest.approx([4.0 / 3] * 3)
     s.note_own(9, samples=10)
     assert served(s, 9) == pytest.approx([0.0] * 3)
 
@@ -123,3 +124,21 @@ def test_the_end_of_run_merge_ends_serving() -> None:
     s.note_own(4, samples=10)
     s.note_peers([update("a", 4, 9.0)])
     assert s.model(4) is own and s.state_dict()[0] == {}
+
+
+def test_when_this_rounds_aggregations_heard_every_served_peer_the_held_model_is_served() -> None:
+    # Four peers that all hear each other every round: the held model aggregated the very models the average would
+    # hold, with the rule's momentum, and swings less (benchmarks/LEARNING.md).
+    held = model_at(7.0)
+    s = ServingModel(held, enabled=True, max_weight_ratio=10.0)
+    s.note_own(3, samples=10)
+    s.note_peers([update("a", 3, 1.0)], current_round=3)
+    s.note_peers([update("b", 3, 2.0), update("c", 3, 3.0)], current_round=3)  # a second gossip step, same round
+    assert s.model(3) is held
+    s.note_own(4, samples=10)
+    s.note_peers([update("a", 4, 1.0), update("b", 4, 2.0)], current_round=4)  # c not heard this round
+    assert s.model(4) is not held
+    assert served(s, 4) == pytest.approx([(7.0 + 1.0 + 2.0 + 3.0) / 4] * 3)
+    s.note_own(5, samples=10)
+    s.note_peers([update("a", 5, 1.0), update("b", 5, 2.0), update("c", 5, 3.0)], current_round=5, clean=False)
+    assert s.model(5) is not held  # a clipped update: the held model may carry what the mean leaves out

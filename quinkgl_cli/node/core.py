@@ -115,7 +115,8 @@ def _finite(value: float | None) -> bool:
 def _untouched(result: AggregationResult, local: PeerUpdate, others: list[PeerUpdate]) -> bool:
     """Whether the poison guard refused nothing and combined every update as it arrived (a clipped one is a new
     object): only then does quasi-global momentum take the aggregation's movement for the swarm's direction
-    (`node.moments`); momentum would carry an attacker's pull on through local training."""
+    (`node.moments`; momentum would carry an attacker's pull on through local training), and only then may the
+    round serve the held model (`node.serving`: it would carry what the served mean leaves out)."""
     given = {id(u) for u in (local, *others)}
     return not result.rejected and all(id(u) in given for u in result.combined)
 
@@ -363,7 +364,8 @@ class Node:
                 self.inbox.drop(u.peer_id, u.round, f"aggregation failed: {one_line(exc)}")
             self.log(logging.ERROR, "aggregation-failed", strategy=name, error=one_line(exc))
             return None
-        self.trainer.model_replaced(trusted=_untouched(result, local, others))
+        clean = _untouched(result, local, others)
+        self.trainer.model_replaced(trusted=clean)
         used = [p for p in result.used if p != self.node_id]
         samples = int(local.sample_count) + sum(u.sample_count for u in others if u.peer_id in used)
         for pid in result.rejected:
@@ -375,7 +377,7 @@ class Node:
         for u in others:
             if u.peer_id in used:
                 self.graph.observe(u, self.known_peers, self.round)
-        self.serving.note_peers([u for u in result.combined if u.peer_id in used], result.rejected, self.round)
+        self.serving.note_peers([u for u in result.combined if u.peer_id in used], result.rejected, self.round, clean)
         self.recorder.aggregated(used, samples)
         fields: dict[str, Any] = {"peers": len(used), "samples": samples, "from": used, "strategy": name}
         if result.note:

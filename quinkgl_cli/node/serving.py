@@ -12,6 +12,13 @@ from models the node already received. When every peer is heard every round it i
 for averaging rules: under a robust rule (Krum, Median, ...) a plain mean would let in what the rule screens out,
 so the served model is then the model the node holds.
 
+When this round's aggregations already used the latest model of every peer the average would hold (a small swarm
+whose peers all hear each other every round), the model the node holds is served instead: it was formed from the
+same models, with the rule's momentum, and an average of models that each just trained on its own classes swings
+more (four label-disjoint peers, nine model families, three seeds: the held model's anytime mean ahead of the
+served average's in every one, by 0.1-0.6 points in seven, 2.0 for a BatchNorm CNN and 6.7 for a LayerNorm MLP with
+Adam whose served average fell 12.5 points between rounds; benchmarks/LEARNING.md).
+
 Training never reads it: the served model is what evaluation, ``on_round_end``, checkpoints and the final model
 show. The final averaging-only exchanges (the end-of-run merge, when a run has one) end it: their models and the
 latest ones from the training rounds do not mix (a peer not heard during the merge would bring back its drifted
@@ -59,6 +66,8 @@ class ServingModel:
         self._own: _Entry | None = None
         self._peers: dict[str, _Entry] = {}  # insertion order = least recently heard first
         self._unusable_round: int | None = None  # the round whose average evaluated to a non-finite loss
+        # A round, the peers its aggregations used, and whether they all came through the poison guard untouched.
+        self._heard: tuple[int, set[str], bool] = (0, set(), True)
 
     def merged(self) -> None:
         """The end-of-run merge began: serve the held model from now on."""
@@ -75,15 +84,24 @@ class ServingModel:
             oldest = round_ - self.max_age
             self._peers = {p: e for p, e in self._peers.items() if e.round >= oldest}
 
-    def note_peers(self, updates: list[PeerUpdate], refused: Sequence[str] = (), current_round: int | None = None) -> None:
+    def note_peers(self, updates: list[PeerUpdate], refused: Sequence[str] = (), current_round: int | None = None,
+                   clean: bool = True) -> None:
         """Updates an aggregation used: each becomes its sender's latest model (a newer round wins). The senders of
         updates it ``refused`` (poison, an untrained model, a copy) leave the served average at once, instead of
         being served their older models for ``max_age`` rounds. A round claimed past ``current_round`` counts as
-        ``current_round``: a claim of round 1,000,000 would otherwise keep its model served for good."""
+        ``current_round``: a claim of round 1,000,000 would otherwise keep its model served for good. ``clean``:
+        the aggregation's poison guard refused and clipped nothing; after one that did, the held model may carry
+        what the served mean leaves out, and the round serves the mean."""
         if not self.enabled:
             return
         for peer in refused:
             self._peers.pop(peer, None)
+        if current_round is not None and (updates or refused or not clean):
+            if self._heard[0] != current_round:
+                self._heard = (current_round, set(), True)
+            _, heard, was_clean = self._heard
+            heard.update(u.peer_id for u in updates)
+            self._heard = (current_round, heard, was_clean and clean and not refused)
         for u in updates:
             round_ = u.round if current_round is None else min(u.round, current_round)
             held = self._peers.get(u.peer_id)
@@ -119,7 +137,11 @@ class ServingModel:
         if not self.enabled or self._own is None or current_round == self._unusable_round:
             return []
         oldest = current_round - self.max_age
-        return [self._own] + [e for e in self._peers.values() if e.round >= oldest]
+        recent = {peer: e for peer, e in self._peers.items() if e.round >= oldest}
+        heard_round, heard, clean = self._heard
+        if heard_round == current_round and clean and heard.issuperset(recent):
+            return []  # the held model already aggregated every one of them (module docstring)
+        return [self._own, *recent.values()]
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
