@@ -3,6 +3,9 @@ checkpoint state."""
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -20,6 +23,11 @@ def model_at(value: float) -> nn.Module:
 
 def update(peer: str, round_: int, value: float, samples: int = 10) -> PeerUpdate:
     return PeerUpdate(peer, round_, torch.full((3,), value), samples)
+
+
+def json_round_trip(state: tuple[dict[str, torch.Tensor], dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = state
+    return tensors, json.loads(json.dumps(meta))
 
 
 def served(s: ServingModel, round_: int) -> list[float]:
@@ -135,6 +143,9 @@ def test_when_this_rounds_aggregations_heard_every_served_peer_the_held_model_is
     s.note_peers([update("a", 3, 1.0)], current_round=3)
     s.note_peers([update("b", 3, 2.0), update("c", 3, 3.0)], current_round=3)  # a second gossip step, same round
     assert s.model(3) is held
+    restored = ServingModel(held, enabled=True, max_weight_ratio=10.0)
+    restored.load_state_dict(*json_round_trip(s.state_dict()))
+    assert restored.model(3) is held  # a checkpoint of the round serves what the round served
     s.note_own(4, samples=10)
     s.note_peers([update("a", 4, 1.0), update("b", 4, 2.0)], current_round=4)  # c not heard this round
     assert s.model(4) is not held

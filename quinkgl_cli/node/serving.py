@@ -145,7 +145,8 @@ class ServingModel:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """``serving.own`` and ``serving.peer.<i>`` flat tensors; JSON with each entry's round, samples, peer id."""
+        """``serving.own`` and ``serving.peer.<i>`` flat tensors; JSON with each entry's round, samples, peer id, and
+        the peers this round's aggregations used (whether the held model is served)."""
         tensors: dict[str, torch.Tensor] = {}
         meta: dict[str, Any] = {"own": None, "peers": []}
         if self._own is not None:
@@ -154,6 +155,9 @@ class ServingModel:
         for i, (peer, e) in enumerate(self._peers.items()):
             tensors[f"{PREFIX}peer.{i}"] = e.flat
             meta["peers"].append({"peer": peer, "round": e.round, "samples": e.samples})
+        heard_round, heard, clean = self._heard
+        if heard_round:
+            meta["heard"] = {"round": heard_round, "peers": sorted(heard), "clean": clean}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None) -> None:
@@ -161,6 +165,7 @@ class ServingModel:
         empty. Entries must be finite vectors of this model's size."""
         self._own = None
         self._peers = {}
+        self._heard = (0, set(), True)
         if not meta:
             return
         size = flatten(self._model).numel()
@@ -175,3 +180,6 @@ class ServingModel:
             self._own = entry(f"{PREFIX}own", meta["own"])
         for i, info in enumerate(meta.get("peers") or []):
             self._peers[str(info["peer"])] = entry(f"{PREFIX}peer.{i}", info)
+        heard = meta.get("heard")  # absent from checkpoints before 2026-12-05: the mean is served
+        if heard is not None:
+            self._heard = (int(heard["round"]), {str(p) for p in heard["peers"]}, bool(heard["clean"]))
