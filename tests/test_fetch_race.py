@@ -145,12 +145,18 @@ async def _tcp_connecting_first_has_the_transfer_to_itself(tmp_path: Path) -> No
     assert [(r.path, r.ok) for r in race.reports] == [("direct", True)]
 
 
-async def _tcp_connecting_after_udp_started_runs_beside_it_and_the_first_to_deliver_wins(tmp_path: Path) -> None:
+async def _udp_then_direct(tmp_path: Path) -> tuple[Race, asyncio.Task[Any]]:
+    """A race of direct TCP and UDP in which UDP started first and direct connected after it."""
     race = Race(tmp_path, [Route(DIRECT), Route(UDP)])
     task = race.start()
     await until(lambda: race.udp.result is not None)
     race.links.gates[DIRECT].set_result(None)
     await until(lambda: race.exchange is not None)
+    return race, task
+
+
+async def _tcp_connecting_after_udp_started_runs_beside_it_and_the_first_to_deliver_wins(tmp_path: Path) -> None:
+    race, task = await _udp_then_direct(tmp_path)
     assert race.exchange is not None and race.udp.result is not None
     race.exchange.set_result(_Failure("refused_busy", {"path": DIRECT}))  # the sender took the UDP request first
     race.udp.result.set_result(GOT)
@@ -163,11 +169,7 @@ async def _tcp_connecting_after_udp_started_runs_beside_it_and_the_first_to_deli
 
 
 async def _tcp_delivering_first_cancels_the_udp_transfer(tmp_path: Path) -> None:
-    race = Race(tmp_path, [Route(DIRECT), Route(UDP)])
-    task = race.start()
-    await until(lambda: race.udp.result is not None)
-    race.links.gates[DIRECT].set_result(None)
-    await until(lambda: race.exchange is not None)
+    race, task = await _udp_then_direct(tmp_path)
     assert race.exchange is not None
     race.exchange.set_result(GOT)
     assert await task == GOT
@@ -177,11 +179,7 @@ async def _tcp_delivering_first_cancels_the_udp_transfer(tmp_path: Path) -> None
 
 
 async def _both_failing_log_each_way_and_report_the_transfer_once(tmp_path: Path) -> None:
-    race = Race(tmp_path, [Route(DIRECT), Route(UDP)])
-    task = race.start()
-    await until(lambda: race.udp.result is not None)
-    race.links.gates[DIRECT].set_result(None)
-    await until(lambda: race.exchange is not None)
+    race, task = await _udp_then_direct(tmp_path)
     assert race.exchange is not None and race.udp.result is not None
     race.exchange.set_result(_Failure("sender_vanished", {"path": DIRECT}))
     race.udp.result.set_exception(fetcher_module.stream.FetchError("sender_silent"))

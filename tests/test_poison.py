@@ -97,9 +97,8 @@ def test_training_that_diverges_again_after_the_rollback_still_stops_the_node() 
     assert exc.value.hint is not None and "lower the learning rate" in exc.value.hint
 
 
-def test_a_model_with_a_negative_running_variance_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
-    """Averaged in, a negative BatchNorm variance makes every evaluation NaN while training looks healthy: such a
-    model (here a noise attacker's) is no trained model and is dropped on arrival; a sound one is still taken."""
+def _batchnorm_node() -> Node:
+    """A node of a BatchNorm model after one round alone."""
     net = MemoryNetwork(auto_deliver=False)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
@@ -109,11 +108,22 @@ def test_a_model_with_a_negative_running_variance_is_dropped(caplog: pytest.LogC
                 torch.optim.SGD(model.parameters(), lr=0.05), transport, clock=lambda: 0.0)
     transport.start_sync(node)
     _round(node)
+    return node
+
+
+def _variance_offset(node: Node) -> int:
+    """Where the BatchNorm's running variance starts in the node's flat model."""
+    floats = [(name, t.numel()) for name, t in node.model.state_dict().items() if t.is_floating_point()]
+    return sum(n for _, n in floats[:[name for name, _ in floats].index("1.running_var")])
+
+
+def test_a_model_with_a_negative_running_variance_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """Averaged in, a negative BatchNorm variance makes every evaluation NaN while training looks healthy: such a
+    model (here a noise attacker's) is no trained model and is dropped on arrival; a sound one is still taken."""
+    node = _batchnorm_node()
     sound = flatten(node.model)
     noisy = sound.clone()
-    floats = [(name, t.numel()) for name, t in node.model.state_dict().items() if t.is_floating_point()]
-    offset = sum(n for _, n in floats[:[name for name, _ in floats].index("1.running_var")])
-    noisy[offset] = -0.5  # one entry of 1.running_var
+    noisy[_variance_offset(node)] = -0.5  # one entry of 1.running_var
 
     def sent(flat: torch.Tensor) -> bytes:
         copy = copy_module(node.model)
@@ -137,21 +147,12 @@ def test_a_model_with_a_negative_running_variance_is_dropped(caplog: pytest.LogC
 def test_a_served_average_that_evaluates_to_nan_gives_way_to_the_held_model(caplog: pytest.LogCaptureFixture) -> None:
     """Every entry of the served average is a finite model, yet their mean need not work (a running variance gone
     negative): such a round serves the model the node holds, says so, and the next round averages again."""
-    net = MemoryNetwork(auto_deliver=False)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
-    train, val = data(0)
-    transport = MemoryTransport(net, "me", swarm_id="s", arch_hash=H)
-    node = Node(NodeConfig("me", rounds=10, seed=0), manifest(), "sha256:swarm", model, train, val,
-                torch.optim.SGD(model.parameters(), lr=0.05), transport, clock=lambda: 0.0)
-    transport.start_sync(node)
-    _round(node)
+    node = _batchnorm_node()
     node.begin_round()
     node.train_round()
     node.share()  # notes the node's own model for serving
     broken = flatten(node.model)
-    floats = [(name, t.numel()) for name, t in node.model.state_dict().items() if t.is_floating_point()]
-    start = sum(n for _, n in floats[:[name for name, _ in floats].index("1.running_var")])
+    start = _variance_offset(node)
     broken[start:start + 8] = -50.0  # averaged with the own model's variances: still below zero
     node.serving.note_peers([PeerUpdate("other", node.round, broken, 30)])  # heard outside this round's aggregation
     assert node.serving.model(node.round) is not node.model

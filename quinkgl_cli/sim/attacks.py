@@ -45,10 +45,9 @@ from statistics import NormalDist
 from typing import Any
 
 import torch
-from torch import nn
 
 from quinkgl_cli.errors import UsageError
-from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate
+from quinkgl_cli.strategies.base import AggregationResult, Aggregator, AggregatorWrapper, PeerUpdate
 
 ATTACKS = ("signflip", "gaussian", "scale", "alie", "ipm", "labelflip", "silent")
 MODEL_ATTACKS = ("signflip", "gaussian", "scale")  # from the attacker's own weights alone
@@ -97,14 +96,12 @@ def corrupt(kind: str, flat: torch.Tensor, generator: torch.Generator) -> torch.
     raise ValueError(f"unknown attack {kind!r}")
 
 
-class Eavesdrop(Aggregator):
+class Eavesdrop(AggregatorWrapper):
     """The attacker's own aggregation rule, run unchanged, noting what it learns of the honest models: at each
     aggregation the flat models its partners sent (``colluders`` left out) and the mean of those and its own."""
 
     def __init__(self, inner: Aggregator, colluders: frozenset[str]) -> None:
-        super().__init__(inner.params, inner.byzantine_f)
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.colluders = colluders
         self.received: list[torch.Tensor] = []  # the honest models of the last aggregation
         self.means: list[torch.Tensor] = []  # the honest mean of the last two aggregations, oldest first
@@ -115,30 +112,6 @@ class Eavesdrop(Aggregator):
             self.received = honest
             self.means = [*self.means[-1:], torch.stack([local.flat.detach(), *honest]).mean(dim=0)]
         return self.inner.aggregate(local, others, current_round)
-
-    def extras_to_send(self) -> dict[str, torch.Tensor]:
-        return self.inner.extras_to_send()
-
-    def begin_training(self, model: nn.Module, lr: float) -> None:
-        self.inner.begin_training(model, lr)
-
-    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
-        return self.inner.loss_term(model)
-
-    def after_backward(self, model: nn.Module) -> None:
-        self.inner.after_backward(model)
-
-    def end_training(self, model: nn.Module, steps: int, lr: float) -> None:
-        self.inner.end_training(model, steps, lr)
-
-    def begin_consensus(self) -> None:
-        self.inner.begin_consensus()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.inner.load_state_dict(state)
 
 
 def alie(own: torch.Tensor, received: Sequence[torch.Tensor], z: float = ALIE_Z) -> torch.Tensor:

@@ -83,6 +83,41 @@ class Aggregator(ABC):
             raise ValueError(f"{self.name} keeps no state, got {sorted(state)}")
 
 
+class AggregatorWrapper(Aggregator):
+    """An aggregator around another (``inner``): its training hooks, extras, merge signal and state are the inner
+    rule's unless a subclass says otherwise, and so are ``name`` and ``params`` (what logs and the manifest call
+    it). Subclasses change ``aggregate``."""
+
+    def __init__(self, inner: Aggregator) -> None:
+        super().__init__(inner.params, inner.byzantine_f)
+        self.inner = inner
+        self.name = inner.name
+
+    def extras_to_send(self) -> dict[str, torch.Tensor]:
+        return self.inner.extras_to_send()
+
+    def begin_training(self, model: nn.Module, lr: float) -> None:
+        self.inner.begin_training(model, lr)
+
+    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
+        return self.inner.loss_term(model)
+
+    def after_backward(self, model: nn.Module) -> None:
+        self.inner.after_backward(model)
+
+    def end_training(self, model: nn.Module, steps: int, lr: float) -> None:
+        self.inner.end_training(model, steps, lr)
+
+    def begin_consensus(self) -> None:
+        self.inner.begin_consensus()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+
 class Topology(ABC):
     name: str
 

@@ -48,7 +48,7 @@ import torch
 
 from quinkgl_cli import wire
 from quinkgl_cli.manifest.schema import CompressionSpec
-from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate
+from quinkgl_cli.strategies.base import AggregationResult, Aggregator, AggregatorWrapper, PeerUpdate
 from quinkgl_cli.strategies.compression import (
     ENCODING,
     META_KEY,
@@ -303,7 +303,7 @@ def _round(t: torch.Tensor | None, where: str) -> int:
     return int(t)
 
 
-class ConsensusStep(Aggregator):
+class ConsensusStep(AggregatorWrapper):
     """The CHOCO step through the manifest's averaging rule: ``x + gamma * (rule(x, guesses) - x)``.
 
     The guesses are ``x + (x̂_j - x̂_self)`` (`node.exchange`), so an averaging rule with weights w_j gives
@@ -311,36 +311,10 @@ class ConsensusStep(Aggregator):
     """
 
     def __init__(self, inner: Aggregator, gamma: float) -> None:
-        super().__init__(inner.params, inner.byzantine_f)
-        self.inner = inner
+        super().__init__(inner)
         self.gamma = gamma
-        self.name = inner.name
 
     def aggregate(self, local: PeerUpdate, others: Sequence[PeerUpdate], current_round: int) -> AggregationResult:
         result = self.inner.aggregate(local, others, current_round)
         result.flat = local.flat + self.gamma * (result.flat - local.flat)
         return result
-
-    def extras_to_send(self) -> dict[str, torch.Tensor]:
-        return self.inner.extras_to_send()
-
-    def begin_training(self, model: torch.nn.Module, lr: float) -> None:
-        self.inner.begin_training(model, lr)
-
-    def loss_term(self, model: torch.nn.Module) -> torch.Tensor | None:
-        return self.inner.loss_term(model)
-
-    def after_backward(self, model: torch.nn.Module) -> None:
-        self.inner.after_backward(model)
-
-    def end_training(self, model: torch.nn.Module, steps: int, lr: float) -> None:
-        self.inner.end_training(model, steps, lr)
-
-    def begin_consensus(self) -> None:
-        self.inner.begin_consensus()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.inner.load_state_dict(state)

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from quinkgl_cli.strategies.base import AggregationResult, Aggregator, PeerUpdate
+from quinkgl_cli.strategies.base import AggregationResult, Aggregator, AggregatorWrapper, PeerUpdate
 from quinkgl_cli.tensors import flatten, still_mask
 
 BETA = 0.5
@@ -46,16 +46,14 @@ def hold_still(new: torch.Tensor, plain: torch.Tensor, velocity: torch.Tensor, s
     velocity[still] = 0.0
 
 
-class SlowMomentum(Aggregator):
+class SlowMomentum(AggregatorWrapper):
     """``inner``'s average, moved by the slow momentum above. Training hooks, extras and the rest of the state are
     the rule's own; ``name`` and ``params`` are the rule's (what logs and the manifest call it)."""
 
     def __init__(self, inner: Aggregator, beta: float = BETA) -> None:
-        super().__init__(inner.params, inner.byzantine_f)
+        super().__init__(inner)
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"momentum {beta} is outside [0, 1)")
-        self.inner = inner
-        self.name = inner.name
         self.beta = beta
         self._velocity: torch.Tensor | None = None
         self._reference: torch.Tensor | None = None
@@ -91,18 +89,6 @@ class SlowMomentum(Aggregator):
         self._reference = flatten(model)
         self._still = still_mask(model)
         self.inner.begin_training(model, lr)
-
-    def extras_to_send(self) -> dict[str, torch.Tensor]:
-        return self.inner.extras_to_send()
-
-    def loss_term(self, model: nn.Module) -> torch.Tensor | None:
-        return self.inner.loss_term(model)
-
-    def after_backward(self, model: nn.Module) -> None:
-        self.inner.after_backward(model)
-
-    def end_training(self, model: nn.Module, steps: int, lr: float) -> None:
-        self.inner.end_training(model, steps, lr)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = self.inner.state_dict()
