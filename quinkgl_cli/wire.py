@@ -104,6 +104,10 @@ def _le_bytes(t: torch.Tensor) -> torch.Tensor:
     return raw
 
 
+# One encoder for every header (``json.dumps`` with options builds a new one each call).
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None, encoding: str = DEFAULT_ENCODING) -> bytes:
     """Serialize named tensors (in the mapping's order) and a small JSON-safe ``meta`` into one blob."""
     entries: list[Entry] = []
@@ -122,7 +126,7 @@ def encode(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None =
         offset += raw.numel()
     try:
         header = Header(encoding=encoding, entries=entries, meta=dict(meta or {}))
-        header_bytes = json.dumps(header.model_dump(mode="json"), separators=(",", ":"), allow_nan=False).encode()
+        header_bytes = _HEADER_ENCODER.encode(header.model_dump(mode="json")).encode()
     except (ValidationError, ValueError, TypeError) as exc:
         raise WireError(f"cannot encode header: {_first_error(exc)}") from exc
     if len(header_bytes) > MAX_HEADER_BYTES:
