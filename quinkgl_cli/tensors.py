@@ -59,14 +59,14 @@ def flatten(model: nn.Module) -> torch.Tensor:
     Everything downstream (aggregation, DP noise, the codec, the wire) works on CPU tensors: a GPU model's vector
     mixed with CPU noise or peers' CPU updates would fail, so the copy to the host happens here, once per call.
     """
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)  # detached below: state_dict's own detach of every entry is not needed
     parts = [t.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for t in state.values() if t.is_floating_point()]
     return torch.cat(parts) if parts else torch.empty(0)
 
 
 def load_flat(model: nn.Module, flat: torch.Tensor) -> None:
     """Write ``flat`` (on any device) back into the model's shared state in place, on the model's devices."""
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)  # written under no_grad, as the detached entries would be
     offset = 0
     with torch.no_grad():
         for t in state.values():

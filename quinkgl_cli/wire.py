@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import struct
 import sys
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
@@ -257,17 +256,19 @@ def decode_full(
     if body.readonly:
         body = memoryview(bytearray(body))
     tensors: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():  # torch warns that the buffer is writable: the tensors are meant to view it
-        warnings.simplefilter("ignore")
-        for entry in header.entries:
-            dtype = DTYPES[entry.dtype]
-            if entry.nbytes == 0:
-                tensors[entry.name] = torch.empty(entry.shape, dtype=dtype)
-                continue
+    swap = sys.byteorder != "little"
+    for entry in header.entries:  # ``body`` is writable, so torch has no read-only buffer to warn about
+        dtype = DTYPES[entry.dtype]
+        if entry.nbytes == 0:
+            tensors[entry.name] = torch.empty(entry.shape, dtype=dtype)
+            continue
+        itemsize = _ITEMSIZE[entry.dtype]
+        if swap and itemsize > 1:
             raw = torch.frombuffer(body, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)
-            if sys.byteorder != "little" and _ITEMSIZE[entry.dtype] > 1:
-                raw = raw.reshape(-1, _ITEMSIZE[entry.dtype]).flip(1).reshape(-1).contiguous()
-            tensors[entry.name] = raw.view(dtype).reshape(entry.shape)
+            flat = raw.reshape(-1, itemsize).flip(1).reshape(-1).contiguous().view(dtype)
+        else:
+            flat = torch.frombuffer(body, dtype=dtype, count=entry.nbytes // itemsize, offset=entry.offset)
+        tensors[entry.name] = flat.reshape(entry.shape)
     return tensors, dict(header.meta), header.encoding
 
 

@@ -18,6 +18,7 @@ accountant is charged for every step.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -170,18 +171,20 @@ class Trainer:
                 ):
                     return
 
-    def _step(self, x: Any, y: Any, extra: Callable[[], torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a batch; (outputs, loss). `_NonFiniteLoss` before a non-finite loss is stepped on."""
+    def _step(self, x: Any, y: Any, extra: Callable[[], torch.Tensor | None]) -> tuple[torch.Tensor, float]:
+        """The backward pass of one optimizer step on a batch; (outputs, loss). `_NonFiniteLoss` before a non-finite
+        loss is stepped on."""
         self.optimizer.zero_grad(set_to_none=True)
         out = self.model(x)
         loss = self.loss_fn(out, y)
         term = extra()
         if term is not None:
             loss = loss + term
-        if not torch.isfinite(loss):
-            raise _NonFiniteLoss(float(loss.item()))
+        value = loss.item()  # the one read of the loss: the finiteness check and the round's mean both use it
+        if not math.isfinite(value):
+            raise _NonFiniteLoss(value)
         loss.backward()
-        return out, loss
+        return out, value
 
     def _train_pass(self, aggregator: Aggregator, sharing: SharingPipeline) -> TrainStats:
         """One round's training from the current model; `_NonFiniteLoss` before a non-finite loss is stepped on.
@@ -210,7 +213,7 @@ class Trainer:
                 self.optimizer.step()
                 personal.after_step(x, y, self.loss_fn)
                 n = _batch_len(y)
-                total_loss += float(loss.detach()) * n
+                total_loss += loss * n
                 seen += n
                 if epoch == 0:
                     samples_first_epoch += n

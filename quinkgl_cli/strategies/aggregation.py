@@ -381,8 +381,10 @@ def bounded_weights(raw: torch.Tensor, max_ratio: float) -> torch.Tensor:
     cap = share_cap(n, max_ratio)
     if cap >= 1.0:
         return w / w.sum()
-    capped = torch.zeros(n, dtype=torch.bool)
     out = w / w.sum()
+    if float(out.max()) <= cap + 1e-15:  # the common case: no weight over the cap (a NaN goes the long way)
+        return out
+    capped = torch.zeros(n, dtype=torch.bool)
     for _ in range(n):
         over = (out > cap + 1e-15) & ~capped
         if not bool(over.any()):
