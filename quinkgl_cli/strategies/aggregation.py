@@ -113,7 +113,7 @@ def _finite(t: torch.Tensor) -> bool:
     common case; only a non-finite sum (or an overflow of huge finite values) pays for the exact check."""
     if t.numel() == 0:
         return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else torch.float64))):
+    if math.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else torch.float64).item()):
         return True
     return bool(torch.isfinite(t).all())
 
