@@ -123,8 +123,8 @@ class Trainer:
 
     @property
     def device(self) -> torch.device:
-        """Where the model's weights are now: batches go there. Read each time, so a model the script (or a hook)
-        moves after the node was built trains where it lives."""
+        """Where the model's weights are now: batches go there. Read at the start of every pass, so a model the
+        script (or a hook) moves after the node was built trains where it lives."""
         first = next(iter(self.model.parameters()), None)
         return first.device if first is not None else torch.device("cpu")
 
@@ -161,9 +161,10 @@ class Trainer:
     def _batches(self, epochs: int) -> Iterator[tuple[int, Any, Any]]:
         """(epoch, inputs, targets) for ``epochs`` passes, ending after ``local_steps`` batches or at a stop."""
         steps = 0
+        device = self.device  # once a pass: finding it walks the model's parameters
         for epoch in range(epochs):
             for batch in self.train_loader:
-                x, y = _split_batch(batch, self.device)
+                x, y = _split_batch(batch, device)
                 yield epoch, x, y
                 steps += 1
                 if (self.local_steps is not None and steps >= self.local_steps) or (
@@ -300,9 +301,10 @@ class Trainer:
         total = 0.0
         correct = seen = 0
         per_class: tuple[torch.Tensor, torch.Tensor] | None = None
+        device = self.device
         with torch.no_grad():
             for batch in loader:
-                x, y = _split_batch(batch, self.device)
+                x, y = _split_batch(batch, device)
                 out = model(x)
                 n = _batch_len(y)
                 total += float(self.loss_fn(out, y)) * n
