@@ -160,6 +160,8 @@ class Trainer:
 
     def _batches(self, epochs: int) -> Iterator[tuple[int, Any, Any]]:
         """(epoch, inputs, targets) for ``epochs`` passes, ending after ``local_steps`` batches or at a stop."""
+        if epochs <= 0:
+            return
         steps = 0
         device = self.device  # once a pass: finding it walks the model's parameters
         for epoch in range(epochs):
