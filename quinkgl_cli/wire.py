@@ -238,11 +238,11 @@ def decode_full(
         itemsize = _ITEMSIZE.get(entry.dtype)
         if itemsize is None:
             raise WireError(f"entry {entry.name!r} has unsupported dtype {entry.dtype!r}")
-        if _numel(max(d, 1) for d in entry.shape) * itemsize > max_bytes:
-            # Checked with zero dimensions counted as one: torch refuses to build even an empty tensor whose other
-            # dimensions multiply past its index range.
-            raise WireError(f"entry {entry.name!r} of shape {list(entry.shape)} exceeds limit of {max_bytes} bytes")
         expected = _numel(entry.shape) * itemsize
+        # Checked with zero dimensions counted as one (the same product when there is none): torch refuses to build
+        # even an empty tensor whose other dimensions multiply past its index range.
+        if (expected if expected else _numel(max(d, 1) for d in entry.shape) * itemsize) > max_bytes:
+            raise WireError(f"entry {entry.name!r} of shape {list(entry.shape)} exceeds limit of {max_bytes} bytes")
         if entry.nbytes != expected:
             raise WireError(f"entry {entry.name!r}: {entry.nbytes} bytes do not match shape {list(entry.shape)} of {entry.dtype}")
         if entry.offset != _align(pos):
