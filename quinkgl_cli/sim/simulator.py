@@ -61,6 +61,7 @@ from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import Node, evaluate_merged
 from quinkgl_cli.node.script import PeerScript
 from quinkgl_cli.sim.config import MODES, Mode, Overrides, SimConfig, apply_overrides
+from quinkgl_cli.sim.heap import collector_paused, survivors_frozen
 from quinkgl_cli.sim.partition import parse_scheme
 from quinkgl_cli.sim.results import PeerRound, RoundSummary, SimResult, peak_rss_mb, rss_mb, summarize
 from quinkgl_cli.sim.swarm import SCRIPT_PARTITION, SwarmBuilder
@@ -149,7 +150,8 @@ class Simulator:
         started = time.perf_counter()
         builder = SwarmBuilder(self.script, self.manifest, self.swarm_id, self.config, self.rounds, self.network,
                                self.clock)
-        swarm = builder.build(self._rng, self.memory)
+        with collector_paused():
+            swarm = builder.build(self._rng, self.memory)
         self.nodes, self.server, self.edges, self.attackers = swarm.nodes, swarm.server, swarm.edges, swarm.attackers
         self.timing["build_s"] = time.perf_counter() - started
 
@@ -227,7 +229,10 @@ class Simulator:
         threads = torch.get_num_threads()
         torch.set_num_threads(self.config.threads)
         try:
-            return self._run()
+            if not self.nodes:
+                self.build()
+            with survivors_frozen():
+                return self._run()
         finally:
             torch.set_num_threads(threads)
 
