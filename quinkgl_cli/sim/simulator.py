@@ -54,6 +54,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.events import emit
@@ -229,10 +230,13 @@ class Simulator:
         threads = torch.get_num_threads()
         torch.set_num_threads(self.config.threads)
         try:
-            if not self.nodes:
-                self.build()
-            with survivors_frozen():
-                return self._run()
+            # NumPy's BLAS too (each node's spectral analysis, every ``spectral_every`` rounds): its default of a
+            # thread per core made a 150-node eigendecomposition 30x slower on a shared 2-core machine.
+            with threadpool_limits(limits=self.config.threads, user_api="blas"):
+                if not self.nodes:
+                    self.build()
+                with survivors_frozen():
+                    return self._run()
         finally:
             torch.set_num_threads(threads)
 
