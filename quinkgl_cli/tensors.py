@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -86,14 +87,14 @@ def flatten(model: nn.Module) -> torch.Tensor:
     Everything downstream (aggregation, DP noise, the codec, the wire) works on CPU tensors: a GPU model's vector
     mixed with CPU noise or peers' CPU updates would fail, so the copy to the host happens here, once per call.
     """
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)  # detached below: state_dict's own detach of every entry is not needed
     parts = [t.detach().reshape(-1).to(device="cpu", dtype=torch.float32) for t in state.values() if t.is_floating_point()]
     return torch.cat(parts) if parts else torch.empty(0)
 
 
 def load_flat(model: nn.Module, flat: torch.Tensor) -> None:
     """Write ``flat`` (on any device) back into the model's shared state in place, on the model's devices."""
-    state = model.state_dict()
+    state = model.state_dict(keep_vars=True)  # written under no_grad, as the detached entries would be
     offset = 0
     with torch.no_grad():
         for t in state.values():
@@ -109,5 +110,6 @@ def load_flat(model: nn.Module, flat: torch.Tensor) -> None:
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN or Inf in ``t``. A finite sum proves it (any NaN or Inf makes the sum NaN or Inf; a float32 sum of
     finite values overflows only past ~3e38) at a thirtieth of the cost of ``isfinite(t).all()``, which runs only
-    to confirm a non-finite sum."""
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    to confirm a non-finite sum. The sum is read as a Python float: ``torch.isfinite`` of the 0-dim sum is several
+    kernels and cost three times the sum itself."""
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())

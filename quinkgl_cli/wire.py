@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import struct
 import sys
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
@@ -104,6 +103,10 @@ def _le_bytes(t: torch.Tensor) -> torch.Tensor:
     return raw
 
 
+# One encoder for every header (``json.dumps`` with options builds a new one each call).
+_HEADER_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def encode(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None, encoding: str = DEFAULT_ENCODING) -> bytes:
     """Serialize named tensors (in the mapping's order) and a small JSON-safe ``meta`` into one blob."""
     entries: list[Entry] = []
@@ -122,7 +125,7 @@ def encode(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None =
         offset += raw.numel()
     try:
         header = Header(encoding=encoding, entries=entries, meta=dict(meta or {}))
-        header_bytes = json.dumps(header.model_dump(mode="json"), separators=(",", ":"), allow_nan=False).encode()
+        header_bytes = _HEADER_ENCODER.encode(header.model_dump(mode="json")).encode()
     except (ValidationError, ValueError, TypeError) as exc:
         raise WireError(f"cannot encode header: {_first_error(exc)}") from exc
     if len(header_bytes) > MAX_HEADER_BYTES:
@@ -235,11 +238,11 @@ def decode_full(
         itemsize = _ITEMSIZE.get(entry.dtype)
         if itemsize is None:
             raise WireError(f"entry {entry.name!r} has unsupported dtype {entry.dtype!r}")
-        if _numel(max(d, 1) for d in entry.shape) * itemsize > max_bytes:
-            # Checked with zero dimensions counted as one: torch refuses to build even an empty tensor whose other
-            # dimensions multiply past its index range.
-            raise WireError(f"entry {entry.name!r} of shape {list(entry.shape)} exceeds limit of {max_bytes} bytes")
         expected = _numel(entry.shape) * itemsize
+        # Checked with zero dimensions counted as one (the same product when there is none): torch refuses to build
+        # even an empty tensor whose other dimensions multiply past its index range.
+        if (expected if expected else _numel(max(d, 1) for d in entry.shape) * itemsize) > max_bytes:
+            raise WireError(f"entry {entry.name!r} of shape {list(entry.shape)} exceeds limit of {max_bytes} bytes")
         if entry.nbytes != expected:
             raise WireError(f"entry {entry.name!r}: {entry.nbytes} bytes do not match shape {list(entry.shape)} of {entry.dtype}")
         if entry.offset != _align(pos):
@@ -253,17 +256,19 @@ def decode_full(
     if body.readonly:
         body = memoryview(bytearray(body))
     tensors: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():  # torch warns that the buffer is writable: the tensors are meant to view it
-        warnings.simplefilter("ignore")
-        for entry in header.entries:
-            dtype = DTYPES[entry.dtype]
-            if entry.nbytes == 0:
-                tensors[entry.name] = torch.empty(entry.shape, dtype=dtype)
-                continue
+    swap = sys.byteorder != "little"
+    for entry in header.entries:  # ``body`` is writable, so torch has no read-only buffer to warn about
+        dtype = DTYPES[entry.dtype]
+        if entry.nbytes == 0:
+            tensors[entry.name] = torch.empty(entry.shape, dtype=dtype)
+            continue
+        itemsize = _ITEMSIZE[entry.dtype]
+        if swap and itemsize > 1:
             raw = torch.frombuffer(body, dtype=torch.uint8, count=entry.nbytes, offset=entry.offset)
-            if sys.byteorder != "little" and _ITEMSIZE[entry.dtype] > 1:
-                raw = raw.reshape(-1, _ITEMSIZE[entry.dtype]).flip(1).reshape(-1).contiguous()
-            tensors[entry.name] = raw.view(dtype).reshape(entry.shape)
+            flat = raw.reshape(-1, itemsize).flip(1).reshape(-1).contiguous().view(dtype)
+        else:
+            flat = torch.frombuffer(body, dtype=dtype, count=entry.nbytes // itemsize, offset=entry.offset)
+        tensors[entry.name] = flat.reshape(entry.shape)
     return tensors, dict(header.meta), header.encoding
 
 

@@ -87,3 +87,18 @@ def test_a_history_comes_only_from_valid_updates() -> None:
         me.aggregate()
         me.end_round()
     assert not me.peer_clock.has_history("junk")
+
+
+def test_catch_up_counts_the_same_peers_whether_known_is_a_mapping_or_a_list() -> None:
+    # A mapping of known peers is searched from the side of the peers with a history; the answer must not change,
+    # including peers with a history that are no longer known (they do not count).
+    clock = PeerClock(max_staleness=1, clock=lambda: 0.0)
+    for our_round in range(1, HISTORY_ROUNDS + 1):
+        for peer in ("a", "b", "c", "gone"):
+            clock.note_valid(peer, 40, our_round)
+    known = {p: None for p in ("a", "b", "c", "x", "y", "z", "w", "v")}
+    as_list = clock.catch_up(HISTORY_ROUNDS + 1, list(known), None)
+    assert clock.catch_up(HISTORY_ROUNDS + 1, known, None) == as_list
+    assert as_list is not None and as_list.peers == 3
+    few = {p: None for p in ("a", "b")}  # fewer known peers than peers with a history: the plain walk
+    assert clock.catch_up(HISTORY_ROUNDS + 1, few, None) == clock.catch_up(HISTORY_ROUNDS + 1, ["a", "b"], None)

@@ -4,6 +4,7 @@ What both transports share is tested in test_transport_contract.py.
 """
 
 import asyncio
+import hashlib
 import logging
 
 import pytest
@@ -147,6 +148,19 @@ def test_corruption_is_caught_by_digest_and_logged_once(caplog):
     assert nodes["p1"][0].stats.dropped == 3
     lines = [r.getMessage() for r in caplog.records if "digest_mismatch" in r.getMessage()]
     assert len(lines) == 1 and "peer=p0" in lines[0]
+
+
+def test_a_delivered_update_carries_the_digest_its_bytes_were_checked_against():
+    # The receiver's copy guard takes the digest from here instead of hashing the payload again.
+    net, nodes, _ = _swarm(3)
+    net.deliver_all()
+    update = _upd(2)
+    for peer in ("p1", "p2"):
+        nodes["p0"][0].send_model(peer, update)
+    net.deliver_all()
+    for peer in ("p1", "p2"):
+        (got,) = nodes[peer][1].models
+        assert got.digest == hashlib.sha256(got.payload).digest()
 
 
 def test_kill_mid_transfer_reports_vanished_sender_and_loss(caplog):

@@ -14,6 +14,7 @@ here. Nothing is checkpointed: the digests are relearned from the next rounds.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 
 OWN = ""  # the sender recorded for this node's own updates (no node id is empty)
@@ -27,13 +28,18 @@ class CopyGuard:
     def __init__(self, window: int) -> None:
         self.window = window
         self._first: dict[bytes, tuple[str, int]] = {}  # digest -> (first sender or OWN, its round)
+        # No digest held is older than this round: `prune`, called for every update received, rebuilds the table
+        # only when one is.
+        self._oldest: float = math.inf
         self._lock = threading.Lock()  # a transport may deliver from its own thread while the driver shares
 
     def note_own(self, round_: int, payload: bytes | bytearray | memoryview) -> None:
         """This node sent ``payload`` in ``round_``."""
         key = digest(payload)
         with self._lock:
-            self._first.setdefault(key, (OWN, round_))
+            if key not in self._first:
+                self._first[key] = (OWN, round_)
+                self._oldest = min(self._oldest, round_)
 
     def refusal(self, sender: str, round_: int, key: bytes) -> str | None:
         """Why an update of ``round_`` from ``sender`` whose payload has digest ``key`` carries nothing new, or None
@@ -43,6 +49,7 @@ class CopyGuard:
             first = self._first.get(key)
             if first is None:
                 self._first[key] = (sender, round_)
+                self._oldest = min(self._oldest, round_)
                 return None
         who, seen_round = first
         if who == OWN:
@@ -57,4 +64,7 @@ class CopyGuard:
         """Forget digests more than ``window`` rounds older than ``current_round``."""
         oldest = current_round - self.window
         with self._lock:
+            if self._oldest >= oldest:
+                return
             self._first = {k: v for k, v in self._first.items() if v[1] >= oldest}
+            self._oldest = min((v[1] for v in self._first.values()), default=math.inf)

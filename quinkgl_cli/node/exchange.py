@@ -239,7 +239,7 @@ class Exchange:
         wire.check_against(model_tensors, self.specs, finite=False)
         for name, t in extras.items():
             wire.check_finite(name, t)
-        flat = (torch.cat([model_tensors[s.name].reshape(-1).to(torch.float32) for s in self.specs])
+        flat = (torch.cat([_as_float32(model_tensors[s.name].reshape(-1)) for s in self.specs])
                 if self.specs else torch.empty(0))
         if not all_finite(flat):  # one check for the whole model; the entries are searched only to name the culprit
             for s in self.specs:
@@ -293,3 +293,7 @@ class Exchange:
         topo.update({k[len("topology."):]: v for k, v in tensors.items() if k.startswith("topology.")})
         self.topology.load_state_dict(topo)
         self.sharing.load_state_dict({k[len("sharing."):]: v for k, v in tensors.items() if k.startswith("sharing.")})
+
+
+def _as_float32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)

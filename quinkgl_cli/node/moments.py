@@ -64,6 +64,8 @@ def floor_second_moments(optimizer: torch.optim.Optimizer, params: Iterable[nn.P
     tensors there were. Tensors that are not shaped like their parameter (a factored or scalar state) are left."""
     floored = 0
     keys = second_moment_keys(optimizer)
+    if not any(key in state for state in optimizer.state.values() for key in keys):
+        return 0  # no second moments at all (SGD): walking the model's parameters would find none
     for p in params:
         state = optimizer.state.get(p)
         if not state:
@@ -86,16 +88,16 @@ def global_momentum(optimizer: torch.optim.Optimizer, start: dict[nn.Parameter, 
     if not isinstance(optimizer, torch.optim.SGD) or steps <= 0:
         return 0
     changed = 0
-    for group in optimizer.param_groups:
-        lr = float(group.get("lr", 0.0))
-        for p in group["params"]:
-            before = start.get(p)
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if before is None or lr <= 0 or not isinstance(buf, torch.Tensor) or buf.shape != p.shape:
-                continue
-            with torch.no_grad():
+    with torch.no_grad():  # once: entering it costs as much as a buffer's update on a small model
+        for group in optimizer.param_groups:
+            lr = float(group.get("lr", 0.0))
+            for p in group["params"]:
+                before = start.get(p)
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                if before is None or lr <= 0 or not isinstance(buf, torch.Tensor) or buf.shape != p.shape:
+                    continue
                 buf.mul_(mix).add_((before - p.detach()) / (lr * steps), alpha=1.0 - mix)
-            changed += 1
+                changed += 1
     return changed
 
 

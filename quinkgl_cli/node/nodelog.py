@@ -41,7 +41,9 @@ class NodeLog:
         self.hooks: Hooks = hooks if hooks is not None else NoHooks()
 
     def __call__(self, level: int, event: str, /, *, exc_info: Any = None, **fields: Any) -> None:
-        emit(log, level, event, exc_info=exc_info, context={"node": self.node_id, "round": self.round_of()}, **fields)
+        if log.isEnabledFor(level):  # most events are DEBUG: skip building their context
+            emit(log, level, event, exc_info=exc_info, context={"node": self.node_id, "round": self.round_of()},
+                 **fields)
 
     def hook(self, name: str, *args: Any) -> None:
         fn = getattr(self.hooks, name, None)

@@ -84,8 +84,9 @@ def weighted_accuracy(correct: torch.Tensor, seen: torch.Tensor, shares: dict[in
     """Per-class accuracy weighted by ``shares``, renormalised over the peer's classes the validation set holds."""
     total = 0.0
     weight = 0.0
+    hit, count = correct.tolist(), seen.tolist()  # as numbers once, not a tensor index per class
     for c, share in shares.items():
-        if c < seen.numel() and int(seen[c]) > 0:
-            total += share * float(correct[c]) / float(seen[c])
+        if c < len(count) and count[c] > 0:
+            total += share * float(hit[c]) / float(count[c])
             weight += share
     return total / weight if weight > 0 else None

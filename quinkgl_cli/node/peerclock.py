@@ -19,7 +19,8 @@ it wait. What a history cannot stop is a majority of long-lived liars; only admi
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 PACE_MUTE_ROUNDS = 10  # a peer that did not catch up within a pacing wait is not waited for again this long
@@ -107,8 +108,13 @@ class PeerClock:
         a minority claiming huge rounds, nor any number of fresh identities can push it to the end of training.
         """
         with self._lock:  # peers not heard from yet, or claiming past the limit, count as being where we are
+            if isinstance(known, (Mapping, AbstractSet)) and len(self._history) < len(known):
+                # The same peers, found from the fewer side (each known peer once; their order does not matter).
+                counted: Iterable[str] = (p for p in self._history if p in known)
+            else:
+                counted = known
             rounds = sorted(
-                (self._claim(p, next_round, round_limit) for p in known if len(self._history.get(p, ())) >= HISTORY_ROUNDS),
+                (self._claim(p, next_round, round_limit) for p in counted if len(self._history.get(p, ())) >= HISTORY_ROUNDS),
                 reverse=True,
             )
         quorum = max(2, len(rounds) - (len(rounds) - 1) // 2)

@@ -18,6 +18,7 @@ accountant is charged for every step.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -122,8 +123,8 @@ class Trainer:
 
     @property
     def device(self) -> torch.device:
-        """Where the model's weights are now: batches go there. Read each time, so a model the script (or a hook)
-        moves after the node was built trains where it lives."""
+        """Where the model's weights are now: batches go there. Read at the start of every pass, so a model the
+        script (or a hook) moves after the node was built trains where it lives."""
         first = next(iter(self.model.parameters()), None)
         return first.device if first is not None else torch.device("cpu")
 
@@ -159,10 +160,13 @@ class Trainer:
 
     def _batches(self, epochs: int) -> Iterator[tuple[int, Any, Any]]:
         """(epoch, inputs, targets) for ``epochs`` passes, ending after ``local_steps`` batches or at a stop."""
+        if epochs <= 0:
+            return
         steps = 0
+        device = self.device  # once a pass: finding it walks the model's parameters
         for epoch in range(epochs):
             for batch in self.train_loader:
-                x, y = _split_batch(batch, self.device)
+                x, y = _split_batch(batch, device)
                 yield epoch, x, y
                 steps += 1
                 if (self.local_steps is not None and steps >= self.local_steps) or (
@@ -170,18 +174,20 @@ class Trainer:
                 ):
                     return
 
-    def _step(self, x: Any, y: Any, extra: Callable[[], torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on a batch; (outputs, loss). `_NonFiniteLoss` before a non-finite loss is stepped on."""
+    def _step(self, x: Any, y: Any, extra: Callable[[], torch.Tensor | None]) -> tuple[torch.Tensor, float]:
+        """The backward pass of one optimizer step on a batch; (outputs, loss). `_NonFiniteLoss` before a non-finite
+        loss is stepped on."""
         self.optimizer.zero_grad(set_to_none=True)
         out = self.model(x)
         loss = self.loss_fn(out, y)
         term = extra()
         if term is not None:
             loss = loss + term
-        if not torch.isfinite(loss):
-            raise _NonFiniteLoss(float(loss.item()))
+        value = loss.item()  # the one read of the loss: the finiteness check and the round's mean both use it
+        if not math.isfinite(value):
+            raise _NonFiniteLoss(value)
         loss.backward()
-        return out, loss
+        return out, value
 
     def _train_pass(self, aggregator: Aggregator, sharing: SharingPipeline) -> TrainStats:
         """One round's training from the current model; `_NonFiniteLoss` before a non-finite loss is stepped on.
@@ -210,7 +216,7 @@ class Trainer:
                 self.optimizer.step()
                 personal.after_step(x, y, self.loss_fn)
                 n = _batch_len(y)
-                total_loss += float(loss.detach()) * n
+                total_loss += loss * n
                 seen += n
                 if epoch == 0:
                     samples_first_epoch += n
@@ -297,9 +303,10 @@ class Trainer:
         total = 0.0
         correct = seen = 0
         per_class: tuple[torch.Tensor, torch.Tensor] | None = None
+        device = self.device
         with torch.no_grad():
             for batch in loader:
-                x, y = _split_batch(batch, self.device)
+                x, y = _split_batch(batch, device)
                 out = model(x)
                 n = _batch_len(y)
                 total += float(self.loss_fn(out, y)) * n

@@ -54,6 +54,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from threadpoolctl import threadpool_limits
 
 from quinkgl_cli.errors import UsageError
 from quinkgl_cli.events import emit
@@ -61,6 +62,7 @@ from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import Node, evaluate_merged
 from quinkgl_cli.node.script import PeerScript
 from quinkgl_cli.sim.config import MODES, Mode, Overrides, SimConfig, apply_overrides
+from quinkgl_cli.sim.heap import collector_paused, survivors_frozen
 from quinkgl_cli.sim.partition import parse_scheme
 from quinkgl_cli.sim.results import PeerRound, RoundSummary, SimResult, peak_rss_mb, rss_mb, summarize
 from quinkgl_cli.sim.swarm import SCRIPT_PARTITION, SwarmBuilder
@@ -149,7 +151,8 @@ class Simulator:
         started = time.perf_counter()
         builder = SwarmBuilder(self.script, self.manifest, self.swarm_id, self.config, self.rounds, self.network,
                                self.clock)
-        swarm = builder.build(self._rng, self.memory)
+        with collector_paused():
+            swarm = builder.build(self._rng, self.memory)
         self.nodes, self.server, self.edges, self.attackers = swarm.nodes, swarm.server, swarm.edges, swarm.attackers
         self.timing["build_s"] = time.perf_counter() - started
 
@@ -227,7 +230,13 @@ class Simulator:
         threads = torch.get_num_threads()
         torch.set_num_threads(self.config.threads)
         try:
-            return self._run()
+            # NumPy's BLAS too (each node's spectral analysis, every ``spectral_every`` rounds): its default of a
+            # thread per core made a 150-node eigendecomposition 30x slower on a shared 2-core machine.
+            with threadpool_limits(limits=self.config.threads, user_api="blas"):
+                if not self.nodes:
+                    self.build()
+                with survivors_frozen():
+                    return self._run()
         finally:
             torch.set_num_threads(threads)
 

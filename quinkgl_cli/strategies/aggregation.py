@@ -114,7 +114,7 @@ def _finite(t: torch.Tensor) -> bool:
     common case; only a non-finite sum (or an overflow of huge finite values) pays for the exact check."""
     if t.numel() == 0:
         return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else torch.float64))):
+    if math.isfinite(t.sum(dtype=torch.float32 if t.dtype != torch.float64 else torch.float64).item()):
         return True
     return bool(torch.isfinite(t).all())
 
@@ -382,8 +382,10 @@ def bounded_weights(raw: torch.Tensor, max_ratio: float) -> torch.Tensor:
     cap = share_cap(n, max_ratio)
     if cap >= 1.0:
         return w / w.sum()
-    capped = torch.zeros(n, dtype=torch.bool)
     out = w / w.sum()
+    if float(out.max()) <= cap + 1e-15:  # the common case: no weight over the cap (a NaN goes the long way)
+        return out
+    capped = torch.zeros(n, dtype=torch.bool)
     for _ in range(n):
         over = (out > cap + 1e-15) & ~capped
         if not bool(over.any()):

@@ -55,12 +55,16 @@ class HostVerdicts:
         return verdict
 
 
+# One encoder for every body (``json.dumps`` with options builds a new one each call).
+_BODY_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True, allow_nan=False)
+
+
 def encode_body(body: dict[str, Any], limit: int = MAX_MESSAGE_BYTES, what: str = "message body") -> bytes:
     """Canonical JSON of a small control body; raises NetworkError when it is not JSON-safe or too large."""
     if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
         raise NetworkError(f"{what} must be a dict with string keys")
     try:
-        data = json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+        data = _BODY_ENCODER.encode(body).encode()
     except (TypeError, ValueError) as exc:
         raise NetworkError(f"{what} is not JSON-safe: {exc}") from exc
     if len(data) > limit:
