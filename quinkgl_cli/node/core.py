@@ -52,7 +52,7 @@ from quinkgl_cli.node.peerclock import PacePlan, PeerClock
 from quinkgl_cli.node.personal import Shared
 from quinkgl_cli.node.serving import ServingModel
 from quinkgl_cli.node.state import NodeState
-from quinkgl_cli.node.trainer import LossFn, Trainer, TrainStats
+from quinkgl_cli.node.trainer import EvalStats, LossFn, Trainer, TrainStats
 from quinkgl_cli.strategies import registry
 from quinkgl_cli.strategies.aggregation import (
     LABEL_ENTROPY_KEY,
@@ -306,16 +306,8 @@ class Node:
         return self.trainer.personal.personal_model(self.serving.model(self.round))
 
     def evaluate(self) -> tuple[float | None, float | None]:
-        """(val_loss, val_accuracy) of the served shared model on the validation loader (the personal model's are
-        recorded too); (None, None) when there is none or it is empty."""
-        served = self.serving.model(self.round)
-        result = self.trainer.evaluate(served)
-        if result is not None and served is not self.model and not _finite(result.val_loss):
-            self.log(logging.WARNING, "served-model-unusable", loss=result.val_loss,
-                     hint="the average of the peers' latest models gives a non-finite validation loss: this round "
-                          "serves the model this node holds")
-            self.serving.unusable(self.round)
-            result = self.trainer.evaluate(self.model)
+        """(val_loss, val_accuracy) of the served model (`_evaluate_served`); (None, None) without validation data."""
+        result = _evaluate_served(self)
         if result is None:
             return (None, None)
         self.recorder.eval = result
@@ -453,6 +445,21 @@ class Node:
         self.completed_round = int(meta["round"])
         self.round = self.completed_round
         self.recorder.load_state_dict(meta)
+
+
+def _evaluate_served(node: Node) -> EvalStats | None:
+    """The served shared model's evaluation on the validation loader (the personal model's recorded too); a served
+    mean with a non-finite validation loss gives way, for the round, to the model the node holds
+    (`ServingModel.unusable`)."""
+    served = node.serving.model(node.round)
+    result = node.trainer.evaluate(served)
+    if result is not None and served is not node.model and not _finite(result.val_loss):
+        node.log(logging.WARNING, "served-model-unusable", loss=result.val_loss,
+                 hint="the average of the peers' latest models gives a non-finite validation loss: this round "
+                      "serves the model this node holds")
+        node.serving.unusable(node.round)
+        result = node.trainer.evaluate(node.model)
+    return result
 
 
 def evaluate_merged(node: Node) -> tuple[float | None, float | None]:
