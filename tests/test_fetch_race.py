@@ -86,7 +86,8 @@ class Race:
                                lambda event, peer, reason, **_: self.drops.append((event, reason)), None,  # type: ignore[arg-type]
                                self.reports.append)
         self.fetcher._exchange = self._exchange  # type: ignore[method-assign]
-        self.rec = PeerRecord("peer", b"key", b"mid", ("10.0.0.2", 7000), 7001, 0.0, 0)
+        # Never contacted: FakeLinks picks the routes and opens socket pairs.
+        self.rec = PeerRecord("peer", b"key", b"mid", ("127.0.0.2", 7000), 7001, 0.0, 0)
         self.offer = SimpleNamespace(size=len(PAYLOAD), round=1, offer_id=b"o" * 16)
 
     async def _exchange(self, rec: PeerRecord, p: Any, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | _Failure:
