@@ -24,6 +24,7 @@ from quinkgl_cli.transport.ipv8.payloads import BusyPayload, PathRequestPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord
 from quinkgl_cli.transport.ipv8.runtime import TaskRegistry
 from quinkgl_cli.transport.ipv8.settings import Limits, TransportSettings
+from tests.test_transport_contract import Cluster, run_cluster
 
 DEADLINE = 5.0  # seconds an exchange may take here before the test calls it hung
 OFFER = b"o" * 20
@@ -141,3 +142,17 @@ def test_a_path_request_answered_busy_ends_at_once_and_the_way_is_not_failed(tmp
         assert end.links.book.routes("a", time.monotonic(), [], reverse=True) == [Route(DIRECT), Route(REVERSE)]
         assert end.links.waiting == {}
     asyncio.run(run())
+
+
+def test_a_busy_reply_crosses_between_real_transports(tmp_path: Path) -> None:
+    """The wiring: signed and sealed by one transport's courier, checked and routed by the other's community."""
+    async def body(c: Cluster) -> None:
+        a, _ = await c.add("a")
+        b, _ = await c.add("b")
+        await c.meet(["a", "b"])
+        with b.parts.links.busy.watch(b.parts.table.get("a"), OFFER, UDP) as told:
+            a.parts.links.busy.reply(a.parts.table.get("b"), OFFER, UDP)
+            await asyncio.wait_for(told, DEADLINE)
+        assert told.result() == RETRY_MS / 1000
+
+    run_cluster("ipv8", tmp_path, body)

@@ -7,7 +7,8 @@ declined), a sender has one download running at a time, and a download that stop
 (`stream.Progress`). A model reaches the node only when its bytes match the size and sha256 of the offer its
 sender signed; its bytes travel encrypted (`channel`). When the sender's datagrams reach us directly, the UDP way
 (`udpway`) joins the race of the TCP ways once they all had their start and none connected (`Fetcher._race`);
-once it worked, it is tried first for that sender.
+once it worked, it is tried first for that sender. A sender that answers a way busy (`busy`) is asked for the offer
+again after its hint, a bounded number of times, holding no fetch slot meanwhile.
 """
 
 from __future__ import annotations

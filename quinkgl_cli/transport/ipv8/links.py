@@ -4,7 +4,7 @@ Owns, on the recipient's side, the opening of a connection by a `paths.Route` (d
 way, ``udp``, is no connection: `udpway` runs it, raced against these by `fetcher`), the
 reverse connections it waits for, and the choice of routes (`paths.PathBook`); on the sender's side, the
 connections it makes out when a recipient asks (`PathRequestPayload`): to the recipient's TCP port (reverse) or to
-a relay. The fetch exchange then runs over the connection unchanged (`fetcher`, `server.serve`), so every way
+a relay, or, its serve slots all pushing, a busy reply (`busy`). The fetch exchange then runs over the connection unchanged (`fetcher`, `server.serve`), so every way
 carries the same checks. A sender connects only where the request's signer is (its own address) or to a relay
 among its own peers: a request cannot point it at anyone else; a peer met through a relay (`forward`), whose
 address only the relay vouches for, gets no reverse connection.
