@@ -20,8 +20,10 @@ from quinkgl_cli.transport.base import TransferDone
 from quinkgl_cli.transport.common import digest
 from quinkgl_cli.transport.ipv8 import fetcher as fetcher_module
 from quinkgl_cli.transport.ipv8 import links as links_module
-from quinkgl_cli.transport.ipv8.busy import MAX_RETRIES, SenderBusy
-from quinkgl_cli.transport.ipv8.fetcher import Fetcher, _Failure
+from quinkgl_cli.transport.ipv8 import stream
+from quinkgl_cli.transport.ipv8.busy import MAX_RETRIES, RETRY_MS, SenderBusy
+from quinkgl_cli.transport.ipv8.channel import Ephemeral
+from quinkgl_cli.transport.ipv8.fetcher import Fetcher, _Busy, _Failure
 from quinkgl_cli.transport.ipv8.links import Links
 from quinkgl_cli.transport.ipv8.paths import DIRECT, REVERSE, UDP, PathBook, Route
 from quinkgl_cli.transport.ipv8.peers import PeerRecord
@@ -90,7 +92,7 @@ class Race:
         self.udp = FakeUdp()
         self.drops: list[tuple[str, str]] = []
         self.reports: list[TransferDone] = []
-        self.exchange: asyncio.Future[tuple[bytearray, bytes] | _Failure] | None = None
+        self.exchange: asyncio.Future[tuple[bytearray, bytes] | _Failure | _Busy] | None = None
         self.fetcher = Fetcher(settings, default_eccrypto.generate_key("curve25519"), b"c" * 20, None,  # type: ignore[arg-type]
                                self.links, self.udp, SimpleNamespace(allows=lambda host: True), None, None, None,  # type: ignore[arg-type]
                                lambda event, peer, reason, **_: self.drops.append((event, reason)), None,  # type: ignore[arg-type]
@@ -100,7 +102,8 @@ class Race:
         self.rec = PeerRecord("peer", b"key", b"mid", ("127.0.0.2", 7000), 7001, 0.0, 0)
         self.offer = SimpleNamespace(size=len(PAYLOAD), round=1, offer_id=b"o" * 16)
 
-    async def _exchange(self, rec: PeerRecord, p: Any, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | _Failure:
+    async def _exchange(self, rec: PeerRecord, p: Any, sock: socket.socket,
+                        route: Route) -> tuple[bytearray, bytes] | _Failure | _Busy:
         self.exchange = asyncio.get_running_loop().create_future()
         try:
             return await self.exchange
@@ -274,6 +277,37 @@ async def _a_sender_busy_every_time_is_asked_a_bounded_number_of_times_and_its_w
     race.udp.asked.clear()
     got = await asyncio.wait_for(race.fetcher._fetch_in_turn(race.rec, race.offer, time.monotonic() + 0.005), DEADLINE)
     assert got is None and len(race.udp.asked) == 1
+
+
+async def _a_tcp_sender_answering_busy_is_asked_again_and_its_way_kept(tmp_path: Path) -> None:
+    race = Race(tmp_path, None)
+    ours, theirs = socket.socketpair()
+    # The sender's end: its challenge, then BUSY to whatever request follows (both wait in the socket's buffer).
+    theirs.sendall(stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, stream.new_nonce(), Ephemeral().public)
+                   + stream.RESPONSE.pack(stream.BUSY, 0))
+    ours.setblocking(False)
+    got = await Fetcher._exchange(race.fetcher, race.rec, race.offer, ours, Route(DIRECT))  # type: ignore[arg-type]
+    theirs.close()
+    assert got == _Busy(RETRY_MS / 1000) and ours.fileno() == -1
+    # In the fetch: the offer is asked for again after the hint, by the same way, which is not failed.
+    race.links.gates[DIRECT] = asyncio.get_running_loop().create_future()
+    race.links.gates[DIRECT].set_result(None)
+    task = race.start()
+    await until(lambda: race.exchange is not None)
+    assert race.exchange is not None
+    first, race.exchange = race.exchange, None
+    first.set_result(_Busy(0.01))
+    await until(lambda: race.exchange is not None)
+    assert race.exchange is not None
+    race.exchange.set_result(GOT)
+    assert await task == GOT
+    assert race.links.started == [DIRECT, DIRECT] and race.udp.asked == []
+    assert race.links.book.current("peer") == Route(DIRECT)
+    assert race.drops == [] and [(r.path, r.ok) for r in race.reports] == [("direct", True)]
+
+
+def test_a_tcp_sender_answering_busy_is_asked_again_and_its_way_kept(tmp_path: Path) -> None:
+    asyncio.run(_a_tcp_sender_answering_busy_is_asked_again_and_its_way_kept(tmp_path))
 
 
 def test_a_way_outpaced_by_udp_leaves_udp_in_the_race_once_udp_failed(tmp_path: Path) -> None:

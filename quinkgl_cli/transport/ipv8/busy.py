@@ -9,7 +9,8 @@ request of the requester's own, one datagram for one, and the bucket bounds even
 
 On the recipient's side a reply counts only while we wait for that sender's answer on that way for that offer
 (`watch`), and only from the key that signed the offer's sender's hellos (the membership's check): anything else
-is refused (``busy-refused``) and changes nothing. An accepted one ends that way's attempt at once
+is refused (``busy-refused``) and changes nothing (a reply to a repeated request, for an attempt a first reply
+ended lately, is dropped quietly). An accepted one ends that way's attempt at once
 (`SenderBusy`), logged as ``fetch-busy``, without the way being remembered as failed: it worked, the sender was
 busy. The hint is clamped to ``MIN_RETRY``-``MAX_RETRY`` seconds, and the fetcher asks again at most
 ``MAX_RETRIES`` times per offer within its life (`fetcher.Fetcher`): a peer answering busy to everything costs us a
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -41,6 +43,7 @@ MAX_RETRY = 5.0  # nor make an offer wait past this at a time
 MAX_RETRIES = 3  # busy replies an offer is asked again after; the next one ends its fetch
 REPLIES_PER_SECOND = 1.0
 REPLY_BURST = 3
+ENDED_KEPT = 64  # attempts remembered once ended, so that a late reply to a repeated request is no refusal
 T = TypeVar("T")
 
 
@@ -61,6 +64,7 @@ class BusyReplies:
         self._rate = RateLimit(REPLIES_PER_SECOND, REPLY_BURST)
         # (offer id, way) -> (the sender's node id, its key, told when it says busy) while we wait for its answer
         self._waiting: dict[tuple[bytes, str], tuple[str, bytes, asyncio.Future[float]]] = {}
+        self._ended: OrderedDict[tuple[bytes, str], None] = OrderedDict()  # attempts that ended lately
         self.sent = 0
 
     # -- sender side -----------------------------------------------------------------------------------------
@@ -89,11 +93,18 @@ class BusyReplies:
                 del self._waiting[key]
             if not told.done():
                 told.cancel()
+            self._ended[key] = None
+            self._ended.move_to_end(key)
+            while len(self._ended) > ENDED_KEPT:
+                self._ended.popitem(last=False)
 
     def on_busy(self, rec: PeerRecord, p: BusyPayload) -> None:
         """A signed busy reply from ``rec`` (its freshness already checked): end the way's attempt if it holds."""
-        waiting = self._waiting.get((p.offer_id, p.path))
-        if p.swarm_id != self.settings.swarm_id or waiting is None or waiting[2].done():
+        key = (p.offer_id, p.path)
+        waiting = self._waiting.get(key)
+        if waiting is None and key in self._ended or waiting is not None and waiting[2].done():
+            return  # a repeated request's reply, after the first ended the attempt: dropped without a word
+        if p.swarm_id != self.settings.swarm_id or waiting is None:
             self.drops("busy-refused", rec.node_id, "unknown_offer")
             return
         node_id, key, told = waiting

@@ -320,8 +320,11 @@ class Fetcher:
         self.report(TransferDone("receive", rec.node_id, p.round, p.size, last.seconds, path_name(last.route.path), last.ok))
         return last.got if isinstance(last.got, tuple) else None
 
-    async def _exchange(self, rec: PeerRecord, p: OfferPayload, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | _Failure:
-        """The fetch exchange on a connection to the sender (or to a relay joined to it); it closes ``sock``."""
+    async def _exchange(self, rec: PeerRecord, p: OfferPayload, sock: socket.socket,
+                        route: Route) -> tuple[bytearray, bytes] | _Failure | _Busy:
+        """The fetch exchange on a connection to the sender (or to a relay joined to it); it closes ``sock``. A
+        sender that answers BUSY (its serve slots full, or the offer on its way by another of our ways) is asked
+        again like one that sent a busy reply (`busy`): the way works."""
         s = self.settings
         loop = asyncio.get_running_loop()
         # An overall budget besides the idle timeouts: a sender that trickles bytes must not hold a slot forever.
@@ -341,6 +344,10 @@ class Fetcher:
                 await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, p.offer_id, ephemeral.public,
                                                                        len(signature)) + signature)
                 status, size = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, s.fetch_timeout))
+                if status == stream.BUSY:
+                    emit(log, logging.INFO, "fetch-busy", context={"node": s.node_id}, peer=rec.node_id, path=path,
+                         retry_ms=busy.RETRY_MS)
+                    return _Busy(busy.RETRY_MS / 1000)
                 if status != stream.OK:
                     raise stream.FetchError(f"refused_{stream.STATUS_REASONS.get(status, 'unknown')}")
                 if size != p.size:
