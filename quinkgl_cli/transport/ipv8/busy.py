@@ -100,15 +100,15 @@ class BusyReplies:
 
     def on_busy(self, rec: PeerRecord, p: BusyPayload) -> None:
         """A signed busy reply from ``rec`` (its freshness already checked): end the way's attempt if it holds."""
-        key = (p.offer_id, p.path)
-        waiting = self._waiting.get(key)
-        if waiting is None and key in self._ended or waiting is not None and waiting[2].done():
+        attempt = (p.offer_id, p.path)
+        waiting = self._waiting.get(attempt)
+        if waiting is None and attempt in self._ended or waiting is not None and waiting[2].done():
             return  # a repeated request's reply, after the first ended the attempt: dropped without a word
         if p.swarm_id != self.settings.swarm_id or waiting is None:
             self.drops("busy-refused", rec.node_id, "unknown_offer")
             return
-        node_id, key, told = waiting
-        if rec.node_id != node_id or rec.key_bin != key:
+        node_id, key_bin, told = waiting
+        if rec.node_id != node_id or rec.key_bin != key_bin:
             self.drops("busy-refused", rec.node_id, "not_sender")
             return
         retry = min(MAX_RETRY, max(MIN_RETRY, p.retry_ms / 1000))
