@@ -306,8 +306,7 @@ class Fetcher:
                 outcomes: list[_Outcome]) -> tuple[bytearray, bytes] | _Outcome | None:
         """Remember and report what the race came to: the way that delivered, or else each way that failed (the
         last one reported as the transfer). A way that lost to another is neither remembered nor logged; nor is one
-        the sender said it was busy on (it works): when there is one, it is returned for the offer to be asked
-        for again, and nothing is reported yet."""
+        the sender said it was busy on (it works): that one is returned, for the offer to be asked for again."""
         busy = [o for o in outcomes if isinstance(o.got, _Busy)]
         for outcome in outcomes:
             if isinstance(outcome.got, _Failure):
@@ -320,11 +319,9 @@ class Fetcher:
         self.report(TransferDone("receive", rec.node_id, p.round, p.size, last.seconds, path_name(last.route.path), last.ok))
         return last.got if isinstance(last.got, tuple) else None
 
-    async def _exchange(self, rec: PeerRecord, p: OfferPayload, sock: socket.socket,
-                        route: Route) -> tuple[bytearray, bytes] | _Failure | _Busy:
-        """The fetch exchange on a connection to the sender (or to a relay joined to it); it closes ``sock``. A
-        sender that answers BUSY (its serve slots full, or the offer on its way by another of our ways) is asked
-        again like one that sent a busy reply (`busy`): the way works."""
+    async def _exchange(self, rec: PeerRecord, p: OfferPayload, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | _Failure | _Busy:
+        """The fetch exchange on a connection to the sender (or to a relay joined to it); it closes ``sock``. BUSY
+        (its serve slots full, or the offer on its way by another of our ways) counts as a busy reply (`busy`)."""
         s = self.settings
         loop = asyncio.get_running_loop()
         # An overall budget besides the idle timeouts: a sender that trickles bytes must not hold a slot forever.
