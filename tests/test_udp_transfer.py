@@ -20,6 +20,7 @@ import pytest
 from quinkgl_cli.transport.base import TransferDone, TransportStats
 from quinkgl_cli.transport.common import DropLog
 from quinkgl_cli.transport.ipv8 import stream, udpwire
+from quinkgl_cli.transport.ipv8.busy import RETRY_MS, BusyReplies, SenderBusy
 from quinkgl_cli.transport.ipv8.channel import Ephemeral
 from quinkgl_cli.transport.ipv8.outbox import Outbox, Outgoing
 from quinkgl_cli.transport.ipv8.payloads import OfferPayload, UdpPullPayload
@@ -122,9 +123,10 @@ class End:
         self.table = PeerTable(8)
         drops = DropLog(self.stats, name, log)
         self.outbox = Outbox(self.settings, self.table, self.courier, drops, 0)  # type: ignore[arg-type]
+        self.busy = BusyReplies(self.settings, self.courier, drops)  # type: ignore[arg-type]
         self.way = UdpWay(self.settings, CID, self.courier, self.outbox, net.wire(address),  # type: ignore[arg-type]
                           TaskRegistry(asyncio.get_running_loop(), name), drops, self.stats, lambda k: False,
-                          self.reports.append)
+                          self.reports.append, self.busy)
         self.foreign = 0  # datagrams that were neither a chunk of ours nor a control datagram
         net.handlers[address] = self.receive
 
@@ -393,6 +395,27 @@ def test_a_pull_is_served_only_for_our_offer_to_its_signer_directly_and_within_b
             o = _offer(a, rec_b, b"y" * 10_000)
             a.way.on_pull(rec_b, UdpPullPayload("swarm", 1, 1, o.offer_id, i, Ephemeral().public))
         assert len(a.way.sending) == SENDS and a.stats.dropped == 4  # one too many: busy
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+    asyncio.run(run())
+
+
+def test_a_sender_with_every_send_taken_answers_busy_and_the_recipient_stops_asking_at_once(tmp_path: Path) -> None:
+    async def run() -> None:
+        net = Net()
+        a, b, rec_a, rec_b = _pair(net, tmp_path, connect_timeout=30.0)  # silence would hold b far past the deadline
+        a.courier.deliver = lambda p: b.busy.on_busy(rec_a, p)
+        rec_c = _record("c", STRANGER)
+        for i in range(SENDS):  # every send taken by transfers to c, which never answers
+            o = _offer(a, rec_c, b"y" * 10_000)
+            a.way.on_pull(rec_c, UdpPullPayload("swarm", 1, 1, o.offer_id, i, Ephemeral().public))
+        assert len(a.way.sending) == SENDS
+        offer = _offer(a, rec_b, b"x" * 10_000)
+        with pytest.raises(SenderBusy) as busy:
+            await asyncio.wait_for(b.way.fetch(rec_a, offer), 5)
+        assert busy.value.retry == RETRY_MS / 1000 and b.courier.pulls == 1
+        assert a.busy.sent == 1 and not a.outbox.offers[offer.offer_id].serving  # still there to be asked again
+        assert b.way.receiver.active == {}
         for task in asyncio.all_tasks() - {asyncio.current_task()}:
             task.cancel()
     asyncio.run(run())

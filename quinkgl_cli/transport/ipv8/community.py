@@ -21,6 +21,7 @@ from ipv8.messaging.payload_headers import BinMemberAuthenticationPayload
 
 from quinkgl_cli.manifest import swarmkey
 from quinkgl_cli.transport.ipv8.payloads import (
+    BusyPayload,
     ByePayload,
     ControlPayload,
     DeclinePayload,
@@ -41,7 +42,8 @@ COMMUNITY_ID_BYTES = 20
 # The messages a relay may bring us from another peer (`forward`): never a relayed message again (no chains), a
 # roster, or IPv8's own introductions and punctures (those are about direct ways only).
 RELAYABLE = frozenset(cls.msg_id for cls in (HelloPayload, OfferPayload, ControlPayload, ByePayload, DeclinePayload,
-                                             RevocationPayload, ServicesPayload, PathRequestPayload))
+                                             RevocationPayload, ServicesPayload, PathRequestPayload,
+                                             BusyPayload))
 
 
 def community_id_for(swarm_key: bytes) -> bytes:
@@ -90,6 +92,8 @@ class CommunityHandlers(Protocol):
 
     def on_udp_pull(self, key: bytes, source: tuple[str, int], payload: UdpPullPayload) -> None: ...
 
+    def on_busy(self, key: bytes, source: tuple[str, int], payload: BusyPayload) -> None: ...
+
 
 class SwarmSettings(CommunitySettings):
     handlers: CommunityHandlers
@@ -122,6 +126,7 @@ class SwarmCommunity(Community):
         self.add_message_handler(ForwardedPayload, self._on_forwarded)
         self.add_message_handler(RosterPayload, self._on_roster)
         self.add_message_handler(UdpPullPayload, self._on_udp_pull)
+        self.add_message_handler(BusyPayload, self._on_busy)
 
     # -- keep IPv8 away from the host's LAN addresses: it looks them up (a DNS query for the host name, a UDP socket
     # towards a TEST-NET address) and peers would send to them; LAN discovery is ours (`lan`), by beacon sources ----
@@ -248,6 +253,10 @@ class SwarmCommunity(Community):
     def _on_udp_pull(self, source: Any, data: bytes) -> None:
         key, payload = self._unpack_signed(UdpPullPayload, data)
         self.handlers.on_udp_pull(key, _addr(source), payload)
+
+    def _on_busy(self, source: Any, data: bytes) -> None:
+        key, payload = self._unpack_signed(BusyPayload, data)
+        self.handlers.on_busy(key, _addr(source), payload)
 
     def _unpack_signed(self, cls: Any, data: bytes) -> tuple[bytes, Any]:
         key, body = self._verified(data)

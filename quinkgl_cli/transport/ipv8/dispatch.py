@@ -20,6 +20,7 @@ from quinkgl_cli.transport.ipv8.links import Links
 from quinkgl_cli.transport.ipv8.membership import Membership
 from quinkgl_cli.transport.ipv8.outbox import Outbox
 from quinkgl_cli.transport.ipv8.payloads import (
+    BusyPayload,
     ByePayload,
     ControlPayload,
     DeclinePayload,
@@ -155,6 +156,12 @@ class Dispatch:
         rec = r.membership.fresh(key, source, payload.session, payload.counter, "pull-refused") if r is not None else None
         if r is not None and rec is not None:
             r.udp.on_pull(rec, payload)
+
+    def on_busy(self, key: bytes, source: tuple[str, int], payload: BusyPayload) -> None:
+        r = self._routes
+        rec = r.membership.fresh(key, source, payload.session, payload.counter, "busy-refused") if r is not None else None
+        if r is not None and rec is not None:
+            r.links.busy.on_busy(rec, payload)
 
     def on_relayed(self, key: bytes, source: tuple[str, int], p: RelayedPayload) -> None:
         r = self._routes

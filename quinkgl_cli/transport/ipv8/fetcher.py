@@ -7,7 +7,8 @@ declined), a sender has one download running at a time, and a download that stop
 (`stream.Progress`). A model reaches the node only when its bytes match the size and sha256 of the offer its
 sender signed; its bytes travel encrypted (`channel`). When the sender's datagrams reach us directly, the UDP way
 (`udpway`) joins the race of the TCP ways once they all had their start and none connected (`Fetcher._race`);
-once it worked, it is tried first for that sender.
+once it worked, it is tried first for that sender. A sender that answers a way busy (`busy`) is asked for the offer
+again after its hint, a bounded number of times, holding no fetch slot meanwhile.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from ipv8.keyvault.crypto import default_eccrypto
 from quinkgl_cli.events import emit
 from quinkgl_cli.transport.base import ModelReceived, TransferDone, TransportStats
 from quinkgl_cli.transport.common import MAX_ENCODING, MAX_META_BYTES, DropLog, OfferBook, decode_body, digest
-from quinkgl_cli.transport.ipv8 import channel, stream
+from quinkgl_cli.transport.ipv8 import busy, channel, stream
+from quinkgl_cli.transport.ipv8.busy import SenderBusy
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
 from quinkgl_cli.transport.ipv8.links import STAGGER, Links, RouteFailed
@@ -35,33 +37,13 @@ from quinkgl_cli.transport.ipv8.outbox import HASH_IN_THREAD
 from quinkgl_cli.transport.ipv8.paths import RELAY, UDP, Route, path_name
 from quinkgl_cli.transport.ipv8.payloads import DeclinePayload, OfferPayload
 from quinkgl_cli.transport.ipv8.peers import PeerRecord
+from quinkgl_cli.transport.ipv8.ratelimit import RateLimit
 from quinkgl_cli.transport.ipv8.runtime import NodeEvents, TaskRegistry
 from quinkgl_cli.transport.ipv8.server import close_socket
 from quinkgl_cli.transport.ipv8.settings import TransportSettings
 from quinkgl_cli.transport.ipv8.udpway import UdpWay
 
 log = logging.getLogger("quinkgl.transport")
-
-
-class RateLimit:
-    """A token bucket per sender: ``burst`` offers at once, then ``rate`` a second."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._buckets: dict[str, tuple[float, float]] = {}  # sender -> (tokens, when counted)
-
-    def allow(self, sender: str, now: float) -> bool:
-        tokens, then = self._buckets.get(sender, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - then) * self.rate)
-        if tokens < 1.0:
-            self._buckets[sender] = (tokens, now)
-            return False
-        self._buckets[sender] = (tokens - 1.0, now)
-        return True
-
-    def forget(self, sender: str) -> None:
-        self._buckets.pop(sender, None)
 
 
 @dataclass(frozen=True)
@@ -73,14 +55,26 @@ class _Failure:
 
 
 @dataclass(frozen=True)
+class _Busy:
+    """The sender said it was too busy to serve the offer by that way: ask again in ``retry`` seconds."""
+
+    retry: float
+
+
+@dataclass(frozen=True)
 class _Outcome:
     route: Route
-    got: tuple[bytearray, bytes] | _Failure
+    got: tuple[bytearray, bytes] | _Failure | _Busy
     seconds: float
 
     @property
     def ok(self) -> bool:
-        return not isinstance(self.got, _Failure)
+        return isinstance(self.got, tuple)
+
+    @property
+    def retry(self) -> float:
+        """Seconds the sender asked us to wait before asking again (busy), else 0."""
+        return self.got.retry if isinstance(self.got, _Busy) else 0.0
 
 
 class Fetcher:
@@ -174,7 +168,7 @@ class Fetcher:
     async def fetch(self, rec: PeerRecord, p: OfferPayload, meta: dict[str, Any]) -> None:
         """Download an accepted offer when the sender's turn and a slot come up; hand the model to the node."""
         try:
-            got = await self._fetch_in_turn(rec, p)
+            got = await self._fetch_in_turn(rec, p, time.monotonic() + self.settings.offer_ttl)
         finally:
             left = self.queued.get(rec.node_id, 1) - 1
             if left > 0:
@@ -198,17 +192,33 @@ class Fetcher:
                                         encoding=p.encoding, meta=meta, received_at=time.monotonic(),
                                         digest=bytes(p.digest)))
 
-    async def _fetch_in_turn(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | None:
+    async def _fetch_in_turn(self, rec: PeerRecord, p: OfferPayload, expires: float) -> tuple[bytearray, bytes] | None:
+        """The offer's bytes, downloaded in the sender's turn; asked for again, after the sender's hint, each time it
+        says it is busy (`busy`), ``busy.MAX_RETRIES`` times at most and not past ``expires`` (the offer's life)."""
         host = rec.address[0]
         if not self.guard.allows(host):
             self.guard.refuse(host, "tcp")
             return None
-        # One download per sender at a time, its turn taken before a slot: a slow sender holds one slot at most.
-        async with self._turns.setdefault(rec.node_id, asyncio.Lock()), self.slots:
-            return await self._download(rec, p)
+        # One download per sender at a time, its turn taken before a slot: a slow sender holds one slot at most (and
+        # none while we wait to ask a busy one again).
+        async with self._turns.setdefault(rec.node_id, asyncio.Lock()):
+            asked = 0
+            while True:
+                async with self.slots:
+                    got = await self._download(rec, p)
+                if not isinstance(got, _Outcome):
+                    return got
+                asked += 1
+                if asked > busy.MAX_RETRIES or time.monotonic() + got.retry >= expires:
+                    self.drops("fetch-failed", rec.node_id, "sender_busy", offer_round=p.round, asked=asked)
+                    self.report(TransferDone("receive", rec.node_id, p.round, p.size, got.seconds,
+                                             path_name(got.route.path), False))
+                    return None
+                await asyncio.sleep(got.retry)
 
-    async def _download(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | None:
-        """The offered bytes and their sha256, or None with the failure reported. The TCP routes to the sender are
+    async def _download(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | _Outcome | None:
+        """The offered bytes and their sha256, or None with the failure reported, or the way the sender said it was
+        busy on when no way delivered (nothing reported: it is asked again). The TCP routes to the sender are
         raced in `links`' order (`Links.connect_any`); UDP, when possible, joins the race ``STAGGER`` seconds after
         the last TCP route could have started, or at once when they all failed (`_race`); UDP alone when it is
         the way that worked last. A transfer that fails once connected (or once UDP was tried) is not tried again."""
@@ -230,7 +240,8 @@ class Fetcher:
             return None
 
     async def _race(self, rec: PeerRecord, p: OfferPayload, streams: list[Route], udp: bool) -> list[_Outcome]:
-        """What the ways that ran came to: the one that delivered, alone, or else each one that failed; RouteFailed
+        """What the ways that ran came to: the one that delivered, alone, or else each one that failed or that the
+        sender said it was busy on (`busy.SenderBusy`, as soon as it said so: the others run on); RouteFailed
         when no TCP route connected and UDP was not to be tried. A TCP route that connects before UDP starts has
         the transfer to itself. Once UDP started, a TCP route that connects later runs beside it: the sender serves
         an offer once, by whichever request reaches it first, and refuses the other (`server`, `udpway`); the first
@@ -253,6 +264,9 @@ class Fetcher:
                     exc = task.exception()
                     if isinstance(exc, RouteFailed):
                         failed = exc
+                        continue
+                    if isinstance(exc, SenderBusy):
+                        outcomes.append(_Outcome(Route(exc.path), _Busy(exc.retry), 0.0))
                         continue
                     if exc is not None:
                         raise exc
@@ -285,20 +299,29 @@ class Fetcher:
             return _Outcome(Route(UDP), await self.udp.fetch(rec, p), time.monotonic() - started)
         except stream.FetchError as exc:
             return _Outcome(Route(UDP), _Failure(exc.reason, {"path": UDP}), time.monotonic() - started)
+        except SenderBusy as exc:
+            return _Outcome(Route(UDP), _Busy(exc.retry), time.monotonic() - started)
 
-    def _settle(self, rec: PeerRecord, p: OfferPayload, outcomes: list[_Outcome]) -> tuple[bytearray, bytes] | None:
+    def _settle(self, rec: PeerRecord, p: OfferPayload,
+                outcomes: list[_Outcome]) -> tuple[bytearray, bytes] | _Outcome | None:
         """Remember and report what the race came to: the way that delivered, or else each way that failed (the
-        last one reported as the transfer). A way that lost to another is neither remembered nor logged."""
+        last one reported as the transfer). A way that lost to another is neither remembered nor logged; nor is one
+        the sender said it was busy on (it works): that one is returned, for the offer to be asked for again."""
+        busy = [o for o in outcomes if isinstance(o.got, _Busy)]
         for outcome in outcomes:
             if isinstance(outcome.got, _Failure):
                 self.drops("fetch-failed", rec.node_id, outcome.got.reason, offer_round=p.round, **outcome.got.fields)
-            self.links.done(rec, outcome.route, outcome.ok, p.size, outcome.seconds)
+            if not isinstance(outcome.got, _Busy):
+                self.links.done(rec, outcome.route, outcome.ok, p.size, outcome.seconds)
+        if busy:
+            return max(busy, key=lambda o: o.retry)
         last = outcomes[-1]
         self.report(TransferDone("receive", rec.node_id, p.round, p.size, last.seconds, path_name(last.route.path), last.ok))
-        return None if isinstance(last.got, _Failure) else last.got
+        return last.got if isinstance(last.got, tuple) else None
 
-    async def _exchange(self, rec: PeerRecord, p: OfferPayload, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | _Failure:
-        """The fetch exchange on a connection to the sender (or to a relay joined to it); it closes ``sock``."""
+    async def _exchange(self, rec: PeerRecord, p: OfferPayload, sock: socket.socket, route: Route) -> tuple[bytearray, bytes] | _Failure | _Busy:
+        """The fetch exchange on a connection to the sender (or to a relay joined to it); it closes ``sock``. BUSY
+        (its serve slots full, or the offer on its way by another of our ways) counts as a busy reply (`busy`)."""
         s = self.settings
         loop = asyncio.get_running_loop()
         # An overall budget besides the idle timeouts: a sender that trickles bytes must not hold a slot forever.
@@ -318,6 +341,10 @@ class Fetcher:
                 await loop.sock_sendall(sock, stream.REQUEST_HEAD.pack(stream.REQUEST_MAGIC, p.offer_id, ephemeral.public,
                                                                        len(signature)) + signature)
                 status, size = stream.RESPONSE.unpack(await stream.recv_exact(loop, sock, stream.RESPONSE.size, s.fetch_timeout))
+                if status == stream.BUSY:
+                    emit(log, logging.INFO, "fetch-busy", context={"node": s.node_id}, peer=rec.node_id, path=path,
+                         retry_ms=busy.RETRY_MS)
+                    return _Busy(busy.RETRY_MS / 1000)
                 if status != stream.OK:
                     raise stream.FetchError(f"refused_{stream.STATUS_REASONS.get(status, 'unknown')}")
                 if size != p.size:

@@ -30,9 +30,9 @@ from quinkgl_cli import validation
 from quinkgl_cli.transport.common import MAX_MESSAGE_BYTES, DropLog
 from quinkgl_cli.transport.ipv8.community import signer
 from quinkgl_cli.transport.ipv8.courier import Courier
-from quinkgl_cli.transport.ipv8.fetcher import RateLimit
 from quinkgl_cli.transport.ipv8.payloads import ForwardedPayload, RelayedPayload, RosterPayload
 from quinkgl_cli.transport.ipv8.peers import ALIAS_MARK, PeerRecord, PeerTable
+from quinkgl_cli.transport.ipv8.ratelimit import RateLimit
 from quinkgl_cli.transport.ipv8.services import Services
 from quinkgl_cli.transport.ipv8.settings import TransportSettings
 

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 
 from quinkgl_cli.transport.common import DropLog
-from quinkgl_cli.transport.ipv8.fetcher import RateLimit
 from quinkgl_cli.transport.ipv8.peers import PeerTable
+from quinkgl_cli.transport.ipv8.ratelimit import RateLimit
 from quinkgl_cli.transport.ipv8.settings import Limits
 
 SHED_ABOVE = 0.25  # of the receive buffer: a quarter is already thousands of datagrams waiting

@@ -4,7 +4,7 @@ Owns, on the recipient's side, the opening of a connection by a `paths.Route` (d
 way, ``udp``, is no connection: `udpway` runs it, raced against these by `fetcher`), the
 reverse connections it waits for, and the choice of routes (`paths.PathBook`); on the sender's side, the
 connections it makes out when a recipient asks (`PathRequestPayload`): to the recipient's TCP port (reverse) or to
-a relay. The fetch exchange then runs over the connection unchanged (`fetcher`, `server.serve`), so every way
+a relay, or, its serve slots all pushing, a busy reply (`busy`). The fetch exchange then runs over the connection unchanged (`fetcher`, `server.serve`), so every way
 carries the same checks. A sender connects only where the request's signer is (its own address) or to a relay
 among its own peers: a request cannot point it at anyone else; a peer met through a relay (`forward`), whose
 address only the relay vouches for, gets no reverse connection.
@@ -21,6 +21,7 @@ from typing import Any
 from quinkgl_cli.events import emit
 from quinkgl_cli.transport.common import DropLog
 from quinkgl_cli.transport.ipv8 import stream
+from quinkgl_cli.transport.ipv8.busy import BusyReplies, SenderBusy
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.endpoint import DestinationGuard
 from quinkgl_cli.transport.ipv8.outbox import Outbox
@@ -63,8 +64,10 @@ class RouteFailed(Exception):
 
 class Links:
     def __init__(self, settings: TransportSettings, courier: Courier, services: Services, relay: Relay, outbox: Outbox,
-                 server: FetchServer, guard: DestinationGuard, tasks: TaskRegistry, drops: DropLog, probes: Probes) -> None:
+                 server: FetchServer, guard: DestinationGuard, tasks: TaskRegistry, drops: DropLog, probes: Probes,
+                 busy: BusyReplies) -> None:
         self.settings = settings
+        self.busy = busy
         self.probes = probes
         self.courier = courier
         self.services = services
@@ -92,10 +95,12 @@ class Links:
     async def connect_any(self, rec: PeerRecord, p: OfferPayload, routes: list[Route]) -> tuple[socket.socket, Route]:
         """The first of ``routes`` to connect, each started ``STAGGER`` seconds after the one before unless that
         one failed sooner (a NAT drops a direct attempt silently: waiting out its timeout would cost every first
-        transfer seconds). The losers are cancelled and closed; RouteFailed (the last reason) if none connects."""
+        transfer seconds). The losers are cancelled and closed; when none connects, SenderBusy if the sender said it
+        was busy on one of them, else RouteFailed (the last reason)."""
         waiting = list(routes)
         racing: dict[asyncio.Task[socket.socket], Route] = {}
         reason = "no_path"
+        busy: SenderBusy | None = None
         try:
             while waiting or racing:
                 if waiting:
@@ -108,11 +113,21 @@ class Links:
                     exc = task.exception()
                     if exc is None:
                         return task.result(), route
+                    if isinstance(exc, SenderBusy):
+                        busy = exc  # the way works: not remembered as failed
+                        continue
                     if not isinstance(exc, RouteFailed):
                         raise exc
                     reason = exc.reason
                     self.failed(rec, route, exc.reason)
-            raise RouteFailed(reason)
+            raise busy or RouteFailed(reason)
+        except asyncio.CancelledError:
+            # Called off while these still tried to connect: another way (UDP) delivered first, so they did not
+            # connect in all the time it took. Not proven, they must not pass for fresh: were that way to fail next
+            # time, they alone would be tried and it left out for its retry wait (`PathBook.routes`).
+            for route in racing.values():
+                self.failed(rec, route, "outpaced")
+            raise
         finally:
             for task in racing:
                 task.cancel()
@@ -175,18 +190,22 @@ class Links:
     async def _asking(self, rec: PeerRecord, offer_id: bytes, path: str, relay: str, tcp_port: int,
                       answered: asyncio.Future[Any]) -> None:
         """Send the path request, again every ``ASK_EVERY`` seconds (a datagram may be lost), until ``answered``
-        (the sender's connection came, or its bytes reached the relay) or ``connect_timeout`` passed."""
+        (the sender's connection came, or its bytes reached the relay), the sender says it is busy (`SenderBusy`) or
+        ``connect_timeout`` passed."""
         deadline = time.monotonic() + self.settings.connect_timeout
         try:
-            while True:
-                self.courier.send(rec.address, PathRequestPayload(self.settings.swarm_id, *self.courier.stamp(), offer_id,
-                                                                  path, relay, tcp_port))
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RouteFailed("sender_silent")
-                done, _ = await asyncio.wait([answered], timeout=min(ASK_EVERY, left))
-                if done:
-                    return
+            with self.busy.watch(rec, offer_id, path) as told:
+                while True:
+                    self.courier.send(rec.address, PathRequestPayload(self.settings.swarm_id, *self.courier.stamp(),
+                                                                      offer_id, path, relay, tcp_port))
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise RouteFailed("sender_silent")
+                    await asyncio.wait([answered, told], timeout=min(ASK_EVERY, left), return_when=asyncio.FIRST_COMPLETED)
+                    if answered.done():
+                        return
+                    if told.done():
+                        raise SenderBusy(path, told.result())
         finally:
             if not answered.done():
                 answered.cancel()
@@ -220,6 +239,7 @@ class Links:
 
     def forget(self, node_id: str) -> None:
         self.book.forget(node_id)
+        self.busy.forget(node_id)
 
     # -- sender side ---------------------------------------------------------------------------------------------
     def on_path_request(self, rec: PeerRecord, p: PathRequestPayload) -> None:
@@ -229,8 +249,11 @@ class Links:
         if p.swarm_id != self.settings.swarm_id or out is None or out.recipient != rec.node_id:
             self.drops("path-refused", rec.node_id, "unknown_offer")
             return
-        if out.serving or p.offer_id in self.pushing or len(self.pushing) >= self.settings.limits.serve_slots:
-            return  # already on its way (a repeated request), or we are busy enough
+        if out.serving or p.offer_id in self.pushing:
+            return  # already on its way (a repeated request)
+        if len(self.pushing) >= self.settings.limits.serve_slots:
+            self.busy.reply(rec, p.offer_id, p.path)
+            return
         if p.path == REVERSE:
             if rec.via is not None:  # its address is only what a relay told us: connect nowhere on its word
                 self.drops("path-refused", rec.node_id, "relayed_peer")

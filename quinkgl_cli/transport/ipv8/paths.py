@@ -6,7 +6,8 @@ connects out to ours: it sits behind a NAT, we do not), ``relay`` (both ends con
 to relay) and, last, ``udp`` (the bytes come over the UDP way we already exchange datagrams on). The way that
 last worked for a sender is tried first next time; a way that failed is skipped for ``retry_after`` seconds
 unless nothing else is left, so a sender whose NAT or firewall changed is found again; ``udp`` for
-``UDP_RETRY_AFTER`` seconds only.
+``UDP_RETRY_AFTER`` seconds only. A way still connecting when another delivered counts as failed
+(`links.Links.connect_any`); a way the sender said it was busy on does not (`busy`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ PathName = Literal["direct", "reverse", "relay", "udp"]
 _NAMES: dict[str, PathName] = {DIRECT: "direct", REVERSE: "reverse", RELAY: "relay", UDP: "udp"}
 MAX_RELAYS_TRIED = 2  # relays tried for one transfer: each failure costs a wait
 # Seconds a failed UDP way waits. It joins a transfer only once the TCP ways had their start (`fetcher`), so trying
-# it again costs them nothing, and its usual failure is a sender busy with its UDP sends, which drops the request
-# without a word (`udpway.SENDS`): over within a transfer's time, not minutes.
+# it again costs them nothing. (A sender busy with its UDP sends says so, `busy`, and its way is not failed; one of
+# an older version drops the request without a word: over within a transfer's time, not minutes.)
 UDP_RETRY_AFTER = 5.0
 
 

@@ -168,3 +168,13 @@ class UdpPullPayload(VariablePayload):
     msg_id = 12
     format_list = ["varlenHutf8", "Q", "Q", "20s", "Q", "32s"]  # the transfer id as a little-endian u64
     names = ["swarm_id", "session", "counter", "offer_id", "transfer_id", "ephemeral"]
+
+
+@vp_compile
+class BusyPayload(VariablePayload):
+    """From the sender of an offer, to the recipient that asked for it by ``path`` (a `UdpPullPayload` or a
+    `PathRequestPayload`): too busy to serve it now, ask again in ``retry_ms`` (`busy`)."""
+
+    msg_id = 13
+    format_list = ["varlenHutf8", "Q", "Q", "20s", "varlenHutf8", "I"]
+    names = ["swarm_id", "session", "counter", "offer_id", "path", "retry_ms"]

@@ -29,6 +29,7 @@ from quinkgl_cli.events import emit
 from quinkgl_cli.transport.admission import Admission, AdmissionSettings
 from quinkgl_cli.transport.base import OutgoingUpdate, PeerInfo, TransportEvents, TransportStats
 from quinkgl_cli.transport.common import PROTOCOL_VERSION, DropLog, RuledTransport
+from quinkgl_cli.transport.ipv8.busy import BusyReplies
 from quinkgl_cli.transport.ipv8.community import LOGGER_NAME, SwarmCommunity, SwarmSettings, community_class
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.dispatch import Dispatch, Routes
@@ -260,8 +261,8 @@ class IPv8Transport(RuledTransport):
         services = Services(s, table, courier, int(endpoint.get_address()[1]))
         relay = Relay(s, table, tasks, drops)
         probes = Probes(s, courier, self.guard, tasks, drops)
-        links = Links(s, courier, services, relay, outbox, server, self.guard, tasks, drops, probes)
-        udp = UdpWay(s, community.community_id, courier, outbox, endpoint, tasks, drops, self.stats, server.revoked, self.report_transfer)
+        links = Links(s, courier, services, relay, outbox, server, self.guard, tasks, drops, probes, BusyReplies(s, courier, drops))
+        udp = UdpWay(s, community.community_id, courier, outbox, endpoint, tasks, drops, self.stats, server.revoked, self.report_transfer, links.busy)
         fetcher = Fetcher(s, key, community.community_id, courier, links, udp, self.guard, pool, tasks, node_events, drops,
                           self.stats, self.report_transfer)
         rejoin = Rejoin(community, table, self.guard)

@@ -4,8 +4,8 @@ Used when no TCP way connects (`links`: direct, reverse, relay) but the peers re
 two peers behind endpoint-independent NATs do once punched, or two peers whose firewalls drop TCP. Owns both ends'
 transfers under way and which one each transfer datagram belongs to (`udpwire`): the recipient's side is
 `udprecv.UdpReceiver`, the sender's the `udpsend.Sending` it runs for each signed `UdpPullPayload` that names one
-of our offers to the peer that signed it. The sender serves at most ``SENDS`` transfers at once and an offer once
-(whichever way takes it first); a peer we reach only through a relay (`forward`) gets none (its datagrams do not
+of our offers to the peer that signed it. The sender serves at most ``SENDS`` transfers at once (a request beyond
+them is answered busy, `busy`) and an offer once (whichever way takes it first); a peer we reach only through a relay (`forward`) gets none (its datagrams do not
 come to us directly). A control datagram from any address but the other end's, for a transfer we do not run, or
 that does not open under its key is refused and counted (``udp-refused``), never acted on, as is a chunk that
 opens under a transfer's key but lies outside its window or size; a datagram from the sender's address that opens
@@ -25,6 +25,7 @@ from quinkgl_cli.events import emit
 from quinkgl_cli.transport.base import TransferDone, TransportStats
 from quinkgl_cli.transport.common import DropLog
 from quinkgl_cli.transport.ipv8 import udpwire
+from quinkgl_cli.transport.ipv8.busy import BusyReplies
 from quinkgl_cli.transport.ipv8.channel import ChannelError, Ephemeral
 from quinkgl_cli.transport.ipv8.courier import Courier
 from quinkgl_cli.transport.ipv8.outbox import Outbox, Outgoing
@@ -44,7 +45,7 @@ SENDS = 4  # transfers we send over UDP at once
 class UdpWay:
     def __init__(self, settings: TransportSettings, community_id: bytes, courier: Courier, outbox: Outbox, wire: Wire,
                  tasks: TaskRegistry, drops: DropLog, stats: TransportStats, revoked: Callable[[bytes], bool],
-                 report: Callable[[TransferDone], None]) -> None:
+                 report: Callable[[TransferDone], None], busy: BusyReplies) -> None:
         self.settings = settings
         self.community_id = community_id
         self.courier = courier
@@ -55,6 +56,7 @@ class UdpWay:
         self.stats = stats
         self.revoked = revoked
         self.report = report
+        self.busy = busy
         limits = settings.limits
         self.receiver = UdpReceiver(wire, limits.stall_window, limits.stall_rate, settings.max_concurrent_fetches)
         self.sending: dict[bytes, Sending] = {}
@@ -98,7 +100,8 @@ class UdpWay:
 
     # -- recipient --------------------------------------------------------------------------------------------
     async def fetch(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes]:
-        """The bytes of ``p`` from ``rec`` over UDP and their sha256; `stream.FetchError` with the reason if not."""
+        """The bytes of ``p`` from ``rec`` over UDP and their sha256; `stream.FetchError` with the reason if not,
+        `busy.SenderBusy` as soon as the sender says it has no room."""
         s = self.settings
 
         def ask(tid: bytes, ephemeral: bytes) -> None:
@@ -106,8 +109,8 @@ class UdpWay:
                                                           int.from_bytes(tid, "little"), ephemeral))
 
         deadline = time.monotonic() + s.connect_timeout + s.fetch_timeout + p.size / s.limits.min_rate
-        return await self.receiver.fetch(rec.address, p.size, self.community_id + p.offer_id, ask, s.connect_timeout,
-                                         deadline)
+        return await self.busy.unless_busy(rec, p.offer_id, UDP, self.receiver.fetch(
+            rec.address, p.size, self.community_id + p.offer_id, ask, s.connect_timeout, deadline))
 
     # -- sender -----------------------------------------------------------------------------------------------
     def on_pull(self, rec: PeerRecord, p: UdpPullPayload) -> None:
@@ -132,6 +135,7 @@ class UdpWay:
             return
         if len(self.sending) >= SENDS:
             self.drops("pull-refused", rec.node_id, "busy")
+            self.busy.reply(rec, p.offer_id, UDP)
             return
         ephemeral = Ephemeral()
         context = self.community_id + p.offer_id + ephemeral.public + p.ephemeral
