@@ -1,11 +1,11 @@
 """Learning under field conditions: the digits swarm in the field driver (`quinkgl_cli.sim.field`), per strategy.
 
     python benchmarks/bench_field.py --size 20 [--seed 1]    # 20 peers x 20 rounds: 5 strategies x 5 conditions
-    python benchmarks/bench_field.py --size 200               # 200 peers x 6 rounds: the defaults x 5 conditions
+    python benchmarks/bench_field.py --size 200               # 200 peers x 20 rounds: the defaults x 5 conditions
     python benchmarks/bench_field.py --size 200 --all-strategies   # ... and the four others too (5x longer)
     python benchmarks/bench_field.py --size 200 --strategies Scaffold,Median   # only these (names as in --aggregation)
 
-Each size and seed is one invocation (10-120 minutes on this project's loaded 2-core machine); all go into one
+Each size and seed is one invocation (4-30 minutes on this project's 2-core machine, by load); all go into one
 file, a run's rows (size, seed, strategy, condition) replaced when it runs again, and the table averages over the
 seeds run. Invocations may run at once: each merges its rows into the file under a lock.
 
@@ -25,9 +25,8 @@ in virtual time with the daemon's round loop for every peer (rounds start every 
 - loss 10%: every model transfer and control message is lost with probability 0.1;
 - stragglers 10x: 10% of the peers (drawn per peer) train ten times slower (10 s a round: a whole interval).
 
-The 200-peer swarm runs 6 rounds (not 20) and, unless ``--all-strategies``, only the defaults, to stay within the
-time the machine gives a benchmark (one 200-peer run takes 2-10 minutes there, by load); its rows compare with its own
-ideal row. Reported: the mean and worst peer's final accuracy (after the final consensus), and the
+The 200-peer swarm runs, unless ``--all-strategies``, only the defaults (one 200-peer run takes 30-60 s on an idle
+core); its rows compare with its own ideal row. Reported: the mean and worst peer's final accuracy (after the final consensus), and the
 final mean's difference from the ideal row of the same strategy and size, in points; also the virtual seconds the
 run took and the messages lost, departures and returns. Writes benchmarks/results/field.json after every run (a
 partial file survives an interrupted run) and prints a markdown table.
@@ -50,7 +49,7 @@ from quinkgl_cli.sim.config import Overrides
 from quinkgl_cli.sim.fieldconf import field_config
 from quinkgl_cli.sim.simulator import SimConfig, simulate
 
-SIZES = {20: 20, 200: 6}  # peers -> rounds
+SIZES = {20: 20, 200: 20}  # peers -> rounds
 # label -> (aggregation, byzantine_f)
 STRATEGIES = {"defaults (FedAvg)": ("FedAvg", 0), "Scaffold": ("Scaffold", 0), "Median (robust)": ("Median", 0),
               "TrimmedMean (robust, f=1)": ("TrimmedMean", 1), "MultiKrum (robust, f=1)": ("MultiKrum", 1)}
