@@ -48,7 +48,7 @@ class Courier:
 
 
 def _record(name: str, key: bytes | None = None) -> PeerRecord:
-    return PeerRecord(name, key or f"key-{name}".encode(), b"m" * 20, ("10.0.0.1", 7000), 7001, 0.0, 1)
+    return PeerRecord(name, key or f"key-{name}".encode(), b"m" * 20, ("127.0.0.1", 7000), 7001, 0.0, 1)
 
 
 def _settings(tmp_path: Path, **limits: Any) -> TransportSettings:
