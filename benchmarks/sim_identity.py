@@ -5,7 +5,8 @@ model each peer holds at the end, for a few small simulations, written as JSON a
     python benchmarks/sim_identity.py --against /tmp/before.json            # on the code after: exit 1 on a difference
 
 Scenarios: 12 peers of the digits MLP on shards:2 and IID, FedAvg and TrimmedMean, 7 rounds (the spectral analysis
-of round 5 included) and the consensus phase; 200 peers IID x 12 rounds with complete views; 200 peers x 12 rounds
+of round 5 included) and the consensus phase; 12 peers on shards:2 with AffinityTopology (which reads the peers'
+fingerprints); 200 peers IID x 12 rounds with complete views; 200 peers x 12 rounds
 with views of at most 32 peers (each node sees a random part of the swarm, as at 10,000 peers). Recorded per peer
 and round: everything the node's round metrics hold (accuracy, loss, bytes, updates, the peers aggregated, the
 spectral numbers) but the wall-clock durations; per peer at the end: the consensus phase's metrics and a SHA-256 of
@@ -28,11 +29,12 @@ from quinkgl_cli.sim.simulator import SimConfig, Simulator
 
 WALL_CLOCK = ("train_time", "eval_time")  # what differs from run to run of the same code
 
-SCENARIOS: dict[str, tuple[str, SimConfig]] = {
+SCENARIOS: dict[str, tuple[str, SimConfig]] = {  # (aggregation, config); AffinityTopology where the name says so
     "12-shards2-fedavg": ("FedAvg", SimConfig(peers=12, rounds=7, partition="shards:2", seed=3)),
     "12-iid-fedavg": ("FedAvg", SimConfig(peers=12, rounds=7, partition="iid", seed=3)),
     "12-shards2-trimmed": ("TrimmedMean", SimConfig(peers=12, rounds=7, partition="shards:2", seed=4)),
     "12-iid-trimmed": ("TrimmedMean", SimConfig(peers=12, rounds=7, partition="iid", seed=4)),
+    "12-shards2-affinity": ("FedAvg", SimConfig(peers=12, rounds=7, partition="shards:2", seed=5)),
     "200-iid-fedavg": ("FedAvg", SimConfig(peers=200, rounds=12, partition="iid", seed=1)),
     "200-iid-views32": ("FedAvg", SimConfig(peers=200, rounds=12, partition="iid", seed=2, max_peers=32)),
 }
@@ -53,7 +55,8 @@ def _model_digest(module: Any) -> str:
 def record(name: str) -> dict[str, Any]:
     aggregation, config = SCENARIOS[name]
     script = digits_script()
-    sim = Simulator(script, digits_manifest(script, aggregation=aggregation), config)
+    topology = "AffinityTopology" if name.endswith("affinity") else "RandomTopology"
+    sim = Simulator(script, digits_manifest(script, aggregation=aggregation, topology=topology), config)
     wall, cpu = time.perf_counter(), time.process_time()
     result = sim.run()
     print(f"{name}: {time.perf_counter() - wall:.1f} s wall, {time.process_time() - cpu:.1f} CPU s", flush=True)
