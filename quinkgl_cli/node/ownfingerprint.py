@@ -1,7 +1,7 @@
 """This peer's own data fingerprint: computed once at start when the manifest allows fingerprints.
 
 Owns nothing mutable: the fingerprint body goes to each discovered peer (AffinityTopology), encoded once for all of
-them (a simulated swarm's build sent it 2.5 million times at 10,000 peers), and its label entropy rides on every
+them (building 10,000 simulated peers encoded 2.5 million fingerprints before), and its label entropy rides on every
 update (EntropyWeightedAvg). The entropy is a statistic of the label buckets, so with
 ``privacy.fingerprint`` false it stays home too and EntropyWeightedAvg weighs this peer by ``fallback_weight``.
 """

@@ -78,7 +78,7 @@ def analyze_adjacency(adjacency: np.ndarray) -> SpectralReport:
     if n <= 1:
         return SpectralReport(n, edges, 0.0, 1.0 if n == 1 else 0.0, 0.0, n == 1)
     if not _reached(a, 0).all():
-        # Both numbers are 0 by definition: no eigendecomposition needed (a split judged by `node.splitwatch`).
+        # Both numbers are 0 by definition: no eigendecomposition (the graphs of a split, `node.splitwatch`).
         return SpectralReport(n, edges, 0.0, 0.0, math.inf, False)
     lap_eigs = np.linalg.eigvalsh(np.diag(a.sum(axis=1)) - a)
     lambda2 = float(max(lap_eigs[1], 0.0))
