@@ -3,6 +3,7 @@ consensus phase, one point per process.
 
     python benchmarks/bench_sim_phases.py                        # 1,000 peers x 3 rounds
     python benchmarks/bench_sim_phases.py --peers 3000 --rounds 3
+    python benchmarks/bench_sim_phases.py --peers 1000 --rounds 20 --out benchmarks/results/x.json
 
 The workload of `bench_scale.py`'s large points: the digits MLP on digits' training set repeated 7 times
 (`scripts/digits_tiled.py`), IID split, seed 1, the default manifest (4 local epochs, one exchange a round, the
@@ -10,8 +11,10 @@ The workload of `bench_scale.py`'s large points: the digits MLP on digits' train
 tenants of a shared machine inflate them less than wall time (they still do, through shared caches and cores): each
 point records the load average beside them, and comparisons of two versions of the code should run side by side.
 ``per_round_s`` is the rounds' CPU divided by their number; a run of R rounds on N peers costs about
-``build_s + R * per_round_s + consensus_s``, each term linear in N. Writes benchmarks/results/sim_phases.json
-(merged with the points it holds, keyed by peers and rounds) and prints the point.
+``build_s + R * per_round_s + consensus_s``, each term linear in N; ``round_cpu_s`` is each round's own CPU (every
+``spectral_every``-th round, 5 by default, also analyzes each node's observed gossip graph). Writes
+benchmarks/results/sim_phases.json, or ``--out`` (merged with the points it holds, keyed by peers and rounds), and
+prints the point.
 """
 
 from __future__ import annotations
@@ -53,9 +56,11 @@ def measure(peers: int, rounds: int) -> dict[str, Any]:
     result = sim.run()
     end = time.process_time()
     trained = marks[f"train-{rounds}"]
+    ends = [built] + [marks[f"train-{r}"] for r in range(1, rounds + 1)]
     return {
         "peers": peers, "rounds": rounds, "build_s": built - start, "rounds_s": trained - built,
-        "per_round_s": (trained - built) / rounds, "consensus_s": end - trained, "cpu_s": end - start,
+        "per_round_s": (trained - built) / rounds,
+        "round_cpu_s": [round(b - a, 3) for a, b in zip(ends, ends[1:], strict=False)], "consensus_s": end - trained, "cpu_s": end - start,
         "wall_s": time.perf_counter() - wall, "load_average": list(os.getloadavg()),
         "final_mean_accuracy": result.final.mean_accuracy, "commit": _commit(),
         "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
@@ -75,12 +80,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     point = measure(args.peers, args.rounds)
-    kept = json.loads(OUT.read_text())["points"] if OUT.exists() else []
+    out: Path = args.out
+    kept = json.loads(out.read_text())["points"] if out.exists() else []
     rows = [p for p in kept if (p["peers"], p["rounds"]) != (args.peers, args.rounds)] + [point]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"machine": f"{os.cpu_count()} cores", "points": rows}, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": f"{os.cpu_count()} cores", "points": rows}, indent=1) + "\n")
     print(f"peers={point['peers']} rounds={point['rounds']} build_s={point['build_s']:.1f} "
           f"per_round_s={point['per_round_s']:.2f} consensus_s={point['consensus_s']:.1f} cpu_s={point['cpu_s']:.1f} "
           f"wall_s={point['wall_s']:.0f} load={point['load_average'][0]:.1f} "

@@ -363,6 +363,32 @@ def test_fingerprints_reach_affinity_topology_and_entropy_rides_on_updates() -> 
         assert n.encode_update().meta["label_entropy"] == n.label_entropy
 
 
+def test_a_fingerprint_is_encoded_once_for_every_peer_it_goes_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each node encodes its fingerprint body once; every peer still reads the body the node holds."""
+    from quinkgl_cli.strategies.fingerprint import parse_fingerprint
+    from quinkgl_cli.transport import common
+
+    encodings: list[dict[str, Any]] = []
+    encode = common.encode_body
+
+    def counted(body: dict[str, Any], *args: Any, **kwargs: Any) -> bytes:
+        encodings.append(body)
+        return encode(body, *args, **kwargs)
+
+    monkeypatch.setattr(common, "encode_body", counted)
+    net = MemoryNetwork(auto_deliver=False)
+    m = manifest().model_copy(update={"topology": manifest().topology.model_copy(update={"name": "AffinityTopology"})})
+    nodes = [make_node(net, f"p{i}", m, i, seed=i) for i in range(3)]
+    net.deliver_all()
+    assert encodings == [n.fingerprint_body for n in nodes]  # not one a discovered peer (6 discoveries)
+    for n in nodes:
+        assert len(n.topology.fingerprints) == 2
+        for other in nodes:
+            if other is not n:
+                assert other.fingerprint_body is not None
+                assert n.topology.fingerprints[other.node_id] == parse_fingerprint(other.fingerprint_body)
+
+
 def test_fingerprint_noise_is_secret_unless_a_noise_seed_is_set() -> None:
     """The daemon derives config.seed from public ids: the moment noise must not come from it."""
     def moments(noise_seed: int | None) -> str:

@@ -207,9 +207,9 @@ class Node:
     # ----------------------------------------------------------------- transport events
     def on_peer_discovered(self, peer: PeerInfo) -> None:
         self.known_peers[peer.node_id] = peer
-        if self.fingerprint.body is not None:
+        if self.fingerprint.encoded is not None:
             # Also on rediscovery: a peer that restarted has forgotten what we told it.
-            self.transport.send_message(peer.node_id, FINGERPRINT_KIND, dict(self.fingerprint.body))
+            self.transport.send_message(peer.node_id, FINGERPRINT_KIND, self.fingerprint.encoded)
         if peer.node_id in self.recorder.met:
             return
         self.recorder.met.add(peer.node_id)

@@ -20,7 +20,6 @@ import math
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
-import networkx as nx
 import numpy as np
 
 
@@ -61,7 +60,10 @@ def laplacian(adjacency: np.ndarray) -> np.ndarray:
 
 def metropolis_hastings(adjacency: np.ndarray) -> np.ndarray:
     """The Metropolis-Hastings gossip matrix of the (symmetrized) graph."""
-    a = _clean(adjacency)
+    return _metropolis_hastings(_clean(adjacency))
+
+
+def _metropolis_hastings(a: np.ndarray) -> np.ndarray:
     deg = a.sum(axis=1)
     w = a / (1.0 + np.maximum(deg[:, None], deg[None, :]))
     np.fill_diagonal(w, 1.0 - w.sum(axis=1))
@@ -75,31 +77,73 @@ def analyze_adjacency(adjacency: np.ndarray) -> SpectralReport:
     edges = int(a.sum() // 2)
     if n <= 1:
         return SpectralReport(n, edges, 0.0, 1.0 if n == 1 else 0.0, 0.0, n == 1)
-    connected = nx.is_connected(nx.from_numpy_array(a))
+    if not _reached(a, 0).all():
+        # Both numbers are 0 by definition: no eigendecomposition (the graphs of a split, `node.splitwatch`).
+        return SpectralReport(n, edges, 0.0, 0.0, math.inf, False)
     lap_eigs = np.linalg.eigvalsh(np.diag(a.sum(axis=1)) - a)
-    lambda2 = float(max(lap_eigs[1], 0.0)) if connected else 0.0
-    w_eigs = np.sort(np.linalg.eigvalsh(metropolis_hastings(a)))[::-1]
+    lambda2 = float(max(lap_eigs[1], 0.0))
+    w_eigs = np.sort(np.linalg.eigvalsh(_metropolis_hastings(a)))[::-1]
     slem = float(max(abs(w_eigs[1]), abs(w_eigs[-1])))
-    gap = max(0.0, 1.0 - slem) if connected else 0.0
+    gap = max(0.0, 1.0 - slem)
     mixing = math.log(n) / gap if gap > 1e-12 else math.inf
-    return SpectralReport(n, edges, lambda2, gap, mixing, connected)
+    return SpectralReport(n, edges, lambda2, gap, mixing, True)
+
+
+def _reached(a: np.ndarray, start: int) -> np.ndarray:
+    """Which nodes of the symmetric 0/1 adjacency ``a`` a walk from ``start`` reaches (breadth first, a frontier a
+    step: as many steps as the graph's diameter)."""
+    seen = np.zeros(a.shape[0], dtype=bool)
+    seen[start] = True
+    frontier = seen.copy()
+    while frontier.any():
+        frontier = a[frontier].any(axis=0) & ~seen
+        seen |= frontier
+    return seen
+
+
+def _indexed(edges: Iterable[tuple[Hashable, Hashable]],
+             nodes: Iterable[Hashable]) -> tuple[list[Hashable], np.ndarray, np.ndarray]:
+    """The graph's nodes sorted by their text (ties in the order first seen: ``nodes``, then the edges' ends) and
+    its edges as index arrays into them; self-loops dropped, their node with them unless named elsewhere."""
+    index: dict[Hashable, int] = {}
+    for node in nodes:
+        index.setdefault(node, len(index))
+    ends: list[int] = []
+    for u, v in edges:
+        if u != v:
+            ends.append(index.setdefault(u, len(index)))
+            ends.append(index.setdefault(v, len(index)))
+    order = sorted(index, key=str)
+    position = np.empty(len(order), dtype=np.intp)
+    position[[index[node] for node in order]] = np.arange(len(order))
+    pairs = position[np.asarray(ends, dtype=np.intp)].reshape(-1, 2)
+    return order, pairs[:, 0], pairs[:, 1]
+
+
+def _adjacency(edges: Iterable[tuple[Hashable, Hashable]],
+               nodes: Iterable[Hashable]) -> tuple[list[Hashable], np.ndarray]:
+    order, rows, cols = _indexed(edges, nodes)
+    a = np.zeros((len(order), len(order)))
+    a[rows, cols] = 1.0
+    a[cols, rows] = 1.0
+    return order, a
 
 
 def analyze_edges(edges: Iterable[tuple[Hashable, Hashable]], nodes: Iterable[Hashable] = ()) -> SpectralReport:
     """Spectral numbers of the undirected graph of observed (sender, receiver) pairs, plus isolated ``nodes``."""
-    graph = nx.Graph()
-    graph.add_nodes_from(nodes)
-    graph.add_edges_from((u, v) for u, v in edges if u != v)
-    order = sorted(graph.nodes, key=str)
-    return analyze_adjacency(nx.to_numpy_array(graph, nodelist=order) if order else np.zeros((0, 0)))
+    return analyze_adjacency(_adjacency(edges, nodes)[1])
 
 
 def components(edges: Iterable[tuple[Hashable, Hashable]], nodes: Iterable[Hashable] = ()) -> list[set[Hashable]]:
     """The connected components of the undirected graph of ``edges`` plus ``nodes``, largest first."""
-    graph = nx.Graph()
-    graph.add_nodes_from(nodes)
-    graph.add_edges_from((u, v) for u, v in edges if u != v)
-    return sorted((set(c) for c in nx.connected_components(graph)), key=lambda c: (-len(c), sorted(map(str, c))))
+    order, a = _adjacency(edges, nodes)
+    left = np.ones(len(order), dtype=bool)
+    parts: list[set[Hashable]] = []
+    while left.any():
+        part = _reached(a, int(np.argmax(left)))
+        parts.append({order[i] for i in np.flatnonzero(part).tolist()})
+        left &= ~part
+    return sorted(parts, key=lambda c: (-len(c), sorted(map(str, c))))
 
 
 def ring_adjacency(n: int) -> np.ndarray:

@@ -15,6 +15,14 @@ ControlValue = str | int | float | bool | None
 
 
 @dataclass(frozen=True)
+class EncodedBody:
+    """A control body already in its canonical form (`transport.common.encoded`, which checks it as a send does):
+    a body sent unchanged to many peers, a node's fingerprint to every peer it discovers, is encoded once."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
 class PeerInfo:
     node_id: str
     public_key: str  # hex of the peer's transport public key: its identity
@@ -127,7 +135,7 @@ class Transport(ABC):
         return 0
 
     @abstractmethod
-    def send_message(self, peer_id: str, kind: str, body: dict[str, ControlValue]) -> None:
+    def send_message(self, peer_id: str, kind: str, body: dict[str, ControlValue] | EncodedBody) -> None:
         """Send a small signed control message (fingerprints, shuffles, announcements); never blocks."""
 
     @abstractmethod

@@ -16,7 +16,7 @@ from typing import Any
 from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.events import emit
 from quinkgl_cli.jsonsafe import loads_strict
-from quinkgl_cli.transport.base import ControlValue, OutgoingUpdate, Transport, TransportStats
+from quinkgl_cli.transport.base import ControlValue, EncodedBody, OutgoingUpdate, Transport, TransportStats
 
 log = logging.getLogger("quinkgl.transport")
 
@@ -70,6 +70,11 @@ def encode_body(body: dict[str, Any], limit: int = MAX_MESSAGE_BYTES, what: str 
     if len(data) > limit:
         raise NetworkError(f"{what} is {len(data)} bytes, limit {limit}", "send large data as a model update")
     return data
+
+
+def encoded(body: dict[str, Any]) -> EncodedBody:
+    """``body`` encoded once for many sends; raises NetworkError as `encode_body` does."""
+    return EncodedBody(encode_body(dict(body)))
 
 
 def decode_body(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
@@ -182,9 +187,9 @@ class RuledTransport(Transport):
             return
         self._offer(peer_id, update, meta)
 
-    def send_message(self, peer_id: str, kind: str, body: dict[str, ControlValue]) -> None:
+    def send_message(self, peer_id: str, kind: str, body: dict[str, ControlValue] | EncodedBody) -> None:
         check_kind(kind)
-        data = encode_body(dict(body))
+        data = body.data if isinstance(body, EncodedBody) else encode_body(dict(body))
         if self._may_send("message-failed", peer_id):
             self._deliver(peer_id, kind, data)
 
