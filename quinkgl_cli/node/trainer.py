@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quinkgl_cli.batches import batch_parts
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
@@ -366,13 +367,7 @@ def _dataset_size(loader: Any) -> int:
 
 def _split_batch(batch: Any, device: torch.device) -> tuple[Any, Any]:
     """(inputs, targets) of a batch, on the model's device (loaders yield CPU tensors; a script may build a GPU model)."""
-    if isinstance(batch, dict):
-        x, y = batch.get("x", batch.get("input")), batch.get("y", batch.get("target"))
-    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        x, y = batch[0], batch[1]
-    else:
-        raise NodeConfigError(f"a batch must be (inputs, targets), got {type(batch).__name__}",
-                              "make build_loaders return loaders that yield (x, y) pairs")
+    x, y = batch_parts(batch)
     if device.type != "cpu":
         x = x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
         y = y.to(device, non_blocking=True) if isinstance(y, torch.Tensor) else y
