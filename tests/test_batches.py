@@ -96,3 +96,49 @@ def test_simulate_trains_on_dict_batches_or_says_which_keys_it_needs(
     err = capsys.readouterr().err
     if code:
         assert err.startswith("error: a dict batch needs") and "features,y" in err and "Traceback" not in err
+
+
+BROKEN_FORWARD = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.training:
+            x = x.view(7, -1)  # a bug only training meets: the shape check runs in eval mode
+        return self.fc(x)
+
+
+def build_model(manifest, **kwargs):
+    torch.manual_seed(0)
+    return Net()
+
+
+def build_loaders(manifest, **kwargs):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, WIDTH, generator=g), torch.randint(0, 3, (40,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8), None
+'''
+
+
+@pytest.mark.parametrize(("width", "needle"), [
+    (8, "RuntimeError: shape '[7, -1]' is invalid for input of size 64 at broken.py:14"),
+    (5, "(inputs float32 8x5, targets int64 8; the manifest's task takes inputs of 8 per sample)"),
+])
+def test_a_model_failing_on_a_training_batch_is_one_line_naming_the_batch(
+    tmp_path: Path, width: int, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text(BROKEN_FORWARD.replace("WIDTH", str(width)))
+    manifest = _manifest(tmp_path, script)
+    with pytest.raises(SystemExit) as done:
+        main(["simulate", "--manifest", str(manifest), "--script", str(script), "--peers", "2", "--rounds", "1"])
+    err = capsys.readouterr().err
+    assert int(done.value.code or 0) == ExitCode.NODE, err
+    assert err.startswith("error: the model failed on a training batch") and needle in err and "Traceback" not in err
