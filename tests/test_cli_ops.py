@@ -37,13 +37,13 @@ def test_status_without_daemons(state_dir: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_status_table_json_and_watch(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    server = StatusServer(state_dir / "run")
+    server = StatusServer(state_dir / "run", "peer-7")
     server.start()
     try:
         code, out, _ = run_cli(["status", "--state-dir", str(state_dir)], capsys)
-        assert out.splitlines()[1].split()[1:] == ["starting"]  # no snapshot yet
+        assert out.splitlines()[1].split() == ["peer-7", "starting"]  # no snapshot yet, but its node id
         code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "--json"], capsys)
-        assert json.loads(out) == [{"socket": str(server.path), "error": "starting"}]
+        assert json.loads(out) == [{"socket": str(server.path), "error": "starting", "node_id": "peer-7"}]
         server.update(snap(4, dp_epsilon_spent=0.25, round_metrics={"own_accuracy": 0.9375}))
         code, out, _ = run_cli(["status", "--state-dir", str(state_dir)], capsys)
         assert code == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,10 @@ def test_a_robust_rule_told_to_tolerate_no_attacker_says_so(
     assert run_cli(*simulate(manifest, "--attackers", "1:signflip", *extra)) == 0
     err = capsys.readouterr().err
     assert ("tolerates f=0 Byzantine peers, but 1 attack" in err) is warned, err
+
+
+def test_round_and_final_lines_carry_the_validation_loss(manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A regression swarm has no accuracy: the loss is the only learning figure simulate can show for it.
+    assert run_cli(*simulate(manifest)) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("round=", "final "))]
+    assert len(lines) == 2 and all(re.search(r" val_loss=\d+\.\d{4} ", ln) for ln in lines)

@@ -270,6 +270,7 @@ def test_added_field_is_refused(tmp_path: Path) -> None:
     "content, needle",
     [
         (b"{not json", "not valid JSON"),
+        (b'{\n  "name": "trunc', "Unterminated string starting at (line 2, column 11)"),
         (b"[]", "not a JSON object"),
         (b"\xff\xfe{}", "not UTF-8"),
         (b'{"name": "a", "name": "b"}', "duplicate member"),

@@ -225,3 +225,14 @@ def test_example_manifest_verifies_and_fits_the_digits_script() -> None:
     m = trusted.manifest
     assert (m.training, m.compression, m.privacy) == (TrainingSpec(), CompressionSpec(), PrivacySpec())
     assert (m.aggregation.name, m.topology.name, m.topology.params) == ("FedAvg", "RotationTopology", {})
+
+
+def test_an_empty_training_loader_is_refused_and_one_without_a_length_is_not(tmp_path: Path) -> None:
+    empty = load_script(write(tmp_path, GOOD.replace("return [(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))], []",
+                                                     "return [], None"), "empty.py"))
+    with pytest.raises(NodeConfigError, match=r"empty.py returned an empty train_loader \(0 batches\)") as err:
+        empty.build_loaders(None)
+    assert err.value.code == ExitCode.NODE
+    streamed = load_script(write(tmp_path, GOOD.replace("return [(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))], []",
+                                                        "return iter([]), None"), "streamed.py"))
+    assert streamed.build_loaders(None).val is None  # an iterator cannot tell its length: not refused

@@ -28,7 +28,7 @@ def _line(summary: Any) -> str:
     return (
         f"{tag} mean_accuracy={_fmt(summary.mean_accuracy)} min_accuracy={_fmt(summary.min_accuracy)} "
         f"max_accuracy={_fmt(summary.max_accuracy)} own_accuracy={_fmt(summary.mean_own_accuracy)} "
-        f"model_sends={summary.model_sends} bytes_sent={summary.bytes_sent} "
+        f"val_loss={_fmt(summary.mean_val_loss, 4)} model_sends={summary.model_sends} bytes_sent={summary.bytes_sent} "
         f"seconds={summary.seconds:.2f}"
     )
 
@@ -171,7 +171,7 @@ def simulate(
     source = f"after {steps} consensus step{'s' if steps != 1 else ''}" if result.consensus else "after the last round"
     typer.echo(f"final mean_accuracy={_fmt(final.mean_accuracy)} min_accuracy={_fmt(final.min_accuracy)} "
                f"max_accuracy={_fmt(final.max_accuracy)} own_accuracy={_fmt(final.mean_own_accuracy)} "
-               f"min_own_accuracy={_fmt(final.min_own_accuracy)} ({source})")
+               f"min_own_accuracy={_fmt(final.min_own_accuracy)} val_loss={_fmt(final.mean_val_loss, 4)} ({source})")
     if config.mode == "gossip":
         typer.echo(f"setup aggregation={m.aggregation.name} topology={m.topology.name} "
                    f"fanout={_fanout(m)} local_epochs={m.training.local_epochs} "

@@ -52,7 +52,7 @@ def render(replies: list[Reply], now: float) -> str:
         s = reply.snapshot
         if s is None:
             state, note = ("starting", "") if reply.error == "starting" else ("no answer", reply.error or "")
-            rows.append((reply.socket.name, state, note, "", "", "", "", "", "", "", ""))
+            rows.append((reply.node_id or reply.socket.name, state, note, "", "", "", "", "", "", "", ""))
             continue
         age = now - s.updated_at
         agg = s.last_aggregation

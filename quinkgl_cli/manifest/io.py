@@ -102,7 +102,7 @@ def parse_manifest(data: bytes, source: str = "manifest") -> LoadedManifest:
         raw = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise UsageError(
-            f"{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", "a .qgl file is JSON"
+            f"{source} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})", "a .qgl file is JSON"
         ) from exc
     except (ValueError, RecursionError) as exc:
         raise UsageError(f"{source} is not valid JSON: {exc}", "a .qgl file is JSON") from exc

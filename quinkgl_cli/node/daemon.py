@@ -239,7 +239,7 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
     daemon: Daemon | None = None
     observer: Observer | None = None
     try:
-        observer = open_observer(options.ops, options.state_dir)
+        observer = open_observer(options.ops, options.state_dir, options.node_id)
         daemon = Daemon(prepared, context, transport_factory or make_ipv8_transport, observer)
         return asyncio.run(daemon.run())
     except QuinkglError:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
+from quinkgl_cli.batches import batch_parts
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import DpSgdSpec, Manifest
 from quinkgl_cli.strategies.base import Aggregator
@@ -123,8 +124,7 @@ class DpSgdTraining:
 
     def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.collate([self.dataset[int(i)] for i in idx])
-        x, y = ((batch.get("x", batch.get("input")), batch.get("y", batch.get("target"))) if isinstance(batch, dict)
-                else (batch[0], batch[1]))
+        x, y = batch_parts(batch)
         if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
             raise NodeConfigError("DP-SGD needs examples that collate to (inputs, targets) tensors",
                                   "make the training dataset yield (x, y) tensor pairs")

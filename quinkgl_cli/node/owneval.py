@@ -12,11 +12,13 @@ Owns no state: `label_shares` reads the labels once at start, `class_hits` count
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch.utils.data import Subset, TensorDataset
+
+from quinkgl_cli.batches import batch_parts
 
 
 def _dataset_labels(dataset: Any) -> torch.Tensor | None:
@@ -51,7 +53,7 @@ def label_shares(loader: Iterable[Any]) -> dict[int, float] | None:
     if labels is None:
         parts = []
         for batch in loader:
-            y = batch[1] if isinstance(batch, (list, tuple)) and len(batch) >= 2 else None
+            y = batch_parts(batch)[1] if isinstance(batch, (Mapping, list, tuple)) else None
             ids = _class_ids(y) if isinstance(y, torch.Tensor) else None
             if ids is None:
                 return None

@@ -107,6 +107,12 @@ class PeerScript:
                     f"build_loaders in {self.path.name}: {label}_loader is not iterable ({type(loader).__name__})",
                     "return torch DataLoaders or any iterables of (inputs, targets) batches",
                 )
+        if _known_len(loaders.train) == 0:
+            # A peer without training data would run every round, share an untrained model and exit 0.
+            raise NodeConfigError(
+                f"build_loaders in {self.path.name} returned an empty train_loader (0 batches)",
+                "check the data path and --script-arg values the script reads",
+            )
         return loaders
 
     def build_optimizer(self, manifest: Any, model: Any) -> Any:
@@ -131,6 +137,14 @@ class Loaders(NamedTuple):
     train: Any
     val: Any
     own: Any = None
+
+
+def _known_len(loader: Any) -> int | None:
+    """len(loader), or None for a loader that cannot tell (an iterable-style dataset, a generator)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def _shape(result: Any) -> str:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from quinkgl_cli.errors import NodeConfigError
+from quinkgl_cli.batches import batch_failed, batch_parts
+from quinkgl_cli.errors import NodeConfigError, QuinkglError
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
 from quinkgl_cli.node.moments import MomentRules
@@ -96,6 +97,7 @@ class Trainer:
         self.local_epochs = local_epochs
         self.local_steps = local_steps
         self.classification = manifest.task.type in ("classification", "segmentation")
+        self.input_shape = tuple(manifest.task.input_shape)
         self.fresh_optimizer = fresh_optimizer
         # What an aggregation does to the optimizer's state (`node.moments`).
         self.moments = MomentRules()
@@ -178,8 +180,13 @@ class Trainer:
         """The backward pass of one optimizer step on a batch; (outputs, loss). `_NonFiniteLoss` before a non-finite
         loss is stepped on."""
         drop_grads(self.optimizer)
-        out = self.model(x)
-        loss = self.loss_fn(out, y)
+        try:
+            out = self.model(x)
+            loss = self.loss_fn(out, y)
+        except QuinkglError:
+            raise
+        except Exception as exc:  # the script's model or data: name the batch, not a traceback from torch
+            raise batch_failed(exc, x, y, self.input_shape, "training") from exc
         term = extra()
         if term is not None:
             loss = loss + term
@@ -307,9 +314,14 @@ class Trainer:
         with torch.no_grad():
             for batch in loader:
                 x, y = _split_batch(batch, device)
-                out = model(x)
-                n = _batch_len(y)
-                total += float(self.loss_fn(out, y)) * n
+                try:
+                    out = model(x)
+                    n = _batch_len(y)
+                    total += float(self.loss_fn(out, y)) * n
+                except QuinkglError:
+                    raise
+                except Exception as exc:
+                    raise batch_failed(exc, x, y, self.input_shape, "evaluation") from exc
                 hits = _correct(out, y)
                 if hits is not None:
                     correct += hits
@@ -366,13 +378,7 @@ def _dataset_size(loader: Any) -> int:
 
 def _split_batch(batch: Any, device: torch.device) -> tuple[Any, Any]:
     """(inputs, targets) of a batch, on the model's device (loaders yield CPU tensors; a script may build a GPU model)."""
-    if isinstance(batch, dict):
-        x, y = batch.get("x", batch.get("input")), batch.get("y", batch.get("target"))
-    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        x, y = batch[0], batch[1]
-    else:
-        raise NodeConfigError(f"a batch must be (inputs, targets), got {type(batch).__name__}",
-                              "make build_loaders return loaders that yield (x, y) pairs")
+    x, y = batch_parts(batch)
     if device.type != "cpu":
         x = x.to(device, non_blocking=True) if isinstance(x, torch.Tensor) else x
         y = y.to(device, non_blocking=True) if isinstance(y, torch.Tensor) else y

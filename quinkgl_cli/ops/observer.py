@@ -56,10 +56,10 @@ class OpsObserver:
             output.close()
 
 
-def open_observer(settings: OpsSettings, state_dir: Path | None = None) -> OpsObserver:
+def open_observer(settings: OpsSettings, state_dir: Path | None = None, node_id: str | None = None) -> OpsObserver:
     """Start the status socket (in `registry.runtime_dir` of ``state_dir``) and the outputs ``settings`` ask for;
     on a failure, close what was started."""
-    outputs: dict[str, _Output] = {"status": StatusServer(runtime_dir(state_dir))}
+    outputs: dict[str, _Output] = {"status": StatusServer(runtime_dir(state_dir), node_id)}
     exporter = None
     if settings.metrics_port is not None:
         exporter = outputs["metrics-endpoint"] = MetricsExporter(settings.metrics_port, settings.metrics_listen)

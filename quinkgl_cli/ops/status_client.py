@@ -24,9 +24,15 @@ class Reply:
     socket: Path
     snapshot: DaemonSnapshot | None
     error: str | None = None
+    node_id: str | None = None  # a starting daemon's, before its first snapshot
 
     def to_json(self) -> dict[str, object]:
-        return self.snapshot.to_json() if self.snapshot is not None else {"socket": str(self.socket), "error": self.error}
+        if self.snapshot is not None:
+            return self.snapshot.to_json()
+        found: dict[str, object] = {"socket": str(self.socket), "error": self.error}
+        if self.node_id is not None:
+            found["node_id"] = self.node_id
+        return found
 
 
 def ask(path: Path, timeout: float = READ_TIMEOUT_S) -> Reply | None:
@@ -48,8 +54,9 @@ def ask(path: Path, timeout: float = READ_TIMEOUT_S) -> Reply | None:
         data = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, ValueError) as exc:
         raise UsageError(f"{path} did not answer with JSON") from exc
-    if isinstance(data, dict) and data.get("state") == STARTING and set(data) == {"state", "pid"}:
-        return Reply(path, None, STARTING)
+    if isinstance(data, dict) and data.get("state") == STARTING and set(data) <= {"state", "pid", "node_id"}:
+        node_id = data.get("node_id")
+        return Reply(path, None, STARTING, node_id if isinstance(node_id, str) else None)
     return Reply(path, from_json(data))
 
 

@@ -2,7 +2,7 @@
 
 Protocol: the client connects; the server writes the snapshot as one JSON line and closes. Before the daemon's
 first snapshot (it is still starting: trusting the manifest, building the model) the line is
-``{"state": "starting", "pid": N}`` (`STARTING`). Only this user (and
+``{"state": "starting", "pid": N, "node_id": ID}`` (`STARTING`). Only this user (and
 root) can connect: the socket is mode 0600 in a 0700 directory (`registry`), and the peer's credentials
 (SO_PEERCRED) are checked as well, so a socket reached through some other path still answers nobody else.
 The server runs in its own thread; the daemon only swaps in new snapshots.
@@ -57,11 +57,15 @@ class _Handler(socketserver.BaseRequestHandler):
 class StatusServer:
     """Listens on ``<runtime dir>/<pid>.sock`` from `start` until `close`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, node_id: str | None = None) -> None:
         self.directory = directory
         self.path = registry.socket_path(directory)
         self._lock = threading.Lock()
-        self._payload = (json.dumps({"state": STARTING, "pid": os.getpid()}) + "\n").encode()
+        # The node id, so that `quinkgl status` tells apart daemons that are all still starting.
+        starting: dict[str, object] = {"state": STARTING, "pid": os.getpid()}
+        if node_id is not None:
+            starting["node_id"] = node_id
+        self._payload = (json.dumps(starting) + "\n").encode()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 

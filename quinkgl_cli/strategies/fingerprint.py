@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from quinkgl_cli.batches import batch_parts
+
 FORMAT_VERSION = 1
 # Control-message kind under which a peer sends its fingerprint body (the node routes it to the topology).
 MESSAGE_KIND = "fingerprint"
@@ -186,11 +188,9 @@ def _noisy_moments(mean: torch.Tensor, var: torch.Tensor, groups: int, noise: fl
 
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, list | tuple) and len(batch) >= 2:
-        return batch[0], batch[1]
     if isinstance(batch, torch.Tensor):
         return batch, None
-    raise ValueError("training loader must yield (inputs, labels) pairs or input tensors")
+    return batch_parts(batch)
 
 
 def _class_labels(y: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,0 +1,144 @@
+"""Batches as an outsider's loader yields them: tuples with extras, dicts, and dicts keyed otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from quinkgl_cli.batches import batch_parts
+from quinkgl_cli.cli.app import main
+from quinkgl_cli.errors import ExitCode, NodeConfigError
+from quinkgl_cli.manifest.arch_hash import compute_arch_hash
+from quinkgl_cli.manifest.create import build_manifest
+from quinkgl_cli.manifest.io import write_manifest
+from quinkgl_cli.strategies.fingerprint import compute_fingerprint
+
+SCRIPT = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+
+class Points(Dataset):
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(n)
+        self.x, self.y = torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"INPUT_KEY": self.x[i], "y": self.y[i]}
+
+
+def build_model(manifest, **kwargs):
+    torch.manual_seed(0)
+    return nn.Linear(8, 3)
+
+
+def build_loaders(manifest, **kwargs):
+    return DataLoader(Points(40), batch_size=8), DataLoader(Points(16), batch_size=8)
+'''
+
+
+class _Dicts(Dataset[dict[str, torch.Tensor]]):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"x": torch.full((4,), float(i)), "y": torch.tensor(i % 3)}
+
+
+def test_a_dict_batch_gives_its_x_and_y_and_a_tuple_its_first_two() -> None:
+    x, y = torch.zeros(2, 4), torch.ones(2)
+    assert batch_parts({"x": x, "y": y}) == (x, y)
+    assert batch_parts({"input": x, "target": y, "id": 3}) == (x, y)
+    assert batch_parts((x, y, torch.arange(2))) == (x, y)
+
+
+def test_a_dict_batch_without_known_keys_names_the_keys_it_has() -> None:
+    with pytest.raises(NodeConfigError) as err:
+        batch_parts({"features": torch.zeros(2), "target": torch.ones(2)})
+    assert err.value.code == ExitCode.NODE
+    assert "features,target" in err.value.one_line() and "x or input" in err.value.one_line()
+
+
+def test_the_fingerprint_reads_dict_batches() -> None:
+    fp = compute_fingerprint(DataLoader(_Dicts(), batch_size=4), num_classes=3)
+    assert fp.to_body()["samples"] == "10-100"
+
+
+def _manifest(tmp_path: Path, script: Path) -> Path:
+    from quinkgl_cli.node.script import load_script
+
+    path = tmp_path / "swarm.qgl"
+    write_manifest(path, build_manifest(
+        name="dicts", task_type="classification", input_shape="8", output_shape="3", label_type="integer",
+        framework="pytorch", arch_hash=compute_arch_hash(load_script(script).build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
+    ))  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(("key", "code"), [("x", 0), ("features", 7)])
+def test_simulate_trains_on_dict_batches_or_says_which_keys_it_needs(
+    tmp_path: Path, key: str, code: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "dicts.py"
+    script.write_text(SCRIPT.replace("INPUT_KEY", key))
+    manifest = _manifest(tmp_path, script)
+    with pytest.raises(SystemExit) as done:
+        main(["simulate", "--manifest", str(manifest), "--script", str(script), "--peers", "2", "--rounds", "1"])
+    assert int(done.value.code or 0) == code
+    err = capsys.readouterr().err
+    if code:
+        assert err.startswith("error: a dict batch needs") and "features,y" in err and "Traceback" not in err
+
+
+BROKEN_FORWARD = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.training:
+            x = x.view(7, -1)  # a bug only training meets: the shape check runs in eval mode
+        return self.fc(x)
+
+
+def build_model(manifest, **kwargs):
+    torch.manual_seed(0)
+    return Net()
+
+
+def build_loaders(manifest, **kwargs):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, WIDTH, generator=g), torch.randint(0, 3, (40,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8), None
+'''
+
+
+@pytest.mark.parametrize(("width", "needle"), [
+    (8, "RuntimeError: shape '[7, -1]' is invalid for input of size 64 at broken.py:14"),
+    (5, "(inputs float32 8x5, targets int64 8; the manifest's task takes inputs of 8 per sample)"),
+])
+def test_a_model_failing_on_a_training_batch_is_one_line_naming_the_batch(
+    tmp_path: Path, width: int, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text(BROKEN_FORWARD.replace("WIDTH", str(width)))
+    manifest = _manifest(tmp_path, script)
+    with pytest.raises(SystemExit) as done:
+        main(["simulate", "--manifest", str(manifest), "--script", str(script), "--peers", "2", "--rounds", "1"])
+    err = capsys.readouterr().err
+    assert int(done.value.code or 0) == ExitCode.NODE, err
+    assert err.startswith("error: the model failed on a training batch") and needle in err and "Traceback" not in err
