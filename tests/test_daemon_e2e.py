@@ -213,7 +213,9 @@ MISSING_HOOK = "def build_model(manifest, **kw):\n    return None\n"
 OTHER_ARCH = (
     "import torch\n"
     "def build_model(manifest, **kw):\n    return torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))\n"
-    "def build_loaders(manifest, **kw):\n    return [], []\n"
+    "def build_loaders(manifest, **kw):\n"
+    "    batch = (torch.zeros(4, 64), torch.zeros(4, dtype=torch.long))\n"
+    "    return [batch], [batch]\n"
 )
 
 
