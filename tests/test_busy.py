@@ -17,7 +17,16 @@ import pytest
 
 from quinkgl_cli.transport.base import TransportStats
 from quinkgl_cli.transport.common import DropLog
-from quinkgl_cli.transport.ipv8.busy import MAX_RETRY, MIN_RETRY, REPLY_BURST, RETRY_MS, BusyReplies, SenderBusy
+from quinkgl_cli.transport.ipv8.busy import (
+    JITTER,
+    MAX_RETRY,
+    MIN_RETRY,
+    REPLY_BURST,
+    RETRY_MS,
+    BusyReplies,
+    SenderBusy,
+    wait_before_asking,
+)
 from quinkgl_cli.transport.ipv8.links import Links
 from quinkgl_cli.transport.ipv8.paths import DIRECT, REVERSE, UDP, Route
 from quinkgl_cli.transport.ipv8.payloads import BusyPayload, PathRequestPayload
@@ -155,3 +164,11 @@ def test_a_busy_reply_crosses_between_real_transports(tmp_path: Path) -> None:
         assert told.result() == RETRY_MS / 1000
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_recipients_turned_away_together_do_not_all_ask_again_together() -> None:
+    """Each wait is the hint and at most JITTER of it more, drawn apart: 50 recipients told 1 s spread over most of
+    the half second (a constant wait puts them all in one instant)."""
+    waits = [wait_before_asking(1.0) for _ in range(50)]
+    assert all(1.0 <= w <= 1.0 + JITTER for w in waits)
+    assert max(waits) - min(waits) > JITTER / 2

@@ -14,7 +14,9 @@ ended lately, is dropped quietly). An accepted one ends that way's attempt at on
 (`SenderBusy`), logged as ``fetch-busy``, without the way being remembered as failed: it worked, the sender was
 busy. The hint is clamped to ``MIN_RETRY``-``MAX_RETRY`` seconds, and the fetcher asks again at most
 ``MAX_RETRIES`` times per offer within its life (`fetcher.Fetcher`): a peer answering busy to everything costs us a
-few short waits per offer, never a storm. A peer of a version without this message drops it as an unknown message
+few short waits per offer, never a storm. The wait is the hint plus up to ``JITTER`` of it at random
+(`wait_before_asking`): the recipients a sender turned away in one burst (every peer that got its offer in one
+round) would otherwise all ask again in the same instant and find it busy again. A peer of a version without this message drops it as an unknown message
 (IPv8's dispatch has no handler for its id) and leaves the request unanswered, as before.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine, Iterator
@@ -43,8 +46,15 @@ MAX_RETRY = 5.0  # nor make an offer wait past this at a time
 MAX_RETRIES = 3  # busy replies an offer is asked again after; the next one ends its fetch
 REPLIES_PER_SECOND = 1.0
 REPLY_BURST = 3
+JITTER = 0.5  # share of the hint added at most, drawn per wait
 ENDED_KEPT = 64  # attempts remembered once ended, so that a late reply to a repeated request is no refusal
 T = TypeVar("T")
+_draw = random.Random()
+
+
+def wait_before_asking(retry: float) -> float:
+    """Seconds to wait before asking a busy sender again: its (clamped) hint, spread by up to ``JITTER`` of it."""
+    return retry * (1 + JITTER * _draw.random())
 
 
 class SenderBusy(Exception):

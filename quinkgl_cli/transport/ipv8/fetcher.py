@@ -209,12 +209,13 @@ class Fetcher:
                 if not isinstance(got, _Outcome):
                     return got
                 asked += 1
-                if asked > busy.MAX_RETRIES or time.monotonic() + got.retry >= expires:
+                wait = busy.wait_before_asking(got.retry)
+                if asked > busy.MAX_RETRIES or time.monotonic() + wait >= expires:
                     self.drops("fetch-failed", rec.node_id, "sender_busy", offer_round=p.round, asked=asked)
                     self.report(TransferDone("receive", rec.node_id, p.round, p.size, got.seconds,
                                              path_name(got.route.path), False))
                     return None
-                await asyncio.sleep(got.retry)
+                await asyncio.sleep(wait)
 
     async def _download(self, rec: PeerRecord, p: OfferPayload) -> tuple[bytearray, bytes] | _Outcome | None:
         """The offered bytes and their sha256, or None with the failure reported, or the way the sender said it was
