@@ -255,10 +255,18 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
 
 
 def _dry_run(prepared: Prepared) -> None:
-    m = prepared.trusted.manifest
+    """What a run would start with, checked and logged; nothing is written (no TOFU entry, checkpoint, key or
+    output file). Under tofu, ``tofu=would-pin`` says that a real run would remember the creator key."""
+    trusted = prepared.trusted
+    m = trusted.manifest
     optimizer = prepared.script.build_optimizer(m, prepared.model)  # checked as the node will build it
     personal = build_personal(m.personalization, prepared.model, lambda local: prepared.script.build_optimizer(m, local))
-    emit(log, logging.INFO, "dry-run-ok", manifest=m.name, swarm=prepared.trusted.swarm_id, policy=prepared.trusted.policy,
+    tofu: dict[str, Any] = {}
+    if trusted.tofu == "first-use":
+        tofu = {"tofu": "would-pin", "creator": m.creator_pubkey}
+    elif trusted.tofu is not None:
+        tofu = {"tofu": trusted.tofu}
+    emit(log, logging.INFO, "dry-run-ok", manifest=m.name, swarm=trusted.swarm_id, policy=trusted.policy, **tofu,
          arch_hash=prepared.arch_hash, arch_match=prepared.arch_hash == m.model.arch_hash,
          params=sum(p.numel() for p in prepared.model.parameters()), train_batches=_len_or_dash(prepared.train_loader),
          optimizer=type(optimizer).__name__, strategy=m.aggregation.name, topology=m.topology.name,
