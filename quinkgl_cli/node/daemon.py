@@ -47,10 +47,12 @@ from quinkgl_cli.node.observed import SnapshotMaker
 from quinkgl_cli.node.options import DaemonOptions, default_node_id
 from quinkgl_cli.node.persistence import RunFiles
 from quinkgl_cli.node.personal import build_personal
+from quinkgl_cli.node.probe import probe_batches
 from quinkgl_cli.node.process import process_started_at, tune_allocator
 from quinkgl_cli.node.runloop import RoundLoop, Waiter
 from quinkgl_cli.node.startup import Prepared, make_ipv8_transport, node_seed, prepare
 from quinkgl_cli.node.tracer import TracedEvents, Tracer
+from quinkgl_cli.node.trainer import default_loss
 from quinkgl_cli.node.wiring import build_node
 from quinkgl_cli.ops.observer import open_observer
 from quinkgl_cli.ops.snapshot import Observer
@@ -255,12 +257,15 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
 
 
 def _dry_run(prepared: Prepared) -> None:
-    """What a run would start with, checked and logged; nothing is written (no TOFU entry, checkpoint, key or
-    output file). Under tofu, ``tofu=would-pin`` says that a real run would remember the creator key."""
+    """What a run would start with, checked and logged: the optimizer, the personalization split, and the first
+    batch of each loader through the model and its loss (`node.probe`); nothing is written (no TOFU entry,
+    checkpoint, key or output file). Under tofu, ``tofu=would-pin`` says that a real run would remember the creator key."""
     trusted = prepared.trusted
     m = trusted.manifest
     optimizer = prepared.script.build_optimizer(m, prepared.model)  # checked as the node will build it
     personal = build_personal(m.personalization, prepared.model, lambda local: prepared.script.build_optimizer(m, local))
+    probed = probe_batches(prepared.model, prepared.script.loss_fn or default_loss(m), tuple(m.task.input_shape),
+                           {"train": prepared.train_loader, "val": prepared.val_loader, "own": prepared.own_loader})
     tofu: dict[str, Any] = {}
     if trusted.tofu == "first-use":
         tofu = {"tofu": "would-pin", "creator": m.creator_pubkey}
@@ -269,6 +274,7 @@ def _dry_run(prepared: Prepared) -> None:
     emit(log, logging.INFO, "dry-run-ok", manifest=m.name, swarm=trusted.swarm_id, policy=trusted.policy, **tofu,
          arch_hash=prepared.arch_hash, arch_match=prepared.arch_hash == m.model.arch_hash,
          params=sum(p.numel() for p in prepared.model.parameters()), train_batches=_len_or_dash(prepared.train_loader),
+         probed=probed,
          optimizer=type(optimizer).__name__, strategy=m.aggregation.name, topology=m.topology.name,
          personalization=m.personalization.mode, shared_params=sum(p.numel() for p in personal.shared.parameters()))
 

@@ -168,7 +168,7 @@ class Trainer:
         device = self.device  # once a pass: finding it walks the model's parameters
         for epoch in range(epochs):
             for batch in self.train_loader:
-                x, y = _split_batch(batch, device)
+                x, y = split_batch(batch, device)
                 yield epoch, x, y
                 steps += 1
                 if (self.local_steps is not None and steps >= self.local_steps) or (
@@ -313,7 +313,7 @@ class Trainer:
         device = self.device
         with torch.no_grad():
             for batch in loader:
-                x, y = _split_batch(batch, device)
+                x, y = split_batch(batch, device)
                 try:
                     out = model(x)
                     n = _batch_len(y)
@@ -376,7 +376,7 @@ def _dataset_size(loader: Any) -> int:
     return 0
 
 
-def _split_batch(batch: Any, device: torch.device) -> tuple[Any, Any]:
+def split_batch(batch: Any, device: torch.device) -> tuple[Any, Any]:
     """(inputs, targets) of a batch, on the model's device (loaders yield CPU tensors; a script may build a GPU model)."""
     x, y = batch_parts(batch)
     if device.type != "cpu":
