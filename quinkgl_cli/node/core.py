@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node import state as node_state
@@ -153,7 +154,8 @@ class Node:
                  transport: Transport, hooks: Hooks | None = None, clock: Callable[[], float] = time.monotonic,
                  loss_fn: LossFn | None = None, aggregator: Aggregator | None = None,
                  topology: Topology | None = None, policies: NodePolicies = DEFAULT_POLICIES,
-                 personal: Shared | None = None, own_loader: Iterable[Any] | None = None) -> None:
+                 personal: Shared | None = None, own_loader: Iterable[Any] | None = None,
+                 scheduler: LRScheduler | None = None) -> None:
         self.node_id = config.node_id
         self.manifest = manifest
         self.swarm_id = swarm_id
@@ -172,7 +174,8 @@ class Node:
         self.trainer = Trainer(manifest, model, train_loader, val_loader, optimizer, loss_fn,
                                config.local_epochs or training.local_epochs, config.local_steps if config.local_steps
                                is not None else training.local_steps, policies.reported_samples,
-                               policies.fresh_optimizer, personal, self.rounds, config.noise_seed, own_loader)
+                               policies.fresh_optimizer, personal, self.rounds, config.noise_seed, own_loader,
+                               scheduler)
         shared = self.trainer.shared  # only this part of the model is sent, aggregated and served (`node.personal`)
         self.graph = GraphWatch(self.node_id, config.spectral_every, config.spectral_window, self.log)
         self.exchange = Exchange(self.node_id, manifest, shared, transport, self.aggregator,

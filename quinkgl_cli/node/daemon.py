@@ -262,8 +262,8 @@ def _dry_run(prepared: Prepared) -> None:
     checkpoint, key or output file). Under tofu, ``tofu=would-pin`` says that a real run would remember the creator key."""
     trusted = prepared.trusted
     m = trusted.manifest
-    optimizer = prepared.script.build_optimizer(m, prepared.model)  # checked as the node will build it
-    personal = build_personal(m.personalization, prepared.model, lambda local: prepared.script.build_optimizer(m, local))
+    optimizer, scheduler = prepared.script.build_training(m, prepared.model)  # checked as the node will build it
+    personal = build_personal(m.personalization, prepared.model, lambda local: prepared.script.build_training(m, local))
     probed = probe_batches(prepared.model, prepared.script.loss_fn or default_loss(m), tuple(m.task.input_shape),
                            {"train": prepared.train_loader, "val": prepared.val_loader, "own": prepared.own_loader})
     tofu: dict[str, Any] = {}
@@ -275,7 +275,8 @@ def _dry_run(prepared: Prepared) -> None:
          arch_hash=prepared.arch_hash, arch_match=prepared.arch_hash == m.model.arch_hash,
          params=sum(p.numel() for p in prepared.model.parameters()), train_batches=_len_or_dash(prepared.train_loader),
          probed=probed,
-         optimizer=type(optimizer).__name__, strategy=m.aggregation.name, topology=m.topology.name,
+         optimizer=type(optimizer).__name__, scheduler=type(scheduler).__name__ if scheduler is not None else None,
+         strategy=m.aggregation.name, topology=m.topology.name,
          personalization=m.personalization.mode, shared_params=sum(p.numel() for p in personal.shared.parameters()))
 
 
