@@ -28,20 +28,27 @@ def _tree(root: Path) -> list[str]:
 
 
 def test_dry_run_under_tofu_pins_nothing_and_writes_no_file(signed: tuple[Path, str], tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                                           capsys: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # as Python runs by default (PYTHONDONTWRITEBYTECODE unset)
     manifest, pub = signed
     work = tmp_path / "work"
     work.mkdir()
+    script = work / "peer.py"
+    script.write_text(ls.DIGITS_SCRIPT.read_text())
     state = tmp_path / "state"
     outputs = ["--checkpoint-dir", str(work / "ckpt"), "--final-model", str(work / "final.safetensors"),
                "--metrics-file", str(work / "metrics.jsonl"), "--trace", str(work / "trace.jsonl")]
-    base = ["run", "--manifest", str(manifest), "--script", str(ls.DIGITS_SCRIPT), "--node-id", "p1", "--state-dir",
+    base = ["run", "--manifest", str(manifest), "--script", str(script), "--node-id", "p1", "--state-dir",
             str(state), "--trust-policy", "tofu"]
     assert run_cli(*base, *outputs, "--dry-run") == 0
     out = capsys.readouterr().out
     assert "dry-run-ok" in out and "tofu=would-pin" in out and f"creator={pub}" in out
-    # Neither the TOFU store nor the state directory, nor any of the run's outputs.
-    assert not state.exists() and _tree(work) == []
+    assert sys.dont_write_bytecode is False  # given back
+    # Neither the TOFU store nor the state directory, nor any of the run's outputs, nor a bytecode cache.
+    assert not state.exists() and _tree(work) == ["peer.py"]
 
     # A real run's trust step pins the key; the next dry run says so, and still writes nothing more.
     from quinkgl_cli.manifest.trust import TofuStore, load_trusted
@@ -52,7 +59,7 @@ def test_dry_run_under_tofu_pins_nothing_and_writes_no_file(signed: tuple[Path, 
     assert run_cli(*base, *outputs, "--dry-run") == 0
     out = capsys.readouterr().out
     assert "tofu=known" in out and "would-pin" not in out
-    assert {p: p.stat().st_mtime_ns for p in state.rglob("*")} == before and _tree(work) == []
+    assert {p: p.stat().st_mtime_ns for p in state.rglob("*")} == before and _tree(work) == ["peer.py"]
 
 
 def test_a_dry_run_creates_no_node_key(tmp_path: Path) -> None:

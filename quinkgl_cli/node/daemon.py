@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -234,10 +235,16 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
         raise UsageError(f"--log-level {options.log_level!r} is not one of debug, info, warning, error")
     context = setup_logging(options.node_id, options.log_format, level, log_file=options.log_file,
                             log_max_bytes=options.log_max_bytes, log_backups=options.log_backups)
-    prepared = prepare(options)
     if options.dry_run:
-        _dry_run(prepared)
+        # Not even the bytecode cache Python writes beside the peer script (and what it imports) on first import.
+        writes_bytecode = sys.dont_write_bytecode
+        sys.dont_write_bytecode = True
+        try:
+            _dry_run(prepare(options))
+        finally:
+            sys.dont_write_bytecode = writes_bytecode
         return int(ExitCode.OK)
+    prepared = prepare(options)
     daemon: Daemon | None = None
     observer: Observer | None = None
     try:
