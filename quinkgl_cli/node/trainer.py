@@ -8,7 +8,8 @@ on this peer's own distribution (`node.owneval`), the sample count this peer rep
 set, or what one pass counted when the loader has no sized dataset), and the last good model: the model as the last
 training that kept a finite loss left it. A non-finite loss (a poisoned aggregate that slipped past the
 aggregator's bounds) rolls the model back to it and trains the round again from there; only when that fails too,
-or there is no good model yet, does training stop the node. Also owns the model's, optimizer's and
+or there is no good model yet, does training stop the node. Steps the script's learning-rate scheduler, if it
+has one, once per round after training (`node.lrschedule`). Also owns the model's, optimizer's, scheduler's and
 personalization's part of a checkpoint (`state_dict` / `load_state_dict`). The aggregator's training hooks
 (FedProx's proximal term, SCAFFOLD's control variates) and local DP's clip-and-noise are called here, around the
 optimizer steps, because they must see every step; they and DP see only the shared part. Under privacy mode
