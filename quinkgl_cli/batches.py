@@ -42,7 +42,7 @@ def batch_failed(exc: Exception, x: Any, y: Any, input_shape: tuple[int, ...], w
     batch's shapes beside the task's, and the line of the peer script that raised, if one did."""
     want = "x".join(str(d) for d in input_shape)
     return NodeConfigError(
-        f"the model failed on a {where} batch (inputs {_describe(x)}, targets {_describe(y)}; the manifest's "
+        f"the model failed on {'an' if where[0] in 'aeiou' else 'a'} {where} batch (inputs {_describe(x)}, targets {_describe(y)}; the manifest's "
         f"task takes inputs of {want} per sample): {type(exc).__name__}: {exc}{_script_line(exc)}",
         "make build_loaders yield what the model and the task's loss take, or fix the model",
     )

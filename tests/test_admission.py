@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from quinkgl_cli import keys
-from quinkgl_cli.errors import CryptoError, TrustError, UsageError
+from quinkgl_cli.errors import CryptoError, IOFailure, TrustError, UsageError
 from quinkgl_cli.manifest import admission as docs
 from quinkgl_cli.manifest import swarmkey
 from quinkgl_cli.manifest.io import load_manifest
@@ -120,6 +120,11 @@ def test_node_refuses_to_start_without_a_valid_certificate(tmp_path):
     settings = start(good)
     assert settings.certified and settings.certificate and settings.creator_pubkey == keys.public_key_text(creator)
     assert settings.swarm_key == swarm_key and swarm_key.hex().encode() not in settings.certificate
+    # A dry run (create_key=False) writes nothing: a node without a key yet is told to make one, none is made.
+    fresh = tmp_path / "fresh"
+    with pytest.raises(IOFailure, match="no transport key yet"):
+        prepare_admission(trusted, "n", fresh, good, None, create_key=False)
+    assert not fresh.exists()
     keyless = tmp_path / "keyless.cert"  # made before `admit` issued swarm keys
     keyless.write_bytes(_cert(creator, key, "n", swarm=trusted.swarm_id).text())
     with pytest.raises(TrustError, match="holds no swarm key") as err:

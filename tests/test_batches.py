@@ -142,3 +142,47 @@ def test_a_model_failing_on_a_training_batch_is_one_line_naming_the_batch(
     err = capsys.readouterr().err
     assert int(done.value.code or 0) == ExitCode.NODE, err
     assert err.startswith("error: the model failed on a training batch") and needle in err and "Traceback" not in err
+
+
+def _dry_script(train_width: int, val_width: int, bug: bool) -> str:
+    """BROKEN_FORWARD with (or without) its training-only bug, and validation data of its own width."""
+    body = BROKEN_FORWARD.replace("WIDTH", str(train_width)).replace(
+        ", None\n", f", DataLoader(TensorDataset(torch.randn(16, {val_width}), torch.zeros(16, dtype=torch.long)), batch_size=8)\n")
+    return body if bug else body.replace("x = x.view(7, -1)", "pass")
+
+
+@pytest.mark.parametrize(("train_width", "val_width", "bug", "needle"), [
+    (8, 8, True, "failed on a training batch (inputs float32 8x8, targets int64 8; the manifest's task takes inputs of "
+                 "8 per sample): RuntimeError: shape '[7, -1]' is invalid for input of size 64 at broken.py:14"),
+    (5, 8, False, "failed on a training batch (inputs float32 8x5"),
+    (8, 5, False, "failed on an evaluation batch (inputs float32 8x5"),
+])
+def test_the_dry_run_puts_a_batch_of_each_loader_through_the_model(
+    tmp_path: Path, train_width: int, val_width: int, bug: bool, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run's own one-line error, from `run --dry-run`, which reads one batch of each loader; fine data passes."""
+    script = tmp_path / "broken.py"
+    script.write_text(_dry_script(train_width, val_width, bug))
+    manifest = _manifest(tmp_path, script)
+    args = ["run", "--manifest", str(manifest), "--script", str(script), "--trust-policy", "open", "--dry-run"]
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    err = capsys.readouterr().err
+    assert int(done.value.code or 0) == ExitCode.NODE, err
+    assert err.startswith("error: the model") and needle in err and "Traceback" not in err
+    script.write_text(_dry_script(8, 8, False))
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert int(done.value.code or 0) == 0 and "probed=[train,val]" in capsys.readouterr().out
+
+
+def test_the_probe_leaves_the_model_as_it_found_it() -> None:
+    from quinkgl_cli.node.probe import probe_batches
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4) + 3, torch.zeros(16, dtype=torch.long)), batch_size=8)
+    assert probe_batches(model, torch.nn.CrossEntropyLoss(), (4,), {"train": data, "val": None, "own": []}) == ["train"]
+    assert not model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())

@@ -110,6 +110,7 @@ def cli_options(args: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path) -> o
 
 
 def test_run_flags_reach_the_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    (tmp_path / "out").mkdir()
     o = cli_options(["--local-epochs", "2", "--local-steps", "7", "--checkpoint-every", "3", "--final-model",
                      str(tmp_path / "out" / "model.safetensors"), "--bootstrap-peer", "127.0.0.1:7002",
                      "--script-arg", "shard=1", "--keep-checkpoints", "4"], monkeypatch, tmp_path)
@@ -151,3 +152,23 @@ def test_run_refuses_what_the_transport_would_refuse_before_loading_anything(
     base = ["run", "--manifest", str(tmp_path / "m.qgl"), "--script", str(tmp_path / "s.py"), "--dry-run"]
     assert run_cli([*base, *args]) == 1
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--final-model", "--metrics-file", "--trace", "--log-file"])
+def test_run_refuses_an_output_file_in_a_missing_directory_before_loading_anything(
+    flag: str, tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """All four alike: exit 2 at start-up, naming the directory and how to make it; none creates it (a run used to
+    create --final-model's and --trace's directories and refuse the others, the final model's only at its end)."""
+    base = ["run", "--manifest", str(tmp_path / "m.qgl"), "--script", str(tmp_path / "s.py"), "--dry-run"]
+    missing = tmp_path / "no" / "such"
+    assert run_cli([*base, flag, str(missing / "out.file")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} {missing / 'out.file'}: directory {missing} does not exist")
+    assert f"mkdir -p {missing}" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "no").exists()
+    assert run_cli([*base, flag, str(tmp_path)]) == 2
+    assert f"{flag} {tmp_path} is a directory" in capsys.readouterr().err
+    # The checkpoint directory is the run's own to create: an output inside it passes this check (the manifest,
+    # which does not exist, is what is refused next); not the log, which opens before that directory is made.
+    assert run_cli([*base, "--checkpoint-dir", str(missing), flag, str(missing / "out.file")]) == 2
+    assert (flag in capsys.readouterr().err) == (flag == "--log-file")

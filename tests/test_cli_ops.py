@@ -101,7 +101,7 @@ def test_config_supplies_flags_and_given_flags_win(tmp_path: Path, monkeypatch: 
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     seen = _captured_options(monkeypatch)
     conf = tmp_path / "conf" / "peer.toml"
-    conf.parent.mkdir()
+    (conf.parent / "traces").mkdir(parents=True)
     conf.write_text('manifest = "swarm.qgl"\nscript = "../peer.py"\nnode-id = "from-file"\nport = 7005\n'
                     'gossip-interval = 2\nscript-arg = ["shard=0", "num_shards=2"]\nresume = false\n'
                     'strict-manifest = false\ntrusted-pubkey = ["keys/creator.pub", "ed25519:' + "ab" * 32 + '"]\n'
@@ -164,7 +164,7 @@ def test_doctor_reads_the_run_config_and_leaves_run_only_keys_alone(tmp_path: Pa
 
     monkeypatch.setattr(doctor, "diagnose", fake_diagnose)
     conf = tmp_path / "conf" / "peer.toml"
-    conf.parent.mkdir()
+    (conf.parent / "traces").mkdir(parents=True)
     conf.write_text('manifest = "swarm.qgl"\nscript = "peer.py"\nrounds = 5\nnode-id = "from-file"\nport = 7005\n'
                     'rendezvous = false\nbootstrap-peer = ["localhost:7001"]\ncertificate = "node.cert"\n')
     code, _, err = run_cli(["doctor", "--config", str(conf), "--port", "7006"], capsys)

@@ -666,3 +666,43 @@ def test_a_node_that_learns_its_key_is_revoked_stops_before_its_next_round(tmp_p
     stopped = events["stopped"].qgl_fields  # type: ignore[attr-defined]
     assert stopped["reason"] == "key-revoked" and stopped["completed_round"] == 2
     assert CheckpointStore(tmp_path / "p0").files()[-1].round == 2
+
+
+def test_report_and_finished_line_count_the_same_bytes(manifest: Path, tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """`quinkgl report`'s bytes (the metrics file's lines summed) are the `finished` line's: the final consensus has
+    a line of its own, and traffic between rounds belongs to the next round."""
+    from quinkgl_cli.events import FIELDS_ATTR
+    from quinkgl_cli.ops.metrics_file import MetricsFile, read_metrics
+    from quinkgl_cli.ops.observer import OpsObserver
+    from quinkgl_cli.ops.report import summarize
+
+    net = MemoryNetwork()
+    files = [tmp_path / f"p{i}.jsonl" for i in range(2)]
+    observers = []
+    for path in files:
+        output = MetricsFile(path)
+        output.start()
+        observers.append(OpsObserver({"metrics-file": output}))
+    daemons = [Daemon(prepare(options(manifest, tmp_path, f"p{i}", rounds=3, gossip_interval=0.2, min_peers=1)),
+                      LogContext(f"p{i}"), memory_factory(net), observers[i]) for i in range(2)]
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(*(d.run() for d in daemons)))
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(asyncio.wait_for(both(), timeout=60)) == [0, 0]
+    for d, observer in zip(daemons, observers, strict=True):
+        _release(d)
+        observer.close()
+    lines = [getattr(r, FIELDS_ATTR) for r in caplog.records if r.getMessage().startswith("finished ")]
+    finished = {Path(str(f["final_model"])).parent.name: f for f in lines}
+    for i, path in enumerate(files):
+        (run,) = read_metrics(path)
+        assert [r["round"] for r in run.rows] == [1, 2, 3] and len(run.consensus) == 1
+        assert run.consensus[0]["bytes_sent"] > 0  # the final consensus sent models
+        summary = summarize(run)
+        line = finished[f"p{i}"]
+        assert summary.bytes_sent == line["bytes_sent"] > 0
+        assert sum(r["bytes_received"] for r in [*run.rows, *run.consensus]) == line["bytes_received"]
+        assert summary.final_val_accuracy == pytest.approx(line["val_accuracy"], rel=1e-5)

@@ -238,11 +238,12 @@ def test_a_model_per_example_gradients_cannot_handle_is_refused_at_build() -> No
 def test_personalization_is_refused_under_dp_sgd() -> None:
     doc = dp_manifest().model_dump(mode="json")
     doc["personalization"] = {"mode": "apfl"}
+    from quinkgl_cli.node.lrschedule import Training
     from quinkgl_cli.node.personal import build_personal
 
     m = Manifest.model_validate(doc)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
-    personal = build_personal(m.personalization, model, lambda local: torch.optim.SGD(local.parameters(), lr=0.1))
+    personal = build_personal(m.personalization, model, lambda local: Training(torch.optim.SGD(local.parameters(), lr=0.1)))
     transport = MemoryTransport(MemoryNetwork(), "p0", swarm_id="s", arch_hash=H)
     with pytest.raises(NodeConfigError, match="dp_sgd cannot be combined with personalization apfl"):
         Node(NodeConfig("p0", rounds=3), m, "sha256:swarm", model, data(0), None,

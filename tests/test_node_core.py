@@ -570,3 +570,26 @@ def test_repeated_drops_are_logged_once_per_peer_and_kind(caplog: pytest.LogCapt
         for r in range(3):
             node.on_model(forged(node, "old", r, torch.zeros(d), 10))
     assert len([r for r in caplog.records if "update-dropped" in r.getMessage()]) == 1
+
+
+def test_round_traffic_is_counted_end_to_end() -> None:
+    """What moves between rounds (a send finishing after its round closed, an update arriving while the node waits
+    for its next round) counts in the next round, so the rounds add up to the recorded totals a checkpoint keeps."""
+    from quinkgl_cli.node.metrics import RoundRecorder
+    from quinkgl_cli.transport.base import TransportStats
+
+    stats = TransportStats(bytes_sent=5)  # before round 1 (hellos while waiting for --min-peers)
+    recorder = RoundRecorder()
+    rounds = []
+    for r in (1, 2):
+        recorder.begin(float(r))
+        stats.bytes_sent += 100
+        stats.bytes_received += 70
+        rounds.append(recorder.finish(r, r + 0.5, stats, 1, 0, 10, {}, {}))
+        stats.bytes_sent += 7  # after the round closed
+    assert [m.bytes_sent for m in rounds] == [105, 107]
+    assert recorder.recorded()["bytes_sent"] == 212 and recorder.totals(stats)["bytes_sent"] == 219
+    assert recorder.state_dict()["totals"]["bytes_sent"] == 212
+    again = RoundRecorder()
+    again.load_state_dict(recorder.state_dict())
+    assert again.recorded()["bytes_sent"] == 212 and again.recorded()["bytes_received"] == 140

@@ -125,7 +125,8 @@ def test_status_metrics_and_json_logs_of_running_daemons(tmp_path: Path, state_d
     for name in procs:
         assert "Traceback" not in errs[name] and "BrokenPipe" not in errs[name], errs[name][-2000:]
         rows = _json_lines(files[name]["metrics"])  # peer-2 kept training after its stdout reader left
-        assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+        assert [(r["round"], r.get("phase")) for r in rows] == [*((r, None) for r in range(1, ROUNDS + 1)),
+                                                                (ROUNDS, "final-consensus")]
         assert all(r["node"] == name and r["swarm"] == swarm_id for r in rows)
         logs = sorted(tmp_path.glob(f"{name}.log*"))
         assert 1 < len(logs) <= 3 and all(f.stat().st_size <= 4000 for f in logs)

@@ -25,6 +25,7 @@ from quinkgl_cli.manifest.create import build_manifest
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.manifest.trust import load_trusted
 from quinkgl_cli.node.core import Node, NodeConfig, NodeState, evaluate_merged
+from quinkgl_cli.node.lrschedule import Training
 from quinkgl_cli.node.owneval import label_shares, weighted_accuracy
 from quinkgl_cli.node.personal import APFL, FedRep, Shared, build_personal
 from quinkgl_cli.node.script import PeerScript, load_script
@@ -66,7 +67,7 @@ def node(net: MemoryNetwork, node_id: str, m: Manifest, labels: list[int], seed:
     model = model if model is not None else mlp()
     train, val = loaders(labels, seed=seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    personal = build_personal(m.personalization, model, lambda local: torch.optim.SGD(local.parameters(), lr=0.05))
+    personal = build_personal(m.personalization, model, lambda local: Training(torch.optim.SGD(local.parameters(), lr=0.05)))
     transport = MemoryTransport(net, node_id, swarm_id="s", arch_hash=H)
     n = Node(NodeConfig(node_id, rounds=5, seed=seed, noise_seed=seed), m, "sha256:swarm", model, train, val, opt,
              transport, hooks=hooks, clock=lambda: 0.0, personal=personal)
@@ -330,7 +331,7 @@ def test_apfl_alpha_steps_along_its_gradient() -> None:
     torch.manual_seed(0)
     w = mlp()
     apfl = APFL(w, manifest("apfl", alpha="0.4", alpha_lr="0.5").personalization,
-                lambda local: torch.optim.SGD(local.parameters(), lr=0.0))  # v held still: only alpha moves
+                lambda local: Training(torch.optim.SGD(local.parameters(), lr=0.0)))  # v held still: only alpha moves
     with torch.no_grad():
         for p in apfl.local.parameters():
             p.add_(torch.randn_like(p))
@@ -354,7 +355,7 @@ def test_apfl_steps_v_and_alpha_from_the_w_the_batch_saw_not_the_w_that_stepped_
     torch.manual_seed(0)
     w = mlp()
     apfl = APFL(w, manifest("apfl", alpha="0.4", alpha_lr="0.5").personalization,
-                lambda local: torch.optim.SGD(local.parameters(), lr=0.0))
+                lambda local: Training(torch.optim.SGD(local.parameters(), lr=0.0)))
     with torch.no_grad():
         for p in apfl.local.parameters():
             p.add_(torch.randn_like(p))
@@ -580,7 +581,7 @@ def test_fedavg_simulation_refuses_personalization(blobs: PeerScript) -> None:
 
 def test_none_is_the_whole_model_unchanged() -> None:
     model = mlp()
-    policy = build_personal(manifest().personalization, model, lambda m: torch.optim.SGD(m.parameters(), lr=0.1))
+    policy = build_personal(manifest().personalization, model, lambda m: Training(torch.optim.SGD(m.parameters(), lr=0.1)))
     assert type(policy) is Shared and policy.shared is model and policy.personal_model(model) is model
 
 
@@ -679,3 +680,24 @@ def test_run_dry_run_checks_the_split_and_names_it(tmp_path: Path) -> None:
     assert ok.returncode == 0 and "personalization=fedrep shared_params=2080" in ok.stdout, ok.stdout + ok.stderr
     bad = dry("nope", "bad")
     assert bad.returncode == 7 and "FedRep head prefixes nope match none" in bad.stdout + bad.stderr
+
+
+def test_apfl_local_model_gets_the_scripts_scheduler_too() -> None:
+    """v's optimizer comes from the same build_optimizer: a scheduler it returns steps with w's, once a round, and
+    is checkpointed with v."""
+    def training(local: nn.Module) -> Training:
+        opt = torch.optim.SGD(local.parameters(), lr=0.1)
+        return Training(opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+
+    spec = manifest("apfl").personalization
+    apfl = APFL(mlp(), spec, training)
+    for _ in range(2):
+        apfl.optimizer.step()  # a round's training (no gradients: nothing moves)
+        apfl.round_trained()
+    assert apfl.optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+    tensors, meta = apfl.state_dict()
+    again = APFL(mlp(), spec, training)
+    again.load_state_dict(tensors, json.loads(json.dumps(meta)))
+    assert again.scheduler is not None and again.scheduler.last_epoch == 2
+    again.round_trained()
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(0.0125)

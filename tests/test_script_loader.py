@@ -73,7 +73,7 @@ def test_bad_scripts_are_node_config_errors(tmp_path: Path, text: str, needle: s
 
 def test_hook_results_are_checked(tmp_path: Path) -> None:
     script = load_script(write(tmp_path, GOOD + "def build_optimizer(m, model):\n    return 'sgd'\n"))
-    with pytest.raises(NodeConfigError, match="not a torch.optim.Optimizer"):
+    with pytest.raises(NodeConfigError, match=r"returned str, not an optimizer or \(optimizer, scheduler\)"):
         script.build_optimizer(None, script.build_model(None))
     bad = load_script(write(tmp_path, "def build_model(m, **k):\n    return 1\ndef build_loaders(m, **k):\n    return 1\n", "x.py"))
     with pytest.raises(NodeConfigError, match="not a torch.nn.Module"):

@@ -32,7 +32,7 @@ def _refusals(tmp_path: Path, manifest: Path, capsys: pytest.CaptureFixture[str]
             "--state-dir", str(state), "--port", "0"]
     other = tmp_path / "notes.txt"
     other.write_text("my notes\n")
-    cases = [(other, 1, "exists and is not a trace file"), (tmp_path / "no" / "dir" / "x.trace", 2, "cannot open --trace")]
+    cases = [(other, 1, "exists and is not a trace file"), (tmp_path / "no" / "dir" / "x.trace", 2, "dir does not exist")]
     for path, code, message in cases:
         ck = tmp_path / f"ck-{code}"
         got, _, err = run_cli([*base, "--checkpoint-dir", str(ck), "--trace", str(path)], capsys)

@@ -9,7 +9,7 @@ import typer
 
 from quinkgl_cli import validation
 from quinkgl_cli.cli import netflags as nf
-from quinkgl_cli.cli.output import parse_kv
+from quinkgl_cli.cli.output import check_output_file, parse_kv
 from quinkgl_cli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -181,6 +181,10 @@ def run(
     metrics_listen = validation.listen_address(metrics_listen, "--metrics-listen")
     if log_max_bytes < 1 or log_backups < 0:
         raise UsageError("--log-max-bytes must be at least 1 and --log-backups not negative")
+    # The log opens first, before the run has made its checkpoint directory; the other outputs open after.
+    check_output_file(log_file, "--log-file")
+    for path, flag in ((final_model, "--final-model"), (metrics_file, "--metrics-file"), (trace, "--trace")):
+        check_output_file(path, flag, made_by_run=checkpoint_dir)
     keys = list(trusted_pubkey or [])
     policy = trust_policy if trust_policy is not None else ("pinned" if keys else "tofu")
     options = DaemonOptions.from_flags(

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from quinkgl_cli.cli.output import parse_kv
-from quinkgl_cli.errors import IOFailure, UsageError
+from quinkgl_cli.cli.output import check_output_file, parse_kv
+from quinkgl_cli.errors import UsageError
 
 _KV = "K=V"
 _MODES = ("gossip", "fedavg", "pairwise", "local")
@@ -116,8 +116,7 @@ def simulate(
     conditions = field_config(latency, bandwidth, drop, churn, churn_away, churn_fresh, late_join, speed, gossip_interval,
                               trace)
     for path, flag in ((json_out, "--json"), (plot, "--plot")):
-        if path is not None and not path.parent.resolve().is_dir():
-            raise IOFailure(f"{flag} {path}: directory {path.parent} does not exist", "create it or choose another path")
+        check_output_file(path, flag)
     per_round = clients_per_round if clients_per_round is not None else min(DEFAULT_CLIENTS_PER_ROUND, peers)
 
     trusted = load_trusted(manifest, trust_policy, tuple(trusted_pubkey or ()))

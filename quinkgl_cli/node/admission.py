@@ -43,9 +43,10 @@ def read_document(path: Path, what: str) -> bytes:
 
 
 def prepare_admission(trusted: TrustedManifest, node_id: str, state_dir: Path, certificate: Path | None,
-                      revocations: Path | None, node_key: Any = None) -> AdmissionSettings:
+                      revocations: Path | None, node_key: Any = None, create_key: bool = True) -> AdmissionSettings:
     """The transport's admission settings; raises QuinkglError when this node may not join. ``node_key``: this
-    node's transport key in this swarm (derived from ``state_dir``'s key file when None and needed). The swarm key comes from the
+    node's transport key in this swarm (derived from ``state_dir``'s key file when None and needed; that file is
+    created when missing unless ``create_key`` is False, as for a dry run, which writes nothing). The swarm key comes from the
     certificate file in a certified swarm, from the manifest in an open one (`manifest.swarmkey`)."""
     manifest = trusted.manifest
     creator = manifest.creator_pubkey if trusted.signed else None
@@ -66,7 +67,7 @@ def prepare_admission(trusted: TrustedManifest, node_id: str, state_dir: Path, c
         if node_key is None:
             from quinkgl_cli.transport.ipv8.identity import swarm_identity
 
-            node_key = swarm_identity(state_dir, trusted.swarm_id)
+            node_key = swarm_identity(state_dir, trusted.swarm_id, create=create_key)
         problem = docs.certificate_problem(signed, swarm_id=trusted.swarm_id, creator_pubkey=creator,
                                            node_key=node_key.pub().key_to_bin().hex(), node_id=node_id,
                                            now=_now(), revoked=revoked)

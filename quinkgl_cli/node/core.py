@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node import state as node_state
@@ -153,7 +154,8 @@ class Node:
                  transport: Transport, hooks: Hooks | None = None, clock: Callable[[], float] = time.monotonic,
                  loss_fn: LossFn | None = None, aggregator: Aggregator | None = None,
                  topology: Topology | None = None, policies: NodePolicies = DEFAULT_POLICIES,
-                 personal: Shared | None = None, own_loader: Iterable[Any] | None = None) -> None:
+                 personal: Shared | None = None, own_loader: Iterable[Any] | None = None,
+                 scheduler: LRScheduler | None = None) -> None:
         self.node_id = config.node_id
         self.manifest = manifest
         self.swarm_id = swarm_id
@@ -172,7 +174,8 @@ class Node:
         self.trainer = Trainer(manifest, model, train_loader, val_loader, optimizer, loss_fn,
                                config.local_epochs or training.local_epochs, config.local_steps if config.local_steps
                                is not None else training.local_steps, policies.reported_samples,
-                               policies.fresh_optimizer, personal, self.rounds, config.noise_seed, own_loader)
+                               policies.fresh_optimizer, personal, self.rounds, config.noise_seed, own_loader,
+                               scheduler)
         shared = self.trainer.shared  # only this part of the model is sent, aggregated and served (`node.personal`)
         self.graph = GraphWatch(self.node_id, config.spectral_every, config.spectral_window, self.log)
         self.exchange = Exchange(self.node_id, manifest, shared, transport, self.aggregator,
@@ -181,6 +184,7 @@ class Node:
         self.inbox = Inbox(training.max_staleness, self.log)
         self.peer_clock = PeerClock(training.max_staleness, clock)
         self.recorder = RoundRecorder()
+        self.consensus_metrics: dict[str, Any] | None = None  # the final consensus's, once it ran (`end_consensus`)
         self.serving = serving_model(self.aggregator, shared)
         self.fingerprint = own_fingerprint(manifest, train_loader, shared, self.trainer.loss_fn, config.noise_seed,
                                            self.log)
@@ -284,7 +288,7 @@ class Node:
                      quorum=jump.quorum)
             self.round = jump.to_round
             self.completed_round = jump.to_round - 1
-        self.recorder.begin(self.clock(), self.transport.stats)
+        self.recorder.begin(self.clock())
         self.inbox.begin_round()
         self.log(logging.DEBUG, "round-start", known_peers=len(self.known_peers))
         return self.round
@@ -396,24 +400,31 @@ class Node:
     def begin_consensus(self) -> range:
         """Start the final averaging-only exchanges after the last round; returns their gossip-step numbers (they
         follow a round's own steps). The driver shares and aggregates at each, then evaluates."""
-        self.recorder.begin(self.clock(), self.transport.stats)
+        self.recorder.begin(self.clock())
         self.inbox.begin_round()
         self.serving.merged()
         self.aggregator.begin_consensus()
         return range(self.gossip_steps, self.gossip_steps + self.final_consensus_steps)
 
     def end_consensus(self) -> RoundMetrics:
-        """The consensus phase's metrics: the model held now, the traffic since `begin_consensus` (not history)."""
-        return self.recorder.finish(self.round, self.clock(), self.transport.stats, len(self.known_peers),
-                                    self.inbox.dropped, int(self.trainer.sample_count),
-                                    self.exchange.sharing.round_metrics(), dict(self.graph.latest))
+        """The consensus phase's metrics: the model held now, the traffic since the last round ended; not history,
+        kept as ``consensus_metrics`` (the metrics file's last row)."""
+        metrics = self.recorder.finish(self.round, self.clock(), self.transport.stats, len(self.known_peers),
+                                       self.inbox.dropped, int(self.trainer.sample_count),
+                                       self.exchange.sharing.round_metrics(), dict(self.graph.latest))
+        self.consensus_metrics = metrics.as_dict()
+        return metrics
 
     def finished(self) -> bool:
         return self.rounds is not None and self.completed_round >= self.rounds
 
     def totals(self) -> dict[str, int]:
-        """The whole run's peers met and traffic, including the processes before a restart."""
+        """The whole run's peers met and traffic so far, including the processes before a restart."""
         return self.recorder.totals(self.transport.stats)
+
+    def recorded_totals(self) -> dict[str, int]:
+        """`totals` as the rounds and final consensus recorded them: the sum of their metrics."""
+        return self.recorder.recorded()
 
     # --------------------------------------------------------------- checkpoint state
     def state_dict(self) -> NodeState:
@@ -431,7 +442,7 @@ class Node:
         tensors.update(serving_tensors)
         meta = {"node_id": self.node_id, "swarm_id": self.swarm_id, "round": self.completed_round,
                 "sample_count": int(self.trainer.sample_count), **trainer_meta, "topology": topology,
-                "rng": rng, "serving": serving, **self.recorder.state_dict(self.transport.stats)}
+                "rng": rng, "serving": serving, **self.recorder.state_dict()}
         return NodeState(tensors=tensors, meta=meta)
 
     def load_state_dict(self, state: NodeState) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,10 +48,12 @@ from quinkgl_cli.node.observed import SnapshotMaker
 from quinkgl_cli.node.options import DaemonOptions, default_node_id
 from quinkgl_cli.node.persistence import RunFiles
 from quinkgl_cli.node.personal import build_personal
+from quinkgl_cli.node.probe import probe_batches
 from quinkgl_cli.node.process import process_started_at, tune_allocator
 from quinkgl_cli.node.runloop import RoundLoop, Waiter
 from quinkgl_cli.node.startup import Prepared, make_ipv8_transport, node_seed, prepare
 from quinkgl_cli.node.tracer import TracedEvents, Tracer
+from quinkgl_cli.node.trainer import default_loss
 from quinkgl_cli.node.wiring import build_node
 from quinkgl_cli.ops.observer import open_observer
 from quinkgl_cli.ops.snapshot import Observer
@@ -232,10 +235,16 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
         raise UsageError(f"--log-level {options.log_level!r} is not one of debug, info, warning, error")
     context = setup_logging(options.node_id, options.log_format, level, log_file=options.log_file,
                             log_max_bytes=options.log_max_bytes, log_backups=options.log_backups)
-    prepared = prepare(options)
     if options.dry_run:
-        _dry_run(prepared)
+        # Not even the bytecode cache Python writes beside the peer script (and what it imports) on first import.
+        writes_bytecode = sys.dont_write_bytecode
+        sys.dont_write_bytecode = True
+        try:
+            _dry_run(prepare(options))
+        finally:
+            sys.dont_write_bytecode = writes_bytecode
         return int(ExitCode.OK)
+    prepared = prepare(options)
     daemon: Daemon | None = None
     observer: Observer | None = None
     try:
@@ -255,13 +264,26 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
 
 
 def _dry_run(prepared: Prepared) -> None:
-    m = prepared.trusted.manifest
-    optimizer = prepared.script.build_optimizer(m, prepared.model)  # checked as the node will build it
-    personal = build_personal(m.personalization, prepared.model, lambda local: prepared.script.build_optimizer(m, local))
-    emit(log, logging.INFO, "dry-run-ok", manifest=m.name, swarm=prepared.trusted.swarm_id, policy=prepared.trusted.policy,
+    """What a run would start with, checked and logged: the optimizer, the personalization split, and the first
+    batch of each loader through the model and its loss (`node.probe`); nothing is written (no TOFU entry,
+    checkpoint, key or output file). Under tofu, ``tofu=would-pin`` says that a real run would remember the creator key."""
+    trusted = prepared.trusted
+    m = trusted.manifest
+    optimizer, scheduler = prepared.script.build_training(m, prepared.model)  # checked as the node will build it
+    personal = build_personal(m.personalization, prepared.model, lambda local: prepared.script.build_training(m, local))
+    probed = probe_batches(prepared.model, prepared.script.loss_fn or default_loss(m), tuple(m.task.input_shape),
+                           {"train": prepared.train_loader, "val": prepared.val_loader, "own": prepared.own_loader})
+    tofu: dict[str, Any] = {}
+    if trusted.tofu == "first-use":
+        tofu = {"tofu": "would-pin", "creator": m.creator_pubkey}
+    elif trusted.tofu is not None:
+        tofu = {"tofu": trusted.tofu}
+    emit(log, logging.INFO, "dry-run-ok", manifest=m.name, swarm=trusted.swarm_id, policy=trusted.policy, **tofu,
          arch_hash=prepared.arch_hash, arch_match=prepared.arch_hash == m.model.arch_hash,
          params=sum(p.numel() for p in prepared.model.parameters()), train_batches=_len_or_dash(prepared.train_loader),
-         optimizer=type(optimizer).__name__, strategy=m.aggregation.name, topology=m.topology.name,
+         probed=probed,
+         optimizer=type(optimizer).__name__, scheduler=type(scheduler).__name__ if scheduler is not None else None,
+         strategy=m.aggregation.name, topology=m.topology.name,
          personalization=m.personalization.mode, shared_params=sum(p.numel() for p in personal.shared.parameters()))
 
 

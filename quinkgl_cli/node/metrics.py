@@ -1,9 +1,15 @@
 """A node's round metrics and history.
 
-Owns what a round records while it runs (when it began, the transport counters at its start, the training and
-evaluation results, the peers aggregated and the samples they carried), the history of completed rounds' metrics,
-and the run's totals across restarts (peers met, bytes and updates moved in earlier processes). Checkpointed:
-the history and the totals (`state_dict`), so a resumed daemon's ``finished`` line reports the whole run.
+Owns what a round records while it runs (when it began, the training and evaluation results, the peers aggregated
+and the samples they carried), the history of completed rounds' metrics, and the run's totals across restarts
+(peers met, bytes and updates moved in earlier processes). Checkpointed: the history and the totals (`state_dict`),
+so a resumed daemon's ``finished`` line reports the whole run.
+
+Traffic is counted end to end: a round's bytes and updates are those the transport moved since the previous
+round (or the final consensus) ended, or since the process started, so nothing that moved between rounds (a send
+still in flight when the round closed, a peer's update that arrived while this one waited for its next round) is
+left out, and the rounds' counts, with the final consensus's (`Node.end_consensus`), add up to `recorded`: the
+``finished`` line's totals, and those a checkpoint keeps.
 """
 
 from __future__ import annotations
@@ -106,7 +112,7 @@ class RoundRecorder:
     def __init__(self) -> None:
         self.history: list[dict[str, Any]] = []
         self.started = 0.0
-        self.at_start = Counters()
+        self.at_last_end = Counters()  # the transport's counters when the last round (or consensus) of this process ended
         self.train: TrainStats | None = None
         self.eval: EvalStats | None = None
         self.peers: list[str] = []
@@ -116,9 +122,8 @@ class RoundRecorder:
         self.earlier_peers: set[str] = set()
         self.earlier_traffic = Counters()
 
-    def begin(self, now: float, stats: TransportStats) -> None:
+    def begin(self, now: float) -> None:
         self.started = now
-        self.at_start = Counters.of(stats)
         self.train = None
         self.eval = None
         self.peers = []
@@ -132,8 +137,11 @@ class RoundRecorder:
 
     def finish(self, round_: int, now: float, stats: TransportStats, known_peers: int, dropped: int,
                sample_count: int, sharing: dict[str, Any], spectral: dict[str, Any]) -> RoundMetrics:
-        """The metrics of the round that ends now (the caller appends them to the history once it is complete)."""
-        moved = Counters.of(stats).minus(self.at_start)
+        """The metrics of the round that ends now (the caller appends them to the history once it is complete);
+        its traffic is what moved since the last one ended."""
+        now_counters = Counters.of(stats)
+        moved = now_counters.minus(self.at_last_end)
+        self.at_last_end = now_counters
         train, ev = self.train, self.eval
         return RoundMetrics(
             round=round_,
@@ -166,15 +174,22 @@ class RoundRecorder:
         return dict(self.history[-1]) if self.history else {}
 
     def totals(self, stats: TransportStats) -> dict[str, int]:
-        """The whole run's peers met and traffic, this process's added to earlier processes'."""
-        traffic = self.earlier_traffic.plus(Counters.of(stats))
+        """The whole run's peers met and traffic so far, this process's added to earlier processes' (status)."""
+        return self._totals(self.earlier_traffic.plus(Counters.of(stats)))
+
+    def recorded(self) -> dict[str, int]:
+        """The whole run's peers met and the traffic its rounds and final consensuses recorded: the sum of their
+        metrics (what the ``finished`` line says and a checkpoint keeps; later traffic belongs to the next round)."""
+        return self._totals(self.earlier_traffic.plus(self.at_last_end))
+
+    def _totals(self, traffic: Counters) -> dict[str, int]:
         return {"peers_met": len(self.earlier_peers | self.met), "bytes_sent": traffic.bytes_sent,
                 "bytes_received": traffic.bytes_received, "updates_sent": traffic.models_sent,
                 "updates_received": traffic.models_received}
 
     # ------------------------------------------------------------------ checkpoint state
-    def state_dict(self, stats: TransportStats) -> dict[str, Any]:
-        totals = self.totals(stats)
+    def state_dict(self) -> dict[str, Any]:
+        totals = self.recorded()
         return {"history": self.history, "known_peers": sorted(self.earlier_peers | self.met),
                 "totals": {k: v for k, v in totals.items() if k != "peers_met"}}
 

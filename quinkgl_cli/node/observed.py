@@ -55,5 +55,5 @@ class SnapshotMaker:
             loss=last.get("loss"), accuracy=last.get("accuracy"), val_loss=last.get("val_loss"),
             val_accuracy=last.get("val_accuracy"), bytes_sent=totals["bytes_sent"],
             bytes_received=totals["bytes_received"], dp_epsilon_spent=last.get("dp_epsilon_spent"),
-            round_metrics=last,
+            round_metrics=last, final_consensus=node.consensus_metrics,
         )

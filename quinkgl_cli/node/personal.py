@@ -34,6 +34,7 @@ from torch.func import functional_call
 
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.personalization import PersonalizationSpec
+from quinkgl_cli.node.lrschedule import Training, load_scheduler_state, scheduler_state
 from quinkgl_cli.node.state import load_optimizer_state, optimizer_state
 
 HEAD_ATTRIBUTE = "quinkgl_head"  # a model's own choice of head prefixes (FedRep), below the manifest's
@@ -111,6 +112,9 @@ class Shared:
 
     def after_step(self, x: Any, y: Any, loss_fn: LossFn) -> None:
         """Called after each optimizer step of the shared model, with that step's batch."""
+
+    def round_trained(self) -> None:
+        """Called once per round after local training, when the shared model's scheduler steps."""
 
     def personal_model(self, served: nn.Module) -> nn.Module:
         """The model this peer serves its own users, given the shared model it serves (``served``)."""
@@ -201,10 +205,11 @@ class APFL(Shared):
     separate = True
 
     def __init__(self, model: nn.Module, spec: PersonalizationSpec,
-                 build_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> None:
+                 build_optimizer: Callable[[nn.Module], Training]) -> None:
         super().__init__(model)
         self.local = copy.deepcopy(model)  # v starts where w does (the paper's v0 = w0)
-        self.optimizer = build_optimizer(self.local)
+        # v's optimizer and scheduler come from the script's hook, as w's do; the scheduler steps with w's.
+        self.optimizer, self.scheduler = build_optimizer(self.local)
         self.alpha = float(spec.alpha)
         self.alpha_lr = float(spec.alpha_lr)
         self._mixed: nn.Module | None = None
@@ -246,15 +251,23 @@ class APFL(Shared):
                     mixed[name].copy_(v)  # buffers (running statistics) are the local model's
         return self._mixed
 
+    def round_trained(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step()
+
     def mixing(self) -> float | None:
         return self.alpha
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """``personal.local.*`` (v) and ``personal.optim.*`` tensors; alpha and v's optimizer groups in JSON."""
+        """``personal.local.*`` (v) and ``personal.optim.*`` tensors; alpha, v's optimizer groups and its scheduler
+        (if any) in JSON."""
         tensors = {f"{LOCAL_PREFIX}{k}": t.detach().cpu().contiguous() for k, t in self.local.state_dict().items()}
         opt_tensors, opt_meta = optimizer_state(self.optimizer, f"{PREFIX}optim.")
         tensors.update(opt_tensors)
-        return tensors, {"mode": self.mode, "alpha": self.alpha, "optimizer": opt_meta}
+        meta = {"mode": self.mode, "alpha": self.alpha, "optimizer": opt_meta}
+        if self.scheduler is not None:
+            meta["scheduler"] = scheduler_state(self.scheduler)
+        return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None) -> None:
         super().load_state_dict(tensors, meta)
@@ -267,11 +280,12 @@ class APFL(Shared):
         if missing or unexpected or not all(bool(torch.isfinite(t).all()) for t in local.values() if t.is_floating_point()):
             raise ValueError("checkpoint APFL local model does not fit the model or is not finite")
         load_optimizer_state(self.optimizer, tensors, meta["optimizer"], f"{PREFIX}optim.")
+        load_scheduler_state(self.scheduler, meta.get("scheduler"))
         self.alpha = alpha
 
 
 def build_personal(spec: PersonalizationSpec, model: nn.Module,
-                   build_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> Shared:
+                   build_optimizer: Callable[[nn.Module], Training]) -> Shared:
     """The policy the manifest names, for ``model``; refuses a model it cannot split (`NodeConfigError`)."""
     if spec.mode == "fedrep":
         return FedRep(model, spec)

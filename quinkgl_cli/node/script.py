@@ -4,7 +4,7 @@ A peer script is a plain Python file with two required hooks and four optional o
 
     build_model(manifest, **script_args) -> nn.Module
     build_loaders(manifest, **script_args) -> (train_loader, val_loader[, own_loader])
-    build_optimizer(manifest, model) -> torch.optim.Optimizer              (optional)
+    build_optimizer(manifest, model) -> optimizer | (optimizer, scheduler)  (optional)
     loss_fn(outputs, targets) -> loss tensor                               (optional)
     on_round_end(round_idx, metrics)                                       (optional)
     on_peer_discovered(peer_id)                                            (optional)
@@ -16,7 +16,8 @@ arrives from the network or from a checkpoint ever reaches this loader.
 When ``build_optimizer`` is absent the node uses SGD with lr 0.05 and momentum 0.9 (the guide's scripts use
 exactly that; it is a sound default for the small classifiers federated peers usually train); without
 ``loss_fn``, cross-entropy (mean squared error for regression). Both are used the same way wherever a node is
-built (`quinkgl_cli.node.wiring`).
+built (`quinkgl_cli.node.wiring`). A scheduler ``build_optimizer`` returns beside its optimizer steps once per round
+after local training, and is checkpointed (`quinkgl_cli.node.lrschedule`).
 
 ``own_loader``, when a script returns one, is test data drawn from this peer's own distribution (say, a held-out
 slice of its own data): the personal model's ``own_accuracy`` is measured on it. Without it, ``own_accuracy`` is
@@ -33,9 +34,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from quinkgl_cli.errors import IOFailure, NodeConfigError
+
+if TYPE_CHECKING:
+    from quinkgl_cli.node.lrschedule import Training
 
 REQUIRED_HOOKS = ("build_model", "build_loaders")
 OPTIONAL_HOOKS = ("build_optimizer", "on_round_end", "on_peer_discovered", "on_aggregation_done")
@@ -116,19 +120,22 @@ class PeerScript:
         return loaders
 
     def build_optimizer(self, manifest: Any, model: Any) -> Any:
-        """The script's optimizer for ``model``, or SGD(lr=0.05, momentum=0.9) when the hook is absent."""
+        """The optimizer of `build_training`, for callers that train without rounds (benchmarks, warm-ups)."""
+        return self.build_training(manifest, model).optimizer
+
+    def build_training(self, manifest: Any, model: Any) -> Training:
+        """The script's optimizer for ``model`` and its learning-rate scheduler, if it returns one
+        (`quinkgl_cli.node.lrschedule`), or SGD(lr=0.05, momentum=0.9) and none when the hook is absent."""
         import torch
 
+        from quinkgl_cli.node.lrschedule import Training, check_training
+
         if self.build_optimizer_fn is None:
-            return torch.optim.SGD(model.parameters(), lr=DEFAULT_LR, momentum=DEFAULT_MOMENTUM)
-        with _hook(f"build_optimizer in {self.path.name}", "fix the peer script"):
-            optimizer = self.build_optimizer_fn(manifest, model)
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise NodeConfigError(
-                f"build_optimizer in {self.path.name} returned {type(optimizer).__name__}, not a torch.optim.Optimizer",
-                "return an optimizer built on model.parameters()",
-            )
-        return optimizer
+            return Training(torch.optim.SGD(model.parameters(), lr=DEFAULT_LR, momentum=DEFAULT_MOMENTUM))
+        where = f"build_optimizer in {self.path.name}"
+        with _hook(where, "fix the peer script"):
+            value = self.build_optimizer_fn(manifest, model)
+        return check_training(value, where)
 
 
 class Loaders(NamedTuple):

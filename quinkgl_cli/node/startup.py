@@ -11,6 +11,9 @@ In order, each failure a one-line error with its exit code (`prepare`):
      and the newest checkpoint of this swarm found for resuming; another swarm's is refused (7) unless
      ``--no-resume``.
 
+A dry run stops after step 4 having written nothing: under tofu the creator key is checked against the store, not
+remembered, and a certified swarm's node key must exist already.
+
 Owns the `Prepared` result, the seeding of the process's generators, where a node's directories are by default,
 and how the IPv8 transport is made from the options.
 """
@@ -101,12 +104,15 @@ def prepare(options: DaemonOptions) -> Prepared:
     from quinkgl_cli.manifest.trust import load_trusted
 
     trust = options.trust
-    trusted = load_trusted(options.manifest, trust.trust_policy, tuple(trust.trusted_pubkeys), options.state_dir)
+    # A dry run changes nothing on disk: under tofu it reports a creator key it sees first, and pins none.
+    trusted = load_trusted(options.manifest, trust.trust_policy, tuple(trust.trusted_pubkeys), options.state_dir,
+                           remember=not options.dry_run)
     manifest = trusted.manifest
 
     from quinkgl_cli.node.admission import prepare_admission
 
-    admission = prepare_admission(trusted, options.node_id, node_state_dir(options), trust.certificate, trust.revocations)
+    admission = prepare_admission(trusted, options.node_id, node_state_dir(options), trust.certificate, trust.revocations,
+                                  create_key=not options.dry_run)
 
     from quinkgl_cli.node.script import load_script
 

@@ -3,7 +3,8 @@ random number generators' states (Python's, the node's own, NumPy's, torch's) as
 
 Owns the layout: ``model.*``, ``optim.*`` and ``personal.*`` (the trainer and its personalization policy), ``aggregator.*``, ``sharing.*`` and ``topology.*`` (the
 exchange), ``rng.*`` tensors; JSON meta with node and swarm id, the completed round, the sample count, the history
-and run totals (the recorder), optimizer groups, topology JSON and RNG states. Never pickled
+and run totals (the recorder), optimizer groups, the learning-rate scheduler's type and state (`node.lrschedule`),
+topology JSON and RNG states. Never pickled
 (`quinkgl_cli.node.checkpoint` writes it as safetensors).
 """
 

@@ -8,7 +8,8 @@ on this peer's own distribution (`node.owneval`), the sample count this peer rep
 set, or what one pass counted when the loader has no sized dataset), and the last good model: the model as the last
 training that kept a finite loss left it. A non-finite loss (a poisoned aggregate that slipped past the
 aggregator's bounds) rolls the model back to it and trains the round again from there; only when that fails too,
-or there is no good model yet, does training stop the node. Also owns the model's, optimizer's and
+or there is no good model yet, does training stop the node. Steps the script's learning-rate scheduler, if it
+has one, once per round after training (`node.lrschedule`). Also owns the model's, optimizer's, scheduler's and
 personalization's part of a checkpoint (`state_dict` / `load_state_dict`). The aggregator's training hooks
 (FedProx's proximal term, SCAFFOLD's control variates) and local DP's clip-and-noise are called here, around the
 optimizer steps, because they must see every step; they and DP see only the shared part. Under privacy mode
@@ -27,11 +28,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from quinkgl_cli.batches import batch_failed, batch_parts
 from quinkgl_cli.errors import NodeConfigError, QuinkglError
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
+from quinkgl_cli.node.lrschedule import load_scheduler_state, scheduler_state
 from quinkgl_cli.node.moments import MomentRules
 from quinkgl_cli.node.owneval import class_hits, label_shares, weighted_accuracy
 from quinkgl_cli.node.personal import LossFn, Shared
@@ -85,7 +88,8 @@ class Trainer:
                  val_loader: Iterable[Any] | None, optimizer: torch.optim.Optimizer, loss_fn: LossFn | None,
                  local_epochs: int, local_steps: int | None, reported_samples: int | None = None,
                  fresh_optimizer: bool = False, personal: Shared | None = None, rounds: int | None = None,
-                 noise_seed: int | None = None, own_loader: Iterable[Any] | None = None) -> None:
+                 noise_seed: int | None = None, own_loader: Iterable[Any] | None = None,
+                 scheduler: LRScheduler | None = None) -> None:
         self.model = model
         # What is shared (the model, or FedRep's backbone): aggregator hooks, DP and the exchange see only this.
         self.personal = personal or Shared(model)
@@ -93,6 +97,7 @@ class Trainer:
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.optimizer = optimizer
+        self.scheduler = scheduler  # the script's learning-rate scheduler: one step per round, after training
         self.loss_fn = loss_fn or default_loss(manifest)
         self.local_epochs = local_epochs
         self.local_steps = local_steps
@@ -156,6 +161,9 @@ class Trainer:
                 raise _diverged(again.loss, round_) from None
         self.last_good = flatten(self.model)
         self.moments.training_ended(stats.steps)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.personal.round_trained()
         stats.duration = time.perf_counter() - started
         stats.rolled_back_from = rolled_back_from
         return stats
@@ -168,7 +176,7 @@ class Trainer:
         device = self.device  # once a pass: finding it walks the model's parameters
         for epoch in range(epochs):
             for batch in self.train_loader:
-                x, y = _split_batch(batch, device)
+                x, y = split_batch(batch, device)
                 yield epoch, x, y
                 steps += 1
                 if (self.local_steps is not None and steps >= self.local_steps) or (
@@ -313,7 +321,7 @@ class Trainer:
         device = self.device
         with torch.no_grad():
             for batch in loader:
-                x, y = _split_batch(batch, device)
+                x, y = split_batch(batch, device)
                 try:
                     out = model(x)
                     n = _batch_len(y)
@@ -343,12 +351,16 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Model, optimizer and personalization as (tensors, JSON): ``model.*``, ``optim.<param>.<key>`` and
-        ``personal.*`` tensors; ``optimizer`` (param groups, non-tensor state) and ``personal`` JSON. CPU tensors
-        are views of the live state, not copies."""
+        ``personal.*`` tensors; ``optimizer`` (param groups, non-tensor state), ``scheduler`` (when the script has
+        one: its type and state, `node.lrschedule`) and ``personal`` JSON. CPU tensors are views of the live state,
+        not copies."""
         tensors = {f"model.{name}": t.detach().cpu().contiguous() for name, t in self.model.state_dict().items()}
         opt_tensors, optimizer = optimizer_state(self.optimizer, "optim.")
         personal_tensors, personal = self.personal.state_dict()
-        return {**tensors, **opt_tensors, **personal_tensors}, {"optimizer": optimizer, "personal": personal}
+        meta = {"optimizer": optimizer, "personal": personal}
+        if self.scheduler is not None:
+            meta["scheduler"] = scheduler_state(self.scheduler)
+        return {**tensors, **opt_tensors, **personal_tensors}, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], sample_count: int) -> None:
         """Restore what `state_dict` saved (``meta`` holds its JSON); the model and optimizer must be the same shapes."""
@@ -357,6 +369,7 @@ class Trainer:
         if missing or unexpected:
             raise ValueError(f"checkpoint does not fit the model (missing {len(missing)}, unexpected {len(unexpected)} entries)")
         load_optimizer_state(self.optimizer, tensors, meta["optimizer"], "optim.")
+        load_scheduler_state(self.scheduler, meta.get("scheduler"))
         self.personal.load_state_dict(tensors, meta.get("personal"))
         if sample_count > 0 and self.sample_count <= 0:
             self.sample_count = sample_count
@@ -376,7 +389,7 @@ def _dataset_size(loader: Any) -> int:
     return 0
 
 
-def _split_batch(batch: Any, device: torch.device) -> tuple[Any, Any]:
+def split_batch(batch: Any, device: torch.device) -> tuple[Any, Any]:
     """(inputs, targets) of a batch, on the model's device (loaders yield CPU tensors; a script may build a GPU model)."""
     x, y = batch_parts(batch)
     if device.type != "cpu":

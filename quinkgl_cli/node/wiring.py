@@ -28,12 +28,13 @@ def build_node(script: PeerScript, manifest: Manifest, swarm_id: str, config: No
                hooks: Hooks | None = None, clock: Callable[[], float] = time.monotonic,
                aggregator: Aggregator | None = None, topology: Topology | None = None,
                policies: NodePolicies = DEFAULT_POLICIES, own_loader: Iterable[Any] | None = None) -> Node:
-    """A node for ``model``: its optimizer from the script's ``build_optimizer(manifest, model)``, its loss from the
+    """A node for ``model``: its optimizer (and learning-rate scheduler, if it returns one) from the script's
+    ``build_optimizer(manifest, model)``, its loss from the
     script's ``loss_fn``, its personalization policy from the manifest (APFL's local model gets its own
     ``build_optimizer``); ``hooks`` (usually the script itself) are called by the node, None calls none;
     ``own_loader`` is the peer's own test data, when its script has some (`node.script.Loaders`)."""
-    optimizer = script.build_optimizer(manifest, model)
-    personal = build_personal(manifest.personalization, model, lambda local: script.build_optimizer(manifest, local))
+    optimizer, scheduler = script.build_training(manifest, model)
+    personal = build_personal(manifest.personalization, model, lambda local: script.build_training(manifest, local))
     return Node(config, manifest, swarm_id, model, train_loader, val_loader, optimizer, transport, hooks=hooks,
                 clock=clock, loss_fn=script.loss_fn, aggregator=aggregator, topology=topology, policies=policies,
-                personal=personal, own_loader=own_loader)
+                personal=personal, own_loader=own_loader, scheduler=scheduler)

@@ -2,7 +2,9 @@
 
 Each line: ``ts`` (UTC, ISO 8601), ``node``, ``swarm``, ``round``, then that round's metrics as the daemon's
 ``round-end`` and ``on_round_end`` know them (``loss``, ``accuracy``, ``val_loss``, ``val_accuracy``, ``peers``,
-``bytes_sent``, ...; NaN written as ``"nan"``). A restarted daemon appends to the same file from the round it
+``bytes_sent``, ...; NaN written as ``"nan"``). After the last round, the final consensus's line: ``"phase":
+"final-consensus"``, the last round's number, the evaluation after it and the traffic it moved, so the lines'
+``bytes_sent`` add up to the ``finished`` line's. A restarted daemon appends to the same file from the round it
 resumes at, so one file holds a whole run. Each line is one ``write`` on a file opened for appending, so a
 killed daemon leaves at most its last line incomplete; `read_metrics` refuses anything else that is not a line
 of this shape.
@@ -13,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quinkgl_cli.errors import IOFailure, UsageError
 from quinkgl_cli.ops.snapshot import DaemonSnapshot, json_safe
+
+FINAL_CONSENSUS = "final-consensus"  # the ``phase`` of the final consensus's line
 
 
 class MetricsFile:
@@ -28,6 +32,7 @@ class MetricsFile:
         self.path = Path(path)
         self._fd: int | None = None
         self._written: int | None = None  # the last round on file; the first snapshot sets it
+        self._consensus_written = False
 
     def start(self) -> None:
         try:
@@ -41,11 +46,19 @@ class MetricsFile:
             # The state a daemon starts (or resumes) with: its last round is already on file, or was never run here.
             self._written = snapshot.round
             return
-        if snapshot.round <= self._written or not snapshot.round_metrics or self._fd is None:
+        if snapshot.round > self._written and snapshot.round_metrics:
+            self._append(snapshot, snapshot.round_metrics, {})
+            self._written = snapshot.round
+        if snapshot.final_consensus is not None and not self._consensus_written:
+            self._append(snapshot, snapshot.final_consensus, {"phase": FINAL_CONSENSUS})
+            self._consensus_written = True
+
+    def _append(self, snapshot: DaemonSnapshot, metrics: dict[str, Any], extra: dict[str, Any]) -> None:
+        if self._fd is None:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snapshot.updated_at))
-        record = {"ts": stamp, "node": snapshot.node_id, "swarm": snapshot.swarm_id, "round": snapshot.round}
-        for key, value in snapshot.round_metrics.items():
+        record = {"ts": stamp, "node": snapshot.node_id, "swarm": snapshot.swarm_id, "round": snapshot.round, **extra}
+        for key, value in metrics.items():
             record.setdefault(key, value)
         line = json.dumps(json_safe(record), separators=(",", ":"), allow_nan=False) + "\n"
         data = memoryview(line.encode())
@@ -54,7 +67,6 @@ class MetricsFile:
                 data = data[os.write(self._fd, data):]
         except OSError as exc:
             raise IOFailure(f"cannot append to --metrics-file {self.path}: {exc.strerror}") from exc
-        self._written = snapshot.round
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
@@ -64,11 +76,13 @@ class MetricsFile:
 
 @dataclass(frozen=True)
 class MetricsRun:
-    """One node's rows of a metrics file, in round order (a resumed run's repeated rounds: the later row wins)."""
+    """One node's rows of a metrics file, in round order (a resumed run's repeated rounds: the later row wins), and
+    its final consensuses' rows (one per run that reached its round target, by the round it followed)."""
 
     node: str
     swarm: str
     rows: list[dict[str, Any]]
+    consensus: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_metrics(path: Path) -> list[MetricsRun]:
@@ -82,6 +96,7 @@ def read_metrics(path: Path) -> list[MetricsRun]:
         raise UsageError(f"{path} is not a UTF-8 metrics file") from exc
     lines = text.split("\n")
     by_node: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    consensus: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -94,7 +109,10 @@ def read_metrics(path: Path) -> list[MetricsRun]:
         if not isinstance(row, dict) or not isinstance(row.get("round"), int) or isinstance(row.get("round"), bool) \
                 or not isinstance(row.get("node"), str) or not isinstance(row.get("swarm"), str):
             raise UsageError(f"{path}:{number} lacks node, swarm or an integer round", "is this a --metrics-file?")
-        by_node.setdefault((row["node"], row["swarm"]), {})[row["round"]] = row
+        kept = consensus if row.get("phase") == FINAL_CONSENSUS else by_node
+        kept.setdefault((row["node"], row["swarm"]), {})[row["round"]] = row
     if not by_node:
         raise UsageError(f"{path} holds no rounds yet")
-    return [MetricsRun(node, swarm, [rows[r] for r in sorted(rows)]) for (node, swarm), rows in by_node.items()]
+    return [MetricsRun(node, swarm, [rows[r] for r in sorted(rows)],
+                       [c for _, c in sorted(consensus.get((node, swarm), {}).items())])
+            for (node, swarm), rows in by_node.items()]

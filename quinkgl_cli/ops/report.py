@@ -34,11 +34,17 @@ class NodeSummary:
 
 
 def summarize(run: MetricsRun) -> NodeSummary:
-    accs = [a for a in (metric_number(r.get("val_accuracy")) for r in run.rows) if a is not None]
-    sent = sum(int(v) for v in (metric_number(r.get("bytes_sent")) for r in run.rows) if v is not None)
+    """The node's summary: bytes over its rounds and final consensuses (the ``finished`` line's total); the final
+    accuracies after the last final consensus when it followed the last round on file (the ``finished`` line's)."""
+    rows = [*run.rows, *run.consensus]
+    accs = [a for a in (metric_number(r.get("val_accuracy")) for r in rows) if a is not None]
+    sent = sum(int(v) for v in (metric_number(r.get("bytes_sent")) for r in rows) if v is not None)
+    last = run.rows[-1]
+    if run.consensus and run.consensus[-1]["round"] >= last["round"]:
+        last = run.consensus[-1]
     return NodeSummary(run.node, run.swarm, len(run.rows), run.rows[0]["round"], run.rows[-1]["round"],
-                       metric_number(run.rows[-1].get("val_accuracy")), max(accs) if accs else None, sent,
-                       metric_number(run.rows[-1].get("own_accuracy")))
+                       metric_number(last.get("val_accuracy")), max(accs) if accs else None, sent,
+                       metric_number(last.get("own_accuracy")))
 
 
 def plot_runs(runs: list[MetricsRun], path: Path) -> None:

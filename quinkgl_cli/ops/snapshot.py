@@ -57,6 +57,7 @@ class DaemonSnapshot:
     bytes_received: int = 0
     dp_epsilon_spent: float | None = None  # None: no differential privacy (its delta is in round_metrics)
     round_metrics: dict[str, Any] = field(default_factory=dict)  # the last completed round's full metrics
+    final_consensus: dict[str, Any] | None = None  # the final consensus's metrics, once it ran (its traffic too)
 
     def to_json(self) -> dict[str, Any]:
         """As strict JSON: a NaN or infinite number becomes the string ``"nan"``/``"inf"``/``"-inf"`` (as in

@@ -27,8 +27,14 @@ SESSION_FILE = "transport_session"
 SECRET_KEY_PREFIX = b"LibNaCLSK:"  # IPv8's private curve25519 key: this, then the X25519 key and the Ed25519 seed
 
 
-def load_or_create_key(state_dir: Path) -> PrivateKey:
+def load_or_create_key(state_dir: Path, create: bool = True) -> PrivateKey:
+    """The node's secret key; created (with its directory) when missing, or, with ``create`` False, refused then
+    (a dry run writes nothing: without a key, no certificate can have been issued for this node)."""
     state_dir = Path(state_dir)
+    if not create and not (state_dir / KEY_FILE).exists():
+        raise IOFailure(f"this node has no transport key yet ({state_dir / KEY_FILE} does not exist), so no certificate"
+                        " can be for it", "run `quinkgl node-key` for this --node-id and have the creator admit the key"
+                        " it prints")
     try:
         ensure_private_dir(state_dir)
     except OSError as exc:
@@ -54,10 +60,11 @@ def load_or_create_key(state_dir: Path) -> PrivateKey:
     return key
 
 
-def swarm_identity(state_dir: Path, swarm_id: str) -> PrivateKey:
+def swarm_identity(state_dir: Path, swarm_id: str, create: bool = True) -> PrivateKey:
     """This node's transport key in the swarm ``swarm_id``: derived (HKDF-SHA256) from the key file and the swarm id,
-    the same at every start, unrelated between swarms (what `quinkgl node-key --manifest` prints)."""
-    secret = load_or_create_key(state_dir).key_to_bin()
+    the same at every start, unrelated between swarms (what `quinkgl node-key --manifest` prints). ``create``: see
+    `load_or_create_key`."""
+    secret = load_or_create_key(state_dir, create).key_to_bin()
     seed = HKDF(algorithm=hashes.SHA256(), length=64, salt=swarm_id.encode("utf-8"),
                 info=b"quinkgl transport key/1").derive(secret)
     return default_eccrypto.key_from_private_bin(SECRET_KEY_PREFIX + seed)

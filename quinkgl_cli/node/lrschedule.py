@@ -1,0 +1,92 @@
+"""What a peer script's ``build_optimizer`` may return: an optimizer, or ``(optimizer, scheduler)`` with a torch
+learning-rate scheduler of that optimizer, which the trainer steps once per round after local training.
+
+Owns the check of that return value (a one-line `NodeConfigError`, exit 7, naming what came back) and the
+scheduler's part of a checkpoint: its type and its ``state_dict`` as JSON, never pickled. Torch's own state leaves
+out a `LambdaLR`'s (or `MultiplicativeLR`'s) plain functions, as ``torch.save`` of it does: the script builds them
+again at every start, and the round count they are called with is in the state. A scheduler whose state holds
+anything JSON cannot carry (a stateful callable object's attributes of other types) is refused when the node is
+built rather than checkpointed without it; so is `ReduceLROnPlateau`, which needs a metric at each step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+from quinkgl_cli.errors import NodeConfigError
+
+RETURN_HINT = "return an optimizer built on model.parameters(), or (optimizer, scheduler) with a torch.optim.lr_scheduler of it"
+
+
+class Training(NamedTuple):
+    """An optimizer and the learning-rate scheduler that steps it once per round (None: the rate stays)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler | None = None
+
+
+def check_training(value: Any, where: str) -> Training:
+    """``value`` (what ``build_optimizer`` returned) as a `Training`, or a one-line `NodeConfigError` naming it."""
+    if isinstance(value, torch.optim.Optimizer):
+        return Training(value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], torch.optim.Optimizer):
+        optimizer, scheduler = value
+        if scheduler is None:
+            return Training(optimizer)
+        if isinstance(scheduler, ReduceLROnPlateau):
+            raise NodeConfigError(f"{where} returned a ReduceLROnPlateau scheduler, which needs a metric at each step;"
+                                  " quinkgl steps the scheduler once per round without one",
+                                  "use a scheduler that steps by round count (StepLR, CosineAnnealingLR, LambdaLR, ...)")
+        if not isinstance(scheduler, LRScheduler):
+            raise NodeConfigError(f"{where} returned ({type(optimizer).__name__}, {type(scheduler).__name__}): the "
+                                  "second item is not a torch.optim.lr_scheduler scheduler", RETURN_HINT)
+        if scheduler.optimizer is not optimizer:
+            raise NodeConfigError(f"{where} returned a {type(scheduler).__name__} of another optimizer than the "
+                                  f"{type(optimizer).__name__} it returned", "build the scheduler on the optimizer you return")
+        scheduler_state(scheduler, where)  # refused now, not at the first checkpoint
+        return Training(optimizer, scheduler)
+    raise NodeConfigError(f"{where} returned {_describe(value)}, not an optimizer or (optimizer, scheduler)", RETURN_HINT)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} ({', '.join(type(v).__name__ for v in value)})"
+    return type(value).__name__
+
+
+def scheduler_state(scheduler: LRScheduler, where: str = "build_optimizer") -> dict[str, Any]:
+    """The scheduler's checkpoint entry: its type and its state as JSON; `NodeConfigError` when the state holds a
+    value JSON cannot carry (it would otherwise be lost on resume)."""
+    return {"type": type(scheduler).__name__, "state": _json(scheduler.state_dict(), type(scheduler).__name__, where)}
+
+
+def load_scheduler_state(scheduler: LRScheduler | None, saved: dict[str, Any] | None) -> None:
+    """Restore what `scheduler_state` saved; ValueError when the checkpoint and the script disagree about it."""
+    if scheduler is None and saved is None:
+        return
+    if saved is None:
+        raise ValueError(f"the checkpoint holds no learning-rate scheduler and build_optimizer returns a "
+                         f"{type(scheduler).__name__}")
+    if scheduler is None:
+        raise ValueError(f"the checkpoint holds a {saved.get('type')} scheduler's state and build_optimizer returns none")
+    if saved.get("type") != type(scheduler).__name__:
+        raise ValueError(f"the checkpoint holds a {saved.get('type')} scheduler's state, build_optimizer returns a "
+                         f"{type(scheduler).__name__}")
+    scheduler.load_state_dict(saved["state"])
+
+
+def _json(value: Any, kind: str, where: str, path: str = "") -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_json(v, kind, where, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _json(v, kind, where, f"{path}.{k}" if path else k) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise NodeConfigError(f"{where}: the {kind} scheduler's state {path or 'value'} is a {type(value).__name__}, which "
+                          "a checkpoint cannot hold without pickle (its resumed run would lose it)",
+                          "use a torch scheduler with plain settings, or a LambdaLR with a plain function")
