@@ -17,7 +17,7 @@ class FakeNode:
         self.node_id, self.swarm_id, self.rounds = "peer-1", "sha256:" + "cd" * 32, 20
         self.history = history
         self.completed_round = history[-1]["round"] if history else 0
-        self.consensus_metrics: dict[str, Any] | None = None
+        self.recorder = SimpleNamespace(consensus=None)
 
     def totals(self) -> dict[str, int]:
         return {"peers_met": 2, "bytes_sent": 5000, "bytes_received": 4000}

@@ -184,7 +184,6 @@ class Node:
         self.inbox = Inbox(training.max_staleness, self.log)
         self.peer_clock = PeerClock(training.max_staleness, clock)
         self.recorder = RoundRecorder()
-        self.consensus_metrics: dict[str, Any] | None = None  # the final consensus's, once it ran (`end_consensus`)
         self.serving = serving_model(self.aggregator, shared)
         self.fingerprint = own_fingerprint(manifest, train_loader, shared, self.trainer.loss_fn, config.noise_seed,
                                            self.log)
@@ -264,8 +263,7 @@ class Node:
     def pace_plan(self, interval: float) -> PacePlan | None:
         """Whom to wait for before the next round and for how long (None: start at once); ``interval`` is the
         driver's round interval, the least a round of ours is taken to last."""
-        durations = self.recorder.recent_durations(5)
-        return self.peer_clock.pace_plan(self.lagging_peers(), durations, interval)
+        return self.peer_clock.pace_plan(self.lagging_peers(), self.recorder.recent_durations(5), interval)
 
     def forget_lagging(self, timed_out: Iterable[str] = ()) -> None:
         self.peer_clock.forget_lagging(timed_out, self.round)
@@ -398,8 +396,7 @@ class Node:
         return metrics
 
     def begin_consensus(self) -> range:
-        """Start the final averaging-only exchanges after the last round; returns their gossip-step numbers (they
-        follow a round's own steps). The driver shares and aggregates at each, then evaluates."""
+        """Start the final averaging-only exchanges: their gossip steps (the driver shares, aggregates, evaluates)."""
         self.recorder.begin(self.clock())
         self.inbox.begin_round()
         self.serving.merged()
@@ -407,13 +404,10 @@ class Node:
         return range(self.gossip_steps, self.gossip_steps + self.final_consensus_steps)
 
     def end_consensus(self) -> RoundMetrics:
-        """The consensus phase's metrics: the model held now, the traffic since the last round ended; not history,
-        kept as ``consensus_metrics`` (the metrics file's last row)."""
-        metrics = self.recorder.finish(self.round, self.clock(), self.transport.stats, len(self.known_peers),
-                                       self.inbox.dropped, int(self.trainer.sample_count),
-                                       self.exchange.sharing.round_metrics(), dict(self.graph.latest))
-        self.consensus_metrics = metrics.as_dict()
-        return metrics
+        """The consensus phase's metrics (the model held now, the traffic since the last round): not history."""
+        return self.recorder.finish(self.round, self.clock(), self.transport.stats, len(self.known_peers),
+                                    self.inbox.dropped, int(self.trainer.sample_count),
+                                    self.exchange.sharing.round_metrics(), dict(self.graph.latest), consensus=True)
 
     def finished(self) -> bool:
         return self.rounds is not None and self.completed_round >= self.rounds
@@ -421,10 +415,6 @@ class Node:
     def totals(self) -> dict[str, int]:
         """The whole run's peers met and traffic so far, including the processes before a restart."""
         return self.recorder.totals(self.transport.stats)
-
-    def recorded_totals(self) -> dict[str, int]:
-        """`totals` as the rounds and final consensus recorded them: the sum of their metrics."""
-        return self.recorder.recorded()
 
     # --------------------------------------------------------------- checkpoint state
     def state_dict(self) -> NodeState:

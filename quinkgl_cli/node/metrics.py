@@ -121,6 +121,7 @@ class RoundRecorder:
         # Earlier processes of this run (restored from the checkpoint): peers they met, traffic they moved.
         self.earlier_peers: set[str] = set()
         self.earlier_traffic = Counters()
+        self.consensus: dict[str, Any] | None = None  # the final consensus's metrics, once it ran
 
     def begin(self, now: float) -> None:
         self.started = now
@@ -136,14 +137,16 @@ class RoundRecorder:
         self.aggregated_samples = samples
 
     def finish(self, round_: int, now: float, stats: TransportStats, known_peers: int, dropped: int,
-               sample_count: int, sharing: dict[str, Any], spectral: dict[str, Any]) -> RoundMetrics:
+               sample_count: int, sharing: dict[str, Any], spectral: dict[str, Any],
+               consensus: bool = False) -> RoundMetrics:
         """The metrics of the round that ends now (the caller appends them to the history once it is complete);
-        its traffic is what moved since the last one ended."""
+        its traffic is what moved since the last one ended. The final consensus's (``consensus``) are kept as
+        ``consensus`` instead: they are no round's."""
         now_counters = Counters.of(stats)
         moved = now_counters.minus(self.at_last_end)
         self.at_last_end = now_counters
         train, ev = self.train, self.eval
-        return RoundMetrics(
+        metrics = RoundMetrics(
             round=round_,
             loss=train.loss if train else None,
             accuracy=train.accuracy if train else None,
@@ -165,6 +168,9 @@ class RoundRecorder:
             spectral=spectral,
             personal=_personal(ev),
         )
+        if consensus:
+            self.consensus = metrics.as_dict()
+        return metrics
 
     def recent_durations(self, rounds: int) -> list[float]:
         """Durations in seconds of the last ``rounds`` completed rounds (those recorded)."""

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from quinkgl_cli.ops.snapshot import Aggregation, DaemonSnapshot, PeerView
+from quinkgl_cli.ops.snapshot import CONSENSUS_KEY, Aggregation, DaemonSnapshot, PeerView
 
 
 class SnapshotMaker:
@@ -55,5 +55,5 @@ class SnapshotMaker:
             loss=last.get("loss"), accuracy=last.get("accuracy"), val_loss=last.get("val_loss"),
             val_accuracy=last.get("val_accuracy"), bytes_sent=totals["bytes_sent"],
             bytes_received=totals["bytes_received"], dp_epsilon_spent=last.get("dp_epsilon_spent"),
-            round_metrics=last, final_consensus=node.consensus_metrics,
+            round_metrics=last if node.recorder.consensus is None else {**last, CONSENSUS_KEY: node.recorder.consensus},
         )

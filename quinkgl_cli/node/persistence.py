@@ -121,7 +121,7 @@ class RunFiles:
         last.update(final_eval or {})
         await self.save(self.snapshot(final_metrics=last), reason="final")
         path = await self.write_final_model(last)
-        totals = node.recorded_totals()  # what the rounds' and the final consensus's metrics add up to
+        totals = node.recorder.recorded()  # what the rounds' and the final consensus's metrics add up to
         emit(log, logging.INFO, "finished", rounds=node.completed_round, loss=last.get("loss"),
              val_loss=last.get("val_loss"), val_accuracy=last.get("val_accuracy"),
              **{k: last[k] for k in PERSONAL_FIELDS if last.get(k) is not None}, peers_met=totals["peers_met"],

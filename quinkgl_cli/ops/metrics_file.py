@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from quinkgl_cli.errors import IOFailure, UsageError
-from quinkgl_cli.ops.snapshot import DaemonSnapshot, json_safe
+from quinkgl_cli.ops.snapshot import CONSENSUS_KEY, DaemonSnapshot, json_safe
 
 FINAL_CONSENSUS = "final-consensus"  # the ``phase`` of the final consensus's line
 
@@ -49,8 +49,9 @@ class MetricsFile:
         if snapshot.round > self._written and snapshot.round_metrics:
             self._append(snapshot, snapshot.round_metrics, {})
             self._written = snapshot.round
-        if snapshot.final_consensus is not None and not self._consensus_written:
-            self._append(snapshot, snapshot.final_consensus, {"phase": FINAL_CONSENSUS})
+        consensus = snapshot.round_metrics.get(CONSENSUS_KEY)
+        if isinstance(consensus, dict) and not self._consensus_written:
+            self._append(snapshot, consensus, {"phase": FINAL_CONSENSUS})
             self._consensus_written = True
 
     def _append(self, snapshot: DaemonSnapshot, metrics: dict[str, Any], extra: dict[str, Any]) -> None:

@@ -35,6 +35,9 @@ class Aggregation:
     at: float | None  # unix time; None: before this process started (a resumed run's last aggregation)
 
 
+CONSENSUS_KEY = "final_consensus"  # round_metrics' key for the final consensus's metrics
+
+
 @dataclass(frozen=True)
 class DaemonSnapshot:
     node_id: str
@@ -56,8 +59,8 @@ class DaemonSnapshot:
     bytes_sent: int = 0  # model bytes over the whole run (earlier processes of a resumed run included)
     bytes_received: int = 0
     dp_epsilon_spent: float | None = None  # None: no differential privacy (its delta is in round_metrics)
-    round_metrics: dict[str, Any] = field(default_factory=dict)  # the last completed round's full metrics
-    final_consensus: dict[str, Any] | None = None  # the final consensus's metrics, once it ran (its traffic too)
+    # The last completed round's full metrics; once the final consensus ran, its metrics too, under CONSENSUS_KEY.
+    round_metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """As strict JSON: a NaN or infinite number becomes the string ``"nan"``/``"inf"``/``"-inf"`` (as in
