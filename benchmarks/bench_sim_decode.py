@@ -9,7 +9,9 @@ time in turn, the order swapped every round, and the consensus phase the same wa
 ``every`` with each recipient decoding the payload itself (the code before the slot). Alternating this finely,
 both meet the same load on a shared machine, which separate runs minutes apart did not. Each round's CPU
 (``time.process_time``) is recorded per simulation, and every peer's round metrics and final model are compared
-between the two: they must be identical (exit 1 otherwise). Decodes are counted too. Each run appends its point
+between the two: they must be identical (exit 1 otherwise). Decodes are counted, and the CPU spent inside the decoding of received updates
+(``decoding_cpu_s``, copies included, the whole run) is summed per simulation: the saving itself, which the load
+blurs less than the rounds' totals. Each run appends its point
 to ``--out``: single rounds swing by tens of percent on a loaded machine, so compare totals over several runs.
 """
 
@@ -49,10 +51,15 @@ class _Decoding:
     def __init__(self) -> None:
         self.name = "once"
         self.counts = {"once": {"received": 0, "decodes": 0}, "every": {"received": 0, "decodes": 0}}
+        self.cpu = {"once": 0.0, "every": 0.0}  # inside the decoding of received updates, copies included
 
     def decoded(self, exchange: Exchange, msg: ModelReceived) -> _Decoded:
         self.counts[self.name]["received"] += 1
-        return SHARED(exchange, msg) if self.name == "once" else exchange._decode_payload(msg.payload)
+        start = time.process_time()
+        try:
+            return SHARED(exchange, msg) if self.name == "once" else exchange._decode_payload(msg.payload)
+        finally:
+            self.cpu[self.name] += time.process_time() - start
 
     def payload(self, exchange: Exchange, data: bytes | bytearray) -> _Decoded:
         self.counts[self.name]["decodes"] += 1
@@ -118,6 +125,7 @@ def measure(peers: int, rounds: int) -> dict[str, Any]:
     saved = [e - o for o, e in zip(cpu["once"][:rounds], cpu["every"][:rounds], strict=True)]
     return {
         "peers": peers, "rounds": rounds, "identical": identical, "decode_counts": decoding.counts,
+        "decoding_cpu_s": {name: round(v, 3) for name, v in decoding.cpu.items()},
         "round_cpu_s": {name: c[:rounds] for name, c in cpu.items()},
         "consensus_cpu_s": {name: c[rounds] for name, c in cpu.items()},
         "rounds_cpu_s": rounds_cpu,
@@ -142,6 +150,7 @@ def main() -> None:
     print(f"peers={args.peers} rounds={args.rounds} rounds_cpu_s once={r['once']:.1f} every={r['every']:.1f} "
           f"saved={100 * point['rounds_saved_fraction']:.1f}% consensus_saved={100 * point['consensus_saved_fraction']:.1f}% "
           f"decodes once={point['decode_counts']['once']['decodes']} every={point['decode_counts']['every']['decodes']} "
+          f"decoding_cpu_s once={point['decoding_cpu_s']['once']:.1f} every={point['decoding_cpu_s']['every']:.1f} "
           f"identical={point['identical']} load={point['load_average'][0]:.1f}", flush=True)
     if not point["identical"]:
         sys.exit(1)
