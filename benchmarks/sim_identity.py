@@ -6,8 +6,10 @@ model each peer holds at the end, for a few small simulations, written as JSON a
 
 Scenarios: 12 peers of the digits MLP on shards:2 and IID, FedAvg and TrimmedMean, 7 rounds (the spectral analysis
 of round 5 included) and the consensus phase; 12 peers on shards:2 with AffinityTopology (which reads the peers'
-fingerprints); 200 peers IID x 12 rounds with complete views; 200 peers x 12 rounds
-with views of at most 32 peers (each node sees a random part of the swarm, as at 10,000 peers). Recorded per peer
+fingerprints); 12 peers on shards:2 with Scaffold (extras on the wire), with MultiKrum against 2 sign-flipping
+attackers, with FedRep and with APFL; 12 peers IID with local DP (epsilon 8) and with top-k compression; 200 peers
+IID x 12 rounds with complete views; 200 peers x 12 rounds with views of at most 32 peers (each node sees a random
+part of the swarm, as at 10,000 peers). Recorded per peer
 and round: everything the node's round metrics hold (accuracy, loss, bytes, updates, the peers aggregated, the
 spectral numbers) but the wall-clock durations; per peer at the end: the consensus phase's metrics and a SHA-256 of
 its shared model's parameters and buffers. Wall time and CPU time per scenario are printed, not compared.
@@ -25,6 +27,7 @@ from typing import Any
 
 from simkit import digits_manifest, digits_script, quiet
 
+from quinkgl_cli.sim.config import Overrides
 from quinkgl_cli.sim.simulator import SimConfig, Simulator
 
 WALL_CLOCK = ("train_time", "eval_time")  # what differs from run to run of the same code
@@ -35,6 +38,18 @@ SCENARIOS: dict[str, tuple[str, SimConfig]] = {  # (aggregation, config); Affini
     "12-shards2-trimmed": ("TrimmedMean", SimConfig(peers=12, rounds=7, partition="shards:2", seed=4)),
     "12-iid-trimmed": ("TrimmedMean", SimConfig(peers=12, rounds=7, partition="iid", seed=4)),
     "12-shards2-affinity": ("FedAvg", SimConfig(peers=12, rounds=7, partition="shards:2", seed=5)),
+    # the paths that act on received updates: extras (Scaffold), a robust rule meeting attackers' updates,
+    # personalization (a shared backbone, a mixed personal model), local DP, delta compression with error feedback
+    "12-shards2-scaffold": ("Scaffold", SimConfig(peers=12, rounds=7, partition="shards:2", seed=6)),
+    "12-shards2-multikrum-signflip": ("MultiKrum", SimConfig(peers=12, rounds=7, partition="shards:2", seed=7,
+                                                             attackers=2, overrides=Overrides(byzantine_f=2))),
+    "12-shards2-fedrep": ("FedAvg", SimConfig(peers=12, rounds=7, partition="shards:2", seed=8,
+                                              overrides=Overrides(personalization="fedrep"))),
+    "12-shards2-apfl": ("FedAvg", SimConfig(peers=12, rounds=7, partition="shards:2", seed=9,
+                                            overrides=Overrides(personalization="apfl"))),
+    "12-iid-dp": ("FedAvg", SimConfig(peers=12, rounds=7, partition="iid", seed=10, overrides=Overrides(dp_epsilon=8.0))),
+    "12-iid-topk": ("FedAvg", SimConfig(peers=12, rounds=7, partition="iid", seed=11,
+                                        overrides=Overrides(compression_params={"top_k_ratio": "0.1"}))),
     "200-iid-fedavg": ("FedAvg", SimConfig(peers=200, rounds=12, partition="iid", seed=1)),
     "200-iid-views32": ("FedAvg", SimConfig(peers=200, rounds=12, partition="iid", seed=2, max_peers=32)),
 }

@@ -10,9 +10,10 @@ model stays honest. Checkpointed: the sharing pipeline's and the topology's stat
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -46,6 +47,8 @@ from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, Transport
 # arithmetic sane whatever a peer claims (the published package let one peer claim 2**32 samples).
 MAX_REPORTED_SAMPLES = 1 << 31
 EXTRA_PREFIX = "extra."
+# A received payload decoded and checked: the model's flat vector, the extras (`EXTRA_PREFIX`), the header's meta
+_Decoded = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]
 
 Tamper = Callable[[torch.Tensor], torch.Tensor]  # honest flat weights -> the weights actually sent
 
@@ -86,6 +89,9 @@ class Exchange:
         # (BatchNorm takes its square root), while training, on batch statistics, carries on as if nothing happened.
         self._variances = variance_mask(model)
         self.max_update_bytes = max_update_bytes or wire.max_blob_bytes(self.specs) * 2
+        # What a payload's decoding depends on besides its bytes: two receivers with equal keys decode the same
+        # bytes to the same values and refuse the same bytes alike (`_decoded`).
+        self._decode_key = (tuple(self.specs), len(self.specs) + 64, self.max_update_bytes)
         self.sharing = build_sharing(manifest, model, self.specs, noise_seed, sample_dp)
         self.tamper = tamper
         # Received updates that are copies, echoes or replays (`node.copies`); rounds kept: as far back as an update
@@ -233,7 +239,31 @@ class Exchange:
                 raise ValueError(f"sample count {samples} is not positive")
             return PeerUpdate(peer_id=msg.sender, round=msg.round, flat=flat,
                               sample_count=min(samples, MAX_REPORTED_SAMPLES), meta=dict(msg.meta), extras=extras)
-        tensors, meta = wire.decode(msg.payload, max_entries=len(self.specs) + 64, max_bytes=self.max_update_bytes)
+        flat, extras, meta = self._decoded(msg)
+        if samples <= 0:
+            raise ValueError(f"sample count {samples} is not positive")
+        return PeerUpdate(peer_id=msg.sender, round=msg.round, flat=flat, sample_count=min(samples, MAX_REPORTED_SAMPLES),
+                          meta={**msg.meta, **meta}, extras=extras)
+
+    def _decoded(self, msg: ModelReceived) -> _Decoded:
+        """The payload's model vector, extras and header meta, checked; this receiver's own copies.
+
+        Recipients in one process of the same payload object (the memory transport's, `ModelReceived.shared`)
+        decode it once: the first leaves its checked result in the slot and every one, the first included, gets a
+        copy, so none can change what another aggregates. Bytes that fail a check are not kept: each recipient
+        decodes them again and refuses them with the same error."""
+        slot = msg.shared
+        if slot is not None and slot.key == self._decode_key:
+            return _copied(cast(_Decoded, slot.value))
+        decoded = self._decode_payload(msg.payload)
+        if slot is None:
+            return decoded
+        if slot.key is None:
+            slot.key, slot.value = self._decode_key, decoded
+        return _copied(decoded)
+
+    def _decode_payload(self, payload: bytes | bytearray) -> _Decoded:
+        tensors, meta = wire.decode(payload, max_entries=len(self.specs) + 64, max_bytes=self.max_update_bytes)
         model_tensors = {k: v for k, v in tensors.items() if not k.startswith(EXTRA_PREFIX)}
         extras = {k[len(EXTRA_PREFIX):]: v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
         wire.check_against(model_tensors, self.specs, finite=False)
@@ -248,10 +278,7 @@ class Exchange:
             culprit = next(s.name for s in self.specs
                            if is_running_variance(s.name) and bool((model_tensors[s.name] < 0).any()))
             raise ValueError(f"{culprit} holds a negative variance")
-        if samples <= 0:
-            raise ValueError(f"sample count {samples} is not positive")
-        return PeerUpdate(peer_id=msg.sender, round=msg.round, flat=flat, sample_count=min(samples, MAX_REPORTED_SAMPLES),
-                          meta={**msg.meta, **meta}, extras=extras)
+        return flat, extras, meta
 
     def _held(self, sender: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """What a compressed update stands for: the reconstructed model, or under CHOCO the guess of the sender's
@@ -293,6 +320,12 @@ class Exchange:
         topo.update({k[len("topology."):]: v for k, v in tensors.items() if k.startswith("topology.")})
         self.topology.load_state_dict(topo)
         self.sharing.load_state_dict({k[len("sharing."):]: v for k, v in tensors.items() if k.startswith("sharing.")})
+
+
+def _copied(decoded: _Decoded) -> _Decoded:
+    flat, extras, meta = decoded
+    atomic = all(v is None or isinstance(v, str | int | float) for v in meta.values())
+    return (flat.clone(), {k: v.clone() for k, v in extras.items()}, dict(meta) if atomic else copy.deepcopy(meta))
 
 
 def _as_float32(t: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,19 @@ class OutgoingUpdate:
     meta: dict[str, ControlValue] = field(default_factory=dict)
 
 
+class DecodeSlot:
+    """Where the first in-process recipient of a payload object leaves what it decoded the payload to, for the
+    other recipients of that same object (the memory transport hands each recipient of one send the same bytes).
+    The transport only creates and carries it; what goes in, under which ``key``, is the receiver's business
+    (`node.exchange`), which must never hand out what it keeps here, only copies of it."""
+
+    __slots__ = ("key", "value", "__weakref__")
+
+    def __init__(self) -> None:
+        self.key: object = None
+        self.value: object = None
+
+
 @dataclass(frozen=True)
 class ModelReceived:
     """A verified update: its bytes matched the signed offer's size and digest."""
@@ -56,6 +69,8 @@ class ModelReceived:
     meta: dict[str, ControlValue]
     received_at: float
     digest: bytes = b""  # sha256 of ``payload`` when the transport has it (IPv8: the signed offer's, checked)
+    # Shared by every recipient of this very ``payload`` object (`DecodeSlot`); None where bytes are a recipient's own
+    shared: DecodeSlot | None = field(default=None, compare=False, repr=False)
 
 
 class TransportEvents(Protocol):

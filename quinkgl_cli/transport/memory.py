@@ -34,6 +34,7 @@ import hashlib
 import logging
 import random
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from quinkgl_cli.errors import NetworkError
 from quinkgl_cli.events import emit
 from quinkgl_cli.transport.admission import Admission
 from quinkgl_cli.transport.base import (
+    DecodeSlot,
     ModelReceived,
     OutgoingUpdate,
     PeerInfo,
@@ -77,6 +79,7 @@ class _Offer:
     sample_count: int
     meta: dict[str, Any]
     payload: bytes
+    shared: DecodeSlot | None = None  # one for every offer of this ``payload`` object (`ModelReceived.shared`)
 
 
 @dataclass
@@ -328,6 +331,10 @@ class MemoryTransport(RuledTransport):
         self.public_key = public_key or hashlib.sha256(f"memory-key:{node_id}".encode()).hexdigest()
         self.admission = admission
         self._last_digest: tuple[bytes, bytes] | None = None
+        # The decode slot of ``_last_digest``'s payload, held weakly: it lives as long as an offer or a received
+        # update holds it, so what a recipient decoded is freed with the last recipient's update, not kept until
+        # this node's next send.
+        self._last_slot: weakref.ref[DecodeSlot] | None = None
         self.stats = TransportStats()
         self._events: TransportEvents | None = None
         self.running = False
@@ -381,6 +388,11 @@ class MemoryTransport(RuledTransport):
         # One model goes to several peers as the same object: hash it once, as the IPv8 transport does.
         if self._last_digest is None or self._last_digest[0] is not payload:
             self._last_digest = (payload, digest(payload))
+            self._last_slot = None
+        slot = self._last_slot() if self._last_slot is not None else None
+        if slot is None:
+            slot = DecodeSlot()
+            self._last_slot = weakref.ref(slot)
         offer = _Offer(
             sender=self.node_id,
             recipient=peer_id,
@@ -392,6 +404,7 @@ class MemoryTransport(RuledTransport):
             sample_count=update.sample_count,
             meta=dict(update.meta),
             payload=payload,
+            shared=slot,
         )
         if not self.network._link_ok(self.node_id, peer_id):
             return
@@ -502,6 +515,7 @@ class MemoryTransport(RuledTransport):
             meta=offer.meta,
             received_at=self.network.clock(),
             digest=offer.digest,
+            shared=offer.shared if payload is offer.payload else None,  # a corrupted copy decodes on its own
         )
         if self._events is not None:
             self._events.on_model(update)
