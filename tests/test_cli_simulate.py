@@ -78,3 +78,36 @@ def test_round_and_final_lines_carry_the_validation_loss(manifest: Path, capsys:
     assert run_cli(*simulate(manifest)) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("round=", "final "))]
     assert len(lines) == 2 and all(re.search(r" val_loss=\d+\.\d{4} ", ln) for ln in lines)
+
+
+REGRESSION_SCRIPT = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+def build_model(manifest, **kw):
+    return nn.Linear(8, 3)
+def build_loaders(manifest, **kw):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 8, generator=g)
+    y = x[:, :3] * 0.5  # three float targets per sample
+    return DataLoader(TensorDataset(x, y), batch_size=20), DataLoader(TensorDataset(x[:40], y[:40]), batch_size=40)
+"""
+
+
+def test_multi_output_regression_targets_are_not_split_as_one_hot_labels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows of float targets look like one-hot labels; a label split would cut the data by their argmax."""
+    script = tmp_path / "regr.py"
+    script.write_text(REGRESSION_SCRIPT)
+    path = tmp_path / "regr.qgl"
+    write_manifest(path, build_manifest(
+        name="regr-sim", task_type="regression", input_shape="8", output_shape="3", label_type="float",
+        framework="pytorch", arch_hash=compute_arch_hash(load_script(script).build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
+    ))  # fmt: skip
+    args = ["simulate", "--manifest", str(path), "--script", str(script), "--peers", "3", "--rounds", "1"]
+    assert run_cli(*args, "--partition", "shards:2") == 7
+    err = capsys.readouterr().err
+    assert "splits by class label" in err and "regression" in err
+    assert run_cli(*args) == 0
