@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from quinkgl_cli.batches import batch_parts
 from quinkgl_cli.errors import UsageError
 
 SCHEMES = ("iid", "shards:K", "classes:K", "dirichlet:ALPHA")
@@ -244,7 +245,8 @@ def _dirichlet(y: np.ndarray, n: int, alpha: float, rng: np.random.Generator) ->
 
 def dataset_labels(dataset: Any) -> np.ndarray:
     """Integer labels of a map-style dataset: ``.tensors[1]`` (TensorDataset), ``.targets`` / ``.labels``, a Subset's
-    parent, or finally by iterating ``dataset[i][1]``."""
+    parent, or finally the targets of each item ``dataset[i]``, read as the trainer reads a batch (`batch_parts`:
+    the second of a tuple, a dict's ``y`` / ``target``)."""
     from_subset = getattr(dataset, "indices", None)
     parent = getattr(dataset, "dataset", None)
     if from_subset is not None and parent is not None:
@@ -261,7 +263,7 @@ def dataset_labels(dataset: Any) -> np.ndarray:
                 continue
             if len(arr) == len(dataset):
                 return arr
-    return _as_int_labels(dataset[i][1] for i in range(len(dataset)))
+    return _as_int_labels(batch_parts(dataset[i])[1] for i in range(len(dataset)))
 
 
 def _as_int_labels(values: Any) -> np.ndarray:
