@@ -197,12 +197,15 @@ def _from_script(
             f"--output-shape {output_shape} differs from what {script_path}'s model outputs ({','.join(map(str, probed_out))})",
             "drop --output-shape, or fix the model",
         )
-    if output_shape is None and probed_out is None:
+    if output_shape is not None:
+        out = output_shape
+    elif probed_out is not None:
+        out = ",".join(map(str, probed_out))
+    else:
         raise UsageError(
             f"cannot infer the output shape: {script_path}'s model returns a {output_kind(model, probed_in)}, not one tensor",
             "pass --output-shape (per sample), or make forward return the one prediction tensor the task's loss takes",
         )
-    out = output_shape if output_shape is not None else ",".join(map(str, probed_out))
     return arch, ",".join(map(str, probed_in)), out
 
 
