@@ -272,8 +272,8 @@ def _as_int_labels(values: Any) -> np.ndarray:
     elif not isinstance(values, np.ndarray):
         values = np.array([_scalar(v) for v in (values if not isinstance(values, Iterable) else list(values))])
     arr = np.asarray(values)
-    if arr.ndim == 2:  # one-hot labels
-        arr = arr.argmax(axis=1)
+    if arr.ndim == 2:  # a binary classifier's one column (`node.classes`), or one-hot labels
+        arr = arr[:, 0] if arr.shape[1] == 1 else arr.argmax(axis=1)
     if arr.ndim != 1:
         raise ValueError(f"labels of shape {arr.shape} are not per-sample class ids")
     if arr.dtype.kind == "f" and not np.all(np.equal(np.mod(arr, 1), 0)):
