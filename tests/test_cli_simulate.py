@@ -111,3 +111,32 @@ def test_multi_output_regression_targets_are_not_split_as_one_hot_labels(
     err = capsys.readouterr().err
     assert "splits by class label" in err and "regression" in err
     assert run_cli(*args) == 0
+
+
+BINARY_SCRIPT = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+def build_model(manifest, **kw):
+    return nn.Linear(4, 1)
+def build_loaders(manifest, **kw):
+    x = torch.randn(80, 4, generator=torch.Generator().manual_seed(0))
+    y = (x[:, :1] > 0).float()  # one float column: a BCEWithLogitsLoss target
+    return DataLoader(TensorDataset(x, y), batch_size=20), DataLoader(TensorDataset(x, y), batch_size=40)
+def loss_fn(outputs, targets):
+    return nn.functional.binary_cross_entropy_with_logits(outputs, targets)
+"""
+
+
+def test_a_binary_classifier_with_float_labels_is_split_by_label(tmp_path: Path) -> None:
+    """Float labels of a classification task are class ids (0.0 / 1.0); only a regression task has none."""
+    script = tmp_path / "binary.py"
+    script.write_text(BINARY_SCRIPT)
+    path = tmp_path / "binary.qgl"
+    write_manifest(path, build_manifest(
+        name="binary-sim", task_type="classification", input_shape="4", output_shape="1", label_type="float",
+        framework="pytorch", arch_hash=compute_arch_hash(load_script(script).build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
+    ))  # fmt: skip
+    assert run_cli("simulate", "--manifest", str(path), "--script", str(script), "--peers", "2", "--rounds", "1",
+                   "--partition", "shards:1") == 0  # fmt: skip

@@ -159,10 +159,9 @@ class SwarmBuilder:
 
     def _class_labels(self, dataset: Any) -> tuple[np.ndarray | None, str]:
         """The training set's class labels, or None and why it has none."""
-        task = self.manifest.task
-        if task.type == "regression" or task.label_type == "float":
+        if self.manifest.task.type == "regression":
             # Several float targets per sample would read as one-hot rows and be split by their argmax.
-            return None, f"the manifest's task is {task.type} with {task.label_type} targets"
+            return None, "the manifest's task is regression"
         try:
             return dataset_labels(dataset), ""
         except (ValueError, TypeError, IndexError) as exc:
