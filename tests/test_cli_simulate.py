@@ -78,3 +78,65 @@ def test_round_and_final_lines_carry_the_validation_loss(manifest: Path, capsys:
     assert run_cli(*simulate(manifest)) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("round=", "final "))]
     assert len(lines) == 2 and all(re.search(r" val_loss=\d+\.\d{4} ", ln) for ln in lines)
+
+
+REGRESSION_SCRIPT = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+def build_model(manifest, **kw):
+    return nn.Linear(8, 3)
+def build_loaders(manifest, **kw):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 8, generator=g)
+    y = x[:, :3] * 0.5  # three float targets per sample
+    return DataLoader(TensorDataset(x, y), batch_size=20), DataLoader(TensorDataset(x[:40], y[:40]), batch_size=40)
+"""
+
+
+def test_multi_output_regression_targets_are_not_split_as_one_hot_labels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows of float targets look like one-hot labels; a label split would cut the data by their argmax."""
+    script = tmp_path / "regr.py"
+    script.write_text(REGRESSION_SCRIPT)
+    path = tmp_path / "regr.qgl"
+    write_manifest(path, build_manifest(
+        name="regr-sim", task_type="regression", input_shape="8", output_shape="3", label_type="float",
+        framework="pytorch", arch_hash=compute_arch_hash(load_script(script).build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
+    ))  # fmt: skip
+    args = ["simulate", "--manifest", str(path), "--script", str(script), "--peers", "3", "--rounds", "1"]
+    assert run_cli(*args, "--partition", "shards:2") == 7
+    err = capsys.readouterr().err
+    assert "splits by class label" in err and "regression" in err
+    assert run_cli(*args) == 0
+
+
+BINARY_SCRIPT = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+def build_model(manifest, **kw):
+    return nn.Linear(4, 1)
+def build_loaders(manifest, **kw):
+    x = torch.randn(80, 4, generator=torch.Generator().manual_seed(0))
+    y = (x[:, :1] > 0).float()  # one float column: a BCEWithLogitsLoss target
+    return DataLoader(TensorDataset(x, y), batch_size=20), DataLoader(TensorDataset(x, y), batch_size=40)
+def loss_fn(outputs, targets):
+    return nn.functional.binary_cross_entropy_with_logits(outputs, targets)
+"""
+
+
+def test_a_binary_classifier_with_float_labels_is_split_by_label(tmp_path: Path) -> None:
+    """Float labels of a classification task are class ids (0.0 / 1.0); only a regression task has none."""
+    script = tmp_path / "binary.py"
+    script.write_text(BINARY_SCRIPT)
+    path = tmp_path / "binary.qgl"
+    write_manifest(path, build_manifest(
+        name="binary-sim", task_type="classification", input_shape="4", output_shape="1", label_type="float",
+        framework="pytorch", arch_hash=compute_arch_hash(load_script(script).build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
+    ))  # fmt: skip
+    assert run_cli("simulate", "--manifest", str(path), "--script", str(script), "--peers", "2", "--rounds", "1",
+                   "--partition", "shards:1") == 0  # fmt: skip

@@ -706,3 +706,19 @@ def test_report_and_finished_line_count_the_same_bytes(manifest: Path, tmp_path:
         assert summary.bytes_sent == line["bytes_sent"] > 0
         assert sum(r["bytes_received"] for r in [*run.rows, *run.consensus]) == line["bytes_received"]
         assert summary.final_val_accuracy == pytest.approx(line["val_accuracy"], rel=1e-5)
+
+
+def test_a_peer_left_alone_serves_what_it_trains_not_a_frozen_mean(tmp_path: Path) -> None:
+    """Its partners gone (here: resumed after the pair's run, alone), a peer trains on; the served model (evaluation,
+    final model) must follow that training instead of staying the mean of the last models shared, round after
+    round. Without a final merge, so the served mean is still on when the pair's run ends."""
+    path, _key, _pub, _swarm = ls.digits_manifest(tmp_path / "m", name="alone-test", training={
+        "local_epochs": "1", "local_steps": "3", "final_consensus_steps": "0"})
+    _run_pair(path, tmp_path, rounds=2)
+    d = Daemon(prepare(options(path, tmp_path, "p0", rounds=5, gossip_interval=0.05)), LogContext("p0"),
+               memory_factory(MemoryNetwork()))
+    assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
+    _release(d)
+    alone = [h for h in d.node.history if h["round"] > 2]
+    assert [h["peers"] for h in alone] == [0, 0, 0]
+    assert len({h["val_loss"] for h in alone}) == 3, [h["val_loss"] for h in alone]

@@ -74,3 +74,16 @@ def test_a_dry_run_creates_no_node_key(tmp_path: Path) -> None:
     assert "quinkgl node-key" in (refused.value.hint or "") and not state.exists()
     made = swarm_identity(state, "sha256:" + "a" * 64)
     assert swarm_identity(state, "sha256:" + "a" * 64, create=False).key_to_bin() == made.key_to_bin()
+
+
+def test_dry_run_line_counts_training_batches_as_a_number(signed: tuple[Path, str], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`train_batches` was a string ("19" in the text line, a JSON string): a count reads back as a number."""
+    import json
+
+    manifest, _pub = signed
+    assert run_cli("run", "--manifest", str(manifest), "--script", str(ls.DIGITS_SCRIPT), "--node-id", "p1",
+                   "--state-dir", str(tmp_path / "state"), "--trust-policy", "open", "--log-format", "json",
+                   "--dry-run") == 0  # fmt: skip
+    (line,) = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if '"dry-run-ok"' in ln]
+    assert isinstance(line["train_batches"], int) and line["train_batches"] > 0

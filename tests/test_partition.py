@@ -134,3 +134,22 @@ def test_labels_found_behind_any_dataset() -> None:
 def test_float_regression_targets_cannot_be_split_by_label() -> None:
     with pytest.raises(ValueError, match="not integers"):
         dataset_labels(TensorDataset(torch.zeros(3, 1), torch.tensor([0.5, 1.2, 3.3])))
+
+
+def test_labels_of_a_dataset_of_dicts_or_longer_tuples_come_from_its_targets() -> None:
+    """Items as a loader may yield them (README, Peer scripts): a dict keyed input/target raised KeyError: 1 (a
+    traceback from `simulate --partition shards:K`); an (x, y, id) tuple gave y already."""
+
+    class Dicts:
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input": torch.zeros(2), "target": torch.tensor(2 - i)}
+
+    class Triples(Dicts):
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:  # type: ignore[override]
+            return torch.zeros(2), torch.tensor(i), 7
+
+    assert dataset_labels(Dicts()).tolist() == [2, 1, 0]
+    assert dataset_labels(Triples()).tolist() == [0, 1, 2]

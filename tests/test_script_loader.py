@@ -236,3 +236,59 @@ def test_an_empty_training_loader_is_refused_and_one_without_a_length_is_not(tmp
     streamed = load_script(write(tmp_path, GOOD.replace("return [(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long))], []",
                                                         "return iter([]), None"), "streamed.py"))
     assert streamed.build_loaders(None).val is None  # an iterator cannot tell its length: not refused
+
+
+LOSS_SCRIPT = """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+def build_model(manifest, **kw):
+    return torch.nn.Linear(3, 2)
+def build_loaders(manifest, **kw):
+    x = torch.randn(40, 3)
+    y = x[:, :2].clone()
+    return DataLoader(TensorDataset(x, y), batch_size=8), DataLoader(TensorDataset(x, y), batch_size=20)
+def loss_fn(outputs, targets):
+    return {body}
+"""
+BAD_LOSSES = {
+    "per-sample": "torch.nn.functional.mse_loss(outputs, targets, reduction='none')",
+    "float": "torch.nn.functional.mse_loss(outputs, targets).item()",
+    "detached": "torch.tensor(torch.nn.functional.mse_loss(outputs, targets).item())",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_LOSSES))
+def test_a_loss_fn_that_gives_no_trainable_scalar_is_one_line_at_the_dry_run(tmp_path: Path, kind: str) -> None:
+    """Per-sample losses, a float or a loss cut off from the outputs passed the dry run; training then died on
+    ``loss.item()`` or ``backward()`` with a traceback (simulate exit 1)."""
+    from quinkgl_cli.node.probe import probe_batches
+
+    script = load_script(write(tmp_path, LOSS_SCRIPT.format(body=BAD_LOSSES[kind])))
+    model = script.build_model(None)
+    train, val, _ = script.build_loaders(None)
+    assert script.loss_fn is not None
+    with pytest.raises(NodeConfigError, match="loss_fn in peer_script.py returned") as err:
+        probe_batches(model, script.loss_fn, (3,), {"train": train, "val": val})
+    assert err.value.code == ExitCode.NODE and "\n" not in err.value.message
+
+
+def test_a_loss_fn_giving_per_sample_losses_stops_simulate_with_exit_7(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from quinkgl_cli.cli.app import main
+    from quinkgl_cli.manifest.arch_hash import compute_arch_hash
+    from quinkgl_cli.manifest.create import build_manifest
+    from quinkgl_cli.manifest.io import write_manifest
+
+    path = write(tmp_path, LOSS_SCRIPT.format(body=BAD_LOSSES["per-sample"]))
+    manifest = tmp_path / "m.qgl"
+    write_manifest(manifest, build_manifest(
+        name="loss-sim", task_type="regression", input_shape="3", output_shape="2", label_type="float",
+        framework="pytorch", arch_hash=compute_arch_hash(load_script(path).build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
+    ))  # fmt: skip
+    with pytest.raises(SystemExit) as done:
+        main(["simulate", "--manifest", str(manifest), "--script", str(path), "--peers", "2", "--rounds", "1"])
+    assert done.value.code == ExitCode.NODE
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "loss_fn" in err

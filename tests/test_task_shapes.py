@@ -106,3 +106,44 @@ def test_run_dry_run_refuses_a_model_that_does_not_fit_the_task(
     fitting = write(tmp_path / "ok.qgl", make_manifest(input_shape="1,28,28", output_shape="10", arch_hash=arch))
     assert run_cli("run", "--manifest", str(fitting), "--script", str(script), "--trust-policy", "open", "--dry-run",
                    "--checkpoint-dir", str(tmp_path / "ckpt")) == 0  # fmt: skip
+
+
+TUPLE_SCRIPT = """
+from torch import nn
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        return h, h.mean(1)
+
+def build_model(manifest, **kwargs):
+    return TwoHeads()
+
+def build_loaders(manifest, **kwargs):
+    return [], None
+"""
+
+
+def test_from_script_says_why_a_model_returning_a_tuple_gives_no_output_shape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`manifest create --from-script` asked for the very flag it was given ('pass ... or --from-script')."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "two.py").write_text(TUPLE_SCRIPT)
+    assert run_cli("manifest", "create", "--name", "two", "--task-type", "class", "--label-type", "integer",
+                   "--aggregation", "FedAvg", "--topology", "RandomTopology", "--from-script", "two.py",
+                   "--output", "m.qgl") == ExitCode.USAGE  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "two.py" in err and "tuple" in err and "--output-shape" in err
+    assert not (tmp_path / "m.qgl").exists()
+
+
+def test_a_regressor_giving_one_value_per_sample_probes_as_output_shape_1() -> None:
+    """Its (batch,) output was taken for 'no output shape' and `--from-script` asked for --output-shape."""
+    scalar = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0))
+    assert probe_shapes(scalar, None) == ((4,), (1,))
+    check_task_shapes(scalar, TaskSpec(type="regression", input_shape=(4,), output_shape=(1,), label_type="float"), "s.py")

@@ -186,7 +186,7 @@ def _from_script(
     """
     from quinkgl_cli.manifest.arch_hash import compute_arch_hash
     from quinkgl_cli.manifest.create import parse_shape
-    from quinkgl_cli.manifest.shapes import probe_shapes
+    from quinkgl_cli.manifest.shapes import output_kind, probe_shapes
 
     model = _build_model(script_path, script_args)
     arch = compute_arch_hash(model)
@@ -197,7 +197,15 @@ def _from_script(
             f"--output-shape {output_shape} differs from what {script_path}'s model outputs ({','.join(map(str, probed_out))})",
             "drop --output-shape, or fix the model",
         )
-    out = output_shape if output_shape is not None else (",".join(map(str, probed_out)) if probed_out else None)
+    if output_shape is not None:
+        out = output_shape
+    elif probed_out is not None:
+        out = ",".join(map(str, probed_out))
+    else:
+        raise UsageError(
+            f"cannot infer the output shape: {script_path}'s model returns a {output_kind(model, probed_in)}, not one tensor",
+            "pass --output-shape (per sample), or make forward return the one prediction tensor the task's loss takes",
+        )
     return arch, ",".join(map(str, probed_in)), out
 
 

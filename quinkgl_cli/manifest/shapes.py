@@ -17,7 +17,8 @@ IMAGE_CHANNELS = (1, 3)  # grey and RGB: the image layouts a flattening model's 
 
 
 def probe_shapes(model: Any, input_shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-    """The per-sample input shape and the output shape ``model`` produces for it (None: not a single tensor).
+    """The per-sample input shape and the output shape ``model`` produces for it (None: not a single tensor; a
+    regressor's one value per sample, a ``(batch,)`` output, is output shape 1 as `check_task_shapes` takes it).
 
     Without ``input_shape`` it is read from a leading ``nn.Linear``: ``in_features`` n is tried as a square
     image first (1,s,s) or (3,s,s) when n is s*s or 3*s*s, and kept only if the model accepts it (it flattens
@@ -29,7 +30,7 @@ def probe_shapes(model: Any, input_shape: tuple[int, ...] | None) -> tuple[tuple
 
     if input_shape is not None:
         try:
-            return input_shape, _output_shape(model, input_shape) or None
+            return input_shape, _per_sample(_output_shape(model, input_shape))
         except Exception as exc:  # the model's own code: any error means it refuses the shape
             raise NodeConfigError(
                 f"the model rejects inputs of shape {_text(input_shape)}: {_cause(exc)}",
@@ -42,7 +43,7 @@ def probe_shapes(model: Any, input_shape: tuple[int, ...] | None) -> tuple[tuple
     failures: list[str] = []
     for shape in candidates:
         try:
-            return shape, _output_shape(model, shape) or None
+            return shape, _per_sample(_output_shape(model, shape))
         except Exception as exc:  # a candidate the model refuses: the next one is tried, the causes are reported
             failures.append(f"{_text(shape)}: {_cause(exc)}")
     raise _shape_error(f"a forward pass failed on every guess ({'; '.join(failures)})")
@@ -68,7 +69,23 @@ def check_task_shapes(model: Any, task: TaskSpec, source: str) -> None:
         )
 
 
+def _per_sample(out: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    return (1,) if out == () else out
+
+
+def output_kind(model: Any, input_shape: tuple[int, ...]) -> str:
+    """The type name of what ``model`` returns for ``input_shape`` (says why a probe found no output shape)."""
+    return type(_forward(model, input_shape)).__name__
+
+
 def _output_shape(model: Any, input_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    import torch
+
+    out = _forward(model, input_shape)
+    return tuple(int(d) for d in out.shape[1:]) if isinstance(out, torch.Tensor) else None
+
+
+def _forward(model: Any, input_shape: tuple[int, ...]) -> Any:
     import torch
     from torch import nn
 
@@ -81,10 +98,9 @@ def _output_shape(model: Any, input_shape: tuple[int, ...]) -> tuple[int, ...] |
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.zeros((2, *input_shape), dtype=dtype, device=device))
+            return model(torch.zeros((2, *input_shape), dtype=dtype, device=device))
     finally:
         model.train(was_training)
-    return tuple(int(d) for d in out.shape[1:]) if isinstance(out, torch.Tensor) else None
 
 
 def _first_layer(model: Any) -> Any:

@@ -315,9 +315,15 @@ class Node:
         self.recorder.eval = result
         return (result.val_loss, result.val_accuracy)
 
+    def note_trained(self) -> None:
+        """The model as local training left it becomes this peer's own entry of the served mean, sent or not: a
+        peer left without partners (they finished, crashed or are unreachable) would otherwise serve the mean of its
+        last shared model and theirs for up to ``serving.MAX_AGE`` rounds while it trains on."""
+        self.serving.note_own(self.round, int(self.trainer.sample_count))
+
     def share(self, step: int = 0, to: Iterable[str] | None = None) -> list[str]:
         """Send the current model to the peers the topology picks (or to the known ones among ``to``). Never blocks."""
-        self.serving.note_own(self.round, int(self.trainer.sample_count))
+        self.note_trained()
         return self.exchange.share(self.round, int(self.trainer.sample_count), list(self.known_peers), step,
                                    None if to is None else list(to))
 

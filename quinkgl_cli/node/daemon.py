@@ -287,9 +287,9 @@ def _dry_run(prepared: Prepared) -> None:
          personalization=m.personalization.mode, shared_params=sum(p.numel() for p in personal.shared.parameters()))
 
 
-def _len_or_dash(loader: Any) -> str:
+def _len_or_dash(loader: Any) -> int | str:
     try:
-        return str(len(loader))
+        return len(loader)
     except TypeError:
         return "-"
 

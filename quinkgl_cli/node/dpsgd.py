@@ -28,6 +28,7 @@ from torch.utils.data import default_collate
 from quinkgl_cli.batches import batch_parts
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import DpSgdSpec, Manifest
+from quinkgl_cli.node.classes import class_pairs
 from quinkgl_cli.strategies.base import Aggregator
 from quinkgl_cli.strategies.dp_accountant import BudgetTooSmall, SampleAccountant, plan_noise_multiplier
 from quinkgl_cli.strategies.dpsgd import LossFn, clip_and_sum, noisy_mean, per_sample_grads, unsupported_layers
@@ -178,12 +179,10 @@ def _tally(result: PassResult, losses: torch.Tensor, outputs: torch.Tensor, y: t
     n = int(losses.shape[0])
     result.loss_sum += float(losses.sum())
     result.seen += n
-    if outputs.dim() >= 2:
-        pred = outputs.argmax(dim=1)
-        target = y.argmax(dim=1) if y.is_floating_point() and y.dim() == outputs.dim() else y
-        if target.shape == pred.shape:
-            result.classified = True
-            result.correct += int((pred == target).sum())
+    pairs = class_pairs(outputs, y)
+    if pairs is not None:
+        result.classified = True
+        result.correct += int((pairs[0] == pairs[1]).sum())
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 from quinkgl_cli.batches import batch_parts
+from quinkgl_cli.node.classes import class_pairs
 
 
 def _dataset_labels(dataset: Any) -> torch.Tensor | None:
@@ -38,7 +39,11 @@ def _dataset_labels(dataset: Any) -> torch.Tensor | None:
 
 
 def _class_ids(y: torch.Tensor) -> torch.Tensor | None:
-    """Integer class ids of a target batch (one-hot targets by their argmax); None for other targets."""
+    """Integer class ids of a target batch (one-hot targets by their argmax, one float column above 0.5 as
+    `node.classes` reads it); None for other targets."""
+    if y.dim() == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+        return (y > 0.5).to(torch.int64) if y.is_floating_point() else y.to(torch.int64)
     if y.is_floating_point():
         return y.argmax(dim=1) if y.dim() == 2 else None
     return y.reshape(-1).to(torch.int64) if y.dim() <= 1 else None
@@ -72,11 +77,12 @@ def class_hits(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.
     """(correct, seen) per class id for one batch; None when the outputs or targets are not class scores / ids."""
     if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.dim() != 2:
         return None
-    target = _class_ids(y)
-    if target is None or target.shape[0] != out.shape[0] or bool((target < 0).any()):
+    pairs = class_pairs(out, y)
+    if pairs is None or pairs[1].dim() != 1 or bool((pairs[1] < 0).any()):
         return None
+    target = pairs[1].to(torch.int64)
     n = max(out.shape[1], int(target.max()) + 1 if target.numel() else 0)
-    pred = out.argmax(dim=1).to(target.device)
+    pred = pairs[0].to(target.device)
     seen = torch.bincount(target, minlength=n)
     correct = torch.bincount(target[pred == target], minlength=n)
     return correct.cpu(), seen.cpu()

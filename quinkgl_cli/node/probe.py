@@ -2,7 +2,7 @@
 the way training and evaluation take them, so that a model or loss that fails on the script's real data fails the
 dry run with the run's own one-line error (exit 7, `quinkgl_cli.batches.batch_failed`).
 
-Cheap and without effect on the model: one batch a loader, no gradient, no optimizer step; the training batch runs
+Cheap and without effect on the model: one batch a loader, no backward pass, no optimizer step; the training batch runs
 in training mode (a model may fail only there, BatchNorm on a batch of one), and the buffers that mode updates
 (BatchNorm's running statistics) are put back afterwards.
 """
@@ -58,7 +58,10 @@ def _probe(model: nn.Module, loss_fn: LossFn, input_shape: tuple[int, ...], name
     x, y = split_batch(batch, device)
     model.train(name == "train")
     try:
-        loss_fn(model(x), y)
+        # The training batch with autograd on, as training takes it (a loss cut off from the outputs shows only
+        # then); nothing is stepped or kept.
+        with torch.set_grad_enabled(name == "train"):
+            loss_fn(model(x), y)
     except QuinkglError:
         raise
     except Exception as exc:

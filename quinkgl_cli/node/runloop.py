@@ -161,6 +161,7 @@ class RoundLoop:
                 return
             if not node.known_peers:
                 self._note_alone()
+                node.note_trained()
             steps = node.gossip_steps
             train_end = loop.time()
             least = min_gossip_wait(interval, steps)

@@ -26,6 +26,7 @@ estimated on the validation set, reweighted to the peer's label shares (`quinkgl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import sys
@@ -63,9 +64,9 @@ class PeerScript:
 
     @property
     def loss_fn(self) -> Callable[[Any, Any], Any] | None:
-        """The script's ``loss_fn(outputs, targets)``, or None when it has none."""
+        """The script's ``loss_fn(outputs, targets)``, its return checked (`_checked_loss`), or None when it has none."""
         fn = getattr(self.module, "loss_fn", None)
-        return fn if callable(fn) else None
+        return _checked_loss(fn, self.path.name) if callable(fn) else None
 
     def build_model(self, manifest: Any, **script_args: str) -> Any:
         """Call ``build_model``; it must return a ``torch.nn.Module`` that fits the manifest's task shapes
@@ -159,6 +160,38 @@ def _shape(result: Any) -> str:
     if isinstance(result, (tuple, list)):
         return f"a {type(result).__name__} of {len(result)}"
     return type(result).__name__
+
+
+def _checked_loss(fn: Callable[[Any, Any], Any], script: str) -> Callable[[Any, Any], Any]:
+    """``fn`` with its return checked: training backpropagates one value computed from the outputs, so a float,
+    per-sample losses or a detached tensor is a one-line NodeConfigError (7) at the batch that shows it (the dry
+    run's first), not a traceback from ``loss.item()`` or ``backward()`` rounds later."""
+
+    @functools.wraps(fn)
+    def loss(outputs: Any, targets: Any) -> Any:
+        value = fn(outputs, targets)
+        problem = _loss_problem(value, outputs)
+        if problem is not None:
+            raise NodeConfigError(
+                f"loss_fn in {script} returned {problem}",
+                "return the batch's loss as one tensor computed from the outputs (a mean over the batch, as "
+                "reduction='mean' gives)",
+            )
+        return value
+
+    return loss
+
+
+def _loss_problem(value: Any, outputs: Any) -> str | None:
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return f"a {type(value).__name__}, not a tensor"
+    if value.numel() != 1:
+        return f"{value.numel()} values (shape {'x'.join(map(str, value.shape))}), not one: per-sample losses?"
+    if isinstance(outputs, torch.Tensor) and outputs.requires_grad and not value.requires_grad:
+        return "a tensor cut off from the model's outputs (no gradient reaches the model)"
+    return None
 
 
 @contextmanager

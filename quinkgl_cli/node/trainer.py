@@ -33,6 +33,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from quinkgl_cli.batches import batch_failed, batch_parts
 from quinkgl_cli.errors import NodeConfigError, QuinkglError
 from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.classes import class_pairs
 from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
 from quinkgl_cli.node.lrschedule import load_scheduler_state, scheduler_state
 from quinkgl_cli.node.moments import MomentRules
@@ -424,10 +425,5 @@ def _batch_len(y: Any) -> int:
 
 
 def _correct(out: torch.Tensor, y: torch.Tensor) -> int | None:
-    if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.dim() < 2:
-        return None
-    pred = out.argmax(dim=1)
-    target = y.argmax(dim=1) if y.is_floating_point() and y.dim() == out.dim() else y
-    if target.shape != pred.shape:
-        return None
-    return int((pred == target).sum())
+    pairs = class_pairs(out, y)
+    return None if pairs is None else int((pairs[0] == pairs[1]).sum())

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from quinkgl_cli.batches import batch_parts
 from quinkgl_cli.errors import UsageError
 
 SCHEMES = ("iid", "shards:K", "classes:K", "dirichlet:ALPHA")
@@ -244,7 +245,8 @@ def _dirichlet(y: np.ndarray, n: int, alpha: float, rng: np.random.Generator) ->
 
 def dataset_labels(dataset: Any) -> np.ndarray:
     """Integer labels of a map-style dataset: ``.tensors[1]`` (TensorDataset), ``.targets`` / ``.labels``, a Subset's
-    parent, or finally by iterating ``dataset[i][1]``."""
+    parent, or finally the targets of each item ``dataset[i]``, read as the trainer reads a batch (`batch_parts`:
+    the second of a tuple, a dict's ``y`` / ``target``)."""
     from_subset = getattr(dataset, "indices", None)
     parent = getattr(dataset, "dataset", None)
     if from_subset is not None and parent is not None:
@@ -261,7 +263,7 @@ def dataset_labels(dataset: Any) -> np.ndarray:
                 continue
             if len(arr) == len(dataset):
                 return arr
-    return _as_int_labels(dataset[i][1] for i in range(len(dataset)))
+    return _as_int_labels(batch_parts(dataset[i])[1] for i in range(len(dataset)))
 
 
 def _as_int_labels(values: Any) -> np.ndarray:
@@ -270,8 +272,8 @@ def _as_int_labels(values: Any) -> np.ndarray:
     elif not isinstance(values, np.ndarray):
         values = np.array([_scalar(v) for v in (values if not isinstance(values, Iterable) else list(values))])
     arr = np.asarray(values)
-    if arr.ndim == 2:  # one-hot labels
-        arr = arr.argmax(axis=1)
+    if arr.ndim == 2:  # a binary classifier's one column (`node.classes`), or one-hot labels
+        arr = arr[:, 0] if arr.shape[1] == 1 else arr.argmax(axis=1)
     if arr.ndim != 1:
         raise ValueError(f"labels of shape {arr.shape} are not per-sample class ids")
     if arr.dtype.kind == "f" and not np.all(np.equal(np.mod(arr, 1), 0)):

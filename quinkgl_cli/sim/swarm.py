@@ -142,14 +142,13 @@ class SwarmBuilder:
             return trains, vals, owns, vals[0], sum(_loader_size(t) for t in trains)
         dataset, val_loader, batch_size = self.shared_data()
         scheme = parse_scheme(cfg.partition)
-        try:
-            labels = dataset_labels(dataset)
-        except (ValueError, TypeError, IndexError) as exc:
+        labels, missing = self._class_labels(dataset)
+        if labels is None:
             if scheme.kind != "iid":
                 raise NodeConfigError(
                     f"--partition {cfg.partition} splits by class label, but {self.script.path.name}'s training data "
-                    f"has none usable ({exc})", "use --partition iid for regression or unlabelled data",
-                ) from exc
+                    f"has none usable ({missing})", "use --partition iid for regression or unlabelled data",
+                )
             labels = np.zeros(len(dataset), dtype=np.int64)  # one pseudo-class: iid becomes an even random split
         else:
             self.classes = int(labels.max()) + 1 if len(labels) else None
@@ -157,6 +156,16 @@ class SwarmBuilder:
         trains = [peer_loader(dataset, idx, batch_size, torch.Generator().manual_seed(cfg.seed * 100_003 + i))
                   for i, idx in enumerate(parts)]
         return trains, [val_loader] * cfg.peers, [None] * cfg.peers, val_loader, len(dataset)
+
+    def _class_labels(self, dataset: Any) -> tuple[np.ndarray | None, str]:
+        """The training set's class labels, or None and why it has none."""
+        if self.manifest.task.type == "regression":
+            # Several float targets per sample would read as one-hot rows and be split by their argmax.
+            return None, "the manifest's task is regression"
+        try:
+            return dataset_labels(dataset), ""
+        except (ValueError, TypeError, IndexError) as exc:
+            return None, str(exc)
 
     def build(self, rng: random.Random, memory: dict[str, float]) -> Swarm:
         """Every node, joined to the network; ``rng`` draws the attackers (and goes on to drive the rounds);
