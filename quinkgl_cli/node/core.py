@@ -277,8 +277,7 @@ class Node:
 
     # ----------------------------------------------------------------- round steps
     def begin_round(self) -> int:
-        """Start the next round, or catch up with the swarm when a quorum of known peers is far ahead
-        (`PeerClock.catch_up`)."""
+        """Start the next round, or catch up when a quorum of known peers is far ahead (`PeerClock.catch_up`)."""
         self.round = self.completed_round + 1
         jump = self.peer_clock.catch_up(self.round, self.known_peers, self.rounds)
         if jump is not None:
@@ -303,8 +302,7 @@ class Node:
         return stats
 
     def served_model(self) -> nn.Module:
-        """The model this peer serves now: its personal model (`node.personal`) over the shared model of
-        `ServingModel`; what the final model holds."""
+        """What this peer serves (and its final model holds): its personal part over `ServingModel`'s shared model."""
         return self.trainer.personal.personal_model(self.serving.model(self.round))
 
     def evaluate(self) -> tuple[float | None, float | None]:
@@ -316,9 +314,7 @@ class Node:
         return (result.val_loss, result.val_accuracy)
 
     def note_trained(self) -> None:
-        """The model as local training left it becomes this peer's own entry of the served mean, sent or not: a
-        peer left without partners (they finished, crashed or are unreachable) would otherwise serve the mean of its
-        last shared model and theirs for up to ``serving.MAX_AGE`` rounds while it trains on."""
+        """The trained model becomes our entry of the served mean, sent or not (a deserted peer serves what it trains)."""
         self.serving.note_own(self.round, int(self.trainer.sample_count))
 
     def share(self, step: int = 0, to: Iterable[str] | None = None) -> list[str]:
@@ -424,10 +420,8 @@ class Node:
 
     # --------------------------------------------------------------- checkpoint state
     def state_dict(self) -> NodeState:
-        """Everything a restarted node needs, as tensors + JSON (see `quinkgl_cli.node.state`).
-
-        CPU tensors are views of the live state, not copies (the daemon serializes them at once, one memcpy):
-        serialize or clone them before the node trains again."""
+        """Everything a restarted node needs, as tensors + JSON (`quinkgl_cli.node.state`). CPU tensors are views of
+        the live state (the daemon serializes them at once): serialize or clone them before the node trains again."""
         tensors, trainer_meta = self.trainer.state_dict()
         tensors.update(node_state.aggregator_tensors(self.aggregator))
         exchange_tensors, topology = self.exchange.state_dict()

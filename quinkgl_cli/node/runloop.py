@@ -161,6 +161,8 @@ class RoundLoop:
                 return
             if not node.known_peers:
                 self._note_alone()
+                # Shared with no one, its trained model would otherwise not reach the served mean: a deserted peer
+                # served its last shared model's mean for up to `serving.MAX_AGE` rounds while it trained on.
                 node.note_trained()
             steps = node.gossip_steps
             train_end = loop.time()
