@@ -560,11 +560,13 @@ def test_back_to_back_rounds_pace_on_a_slower_peer(manifest: Path, tmp_path: Pat
     messages = [r.getMessage() for r in caplog.records]
     first_wait = next(i for i, m in enumerate(messages) if m.startswith("paced "))
     # A wait may run out on a loaded machine (its patience comes from the rounds measured so far); p0 must still
-    # catch p1 up by waiting, and from its first wait on drop nothing of p1's as stale.
+    # catch p1 up by waiting.
     waits = [m for m in messages[first_wait:] if m.startswith("paced ")]
     assert any("caught_up=true" in m for m in waits), waits
-    # p0's drops name p1 (p1's own drops name p0).
-    assert not [m for m in messages[first_wait:] if m.startswith("update-dropped peer=p1") and "stale" in m]
+    # p0's drops name p1 (p1's own drops name p0). A wait that ran out lets p0 a round ahead, which may make p1's
+    # next update stale (seen once at load 5): at most one such drop per wait that ran out, none otherwise.
+    stale = [m for m in messages[first_wait:] if m.startswith("update-dropped peer=p1") and "stale" in m]
+    assert len(stale) <= sum("caught_up=false" in m for m in waits), (stale, waits)
     assert sum(h["peers"] for h in d0.node.history[-10:]) >= 4, [h["peers"] for h in d0.node.history]
     # Held to p1's pace: unpaced, p0 would be done in a fraction of a second.
     assert ended["p0"] - started > 0.7 * (ended["p1"] - started), ended
