@@ -227,3 +227,43 @@ def test_the_dry_run_warns_of_inputs_of_another_shape_than_the_manifests(
     assert int(done.value.code or 0) == 0 and "dry-run-ok" in out
     line = "input-shape-mismatch manifest=[20,4] batch=[30,4] loaders=[train,val]"
     assert (line in out) == warned, out
+
+
+LABELS = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def build_model(manifest, **kwargs):
+    return nn.Linear(8, 3)
+
+
+def build_loaders(manifest, **kwargs):
+    x, y = torch.randn(16, 8), torch.zeros(16, dtype=torch.long)
+    y[5] = LABEL
+    return DataLoader(TensorDataset(x, y), batch_size=8), None
+'''
+
+
+@pytest.mark.parametrize("command", ["simulate", "dry-run"])
+@pytest.mark.parametrize("label", [3, -1])
+def test_a_label_outside_the_tasks_classes_is_one_line_naming_it(
+    tmp_path: Path, command: str, label: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cross-entropy's own 'Target 3 is out of bounds' said neither which classes the task has nor what to do."""
+    script = tmp_path / "labels.py"
+    script.write_text(LABELS.replace("LABEL", str(label)))
+    manifest = _manifest(tmp_path, script)
+    args = (["simulate", "--manifest", str(manifest), "--script", str(script), "--peers", "2", "--rounds", "1",
+             "--partition", "iid"] if command == "simulate" else
+            ["run", "--manifest", str(manifest), "--script", str(script), "--trust-policy", "open", "--dry-run"])
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    err = capsys.readouterr().err
+    assert int(done.value.code or 0) == ExitCode.NODE, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: a training batch has label {label}, outside the task's 3 classes (labels 0..2) (make "
+                      "build_loaders yield class ids 0..2 (remap the labels), or recreate the manifest with one output "
+                      "per class)"], err
+    assert "Traceback" not in err

@@ -62,12 +62,12 @@ def _with_logits(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def test_the_reading_follows_the_model_and_the_loss() -> None:
     linear = nn.Sequential(nn.Linear(2, 1))
-    assert class_reading(nn.Sequential(nn.Linear(2, 1), nn.Sigmoid()), nn.BCEWithLogitsLoss()).probabilities
+    assert class_reading(nn.Sequential(nn.Linear(2, 1), nn.Sigmoid()), nn.BCEWithLogitsLoss(), (1,)).probabilities
     for loss in (nn.BCELoss(), _module_bce, _functional_bce, _checked_loss(_functional_bce, "peer.py")):
-        assert class_reading(linear, loss).probabilities, loss
+        assert class_reading(linear, loss, (1,)).probabilities, loss
     for loss in (nn.BCEWithLogitsLoss(), nn.CrossEntropyLoss(), _with_logits, _bce_of_sigmoid,
                  _checked_loss(_with_logits, "peer.py")):
-        assert not class_reading(linear, loss).probabilities, loss
+        assert not class_reading(linear, loss, (1,)).probabilities, loss
 
 
 def test_labels_in_one_column_are_class_ids_not_an_argmax() -> None:

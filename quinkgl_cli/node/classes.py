@@ -30,9 +30,12 @@ _PROBABILITY_LOSSES = frozenset({"BCELoss", "binary_cross_entropy"})
 
 @dataclass(frozen=True)
 class ClassReading:
-    """How one node reads a single output column: as a probability (positive above 0.5) or a logit (above 0)."""
+    """How one node reads a single output column: as a probability (positive above 0.5) or a logit (above 0); and
+    how many class ids its targets may hold (0..count-1), for the one line a label outside them gets
+    (`quinkgl_cli.batches.batch_failed`)."""
 
     probabilities: bool = False
+    count: int | None = None
 
     def pairs(self, out: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(predicted, true) class ids of a batch; None when the outputs are not class scores or the targets do not
@@ -50,11 +53,17 @@ class ClassReading:
         return (pred, target) if target.shape == pred.shape else None
 
 
-def class_reading(model: nn.Module, loss_fn: Callable[..., Any]) -> ClassReading:
+def class_reading(model: nn.Module, loss_fn: Callable[..., Any], output_shape: tuple[int, ...]) -> ClassReading:
     """Probabilities when ``model``'s last module is ``nn.Sigmoid`` or ``loss_fn`` is (or calls) a loss on
-    probabilities; logits otherwise."""
+    probabilities; logits otherwise. ``output_shape`` is the task's (class scores first)."""
     last = list(model.modules())[-1]  # the model itself when it has no submodules
-    return ClassReading(isinstance(last, nn.Sigmoid) or _takes_probabilities(loss_fn))
+    return ClassReading(isinstance(last, nn.Sigmoid) or _takes_probabilities(loss_fn), class_count(output_shape))
+
+
+def class_count(output_shape: tuple[int, ...]) -> int:
+    """The class ids a classification or segmentation task's targets may hold: one per score, two for a single
+    binary column."""
+    return max(2, int(output_shape[0]))
 
 
 def _takes_probabilities(loss_fn: Callable[..., Any]) -> bool:

@@ -49,9 +49,10 @@ class Probed:
 
 
 def probe_batches(model: nn.Module, loss_fn: LossFn, input_shape: tuple[int, ...],
-                  loaders: dict[str, Iterable[Any] | None]) -> Probed:
+                  loaders: dict[str, Iterable[Any] | None], class_ids: int | None = None) -> Probed:
     """Run the first batch of each loader (``train``, ``val``, ``own``; None ones skipped) through ``model`` and
-    ``loss_fn``. A failure is a one-line `NodeConfigError` (exit 7)."""
+    ``loss_fn``. A failure is a one-line `NodeConfigError` (exit 7); ``class_ids`` (None for regression) names a
+    label outside the task's classes (`batch_failed`)."""
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -60,7 +61,9 @@ def probe_batches(model: nn.Module, loss_fn: LossFn, input_shape: tuple[int, ...
     try:
         with torch.no_grad():
             for name, loader in loaders.items():
-                shape = _probe(model, loss_fn, input_shape, name, loader, device) if loader is not None else None
+                if loader is None:
+                    continue
+                shape = _probe(model, loss_fn, input_shape, class_ids, name, loader, device)
                 if shape is not None:
                     probed.loaders.append(name)
                     if shape:
@@ -72,8 +75,8 @@ def probe_batches(model: nn.Module, loss_fn: LossFn, input_shape: tuple[int, ...
     return probed
 
 
-def _probe(model: nn.Module, loss_fn: LossFn, input_shape: tuple[int, ...], name: str, loader: Iterable[Any],
-           device: torch.device) -> tuple[int, ...] | None:
+def _probe(model: nn.Module, loss_fn: LossFn, input_shape: tuple[int, ...], class_ids: int | None, name: str,
+           loader: Iterable[Any], device: torch.device) -> tuple[int, ...] | None:
     """The per-sample shape of the first batch's inputs (empty when they are not one tensor with a batch
     dimension), None when the loader gave no batch."""
     try:
@@ -93,5 +96,5 @@ def _probe(model: nn.Module, loss_fn: LossFn, input_shape: tuple[int, ...], name
     except QuinkglError:
         raise
     except Exception as exc:
-        raise batch_failed(exc, x, y, input_shape, _WHERE[name]) from exc
+        raise batch_failed(exc, x, y, input_shape, _WHERE[name], class_ids) from exc
     return tuple(x.shape[1:]) if isinstance(x, torch.Tensor) and x.dim() > 1 else ()

@@ -103,8 +103,8 @@ class Trainer:
         self.local_epochs = local_epochs
         self.local_steps = local_steps
         # How outputs read as class ids (a single column: logit or probability); None for regression.
-        self.classes = (class_reading(model, self.loss_fn) if manifest.task.type in ("classification", "segmentation")
-                        else None)
+        self.classes = (class_reading(model, self.loss_fn, manifest.task.output_shape)
+                        if manifest.task.type in ("classification", "segmentation") else None)
         self.input_shape = tuple(manifest.task.input_shape)
         self.fresh_optimizer = fresh_optimizer
         # What an aggregation does to the optimizer's state (`node.moments`).
@@ -197,7 +197,7 @@ class Trainer:
         except QuinkglError:
             raise
         except Exception as exc:  # the script's model or data: name the batch, not a traceback from torch
-            raise batch_failed(exc, x, y, self.input_shape, "training") from exc
+            raise batch_failed(exc, x, y, self.input_shape, "training", _count(self.classes)) from exc
         term = extra()
         if term is not None:
             loss = loss + term
@@ -332,7 +332,7 @@ class Trainer:
                 except QuinkglError:
                     raise
                 except Exception as exc:
-                    raise batch_failed(exc, x, y, self.input_shape, "evaluation") from exc
+                    raise batch_failed(exc, x, y, self.input_shape, "evaluation", _count(self.classes)) from exc
                 hits = _correct(self.classes, out, y)
                 if hits is not None:
                     correct += hits
@@ -424,6 +424,10 @@ def drop_grads(optimizer: torch.optim.Optimizer) -> None:
 
 def _batch_len(y: Any) -> int:
     return int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() > 0 else 1
+
+
+def _count(classes: ClassReading | None) -> int | None:
+    return classes.count if classes is not None else None
 
 
 def _correct(classes: ClassReading | None, out: torch.Tensor, y: torch.Tensor) -> int | None:
