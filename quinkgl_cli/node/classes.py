@@ -7,10 +7,10 @@ target above 0.5 (float) or the class id itself. The argmax of a single column i
 every (batch, 1) float target a hit.
 
 That column is a logit (threshold 0, BCEWithLogitsLoss's convention) unless the model ends in ``nn.Sigmoid`` or the
-loss is ``nn.BCELoss`` / ``F.binary_cross_entropy`` (a loss function that calls them on ``sigmoid(outputs)``
-takes logits): then it is a probability (threshold 0.5), and a logit reading
-would count every sample positive. The reading is decided once, from the model and the loss a node is built with
-(`class_reading`), never from the values of a batch.
+loss is ``nn.BCELoss`` / ``F.binary_cross_entropy`` (a loss function that calls them on ``sigmoid(outputs)`` takes
+logits): then it is a probability (threshold 0.5), which a logit reading counts positive for every sample. The
+reading is decided once, from the model and the loss a node is built with (`class_reading`), never from the values
+of a batch.
 """
 
 from __future__ import annotations
