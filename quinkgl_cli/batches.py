@@ -37,15 +37,36 @@ def _first(batch: Mapping[Any, Any], keys: tuple[str, ...]) -> Any:
     return None
 
 
-def batch_failed(exc: Exception, x: Any, y: Any, input_shape: tuple[int, ...], where: str) -> NodeConfigError:
+def batch_failed(exc: Exception, x: Any, y: Any, input_shape: tuple[int, ...], where: str,
+                 class_ids: int | None = None) -> NodeConfigError:
     """The model or its loss raised ``exc`` on a batch of the ``where`` loader: a one-line error (exit 7) with the
-    batch's shapes beside the task's, and the line of the peer script that raised, if one did."""
+    batch's shapes beside the task's, and the line of the peer script that raised, if one did. Integer targets
+    outside the task's ``class_ids`` (0..class_ids-1; None for regression) are named instead: they are what the
+    loss refused (cross-entropy's 'Target 12 is out of bounds')."""
+    label = _label_outside(y, class_ids)
+    if label is not None and class_ids is not None:
+        return NodeConfigError(
+            f"{'an' if where[0] in 'aeiou' else 'a'} {where} batch has label {label}, outside the task's {class_ids} "
+            f"classes (labels 0..{class_ids - 1})",
+            f"make build_loaders yield class ids 0..{class_ids - 1} (remap the labels), or recreate the manifest with "
+            "one output per class",
+        )
     want = "x".join(str(d) for d in input_shape)
     return NodeConfigError(
         f"the model failed on {'an' if where[0] in 'aeiou' else 'a'} {where} batch (inputs {_describe(x)}, targets {_describe(y)}; the manifest's "
         f"task takes inputs of {want} per sample): {type(exc).__name__}: {exc}{_script_line(exc)}",
         "make build_loaders yield what the model and the task's loss take, or fix the model",
     )
+
+
+def _label_outside(y: Any, class_ids: int | None) -> int | None:
+    """The first integer target outside 0..class_ids-1, or None."""
+    import torch
+
+    if class_ids is None or not isinstance(y, torch.Tensor) or y.is_floating_point() or y.dtype == torch.bool:
+        return None
+    outside = y[(y < 0) | (y >= class_ids)]
+    return int(outside.reshape(-1)[0]) if outside.numel() else None
 
 
 def _describe(value: Any) -> str:

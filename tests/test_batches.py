@@ -71,12 +71,12 @@ def test_the_fingerprint_reads_dict_batches() -> None:
     assert fp.to_body()["samples"] == "10-100"
 
 
-def _manifest(tmp_path: Path, script: Path) -> Path:
+def _manifest(tmp_path: Path, script: Path, input_shape: str = "8") -> Path:
     from quinkgl_cli.node.script import load_script
 
     path = tmp_path / "swarm.qgl"
     write_manifest(path, build_manifest(
-        name="dicts", task_type="classification", input_shape="8", output_shape="3", label_type="integer",
+        name="dicts", task_type="classification", input_shape=input_shape, output_shape="3", label_type="integer",
         framework="pytorch", arch_hash=compute_arch_hash(load_script(script).build_model(None)), aggregation="FedAvg",
         topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
     ))  # fmt: skip
@@ -183,6 +183,87 @@ def test_the_probe_leaves_the_model_as_it_found_it() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3)).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4) + 3, torch.zeros(16, dtype=torch.long)), batch_size=8)
-    assert probe_batches(model, torch.nn.CrossEntropyLoss(), (4,), {"train": data, "val": None, "own": []}) == ["train"]
+    assert probe_batches(model, torch.nn.CrossEntropyLoss(), (4,), {"train": data, "val": None, "own": []}).loaders == ["train"]
     assert not model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+SEQUENCES = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru, self.head = nn.GRU(4, 6, batch_first=True), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.gru(x)[0][:, -1])
+
+
+def build_model(manifest, **kwargs):
+    return Net()
+
+
+def build_loaders(manifest, **kwargs):
+    x, y = torch.randn(16, LENGTH, 4), torch.zeros(16, dtype=torch.long)
+    return DataLoader(TensorDataset(x, y), batch_size=8), DataLoader(TensorDataset(x, y), batch_size=8)
+'''
+
+
+@pytest.mark.parametrize(("length", "warned"), [(30, True), (20, False)])
+def test_the_dry_run_warns_of_inputs_of_another_shape_than_the_manifests(
+    tmp_path: Path, length: int, warned: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GRU takes sequences of any length: a manifest for length 20 run on length-30 data passed silently."""
+    script = tmp_path / "gru.py"
+    script.write_text(SEQUENCES.replace("LENGTH", str(length)))
+    manifest = _manifest(tmp_path, script, input_shape="20,4")
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--manifest", str(manifest), "--script", str(script), "--trust-policy", "open", "--dry-run"])
+    out = capsys.readouterr().out
+    assert int(done.value.code or 0) == 0 and "dry-run-ok" in out
+    line = "input-shape-mismatch manifest=[20,4] batch=[30,4] loaders=[train,val]"
+    assert (line in out) == warned, out
+
+
+LABELS = '''
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def build_model(manifest, **kwargs):
+    return nn.Linear(8, 3)
+
+
+def build_loaders(manifest, **kwargs):
+    x, y = torch.randn(16, 8), torch.zeros(16, dtype=torch.long)
+    y[5] = LABEL
+    return DataLoader(TensorDataset(x, y), batch_size=8), None
+'''
+
+
+@pytest.mark.parametrize("command", ["simulate", "dry-run"])
+@pytest.mark.parametrize("label", [3, -1])
+def test_a_label_outside_the_tasks_classes_is_one_line_naming_it(
+    tmp_path: Path, command: str, label: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Cross-entropy's own 'Target 3 is out of bounds' said neither which classes the task has nor what to do."""
+    script = tmp_path / "labels.py"
+    script.write_text(LABELS.replace("LABEL", str(label)))
+    manifest = _manifest(tmp_path, script)
+    args = (["simulate", "--manifest", str(manifest), "--script", str(script), "--peers", "2", "--rounds", "1",
+             "--partition", "iid"] if command == "simulate" else
+            ["run", "--manifest", str(manifest), "--script", str(script), "--trust-policy", "open", "--dry-run"])
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    err = capsys.readouterr().err
+    assert int(done.value.code or 0) == ExitCode.NODE, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: a training batch has label {label}, outside the task's 3 classes (labels 0..2) (make "
+                      "build_loaders yield class ids 0..2 (remap the labels), or recreate the manifest with one output "
+                      "per class)"], err
+    assert "Traceback" not in err

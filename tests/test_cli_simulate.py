@@ -113,6 +113,26 @@ def test_multi_output_regression_targets_are_not_split_as_one_hot_labels(
     assert run_cli(*args) == 0
 
 
+def test_labelflip_on_a_regression_task_says_it_has_no_labels_not_which_partition_to_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "use --partition iid ..." while iid was in use."""
+    script = tmp_path / "regr.py"
+    script.write_text(REGRESSION_SCRIPT)
+    path = tmp_path / "regr.qgl"
+    write_manifest(path, build_manifest(
+        name="regr-sim", task_type="regression", input_shape="8", output_shape="3", label_type="float",
+        framework="pytorch", arch_hash=compute_arch_hash(load_script(script).build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
+    ))  # fmt: skip
+    assert run_cli("simulate", "--manifest", str(path), "--script", str(script), "--peers", "3", "--rounds", "1",
+                   "--partition", "iid", "--attackers", "1:labelflip") == 7  # fmt: skip
+    err = capsys.readouterr().err
+    assert err == ("error: --attackers N:labelflip flips class labels, and a regression task has none (attack a "
+                   "regression task's shared models instead (signflip, gaussian, scale, alie or ipm), or use labelflip "
+                   "on a classification task)\n"), err
+
+
 BINARY_SCRIPT = """
 import torch
 from torch import nn

@@ -2,28 +2,93 @@
 reports (training, evaluation, DP-SGD's pass, the per-class counts of ``own_accuracy``).
 
 Class scores are the outputs' dimension 1 (segmentation: per pixel), predicted by their argmax; one-hot or soft
-float targets by theirs. One output column is a binary classifier's logit, BCEWithLogitsLoss's convention:
-positive above 0, against a target above 0.5 (float) or the class id itself. The argmax of a single column is 0
-for every sample, which made every (batch, 1) float target a hit.
+float targets by theirs. One output column is a binary classifier's score, positive above a threshold, against a
+target above 0.5 (float) or the class id itself. The argmax of a single column is 0 for every sample, which made
+every (batch, 1) float target a hit.
+
+That column is a logit (threshold 0, BCEWithLogitsLoss's convention) unless the model ends in ``nn.Sigmoid`` or the
+loss is ``nn.BCELoss`` / ``F.binary_cross_entropy`` (a loss function that calls them on ``sigmoid(outputs)`` takes
+logits): then it is a probability (threshold 0.5), which a logit reading counts positive for every sample. The
+reading is decided once, from the model and the loss a node is built with (`class_reading`), never from the values
+of a batch.
 """
 
 from __future__ import annotations
 
+import inspect
+import types
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
+
+# Names under which a loss function calls a loss on probabilities (nn.BCELoss, F.binary_cross_entropy).
+_PROBABILITY_LOSSES = frozenset({"BCELoss", "binary_cross_entropy"})
 
 
-def class_pairs(out: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(predicted, true) class ids of a batch; None when the outputs are not class scores or the targets do not
-    match them."""
-    if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.dim() < 2:
-        return None
-    if out.dim() == 2 and out.shape[1] == 1:
-        if y.numel() != out.shape[0]:
+@dataclass(frozen=True)
+class ClassReading:
+    """How one node reads a single output column: as a probability (positive above 0.5) or a logit (above 0); and
+    how many class ids its targets may hold (0..count-1), for the one line a label outside them gets
+    (`quinkgl_cli.batches.batch_failed`)."""
+
+    probabilities: bool = False
+    count: int | None = None
+
+    def pairs(self, out: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(predicted, true) class ids of a batch; None when the outputs are not class scores or the targets do not
+        match them."""
+        if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.dim() < 2:
             return None
-        target = y.reshape(-1)
-        return (out[:, 0] > 0).long(), (target > 0.5).long() if target.is_floating_point() else target
-    pred = out.argmax(dim=1)
-    target = y.argmax(dim=1) if y.is_floating_point() and y.dim() == out.dim() else y
-    return (pred, target) if target.shape == pred.shape else None
+        if out.dim() == 2 and out.shape[1] == 1:
+            if y.numel() != out.shape[0]:
+                return None
+            target = y.reshape(-1)
+            threshold = 0.5 if self.probabilities else 0.0
+            return (out[:, 0] > threshold).long(), (target > 0.5).long() if target.is_floating_point() else target
+        pred = out.argmax(dim=1)
+        target = y.argmax(dim=1) if y.is_floating_point() and y.dim() == out.dim() else y
+        return (pred, target) if target.shape == pred.shape else None
+
+
+def class_reading(model: nn.Module, loss_fn: Callable[..., Any], output_shape: tuple[int, ...]) -> ClassReading:
+    """Probabilities when ``model``'s last module is ``nn.Sigmoid`` or ``loss_fn`` is (or calls) a loss on
+    probabilities; logits otherwise. ``output_shape`` is the task's (class scores first)."""
+    last = list(model.modules())[-1]  # the model itself when it has no submodules
+    return ClassReading(isinstance(last, nn.Sigmoid) or _takes_probabilities(loss_fn), class_count(output_shape))
+
+
+def class_count(output_shape: tuple[int, ...]) -> int:
+    """The class ids a classification or segmentation task's targets may hold: one per score, two for a single
+    binary column."""
+    return max(2, int(output_shape[0]))
+
+
+def _takes_probabilities(loss_fn: Callable[..., Any]) -> bool:
+    fn = inspect.unwrap(loss_fn)
+    if isinstance(fn, nn.Module):
+        return isinstance(fn, nn.BCELoss)
+    code = getattr(fn, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return False
+    scope = dict(getattr(fn, "__globals__", {}))
+    for name, cell in zip(code.co_freevars, getattr(fn, "__closure__", None) or (), strict=False):
+        try:
+            scope[name] = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            continue
+    names = set(_names(code))
+    if "sigmoid" in names:  # binary_cross_entropy(torch.sigmoid(outputs), ...): the outputs are logits
+        return False
+    return bool(names & _PROBABILITY_LOSSES) or any(isinstance(scope.get(n), nn.BCELoss) for n in names)
+
+
+def _names(code: types.CodeType) -> Iterator[str]:
+    """The global, attribute and free names ``code`` and the functions nested in it refer to."""
+    yield from code.co_names
+    yield from code.co_freevars
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _names(const)

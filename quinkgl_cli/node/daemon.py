@@ -41,6 +41,7 @@ from quinkgl_cli.errors import ExitCode, NodeConfigError, QuinkglError, TrustErr
 from quinkgl_cli.events import emit
 from quinkgl_cli.manifest.trust import check_expiry
 from quinkgl_cli.node.admission import check_certificate_expiry
+from quinkgl_cli.node.classes import class_count
 from quinkgl_cli.node.core import NodeConfig, NodeState, RoundMetrics
 from quinkgl_cli.node.logs import LogContext, setup_logging
 from quinkgl_cli.node.nodelog import one_line
@@ -272,7 +273,11 @@ def _dry_run(prepared: Prepared) -> None:
     optimizer, scheduler = prepared.script.build_training(m, prepared.model)  # checked as the node will build it
     personal = build_personal(m.personalization, prepared.model, lambda local: prepared.script.build_training(m, local))
     probed = probe_batches(prepared.model, prepared.script.loss_fn or default_loss(m), tuple(m.task.input_shape),
-                           {"train": prepared.train_loader, "val": prepared.val_loader, "own": prepared.own_loader})
+                           {"train": prepared.train_loader, "val": prepared.val_loader, "own": prepared.own_loader},
+                           class_count(m.task.output_shape) if m.task.type != "regression" else None)
+    for shape, names in probed.shape_mismatches(tuple(m.task.input_shape)).items():
+        emit(log, logging.WARNING, "input-shape-mismatch", manifest=list(m.task.input_shape), batch=list(shape),
+             loaders=names)
     tofu: dict[str, Any] = {}
     if trusted.tofu == "first-use":
         tofu = {"tofu": "would-pin", "creator": m.creator_pubkey}
@@ -281,7 +286,7 @@ def _dry_run(prepared: Prepared) -> None:
     emit(log, logging.INFO, "dry-run-ok", manifest=m.name, swarm=trusted.swarm_id, policy=trusted.policy, **tofu,
          arch_hash=prepared.arch_hash, arch_match=prepared.arch_hash == m.model.arch_hash,
          params=sum(p.numel() for p in prepared.model.parameters()), train_batches=_len_or_dash(prepared.train_loader),
-         probed=probed,
+         probed=probed.loaders,
          optimizer=type(optimizer).__name__, scheduler=type(scheduler).__name__ if scheduler is not None else None,
          strategy=m.aggregation.name, topology=m.topology.name,
          personalization=m.personalization.mode, shared_params=sum(p.numel() for p in personal.shared.parameters()))

@@ -28,7 +28,7 @@ from torch.utils.data import default_collate
 from quinkgl_cli.batches import batch_parts
 from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import DpSgdSpec, Manifest
-from quinkgl_cli.node.classes import class_pairs
+from quinkgl_cli.node.classes import ClassReading
 from quinkgl_cli.strategies.base import Aggregator
 from quinkgl_cli.strategies.dp_accountant import BudgetTooSmall, SampleAccountant, plan_noise_multiplier
 from quinkgl_cli.strategies.dpsgd import LossFn, clip_and_sum, noisy_mean, per_sample_grads, unsupported_layers
@@ -132,9 +132,9 @@ class DpSgdTraining:
         return x, y
 
     def run_pass(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, aggregator: Aggregator,
-                 stop_flag: threading.Event | None) -> PassResult:
-        """Up to one round's planned steps; fewer when the budget or a stop request ends it. Every step taken,
-        an empty Poisson batch included, is charged to the accountant."""
+                 stop_flag: threading.Event | None, classes: ClassReading) -> PassResult:
+        """Up to one round's planned steps; fewer when the budget or a stop request ends it; accuracy read by
+        ``classes``. Every step taken, an empty Poisson batch included, is charged to the accountant."""
         result = PassResult()
         device = _device(model)
         size = len(self.dataset)
@@ -154,7 +154,7 @@ class DpSgdTraining:
                     result.nonfinite = loss
                     return result
                 summed, _ = clip_and_sum(ps.grads, self.spec.clip_norm)
-                _tally(result, ps.losses, ps.outputs, y)
+                _tally(result, ps.losses, ps.outputs, y, classes)
             else:
                 summed = {k: torch.zeros_like(p) for k, p in params.items()}
             noisy = noisy_mean(summed, self.spec.clip_norm, self.accountant.noise_multiplier, self.plan.expected_batch,
@@ -175,11 +175,12 @@ def _add_data_free_term(model: nn.Module, aggregator: Aggregator) -> None:
         extra.backward()
 
 
-def _tally(result: PassResult, losses: torch.Tensor, outputs: torch.Tensor, y: torch.Tensor) -> None:
+def _tally(result: PassResult, losses: torch.Tensor, outputs: torch.Tensor, y: torch.Tensor,
+           classes: ClassReading) -> None:
     n = int(losses.shape[0])
     result.loss_sum += float(losses.sum())
     result.seen += n
-    pairs = class_pairs(outputs, y)
+    pairs = classes.pairs(outputs, y)
     if pairs is not None:
         result.classified = True
         result.correct += int((pairs[0] == pairs[1]).sum())

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 from quinkgl_cli.batches import batch_parts
-from quinkgl_cli.node.classes import class_pairs
+from quinkgl_cli.node.classes import ClassReading
 
 
 def _dataset_labels(dataset: Any) -> torch.Tensor | None:
@@ -73,11 +73,12 @@ def label_shares(loader: Iterable[Any]) -> dict[int, float] | None:
     return {c: float(n) / total for c, n in enumerate(counts.tolist()) if n > 0}
 
 
-def class_hits(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(correct, seen) per class id for one batch; None when the outputs or targets are not class scores / ids."""
+def class_hits(out: torch.Tensor, y: torch.Tensor, classes: ClassReading) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(correct, seen) per class id for one batch, read by ``classes``; None when the outputs or targets are not
+    class scores / ids."""
     if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.dim() != 2:
         return None
-    pairs = class_pairs(out, y)
+    pairs = classes.pairs(out, y)
     if pairs is None or pairs[1].dim() != 1 or bool((pairs[1] < 0).any()):
         return None
     target = pairs[1].to(torch.int64)

@@ -33,7 +33,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from quinkgl_cli.batches import batch_failed, batch_parts
 from quinkgl_cli.errors import NodeConfigError, QuinkglError
 from quinkgl_cli.manifest.schema import Manifest
-from quinkgl_cli.node.classes import class_pairs
+from quinkgl_cli.node.classes import ClassReading, class_reading
 from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
 from quinkgl_cli.node.lrschedule import load_scheduler_state, scheduler_state
 from quinkgl_cli.node.moments import MomentRules
@@ -102,7 +102,9 @@ class Trainer:
         self.loss_fn = loss_fn or default_loss(manifest)
         self.local_epochs = local_epochs
         self.local_steps = local_steps
-        self.classification = manifest.task.type in ("classification", "segmentation")
+        # How outputs read as class ids (a single column: logit or probability); None for regression.
+        self.classes = (class_reading(model, self.loss_fn, manifest.task.output_shape)
+                        if manifest.task.type in ("classification", "segmentation") else None)
         self.input_shape = tuple(manifest.task.input_shape)
         self.fresh_optimizer = fresh_optimizer
         # What an aggregation does to the optimizer's state (`node.moments`).
@@ -110,7 +112,7 @@ class Trainer:
         self.sample_count = reported_samples if reported_samples is not None else _dataset_size(train_loader)
         self.own_loader = own_loader
         # Without the peer's own test data, its label shares reweight the validation set (`node.owneval`).
-        self.own_shares = (label_shares(train_loader) if self.classification and val_loader is not None
+        self.own_shares = (label_shares(train_loader) if self.classes is not None and val_loader is not None
                            and own_loader is None else None)
         # Set by a driver: ends local training at the next batch (a daemon asked to stop).
         self.stop_flag: threading.Event | None = None
@@ -195,7 +197,7 @@ class Trainer:
         except QuinkglError:
             raise
         except Exception as exc:  # the script's model or data: name the batch, not a traceback from torch
-            raise batch_failed(exc, x, y, self.input_shape, "training") from exc
+            raise batch_failed(exc, x, y, self.input_shape, "training", _count(self.classes)) from exc
         term = extra()
         if term is not None:
             loss = loss + term
@@ -236,7 +238,7 @@ class Trainer:
                 seen += n
                 if epoch == 0:
                     samples_first_epoch += n
-                hits = _correct(out.detach(), y)
+                hits = _correct(self.classes, out.detach(), y)
                 if hits is not None:
                     correct += hits
                 steps += 1
@@ -249,7 +251,7 @@ class Trainer:
             self.sample_count = samples_first_epoch
         return TrainStats(
             loss=total_loss / seen if seen else None,
-            accuracy=correct / seen if seen and self.classification else None,
+            accuracy=correct / seen if seen and self.classes is not None else None,
             samples=self.sample_count or samples_first_epoch,
             steps=steps,
             duration=time.perf_counter() - started,
@@ -284,13 +286,13 @@ class Trainer:
         if engine.accountant.exhausted:
             sharing.sharing_stopped = True
         result = PassResult() if sharing.sharing_stopped else engine.run_pass(
-            self.model, self.optimizer, self.loss_fn, aggregator, self.stop_flag)
+            self.model, self.optimizer, self.loss_fn, aggregator, self.stop_flag, self.classes or ClassReading())
         if result.nonfinite is not None:
             raise _NonFiniteLoss(result.nonfinite)
         aggregator.end_training(self.model, result.steps, lr)
         seen = result.seen
         return TrainStats(loss=result.loss_sum / seen if seen else None,
-                          accuracy=result.correct / seen if seen and result.classified and self.classification else None,
+                          accuracy=result.correct / seen if seen and result.classified and self.classes is not None else None,
                           samples=self.sample_count, steps=result.steps, duration=time.perf_counter() - started)
 
     def evaluate(self, model: nn.Module | None = None) -> EvalStats | None:
@@ -330,15 +332,15 @@ class Trainer:
                 except QuinkglError:
                     raise
                 except Exception as exc:
-                    raise batch_failed(exc, x, y, self.input_shape, "evaluation") from exc
-                hits = _correct(out, y)
+                    raise batch_failed(exc, x, y, self.input_shape, "evaluation", _count(self.classes)) from exc
+                hits = _correct(self.classes, out, y)
                 if hits is not None:
                     correct += hits
                 seen += n
-                by_class = class_hits(out, y) if self.own_shares else None
+                by_class = class_hits(out, y, self.classes) if self.own_shares and self.classes else None
                 if by_class is not None:
                     per_class = by_class if per_class is None else _add_hits(per_class, by_class)
-        return (total / seen if seen else None, correct / seen if seen and self.classification else None, per_class)
+        return (total / seen if seen else None, correct / seen if seen and self.classes is not None else None, per_class)
 
     def model_replaced(self, trusted: bool = True) -> None:
         """An aggregation loaded a new model: the optimizer's state starts anew (``fresh_optimizer``), or Adam's
@@ -424,6 +426,10 @@ def _batch_len(y: Any) -> int:
     return int(y.shape[0]) if isinstance(y, torch.Tensor) and y.dim() > 0 else 1
 
 
-def _correct(out: torch.Tensor, y: torch.Tensor) -> int | None:
-    pairs = class_pairs(out, y)
+def _count(classes: ClassReading | None) -> int | None:
+    return classes.count if classes is not None else None
+
+
+def _correct(classes: ClassReading | None, out: torch.Tensor, y: torch.Tensor) -> int | None:
+    pairs = classes.pairs(out, y) if classes is not None else None
     return None if pairs is None else int((pairs[0] == pairs[1]).sum())

@@ -157,6 +157,20 @@ class SwarmBuilder:
                   for i, idx in enumerate(parts)]
         return trains, [val_loader] * cfg.peers, [None] * cfg.peers, val_loader, len(dataset)
 
+    def _no_labels_to_flip(self) -> NodeConfigError:
+        """Why ``labelflip`` has no class labels to flip, and what to do instead."""
+        attack, others = f"--attackers N:{self.config.attack}", "signflip, gaussian, scale, alie or ipm"
+        if self.manifest.task.type == "regression":
+            return NodeConfigError(f"{attack} flips class labels, and a regression task has none",
+                                   f"attack a regression task's shared models instead ({others}), or use labelflip "
+                                   "on a classification task")
+        if self.config.partition == SCRIPT_PARTITION:
+            return NodeConfigError(f"{attack} flips class labels, and --partition {SCRIPT_PARTITION} does not read "
+                                   "them (the script's own shards)",
+                                   "use --partition iid, shards:K, classes:K or dirichlet:A")
+        return NodeConfigError(f"{attack} flips class labels, and {self.script.path.name}'s training data has none "
+                               "usable", f"make its dataset yield integer class labels, or attack its models ({others})")
+
     def _class_labels(self, dataset: Any) -> tuple[np.ndarray | None, str]:
         """The training set's class labels, or None and why it has none."""
         if self.manifest.task.type == "regression":
@@ -234,8 +248,7 @@ class SwarmBuilder:
             strategies = {"topology": SelectedTargets(node_id)}
         if attacker and cfg.attack in DATA_ATTACKS:
             if self.classes is None:
-                raise NodeConfigError(f"--attackers {cfg.attack} flips class labels, and this split has none",
-                                      "use --partition iid, shards:K, classes:K or dirichlet:A on labelled data")
+                raise self._no_labels_to_flip()
             train = FlippedLabels(train, self.classes)
         elif attacker and cfg.attack == SILENT:
             strategies["topology"] = SelectedTargets(node_id)  # no targets: it never sends
