@@ -94,10 +94,8 @@ def build_loaders(manifest, **kw):
 """
 
 
-def test_multi_output_regression_targets_are_not_split_as_one_hot_labels(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Rows of float targets look like one-hot labels; a label split would cut the data by their argmax."""
+def _regression_swarm(tmp_path: Path) -> tuple[Path, Path]:
+    """REGRESSION_SCRIPT and a manifest for it: (script, manifest)."""
     script = tmp_path / "regr.py"
     script.write_text(REGRESSION_SCRIPT)
     path = tmp_path / "regr.qgl"
@@ -106,6 +104,14 @@ def test_multi_output_regression_targets_are_not_split_as_one_hot_labels(
         framework="pytorch", arch_hash=compute_arch_hash(load_script(script).build_model(None)), aggregation="FedAvg",
         topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
     ))  # fmt: skip
+    return script, path
+
+
+def test_multi_output_regression_targets_are_not_split_as_one_hot_labels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Rows of float targets look like one-hot labels; a label split would cut the data by their argmax."""
+    script, path = _regression_swarm(tmp_path)
     args = ["simulate", "--manifest", str(path), "--script", str(script), "--peers", "3", "--rounds", "1"]
     assert run_cli(*args, "--partition", "shards:2") == 7
     err = capsys.readouterr().err
@@ -117,14 +123,7 @@ def test_labelflip_on_a_regression_task_says_it_has_no_labels_not_which_partitio
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """It said "use --partition iid ..." while iid was in use."""
-    script = tmp_path / "regr.py"
-    script.write_text(REGRESSION_SCRIPT)
-    path = tmp_path / "regr.qgl"
-    write_manifest(path, build_manifest(
-        name="regr-sim", task_type="regression", input_shape="8", output_shape="3", label_type="float",
-        framework="pytorch", arch_hash=compute_arch_hash(load_script(script).build_model(None)), aggregation="FedAvg",
-        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "0"},
-    ))  # fmt: skip
+    script, path = _regression_swarm(tmp_path)
     assert run_cli("simulate", "--manifest", str(path), "--script", str(script), "--peers", "3", "--rounds", "1",
                    "--partition", "iid", "--attackers", "1:labelflip") == 7  # fmt: skip
     err = capsys.readouterr().err
