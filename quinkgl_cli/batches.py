@@ -43,17 +43,18 @@ def batch_failed(exc: Exception, x: Any, y: Any, input_shape: tuple[int, ...], w
     batch's shapes beside the task's, and the line of the peer script that raised, if one did. Integer targets
     outside the task's ``class_ids`` (0..class_ids-1; None for regression) are named instead: they are what the
     loss refused (cross-entropy's 'Target 12 is out of bounds')."""
+    batch = f"{'an' if where[0] in 'aeiou' else 'a'} {where} batch"
     label = _label_outside(y, class_ids)
     if label is not None and class_ids is not None:
         return NodeConfigError(
-            f"{'an' if where[0] in 'aeiou' else 'a'} {where} batch has label {label}, outside the task's {class_ids} "
+            f"{batch} has label {label}, outside the task's {class_ids} "
             f"classes (labels 0..{class_ids - 1})",
             f"make build_loaders yield class ids 0..{class_ids - 1} (remap the labels), or recreate the manifest with "
             "one output per class",
         )
     want = "x".join(str(d) for d in input_shape)
     return NodeConfigError(
-        f"the model failed on {'an' if where[0] in 'aeiou' else 'a'} {where} batch (inputs {_describe(x)}, targets {_describe(y)}; the manifest's "
+        f"the model failed on {batch} (inputs {_describe(x)}, targets {_describe(y)}; the manifest's "
         f"task takes inputs of {want} per sample): {type(exc).__name__}: {exc}{_script_line(exc)}",
         "make build_loaders yield what the model and the task's loss take, or fix the model",
     )

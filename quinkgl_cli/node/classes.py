@@ -60,6 +60,14 @@ def class_reading(model: nn.Module, loss_fn: Callable[..., Any], output_shape: t
     return ClassReading(isinstance(last, nn.Sigmoid) or _takes_probabilities(loss_fn), class_count(output_shape))
 
 
+CLASS_TASKS = ("classification", "segmentation")  # the task types whose targets are class ids
+
+
+def task_class_count(task_type: str, output_shape: tuple[int, ...]) -> int | None:
+    """The class ids a task's targets may hold; None for a task without class labels (regression, detection)."""
+    return class_count(output_shape) if task_type in CLASS_TASKS else None
+
+
 def class_count(output_shape: tuple[int, ...]) -> int:
     """The class ids a classification or segmentation task's targets may hold: one per score, two for a single
     binary column."""

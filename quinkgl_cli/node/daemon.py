@@ -41,7 +41,7 @@ from quinkgl_cli.errors import ExitCode, NodeConfigError, QuinkglError, TrustErr
 from quinkgl_cli.events import emit
 from quinkgl_cli.manifest.trust import check_expiry
 from quinkgl_cli.node.admission import check_certificate_expiry
-from quinkgl_cli.node.classes import class_count
+from quinkgl_cli.node.classes import task_class_count
 from quinkgl_cli.node.core import NodeConfig, NodeState, RoundMetrics
 from quinkgl_cli.node.logs import LogContext, setup_logging
 from quinkgl_cli.node.nodelog import one_line
@@ -274,7 +274,7 @@ def _dry_run(prepared: Prepared) -> None:
     personal = build_personal(m.personalization, prepared.model, lambda local: prepared.script.build_training(m, local))
     probed = probe_batches(prepared.model, prepared.script.loss_fn or default_loss(m), tuple(m.task.input_shape),
                            {"train": prepared.train_loader, "val": prepared.val_loader, "own": prepared.own_loader},
-                           class_count(m.task.output_shape) if m.task.type != "regression" else None)
+                           task_class_count(m.task.type, tuple(m.task.output_shape)))
     for shape, names in probed.shape_mismatches(tuple(m.task.input_shape)).items():
         emit(log, logging.WARNING, "input-shape-mismatch", manifest=list(m.task.input_shape), batch=list(shape),
              loaders=names)

@@ -33,7 +33,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from quinkgl_cli.batches import batch_failed, batch_parts
 from quinkgl_cli.errors import NodeConfigError, QuinkglError
 from quinkgl_cli.manifest.schema import Manifest
-from quinkgl_cli.node.classes import ClassReading, class_reading
+from quinkgl_cli.node.classes import CLASS_TASKS, ClassReading, class_reading
 from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
 from quinkgl_cli.node.lrschedule import load_scheduler_state, scheduler_state
 from quinkgl_cli.node.moments import MomentRules
@@ -104,7 +104,7 @@ class Trainer:
         self.local_steps = local_steps
         # How outputs read as class ids (a single column: logit or probability); None for regression.
         self.classes = (class_reading(model, self.loss_fn, manifest.task.output_shape)
-                        if manifest.task.type in ("classification", "segmentation") else None)
+                        if manifest.task.type in CLASS_TASKS else None)
         self.input_shape = tuple(manifest.task.input_shape)
         self.fresh_optimizer = fresh_optimizer
         # What an aggregation does to the optimizer's state (`node.moments`).
