@@ -132,6 +132,7 @@ def one(backend: str, peers: int, rounds: int, repeat: int) -> dict[str, Any]:
             meter.sample()
     return {
         "backend": backend, "peers": peers, "rounds": rounds, "data": "digits" if repeat == 1 else f"digits x{repeat}",
+        "code": _commit(),
         "wall_s": time.perf_counter() - started, "build_s": result.timing["build_s"], "run_s": result.timing["run_s"],
         "cpu_s": meter.cpu_s, "peak_mb": meter.peak_mb, "peak_mb_per_peer": meter.peak_mb / peers,
         "shards": result.memory.get("shards", 1.0),
@@ -140,6 +141,13 @@ def one(backend: str, peers: int, rounds: int, repeat: int) -> dict[str, Any]:
         "final_mean_accuracy": result.final.mean_accuracy,
         "peers_metrics": [[p.val_accuracy, p.val_loss, p.bytes_sent] for p in result.rounds[-1].peers],
     }
+
+
+def _commit() -> str | None:
+    """The checkout's commit: points are compared only with points of the same code."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parent)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def repeat_for(peers: int) -> int:
@@ -167,8 +175,8 @@ def compare(points: list[dict[str, Any]]) -> None:
     by = {(p["backend"], p["peers"], p["rounds"]): p for p in points}
     for p in points:
         local = by.get(("local", p["peers"], p["rounds"]))
-        if p["backend"] == "local" or local is None:
-            continue
+        if p["backend"] == "local" or local is None or p.get("code") is None or p.get("code") != local.get("code"):
+            continue  # another code's curve may differ for reasons of its own: what was compared then is kept
         p["overhead_cpu"] = p["cpu_s"] / local["cpu_s"]
         p["speedup_wall"] = local["wall_s"] / p["wall_s"]
         if p["backend"] == "ray":

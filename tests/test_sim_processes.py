@@ -16,17 +16,9 @@ from quinkgl_cli.sim.config import SimConfig
 from quinkgl_cli.sim.procbackend import ProcessSimulation, recv_values, send_values, worker_count
 from quinkgl_cli.sim.simulator import Simulator
 from tests.helpers_manifest import write
-from tests.helpers_sharded import SCRIPT, differences, digits
+from tests.helpers_sharded import SCRIPT, differences, digits, run_cli
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def run_cli(*args: str) -> int:
-    from quinkgl_cli.cli.app import main
-
-    with pytest.raises(SystemExit) as done:
-        main(list(args))
-    return int(done.value.code or 0)
 
 
 @pytest.mark.parametrize(

@@ -16,15 +16,7 @@ from quinkgl_cli.sim.sharded import ShardedRun
 from quinkgl_cli.sim.simulator import Simulator
 from quinkgl_cli.transport.memory import _Offer
 from tests.helpers_manifest import write
-from tests.helpers_sharded import SCRIPT, InProcess, differences, digits
-
-
-def run_cli(*args: str) -> int:
-    from quinkgl_cli.cli.app import main
-
-    with pytest.raises(SystemExit) as done:
-        main(list(args))
-    return int(done.value.code or 0)
+from tests.helpers_sharded import SCRIPT, InProcess, differences, digits, run_cli
 
 
 @pytest.mark.parametrize(

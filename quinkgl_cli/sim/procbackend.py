@@ -169,7 +169,11 @@ class WorkerProcess:
             if not self.process.is_alive() and not self.reader.is_alive():
                 raise RuntimeError(f"shard worker {self.shard} is gone (exit code {self.process.exitcode})")
             self.pending.append(answer)
-        send_values(self.conn, {"method": method}, args)
+        try:
+            send_values(self.conn, {"method": method}, args)
+        except OSError as exc:  # it died since: the reader fails what it owed, this call included
+            self.reader.join()
+            raise RuntimeError(f"shard worker {self.shard} is gone (exit code {self.process.exitcode})") from exc
         return answer
 
     def _read(self) -> None:
