@@ -99,7 +99,8 @@ def simulate(
         int | None, typer.Option("--peers-per-actor", metavar="N", help="--backend ray: peers per actor (default: as many actors as the cluster has CPUs).")
     ] = None,
 ) -> None:
-    """Run a whole swarm of real nodes in one process, in virtual time (no waiting), deterministic for --seed."""
+    """Run a whole swarm of real nodes in virtual time (no waiting), deterministic for --seed: in this process, or
+    spread over worker processes (--backend processes) or Ray actors (--backend ray) with the same results."""
     import logging
 
     from quinkgl_cli.manifest.trust import load_trusted
