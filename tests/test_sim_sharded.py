@@ -137,7 +137,7 @@ def test_backend_ray_without_ray_installed_says_how_to_install_it(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--backend", "spark"], "--backend 'spark' is not one of local, ray"),
+        (["--backend", "spark"], "--backend 'spark' is not one of local, processes, ray"),
         (["--ray-address", "127.0.0.1:6379"], "need --backend ray"),
         (["--backend", "ray", "--ray-address", "10.1.2.3:6379"], "--ray-address 10.1.2.3:6379 is not on loopback"),
         (["--backend", "ray", "--ray-address", "127.0.0.1"], "is not HOST:PORT"),
