@@ -1,20 +1,21 @@
-"""Simulator scale, local against Ray: wall time, CPU time and peak memory for N peers x R rounds of the digits MLP.
+"""Simulator scale, local against worker processes and Ray: wall time, CPU time and peak memory for N peers x R rounds of the digits MLP.
 
     python benchmarks/bench_scale.py                                  # 100 / 1,000 / 10,000 peers x 20 rounds
     python benchmarks/bench_scale.py --sizes 100,1000 --backends local
     python benchmarks/bench_scale.py --one ray 1000 20               # one point, JSON on stdout (what the above runs)
+    python benchmarks/bench_scale.py --sizes 1000 --backends local,processes
 
 Every point runs in a fresh process (the earlier points' memory would otherwise count), with the default manifest
 on an IID split, seed 1, the simulator's defaults (peer views of at most 256). Digits has 1,438 training samples:
 beyond that many peers the training set is repeated 7 times (`scripts/digits_tiled.py`, the same MLP), so every
 peer holds one; each point records its ``data``. The Ray backend starts a private
-Ray on 127.0.0.1 with one actor per CPU. Measured for the whole process tree (the driver and, for Ray, every Ray
+Ray on 127.0.0.1 with one actor per CPU; the processes backend runs one worker process per CPU. Measured for the whole process tree (the driver and, for Ray, every Ray
 process: GCS, raylet, workers), sampled every 0.5 s from /proc: the peak resident memory of the tree and the CPU
-seconds it used (user + system). Wall time is what a user waits; on a shared, loaded machine it mostly measures
+seconds it used (user + system), the workers' included. Wall time is what a user waits; on a shared, loaded machine it mostly measures
 the other tenants, so CPU seconds are reported beside it (on an idle 2-core machine the local backend's wall time is
 about its CPU time, Ray's about its CPU time / 2). ``ray_overhead`` is Ray's CPU seconds / local's for the same
-point; ``curve_max_diff`` is the largest difference between the two backends' per-round mean accuracies (aim: 0,
-identical curves), with ``identical`` saying whether every peer's metrics agree exactly. Points not measured here
+point (``overhead_cpu`` and ``speedup_wall`` for either backend against local); ``curve_max_diff`` is the largest
+difference between the two backends' per-round mean accuracies (aim: 0, identical curves), with ``identical`` saying whether every peer's metrics agree exactly. Points not measured here
 (``--skip``, or a deadline) are left out, never estimated: the README labels extrapolations as such.
 Writes benchmarks/results/scale.json (merged with what it holds for other points) and prints a markdown table.
 """
@@ -121,11 +122,17 @@ def one(backend: str, peers: int, rounds: int, repeat: int) -> dict[str, Any]:
 
             result = RaySimulation(sim, progress=progress).run()
             meter.sample()  # the actors are gone; Ray's own processes stop with the interpreter
+        elif backend == "processes":
+            from quinkgl_cli.sim.procbackend import ProcessSimulation
+
+            result = ProcessSimulation(sim, progress=progress).run()
+            meter.sample()
         else:
             result = sim.run()
             meter.sample()
     return {
         "backend": backend, "peers": peers, "rounds": rounds, "data": "digits" if repeat == 1 else f"digits x{repeat}",
+        "code": _commit(),
         "wall_s": time.perf_counter() - started, "build_s": result.timing["build_s"], "run_s": result.timing["run_s"],
         "cpu_s": meter.cpu_s, "peak_mb": meter.peak_mb, "peak_mb_per_peer": meter.peak_mb / peers,
         "shards": result.memory.get("shards", 1.0),
@@ -134,6 +141,13 @@ def one(backend: str, peers: int, rounds: int, repeat: int) -> dict[str, Any]:
         "final_mean_accuracy": result.final.mean_accuracy,
         "peers_metrics": [[p.val_accuracy, p.val_loss, p.bytes_sent] for p in result.rounds[-1].peers],
     }
+
+
+def _commit() -> str | None:
+    """The checkout's commit: points are compared only with points of the same code."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                          cwd=Path(__file__).resolve().parent)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def repeat_for(peers: int) -> int:
@@ -156,23 +170,27 @@ def measure(backend: str, peers: int, rounds: int, repeat: int, timeout: float |
 
 
 def compare(points: list[dict[str, Any]]) -> None:
-    """Ray's overhead and curve difference, on each point measured with both backends."""
+    """Each sharded backend's overhead, wall-time speed-up and curve difference against local, on each point
+    measured with both."""
     by = {(p["backend"], p["peers"], p["rounds"]): p for p in points}
     for p in points:
         local = by.get(("local", p["peers"], p["rounds"]))
-        if p["backend"] != "ray" or local is None:
-            continue
-        p["ray_overhead_cpu"] = p["cpu_s"] / local["cpu_s"]
-        p["ray_overhead_wall"] = p["wall_s"] / local["wall_s"]
+        if p["backend"] == "local" or local is None or p.get("code") is None or p.get("code") != local.get("code"):
+            continue  # another code's curve may differ for reasons of its own: what was compared then is kept
+        p["overhead_cpu"] = p["cpu_s"] / local["cpu_s"]
+        p["speedup_wall"] = local["wall_s"] / p["wall_s"]
+        if p["backend"] == "ray":
+            p["ray_overhead_cpu"] = p["overhead_cpu"]
+            p["ray_overhead_wall"] = p["wall_s"] / local["wall_s"]
         p["curve_max_diff"] = max(abs(a - b) for a, b in zip(p["curve"], local["curve"], strict=True))
         p["identical"] = p["curve"] == local["curve"] and p["peers_metrics"] == local["peers_metrics"]
 
 
 def markdown(points: list[dict[str, Any]]) -> str:
-    lines = ["| peers x rounds | backend | wall s | CPU s | peak MB (MB/peer) | Ray / local CPU | curve diff |",
+    lines = ["| peers x rounds | backend | wall s | CPU s | peak MB (MB/peer) | CPU / local's | curve diff |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for p in sorted(points, key=lambda p: (p["peers"], p["rounds"], p["backend"])):
-        over = f"{p['ray_overhead_cpu']:.2f}x" if "ray_overhead_cpu" in p else "-"
+        over = f"{p['overhead_cpu']:.2f}x" if "overhead_cpu" in p else "-"
         diff = ("identical" if p["identical"] else f"{p['curve_max_diff']:.4f}") if "identical" in p else "-"
         lines.append(f"| {p['peers']:,} x {p['rounds']} | {p['backend']} | {p['wall_s']:.0f} | {p['cpu_s']:.0f} | "
                      f"{p['peak_mb']:.0f} ({p['peak_mb_per_peer']:.2f}) | {over} | {diff} |")

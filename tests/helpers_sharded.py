@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from quinkgl_cli.manifest.arch_hash import compute_arch_hash
 from quinkgl_cli.manifest.create import build_manifest
 from quinkgl_cli.manifest.schema import Manifest
@@ -58,3 +60,12 @@ def differences(a: SimResult, b: SimResult) -> list[str]:
         if ra.peers != rb.peers:
             out.append(f"round {ra.round} {ra.phase}: peers' metrics differ ({ra.mean_accuracy} against {rb.mean_accuracy})")
     return out
+
+
+def run_cli(*args: str) -> int:
+    """`quinkgl ARGS` in this process: its exit code."""
+    from quinkgl_cli.cli.app import main
+
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    return int(done.value.code or 0)

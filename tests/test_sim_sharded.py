@@ -16,15 +16,7 @@ from quinkgl_cli.sim.sharded import ShardedRun
 from quinkgl_cli.sim.simulator import Simulator
 from quinkgl_cli.transport.memory import _Offer
 from tests.helpers_manifest import write
-from tests.helpers_sharded import SCRIPT, InProcess, differences, digits
-
-
-def run_cli(*args: str) -> int:
-    from quinkgl_cli.cli.app import main
-
-    with pytest.raises(SystemExit) as done:
-        main(list(args))
-    return int(done.value.code or 0)
+from tests.helpers_sharded import SCRIPT, InProcess, differences, digits, run_cli
 
 
 @pytest.mark.parametrize(
@@ -145,7 +137,7 @@ def test_backend_ray_without_ray_installed_says_how_to_install_it(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--backend", "spark"], "--backend 'spark' is not one of local, ray"),
+        (["--backend", "spark"], "--backend 'spark' is not one of local, processes, ray"),
         (["--ray-address", "127.0.0.1:6379"], "need --backend ray"),
         (["--backend", "ray", "--ray-address", "10.1.2.3:6379"], "--ray-address 10.1.2.3:6379 is not on loopback"),
         (["--backend", "ray", "--ray-address", "127.0.0.1"], "is not HOST:PORT"),

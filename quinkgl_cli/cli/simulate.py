@@ -13,7 +13,7 @@ from quinkgl_cli.errors import UsageError
 
 _KV = "K=V"
 _MODES = ("gossip", "fedavg", "pairwise", "local")
-_BACKENDS = ("local", "ray")
+_BACKENDS = ("local", "processes", "ray")
 _F_RULES = ("Krum", "MultiKrum", "TrimmedMean")  # robust rules that discard exactly f updates
 DEFAULT_CLIENTS_PER_ROUND = 10
 _DIST = "X | uniform:LO:HI | lognormal:MEDIAN:SIGMA | straggler:BASE:P:FACTOR"
@@ -87,7 +87,10 @@ def simulate(
     speed: Annotated[str | None, typer.Option("--speed", metavar="DIST", help=f"Field: virtual seconds one round's training takes, drawn per peer (default 1): {_DIST}.")] = None,
     gossip_interval: Annotated[float | None, typer.Option("--gossip-interval", metavar="SECONDS", help="Field: virtual seconds between round starts, as the daemon's flag (default 10).")] = None,
     trace: Annotated[Path | None, typer.Option("--trace", metavar="FILE", help="Field: replay a trace of real daemons (quinkgl run --trace; concatenated files): training times, transfers, arrivals and departures; --peers = its node count.")] = None,
-    backend: Annotated[str, typer.Option("--backend", metavar="NAME", help="local (one process) | ray (peers on Ray actors; pip install 'quinkgl-cli[ray]'). Same results for a seed.")] = "local",
+    backend: Annotated[str, typer.Option("--backend", metavar="NAME", help="local (one process) | processes (peers in --workers processes on this machine) | ray (peers on Ray actors; pip install 'quinkgl-cli[ray]'). Same results for a seed.")] = "local",
+    workers: Annotated[
+        int | None, typer.Option("--workers", metavar="N", help="--backend processes: worker processes (default: one per available CPU).")
+    ] = None,
     ray_address: Annotated[
         str | None, typer.Option("--ray-address", metavar="HOST:PORT", help="--backend ray: join this Ray cluster (its GCS address) instead of starting a private one on 127.0.0.1.")
     ] = None,
@@ -96,7 +99,8 @@ def simulate(
         int | None, typer.Option("--peers-per-actor", metavar="N", help="--backend ray: peers per actor (default: as many actors as the cluster has CPUs).")
     ] = None,
 ) -> None:
-    """Run a whole swarm of real nodes in one process, in virtual time (no waiting), deterministic for --seed."""
+    """Run a whole swarm of real nodes in virtual time (no waiting), deterministic for --seed: in this process, or
+    spread over worker processes (--backend processes) or Ray actors (--backend ray) with the same results."""
     import logging
 
     from quinkgl_cli.manifest.trust import load_trusted
@@ -111,7 +115,7 @@ def simulate(
         raise UsageError(f"--mode {mode!r} is not one of {', '.join(_MODES)}", "use --mode gossip, fedavg, pairwise or local")
     if threads < 1:
         raise UsageError(f"--threads {threads} must be at least 1", "use --threads 1")
-    address = _backend_flags(backend, ray_address, ray_allow_remote, peers_per_actor)
+    address = _backend_flags(backend, ray_address, ray_allow_remote, peers_per_actor, workers)
     count, kind = parse_attackers(attackers)
     conditions = field_config(latency, bandwidth, drop, churn, churn_away, churn_fresh, late_join, speed, gossip_interval,
                               trace)
@@ -156,6 +160,10 @@ def simulate(
             from quinkgl_cli.sim.raybackend import RaySimulation
 
             result = _run(RaySimulation(sim, address, peers_per_actor), sim.rounds)
+        elif backend == "processes":
+            from quinkgl_cli.sim.procbackend import ProcessSimulation
+
+            result = _run(ProcessSimulation(sim, workers), sim.rounds)
         else:
             result = _run(sim, sim.rounds)
     finally:
@@ -191,12 +199,18 @@ def simulate(
         typer.echo(f"wrote {plot}")
 
 
-def _backend_flags(backend: str, ray_address: str | None, allow_remote: bool, peers_per_actor: int | None) -> str | None:
+def _backend_flags(backend: str, ray_address: str | None, allow_remote: bool, peers_per_actor: int | None,
+                   workers: int | None) -> str | None:
     """The Ray cluster's address to join (None: start a private one), after checking the backend's flags."""
     from quinkgl_cli import validation
 
     if backend not in _BACKENDS:
-        raise UsageError(f"--backend {backend!r} is not one of {', '.join(_BACKENDS)}", "use --backend local or --backend ray")
+        raise UsageError(f"--backend {backend!r} is not one of {', '.join(_BACKENDS)}",
+                         "use --backend local, processes or ray")
+    if workers is not None and backend != "processes":
+        raise UsageError("--workers needs --backend processes", "add --backend processes")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers {workers} must be at least 1", "use --workers 1 or more")
     if backend != "ray" and (ray_address is not None or peers_per_actor is not None or allow_remote):
         raise UsageError("--ray-address, --ray-allow-remote and --peers-per-actor need --backend ray", "add --backend ray")
     if peers_per_actor is not None and peers_per_actor < 1:
