@@ -467,6 +467,7 @@ def test_training_and_checkpoint_flags_take_effect(manifest: Path, tmp_path: Pat
     from quinkgl_cli.node.checkpoint import load_final_model
 
     final = tmp_path / "elsewhere" / "model.safetensors"
+    final.parent.mkdir()  # as `run` requires of an output's directory
     d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=3, gossip_interval=0.05, local_epochs=2, local_steps=30,
                                checkpoint_every=2, keep_checkpoints=5, final_model=final)),
                LogContext("p0"), memory_factory(MemoryNetwork()))
@@ -488,6 +489,31 @@ def test_training_and_checkpoint_flags_take_effect(manifest: Path, tmp_path: Pat
     tensors, meta = load_final_model(final)
     assert meta["round"] == 3 and "0.weight" in tensors
     assert not (tmp_path / "p0" / "final_model.safetensors").exists()
+
+
+def test_final_model_directory_removed_during_the_run_is_made_again_with_a_warning(
+        manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from quinkgl_cli.node.checkpoint import load_final_model
+
+    final = tmp_path / "models" / "model.safetensors"
+    final.parent.mkdir()
+    d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=2, gossip_interval=0.05, final_model=final)),
+               LogContext("p0"), memory_factory(MemoryNetwork()))
+    train = d.node.train_round
+
+    def removing_the_directory() -> Any:
+        if final.parent.exists():
+            final.parent.rmdir()
+        return train()
+
+    d.node.train_round = removing_the_directory  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
+    _tensors, meta = load_final_model(final)
+    assert meta["round"] == 2
+    warned = [r for r in caplog.records if r.getMessage().startswith("final-model-directory-recreated ")]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert f"directory={final.parent} " in warned[0].getMessage()
 
 
 def test_ipv8_transport_is_built_from_manifest_flags_and_model(manifest: Path, tmp_path: Path,
