@@ -149,6 +149,11 @@ def test_tofu_remembers_first_key_per_name(tmp_path: Path, creator) -> None:
         load_trusted(resigned, "tofu", state_dir=state, now=NOW)
     assert info.value.code == ExitCode.TRUST
     assert TofuStore(state).lookup("swarm-a") == keys.public_key_text(creator)
+    # The way out names the new key to pin and the entry to remove; both are taken as they are written.
+    new_key = keys.public_key_text(attacker)
+    assert f"--trust-policy pinned --trusted-pubkey {new_key}" in str(info.value.hint)
+    assert load_trusted(resigned, "pinned", [new_key], state_dir=state, now=NOW).policy == "pinned"
+    assert f"remove the 'swarm-a' entry from {state / TOFU_FILE}" in str(info.value.hint)
     # Another name is first seen independently.
     other = write(tmp_path / "d.qgl", make_manifest("swarm-b", key=attacker))
     assert load_trusted(other, "tofu", state_dir=state, now=NOW).tofu == "first-use"

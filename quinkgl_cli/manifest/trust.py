@@ -298,7 +298,9 @@ class TofuStore:
             raise TrustError(
                 f"manifest name {name!r} was first seen signed by {entry.creator_pubkey} "
                 f"(on {entry.first_seen}); this one is signed by {creator}",
-                f"if the creator really changed keys, remove {name!r} from {self.path} deliberately",
+                "a changed key may be an impostor's: once the creator has confirmed the new key (not through this"
+                f" manifest), pin it with --trust-policy pinned --trusted-pubkey {creator}, or remove the {name!r}"
+                f" entry from {self.path} so that the next run learns it",
             )
 
     def _locked(self):
