@@ -94,6 +94,9 @@ def test_lone_daemon_says_so_and_sigterm_stops_with_checkpoint(manifest: Path, t
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("alone ") for m in messages) == 1  # once, not every round
     assert any(m.startswith("stopping signal=SIGTERM") for m in messages)
+    # The stop line names where the model went, as the finished line does.
+    (stopped,) = [m for m in messages if m.startswith("stopped ")]
+    assert f"final_model={tmp_path / 'p0' / 'final_model.safetensors'}" in stopped, stopped
     saved = CheckpointStore(tmp_path / "p0").latest()
     assert saved is not None and saved[1].meta["round"] == d.node.completed_round
     from quinkgl_cli.node.checkpoint import load_final_model
@@ -180,7 +183,8 @@ def test_stop_mid_round_keeps_the_end_of_round_state(manifest: Path, tmp_path: P
     reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint-saved ")]
     assert any("reason=stop" in m for m in reasons) == written_on_stop
     stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped ")]
-    assert stopped == [f"stopped completed_round={saved_round} signal=SIGTERM checkpoint={f.path}"]
+    assert stopped == [f"stopped completed_round={saved_round} signal=SIGTERM checkpoint={f.path}"
+                       f" final_model={tmp_path / 'p0' / 'final_model.safetensors'}"]
 
 
 def _run_pair(manifest: Path, tmp: Path, rounds: int) -> list[Daemon]:

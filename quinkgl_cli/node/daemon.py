@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -195,6 +196,7 @@ class Daemon:
              rounds=node.rounds if node.rounds is not None else "unlimited",
              interval=o.schedule.gossip_interval, strategy=manifest.aggregation.name,
              topology=manifest.topology.name)
+        stopped_model: Path | None = None
         try:
             if o.schedule.min_peers and node.completed_round == 0:
                 await self.loop.wait_for_peers(o.schedule.min_peers, o.schedule.min_peers_timeout)
@@ -206,16 +208,16 @@ class Daemon:
                 await self.loop.final_consensus()
             if self.waiter.stopping:
                 await self.files.save_unsaved()
-                await self.files.write_stopped_model()
+                stopped_model = await self.files.write_stopped_model()
         finally:
             await self._stop_transport()
         if self.expired is not None:
             emit(log, logging.WARNING, "stopped", completed_round=node.completed_round, reason=self.expired[0],
-                 checkpoint=self.files.newest_checkpoint())
+                 checkpoint=self.files.newest_checkpoint(), final_model=stopped_model)
             return int(ExitCode.TRUST)
         if self.waiter.stopping and not node.finished():
             emit(log, logging.INFO, "stopped", completed_round=node.completed_round, signal=self.stop_signal,
-                 checkpoint=self.files.newest_checkpoint())
+                 checkpoint=self.files.newest_checkpoint(), final_model=stopped_model)
             return int(ExitCode.INTERRUPTED)
         await self.files.finish(self.loop.final_eval, self.started_at)
         self._publish("finished")

@@ -106,11 +106,12 @@ class RunFiles:
         await asyncio.to_thread(save_final_model, self.final_model, node.served_model(), meta)
         return self.final_model
 
-    async def write_stopped_model(self) -> None:
+    async def write_stopped_model(self) -> Path | None:
         """A stop before the last round (a long-lived daemon, with no --rounds, only ever stops this way) leaves the
-        model the peer serves, with the last completed round's metrics."""
+        model the peer serves, with the last completed round's metrics; its path, None before any round."""
         if self.node.completed_round > 0 and not self.node.finished():
-            await self.write_final_model(self.node.recorder.last())
+            return await self.write_final_model(self.node.recorder.last())
+        return None
 
     async def already_finished(self) -> None:
         """Resumed on the final checkpoint of a run that reached its rounds: nothing to train. A restart has no
