@@ -88,6 +88,12 @@ def _key_from_file(value: str) -> str:
             words = fh.read(4096).decode("utf-8", "replace").split()
     except OSError as exc:
         raise IOFailure(f"cannot read public key file {path}: {exc.strerror}") from exc
+    if words and words[0].startswith("-----BEGIN"):
+        raise UsageError(
+            f"--trusted-pubkey file {path} holds a private key (PEM), not a public key",
+            f"pass its public key: `quinkgl keygen --show-public {path}` prints it; peers need only that line,"
+            " never the private key",
+        ) from None
     try:
         return keys.normalize_public_key(words[0] if words else "")
     except UsageError:
