@@ -700,6 +700,36 @@ def test_a_node_that_learns_its_key_is_revoked_stops_before_its_next_round(tmp_p
     assert CheckpointStore(tmp_path / "p0").files()[-1].round == 2
 
 
+class _States:
+    """An observer that keeps the state of every snapshot the daemon publishes."""
+
+    def __init__(self) -> None:
+        self.states: list[str] = []
+
+    def update(self, snapshot: Any) -> None:
+        self.states.append(snapshot.state)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_daemon_waiting_for_min_peers_says_waiting_not_running(manifest: Path, tmp_path: Path) -> None:
+    """`quinkgl status` showed `running 0/N` for a daemon that had not begun round 1, waiting for --min-peers."""
+    net = MemoryNetwork()
+    observers = [_States(), _States()]
+    daemons = [Daemon(prepare(options(manifest, tmp_path, f"p{i}", rounds=2, gossip_interval=0.2, min_peers=1)),
+                      LogContext(f"p{i}"), memory_factory(net), observers[i]) for i in range(2)]
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(*(d.run() for d in daemons)))
+
+    assert asyncio.run(asyncio.wait_for(both(), timeout=60)) == [0, 0]
+    for d, observer in zip(daemons, observers, strict=True):
+        _release(d)
+        assert observer.states[:2] == ["waiting", "running"] and observer.states[-1] == "finished", observer.states
+        assert "waiting" not in observer.states[1:]
+
+
 def test_report_and_finished_line_count_the_same_bytes(manifest: Path, tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     """`quinkgl report`'s bytes (the metrics file's lines summed) are the `finished` line's: the final consensus has

@@ -190,7 +190,8 @@ class Daemon:
         manifest = self.prepared.trusted.manifest
         listen = f"{address[0]}:{address[1]}" if address else f"{o.network.listen}:{o.network.port}"
         self.observed = SnapshotMaker(node, self.transport, manifest.name, listen)
-        self._publish("running")
+        waiting = bool(o.schedule.min_peers) and node.completed_round == 0
+        self._publish("waiting" if waiting else "running")  # waiting: for --min-peers, before round 1
         # The node id is the line's own ``node`` (a reserved member), not a field of its own.
         emit(log, logging.INFO, "started", swarm=self.prepared.trusted.swarm_id, listen=listen,
              rounds=node.rounds if node.rounds is not None else "unlimited",
@@ -198,8 +199,10 @@ class Daemon:
              topology=manifest.topology.name)
         stopped_model: Path | None = None
         try:
-            if o.schedule.min_peers and node.completed_round == 0:
+            if waiting:
                 await self.loop.wait_for_peers(o.schedule.min_peers, o.schedule.min_peers_timeout)
+                if not self.waiter.stopping:
+                    self._publish("running")
             if self.tracer is not None and not self.waiter.stopping:
                 # When its rounds begin (after --min-peers): what a replay must start the node at.
                 self.tracer.node_started(node.completed_round)
