@@ -229,6 +229,26 @@ def test_the_dry_run_warns_of_inputs_of_another_shape_than_the_manifests(
     assert (line in out) == warned, out
 
 
+@pytest.mark.parametrize(("length", "warned"), [(30, True), (20, False)])
+def test_training_warns_once_of_inputs_of_another_shape_than_the_manifests(
+    tmp_path: Path, length: int, warned: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only the dry run said so: a plain `run` or `simulate` trained on length-30 sequences without a word. The
+    node's training (both run it) compares its first batch once, and says it once per peer, not every round."""
+    script = tmp_path / "gru.py"
+    script.write_text(SEQUENCES.replace("LENGTH", str(length)))
+    manifest = _manifest(tmp_path, script, input_shape="20,4")
+    with pytest.raises(SystemExit) as done:
+        main(["simulate", "--manifest", str(manifest), "--script", str(script), "--peers", "2", "--rounds", "2",
+              "--partition", "iid"])
+    err = capsys.readouterr().err
+    assert int(done.value.code or 0) == 0, err
+    lines = [line for line in err.splitlines() if "input-shape-mismatch" in line]
+    expected = ["WARNING peer-000 input-shape-mismatch manifest=[20,4] batch=[30,4] loaders=[train]",
+                "WARNING peer-001 input-shape-mismatch manifest=[20,4] batch=[30,4] loaders=[train]"]
+    assert sorted(lines) == (expected if warned else []), err
+
+
 LABELS = '''
 import torch
 from torch import nn

@@ -37,10 +37,10 @@ def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.
 def test_round_trip_through_console_script(tmp_path: Path) -> None:
     gen = cli("keygen", "--output", "creator.key", cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr
-    lines = gen.stdout.splitlines()
-    assert lines[0].startswith("Private key written with 0600 permissions. Treat this file as a secret")
-    pub = lines[-1]
+    assert gen.stderr.startswith("Private key written with 0600 permissions. Treat this file as a secret")
+    (pub,) = gen.stdout.splitlines()  # the key alone: `keygen -o creator.key > creator.pub` is a public key file
     assert pub.startswith("ed25519:") and len(pub) == 8 + 64
+    (tmp_path / "creator.pub").write_text(gen.stdout)
     key_file = tmp_path / "creator.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
 
@@ -65,6 +65,8 @@ def test_round_trip_through_console_script(tmp_path: Path) -> None:
     assert verified.returncode == 0, verified.stderr
     assert verified.stdout.splitlines()[:3] == ["Manifest valid.", swarm, "Signature: valid"]
     assert "Trust: pinned" in verified.stdout
+    from_file = cli("manifest", "verify", "demo.qgl", "--trusted-pubkey", "creator.pub", cwd=tmp_path)
+    assert from_file.returncode == 0 and "Trust: pinned" in from_file.stdout, from_file.stderr
 
     # verify's default policy is run's (tofu), and verify only reads the store: a new key is reported, not learned.
     state = tmp_path / "state"
@@ -143,7 +145,7 @@ def test_unsigned_expired_malformed_oversized_missing(tmp_path: Path) -> None:
 def test_passphrase_protected_key(tmp_path: Path) -> None:
     env = dict(os.environ, QUINKGL_KEY_PASSPHRASE="s3cret words")
     gen = cli("keygen", "--output", "locked.key", cwd=tmp_path, env=env)
-    assert gen.returncode == 0 and "passphrase-protected" in gen.stdout
+    assert gen.returncode == 0 and "passphrase-protected" in gen.stderr
     assert b"ENCRYPTED" in (tmp_path / "locked.key").read_bytes()
     no_pp = {k: v for k, v in os.environ.items() if k != "QUINKGL_KEY_PASSPHRASE"}
     args = ["manifest", "create", "--name", "locked", *GUIDE_FLAGS, "--sign-with", "locked.key", "--output", "l.qgl"]

@@ -31,7 +31,7 @@ def state_dir() -> Iterator[Path]:
 # ---------------------------------------------------------------- status
 def test_status_without_daemons(state_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["status", "--state-dir", str(state_dir)], capsys)
-    assert code == 0 and out.startswith("no quinkgl daemon is running")
+    assert code == 0 and out.startswith("no quinkgl daemon is running") and "--state-dir" in out
     code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "--json"], capsys)
     assert code == 0 and json.loads(out) == []
 
@@ -42,6 +42,8 @@ def test_status_table_json_and_watch(state_dir: Path, capsys: pytest.CaptureFixt
     try:
         code, out, _ = run_cli(["status", "--state-dir", str(state_dir)], capsys)
         assert out.splitlines()[1].split() == ["peer-7", "starting"]  # no snapshot yet, but its node id
+        code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "peer-7"], capsys)
+        assert out.splitlines()[1].split() == ["peer-7", "starting"]  # asked for by name too
         code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "--json"], capsys)
         assert json.loads(out) == [{"socket": str(server.path), "error": "starting", "node_id": "peer-7"}]
         server.update(snap(4, dp_epsilon_spent=0.25, round_metrics={"own_accuracy": 0.9375}))
@@ -60,7 +62,8 @@ def test_status_table_json_and_watch(state_dir: Path, capsys: pytest.CaptureFixt
         frames = [json.loads(line) for line in out.splitlines()]
         assert code == 0 and len(frames) == 2 and frames[0][0]["round"] == 4
         code, out, _ = run_cli(["status", "--state-dir", str(state_dir), "other-node"], capsys)
-        assert out.startswith("no quinkgl daemon is running")
+        # Not "no daemon is running": one is, under another name.
+        assert out.strip() == "no quinkgl daemon named other-node is running (running here: peer-1)", out
     finally:
         server.close()
 

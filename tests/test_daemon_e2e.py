@@ -315,3 +315,38 @@ def _start(args: list[str], home: Path) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "quinkgl_cli", "run", *policy, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ls.child_env(home))
 
+
+
+SLOW_START = (
+    "import pathlib, time\n"
+    "def build_model(manifest, **kw):\n"
+    "    pathlib.Path(kw['marker']).touch()\n"
+    "    time.sleep(60)\n"
+    "def build_loaders(manifest, **kw):\n"
+    "    return [], None\n"
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_exits_130(tmp_path: Path, swarm_manifest: tuple[Path, str, str], sig: int) -> None:
+    """`systemctl stop` or `docker stop` while the daemon still loads its script: SIGTERM ended the process by the
+    signal's default (143 in a shell) where Ctrl-C gave 130, the code README documents for an interrupt."""
+    manifest, _pub, _swarm = swarm_manifest
+    script = tmp_path / "slow_start.py"
+    script.write_text(SLOW_START)
+    marker = tmp_path / "building"
+    # Ctrl-C reaches a foreground process with SIGINT's default action, whatever the test runner set.
+    proc = subprocess.Popen([sys.executable, "-m", "quinkgl_cli", "run", "--trust-policy", "open", "--manifest",
+                             str(manifest), "--script", str(script), "--script-arg", f"marker={marker}",
+                             "--checkpoint-dir", str(tmp_path / "ck")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ls.child_env(tmp_path / "home"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        wait_for(lambda: marker.exists() or proc.poll() is not None, 120, "build_model to start")
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-1500:]
+    assert "Traceback" not in out, out[-1500:]

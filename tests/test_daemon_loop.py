@@ -94,6 +94,9 @@ def test_lone_daemon_says_so_and_sigterm_stops_with_checkpoint(manifest: Path, t
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("alone ") for m in messages) == 1  # once, not every round
     assert any(m.startswith("stopping signal=SIGTERM") for m in messages)
+    # The stop line names where the model went, as the finished line does.
+    (stopped,) = [m for m in messages if m.startswith("stopped ")]
+    assert f"final_model={tmp_path / 'p0' / 'final_model.safetensors'}" in stopped, stopped
     saved = CheckpointStore(tmp_path / "p0").latest()
     assert saved is not None and saved[1].meta["round"] == d.node.completed_round
     from quinkgl_cli.node.checkpoint import load_final_model
@@ -180,7 +183,8 @@ def test_stop_mid_round_keeps_the_end_of_round_state(manifest: Path, tmp_path: P
     reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint-saved ")]
     assert any("reason=stop" in m for m in reasons) == written_on_stop
     stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped ")]
-    assert stopped == [f"stopped completed_round={saved_round} signal=SIGTERM checkpoint={f.path}"]
+    assert stopped == [f"stopped completed_round={saved_round} signal=SIGTERM checkpoint={f.path}"
+                       f" final_model={tmp_path / 'p0' / 'final_model.safetensors'}"]
 
 
 def _run_pair(manifest: Path, tmp: Path, rounds: int) -> list[Daemon]:
@@ -467,6 +471,7 @@ def test_training_and_checkpoint_flags_take_effect(manifest: Path, tmp_path: Pat
     from quinkgl_cli.node.checkpoint import load_final_model
 
     final = tmp_path / "elsewhere" / "model.safetensors"
+    final.parent.mkdir()  # as `run` requires of an output's directory
     d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=3, gossip_interval=0.05, local_epochs=2, local_steps=30,
                                checkpoint_every=2, keep_checkpoints=5, final_model=final)),
                LogContext("p0"), memory_factory(MemoryNetwork()))
@@ -488,6 +493,31 @@ def test_training_and_checkpoint_flags_take_effect(manifest: Path, tmp_path: Pat
     tensors, meta = load_final_model(final)
     assert meta["round"] == 3 and "0.weight" in tensors
     assert not (tmp_path / "p0" / "final_model.safetensors").exists()
+
+
+def test_final_model_directory_removed_during_the_run_is_made_again_with_a_warning(
+        manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from quinkgl_cli.node.checkpoint import load_final_model
+
+    final = tmp_path / "models" / "model.safetensors"
+    final.parent.mkdir()
+    d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=2, gossip_interval=0.05, final_model=final)),
+               LogContext("p0"), memory_factory(MemoryNetwork()))
+    train = d.node.train_round
+
+    def removing_the_directory() -> Any:
+        if final.parent.exists():
+            final.parent.rmdir()
+        return train()
+
+    d.node.train_round = removing_the_directory  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
+    _tensors, meta = load_final_model(final)
+    assert meta["round"] == 2
+    warned = [r for r in caplog.records if r.getMessage().startswith("final-model-directory-recreated ")]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert f"directory={final.parent} " in warned[0].getMessage()
 
 
 def test_ipv8_transport_is_built_from_manifest_flags_and_model(manifest: Path, tmp_path: Path,
@@ -668,6 +698,36 @@ def test_a_node_that_learns_its_key_is_revoked_stops_before_its_next_round(tmp_p
     stopped = events["stopped"].qgl_fields  # type: ignore[attr-defined]
     assert stopped["reason"] == "key-revoked" and stopped["completed_round"] == 2
     assert CheckpointStore(tmp_path / "p0").files()[-1].round == 2
+
+
+class _States:
+    """An observer that keeps the state of every snapshot the daemon publishes."""
+
+    def __init__(self) -> None:
+        self.states: list[str] = []
+
+    def update(self, snapshot: Any) -> None:
+        self.states.append(snapshot.state)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_daemon_waiting_for_min_peers_says_waiting_not_running(manifest: Path, tmp_path: Path) -> None:
+    """`quinkgl status` showed `running 0/N` for a daemon that had not begun round 1, waiting for --min-peers."""
+    net = MemoryNetwork()
+    observers = [_States(), _States()]
+    daemons = [Daemon(prepare(options(manifest, tmp_path, f"p{i}", rounds=2, gossip_interval=0.2, min_peers=1)),
+                      LogContext(f"p{i}"), memory_factory(net), observers[i]) for i in range(2)]
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(*(d.run() for d in daemons)))
+
+    assert asyncio.run(asyncio.wait_for(both(), timeout=60)) == [0, 0]
+    for d, observer in zip(daemons, observers, strict=True):
+        _release(d)
+        assert observer.states[:2] == ["waiting", "running"] and observer.states[-1] == "finished", observer.states
+        assert "waiting" not in observer.states[1:]
 
 
 def test_report_and_finished_line_count_the_same_bytes(manifest: Path, tmp_path: Path,

@@ -142,6 +142,22 @@ def test_from_script_says_why_a_model_returning_a_tuple_gives_no_output_shape(
     assert not (tmp_path / "m.qgl").exists()
 
 
+@pytest.mark.parametrize(("framework", "code"), [("tensorflow", ExitCode.USAGE), ("custom", ExitCode.OK)])
+def test_from_script_refuses_a_tensorflow_label_on_a_pytorch_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], framework: str, code: int
+) -> None:
+    """The PyTorch model's hash under framework=tensorflow made a manifest that `run` then took without a word."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mnist.py").write_text(MNIST_SCRIPT)
+    assert run_cli("manifest", "create", "--name", "mnist", "--task-type", "class", "--label-type", "integer",
+                   "--aggregation", "FedAvg", "--topology", "RandomTopology", "--from-script", "mnist.py",
+                   "--model-framework", framework, "--output", "m.qgl") == code  # fmt: skip
+    err = capsys.readouterr().err
+    if code:
+        assert err.count("\n") == 1 and "--model-framework tensorflow contradicts --from-script" in err, err
+    assert (tmp_path / "m.qgl").exists() == (not code)
+
+
 def test_a_regressor_giving_one_value_per_sample_probes_as_output_shape_1() -> None:
     """Its (batch,) output was taken for 'no output shape' and `--from-script` asked for --output-shape."""
     scalar = nn.Sequential(nn.Linear(4, 1), nn.Flatten(0))

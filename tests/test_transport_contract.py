@@ -633,6 +633,43 @@ def test_ipv8_trickling_fetch_request_cannot_hold_a_serve_slot(tmp_path, caplog)
     asyncio.run(main())
 
 
+def test_ipv8_connection_closed_before_its_request_is_not_a_warning(tmp_path, caplog):
+    """A TCP connection that leaves before asking for an offer (a partner whose fetch was cancelled as it stopped,
+    a port check such as `nc -z`) refused nothing and names nobody: DEBUG, not a WARNING per address. A request
+    that is malformed still is one."""
+    from quinkgl_cli.transport.ipv8 import stream
+
+    async def main():
+        t = _ipv8(tmp_path, "a")
+        await t.start(Recorder())
+        loop = asyncio.get_running_loop()
+        try:
+            with caplog.at_level(logging.DEBUG, logger="quinkgl.transport"):
+                for read_challenge in (False, True):
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    stream.tune(sock)
+                    await loop.sock_connect(sock, ("127.0.0.1", t.tcp_port))
+                    if read_challenge:
+                        await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3)
+                    sock.close()
+                await wait_until(lambda: caplog.text.count("reason=no_request") >= 2, what="both closes noticed")
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                stream.tune(sock)
+                await loop.sock_connect(sock, ("127.0.0.1", t.tcp_port))
+                await stream.recv_exact(loop, sock, stream.CHALLENGE.size, 3)
+                await loop.sock_sendall(sock, b"\0" * stream.REQUEST_HEAD.size)
+                await wait_until(lambda: "reason=malformed_request" in caplog.text, what="the malformed request")
+                sock.close()
+        finally:
+            await t.stop()
+        loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert loud == ["fetch-refused peer=127.0.0.1 reason=malformed_request"]
+        quiet = [r for r in caplog.records if "reason=no_request" in r.getMessage()]
+        assert quiet and all(r.levelno == logging.DEBUG for r in quiet)
+
+    asyncio.run(main())
+
+
 def test_ipv8_failing_tick_logs_one_traceback_per_exception_type(tmp_path, caplog):
     async def main():
         t = _ipv8(tmp_path, "a", walk_interval=0.01)

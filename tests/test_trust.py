@@ -119,7 +119,10 @@ def test_bad_public_key_file_is_named_never_quoted(tmp_path: Path, creator, cont
     with pytest.raises(UsageError) as info:
         load_trusted(path, "pinned", [str(key_file)], now=NOW)
     line = info.value.one_line()
-    assert str(key_file) in line and "does not start with a public key" in line
+    if content.startswith("-----BEGIN"):  # the creator's private key, passed by mistake: say so, and what to pass
+        assert str(key_file) in line and "holds a private key" in line and "keygen --show-public" in line
+    else:
+        assert str(key_file) in line and "does not start with a public key" in line
     first = content.split()[0] if content.strip() else None
     assert first is None or first not in line
     assert info.value.__cause__ is None and info.value.__suppress_context__
@@ -149,6 +152,11 @@ def test_tofu_remembers_first_key_per_name(tmp_path: Path, creator) -> None:
         load_trusted(resigned, "tofu", state_dir=state, now=NOW)
     assert info.value.code == ExitCode.TRUST
     assert TofuStore(state).lookup("swarm-a") == keys.public_key_text(creator)
+    # The way out names the new key to pin and the entry to remove; both are taken as they are written.
+    new_key = keys.public_key_text(attacker)
+    assert f"--trust-policy pinned --trusted-pubkey {new_key}" in str(info.value.hint)
+    assert load_trusted(resigned, "pinned", [new_key], state_dir=state, now=NOW).policy == "pinned"
+    assert f"remove the 'swarm-a' entry from {state / TOFU_FILE}" in str(info.value.hint)
     # Another name is first seen independently.
     other = write(tmp_path / "d.qgl", make_manifest("swarm-b", key=attacker))
     assert load_trusted(other, "tofu", state_dir=state, now=NOW).tofu == "first-use"

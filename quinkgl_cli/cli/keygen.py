@@ -35,9 +35,12 @@ def keygen(
     key = keys.generate()
     keys.save_private_key(output, key, passphrase, force=force)
     protected = " (passphrase-protected)" if passphrase else ""
+    # The note on stderr, the key alone on stdout: `quinkgl keygen -o creator.key > creator.pub` gives the .pub
+    # file that --trusted-pubkey takes (in a terminal both lines show, as the guide prints them).
     typer.echo(
         f"Private key written with 0600 permissions{protected}. Treat this file as a secret: "
-        f"never commit {output} to git or share it."
+        f"never commit {output} to git or share it.",
+        err=True,
     )
     typer.echo(keys.public_key_text(key))
 

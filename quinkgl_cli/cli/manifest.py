@@ -100,7 +100,7 @@ def create(
     """Create a swarm manifest, signed with --sign-with (peers under tofu/pinned refuse unsigned ones)."""
     from quinkgl_cli import keys
     from quinkgl_cli.manifest.canonical import swarm_id
-    from quinkgl_cli.manifest.create import build_manifest, normalize_arch_hash
+    from quinkgl_cli.manifest.create import build_manifest, normalize_arch_hash, normalize_framework
     from quinkgl_cli.manifest.io import write_manifest
     from quinkgl_cli.manifest.signing import sign_manifest
 
@@ -115,6 +115,13 @@ def create(
             raise UsageError("--from-script and --data exclude each other", "--data NAME stands for the script quinkgl ships for NAME")
         from_script = builtin_script(from_data)
     if from_script is not None:
+        if normalize_framework(model_framework) == "tensorflow":
+            # The hash would be a PyTorch model's under a label no peer here can train: a swarm nobody can join.
+            raise UsageError(
+                f"--model-framework tensorflow contradicts {'--data' if from_data else '--from-script'}: its model is a PyTorch"
+                " nn.Module, and quinkgl trains PyTorch models",
+                "drop --model-framework (pytorch is the default)",
+            )
         arch, input_shape, output_shape = _from_script(from_script, parse_kv(script_arg, "--script-arg"), input_shape, output_shape)
         if model_arch_hash is not None and normalize_arch_hash(model_arch_hash) != arch:
             raise ArchMismatch(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -25,6 +26,10 @@ def _bool_flag(value: str, flag: str) -> bool:
     if text in ("false", "0", "no", "off"):
         return False
     raise UsageError(f"{flag} {value!r} is not true or false", f"write {flag} true or {flag} false")
+
+
+def _stop_start_up(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _peer_script(script: Path | None, data: str | None) -> Path:
@@ -62,6 +67,7 @@ def config_flags() -> dict[str, Flag]:
 
 
 def run(
+    ctx: typer.Context,
     manifest: nf.Manifest,
     script: Annotated[
         Path | None, typer.Option("--script", "-s", help="Peer script with build_model and build_loaders (mode B).", metavar="FILE")
@@ -155,6 +161,10 @@ def run(
     ] = None,
 ) -> None:
     """Join the swarm of a trusted manifest and train with your peer script, gossiping with peers."""
+    # Until the daemon's loop takes the signals over, SIGTERM (systemctl stop, docker stop) ends start-up as Ctrl-C
+    # does, exit 130, not by the signal's default death (143 in a shell), which the exit codes do not list.
+    previous = signal.signal(signal.SIGTERM, _stop_start_up)
+    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))  # a process that called main() keeps its own
     from quinkgl_cli.node.daemon import DaemonOptions, default_node_id, run_daemon
     from quinkgl_cli.ops.observer import OpsSettings
 

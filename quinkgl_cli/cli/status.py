@@ -99,20 +99,32 @@ def status(
     wanted = set(nodes or [])
     shown = 0
     while True:
-        replies = [r for r in query(directory)
-                   if not wanted or (r.snapshot is not None and r.snapshot.node_id in wanted)]
+        running = query(directory)
+        replies = [r for r in running if not wanted or _node_of(r) in wanted]
         if as_json:
             docs = [r.to_json() for r in replies]
             typer.echo(json.dumps(docs, separators=(",", ":")) if watch else json.dumps(docs, indent=2))
         else:
             if watch and sys.stdout.isatty():
                 typer.echo("\x1b[H\x1b[2J", nl=False)  # clear the screen: the table replaces the last one
-            text = render(replies, time.time()) if replies else f"no quinkgl daemon is running (looked in {directory})"
+            text = render(replies, time.time()) if replies else _none_found(wanted, running, directory)
             typer.echo(text + ("\n" if watch and not sys.stdout.isatty() else ""))
         shown += 1
         if not watch or (count is not None and shown >= count):
             return
         time.sleep(interval)
+
+
+def _node_of(reply: Reply) -> str | None:
+    return reply.snapshot.node_id if reply.snapshot is not None else reply.node_id
+
+
+def _none_found(wanted: set[str], running: list[Reply], directory: Path) -> str:
+    if wanted and running:
+        others = ", ".join(sorted(str(_node_of(r) or r.socket.name) for r in running))
+        return f"no quinkgl daemon named {', '.join(sorted(wanted))} is running (running here: {others})"
+    return (f"no quinkgl daemon is running (looked in {directory}; daemons started with --state-dir or $QUINKGL_HOME"
+            " are found with the same --state-dir)")
 
 
 def register(app: typer.Typer) -> None:

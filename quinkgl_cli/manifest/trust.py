@@ -88,6 +88,12 @@ def _key_from_file(value: str) -> str:
             words = fh.read(4096).decode("utf-8", "replace").split()
     except OSError as exc:
         raise IOFailure(f"cannot read public key file {path}: {exc.strerror}") from exc
+    if words and words[0].startswith("-----BEGIN"):
+        raise UsageError(
+            f"--trusted-pubkey file {path} holds a private key (PEM), not a public key",
+            f"pass its public key: `quinkgl keygen --show-public {path}` prints it; peers need only that line,"
+            " never the private key",
+        ) from None
     try:
         return keys.normalize_public_key(words[0] if words else "")
     except UsageError:
@@ -298,7 +304,9 @@ class TofuStore:
             raise TrustError(
                 f"manifest name {name!r} was first seen signed by {entry.creator_pubkey} "
                 f"(on {entry.first_seen}); this one is signed by {creator}",
-                f"if the creator really changed keys, remove {name!r} from {self.path} deliberately",
+                "a changed key may be an impostor's: once the creator has confirmed the new key (not through this"
+                f" manifest), pin it with --trust-policy pinned --trusted-pubkey {creator}, or remove the {name!r}"
+                f" entry from {self.path} so that the next run learns it",
             )
 
     def _locked(self):

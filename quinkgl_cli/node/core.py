@@ -53,7 +53,7 @@ from quinkgl_cli.node.peerclock import PacePlan, PeerClock
 from quinkgl_cli.node.personal import Shared
 from quinkgl_cli.node.serving import ServingModel
 from quinkgl_cli.node.state import NodeState
-from quinkgl_cli.node.trainer import EvalStats, LossFn, Trainer, TrainStats
+from quinkgl_cli.node.trainer import EvalStats, LossFn, Trainer, TrainStats, log_training
 from quinkgl_cli.strategies import registry
 from quinkgl_cli.strategies.aggregation import (
     LABEL_ENTROPY_KEY,
@@ -293,9 +293,7 @@ class Node:
     def train_round(self) -> TrainStats:
         """Local training: ``local_epochs`` passes over the training data, at most ``local_steps`` optimizer steps."""
         stats = self.trainer.train(self.round, self.aggregator, self.exchange.sharing)
-        if stats.rolled_back_from is not None:
-            self.log(logging.WARNING, "training-rolled-back", loss=stats.rolled_back_from,
-                     hint="a non-finite loss after the last aggregation: trained again from the last good model")
+        log_training(self.log, stats, self.trainer.input_shape.expected)
         self.recorder.train = stats
         self.log(logging.DEBUG, "trained", loss=stats.loss, accuracy=stats.accuracy, steps=stats.steps,
                  seconds=stats.duration)

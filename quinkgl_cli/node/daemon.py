@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -189,15 +190,19 @@ class Daemon:
         manifest = self.prepared.trusted.manifest
         listen = f"{address[0]}:{address[1]}" if address else f"{o.network.listen}:{o.network.port}"
         self.observed = SnapshotMaker(node, self.transport, manifest.name, listen)
-        self._publish("running")
+        waiting = bool(o.schedule.min_peers) and node.completed_round == 0
+        self._publish("waiting" if waiting else "running")  # waiting: for --min-peers, before round 1
         # The node id is the line's own ``node`` (a reserved member), not a field of its own.
         emit(log, logging.INFO, "started", swarm=self.prepared.trusted.swarm_id, listen=listen,
              rounds=node.rounds if node.rounds is not None else "unlimited",
              interval=o.schedule.gossip_interval, strategy=manifest.aggregation.name,
              topology=manifest.topology.name)
+        stopped_model: Path | None = None
         try:
-            if o.schedule.min_peers and node.completed_round == 0:
+            if waiting:
                 await self.loop.wait_for_peers(o.schedule.min_peers, o.schedule.min_peers_timeout)
+                if not self.waiter.stopping:
+                    self._publish("running")
             if self.tracer is not None and not self.waiter.stopping:
                 # When its rounds begin (after --min-peers): what a replay must start the node at.
                 self.tracer.node_started(node.completed_round)
@@ -206,16 +211,16 @@ class Daemon:
                 await self.loop.final_consensus()
             if self.waiter.stopping:
                 await self.files.save_unsaved()
-                await self.files.write_stopped_model()
+                stopped_model = await self.files.write_stopped_model()
         finally:
             await self._stop_transport()
         if self.expired is not None:
             emit(log, logging.WARNING, "stopped", completed_round=node.completed_round, reason=self.expired[0],
-                 checkpoint=self.files.newest_checkpoint())
+                 checkpoint=self.files.newest_checkpoint(), final_model=stopped_model)
             return int(ExitCode.TRUST)
         if self.waiter.stopping and not node.finished():
             emit(log, logging.INFO, "stopped", completed_round=node.completed_round, signal=self.stop_signal,
-                 checkpoint=self.files.newest_checkpoint())
+                 checkpoint=self.files.newest_checkpoint(), final_model=stopped_model)
             return int(ExitCode.INTERRUPTED)
         await self.files.finish(self.loop.final_eval, self.started_at)
         self._publish("finished")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from quinkgl_cli.errors import QuinkglError
+from quinkgl_cli.errors import IOFailure, QuinkglError
 from quinkgl_cli.events import emit
 from quinkgl_cli.node.checkpoint import FINAL_MODEL_NAME, CheckpointStore, save_final_model
 from quinkgl_cli.node.core import Node, RoundMetrics
@@ -90,17 +90,28 @@ class RunFiles:
 
     async def write_final_model(self, metrics: dict[str, Any]) -> Path:
         node = self.node
-        self.final_model.parent.mkdir(parents=True, exist_ok=True)
+        directory = self.final_model.parent
+        if not directory.is_dir():
+            # Start-up refused a missing directory (a typo never gets this far): this one vanished while the run went
+            # on. Losing the run's model would be worse than making it again; the warning says that it happened.
+            emit(log, logging.WARNING, "final-model-directory-recreated", directory=directory,
+                 hint="it was removed while the daemon ran; check what removed it")
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise IOFailure(f"cannot create {directory} again for the final model: {exc.strerror}",
+                                "the last checkpoint holds the model: start the run again once the path is writable") from exc
         meta = {"node_id": node.node_id, "swarm_id": node.swarm_id, "round": node.completed_round,
                 "arch_hash": self.prepared.arch_hash, "metrics": metrics}
         await asyncio.to_thread(save_final_model, self.final_model, node.served_model(), meta)
         return self.final_model
 
-    async def write_stopped_model(self) -> None:
+    async def write_stopped_model(self) -> Path | None:
         """A stop before the last round (a long-lived daemon, with no --rounds, only ever stops this way) leaves the
-        model the peer serves, with the last completed round's metrics."""
+        model the peer serves, with the last completed round's metrics; its path, None before any round."""
         if self.node.completed_round > 0 and not self.node.finished():
-            await self.write_final_model(self.node.recorder.last())
+            return await self.write_final_model(self.node.recorder.last())
+        return None
 
     async def already_finished(self) -> None:
         """Resumed on the final checkpoint of a run that reached its rounds: nothing to train. A restart has no

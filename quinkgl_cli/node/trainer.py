@@ -19,6 +19,7 @@ accountant is charged for every step.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -54,6 +55,41 @@ class TrainStats:
     steps: int
     duration: float
     rolled_back_from: float | None = None  # the non-finite loss that made this round start again from the last good model
+    # The first training batch's inputs per sample where they are not the task's input shape (in one round only).
+    input_shape: tuple[int, ...] | None = None
+
+
+class InputShape:
+    """The task's input shape per sample, and the first training batch's when it differs: a model that takes both
+    (a GRU fed longer sequences) trains silently outside the task the swarm agreed on. Only the first batch is
+    compared, as the dry run does (`node.probe`): padded batches legitimately vary in length from batch to batch."""
+
+    def __init__(self, expected: tuple[int, ...]) -> None:
+        self.expected = expected
+        self.checked = False
+        self.differing: tuple[int, ...] | None = None
+
+    def see(self, x: Any) -> None:
+        if self.checked:
+            return
+        self.checked = True
+        if isinstance(x, torch.Tensor) and x.dim() > 1 and tuple(x.shape[1:]) != self.expected:
+            self.differing = tuple(x.shape[1:])
+
+    def take(self) -> tuple[int, ...] | None:
+        """The differing shape, once."""
+        found, self.differing = self.differing, None
+        return found
+
+
+def log_training(log: Callable[..., None], stats: TrainStats, expected: tuple[int, ...]) -> None:
+    """What a node says about a round's training beyond its metrics (``log`` is its `NodeLog`)."""
+    if stats.rolled_back_from is not None:
+        log(logging.WARNING, "training-rolled-back", loss=stats.rolled_back_from,
+            hint="a non-finite loss after the last aggregation: trained again from the last good model")
+    if stats.input_shape is not None:  # the dry run's line, for the loader training reads
+        log(logging.WARNING, "input-shape-mismatch", manifest=list(expected), batch=list(stats.input_shape),
+            loaders=["train"])
 
 
 class _NonFiniteLoss(Exception):
@@ -105,7 +141,7 @@ class Trainer:
         # How outputs read as class ids (a single column: logit or probability); None for regression.
         self.classes = (class_reading(model, self.loss_fn, manifest.task.output_shape)
                         if manifest.task.type in CLASS_TASKS else None)
-        self.input_shape = tuple(manifest.task.input_shape)
+        self.input_shape = InputShape(tuple(manifest.task.input_shape))
         self.fresh_optimizer = fresh_optimizer
         # What an aggregation does to the optimizer's state (`node.moments`).
         self.moments = MomentRules()
@@ -169,6 +205,7 @@ class Trainer:
         self.personal.round_trained()
         stats.duration = time.perf_counter() - started
         stats.rolled_back_from = rolled_back_from
+        stats.input_shape = self.input_shape.take()
         return stats
 
     def _batches(self, epochs: int) -> Iterator[tuple[int, Any, Any]]:
@@ -180,6 +217,7 @@ class Trainer:
         for epoch in range(epochs):
             for batch in self.train_loader:
                 x, y = split_batch(batch, device)
+                self.input_shape.see(x)
                 yield epoch, x, y
                 steps += 1
                 if (self.local_steps is not None and steps >= self.local_steps) or (
@@ -197,7 +235,7 @@ class Trainer:
         except QuinkglError:
             raise
         except Exception as exc:  # the script's model or data: name the batch, not a traceback from torch
-            raise batch_failed(exc, x, y, self.input_shape, "training", _count(self.classes)) from exc
+            raise batch_failed(exc, x, y, self.input_shape.expected, "training", _count(self.classes)) from exc
         term = extra()
         if term is not None:
             loss = loss + term
@@ -332,7 +370,7 @@ class Trainer:
                 except QuinkglError:
                     raise
                 except Exception as exc:
-                    raise batch_failed(exc, x, y, self.input_shape, "evaluation", _count(self.classes)) from exc
+                    raise batch_failed(exc, x, y, self.input_shape.expected, "evaluation", _count(self.classes)) from exc
                 hits = _correct(self.classes, out, y)
                 if hits is not None:
                     correct += hits

@@ -14,7 +14,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from quinkgl_cli.errors import UsageError
 
-STATES = ("running", "finished", "stopping")
+STATES = ("waiting", "running", "finished", "stopping")
 
 
 @dataclass(frozen=True)

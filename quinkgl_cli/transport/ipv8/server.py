@@ -33,6 +33,11 @@ from quinkgl_cli.validation import is_loopback
 
 log = logging.getLogger("quinkgl.transport")
 
+# A connection that closed before it asked for anything: a partner whose fetch was cancelled as it stopped, or a
+# port check (`nc -z`, a container's TCP health probe). Nothing was refused and nobody is named (only an address),
+# so it is logged at DEBUG; the fetching side reports its own failures.
+NO_REQUEST = "no_request"
+
 
 def listen_tcp(host: str, udp_port: int, requested_port: int) -> socket.socket:
     """TCP on the UDP port number when one was asked for (one --port to open in a firewall), else any free one."""
@@ -158,7 +163,7 @@ class FetchServer:
             finally:
                 self._release(who)
         except (stream.FetchError, channel.ChannelError) as exc:
-            self.drops("fetch-refused", who, exc.reason)
+            self.drops("fetch-refused", who, exc.reason, level=logging.DEBUG if exc.reason == NO_REQUEST else logging.WARNING)
         except (TimeoutError, OSError) as exc:
             self.drops("serve-failed", who, "timeout" if isinstance(exc, TimeoutError) else "recipient_vanished")
             if out is not None:
@@ -185,8 +190,13 @@ class FetchServer:
         nonce = stream.new_nonce()
         ephemeral = channel.Ephemeral()
         async with asyncio.timeout(timeout):
-            await loop.sock_sendall(conn, stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, nonce, ephemeral.public))
-            head = await stream.recv_exact(loop, conn, stream.REQUEST_HEAD.size, timeout)
+            try:
+                await loop.sock_sendall(conn, stream.CHALLENGE.pack(stream.CHALLENGE_MAGIC, stream.PROTOCOL, nonce, ephemeral.public))
+                head = await stream.recv_exact(loop, conn, stream.REQUEST_HEAD.size, timeout)
+            except TimeoutError:
+                raise
+            except (stream.FetchError, OSError) as exc:
+                raise stream.FetchError(NO_REQUEST) from exc
             magic, offer_id, theirs, sig_len = stream.REQUEST_HEAD.unpack(head)
             if magic in (stream.REVERSE_MAGIC, stream.RELAY_MAGIC, stream.PROBE_MAGIC) and sig_len == 0:
                 if self.divert is not None and self.divert(magic, offer_id, conn, addr):
