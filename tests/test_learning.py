@@ -56,7 +56,7 @@ def blobs(tmp_path_factory: pytest.TempPathFactory) -> PeerScript:
 
 
 # PINNED_WORK: these swarms measure other rules in the regime they were calibrated in, ``local_epochs`` passes a
-# round; the node's floor of `MIN_LOCAL_STEPS` steps (`node.localwork`) would make every peer here (40-150 samples)
+# round; the node's floor of ``min_local_steps`` steps (`node.localwork`) would make every peer here (40-150 samples)
 # train 5-10 times as many steps, and is measured on its own below.
 # The node's behaviour before the default slow momentum (`strategies.momentum`): FedAvgM without momentum is plain
 # averaging, and the node does not wrap it.
