@@ -21,6 +21,9 @@ Knobs (``Lever.node``):
   ``scale-m`` / ``adam-scale-m`` scale first moments (SGD's too / Adam's only) by this peer's sample share of the
   aggregation, ``adam-step0`` restarts the bias correction at step 1 keeping the corrected moments,
   ``vfloorS`` raises each second-moment tensor to at least S times its mean, ``vmax`` fills it with its maximum.
+- ``min_steps``: N: local training makes whole passes over the data until at least N optimizer steps (a peer with
+  little data trains more epochs; one whose ``local_epochs`` passes already take N steps is unchanged), in place of
+  the node's own floor (`quinkgl_cli.node.localwork`); 0 turns that floor off.
 - ``qgm``: mu: quasi-global momentum at aggregation: first moments (SGD momentum buffers, Adam's ``exp_avg`` in
   its own units) become ``mu * own + (1 - mu) *`` the round's model displacement per step (``adaptive_only``:
   Adam's only; ``sgd_only``: SGD's momentum buffers only).
@@ -38,6 +41,7 @@ import torch
 from torch import nn
 
 from quinkgl_cli.node import core, wiring
+from quinkgl_cli.node.localwork import local_passes
 from quinkgl_cli.strategies.base import Topology
 from quinkgl_cli.tensors import flatten, load_flat
 
@@ -73,6 +77,11 @@ class ProtoNode(core.Node):
         if self.knobs.get("global_momentum") is False or reset in ("momentum", "scale-m") or "qgm" in self.knobs:
             # The same for the node's quasi-global momentum on SGD's buffers.
             self.trainer.moments.global_momentum = False
+        if "min_steps" in self.knobs:
+            # The node's own floor on local work (`node.localwork`) replaced by N steps (0: ``local_epochs`` passes,
+            # the node before it).
+            self.trainer.local_epochs = local_passes(self.manifest.training.local_epochs, self.trainer.train_loader,
+                                                     int(self.knobs["min_steps"]))
         if "topology" in self.knobs:
             old = self.exchange.topology
             self.exchange.topology = Shuffle(old.params, old.self_id, old.rng)

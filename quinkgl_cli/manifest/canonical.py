@@ -15,9 +15,10 @@ from typing import Any
 import rfc8785
 
 from quinkgl_cli.errors import UsageError
-from quinkgl_cli.manifest.schema import Manifest, TaskSpec
+from quinkgl_cli.manifest.schema import Manifest, TaskSpec, TrainingSpec
 
 SIGNATURE_FIELD = "signature"
+DEFAULT_MIN_LOCAL_STEPS = TrainingSpec.model_fields["min_local_steps"].default
 # Bumped if what the data schema hash covers ever changes, so old and new hashes never collide.
 _DATA_SCHEMA_VERSION = 1
 
@@ -25,11 +26,14 @@ _DATA_SCHEMA_VERSION = 1
 def manifest_object(manifest: Manifest) -> dict[str, Any]:
     """The JSON object of ``manifest`` as a `.qgl` file holds it (every field, signature included).
 
-    A swarm without personalization leaves that section out, so manifests made before it existed keep their
-    bytes, signatures and swarm ids."""
+    A swarm without personalization leaves that section out, and one at the default ``min_local_steps`` that
+    field, so manifests made before they existed keep their bytes, signatures and swarm ids (and daemons of before
+    them read the new ones that do not change them)."""
     obj = manifest.model_dump(mode="json")
     if not manifest.personalization.enabled:
         obj.pop("personalization", None)
+    if manifest.training.min_local_steps == DEFAULT_MIN_LOCAL_STEPS:
+        obj["training"].pop("min_local_steps", None)
     return obj
 
 
