@@ -172,8 +172,7 @@ class Trainer:
 
     @property
     def device(self) -> torch.device:
-        """Where the model's weights are now: batches go there. Read at the start of every pass, so a model the
-        script (or a hook) moves after the node was built trains where it lives."""
+        """Where the model's weights are now, read at every pass: a model the script moves later trains there."""
         first = next(iter(self.model.parameters()), None)
         return first.device if first is not None else torch.device("cpu")
 
@@ -182,8 +181,7 @@ class Trainer:
         return float(groups[0].get("lr", 0.0)) if groups else 0.0
 
     def train(self, round_: int, aggregator: Aggregator, sharing: SharingPipeline) -> TrainStats:
-        """``local_epochs`` passes over the training data (more where they take fewer than the manifest's
-        ``min_local_steps`` steps: `node.localwork`), at most ``local_steps`` optimizer steps.
+        """``local_epochs`` passes (more on little data: `node.localwork`), at most ``local_steps`` optimizer steps.
 
         A non-finite loss rolls the model back to the last good one (and clears the optimizer's state, which the
         bad steps fed) and trains the round once more; a second one, or one before any good round, is an error."""
