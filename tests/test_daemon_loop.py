@@ -520,6 +520,23 @@ def test_final_model_directory_removed_during_the_run_is_made_again_with_a_warni
     assert f"directory={final.parent} " in warned[0].getMessage()
 
 
+@pytest.mark.parametrize(("asked", "capped"), [(5, True), (2, False)])
+def test_rounds_beyond_the_manifests_round_limit_are_capped_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, asked: int, capped: bool) -> None:
+    """`run --rounds 30` on a manifest with round_limit 20 ran 20 rounds, and only `started rounds=20` said so
+    (`simulate` printed a note)."""
+    limited, _key, _pub, _swarm = ls.digits_manifest(tmp_path / "m", name="limited", rounds=2,
+                                                    training={"local_epochs": "1", "local_steps": "2"})
+    d = Daemon(prepare(options(limited, tmp_path, "p0", rounds=asked, gossip_interval=0.05)), LogContext("p0"),
+               memory_factory(MemoryNetwork()))
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
+    assert d.node.completed_round == 2
+    warned = [r for r in caplog.records if r.getMessage().startswith("rounds-capped ")]
+    assert [r.levelno for r in warned] == ([logging.WARNING] if capped else [])
+    assert not capped or warned[0].getMessage().startswith(f"rounds-capped asked={asked} round_limit=2 ")
+
+
 def test_ipv8_transport_is_built_from_manifest_flags_and_model(manifest: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses

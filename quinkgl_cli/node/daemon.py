@@ -192,6 +192,9 @@ class Daemon:
         self.observed = SnapshotMaker(node, self.transport, manifest.name, listen)
         waiting = bool(o.schedule.min_peers) and node.completed_round == 0
         self._publish("waiting" if waiting else "running")  # waiting: for --min-peers, before round 1
+        if o.schedule.rounds is not None and node.rounds is not None and o.schedule.rounds > node.rounds:
+            emit(log, logging.WARNING, "rounds-capped", asked=o.schedule.rounds, round_limit=node.rounds,
+                 hint="the manifest's round_limit is the swarm's maximum; --rounds may ask for fewer, never more")
         # The node id is the line's own ``node`` (a reserved member), not a field of its own.
         emit(log, logging.INFO, "started", swarm=self.prepared.trusted.swarm_id, listen=listen,
              rounds=node.rounds if node.rounds is not None else "unlimited",
