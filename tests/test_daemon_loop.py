@@ -87,12 +87,15 @@ def test_lone_daemon_says_so_and_sigterm_stops_with_checkpoint(manifest: Path, t
         while d.node.completed_round < 3:
             await asyncio.sleep(0.01)
         os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # an impatient second Ctrl-C, before the stop is done: told what goes on
         return await asyncio.wait_for(task, timeout=10)
 
     with caplog.at_level(logging.INFO):
         assert asyncio.run(go()) == ExitCode.INTERRUPTED
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("alone ") for m in messages) == 1  # once, not every round
+    assert [m.split()[0] for m in messages if "stopping" in m.split()[0]] == ["stopping", "still-stopping"]
+    assert any(m.startswith("still-stopping signal=SIGINT ") and "SIGKILL" in m for m in messages)
     assert any(m.startswith("stopping signal=SIGTERM") for m in messages)
     # The stop line names where the model went, as the finished line does.
     (stopped,) = [m for m in messages if m.startswith("stopped ")]

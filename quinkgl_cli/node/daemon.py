@@ -120,6 +120,9 @@ class Daemon:
             self.stop_signal = signame
             emit(log, logging.INFO, "stopping", signal=signame)
             self._publish("stopping")
+        else:  # a second Ctrl-C otherwise met silence while a long batch or the transport's goodbye finished
+            emit(log, logging.INFO, "still-stopping", signal=signame,
+                 hint="ending the batch in progress and saving; SIGKILL stops at once, keeping the last round's checkpoint")
         self.waiter.stop_event.set()
         self.train_stop.set()
 
