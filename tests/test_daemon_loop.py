@@ -671,6 +671,13 @@ def test_a_start_that_fails_gives_back_the_directories_it_created(manifest: Path
     assert (kept / "notes.txt").read_text() == "mine"
     lock_directory(kept, "checkpoint directory", "hint").release()  # and not left locked
 
+    def interrupted(p: Prepared) -> MemoryTransport:  # SIGTERM while the node is built: `run` raises KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_daemon(options(manifest, tmp_path, "p0", checkpoint_dir=fresh), transport_factory=interrupted)
+    assert not fresh.exists()
+
 
 def test_a_checkpoint_path_that_is_a_file_is_named_as_such(manifest: Path, tmp_path: Path) -> None:
     from quinkgl_cli.errors import IOFailure

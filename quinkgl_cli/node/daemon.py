@@ -263,7 +263,7 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
         observer = open_observer(options.ops, options.state_dir, options.node_id)
         daemon = Daemon(prepared, context, transport_factory or make_ipv8_transport, observer)
         return asyncio.run(daemon.run())
-    except QuinkglError:
+    except (QuinkglError, KeyboardInterrupt):  # a stop signal before the loop's handlers (`cli.run`) too
         if daemon is None or daemon.loop.first_round_at is None:
             prepared.abandon_directories()
         raise
