@@ -757,6 +757,25 @@ def test_a_daemon_waiting_for_min_peers_says_waiting_not_running(manifest: Path,
         assert "waiting" not in observer.states[1:]
 
 
+def test_a_stop_while_waiting_for_min_peers_does_not_say_peers_ready(manifest: Path, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM during the --min-peers wait logged `peers-ready have=0 want=2` before `stopped`."""
+    d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=3, min_peers=2, min_peers_timeout=60)),
+               LogContext("p0"), memory_factory(MemoryNetwork()))
+
+    async def go() -> int:
+        task = asyncio.ensure_future(d.run())
+        while not any(r.getMessage().startswith("waiting-for-peers ") for r in caplog.records):
+            await asyncio.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(task, timeout=10)
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(asyncio.wait_for(go(), timeout=60)) == ExitCode.INTERRUPTED
+    events = [r.getMessage().split()[0] for r in caplog.records]
+    assert "stopped" in events and "peers-ready" not in events, events
+
+
 def test_report_and_finished_line_count_the_same_bytes(manifest: Path, tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     """`quinkgl report`'s bytes (the metrics file's lines summed) are the `finished` line's: the final consensus has
