@@ -190,6 +190,7 @@ def test_init_scaffolds_a_swarm_that_runs(tmp_path: Path, monkeypatch: pytest.Mo
     assert sorted(p.name for p in target.iterdir()) == ["creator.key", "peer.py", "peer.toml", "swarm.qgl"]
     assert (target / "creator.key").stat().st_mode & 0o777 == 0o600
     assert f"quinkgl run --config {target / 'peer.toml'}" in out
+    assert f"quinkgl run --config {target / 'peer.toml'} --node-id peer-2 --port 7002" in out  # 7001 is the first's
     code, _, err = run_cli(["init", str(target)], capsys)
     assert code == 2 and "already exists" in err
     monkeypatch.chdir(tmp_path.parent)  # the config's paths are relative to the config, not to the working directory

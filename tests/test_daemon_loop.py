@@ -87,12 +87,15 @@ def test_lone_daemon_says_so_and_sigterm_stops_with_checkpoint(manifest: Path, t
         while d.node.completed_round < 3:
             await asyncio.sleep(0.01)
         os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # an impatient second Ctrl-C, before the stop is done: told what goes on
         return await asyncio.wait_for(task, timeout=10)
 
     with caplog.at_level(logging.INFO):
         assert asyncio.run(go()) == ExitCode.INTERRUPTED
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("alone ") for m in messages) == 1  # once, not every round
+    assert [m.split()[0] for m in messages if "stopping" in m.split()[0]] == ["stopping", "still-stopping"]
+    assert any(m.startswith("still-stopping signal=SIGINT ") and "SIGKILL" in m for m in messages)
     assert any(m.startswith("stopping signal=SIGTERM") for m in messages)
     # The stop line names where the model went, as the finished line does.
     (stopped,) = [m for m in messages if m.startswith("stopped ")]
@@ -520,6 +523,23 @@ def test_final_model_directory_removed_during_the_run_is_made_again_with_a_warni
     assert f"directory={final.parent} " in warned[0].getMessage()
 
 
+@pytest.mark.parametrize(("asked", "capped"), [(5, True), (2, False)])
+def test_rounds_beyond_the_manifests_round_limit_are_capped_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, asked: int, capped: bool) -> None:
+    """`run --rounds 30` on a manifest with round_limit 20 ran 20 rounds, and only `started rounds=20` said so
+    (`simulate` printed a note)."""
+    limited, _key, _pub, _swarm = ls.digits_manifest(tmp_path / "m", name="limited", rounds=2,
+                                                    training={"local_epochs": "1", "local_steps": "2"})
+    d = Daemon(prepare(options(limited, tmp_path, "p0", rounds=asked, gossip_interval=0.05)), LogContext("p0"),
+               memory_factory(MemoryNetwork()))
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(asyncio.wait_for(d.run(), timeout=60)) == ExitCode.OK
+    assert d.node.completed_round == 2
+    warned = [r for r in caplog.records if r.getMessage().startswith("rounds-capped ")]
+    assert [r.levelno for r in warned] == ([logging.WARNING] if capped else [])
+    assert not capped or warned[0].getMessage().startswith(f"rounds-capped asked={asked} round_limit=2 ")
+
+
 def test_ipv8_transport_is_built_from_manifest_flags_and_model(manifest: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
@@ -651,6 +671,13 @@ def test_a_start_that_fails_gives_back_the_directories_it_created(manifest: Path
     assert (kept / "notes.txt").read_text() == "mine"
     lock_directory(kept, "checkpoint directory", "hint").release()  # and not left locked
 
+    def interrupted(p: Prepared) -> MemoryTransport:  # SIGTERM while the node is built: `run` raises KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_daemon(options(manifest, tmp_path, "p0", checkpoint_dir=fresh), transport_factory=interrupted)
+    assert not fresh.exists()
+
 
 def test_a_checkpoint_path_that_is_a_file_is_named_as_such(manifest: Path, tmp_path: Path) -> None:
     from quinkgl_cli.errors import IOFailure
@@ -728,6 +755,25 @@ def test_a_daemon_waiting_for_min_peers_says_waiting_not_running(manifest: Path,
         _release(d)
         assert observer.states[:2] == ["waiting", "running"] and observer.states[-1] == "finished", observer.states
         assert "waiting" not in observer.states[1:]
+
+
+def test_a_stop_while_waiting_for_min_peers_does_not_say_peers_ready(manifest: Path, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM during the --min-peers wait logged `peers-ready have=0 want=2` before `stopped`."""
+    d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=3, min_peers=2, min_peers_timeout=60)),
+               LogContext("p0"), memory_factory(MemoryNetwork()))
+
+    async def go() -> int:
+        task = asyncio.ensure_future(d.run())
+        while not any(r.getMessage().startswith("waiting-for-peers ") for r in caplog.records):
+            await asyncio.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(task, timeout=10)
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(asyncio.wait_for(go(), timeout=60)) == ExitCode.INTERRUPTED
+    events = [r.getMessage().split()[0] for r in caplog.records]
+    assert "stopped" in events and "peers-ready" not in events, events
 
 
 def test_report_and_finished_line_count_the_same_bytes(manifest: Path, tmp_path: Path,

@@ -36,6 +36,8 @@ def init(
     if made.key_written:
         typer.echo(f"keep {directory / scaffold.KEY} private: devices need only the other three files")
     typer.echo(f"start a peer: quinkgl run --config {directory / scaffold.CONFIG} --node-id peer-1")
+    # The config pins one port: a second daemon on the same host would fail to bind it.
+    typer.echo(f"a second peer on this host: quinkgl run --config {directory / scaffold.CONFIG} --node-id peer-2 --port 7002")
 
 
 def register(app: typer.Typer) -> None:

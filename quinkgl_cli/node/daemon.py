@@ -120,6 +120,9 @@ class Daemon:
             self.stop_signal = signame
             emit(log, logging.INFO, "stopping", signal=signame)
             self._publish("stopping")
+        else:  # a second Ctrl-C otherwise met silence while a long batch or the transport's goodbye finished
+            emit(log, logging.INFO, "still-stopping", signal=signame,
+                 hint="ending the batch in progress and saving; SIGKILL stops at once, keeping the last round's checkpoint")
         self.waiter.stop_event.set()
         self.train_stop.set()
 
@@ -192,6 +195,9 @@ class Daemon:
         self.observed = SnapshotMaker(node, self.transport, manifest.name, listen)
         waiting = bool(o.schedule.min_peers) and node.completed_round == 0
         self._publish("waiting" if waiting else "running")  # waiting: for --min-peers, before round 1
+        if o.schedule.rounds is not None and node.rounds is not None and o.schedule.rounds > node.rounds:
+            emit(log, logging.WARNING, "rounds-capped", asked=o.schedule.rounds, round_limit=node.rounds,
+                 hint="the manifest's round_limit is the swarm's maximum; --rounds may ask for fewer, never more")
         # The node id is the line's own ``node`` (a reserved member), not a field of its own.
         emit(log, logging.INFO, "started", swarm=self.prepared.trusted.swarm_id, listen=listen,
              rounds=node.rounds if node.rounds is not None else "unlimited",
@@ -257,7 +263,7 @@ def run_daemon(options: DaemonOptions, transport_factory: Callable[[Prepared], A
         observer = open_observer(options.ops, options.state_dir, options.node_id)
         daemon = Daemon(prepared, context, transport_factory or make_ipv8_transport, observer)
         return asyncio.run(daemon.run())
-    except QuinkglError:
+    except (QuinkglError, KeyboardInterrupt):  # a stop signal before the loop's handlers (`cli.run`) too
         if daemon is None or daemon.loop.first_round_at is None:
             prepared.abandon_directories()
         raise

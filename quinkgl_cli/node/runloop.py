@@ -136,7 +136,8 @@ class RoundLoop:
                 emit(log, logging.INFO, "waiting-for-peers", have=have, want=want)
                 next_note = now + 5.0
             await self.waiter.sleep_until(min(deadline, now + 0.05))
-        emit(log, logging.INFO, "peers-ready", have=have, want=want)
+        if not self.waiter.stopping:  # a stop while waiting found no peers ready: the stop lines say what happened
+            emit(log, logging.INFO, "peers-ready", have=have, want=want)
 
     async def rounds(self) -> None:
         loop = asyncio.get_running_loop()
