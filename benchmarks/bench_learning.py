@@ -152,6 +152,9 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("min-steps32", node={"min_steps": 32}),
     Lever("min-steps48", node={"min_steps": 48}),
     Lever("min-steps96", node={"min_steps": 96}),
+    # Served entries weighted G ** age on RotationTopology (serve-age0.8 above ran on the random topology).
+    Lever("rotation+age0.8", node={"serve_age": 0.8}),
+    Lever("rotation+age0.6", node={"serve_age": 0.6}),
 )}
 
 
