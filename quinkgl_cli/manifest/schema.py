@@ -76,7 +76,7 @@ class TrainingSpec(Strict):
     lever here; the merge pulls the last drift together.
     """
 
-    local_epochs: int = Field(default=4, ge=1, le=1000)  # more passes where these take < 48 steps (node.localwork)
+    local_epochs: int = Field(default=4, ge=1, le=1000)
     local_steps: int | None = Field(default=None, ge=1, le=MAX_ROUNDS)  # when set, caps optimizer steps per round
     gossip_steps: int = Field(default=1, ge=1, le=20)  # exchanges (send + aggregate) per training round
     final_consensus_steps: int = Field(default=6, ge=0, le=100)  # averaging-only exchanges after the last round

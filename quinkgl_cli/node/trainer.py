@@ -35,7 +35,6 @@ from quinkgl_cli.errors import NodeConfigError, QuinkglError
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.classes import CLASS_TASKS, ClassReading, class_reading
 from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
-from quinkgl_cli.node.localwork import local_passes
 from quinkgl_cli.node.lrschedule import load_scheduler_state, scheduler_state
 from quinkgl_cli.node.moments import MomentRules
 from quinkgl_cli.node.owneval import class_hits, label_shares, weighted_accuracy
@@ -101,8 +100,7 @@ class Trainer:
         self.optimizer = optimizer
         self.scheduler = scheduler  # the script's learning-rate scheduler: one step per round, after training
         self.loss_fn = loss_fn or default_loss(manifest)
-        # Passes a round: more on little data (`node.localwork`), as measured, without personalization only.
-        self.local_epochs = local_passes(local_epochs, train_loader) if self.personal.mode == "none" else local_epochs
+        self.local_epochs = local_epochs
         self.local_steps = local_steps
         # How outputs read as class ids (a single column: logit or probability); None for regression.
         self.classes = (class_reading(model, self.loss_fn, manifest.task.output_shape)
@@ -145,8 +143,7 @@ class Trainer:
         return float(groups[0].get("lr", 0.0)) if groups else 0.0
 
     def train(self, round_: int, aggregator: Aggregator, sharing: SharingPipeline) -> TrainStats:
-        """``local_epochs`` passes over the training data (more where they take fewer than `MIN_LOCAL_STEPS` steps:
-        `node.localwork`), at most ``local_steps`` optimizer steps.
+        """``local_epochs`` passes over the training data, at most ``local_steps`` optimizer steps.
 
         A non-finite loss rolls the model back to the last good one (and clears the optimizer's state, which the
         bad steps fed) and trains the round once more; a second one, or one before any good round, is an error."""
