@@ -149,6 +149,7 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     # "Local work counted in steps"). "no-min-steps" is the node as it is (local_epochs passes): the name it had
     # while a floor of 48 was the node's default on the branch that measured it, whose JSON calls that floor "defaults".
     Lever("no-min-steps", node={"min_steps": 0}),
+    Lever("min-steps16", node={"min_steps": 16}),
     Lever("min-steps24", node={"min_steps": 24}),
     Lever("min-steps32", node={"min_steps": 32}),
     Lever("min-steps48", node={"min_steps": 48}),
