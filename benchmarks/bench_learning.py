@@ -145,13 +145,18 @@ LEVERS: dict[str, Lever] = {lever.name: lever for lever in (
     Lever("random-topology", topology="RandomTopology"),
     Lever("shuffle", topology="RandomTopology", node={"topology": "shuffle"}),
     Lever("rotation+ema0.5", node={"serve_ema": 0.5}),
-    # Local work of at least N optimizer steps a round (whole passes) for peers whose 4 epochs take fewer, in place
-    # of the node's 48 (`node.localwork`); "no-min-steps" is the node before that floor (local_epochs passes).
+    # Local work of at least N optimizer steps a round (whole passes) for peers whose 4 epochs take fewer (LEARNING.md,
+    # "Local work counted in steps"). "no-min-steps" is the node as it is (local_epochs passes): the name it had
+    # while a floor of 48 was the node's default on the branch that measured it, whose JSON calls that floor "defaults".
     Lever("no-min-steps", node={"min_steps": 0}),
+    Lever("min-steps16", node={"min_steps": 16}),
     Lever("min-steps24", node={"min_steps": 24}),
     Lever("min-steps32", node={"min_steps": 32}),
     Lever("min-steps48", node={"min_steps": 48}),
     Lever("min-steps96", node={"min_steps": 96}),
+    # Served entries weighted G ** age on RotationTopology (serve-age0.8 above ran on the random topology).
+    Lever("rotation+age0.8", node={"serve_age": 0.8}),
+    Lever("rotation+age0.6", node={"serve_age": 0.6}),
 )}
 
 

@@ -6,9 +6,8 @@
     python benchmarks/bench_scale.py --sizes 1000 --backends local,processes
 
 Every point runs in a fresh process (the earlier points' memory would otherwise count), with the default manifest
-but ``min_local_steps=0`` (the work of every point since the first: ``local_epochs`` passes a round; the floor on
-local work, added later, would make a 10,000-peer swarm's one-sample peers train 48 steps a round instead of 4, a
-different workload, not a different simulator) on an IID split, seed 1, the simulator's defaults (peer views of at most 256). Digits has 1,438 training samples:
+(``min_local_steps=0`` set explicitly: ``local_epochs`` passes a round, the work of every point so far) on an IID
+split, seed 1, the simulator's defaults (peer views of at most 256). Digits has 1,438 training samples:
 beyond that many peers the training set is repeated 7 times (`scripts/digits_tiled.py`, the same MLP), so every
 peer holds one; each point records its ``data``. The Ray backend starts a private
 Ray on 127.0.0.1 with one actor per CPU; the processes backend runs one worker process per CPU. Measured for the whole process tree (the driver and, for Ray, every Ray

@@ -22,8 +22,8 @@ Knobs (``Lever.node``):
   aggregation, ``adam-step0`` restarts the bias correction at step 1 keeping the corrected moments,
   ``vfloorS`` raises each second-moment tensor to at least S times its mean, ``vmax`` fills it with its maximum.
 - ``min_steps``: N: local training makes whole passes over the data until at least N optimizer steps (a peer with
-  little data trains more epochs; one whose ``local_epochs`` passes already take N steps is unchanged), in place of
-  the node's own floor (`quinkgl_cli.node.localwork`); 0 turns that floor off.
+  little data trains more epochs; one whose ``local_epochs`` passes already take N steps is unchanged; 0:
+  ``local_epochs`` passes), in place of the manifest's ``min_local_steps`` (`quinkgl_cli.node.localwork`).
 - ``qgm``: mu: quasi-global momentum at aggregation: first moments (SGD momentum buffers, Adam's ``exp_avg`` in
   its own units) become ``mu * own + (1 - mu) *`` the round's model displacement per step (``adaptive_only``:
   Adam's only; ``sgd_only``: SGD's momentum buffers only).
@@ -78,8 +78,6 @@ class ProtoNode(core.Node):
             # The same for the node's quasi-global momentum on SGD's buffers.
             self.trainer.moments.global_momentum = False
         if "min_steps" in self.knobs:
-            # The node's own floor on local work (`node.localwork`) replaced by N steps (0: ``local_epochs`` passes,
-            # the node before it).
             self.trainer.local_epochs = local_passes(self.manifest.training.local_epochs, self.trainer.train_loader,
                                                      int(self.knobs["min_steps"]))
         if "topology" in self.knobs:

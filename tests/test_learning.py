@@ -2,8 +2,7 @@
 round to round, the default slow momentum at aggregation makes a slow swarm learn faster than plain averaging, what
 an aggregation does to the optimizer's state (`node.moments`) lifts SGD-momentum and Adam swarms,
 RotationTopology gives every peer's served model every class after one cycle, the served model survives a
-checkpoint, a seed fixes the whole curve, and local work counted in steps (`node.localwork`) lifts a small-data Adam
-swarm. Small and fast; the measured numbers live in
+checkpoint, and a seed fixes the whole curve. Small and fast; the measured numbers live in
 benchmarks/LEARNING.md."""
 
 from __future__ import annotations
@@ -55,9 +54,6 @@ def blobs(tmp_path_factory: pytest.TempPathFactory) -> PeerScript:
     return load_script(path)
 
 
-# PINNED_WORK: these swarms measure other rules in the regime they were calibrated in, ``local_epochs`` passes a
-# round; the node's floor of ``min_local_steps`` steps (`node.localwork`) would make every peer here (40-150 samples)
-# train 5-10 times as many steps, and is measured on its own below.
 # The node's behaviour before the default slow momentum (`strategies.momentum`): FedAvgM without momentum is plain
 # averaging, and the node does not wrap it.
 PLAIN_AVERAGING = {"aggregation": "FedAvgM", "aggregation_params": {"server_momentum": "0"}}
@@ -83,7 +79,6 @@ def swarm(script: PeerScript, serving: bool = True, seed: int = 1, rounds: int =
     for node in sim.nodes:
         node.serving.enabled = serving
         node.trainer.moments.floor = node.trainer.moments.global_momentum = moment_rules
-        node.trainer.local_epochs = int(training.get("local_epochs", 2))  # see PINNED_WORK
     return sim
 
 
@@ -200,7 +195,7 @@ def build_optimizer(manifest, model):
 """
 
 
-def adam_swarm(tmp_path: Path, seed: int, floor: bool, rounds: int = 8, steps_floor: bool = False) -> Simulator:
+def adam_swarm(tmp_path: Path, seed: int, floor: bool, rounds: int = 8) -> Simulator:
     path = tmp_path / "adam_blobs.py"
     path.write_text(ADAM_SCRIPT)
     script = load_script(path)
@@ -212,8 +207,6 @@ def adam_swarm(tmp_path: Path, seed: int, floor: bool, rounds: int = 8, steps_fl
     sim.build()
     for node in sim.nodes:
         node.trainer.moments.floor = floor
-        if not steps_floor:
-            node.trainer.local_epochs = 4  # see PINNED_WORK
     return sim
 
 
@@ -244,16 +237,3 @@ def test_floored_moments_survive_checkpoint_and_resume(tmp_path: Path) -> None:
     for mine, theirs in zip(params, fresh.model.parameters(), strict=True):
         assert torch.equal(fresh.optimizer.state[theirs]["exp_avg_sq"], node.optimizer.state[mine]["exp_avg_sq"])
         assert float(fresh.optimizer.state[theirs]["step"]) == float(node.optimizer.state[mine]["step"])
-
-
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_local_work_counted_in_steps_lifts_a_small_data_adam_swarm(tmp_path: Path, seed: int) -> None:
-    # `node.localwork`: peers of 4 and 6 batches train 12 and 8 passes (48 steps) instead of 4 (16-24); Adam moves each
-    # coordinate by about its learning rate a step, so the swarm learns as fast as its peers step. Measured at
-    # round 4: 80.6-84.4% mean with the floor, 72.2-75.6% with 4 passes, in each of these seeds.
-    floored = adam_swarm(tmp_path, seed, True, rounds=4, steps_floor=True)
-    assert [n.trainer.local_epochs for n in floored.nodes] == [12, 8, 8, 12]
-    with_floor = floored.run().rounds[-1].mean_accuracy
-    without = adam_swarm(tmp_path, seed, True, rounds=4).run().rounds[-1].mean_accuracy
-    assert with_floor is not None and without is not None
-    assert with_floor >= without + 0.05

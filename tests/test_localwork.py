@@ -1,7 +1,7 @@
-"""Local work counted in steps too (`node.localwork`): a peer whose ``local_epochs`` passes take fewer than the
-manifest's ``min_local_steps`` optimizer steps (48 by default) makes more whole passes; ``local_steps`` still caps
-the round, ``min_local_steps=0`` gives ``local_epochs`` passes exactly, and a peer with enough data trains exactly as
-before. A manifest at the default leaves the field out of its signed bytes."""
+"""Local work counted in steps too (`node.localwork`), when a swarm sets the manifest's ``min_local_steps``: a peer
+whose ``local_epochs`` passes take fewer optimizer steps makes more whole passes; ``local_steps`` still caps the
+round; at the default, 0, and for a peer with enough data, training is exactly ``local_epochs`` passes. A manifest at
+the default leaves the field out of its signed bytes."""
 
 from __future__ import annotations
 
@@ -60,12 +60,12 @@ def node(m: Manifest, samples: int) -> Node:
 
 
 @pytest.mark.parametrize(("samples", "training", "steps"), [
-    (30, {"local_epochs": 1}, 48),  # 3 batches: 16 passes
-    (30, {"local_epochs": 1, "min_local_steps": 0}, 3),  # the floor off: one pass
-    (30, {"local_epochs": 2, "min_local_steps": 10}, 12),  # a floor of the swarm's own: 4 passes
-    (30, {"local_epochs": 1, "local_steps": 5}, 5),  # the manifest's cap wins
-    (45, {"local_epochs": 2}, 50),  # 5 batches (the last one short): whole passes, 10 of them
-    (600, {"local_epochs": 1}, 60),  # 60 batches: one pass, as before
+    (30, {"local_epochs": 1, "min_local_steps": 48}, 48),  # 3 batches: 16 passes
+    (30, {"local_epochs": 1}, 3),  # the default: no floor, one pass
+    (30, {"local_epochs": 2, "min_local_steps": 10}, 12),  # 4 passes
+    (30, {"local_epochs": 1, "local_steps": 5, "min_local_steps": 48}, 5),  # the manifest's cap wins
+    (45, {"local_epochs": 2, "min_local_steps": 48}, 50),  # 5 batches (the last one short): whole passes, 10 of them
+    (600, {"local_epochs": 1, "min_local_steps": 48}, 60),  # 60 batches: one pass, as before
 ])
 def test_a_round_trains_at_least_the_minimum_of_steps(samples: int, training: dict[str, int], steps: int) -> None:
     peer = node(manifest(**training), samples)
@@ -78,8 +78,8 @@ def test_a_round_trains_at_least_the_minimum_of_steps(samples: int, training: di
 def test_a_manifest_at_the_default_floor_keeps_the_bytes_it_had_before_the_field() -> None:
     default = manifest(local_epochs=2)
     assert "min_local_steps" not in manifest_object(default)["training"]
-    assert swarm_id(default) == swarm_id(manifest(local_epochs=2, min_local_steps=48))
-    off = manifest(local_epochs=2, min_local_steps=0)
-    assert manifest_object(off)["training"]["min_local_steps"] == 0  # another value is signed with the rest
-    assert swarm_id(off) != swarm_id(default)
-    assert Manifest.model_validate(manifest_object(off)).training.min_local_steps == 0
+    assert swarm_id(default) == swarm_id(manifest(local_epochs=2, min_local_steps=0))
+    floored = manifest(local_epochs=2, min_local_steps=48)
+    assert manifest_object(floored)["training"]["min_local_steps"] == 48  # another value is signed with the rest
+    assert swarm_id(floored) != swarm_id(default)
+    assert Manifest.model_validate(manifest_object(floored)).training.min_local_steps == 48

@@ -75,9 +75,6 @@ def make_node(net: MemoryNetwork, node_id: str, m: Manifest, label: int, hooks: 
     transport = MemoryTransport(net, node_id, swarm_id="s", arch_hash=H)
     config = NodeConfig(node_id, rounds=rounds, seed=seed, noise_seed=noise_seed, spectral_every=spectral_every)
     node = Node(config, m, "sha256:swarm", model, train, val, opt, transport, hooks=hooks, clock=lambda: 0.0)
-    # The manifest's passes exactly, without the floor of `node.localwork` (3 batches: 16 passes): these tests are
-    # about a round's logic, and their swarms were built for this much training (tests/test_localwork.py has it).
-    node.trainer.local_epochs = m.training.local_epochs
     transport.start_sync(node)
     return node
 

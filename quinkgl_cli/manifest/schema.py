@@ -76,10 +76,10 @@ class TrainingSpec(Strict):
     lever here; the merge pulls the last drift together.
     """
 
-    local_epochs: int = Field(default=4, ge=1, le=1000)  # the least passes a round (more: min_local_steps)
-    # Passes are added until a round takes at least this many optimizer steps (`node.localwork`); 0: local_epochs
-    # passes exactly. A manifest leaves it out at its default (`canonical.manifest_object`).
-    min_local_steps: int = Field(default=48, ge=0, le=100_000)
+    local_epochs: int = Field(default=4, ge=1, le=1000)
+    # When set, passes are added until a round takes at least this many optimizer steps (`node.localwork`; off by
+    # default: it lifts some families and costs others). A manifest leaves it out at 0 (`canonical.manifest_object`).
+    min_local_steps: int = Field(default=0, ge=0, le=100_000)
     local_steps: int | None = Field(default=None, ge=1, le=MAX_ROUNDS)  # when set, caps optimizer steps per round
     gossip_steps: int = Field(default=1, ge=1, le=20)  # exchanges (send + aggregate) per training round
     final_consensus_steps: int = Field(default=6, ge=0, le=100)  # averaging-only exchanges after the last round

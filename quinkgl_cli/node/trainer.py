@@ -137,7 +137,7 @@ class Trainer:
         self.optimizer = optimizer
         self.scheduler = scheduler  # the script's learning-rate scheduler: one step per round, after training
         self.loss_fn = loss_fn or default_loss(manifest)
-        # Passes a round: more on little data (`node.localwork`), as measured, without personalization only.
+        # Passes a round: more on little data under min_local_steps (`node.localwork`), without personalization.
         self.local_epochs = (local_passes(local_epochs, train_loader, manifest.training.min_local_steps)
                              if self.personal.mode == "none" else local_epochs)
         self.local_steps = local_steps
