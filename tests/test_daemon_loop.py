@@ -830,3 +830,41 @@ def test_a_peer_left_alone_serves_what_it_trains_not_a_frozen_mean(tmp_path: Pat
     alone = [h for h in d.node.history if h["round"] > 2]
     assert [h["peers"] for h in alone] == [0, 0, 0]
     assert len({h["val_loss"] for h in alone}) == 3, [h["val_loss"] for h in alone]
+
+
+def test_sighup_stops_the_daemon_as_sigterm_does(manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A closed terminal or a dropped ssh session (SIGHUP) killed the daemon outright: no stop-time final model, no
+    checkpoint of the last round, no `stopped` line."""
+    # Without the daemon's handler the signal reaches this no-op one (the test then times out) instead of killing pytest.
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: None)
+    try:
+        d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=1000, gossip_interval=0.05, checkpoint_every=5)),
+                   LogContext("p0"), memory_factory(MemoryNetwork()))
+
+        async def go() -> int:
+            task = asyncio.ensure_future(d.run())
+            while d.node.completed_round < 2:
+                await asyncio.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGHUP)
+            return await asyncio.wait_for(task, timeout=10)
+
+        with caplog.at_level(logging.INFO):
+            assert asyncio.run(go()) == ExitCode.INTERRUPTED
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    messages = [r.getMessage() for r in caplog.records]
+    (stopped,) = [m for m in messages if m.startswith("stopped ")]
+    assert "signal=SIGHUP " in stopped and f"final_model={tmp_path / 'p0' / 'final_model.safetensors'}" in stopped
+    saved = CheckpointStore(tmp_path / "p0").latest()  # written at the stop: --checkpoint-every 5 had skipped it
+    assert saved is not None and saved[1].meta["round"] == d.node.completed_round
+
+
+def test_a_sighup_ignored_by_nohup_stays_ignored() -> None:
+    from quinkgl_cli.node.process import stop_signals
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert signal.SIGHUP not in stop_signals()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert signal.SIGHUP in stop_signals() and signal.SIGTERM in stop_signals()

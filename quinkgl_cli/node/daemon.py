@@ -9,7 +9,7 @@ one summary line, exit 0. Started again on that finished checkpoint (same or low
 ``--trace FILE`` (`quinkgl_cli.node.tracer`): the file is checked when the daemon is built and a session appended
 as it runs: node start and stop (with why), each round's training, every model transfer, peers coming and going.
 
-SIGTERM / SIGINT: training stops at the next batch and the round in progress is abandoned: the checkpoint on disk
+SIGTERM / SIGINT / SIGHUP (a closed terminal; not when inherited ignored, as under ``nohup``): training stops at the next batch and the round in progress is abandoned: the checkpoint on disk
 is the end-of-round state of the last completed round (written now when ``--checkpoint-every`` had skipped it), so
 a resumed daemon runs that round again from the state it started from, and the final model file gets the model the
 peer serves (`quinkgl_cli.node.serving`). The transport stops, exit 130. A manifest
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 import threading
 import time
@@ -51,7 +50,7 @@ from quinkgl_cli.node.options import DaemonOptions, default_node_id
 from quinkgl_cli.node.persistence import RunFiles
 from quinkgl_cli.node.personal import build_personal
 from quinkgl_cli.node.probe import probe_batches
-from quinkgl_cli.node.process import process_started_at, tune_allocator
+from quinkgl_cli.node.process import process_started_at, stop_signals, tune_allocator
 from quinkgl_cli.node.runloop import RoundLoop, Waiter
 from quinkgl_cli.node.startup import Prepared, make_ipv8_transport, node_seed, prepare
 from quinkgl_cli.node.tracer import TracedEvents, Tracer
@@ -178,7 +177,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # Transports may deliver from their own threads: wake the waiting round through the loop, safely.
         self.node.inbox.listener = lambda: loop.call_soon_threadsafe(self.waiter.inbox_event.set)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stop_signals():
             loop.add_signal_handler(sig, self._request_stop, sig.name)
         node, o, resumed = self.node, self.options, self.prepared.resume_state
         if resumed is not None:
