@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from quinkgl_cli.cli.output import check_output_file, parse_kv
+from quinkgl_cli.cli.stopsignals import stop_as_interrupt
 from quinkgl_cli.errors import UsageError
 
 _KV = "K=V"
@@ -34,6 +35,7 @@ def _line(summary: Any) -> str:
 
 
 def simulate(
+    ctx: typer.Context,
     manifest: Annotated[Path, typer.Option("--manifest", help="Swarm manifest (.qgl) to simulate.", metavar="FILE")],
     script: Annotated[Path, typer.Option("--script", help="Peer script (build_model, build_loaders, ...).", metavar="FILE")],
     peers: Annotated[int, typer.Option("--peers", metavar="N", help="Number of simulated peers.")] = 20,
@@ -97,6 +99,7 @@ def simulate(
     ] = None,
 ) -> None:
     """Run a whole swarm of real nodes in one process, in virtual time (no waiting), deterministic for --seed."""
+    stop_as_interrupt(ctx)  # SIGTERM, SIGHUP: `interrupted`, exit 130, as Ctrl-C
     import logging
 
     from quinkgl_cli.manifest.trust import load_trusted
