@@ -868,3 +868,33 @@ def test_a_sighup_ignored_by_nohup_stays_ignored() -> None:
     finally:
         signal.signal(signal.SIGHUP, previous)
     assert signal.SIGHUP in stop_signals() and signal.SIGTERM in stop_signals()
+
+
+def test_resuming_past_a_lowered_round_target_says_it_finishes_there(manifest: Path, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Resumed at round 4 with --rounds 3: `started rounds=3`, then `finished rounds=4` with nothing in between."""
+    d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=1000, gossip_interval=0.05)), LogContext("p0"),
+               memory_factory(MemoryNetwork()))
+
+    async def stop_after_two() -> int:
+        task = asyncio.ensure_future(d.run())
+        while d.node.completed_round < 2:
+            await asyncio.sleep(0.01)
+        d._request_stop("SIGTERM")
+        return await asyncio.wait_for(task, timeout=10)
+
+    assert asyncio.run(stop_after_two()) == ExitCode.INTERRUPTED
+    _release(d)
+    reached = d.node.completed_round
+    again = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=reached - 1, gossip_interval=0.05)),
+                   LogContext("p0"), memory_factory(MemoryNetwork()))
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        assert asyncio.run(asyncio.wait_for(again.run(), timeout=60)) == ExitCode.OK
+    _release(again)
+    messages = [r.getMessage() for r in caplog.records]
+    (warning,) = [m for m in messages if m.startswith("rounds-reached ")]
+    assert warning.startswith(f"rounds-reached completed_round={reached} rounds={reached - 1} "), warning
+    assert f"finishes at round {reached}" in warning
+    assert not any(m.startswith("round-end ") for m in messages)
+    assert any(m.startswith(f"finished rounds={reached} ") for m in messages), messages

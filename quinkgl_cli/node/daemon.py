@@ -5,6 +5,8 @@
 After the last round: ``final_consensus_steps`` averaging-only exchanges, a checkpoint marked final, the final model,
 one summary line, exit 0. Started again on that finished checkpoint (same or lower round target), the daemon says
 ``already-finished`` and exits 0 without training or touching the final model (it writes it only if it is missing).
+Resumed from a stopped run's checkpoint at or past the round target (``--rounds`` lowered), it trains no round:
+``rounds-reached`` says so, and the run finishes at the checkpoint's round (``finished rounds=`` that round).
 
 ``--trace FILE`` (`quinkgl_cli.node.tracer`): the file is checked when the daemon is built and a session appended
 as it runs: node start and stop (with why), each round's training, every model transfer, peers coming and going.
@@ -197,6 +199,10 @@ class Daemon:
         if o.schedule.rounds is not None and node.rounds is not None and o.schedule.rounds > node.rounds:
             emit(log, logging.WARNING, "rounds-capped", asked=o.schedule.rounds, round_limit=node.rounds,
                  hint="the manifest's round_limit is the swarm's maximum; --rounds may ask for fewer, never more")
+        if resumed is not None and node.finished():  # a target lowered below a stopped run's rounds: ends it here
+            emit(log, logging.WARNING, "rounds-reached", completed_round=node.completed_round, rounds=node.rounds,
+                 hint=f"no round trains: the run finishes at round {node.completed_round} (final consensus, final "
+                      "model); raise --rounds to train further")
         # The node id is the line's own ``node`` (a reserved member), not a field of its own.
         emit(log, logging.INFO, "started", swarm=self.prepared.trusted.swarm_id, listen=listen,
              rounds=node.rounds if node.rounds is not None else "unlimited",
