@@ -158,7 +158,7 @@ def run(
 ) -> None:
     """Join the swarm of a trusted manifest and train with your peer script, gossiping with peers."""
     stop_as_interrupt(ctx)  # start-up (loading torch, the script, the model) stops as Ctrl-C does, exit 130
-    from quinkgl_cli.node.daemon import DaemonOptions, default_node_id, run_daemon
+    from quinkgl_cli.node.options import DaemonOptions, default_node_id
     from quinkgl_cli.ops.observer import OpsSettings
 
     peer_script = _peer_script(script, data)
@@ -188,6 +188,10 @@ def run(
     check_output_file(log_file, "--log-file")
     for path, flag in ((final_model, "--final-model"), (metrics_file, "--metrics-file"), (trace, "--trace")):
         check_output_file(path, flag, made_by_run=checkpoint_dir)
+    if script is not None:  # the flags' checks first, then the file, not after the manifest was trusted (seconds)
+        from quinkgl_cli.node.script import check_script_file
+
+        check_script_file(peer_script)
     keys = list(trusted_pubkey or [])
     policy = trust_policy if trust_policy is not None else ("pinned" if keys else "tofu")
     options = DaemonOptions.from_flags(
@@ -224,6 +228,8 @@ def run(
         ops=OpsSettings(metrics_port=metrics_port, metrics_listen=metrics_listen, metrics_file=metrics_file),
         trace=trace,
     )
+    from quinkgl_cli.node.daemon import run_daemon  # torch: after the cheap checks above
+
     code = run_daemon(options)
     if code:
         raise typer.Exit(code)
