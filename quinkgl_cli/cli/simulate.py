@@ -102,6 +102,7 @@ def simulate(
     stop_as_interrupt(ctx)  # SIGTERM, SIGHUP: `interrupted`, exit 130, as Ctrl-C
     import logging
 
+    from quinkgl_cli.cli.peerwarnings import PeerWarnings
     from quinkgl_cli.manifest.trust import load_trusted
     from quinkgl_cli.node.script import load_script
     from quinkgl_cli.sim.attacks import parse_attackers
@@ -143,6 +144,8 @@ def simulate(
     node_log = logging.getLogger("quinkgl")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(node)s %(message)s", defaults={"node": "-"}))
+    once = PeerWarnings()
+    handler.addFilter(once)
     node_log.addHandler(handler)
     # Restored afterwards: the simulator may run inside a process (tests, a notebook) whose logging we must not keep.
     level, propagate = node_log.level, node_log.propagate
@@ -162,6 +165,8 @@ def simulate(
         else:
             result = _run(sim, sim.rounds)
     finally:
+        handler.removeFilter(once)
+        once.say()
         node_log.removeHandler(handler)
         node_log.setLevel(level)
         node_log.propagate = propagate
