@@ -104,6 +104,7 @@ def cli_options(args: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path) -> o
 
     captured: list[object] = []
     monkeypatch.setattr(daemon, "run_daemon", lambda options: captured.append(options) or 0)
+    (tmp_path / "s.py").touch()  # only read by the daemon, which is not started
     assert run_cli(["run", "--manifest", str(tmp_path / "m.qgl"), "--script", str(tmp_path / "s.py"), *args]) == 0
     (options,) = captured
     return options
@@ -172,3 +173,20 @@ def test_run_refuses_an_output_file_in_a_missing_directory_before_loading_anythi
     # which does not exist, is what is refused next); not the log, which opens before that directory is made.
     assert run_cli([*base, "--checkpoint-dir", str(missing), flag, str(missing / "out.file")]) == 2
     assert (flag in capsys.readouterr().err) == (flag == "--log-file")
+
+
+def test_run_refuses_a_missing_script_before_trusting_the_manifest(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing --script was only reported once the manifest had been trusted and torch loaded (about 3 s)."""
+    import quinkgl_cli.manifest.trust as trust
+
+    def no_trust_yet(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the manifest was read before the script was checked")
+
+    monkeypatch.setattr(trust, "load_trusted", no_trust_yet)
+    script = tmp_path / "missing.py"
+    assert run_cli(["run", "--manifest", str(tmp_path / "m.qgl"), "--script", str(script), "--trust-policy", "open"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: peer script {script} not found") and len(err.strip().splitlines()) == 1, err
+    assert run_cli(["run", "--manifest", str(tmp_path / "m.qgl"), "--script", str(tmp_path), "--trust-policy", "open"]) == 2
+    assert f"peer script {tmp_path} is a directory" in capsys.readouterr().err

@@ -159,3 +159,39 @@ def test_a_binary_classifier_with_float_labels_is_split_by_label(tmp_path: Path)
     ))  # fmt: skip
     assert run_cli("simulate", "--manifest", str(path), "--script", str(script), "--peers", "2", "--rounds", "1",
                    "--partition", "shards:1") == 0  # fmt: skip
+
+
+SLOW_BUILD = (
+    "import pathlib, time\n"
+    "def build_model(manifest, **kw):\n"
+    "    return None\n"
+    "def build_loaders(manifest, **kw):\n"
+    "    pathlib.Path(__file__).with_name('building').touch()\n"
+    "    time.sleep(60)\n"
+)
+
+
+def test_sigterm_ends_simulate_as_ctrl_c_does(manifest: Path, tmp_path: Path) -> None:
+    """SIGTERM (kill, a batch scheduler's time limit) ended simulate by the signal's default: 143 in a shell, where
+    Ctrl-C gives 130 and `interrupted`, the code README's exit-code table lists."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_BUILD)
+    proc = subprocess.Popen([sys.executable, "-m", "quinkgl_cli", "simulate", "--manifest", str(manifest), "--script",
+                             str(script), "--peers", "2", "--rounds", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "building").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "build_loaders never started"
+            time.sleep(0.05)
+        proc.terminate()
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (out[-1000:], err[-1500:])
+    assert err.strip().splitlines()[-1] == "interrupted by SIGTERM", err[-1500:]

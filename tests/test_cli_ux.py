@@ -109,3 +109,18 @@ def test_version_names_the_guide_it_implements(capsys: pytest.CaptureFixture[str
     assert run_cli("--version") == 0
     assert capsys.readouterr().out == f"quinkgl {quinkgl_cli.__version__} (implements the QuinkGL guide 0.3.4)\n"
     assert quinkgl_cli.__version__ == "0.4.0" and quinkgl_cli.GUIDE_VERSION == "0.3.4"
+
+
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []])
+def test_run_refuses_a_manifest_for_a_tensorflow_model(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       dry_run: list[str]) -> None:
+    """`manifest create --model-framework tensorflow --model-arch-hash ...` makes such a manifest, and run (its dry
+    run too) accepted it when the hash matched a PyTorch model: quinkgl trains PyTorch models only."""
+    manifest = write(tmp_path / "m.qgl", make_manifest(framework="tensorflow"))
+    script = tmp_path / "s.py"
+    script.write_text("raise SystemExit('the script is not loaded for a manifest refused before it')\n")
+    assert run_cli("run", "--manifest", str(manifest), "--script", str(script), "--trust-policy", "open",
+                   "--checkpoint-dir", str(tmp_path / "ck"), *dry_run) == 5
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: manifest {manifest} is for a tensorflow model: quinkgl trains PyTorch models only")
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ck").exists()

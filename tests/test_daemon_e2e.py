@@ -327,10 +327,11 @@ SLOW_START = (
 )
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_during_start_up_exits_130(tmp_path: Path, swarm_manifest: tuple[Path, str, str], sig: int) -> None:
     """`systemctl stop` or `docker stop` while the daemon still loads its script: SIGTERM ended the process by the
-    signal's default (143 in a shell) where Ctrl-C gave 130, the code README documents for an interrupt."""
+    signal's default (143 in a shell) where Ctrl-C gave 130, the code README documents for an interrupt; SIGHUP (a
+    closed terminal) gave 129."""
     manifest, _pub, _swarm = swarm_manifest
     script = tmp_path / "slow_start.py"
     script.write_text(SLOW_START)

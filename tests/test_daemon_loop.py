@@ -830,3 +830,71 @@ def test_a_peer_left_alone_serves_what_it_trains_not_a_frozen_mean(tmp_path: Pat
     alone = [h for h in d.node.history if h["round"] > 2]
     assert [h["peers"] for h in alone] == [0, 0, 0]
     assert len({h["val_loss"] for h in alone}) == 3, [h["val_loss"] for h in alone]
+
+
+def test_sighup_stops_the_daemon_as_sigterm_does(manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A closed terminal or a dropped ssh session (SIGHUP) killed the daemon outright: no stop-time final model, no
+    checkpoint of the last round, no `stopped` line."""
+    # Without the daemon's handler the signal reaches this no-op one (the test then times out) instead of killing pytest.
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: None)
+    try:
+        d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=1000, gossip_interval=0.05, checkpoint_every=5)),
+                   LogContext("p0"), memory_factory(MemoryNetwork()))
+
+        async def go() -> int:
+            task = asyncio.ensure_future(d.run())
+            while d.node.completed_round < 2:
+                await asyncio.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGHUP)
+            return await asyncio.wait_for(task, timeout=10)
+
+        with caplog.at_level(logging.INFO):
+            assert asyncio.run(go()) == ExitCode.INTERRUPTED
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    messages = [r.getMessage() for r in caplog.records]
+    (stopped,) = [m for m in messages if m.startswith("stopped ")]
+    assert "signal=SIGHUP " in stopped and f"final_model={tmp_path / 'p0' / 'final_model.safetensors'}" in stopped
+    saved = CheckpointStore(tmp_path / "p0").latest()  # written at the stop: --checkpoint-every 5 had skipped it
+    assert saved is not None and saved[1].meta["round"] == d.node.completed_round
+
+
+def test_a_sighup_ignored_by_nohup_stays_ignored() -> None:
+    from quinkgl_cli.node.process import stop_signals
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert signal.SIGHUP not in stop_signals()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert signal.SIGHUP in stop_signals() and signal.SIGTERM in stop_signals()
+
+
+def test_resuming_past_a_lowered_round_target_says_it_finishes_there(manifest: Path, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Resumed at round 4 with --rounds 3: `started rounds=3`, then `finished rounds=4` with nothing in between."""
+    d = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=1000, gossip_interval=0.05)), LogContext("p0"),
+               memory_factory(MemoryNetwork()))
+
+    async def stop_after_two() -> int:
+        task = asyncio.ensure_future(d.run())
+        while d.node.completed_round < 2:
+            await asyncio.sleep(0.01)
+        d._request_stop("SIGTERM")
+        return await asyncio.wait_for(task, timeout=10)
+
+    assert asyncio.run(stop_after_two()) == ExitCode.INTERRUPTED
+    _release(d)
+    reached = d.node.completed_round
+    again = Daemon(prepare(options(manifest, tmp_path, "p0", rounds=reached - 1, gossip_interval=0.05)),
+                   LogContext("p0"), memory_factory(MemoryNetwork()))
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        assert asyncio.run(asyncio.wait_for(again.run(), timeout=60)) == ExitCode.OK
+    _release(again)
+    messages = [r.getMessage() for r in caplog.records]
+    (warning,) = [m for m in messages if m.startswith("rounds-reached ")]
+    assert warning.startswith(f"rounds-reached completed_round={reached} rounds={reached - 1} "), warning
+    assert f"finishes at round {reached}" in warning
+    assert not any(m.startswith("round-end ") for m in messages)
+    assert any(m.startswith(f"finished rounds={reached} ") for m in messages), messages

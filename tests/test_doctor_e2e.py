@@ -86,3 +86,23 @@ def test_doctor_refuses_to_run_beside_a_daemon_of_its_own_node_id(tmp_path: Path
     finally:
         held.release()
     assert code == 7 and "stop it first" in err, err
+
+
+def test_sigterm_ends_the_doctor_as_ctrl_c_does(tmp_path: Path) -> None:
+    """SIGTERM ended the doctor by the signal's default (143 in a shell) where Ctrl-C gives 130 and `interrupted`."""
+    manifest, _key, _pub, _swarm = ls.digits_manifest(tmp_path / "m")
+    log = tmp_path / "doctor.err"
+    cmd = [sys.executable, "-m", "quinkgl_cli", "doctor", "--manifest", str(manifest), "--node-id", "doc",
+           "--trust-policy", "tofu", "--no-rendezvous", "--bootstrap-peer", f"127.0.0.1:{ls.free_port()}",
+           "--timeout", "120", "--log-level", "info"]
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=ls.child_env(tmp_path / "home"))
+    try:
+        _wait_for(log, "transport-started", proc, 60)
+        proc.terminate()
+        proc.wait(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, log.read_text()[-2000:]
+    assert log.read_text().strip().splitlines()[-1] == "interrupted by SIGTERM", log.read_text()[-2000:]

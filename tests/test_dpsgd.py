@@ -331,3 +331,18 @@ def test_cli_manifest_create_writes_the_dp_sgd_section(tmp_path: Path) -> None:
         "--topology", "RandomTopology", "--task-type", "class", "--label-type", "integer", "--input-shape", "4",
         "--output-shape", "3", "--model-arch-hash", H, "--privacy-mode", "dpsgd", "--dp-total-epsilon", "8"])
     assert isinstance(bad.exception, UsageError) and "not a privacy mode" in bad.exception.message
+
+
+def test_dp_sgd_training_warns_of_inputs_of_another_shape_once(caplog: pytest.LogCaptureFixture) -> None:
+    """The normal pass says input-shape-mismatch on its first batch; the DP-SGD pass trained on without a word."""
+    m = dp_manifest(local_epochs=1)
+    m = m.model_copy(update={"task": m.task.model_copy(update={"input_shape": (5,)})})  # the data gives 4 per sample
+    net = MemoryNetwork()
+    node = make_node(net, "p0", m, 0)
+    with caplog.at_level(logging.WARNING, logger="quinkgl"):
+        for _ in range(2):
+            node.begin_round()
+            assert node.train_round().steps > 0
+            node.end_round()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("input-shape-mismatch")]
+    assert lines == ["input-shape-mismatch manifest=[5] batch=[4] loaders=[train]"], lines

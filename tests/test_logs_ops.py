@@ -97,3 +97,23 @@ def test_log_file_in_a_missing_directory_is_exit_2(tmp_path: Path) -> None:
 
     with pytest.raises(IOFailure, match="--log-file"):
         setup_logging("peer-1", "text", stream=io.StringIO(), log_file=tmp_path / "no" / "peer.log")
+
+
+def test_a_log_file_removed_with_its_directory_warns_once_and_is_made_again(tmp_path: Path) -> None:
+    """`rm -r` of the log's folder mid-run: the lines went into the removed file without a word."""
+    folder = tmp_path / "logs"
+    folder.mkdir()
+    path = folder / "peer.log"
+    out = io.StringIO()
+    setup_logging("peer-1", "text", stream=out, log_file=path)
+    emit(log, logging.INFO, "tick", i=1)
+    path.unlink()
+    folder.rmdir()
+    emit(log, logging.INFO, "tick", i=2)
+    emit(log, logging.INFO, "tick", i=3)
+    lost = [line for line in out.getvalue().splitlines() if " output-lost " in line]
+    assert len(lost) == 1 and f"flag=--log-file path={path} " in lost[0], out.getvalue()
+    folder.mkdir()
+    emit(log, logging.INFO, "tick", i=4)
+    text = path.read_text()
+    assert "output-reopened flag=--log-file" in text and "tick i=4" in text and "tick i=3" not in text, text

@@ -286,3 +286,27 @@ def test_open_observer_closes_what_it_started_when_a_later_output_fails(short_di
     finally:
         observer.close()
     assert registry.sockets(short_dir / "run") == []
+
+
+def test_a_metrics_file_removed_with_its_directory_warns_once_and_is_made_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`rm -r` of the output folder mid-run: every later line went into the removed file without a word."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    path = folder / "m.jsonl"
+    mf = MetricsFile(path)
+    mf.start()
+    mf.update(snap(1))
+    mf.update(snap(2))
+    path.unlink()
+    folder.rmdir()
+    with caplog.at_level(logging.WARNING, logger="quinkgl"):
+        mf.update(snap(3))
+        mf.update(snap(4))
+        lost = [r.getMessage() for r in caplog.records if r.getMessage().startswith("output-lost ")]
+        assert len(lost) == 1 and f"flag=--metrics-file path={path} " in lost[0], lost  # once, not per round
+        folder.mkdir()
+        mf.update(snap(5))
+    mf.close()
+    assert any(r.getMessage().startswith("output-reopened flag=--metrics-file") for r in caplog.records)
+    assert [json.loads(line)["round"] for line in path.read_text().splitlines()] == [5]

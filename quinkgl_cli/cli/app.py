@@ -10,6 +10,7 @@ from typing import Annotated, NoReturn
 import typer
 
 from quinkgl_cli import GUIDE_VERSION, __version__
+from quinkgl_cli.cli.stopsignals import interrupted_by
 from quinkgl_cli.errors import ExitCode, QuinkglError
 
 try:  # recent typers bundle their own copy of click
@@ -104,7 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         raise SystemExit(int(ExitCode.INTERRUPTED)) from None
-    # Not standalone, click returns the code of a `typer.Exit` (e.g. 0 after --help) or the command's return value.
+    # Not standalone, click returns the code of a `typer.Exit` (e.g. 0 after --help) or the command's return value;
+    # typer makes a KeyboardInterrupt inside the command 130 without a word, which a terminal's ^C explains but a
+    # supervisor's SIGTERM does not.
+    if result == ExitCode.INTERRUPTED and (name := interrupted_by()) is not None:
+        sys.stderr.write(f"interrupted by {name}\n")
     raise SystemExit(result if isinstance(result, int) else int(ExitCode.OK))
 
 

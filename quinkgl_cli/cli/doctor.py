@@ -16,6 +16,7 @@ import typer
 
 from quinkgl_cli import validation
 from quinkgl_cli.cli import netflags as nf
+from quinkgl_cli.cli.stopsignals import stop_as_interrupt
 from quinkgl_cli.errors import ExitCode, UsageError
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ def _apply_config(ctx: typer.Context, value: Path | None) -> Path | None:
 
 
 def doctor(
+    ctx: typer.Context,
     manifest: nf.Manifest,
     node_id: nf.NodeId = None,
     port: nf.Port = 0,
@@ -94,6 +96,7 @@ def doctor(
     from quinkgl_cli.node.logs import setup_logging
     from quinkgl_cli.node.options import NetworkOptions, TrustOptions, default_node_id
 
+    stop_as_interrupt(ctx)  # SIGTERM, SIGHUP: `interrupted`, exit 130, as Ctrl-C
     nid = validation.node_id(node_id if node_id is not None else default_node_id())
     network = nf.network_options(listen=listen, port=port, bootstrap_peer=bootstrap_peer, public_bootstrap=public_bootstrap,
                                  lan_discovery=lan_discovery, relay=relay, relay_rate=relay_rate, rendezvous=rendezvous)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -11,6 +10,7 @@ import typer
 from quinkgl_cli import validation
 from quinkgl_cli.cli import netflags as nf
 from quinkgl_cli.cli.output import check_output_file, parse_kv
+from quinkgl_cli.cli.stopsignals import stop_as_interrupt
 from quinkgl_cli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -26,10 +26,6 @@ def _bool_flag(value: str, flag: str) -> bool:
     if text in ("false", "0", "no", "off"):
         return False
     raise UsageError(f"{flag} {value!r} is not true or false", f"write {flag} true or {flag} false")
-
-
-def _stop_start_up(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _peer_script(script: Path | None, data: str | None) -> Path:
@@ -161,11 +157,8 @@ def run(
     ] = None,
 ) -> None:
     """Join the swarm of a trusted manifest and train with your peer script, gossiping with peers."""
-    # Until the daemon's loop takes the signals over, SIGTERM (systemctl stop, docker stop) ends start-up as Ctrl-C
-    # does, exit 130, not by the signal's default death (143 in a shell), which the exit codes do not list.
-    previous = signal.signal(signal.SIGTERM, _stop_start_up)
-    ctx.call_on_close(lambda: signal.signal(signal.SIGTERM, previous))  # a process that called main() keeps its own
-    from quinkgl_cli.node.daemon import DaemonOptions, default_node_id, run_daemon
+    stop_as_interrupt(ctx)  # start-up (loading torch, the script, the model) stops as Ctrl-C does, exit 130
+    from quinkgl_cli.node.options import DaemonOptions, default_node_id
     from quinkgl_cli.ops.observer import OpsSettings
 
     peer_script = _peer_script(script, data)
@@ -195,6 +188,10 @@ def run(
     check_output_file(log_file, "--log-file")
     for path, flag in ((final_model, "--final-model"), (metrics_file, "--metrics-file"), (trace, "--trace")):
         check_output_file(path, flag, made_by_run=checkpoint_dir)
+    if script is not None:  # the flags' checks first, then the file, not after the manifest was trusted (seconds)
+        from quinkgl_cli.node.script import check_script_file
+
+        check_script_file(peer_script)
     keys = list(trusted_pubkey or [])
     policy = trust_policy if trust_policy is not None else ("pinned" if keys else "tofu")
     options = DaemonOptions.from_flags(
@@ -231,6 +228,8 @@ def run(
         ops=OpsSettings(metrics_port=metrics_port, metrics_listen=metrics_listen, metrics_file=metrics_file),
         trace=trace,
     )
+    from quinkgl_cli.node.daemon import run_daemon  # torch: after the cheap checks above
+
     code = run_daemon(options)
     if code:
         raise typer.Exit(code)

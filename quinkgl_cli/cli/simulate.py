@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from quinkgl_cli.cli.output import check_output_file, parse_kv
+from quinkgl_cli.cli.stopsignals import stop_as_interrupt
 from quinkgl_cli.errors import UsageError
 
 _KV = "K=V"
@@ -34,6 +35,7 @@ def _line(summary: Any) -> str:
 
 
 def simulate(
+    ctx: typer.Context,
     manifest: Annotated[Path, typer.Option("--manifest", help="Swarm manifest (.qgl) to simulate.", metavar="FILE")],
     script: Annotated[Path, typer.Option("--script", help="Peer script (build_model, build_loaders, ...).", metavar="FILE")],
     peers: Annotated[int, typer.Option("--peers", metavar="N", help="Number of simulated peers.")] = 20,
@@ -101,8 +103,10 @@ def simulate(
 ) -> None:
     """Run a whole swarm of real nodes in virtual time (no waiting), deterministic for --seed: in this process, or
     spread over worker processes (--backend processes) or Ray actors (--backend ray) with the same results."""
+    stop_as_interrupt(ctx)  # SIGTERM, SIGHUP: `interrupted`, exit 130, as Ctrl-C
     import logging
 
+    from quinkgl_cli.cli.peerwarnings import PeerWarnings
     from quinkgl_cli.manifest.trust import load_trusted
     from quinkgl_cli.node.script import load_script
     from quinkgl_cli.sim.attacks import parse_attackers
@@ -144,6 +148,8 @@ def simulate(
     node_log = logging.getLogger("quinkgl")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(node)s %(message)s", defaults={"node": "-"}))
+    once = PeerWarnings()
+    handler.addFilter(once)
     node_log.addHandler(handler)
     # Restored afterwards: the simulator may run inside a process (tests, a notebook) whose logging we must not keep.
     level, propagate = node_log.level, node_log.propagate
@@ -167,6 +173,8 @@ def simulate(
         else:
             result = _run(sim, sim.rounds)
     finally:
+        handler.removeFilter(once)
+        once.say()
         node_log.removeHandler(handler)
         node_log.setLevel(level)
         node_log.propagate = propagate

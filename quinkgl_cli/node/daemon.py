@@ -5,11 +5,13 @@
 After the last round: ``final_consensus_steps`` averaging-only exchanges, a checkpoint marked final, the final model,
 one summary line, exit 0. Started again on that finished checkpoint (same or lower round target), the daemon says
 ``already-finished`` and exits 0 without training or touching the final model (it writes it only if it is missing).
+Resumed from a stopped run's checkpoint at or past the round target (``--rounds`` lowered), it trains no round:
+``rounds-reached`` says so, and the run finishes at the checkpoint's round (``finished rounds=`` that round).
 
 ``--trace FILE`` (`quinkgl_cli.node.tracer`): the file is checked when the daemon is built and a session appended
 as it runs: node start and stop (with why), each round's training, every model transfer, peers coming and going.
 
-SIGTERM / SIGINT: training stops at the next batch and the round in progress is abandoned: the checkpoint on disk
+SIGTERM / SIGINT / SIGHUP (a closed terminal; not when inherited ignored, as under ``nohup``): training stops at the next batch and the round in progress is abandoned: the checkpoint on disk
 is the end-of-round state of the last completed round (written now when ``--checkpoint-every`` had skipped it), so
 a resumed daemon runs that round again from the state it started from, and the final model file gets the model the
 peer serves (`quinkgl_cli.node.serving`). The transport stops, exit 130. A manifest
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 import threading
 import time
@@ -51,7 +52,7 @@ from quinkgl_cli.node.options import DaemonOptions, default_node_id
 from quinkgl_cli.node.persistence import RunFiles
 from quinkgl_cli.node.personal import build_personal
 from quinkgl_cli.node.probe import probe_batches
-from quinkgl_cli.node.process import process_started_at, tune_allocator
+from quinkgl_cli.node.process import process_started_at, stop_signals, tune_allocator
 from quinkgl_cli.node.runloop import RoundLoop, Waiter
 from quinkgl_cli.node.startup import Prepared, make_ipv8_transport, node_seed, prepare
 from quinkgl_cli.node.tracer import TracedEvents, Tracer
@@ -178,7 +179,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # Transports may deliver from their own threads: wake the waiting round through the loop, safely.
         self.node.inbox.listener = lambda: loop.call_soon_threadsafe(self.waiter.inbox_event.set)
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in stop_signals():
             loop.add_signal_handler(sig, self._request_stop, sig.name)
         node, o, resumed = self.node, self.options, self.prepared.resume_state
         if resumed is not None:
@@ -198,6 +199,10 @@ class Daemon:
         if o.schedule.rounds is not None and node.rounds is not None and o.schedule.rounds > node.rounds:
             emit(log, logging.WARNING, "rounds-capped", asked=o.schedule.rounds, round_limit=node.rounds,
                  hint="the manifest's round_limit is the swarm's maximum; --rounds may ask for fewer, never more")
+        if resumed is not None and node.finished():  # a target lowered below a stopped run's rounds: ends it here
+            emit(log, logging.WARNING, "rounds-reached", completed_round=node.completed_round, rounds=node.rounds,
+                 hint=f"no round trains: the run finishes at round {node.completed_round} (final consensus, final "
+                      "model); raise --rounds to train further")
         # The node id is the line's own ``node`` (a reserved member), not a field of its own.
         emit(log, logging.INFO, "started", swarm=self.prepared.trusted.swarm_id, listen=listen,
              rounds=node.rounds if node.rounds is not None else "unlimited",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import secrets
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,9 +132,11 @@ class DpSgdTraining:
         return x, y
 
     def run_pass(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn, aggregator: Aggregator,
-                 stop_flag: threading.Event | None, classes: ClassReading) -> PassResult:
+                 stop_flag: threading.Event | None, classes: ClassReading,
+                 see_inputs: Callable[[torch.Tensor], None]) -> PassResult:
         """Up to one round's planned steps; fewer when the budget or a stop request ends it; accuracy read by
-        ``classes``. Every step taken, an empty Poisson batch included, is charged to the accountant."""
+        ``classes``; each batch's inputs shown to ``see_inputs`` (the trainer's input-shape check, as the normal
+        pass does). Every step taken, an empty Poisson batch included, is charged to the accountant."""
         result = PassResult()
         device = _device(model)
         size = len(self.dataset)
@@ -146,6 +148,7 @@ class DpSgdTraining:
             params = {k: p for k, p in model.named_parameters() if p.requires_grad}
             if idx.numel():
                 x, y = self._batch(idx)
+                see_inputs(x)
                 x, y = x.to(device), y.to(device)
                 ps = per_sample_grads(model, loss_fn, x, y)
                 loss = float(ps.losses.mean())

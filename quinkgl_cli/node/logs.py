@@ -51,6 +51,7 @@ from typing import Any, TextIO
 
 from quinkgl_cli.errors import IOFailure
 from quinkgl_cli.events import EVENT_ATTR, FIELDS_ATTR, EventMessage, Value, emit, text_fields
+from quinkgl_cli.outputfile import lost_line, names_open_file, reopened_line
 
 SCRIPT_OUTPUT = "script-output"
 script_log = logging.getLogger("quinkgl.script")
@@ -184,7 +185,29 @@ class FlushingHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 class RotatingLogFile(logging.handlers.RotatingFileHandler):
-    """``--log-file``: the same lines in a file, rotated by size."""
+    """``--log-file``: the same lines in a file, rotated by size; made again when its path no longer names the open
+    file, and while it cannot be, the lines are dropped after one ``output-lost`` WARNING (`quinkgl_cli.outputfile`)."""
+
+    lost = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is not None and not names_open_file(self.baseFilename, self.stream.fileno()):
+            self.stream.close()
+            self.stream = None  # type: ignore[assignment]
+            reopen = True
+        else:
+            reopen = self.stream is None
+        if reopen:
+            try:
+                self.stream = self._open()
+            except OSError as exc:
+                if not self.lost:
+                    self.lost = True  # before the line: it comes back through this handler, which then drops it
+                    lost_line("--log-file", self.baseFilename, exc.strerror)
+                return
+            self.lost = False
+            reopened_line("--log-file", self.baseFilename)
+        super().emit(record)
 
 
 class ScriptOutput(io.TextIOBase):

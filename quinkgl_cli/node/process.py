@@ -1,10 +1,11 @@
-"""Facts about the daemon's own process: when it started, its peak memory, and the allocator tuning that keeps a
-long-running peer's memory bounded. Owns no state beyond the import time of this module (the fallback start).
+"""Facts about the daemon's own process: when it started, its peak memory, the signals that stop it, and the
+allocator tuning that keeps a long-running peer's memory bounded. Owns no state beyond the import time of this module (the fallback start).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -27,6 +28,14 @@ def process_started_at() -> float:
     except (OSError, ValueError, IndexError, AttributeError):
         return _IMPORTED_AT
     return time.monotonic() - max(age, 0.0)
+
+
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop this process cleanly: SIGTERM (systemctl stop, docker stop, kill), SIGINT (Ctrl-C) and
+    SIGHUP (a closed terminal, a dropped ssh session), which otherwise kills the process with no stop at all. A
+    SIGHUP this process inherited as ignored (``nohup``) stays ignored: that is what its operator asked for."""
+    hangup = () if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else (signal.SIGHUP,)
+    return (signal.SIGTERM, signal.SIGINT, *hangup)
 
 
 def peak_rss_mb() -> float:

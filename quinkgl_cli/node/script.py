@@ -223,13 +223,9 @@ def _module_name(path: Path) -> str:
     return f"quinkgl_peer_script_{stem}_{digest}"
 
 
-def load_script(path: Path) -> PeerScript:
-    """Import the peer script at ``path`` under a module name unique to that path and collect its hooks.
-
-    Missing or unreadable file: IOFailure (2). Syntax or import error inside the script: NodeConfigError (7) with the cause
-    on one line. A required hook missing or not callable, or an optional hook that is not callable: NodeConfigError (7)
-    naming it.
-    """
+def check_script_file(path: Path) -> Path:
+    """``path`` (user expanded) when it is a readable file, else IOFailure (2); cheap, so the CLI checks it before
+    the slow start-up (trust, torch) as well."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise IOFailure(f"peer script {path} is a directory", "pass --script with the path of your peer_script.py")
@@ -241,7 +237,17 @@ def load_script(path: Path) -> PeerScript:
             pass
     except OSError as exc:
         raise IOFailure(f"cannot read peer script {path}: {exc.strerror}", "check its permissions") from exc
-    path = path.resolve()
+    return path
+
+
+def load_script(path: Path) -> PeerScript:
+    """Import the peer script at ``path`` under a module name unique to that path and collect its hooks.
+
+    Missing or unreadable file: IOFailure (2). Syntax or import error inside the script: NodeConfigError (7) with the cause
+    on one line. A required hook missing or not callable, or an optional hook that is not callable: NodeConfigError (7)
+    naming it.
+    """
+    path = check_script_file(path).resolve()
     name = _module_name(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:

@@ -1,7 +1,8 @@
 """`quinkgl run`'s start-up: everything checked and loaded before the daemon's loop starts.
 
 In order, each failure a one-line error with its exit code (`prepare`):
-  1. manifest loaded and trusted under the policy (2 / 1 / 3 / 4), then this node's admission: its certificate in
+  1. manifest loaded and trusted under the policy (2 / 1 / 3 / 4), labelled for a model quinkgl can train (a
+     tensorflow one: 5), then this node's admission: its certificate in
      a certified swarm, the revocation list (`quinkgl_cli.node.admission`; 2 / 1 / 3 / 4),
   2. peer script loaded, required hooks present (2 / 7),
   3. model built, its arch hash compared with the manifest's (5 under --strict-manifest, else a warning),
@@ -31,6 +32,9 @@ from quinkgl_cli.errors import ArchMismatch
 from quinkgl_cli.events import emit
 from quinkgl_cli.node.dirlock import HeldDirectory, lock_directory
 from quinkgl_cli.node.options import DaemonOptions
+
+# "custom" stays: the manifest create of a PyTorch script's model accepts it (a label of the user's choosing).
+TRAINABLE_FRAMEWORKS = frozenset({"pytorch", "custom"})
 
 log = logging.getLogger("quinkgl.daemon")
 
@@ -108,6 +112,9 @@ def prepare(options: DaemonOptions) -> Prepared:
     trusted = load_trusted(options.manifest, trust.trust_policy, tuple(trust.trusted_pubkeys), options.state_dir,
                            remember=not options.dry_run)
     manifest = trusted.manifest
+    if manifest.model.framework not in TRAINABLE_FRAMEWORKS:  # its arch hash may still name a PyTorch model
+        raise ArchMismatch(f"manifest {options.manifest} is for a {manifest.model.framework} model: quinkgl trains "
+                           "PyTorch models only", "ask the swarm's creator for a manifest made with --model-framework pytorch")
 
     from quinkgl_cli.node.admission import prepare_admission
 

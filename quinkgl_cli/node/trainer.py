@@ -326,7 +326,8 @@ class Trainer:
         if engine.accountant.exhausted:
             sharing.sharing_stopped = True
         result = PassResult() if sharing.sharing_stopped else engine.run_pass(
-            self.model, self.optimizer, self.loss_fn, aggregator, self.stop_flag, self.classes or ClassReading())
+            self.model, self.optimizer, self.loss_fn, aggregator, self.stop_flag, self.classes or ClassReading(),
+            self.input_shape.see)
         if result.nonfinite is not None:
             raise _NonFiniteLoss(result.nonfinite)
         aggregator.end_training(self.model, result.steps, lr)

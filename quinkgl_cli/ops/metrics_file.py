@@ -7,7 +7,8 @@ Each line: ``ts`` (UTC, ISO 8601), ``node``, ``swarm``, ``round``, then that rou
 ``bytes_sent`` add up to the ``finished`` line's. A restarted daemon appends to the same file from the round it
 resumes at, so one file holds a whole run. Each line is one ``write`` on a file opened for appending, so a
 killed daemon leaves at most its last line incomplete; `read_metrics` refuses anything else that is not a line
-of this shape.
+of this shape. A file removed during the run is made again at the next line (``output-reopened``); while its
+directory is gone, ``output-lost`` says once that lines are lost (`quinkgl_cli.outputfile`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 from quinkgl_cli.errors import IOFailure, UsageError
 from quinkgl_cli.ops.snapshot import CONSENSUS_KEY, DaemonSnapshot, json_safe
+from quinkgl_cli.outputfile import lost_line, names_open_file, reopened_line
 
 FINAL_CONSENSUS = "final-consensus"  # the ``phase`` of the final consensus's line
 
@@ -31,15 +33,40 @@ class MetricsFile:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._fd: int | None = None
+        self._open_for_run = False  # from start to close
+        self._lost = False  # the file was removed and could not be made again: said once
         self._written: int | None = None  # the last round on file; the first snapshot sets it
         self._consensus_written = False
 
     def start(self) -> None:
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._fd = self._open()
         except OSError as exc:
             raise IOFailure(f"cannot open --metrics-file {self.path}: {exc.strerror}",
                             "check that its directory exists and is writable") from exc
+        self._open_for_run = True
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+
+    def _current(self) -> int | None:
+        """The file to append to: made again when its path no longer names the open one (`quinkgl_cli.outputfile`);
+        None while it cannot be (said once)."""
+        if self._fd is not None and names_open_file(self.path, self._fd):
+            return self._fd
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        try:
+            self._fd = self._open()
+        except OSError as exc:
+            if not self._lost:
+                self._lost = True
+                lost_line("--metrics-file", self.path, exc.strerror)
+            return None
+        self._lost = False
+        reopened_line("--metrics-file", self.path)
+        return self._fd
 
     def update(self, snapshot: DaemonSnapshot) -> None:
         if self._written is None:
@@ -55,7 +82,8 @@ class MetricsFile:
             self._consensus_written = True
 
     def _append(self, snapshot: DaemonSnapshot, metrics: dict[str, Any], extra: dict[str, Any]) -> None:
-        if self._fd is None:
+        fd = self._current() if self._open_for_run else None
+        if fd is None:
             return
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(snapshot.updated_at))
         record = {"ts": stamp, "node": snapshot.node_id, "swarm": snapshot.swarm_id, "round": snapshot.round, **extra}
@@ -65,12 +93,12 @@ class MetricsFile:
         data = memoryview(line.encode())
         try:
             while data:
-                data = data[os.write(self._fd, data):]
+                data = data[os.write(fd, data):]
         except OSError as exc:
             raise IOFailure(f"cannot append to --metrics-file {self.path}: {exc.strerror}") from exc
 
     def close(self) -> None:
-        fd, self._fd = self._fd, None
+        fd, self._fd, self._open_for_run = self._fd, None, False
         if fd is not None:
             os.close(fd)
 

@@ -80,7 +80,10 @@ def recv_values(conn: Connection) -> tuple[dict[str, Any], list[Any]]:
 # ---------------------------------------------------------------------------------------------- the worker side
 def serve(conn: Connection, log_level: int) -> None:
     """A worker process's life: build its `ShardWorker` from the first call, answer calls until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle: it stops the workers
+    # Stop signals are the driver's to handle (a terminal's Ctrl-C or hang-up reaches the whole process group): it
+    # stops the workers, killing a busy one.
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(node)s %(message)s", defaults={"node": "-"}))
     logger = logging.getLogger("quinkgl")

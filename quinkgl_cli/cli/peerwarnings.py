@@ -1,0 +1,41 @@
+"""Warnings every simulated peer gives alike, said once per run by `quinkgl simulate` with the number of peers.
+
+A swarm of 100 peers on data of the wrong input shape printed 100 identical `input-shape-mismatch` lines (one per
+peer's node); the simulator's nodes are the daemon's, which says it once for its one peer. Held back while the swarm
+runs, they come out once each, with ``peers=N``, when it ends (also when it fails: they may say why).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quinkgl_cli.events import EVENT_ATTR, FIELDS_ATTR, emit
+
+ONCE_PER_RUN = frozenset({"input-shape-mismatch"})
+
+log = logging.getLogger("quinkgl.sim")
+
+
+class PeerWarnings(logging.Filter):
+    """A filter for the simulation's log handler: holds back the `ONCE_PER_RUN` events, counting peers per wording."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[dict[str, Any], set[str]]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        event = getattr(record, EVENT_ATTR, None)
+        if event not in ONCE_PER_RUN:
+            return True
+        fields: dict[str, Any] = getattr(record, FIELDS_ATTR, {})
+        key = (str(event), tuple(sorted((k, repr(v)) for k, v in fields.items())))
+        _fields, peers = self.held.setdefault(key, (fields, set()))
+        peers.add(str(getattr(record, "node", "-")))
+        return False
+
+    def say(self) -> None:
+        """Each held warning once, with the number of peers that gave it; then nothing is held."""
+        for (event, _key), (fields, peers) in self.held.items():
+            emit(log, logging.WARNING, event, **fields, peers=len(peers))
+        self.held.clear()
