@@ -144,3 +144,55 @@ def test_the_cli_runs_on_worker_processes(tmp_path: Path, capsys: pytest.Capture
         return [line for line in out.splitlines() if line.startswith("final ")]
 
     assert final(done.stdout) == final(local) != []
+
+
+BUSY_WORKERS = '''
+import multiprocessing
+import os
+import pathlib
+import time
+
+from quinkgl_cli.peer_scripts.digits_peer_script import build_loaders as digits_loaders
+from quinkgl_cli.peer_scripts.digits_peer_script import build_model  # noqa: F401
+
+
+def build_loaders(manifest, **kwargs):
+    if multiprocessing.parent_process() is not None:  # a worker building its peers: busy for a long while
+        pathlib.Path(__file__).with_name(f"building-{os.getpid()}").touch()
+        time.sleep(120)
+    return digits_loaders(manifest, **kwargs)
+'''
+
+
+def test_a_hang_up_to_the_process_group_ends_the_run_130_and_leaves_no_worker(tmp_path: Path) -> None:
+    # A closed terminal sends SIGHUP to the whole group: the workers leave it to the driver, which kills the busy ones.
+    import os
+    import signal
+    import time
+
+    script = tmp_path / "busy.py"
+    script.write_text(BUSY_WORKERS, encoding="utf-8")
+    manifest = write(tmp_path / "swarm.qgl", digits()[1])
+    proc = subprocess.Popen([sys.executable, "-m", "quinkgl_cli", "simulate", "--manifest", str(manifest), "--script",
+                             str(script), "--peers", "4", "--rounds", "1", "--backend", "processes", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(list(tmp_path.glob("building-*"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the workers never started building"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, (out[-1000:], err[-1500:])
+    assert err.strip().splitlines()[-1] == "interrupted by SIGHUP", err[-1500:]
+    deadline = time.monotonic() + 30
+    while True:  # every process of the group gone: no worker left behind
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a worker process outlived the run"
+        time.sleep(0.05)
