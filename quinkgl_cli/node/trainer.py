@@ -137,9 +137,8 @@ class Trainer:
         self.optimizer = optimizer
         self.scheduler = scheduler  # the script's learning-rate scheduler: one step per round, after training
         self.loss_fn = loss_fn or default_loss(manifest)
-        # Passes a round: more on little data under min_local_steps (`node.localwork`), without personalization.
-        self.local_epochs = (local_passes(local_epochs, train_loader, manifest.training.min_local_steps)
-                             if self.personal.mode == "none" else local_epochs)
+        floor = manifest.training.min_local_steps if self.personal.mode == "none" else 0  # personal: not measured
+        self.local_epochs = local_passes(local_epochs, train_loader, floor)  # more on little data (`node.localwork`)
         self.local_steps = local_steps
         # How outputs read as class ids (a single column: logit or probability); None for regression.
         self.classes = (class_reading(model, self.loss_fn, manifest.task.output_shape)
