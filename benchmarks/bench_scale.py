@@ -109,6 +109,7 @@ def one(backend: str, peers: int, rounds: int, repeat: int) -> dict[str, Any]:
     manifest = digits_manifest(script, training={"min_local_steps": 0})
     config = SimConfig(peers=peers, rounds=rounds, partition="iid", seed=1,
                        script_args={"repeat": str(repeat)} if repeat > 1 else {})
+    code = _commit()  # at the start: a checkout may move on while a long point runs
     started = time.perf_counter()
     with TreeMeter() as meter:
 
@@ -133,7 +134,7 @@ def one(backend: str, peers: int, rounds: int, repeat: int) -> dict[str, Any]:
             meter.sample()
     return {
         "backend": backend, "peers": peers, "rounds": rounds, "data": "digits" if repeat == 1 else f"digits x{repeat}",
-        "code": _commit(),
+        "code": code,
         "wall_s": time.perf_counter() - started, "build_s": result.timing["build_s"], "run_s": result.timing["run_s"],
         "cpu_s": meter.cpu_s, "peak_mb": meter.peak_mb, "peak_mb_per_peer": meter.peak_mb / peers,
         "shards": result.memory.get("shards", 1.0),
