@@ -105,6 +105,7 @@ def test_config_supplies_flags_and_given_flags_win(tmp_path: Path, monkeypatch: 
     seen = _captured_options(monkeypatch)
     conf = tmp_path / "conf" / "peer.toml"
     (conf.parent / "traces").mkdir(parents=True)
+    (tmp_path / "peer.py").write_text("")  # run checks that the script exists before anything else
     conf.write_text('manifest = "swarm.qgl"\nscript = "../peer.py"\nnode-id = "from-file"\nport = 7005\n'
                     'gossip-interval = 2\nscript-arg = ["shard=0", "num_shards=2"]\nresume = false\n'
                     'strict-manifest = false\ntrusted-pubkey = ["keys/creator.pub", "ed25519:' + "ab" * 32 + '"]\n'

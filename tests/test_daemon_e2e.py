@@ -327,6 +327,11 @@ SLOW_START = (
 )
 
 
+def _default_stop_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_during_start_up_exits_130(tmp_path: Path, swarm_manifest: tuple[Path, str, str], sig: int) -> None:
     """`systemctl stop` or `docker stop` while the daemon still loads its script: SIGTERM ended the process by the
@@ -336,12 +341,13 @@ def test_a_signal_during_start_up_exits_130(tmp_path: Path, swarm_manifest: tupl
     script = tmp_path / "slow_start.py"
     script.write_text(SLOW_START)
     marker = tmp_path / "building"
-    # Ctrl-C reaches a foreground process with SIGINT's default action, whatever the test runner set.
+    # Ctrl-C and a closed terminal reach a foreground process with SIGINT's and SIGHUP's default actions, whatever
+    # the test runner set (a suite started under nohup ignores SIGHUP, and its children inherit that).
     proc = subprocess.Popen([sys.executable, "-m", "quinkgl_cli", "run", "--trust-policy", "open", "--manifest",
                              str(manifest), "--script", str(script), "--script-arg", f"marker={marker}",
                              "--checkpoint-dir", str(tmp_path / "ck")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ls.child_env(tmp_path / "home"),
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=_default_stop_signals)
     try:
         wait_for(lambda: marker.exists() or proc.poll() is not None, 120, "build_model to start")
         proc.send_signal(sig)

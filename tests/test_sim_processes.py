@@ -175,7 +175,8 @@ def test_a_hang_up_to_the_process_group_ends_the_run_130_and_leaves_no_worker(tm
     manifest = write(tmp_path / "swarm.qgl", digits()[1])
     proc = subprocess.Popen([sys.executable, "-m", "quinkgl_cli", "simulate", "--manifest", str(manifest), "--script",
                              str(script), "--peers", "4", "--rounds", "1", "--backend", "processes", "--workers", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))  # a terminal's, not nohup's
     try:
         deadline = time.monotonic() + 180
         while len(list(tmp_path.glob("building-*"))) < 2:
