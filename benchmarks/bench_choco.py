@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--settings", default=";".join(SETTINGS), help="semicolon-separated subset of the settings")
     ap.add_argument("--quick", action="store_true",
-                    help="logistic regression, seed 0, 6 rounds, uncompressed / CHOCO top-k 10% / CHOCO int8")
+                    help="logistic regression, seed 0, 6 rounds, uncompressed / CHOCO top-k 10%% / CHOCO int8")
     ap.add_argument("--training-param", action="append", default=[], metavar="K=V",
                     help="manifest training override (repeatable), e.g. local_steps=4")
     ap.add_argument("--json", type=Path, default=None, help="default benchmarks/results/choco.json (quick: results/quick/)")
