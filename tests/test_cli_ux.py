@@ -124,3 +124,23 @@ def test_run_refuses_a_manifest_for_a_tensorflow_model(tmp_path: Path, capsys: p
     err = capsys.readouterr().err
     assert err.startswith(f"error: manifest {manifest} is for a tensorflow model: quinkgl trains PyTorch models only")
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ck").exists()
+
+
+def test_simulate_refuses_a_manifest_for_a_tensorflow_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = write(tmp_path / "m.qgl", make_manifest(framework="tensorflow"))
+    script = tmp_path / "s.py"
+    script.write_text("raise SystemExit('the script is not loaded for a manifest refused before it')\n")
+    assert run_cli("simulate", "--manifest", str(manifest), "--script", str(script), "--trust-policy", "open",
+                   "--peers", "2", "--rounds", "1") == 5
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: manifest {manifest} is for a tensorflow model: quinkgl trains PyTorch models only")
+
+
+def test_simulate_checks_its_script_before_the_manifests_trust(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # An unsigned manifest under tofu is refused (4); a missing script is said first (2), before trust, which may
+    # remember a creator key for a run that cannot start.
+    manifest = write(tmp_path / "m.qgl", make_manifest())
+    assert run_cli("simulate", "--manifest", str(manifest), "--script", str(tmp_path / "nope.py"), "--trust-policy",
+                   "tofu", "--peers", "2", "--rounds", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: peer script {tmp_path / 'nope.py'} not found"), err

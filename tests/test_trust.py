@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -193,10 +194,15 @@ def test_expired_refused_under_every_policy(tmp_path: Path, creator) -> None:
     assert load_trusted(path, "pinned", (pub,), now=NOW - timedelta(hours=2)).signed
 
 
-def test_verify_mode_checks_the_store_without_writing_it(tmp_path: Path, creator) -> None:
+def test_verify_mode_checks_the_store_without_writing_it(tmp_path: Path, creator,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     state = tmp_path / "state"
     path = write(tmp_path / "a.qgl", make_manifest("swarm-a", key=creator))
-    assert load_trusted(path, "tofu", state_dir=state, now=NOW, remember=False).tofu == "first-use"
+    with caplog.at_level(logging.INFO, logger="quinkgl"):
+        assert load_trusted(path, "tofu", state_dir=state, now=NOW, remember=False).tofu == "first-use"
+    # The log line says what a run would do, as a dry run's `dry-run-ok` does: nothing was pinned.
+    (line,) = [r.getMessage() for r in caplog.records if "manifest-trusted" in r.getMessage()]
+    assert "tofu=would-pin" in line and "first-use" not in line
     assert not state.exists()  # not even the directory or the lock file
     assert load_trusted(path, "tofu", state_dir=state, now=NOW).tofu == "first-use"  # what run does
     before = (state / TOFU_FILE).read_bytes(), sorted(p.name for p in state.iterdir())

@@ -108,7 +108,8 @@ def simulate(
 
     from quinkgl_cli.cli.peerwarnings import PeerWarnings
     from quinkgl_cli.manifest.trust import load_trusted
-    from quinkgl_cli.node.script import load_script
+    from quinkgl_cli.node.script import check_script_file, load_script
+    from quinkgl_cli.node.startup import refuse_untrainable
     from quinkgl_cli.sim.attacks import parse_attackers
     from quinkgl_cli.sim.fieldconf import field_config
     from quinkgl_cli.sim.report import communication, plot_result, write_json
@@ -126,8 +127,10 @@ def simulate(
     for path, flag in ((json_out, "--json"), (plot, "--plot")):
         check_output_file(path, flag)
     per_round = clients_per_round if clients_per_round is not None else min(DEFAULT_CLIENTS_PER_ROUND, peers)
+    script = check_script_file(script)  # before trust, which may remember the creator's key
 
     trusted = load_trusted(manifest, trust_policy, tuple(trusted_pubkey or ()))
+    refuse_untrainable(trusted.manifest, manifest)
     peer_script = load_script(script)
     config = SimConfig(
         peers=peers, rounds=rounds, partition=partition, seed=seed, mode=mode,  # type: ignore[arg-type]

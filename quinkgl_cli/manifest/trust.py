@@ -196,7 +196,9 @@ def trust_loaded(
             tofu_state = store.check_and_remember(manifest.name, creator, loaded.swarm_id, now)
         else:
             tofu_state = store.check(manifest.name, creator)
-    fields: dict[str, Any] = {"tofu": tofu_state} if tofu_state else {}
+    # Not remembered here (`manifest verify`, a dry run): the line says what a run would do, as `dry-run-ok` does.
+    shown = "would-pin" if tofu_state == "first-use" and not remember else tofu_state
+    fields: dict[str, Any] = {"tofu": shown} if shown else {}
     emit(log, logging.INFO, "manifest-trusted", name=manifest.name, swarm_id=loaded.swarm_id, policy=chosen,
          signed=signed, **fields)
     return TrustedManifest(

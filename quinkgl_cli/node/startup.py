@@ -39,6 +39,14 @@ TRAINABLE_FRAMEWORKS = frozenset({"pytorch", "custom"})
 log = logging.getLogger("quinkgl.daemon")
 
 
+def refuse_untrainable(manifest: Any, source: Path | str) -> None:
+    """ArchMismatch (5) for a manifest labelled with a framework quinkgl does not train (`run` and `simulate`): its arch
+    hash may still name a PyTorch model, as `manifest create --model-framework tensorflow --model-arch-hash` makes."""
+    if manifest.model.framework not in TRAINABLE_FRAMEWORKS:
+        raise ArchMismatch(f"manifest {source} is for a {manifest.model.framework} model: quinkgl trains PyTorch models "
+                           "only", "ask the swarm's creator for a manifest made with --model-framework pytorch")
+
+
 @dataclass
 class Prepared:
     options: DaemonOptions
@@ -112,9 +120,7 @@ def prepare(options: DaemonOptions) -> Prepared:
     trusted = load_trusted(options.manifest, trust.trust_policy, tuple(trust.trusted_pubkeys), options.state_dir,
                            remember=not options.dry_run)
     manifest = trusted.manifest
-    if manifest.model.framework not in TRAINABLE_FRAMEWORKS:  # its arch hash may still name a PyTorch model
-        raise ArchMismatch(f"manifest {options.manifest} is for a {manifest.model.framework} model: quinkgl trains "
-                           "PyTorch models only", "ask the swarm's creator for a manifest made with --model-framework pytorch")
+    refuse_untrainable(manifest, options.manifest)
 
     from quinkgl_cli.node.admission import prepare_admission
 
