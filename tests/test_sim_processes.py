@@ -197,3 +197,14 @@ def test_a_hang_up_to_the_process_group_ends_the_run_130_and_leaves_no_worker(tm
             break
         assert time.monotonic() < deadline, "a worker process outlived the run"
         time.sleep(0.05)
+
+
+def test_a_large_local_run_on_several_cpus_is_told_of_the_processes_backend() -> None:
+    from quinkgl_cli.cli.simulate import LARGE_SWARM, one_core_hint
+
+    hint = one_core_hint(LARGE_SWARM, "local", False, 4)
+    assert hint == f"{LARGE_SWARM} peers in one process use 1 of 4 CPUs: --backend processes runs them on all, with the same results"
+    assert one_core_hint(LARGE_SWARM - 1, "local", False, 4) is None  # a small swarm: seconds anyway
+    assert one_core_hint(LARGE_SWARM, "processes", False, 4) is None
+    assert one_core_hint(LARGE_SWARM, "local", True, 4) is None  # field conditions: only the local backend has them
+    assert one_core_hint(LARGE_SWARM, "local", False, 1) is None

@@ -112,6 +112,7 @@ def simulate(
     from quinkgl_cli.node.startup import refuse_untrainable
     from quinkgl_cli.sim.attacks import parse_attackers
     from quinkgl_cli.sim.fieldconf import field_config
+    from quinkgl_cli.sim.procbackend import available_cpus
     from quinkgl_cli.sim.report import communication, plot_result, write_json
     from quinkgl_cli.sim.simulator import Overrides, SimConfig, make_simulator
     from quinkgl_cli.transport.memory import DEFAULT_MAX_PEERS
@@ -165,6 +166,9 @@ def simulate(
             typer.echo(f"warning: {weak}", err=True)
         if sim.rounds < rounds:
             typer.echo(f"note: the manifest's round_limit caps --rounds {rounds} to {sim.rounds}", err=True)
+        hint = one_core_hint(peers, backend, conditions is not None, available_cpus())
+        if hint is not None:
+            typer.echo(f"note: {hint}", err=True)
         if backend == "ray":
             from quinkgl_cli.sim.raybackend import RaySimulation
 
@@ -208,6 +212,18 @@ def simulate(
     if plot is not None:
         plot_result(result, plot)
         typer.echo(f"wrote {plot}")
+
+
+# From this many peers up a local run takes minutes (1,000 x 20 rounds: about 2 on this project's machine).
+LARGE_SWARM = 1000
+
+
+def one_core_hint(peers: int, backend: str, field: bool, cpus: int) -> str | None:
+    """What to say when a large swarm runs in one process on a machine with more cores (None: nothing): the processes
+    backend gives the same results on all of them, field conditions aside (it does not simulate them)."""
+    if backend != "local" or field or peers < LARGE_SWARM or cpus < 2:
+        return None
+    return f"{peers} peers in one process use 1 of {cpus} CPUs: --backend processes runs them on all, with the same results"
 
 
 def _backend_flags(backend: str, ray_address: str | None, allow_remote: bool, peers_per_actor: int | None,
