@@ -45,6 +45,9 @@ class InProcess:
     def get(self, handles: list[Any]) -> list[Any]:
         return list(handles)
 
+    def held_warnings(self) -> list[dict[str, Any]]:
+        return []  # the workers log through this process's handlers
+
 
 def differences(a: SimResult, b: SimResult) -> list[str]:
     """Where two runs differ: every round's (and the consensus phase's) per-peer metrics and traffic, exactly."""

@@ -229,24 +229,26 @@ def test_the_dry_run_warns_of_inputs_of_another_shape_than_the_manifests(
     assert (line in out) == warned, out
 
 
-@pytest.mark.parametrize(("length", "warned"), [(30, True), (20, False)])
+@pytest.mark.parametrize(("length", "warned", "backend"),
+                         [(30, True, "local"), (20, False, "local"), (30, True, "processes")])
 def test_training_warns_once_of_inputs_of_another_shape_than_the_manifests(
-    tmp_path: Path, length: int, warned: bool, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, length: int, warned: bool, backend: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Only the dry run said so: a plain `run` or `simulate` trained on length-30 sequences without a word. The
     node's training (both run it) compares its first batch once, and says it once, not every round; simulate says
-    it once for the whole swarm."""
+    it once for the whole swarm, whose peers run in worker processes too (`--backend processes`: each worker
+    printed its peers' lines; they write to this process's stderr, which `capfd` reads)."""
     script = tmp_path / "gru.py"
     script.write_text(SEQUENCES.replace("LENGTH", str(length)))
     manifest = _manifest(tmp_path, script, input_shape="20,4")
     with pytest.raises(SystemExit) as done:
-        main(["simulate", "--manifest", str(manifest), "--script", str(script), "--peers", "2", "--rounds", "2",
-              "--partition", "iid"])
-    err = capsys.readouterr().err
+        main(["simulate", "--manifest", str(manifest), "--script", str(script), "--peers", "3", "--rounds", "2",
+              "--partition", "iid", "--backend", backend, "--workers" if backend == "processes" else "--seed", "2"])
+    err = capfd.readouterr().err
     assert int(done.value.code or 0) == 0, err
     lines = [line for line in err.splitlines() if "input-shape-mismatch" in line]
     # Once per run, with the number of peers that gave it (it was one line per peer: N peers, N lines).
-    expected = ["WARNING - input-shape-mismatch manifest=[20,4] batch=[30,4] loaders=[train] peers=2"]
+    expected = ["WARNING - input-shape-mismatch manifest=[20,4] batch=[30,4] loaders=[train] peers=3"]
     assert lines == (expected if warned else []), err
 
 

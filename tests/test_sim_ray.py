@@ -116,3 +116,21 @@ def test_the_cli_runs_on_ray(ray: ModuleType, tmp_path: Path, capsys: pytest.Cap
     out = capsys.readouterr().out
     assert done.value.code in (0, None)
     assert "final mean_accuracy=" in out and "round=001" in out
+
+
+def test_a_warning_every_actors_peers_give_is_said_once(ray: ModuleType, tmp_path: Path,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """Each actor printed its own peers' `input-shape-mismatch` lines (through Ray's log forwarding, one per peer);
+    the driver now says it once for the swarm with the number of peers, as the local backend does."""
+    from quinkgl_cli.cli.app import main
+    from tests.test_batches import SEQUENCES, _manifest
+
+    script = tmp_path / "gru.py"
+    script.write_text(SEQUENCES.replace("LENGTH", "30"))
+    manifest = _manifest(tmp_path, script, input_shape="20,4")
+    with pytest.raises(SystemExit) as done:
+        main(["simulate", "--manifest", str(manifest), "--script", str(script), "--peers", "4", "--rounds", "1",
+              "--partition", "iid", "--backend", "ray", "--peers-per-actor", "2"])
+    err = capfd.readouterr().err
+    assert done.value.code in (0, None), err
+    assert "WARNING - input-shape-mismatch manifest=[20,4] batch=[30,4] loaders=[train] peers=4" in err.splitlines()

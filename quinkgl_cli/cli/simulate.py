@@ -106,12 +106,12 @@ def simulate(
     stop_as_interrupt(ctx)  # SIGTERM, SIGHUP: `interrupted`, exit 130, as Ctrl-C
     import logging
 
-    from quinkgl_cli.cli.peerwarnings import PeerWarnings
     from quinkgl_cli.manifest.trust import load_trusted
     from quinkgl_cli.node.script import check_script_file, load_script
     from quinkgl_cli.node.startup import refuse_untrainable
     from quinkgl_cli.sim.attacks import parse_attackers
     from quinkgl_cli.sim.fieldconf import field_config
+    from quinkgl_cli.sim.peerwarnings import PeerWarnings
     from quinkgl_cli.sim.procbackend import available_cpus
     from quinkgl_cli.sim.report import communication, plot_result, write_json
     from quinkgl_cli.sim.simulator import Overrides, SimConfig, make_simulator

@@ -31,12 +31,14 @@ from typing import Any
 
 from quinkgl_cli import errors
 from quinkgl_cli.errors import QuinkglError, UsageError
+from quinkgl_cli.sim.peerwarnings import worker_logging
 from quinkgl_cli.sim.results import RoundSummary, SimResult
 from quinkgl_cli.sim.sharded import ShardedRun, check_mode, worker_args
 from quinkgl_cli.sim.simulator import Simulator
 
 STOP = "__stop__"
 BUILD = "__init__"
+HELD = "__held_warnings__"  # the worker's held peer warnings (`peerwarnings`), as JSON
 # Seconds a worker has to leave after it is told to stop, before it is terminated.
 STOP_WAIT = 30.0
 
@@ -84,12 +86,7 @@ def serve(conn: Connection, log_level: int) -> None:
     # stops the workers, killing a busy one.
     for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, signal.SIG_IGN)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(node)s %(message)s", defaults={"node": "-"}))
-    logger = logging.getLogger("quinkgl")
-    logger.addHandler(handler)
-    logger.setLevel(log_level)
-    logger.propagate = False
+    held = worker_logging(log_level)
     from threadpoolctl import threadpool_limits
 
     from quinkgl_cli.sim.shardworker import ShardWorker
@@ -105,10 +102,12 @@ def serve(conn: Connection, log_level: int) -> None:
             method = header["method"]
             if method == STOP:
                 return
+            out: Any = None
             try:
-                if method == BUILD:
+                if method == HELD:
+                    out = json.dumps(held.export())
+                elif method == BUILD:
                     worker = ShardWorker(*args)
-                    out: Any = None
                 elif worker is None or method not in methods:
                     raise RuntimeError(f"shard worker: no call {method!r} before it is built")
                 else:
@@ -230,6 +229,10 @@ class ProcessExecutor:
 
     def get(self, handles: list[Any]) -> list[Any]:
         return [h.value() for h in handles]
+
+    def held_warnings(self) -> list[dict[str, Any]]:
+        answers = [worker.call(HELD, []) for worker in self.workers]
+        return [w for answer in answers for w in json.loads(answer.result())]
 
 
 class ProcessSimulation:

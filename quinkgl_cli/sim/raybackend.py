@@ -17,6 +17,8 @@ when a run starts. Owns connecting, the actors and their teardown.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -24,8 +26,10 @@ from types import ModuleType
 from typing import Any
 
 from quinkgl_cli.errors import NetworkError, UsageError
+from quinkgl_cli.sim.peerwarnings import worker_logging
 from quinkgl_cli.sim.results import RoundSummary, SimResult
 from quinkgl_cli.sim.sharded import ShardedRun, check_mode, worker_args
+from quinkgl_cli.sim.shardworker import ShardWorker
 from quinkgl_cli.sim.simulator import Simulator
 from quinkgl_cli.validation import is_loopback
 
@@ -82,6 +86,21 @@ class RayExecutor:
     def get(self, handles: list[Any]) -> list[Any]:
         return list(self.ray.get(handles))
 
+    def held_warnings(self) -> list[dict[str, Any]]:
+        parts = self.ray.get([actor.held_warnings.remote() for actor in self.actors])
+        return [w for part in parts for w in json.loads(part)]
+
+
+class RayShard(ShardWorker):
+    """A shard worker as a Ray actor (one per worker process), logging as a worker process does."""
+
+    def __init__(self, log_level: int, *args: Any) -> None:
+        self._held = worker_logging(log_level)
+        super().__init__(*args)
+
+    def held_warnings(self) -> str:
+        return json.dumps(self._held.export())
+
 
 def shard_count(peers: int, cpus: int, peers_per_actor: int | None) -> int:
     if peers_per_actor is not None:
@@ -109,13 +128,12 @@ class RaySimulation:
         started = connect(ray, self.address)
         actors: list[Any] = []
         try:
-            from quinkgl_cli.sim.shardworker import ShardWorker
-
             cpus = int(ray.cluster_resources().get("CPU", 1))
             self.shards = shard_count(self.sim.config.peers, cpus, self.peers_per_actor)
             # More actors than CPUs share them: whole CPUs each would leave the surplus waiting forever.
-            worker = ray.remote(num_cpus=min(1.0, cpus / self.shards))(ShardWorker)
-            actors = [worker.remote(*worker_args(self.sim, i, self.shards)) for i in range(self.shards)]
+            worker = ray.remote(num_cpus=min(1.0, cpus / self.shards))(RayShard)
+            level = logging.getLogger("quinkgl").getEffectiveLevel()
+            actors = [worker.remote(level, *worker_args(self.sim, i, self.shards)) for i in range(self.shards)]
             return ShardedRun(self.sim, RayExecutor(ray, actors), "ray", self.progress).run()
         finally:
             for actor in actors:

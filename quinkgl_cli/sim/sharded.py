@@ -14,6 +14,7 @@ pairwise graph is the union of the edges each shard's peers choose. Owns the dri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -26,6 +27,7 @@ from quinkgl_cli.errors import UsageError
 from quinkgl_cli.events import emit
 from quinkgl_cli.sim.baseline import SERVER_ID
 from quinkgl_cli.sim.config import SimConfig
+from quinkgl_cli.sim.peerwarnings import replay
 from quinkgl_cli.sim.results import RoundSummary, SimResult, peak_rss_mb, rss_mb, summarize
 from quinkgl_cli.sim.simulator import ROUND_SECONDS, Simulator
 from quinkgl_cli.sim.swarm import attacker_indices, graph_or_refuse, peer_ids
@@ -47,6 +49,11 @@ class Executor(Protocol):
     def submit(self, shard: int, method: str, args: Sequence[Any], returns: int) -> list[Any]: ...
 
     def get(self, handles: list[Any]) -> list[Any]: ...
+
+    def held_warnings(self) -> list[dict[str, Any]]:
+        """The peer warnings the workers held back (`peerwarnings.PeerWarnings.export`); none where the workers
+        log through this process's own handlers."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,18 @@ class ShardedRun:
             self._settle(self._all("aggregate", steps[k + 1] if k + 1 < len(steps) else None))
 
     def run(self) -> SimResult:
+        """The run; then, or when it fails, the peer warnings the workers held, logged here (`peerwarnings`)."""
+        try:
+            result = self._run()
+        except Exception:
+            # The run's error is the one to see; a worker that failed or died cannot answer, the others can.
+            with contextlib.suppress(Exception):
+                replay(self.ex.held_warnings())
+            raise
+        replay(self.ex.held_warnings())
+        return result
+
+    def _run(self) -> SimResult:
         sim, cfg = self.sim, self.sim.config
         rng = random.Random(cfg.seed)  # as the local simulator's: the attackers, then each round's draw
         ids = peer_ids(cfg.peers)
