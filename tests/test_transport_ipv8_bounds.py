@@ -328,3 +328,38 @@ def test_datagrams_cost_no_scan_of_ipv8s_peer_list(tmp_path):
         assert peer is not None and time.time() - peer.last_response < 5.0
 
     run_cluster("ipv8", tmp_path, body)
+
+
+def test_puncture_requests_cannot_aim_a_stream_of_datagrams_at_a_third_party(tmp_path):
+    """A puncture request names any address and is not signed; IPv8 sends a puncture there at once. A member (or
+    anyone holding the swarm key) could aim a node's datagrams at another service: 166 of 400 requests reached the
+    chosen port of a real daemon's host in 12 s. One puncture per target per `punctures.GAP_S`, a few a second in all."""
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a")
+        m, _ = await c.add("m")
+        await c.meet(["a", "m"])
+        victims = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+        for v in victims:
+            v.bind(("127.0.0.1", 0))
+            v.setblocking(False)
+        community, endpoint = m.parts.community, m.parts.endpoint
+        for i in range(60):  # 20 to each of the three, as fast as a member may send them
+            target = victims[i % 3].getsockname()
+            endpoint.send(a.address, community.create_puncture_request(target, target, i))
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.5)
+        got = []
+        for v in victims:
+            n = 0
+            while True:
+                try:
+                    v.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                n += 1
+            got.append(n)
+            v.close()
+        assert got == [1, 1, 1], got  # the first puncture to each (a real introducer's) still goes out
+
+    run_cluster("ipv8", tmp_path, body)
