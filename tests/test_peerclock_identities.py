@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from quinkgl_cli.node.peerclock import HISTORY_ROUNDS, PeerClock
+from quinkgl_cli.node.peerclock import HISTORY_ROUNDS, PACE_MUTE_ROUNDS, PeerClock
 from quinkgl_cli.tensors import flatten
 from quinkgl_cli.transport.memory import MemoryNetwork
 from tests.test_node_core import forged, make_node, manifest
@@ -102,3 +102,27 @@ def test_catch_up_counts_the_same_peers_whether_known_is_a_mapping_or_a_list() -
     assert as_list is not None and as_list.peers == 3
     few = {p: None for p in ("a", "b")}  # fewer known peers than peers with a history: the plain walk
     assert clock.catch_up(HISTORY_ROUNDS + 1, few, None) == clock.catch_up(HISTORY_ROUNDS + 1, ["a", "b"], None)
+
+
+def test_identities_falling_behind_in_turn_buy_one_wait_per_mute_window() -> None:
+    # The attack (`bench_attacks.py --scenarios pace-stretch`): fresh keys that show progress (a round period),
+    # then fall behind one after another and never catch up. Muted one by one after its wait timed out, they took
+    # turns: real daemons waited 3-11 s before every round from round 5 on (15 rounds of 1 s took 81 s).
+    now = [0.0]
+    clock = PeerClock(max_staleness=2, clock=lambda: now[0])
+    known = [f"laggard{i}" for i in range(10)]
+    for peer in known:  # two updates each: a round period of 3 s
+        clock.note_arrival(peer, 1, 0)
+        now[0] += 3.0
+        clock.note_arrival(peer, 2, 0)
+    waits = 0
+    for our_round in range(1, 41):
+        now[0] += 1.0
+        laggard = known[our_round % len(known)]
+        clock.note_arrival(laggard, 2 + our_round // 3, our_round)  # advancing, yet ever further behind
+        plan = clock.pace_plan(clock.lagging(known, our_round, our_round), [1.0], 1.0)
+        if plan is not None:
+            waits += 1
+            now[0] += plan.patience  # nobody catches up: the wait times out
+            clock.forget_lagging(clock.lagging(known, our_round, our_round), our_round)
+    assert waits <= 40 // PACE_MUTE_ROUNDS

@@ -33,7 +33,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,7 +265,7 @@ class Node:
         driver's round interval, the least a round of ours is taken to last."""
         return self.peer_clock.pace_plan(self.lagging_peers(), self.recorder.recent_durations(5), interval)
 
-    def forget_lagging(self, timed_out: Iterable[str] = ()) -> None:
+    def forget_lagging(self, timed_out: Collection[str] = ()) -> None:
         self.peer_clock.forget_lagging(timed_out, self.round)
 
     def pending_senders(self) -> set[str]:
