@@ -10,9 +10,7 @@ longer than `GAP_S`, so one puncture per target in that time opens it as well, a
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
-from quinkgl_cli.transport.ipv8.ratelimit import RateLimit
+from quinkgl_cli.transport.ipv8.ratelimit import Cooldown, RateLimit
 
 GAP_S = 5.0  # one puncture per target address in this long
 PER_SECOND = 5.0  # punctures to all targets together, sustained
@@ -21,15 +19,9 @@ BURST = 10  # and at once
 
 class PunctureLimit:
     def __init__(self, gap: float = GAP_S, rate: float = PER_SECOND, burst: int = BURST) -> None:
-        self.gap = gap
+        self._each = Cooldown(gap)
         self._all = RateLimit(rate, burst)
-        self._sent: OrderedDict[tuple[str, int], float] = OrderedDict()  # target -> when, oldest first
 
     def allow(self, target: tuple[str, int], now: float) -> bool:
         """Whether to send a puncture to ``target`` now; counts it if so."""
-        while self._sent and now - next(iter(self._sent.values())) >= self.gap:
-            self._sent.popitem(last=False)  # at most `rate` * `gap` + `burst` targets are ever held
-        if target in self._sent or not self._all.allow("-", now):
-            return False
-        self._sent[target] = now
-        return True
+        return self._each.allow(target, now) and self._all.allow("-", now)
