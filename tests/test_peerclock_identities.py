@@ -9,8 +9,10 @@ import logging
 import pytest
 import torch
 
+from quinkgl_cli.node.metrics import MET_NAMES, RoundRecorder
 from quinkgl_cli.node.peerclock import HISTORY_ROUNDS, PACE_MUTE_ROUNDS, PeerClock
 from quinkgl_cli.tensors import flatten
+from quinkgl_cli.transport.base import PeerInfo
 from quinkgl_cli.transport.memory import MemoryNetwork
 from tests.test_node_core import forged, make_node, manifest
 
@@ -126,3 +128,30 @@ def test_identities_falling_behind_in_turn_buy_one_wait_per_mute_window() -> Non
             now[0] += plan.patience  # nobody catches up: the wait times out
             clock.forget_lagging(clock.lagging(known, our_round, our_round), our_round)
     assert waits <= 40 // PACE_MUTE_ROUNDS
+
+
+def test_keys_that_come_and_go_leave_no_state_behind() -> None:
+    # Keys cost nothing: one that joins, sends updates and leaves (evicted, silent, lost) must not leave state in the
+    # node for good. Before, the swarm clock kept five entries per such key, the inbox one per drop it logged, and
+    # the names met one per key, in memory and in every checkpoint (a checkpoint grew by 190 KB per 3,400 names).
+    net = MemoryNetwork(auto_deliver=False)
+    me = make_node(net, "me", manifest(max_staleness=1), 0, rounds=50)
+    me.completed_round = 10
+    me.begin_round()
+    flat = flatten(me.model)
+    for i in range(MET_NAMES + 50):
+        peer = PeerInfo(f"fresh-{i}", f"{i:064x}", ("127.0.0.1", 1), 0.0)
+        me.on_peer_discovered(peer)
+        if i < 100:
+            for claimed in (1, 2):  # stale: noted by the clock, dropped and logged by the inbox
+                me.on_model(forged(me, peer.node_id, claimed, flat + 1e-3 * claimed, 30))
+        me.on_peer_lost(peer)
+    clock = me.peer_clock
+    assert not (clock._peer_rounds or clock._lagging or clock._last_arrival or clock._round_period or clock._history)
+    assert not me.inbox._drop_logged
+    saved = me.recorder.state_dict()
+    assert len(saved["known_peers"]) == MET_NAMES
+    assert me.recorder.recorded()["peers_met"] == MET_NAMES + 50  # still counted
+    restored = RoundRecorder()
+    restored.load_state_dict(saved)
+    assert restored.recorded()["peers_met"] == MET_NAMES + 50

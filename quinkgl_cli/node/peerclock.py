@@ -5,7 +5,7 @@ rounds of ours in which it delivered valid updates (its history), the arrival ti
 and its seconds per round (`note_arrival`; pacing reads these) and the lag noted on arrival; and the round before
 which no peer is waited for again (after a wait that timed out). Also owns the decision a real-time driver asks for
 before a round (`pace_plan`): whom to wait for and for how long. Nothing here is checkpointed: peers' rounds and histories are relearned from
-their next updates.
+their next updates, and forgotten when the peer leaves (`forget`).
 
 Identities cost nothing in an open swarm, so neither the catch-up quorum nor pacing counts identities. The quorum
 counts only peers with a history: valid updates in `HISTORY_ROUNDS` different rounds of ours, so fresh keys
@@ -73,6 +73,13 @@ class PeerClock:
             seen = self._history.setdefault(sender, set())
             if len(seen) < HISTORY_ROUNDS:
                 seen.add(current_round)
+
+    def forget(self, peer: str) -> None:
+        """``peer`` left (lost, evicted, restarted): what this clock knew of it goes too, so keys that come and go
+        leave nothing behind; should it come back, its rounds and history are learned again."""
+        with self._lock:
+            for table in (self._peer_rounds, self._lagging, self._last_arrival, self._round_period, self._history):
+                table.pop(peer, None)
 
     def has_history(self, peer: str) -> bool:
         """Whether ``peer`` delivered valid updates in `HISTORY_ROUNDS` different rounds of ours."""
