@@ -225,6 +225,7 @@ class Node:
             self.log(logging.INFO, "peer-lost", peer=peer.node_id, known=len(self.known_peers))
         self.peer_clock.forget(peer.node_id)
         self.inbox.forget(peer.node_id)
+        self.exchange.forget(peer.node_id)
 
     def on_model(self, update: ModelReceived) -> None:
         """Keep the newest update per sender; drop ones too old for the strategy or too large."""

@@ -99,6 +99,7 @@ class Exchange:
         self.copies = CopyGuard(manifest.training.max_staleness + 2)
         self.label_entropy: float | None = None  # rides on every update when the manifest allows fingerprints
         self._sharing_stop_logged = False
+        self._messages_dropped: set[tuple[str, str]] = set()  # (sender, kind) of control messages reported dropped
         dp = self.sharing.dp
         if dp.enabled:
             spec = manifest.privacy
@@ -308,7 +309,16 @@ class Exchange:
             for peer_id, reply_kind, reply in self.topology.on_control(sender, kind, dict(body)):
                 self.transport.send_message(peer_id, reply_kind, reply)
         except Exception as exc:
-            self._log(logging.WARNING, "message-dropped", peer=sender, kind=kind, reason=f"{type(exc).__name__}: {exc}")
+            # Once per peer and kind at WARNING: control messages are not rate-limited for trusted peers, and a
+            # member sending malformed ones made a WARNING line each (thousands a second are within its reach).
+            first = (sender, kind) not in self._messages_dropped
+            self._messages_dropped.add((sender, kind))
+            self._log(logging.WARNING if first else logging.DEBUG, "message-dropped", peer=sender, kind=kind,
+                      reason=f"{type(exc).__name__}: {exc}")
+
+    def forget(self, sender: str) -> None:
+        """``sender`` left: which of its messages were reported dropped is forgotten (keys come and go)."""
+        self._messages_dropped = {k for k in self._messages_dropped if k[0] != sender}
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
