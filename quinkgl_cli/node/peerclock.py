@@ -4,8 +4,8 @@ Owns, per peer: the newest round of a valid update (`note_valid`; the quorum cat
 rounds of ours in which it delivered valid updates (its history), the arrival time and round of its newest update
 and its seconds per round (`note_arrival`; pacing reads these) and the lag noted on arrival; and the round before
 which no peer is waited for again (after a wait that timed out). Also owns the decision a real-time driver asks for
-before a round (`pace_plan`): whom to wait for and for how long. Nothing here is checkpointed: peers' rounds and histories are relearned from
-their next updates, and forgotten when the peer leaves (`forget`).
+before a round (`pace_plan`): whom to wait for and for how long. Nothing here is checkpointed: peers' rounds and
+histories are relearned from their next updates, and forgotten when the peer leaves (`forget`).
 
 Identities cost nothing in an open swarm, so neither the catch-up quorum nor pacing counts identities. The quorum
 counts only peers with a history: valid updates in `HISTORY_ROUNDS` different rounds of ours, so fresh keys
