@@ -26,6 +26,13 @@ Scenarios (issue 12's numbering):
   poison bounds) every second: what a member that contributes nothing costs, apart from any id it claims.
 - ``boost`` (not in issue 12's list): one member offers the newest honest model it heard with every weight x100,
   every second: the honest direction (no direction check refuses it) at the wrong size (the norm cap's case).
+- ``pace-stretch`` (not in issue 12's list): ten fresh keys offering the untrained model twice a second, each
+  under the round before the newest honest one it heard (in step, so pacing knows its round period), until its
+  turn comes, one key per honest round: from then on it stays at the round it had reached, ever further behind, a
+  "lagging partner" that never catches up.
+- ``rejoin-flood`` (not in issue 12's list): one member key saying hello to every peer 50 times a second, each
+  time under a new session, every other time under a new node id too, so that each hello would lose its old entry
+  and meet a new one.
 ``attack-stats`` counts the honest models the attacker's identities received (``models``).
 """
 
@@ -52,10 +59,10 @@ from quinkgl_cli.tensors import shared_specs
 from quinkgl_cli.transport.admission import AdmissionSettings
 from quinkgl_cli.transport.base import ModelReceived, OutgoingUpdate, PeerInfo
 from quinkgl_cli.transport.ipv8 import IPv8Transport, stream
-from quinkgl_cli.transport.ipv8.payloads import OfferPayload
+from quinkgl_cli.transport.ipv8.payloads import HelloPayload, OfferPayload
 
 SCENARIOS = ("poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero", "observer",
-             "squatter", "squatter-live", "junk", "boost")
+             "squatter", "squatter-live", "junk", "boost", "pace-stretch", "rejoin-flood")
 
 
 class Listener:
@@ -298,6 +305,45 @@ class Attack:
                 blob = wire.encode(boosted, meta=meta)
                 self.send(t, heard.peers, OutgoingUpdate(round=max(heard.max_round, 1), payload=blob, sample_count=100))
             await asyncio.sleep(1.0)
+
+
+    async def pace_stretch(self, ready: asyncio.Event) -> None:
+        members = [await self.member(f"laggard-{i}") for i in range(10)]
+        for _, heard in members:
+            await self.wait_for_peers(heard, len(self.seeds))
+        ready.set()
+        blob = self.payload(None)
+        frozen: dict[int, int] = {}
+        start = 0
+        while True:
+            newest = max(heard.max_round for _, heard in members)
+            start = start or newest
+            for i, (t, heard) in enumerate(members):
+                in_step = max(newest - 1, 1)
+                claim = frozen.setdefault(i, in_step) if start and newest >= start + 1 + i else in_step
+                self.send(t, heard.peers, OutgoingUpdate(round=claim, payload=blob, sample_count=100))
+            await asyncio.sleep(0.5)
+
+
+    async def rejoin_flood(self, ready: asyncio.Event) -> None:
+        t, heard = await self.member("flapper")
+        await self.wait_for_peers(heard, len(self.seeds))
+        ready.set()
+        parts = t.parts
+        assert parts is not None
+        s, courier = parts.membership.settings, parts.courier
+        sent = 0
+        while True:
+            session, counter = courier.stamp()
+            renamed = sent % 2 == 0
+            hello = HelloPayload(s.swarm_id, f"flapper-{sent}" if renamed else "flapper", s.arch_hash,
+                                 s.protocol_version, session + sent, counter,
+                                 parts.membership.tcp_port, False, b"")
+            for address in self.seeds:
+                courier.send(address, hello)
+                self.stats["sent"] += 1
+            sent += 1
+            await asyncio.sleep(0.02)
 
 
 async def main(args: argparse.Namespace) -> None:

@@ -593,3 +593,21 @@ def test_round_traffic_is_counted_end_to_end() -> None:
     again = RoundRecorder()
     again.load_state_dict(recorder.state_dict())
     assert again.recorded()["bytes_sent"] == 212 and again.recorded()["bytes_received"] == 140
+
+
+def test_malformed_control_messages_are_reported_once_per_peer_and_kind(caplog: pytest.LogCaptureFixture) -> None:
+    """Control messages are not rate-limited for trusted peers: a member sending malformed Cyclon shuffles or data
+    fingerprints made one WARNING line per message (`message-dropped`, `fingerprint-rejected`). Once per peer and
+    kind now, the repeats at DEBUG; again after the peer left and came back."""
+    m = manifest()
+    for name, kind, body in (("CyclonTopology", "cyclon-shuffle", "entries"), ("AffinityTopology", "fingerprint", "bogus")):
+        spec = m.model_copy(update={"topology": m.topology.model_copy(update={"name": name, "params": {}})})
+        node = make_node(MemoryNetwork(auto_deliver=False), "me", spec, 0)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            for i in range(50):
+                node.on_message("m", kind, {body: f"bad{i}"})
+            node.on_peer_lost(PeerInfo("m", "00" * 32, None, 0.0))
+            node.on_message("m", kind, {body: "bad"})
+        warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) == 2 and all(w.startswith("message-dropped peer=m") for w in warned), warned

@@ -9,8 +9,10 @@ import logging
 import pytest
 import torch
 
-from quinkgl_cli.node.peerclock import HISTORY_ROUNDS, PeerClock
+from quinkgl_cli.node.metrics import MET_NAMES, RoundRecorder
+from quinkgl_cli.node.peerclock import HISTORY_ROUNDS, PACE_MUTE_ROUNDS, PeerClock
 from quinkgl_cli.tensors import flatten
+from quinkgl_cli.transport.base import PeerInfo
 from quinkgl_cli.transport.memory import MemoryNetwork
 from tests.test_node_core import forged, make_node, manifest
 
@@ -102,3 +104,54 @@ def test_catch_up_counts_the_same_peers_whether_known_is_a_mapping_or_a_list() -
     assert as_list is not None and as_list.peers == 3
     few = {p: None for p in ("a", "b")}  # fewer known peers than peers with a history: the plain walk
     assert clock.catch_up(HISTORY_ROUNDS + 1, few, None) == clock.catch_up(HISTORY_ROUNDS + 1, ["a", "b"], None)
+
+
+def test_identities_falling_behind_in_turn_buy_one_wait_per_mute_window() -> None:
+    # The attack (`bench_attacks.py --scenarios pace-stretch`): fresh keys that show progress (a round period),
+    # then fall behind one after another and never catch up. Muted one by one after its wait timed out, they took
+    # turns: real daemons waited 3-11 s before every round from round 5 on (15 rounds of 1 s took 81 s).
+    now = [0.0]
+    clock = PeerClock(max_staleness=2, clock=lambda: now[0])
+    known = [f"laggard{i}" for i in range(10)]
+    for peer in known:  # two updates each: a round period of 3 s
+        clock.note_arrival(peer, 1, 0)
+        now[0] += 3.0
+        clock.note_arrival(peer, 2, 0)
+    waits = 0
+    for our_round in range(1, 41):
+        now[0] += 1.0
+        laggard = known[our_round % len(known)]
+        clock.note_arrival(laggard, 2 + our_round // 3, our_round)  # advancing, yet ever further behind
+        plan = clock.pace_plan(clock.lagging(known, our_round, our_round), [1.0], 1.0)
+        if plan is not None:
+            waits += 1
+            now[0] += plan.patience  # nobody catches up: the wait times out
+            clock.forget_lagging(clock.lagging(known, our_round, our_round), our_round)
+    assert waits <= 40 // PACE_MUTE_ROUNDS
+
+
+def test_keys_that_come_and_go_leave_no_state_behind() -> None:
+    # Keys cost nothing: one that joins, sends updates and leaves (evicted, silent, lost) must not leave state in the
+    # node for good. Before, the swarm clock kept five entries per such key, the inbox one per drop it logged, and
+    # the names met one per key, in memory and in every checkpoint (a checkpoint grew by 190 KB per 3,400 names).
+    net = MemoryNetwork(auto_deliver=False)
+    me = make_node(net, "me", manifest(max_staleness=1), 0, rounds=50)
+    me.completed_round = 10
+    me.begin_round()
+    flat = flatten(me.model)
+    for i in range(MET_NAMES + 50):
+        peer = PeerInfo(f"fresh-{i}", f"{i:064x}", ("127.0.0.1", 1), 0.0)
+        me.on_peer_discovered(peer)
+        if i < 100:
+            for claimed in (1, 2):  # stale: noted by the clock, dropped and logged by the inbox
+                me.on_model(forged(me, peer.node_id, claimed, flat + 1e-3 * claimed, 30))
+        me.on_peer_lost(peer)
+    clock = me.peer_clock
+    assert not (clock._peer_rounds or clock._lagging or clock._last_arrival or clock._round_period or clock._history)
+    assert not me.inbox._drop_logged
+    saved = me.recorder.state_dict()
+    assert len(saved["known_peers"]) == MET_NAMES
+    assert me.recorder.recorded()["peers_met"] == MET_NAMES + 50  # still counted
+    restored = RoundRecorder()
+    restored.load_state_dict(saved)
+    assert restored.recorded()["peers_met"] == MET_NAMES + 50

@@ -15,9 +15,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from quinkgl_cli import wire
 from quinkgl_cli.errors import NodeConfigError
+from quinkgl_cli.manifest.schema import CompressionSpec
 from quinkgl_cli.node.core import Node, NodeConfig
 from quinkgl_cli.sim.baseline import AdoptGlobal
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate
+from quinkgl_cli.strategies.sharing import ENCODING as COMPRESSED
+from quinkgl_cli.strategies.sharing import SharingPipeline
 from quinkgl_cli.tensors import flatten, load_flat
 from quinkgl_cli.transport.base import ModelReceived
 from quinkgl_cli.transport.memory import MemoryNetwork, MemoryTransport
@@ -97,14 +100,17 @@ def test_training_that_diverges_again_after_the_rollback_still_stops_the_node() 
     assert exc.value.hint is not None and "lower the learning rate" in exc.value.hint
 
 
-def _batchnorm_node() -> Node:
-    """A node of a BatchNorm model after one round alone."""
+def _batchnorm_node(**compression: object) -> Node:
+    """A node of a BatchNorm model after one round alone (with these compression settings, if any)."""
     net = MemoryNetwork(auto_deliver=False)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
     train, val = data(0)
     transport = MemoryTransport(net, "me", swarm_id="s", arch_hash=H)
-    node = Node(NodeConfig("me", rounds=10, seed=0), manifest(), "sha256:swarm", model, train, val,
+    spec = manifest()
+    if compression:
+        spec = spec.model_copy(update={"compression": CompressionSpec(**compression)})
+    node = Node(NodeConfig("me", rounds=10, seed=0), spec, "sha256:swarm", model, train, val,
                 torch.optim.SGD(model.parameters(), lr=0.05), transport, clock=lambda: 0.0)
     transport.start_sync(node)
     _round(node)
@@ -141,6 +147,30 @@ def test_a_model_with_a_negative_running_variance_is_dropped(caplog: pytest.LogC
     assert "1.running_var holds a negative variance" in dropped[0].qgl_fields["reason"]  # type: ignore[attr-defined]
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("aggregated")] == [
         "aggregated models peers=1 samples=60 from=[sound] strategy=FedAvg"]
+    assert bool((node.model[1].running_var >= 0).all())
+
+
+def test_a_compressed_model_with_a_negative_running_variance_is_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    """The same screen for a compressed swarm: the sender's model rebuilt from its deltas is what would be averaged.
+    Before, only full-weight updates were screened: this one was clipped and averaged in, the node's running
+    variance went negative and stayed so through the next round's training, and its evaluation gave NaN."""
+    node = _batchnorm_node(quantize_bits=16)
+    sound = flatten(node.model)
+    noisy = sound.clone()
+    at = _variance_offset(node)
+    noisy[at:at + 8] = -3.0  # all of 1.running_var: inside the distance clip
+    pipes = {name: SharingPipeline(node.manifest.compression, node.manifest.privacy, sound.numel(), start=sound)
+             for name in ("noisy", "sound")}
+    node.begin_round()
+    node.train_round()
+    for sender, flat in (("noisy", noisy), ("sound", sound + 0.01)):
+        payload = pipes[sender].encode("me", flat, {}, {"step": 0}).payload
+        node.on_model(ModelReceived(sender, node.round, payload, 30, COMPRESSED, {"step": 0}, 0.0))
+    with caplog.at_level(logging.INFO):
+        node.aggregate()
+    dropped = _events(caplog, "update-dropped")
+    assert [r.qgl_fields["peer"] for r in dropped] == ["noisy"]  # type: ignore[attr-defined]
+    assert "1.running_var holds a negative variance" in dropped[0].qgl_fields["reason"]  # type: ignore[attr-defined]
     assert bool((node.model[1].running_var >= 0).all())
 
 

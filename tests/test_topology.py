@@ -268,7 +268,8 @@ def test_affinity_history_ema_decay_and_eviction() -> None:
 
 def test_affinity_rejects_bad_fingerprints_and_round_trips() -> None:
     topo = _affinity()
-    topo.observe_fingerprint("n03", {"fp": 1, "labels": "9x", "samples": "?", "entropy": 1.0})
+    with pytest.raises(ValueError):  # the exchange reports it (once per peer)
+        topo.observe_fingerprint("n03", {"fp": 1, "labels": "9x", "samples": "?", "entropy": 1.0})
     assert topo.fingerprints["n03"].labels[0] == 0  # the earlier valid one stays
     topo.select(PEERS, 1)
     topo.record_outcome("n04", 0.8)

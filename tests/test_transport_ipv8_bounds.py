@@ -13,7 +13,7 @@ import socket
 import time
 
 from quinkgl_cli.transport.ipv8 import stream
-from quinkgl_cli.transport.ipv8.payloads import OfferPayload
+from quinkgl_cli.transport.ipv8.payloads import HelloPayload, OfferPayload
 from quinkgl_cli.transport.ipv8.settings import Limits, StrangerLimits
 from tests.test_transport_contract import Cluster, _upd, run_cluster, wait_until
 
@@ -326,5 +326,66 @@ def test_datagrams_cost_no_scan_of_ipv8s_peer_list(tmp_path):
         assert len(scans) < 10, len(scans)  # IPv8's own introduction handling may still look one up
         peer = network.get_verified_by_public_key_bin(h.parts.key.pub().key_to_bin())
         assert peer is not None and time.time() - peer.last_response < 5.0
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_puncture_requests_cannot_aim_a_stream_of_datagrams_at_a_third_party(tmp_path):
+    """A puncture request names any address and is not signed; IPv8 sends a puncture there at once. A member (or
+    anyone holding the swarm key) could aim a node's datagrams at another service: 166 of 400 requests reached the
+    chosen port of a real daemon's host in 12 s. One puncture per target per `punctures.GAP_S`, a few a second in all."""
+
+    async def body(c: Cluster):
+        a, _ = await c.add("a")
+        m, _ = await c.add("m")
+        await c.meet(["a", "m"])
+        victims = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+        for v in victims:
+            v.bind(("127.0.0.1", 0))
+            v.setblocking(False)
+        community, endpoint = m.parts.community, m.parts.endpoint
+        for i in range(60):  # 20 to each of the three, as fast as a member may send them
+            target = victims[i % 3].getsockname()
+            endpoint.send(a.address, community.create_puncture_request(target, target, i))
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.5)
+        got = []
+        for v in victims:
+            n = 0
+            while True:
+                try:
+                    v.recvfrom(65536)
+                except BlockingIOError:
+                    break
+                n += 1
+            got.append(n)
+            v.close()
+        assert got == [1, 1, 1], got  # the first puncture to each (a real introducer's) still goes out
+
+    run_cluster("ipv8", tmp_path, body)
+
+
+def test_a_key_coming_back_at_every_hello_is_not_lost_and_met_again_each_time(tmp_path):
+    """One member key saying hello under a new node id (or a new session) each time: every hello lost its entry and
+    discovered a new one. Against a real daemon, 3,400 such hellos in 40 s made 6,800 INFO lines and grew its
+    checkpoint (the names it met) by 190 KB; a new session each time, 3,400 peer-lost lines. A key joins the table
+    at most `joins_per_key` times in `joins_window` seconds."""
+
+    async def body(c: Cluster):
+        a, seen = await c.add("a")
+        m, _ = await c.add("m")
+        await c.meet(["a", "m"])
+        membership, courier = m.parts.membership, m.parts.courier
+        s = membership.settings
+        for i in range(40):
+            renamed = i % 2 == 0  # every other hello a new name, the others a new session
+            session, counter = courier.stamp()
+            courier.send(a.address, HelloPayload(s.swarm_id, f"m-{i}" if renamed else "m", s.arch_hash,
+                                                 s.protocol_version, session + (0 if renamed else i + 1), counter,
+                                                 membership.tcp_port, False, b""))
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)
+        limit = 3  # the default `Limits.joins_per_key`
+        assert len(seen.discovered) <= limit and len(seen.lost) <= limit - 1, (seen.discovered, seen.lost)
 
     run_cluster("ipv8", tmp_path, body)

@@ -29,7 +29,7 @@ from quinkgl_cli.transport.ipv8.runtime import TaskRegistry
 from quinkgl_cli.transport.ipv8.settings import Limits, TransportSettings
 from quinkgl_cli.transport.ipv8.udprecv import ACK_EVERY, Receiving
 from quinkgl_cli.transport.ipv8.udpsend import DUPTHRESH, MIN_WINDOW, Congestion, Flight
-from quinkgl_cli.transport.ipv8.udpway import SENDS, UdpWay
+from quinkgl_cli.transport.ipv8.udpway import SENDS, SENDS_PER_PEER, UdpWay
 from quinkgl_cli.transport.ipv8.udpwire import CHUNK, WINDOW, TransferKeys, WireError
 
 A, B, STRANGER = ("127.0.0.1", 7001), ("127.0.0.2", 7002), ("127.0.0.3", 7003)
@@ -396,10 +396,29 @@ def test_a_pull_is_served_only_for_our_offer_to_its_signer_directly_and_within_b
         a.way.on_pull(rec_b, UdpPullPayload("swarm", 1, 1, b"u" * 20, 8, Ephemeral().public))  # no such offer
         a.way.on_pull(_record("b", B, via="relay1"), pull)  # b reaches us only through a relay
         assert a.way.sending == {} and a.stats.dropped == 3
-        for i in range(SENDS + 1):
-            o = _offer(a, rec_b, b"y" * 10_000)
-            a.way.on_pull(rec_b, UdpPullPayload("swarm", 1, 1, o.offer_id, i, Ephemeral().public))
+        others = [_record(f"p{i}", ("127.0.0.9", 9000 + i)) for i in range(SENDS + 1)]
+        for i, rec in enumerate(others):
+            o = _offer(a, rec, b"y" * 10_000)
+            a.way.on_pull(rec, UdpPullPayload("swarm", 1, 1, o.offer_id, i, Ephemeral().public))
         assert len(a.way.sending) == SENDS and a.stats.dropped == 4  # one too many: busy
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+    asyncio.run(run())
+
+
+def test_one_recipient_that_never_answers_holds_one_send_not_all(tmp_path: Path) -> None:
+    """A recipient asks for its offers over UDP and never acknowledges: each send lasts until given up on (10 s),
+    and with an offer a round it held every send, so every other peer fetching over UDP was answered busy."""
+    async def run() -> None:
+        net = Net()
+        a, b, rec_a, rec_b = _pair(net, tmp_path, connect_timeout=30.0)
+        rec_c = _record("c", STRANGER)
+        for i in range(SENDS):
+            o = _offer(a, rec_c, b"y" * 10_000)
+            a.way.on_pull(rec_c, UdpPullPayload("swarm", 1, 1, o.offer_id, i, Ephemeral().public))
+        assert len(a.way.sending) == SENDS_PER_PEER
+        got = await asyncio.wait_for(b.way.fetch(rec_a, _offer(a, rec_b, b"x" * 10_000)), 10)
+        assert bytes(got[0]) == b"x" * 10_000
         for task in asyncio.all_tasks() - {asyncio.current_task()}:
             task.cancel()
     asyncio.run(run())
@@ -410,8 +429,8 @@ def test_a_sender_with_every_send_taken_answers_busy_and_the_recipient_stops_ask
         net = Net()
         a, b, rec_a, rec_b = _pair(net, tmp_path, connect_timeout=30.0)  # silence would hold b far past the deadline
         a.courier.deliver = lambda p: b.busy.on_busy(rec_a, p)
-        rec_c = _record("c", STRANGER)
-        for i in range(SENDS):  # every send taken by transfers to c, which never answers
+        for i in range(SENDS):  # every send taken by transfers to peers that never answer
+            rec_c = _record(f"c{i}", ("127.0.0.9", 9000 + i))
             o = _offer(a, rec_c, b"y" * 10_000)
             a.way.on_pull(rec_c, UdpPullPayload("swarm", 1, 1, o.offer_id, i, Ephemeral().public))
         assert len(a.way.sending) == SENDS

@@ -33,7 +33,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -213,9 +213,8 @@ class Node:
         if self.fingerprint.encoded is not None:
             # Also on rediscovery: a peer that restarted has forgotten what we told it.
             self.transport.send_message(peer.node_id, FINGERPRINT_KIND, self.fingerprint.encoded)
-        if peer.node_id in self.recorder.met:
+        if not self.recorder.meet(peer.node_id):
             return
-        self.recorder.met.add(peer.node_id)
         address = f"{peer.address[0]}:{peer.address[1]}" if peer.address else None
         self.log(logging.INFO, "peer-discovered", peer=peer.node_id, address=address, key=peer.public_key[-16:],
                  known=len(self.known_peers))
@@ -224,6 +223,9 @@ class Node:
     def on_peer_lost(self, peer: PeerInfo) -> None:
         if self.known_peers.pop(peer.node_id, None) is not None:
             self.log(logging.INFO, "peer-lost", peer=peer.node_id, known=len(self.known_peers))
+        self.peer_clock.forget(peer.node_id)
+        self.inbox.forget(peer.node_id)
+        self.exchange.forget(peer.node_id)
 
     def on_model(self, update: ModelReceived) -> None:
         """Keep the newest update per sender; drop ones too old for the strategy or too large."""
@@ -265,7 +267,7 @@ class Node:
         driver's round interval, the least a round of ours is taken to last."""
         return self.peer_clock.pace_plan(self.lagging_peers(), self.recorder.recent_durations(5), interval)
 
-    def forget_lagging(self, timed_out: Iterable[str] = ()) -> None:
+    def forget_lagging(self, timed_out: Collection[str] = ()) -> None:
         self.peer_clock.forget_lagging(timed_out, self.round)
 
     def pending_senders(self) -> set[str]:

@@ -99,6 +99,7 @@ class Exchange:
         self.copies = CopyGuard(manifest.training.max_staleness + 2)
         self.label_entropy: float | None = None  # rides on every update when the manifest allows fingerprints
         self._sharing_stop_logged = False
+        self._messages_dropped: set[tuple[str, str]] = set()  # (sender, kind) of control messages reported dropped
         dp = self.sharing.dp
         if dp.enabled:
             spec = manifest.privacy
@@ -235,6 +236,8 @@ class Exchange:
             if held is None:
                 raise ValueError("no reconstructed model or estimate for this sender (its state was evicted)")
             flat, extras = held
+            if self.sharing.choco is None:  # the sender's own model, rebuilt: screened as if it came whole
+                self._check_variances(flat)
             if samples <= 0:
                 raise ValueError(f"sample count {samples} is not positive")
             return PeerUpdate(peer_id=msg.sender, round=msg.round, flat=flat,
@@ -274,11 +277,16 @@ class Exchange:
         if not all_finite(flat):  # one check for the whole model; the entries are searched only to name the culprit
             for s in self.specs:
                 wire.check_finite(s.name, model_tensors[s.name])
-        if self._variances is not None and bool((flat[self._variances] < 0).any()):
-            culprit = next(s.name for s in self.specs
-                           if is_running_variance(s.name) and bool((model_tensors[s.name] < 0).any()))
-            raise ValueError(f"{culprit} holds a negative variance")
+        self._check_variances(flat)
         return flat, extras, meta
+
+    def _check_variances(self, flat: torch.Tensor) -> None:
+        """Refuse a model vector with a negative running variance, naming the entry that holds it."""
+        if self._variances is None or not bool((flat[self._variances] < 0).any()):
+            return
+        for spec, part in zip(self.specs, torch.split(flat, [s.numel for s in self.specs]), strict=True):
+            if is_running_variance(spec.name) and bool((part < 0).any()):
+                raise ValueError(f"{spec.name} holds a negative variance")
 
     def _held(self, sender: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
         """What a compressed update stands for: the reconstructed model, or under CHOCO the guess of the sender's
@@ -301,7 +309,16 @@ class Exchange:
             for peer_id, reply_kind, reply in self.topology.on_control(sender, kind, dict(body)):
                 self.transport.send_message(peer_id, reply_kind, reply)
         except Exception as exc:
-            self._log(logging.WARNING, "message-dropped", peer=sender, kind=kind, reason=f"{type(exc).__name__}: {exc}")
+            # Once per peer and kind at WARNING: control messages are not rate-limited for trusted peers, and a
+            # member sending malformed ones made a WARNING line each (thousands a second are within its reach).
+            first = (sender, kind) not in self._messages_dropped
+            self._messages_dropped.add((sender, kind))
+            self._log(logging.WARNING if first else logging.DEBUG, "message-dropped", peer=sender, kind=kind,
+                      reason=f"{type(exc).__name__}: {exc}")
+
+    def forget(self, sender: str) -> None:
+        """``sender`` left: which of its messages were reported dropped is forgotten (keys come and go)."""
+        self._messages_dropped = {k for k in self._messages_dropped if k[0] != sender}
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

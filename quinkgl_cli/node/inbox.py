@@ -83,6 +83,10 @@ class Inbox:
         self._log(logging.WARNING if first else logging.DEBUG, "update-dropped", peer=sender, update_round=round_,
                   reason=reason)
 
+    def forget(self, sender: str) -> None:
+        """``sender`` left: which of its drops were logged is forgotten (a fresh key each time would grow it)."""
+        self._drop_logged = {k for k in self._drop_logged if k[0] != sender}
+
     def drop_stale(self, sender: str, round_: int) -> None:
         self.drop(sender, round_, f"stale (older than {self.max_staleness} rounds)")
 

@@ -21,6 +21,7 @@ from typing import Any
 from quinkgl_cli.node.trainer import EvalStats, TrainStats
 from quinkgl_cli.transport.base import TransportStats
 
+MET_NAMES = 4096  # names of the peers met that a node keeps (and checkpoints); past them it only counts peers
 PERSONAL_FIELDS = ("own_accuracy", "personal_val_accuracy", "alpha")  # what `RoundMetrics.personal_fields` may hold
 
 
@@ -117,9 +118,10 @@ class RoundRecorder:
         self.eval: EvalStats | None = None
         self.peers: list[str] = []
         self.aggregated_samples = 0
-        self.met: set[str] = set()  # every peer this process has met
+        self.met: set[str] = set()  # peers this process has met, up to MET_NAMES of them
         # Earlier processes of this run (restored from the checkpoint): peers they met, traffic they moved.
         self.earlier_peers: set[str] = set()
+        self.unnamed_peers = 0  # peers met (in this run, earlier processes too) whose names were not kept
         self.earlier_traffic = Counters()
         self.consensus: dict[str, Any] | None = None  # the final consensus's metrics, once it ran
 
@@ -172,6 +174,18 @@ class RoundRecorder:
             self.consensus = metrics.as_dict()
         return metrics
 
+    def meet(self, peer: str) -> bool:
+        """Note that this process met ``peer``; False when it had already (as far as the names kept tell). Past
+        MET_NAMES names a peer is only counted: keys cost nothing, and one name per key met, kept for good in
+        memory and in every checkpoint, grew without bound under keys that come and go."""
+        if peer in self.met:
+            return False
+        if len(self.met) < MET_NAMES:
+            self.met.add(peer)
+        else:
+            self.unnamed_peers += 1
+        return True
+
     def recent_durations(self, rounds: int) -> list[float]:
         """Durations in seconds of the last ``rounds`` completed rounds (those recorded)."""
         return [h["duration"] for h in self.history[-rounds:] if isinstance(h.get("duration"), float)]
@@ -189,19 +203,23 @@ class RoundRecorder:
         return self._totals(self.earlier_traffic.plus(self.at_last_end))
 
     def _totals(self, traffic: Counters) -> dict[str, int]:
-        return {"peers_met": len(self.earlier_peers | self.met), "bytes_sent": traffic.bytes_sent,
+        return {"peers_met": len(self.earlier_peers | self.met) + self.unnamed_peers, "bytes_sent": traffic.bytes_sent,
                 "bytes_received": traffic.bytes_received, "updates_sent": traffic.models_sent,
                 "updates_received": traffic.models_received}
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:
         totals = self.recorded()
-        return {"history": self.history, "known_peers": sorted(self.earlier_peers | self.met),
+        names = sorted(self.earlier_peers | self.met)
+        return {"history": self.history, "known_peers": names[:MET_NAMES],
+                "unnamed_peers": self.unnamed_peers + max(len(names) - MET_NAMES, 0),
                 "totals": {k: v for k, v in totals.items() if k != "peers_met"}}
 
     def load_state_dict(self, meta: dict[str, Any]) -> None:
         self.history = list(meta.get("history", []))
-        self.earlier_peers = {str(p) for p in meta.get("known_peers", [])}
+        known = [str(p) for p in meta.get("known_peers", [])]
+        self.earlier_peers = set(known[:MET_NAMES])
+        self.unnamed_peers = int(meta.get("unnamed_peers", 0)) + max(len(known) - MET_NAMES, 0)
         t = meta.get("totals") or {}
         self.earlier_traffic = Counters(int(t.get("bytes_sent", 0)), int(t.get("bytes_received", 0)),
                                         int(t.get("updates_sent", 0)), int(t.get("updates_received", 0)))

@@ -2,10 +2,10 @@
 
 Owns, per peer: the newest round of a valid update (`note_valid`; the quorum catch-up reads only these), the
 rounds of ours in which it delivered valid updates (its history), the arrival time and round of its newest update
-and its seconds per round (`note_arrival`; pacing reads these), the lag noted on arrival, and the round before
-which it is not waited for again. Also owns the decision a real-time driver asks for before a round (`pace_plan`):
-whom to wait for and for how long. Nothing here is checkpointed: peers' rounds and histories are relearned from
-their next updates.
+and its seconds per round (`note_arrival`; pacing reads these) and the lag noted on arrival; and the round before
+which no peer is waited for again (after a wait that timed out). Also owns the decision a real-time driver asks for
+before a round (`pace_plan`): whom to wait for and for how long. Nothing here is checkpointed: peers' rounds and
+histories are relearned from their next updates, and forgotten when the peer leaves (`forget`).
 
 Identities cost nothing in an open swarm, so neither the catch-up quorum nor pacing counts identities. The quorum
 counts only peers with a history: valid updates in `HISTORY_ROUNDS` different rounds of ours, so fresh keys
@@ -13,17 +13,20 @@ claiming round 1,000,000 cannot end this node's training, and a claim above the 
 (an honest peer of the same swarm never runs past it). Pacing waits only for peers that have shown progress (two
 updates of increasing rounds, which gives their round period; a slow peer's updates are often stale, so validity
 cannot be asked of them): identities taking turns, each sending one update that claims an old round, cannot make
-it wait. What a history cannot stop is a majority of long-lived liars; only admission (certified membership) can.
+it wait. Identities whose rounds do advance, each falling behind in turn, cannot either: a wait that timed out (a
+peer still behind at its end) is followed by `PACE_MUTE_ROUNDS` rounds with no wait for anyone, so however many keys
+pose as slow partners, waits that buy nothing cost at most one per that many rounds. What a history cannot stop
+is a majority of long-lived liars; only admission (certified membership) can.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
-PACE_MUTE_ROUNDS = 10  # a peer that did not catch up within a pacing wait is not waited for again this long
+PACE_MUTE_ROUNDS = 10  # after a pacing wait that timed out, no peer is waited for this many rounds
 PACE_WAIT_CAP_S = 10.0  # before a round, wait at most this long (or three rounds of ours) for lagging peers
 PACE_HISTORY = 5  # own rounds whose median duration is "one typical round"
 HISTORY_ROUNDS = 3  # rounds of ours with valid updates from a peer before it counts for catch-up and pacing
@@ -53,7 +56,7 @@ class PeerClock:
         self._lagging: dict[str, int] = {}  # peers whose last update arrived close to (or past) the staleness limit
         self._last_arrival: dict[str, tuple[float, int]] = {}  # per peer: (clock, round) of its newest round seen
         self._round_period: dict[str, float] = {}  # per peer: seconds per round, from its updates' arrivals
-        self._pace_muted: dict[str, int] = {}  # per peer: no pacing on it before this round (it did not catch up)
+        self._pace_quiet_until = 0  # no pacing on any peer before this round (a wait timed out)
         self._history: dict[str, set[int]] = {}  # per peer: rounds of ours with a valid update (up to HISTORY_ROUNDS)
 
     @property
@@ -70,6 +73,13 @@ class PeerClock:
             seen = self._history.setdefault(sender, set())
             if len(seen) < HISTORY_ROUNDS:
                 seen.add(current_round)
+
+    def forget(self, peer: str) -> None:
+        """``peer`` left (lost, evicted, restarted): what this clock knew of it goes too, so keys that come and go
+        leave nothing behind; should it come back, its rounds and history are learned again."""
+        with self._lock:
+            for table in (self._peer_rounds, self._lagging, self._last_arrival, self._round_period, self._history):
+                table.pop(peer, None)
 
     def has_history(self, peer: str) -> bool:
         """Whether ``peer`` delivered valid updates in `HISTORY_ROUNDS` different rounds of ours."""
@@ -144,8 +154,10 @@ class PeerClock:
         upcoming = completed_round + 1
         out: dict[str, int] = {}
         with self._lock:
+            if self._pace_quiet_until > current_round:
+                return out
             for p in known:
-                if self._pace_muted.get(p, 0) > current_round or p not in self._round_period:
+                if p not in self._round_period:
                     continue
                 lag = self._lagging.get(p)
                 last, period = self._last_arrival.get(p), self._round_period.get(p)
@@ -182,11 +194,12 @@ class PeerClock:
         patience = min(cap, max(waits))
         return PacePlan(dict(lagging), patience)
 
-    def forget_lagging(self, timed_out: Iterable[str], current_round: int) -> None:
-        """The driver has waited on the current notes: each observed lag costs at most one wait. Peers that did not
-        catch up within it get no further wait for `PACE_MUTE_ROUNDS` rounds: a stalled or lying peer cannot hold
-        this node back round after round."""
+    def forget_lagging(self, timed_out: Collection[str], current_round: int) -> None:
+        """The driver has waited on the current notes: each observed lag costs at most one wait. When some peer did
+        not catch up within it, no peer gets a wait for `PACE_MUTE_ROUNDS` rounds: a stalled or lying peer cannot
+        hold this node back round after round, nor can fresh keys each falling behind in turn (muted one by one, ten
+        of them made real daemons wait 3-11 s before every round: `bench_attacks.py --scenarios pace-stretch`)."""
         with self._lock:
             self._lagging.clear()
-            for peer in timed_out:
-                self._pace_muted[peer] = current_round + PACE_MUTE_ROUNDS
+            if timed_out:
+                self._pace_quiet_until = current_round + PACE_MUTE_ROUNDS

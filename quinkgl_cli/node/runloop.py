@@ -197,9 +197,9 @@ class RoundLoop:
     async def pace(self) -> None:
         """Bounded staleness: wait until lagging peers' updates come within ``pace_lag`` rounds of ours again.
 
-        How long is the node's decision (`Node.pace_plan`); each observed lag costs at most one wait, and a peer
-        that did not catch up within it is not waited for again for a while (`Node.forget_lagging`): a peer that
-        stopped sending, or one that claims old rounds on purpose, cannot hold this node back round after round.
+        How long is the node's decision (`Node.pace_plan`); each observed lag costs at most one wait, and after a
+        wait some peer did not catch up within, nobody is waited for for a while (`Node.forget_lagging`): a peer
+        that stopped sending, or keys that claim old rounds on purpose, cannot hold this node back round after round.
         """
         node = self.node
         plan = node.pace_plan(self.schedule.gossip_interval)

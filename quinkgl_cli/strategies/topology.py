@@ -347,20 +347,17 @@ class AffinityTopology(Topology):
 
     # -- inputs
     def observe_fingerprint(self, peer_id: str, fingerprint: dict[str, Any]) -> None:
-        try:
-            fp = parse_fingerprint(fingerprint)
-        except ValueError as exc:
-            emit(log, logging.WARNING, "fingerprint-rejected", peer=peer_id, reason=str(exc).replace(" ", "_"))
-            return
+        """Raises ValueError for a malformed fingerprint (the exchange reports it, once per peer)."""
+        fp = parse_fingerprint(fingerprint)
         if peer_id == self.self_id:
             self.own = fp
             return
         known = self.fingerprints.get(peer_id)
         self.fingerprints[peer_id] = fp
-        if known != fp:
+        if known != fp:  # at INFO the first time: a peer alternating two fingerprints would make a line each
             sim = None if self.own is None else round(similarity(self.own, fp), 3)
-            emit(log, logging.INFO, "fingerprint-received", peer=peer_id, similarity=sim, entropy=round(fp.entropy, 3),
-                 samples=fp.samples)
+            emit(log, logging.INFO if known is None else logging.DEBUG, "fingerprint-received", peer=peer_id,
+                 similarity=sim, entropy=round(fp.entropy, 3), samples=fp.samples)
 
     def record_outcome(self, peer_id: str, quality: float) -> None:
         if not math.isfinite(quality):

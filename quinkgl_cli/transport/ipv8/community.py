@@ -36,6 +36,7 @@ from quinkgl_cli.transport.ipv8.payloads import (
     ServicesPayload,
     UdpPullPayload,
 )
+from quinkgl_cli.transport.ipv8.punctures import PunctureLimit
 
 LOGGER_NAME = "quinkgl.transport.ipv8"
 COMMUNITY_ID_BYTES = 20
@@ -108,6 +109,7 @@ class SwarmCommunity(Community):
         self._bound = settings.bound
         self.handlers: CommunityHandlers = settings.handlers
         self._protocol_version = settings.protocol_version
+        self.punctures = PunctureLimit()
         super().__init__(settings)
         quiet = logging.getLogger(LOGGER_NAME)
         self.logger = quiet
@@ -153,6 +155,14 @@ class SwarmCommunity(Community):
         )
         self.endpoint.send(peer.address, packet)
         self.introduction_request_callback(peer, dist, payload)
+
+    def on_puncture_request(self, source_address, dist, payload, new_style=False) -> None:  # type: ignore[no-untyped-def]
+        """As IPv8's, within `punctures.PunctureLimit`: the request names any address and is not signed."""
+        wan = payload.wan_walker_address
+        target = payload.lan_walker_address if wan[0] == self.my_estimated_wan[0] else wan
+        if not self.punctures.allow(_addr(target), time.monotonic()):
+            return
+        super().on_puncture_request(source_address, dist, payload, new_style)
 
     def introduction_request_callback(self, peer, dist, payload) -> None:  # type: ignore[no-untyped-def]
         self.handlers.on_contact(peer)

@@ -40,6 +40,9 @@ from quinkgl_cli.transport.ipv8.udpwire import WireError
 
 log = logging.getLogger("quinkgl.transport")
 SENDS = 4  # transfers we send over UDP at once
+# Of those, to one recipient: a recipient that asks and never acknowledges holds a send until it is given up on
+# (10 s), and with an offer a round it held all four, every other peer fetching over UDP answered busy.
+SENDS_PER_PEER = 1
 
 
 class UdpWay:
@@ -133,7 +136,7 @@ class UdpWay:
         if rec.key_bin != out.recipient_key.key_to_bin() or self.revoked(rec.key_bin):
             self.drops("pull-refused", rec.node_id, "not_recipient")
             return
-        if len(self.sending) >= SENDS:
+        if len(self.sending) >= SENDS or sum(x.address == rec.address for x in self.sending.values()) >= SENDS_PER_PEER:
             self.drops("pull-refused", rec.node_id, "busy")
             self.busy.reply(rec, p.offer_id, UDP)
             return
