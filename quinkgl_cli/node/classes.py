@@ -11,6 +11,9 @@ loss is ``nn.BCELoss`` / ``F.binary_cross_entropy`` (a loss function that calls 
 logits): then it is a probability (threshold 0.5), which a logit reading counts positive for every sample. The
 reading is decided once, from the model and the loss a node is built with (`class_reading`), never from the values
 of a batch.
+
+A model with several heads returns a tuple (or list) of tensors, which its ``loss_fn`` takes apart; the class scores
+are the first of them whose per-sample shape is the task's output shape (the prediction the manifest describes).
 """
 
 from __future__ import annotations
@@ -36,11 +39,23 @@ class ClassReading:
 
     probabilities: bool = False
     count: int | None = None
+    output_shape: tuple[int, ...] | None = None  # the task's, per sample: picks the scores among several outputs
 
-    def pairs(self, out: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(predicted, true) class ids of a batch; None when the outputs are not class scores or the targets do not
+    def scores(self, out: Any) -> torch.Tensor | None:
+        """The class scores among a batch's outputs: the outputs when they are one tensor, else the first tensor of a
+        tuple or list shaped like the task's output; None when there is none."""
+        if isinstance(out, torch.Tensor):
+            return out
+        if isinstance(out, (tuple, list)):
+            return next((t for t in out if isinstance(t, torch.Tensor) and t.dim() >= 2
+                         and tuple(t.shape[1:]) == self.output_shape), None)
+        return None
+
+    def pairs(self, outputs: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(predicted, true) class ids of a batch; None when the outputs hold no class scores or the targets do not
         match them."""
-        if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.dim() < 2:
+        out = self.scores(outputs)
+        if out is None or not isinstance(y, torch.Tensor) or out.dim() < 2:
             return None
         if out.dim() == 2 and out.shape[1] == 1:
             if y.numel() != out.shape[0]:
@@ -57,7 +72,8 @@ def class_reading(model: nn.Module, loss_fn: Callable[..., Any], output_shape: t
     """Probabilities when ``model``'s last module is ``nn.Sigmoid`` or ``loss_fn`` is (or calls) a loss on
     probabilities; logits otherwise. ``output_shape`` is the task's (class scores first)."""
     last = list(model.modules())[-1]  # the model itself when it has no submodules
-    return ClassReading(isinstance(last, nn.Sigmoid) or _takes_probabilities(loss_fn), class_count(output_shape))
+    return ClassReading(isinstance(last, nn.Sigmoid) or _takes_probabilities(loss_fn), class_count(output_shape),
+                        tuple(output_shape))
 
 
 CLASS_TASKS = ("classification", "segmentation")  # the task types whose targets are class ids

@@ -226,7 +226,7 @@ class Trainer:
                 ):
                     return
 
-    def _step(self, x: Any, y: Any, extra: Callable[[], torch.Tensor | None]) -> tuple[torch.Tensor, float]:
+    def _step(self, x: Any, y: Any, extra: Callable[[], torch.Tensor | None]) -> tuple[Any, float]:
         """The backward pass of one optimizer step on a batch; (outputs, loss). `_NonFiniteLoss` before a non-finite
         loss is stepped on."""
         drop_grads(self.optimizer)
@@ -277,7 +277,7 @@ class Trainer:
                 seen += n
                 if epoch == 0:
                     samples_first_epoch += n
-                hits = _correct(self.classes, out.detach(), y)
+                hits = _correct(self.classes, _detached(out), y)
                 if hits is not None:
                     correct += hits
                 steps += 1
@@ -460,6 +460,15 @@ def drop_grads(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:
             param.grad = None
+
+
+def _detached(out: Any) -> Any:
+    """The outputs cut from the graph: one tensor, or each tensor of a several-headed model's tuple or list."""
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, (tuple, list)):
+        return type(out)(t.detach() if isinstance(t, torch.Tensor) else t for t in out)
+    return out  # a dict or another structure: no class scores are read from it
 
 
 def _batch_len(y: Any) -> int:

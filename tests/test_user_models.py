@@ -1,0 +1,75 @@
+"""Peer scripts written the way outside users write them, with models, optimizers and schedulers the shipped
+scripts do not use: each case once broke a run after `manifest create` and `run --dry-run` had accepted it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quinkgl_cli.manifest.arch_hash import compute_arch_hash
+from quinkgl_cli.manifest.create import build_manifest
+from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.core import build_aggregator
+from quinkgl_cli.node.exchange import build_sharing
+from quinkgl_cli.node.trainer import Trainer
+from quinkgl_cli.tensors import shared_specs
+
+
+class TwoHeads(nn.Module):
+    """A classifier with an auxiliary head: forward returns (class scores, parity scores)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.cls = nn.Linear(8, 3)
+        self.aux = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return self.cls(h), self.aux(h)
+
+
+def _two_head_loss(outputs: Any, y: torch.Tensor) -> torch.Tensor:
+    cls, aux = outputs
+    return F.cross_entropy(cls, y) + 0.5 * F.cross_entropy(aux, y % 2)
+
+
+def _manifest(model: nn.Module, output_shape: str = "3") -> Manifest:
+    return build_manifest(
+        name="user", task_type="classification", input_shape="4", output_shape=output_shape, label_type="integer",
+        framework="pytorch", arch_hash=compute_arch_hash(model), aggregation="FedAvg", topology="FullTopology",
+    )  # fmt: skip
+
+
+def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # classes 0..2
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+
+
+def test_a_model_with_two_heads_trains_and_is_scored_by_the_head_the_task_describes() -> None:
+    """Its tuple of outputs crashed training (`'tuple' object has no attribute 'detach'`, a traceback); now the
+    class scores are the output shaped like the manifest's output shape (3 here, not the 2-column parity head)."""
+    torch.manual_seed(0)
+    model = TwoHeads()
+    manifest = _manifest(model)
+    data = _data()
+    trainer = Trainer(manifest, model, data, data, torch.optim.SGD(model.parameters(), lr=0.2), _two_head_loss, 20, None)
+    stats = trainer.train(1, build_aggregator(manifest), _no_sharing(manifest, model))
+    assert stats.loss is not None and stats.accuracy is not None and stats.accuracy > 0.5
+    evaluated = trainer.evaluate()
+    assert evaluated is not None and evaluated.val_accuracy is not None
+    x, y = data[0]
+    with torch.no_grad():
+        expected = float((model(x)[0].argmax(1) == y).float().mean())
+    one_batch = Trainer(manifest, model, [data[0]], [data[0]], torch.optim.SGD(model.parameters(), lr=0.1),
+                        _two_head_loss, 1, None).evaluate()
+    assert one_batch is not None and one_batch.val_accuracy == expected
+
+
+def _no_sharing(manifest: Manifest, model: nn.Module) -> Any:
+    return build_sharing(manifest, model, shared_specs(model), 0, None)
