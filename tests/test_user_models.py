@@ -3,17 +3,23 @@ scripts do not use: each case once broke a run after `manifest create` and `run 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quinkgl_cli import wire
+from quinkgl_cli.cli.app import main
 from quinkgl_cli.manifest.arch_hash import compute_arch_hash
 from quinkgl_cli.manifest.create import build_manifest
+from quinkgl_cli.manifest.io import write_manifest
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import build_aggregator
 from quinkgl_cli.node.exchange import build_sharing
+from quinkgl_cli.node.script import load_script
 from quinkgl_cli.node.trainer import Trainer
 from quinkgl_cli.tensors import shared_specs
 
@@ -73,3 +79,52 @@ def test_a_model_with_two_heads_trains_and_is_scored_by_the_head_the_task_descri
 
 def _no_sharing(manifest: Manifest, model: nn.Module) -> Any:
     return build_sharing(manifest, model, shared_specs(model), 0, None)
+
+
+def run_cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    return int(done.value.code or 0)
+
+
+DATA = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 4, generator=g)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+"""
+
+
+def simulate_script(tmp_path: Path, body: str, *extra: str, output_shape: str = "3") -> int:
+    """`quinkgl simulate` of three peers on a script of ``DATA`` + ``body``; its exit code."""
+    script = tmp_path / "user.py"
+    script.write_text(DATA + body)
+    path = tmp_path / "user.qgl"
+    write_manifest(path, build_manifest(
+        name="user-sim", task_type="classification", input_shape="4", output_shape=output_shape, label_type="integer",
+        framework="pytorch", arch_hash=compute_arch_hash(load_script(script).build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "1"},
+    ))  # fmt: skip
+    return run_cli("simulate", "--manifest", str(path), "--script", str(script), "--peers", "3", "--rounds", "2",
+                   "--partition", "iid", *extra)  # fmt: skip
+
+
+DOUBLE = """
+def build_model(manifest, **kw):
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+def build_loaders(manifest, **kw):
+    x, y = _data()
+    return DataLoader(TensorDataset(x.double(), y), batch_size=16), DataLoader(TensorDataset(x.double(), y), batch_size=96)
+"""
+
+
+def test_a_float64_model_is_shared_as_float32(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A `.double()` model passed the dry run and then failed its first send (exit 6, `entry '0.weight' has
+    unsupported dtype torch.float64`): its entries cross the wire as float32, as every strategy reads them."""
+    assert simulate_script(tmp_path, DOUBLE) == 0, capsys.readouterr().err
+    assert "final mean_accuracy=" in capsys.readouterr().out
+    model = nn.Linear(2, 2).double()
+    assert [s.dtype for s in wire.on_wire(shared_specs(model))] == [torch.float32, torch.float32]
