@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from quinkgl_cli import wire
 from quinkgl_cli.cli.app import main
@@ -21,6 +23,7 @@ from quinkgl_cli.node.core import build_aggregator
 from quinkgl_cli.node.exchange import build_sharing
 from quinkgl_cli.node.script import load_script
 from quinkgl_cli.node.trainer import Trainer
+from quinkgl_cli.sim.data import peer_loader
 from quinkgl_cli.tensors import shared_specs
 
 
@@ -128,3 +131,41 @@ def test_a_float64_model_is_shared_as_float32(tmp_path: Path, capsys: pytest.Cap
     assert "final mean_accuracy=" in capsys.readouterr().out
     model = nn.Linear(2, 2).double()
     assert [s.dtype for s in wire.on_wire(shared_specs(model))] == [torch.float32, torch.float32]
+
+
+PADDED = """
+from torch.utils.data import Dataset
+class Ragged(Dataset):  # samples of 2 to 4 features; the script's collate_fn pads them to 4
+    def __init__(self):
+        self.x, self.y = _data()
+    def __len__(self):
+        return len(self.y)
+    def __getitem__(self, i):
+        return self.x[i, : 2 + i % 3], int(self.y[i])
+def pad(batch):
+    x = torch.zeros(len(batch), 4)
+    for row, (features, _) in enumerate(batch):
+        x[row, : len(features)] = features
+    return x, torch.tensor([label for _, label in batch])
+def build_model(manifest, **kw):
+    return nn.Linear(4, 3)
+def build_loaders(manifest, **kw):
+    return DataLoader(Ragged(), batch_size=16, collate_fn=pad), DataLoader(Ragged(), batch_size=96, collate_fn=pad)
+"""
+
+
+def test_simulate_batches_each_peers_share_with_the_scripts_collate_fn(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The simulator re-splits the script's dataset among peers and batched each share with torch's default
+    collation, so a script that pads ragged samples in its collate_fn crashed (`stack expects each tensor to be
+    equal size`, a traceback) and one that transforms its batches there trained on other data than its daemons."""
+    assert simulate_script(tmp_path, PADDED) == 0, capsys.readouterr().err
+
+
+def test_a_peers_share_drops_its_last_short_batch_when_the_scripts_loader_does() -> None:
+    x = torch.arange(10.0).reshape(10, 1)
+    dataset = TensorDataset(x, torch.zeros(10, dtype=torch.long))
+    script_loader = DataLoader(dataset, batch_size=4, drop_last=True)
+    share = peer_loader(dataset, np.arange(10), 4, torch.Generator().manual_seed(0), script_loader)
+    assert len(share) == 2 and [len(b[0]) for b in share] == [4, 4]
+    assert [len(b[0]) for b in peer_loader(dataset, np.arange(10), 4, torch.Generator())] == [4, 4, 2]
