@@ -15,12 +15,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from quinkgl_cli import wire
 from quinkgl_cli.cli.app import main
+from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.arch_hash import compute_arch_hash
 from quinkgl_cli.manifest.create import build_manifest
 from quinkgl_cli.manifest.io import write_manifest
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.core import build_aggregator
 from quinkgl_cli.node.exchange import build_sharing
+from quinkgl_cli.node.lrschedule import check_training
 from quinkgl_cli.node.script import load_script
 from quinkgl_cli.node.trainer import Trainer
 from quinkgl_cli.sim.data import peer_loader
@@ -169,3 +171,34 @@ def test_a_peers_share_drops_its_last_short_batch_when_the_scripts_loader_does()
     share = peer_loader(dataset, np.arange(10), 4, torch.Generator().manual_seed(0), script_loader)
     assert len(share) == 2 and [len(b[0]) for b in share] == [4, 4]
     assert [len(b[0]) for b in peer_loader(dataset, np.arange(10), 4, torch.Generator())] == [4, 4, 2]
+
+
+def test_an_optimizer_that_needs_a_closure_is_refused_in_one_line() -> None:
+    """LBFGS passed the dry run, then every run stopped at its first batch with torch's traceback (`LBFGS.step()
+    missing 1 required positional argument: 'closure'`)."""
+    model = nn.Linear(4, 3)
+    with pytest.raises(NodeConfigError, match="returned LBFGS, whose step needs a closure"):
+        check_training(torch.optim.LBFGS(model.parameters()), "build_optimizer in user.py")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert check_training(optimizer, "build_optimizer").optimizer is optimizer  # step(closure=None): fine
+
+
+def _one_cycle_trainer(total_steps: int, rounds: int | None) -> Trainer:
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=total_steps)
+    return Trainer(_manifest(model), model, _data(), None, optimizer, None, 1, None, rounds=rounds, scheduler=scheduler)
+
+
+def test_a_scheduler_that_fails_at_its_step_stops_the_node_in_one_line() -> None:
+    """A OneCycleLR stepped past its total_steps raised torch's ValueError out of the round, a traceback."""
+    with pytest.raises(NodeConfigError, match="total_steps=2, fewer than the run's 3 rounds"):
+        _one_cycle_trainer(2, rounds=3)
+    trainer = _one_cycle_trainer(2, rounds=None)  # a daemon without --rounds: the length is unknown up front
+    manifest = _manifest(trainer.model)
+    aggregator, sharing = build_aggregator(manifest), _no_sharing(manifest, trainer.model)
+    trainer.train(1, aggregator, sharing)
+    trainer.train(2, aggregator, sharing)
+    with pytest.raises(NodeConfigError, match=r"OneCycleLR scheduler from build_optimizer failed at its step after "
+                                              r"round 3: ValueError: Tried to step 3 times"):
+        trainer.train(3, aggregator, sharing)

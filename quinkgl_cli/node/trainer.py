@@ -37,7 +37,7 @@ from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.classes import CLASS_TASKS, ClassReading, class_reading
 from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
 from quinkgl_cli.node.localwork import local_passes
-from quinkgl_cli.node.lrschedule import load_scheduler_state, scheduler_state
+from quinkgl_cli.node.lrschedule import check_schedule_length, load_scheduler_state, scheduler_state, step_scheduler
 from quinkgl_cli.node.moments import MomentRules
 from quinkgl_cli.node.owneval import class_hits, label_shares, weighted_accuracy
 from quinkgl_cli.node.personal import LossFn, Shared
@@ -136,6 +136,7 @@ class Trainer:
         self.val_loader = val_loader
         self.optimizer = optimizer
         self.scheduler = scheduler  # the script's learning-rate scheduler: one step per round, after training
+        check_schedule_length(scheduler, rounds)
         self.loss_fn = loss_fn or default_loss(manifest)
         floor = manifest.training.min_local_steps if self.personal.mode == "none" else 0  # personal: not measured
         self.local_epochs = local_passes(local_epochs, train_loader, floor)  # more on little data (`node.localwork`)
@@ -202,7 +203,7 @@ class Trainer:
         self.last_good = flatten(self.model)
         self.moments.training_ended(stats.steps)
         if self.scheduler is not None:
-            self.scheduler.step()
+            step_scheduler(self.scheduler, round_)
         self.personal.round_trained()
         stats.duration = time.perf_counter() - started
         stats.rolled_back_from = rolled_back_from
