@@ -73,13 +73,14 @@ def _check_steps_without_closure(optimizer: torch.optim.Optimizer, where: str) -
                               "use an optimizer that steps on the gradients of one backward pass (SGD, Adam, ...)")
 
 
-def check_schedule_length(scheduler: LRScheduler | None, rounds: int | None) -> None:
-    """Refuse a `OneCycleLR` whose ``total_steps`` are fewer than the run's rounds (it steps once per round and
-    raises past its last step)."""
+def check_schedule_length(scheduler: LRScheduler | None, rounds: int | None) -> LRScheduler | None:
+    """``scheduler``; a `OneCycleLR` whose ``total_steps`` are fewer than the run's rounds is refused (it steps
+    once per round and raises past its last step)."""
     if isinstance(scheduler, OneCycleLR) and rounds is not None and scheduler.total_steps < rounds:
         raise NodeConfigError(f"build_optimizer returned a OneCycleLR of total_steps={scheduler.total_steps}, fewer "
                               f"than the run's {rounds} rounds: quinkgl steps the scheduler once per round",
                               f"build it with total_steps={rounds} (or epochs={rounds}, steps_per_epoch=1)")
+    return scheduler
 
 
 def step_scheduler(scheduler: LRScheduler, round_: int) -> None:

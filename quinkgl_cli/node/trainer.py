@@ -135,8 +135,7 @@ class Trainer:
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.optimizer = optimizer
-        self.scheduler = scheduler  # the script's learning-rate scheduler: one step per round, after training
-        check_schedule_length(scheduler, rounds)
+        self.scheduler = check_schedule_length(scheduler, rounds)  # the script's: one step per round, after training
         self.loss_fn = loss_fn or default_loss(manifest)
         floor = manifest.training.min_local_steps if self.personal.mode == "none" else 0  # personal: not measured
         self.local_epochs = local_passes(local_epochs, train_loader, floor)  # more on little data (`node.localwork`)
