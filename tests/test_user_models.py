@@ -20,11 +20,13 @@ from quinkgl_cli.manifest.arch_hash import compute_arch_hash
 from quinkgl_cli.manifest.create import build_manifest
 from quinkgl_cli.manifest.io import write_manifest
 from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.classes import class_reading
 from quinkgl_cli.node.core import build_aggregator
 from quinkgl_cli.node.exchange import build_sharing
 from quinkgl_cli.node.lrschedule import check_training
+from quinkgl_cli.node.owneval import class_hits
 from quinkgl_cli.node.script import load_script
-from quinkgl_cli.node.trainer import Trainer
+from quinkgl_cli.node.trainer import Trainer, _correct
 from quinkgl_cli.sim.data import peer_loader
 from quinkgl_cli.tensors import shared_specs
 
@@ -202,3 +204,23 @@ def test_a_scheduler_that_fails_at_its_step_stops_the_node_in_one_line() -> None
     with pytest.raises(NodeConfigError, match=r"OneCycleLR scheduler from build_optimizer failed at its step after "
                                               r"round 3: ValueError: Tried to step 3 times"):
         trainer.train(3, aggregator, sharing)
+
+
+def _multi_hot_bce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(out, y)
+
+
+def test_a_multi_label_classifier_is_scored_label_by_label() -> None:
+    """Several columns under a binary cross-entropy are labels, not class scores: the argmax reading scored a model
+    right on every label 0.5 here (the highest logit is not the first positive label)."""
+    out = torch.tensor([[3.0, 5.0, -2.0], [-1.0, 2.0, 4.0], [1.0, -3.0, -1.0], [2.0, 1.0, 3.0]])
+    y = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # the last: one label wrong
+    model = nn.Linear(2, 3)
+    for loss in (nn.BCEWithLogitsLoss(), _multi_hot_bce):
+        reading = class_reading(model, loss, (3,))
+        assert reading.multilabel and _correct(reading, out, y) == 3
+        assert class_hits(out, y, reading) is None  # a sample holds several classes: no per-class counts
+    assert _correct(class_reading(model, nn.BCELoss(), (3,)), torch.sigmoid(out), y) == 3  # probabilities
+    single = class_reading(model, nn.CrossEntropyLoss(), (3,))
+    assert not single.multilabel and _correct(single, out, torch.tensor([1, 2, 0, 2])) == 4  # argmax as before
+    assert not class_reading(model, nn.BCEWithLogitsLoss(), (1,)).multilabel  # one column: a binary classifier

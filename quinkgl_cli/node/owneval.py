@@ -77,7 +77,7 @@ def class_hits(outputs: Any, y: torch.Tensor, classes: ClassReading) -> tuple[to
     """(correct, seen) per class id for one batch, read by ``classes``; None when the outputs or targets are not
     class scores / ids."""
     out = classes.scores(outputs)
-    if out is None or not isinstance(y, torch.Tensor) or out.dim() != 2:
+    if out is None or classes.multilabel or not isinstance(y, torch.Tensor) or out.dim() != 2:
         return None
     pairs = classes.pairs(out, y)
     if pairs is None or pairs[1].dim() != 1 or bool((pairs[1] < 0).any()):
