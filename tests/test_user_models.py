@@ -107,6 +107,7 @@ def _data():
 
 def simulate_script(tmp_path: Path, body: str, *extra: str, output_shape: str = "3") -> int:
     """`quinkgl simulate` of three peers on a script of ``DATA`` + ``body``; its exit code."""
+    tmp_path.mkdir(exist_ok=True)
     script = tmp_path / "user.py"
     script.write_text(DATA + body)
     path = tmp_path / "user.qgl"
@@ -224,3 +225,45 @@ def test_a_multi_label_classifier_is_scored_label_by_label() -> None:
     single = class_reading(model, nn.CrossEntropyLoss(), (3,))
     assert not single.multilabel and _correct(single, out, torch.tensor([1, 2, 0, 2])) == 4  # argmax as before
     assert not class_reading(model, nn.BCEWithLogitsLoss(), (1,)).multilabel  # one column: a binary classifier
+
+
+def test_a_loader_that_drops_its_only_short_batch_is_named_with_the_peers_arguments(tmp_path: Path) -> None:
+    """`drop_last=True` on a share smaller than a batch was refused as `returned an empty train_loader (0 batches)
+    (check the data path ...)`, without the cause or which of the simulator's peers it was."""
+    script = tmp_path / "few.py"
+    script.write_text(DATA + """
+def build_model(manifest, **kw):
+    return nn.Linear(4, 3)
+def build_loaders(manifest, **kw):
+    x, y = _data()
+    n = 10 if kw.get("shard") == "0" else 96
+    return DataLoader(TensorDataset(x[:n], y[:n]), batch_size=16, drop_last=True), None
+""")
+    loaded = load_script(script)
+    with pytest.raises(NodeConfigError) as err:
+        loaded.build_loaders(None, shard="0", num_shards="3")
+    assert str(err.value) == ("build_loaders in few.py returned an empty train_loader (0 batches: drop_last=True drops "
+                              "all 10 samples, fewer than batch_size=16) for shard=0 num_shards=3")
+    assert err.value.hint == "build the loader with drop_last=False or a smaller batch_size"
+    assert len(loaded.build_loaders(None, shard="1").train) == 6
+
+
+STREAMED = """
+from torch.utils.data import IterableDataset
+class Stream(IterableDataset):
+    def __iter__(self):
+        x, y = _data()
+        yield from zip(x, y)
+def build_model(manifest, **kw):
+    return nn.Linear(4, 3)
+def build_loaders(manifest, **kw):
+    return DataLoader(Stream(), batch_size=16), None
+"""
+
+
+def test_an_iterable_dataset_is_pointed_at_the_scripts_own_split(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """simulate cannot split a stream among peers; the script's own split (`--partition script`) can run it."""
+    assert simulate_script(tmp_path, STREAMED) == 7
+    assert "or pass --partition script to give each peer the script's own build_loaders" in capsys.readouterr().err
+    assert simulate_script(tmp_path / "own", STREAMED, "--partition", "script") == 0

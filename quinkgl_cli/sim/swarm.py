@@ -87,7 +87,8 @@ class SwarmBuilder:
         if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise NodeConfigError(
                 f"the training loader of {self.script.path.name} has no map-style dataset to split among peers",
-                "return a torch DataLoader over a Dataset with __len__ and __getitem__ from build_loaders",
+                "return a torch DataLoader over a Dataset with __len__ and __getitem__ from build_loaders, or pass "
+                f"--partition {SCRIPT_PARTITION} to give each peer the script's own build_loaders(shard=i, num_shards=N)",
             )
         batch_size = getattr(train_loader, "batch_size", None) or 32
         return train_loader, materialize(val_loader) if val_loader is not None else None, int(batch_size)
