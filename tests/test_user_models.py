@@ -267,3 +267,17 @@ def test_an_iterable_dataset_is_pointed_at_the_scripts_own_split(tmp_path: Path,
     assert simulate_script(tmp_path, STREAMED) == 7
     assert "or pass --partition script to give each peer the script's own build_loaders" in capsys.readouterr().err
     assert simulate_script(tmp_path / "own", STREAMED, "--partition", "script") == 0
+
+
+def test_the_input_shape_is_read_from_a_first_layer_under_weight_norm() -> None:
+    """`manifest create --from-script` asked for --input-shape on a model starting with weight_norm(nn.Linear(64,
+    32)): the parametrization's submodules hid the Linear from the inference."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    from quinkgl_cli.manifest.shapes import probe_shapes
+
+    for wrap in (weight_norm, spectral_norm):
+        model = nn.Sequential(wrap(nn.Linear(64, 32)), nn.PReLU(), nn.Linear(32, 10))
+        assert probe_shapes(model, None) == ((64,), (10,))
+    flattening = nn.Sequential(nn.Flatten(), weight_norm(nn.Linear(784, 10, bias=False)))
+    assert probe_shapes(flattening, None) == ((1, 28, 28), (10,))
