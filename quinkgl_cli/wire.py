@@ -54,6 +54,13 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 
+def on_wire(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """A model's shared entries as they cross the network: a float64 entry (a model built with ``.double()``) as
+    float32. Aggregation, DP and compression work on float32 vectors (`tensors.flatten`) anyway, so the wider type
+    would only double the bytes; the receiver writes the values back into its own float64 model."""
+    return [TensorSpec(s.name, s.shape, torch.float32) if s.dtype == torch.float64 else s for s in specs]
+
+
 class WireError(NetworkError):
     """A blob that is not a well-formed tensor container, or does not fit the local model."""
 

@@ -899,3 +899,28 @@ def test_resuming_past_a_lowered_round_target_says_it_finishes_there(manifest: P
     assert f"finishes at round {reached}" in warning
     assert not any(m.startswith("round-end ") for m in messages)
     assert any(m.startswith(f"finished rounds={reached} ") for m in messages), messages
+
+
+def test_a_peer_whose_partners_leave_during_the_final_merge_reports_the_model_it_keeps(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A peer a round behind is still merging when its partners, done with theirs, leave. Its merge ended without
+    an evaluation, so its `finished` line reported the last round's served model (0.69 on a real swarm) while its
+    final model was the partly merged one; now that model is evaluated and the line says how far the merge got."""
+    path, _key, _pub, _swarm = ls.digits_manifest(tmp_path / "m", name="merge-test", training={
+        "local_epochs": "1", "local_steps": "3", "final_consensus_steps": "6"})
+    net = MemoryNetwork()
+    daemons = [Daemon(prepare(options(path, tmp_path, f"p{i}", rounds=rounds, gossip_interval=0.2, min_peers=1)),
+                      LogContext(f"p{i}"), memory_factory(net)) for i, rounds in ((0, 3), (1, 4))]
+
+    async def both() -> list[int]:
+        return list(await asyncio.gather(*(d.run() for d in daemons)))
+
+    with caplog.at_level(logging.INFO):
+        assert asyncio.run(asyncio.wait_for(both(), timeout=60)) == [0, 0]
+    merges = [m for m in (r.getMessage() for r in caplog.records) if m.startswith("final-consensus ")]
+    assert len(merges) == 2, merges
+    assert any(m.startswith("final-consensus steps=6 val_loss=") for m in merges), merges
+    (short,) = [m for m in merges if "cut_short=peers-left" in m]
+    assert short.startswith("final-consensus steps=") and " of=6 " in short, short
+    late = daemons[1]
+    assert late.loop.final_eval is not None and late.loop.final_eval["val_loss"] is not None

@@ -104,7 +104,15 @@ def _forward(model: Any, input_shape: tuple[int, ...]) -> Any:
 
 
 def _first_layer(model: Any) -> Any:
-    return next((m for _, m in model.named_modules() if not list(m.children()) and list(m.parameters(recurse=False))), None)
+    """The first module holding parameters of its own and no submodules; a layer under ``weight_norm`` or
+    ``spectral_norm`` (torch's parametrizations) counts as the layer it is, its ``parametrizations`` aside."""
+    from torch.nn.utils import parametrize
+
+    for m in model.modules():
+        children = [name for name, _ in m.named_children() if name != "parametrizations"]
+        if not children and (list(m.parameters(recurse=False)) or parametrize.is_parametrized(m)):
+            return m
+    return None
 
 
 def _image_shapes(features: int) -> list[tuple[int, ...]]:

@@ -11,6 +11,15 @@ loss is ``nn.BCELoss`` / ``F.binary_cross_entropy`` (a loss function that calls 
 logits): then it is a probability (threshold 0.5), which a logit reading counts positive for every sample. The
 reading is decided once, from the model and the loss a node is built with (`class_reading`), never from the values
 of a batch.
+
+Several output columns trained with a binary cross-entropy (``nn.BCEWithLogitsLoss``, ``nn.BCELoss`` or their
+functions) are a multi-label classifier's: each column is one label, positive above the threshold, against a
+multi-hot target row. The argmax of such rows matched whenever the first positive label had the highest score (0.57
+for a model that had learned its four labels); a sample is now a hit when every label is right, as scikit-learn's
+``accuracy_score`` scores multi-label data, and no per-class counts are kept (a sample holds several classes).
+
+A model with several heads returns a tuple (or list) of tensors, which its ``loss_fn`` takes apart; the class scores
+are the first of them whose per-sample shape is the task's output shape (the prediction the manifest describes).
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from torch import nn
 
 # Names under which a loss function calls a loss on probabilities (nn.BCELoss, F.binary_cross_entropy).
 _PROBABILITY_LOSSES = frozenset({"BCELoss", "binary_cross_entropy"})
+# ... or any binary cross-entropy, which scores each output column as a label of its own.
+_BINARY_LOSSES = _PROBABILITY_LOSSES | {"BCEWithLogitsLoss", "binary_cross_entropy_with_logits"}
 
 
 @dataclass(frozen=True)
@@ -36,18 +47,36 @@ class ClassReading:
 
     probabilities: bool = False
     count: int | None = None
+    output_shape: tuple[int, ...] | None = None  # the task's, per sample: picks the scores among several outputs
+    multilabel: bool = False  # several columns under a binary cross-entropy: one label each, not class scores
 
-    def pairs(self, out: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(predicted, true) class ids of a batch; None when the outputs are not class scores or the targets do not
+    def scores(self, out: Any) -> torch.Tensor | None:
+        """The class scores among a batch's outputs: the outputs when they are one tensor, else the first tensor of a
+        tuple or list shaped like the task's output; None when there is none."""
+        if isinstance(out, torch.Tensor):
+            return out
+        if isinstance(out, (tuple, list)):
+            return next((t for t in out if isinstance(t, torch.Tensor) and t.dim() >= 2
+                         and tuple(t.shape[1:]) == self.output_shape), None)
+        return None
+
+    def pairs(self, outputs: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(predicted, true) class ids of a batch; None when the outputs hold no class scores or the targets do not
         match them."""
-        if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.dim() < 2:
+        out = self.scores(outputs)
+        if out is None or not isinstance(y, torch.Tensor) or out.dim() < 2:
             return None
+        threshold = 0.5 if self.probabilities else 0.0
         if out.dim() == 2 and out.shape[1] == 1:
             if y.numel() != out.shape[0]:
                 return None
             target = y.reshape(-1)
-            threshold = 0.5 if self.probabilities else 0.0
             return (out[:, 0] > threshold).long(), (target > 0.5).long() if target.is_floating_point() else target
+        if self.multilabel and out.dim() == 2:  # per-pixel scores (segmentation) keep the argmax
+            if y.shape != out.shape:
+                return None
+            right = ((out > threshold) == (y > 0.5)).all(dim=1).long()
+            return right, torch.ones_like(right)  # a hit where every label is right
         pred = out.argmax(dim=1)
         target = y.argmax(dim=1) if y.is_floating_point() and y.dim() == out.dim() else y
         return (pred, target) if target.shape == pred.shape else None
@@ -57,7 +86,9 @@ def class_reading(model: nn.Module, loss_fn: Callable[..., Any], output_shape: t
     """Probabilities when ``model``'s last module is ``nn.Sigmoid`` or ``loss_fn`` is (or calls) a loss on
     probabilities; logits otherwise. ``output_shape`` is the task's (class scores first)."""
     last = list(model.modules())[-1]  # the model itself when it has no submodules
-    return ClassReading(isinstance(last, nn.Sigmoid) or _takes_probabilities(loss_fn), class_count(output_shape))
+    multilabel = int(output_shape[0]) > 1 and _uses(loss_fn, _BINARY_LOSSES, (nn.BCELoss, nn.BCEWithLogitsLoss))
+    return ClassReading(isinstance(last, nn.Sigmoid) or _takes_probabilities(loss_fn), class_count(output_shape),
+                        tuple(output_shape), multilabel)
 
 
 CLASS_TASKS = ("classification", "segmentation")  # the task types whose targets are class ids
@@ -75,9 +106,16 @@ def class_count(output_shape: tuple[int, ...]) -> int:
 
 
 def _takes_probabilities(loss_fn: Callable[..., Any]) -> bool:
+    return _uses(loss_fn, _PROBABILITY_LOSSES, (nn.BCELoss,), logits_if_sigmoid=True)
+
+
+def _uses(loss_fn: Callable[..., Any], names: frozenset[str], modules: tuple[type[nn.Module], ...],
+          logits_if_sigmoid: bool = False) -> bool:
+    """Whether ``loss_fn`` is one of ``modules``, or a function that calls a loss named in ``names`` or one of
+    ``modules`` it holds (``logits_if_sigmoid``: not when it applies ``sigmoid`` itself)."""
     fn = inspect.unwrap(loss_fn)
     if isinstance(fn, nn.Module):
-        return isinstance(fn, nn.BCELoss)
+        return isinstance(fn, modules)
     code = getattr(fn, "__code__", None)
     if not isinstance(code, types.CodeType):
         return False
@@ -87,10 +125,10 @@ def _takes_probabilities(loss_fn: Callable[..., Any]) -> bool:
             scope[name] = cell.cell_contents
         except ValueError:  # a cell not yet filled
             continue
-    names = set(_names(code))
-    if "sigmoid" in names:  # binary_cross_entropy(torch.sigmoid(outputs), ...): the outputs are logits
+    called = set(_names(code))
+    if logits_if_sigmoid and "sigmoid" in called:  # binary_cross_entropy(torch.sigmoid(outputs), ...): logits
         return False
-    return bool(names & _PROBABILITY_LOSSES) or any(isinstance(scope.get(n), nn.BCELoss) for n in names)
+    return bool(called & names) or any(isinstance(scope.get(n), modules) for n in called)
 
 
 def _names(code: types.CodeType) -> Iterator[str]:

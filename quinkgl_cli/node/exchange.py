@@ -84,7 +84,7 @@ class Exchange:
         self.topology = topology
         self.graph = graph
         self._log = log
-        self.specs: list[TensorSpec] = shared_specs(model)
+        self.specs: list[TensorSpec] = wire.on_wire(shared_specs(model))  # what is sent, and checked on receipt
         # A running variance below zero is no trained model's: averaged in, it turns every evaluation into NaN
         # (BatchNorm takes its square root), while training, on batch statistics, carries on as if nothing happened.
         self._variances = variance_mask(model)
@@ -117,7 +117,7 @@ class Exchange:
     def encode_update(self, round_: int, samples: int, step: int = 0, targets: Sequence[str] = ()) -> OutgoingUpdate:
         """The one place the outgoing (uncompressed) update is built."""
         state = self.model.state_dict()
-        tensors: dict[str, torch.Tensor] = {s.name: state[s.name] for s in self.specs}
+        tensors: dict[str, torch.Tensor] = {s.name: state[s.name].to(s.dtype) for s in self.specs}
         for name, t in self.aggregator.extras_to_send().items():
             tensors[EXTRA_PREFIX + name] = t
         meta = self._meta(step, targets)

@@ -6,15 +6,22 @@ scheduler's part of a checkpoint: its type and its ``state_dict`` as JSON, never
 out a `LambdaLR`'s (or `MultiplicativeLR`'s) plain functions, as ``torch.save`` of it does: the script builds them
 again at every start, and the round count they are called with is in the state. A scheduler whose state holds
 anything JSON cannot carry (a stateful callable object's attributes of other types) is refused when the node is
-built rather than checkpointed without it; so is `ReduceLROnPlateau`, which needs a metric at each step.
+built rather than checkpointed without it; so is `ReduceLROnPlateau`, which needs a metric at each step. So is an
+optimizer whose ``step`` requires a closure (`torch.optim.LBFGS`): it re-evaluates the loss itself, several times a
+step, where the trainer steps once per batch after its own backward pass (and the aggregator's and DP's hooks).
+
+A scheduler that raises at its round's step (a `OneCycleLR` stepped past its ``total_steps``) stops the node with
+one line naming it and the round (`step_scheduler`); a `OneCycleLR` too short for the run's known round count is
+refused when the node is built (`check_schedule_length`).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple
 
 import torch
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 from quinkgl_cli.errors import NodeConfigError
 
@@ -31,9 +38,11 @@ class Training(NamedTuple):
 def check_training(value: Any, where: str) -> Training:
     """``value`` (what ``build_optimizer`` returned) as a `Training`, or a one-line `NodeConfigError` naming it."""
     if isinstance(value, torch.optim.Optimizer):
+        _check_steps_without_closure(value, where)
         return Training(value)
     if isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[0], torch.optim.Optimizer):
         optimizer, scheduler = value
+        _check_steps_without_closure(optimizer, where)
         if scheduler is None:
             return Training(optimizer)
         if isinstance(scheduler, ReduceLROnPlateau):
@@ -49,6 +58,39 @@ def check_training(value: Any, where: str) -> Training:
         scheduler_state(scheduler, where)  # refused now, not at the first checkpoint
         return Training(optimizer, scheduler)
     raise NodeConfigError(f"{where} returned {_describe(value)}, not an optimizer or (optimizer, scheduler)", RETURN_HINT)
+
+
+def _check_steps_without_closure(optimizer: torch.optim.Optimizer, where: str) -> None:
+    """Refuse an optimizer whose ``step`` cannot be called without a closure (it failed at the first batch with
+    torch's `missing 1 required positional argument: 'closure'`, after the dry run passed)."""
+    try:
+        closure = inspect.signature(optimizer.step).parameters.get("closure")
+    except (TypeError, ValueError):  # a step torch cannot describe: let it run
+        return
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise NodeConfigError(f"{where} returned {type(optimizer).__name__}, whose step needs a closure that "
+                              "re-evaluates the loss; quinkgl steps the optimizer once per batch without one",
+                              "use an optimizer that steps on the gradients of one backward pass (SGD, Adam, ...)")
+
+
+def check_schedule_length(scheduler: LRScheduler | None, rounds: int | None) -> LRScheduler | None:
+    """``scheduler``; a `OneCycleLR` whose ``total_steps`` are fewer than the run's rounds is refused (it steps
+    once per round and raises past its last step)."""
+    if isinstance(scheduler, OneCycleLR) and rounds is not None and scheduler.total_steps < rounds:
+        raise NodeConfigError(f"build_optimizer returned a OneCycleLR of total_steps={scheduler.total_steps}, fewer "
+                              f"than the run's {rounds} rounds: quinkgl steps the scheduler once per round",
+                              f"build it with total_steps={rounds} (or epochs={rounds}, steps_per_epoch=1)")
+    return scheduler
+
+
+def step_scheduler(scheduler: LRScheduler, round_: int) -> None:
+    """The scheduler's step after round ``round_``'s training; what it raises as a one-line `NodeConfigError`."""
+    try:
+        scheduler.step()
+    except Exception as exc:  # the script's scheduler: name it and the round, not a traceback from torch
+        raise NodeConfigError(f"the {type(scheduler).__name__} scheduler from build_optimizer failed at its step after "
+                              f"round {round_}: {type(exc).__name__}: {exc}",
+                              "build the scheduler for one step per round over the whole run") from exc
 
 
 def _describe(value: Any) -> str:

@@ -73,10 +73,11 @@ def label_shares(loader: Iterable[Any]) -> dict[int, float] | None:
     return {c: float(n) / total for c, n in enumerate(counts.tolist()) if n > 0}
 
 
-def class_hits(out: torch.Tensor, y: torch.Tensor, classes: ClassReading) -> tuple[torch.Tensor, torch.Tensor] | None:
+def class_hits(outputs: Any, y: torch.Tensor, classes: ClassReading) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(correct, seen) per class id for one batch, read by ``classes``; None when the outputs or targets are not
     class scores / ids."""
-    if not isinstance(out, torch.Tensor) or not isinstance(y, torch.Tensor) or out.dim() != 2:
+    out = classes.scores(outputs)
+    if out is None or classes.multilabel or not isinstance(y, torch.Tensor) or out.dim() != 2:
         return None
     pairs = classes.pairs(out, y)
     if pairs is None or pairs[1].dim() != 1 or bool((pairs[1] < 0).any()):

@@ -225,13 +225,21 @@ class RoundLoop:
         if not node.known_peers:
             emit(log, logging.INFO, "final-consensus-skipped", reason="no-peers")
             return
+        done = 0
         for step in node.begin_consensus():
-            if not node.known_peers or self.waiter.stopping:
+            if self.waiter.stopping:
                 return
+            if not node.known_peers:
+                # The others finished their merge and left (this peer ran a round behind): the model it holds now is
+                # its final model, so it is evaluated as such; the finished line used to report the last round's
+                # served model instead.
+                break
             node.share(step)
             await self.waiter.sleep_until(loop.time() + self.schedule.gossip_interval, until=node.has_fresh_update_from_all)
             node.aggregate()
+            done += 1
         await self.work.evaluate(lambda: evaluate_merged(node))
         metrics = node.end_consensus()
         self.final_eval = {"val_loss": metrics.val_loss, "val_accuracy": metrics.val_accuracy, **metrics.personal_fields()}
-        emit(log, logging.INFO, "final-consensus", steps=node.final_consensus_steps, **self.final_eval)
+        short = {} if done == node.final_consensus_steps else {"of": node.final_consensus_steps, "cut_short": "peers-left"}
+        emit(log, logging.INFO, "final-consensus", steps=done, **short, **self.final_eval)

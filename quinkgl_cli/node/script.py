@@ -114,9 +114,11 @@ class PeerScript:
                 )
         if _known_len(loaders.train) == 0:
             # A peer without training data would run every round, share an untrained model and exit 0.
+            dropped = _dropped(loaders.train)
             raise NodeConfigError(
-                f"build_loaders in {self.path.name} returned an empty train_loader (0 batches)",
-                "check the data path and --script-arg values the script reads",
+                f"build_loaders in {self.path.name} returned an empty train_loader (0 batches{dropped})"
+                f"{_args(script_args)}", "build the loader with drop_last=False or a smaller batch_size" if dropped
+                else "check the data path and --script-arg values the script reads",
             )
         return loaders
 
@@ -145,6 +147,20 @@ class Loaders(NamedTuple):
     train: Any
     val: Any
     own: Any = None
+
+
+def _dropped(loader: Any) -> str:
+    """Why a loader over samples has no batch: ``drop_last`` dropped its one short batch (say so; else nothing)."""
+    samples = _known_len(getattr(loader, "dataset", None))
+    if getattr(loader, "drop_last", False) and samples:
+        return f": drop_last=True drops all {samples} samples, fewer than batch_size={getattr(loader, 'batch_size', '?')}"
+    return ""
+
+
+def _args(script_args: dict[str, str]) -> str:
+    """The script arguments a call was made with, for an error about one peer's data (the simulator calls
+    build_loaders once per peer with its shard)."""
+    return f" for {' '.join(f'{k}={v}' for k, v in script_args.items())}" if script_args else ""
 
 
 def _known_len(loader: Any) -> int | None:

@@ -37,7 +37,7 @@ from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.classes import CLASS_TASKS, ClassReading, class_reading
 from quinkgl_cli.node.dpsgd import DpSgdTraining, PassResult, build_dpsgd
 from quinkgl_cli.node.localwork import local_passes
-from quinkgl_cli.node.lrschedule import load_scheduler_state, scheduler_state
+from quinkgl_cli.node.lrschedule import check_schedule_length, load_scheduler_state, scheduler_state, step_scheduler
 from quinkgl_cli.node.moments import MomentRules
 from quinkgl_cli.node.owneval import class_hits, label_shares, weighted_accuracy
 from quinkgl_cli.node.personal import LossFn, Shared
@@ -135,7 +135,7 @@ class Trainer:
         self.train_loader = train_loader
         self.val_loader = val_loader
         self.optimizer = optimizer
-        self.scheduler = scheduler  # the script's learning-rate scheduler: one step per round, after training
+        self.scheduler = check_schedule_length(scheduler, rounds)  # the script's: one step per round, after training
         self.loss_fn = loss_fn or default_loss(manifest)
         floor = manifest.training.min_local_steps if self.personal.mode == "none" else 0  # personal: not measured
         self.local_epochs = local_passes(local_epochs, train_loader, floor)  # more on little data (`node.localwork`)
@@ -202,7 +202,7 @@ class Trainer:
         self.last_good = flatten(self.model)
         self.moments.training_ended(stats.steps)
         if self.scheduler is not None:
-            self.scheduler.step()
+            step_scheduler(self.scheduler, round_)
         self.personal.round_trained()
         stats.duration = time.perf_counter() - started
         stats.rolled_back_from = rolled_back_from
@@ -226,7 +226,7 @@ class Trainer:
                 ):
                     return
 
-    def _step(self, x: Any, y: Any, extra: Callable[[], torch.Tensor | None]) -> tuple[torch.Tensor, float]:
+    def _step(self, x: Any, y: Any, extra: Callable[[], torch.Tensor | None]) -> tuple[Any, float]:
         """The backward pass of one optimizer step on a batch; (outputs, loss). `_NonFiniteLoss` before a non-finite
         loss is stepped on."""
         drop_grads(self.optimizer)
@@ -277,7 +277,7 @@ class Trainer:
                 seen += n
                 if epoch == 0:
                     samples_first_epoch += n
-                hits = _correct(self.classes, out.detach(), y)
+                hits = _correct(self.classes, _detached(out), y)
                 if hits is not None:
                     correct += hits
                 steps += 1
@@ -460,6 +460,15 @@ def drop_grads(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:
             param.grad = None
+
+
+def _detached(out: Any) -> Any:
+    """The outputs cut from the graph: one tensor, or each tensor of a several-headed model's tuple or list."""
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, (tuple, list)):
+        return type(out)(t.detach() if isinstance(t, torch.Tensor) else t for t in out)
+    return out  # a dict or another structure: no class scores are read from it
 
 
 def _batch_len(y: Any) -> int:

@@ -80,16 +80,18 @@ class SwarmBuilder:
         self.classes: int | None = None  # of the split's class labels (`split`); None: the script's split, or none
 
     def shared_data(self) -> tuple[Any, Any, int]:
+        """(the script's training loader, its validation batches, its batch size)."""
         args = dict(self.config.script_args)
         train_loader, val_loader, _ = self.script.build_loaders(self.manifest, **args)
         dataset = getattr(train_loader, "dataset", None)
         if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise NodeConfigError(
                 f"the training loader of {self.script.path.name} has no map-style dataset to split among peers",
-                "return a torch DataLoader over a Dataset with __len__ and __getitem__ from build_loaders",
+                "return a torch DataLoader over a Dataset with __len__ and __getitem__ from build_loaders, or pass "
+                f"--partition {SCRIPT_PARTITION} to give each peer the script's own build_loaders(shard=i, num_shards=N)",
             )
         batch_size = getattr(train_loader, "batch_size", None) or 32
-        return dataset, materialize(val_loader) if val_loader is not None else None, int(batch_size)
+        return train_loader, materialize(val_loader) if val_loader is not None else None, int(batch_size)
 
     def server_manifest(self) -> Manifest:
         """The FedAvg server's view: it broadcasts the global model as is (no DP noise, no compression), as the
@@ -140,7 +142,8 @@ class SwarmBuilder:
         if cfg.partition == SCRIPT_PARTITION:
             trains, vals, owns = self.script_shards()
             return trains, vals, owns, vals[0], sum(_loader_size(t) for t in trains)
-        dataset, val_loader, batch_size = self.shared_data()
+        script_loader, val_loader, batch_size = self.shared_data()
+        dataset = script_loader.dataset
         scheme = parse_scheme(cfg.partition)
         labels, missing = self._class_labels(dataset)
         if labels is None:
@@ -153,8 +156,8 @@ class SwarmBuilder:
         else:
             self.classes = int(labels.max()) + 1 if len(labels) else None
         parts = partition_indices(labels, cfg.peers, scheme, cfg.seed)
-        trains = [peer_loader(dataset, idx, batch_size, torch.Generator().manual_seed(cfg.seed * 100_003 + i))
-                  for i, idx in enumerate(parts)]
+        trains = [peer_loader(dataset, idx, batch_size, torch.Generator().manual_seed(cfg.seed * 100_003 + i),
+                              script_loader) for i, idx in enumerate(parts)]
         return trains, [val_loader] * cfg.peers, [None] * cfg.peers, val_loader, len(dataset)
 
     def _no_labels_to_flip(self) -> NodeConfigError:

@@ -1,0 +1,283 @@
+"""Peer scripts written the way outside users write them, with models, optimizers and schedulers the shipped
+scripts do not use: each case once broke a run after `manifest create` and `run --dry-run` had accepted it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from quinkgl_cli import wire
+from quinkgl_cli.cli.app import main
+from quinkgl_cli.errors import NodeConfigError
+from quinkgl_cli.manifest.arch_hash import compute_arch_hash
+from quinkgl_cli.manifest.create import build_manifest
+from quinkgl_cli.manifest.io import write_manifest
+from quinkgl_cli.manifest.schema import Manifest
+from quinkgl_cli.node.classes import class_reading
+from quinkgl_cli.node.core import build_aggregator
+from quinkgl_cli.node.exchange import build_sharing
+from quinkgl_cli.node.lrschedule import check_training
+from quinkgl_cli.node.owneval import class_hits
+from quinkgl_cli.node.script import load_script
+from quinkgl_cli.node.trainer import Trainer, _correct
+from quinkgl_cli.sim.data import peer_loader
+from quinkgl_cli.tensors import shared_specs
+
+
+class TwoHeads(nn.Module):
+    """A classifier with an auxiliary head: forward returns (class scores, parity scores)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.cls = nn.Linear(8, 3)
+        self.aux = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return self.cls(h), self.aux(h)
+
+
+def _two_head_loss(outputs: Any, y: torch.Tensor) -> torch.Tensor:
+    cls, aux = outputs
+    return F.cross_entropy(cls, y) + 0.5 * F.cross_entropy(aux, y % 2)
+
+
+def _manifest(model: nn.Module, output_shape: str = "3") -> Manifest:
+    return build_manifest(
+        name="user", task_type="classification", input_shape="4", output_shape=output_shape, label_type="integer",
+        framework="pytorch", arch_hash=compute_arch_hash(model), aggregation="FedAvg", topology="FullTopology",
+    )  # fmt: skip
+
+
+def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()  # classes 0..2
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+
+
+def test_a_model_with_two_heads_trains_and_is_scored_by_the_head_the_task_describes() -> None:
+    """Its tuple of outputs crashed training (`'tuple' object has no attribute 'detach'`, a traceback); now the
+    class scores are the output shaped like the manifest's output shape (3 here, not the 2-column parity head)."""
+    torch.manual_seed(0)
+    model = TwoHeads()
+    manifest = _manifest(model)
+    data = _data()
+    trainer = Trainer(manifest, model, data, data, torch.optim.SGD(model.parameters(), lr=0.2), _two_head_loss, 20, None)
+    stats = trainer.train(1, build_aggregator(manifest), _no_sharing(manifest, model))
+    assert stats.loss is not None and stats.accuracy is not None and stats.accuracy > 0.5
+    evaluated = trainer.evaluate()
+    assert evaluated is not None and evaluated.val_accuracy is not None
+    x, y = data[0]
+    with torch.no_grad():
+        expected = float((model(x)[0].argmax(1) == y).float().mean())
+    one_batch = Trainer(manifest, model, [data[0]], [data[0]], torch.optim.SGD(model.parameters(), lr=0.1),
+                        _two_head_loss, 1, None).evaluate()
+    assert one_batch is not None and one_batch.val_accuracy == expected
+
+
+def _no_sharing(manifest: Manifest, model: nn.Module) -> Any:
+    return build_sharing(manifest, model, shared_specs(model), 0, None)
+
+
+def run_cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    return int(done.value.code or 0)
+
+
+DATA = """
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 4, generator=g)
+    return x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+"""
+
+
+def simulate_script(tmp_path: Path, body: str, *extra: str, output_shape: str = "3") -> int:
+    """`quinkgl simulate` of three peers on a script of ``DATA`` + ``body``; its exit code."""
+    tmp_path.mkdir(exist_ok=True)
+    script = tmp_path / "user.py"
+    script.write_text(DATA + body)
+    path = tmp_path / "user.qgl"
+    write_manifest(path, build_manifest(
+        name="user-sim", task_type="classification", input_shape="4", output_shape=output_shape, label_type="integer",
+        framework="pytorch", arch_hash=compute_arch_hash(load_script(script).build_model(None)), aggregation="FedAvg",
+        topology="FullTopology", training_params={"local_epochs": "1", "final_consensus_steps": "1"},
+    ))  # fmt: skip
+    return run_cli("simulate", "--manifest", str(path), "--script", str(script), "--peers", "3", "--rounds", "2",
+                   "--partition", "iid", *extra)  # fmt: skip
+
+
+DOUBLE = """
+def build_model(manifest, **kw):
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+def build_loaders(manifest, **kw):
+    x, y = _data()
+    return DataLoader(TensorDataset(x.double(), y), batch_size=16), DataLoader(TensorDataset(x.double(), y), batch_size=96)
+"""
+
+
+def test_a_float64_model_is_shared_as_float32(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A `.double()` model passed the dry run and then failed its first send (exit 6, `entry '0.weight' has
+    unsupported dtype torch.float64`): its entries cross the wire as float32, as every strategy reads them."""
+    assert simulate_script(tmp_path, DOUBLE) == 0, capsys.readouterr().err
+    assert "final mean_accuracy=" in capsys.readouterr().out
+    model = nn.Linear(2, 2).double()
+    assert [s.dtype for s in wire.on_wire(shared_specs(model))] == [torch.float32, torch.float32]
+
+
+PADDED = """
+from torch.utils.data import Dataset
+class Ragged(Dataset):  # samples of 2 to 4 features; the script's collate_fn pads them to 4
+    def __init__(self):
+        self.x, self.y = _data()
+    def __len__(self):
+        return len(self.y)
+    def __getitem__(self, i):
+        return self.x[i, : 2 + i % 3], int(self.y[i])
+def pad(batch):
+    x = torch.zeros(len(batch), 4)
+    for row, (features, _) in enumerate(batch):
+        x[row, : len(features)] = features
+    return x, torch.tensor([label for _, label in batch])
+def build_model(manifest, **kw):
+    return nn.Linear(4, 3)
+def build_loaders(manifest, **kw):
+    return DataLoader(Ragged(), batch_size=16, collate_fn=pad), DataLoader(Ragged(), batch_size=96, collate_fn=pad)
+"""
+
+
+def test_simulate_batches_each_peers_share_with_the_scripts_collate_fn(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """The simulator re-splits the script's dataset among peers and batched each share with torch's default
+    collation, so a script that pads ragged samples in its collate_fn crashed (`stack expects each tensor to be
+    equal size`, a traceback) and one that transforms its batches there trained on other data than its daemons."""
+    assert simulate_script(tmp_path, PADDED) == 0, capsys.readouterr().err
+
+
+def test_a_peers_share_drops_its_last_short_batch_when_the_scripts_loader_does() -> None:
+    x = torch.arange(10.0).reshape(10, 1)
+    dataset = TensorDataset(x, torch.zeros(10, dtype=torch.long))
+    script_loader = DataLoader(dataset, batch_size=4, drop_last=True)
+    share = peer_loader(dataset, np.arange(10), 4, torch.Generator().manual_seed(0), script_loader)
+    assert len(share) == 2 and [len(b[0]) for b in share] == [4, 4]
+    assert [len(b[0]) for b in peer_loader(dataset, np.arange(10), 4, torch.Generator())] == [4, 4, 2]
+
+
+def test_an_optimizer_that_needs_a_closure_is_refused_in_one_line() -> None:
+    """LBFGS passed the dry run, then every run stopped at its first batch with torch's traceback (`LBFGS.step()
+    missing 1 required positional argument: 'closure'`)."""
+    model = nn.Linear(4, 3)
+    with pytest.raises(NodeConfigError, match="returned LBFGS, whose step needs a closure"):
+        check_training(torch.optim.LBFGS(model.parameters()), "build_optimizer in user.py")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert check_training(optimizer, "build_optimizer").optimizer is optimizer  # step(closure=None): fine
+
+
+def _one_cycle_trainer(total_steps: int, rounds: int | None) -> Trainer:
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=total_steps)
+    return Trainer(_manifest(model), model, _data(), None, optimizer, None, 1, None, rounds=rounds, scheduler=scheduler)
+
+
+def test_a_scheduler_that_fails_at_its_step_stops_the_node_in_one_line() -> None:
+    """A OneCycleLR stepped past its total_steps raised torch's ValueError out of the round, a traceback."""
+    with pytest.raises(NodeConfigError, match="total_steps=2, fewer than the run's 3 rounds"):
+        _one_cycle_trainer(2, rounds=3)
+    trainer = _one_cycle_trainer(2, rounds=None)  # a daemon without --rounds: the length is unknown up front
+    manifest = _manifest(trainer.model)
+    aggregator, sharing = build_aggregator(manifest), _no_sharing(manifest, trainer.model)
+    trainer.train(1, aggregator, sharing)
+    trainer.train(2, aggregator, sharing)
+    with pytest.raises(NodeConfigError, match=r"OneCycleLR scheduler from build_optimizer failed at its step after "
+                                              r"round 3: ValueError: Tried to step 3 times"):
+        trainer.train(3, aggregator, sharing)
+
+
+def _multi_hot_bce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(out, y)
+
+
+def test_a_multi_label_classifier_is_scored_label_by_label() -> None:
+    """Several columns under a binary cross-entropy are labels, not class scores: the argmax reading scored a model
+    right on every label 0.5 here (the highest logit is not the first positive label)."""
+    out = torch.tensor([[3.0, 5.0, -2.0], [-1.0, 2.0, 4.0], [1.0, -3.0, -1.0], [2.0, 1.0, 3.0]])
+    y = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])  # the last: one label wrong
+    model = nn.Linear(2, 3)
+    for loss in (nn.BCEWithLogitsLoss(), _multi_hot_bce):
+        reading = class_reading(model, loss, (3,))
+        assert reading.multilabel and _correct(reading, out, y) == 3
+        assert class_hits(out, y, reading) is None  # a sample holds several classes: no per-class counts
+    assert _correct(class_reading(model, nn.BCELoss(), (3,)), torch.sigmoid(out), y) == 3  # probabilities
+    single = class_reading(model, nn.CrossEntropyLoss(), (3,))
+    assert not single.multilabel and _correct(single, out, torch.tensor([1, 2, 0, 2])) == 4  # argmax as before
+    assert not class_reading(model, nn.BCEWithLogitsLoss(), (1,)).multilabel  # one column: a binary classifier
+
+
+def test_a_loader_that_drops_its_only_short_batch_is_named_with_the_peers_arguments(tmp_path: Path) -> None:
+    """`drop_last=True` on a share smaller than a batch was refused as `returned an empty train_loader (0 batches)
+    (check the data path ...)`, without the cause or which of the simulator's peers it was."""
+    script = tmp_path / "few.py"
+    script.write_text(DATA + """
+def build_model(manifest, **kw):
+    return nn.Linear(4, 3)
+def build_loaders(manifest, **kw):
+    x, y = _data()
+    n = 10 if kw.get("shard") == "0" else 96
+    return DataLoader(TensorDataset(x[:n], y[:n]), batch_size=16, drop_last=True), None
+""")
+    loaded = load_script(script)
+    with pytest.raises(NodeConfigError) as err:
+        loaded.build_loaders(None, shard="0", num_shards="3")
+    assert str(err.value) == ("build_loaders in few.py returned an empty train_loader (0 batches: drop_last=True drops "
+                              "all 10 samples, fewer than batch_size=16) for shard=0 num_shards=3")
+    assert err.value.hint == "build the loader with drop_last=False or a smaller batch_size"
+    assert len(loaded.build_loaders(None, shard="1").train) == 6
+
+
+STREAMED = """
+from torch.utils.data import IterableDataset
+class Stream(IterableDataset):
+    def __iter__(self):
+        x, y = _data()
+        yield from zip(x, y)
+def build_model(manifest, **kw):
+    return nn.Linear(4, 3)
+def build_loaders(manifest, **kw):
+    return DataLoader(Stream(), batch_size=16), None
+"""
+
+
+def test_an_iterable_dataset_is_pointed_at_the_scripts_own_split(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """simulate cannot split a stream among peers; the script's own split (`--partition script`) can run it."""
+    assert simulate_script(tmp_path, STREAMED) == 7
+    assert "or pass --partition script to give each peer the script's own build_loaders" in capsys.readouterr().err
+    assert simulate_script(tmp_path / "own", STREAMED, "--partition", "script") == 0
+
+
+def test_the_input_shape_is_read_from_a_first_layer_under_weight_norm() -> None:
+    """`manifest create --from-script` asked for --input-shape on a model starting with weight_norm(nn.Linear(64,
+    32)): the parametrization's submodules hid the Linear from the inference."""
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    from quinkgl_cli.manifest.shapes import probe_shapes
+
+    for wrap in (weight_norm, spectral_norm):
+        model = nn.Sequential(wrap(nn.Linear(64, 32)), nn.PReLU(), nn.Linear(32, 10))
+        assert probe_shapes(model, None) == ((64,), (10,))
+    flattening = nn.Sequential(nn.Flatten(), weight_norm(nn.Linear(784, 10, bias=False)))
+    assert probe_shapes(flattening, None) == ((1, 28, 28), (10,))
