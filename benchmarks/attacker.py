@@ -33,6 +33,9 @@ Scenarios (issue 12's numbering):
 - ``rejoin-flood`` (not in issue 12's list): one member key saying hello to every peer 50 times a second, each
   time under a new session, every other time under a new node id too, so that each hello would lose its old entry
   and meet a new one.
+- ``stale-copy`` (not in issue 12's list): one member offering, each second, an honest model it heard six or more
+  rounds earlier, claiming the current round, re-encoded with a meta of its own (so its bytes, and their digest,
+  are no honest update's: the copy screen compares digests).
 ``attack-stats`` counts the honest models the attacker's identities received (``models``).
 """
 
@@ -62,7 +65,7 @@ from quinkgl_cli.transport.ipv8 import IPv8Transport, stream
 from quinkgl_cli.transport.ipv8.payloads import HelloPayload, OfferPayload
 
 SCENARIOS = ("poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero", "observer",
-             "squatter", "squatter-live", "junk", "boost", "pace-stretch", "rejoin-flood")
+             "squatter", "squatter-live", "junk", "boost", "pace-stretch", "rejoin-flood", "stale-copy")
 
 
 class Listener:
@@ -344,6 +347,22 @@ class Attack:
                 self.stats["sent"] += 1
             sent += 1
             await asyncio.sleep(0.02)
+
+
+    async def stale_copy(self, ready: asyncio.Event) -> None:
+        t, heard = await self.member("stale")
+        await self.wait_for_peers(heard, len(self.seeds))
+        ready.set()
+        history: dict[int, bytes] = {}
+        while True:
+            if heard.latest is not None:
+                history.setdefault(heard.latest.round, bytes(heard.latest.payload))
+            old = [r for r in history if r <= heard.max_round - 6]
+            if old:
+                tensors, meta = wire.decode(history[max(old)])
+                blob = wire.encode(tensors, meta={**meta, "step": 0, "nonce": self.stats["sent"]})
+                self.send(t, heard.peers, OutgoingUpdate(round=max(heard.max_round, 1), payload=blob, sample_count=100))
+            await asyncio.sleep(1.0)
 
 
 async def main(args: argparse.Namespace) -> None:
