@@ -33,6 +33,12 @@ Scenarios (issue 12's numbering):
 - ``rejoin-flood`` (not in issue 12's list): one member key saying hello to every peer 50 times a second, each
   time under a new session, every other time under a new node id too, so that each hello would lose its old entry
   and meet a new one.
+- ``stale-copy`` (not in issue 12's list): one member offering, each second, an honest model it heard six or more
+  rounds earlier, claiming the current round, re-encoded with a meta of its own (so its bytes, and their digest,
+  are no honest update's: the copy screen compares digests).
+- ``drift`` (not in issue 12's list): one member offering, each second, the newest honest model it heard moved
+  by one fixed random direction of 0.9 of that model's norm: inside the distance clip (one model norm), the same way
+  every round, so that what it pulls adds up.
 ``attack-stats`` counts the honest models the attacker's identities received (``models``).
 """
 
@@ -62,7 +68,7 @@ from quinkgl_cli.transport.ipv8 import IPv8Transport, stream
 from quinkgl_cli.transport.ipv8.payloads import HelloPayload, OfferPayload
 
 SCENARIOS = ("poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero", "observer",
-             "squatter", "squatter-live", "junk", "boost", "pace-stretch", "rejoin-flood")
+             "squatter", "squatter-live", "junk", "boost", "pace-stretch", "rejoin-flood", "stale-copy", "drift")
 
 
 class Listener:
@@ -344,6 +350,43 @@ class Attack:
                 self.stats["sent"] += 1
             sent += 1
             await asyncio.sleep(0.02)
+
+
+    async def stale_copy(self, ready: asyncio.Event) -> None:
+        t, heard = await self.member("stale")
+        await self.wait_for_peers(heard, len(self.seeds))
+        ready.set()
+        history: dict[int, bytes] = {}
+        while True:
+            if heard.latest is not None:
+                history.setdefault(heard.latest.round, bytes(heard.latest.payload))
+            old = [r for r in history if r <= heard.max_round - 6]
+            if old:
+                tensors, meta = wire.decode(history[max(old)])
+                blob = wire.encode(tensors, meta={**meta, "step": 0, "nonce": self.stats["sent"]})
+                self.send(t, heard.peers, OutgoingUpdate(round=max(heard.max_round, 1), payload=blob, sample_count=100))
+            await asyncio.sleep(1.0)
+
+
+    async def drift(self, ready: asyncio.Event) -> None:
+        t, heard = await self.member("drifter")
+        await self.wait_for_peers(heard, len(self.seeds))
+        ready.set()
+        direction: dict[str, torch.Tensor] = {}
+        while True:
+            if heard.latest is not None:
+                tensors, meta = wire.decode(bytes(heard.latest.payload))
+                floats = {n: v for n, v in tensors.items() if v.is_floating_point()}
+                if not direction:
+                    gen = torch.Generator().manual_seed(7)
+                    direction = {n: torch.randn(v.shape, generator=gen) for n, v in floats.items()}
+                    scale = 1.0 / float(torch.sqrt(sum((d * d).sum() for d in direction.values())))
+                    direction = {n: d * scale for n, d in direction.items()}
+                norm = float(torch.sqrt(sum((v.double() ** 2).sum() for v in floats.values())))
+                moved = {n: v + 0.9 * norm * direction[n] if n in direction else v for n, v in tensors.items()}
+                blob = wire.encode(moved, meta={**meta, "step": 0, "nonce": self.stats["sent"]})
+                self.send(t, heard.peers, OutgoingUpdate(round=max(heard.max_round, 1), payload=blob, sample_count=100))
+            await asyncio.sleep(1.0)
 
 
 async def main(args: argparse.Namespace) -> None:

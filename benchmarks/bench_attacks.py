@@ -28,7 +28,7 @@ from quinkgl_cli.node import localswarm as ls
 
 ROOT = Path(__file__).resolve().parent
 SCENARIOS = ("none", "poison", "round-claim", "offer-flood", "idle-tcp", "slow-serve", "hello-flood", "round-zero",
-             "observer", "squatter", "squatter-live", "junk", "boost", "pace-stretch", "rejoin-flood", "none-certified",
+             "observer", "squatter", "squatter-live", "junk", "boost", "pace-stretch", "rejoin-flood", "stale-copy", "drift", "none-certified",
              "hello-flood-certified")
 CERTIFIED = ("observer", "none-certified", "hello-flood-certified")  # run in the certified twin of the swarm
 PEERS = 3

@@ -369,7 +369,7 @@ def test_a_key_coming_back_at_every_hello_is_not_lost_and_met_again_each_time(tm
     """One member key saying hello under a new node id (or a new session) each time: every hello lost its entry and
     discovered a new one. Against a real daemon, 3,400 such hellos in 40 s made 6,800 INFO lines and grew its
     checkpoint (the names it met) by 190 KB; a new session each time, 3,400 peer-lost lines. A key joins the table
-    at most `joins_per_key` times in `joins_window` seconds."""
+    at most `StrangerLimits.joins_per_key` times in `joins_window` seconds."""
 
     async def body(c: Cluster):
         a, seen = await c.add("a")
@@ -385,7 +385,7 @@ def test_a_key_coming_back_at_every_hello_is_not_lost_and_met_again_each_time(tm
                                                  membership.tcp_port, False, b""))
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.5)
-        limit = 3  # the default `Limits.joins_per_key`
+        limit = 3  # the default `StrangerLimits.joins_per_key`
         assert len(seen.discovered) <= limit and len(seen.lost) <= limit - 1, (seen.discovered, seen.lost)
 
     run_cluster("ipv8", tmp_path, body)

@@ -68,7 +68,7 @@ class Membership:
         self.seeds = seeds
         self.on_lost = on_lost
         self.admission = admission
-        self._joins = Cooldown(settings.limits.joins_window, settings.limits.joins_per_key)
+        self._joins = Cooldown(settings.limits.strangers.joins_window, settings.limits.strangers.joins_per_key)
         self.gossip = RevocationGossip(settings, admission, table, courier, community.my_peer.public_key.key_to_bin(),
                                        self.lose, drops)
         self.replay = ReplayGuard()

@@ -54,7 +54,8 @@ class ForwardLimits:
 
 @dataclass(frozen=True)
 class StrangerLimits:
-    """What peers we have no reason to trust (untrusted peers and keys not in the table, see `peers`) may take."""
+    """What peers we have no reason to trust (untrusted peers and keys not in the table, see `peers`) may take; and,
+    since keys cost nothing, how often any key may join the table."""
 
     grace: float = 30.0  # seconds a new peer has to prove itself before it may be evicted from a full table
     probation_offers: int = 4  # offers an untrusted peer may leave unfetched before it gets no more
@@ -66,6 +67,10 @@ class StrangerLimits:
     # tens of seconds (measured with 300 fresh keys).
     packets: float = 100.0
     packets_per_peer: float = 20.0
+    # A key joins the table (new, restarted, renamed, back after a loss) at most this often: a restart or two in a
+    # row pass, a key that comes back under a new session or name at every hello does not.
+    joins_per_key: int = 3
+    joins_window: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -88,10 +93,6 @@ class Limits:
     offer_resend_after: float = 1.5  # seconds without a fetch before an offer is sent again (a datagram may be lost)
     stop_grace: float = 2.0  # seconds a stopping transport waits for peers to fetch what it offered them
     id_hold: float = 120.0  # seconds a lost peer's node id stays its key's: nobody else may claim it meanwhile
-    # A key joins the table (new, restarted, renamed, back after a loss) at most this often: a restart or two in a
-    # row pass, a key that comes back under a new session or name at every hello does not.
-    joins_per_key: int = 3
-    joins_window: float = 30.0
     path_retry_after: float = 300.0  # seconds before a way to a peer that failed is tried again
     forward: ForwardLimits = field(default_factory=lambda: ForwardLimits())
     relay: RelayLimits = field(default_factory=lambda: RelayLimits())
