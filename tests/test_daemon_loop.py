@@ -306,7 +306,9 @@ def test_late_round_still_waits_for_this_rounds_updates_and_next_round_starts_at
         manifest: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Training longer than the interval: every gossip deadline is already past. p1 finishes each round's training
     just after p0; p0 must still wait for p1's update of the same round instead of aggregating last round's."""
-    interval, rounds, train_s = 0.4, 3, 0.45
+    # Training a little longer than the interval: a round that waited for the next interval boundary would start
+    # about 0.85 s late, one that starts at once within scheduling noise (0.4 s of slack: a loaded machine).
+    interval, rounds, train_s = 1.0, 3, 1.1
     net = MemoryNetwork()
     d0, d1 = (Daemon(prepare(options(manifest, tmp_path, f"p{i}", rounds=rounds, gossip_interval=interval, min_peers=1)),
                      LogContext(f"p{i}"), memory_factory(net)) for i in range(2))
@@ -352,7 +354,7 @@ def test_late_round_still_waits_for_this_rounds_updates_and_next_round_starts_at
     assert all(h["peers"] == 1 for h in d0.node.history)
     # Overran: each next round began right after the previous one ended, not at a later interval boundary.
     for r in range(rounds - 1):
-        assert begun[r + 1] - begun[r] - d0.node.history[r]["duration"] < 0.15, (begun, d0.node.history)
+        assert begun[r + 1] - begun[r] - d0.node.history[r]["duration"] < 0.4, (begun, d0.node.history)
     assert sum(r.getMessage().startswith("behind-schedule ") for r in caplog.records if r.name == "quinkgl.daemon") >= 1
 
 
