@@ -281,3 +281,40 @@ def test_the_input_shape_is_read_from_a_first_layer_under_weight_norm() -> None:
         assert probe_shapes(model, None) == ((64,), (10,))
     flattening = nn.Sequential(nn.Flatten(), weight_norm(nn.Linear(784, 10, bias=False)))
     assert probe_shapes(flattening, None) == ((1, 28, 28), (10,))
+
+
+class Logits(nn.Module):
+    """A Hugging Face style classifier: forward returns {"logits": scores, "hidden": features}."""
+
+    def __init__(self, scores: int = 3) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.head = nn.Linear(8, scores)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return {"hidden": h, "logits": self.head(h)}
+
+
+def _logits_loss(outputs: Any, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs["logits"], y)
+
+
+def test_a_dict_of_outputs_is_scored_by_its_logits_and_unreadable_outputs_score_none_not_zero() -> None:
+    """A model returning {"logits": ...} reported val_accuracy 0.000 on every round while its loss fell: outputs that
+    read as no class scores counted as wrong answers."""
+    torch.manual_seed(0)
+    data = _data()
+    model = Logits()
+    trainer = Trainer(_manifest(model), model, data, data, torch.optim.SGD(model.parameters(), lr=0.2), _logits_loss,
+                      20, None)
+    stats = trainer.train(1, build_aggregator(_manifest(model)), _no_sharing(_manifest(model), model))
+    evaluated = trainer.evaluate()
+    assert stats.accuracy is not None and stats.accuracy > 0.5
+    assert evaluated is not None and evaluated.val_accuracy is not None and evaluated.val_accuracy > 0.5
+    # The manifest says 5 scores per sample and no output has them: no accuracy at all, rather than 0.0.
+    unreadable = Trainer(_manifest(model, output_shape="5"), model, data, data,
+                         torch.optim.SGD(model.parameters(), lr=0.1), _logits_loss, 1, None)
+    assert unreadable.train(1, build_aggregator(_manifest(model)), _no_sharing(_manifest(model), model)).accuracy is None
+    evaluated = unreadable.evaluate()
+    assert evaluated is not None and evaluated.val_loss is not None and evaluated.val_accuracy is None
