@@ -318,3 +318,15 @@ def test_a_dict_of_outputs_is_scored_by_its_logits_and_unreadable_outputs_score_
     assert unreadable.train(1, build_aggregator(_manifest(model)), _no_sharing(_manifest(model), model)).accuracy is None
     evaluated = unreadable.evaluate()
     assert evaluated is not None and evaluated.val_loss is not None and evaluated.val_accuracy is None
+
+
+def test_dp_sgd_takes_per_example_gradients_of_a_model_with_several_outputs() -> None:
+    """Under privacy mode dp_sgd a tuple or dict of outputs stopped the node (`DP-SGD cannot take per-example
+    gradients of this model: AttributeError: 'tuple' object has no attribute 'detach'`)."""
+    from quinkgl_cli.strategies.dpsgd import per_sample_grads
+
+    x, y = _data()[0]
+    for model, loss in ((TwoHeads(), _two_head_loss), (Logits(), _logits_loss)):
+        ps = per_sample_grads(model, loss, x, y)
+        assert ps.losses.shape == (16,) and all(g.shape[0] == 16 for g in ps.grads.values())
+        assert _correct(class_reading(model, loss, (3,)), ps.outputs, y) is not None
