@@ -330,3 +330,44 @@ def test_dp_sgd_takes_per_example_gradients_of_a_model_with_several_outputs() ->
         ps = per_sample_grads(model, loss, x, y)
         assert ps.losses.shape == (16,) and all(g.shape[0] == 16 for g in ps.grads.values())
         assert _correct(class_reading(model, loss, (3,)), ps.outputs, y) is not None
+
+
+class Bag(nn.Module):
+    """Token ids from the four features, looked up in a sparse embedding (sparse gradients)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(4 * 3, 8, sparse=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x > 0).long() + (x > 1).long() + 3 * torch.arange(4)
+        return self.out(self.emb(ids).mean(1))
+
+
+def test_a_sparse_embedding_trains_under_the_default_optimizer_and_a_wrong_one_is_named() -> None:
+    """SGD with momentum (the default optimizer) keeps a sparse momentum buffer for a sparse embedding, and the
+    aggregation's momentum rule crashed adding the dense movement into it (`add(sparse, dense) is not supported`, a
+    traceback); Adam, which refuses sparse gradients, stopped training with torch's traceback."""
+    from quinkgl_cli.node.moments import MomentRules
+
+    torch.manual_seed(0)
+    model = Bag()
+    manifest = _manifest(model)
+    data = _data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = Trainer(manifest, model, data, data, optimizer, None, 1, None)
+    trainer.train(1, build_aggregator(manifest), _no_sharing(manifest, model))
+    assert optimizer.state[model.emb.weight]["momentum_buffer"].layout == torch.sparse_coo
+    rules = MomentRules()
+    rules.training_begins(optimizer, model.parameters())
+    rules.training_ended(4)
+    with torch.no_grad():
+        model.out.weight.add_(0.5)
+    dense_before = optimizer.state[model.out.weight]["momentum_buffer"].clone()
+    rules.model_replaced(optimizer, model.parameters())  # the dense buffers take in the movement, the sparse one stays
+    assert not torch.equal(optimizer.state[model.out.weight]["momentum_buffer"], dense_before)
+    adam = Trainer(manifest, model, data, data, torch.optim.Adam(model.parameters()), None, 1, None)
+    with pytest.raises(NodeConfigError, match=r"^the Adam optimizer from build_optimizer failed at its step: "
+                                              r"RuntimeError: Adam does not support sparse gradients"):
+        adam.train(1, build_aggregator(manifest), _no_sharing(manifest, model))

@@ -270,7 +270,7 @@ class Trainer:
                 out, loss = self._step(x, y, lambda: aggregator.loss_term(shared))
                 aggregator.after_backward(shared)
                 personal.before_step()
-                self.optimizer.step()
+                optimizer_step(self.optimizer)
                 personal.after_step(x, y, self.loss_fn)
                 n = _batch_len(y)
                 total_loss += loss * n
@@ -301,7 +301,7 @@ class Trainer:
         with self.personal.head_only():
             for _, x, y in self._batches(self.personal.head_epochs):
                 self._step(x, y, lambda: None)
-                self.optimizer.step()
+                optimizer_step(self.optimizer)
 
     def fit_head(self) -> float | None:
         """After the final merge: the personal head's passes on the merged backbone (FedRep, as the paper's last
@@ -448,6 +448,20 @@ def _add_hits(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch
 
 def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, n - t.numel()))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """The script's optimizer's step; what it raises (Adam on an ``nn.Embedding(sparse=True)``'s gradients) as one
+    line naming it, not a traceback from torch."""
+    try:
+        optimizer.step()
+    except QuinkglError:
+        raise
+    except Exception as exc:
+        raise NodeConfigError(f"the {type(optimizer).__name__} optimizer from build_optimizer failed at its step: "
+                              f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                              "build an optimizer that takes this model's gradients (SparseAdam for sparse "
+                              "embeddings)") from exc
 
 
 def drop_grads(optimizer: torch.optim.Optimizer) -> None:
