@@ -371,3 +371,31 @@ def test_a_sparse_embedding_trains_under_the_default_optimizer_and_a_wrong_one_i
     with pytest.raises(NodeConfigError, match=r"^the Adam optimizer from build_optimizer failed at its step: "
                                               r"RuntimeError: Adam does not support sparse gradients"):
         adam.train(1, build_aggregator(manifest), _no_sharing(manifest, model))
+
+
+def test_the_sparse_momentum_buffer_of_a_sparse_embedding_is_checkpointed_dense() -> None:
+    """Every daemon of such a swarm died at its first checkpoint (`loop-died error="RuntimeError: unsupported memory
+    format option Contiguous"`): the buffer is stored dense, made sparse again on load, and the resumed optimizer
+    steps as the original."""
+    from quinkgl_cli.node.state import load_optimizer_state, optimizer_state
+
+    torch.manual_seed(0)
+    model = Bag()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _data()[0]
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    tensors, meta = optimizer_state(optimizer, "optim.")
+    tensors = {k: t.clone() for k, t in tensors.items()}  # as read back from the file (the state's are live views)
+    assert all(t.layout == torch.strided for t in tensors.values()) and meta["sparse"] == {"0.momentum_buffer": 1}
+    twin = Bag()
+    twin.load_state_dict(model.state_dict())
+    resumed = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    load_optimizer_state(resumed, tensors, meta, "optim.")
+    for m, opt in ((model, optimizer), (twin, resumed)):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    assert torch.allclose(model.emb.weight, twin.emb.weight) and torch.allclose(model.out.weight, twin.out.weight)
