@@ -281,3 +281,121 @@ def test_the_input_shape_is_read_from_a_first_layer_under_weight_norm() -> None:
         assert probe_shapes(model, None) == ((64,), (10,))
     flattening = nn.Sequential(nn.Flatten(), weight_norm(nn.Linear(784, 10, bias=False)))
     assert probe_shapes(flattening, None) == ((1, 28, 28), (10,))
+
+
+class Logits(nn.Module):
+    """A Hugging Face style classifier: forward returns {"logits": scores, "hidden": features}."""
+
+    def __init__(self, scores: int = 3) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.head = nn.Linear(8, scores)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.body(x))
+        return {"hidden": h, "logits": self.head(h)}
+
+
+def _logits_loss(outputs: Any, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs["logits"], y)
+
+
+def test_a_dict_of_outputs_is_scored_by_its_logits_and_unreadable_outputs_score_none_not_zero() -> None:
+    """A model returning {"logits": ...} reported val_accuracy 0.000 on every round while its loss fell: outputs that
+    read as no class scores counted as wrong answers."""
+    torch.manual_seed(0)
+    data = _data()
+    model = Logits()
+    trainer = Trainer(_manifest(model), model, data, data, torch.optim.SGD(model.parameters(), lr=0.2), _logits_loss,
+                      20, None)
+    stats = trainer.train(1, build_aggregator(_manifest(model)), _no_sharing(_manifest(model), model))
+    evaluated = trainer.evaluate()
+    assert stats.accuracy is not None and stats.accuracy > 0.5
+    assert evaluated is not None and evaluated.val_accuracy is not None and evaluated.val_accuracy > 0.5
+    # The manifest says 5 scores per sample and no output has them: no accuracy at all, rather than 0.0.
+    unreadable = Trainer(_manifest(model, output_shape="5"), model, data, data,
+                         torch.optim.SGD(model.parameters(), lr=0.1), _logits_loss, 1, None)
+    assert unreadable.train(1, build_aggregator(_manifest(model)), _no_sharing(_manifest(model), model)).accuracy is None
+    evaluated = unreadable.evaluate()
+    assert evaluated is not None and evaluated.val_loss is not None and evaluated.val_accuracy is None
+
+
+def test_dp_sgd_takes_per_example_gradients_of_a_model_with_several_outputs() -> None:
+    """Under privacy mode dp_sgd a tuple or dict of outputs stopped the node (`DP-SGD cannot take per-example
+    gradients of this model: AttributeError: 'tuple' object has no attribute 'detach'`)."""
+    from quinkgl_cli.strategies.dpsgd import per_sample_grads
+
+    x, y = _data()[0]
+    for model, loss in ((TwoHeads(), _two_head_loss), (Logits(), _logits_loss)):
+        ps = per_sample_grads(model, loss, x, y)
+        assert ps.losses.shape == (16,) and all(g.shape[0] == 16 for g in ps.grads.values())
+        assert _correct(class_reading(model, loss, (3,)), ps.outputs, y) is not None
+
+
+class Bag(nn.Module):
+    """Token ids from the four features, looked up in a sparse embedding (sparse gradients)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(4 * 3, 8, sparse=True)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x > 0).long() + (x > 1).long() + 3 * torch.arange(4)
+        return self.out(self.emb(ids).mean(1))
+
+
+def test_a_sparse_embedding_trains_under_the_default_optimizer_and_a_wrong_one_is_named() -> None:
+    """SGD with momentum (the default optimizer) keeps a sparse momentum buffer for a sparse embedding, and the
+    aggregation's momentum rule crashed adding the dense movement into it (`add(sparse, dense) is not supported`, a
+    traceback); Adam, which refuses sparse gradients, stopped training with torch's traceback."""
+    from quinkgl_cli.node.moments import MomentRules
+
+    torch.manual_seed(0)
+    model = Bag()
+    manifest = _manifest(model)
+    data = _data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = Trainer(manifest, model, data, data, optimizer, None, 1, None)
+    trainer.train(1, build_aggregator(manifest), _no_sharing(manifest, model))
+    assert optimizer.state[model.emb.weight]["momentum_buffer"].layout == torch.sparse_coo
+    rules = MomentRules()
+    rules.training_begins(optimizer, model.parameters())
+    rules.training_ended(4)
+    with torch.no_grad():
+        model.out.weight.add_(0.5)
+    dense_before = optimizer.state[model.out.weight]["momentum_buffer"].clone()
+    rules.model_replaced(optimizer, model.parameters())  # the dense buffers take in the movement, the sparse one stays
+    assert not torch.equal(optimizer.state[model.out.weight]["momentum_buffer"], dense_before)
+    adam = Trainer(manifest, model, data, data, torch.optim.Adam(model.parameters()), None, 1, None)
+    with pytest.raises(NodeConfigError, match=r"^the Adam optimizer from build_optimizer failed at its step: "
+                                              r"RuntimeError: Adam does not support sparse gradients"):
+        adam.train(1, build_aggregator(manifest), _no_sharing(manifest, model))
+
+
+def test_the_sparse_momentum_buffer_of_a_sparse_embedding_is_checkpointed_dense() -> None:
+    """Every daemon of such a swarm died at its first checkpoint (`loop-died error="RuntimeError: unsupported memory
+    format option Contiguous"`): the buffer is stored dense, made sparse again on load, and the resumed optimizer
+    steps as the original."""
+    from quinkgl_cli.node.state import load_optimizer_state, optimizer_state
+
+    torch.manual_seed(0)
+    model = Bag()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _data()[0]
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    tensors, meta = optimizer_state(optimizer, "optim.")
+    tensors = {k: t.clone() for k, t in tensors.items()}  # as read back from the file (the state's are live views)
+    assert all(t.layout == torch.strided for t in tensors.values()) and meta["sparse"] == {"0.momentum_buffer": 1}
+    twin = Bag()
+    twin.load_state_dict(model.state_dict())
+    resumed = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    load_optimizer_state(resumed, tensors, meta, "optim.")
+    for m, opt in ((model, optimizer), (twin, resumed)):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    assert torch.allclose(model.emb.weight, twin.emb.weight) and torch.allclose(model.out.weight, twin.out.weight)

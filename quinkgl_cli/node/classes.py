@@ -18,15 +18,16 @@ multi-hot target row. The argmax of such rows matched whenever the first positiv
 for a model that had learned its four labels); a sample is now a hit when every label is right, as scikit-learn's
 ``accuracy_score`` scores multi-label data, and no per-class counts are kept (a sample holds several classes).
 
-A model with several heads returns a tuple (or list) of tensors, which its ``loss_fn`` takes apart; the class scores
-are the first of them whose per-sample shape is the task's output shape (the prediction the manifest describes).
+A model with several heads returns a tuple (or list, or dict) of tensors, which its ``loss_fn`` takes apart; the
+class scores are the first of them whose per-sample shape is the task's output shape (the prediction the manifest
+describes). Outputs without one report no accuracy (None), not 0.0.
 """
 
 from __future__ import annotations
 
 import inspect
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,13 +53,13 @@ class ClassReading:
 
     def scores(self, out: Any) -> torch.Tensor | None:
         """The class scores among a batch's outputs: the outputs when they are one tensor, else the first tensor of a
-        tuple or list shaped like the task's output; None when there is none."""
+        tuple or list (or the first value of a dict, ``{"logits": ...}``) shaped like the task's output; None when
+        there is none."""
         if isinstance(out, torch.Tensor):
             return out
-        if isinstance(out, (tuple, list)):
-            return next((t for t in out if isinstance(t, torch.Tensor) and t.dim() >= 2
-                         and tuple(t.shape[1:]) == self.output_shape), None)
-        return None
+        several = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+        return next((t for t in several if isinstance(t, torch.Tensor) and t.dim() >= 2
+                     and tuple(t.shape[1:]) == self.output_shape), None)
 
     def pairs(self, outputs: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(predicted, true) class ids of a batch; None when the outputs hold no class scores or the targets do not

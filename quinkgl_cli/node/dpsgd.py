@@ -178,7 +178,7 @@ def _add_data_free_term(model: nn.Module, aggregator: Aggregator) -> None:
         extra.backward()
 
 
-def _tally(result: PassResult, losses: torch.Tensor, outputs: torch.Tensor, y: torch.Tensor,
+def _tally(result: PassResult, losses: torch.Tensor, outputs: Any, y: torch.Tensor,
            classes: ClassReading) -> None:
     n = int(losses.shape[0])
     result.loss_sum += float(losses.sum())

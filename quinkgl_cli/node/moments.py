@@ -84,7 +84,8 @@ def global_momentum(optimizer: torch.optim.Optimizer, start: dict[nn.Parameter, 
     """Set the momentum buffer of every parameter in ``start`` (its value when local training began) to ``mix``
     times itself plus ``1 - mix`` times the parameter's displacement since then per local step,
     ``(start - now) / (lr * steps)``; how many buffers were set. Only `torch.optim.SGD`'s buffers, and only with
-    ``steps`` and the group's learning rate above zero."""
+    ``steps`` and the group's learning rate above zero, and only dense buffers (an ``nn.Embedding(sparse=True)``'s is
+    sparse: torch cannot add the dense movement into it, and it keeps its own)."""
     if not isinstance(optimizer, torch.optim.SGD) or steps <= 0:
         return 0
     changed = 0
@@ -94,7 +95,8 @@ def global_momentum(optimizer: torch.optim.Optimizer, start: dict[nn.Parameter, 
             for p in group["params"]:
                 before = start.get(p)
                 buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                if before is None or lr <= 0 or not isinstance(buf, torch.Tensor) or buf.shape != p.shape:
+                if (before is None or lr <= 0 or not isinstance(buf, torch.Tensor) or buf.shape != p.shape
+                        or buf.layout != torch.strided):  # a sparse embedding's buffer: its own, as torch keeps it
                     continue
                 buf.mul_(mix).add_((before - p.detach()) / (lr * steps), alpha=1.0 - mix)
                 changed += 1

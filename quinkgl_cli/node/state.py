@@ -79,24 +79,32 @@ def optimizer_state(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
+    sparse: dict[str, int] = {}  # sparse tensors' names and sparse dimensions
     for idx, pstate in opt["state"].items():
         for key, value in pstate.items():
             if isinstance(value, torch.Tensor):
+                if value.layout == torch.sparse_coo:
+                    # SGD's momentum buffer of an nn.Embedding(sparse=True): safetensors holds dense tensors only
+                    # (saving one killed the daemon). Stored dense, made sparse again on load, as torch had it.
+                    sparse[f"{idx}.{key}"] = value.sparse_dim()
+                    value = value.to_dense()
                 tensors[f"{prefix}{idx}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[key] = json_scalar(value)
-    return tensors, {"param_groups": [{k: json_scalar(v) for k, v in g.items()} for g in opt["param_groups"]],
-                     "scalars": scalars}
+    meta = {"param_groups": [{k: json_scalar(v) for k, v in g.items()} for g in opt["param_groups"]], "scalars": scalars}
+    return tensors, {**meta, "sparse": sparse} if sparse else meta
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                          prefix: str) -> None:
     """Restore what `optimizer_state` saved under ``prefix``."""
     state: dict[int, dict[str, Any]] = {}
+    sparse = meta.get("sparse", {})
     for key, value in tensors.items():
         if key.startswith(prefix):
             idx, name = key[len(prefix):].split(".", 1)
-            state.setdefault(int(idx), {})[name] = value
+            dims = sparse.get(f"{idx}.{name}")
+            state.setdefault(int(idx), {})[name] = value if dims is None else value.to_sparse(int(dims))
     for idx, scalars in meta["scalars"].items():
         state.setdefault(int(idx), {}).update(scalars)
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})

@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -261,7 +261,7 @@ class Trainer:
         self._head_pass()
         lr = self.lr()
         total_loss = 0.0
-        correct = seen = steps = samples_first_epoch = 0
+        correct = scored = seen = steps = samples_first_epoch = 0  # scored: samples whose outputs read as classes
         with personal.backbone_only():
             aggregator.begin_training(shared, lr)
             if sharing.dp.enabled:
@@ -270,7 +270,7 @@ class Trainer:
                 out, loss = self._step(x, y, lambda: aggregator.loss_term(shared))
                 aggregator.after_backward(shared)
                 personal.before_step()
-                self.optimizer.step()
+                optimizer_step(self.optimizer)
                 personal.after_step(x, y, self.loss_fn)
                 n = _batch_len(y)
                 total_loss += loss * n
@@ -279,7 +279,7 @@ class Trainer:
                     samples_first_epoch += n
                 hits = _correct(self.classes, _detached(out), y)
                 if hits is not None:
-                    correct += hits
+                    correct, scored = correct + hits, scored + n
                 steps += 1
             aggregator.end_training(shared, steps, lr)
         if sharing.dp.enabled:
@@ -290,7 +290,7 @@ class Trainer:
             self.sample_count = samples_first_epoch
         return TrainStats(
             loss=total_loss / seen if seen else None,
-            accuracy=correct / seen if seen and self.classes is not None else None,
+            accuracy=correct / scored if scored else None,  # None, not 0.0, when no output read as class scores
             samples=self.sample_count or samples_first_epoch,
             steps=steps,
             duration=time.perf_counter() - started,
@@ -301,7 +301,7 @@ class Trainer:
         with self.personal.head_only():
             for _, x, y in self._batches(self.personal.head_epochs):
                 self._step(x, y, lambda: None)
-                self.optimizer.step()
+                optimizer_step(self.optimizer)
 
     def fit_head(self) -> float | None:
         """After the final merge: the personal head's passes on the merged backbone (FedRep, as the paper's last
@@ -359,7 +359,7 @@ class Trainer:
         """(loss, accuracy, per-class hits) of ``model`` on ``loader``."""
         model.eval()
         total = 0.0
-        correct = seen = 0
+        correct = scored = seen = 0
         per_class: tuple[torch.Tensor, torch.Tensor] | None = None
         device = self.device
         with torch.no_grad():
@@ -375,12 +375,12 @@ class Trainer:
                     raise batch_failed(exc, x, y, self.input_shape.expected, "evaluation", _count(self.classes)) from exc
                 hits = _correct(self.classes, out, y)
                 if hits is not None:
-                    correct += hits
+                    correct, scored = correct + hits, scored + n
                 seen += n
                 by_class = class_hits(out, y, self.classes) if self.own_shares and self.classes else None
                 if by_class is not None:
                     per_class = by_class if per_class is None else _add_hits(per_class, by_class)
-        return (total / seen if seen else None, correct / seen if seen and self.classes is not None else None, per_class)
+        return (total / seen if seen else None, correct / scored if scored else None, per_class)
 
     def model_replaced(self, trusted: bool = True) -> None:
         """An aggregation loaded a new model: the optimizer's state starts anew (``fresh_optimizer``), or Adam's
@@ -450,6 +450,20 @@ def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nn.functional.pad(t, (0, n - t.numel()))
 
 
+def optimizer_step(optimizer: torch.optim.Optimizer) -> None:
+    """The script's optimizer's step; what it raises (Adam on an ``nn.Embedding(sparse=True)``'s gradients) as one
+    line naming it, not a traceback from torch."""
+    try:
+        optimizer.step()
+    except QuinkglError:
+        raise
+    except Exception as exc:
+        raise NodeConfigError(f"the {type(optimizer).__name__} optimizer from build_optimizer failed at its step: "
+                              f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                              "build an optimizer that takes this model's gradients (SparseAdam for sparse "
+                              "embeddings)") from exc
+
+
 def drop_grads(optimizer: torch.optim.Optimizer) -> None:
     """``optimizer.zero_grad(set_to_none=True)``. Torch's own only sets each parameter's gradient to None, inside a
     profiler range and a compiler guard that cost 20 times that (3% of a simulated peer's round); an optimizer that
@@ -463,12 +477,14 @@ def drop_grads(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _detached(out: Any) -> Any:
-    """The outputs cut from the graph: one tensor, or each tensor of a several-headed model's tuple or list."""
+    """The outputs cut from the graph: one tensor, or each tensor of a several-headed model's tuple, list or dict."""
     if isinstance(out, torch.Tensor):
         return out.detach()
     if isinstance(out, (tuple, list)):
         return type(out)(t.detach() if isinstance(t, torch.Tensor) else t for t in out)
-    return out  # a dict or another structure: no class scores are read from it
+    if isinstance(out, Mapping):
+        return {k: t.detach() if isinstance(t, torch.Tensor) else t for k, t in out.items()}
+    return out  # another structure: no class scores are read from it
 
 
 def _batch_len(y: Any) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,7 +46,19 @@ class PerSample:
 
     grads: dict[str, torch.Tensor]
     losses: torch.Tensor
-    outputs: torch.Tensor
+    outputs: Any  # the model's: a tensor, or a several-headed model's tuple, list or dict of them
+
+
+def _one_example(out: Any) -> Any:
+    """A batch of one's outputs, cut from the graph, without the batch dimension (each tensor of a tuple, list or
+    dict); vmap stacks them back into the batch's."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().squeeze(0)
+    if isinstance(out, (tuple, list)):
+        return type(out)(_one_example(t) for t in out)
+    if isinstance(out, dict):
+        return {k: _one_example(t) for k, t in out.items()}
+    return out
 
 
 def per_sample_grads(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> PerSample:
@@ -56,7 +69,7 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torc
     def one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
         loss = loss_fn(out, yi.unsqueeze(0))
-        return loss, (loss.detach(), out.detach().squeeze(0))
+        return loss, (loss.detach(), _one_example(out))
 
     grads, (losses, outputs) = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0), randomness="different")(params, x, y)
     return PerSample(grads=grads, losses=losses, outputs=outputs)
