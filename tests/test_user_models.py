@@ -399,3 +399,34 @@ def test_the_sparse_momentum_buffer_of_a_sparse_embedding_is_checkpointed_dense(
         F.cross_entropy(m(x), y).backward()
         opt.step()
     assert torch.allclose(model.emb.weight, twin.emb.weight) and torch.allclose(model.out.weight, twin.out.weight)
+
+
+PARTIAL = """
+def build_model(manifest, **kw):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[0].bias.requires_grad_(False)  # frozen on purpose: not left out
+    return model
+def build_optimizer(manifest, model):
+    return torch.optim.SGD(STEPPED, lr=0.1)
+def build_loaders(manifest, **kw):
+    x, y = _data()
+    return DataLoader(TensorDataset(x, y), batch_size=16), DataLoader(TensorDataset(x, y), batch_size=96)
+"""
+
+
+@pytest.mark.parametrize(("stepped", "warned"), [("model[2].parameters()", True),
+                                                 ("[p for p in model.parameters() if p.requires_grad]", False)])
+def test_an_optimizer_that_steps_part_of_the_model_is_said_once(
+    tmp_path: Path, stepped: str, warned: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`SparseAdam` built on an embedding only left a classifier's head at its initial values (0.505 against 0.93)
+    with no word: the layers the optimizer does not step are named once per run (simulate: once for the swarm);
+    a parameter frozen with requires_grad=False is not one of them."""
+    assert simulate_script(tmp_path / "sim", PARTIAL.replace("STEPPED", stepped)) == 0, capsys.readouterr().err
+    lines = [line for line in capsys.readouterr().err.splitlines() if "optimizer-leaves-out" in line]
+    expected = 'WARNING - optimizer-leaves-out params=1 names=[0.weight] hint="build_optimizer'
+    assert len(lines) == int(warned) and all(line.startswith(expected) and line.endswith(" peers=3") for line in lines), lines
+    script = tmp_path / "sim" / "user.py"
+    assert run_cli("run", "--manifest", str(tmp_path / "sim" / "user.qgl"), "--script", str(script),
+                   "--trust-policy", "open", "--dry-run") == 0
+    assert ("optimizer-leaves-out params=1 names=[0.weight]" in capsys.readouterr().out) == warned

@@ -46,6 +46,7 @@ from quinkgl_cli.node.admission import check_certificate_expiry
 from quinkgl_cli.node.classes import task_class_count
 from quinkgl_cli.node.core import NodeConfig, NodeState, RoundMetrics
 from quinkgl_cli.node.logs import LogContext, setup_logging
+from quinkgl_cli.node.lrschedule import left_out
 from quinkgl_cli.node.nodelog import one_line
 from quinkgl_cli.node.observed import SnapshotMaker
 from quinkgl_cli.node.options import DaemonOptions, default_node_id
@@ -287,6 +288,8 @@ def _dry_run(prepared: Prepared) -> None:
     trusted = prepared.trusted
     m = trusted.manifest
     optimizer, scheduler = prepared.script.build_training(m, prepared.model)  # checked as the node will build it
+    if (unstepped := left_out(prepared.model, optimizer)) is not None:
+        emit(log, logging.WARNING, "optimizer-leaves-out", **unstepped)
     personal = build_personal(m.personalization, prepared.model, lambda local: prepared.script.build_training(m, local))
     probed = probe_batches(prepared.model, prepared.script.loss_fn or default_loss(m), tuple(m.task.input_shape),
                            {"train": prepared.train_loader, "val": prepared.val_loader, "own": prepared.own_loader},

@@ -10,6 +10,10 @@ built rather than checkpointed without it; so is `ReduceLROnPlateau`, which need
 optimizer whose ``step`` requires a closure (`torch.optim.LBFGS`): it re-evaluates the loss itself, several times a
 step, where the trainer steps once per batch after its own backward pass (and the aggregator's and DP's hooks).
 
+An optimizer built on part of the model (``SparseAdam`` on an embedding only) leaves the other trainable
+parameters at their initial values, which gossip then averages as they are: not an error (a script may mean it),
+but said once when the node is built (`left_out`), as no metric would show why those layers never learn.
+
 A scheduler that raises at its round's step (a `OneCycleLR` stepped past its ``total_steps``) stops the node with
 one line naming it and the round (`step_scheduler`); a `OneCycleLR` too short for the run's known round count is
 refused when the node is built (`check_schedule_length`).
@@ -58,6 +62,18 @@ def check_training(value: Any, where: str) -> Training:
         scheduler_state(scheduler, where)  # refused now, not at the first checkpoint
         return Training(optimizer, scheduler)
     raise NodeConfigError(f"{where} returned {_describe(value)}, not an optimizer or (optimizer, scheduler)", RETURN_HINT)
+
+
+def left_out(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """The fields of an ``optimizer-leaves-out`` warning when ``optimizer`` steps none of some of ``model``'s
+    trainable parameters (their count, the first names and a hint); None when it steps them all."""
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    names = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in stepped]
+    if not names:
+        return None
+    return {"params": len(names), "names": names[:4],
+            "hint": "build_optimizer's optimizer does not step these: they keep their initial values (set "
+                    "requires_grad=False on what is frozen on purpose, or give the optimizer model.parameters())"}
 
 
 def _check_steps_without_closure(optimizer: torch.optim.Optimizer, where: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from quinkgl_cli.events import EVENT_ATTR, FIELDS_ATTR, emit
 
-ONCE_PER_RUN = frozenset({"input-shape-mismatch"})
+ONCE_PER_RUN = frozenset({"input-shape-mismatch", "optimizer-leaves-out"})
 
 log = logging.getLogger("quinkgl.sim")
 
