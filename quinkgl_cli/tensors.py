@@ -1,9 +1,12 @@
-"""Flat views of a model's floating-point state: the unit that strategies, compression and the wire work on."""
+"""Flat views of a model's floating-point state: the unit that strategies, compression and the wire work on; and
+`map_outputs`, for a model's outputs whatever their structure."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -113,3 +116,15 @@ def all_finite(t: torch.Tensor) -> bool:
     to confirm a non-finite sum. The sum is read as a Python float: ``torch.isfinite`` of the 0-dim sum is several
     kernels and cost three times the sum itself."""
     return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
+
+
+def map_outputs(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to each tensor of a model's outputs: one tensor, or a several-headed model's tuple, list or
+    dict of them (nested too); anything else is left as it is."""
+    if isinstance(out, torch.Tensor):
+        return fn(out)
+    if isinstance(out, (tuple, list)):
+        return type(out)(map_outputs(t, fn) for t in out)
+    if isinstance(out, Mapping):
+        return {k: map_outputs(t, fn) for k, t in out.items()}
+    return out

@@ -111,7 +111,7 @@ def simulate(
     from quinkgl_cli.node.startup import refuse_untrainable
     from quinkgl_cli.sim.attacks import parse_attackers
     from quinkgl_cli.sim.fieldconf import field_config
-    from quinkgl_cli.sim.peerwarnings import PeerWarnings
+    from quinkgl_cli.sim.peerwarnings import PeerWarnings, stderr_handler
     from quinkgl_cli.sim.procbackend import available_cpus
     from quinkgl_cli.sim.report import communication, plot_result, write_json
     from quinkgl_cli.sim.simulator import Overrides, SimConfig, make_simulator
@@ -150,8 +150,7 @@ def simulate(
     )
 
     node_log = logging.getLogger("quinkgl")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(node)s %(message)s", defaults={"node": "-"}))
+    handler = stderr_handler()
     once = PeerWarnings()
     handler.addFilter(once)
     node_log.addHandler(handler)

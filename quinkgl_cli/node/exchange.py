@@ -23,7 +23,7 @@ from quinkgl_cli.errors import NodeConfigError
 from quinkgl_cli.manifest.schema import Manifest
 from quinkgl_cli.node.copies import CopyGuard, digest
 from quinkgl_cli.node.gossipgraph import GOSSIP_TO_KEY, GraphWatch, gossip_to
-from quinkgl_cli.node.nodelog import NodeLog
+from quinkgl_cli.node.nodelog import FirstPerPeer, NodeLog
 from quinkgl_cli.strategies.aggregation import LABEL_ENTROPY_KEY
 from quinkgl_cli.strategies.base import Aggregator, PeerUpdate, Topology
 from quinkgl_cli.strategies.dp_accountant import SampleAccountant
@@ -99,7 +99,7 @@ class Exchange:
         self.copies = CopyGuard(manifest.training.max_staleness + 2)
         self.label_entropy: float | None = None  # rides on every update when the manifest allows fingerprints
         self._sharing_stop_logged = False
-        self._messages_dropped: set[tuple[str, str]] = set()  # (sender, kind) of control messages reported dropped
+        self._messages_dropped = FirstPerPeer()  # control messages reported dropped, per sender and kind
         dp = self.sharing.dp
         if dp.enabled:
             spec = manifest.privacy
@@ -311,14 +311,12 @@ class Exchange:
         except Exception as exc:
             # Once per peer and kind at WARNING: control messages are not rate-limited for trusted peers, and a
             # member sending malformed ones made a WARNING line each (thousands a second are within its reach).
-            first = (sender, kind) not in self._messages_dropped
-            self._messages_dropped.add((sender, kind))
-            self._log(logging.WARNING if first else logging.DEBUG, "message-dropped", peer=sender, kind=kind,
+            self._log(self._messages_dropped.level(sender, kind), "message-dropped", peer=sender, kind=kind,
                       reason=f"{type(exc).__name__}: {exc}")
 
     def forget(self, sender: str) -> None:
         """``sender`` left: which of its messages were reported dropped is forgotten (keys come and go)."""
-        self._messages_dropped = {k for k in self._messages_dropped if k[0] != sender}
+        self._messages_dropped.forget(sender)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

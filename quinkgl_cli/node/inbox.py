@@ -9,11 +9,10 @@ taken for aggregation (`too_old`). Nothing here is checkpointed: an inbox is reb
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable, Iterable
 
-from quinkgl_cli.node.nodelog import NodeLog
+from quinkgl_cli.node.nodelog import FirstPerPeer, NodeLog
 from quinkgl_cli.transport.base import ModelReceived
 
 
@@ -23,7 +22,7 @@ class Inbox:
         self._log = log
         self._updates: dict[str, ModelReceived] = {}
         self._lock = threading.Lock()
-        self._drop_logged: set[tuple[str, str]] = set()
+        self._drop_logged = FirstPerPeer()
         self.dropped = 0  # updates dropped since the round began
         # Set by a driver waiting for updates: called whenever one lands (possibly from another thread).
         self.listener: Callable[[], object] | None = None
@@ -78,14 +77,12 @@ class Inbox:
         """Count and log a dropped update: the first of each kind per peer at WARNING, repeats at DEBUG."""
         self.dropped += 1
         kind = reason.split(" ", 1)[0].rstrip(":")
-        first = (sender, kind) not in self._drop_logged
-        self._drop_logged.add((sender, kind))
-        self._log(logging.WARNING if first else logging.DEBUG, "update-dropped", peer=sender, update_round=round_,
+        self._log(self._drop_logged.level(sender, kind), "update-dropped", peer=sender, update_round=round_,
                   reason=reason)
 
     def forget(self, sender: str) -> None:
         """``sender`` left: which of its drops were logged is forgotten (a fresh key each time would grow it)."""
-        self._drop_logged = {k for k in self._drop_logged if k[0] != sender}
+        self._drop_logged.forget(sender)
 
     def drop_stale(self, sender: str, round_: int) -> None:
         self.drop(sender, round_, f"stale (older than {self.max_staleness} rounds)")

@@ -23,7 +23,7 @@ from typing import Any
 
 def local_passes(local_epochs: int, train_loader: Iterable[Any], min_steps: int) -> int:
     """``local_epochs``, or the fewest whole passes over ``train_loader`` that take at least ``min_steps`` batches
-    (the default 48: 4 epochs of 12 batches, measured against 24, 32 and 96 in benchmarks/LEARNING.md). A loader
+    (the manifest's ``min_local_steps``; 48 was measured against 24, 32 and 96 in benchmarks/LEARNING.md). A loader
     without a length (a stream) or without batches keeps ``local_epochs``: its pass length is unknown."""
     try:
         batches = len(train_loader)  # type: ignore[arg-type]

@@ -55,6 +55,23 @@ class NodeLog:
             self(logging.ERROR, "hook-failed", hook=name, error=f"{type(exc).__name__}: {exc}", exc_info=exc)
 
 
+class FirstPerPeer:
+    """The level of a repeatable report about a peer: WARNING the first time for each (peer, kind), DEBUG after
+    (a member can repeat what it sends at will); forgotten when the peer leaves, so keys that come and go leave
+    nothing behind."""
+
+    def __init__(self) -> None:
+        self._reported: set[tuple[str, str]] = set()
+
+    def level(self, peer: str, kind: str) -> int:
+        first = (peer, kind) not in self._reported
+        self._reported.add((peer, kind))
+        return logging.WARNING if first else logging.DEBUG
+
+    def forget(self, peer: str) -> None:
+        self._reported = {k for k in self._reported if k[0] != peer}
+
+
 def one_line(exc: BaseException) -> str:
     """An exception as one short line: its own ``one_line()`` when it has one (QuinkglError), else type and first line."""
     if hasattr(exc, "one_line"):

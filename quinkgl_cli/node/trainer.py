@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +45,7 @@ from quinkgl_cli.node.state import load_optimizer_state, optimizer_state
 from quinkgl_cli.strategies.base import Aggregator
 from quinkgl_cli.strategies.dp_accountant import SampleAccountant
 from quinkgl_cli.strategies.sharing import SharingPipeline
-from quinkgl_cli.tensors import flatten, load_flat
+from quinkgl_cli.tensors import flatten, load_flat, map_outputs
 
 
 @dataclass
@@ -277,7 +277,7 @@ class Trainer:
                 seen += n
                 if epoch == 0:
                     samples_first_epoch += n
-                hits = _correct(self.classes, _detached(out), y)
+                hits = _correct(self.classes, map_outputs(out, torch.Tensor.detach), y)
                 if hits is not None:
                     correct, scored = correct + hits, scored + n
                 steps += 1
@@ -474,17 +474,6 @@ def drop_grads(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for param in group["params"]:
             param.grad = None
-
-
-def _detached(out: Any) -> Any:
-    """The outputs cut from the graph: one tensor, or each tensor of a several-headed model's tuple, list or dict."""
-    if isinstance(out, torch.Tensor):
-        return out.detach()
-    if isinstance(out, (tuple, list)):
-        return type(out)(t.detach() if isinstance(t, torch.Tensor) else t for t in out)
-    if isinstance(out, Mapping):
-        return {k: t.detach() if isinstance(t, torch.Tensor) else t for k, t in out.items()}
-    return out  # another structure: no class scores are read from it
 
 
 def _batch_len(y: Any) -> int:

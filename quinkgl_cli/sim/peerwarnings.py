@@ -60,11 +60,17 @@ def replay(exported: list[dict[str, Any]]) -> None:
             emit(log, logging.WARNING, warning["event"], context={"node": peer}, **warning["fields"])
 
 
+def stderr_handler() -> logging.StreamHandler:
+    """How a simulation writes its nodes' lines to stderr, in the driver and in its workers alike."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(node)s %(message)s", defaults={"node": "-"}))
+    return handler
+
+
 def worker_logging(level: int) -> PeerWarnings:
     """A shard worker process's log: its nodes' lines to stderr as the driver writes them, the `ONCE_PER_RUN`
     ones held by the returned filter for the driver."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(node)s %(message)s", defaults={"node": "-"}))
+    handler = stderr_handler()
     held = PeerWarnings()
     handler.addFilter(held)
     logger = logging.getLogger("quinkgl")

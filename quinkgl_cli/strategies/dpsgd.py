@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from quinkgl_cli.tensors import float_buffers
+from quinkgl_cli.tensors import float_buffers, map_outputs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _NORM_EPS = 1e-6
@@ -49,18 +49,6 @@ class PerSample:
     outputs: Any  # the model's: a tensor, or a several-headed model's tuple, list or dict of them
 
 
-def _one_example(out: Any) -> Any:
-    """A batch of one's outputs, cut from the graph, without the batch dimension (each tensor of a tuple, list or
-    dict); vmap stacks them back into the batch's."""
-    if isinstance(out, torch.Tensor):
-        return out.detach().squeeze(0)
-    if isinstance(out, (tuple, list)):
-        return type(out)(_one_example(t) for t in out)
-    if isinstance(out, dict):
-        return {k: _one_example(t) for k, t in out.items()}
-    return out
-
-
 def per_sample_grads(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.Tensor) -> PerSample:
     """The gradient of each example's loss with respect to the trainable parameters, the model left untouched."""
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
@@ -69,7 +57,8 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torc
     def one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         out = functional_call(model, (p, buffers), (xi.unsqueeze(0),))
         loss = loss_fn(out, yi.unsqueeze(0))
-        return loss, (loss.detach(), _one_example(out))
+        # A batch of one's outputs, cut from the graph, without the batch dimension: vmap stacks them back.
+        return loss, (loss.detach(), map_outputs(out, lambda t: t.detach().squeeze(0)))
 
     grads, (losses, outputs) = vmap(grad(one, has_aux=True), in_dims=(None, 0, 0), randomness="different")(params, x, y)
     return PerSample(grads=grads, losses=losses, outputs=outputs)
