@@ -71,6 +71,10 @@ class FirstPerPeer:
     def forget(self, peer: str) -> None:
         self._reported = {k for k in self._reported if k[0] != peer}
 
+    def __len__(self) -> int:
+        """How many (peer, kind) pairs are remembered."""
+        return len(self._reported)
+
 
 def one_line(exc: BaseException) -> str:
     """An exception as one short line: its own ``one_line()`` when it has one (QuinkglError), else type and first line."""
